@@ -1,0 +1,351 @@
+"""Edits as values: the factors (Λ, D) of W1 = W0 + ΔK(Λ, D) and where they apply.
+
+An :class:`Edit` is a pytree (its leaves are Λ and D) with static metadata: the path of the
+kernel leaf it applies to, the kernel layout, and how it was made. Applying edits goes
+through an :class:`EditHistory`, which remembers the original value of every leaf it
+touched, so that
+
+- an edited leaf is always recomputed as ``original + Σ ΔK`` over the edits active on it,
+  summed in a canonical order (by name): applying the same set of edits in any order gives
+  the same bits;
+- reverting an edit recomputes the leaf from the original without it; reverting all edits
+  on a leaf restores the original bit for bit.
+
+Paths address leaves of a parameter pytree (a Linen variables dict, an ``nnx.State``, any
+nested dicts/lists) by their keys, e.g. ``('params', 'Dense_0', 'kernel')`` or
+``('blocks', 1, 'fc1', 'kernel')``; NNX's trailing ``.value`` is implied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memedit import _io
+from memedit.solve import KINDS, kernel_delta
+
+Path = tuple
+
+_FORMAT = "memedit-edit"
+_VERSION = 1
+
+
+def _norm_key(k) -> Any:
+  if isinstance(k, jax.tree_util.DictKey):
+    return k.key
+  if isinstance(k, jax.tree_util.SequenceKey):
+    return k.idx
+  if isinstance(k, jax.tree_util.GetAttrKey):
+    return k.name
+  if isinstance(k, jax.tree_util.FlattenedIndexKey):
+    return k.key
+  return k
+
+
+def _norm_path(keypath) -> tuple:
+  path = tuple(_norm_key(k) for k in keypath)
+  while path and path[-1] in ("value", "raw_value") and isinstance(
+      keypath[len(path) - 1], jax.tree_util.GetAttrKey):
+    path = path[:-1]
+  return path
+
+
+def leaf_paths(params: Any) -> list[tuple]:
+  """The normalised paths of every array leaf of ``params``."""
+  return [_norm_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _check_path(path) -> tuple:
+  if isinstance(path, (str, int)):
+    path = (path,)
+  if not isinstance(path, (tuple, list)) or not path or not all(
+      isinstance(p, (str, int)) and not isinstance(p, bool) for p in path):
+    raise ValueError(f"path: expected a non-empty tuple of str/int keys, got {path!r}")
+  return tuple(path)
+
+
+def _missing(params, path):
+  import difflib
+
+  paths = leaf_paths(params)
+  text = ["/".join(map(str, p)) for p in paths]
+  near = difflib.get_close_matches("/".join(map(str, path)), text, n=5, cutoff=0.3)
+  return ValueError(f"path: expected the path of a leaf of the parameters, got {path!r}; "
+                    f"closest: {near or text[:5]}")
+
+
+def get_leaf(params: Any, path: Path) -> jax.Array:
+  """Returns the leaf of ``params`` at ``path``.
+
+  Example:
+    >>> import memedit
+    >>> memedit.get_leaf({"params": {"w": 1.0}}, ("params", "w"))
+    1.0
+  """
+  path = _check_path(path)
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if _norm_path(kp) == path:
+      return leaf
+  raise _missing(params, path)
+
+
+def replace_leaf(params: Any, path: Path, value: Any) -> Any:
+  """A copy of ``params`` with the leaf at ``path`` replaced by ``value`` (others shared).
+
+  The caller's tree is never mutated.
+
+  Example:
+    >>> import memedit
+    >>> memedit.replace_leaf({"a": 1, "b": 2}, ("a",), 5)
+    {'a': 5, 'b': 2}
+  """
+  path = _check_path(path)
+  found = []
+
+  def swap(kp, leaf):
+    if _norm_path(kp) == path:
+      found.append(True)
+      return value
+    return leaf
+
+  out = jax.tree_util.tree_map_with_path(swap, params)
+  if not found:
+    raise _missing(params, path)
+  return out
+
+
+@jax.tree_util.register_pytree_node_class
+class Edit:
+  """An edit ΔK(Λ, D) of the kernel leaf at ``path``.
+
+  Attributes:
+    lam: Λ, shaped ``lambda_shape(kernel.shape, r, kind, in_ndim)``.
+    directions: D (r, d).
+    path: tuple of str/int keys of the kernel leaf.
+    kind: kernel layout, "matrix", "dense" or "conv".
+    in_ndim: leading input axes of a dense kernel.
+    method: how the edit was made (free text, e.g. "insert/zca").
+    settings: JSON-serialisable dict of the settings that made it.
+    name: identifier, by default a hash of everything above.
+  """
+
+  def __init__(self, lam, directions, path, kind, in_ndim=1, method="", settings=None,
+               name=None):
+    self.lam = lam
+    self.directions = directions
+    self.path = tuple(path)
+    self.kind = kind
+    self.in_ndim = int(in_ndim)
+    self.method = method
+    self._settings = json.dumps(settings or {}, sort_keys=True, default=str)
+    self.name = name
+
+  @property
+  def settings(self) -> dict:
+    return json.loads(self._settings)
+
+  @property
+  def rank(self) -> int:
+    return int(np.shape(self.directions)[0])
+
+  def tree_flatten(self):
+    return (self.lam, self.directions), (self.path, self.kind, self.in_ndim, self.method,
+                                         self._settings, self.name)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = cls.__new__(cls)
+    obj.lam, obj.directions = children
+    obj.path, obj.kind, obj.in_ndim, obj.method, obj._settings, obj.name = aux
+    return obj
+
+  def __repr__(self):
+    return (f"Edit(name={self.name!r}, path={self.path!r}, kind={self.kind!r}, "
+            f"rank={self.rank}, lam={tuple(np.shape(self.lam))}, method={self.method!r})")
+
+
+def make_edit(path: Path, lam: Any, directions: Any, *, kind: str = "dense", in_ndim: int = 1,
+              method: str = "", settings: dict | None = None, name: str | None = None) -> Edit:
+  """Builds a validated :class:`Edit`; the default name is a content hash.
+
+  Args:
+    path: key path of the kernel leaf.
+    lam: Λ. directions: D (r, d).
+    kind, in_ndim: kernel layout (see :mod:`memedit.solve`).
+    method, settings: provenance recorded with the edit.
+    name: identifier (default: sha256 of path, layout, factors and settings, 16 hex chars).
+
+  Returns:
+    The :class:`Edit`.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> e = memedit.make_edit(("params", "kernel"), jnp.ones((2, 1)), jnp.ones((1, 3)))
+    >>> e.rank
+    1
+  """
+  path = _check_path(path)
+  if kind not in KINDS:
+    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+  lam = jnp.asarray(lam, jnp.float32)
+  directions = jnp.asarray(directions, jnp.float32)
+  if directions.ndim != 2:
+    raise ValueError(f"directions: expected shape (r, d), got {tuple(directions.shape)}")
+  if lam.ndim < 2 or lam.shape[-1] != directions.shape[0]:
+    raise ValueError(f"lam: expected shape (..., {directions.shape[0]}) for rank "
+                     f"{directions.shape[0]}, got {tuple(lam.shape)}")
+  try:
+    settings_text = json.dumps(settings or {}, sort_keys=True)
+  except TypeError as e:
+    raise ValueError(f"settings: expected a JSON-serialisable dict, got {settings!r}") from e
+  if name is None:
+    h = hashlib.sha256(json.dumps([list(path), kind, in_ndim, method, settings_text]).encode())
+    for a in (lam, directions):
+      a = np.ascontiguousarray(np.asarray(a))
+      h.update(str(a.shape).encode())
+      h.update(a.tobytes())
+    name = h.hexdigest()[:16]
+  return Edit(lam, directions, path, kind, in_ndim, method, settings, name)
+
+
+def edit_delta(edit: Edit, kernel_shape) -> jax.Array:
+  """ΔK of ``edit`` for a kernel of ``kernel_shape`` (float32)."""
+  return kernel_delta(edit.lam, edit.directions, kernel_shape, edit.kind, edit.in_ndim)
+
+
+@jax.tree_util.register_pytree_node_class
+class EditHistory:
+  """The original leaves touched by edits and the edits currently applied.
+
+  Attributes:
+    originals: dict path → original leaf.
+    edits: tuple of applied :class:`Edit`, in application order.
+  """
+
+  def __init__(self, originals: dict | None = None, edits: Iterable[Edit] = ()):
+    self.originals = dict(originals or {})
+    self.edits = tuple(edits)
+
+  def tree_flatten(self):
+    paths = tuple(self.originals)
+    return (tuple(self.originals[p] for p in paths), self.edits), paths
+
+  @classmethod
+  def tree_unflatten(cls, paths, children):
+    leaves, edits = children
+    return cls(dict(zip(paths, leaves)), edits)
+
+  @property
+  def names(self) -> tuple:
+    return tuple(e.name for e in self.edits)
+
+  def __repr__(self):
+    return f"EditHistory(edits={list(self.names)}, leaves={list(self.originals)})"
+
+
+def _recompute(original, edits):
+  if not edits:
+    return original
+  acc = jnp.asarray(original, jnp.float32)
+  for e in sorted(edits, key=lambda e: e.name):
+    acc = acc + edit_delta(e, np.shape(original))
+  return acc.astype(jnp.result_type(original))
+
+
+def apply_edit(params: Any, edit: Edit, history: EditHistory | None = None
+               ) -> tuple[Any, EditHistory]:
+  """Applies ``edit`` to ``params``: the leaf at ``edit.path`` becomes K0 + Σ ΔK.
+
+  Args:
+    params: parameter pytree (not mutated).
+    edit: the :class:`Edit`.
+    history: the :class:`EditHistory` of earlier applications to these params (None for
+      fresh params).
+
+  Returns:
+    ``(new_params, new_history)``.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> params = {"kernel": jnp.zeros((3, 2))}
+    >>> e = memedit.make_edit(("kernel",), jnp.ones((2, 1)), jnp.array([[1.0, 0, 0]]))
+    >>> new, hist = memedit.apply_edit(params, e)
+    >>> old, _ = memedit.revert_edit(new, e, hist)
+    >>> bool((old["kernel"] == params["kernel"]).all())
+    True
+  """
+  if not isinstance(edit, Edit):
+    raise ValueError(f"edit: expected an Edit, got {type(edit).__name__}")
+  history = history or EditHistory()
+  if edit.name in history.names:
+    raise ValueError(f"edit: {edit.name!r} is already applied")
+  leaf = get_leaf(params, edit.path)
+  originals = dict(history.originals)
+  original = originals.setdefault(edit.path, leaf)
+  edit_delta(edit, np.shape(original))  # validates shapes before anything changes
+  edits = history.edits + (edit,)
+  new_leaf = _recompute(original, [e for e in edits if e.path == edit.path])
+  return replace_leaf(params, edit.path, new_leaf), EditHistory(originals, edits)
+
+
+def revert_edit(params: Any, edit: Edit | str, history: EditHistory
+                ) -> tuple[Any, EditHistory]:
+  """Removes one applied edit (by value or name), in any order, exactly.
+
+  The leaf is recomputed from its original without the reverted edit; when no edit on it
+  remains it is the original, bit for bit.
+
+  Returns:
+    ``(new_params, new_history)``.
+  """
+  name = edit.name if isinstance(edit, Edit) else edit
+  if history is None or name not in history.names:
+    applied = list(history.names) if history is not None else []
+    raise ValueError(f"edit: expected one of the applied edits {applied}, got {name!r}")
+  target = next(e for e in history.edits if e.name == name)
+  edits = tuple(e for e in history.edits if e.name != name)
+  originals = dict(history.originals)
+  remaining = [e for e in edits if e.path == target.path]
+  new_leaf = _recompute(originals[target.path], remaining)
+  if not remaining:
+    del originals[target.path]
+  return replace_leaf(params, target.path, new_leaf), EditHistory(originals, edits)
+
+
+def save_edit(path: str | os.PathLike, edit: Edit) -> str:
+  """Saves an edit's factors and metadata atomically (orbax arrays + JSON); never the model.
+
+  Returns:
+    The absolute path written.
+  """
+  if not isinstance(edit, Edit):
+    raise ValueError(f"edit: expected an Edit, got {type(edit).__name__}")
+  meta = {
+      "format": _FORMAT, "version": _VERSION, "name": edit.name, "path": list(edit.path),
+      "kind": edit.kind, "in_ndim": edit.in_ndim, "method": edit.method,
+      "settings": edit.settings, "lam_shape": list(np.shape(edit.lam)),
+      "directions_shape": list(np.shape(edit.directions)),
+  }
+  return _io.save_tree(path, {"lam": edit.lam, "directions": edit.directions}, meta)
+
+
+def load_edit(path: str | os.PathLike) -> Edit:
+  """Loads an edit written by :func:`save_edit`.
+
+  Raises:
+    ValueError: the directory holds something other than a memedit edit.
+  """
+  tree, meta = _io.load_tree(path)
+  if meta.get("format") != _FORMAT:
+    raise ValueError(f"{path}: expected a saved memedit edit (format {_FORMAT!r}), "
+                     f"got format {meta.get('format')!r}")
+  if meta.get("version") != _VERSION:
+    raise ValueError(f"{path}: expected edit format version {_VERSION}, got {meta.get('version')!r}")
+  return Edit(jnp.asarray(tree["lam"]), jnp.asarray(tree["directions"]), tuple(meta["path"]),
+              meta["kind"], meta["in_ndim"], meta["method"], meta["settings"], meta["name"])

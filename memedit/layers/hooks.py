@@ -1,0 +1,394 @@
+"""Capturing one layer's keys (inputs) and values (outputs) in a whole-model forward pass.
+
+NNX: the target instance's class is swapped, for the duration of one traced call, for a
+subclass of the same name whose ``__call__`` runs the original and sows its first
+argument, further arguments and output; the model is merged from ``(graphdef, state)``
+inside the traced function, so the caller's model is never touched. This survives
+``nnx.jit``, ``nnx.remat`` and ``nnx.scan`` (scanned calls come back stacked on axis 0).
+
+Linen: ``nn.intercept_methods`` sows the same into the ``'intermediates'`` collection at
+the layer's scope. Under ``nn.scan`` that collection must be scanned
+(``variable_axes={..., 'intermediates': 0}``), otherwise the captures are dropped and
+:func:`capture` says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import flax.linen as nn
+from flax.traverse_util import flatten_dict
+
+from memedit.layers import memory as _mem
+
+__all__ = ["Captured", "capture", "layer_keys_fn"]
+
+_SOW_NAME = "__memedit_capture__"
+
+
+class _Capture(nnx.Intermediate):
+  """Private variable type for memedit's sown captures (kept apart from user sows)."""
+
+
+class Captured(NamedTuple):
+  """Keys and values of one layer in a forward pass.
+
+  Attributes:
+    keys: the layer's first call argument, e.g. ``(B, ..., *in_dims)``; with several
+      calls, one entry per call stacked on a new axis 0 (a call under ``scan`` already
+      carries the scan axis first).
+    values: the layer's output, laid out like ``keys``.
+    extra_args: the further positional call arguments (arrays; same stacking).
+    extra_kwargs: keyword call arguments (arrays; same stacking).
+    calls: number of traced call sites (a call inside ``scan`` counts once).
+  """
+  keys: Any
+  values: Any
+  extra_args: tuple
+  extra_kwargs: dict
+  calls: int
+
+
+# ----------------------------------------------------------------------------------
+# NNX class swap
+# ----------------------------------------------------------------------------------
+
+_HOOKED: dict[type, type] = {}
+_ACTIVE: list[Callable] = []
+
+
+def _hooked_class(cls: type) -> type:
+  if cls in _HOOKED:
+    return _HOOKED[cls]
+  original_call = cls.__call__
+
+  def __call__(self, *args, **kwargs):
+    if not _ACTIVE:
+      return original_call(self, *args, **kwargs)
+    return _ACTIVE[-1](self, original_call, args, kwargs)
+
+  sub = type(cls.__name__, (cls,), {
+      "__call__": __call__, "_memedit_original": cls, "__module__": cls.__module__,
+      "__qualname__": cls.__qualname__})
+  _HOOKED[cls] = sub
+  return sub
+
+
+def _split_static(tree):
+  """(array leaves, rebuild) where non-array leaves are kept as Python constants."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  is_arr = [isinstance(x, (jax.Array, jnp.ndarray)) or hasattr(x, "shape") for x in leaves]
+  arrays = [x for x, a in zip(leaves, is_arr) if a]
+  statics = [None if a else x for x, a in zip(leaves, is_arr)]
+
+  def rebuild(arrs):
+    it = iter(arrs)
+    return jax.tree_util.tree_unflatten(treedef, [next(it) if a else s
+                                                  for a, s in zip(is_arr, statics)])
+  return arrays, rebuild
+
+
+def _locate(model, path):
+  obj = model
+  for part in path:
+    obj = obj[part] if isinstance(part, int) else getattr(obj, part)
+  return obj
+
+
+def _run_nnx(graphdef, state, path, hook, args, kwargs, method):
+  """Merges the model, swaps the target's class, runs it; returns (out, captured State)."""
+  model = nnx.merge(graphdef, state)
+  target = _locate(model, path)
+  cls = type(target)
+  object.__setattr__(target, "__class__", _hooked_class(cls))
+  _ACTIVE.append(hook)
+  try:
+    def call(m, *a, **k):
+      fn = m if method is None else getattr(m, method)
+      return fn(*a, **k)
+    out, inter = nnx.capture(call, _Capture)(model, *args, **kwargs)
+  finally:
+    _ACTIVE.pop()
+    object.__setattr__(target, "__class__", cls)
+  return out, inter
+
+
+def _nnx_records(inter) -> tuple:
+  records = []
+  for k, v in nnx.to_flat_state(inter):
+    if k and k[-1] == _SOW_NAME:
+      val = v.get_value() if isinstance(v, nnx.Variable) else v
+      records.extend(val)
+  return tuple(records)
+
+
+# ----------------------------------------------------------------------------------
+# Generic capture
+# ----------------------------------------------------------------------------------
+
+
+class _Holder:
+  def __init__(self):
+    self.rebuild = None
+    self.traced = 0
+    self.definition = None
+    self.call_kernel_shape = None
+
+
+def _capture_hook_nnx(holder: _Holder, keys_only: bool = False, transform=None):
+  def hook(self, original_call, args, kwargs):
+    out = original_call(self, *args, **kwargs)
+    holder.traced += 1
+    if transform is not None:
+      record = transform(args, kwargs, out)
+    elif keys_only:
+      record = (args[0],)
+    else:
+      arrays, holder.rebuild = _split_static((args[1:], kwargs))
+      record = (args[0], out, tuple(arrays))
+    self.sow(_Capture, _SOW_NAME, record)
+    return out
+  return hook
+
+
+def _linen_interceptor(holder: _Holder, path, keys_only=False, transform=None,
+                       want_definition=False):
+  def interceptor(next_fun, args, kwargs, ctx):
+    out = next_fun(*args, **kwargs)
+    mod = ctx.module
+    if ctx.method_name == "__call__" and tuple(mod.path) == tuple(path):
+      holder.traced += 1
+      if want_definition and holder.definition is None:
+        holder.definition = mod.clone(parent=None)
+        spec = _mem.layer_kind(mod)
+        holder.call_kernel_shape = tuple(mod.variables["params"][spec.weight].shape)
+      if transform is not None:
+        record = transform(args, kwargs, out)
+      elif keys_only:
+        record = (args[0],)
+      else:
+        arrays, holder.rebuild = _split_static((args[1:], kwargs))
+        record = (args[0], out, tuple(arrays))
+      mod.sow("intermediates", _SOW_NAME, record)
+    return out
+  return interceptor
+
+
+def _linen_records(state) -> tuple:
+  records = []
+  for k, v in flatten_dict(dict(state.get("intermediates", {}))).items():
+    if k and k[-1] == _SOW_NAME:
+      records.extend(v)
+  return tuple(records)
+
+
+def _run(m: "_mem._Model", path, holder, args, kwargs, method, keys_only=False,
+         transform=None, want_definition=False):
+  """Runs the model once with the layer hooked; returns (model output, records)."""
+  if m.framework == "nnx":
+    out, inter = _run_nnx(m.definition, m.params, path,
+                          _capture_hook_nnx(holder, keys_only, transform), args, kwargs,
+                          method)
+    return out, _nnx_records(inter)
+  icpt = _linen_interceptor(holder, path, keys_only, transform, want_definition)
+  with nn.intercept_methods(icpt):
+    out, state = m.definition.apply(m.params, *args, mutable=["intermediates"],
+                                    method=method, **kwargs)
+  return out, _linen_records(state)
+
+
+def _resolve_path(m, address) -> tuple:
+  if m.framework == "nnx":
+    path, _ = _mem._nnx_resolve(nnx.merge(m.definition, m.params), address)
+    return path
+  if callable(address) and not isinstance(address, (tuple, list, str)):
+    raise ValueError("address: Linen layers are addressed by a tuple of module names, "
+                     "e.g. ('Block_0', 'fc1'), not a selector function")
+  path = _mem._normalise_address(address)
+  valid = _mem._linen_module_paths(m.params)
+  if path not in valid:
+    raise _mem._near_paths_error(path, valid)
+  return path
+
+
+def _calls_error(path, n, traced, framework, single):
+  if n == 0 and traced:
+    hint = ("the layer ran inside nn.scan whose variable_axes do not include "
+            "'intermediates'; add 'intermediates': 0 to capture it"
+            if framework == "linen" else "its captures were dropped by a transform")
+    return ValueError(f"layer {path!r}: called during tracing but no capture came back: "
+                      + hint)
+  if n == 0:
+    return ValueError(f"layer {path!r}: expected it to be called once by the model, but it "
+                      "was called 0 times (is it used on this code path / method?)")
+  return ValueError(f"layer {path!r}: expected exactly one call, but the model calls it "
+                    f"{n} times (a shared module?); use capture(..., single=False) to get "
+                    "all calls stacked")
+
+
+def _stack(xs):
+  if len(xs) == 1:
+    return xs[0]
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)
+
+
+def capture(model, address, *args, single: bool = False, jit: bool = True,
+            method: str | None = None, **kwargs) -> Captured:
+  """Keys, values and extra call arguments of one layer in a forward pass of the model.
+
+  Args:
+    model: ``nnx.Module`` (untouched), NNX ``(graphdef, state)`` or Linen
+      ``(module, variables)``.
+    address: layer address (see :func:`memory_view`).
+    *args: model inputs.
+    single: require exactly one call of the layer (else ``ValueError``).
+    jit: run the forward pass under ``jax.jit`` (``False``: eagerly).
+    method: model method to run (default ``__call__``).
+    **kwargs: keyword model inputs.
+
+  Returns:
+    :class:`Captured`. With several calls every field is stacked on a new axis 0.
+
+  Raises:
+    ValueError: wrong address (lists valid paths near it), the layer is never called, or
+      called several times with ``single=True``.
+  """
+  m = _mem._as_model(model)
+  path = _resolve_path(m, address)
+  holder = _Holder()
+
+  def fwd(params, a, k):
+    mm = _mem._Model(m.framework, m.definition, params, m.form)
+    _, records = _run(mm, path, holder, a, k, method)
+    return records
+
+  fn = jax.jit(fwd) if jit else fwd
+  try:
+    records = fn(m.params, args, kwargs)
+  except TypeError as e:
+    if m.framework != "nnx" or "carry" not in str(e):
+      raise
+    # The layer is part of a scan *carry* (e.g. the cell of nnx.RNN), where a sown
+    # variable cannot grow: stream the calls to the host instead, in execution order.
+    holder = _Holder()
+    records = _capture_by_callback(m, path, holder, args, kwargs, method, jit)
+  n = len(records)
+  if n == 0 or (single and n != 1):
+    raise _calls_error(path, n, holder.traced, m.framework, single)
+  keys = _stack([r[0] for r in records])
+  values = _stack([r[1] for r in records])
+  extras = [holder.rebuild(list(r[2])) for r in records]
+  if n == 1:
+    extra_args, extra_kwargs = extras[0]
+  else:
+    extra_args = tuple(_stack([e[0][i] for e in extras]) for i in range(len(extras[0][0])))
+    extra_kwargs = {k: _stack([e[1][k] for e in extras]) for k in extras[0][1]}
+  return Captured(keys, values, tuple(extra_args), dict(extra_kwargs), n)
+
+
+def _capture_by_callback(m, path, holder, args, kwargs, method, jit):
+  executed: dict[int, list] = {}
+
+  def transform(a, k, out):
+    site = holder.traced
+    arrays, holder.rebuild = _split_static((a[1:], k))
+
+    def record(x, y, arrs):
+      executed.setdefault(site, []).append((x, y, arrs))
+    jax.debug.callback(record, a[0], out, tuple(arrays), ordered=True)
+    return None
+
+  def hook(self, original_call, a, k):
+    out = original_call(self, *a, **k)
+    transform(a, k, out)
+    holder.traced += 1
+    return out
+
+  def fwd(params, a, k):
+    model = nnx.merge(m.definition, params)
+    target = _locate(model, path)
+    cls = type(target)
+    object.__setattr__(target, "__class__", _hooked_class(cls))
+    _ACTIVE.append(hook)
+    try:
+      fn = model if method is None else getattr(model, method)
+      return fn(*a, **k)
+    finally:
+      _ACTIVE.pop()
+      object.__setattr__(target, "__class__", cls)
+
+  out = (jax.jit(fwd) if jit else fwd)(m.params, args, kwargs)
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  records = []
+  for site in sorted(executed):
+    calls = executed[site]
+    x = [jnp.asarray(c[0]) for c in calls]
+    y = [jnp.asarray(c[1]) for c in calls]
+    arrs = [tuple(jnp.asarray(t) for t in c[2]) for c in calls]
+    records.append((_stack(x) if len(x) > 1 else x[0], _stack(y) if len(y) > 1 else y[0],
+                    _stack(arrs) if len(arrs) > 1 else arrs[0]))
+  return tuple(records)
+
+
+def layer_keys_fn(model, view: "_mem.MemoryView", *, method: str | None = None,
+                  dtype=jnp.float32, batch_first: bool = False) -> Callable:
+  """``fn(params, *args, **kwargs) -> keys (..., key_dim)`` of the viewed layer.
+
+  Only the layer's keys leave the function, so XLA drops the model's later layers when it
+  is jitted. Every call of the layer contributes: several calls are stacked on axis 0 (a
+  call under ``scan`` carries the scan axis first). With ``batch_first`` those stack axes
+  are moved behind the first axis of one call's keys (the batch axis), giving
+  ``(B, *stack, ..., key_dim)``. Raises ``ValueError`` at trace time if the layer is never
+  called.
+  """
+  m = _mem._as_model(model)
+  path = view.address
+
+  def fn(params, *args, **kwargs):
+    holder = _Holder()
+
+    def transform(a, k, out):
+      keys = view.keys(a[0]).astype(dtype)
+      holder.call_kernel_shape = keys.shape  # one call's key shape (inside any scan)
+      return (keys,)
+
+    mm = _mem._Model(m.framework, m.definition, params, m.form)
+    _, records = _run(mm, path, holder, args, kwargs, method, transform=transform)
+    if not records:
+      raise _calls_error(path, 0, holder.traced, m.framework, False)
+    keys = _stack([r[0] for r in records])
+    if batch_first:
+      ns = keys.ndim - len(holder.call_kernel_shape)
+      if ns:
+        keys = jnp.moveaxis(keys, list(range(ns)), list(range(1, ns + 1)))
+    return keys
+  return fn
+
+
+def _linen_layer_definition(m, path, args, kwargs, method):
+  """(unbound layer definition, its variables, one call's kernel shape) for a Linen layer."""
+  holder = _Holder()
+
+  def fwd(params, a, k):
+    _, records = _run(m.__class__("linen", m.definition, params, m.form), path, holder, a, k,
+                      method, keys_only=True, want_definition=True)
+    return records
+
+  records = jax.eval_shape(fwd, m.params, args, kwargs)
+  if holder.definition is None:
+    raise _calls_error(path, 0, holder.traced, "linen", False)
+  del records
+  layer_vars = {}
+  for col, tree in m.params.items():
+    node = tree
+    try:
+      for p in path:
+        node = node[p]
+    except (KeyError, TypeError):
+      continue
+    layer_vars[col] = node
+  return holder.definition, layer_vars, holder.call_kernel_shape

@@ -1,0 +1,162 @@
+"""Key statistics of one layer of a model, collected over a stream of model inputs."""
+
+from __future__ import annotations
+
+import collections.abc
+import hashlib
+import itertools
+import json
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memedit import _io
+from memedit.covariance import CovarianceState, covariance_cache_key, stream_covariance
+from memedit.layers import hooks as _cap
+from memedit.layers import memory as _mem
+
+__all__ = ["layer_covariance", "layer_cache_key", "layer_key_fn"]
+
+
+def _as_args(batch) -> tuple:
+  return tuple(batch) if isinstance(batch, tuple) else (batch,)
+
+
+def layer_key_fn(model, view: "_mem.MemoryView", *, masked: bool = False,
+                 method: str | None = None, dtype=jnp.float32):
+  """``key_fn(batch) -> keys`` or ``(keys, weights)`` for ``stream_covariance``.
+
+  The model runs only as far as it must: the function returns the layer's keys alone, so
+  XLA removes the later layers from the compiled program.
+
+  Args:
+    model: the model (see :func:`memedit.layers.memory_view`).
+    view: the layer's :class:`~memedit.layers.MemoryView`.
+    masked: batches are ``(inputs, mask)``; ``mask`` ``(B, *positions)`` weights the keys
+      (e.g. ``(B, h, w)`` for a conv layer; resized bilinearly when its spatial size
+      differs from the layer's).
+    method: model method to run.
+    dtype: dtype of the keys.
+
+  Returns:
+    A pure function of one batch; keys come out ``(B, *stack, *positions, key_dim)``
+    (``stack``: several calls of the layer and/or a scan axis).
+  """
+  m = _mem._as_model(model)
+  fn = _cap.layer_keys_fn(m, view, method=method, dtype=dtype, batch_first=True)
+  params = m.params
+
+  def key_fn(batch):
+    if masked:
+      inputs, mask = batch
+    else:
+      inputs, mask = batch, None
+    keys = fn(params, *_as_args(inputs))
+    if mask is None:
+      return keys
+    return keys, _mask_weights(mask, keys, view)
+
+  return key_fn
+
+
+def _mask_weights(mask, keys, view):
+  mask = jnp.asarray(mask, jnp.float32)
+  lead = keys.shape[:-1]
+  b = lead[0]
+  if mask.shape[0] != b:
+    raise ValueError(f"mask: expected a leading batch dimension {b}, got {mask.shape}")
+  if view.kind == "conv" or view.patch:
+    hw = lead[-2:]
+    if mask.ndim != 3:
+      raise ValueError(f"mask: expected shape (B, h, w) for a conv layer, got {mask.shape}")
+    if tuple(mask.shape[1:]) != tuple(hw):
+      mask = jax.image.resize(mask, (b,) + tuple(hw), "linear")
+  n_mid = len(lead) - mask.ndim
+  if n_mid < 0:
+    raise ValueError(f"mask: expected at most {len(lead)} dimensions matching the keys' "
+                     f"leading shape {lead}, got {mask.shape}")
+  mask = mask.reshape(mask.shape[:1] + (1,) * n_mid + mask.shape[1:])
+  try:
+    np.broadcast_shapes(mask.shape, lead)
+  except ValueError:
+    raise ValueError(f"mask: expected a shape broadcasting to the keys' positions {lead}, "
+                     f"got {mask.shape}") from None
+  return mask
+
+
+def layer_cache_key(model, view: "_mem.MemoryView", spec: Any, dtype=jnp.float32,
+                    method: str | None = None) -> str:
+  """Cache key of a layer's statistics: the model's parameters (content hash), the layer
+  address and view, the input stream's spec and the key dtype."""
+  m = _mem._as_model(model)
+  h = hashlib.sha256(_io.tree_hash(m.params).encode())
+  h.update(json.dumps([m.framework, [str(a) for a in view.weight_path], view.patch,
+                       method]).encode())
+  return covariance_cache_key(h.hexdigest(), spec, dtype)
+
+
+def layer_covariance(model, address, inputs: Iterable[Any], *, patch: bool = False,
+                     masked: bool = False, method: str | None = None, dtype=jnp.float32,
+                     spec: Any = None, cache_dir=None, group: int = 8, devices: int | None = None,
+                     progress: bool = False) -> CovarianceState:
+  """Streams model inputs through the model and folds the layer's keys into C = E[k kᵀ].
+
+  One compiled program folds ``group`` batches (``lax.scan`` inside
+  :func:`memedit.stream_covariance`), over several local devices when asked.
+
+  Args:
+    model: ``nnx.Module`` (untouched), NNX ``(graphdef, state)`` or Linen
+      ``(module, variables)``.
+    address: the layer (path tuple, string, NNX selector or a ``MemoryView``).
+    inputs: iterable of batches of model inputs (an array, or a tuple of positional
+      inputs, with a leading batch axis); with ``masked=True`` each item is
+      ``(inputs, mask)``.
+    patch: collect patch keys (``kh*kw*C_in``) of a conv layer.
+    masked: batches carry per-key weights (see :func:`layer_key_fn`).
+    method: model method to run.
+    dtype: dtype of the keys.
+    spec: JSON-serialisable description of the input stream, for the cache key; when
+      omitted and ``inputs`` is a sequence, the inputs' content hash is used.
+    cache_dir: directory of cached statistics (keyed by :func:`layer_cache_key`).
+    group: batches per compiled fold.
+    devices: local devices to split each batch over.
+    progress: progress bar on stderr.
+
+  Returns:
+    The :class:`memedit.CovarianceState`; ``memedit.second_moment(state)`` is C.
+  """
+  m = _mem._as_model(model)
+  if isinstance(inputs, collections.abc.Iterator):
+    first = next(inputs, None)
+    if first is None:
+      raise ValueError("inputs: expected at least one batch, got an empty stream")
+    stream = itertools.chain([first], inputs)
+  else:
+    if isinstance(inputs, (jax.Array, np.ndarray)):
+      raise ValueError("inputs: expected an iterable of batches (e.g. a list of arrays), got "
+                       "a single array")
+    stream = inputs
+    first = next(iter(inputs), None)
+    if first is None:
+      raise ValueError("inputs: expected at least one batch, got an empty stream")
+  if isinstance(address, _mem.MemoryView):
+    view = address
+  else:
+    example = first[0] if masked else first
+    view = _mem.memory_view(m, address, *_as_args(example), patch=patch, method=method)
+  key_fn = layer_key_fn(m, view, masked=masked, method=method, dtype=dtype)
+  cache_key = None
+  if cache_dir is not None:
+    if spec is None:
+      if isinstance(stream, collections.abc.Sequence):
+        spec = {"inputs_hash": _io.tree_hash(list(stream))}
+      else:
+        raise ValueError("spec: expected a description of the input stream (needed to cache "
+                         "statistics of an iterator), got None")
+    cache_key = layer_cache_key(m, view, {"spec": spec, "masked": masked}, dtype, method)
+  total = len(stream) if hasattr(stream, "__len__") else None
+  return stream_covariance(stream, view.key_dim, key_fn=key_fn, group=group, total=total,
+                           progress=progress, cache_dir=cache_dir, cache_key=cache_key,
+                           devices=devices)

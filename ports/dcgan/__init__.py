@@ -1,0 +1,8 @@
+"""DCGAN generator (PyTorch tutorial architecture) in Flax, and its torch converter."""
+
+from __future__ import annotations
+
+from ports.dcgan.convert import convert_dcgan, load_dcgan, variables_from_state_dict
+from ports.dcgan.model import DCGANGenerator
+
+__all__ = ["DCGANGenerator", "convert_dcgan", "load_dcgan", "variables_from_state_dict"]

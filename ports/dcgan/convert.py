@@ -1,0 +1,182 @@
+"""Converting a PyTorch DCGAN generator checkpoint to a Flax checkpoint.
+
+The torch generator is ``nn.Sequential`` ``main``: ConvTranspose2d at indices 0, 3, 6, 9, 12
+(weights ``(C_in, C_out, 4, 4)``, no bias) and BatchNorm2d at 1, 4, 7, 10 (``weight``,
+``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``).
+
+A torch transposed convolution scatters each input pixel through the kernel:
+``out[o, s y + a - p, s x + b - p] += in[i, y, x] w[i, o, a, b]``. Flax's
+``ConvTranspose`` (``transpose_kernel=False``) dilates the input by the stride, pads it
+with ``k - 1 - p`` and cross-correlates with an HWIO kernel, which is the same map when
+``kernel[a, b, i, o] = w[i, o, k - 1 - a, k - 1 - b]`` (spatial flip, in/out kept).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from memedit import _io
+from ports.dcgan.model import (BN_EPSILON, KERNEL, NUM_LAYERS, RESOLUTION, DCGANGenerator,
+                               layer_channels)
+
+ARCHITECTURE = "dcgan"
+CONV_INDICES = (0, 3, 6, 9, 12)
+BN_INDICES = (1, 4, 7, 10)
+BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+
+def find_state_dict(obj: Any) -> dict[str, np.ndarray]:
+  """The generator state dict inside a loaded checkpoint.
+
+  Accepts ``{'netG_state_dict': sd, ...}`` (the format of the tutorial's training
+  script), ``{'state_dict': sd}``, or ``sd`` itself; ``module.`` prefixes left by
+  ``DataParallel`` are removed.
+  """
+  if not isinstance(obj, dict):
+    raise ValueError(f"DCGAN checkpoint: expected a dict, got {type(obj).__name__}")
+  for key in ("netG_state_dict", "state_dict"):
+    if key in obj and isinstance(obj[key], dict):
+      obj = obj[key]
+      break
+  if obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+    obj = {k[len("module."):]: v for k, v in obj.items()}
+  return obj
+
+
+def expected_shapes(z_dim: int, ngf: int, channels: int) -> dict[str, tuple]:
+  """Torch state-dict names and shapes of a DCGAN generator (BN step counters excluded)."""
+  sizes = layer_channels(z_dim, ngf, channels)
+  shapes = {}
+  for layer, idx in enumerate(CONV_INDICES):
+    shapes[f"main.{idx}.weight"] = (sizes[layer], sizes[layer + 1], KERNEL, KERNEL)
+  for layer, idx in enumerate(BN_INDICES):
+    for field in BN_FIELDS:
+      shapes[f"main.{idx}.{field}"] = (sizes[layer + 1],)
+  return shapes
+
+
+def check_state_dict(sd: dict[str, Any]) -> tuple[int, int, int]:
+  """Validates a torch DCGAN state dict and returns ``(z_dim, ngf, channels)``.
+
+  Raises:
+    ValueError: keys are missing or unexpected, or shapes do not fit the architecture.
+  """
+  first, last = sd.get("main.0.weight"), sd.get("main.12.weight")
+  if not (isinstance(first, np.ndarray) and first.ndim == 4 and isinstance(last, np.ndarray)
+          and last.ndim == 4):
+    found = sorted(sd)[:8]
+    raise ValueError("DCGAN checkpoint: expected 4-d tensors 'main.0.weight' and "
+                     f"'main.12.weight', found keys {found}{' ...' if len(sd) > 8 else ''}")
+  z_dim, ngf8 = first.shape[:2]
+  if ngf8 % 8:
+    raise ValueError(f"DCGAN checkpoint: main.0.weight: expected output channels divisible by 8 "
+                     f"(8 ngf), got {ngf8}")
+  ngf, channels = ngf8 // 8, last.shape[1]
+  shapes = expected_shapes(z_dim, ngf, channels)
+  counters = {f"main.{i}.num_batches_tracked" for i in BN_INDICES}
+  missing = sorted(set(shapes) - set(sd))
+  extra = sorted(set(sd) - set(shapes) - counters)
+  if missing or extra:
+    raise ValueError(f"DCGAN checkpoint: missing keys {missing}, unexpected keys {extra}")
+  for name, shape in shapes.items():
+    got = tuple(np.shape(sd[name]))
+    if got != shape:
+      raise ValueError(f"DCGAN checkpoint: {name}: expected shape {shape} "
+                       f"(z_dim {z_dim}, ngf {ngf}, channels {channels}), got {got}")
+  return int(z_dim), int(ngf), int(channels)
+
+
+def torch_convt_to_flax(weight: np.ndarray) -> np.ndarray:
+  """Torch ``ConvTranspose2d`` weight ``(C_in, C_out, kh, kw)`` -> Flax HWIO kernel.
+
+  ``kernel[a, b, i, o] = weight[i, o, kh - 1 - a, kw - 1 - b]``.
+  """
+  return np.ascontiguousarray(np.transpose(weight[:, :, ::-1, ::-1], (2, 3, 0, 1)))
+
+
+def flax_kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
+  """Inverse of :func:`torch_convt_to_flax`: HWIO kernel -> ``(C_in, C_out, kh, kw)``."""
+  return np.ascontiguousarray(np.transpose(kernel, (2, 3, 0, 1))[:, :, ::-1, ::-1])
+
+
+def variables_from_state_dict(sd: dict[str, np.ndarray]) -> tuple[dict, dict]:
+  """Torch DCGAN state dict -> ``(variables, config)`` for :class:`DCGANGenerator`.
+
+  Returns:
+    variables: ``{'params': {'convt0': {'kernel'}, ..., 'bn0': {'scale', 'bias'}, ...},
+      'batch_stats': {'bn0': {'mean', 'var'}, ...}}`` as float32 numpy arrays.
+    config: ``architecture``, ``resolution``, ``z_dim``, ``ngf``, ``image_channels``,
+      ``channels`` (sizes along the network), ``bn_epsilon``.
+  """
+  z_dim, ngf, channels = check_state_dict(sd)
+  f32 = lambda a: np.asarray(a, dtype=np.float32)
+  params, stats = {}, {}
+  for layer, idx in enumerate(CONV_INDICES):
+    params[f"convt{layer}"] = {"kernel": f32(torch_convt_to_flax(sd[f"main.{idx}.weight"]))}
+  for layer, idx in enumerate(BN_INDICES):
+    params[f"bn{layer}"] = {"scale": f32(sd[f"main.{idx}.weight"]),
+                            "bias": f32(sd[f"main.{idx}.bias"])}
+    stats[f"bn{layer}"] = {"mean": f32(sd[f"main.{idx}.running_mean"]),
+                           "var": f32(sd[f"main.{idx}.running_var"])}
+  config = {
+      "architecture": ARCHITECTURE,
+      "resolution": RESOLUTION,
+      "z_dim": z_dim,
+      "ngf": ngf,
+      "image_channels": channels,
+      "channels": layer_channels(z_dim, ngf, channels),
+      "num_layers": NUM_LAYERS,
+      "bn_epsilon": BN_EPSILON,
+  }
+  return {"params": params, "batch_stats": stats}, config
+
+
+def convert_dcgan(src_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+  """Converts a torch DCGAN generator checkpoint into a Flax checkpoint directory.
+
+  The source is read with :func:`ports.torchfile.load_torch` (no torch, no code run).
+  The destination is written atomically: an interrupted conversion leaves no partial
+  checkpoint and keeps any earlier one at ``out_dir``.
+
+  Args:
+    src_path: torch checkpoint (zip or legacy ``torch.save``) holding the generator's
+      state dict, e.g. ``{'netG_state_dict': ...}``.
+    out_dir: destination directory (an orbax checkpoint plus JSON config).
+
+  Returns:
+    ``out_dir`` as an absolute path.
+
+  Raises:
+    ValueError: the checkpoint is not a DCGAN generator (message lists what was found),
+      or the file is unsafe / corrupt (``ports.torchfile`` errors).
+  """
+  from ports.torchfile import load_torch
+
+  src = os.fspath(src_path)
+  sd = find_state_dict(load_torch(src))
+  variables, config = variables_from_state_dict(sd)
+  config.update(source_file=os.path.basename(src), source_sha256=_io.sha256_file(src),
+                source_format="torch")
+  return _io.save_tree(out_dir, variables, config)
+
+
+def load_dcgan(path: str | os.PathLike) -> tuple[DCGANGenerator, dict, dict]:
+  """Loads a checkpoint written by :func:`convert_dcgan`.
+
+  Returns:
+    ``(module, variables, config)``; ``module.apply(variables, z)`` maps ``(N, z_dim)``
+    latents to ``(N, 64, 64, channels)`` images in [-1, 1].
+  """
+  import jax
+  import jax.numpy as jnp
+
+  tree, config = _io.load_tree(path)
+  if config.get("architecture") != ARCHITECTURE:
+    raise ValueError(f"{os.fspath(path)}: architecture: expected {ARCHITECTURE!r}, "
+                     f"got {config.get('architecture')!r}")
+  module = DCGANGenerator(z_dim=config["z_dim"], ngf=config["ngf"],
+                          channels=config["image_channels"])
+  return module, jax.tree_util.tree_map(jnp.asarray, tree), config

@@ -1,0 +1,56 @@
+"""StyleGAN2 in Flax with its modulated convolutions exposed as memories.
+
+Quick use::
+
+  from ports import stylegan2
+  path = stylegan2.convert_rosinality("stylegan2-ffhq-config-f.pt", "ffhq-flax")
+  module, variables, config = stylegan2.load_stylegan2(path)
+  z = stylegan2.sample_latents(8, config["z_dim"], seed=1)
+  images = stylegan2.generate(module, variables, z, truncation=0.5)   # (8, R, R, 3) NHWC
+  stylegan2.layer_paths(module)[6]   # ('params', 'synthesis', 'conv_6', 'memory', 'kernel')
+
+See :mod:`ports.stylegan2.model` for the architecture and parameter layout and
+:mod:`ports.stylegan2.convert` for the checkpoint formats.
+"""
+
+from __future__ import annotations
+
+from ports.stylegan2.convert import (
+    convert_nvidia,
+    convert_rosinality,
+    infer_nvidia_config,
+    infer_rosinality_config,
+    load_stylegan2,
+    state_dict_to_params_nvidia,
+    state_dict_to_params_rosinality,
+)
+from ports.stylegan2.model import (
+    EqualLinear,
+    Generator,
+    MappingNetwork,
+    ModulatedConv,
+    ModulatedConvMemory,
+    SynthesisNetwork,
+    ToRGB,
+    demodulation,
+    generate,
+    generator_from_config,
+    layer_paths,
+    layer_resolution,
+    mean_latent,
+    num_conv_layers,
+    num_ws,
+    nvidia_channels,
+    rosinality_channels,
+    sample_latents,
+    upfirdn2d,
+)
+
+__all__ = [
+    "EqualLinear", "Generator", "MappingNetwork", "ModulatedConv", "ModulatedConvMemory",
+    "SynthesisNetwork", "ToRGB", "convert_nvidia", "convert_rosinality", "demodulation",
+    "generate", "generator_from_config", "infer_nvidia_config", "infer_rosinality_config",
+    "layer_paths", "layer_resolution", "load_stylegan2", "mean_latent", "num_conv_layers",
+    "num_ws", "nvidia_channels", "rosinality_channels", "sample_latents",
+    "state_dict_to_params_nvidia", "state_dict_to_params_rosinality", "upfirdn2d",
+]

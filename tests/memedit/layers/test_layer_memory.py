@@ -1,0 +1,258 @@
+"""Memory views: exact inserts, substitution, edited forward passes, edits on model state."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import memedit
+import models
+from memedit.layers import (capture, edited_forward, insert_through_view, layer_forward,
+                            memory_view, register_layer_kind, substitute)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _build(framework, name):
+  """(model, params, run(params, x), inputs(n, seed))."""
+  if name == "mlp":
+    inputs = lambda n, s: jax.random.normal(jax.random.key(s), (n, 6))
+    nnx_cls, linen_cls = models.MLP, models.LMLP
+  elif name == "gen":
+    inputs = lambda n, s: jax.random.normal(jax.random.key(s), (n, 8))
+    nnx_cls, linen_cls = models.Generator, models.LGenerator
+  else:
+    inputs = lambda n, s: jax.random.randint(jax.random.key(s), (n, 5), 0, 11)
+    nnx_cls, linen_cls = models.Transformer, models.LTransformer
+  if framework == "nnx":
+    gd, st = nnx.split(nnx_cls(rngs=nnx.Rngs(0)))
+    return (gd, st), st, lambda p, x: nnx.merge(gd, p)(x), inputs
+  mod = linen_cls()
+  var = mod.init(jax.random.key(0), inputs(1, 0))
+  return (mod, var), var, lambda p, x: mod.apply(p, x), inputs
+
+
+CASES = [
+    ("nnx", "mlp", ("blocks", 1, "fc1"), False),
+    ("linen", "mlp", ("LBlock_1", "fc1"), False),
+    ("nnx", "gen", ("mid",), True),        # Conv 3x3, patch keys
+    ("linen", "gen", ("mid",), True),
+    ("nnx", "gen", ("up1",), True),        # ConvTranspose 4x4 stride 2, patch keys
+    ("linen", "gen", ("up1",), True),
+    ("nnx", "tf", ("attn", "query"), False),  # LinearGeneral d -> (heads, head_dim)
+    ("nnx", "tf", ("attn", "out"), False),    # LinearGeneral (heads, head_dim) -> d
+    ("linen", "tf", ("attn", "value"), False),
+    ("linen", "tf", ("attn", "out"), False),
+]
+
+
+@pytest.mark.parametrize("framework,name,address,patch", CASES,
+                         ids=["-".join([c[0], c[1], *map(str, c[2])]) for c in CASES])
+def test_insert_through_view_is_exact_and_specific(framework, name, address, patch):
+  model, params, run, inputs = _build(framework, name)
+  n_keep = {"mlp": 3, "gen": 1, "tf": 2}[name]
+  x_stats, x_keep, x_src = inputs(6, 1), inputs(n_keep, 2), inputs(1, 3)
+  view = memory_view(model, address, x_keep, patch=patch)
+  assert view.weight_path[-1] == "kernel" and view.stacked == 0
+  d = view.key_dim
+
+  def keys_of(x):
+    c = capture(model, address, x, single=True, jit=False)
+    return np.asarray(view.keys(c.keys), np.float64).reshape(-1, d)
+
+  ks = keys_of(x_stats)
+  C = ks.T @ ks / len(ks)
+  C = C + 0.1 * np.trace(C) / d * np.eye(d)  # dead ReLU units would make C singular
+  k_keep = keys_of(x_keep)
+  # A new key k* whose direction D = C⁻¹k* is orthogonal to every key of x_keep.
+  A = np.linalg.solve(C, k_keep.T)
+  q, _ = np.linalg.qr(A)
+  k0 = keys_of(x_src)[len(keys_of(x_src)) // 2]
+  k_star = k0 - q @ (q.T @ k0)
+  assert np.abs(k_keep @ np.linalg.solve(C, k_star)).max() < 1e-9 * np.linalg.norm(k_star)
+
+  kernel0 = view.kernel()
+  bias = memedit.layers.memory._layer_bias(view)
+  if patch:
+    layer = lambda K, k: k @ K.reshape(d, -1) + bias
+    native = jnp.asarray(k_star[None], jnp.float32)
+  elif view.kind == "conv":
+    layer = lambda K, k: view.apply(K, k).reshape(-1)
+    native = jnp.asarray(k_star.reshape(1, 1, 1, d), jnp.float32)
+  else:
+    layer = lambda K, k: view.apply(K, k).reshape(-1)
+    native = view.native_keys(jnp.asarray(k_star[None], jnp.float32))
+  v0 = np.asarray(layer(kernel0, native)).reshape(-1)
+  v_star = v0 + np.random.default_rng(0).normal(size=v0.shape) * 0.2 * (np.std(v0) + 0.1)
+
+  edit = insert_through_view(view, jnp.asarray(C, jnp.float32), k_star[None], v_star[None])
+  assert edit.path == view.weight_path
+  new_params, hist = memedit.apply_edit(params, edit)
+  kernel1 = memedit.get_leaf(new_params, view.weight_path)
+  assert _rel(np.asarray(layer(kernel1, native)).reshape(-1), v_star) <= 1e-5
+
+  y0, y1 = run(params, x_keep), run(new_params, x_keep)
+  assert _rel(y1, y0) <= 1e-5, _rel(y1, y0)
+  # The edit is not vacuous: the layer's output for a generic key changes.
+  k_src = jnp.asarray(keys_of(x_src)[:1], jnp.float32)
+  if not patch:
+    k_src = view.native_keys(k_src)
+  assert _rel(layer(kernel1, k_src), layer(kernel0, k_src)) > 1e-4
+
+  back, _ = memedit.revert_edit(new_params, edit, hist)
+  np.testing.assert_array_equal(memedit.get_leaf(back, view.weight_path), kernel0)
+
+
+def test_one_by_one_conv_per_pixel_insert_is_exact():
+  for model, x in ((models.Generator(rngs=nnx.Rngs(0)), jnp.ones((1, 8))),):
+    view = memory_view(model, ("rgb",))
+    assert (view.kind, view.key_dim, view.value_dim) == ("conv", 8, 3)
+    c = capture(model, ("rgb",), jax.random.normal(jax.random.key(1), (2, 8)), single=True)
+    k = np.asarray(c.keys, np.float64).reshape(-1, 8)
+    C = k.T @ k / len(k) + 0.1 * np.eye(8)
+    rng = np.random.default_rng(0)
+    keep = rng.normal(size=(5, 8))
+    q, _ = np.linalg.qr(np.linalg.solve(C, keep.T))
+    k0 = rng.normal(size=8)
+    k_star = k0 - q @ (q.T @ k0)
+    v_star = np.array([0.3, -0.2, 0.1])
+    edit = insert_through_view(view, jnp.asarray(C, jnp.float32), k_star[None], v_star[None])
+    assert edit.kind == "conv" and edit.lam.shape == (1, 1, 3, 1)
+    k1 = view.kernel() + memedit.edit_delta(edit, view.kernel_shape)
+    px = lambda K, kk: view.apply(K, jnp.asarray(kk, jnp.float32).reshape(1, -1, 1, 8))
+    assert _rel(px(k1, k_star), v_star) <= 1e-5
+    assert _rel(px(k1, keep), px(view.kernel(), keep)) <= 1e-5
+
+
+def test_patch_view_matches_the_layer_and_per_pixel_kxk_insert_is_refused():
+  g = models.Generator(rngs=nnx.Rngs(0))
+  z = jax.random.normal(jax.random.key(1), (2, 8))
+  for name in ("up1", "mid", "up2"):
+    view = memory_view(g, (name,), patch=True)
+    c = capture(g, (name,), z, single=True)
+    k = view.kernel()
+    y = view.keys(c.keys) @ k.reshape(-1, k.shape[-1]) + getattr(g, name).bias[...]
+    np.testing.assert_allclose(y, c.values, rtol=1e-5, atol=1e-5)
+  view = memory_view(g, ("mid",))
+  assert (view.kind, view.key_dim) == ("conv", 8)
+  with pytest.raises(ValueError, match="patch=True"):
+    insert_through_view(view, jnp.eye(8), jnp.ones((1, 8)), jnp.ones((1, 8)))
+
+
+def test_per_tap_lambda_solve_on_kxk_conv_reaches_target():
+  """For a 3x3 conv with per-pixel keys (the paper's layout), core solve_lambda over the
+  per-tap Λ, with f = the layer run alone through the view, makes the pixel hit v*."""
+  g = models.Generator(rngs=nnx.Rngs(0))
+  z = jax.random.normal(jax.random.key(1), (1, 8))
+  view = memory_view(g, ("mid",))
+  c = capture(g, ("mid",), z, single=True)
+  x = c.keys  # (1, 8, 8, C_in) layer input
+  k = x.reshape(-1, 8)
+  C = k.T @ k / k.shape[0] + 1e-2 * jnp.eye(8)
+  D = memedit.solve_psd(C, x[0, 4, 4])[None]
+  D = D / jnp.linalg.norm(D)
+  target = c.values[0, 4, 4] + 0.5
+  f = lambda K, inp: view.apply(K, inp)[0, 4, 4]
+  res = memedit.solve_lambda(f, view.kernel(), D, x, target, kind="conv", loss="l2",
+                             optimizer="gauss_newton", steps=10)
+  out = layer_forward(view, res.lam, D, x)[0, 4, 4]
+  assert _rel(out, target) <= 1e-5
+
+
+def test_custom_layer_lambda_solve_with_extra_argument():
+  register_layer_kind(models.StyleMemory, weight="w", kind="dense", in_ndim=1)
+  m = models.Styled(rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (1, 6))
+  s = jax.random.normal(jax.random.key(3), (1, 3))
+  view = memory_view(m, ("memory",))
+  c = capture(m, ("memory",), x, s, single=True)
+  D = c.keys / jnp.linalg.norm(c.keys)
+  target = c.values + 1.0
+  f = lambda K, k: view.apply(K, k, *c.extra_args)
+  res = memedit.solve_lambda(f, view.kernel(), D, c.keys, target, loss="l2",
+                             optimizer="gauss_newton", steps=5)
+  new = substitute(m, view, view.kernel() + memedit.kernel_delta(res.lam, D, view.kernel_shape))
+  assert _rel(new(x, s), target) <= 1e-5
+
+
+def test_edited_forward_gradient_wrt_lambda_under_jit():
+  model, params, run, inputs = _build("nnx", "tf")
+  toks = inputs(2, 1)
+  view = memory_view(model, ("attn", "query"))
+  D = jax.random.normal(jax.random.key(4), (1, 16))
+  lam = 0.1 * jax.random.normal(jax.random.key(5), memedit.lambda_shape(view.kernel_shape, 1))
+  loss = lambda l: jnp.sum(edited_forward(model, view, l, D, toks) ** 2)
+  g = jax.jit(jax.grad(loss))(lam)
+  assert g.shape == lam.shape and float(jnp.abs(g).max()) > 0
+  u = jax.random.normal(jax.random.key(6), lam.shape)
+  eps = 1e-2
+  fd = (loss(lam + eps * u) - loss(lam - eps * u)) / (2 * eps)
+  np.testing.assert_allclose(float(jnp.sum(g * u)), float(fd), rtol=2e-2)
+  # Λ = 0 reproduces the model.
+  np.testing.assert_allclose(edited_forward(model, view, 0 * lam, D, toks), run(params, toks),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_edits_compose_and_revert_on_nnx_state_and_linen_variables():
+  for framework, address in (("nnx", ("blocks", 0, "fc2")), ("linen", ("LBlock_0", "fc2"))):
+    model, params, run, inputs = _build(framework, "mlp")
+    x = inputs(2, 1)
+    view = memory_view(model, address, x)
+    rng = np.random.default_rng(1)
+    e1 = memedit.make_edit(view.weight_path, rng.normal(size=(16, 1)), rng.normal(size=(1, 32)),
+                           kind="dense", name="a")
+    e2 = memedit.make_edit(view.weight_path, rng.normal(size=(16, 2)), rng.normal(size=(2, 32)),
+                           kind="dense", name="b")
+    p1, h = memedit.apply_edit(params, e1)
+    p2, h = memedit.apply_edit(p1, e2, h)
+    both = view.kernel() + (memedit.kernel_delta(e1.lam, e1.directions, view.kernel_shape)
+                            + memedit.kernel_delta(e2.lam, e2.directions, view.kernel_shape))
+    np.testing.assert_allclose(memedit.get_leaf(p2, view.weight_path), both, rtol=1e-5, atol=1e-5)
+    assert _rel(run(p2, x), run(params, x)) > 1e-3
+    p3, h = memedit.revert_edit(p2, e1, h)
+    p4, h = memedit.revert_edit(p3, "b", h)
+    for a, b in zip(jax.tree_util.tree_leaves(p4), jax.tree_util.tree_leaves(params)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_callers_model_and_parameters_are_untouched():
+  m = models.MLP(rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, 6))
+  before = [np.array(a) for a in jax.tree_util.tree_leaves(nnx.state(m))]
+  ids = {p: id(mod) for p, mod in nnx.iter_modules(m)}
+  types = {p: type(mod) for p, mod in nnx.iter_modules(m)}
+  y0 = np.array(m(x))
+
+  view = memory_view(m, lambda mm: mm.blocks[1].fc1)
+  capture(m, ("blocks", 1, "fc1"), x)
+  capture(m, ("alias",), x, jit=False)
+  new = substitute(m, view, jnp.zeros(view.kernel_shape))
+  edited_forward(m, view, jnp.ones((32, 1)), jnp.ones((1, 16)), x)
+  insert_through_view(view, jnp.eye(16), jnp.ones((1, 16)), jnp.zeros((1, 32)))
+  memedit.layers.layer_covariance(m, ("shared",), [x], progress=False)
+
+  after = [np.array(a) for a in jax.tree_util.tree_leaves(nnx.state(m))]
+  assert len(before) == len(after)
+  for a, b in zip(before, after):
+    np.testing.assert_array_equal(a, b)
+  assert {p: id(mod) for p, mod in nnx.iter_modules(m)} == ids
+  assert {p: type(mod) for p, mod in nnx.iter_modules(m)} == types
+  assert type(m.blocks[1].fc1) is nnx.Linear and m.alias is m.shared
+  np.testing.assert_array_equal(np.array(m(x)), y0)
+  assert float(jnp.abs(new.blocks[1].fc1.kernel[...]).max()) == 0.0
+  assert new.alias is new.shared and new is not m
+
+  lm = models.LMLP()
+  lv = lm.init(jax.random.key(0), x)
+  lbefore = jax.tree_util.tree_map(np.array, lv)
+  lview = memory_view((lm, lv), ("LBlock_0", "fc1"), x)
+  _, lnew = substitute((lm, lv), lview, jnp.zeros(lview.kernel_shape))
+  capture((lm, lv), ("LBlock_0", "fc1"), x)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, lv, lbefore)
+  assert float(jnp.abs(lnew["params"]["LBlock_0"]["fc1"]["kernel"]).max()) == 0.0

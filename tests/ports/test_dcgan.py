@@ -1,0 +1,221 @@
+"""ports.dcgan: the tutorial DCGAN in Flax against the real torch package and weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import types
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+
+import peers
+import ports
+from memedit import _io
+from memedit.cli import main
+from ports.dcgan import DCGANGenerator, convert_dcgan, load_dcgan, variables_from_state_dict
+from ports.dcgan import convert as dcgan_convert
+from ports.torchfile import load_torch
+
+WEIGHTS_SHA256 = "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f"
+
+_forward = jax.jit(lambda variables, z: DCGANGenerator().apply(variables, z))
+
+
+@pytest.fixture(scope="module")
+def peer():
+  models, weights = peers.gan_face_generate()
+  return models, weights
+
+
+@pytest.fixture(scope="module")
+def latents():
+  return np.random.RandomState(1).randn(16, 100).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def converted(peer, tmp_path_factory):
+  _, weights = peer
+  return convert_dcgan(weights, tmp_path_factory.mktemp("dcgan") / "faces")
+
+
+@pytest.fixture(scope="module")
+def images(converted, latents):
+  _, variables, _ = load_dcgan(converted)
+  return np.asarray(_forward(variables, latents))
+
+
+def test_matches_torch_generator(peer, images, latents):
+  models, weights = peer
+  G = models.Generator(ngpu=0, nc=3, nz=100, ngf=64)
+  G.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["netG_state_dict"])
+  G.eval()
+  with torch.no_grad():
+    ref = G(torch.from_numpy(latents)[:, :, None, None]).numpy().transpose(0, 2, 3, 1)
+  assert images.shape == (16, 64, 64, 3)
+  assert np.abs(images).max() <= 1.0
+  assert np.abs(images - ref).max() <= 1e-4
+  assert images.std() > 0.1  # real faces, not a constant image
+
+
+def test_reload_is_bit_exact(peer, converted, images, latents):
+  _, weights = peer
+  module, variables, config = load_dcgan(converted)
+  assert module == DCGANGenerator(z_dim=100, ngf=64, channels=3)
+  direct, direct_config = variables_from_state_dict(load_torch(weights)["netG_state_dict"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, direct, jax.device_get(variables))
+  np.testing.assert_array_equal(np.asarray(_forward(direct, latents)), images)
+  assert config["architecture"] == "dcgan" and config["resolution"] == 64
+  assert config["z_dim"] == 100 and config["channels"] == [100, 512, 256, 128, 64, 3]
+  assert config["source_sha256"] == WEIGHTS_SHA256 == _io.sha256_file(weights)
+  assert {k: v for k, v in config.items() if not k.startswith("source")} == direct_config
+  # The generic loader dispatches on the architecture.
+  _, generic, generic_config = ports.load_converted(converted)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, generic, variables)
+  assert generic_config == config
+
+
+def test_load_converted_refuses_unknown_architecture(tmp_path):
+  path = _io.save_tree(tmp_path / "vae", {"w": np.zeros(2, np.float32)}, {"architecture": "vae"})
+  with pytest.raises(ValueError, match="architecture: expected 'dcgan' or 'stylegan2', got 'vae'"):
+    ports.load_converted(path)
+  with pytest.raises(ValueError, match="architecture: expected 'dcgan', got 'vae'"):
+    load_dcgan(path)
+
+
+def test_layers_are_standard_conv_transpose(converted):
+  module, variables, _ = load_dcgan(converted)
+  kernels = {name: v["kernel"].shape for name, v in variables["params"].items() if "kernel" in v}
+  assert kernels == {"convt0": (4, 4, 100, 512), "convt1": (4, 4, 512, 256),
+                     "convt2": (4, 4, 256, 128), "convt3": (4, 4, 128, 64),
+                     "convt4": (4, 4, 64, 3)}
+  found = []
+
+  def spy(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and isinstance(context.module, nn.ConvTranspose):
+      found.append((context.module.name, args[0].shape[-1]))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(spy):
+    jax.eval_shape(module.apply, variables, jax.ShapeDtypeStruct((2, 100), np.float32))
+  assert found == [("convt0", 100), ("convt1", 512), ("convt2", 256), ("convt3", 128),
+                   ("convt4", 64)]
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1)])
+def test_kernel_flip_matches_torch_layer(stride, padding):
+  rng = np.random.default_rng(stride)
+  weight = rng.standard_normal((5, 3, 4, 4)).astype(np.float32)
+  x = rng.standard_normal((2, 5, 3, 3)).astype(np.float32)
+  layer = torch.nn.ConvTranspose2d(5, 3, 4, stride, padding, bias=False)
+  with torch.no_grad():
+    layer.weight.copy_(torch.from_numpy(weight))
+    ref = layer(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+  kernel = dcgan_convert.torch_convt_to_flax(weight)
+  np.testing.assert_array_equal(dcgan_convert.flax_kernel_to_torch(kernel), weight)
+  pad = 3 - padding
+  flax_layer = nn.ConvTranspose(3, (4, 4), strides=(stride, stride),
+                                padding=((pad, pad), (pad, pad)), use_bias=False)
+  out = flax_layer.apply({"params": {"kernel": kernel}}, x.transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
+
+
+def test_interrupted_conversion_leaves_nothing_behind(peer, converted, tmp_path, monkeypatch):
+  _, weights = peer
+  existing = tmp_path / "existing"
+  shutil.copytree(converted, existing)
+  before = _io.load_tree(existing)
+  fresh = tmp_path / "fresh"
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(_io, "json", types.SimpleNamespace(dump=fail, load=json.load))
+  for dst in (existing, fresh):
+    with pytest.raises(RuntimeError, match="disk full"):
+      convert_dcgan(weights, dst)
+  monkeypatch.undo()
+  assert not fresh.exists()
+  assert sorted(os.listdir(tmp_path)) == ["existing"]  # no temporary leftovers
+  after = _io.load_tree(existing)
+  assert after[1] == before[1]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, after[0], before[0])
+
+
+def _small_state_dict(peer_models, **changes):
+  torch.manual_seed(0)
+  sd = {k: v.clone() for k, v in peer_models.Generator(0, 3, 4, 2).state_dict().items()}
+  for k, v in changes.items():
+    if v is None:
+      del sd[k]
+    else:
+      sd[k] = v
+  return sd
+
+
+def test_wrong_architecture_is_refused(peer, tmp_path):
+  models, _ = peer
+  cases = {
+      "missing": ({"netG_state_dict": _small_state_dict(models, **{"main.7.bias": None})},
+                  r"missing keys \['main.7.bias'\], unexpected keys \[\]"),
+      "extra": ({"netG_state_dict": _small_state_dict(models, **{"main.13.weight": torch.ones(3)})},
+                r"missing keys \[\], unexpected keys \['main.13.weight'\]"),
+      "shape": ({"netG_state_dict": _small_state_dict(models, **{"main.6.weight":
+                                                                 torch.ones(8, 5, 4, 4)})},
+                r"main.6.weight: expected shape \(8, 4, 4, 4\).*got \(8, 5, 4, 4\)"),
+      "stylegan": ({"g_ema": {"style.1.weight": torch.ones(4, 4)}, "latent_avg": torch.ones(4)},
+                   r"expected 4-d tensors 'main.0.weight'.*found keys \['g_ema', 'latent_avg'\]"),
+  }
+  for name, (obj, message) in cases.items():
+    src = tmp_path / f"{name}.pt"
+    torch.save(obj, src)
+    with pytest.raises(ValueError, match=message):
+      convert_dcgan(src, tmp_path / f"out-{name}")
+    assert not (tmp_path / f"out-{name}").exists()
+  # A well-formed generator of other sizes converts, with its sizes in the config.
+  src = tmp_path / "small.pth"
+  torch.save(_small_state_dict(models), src, _use_new_zipfile_serialization=False)
+  _, _, config = load_dcgan(convert_dcgan(src, tmp_path / "small"))
+  assert (config["z_dim"], config["ngf"], config["channels"]) == (4, 2, [4, 16, 8, 4, 2, 3])
+
+
+def test_cli_convert(peer, converted, tmp_path, capsys):
+  _, weights = peer
+  out = tmp_path / "cli-faces"
+  assert main(["convert", str(weights), str(out)]) == 0
+  assert "architecture dcgan" in capsys.readouterr().out
+  got, meta = _io.load_tree(out)
+  want, want_meta = _io.load_tree(converted)
+  assert meta == want_meta
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  assert ports.detect_format(weights) == "dcgan"
+
+  other = tmp_path / "other.pt"
+  torch.save({"g_ema": {"style.1.weight": torch.ones(2, 2)}}, other)
+  assert main(["convert", str(other), str(tmp_path / "x"), "--format", "dcgan"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("memedit convert: error:") and "main.0.weight" in err
+  assert not (tmp_path / "x").exists()
+
+  assert ports.detect_format(other) == "rosinality"
+  net = peers.nvidia_networks()
+  snapshot = tmp_path / "snapshot.pkl"
+  with open(snapshot, "wb") as f:
+    pickle.dump({"G_ema": net.MappingNetwork(z_dim=4, c_dim=0, w_dim=4, num_ws=2, num_layers=1)}, f)
+  assert ports.detect_format(snapshot) == "nvidia"
+  unknown = tmp_path / "unknown.pt"
+  torch.save({"weights": torch.ones(2)}, unknown)
+  with pytest.raises(ValueError, match=r"found keys \['weights'\]; pass --format"):
+    ports.detect_format(unknown)
+
+  with pytest.raises(SystemExit) as info:
+    main(["convert", "--help"])
+  assert info.value.code == 0
+  text = capsys.readouterr().out
+  for word in ("--format", "rosinality", "nvidia", "dcgan", "auto", "SRC", "OUT"):
+    assert word in text

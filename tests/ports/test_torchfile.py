@@ -1,0 +1,438 @@
+"""ports.torchfile: torch.save / NVIDIA pickles read without torch and without running code."""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import io
+import os
+import pickle
+import pickletools
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import peers
+from ports import torchfile
+from ports.torchfile import CorruptFileError, NvidiaModule, UnsafeFileError
+
+FORMATS = ("zip", "legacy")
+
+
+def _save(obj, path, fmt):
+  torch.save(obj, path, _use_new_zipfile_serialization=(fmt == "zip"))
+  return path
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+  if t.dtype == torch.bfloat16:
+    return t.float().numpy()
+  return t.numpy()
+
+
+def _sample_tensors():
+  g = torch.Generator().manual_seed(0)
+  base = torch.randn(6, 8, generator=g)
+  big = torch.randn(4, 5, 6, generator=g)
+  return {
+      "f32": torch.randn(3, 4, 5, generator=g),
+      "f64": torch.randn(7, generator=g, dtype=torch.float64),
+      "f16": torch.randn(2, 3, generator=g).half(),
+      "bf16": torch.randn(5, 2, generator=g).bfloat16(),
+      "i64": torch.arange(-6, 6, dtype=torch.int64).reshape(3, 4),
+      "i32": torch.tensor([1, -2, 3], dtype=torch.int32),
+      "u8": torch.arange(10, dtype=torch.uint8),
+      "bool": torch.tensor([True, False, True]),
+      "scalar": torch.tensor(3.5),
+      "empty": torch.zeros(0, 3),
+      "base": base,
+      "transposed": base.t(),                       # shares base's storage
+      "strided": base[1:, ::3],                     # offset and step
+      "permuted": big.permute(2, 0, 1),
+      "expanded": torch.randn(3, 1, generator=g).expand(3, 4),   # stride 0
+      "param": torch.nn.Parameter(torch.randn(4, generator=g)),
+  }
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_roundtrip_matches_torch(tmp_path, fmt):
+  tensors = _sample_tensors()
+  tagged = torch.arange(3.0)
+  tagged.note = "python attribute"  # pickled through _rebuild_from_type_v2
+  obj = {
+      "tensors": tensors,
+      "tagged": tagged,
+      "numpy": [np.arange(6.0).reshape(2, 3).T, np.int16(-7), np.float32(0.5)],
+      "ordered": collections.OrderedDict([("b", tensors["f32"]), ("a", 2)]),
+      "nested": [tensors["i64"], (tensors["strided"], "text", 1.5, None, True)],
+      "size": tensors["f32"].shape,
+      "dtype": torch.float16,
+  }
+  path = _save(obj, tmp_path / f"ckpt-{fmt}.pt", fmt)
+  got = torchfile.load_torch(path)
+
+  assert set(got) == set(obj)
+  for name, t in tensors.items():
+    arr = got["tensors"][name]
+    assert isinstance(arr, np.ndarray), name
+    assert arr.shape == tuple(t.shape), name
+    want = _as_numpy(t.detach())
+    if t.dtype == torch.bfloat16:
+      assert arr.dtype.name == "bfloat16"
+      np.testing.assert_array_equal(arr.astype(np.float32), want)
+    else:
+      assert arr.dtype == want.dtype, name
+      np.testing.assert_array_equal(arr, want, err_msg=name)
+    assert arr.flags.owndata and arr.flags.writeable, name
+  assert isinstance(got["ordered"], collections.OrderedDict)
+  assert list(got["ordered"]) == ["b", "a"] and got["ordered"]["a"] == 2
+  np.testing.assert_array_equal(got["ordered"]["b"], tensors["f32"].numpy())
+  np.testing.assert_array_equal(got["nested"][0], tensors["i64"].numpy())
+  assert got["nested"][1][1:] == ("text", 1.5, None, True)
+  assert got["size"] == (3, 4, 5)
+  assert got["dtype"] == np.float16
+  np.testing.assert_array_equal(got["tagged"], [0.0, 1.0, 2.0])
+  np.testing.assert_array_equal(got["numpy"][0], np.arange(6.0).reshape(2, 3).T)
+  assert got["numpy"][1:] == [-7, 0.5]
+  assert got["numpy"][1].dtype == np.int16 and got["numpy"][2].dtype == np.float32
+  # Views of one storage come back as independent arrays.
+  got["tensors"]["base"][0, 0] = 1e6
+  assert got["tensors"]["transposed"][0, 0] == tensors["base"][0, 0].item()
+
+
+def test_real_checkpoint_matches_torch_load():
+  _, weights = peers.gan_face_generate()
+  ours = torchfile.load_torch(weights)["netG_state_dict"]
+  ref = torch.load(weights, map_location="cpu", weights_only=True)["netG_state_dict"]
+  assert list(ours) == list(ref)
+  for k, v in ref.items():
+    assert ours[k].dtype == v.numpy().dtype and ours[k].shape == tuple(v.shape)
+    np.testing.assert_array_equal(ours[k], v.numpy(), err_msg=k)
+
+
+_NO_TORCH = """
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("torch", "torch_utils", "dnnlib", "training"):
+      raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+from ports import torchfile
+sd = torchfile.load_torch(sys.argv[1])["netG_state_dict"]
+nv = torchfile.load_nvidia_pickle(sys.argv[2])
+print(len(sd), sd["main.0.weight"].shape, len(nv["G_ema"].state_dict))
+"""
+
+
+def test_reads_without_torch_installed(tmp_path, nvidia_generator):
+  _, weights = peers.gan_face_generate()
+  pkl = tmp_path / "snapshot.pkl"
+  with open(pkl, "wb") as f:
+    pickle.dump({"G_ema": nvidia_generator}, f)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(weights), str(pkl)], cwd=root,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  n = len(nvidia_generator.state_dict())
+  assert proc.stdout.split() == ["25", "(100,", "512,", "4,", "4)", str(n)]
+
+
+# ------------------------------------------------------------------------- NVIDIA
+
+@pytest.fixture(scope="module")
+def nvidia_generator():
+  net = peers.nvidia_networks()
+  torch.manual_seed(0)
+  G = net.Generator(z_dim=16, c_dim=0, w_dim=16, img_resolution=16, img_channels=3,
+                    mapping_kwargs={"num_layers": 2},
+                    synthesis_kwargs={"channel_base": 128, "channel_max": 16})
+  with torch.no_grad():  # make buffers non-trivial so a mix-up would show
+    G.mapping.w_avg.copy_(torch.randn(16))
+  return G
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_nvidia_pickle_matches_live_state_dict(tmp_path, nvidia_generator, protocol):
+  import dnnlib  # on sys.path once peers.nvidia_networks() ran
+
+  G = nvidia_generator
+  net = peers.nvidia_networks()
+  D = net.Discriminator(c_dim=0, img_resolution=16, img_channels=3, channel_base=128,
+                        channel_max=16)
+  # A training snapshot also holds the augmentation pipeline (a persistent object too).
+  augment = (None if protocol == 2
+             else importlib.import_module("training.augment").AugmentPipe(xflip=1))
+  kwargs = dnnlib.EasyDict(path="faces.zip", resolution=16, xflip=False,
+                           scale=np.float64(0.25))
+  path = tmp_path / "network-snapshot.pkl"
+  with open(path, "wb") as f:
+    pickle.dump({"G": G, "D": D, "G_ema": G, "augment_pipe": augment,
+                 "training_set_kwargs": kwargs, "progress": {"cur_nimg": torch.tensor(64)}}, f,
+                protocol=protocol)
+  got = torchfile.load_nvidia_pickle(path)
+
+  assert got["training_set_kwargs"] == {"path": "faces.zip", "resolution": 16, "xflip": False,
+                                        "scale": 0.25}
+  assert got["progress"]["cur_nimg"] == 64 and got["progress"]["cur_nimg"].dtype == np.int64
+  assert got["G"] is got["G_ema"]  # one object pickled once stays one record
+  others = [("D", D)] + ([("augment_pipe", augment)] if augment is not None else [])
+  if augment is None:
+    assert got["augment_pipe"] is None
+  for name, live in others:
+    assert got[name].class_name == type(live).__name__
+    ref = live.state_dict()
+    assert list(got[name].state_dict) == list(ref)
+    for k, v in ref.items():
+      np.testing.assert_array_equal(got[name].state_dict[k], v.numpy(), err_msg=f"{name}.{k}")
+  rec = got["G_ema"]
+  assert isinstance(rec, NvidiaModule)
+  assert rec.class_name == "Generator"
+  assert rec.init_args == ()
+  assert rec.init_kwargs == G.init_kwargs
+  ref = G.state_dict()
+  assert list(rec.state_dict) == list(ref)
+  for k, v in ref.items():
+    assert rec.state_dict[k].dtype == np.float32, k
+    np.testing.assert_array_equal(rec.state_dict[k], v.numpy(), err_msg=k)
+  for k in ("mapping.fc0.weight", "synthesis.b4.conv1.affine.weight",
+            "synthesis.b4.conv1.noise_const", "mapping.w_avg"):
+    assert k in rec.state_dict
+  assert rec.attributes["num_ws"] == G.num_ws
+  assert rec.attributes["synthesis.b8.conv0.up"] == 2
+  assert rec.attributes["mapping.fc0.weight_gain"] == pytest.approx(G.mapping.fc0.weight_gain)
+  sub = torchfile.module_state_dict(rec, "mapping.")
+  np.testing.assert_array_equal(sub["w_avg"], G.mapping.w_avg.numpy())
+
+
+def test_persistent_source_is_never_executed(tmp_path):
+  marker = tmp_path / "executed"
+  meta = {"type": "class", "version": 6, "class_name": "Net",
+          "module_src": f"open({str(marker)!r}, 'w').write('ran')\n",
+          "state": {"_parameters": {}, "_buffers": {}, "_modules": {}, "depth": 3,
+                    "_init_args": (1,), "_init_kwargs": {"k": "v"}}}
+  path = tmp_path / "net.pkl"
+  path.write_bytes(_craft_call("torch_utils.persistence", "_reconstruct_persistent_obj", meta))
+  got = torchfile.load_any(path)
+  assert got == NvidiaModule("Net", (1,), {"k": "v"}, {}, {"depth": 3})
+  assert not marker.exists()
+
+
+# ------------------------------------------------------------------------ security
+
+def _craft_call(module: str, name: str, *args) -> bytes:
+  """A protocol-2 pickle that calls the global ``module.name(*args)``."""
+  body = b"".join(pickletools.optimize(pickle.dumps(a, protocol=2))[2:-1] for a in args)
+  return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"(" + body + b"tR.")
+
+
+class _Reduce:
+  """Pickles as ``fn(*args)``: what a malicious checkpoint would contain."""
+
+  def __init__(self, fn, *args):
+    self.fn, self.args = fn, args
+
+  def __reduce__(self):
+    return self.fn, self.args
+
+
+def _payloads(marker):
+  code = f"open({str(marker)!r}, 'w').write('pwned')"
+  return {
+      "os.system": (_Reduce(os.system, f"touch {marker}"), "system"),
+      "builtins.eval": (_Reduce(eval, code), "builtins.eval"),
+      "builtins.exec": (_Reduce(exec, code), "builtins.exec"),
+      "subprocess.Popen": (_Reduce(subprocess.Popen, ["touch", str(marker)]), "subprocess.Popen"),
+      "subprocess.check_call": (_Reduce(subprocess.check_call, ["touch", str(marker)]),
+                                "subprocess.check_call"),
+      "nested": ({"state_dict": {"w": [1.0, {"deep": _Reduce(os.system, f"touch {marker}")}]}},
+                 "system"),
+  }
+
+
+def _write_torch_zip(path, data_pkl: bytes, storages: dict[str, bytes] = ()):
+  """A zip laid out like torch.save writes it (stored records under ``archive/``)."""
+  with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+    zf.writestr("archive/data.pkl", data_pkl)
+    zf.writestr("archive/byteorder", b"little")
+    for key, blob in dict(storages).items():
+      zf.writestr(f"archive/data/{key}", blob)
+    zf.writestr("archive/version", b"3\n")
+  return path
+
+
+@pytest.mark.parametrize("container", ["zip", "plain"])
+@pytest.mark.parametrize("payload", list(_payloads("m")))
+def test_code_execution_is_refused(tmp_path, container, payload):
+  marker = tmp_path / "pwned"
+  obj, refused = _payloads(marker)[payload]
+  blob = pickle.dumps(obj, protocol=2, fix_imports=False)
+  if container == "zip":
+    path = _write_torch_zip(tmp_path / "evil.pt", blob)
+    loaders = [torchfile.load_torch, torchfile.load_any]
+  else:
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(blob)
+    loaders = [torchfile.load_nvidia_pickle, torchfile.load_any]
+  for load in loaders:
+    with pytest.raises(UnsafeFileError, match="refused to load global") as info:
+      load(path)
+    assert refused in str(info.value) and str(path) in str(info.value)
+  assert not marker.exists()
+
+
+class _StorageRef:
+  pass
+
+
+class _TensorAt:
+  def __init__(self, storage, offset, size, stride):
+    self.args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+  def __reduce__(self):
+    return torch._utils._rebuild_tensor_v2, self.args
+
+
+class _ZipPickler(pickle.Pickler):
+  def persistent_id(self, obj):
+    if isinstance(obj, _StorageRef):
+      return ("storage", torch.FloatStorage, "0", "cpu", 4)
+    return None
+
+
+def _zip_tensor_file(path, offset, size, stride):
+  buf = io.BytesIO()
+  _ZipPickler(buf, protocol=2).dump({"w": _TensorAt(_StorageRef(), offset, size, stride)})
+  data = np.arange(4, dtype=np.float32).tobytes()
+  return _write_torch_zip(path, buf.getvalue(), {"0": data})
+
+
+def _plain_tensor_file(path, offset, size, stride):
+  with warnings.catch_warnings():  # TypedStorage: what NVIDIA pickles hold
+    warnings.simplefilter("ignore", UserWarning)
+    storage = torch.arange(4, dtype=torch.float32).storage()  # pickles via _load_from_bytes
+  path.write_bytes(pickle.dumps({"w": _TensorAt(storage, offset, size, stride)}, protocol=4))
+  return path
+
+
+OUTSIDE = [(0, (5,), (1,)), (1, (4,), (1,)), (0, (2, 2), (3, 1)), (4, (1,), (1,))]
+
+
+@pytest.mark.parametrize("container", ["zip", "plain"])
+@pytest.mark.parametrize("offset,size,stride", OUTSIDE)
+def test_tensor_outside_storage_is_refused(tmp_path, container, offset, size, stride):
+  make = _zip_tensor_file if container == "zip" else _plain_tensor_file
+  load = torchfile.load_torch if container == "zip" else torchfile.load_any
+  # The same construction inside the storage loads (the crafted files are well formed).
+  ok = load(make(tmp_path / "ok.bin", 1, (3,), (1,)))
+  np.testing.assert_array_equal(ok["w"], np.array([1, 2, 3], np.float32))
+  path = make(tmp_path / "bad.bin", offset, size, stride)
+  with pytest.raises(UnsafeFileError, match="outside its storage") as info:
+    load(path)
+  assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["torch._utils\n_rebuild_parameter", "torch\nSize",
+                                    "dnnlib.util\nEasyDict", "torch\nFloatStorage"])
+def test_pickle_cannot_patch_reader_objects(tmp_path, target):
+  # GLOBAL target, then BUILD with slot state: setattr(target, '__defaults__', ...).
+  state = pickletools.optimize(pickle.dumps((None, {"__defaults__": (1,)}), protocol=2))[2:-1]
+  path = tmp_path / "patch.pkl"
+  path.write_bytes(b"\x80\x02c" + target.encode() + b"\n" + state + b"b.")
+  with pytest.raises((UnsafeFileError, CorruptFileError), match=str(path)):
+    torchfile.load_any(path)
+  # A normal file still loads afterwards, with the same results.
+  good = _save({"w": torch.arange(3.0), "s": torch.Size([2])}, tmp_path / "good.pt", "zip")
+  got = torchfile.load_torch(good)
+  assert got["s"] == (2,)
+  np.testing.assert_array_equal(got["w"], [0.0, 1.0, 2.0])
+
+
+def test_pickled_module_class_is_refused(tmp_path):
+  path = tmp_path / "model.pt"
+  torch.save(torch.nn.Linear(2, 2), path)
+  with pytest.raises(UnsafeFileError, match="torch.nn.modules.linear.Linear"):
+    torchfile.load_torch(path)
+
+
+# ------------------------------------------------------------------------- damage
+
+@pytest.fixture
+def good_files(tmp_path):
+  tensors = {"w": torch.randn(64, 32), "b": torch.randn(32)}
+  files = {fmt: _save(tensors, tmp_path / f"good-{fmt}.pt", fmt) for fmt in FORMATS}
+  files["plain"] = tmp_path / "good.pkl"
+  files["plain"].write_bytes(pickle.dumps(tensors))
+  return files
+
+
+def _loader(kind):
+  return torchfile.load_nvidia_pickle if kind == "plain" else torchfile.load_torch
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "plain"])
+def test_empty_file(tmp_path, kind):
+  path = tmp_path / f"empty-{kind}"
+  path.write_bytes(b"")
+  with pytest.raises(CorruptFileError, match="empty") as info:
+    _loader(kind)(path)
+  assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "plain"])
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.97])
+def test_truncated_file(tmp_path, good_files, kind, keep):
+  data = good_files[kind].read_bytes()
+  path = tmp_path / f"cut-{kind}"
+  path.write_bytes(data[:int(len(data) * keep)])
+  with pytest.raises(CorruptFileError) as info:
+    _loader(kind)(path)
+  assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "plain"])
+def test_corrupt_file(tmp_path, good_files, kind):
+  data = bytearray(good_files[kind].read_bytes())
+  rng = np.random.default_rng(0)
+  # Damage the structure (headers and pickle opcodes), not just array bytes.
+  for i in rng.integers(0, min(len(data), 600), size=40):
+    data[i] ^= 0xA5
+  path = tmp_path / f"bad-{kind}"
+  path.write_bytes(bytes(data))
+  with pytest.raises((CorruptFileError, UnsafeFileError)) as info:
+    _loader(kind)(path)
+  assert str(path) in str(info.value)
+
+
+def test_not_a_checkpoint(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("hello, these are not weights\n")
+  with pytest.raises(CorruptFileError, match="not a torch.save file") as info:
+    torchfile.load_torch(path)
+  assert str(path) in str(info.value)
+  archive = tmp_path / "other.zip"
+  with zipfile.ZipFile(archive, "w") as zf:
+    zf.writestr("readme.txt", "no pickle here")
+  with pytest.raises(CorruptFileError, match="data.pkl"):
+    torchfile.load_torch(archive)
+
+
+def test_zip_bomb_is_refused(tmp_path):
+  path = tmp_path / "bomb.pt"
+  with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+    zf.writestr("archive/data/0", bytes(65 << 20))
+  with pytest.raises(UnsafeFileError, match="would expand"):
+    torchfile.load_torch(path)
+
+
+def test_storage_record_of_wrong_size(tmp_path):
+  buf = io.BytesIO()
+  _ZipPickler(buf, protocol=2).dump({"w": _TensorAt(_StorageRef(), 0, (4,), (1,))})
+  path = _write_torch_zip(tmp_path / "short.pt", buf.getvalue(), {"0": b"\0" * 12})
+  with pytest.raises(CorruptFileError, match="holds 12 bytes, expected 16"):
+    torchfile.load_torch(path)
