@@ -160,21 +160,26 @@ def _fold(state: CovarianceState, keys, weights) -> CovarianceState:
     w = jnp.ones((x.shape[0],), jnp.float32)
   else:
     w = jnp.reshape(jnp.broadcast_to(jnp.asarray(weights, jnp.float32), keys.shape[:-1]), (-1,))
-  finite = jnp.all(jnp.isfinite(x), axis=-1)
+  # A row is finite iff its sum is (NaN and ±inf propagate); one read, no write.
+  finite = jnp.isfinite(jnp.sum(x, axis=-1))
   used = w != 0
   nonfinite = jnp.sum(~finite & used, dtype=jnp.uint32)
   w = jnp.where(finite, w, 0.0)
-  x = jnp.where(finite[:, None], x, 0.0)
   n = jnp.sum(finite & used, dtype=jnp.uint32)
   wsum = jnp.sum(w)
-  # The first non-empty batch fixes the shift at its weighted mean.
-  batch_mean = jnp.einsum("n,nd->d", w, x, precision=HIGHEST) / jnp.maximum(wsum, 1e-30)
+
+  def first_shift():
+    # The first non-empty batch fixes the shift at its weighted mean.
+    xf = jnp.where(finite[:, None], x, 0.0)
+    return jnp.einsum("n,nd->d", w, xf, precision=HIGHEST) / jnp.maximum(wsum, 1e-30)
+
   take = jnp.logical_and(~state.has_shift, wsum > 0)
-  shift = jnp.where(take, batch_mean, state.shift)
-  xc = x - shift
-  xw = xc * w[:, None]
-  s = jnp.sum(xw, axis=0)
-  ss = jnp.einsum("nd,ne->de", xw, xc, precision=HIGHEST, preferred_element_type=jnp.float32)
+  shift = lax.cond(take, first_shift, lambda: state.shift)
+  # xs = √w ⊙ (x − c): one materialised operand, used on both sides of the Gram matrix.
+  sw = jnp.sqrt(w)
+  xs = jnp.where(finite[:, None], (x - shift) * sw[:, None], 0.0)
+  s = jnp.einsum("n,nd->d", sw, xs, precision=HIGHEST)
+  ss = jnp.einsum("nd,ne->de", xs, xs, precision=HIGHEST, preferred_element_type=jnp.float32)
   return CovarianceState(
       count=_add_count(state.count, n),
       weight=_kahan_add(state.weight, wsum),
@@ -189,6 +194,13 @@ def _fold(state: CovarianceState, keys, weights) -> CovarianceState:
 _fold_jit = jax.jit(_fold)
 
 
+@jax.jit
+def _fold_many_jit(state, batches):
+  for b in batches:
+    state = _fold(state, b, None)
+  return state
+
+
 def covariance_update(state: CovarianceState, keys: Any, weights: Any = None) -> CovarianceState:
   """Folds a batch of keys into the state (jit-compiled; shapes are checked eagerly).
 
@@ -200,7 +212,8 @@ def covariance_update(state: CovarianceState, keys: Any, weights: Any = None) ->
   Args:
     state: the running :class:`CovarianceState` for dimension d.
     keys: (..., d) array; every leading position is one key (pixels, tokens, batch).
-    weights: optional array broadcastable to ``keys.shape[:-1]`` (e.g. a soft mask).
+    weights: optional non-negative array broadcastable to ``keys.shape[:-1]`` (e.g. a
+      soft mask).
 
   Returns:
     The updated state.
@@ -215,6 +228,9 @@ def covariance_update(state: CovarianceState, keys: Any, weights: Any = None) ->
   keys = jnp.asarray(keys)
   weights = None if weights is None else jnp.asarray(weights)
   _check_keys(state, keys, weights)
+  if weights is not None and not isinstance(weights, jax.core.Tracer):
+    if bool(jnp.any(weights < 0)):
+      raise ValueError("weights: expected non-negative weights, got a negative one")
   return _fold_jit(state, keys, weights)
 
 
@@ -449,9 +465,10 @@ def stream_covariance(
 ) -> CovarianceState:
   """Folds a stream of batches into a :class:`CovarianceState` inside compiled programs.
 
-  Batches are stacked ``group`` at a time and folded by one jitted ``lax.scan`` per group
-  (the last group is padded with zero-weight batches, so one program serves the whole
-  stream). With several local devices each batch's leading axis is split across them with
+  Batches are taken ``group`` at a time and folded by one compiled program per group:
+  raw key arrays are folded in place; with ``key_fn`` the group is stacked and scanned
+  with ``lax.scan`` (the last group is padded with zero-weight batches, so one program
+  serves the whole stream). With several local devices each batch's leading axis is split across them with
   ``jax.shard_map`` and the partial sums are combined with ``psum`` (batches whose size
   does not divide evenly are padded with zero-weight rows).
 
@@ -545,15 +562,20 @@ def stream_covariance(
       if shape != template:
         raise ValueError(f"batches: expected every batch to have shape {template}, got {shape}")
     n = len(chunk)
-    stacked = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *chunk)
-    bsz = jax.tree_util.tree_leaves(stacked)[0].shape[1]
-    pad_b = (-bsz) % n_dev
-    if n < group or pad_b:
-      stacked = jax.tree_util.tree_map(
-          lambda x: np.pad(x, [(0, group - n), (0, pad_b)] + [(0, 0)] * (x.ndim - 2)), stacked)
-    valid = np.zeros((group, bsz + pad_b), bool)
-    valid[:n, :bsz] = True
-    state = group_fn(state, stacked, valid)
+    if ident and n_dev == 1:
+      # Raw keys on one device: fold the group's arrays as they are, in one compiled
+      # program, without first copying them into a stacked array.
+      state = _fold_many_jit(state, tuple(chunk))
+    else:
+      stacked = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *chunk)
+      bsz = jax.tree_util.tree_leaves(stacked)[0].shape[1]
+      pad_b = (-bsz) % n_dev
+      if n < group or pad_b:
+        stacked = jax.tree_util.tree_map(
+            lambda x: np.pad(x, [(0, group - n), (0, pad_b)] + [(0, 0)] * (x.ndim - 2)), stacked)
+      valid = np.zeros((group, bsz + pad_b), bool)
+      valid[:n, :bsz] = True
+      state = group_fn(state, stacked, valid)
     consumed += n
     groups_since_save += 1
     bar(consumed, (consumed - done) * keys_per_batch)

@@ -100,7 +100,7 @@ def _locate(model, path):
 
 def _run_nnx(graphdef, state, path, hook, args, kwargs, method):
   """Merges the model, swaps the target's class, runs it; returns (out, captured State)."""
-  model = nnx.merge(graphdef, state)
+  model = _mem._merge(graphdef, state)
   target = _locate(model, path)
   cls = type(target)
   object.__setattr__(target, "__class__", _hooked_class(cls))
@@ -202,7 +202,7 @@ def _run(m: "_mem._Model", path, holder, args, kwargs, method, keys_only=False,
 
 def _resolve_path(m, address) -> tuple:
   if m.framework == "nnx":
-    path, _ = _mem._nnx_resolve(nnx.merge(m.definition, m.params), address)
+    path, _ = _mem._nnx_resolve(_mem._merge(m.definition, m.params), address)
     return path
   if callable(address) and not isinstance(address, (tuple, list, str)):
     raise ValueError("address: Linen layers are addressed by a tuple of module names, "
@@ -308,7 +308,7 @@ def _capture_by_callback(m, path, holder, args, kwargs, method, jit):
     return out
 
   def fwd(params, a, k):
-    model = nnx.merge(m.definition, params)
+    model = _mem._merge(m.definition, params)
     target = _locate(model, path)
     cls = type(target)
     object.__setattr__(target, "__class__", _hooked_class(cls))

@@ -304,9 +304,16 @@ def _as_model(model) -> _Model:
       f"(module, variables) pair, got {type(model).__name__}")
 
 
+def _merge(graphdef, state):
+  """``nnx.merge`` on fresh Variable objects: merging reuses the state's Variables, so a
+  merged model that ran (RNG counters, batch statistics, sown values) would otherwise
+  write into the caller's model."""
+  return nnx.merge(graphdef, jax.tree_util.tree_map(lambda x: x, state))
+
+
 def _rewrap(m: _Model, params):
   if m.form == "module":
-    return nnx.merge(m.definition, params)
+    return _merge(m.definition, params)
   return (m.definition, params)
 
 
@@ -432,7 +439,7 @@ class MemoryView:
   def layer_module(self):
     """A fresh instance of the layer alone (NNX) or its unbound definition (Linen)."""
     if self.framework == "nnx":
-      return nnx.merge(*self._layer)
+      return _merge(*self._layer)
     return self._layer[0]
 
   def kernel(self, model=None):
@@ -443,7 +450,7 @@ class MemoryView:
 
   def _layer_kernel(self):
     if self.framework == "nnx":
-      return getattr(nnx.merge(*self._layer), self._spec.weight)[...]
+      return getattr(_merge(*self._layer), self._spec.weight)[...]
     return self._layer[1]["params"][self._spec.weight]
 
   def _require_unstacked(self):
@@ -467,7 +474,7 @@ class MemoryView:
     if self.framework == "nnx":
       gd, st = self._layer
       st = _replace(st, (self._spec.weight,), kernel)
-      return nnx.merge(gd, st)(x, *extra, **kwargs)
+      return _merge(gd, st)(x, *extra, **kwargs)
     mod, variables = self._layer
     variables = _replace(variables, ("params", self._spec.weight), kernel)
     return mod.apply(variables, x, *extra, **kwargs)
@@ -586,7 +593,7 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
   """
   m = _as_model(model)
   if m.framework == "nnx":
-    obj = nnx.merge(m.definition, m.params)
+    obj = _merge(m.definition, m.params)
     path, mod = _nnx_resolve(obj, address)
     spec = layer_kind(mod)
     if not hasattr(mod, spec.weight):
@@ -679,7 +686,7 @@ def edited_forward(model, view: MemoryView, lam, directions, *args, method=None,
   k0 = _get(m.params, view.weight_path)
   params = _replace(m.params, view.weight_path, edited_kernel(view, k0, lam, directions))
   if m.framework == "nnx":
-    mod = nnx.merge(m.definition, params)
+    mod = _merge(m.definition, params)
     fn = mod if method is None else getattr(mod, method)
     return fn(*args, **kwargs)
   return m.definition.apply(params, *args, method=method, **kwargs)

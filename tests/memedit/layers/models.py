@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -189,3 +191,17 @@ class LTransformer(nn.Module):
     x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(nn.LayerNorm()(x))
     x = LBlock(name="mlp")(nn.LayerNorm()(x))
     return nn.Dense(self.vocab, name="out")(x)
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+@functools.lru_cache(maxsize=None)
+def build(cls, seed: int = 0, **kwargs):
+  """An NNX model, initialised in one compiled program (cached; tests never mutate it)."""
+  return nnx.jit(lambda: cls(rngs=nnx.Rngs(seed), **kwargs))()
+
+
+def linen_init(module: nn.Module, *inputs, seed: int = 0):
+  """Linen variables, initialised in one compiled program."""
+  return jax.jit(module.init)(jax.random.key(seed), *inputs)

@@ -24,7 +24,7 @@ def _fc1_reference(m, x):
 
 @pytest.mark.parametrize("jit", [True, False])
 def test_nnx_capture_eager_and_jit_match_hand_computation(jit):
-  m = models.MLP(rngs=nnx.Rngs(0))
+  m = models.build(models.MLP, 0)
   c = capture(m, ("blocks", 1, "fc1"), X, single=True, jit=jit)
   k, v = _fc1_reference(m, X)
   assert c.calls == 1 and c.keys.shape == (2, 16) and c.values.shape == (2, 32)
@@ -38,12 +38,12 @@ def test_nnx_capture_eager_and_jit_match_hand_computation(jit):
 
 
 def test_nnx_capture_under_remat_and_scan():
-  m = models.MLP(rngs=nnx.Rngs(0), remat=True)
+  m = models.build(models.MLP, 0, remat=True)
   c = capture(m, ("blocks", 1, "fc1"), X, single=True)
   k, v = _fc1_reference(m, X)
   np.testing.assert_allclose(c.values, v, rtol=1e-6, atol=1e-6)
 
-  s = models.ScanMLP(rngs=nnx.Rngs(1))
+  s = models.build(models.ScanMLP, 1)
   c = capture(s, ("blocks", "fc1"), X)
   assert c.calls == 1 and c.keys.shape == (3, 2, 16) and c.values.shape == (3, 2, 32)
   # Step i of the scan is block i: its fc1 applied to its key gives its value.
@@ -56,7 +56,7 @@ def test_nnx_capture_under_remat_and_scan():
 
 
 def test_shared_module_calls_are_stacked_and_single_call_is_enforced():
-  m = models.MLP(rngs=nnx.Rngs(0))
+  m = models.build(models.MLP, 0)
   c = capture(m, ("alias",), X)
   assert c.calls == 2 and c.keys.shape == (2, 2, 16)
   np.testing.assert_allclose(c.keys[1], jnp.tanh(c.values[0]), rtol=1e-6, atol=1e-6)
@@ -67,13 +67,13 @@ def test_shared_module_calls_are_stacked_and_single_call_is_enforced():
 
 
 def test_wrong_address_lists_valid_paths_near_it():
-  m = models.MLP(rngs=nnx.Rngs(0))
+  m = models.build(models.MLP, 0)
   with pytest.raises(ValueError, match=r"no layer at \('blocks', 1, 'fc3'\).*'blocks/1/fc1'"):
     capture(m, ("blocks", 1, "fc3"), X)
   with pytest.raises(ValueError, match="blocks/1/fc1"):
     memory_view(m, "blockz/1/fc1")
   lm = models.LMLP()
-  lv = lm.init(jax.random.key(0), X)
+  lv = models.linen_init(lm, X)
   with pytest.raises(ValueError, match="LBlock_1/fc1"):
     capture((lm, lv), ("LBlock_1", "fc3"), X)
   with pytest.raises(ValueError, match="tuple of module names"):
@@ -81,16 +81,16 @@ def test_wrong_address_lists_valid_paths_near_it():
 
 
 def test_unsupported_layer_kind_says_how_to_register():
-  m = models.Styled(rngs=nnx.Rngs(0))
+  m = models.build(models.Styled, 0)
   with pytest.raises(ValueError, match="register_layer_kind\\(StyleMemory, weight="):
     memory_view(m, ("memory",))
   with pytest.raises(ValueError, match="not a registered memory layer"):
-    memory_view(models.Transformer(rngs=nnx.Rngs(0)), ("ln1",))
+    memory_view(models.build(models.Transformer, 0), ("ln1",))
 
 
 def test_custom_layer_with_extra_call_argument():
   register_layer_kind(models.StyleMemory, weight="w", kind="dense", in_ndim=1)
-  m = models.Styled(rngs=nnx.Rngs(0))
+  m = models.build(models.Styled, 0)
   s = jax.random.normal(jax.random.key(4), (2, 3))
   c = capture(m, ("memory",), X, s, single=True)
   style = 1.0 + m.style(s)
@@ -103,19 +103,19 @@ def test_custom_layer_with_extra_call_argument():
 
 def test_linen_capture_nested_remat_and_scan():
   lm = models.LMLP()
-  lv = lm.init(jax.random.key(0), X)
+  lv = models.linen_init(lm, X)
   c = capture((lm, lv), ("LBlock_1", "fc1"), X, single=True, jit=False)
   p = lv["params"]["LBlock_1"]["fc1"]
   np.testing.assert_allclose(c.values, c.keys @ p["kernel"] + p["bias"], rtol=1e-5, atol=1e-6)
 
   rm = models.LRematMLP()
-  rv = rm.init(jax.random.key(0), X)
+  rv = models.linen_init(rm, X)
   c = capture((rm, rv), ("blk", "fc2"), X, single=True)
   p = rv["params"]["blk"]["fc2"]
   np.testing.assert_allclose(c.values, c.keys @ p["kernel"] + p["bias"], rtol=1e-5, atol=1e-6)
 
   sm = models.LScanMLP()
-  sv = sm.init(jax.random.key(0), X)
+  sv = models.linen_init(sm, X)
   c = capture((sm, sv), ("stack", "blk", "fc1"), X)
   p = sv["params"]["stack"]["blk"]["fc1"]
   assert c.keys.shape == (3, 2, 16) and p["kernel"].shape == (3, 16, 32)
@@ -145,7 +145,7 @@ def test_flax_shipped_models_rnn_and_attention():
 
   att = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
   toks = jax.random.normal(jax.random.key(6), (2, 5, 8))
-  av = att.init(jax.random.key(0), toks)
+  av = models.linen_init(att, toks)
   c = capture((att, av), ("query",), toks, single=True)
   np.testing.assert_array_equal(c.keys, toks)
   assert c.values.shape == (2, 5, 2, 4)

@@ -31,11 +31,11 @@ def _build(framework, name):
     inputs = lambda n, s: jax.random.randint(jax.random.key(s), (n, 5), 0, 11)
     nnx_cls, linen_cls = models.Transformer, models.LTransformer
   if framework == "nnx":
-    gd, st = nnx.split(nnx_cls(rngs=nnx.Rngs(0)))
-    return (gd, st), st, lambda p, x: nnx.merge(gd, p)(x), inputs
+    gd, st = nnx.split(models.build(nnx_cls))
+    return (gd, st), st, jax.jit(lambda p, x: nnx.merge(gd, p)(x)), inputs
   mod = linen_cls()
-  var = mod.init(jax.random.key(0), inputs(1, 0))
-  return (mod, var), var, lambda p, x: mod.apply(p, x), inputs
+  var = models.linen_init(mod, inputs(1, 0))
+  return (mod, var), var, jax.jit(mod.apply), inputs
 
 
 CASES = [
@@ -61,19 +61,18 @@ def test_insert_through_view_is_exact_and_specific(framework, name, address, pat
   view = memory_view(model, address, x_keep, patch=patch)
   assert view.weight_path[-1] == "kernel" and view.stacked == 0
   d = view.key_dim
+  # One compiled capture for all inputs, split per example afterwards.
+  c = capture(model, address, jnp.concatenate([x_stats, x_keep, x_src]), single=True)
+  per_example = np.asarray(view.keys(c.keys), np.float64).reshape(len(c.keys), -1, d)
+  ks, k_keep, k_gen = (per_example[:6].reshape(-1, d), per_example[6:6 + n_keep].reshape(-1, d),
+                       per_example[6 + n_keep:].reshape(-1, d))
 
-  def keys_of(x):
-    c = capture(model, address, x, single=True, jit=False)
-    return np.asarray(view.keys(c.keys), np.float64).reshape(-1, d)
-
-  ks = keys_of(x_stats)
   C = ks.T @ ks / len(ks)
   C = C + 0.1 * np.trace(C) / d * np.eye(d)  # dead ReLU units would make C singular
-  k_keep = keys_of(x_keep)
   # A new key k* whose direction D = C⁻¹k* is orthogonal to every key of x_keep.
   A = np.linalg.solve(C, k_keep.T)
   q, _ = np.linalg.qr(A)
-  k0 = keys_of(x_src)[len(keys_of(x_src)) // 2]
+  k0 = k_gen[len(k_gen) // 2]
   k_star = k0 - q @ (q.T @ k0)
   assert np.abs(k_keep @ np.linalg.solve(C, k_star)).max() < 1e-9 * np.linalg.norm(k_star)
 
@@ -100,7 +99,7 @@ def test_insert_through_view_is_exact_and_specific(framework, name, address, pat
   y0, y1 = run(params, x_keep), run(new_params, x_keep)
   assert _rel(y1, y0) <= 1e-5, _rel(y1, y0)
   # The edit is not vacuous: the layer's output for a generic key changes.
-  k_src = jnp.asarray(keys_of(x_src)[:1], jnp.float32)
+  k_src = jnp.asarray(k_gen[:1], jnp.float32)
   if not patch:
     k_src = view.native_keys(k_src)
   assert _rel(layer(kernel1, k_src), layer(kernel0, k_src)) > 1e-4
@@ -110,7 +109,7 @@ def test_insert_through_view_is_exact_and_specific(framework, name, address, pat
 
 
 def test_one_by_one_conv_per_pixel_insert_is_exact():
-  for model, x in ((models.Generator(rngs=nnx.Rngs(0)), jnp.ones((1, 8))),):
+  for model, x in ((models.build(models.Generator, 0), jnp.ones((1, 8))),):
     view = memory_view(model, ("rgb",))
     assert (view.kind, view.key_dim, view.value_dim) == ("conv", 8, 3)
     c = capture(model, ("rgb",), jax.random.normal(jax.random.key(1), (2, 8)), single=True)
@@ -131,7 +130,7 @@ def test_one_by_one_conv_per_pixel_insert_is_exact():
 
 
 def test_patch_view_matches_the_layer_and_per_pixel_kxk_insert_is_refused():
-  g = models.Generator(rngs=nnx.Rngs(0))
+  g = models.build(models.Generator, 0)
   z = jax.random.normal(jax.random.key(1), (2, 8))
   for name in ("up1", "mid", "up2"):
     view = memory_view(g, (name,), patch=True)
@@ -148,7 +147,7 @@ def test_patch_view_matches_the_layer_and_per_pixel_kxk_insert_is_refused():
 def test_per_tap_lambda_solve_on_kxk_conv_reaches_target():
   """For a 3x3 conv with per-pixel keys (the paper's layout), core solve_lambda over the
   per-tap Λ, with f = the layer run alone through the view, makes the pixel hit v*."""
-  g = models.Generator(rngs=nnx.Rngs(0))
+  g = models.build(models.Generator, 0)
   z = jax.random.normal(jax.random.key(1), (1, 8))
   view = memory_view(g, ("mid",))
   c = capture(g, ("mid",), z, single=True)
@@ -167,7 +166,7 @@ def test_per_tap_lambda_solve_on_kxk_conv_reaches_target():
 
 def test_custom_layer_lambda_solve_with_extra_argument():
   register_layer_kind(models.StyleMemory, weight="w", kind="dense", in_ndim=1)
-  m = models.Styled(rngs=nnx.Rngs(0))
+  m = models.build(models.Styled, 0)
   x = jax.random.normal(jax.random.key(2), (1, 6))
   s = jax.random.normal(jax.random.key(3), (1, 3))
   view = memory_view(m, ("memory",))
@@ -222,7 +221,7 @@ def test_edits_compose_and_revert_on_nnx_state_and_linen_variables():
 
 
 def test_callers_model_and_parameters_are_untouched():
-  m = models.MLP(rngs=nnx.Rngs(0))
+  m = models.build(models.MLP, 0)
   x = jax.random.normal(jax.random.key(1), (3, 6))
   before = [np.array(a) for a in jax.tree_util.tree_leaves(nnx.state(m))]
   ids = {p: id(mod) for p, mod in nnx.iter_modules(m)}
@@ -249,7 +248,7 @@ def test_callers_model_and_parameters_are_untouched():
   assert new.alias is new.shared and new is not m
 
   lm = models.LMLP()
-  lv = lm.init(jax.random.key(0), x)
+  lv = models.linen_init(lm, x)
   lbefore = jax.tree_util.tree_map(np.array, lv)
   lview = memory_view((lm, lv), ("LBlock_0", "fc1"), x)
   _, lnew = substitute((lm, lv), lview, jnp.zeros(lview.kernel_shape))

@@ -1,0 +1,68 @@
+"""Shared helpers for the benchmark scripts: timing, machine description, table and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+  """A description of the machine the numbers come from."""
+  import jax
+  import numpy as np
+
+  info = {
+      "platform": platform.platform(),
+      "processor": platform.processor() or platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "numpy": np.__version__,
+      "jax_backend": jax.default_backend(),
+      "devices": [str(d.device_kind) for d in jax.devices()],
+  }
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          info["cpu_model"] = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return info
+
+
+def best_of(fn, repeats: int = 3) -> float:
+  """Smallest wall time of ``repeats`` calls of ``fn`` (which must block until done)."""
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+  """A plain-text table of ``rows`` restricted to ``columns``."""
+  cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+  out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+  out += [line(r) for r in cells]
+  return "\n".join(out)
+
+
+def write(name: str, payload: dict, suffix: str = "") -> Path:
+  """Writes ``payload`` (plus the machine description) to benchmarks/results/NAME.json."""
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  payload = dict(payload, machine=machine())
+  path = RESULTS / f"{name}{suffix}.json"
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(payload, indent=2, default=float))
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,178 @@
+"""Edits apply, compose and revert bit for bit, on Linen dicts and NNX state, and persist."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import memedit
+
+
+def linen_params():
+  model = nn.Sequential([nn.Dense(6), nn.relu, nn.Conv(4, (3, 3))])
+  variables = model.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+  return model, variables
+
+
+def random_edit(rng, path, shape, kind, rank=2, in_ndim=1, name=None):
+  d = memedit.key_dim(shape, kind, in_ndim)
+  D = np.linalg.qr(rng.standard_normal((d, rank)))[0].T.astype(np.float32)
+  lam = rng.standard_normal(memedit.lambda_shape(shape, rank, kind, in_ndim)).astype(np.float32)
+  return memedit.make_edit(path, lam, D, kind=kind, in_ndim=in_ndim, method="test",
+                           settings={"seed": int(rng.integers(1 << 30))}, name=name)
+
+
+def leaves_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(
+      np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(la, lb))
+
+
+def test_apply_changes_only_the_target_and_matches_the_delta():
+  rng = np.random.default_rng(0)
+  _, params = linen_params()
+  path = ("params", "layers_2", "kernel")
+  kernel = memedit.get_leaf(params, path)
+  e = random_edit(rng, path, kernel.shape, "conv")
+  new, hist = memedit.apply_edit(params, e)
+  np.testing.assert_allclose(memedit.get_leaf(new, path),
+                             kernel + memedit.kernel_delta(e.lam, e.directions, kernel.shape, "conv"),
+                             rtol=1e-6, atol=1e-6)
+  other = ("params", "layers_0", "kernel")
+  assert memedit.get_leaf(new, other) is memedit.get_leaf(params, other)
+  assert hist.names == (e.name,)
+
+
+def test_compose_and_revert_bit_for_bit_in_any_order():
+  rng = np.random.default_rng(1)
+  _, params = linen_params()
+  conv = ("params", "layers_2", "kernel")
+  dense = ("params", "layers_0", "kernel")
+  edits = [random_edit(rng, conv, memedit.get_leaf(params, conv).shape, "conv"),
+           random_edit(rng, conv, memedit.get_leaf(params, conv).shape, "conv"),
+           random_edit(rng, dense, memedit.get_leaf(params, dense).shape, "dense")]
+  original = jax.tree_util.tree_map(np.array, params)
+
+  results = []
+  for order in itertools.permutations(range(3)):
+    p, h = params, None
+    for i in order:
+      p, h = memedit.apply_edit(p, edits[i], h)
+    results.append(p)
+    # Revert in every order: each intermediate equals applying only the remaining edits.
+    for rev in itertools.permutations(range(3)):
+      q, hq = p, h
+      for j, i in enumerate(rev):
+        q, hq = memedit.revert_edit(q, edits[i], hq)
+        ref, hr = params, None
+        for k in sorted(rev[j + 1:]):
+          ref, hr = memedit.apply_edit(ref, edits[k], hr)
+        assert leaves_equal(q, ref)
+      assert leaves_equal(q, original)
+      assert hq.edits == () and hq.originals == {}
+  for r in results[1:]:
+    assert leaves_equal(r, results[0])
+  # The caller's parameters were never touched.
+  assert leaves_equal(params, original)
+
+
+def test_nnx_state_paths_and_jit():
+  class Block(nnx.Module):
+
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(4, 5, rngs=rngs), nnx.Linear(5, 3, rngs=rngs)])
+
+    def __call__(self, x):
+      return self.layers[1](jax.nn.relu(self.layers[0](x)))
+
+  model = Block(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  before = jax.tree_util.tree_map(np.array, state)
+  path = ("layers", 1, "kernel")
+  assert path in memedit.leaf_paths(state)
+  rng = np.random.default_rng(2)
+  e = random_edit(rng, path, memedit.get_leaf(state, path).shape, "dense", rank=1)
+  new_state, hist = jax.jit(memedit.apply_edit)(state, e)
+  edited = nnx.merge(graphdef, new_state)
+  x = rng.standard_normal((2, 4)).astype(np.float32)
+  h = np.asarray(jax.nn.relu(model.layers[0](x)))
+  W = np.asarray(memedit.get_leaf(state, path))
+  expected = h @ (W + np.asarray(memedit.kernel_delta(e.lam, e.directions, W.shape))) + np.asarray(
+      model.layers[1].bias[...])
+  np.testing.assert_allclose(edited(x), expected, rtol=1e-5, atol=1e-5)
+  back, _ = memedit.revert_edit(new_state, e, hist)
+  assert leaves_equal(back, before)
+  assert leaves_equal(nnx.state(model), before)
+
+
+def test_save_load_roundtrip_and_errors(tmp_path):
+  rng = np.random.default_rng(3)
+  _, params = linen_params()
+  path = ("params", "layers_2", "kernel")
+  e = random_edit(rng, path, memedit.get_leaf(params, path).shape, "conv", rank=3)
+  out = memedit.save_edit(tmp_path / "edit", e)
+  meta = json.loads((tmp_path / "edit" / "meta.json").read_text())
+  assert meta["path"] == list(path) and meta["kind"] == "conv"
+  loaded = memedit.load_edit(out)
+  assert loaded.name == e.name and loaded.path == e.path and loaded.settings == e.settings
+  assert loaded.kind == e.kind and loaded.in_ndim == e.in_ndim and loaded.method == e.method
+  np.testing.assert_array_equal(loaded.lam, e.lam)
+  np.testing.assert_array_equal(loaded.directions, e.directions)
+  a, _ = memedit.apply_edit(params, e)
+  b, _ = memedit.apply_edit(params, loaded)
+  assert leaves_equal(a, b)
+  # Only the factors are stored: the directory is small next to the model.
+  size = sum(f.stat().st_size for f in (tmp_path / "edit").rglob("*") if f.is_file())
+  assert size < 64 * 1024
+  # Overwriting is atomic: a failing save leaves the earlier edit intact.
+  e2 = random_edit(rng, path, memedit.get_leaf(params, path).shape, "conv", rank=3)
+  import memedit._io as io
+
+  class Boom(Exception):
+    pass
+
+  real = io.json.dump
+
+  def failing(*args, **kwargs):
+    raise Boom
+
+  io.json.dump = failing
+  try:
+    with pytest.raises(Boom):
+      memedit.save_edit(tmp_path / "edit", e2)
+  finally:
+    io.json.dump = real
+  assert memedit.load_edit(out).name == e.name
+  assert [p.name for p in tmp_path.iterdir()] == ["edit"]
+  memedit._io.save_tree(tmp_path / "other", {"x": np.zeros(2)}, {"format": "something"})
+  with pytest.raises(ValueError, match="expected a saved memedit edit"):
+    memedit.load_edit(tmp_path / "other")
+
+
+def test_bad_input():
+  rng = np.random.default_rng(4)
+  _, params = linen_params()
+  with pytest.raises(ValueError, match="path: expected the path of a leaf.*closest"):
+    memedit.get_leaf(params, ("params", "layers_2", "kernal"))
+  e = random_edit(rng, ("params", "layers_2", "kernel"), (3, 3, 6, 5), "conv")
+  with pytest.raises(ValueError, match=r"directions: expected shape \(r, 3\)|lam: expected shape"):
+    memedit.apply_edit(params, e)
+  good = random_edit(rng, ("params", "layers_2", "kernel"),
+                     memedit.get_leaf(params, ("params", "layers_2", "kernel")).shape, "conv")
+  p, h = memedit.apply_edit(params, good)
+  with pytest.raises(ValueError, match="already applied"):
+    memedit.apply_edit(p, good, h)
+  with pytest.raises(ValueError, match="expected one of the applied edits"):
+    memedit.revert_edit(p, "nope", h)
+  with pytest.raises(ValueError, match="kind: expected one of"):
+    memedit.make_edit(("a",), np.ones((2, 1)), np.ones((1, 3)), kind="linear")
+  with pytest.raises(ValueError, match=r"lam: expected shape \(\.\.\., 1\)"):
+    memedit.make_edit(("a",), np.ones((2, 2)), np.ones((1, 3)))
