@@ -242,10 +242,22 @@ def covariance_merge(a: CovarianceState, b: CovarianceState) -> CovarianceState:
   An empty ``a`` takes ``b``'s shift.
 
   Args:
-    a, b: states of the same dimension d.
+    a: a state of dimension d.
+    b: another state of dimension d.
 
   Returns:
     The merged state.
+
+  Example:
+    >>> import numpy as np, memedit
+    >>> k = np.random.default_rng(0).normal(size=(10, 3)).astype("float32")
+    >>> init = memedit.covariance_init(3)
+    >>> a = memedit.covariance_update(init, k[:4])
+    >>> b = memedit.covariance_update(init, k[4:])
+    >>> whole = memedit.covariance_update(init, k)
+    >>> m = memedit.covariance_merge(a, b)
+    >>> bool(np.allclose(memedit.second_moment(m), memedit.second_moment(whole), atol=1e-6))
+    True
   """
   if a.shift.shape != b.shift.shape:
     raise ValueError(
@@ -276,13 +288,38 @@ _merge_jit = jax.jit(_merge)
 
 
 def key_count(state: CovarianceState) -> int:
-  """The exact number of (finite) keys folded into ``state``, as a Python int."""
+  """The exact number of keys folded into ``state`` (finite, non-zero weight).
+
+  Args:
+    state: a :class:`CovarianceState`.
+
+  Returns:
+    A Python int (exact past 2³² keys: the count is kept as two uint32 words).
+
+  Example:
+    >>> import numpy as np, memedit
+    >>> memedit.key_count(memedit.covariance_update(memedit.covariance_init(2), np.ones((5, 2))))
+    5
+  """
   c = np.asarray(state.count, np.uint64)
   return int(c[0]) + (int(c[1]) << 32)
 
 
 def total_weight(state: CovarianceState) -> jax.Array:
-  """The total weight W = Σ wᵢ (equals the key count when no weights were given)."""
+  """The total weight W = Σ wᵢ (equals the key count when no weights were given).
+
+  Args:
+    state: a :class:`CovarianceState`.
+
+  Returns:
+    () float32.
+
+  Example:
+    >>> import numpy as np, memedit
+    >>> s = memedit.covariance_update(memedit.covariance_init(2), np.ones((4, 2)), np.full(4, 0.5))
+    >>> float(memedit.total_weight(s))
+    2.0
+  """
   return state.weight[0] - state.weight[1]
 
 
@@ -299,13 +336,45 @@ def _check_result_state(state: CovarianceState, what: str):
 
 
 def key_mean(state: CovarianceState) -> jax.Array:
-  """Weighted mean of the keys, μ = c + s / W. Shape (d,)."""
+  """Weighted mean of the keys, μ = c + s / W.
+
+  Args:
+    state: a :class:`CovarianceState` of dimension d.
+
+  Returns:
+    (d,) float32.
+
+  Raises:
+    ValueError: non-finite keys were folded, or no key had positive weight.
+
+  Example:
+    >>> import numpy as np, memedit
+    >>> s = memedit.covariance_update(memedit.covariance_init(2), np.array([[1.0, 2.0], [3.0, 4.0]]))
+    >>> np.asarray(memedit.key_mean(s))
+    array([2., 3.], dtype=float32)
+  """
   _check_result_state(state, "key_mean")
   return state.shift + state.sum / total_weight(state)
 
 
 def centered_covariance(state: CovarianceState) -> jax.Array:
-  """Weighted centered covariance Σ = S / W − (s / W)(s / W)ᵀ. Shape (d, d)."""
+  """Weighted centered covariance Σ = S / W − (s / W)(s / W)ᵀ (population normalisation).
+
+  Args:
+    state: a :class:`CovarianceState` of dimension d.
+
+  Returns:
+    (d, d) float32, symmetric.
+
+  Raises:
+    ValueError: non-finite keys were folded, or no key had positive weight.
+
+  Example:
+    >>> import numpy as np, memedit
+    >>> s = memedit.covariance_update(memedit.covariance_init(1), np.array([[1.0], [3.0]]))
+    >>> np.asarray(memedit.centered_covariance(s))
+    array([[1.]], dtype=float32)
+  """
   _check_result_state(state, "centered_covariance")
   w = total_weight(state)
   m = state.sum / w
@@ -314,7 +383,16 @@ def centered_covariance(state: CovarianceState) -> jax.Array:
 
 
 def second_moment(state: CovarianceState) -> jax.Array:
-  """The uncentered second moment C = E[k kᵀ] = Σ + μ μᵀ of the method. Shape (d, d).
+  """The uncentered second moment C = E[k kᵀ] = Σ + μ μᵀ of the method.
+
+  Args:
+    state: a :class:`CovarianceState` of dimension d.
+
+  Returns:
+    (d, d) float32, symmetric.
+
+  Raises:
+    ValueError: non-finite keys were folded, or no key had positive weight.
 
   Example:
     >>> import numpy as np, memedit
@@ -347,6 +425,11 @@ def covariance_cache_key(content_hash: str, spec: Any, dtype: Any = jnp.float32)
 
   Returns:
     A 64-character hex string.
+
+  Example:
+    >>> import memedit
+    >>> len(memedit.covariance_cache_key("params-sha", {"seed": 1, "n": 1000}, "float32"))
+    64
   """
   try:
     spec_text = json.dumps(spec, sort_keys=True, default=str)

@@ -57,7 +57,19 @@ def _norm_path(keypath) -> tuple:
 
 
 def leaf_paths(params: Any) -> list[tuple]:
-  """The normalised paths of every array leaf of ``params``."""
+  """The normalised paths of every array leaf of ``params``.
+
+  Args:
+    params: any parameter pytree (Linen variables, ``nnx.State``, nested dicts/lists).
+
+  Returns:
+    A list of tuples of str/int keys, in flattening order.
+
+  Example:
+    >>> import memedit
+    >>> memedit.leaf_paths({"params": {"fc": {"kernel": 0.0, "bias": 0.0}}})
+    [('params', 'fc', 'bias'), ('params', 'fc', 'kernel')]
+  """
   return [_norm_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
@@ -83,6 +95,16 @@ def _missing(params, path):
 def get_leaf(params: Any, path: Path) -> jax.Array:
   """Returns the leaf of ``params`` at ``path``.
 
+  Args:
+    params: a parameter pytree.
+    path: tuple of str/int keys (see :func:`leaf_paths`).
+
+  Returns:
+    The leaf.
+
+  Raises:
+    ValueError: no leaf has that path; the message lists the closest paths.
+
   Example:
     >>> import memedit
     >>> memedit.get_leaf({"params": {"w": 1.0}}, ("params", "w"))
@@ -99,6 +121,14 @@ def replace_leaf(params: Any, path: Path, value: Any) -> Any:
   """A copy of ``params`` with the leaf at ``path`` replaced by ``value`` (others shared).
 
   The caller's tree is never mutated.
+
+  Args:
+    params: a parameter pytree.
+    path: tuple of str/int keys.
+    value: the new leaf.
+
+  Returns:
+    The new tree.
 
   Example:
     >>> import memedit
@@ -215,7 +245,22 @@ def make_edit(path: Path, lam: Any, directions: Any, *, kind: str = "dense", in_
 
 
 def edit_delta(edit: Edit, kernel_shape) -> jax.Array:
-  """ΔK of ``edit`` for a kernel of ``kernel_shape`` (float32)."""
+  """ΔK of ``edit`` for a kernel of ``kernel_shape``: :func:`memedit.kernel_delta` of its
+  factors and layout.
+
+  Args:
+    edit: an :class:`Edit`.
+    kernel_shape: the kernel's shape.
+
+  Returns:
+    float32 array of ``kernel_shape``.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.array([[1.0, 0.0, 0.0]]))
+    >>> memedit.edit_delta(e, (3, 2))[0]
+    Array([1., 1.], dtype=float32)
+  """
   return kernel_delta(edit.lam, edit.directions, kernel_shape, edit.kind, edit.in_ndim)
 
 
@@ -301,8 +346,22 @@ def revert_edit(params: Any, edit: Edit | str, history: EditHistory
   The leaf is recomputed from its original without the reverted edit; when no edit on it
   remains it is the original, bit for bit.
 
+  Args:
+    params: parameters returned by :func:`apply_edit`.
+    edit: the applied :class:`Edit` or its name.
+    history: the :class:`EditHistory` returned with ``params``.
+
   Returns:
     ``(new_params, new_history)``.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> p = {"k": jnp.arange(3.0)}
+    >>> e = memedit.make_edit(("k",), jnp.ones((1, 1)), jnp.ones((1, 3)), kind="matrix")
+    >>> q, h = memedit.apply_edit({"k": p["k"][None]}, e)
+    >>> r, h = memedit.revert_edit(q, e.name, h)
+    >>> r["k"]
+    Array([[0., 1., 2.]], dtype=float32)
   """
   name = edit.name if isinstance(edit, Edit) else edit
   if history is None or name not in history.names:
@@ -321,8 +380,19 @@ def revert_edit(params: Any, edit: Edit | str, history: EditHistory
 def save_edit(path: str | os.PathLike, edit: Edit) -> str:
   """Saves an edit's factors and metadata atomically (orbax arrays + JSON); never the model.
 
+  Args:
+    path: destination directory (replaced as a whole, atomically).
+    edit: the :class:`Edit`.
+
   Returns:
     The absolute path written.
+
+  Example:
+    >>> import tempfile, os, jax.numpy as jnp, memedit
+    >>> e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.ones((1, 3)))
+    >>> d = memedit.save_edit(os.path.join(tempfile.mkdtemp(), "edit"), e)
+    >>> memedit.load_edit(d).name == e.name
+    True
   """
   if not isinstance(edit, Edit):
     raise ValueError(f"edit: expected an Edit, got {type(edit).__name__}")
@@ -337,6 +407,18 @@ def save_edit(path: str | os.PathLike, edit: Edit) -> str:
 
 def load_edit(path: str | os.PathLike) -> Edit:
   """Loads an edit written by :func:`save_edit`.
+
+  Args:
+    path: the directory :func:`save_edit` wrote.
+
+  Returns:
+    The :class:`Edit`.
+
+  Example:
+    >>> import tempfile, os, jax.numpy as jnp, memedit
+    >>> e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.ones((1, 3)), method="demo")
+    >>> memedit.load_edit(memedit.save_edit(os.path.join(tempfile.mkdtemp(), "e"), e)).method
+    'demo'
 
   Raises:
     ValueError: the directory holds something other than a memedit edit.

@@ -605,9 +605,45 @@ class EditResult(NamedTuple):
   loss_after: float
 
 
-def _crop_loss(f, kernel, target: Target, layer_vars) -> float:
-  out = f(kernel, (jnp.asarray(target.keys), layer_vars, target.extra))
-  return float(jnp.mean(jnp.abs(out - target.targets)))
+def _crop_loss(f, kernel, keys, target: Target) -> float:
+  out = f(kernel, keys)
+  return float(jnp.mean(jnp.abs(out - jnp.asarray(target.targets))))
+
+
+@functools.lru_cache(maxsize=16)
+def _patch_f(c_out: int) -> Callable:
+  def f(kernel, keys):
+    patches, bias = keys
+    return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(-1, c_out),
+                      precision=lax.Precision.HIGHEST) + bias
+  return f
+
+
+def crop_problem(gen: Generator, info: LayerInfo, target: Target) -> tuple[Callable, Any]:
+  """(f, keys) with f(kernel, keys) the layer's output on the target's crop.
+
+  A plain (transposed) convolution without further call arguments is linear in its
+  kernel: its crop output is patches @ kernel.reshape(−1, C_out) (+ bias), so the
+  patches are extracted once and every solver step is one matrix product. Any other
+  layer (e.g. StyleGAN2's modulated convolution with its demodulation) runs as itself
+  on the crop's keys (:func:`crop_fn`).
+  """
+  from memedit.layers import layer_kind
+
+  oh, ow = target.targets.shape[1:3]
+  layer_vars = _layer_variables(gen, info.path)
+  try:
+    spec = layer_kind(info.definition)
+  except ValueError:
+    spec = None
+  if spec is not None and spec.kind == "conv" and spec.patches is not None and not target.extra:
+    lo = info.scale * _MARGIN
+    p = spec.patches(info.definition, jnp.asarray(target.keys))[:, lo:lo + oh, lo:lo + ow]
+    bias = layer_vars.get("params", {}).get("bias")
+    bias = jnp.zeros((info.value_dim,), jnp.float32) if bias is None else jnp.asarray(bias)
+    return _patch_f(info.value_dim), (p, bias)
+  f = crop_fn(info.definition, info.scale, _MARGIN, oh, ow)
+  return f, (jnp.asarray(target.keys), layer_vars, tuple(jnp.asarray(e) for e in target.extra))
 
 
 def insert(gen: Generator, layer: str, C: Any, D: Any, target: Target, *,
@@ -637,11 +673,8 @@ def insert(gen: Generator, layer: str, C: Any, D: Any, target: Target, *,
   D = jnp.asarray(D, jnp.float32)
   if D.ndim != 2 or D.shape[1] != info.key_dim:
     raise ValueError(f"directions: expected shape (r, {info.key_dim}), got {tuple(D.shape)}")
-  f = crop_fn(info.definition, info.scale, _MARGIN, target.targets.shape[1],
-              target.targets.shape[2])
-  layer_vars = _layer_variables(gen, info.path)
+  f, keys = crop_problem(gen, info, target)
   kernel0 = jnp.asarray(get_leaf(gen.variables, info.weight_path))
-  keys = (jnp.asarray(target.keys), layer_vars, tuple(jnp.asarray(e) for e in target.extra))
   res = solve_lambda(f, kernel0, D, keys, jnp.asarray(target.targets), kind="conv",
                      loss=loss, optimizer=optimizer, steps=int(steps),
                      learning_rate=float(learning_rate))
@@ -651,8 +684,7 @@ def insert(gen: Generator, layer: str, C: Any, D: Any, target: Target, *,
   edit = make_edit(info.weight_path, res.lam, D, kind="conv", method=method, settings=st)
   kernel1 = kernel0 + edit_kernel_delta(edit, kernel0.shape)
   return EditResult(edit, np.asarray(D), target, np.asarray(res.losses),
-                    _crop_loss(f, kernel0, target, layer_vars),
-                    _crop_loss(f, kernel1, target, layer_vars))
+                    _crop_loss(f, kernel0, keys, target), _crop_loss(f, kernel1, keys, target))
 
 
 def edit_kernel_delta(edit: Edit, shape) -> jax.Array:
@@ -703,11 +735,8 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
   Λ[y, x, o, i] = ΔK[y, x, i, o], so it applies and reverts like any edit.
   """
   info = layer_info(gen, layer)
-  f = crop_fn(info.definition, info.scale, _MARGIN, target.targets.shape[1],
-              target.targets.shape[2])
-  layer_vars = _layer_variables(gen, info.path)
+  f, keys = crop_problem(gen, info, target)
   kernel0 = jnp.asarray(get_leaf(gen.variables, info.weight_path))
-  keys = (jnp.asarray(target.keys), layer_vars, tuple(jnp.asarray(e) for e in target.extra))
   delta, losses = _overfit_layer_program(f, int(steps))(kernel0, keys,
                                                         jnp.asarray(target.targets),
                                                         jnp.float32(learning_rate))
@@ -716,9 +745,8 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
   edit = make_edit(info.weight_path, lam, D, kind="conv", method="overfit/layer",
                    settings={"layer": layer, "steps": int(steps),
                              "learning_rate": float(learning_rate)})
-  return EditResult(edit, D, target, np.asarray(losses),
-                    _crop_loss(f, kernel0, target, layer_vars),
-                    _crop_loss(f, kernel0 + delta, target, layer_vars))
+  return EditResult(edit, D, target, np.asarray(losses), _crop_loss(f, kernel0, keys, target),
+                    _crop_loss(f, kernel0 + delta, keys, target))
 
 
 def overfit_all(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
@@ -859,3 +887,60 @@ def save_png(path, array: np.ndarray) -> None:
   buf = io.BytesIO()
   Image.fromarray(np.asarray(array, np.uint8)).save(buf, format="PNG")
   _io.atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------
+# From a spec to an edit.
+
+
+class SpecEdit(NamedTuple):
+  """The result of :func:`edit_from_spec`.
+
+  Attributes:
+    result: the :class:`EditResult`.
+    copied: the :class:`Copied` object values (None for an erase).
+    units: the zeroed units of an erase (None for an insert).
+  """
+
+  result: EditResult
+  copied: Copied | None
+  units: np.ndarray | None
+
+
+def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
+                   optimizer: str | None = None) -> SpecEdit:
+  """Runs a validated :class:`memedit.specs.EditSpec` on ``gen`` with second moment C.
+
+  Context keys (spec.key) give D (spec.method, spec.rank); an insert copies spec.object
+  and pastes it at spec.paste; an erase zeroes the spec.erase_units most active context
+  units inside spec.paste. ``steps`` / ``optimizer`` override the spec's solver settings.
+  """
+  gen.layer_path(spec.layer)
+  if spec.canvas != gen.resolution:
+    raise ValueError(f"canvas: expected {gen.resolution} (the model's resolution), got "
+                     f"{spec.canvas}")
+  C = np.asarray(C, np.float32)
+  keys, weights = context_keys(gen, spec.layer, spec.masks("key"))
+  D = directions(C, keys, weights, rank=spec.rank, method=spec.method)
+  solver = dict(spec.solver)
+  if steps is not None:
+    solver["steps"] = int(steps)
+  if optimizer is not None:
+    solver["optimizer"] = optimizer
+  (pnum, pmask), = spec.masks("paste")
+  settings = {"spec_kind": spec.kind, "context_method": spec.method,
+              "key_imgnums": [int(i) for i, _ in spec.key], "paste_imgnum": pnum}
+  copied, units = None, None
+  if spec.kind == "insert":
+    (onum, omask), = spec.masks("object")
+    copied = copy_values(gen, spec.layer, onum, omask)
+    target = paste_target(gen, spec.layer, copied, pnum, pmask)
+    settings["object_imgnum"] = onum
+  else:
+    units = top_units(C, keys, weights, min(spec.erase_units, C.shape[0]))
+    target = erase_target(gen, spec.layer, pnum, pmask, units)
+    settings["erased_units"] = [int(u) for u in units]
+  result = insert(gen, spec.layer, C, D, target, optimizer=solver["optimizer"],
+                  steps=solver["steps"], learning_rate=solver["learning_rate"],
+                  loss=solver["loss"], method=f"{spec.kind}/{spec.method}", settings=settings)
+  return SpecEdit(result, copied, units)

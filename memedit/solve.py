@@ -49,7 +49,22 @@ def _check_kind(kind, kernel_shape, in_ndim):
 
 
 def key_dim(kernel_shape, kind: str = "dense", in_ndim: int = 1) -> int:
-  """The key dimension d of a kernel: what D's rows must have."""
+  """The key dimension d of a kernel: the length of D's rows.
+
+  Args:
+    kernel_shape: the kernel's shape.
+    kind: "matrix" (d = in of (out, in)), "dense" (d = prod(in_dims)) or "conv"
+      (d = C_in of HWIO).
+    in_ndim: leading input axes of a dense kernel.
+
+  Returns:
+    d as an int.
+
+  Example:
+    >>> import memedit
+    >>> memedit.key_dim((3, 3, 16, 32), "conv"), memedit.key_dim((8, 4, 2), "dense", in_ndim=2)
+    (16, 32)
+  """
   _check_kind(kind, kernel_shape, in_ndim)
   if kind == "matrix":
     return int(kernel_shape[1])
@@ -60,6 +75,12 @@ def key_dim(kernel_shape, kind: str = "dense", in_ndim: int = 1) -> int:
 
 def lambda_shape(kernel_shape, rank: int, kind: str = "dense", in_ndim: int = 1) -> tuple:
   """Shape of Λ for a kernel of ``kernel_shape`` and a rank-r subspace.
+
+  Args:
+    kernel_shape: the kernel's shape.
+    rank: r, the number of rows of D.
+    kind: "matrix", "dense" or "conv".
+    in_ndim: leading input axes of a dense kernel.
 
   Returns:
     matrix: (out, r); dense: (prod(out_dims), r); conv: (*spatial, C_out, r).
@@ -250,10 +271,20 @@ def least_squares_lambda(W: Any, directions: Any, keys: Any, values: Any) -> jax
   """Λ minimising ‖V − K (W + Λ D)ᵀ‖² for a linear memory and fixed D (closed form).
 
   Args:
-    W: (out, in). directions: (r, in). keys: (n, in). values: (n, out).
+    W: (out, in) weight.
+    directions: (r, in) D.
+    keys: (n, in) keys.
+    values: (n, out) targets.
 
   Returns:
-    Λ (out, r).
+    Λ (out, r) = lstsq(K Dᵀ, V − K Wᵀ)ᵀ.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> lam = memedit.least_squares_lambda(jnp.zeros((1, 2)), jnp.array([[1.0, 0.0]]),
+    ...                                    jnp.array([[2.0, 5.0]]), jnp.array([[4.0]]))
+    >>> lam.round(3)
+    Array([[2.]], dtype=float32)
   """
   W = jnp.asarray(W, jnp.float32)
   D = jnp.asarray(directions, jnp.float32)
@@ -404,7 +435,23 @@ def solve_lambda(
 def lambda_loss_fn(f, kernel0, directions, keys, targets, *, kind="dense", in_ndim=1,
                    weights=None, loss="l1") -> Callable[[jax.Array], jax.Array]:
   """The scalar loss Λ ↦ loss(f(K0 + ΔK(Λ, D), keys), targets) that :func:`solve_lambda`
-  minimises (useful for checking gradients or plotting)."""
+  minimises (useful for checking gradients or plotting).
+
+  Args:
+    f, kernel0, directions, keys, targets, kind, in_ndim, weights, loss: as in
+      :func:`solve_lambda`.
+
+  Returns:
+    A pure function of Λ returning a () loss.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, memedit
+    >>> fn = memedit.lambda_loss_fn(lambda K, k: k @ K, jnp.zeros((2, 1)),
+    ...                             jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0]]),
+    ...                             jnp.array([[3.0]]), loss="l2")
+    >>> float(fn(jnp.zeros((1, 1)))), float(jax.grad(fn)(jnp.zeros((1, 1)))[0, 0])
+    (9.0, -6.0)
+  """
   kshape = tuple(jnp.shape(kernel0))
 
   def fn(lam):

@@ -24,7 +24,7 @@ from flax.traverse_util import flatten_dict
 
 from memedit.layers import memory as _mem
 
-__all__ = ["Captured", "capture", "layer_keys_fn"]
+__all__ = ["Captured", "capture", "forward_to_layer"]
 
 _SOW_NAME = "__memedit_capture__"
 
@@ -136,6 +136,7 @@ class _Holder:
     self.traced = 0
     self.definition = None
     self.call_kernel_shape = None
+    self.input_ndim = None
 
 
 def _capture_hook_nnx(holder: _Holder, keys_only: bool = False, transform=None):
@@ -165,6 +166,7 @@ def _linen_interceptor(holder: _Holder, path, keys_only=False, transform=None,
         holder.definition = mod.clone(parent=None)
         spec = _mem.layer_kind(mod)
         holder.call_kernel_shape = tuple(mod.variables["params"][spec.weight].shape)
+        holder.input_ndim = jnp.ndim(args[0])
       if transform is not None:
         record = transform(args, kwargs, out)
       elif keys_only:
@@ -252,6 +254,16 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
   Returns:
     :class:`Captured`. With several calls every field is stacked on a new axis 0.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> c = ml.capture(model, ("layers", 2), jnp.ones((5, 3)), single=True)
+    >>> c.keys.shape, c.values.shape, c.calls
+    ((5, 4), (5, 2), 1)
+
   Raises:
     ValueError: wrong address (lists valid paths near it), the layer is never called, or
       called several times with ``single=True``.
@@ -334,7 +346,7 @@ def _capture_by_callback(m, path, holder, args, kwargs, method, jit):
   return tuple(records)
 
 
-def layer_keys_fn(model, view: "_mem.MemoryView", *, method: str | None = None,
+def forward_to_layer(model, view: "_mem.MemoryView", *, method: str | None = None,
                   dtype=jnp.float32, batch_first: bool = False) -> Callable:
   """``fn(params, *args, **kwargs) -> keys (..., key_dim)`` of the viewed layer.
 
@@ -344,6 +356,25 @@ def layer_keys_fn(model, view: "_mem.MemoryView", *, method: str | None = None,
   are moved behind the first axis of one call's keys (the batch axis), giving
   ``(B, *stack, ..., key_dim)``. Raises ``ValueError`` at trace time if the layer is never
   called.
+
+  Args:
+    model: the model (its definition is used; parameters come as ``fn``'s argument).
+    view: the layer's :class:`~memedit.layers.MemoryView`.
+    method: model method to run. dtype: dtype of the keys.
+    batch_first: move stacking axes behind the batch axis.
+
+  Returns:
+    ``fn(params, *args, **kwargs) -> keys``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> fn = ml.forward_to_layer(model, ml.memory_view(model, "layers/2"))
+    >>> jax.jit(fn)(nnx.state(model), jnp.ones((5, 3))).shape
+    (5, 4)
   """
   m = _mem._as_model(model)
   path = view.address
@@ -391,4 +422,20 @@ def _linen_layer_definition(m, path, args, kwargs, method):
     except (KeyError, TypeError):
       continue
     layer_vars[col] = node
-  return holder.definition, layer_vars, holder.call_kernel_shape
+  return holder.definition, layer_vars, holder.call_kernel_shape, holder.input_ndim
+
+
+def _nnx_input_ndim(m, path, args, kwargs, method) -> int | None:
+  """ndim of one call's first argument of an NNX layer (shape-only trace)."""
+  holder = _Holder()
+
+  def transform(a, k, out):
+    holder.input_ndim = jnp.ndim(a[0])
+    return (a[0],)
+
+  def fwd(params, a, k):
+    mm = _mem._Model("nnx", m.definition, params, m.form)
+    return _run(mm, path, holder, a, k, method, transform=transform)[1]
+
+  jax.eval_shape(fwd, m.params, args, kwargs)
+  return holder.input_ndim

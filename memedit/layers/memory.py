@@ -119,6 +119,19 @@ def register_layer_kind(cls: type, *, weight: str = "kernel", kind: str = "dense
 
   Returns:
     The registered :class:`LayerKind`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> class Scale(nnx.Module):  # y = x @ w, kernel named "w"
+    ...   def __init__(self, rngs):
+    ...     self.w = nnx.Param(jax.random.normal(rngs.params(), (3, 2)))
+    ...   def __call__(self, x):
+    ...     return x @ self.w[...]
+    >>> kind = ml.register_layer_kind(Scale, weight="w", kind="dense", in_ndim=1)
+    >>> ml.memory_view(Scale(nnx.Rngs(0)), ()).weight_path
+    ('w',)
   """
   if kind not in ("dense", "conv"):
     raise ValueError(f"kind: expected 'dense' or 'conv', got {kind!r}")
@@ -131,6 +144,18 @@ def register_layer_kind(cls: type, *, weight: str = "kernel", kind: str = "dense
 
 def layer_kind(module_or_cls) -> LayerKind:
   """The registered :class:`LayerKind` of a layer (or layer class), searched along the MRO.
+
+  Args:
+    module_or_cls: a layer instance or class.
+
+  Returns:
+    Its :class:`LayerKind`.
+
+  Example:
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> ml.layer_kind(nnx.ConvTranspose).kind
+    'conv'
 
   Raises:
     ValueError: the class is not registered; the message says how to register it.
@@ -333,6 +358,7 @@ def _normalise_address(address) -> tuple:
 
 def _near_paths_error(address, valid: Sequence[tuple], what="layer") -> ValueError:
   want = _path_str(address)
+  valid = [p for p in valid if p]
   strs = [_path_str(p) for p in valid]
   close = difflib.get_close_matches(want, strs, n=6, cutoff=0.4)
   parent = address[:-1]
@@ -375,7 +401,7 @@ def _linen_module_paths(variables) -> list[tuple]:
   flat = flatten_dict(variables.get("params", {}))
   paths = set()
   for k in flat:
-    for i in range(1, len(k)):
+    for i in range(0, len(k)):  # () is the root module (a model that is one layer)
       paths.add(tuple(k[:i]))
   return sorted(paths)
 
@@ -414,6 +440,9 @@ class MemoryView:
     key_axes: input axes forming a key (dense) or ``(-1,)`` (conv).
     stacked: number of leading stacked (scanned) axes on the kernel leaf; views of
       stacked layers capture and collect statistics but do not run the layer alone.
+    input_ndim: ndim of the layer's first call argument when the view was made with
+      example inputs (``None`` otherwise); used to give flat keys the leading axes a
+      fixed-rank layer (e.g. an einsum ``'btd,...'``) expects.
   """
   framework: str
   address: tuple
@@ -427,6 +456,7 @@ class MemoryView:
   value_dim: int
   key_axes: tuple
   stacked: int
+  input_ndim: int | None
   _spec: LayerKind
   _layer: Any  # nnx: (graphdef, state) of the layer; linen: (module def, variables)
 
@@ -496,7 +526,11 @@ class MemoryView:
     return x.reshape(x.shape[:x.ndim - n] + (-1,))
 
   def native_keys(self, keys):
-    """Inverse of :meth:`keys` for flat dense keys ``(n, key_dim)`` with trailing key axes."""
+    """Inverse of :meth:`keys` for flat dense keys ``(n, key_dim)`` with trailing key axes.
+
+    When the view knows the layer's input rank (made with example inputs), singleton
+    leading axes are added up to it.
+    """
     if self.kind == "conv" or self.patch:
       raise ValueError("native_keys: only for dense views")
     in_dims = tuple(self.kernel_shape[self.stacked:self.stacked + self.in_ndim])
@@ -504,6 +538,8 @@ class MemoryView:
     if keys.shape[-1] != self.key_dim:
       raise ValueError(f"keys: expected last dimension {self.key_dim}, got {keys.shape[-1]}")
     x = keys.reshape(keys.shape[:-1] + in_dims)
+    if self.input_ndim is not None and x.ndim < self.input_ndim:
+      x = x.reshape((1,) * (self.input_ndim - x.ndim) + x.shape)
     axes = [a % x.ndim for a in self.key_axes]
     return jnp.moveaxis(x, list(range(x.ndim - n, x.ndim)), axes)
 
@@ -534,7 +570,7 @@ def _nnx_call_kernel_ndim(mod, kernel_leaf) -> int:
 
 
 def _view_from_module(framework, address, weight_path, mod, kernel_leaf, layer, patch,
-                      call_ndim):
+                      call_ndim, input_ndim=None):
   spec = layer_kind(mod)
   if spec.check is not None:
     spec.check(mod)
@@ -564,8 +600,8 @@ def _view_from_module(framework, address, weight_path, mod, kernel_leaf, layer, 
     key_dim = int(np.prod(body[:in_ndim]))
     value_dim = int(np.prod(body[in_ndim:]))
   return MemoryView(framework, tuple(address), tuple(weight_path), type(mod), kind, in_ndim,
-                    bool(patch), kshape, key_dim, value_dim, tuple(key_axes), stacked, spec,
-                    layer)
+                    bool(patch), kshape, key_dim, value_dim, tuple(key_axes), stacked,
+                    input_ndim, spec, layer)
 
 
 def memory_view(model, address, *args, patch: bool = False, method: str | None = None,
@@ -587,10 +623,20 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
   Returns:
     A :class:`MemoryView`.
 
+  Example:
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> view = ml.memory_view(model, lambda m: m.layers[2])
+    >>> view.weight_path, view.kind, view.key_dim, view.value_dim
+    (('layers', 2, 'kernel'), 'dense', 4, 2)
+
   Raises:
     ValueError: unknown address (lists valid paths near it), unsupported layer kind (says
       how to register one), Linen without example inputs.
   """
+  from memedit.layers import hooks as _cap  # hooks imports this module
   m = _as_model(model)
   if m.framework == "nnx":
     obj = _merge(m.definition, m.params)
@@ -602,8 +648,11 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
     weight_path = path + (spec.weight,)
     kernel_leaf = _get(m.params, weight_path)
     layer = nnx.split(mod)
+    input_ndim = None
+    if args or kwargs:
+      input_ndim = _cap._nnx_input_ndim(m, path, args, kwargs, method)
     return _view_from_module("nnx", path, weight_path, mod, kernel_leaf, layer, patch,
-                             _nnx_call_kernel_ndim(mod, kernel_leaf))
+                             _nnx_call_kernel_ndim(mod, kernel_leaf), input_ndim)
   # Linen
   path = _normalise_address(address) if not callable(address) or isinstance(
       address, (tuple, list, str)) else None
@@ -616,8 +665,8 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
   if not args and not kwargs:
     raise ValueError("memory_view: a Linen model needs example inputs (*args) to find the "
                      f"definition of layer {path!r}")
-  from memedit.layers import hooks as _cap
-  mod_def, layer_vars, call_shape = _cap._linen_layer_definition(m, path, args, kwargs, method)
+  mod_def, layer_vars, call_shape, input_ndim = _cap._linen_layer_definition(
+      m, path, args, kwargs, method)
   spec = layer_kind(mod_def)
   weight_path = ("params",) + path + (spec.weight,)
   if tuple(weight_path[1:]) not in flatten_dict(m.params["params"]):
@@ -625,7 +674,7 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
                      f"{sorted(layer_vars.get('params', {}))}")
   kernel_leaf = _get(m.params, weight_path)
   return _view_from_module("linen", path, weight_path, mod_def, kernel_leaf,
-                           (mod_def, layer_vars), patch, len(call_shape))
+                           (mod_def, layer_vars), patch, len(call_shape), input_ndim)
 
 
 def _view(model, address_or_view, *args, **kwargs) -> MemoryView:
@@ -651,6 +700,15 @@ def substitute(model, address_or_view, new_kernel, *example_args, **example_kwar
   Returns:
     The model in the form it was given: a new ``nnx.Module``, ``(graphdef, new_state)`` or
     ``(module, new_variables)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> new = ml.substitute(model, ("layers", 0), jnp.zeros((3, 2)))
+    >>> float(abs(new.layers[0].kernel[...]).sum()), float(abs(model.layers[0].kernel[...]).sum()) > 0
+    (0.0, True)
   """
   m = _as_model(model)
   view = _view(m, address_or_view, *example_args, **example_kwargs)
@@ -666,12 +724,52 @@ def _kernel_delta(view: MemoryView, lam, directions, kernel_shape):
 
 
 def edited_kernel(view: MemoryView, kernel0, lam, directions):
-  """``W0 + kernel_delta(lam, directions)`` in the kernel's own layout (differentiable)."""
+  """``W0 + kernel_delta(lam, directions)`` in the kernel's own layout (differentiable).
+
+  Args:
+    view: the layer's :class:`MemoryView` (gives the layout).
+    kernel0: the original kernel W0.
+    lam: Λ of shape ``memedit.lambda_shape(kernel0.shape, r, view.edit_kind, view.in_ndim)``.
+    directions: D ``(r, key_dim)``.
+
+  Returns:
+    The edited kernel, shaped like ``kernel0``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> view = ml.memory_view(nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0))), "layers/0")
+    >>> k = ml.edited_kernel(view, jnp.zeros((3, 2)), jnp.ones((2, 1)), jnp.array([[1.0, 0, 0]]))
+    >>> k.tolist()
+    [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+  """
   return kernel0 + _kernel_delta(view, lam, directions, kernel0.shape).astype(kernel0.dtype)
 
 
 def layer_forward(view: MemoryView, lam, directions, x, *extra, kernel0=None, **kwargs):
-  """The layer alone on native input ``x`` with kernel ``W0 + kernel_delta(lam, D)``."""
+  """The layer alone on native input ``x`` with kernel ``W0 + kernel_delta(lam, D)``.
+
+  Args:
+    view: the layer's :class:`MemoryView`.
+    lam: Λ. directions: D ``(r, key_dim)``.
+    x: the layer's native input (e.g. captured keys). *extra: further call arguments.
+    kernel0: W0 (default: the kernel the view was made from).
+
+  Returns:
+    The layer's output; differentiable in ``lam``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> lin = nnx.Linear(3, 2, use_bias=False, rngs=nnx.Rngs(0))
+    >>> view = ml.memory_view(nnx.Sequential(lin), "layers/0")
+    >>> y = ml.layer_forward(view, jnp.ones((2, 1)), jnp.array([[1.0, 0, 0]]),
+    ...                      jnp.array([[1.0, 0, 0]]), kernel0=jnp.zeros((3, 2)))
+    >>> y.tolist()
+    [[1.0, 1.0]]
+  """
   k0 = view._layer_kernel() if kernel0 is None else kernel0
   return view.apply(edited_kernel(view, k0, lam, directions), x, *extra, **kwargs)
 
@@ -681,6 +779,27 @@ def edited_forward(model, view: MemoryView, lam, directions, *args, method=None,
 
   Pure and differentiable in ``lam`` (use under ``jax.jit`` / ``jax.grad``); the model's
   other parameters are constants.
+
+  Args:
+    model: NNX module, NNX ``(graphdef, state)`` or Linen ``(module, variables)``.
+    view: the layer's :class:`MemoryView`.
+    lam: Λ. directions: D ``(r, key_dim)``.
+    *args, **kwargs: model inputs. method: model method to run.
+
+  Returns:
+    The model's output.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> view = ml.memory_view(model, "layers/0")
+    >>> D = jnp.array([[1.0, 0.0, 0.0]])
+    >>> g = jax.jit(jax.grad(lambda lam: ml.edited_forward(model, view, lam, D,
+    ...                                                    jnp.ones((1, 3))).sum()))
+    >>> g(jnp.zeros((2, 1))).tolist()
+    [[1.0], [1.0]]
   """
   m = _as_model(model)
   k0 = _get(m.params, view.weight_path)
@@ -731,6 +850,19 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
 
   Returns:
     ``memedit.Edit`` with path ``view.weight_path``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit, memedit.layers as ml
+    >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> view = ml.memory_view(model, "layers/0")
+    >>> k, v = jnp.array([[1.0, 2.0, 0.0]]), jnp.array([[0.5, -0.5]])
+    >>> edit = ml.insert_through_view(view, jnp.eye(3), k, v)
+    >>> state, _ = memedit.apply_edit(nnx.state(model), edit)
+    >>> new = nnx.merge(nnx.graphdef(model), state)
+    >>> bool(jnp.allclose(new(k), v, atol=1e-5))
+    True
   """
   view._require_unstacked()
   kernel0 = view._layer_kernel()

@@ -43,9 +43,19 @@ def layer_key_fn(model, view: "_mem.MemoryView", *, masked: bool = False,
   Returns:
     A pure function of one batch; keys come out ``(B, *stack, *positions, key_dim)``
     (``stack``: several calls of the layer and/or a scan axis).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit, memedit.layers as ml
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)))
+    >>> key_fn = ml.layer_key_fn(model, ml.memory_view(model, "layers/0"))
+    >>> st = memedit.stream_covariance([jnp.ones((2, 3))], key_fn=key_fn, progress=False)
+    >>> memedit.second_moment(st).tolist()
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
   """
   m = _mem._as_model(model)
-  fn = _cap.layer_keys_fn(m, view, method=method, dtype=dtype, batch_first=True)
+  fn = _cap.forward_to_layer(m, view, method=method, dtype=dtype, batch_first=True)
   params = m.params
 
   def key_fn(batch):
@@ -86,12 +96,37 @@ def _mask_weights(mask, keys, view):
   return mask
 
 
+def _key_data(tree):
+  """Typed PRNG key leaves (e.g. NNX RNG state) as their raw key data, for hashing."""
+  def conv(x):
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.key_data(x)
+    return x
+  return jax.tree_util.tree_map(conv, tree)
+
+
 def layer_cache_key(model, view: "_mem.MemoryView", spec: Any, dtype=jnp.float32,
                     method: str | None = None) -> str:
   """Cache key of a layer's statistics: the model's parameters (content hash), the layer
-  address and view, the input stream's spec and the key dtype."""
+  address and view, the input stream's spec and the key dtype.
+
+  Args:
+    model: the model. view: the layer's view. spec: JSON-serialisable stream description.
+    dtype: key dtype. method: model method.
+
+  Returns:
+    A 64-character hex string.
+
+  Example:
+    >>> from flax import nnx
+    >>> import memedit.layers as ml
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)))
+    >>> view = ml.memory_view(model, "layers/0")
+    >>> len(ml.layer_cache_key(model, view, {"seed": 1, "n": 1000}))
+    64
+  """
   m = _mem._as_model(model)
-  h = hashlib.sha256(_io.tree_hash(m.params).encode())
+  h = hashlib.sha256(_io.tree_hash(_key_data(m.params)).encode())
   h.update(json.dumps([m.framework, [str(a) for a in view.weight_path], view.patch,
                        method]).encode())
   return covariance_cache_key(h.hexdigest(), spec, dtype)
@@ -126,6 +161,16 @@ def layer_covariance(model, address, inputs: Iterable[Any], *, patch: bool = Fal
 
   Returns:
     The :class:`memedit.CovarianceState`; ``memedit.second_moment(state)`` is C.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import memedit, memedit.layers as ml
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> st = ml.layer_covariance(model, ("layers", 0), [jnp.ones((8, 3)), jnp.zeros((8, 3))])
+    >>> memedit.key_count(st), memedit.second_moment(st).shape
+    (16, (3, 3))
   """
   m = _mem._as_model(model)
   if isinstance(inputs, collections.abc.Iterator):

@@ -27,6 +27,6 @@ def test_every_public_function_has_an_example():
     if name.startswith("_") or not inspect.isfunction(obj):
       continue
     doc = inspect.getdoc(obj) or ""
-    if "Args:" not in doc and "Returns:" not in doc:
+    if not all(part in doc for part in ("Args:", "Returns:", ">>> ")):
       missing.append(name)
-  assert not missing, f"public functions without an Args/Returns docstring: {missing}"
+  assert not missing, f"public functions without Args, Returns and an example: {missing}"

@@ -124,6 +124,18 @@ class Styled(nnx.Module):
     return self.memory(jnp.tanh(self.inp(x)), 1.0 + self.style(s))
 
 
+class DropMLP(nnx.Module):
+  """Dropout with its own RNG stream: every call advances an RNG counter in the state."""
+
+  def __init__(self, *, rngs):
+    self.fc = nnx.Linear(6, D, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(D, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.drop(self.fc(x)))
+
+
 # ----------------------------------------------------------------------------- Linen
 
 

@@ -14,6 +14,16 @@ from memedit.layers import (capture, edited_forward, insert_through_view, layer_
                             memory_view, register_layer_kind, substitute)
 
 
+def _leaves(tree):
+  """Leaves as numpy arrays (typed PRNG keys as their key data)."""
+  out = []
+  for a in jax.tree_util.tree_leaves(tree):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a = jax.random.key_data(a)
+    out.append(np.array(a))
+  return out
+
+
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -220,7 +230,7 @@ def test_edits_compose_and_revert_on_nnx_state_and_linen_variables():
       np.testing.assert_array_equal(a, b)
 
 
-def test_callers_model_and_parameters_are_untouched():
+def test_callers_model_and_parameters_are_untouched(tmp_path):
   m = models.build(models.MLP, 0)
   x = jax.random.normal(jax.random.key(1), (3, 6))
   before = [np.array(a) for a in jax.tree_util.tree_leaves(nnx.state(m))]
@@ -247,6 +257,18 @@ def test_callers_model_and_parameters_are_untouched():
   assert float(jnp.abs(new.blocks[1].fc1.kernel[...]).max()) == 0.0
   assert new.alias is new.shared and new is not m
 
+  # A model whose forward pass advances RNG state: runs happen on copies.
+  dm = models.build(models.DropMLP, 0)
+  dbefore = _leaves(nnx.state(dm))
+  for jit in (True, False):
+    capture(dm, ("head",), x, jit=jit)
+  memedit.layers.layer_covariance(dm, ("head",), [x], progress=False)
+  memedit.layers.layer_covariance(dm, ("head",), [x], cache_dir=tmp_path, progress=False)
+  dafter = _leaves(nnx.state(dm))
+  assert len(dafter) == len(dbefore)
+  for a, b in zip(dbefore, dafter):
+    np.testing.assert_array_equal(a, b)
+
   lm = models.LMLP()
   lv = models.linen_init(lm, x)
   lbefore = jax.tree_util.tree_map(np.array, lv)
@@ -255,3 +277,51 @@ def test_callers_model_and_parameters_are_untouched():
   capture((lm, lv), ("LBlock_0", "fc1"), x)
   jax.tree_util.tree_map(np.testing.assert_array_equal, lv, lbefore)
   assert float(jnp.abs(lnew["params"]["LBlock_0"]["fc1"]["kernel"]).max()) == 0.0
+
+
+def test_einsum_layers_nnx_and_linen_insert_exactly():
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.key(7), (2, 5, 6))
+  nmod = nnx.Einsum("btd,dnh->btnh", (6, 2, 3), (2, 3), rngs=nnx.Rngs(0))
+  lmod = nn.Einsum((6, 2, 3), "btd,dnh->btnh")
+  for model in (nmod, (lmod, models.linen_init(lmod, x))):
+    view = memory_view(model, (), x)
+    assert (view.kind, view.in_ndim, view.key_dim, view.value_dim) == ("dense", 1, 6, 6)
+    k = np.asarray(x, np.float64).reshape(-1, 6)
+    C = k.T @ k / len(k)
+    k_star = np.array([[1.0, -0.5, 0.2, 0.0, 0.3, 0.1]])
+    v_star = np.arange(6.0).reshape(1, 2, 3)
+    edit = insert_through_view(view, jnp.asarray(C, jnp.float32), k_star, v_star)
+    k1 = view.kernel() + memedit.edit_delta(edit, view.kernel_shape)
+    out = view.apply(k1, jnp.asarray(k_star, jnp.float32).reshape(1, 1, 6))
+    assert _rel(out.reshape(-1), v_star.reshape(-1)) <= 1e-5
+  with pytest.raises(ValueError, match="einsum string"):
+    memory_view(nnx.Einsum("dnh,btd->btnh", (6, 2, 3), rngs=nnx.Rngs(0)), ())
+
+
+def test_statistics_split_over_two_devices_match_one(tmp_path):
+  import os
+  import subprocess
+  import sys
+  import textwrap
+
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np
+      import memedit, models
+      from memedit.layers import layer_covariance
+      assert len(jax.devices()) == 2
+      g = models.build(models.Generator, 0)
+      zs = [jax.random.normal(jax.random.key(i), (4, 8)) for i in range(3)]
+      a = memedit.second_moment(layer_covariance(g, ("mid",), zs, devices=1))
+      b = memedit.second_moment(layer_covariance(g, ("mid",), zs, devices=2))
+      print(float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)))
+  """)
+  here = os.path.dirname(os.path.abspath(__file__))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=os.pathsep.join([root, here]))
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert float(out.stdout.strip().splitlines()[-1]) <= 1e-6

@@ -1,0 +1,54 @@
+"""Builds memedit/data/demo_spec.json, the bundled edit spec of `memedit demo`.
+
+The DCGAN face model (gan-face-generate 1.1.1) draws roughly aligned faces whose eyes lie
+in a band of rows 24–36 of the 64×64 canvas. The spec copies the dark glasses of image 29
+(box rows 20–40, columns 8–56), pastes them over the eyes of image 9 (rows 22–42), and
+takes the eye band of six faces without glasses as the context. Layer convt2 (keys: the
+8×8×256 input of the third transposed convolution), zca directions of rank 1, the
+reference's solver (Adam, lr 0.05, L1) for 2001 steps.
+
+Run once: python benchmarks/make_demo_spec.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from memedit import specs  # noqa: E402
+
+CANVAS = 64
+
+
+def box(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+  """A (64, 64) uint8 mask with the half-open box [y0, y1) × [x0, x1) set to 255."""
+  m = np.zeros((CANVAS, CANVAS), np.uint8)
+  m[y0:y1, x0:x1] = 255
+  return m
+
+
+def demo_spec() -> specs.EditSpec:
+  """The bundled demo spec (see the module docstring)."""
+  eyes = box(24, 36, 8, 56)
+  return specs.make_spec(
+      key=[(n, eyes) for n in (9, 13, 15, 24, 25, 31)],
+      object=(29, box(20, 40, 8, 56)),
+      paste=(9, box(22, 42, 8, 56)),
+      query=(13, eyes),
+      layer="convt2", model="gan-face-generate==1.1.1 (DCGAN faces, MIT)", kind="insert",
+      method="zca", rank=1, canvas=CANVAS, num_images=10000,
+      solver={"optimizer": "adam", "steps": 2001, "learning_rate": 0.05, "loss": "l1"})
+
+
+def main() -> None:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = specs.save_spec(os.path.join(root, "memedit", "data", "demo_spec.json"), demo_spec())
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
