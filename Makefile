@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 install: $(VENV)/.installed
 
+demo: install
+	$(PY) -m pip download --no-deps --quiet gan-face-generate==1.1.1 -d .cache/demo
+	$(PY) -m memedit.cli demo --weights .cache/demo --work .cache/demo --out out
+
 test: install
 	$(PY) -m pytest -q tests
 

@@ -7,6 +7,8 @@ All three run over the same latents in the same process:
   compiled program, shifted sums, weights, exact counts; one compiled fold per group);
 - bare: one jitted ``lax.scan`` that runs a hand-written forward as far as the layer and
   does only S += XᵀX on its keys (what the work costs without memedit);
+- hooked: memedit's hooked forward to the layer (``layer_key_fn``) with the bare XᵀX
+  fold, separating the capture's cost from the cost of memedit's fold and driver;
 - eager: the layer's keys captured without jit (``capture(..., jit=False)``) and folded
   with numpy, batch by batch.
 End-to-end timings include compilation (every layer_covariance call compiles afresh, as
@@ -116,6 +118,28 @@ def main(argv=None):
   def bare_run(n):
     return bare_fold()(state, np.stack(latents[:n]))
 
+  def hooked_fold():
+    # memedit's hooked forward to the layer (class swap, sown keys) + the bare XᵀX: isolates
+    # the cost of the capture from the cost of memedit's fold.
+    from memedit.layers import layer_key_fn, memory_view
+    key_fn = layer_key_fn((gd, state), memory_view((gd, state), ("mid",)))
+
+    @jax.jit
+    def fold(zs):
+      def body(s, z):
+        x = key_fn(z).reshape(-1, d)
+        return s + jnp.einsum("nd,ne->de", x, x, precision=lax.Precision.HIGHEST), None
+      return lax.scan(body, jnp.zeros((d, d), jnp.float32), zs)[0]
+    return fold
+
+  def hooked_run(n):
+    return hooked_fold()(np.stack(latents[:n]))
+
+  def hooked_steady():
+    fold = hooked_fold()
+    zs = np.stack(latents[:args.group])
+    return lambda: fold(zs)
+
   def bare_steady():
     fold = bare_fold()
     zs = np.stack(latents[:args.group])
@@ -133,12 +157,14 @@ def main(argv=None):
   results = {}
   # End to end, compilation included (each call compiles afresh, as a first call does).
   for name, fn, n in (("memedit", memedit_run, args.batches), ("bare", bare_run, args.batches),
+                      ("hooked", hooked_run, args.batches),
                       ("eager", eager_run, args.eager_batches)):
     fn(1 if name == "eager" else args.group)  # warm imports and eager op caches
     t = min(_timed(lambda: fn(n))[0] for _ in range(reps))
     results[name] = {"batches": n, "seconds": t, "seconds_per_batch": t / n}
   # Steady state: the compiled per-group program alone, called again after compiling.
-  for name, make in (("memedit", memedit_steady), ("bare", bare_steady)):
+  for name, make in (("memedit", memedit_steady), ("bare", bare_steady),
+                     ("hooked", hooked_steady)):
     run = make()
     _timed(run)
     t = min(_timed(run)[0] for _ in range(max(reps, 3)))
@@ -147,7 +173,7 @@ def main(argv=None):
 
   rows = []
   labels = {"memedit": "memedit layer_covariance", "bare": "bare jit forward + XᵀX",
-            "eager": "eager capture + numpy"}
+            "hooked": "memedit hooked forward + bare XᵀX", "eager": "eager capture + numpy"}
   for name, r in results.items():
     rows.append({"method": labels[name], "batches": r["batches"],
                  "total s (incl. compile)": f"{r['seconds']:.3f}",
@@ -155,7 +181,11 @@ def main(argv=None):
                  "ms/batch (compiled)": f"{r['steady_seconds_per_batch'] * 1e3:.2f}",
                  "keys/s (compiled)": f"{keys_per_batch / r['steady_seconds_per_batch']:,.0f}"})
   ours, bare, eager = results["memedit"], results["bare"], results["eager"]
+  hooked = results["hooked"]
   summary = {
+      "hooked_over_bare_compiled": hooked["steady_seconds_per_batch"]
+                                   / bare["steady_seconds_per_batch"],
+      "hooked_over_bare_incl_compile": hooked["seconds_per_batch"] / bare["seconds_per_batch"],
       "memedit_over_bare_compiled": ours["steady_seconds_per_batch"]
                                     / bare["steady_seconds_per_batch"],
       "memedit_over_bare_incl_compile": ours["seconds_per_batch"] / bare["seconds_per_batch"],

@@ -32,6 +32,24 @@ from memedit.edits import (
     revert_edit,
     save_edit,
 )
+from memedit.layers import (
+    Captured,
+    LayerKind,
+    MemoryView,
+    capture,
+    edited_forward,
+    edited_kernel,
+    forward_to_layer,
+    insert_through_view,
+    layer_cache_key,
+    layer_covariance,
+    layer_forward,
+    layer_key_fn,
+    layer_kind,
+    memory_view,
+    register_layer_kind,
+    substitute,
+)
 from memedit.solve import (
     LinearSolution,
     SolveResult,

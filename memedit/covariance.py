@@ -25,6 +25,7 @@ keys the way a float32 counter would.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -473,6 +474,11 @@ def _split_keys(out):
   return out, None
 
 
+def _identity(batch):
+  return batch
+
+
+@functools.lru_cache(maxsize=64)
 def _make_group_fn(key_fn, dim, n_dev):
   """Compiles the fold of a group of stacked batches (G, B, ...) into a state."""
 
@@ -591,7 +597,7 @@ def stream_covariance(
   if not 1 <= n_dev <= n_avail:
     raise ValueError(f"devices: expected 1..{n_avail}, got {devices}")
   ident = key_fn is None
-  kfn = (lambda b: b) if ident else key_fn
+  kfn = _identity if ident else key_fn
 
   cache_path = None
   done = 0
@@ -632,11 +638,14 @@ def stream_covariance(
       if dim is not None and d != dim:
         raise ValueError(f"keys: expected last dimension {dim}, got {d}")
       dim = d
-      if state is None:
-        # A common shift for every device: the mean of the first batch's keys.
+      if state is None and n_dev > 1:
+        # A common shift for every device: the mean of the first batch's keys. (On one
+        # device the first fold sets it from the first batch.)
         k0, w0 = _split_keys(jax.jit(kfn)(chunk[0]))
         st0 = _fold_jit(covariance_init(dim), k0, w0)
         state = covariance_init(dim, shift=st0.shift)
+      elif state is None:
+        state = covariance_init(dim)
       elif state.dim != dim:
         raise ValueError(f"cached state: expected dimension {dim}, got {state.dim}")
       group_fn = _make_group_fn(kfn, dim, n_dev)

@@ -201,7 +201,7 @@ def _directions(C, k, w, rank, method, rcond, ridge):
   mean_key = jnp.einsum("n,nd->d", w, k, precision=HIGHEST) / jnp.maximum(jnp.sum(w), _TINY)
   if method == "zca":
     # Rows of k C^{-1/2}, whitened keys, weighted.
-    whiten = (U * lam ** -0.5) @ U.T
+    whiten = jnp.matmul(U * lam ** -0.5, U.T, precision=HIGHEST)
     kw = sw * jnp.matmul(k, whiten, precision=HIGHEST)
     _, _, vt = jnp.linalg.svd(kw, full_matrices=False)
     raw = jnp.matmul(vt[:rank], whiten, precision=HIGHEST)

@@ -10,8 +10,11 @@ For N latents the original and the edited generator are run with the layer obser
   copied values): mean cosine(v, v̄) before and after, and the normalised distance
   ‖v − v̄‖ / ‖v̄‖ before and after; ``moved`` = 1 − after / before of that distance.
 - **Specificity.** Mean absolute pixel change (images in [-1, 1], averaged over channels)
-  inside matched regions (the canvas footprint of matched keys) and outside them, their
-  ratio, and the mean change on latents with no matching key at all.
+  inside matched regions and outside them, their ratio, and the mean change on latents
+  with no matching key at all. ``specificity`` takes the canvas cells of the matched keys
+  themselves as the inside; ``specificity_footprint`` widens each matched key by one key
+  pixel on every side (a key's value spreads into its neighbours' cells through the
+  layer's kernel and the layers after it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,32 @@ from memedit.rewrite import Generator, layer_info, match_scores, match_threshold
 def _upsample(mask: np.ndarray, res: int) -> np.ndarray:
   f = res // mask.shape[-1]
   return np.repeat(np.repeat(mask, f, axis=-2), f, axis=-1)
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+  """Binary dilation by one pixel (3×3) over the last two axes."""
+  p = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)])
+  h, w = mask.shape[-2:]
+  out = np.zeros_like(mask)
+  for dy in range(3):
+    for dx in range(3):
+      out |= p[..., dy:dy + h, dx:dx + w]
+  return out
+
+
+def _specificity(dimg, inside_mask, any_match):
+  inside = float(dimg[inside_mask].mean()) if inside_mask.any() else 0.0
+  outside = float(dimg[~inside_mask].mean()) if (~inside_mask).any() else 0.0
+  return {
+      "inside_mean_abs_change": inside,
+      "outside_mean_abs_change": outside,
+      "ratio": inside / max(outside, 1e-12),
+      "inside_share_of_pixels": float(inside_mask.mean()),
+      "unmatched_latents": int((~any_match).sum()),
+      "unmatched_mean_abs_change": (float(dimg[~any_match].mean())
+                                    if (~any_match).any() else None),
+      "all_mean_abs_change": float(dimg.mean()),
+  }
 
 
 def _cos(v, t):
@@ -61,24 +90,16 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_variables: Any,
   matched = scores > thr
   matched_v = _upsample(matched, info.value_res)
   matched_c = _upsample(matched, gen.resolution)
+  footprint_c = _upsample(_dilate(matched), gen.resolution)
   dimg = np.abs(r1.images.astype(np.float64) - r0.images).mean(-1)
-  inside = float(dimg[matched_c].mean()) if matched_c.any() else 0.0
-  outside = float(dimg[~matched_c].mean()) if (~matched_c).any() else 0.0
   any_match = matched.reshape(len(z), -1).any(-1)
   out = {
       "num_latents": int(len(z)),
       "threshold": thr,
       "quantile": None if threshold is not None else float(quantile),
       "context_match": {"latents": float(any_match.mean()), "pixels": float(matched.mean())},
-      "specificity": {
-          "inside_mean_abs_change": inside,
-          "outside_mean_abs_change": outside,
-          "ratio": inside / max(outside, 1e-12),
-          "unmatched_latents": int((~any_match).sum()),
-          "unmatched_mean_abs_change": (float(dimg[~any_match].mean())
-                                        if (~any_match).any() else None),
-          "all_mean_abs_change": float(dimg.mean()),
-      },
+      "specificity": _specificity(dimg, matched_c, any_match),
+      "specificity_footprint": _specificity(dimg, footprint_c, any_match),
   }
   if target_value is not None and matched_v.any():
     t = np.asarray(target_value, np.float64)
@@ -91,6 +112,7 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_variables: Any,
         "cosine_after": float(_cos(v1, t).mean()),
         "distance_before": float(d0.mean()),
         "distance_after": float(d1.mean()),
+        "cosine_gain": float(_cos(v1, t).mean() - _cos(v0, t).mean()),
         "moved": float(1.0 - d1.mean() / max(d0.mean(), 1e-12)),
     }
   return out

@@ -225,9 +225,18 @@ def run_layer(gen: Generator, layer: str, z: Any, *, variables: Any = None,
   fn = _forward_fn(gen.module, gen.call_kwargs, path, True)
   outs = []
   for i in range(0, len(z), batch_size):
-    pv = None if paste_values is None else jnp.asarray(paste_values[i:i + batch_size])
-    pa = None if paste_alpha is None else jnp.asarray(paste_alpha[i:i + batch_size])
-    outs.append(jax.tree_util.tree_map(np.asarray, fn(variables, z[i:i + batch_size], pv, pa)))
+    zb = z[i:i + batch_size]
+    n = len(zb)
+    # Pad batches to a power of two (at most batch_size) so that few shapes compile.
+    size = min(batch_size, 1 << max(n - 1, 0).bit_length())
+    pad = lambda a: None if a is None else jnp.asarray(
+        np.concatenate([a, np.zeros((size - n,) + a.shape[1:], a.dtype)]))
+    pv = None if paste_values is None else pad(np.asarray(paste_values[i:i + batch_size],
+                                                          np.float32))
+    pa = None if paste_alpha is None else pad(np.asarray(paste_alpha[i:i + batch_size],
+                                                         np.float32))
+    out = fn(variables, pad(zb), pv, pa)
+    outs.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], out))
   return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
 
 
@@ -642,8 +651,37 @@ def crop_problem(gen: Generator, info: LayerInfo, target: Target) -> tuple[Calla
     bias = layer_vars.get("params", {}).get("bias")
     bias = jnp.zeros((info.value_dim,), jnp.float32) if bias is None else jnp.asarray(bias)
     return _patch_f(info.value_dim), (p, bias)
+  defn = info.definition
+  if (getattr(defn, "up", None) is False and isinstance(getattr(defn, "demodulate", None), bool)
+      and len(target.extra) == 1 and info.scale == 1):
+    # A modulated convolution's memory (StyleGAN2): 'same' k×k conv of the keys x·s with
+    # Ŵ = W / √(k·k·C_in), times the demodulation d(W, s) recomputed from the kernel.
+    ks = int(defn.kernel_size)
+    x = jnp.asarray(target.keys)
+    p = lax.conv_general_dilated_patches(x, (ks, ks), (1, 1), ((ks // 2,) * 2,) * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    c = x.shape[-1]
+    p = p.reshape(p.shape[:3] + (c, ks * ks)).swapaxes(-1, -2).reshape(p.shape[:3] + (-1,))
+    p = p[:, _MARGIN:_MARGIN + oh, _MARGIN:_MARGIN + ow]
+    return _modconv_f(info.value_dim, bool(defn.demodulate)), (p, jnp.asarray(target.extra[0]))
   f = crop_fn(info.definition, info.scale, _MARGIN, oh, ow)
   return f, (jnp.asarray(target.keys), layer_vars, tuple(jnp.asarray(e) for e in target.extra))
+
+
+@functools.lru_cache(maxsize=16)
+def _modconv_f(c_out: int, demodulate: bool) -> Callable:
+  def f(kernel, keys):
+    patches, style = keys
+    kh, kw, c_in, _ = kernel.shape
+    w = kernel * (1.0 / math.sqrt(kh * kw * c_in))
+    out = jnp.einsum("nhwk,ko->nhwo", patches, w.reshape(-1, c_out),
+                     precision=lax.Precision.HIGHEST)
+    if demodulate:
+      w2 = jnp.sum(jnp.square(w), axis=(0, 1))  # (C_in, C_out)
+      d = lax.rsqrt(jnp.square(style) @ w2 + 1e-8)
+      out = out * d[:, None, None, :]
+    return out
+  return f
 
 
 def insert(gen: Generator, layer: str, C: Any, D: Any, target: Target, *,

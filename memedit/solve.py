@@ -218,7 +218,8 @@ def insert_closed_form(W: Any, C: Any, keys: Any, values: Any, *,
 def _gram_solve(W, C, keys, values, rcond, ridge):
   """Λ = Rᵀ (ridge·I + K C⁻¹ Kᵀ)⁻¹ and D = (C⁻¹ Kᵀ)ᵀ (Cholesky on the n × n Gram)."""
   lam_c, U, _ = _eigh_floored(C, rcond, 0.0)
-  cinv_kt = U @ ((U.T @ keys.T) / lam_c[:, None])  # (in, n)
+  cinv_kt = jnp.matmul(U, jnp.matmul(U.T, keys.T, precision=HIGHEST) / lam_c[:, None],
+                       precision=HIGHEST)  # (in, n)
   gram = jnp.matmul(keys, cinv_kt, precision=HIGHEST)  # (n, n)
   gram = 0.5 * (gram + gram.T) + ridge * jnp.eye(gram.shape[0], dtype=gram.dtype)
   resid = values - jnp.matmul(keys, W.T, precision=HIGHEST)  # (n, out)

@@ -94,7 +94,7 @@ def _split_static(tree):
 def _locate(model, path):
   obj = model
   for part in path:
-    obj = obj[part] if isinstance(part, int) else getattr(obj, part)
+    obj = _mem._child(obj, part)
   return obj
 
 
@@ -388,7 +388,15 @@ def forward_to_layer(model, view: "_mem.MemoryView", *, method: str | None = Non
       return (keys,)
 
     mm = _mem._Model(m.framework, m.definition, params, m.form)
-    _, records = _run(mm, path, holder, args, kwargs, method, transform=transform)
+    try:
+      _, records = _run(mm, path, holder, args, kwargs, method, transform=transform)
+    except TypeError as e:
+      if m.framework != "nnx" or "carry" not in str(e):
+        raise
+      raise ValueError(
+          f"layer {path!r}: it is part of a scan carry (e.g. the cell of nnx.RNN), where "
+          "keys cannot leave a compiled program; use capture() (which streams such calls "
+          "to the host) and memedit.covariance_update on its keys") from None
     if not records:
       raise _calls_error(path, 0, holder.traced, m.framework, False)
     keys = _stack([r[0] for r in records])

@@ -47,9 +47,6 @@ __all__ = [
     "insert_through_view",
 ]
 
-Path = tuple
-
-
 # ----------------------------------------------------------------------------------
 # Layer kinds
 # ----------------------------------------------------------------------------------
@@ -372,6 +369,16 @@ def _nnx_module_paths(model) -> list[tuple[tuple, Any]]:
   return [(tuple(p), mod) for p, mod in nnx.iter_modules(model)]
 
 
+def _child(obj, part):
+  """``obj.part`` (attributes) or ``obj[part]`` (nnx.List / nnx.Dict items)."""
+  if isinstance(part, int):
+    return obj[part]
+  try:
+    return getattr(obj, part)
+  except AttributeError:
+    return obj[part]
+
+
 def _nnx_resolve(model, address) -> tuple[tuple, Any]:
   """(path, module) of an NNX address (path tuple, string or selector) in ``model``."""
   mods = _nnx_module_paths(model)
@@ -386,7 +393,7 @@ def _nnx_resolve(model, address) -> tuple[tuple, Any]:
   obj = model
   try:
     for part in path:
-      obj = obj[part] if isinstance(part, int) else getattr(obj, part)
+      obj = _child(obj, part)
   except (AttributeError, IndexError, KeyError, TypeError):
     raise _near_paths_error(path, [p for p, _ in mods if p]) from None
   if not isinstance(obj, nnx.Module):
@@ -877,19 +884,18 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
   C = jnp.asarray(C)
   if C.shape != (view.key_dim, view.key_dim):
     raise ValueError(f"C: expected shape {(view.key_dim, view.key_dim)}, got {C.shape}")
-  if view.kind == "conv":  # 1x1, per-pixel keys
+  bias = _layer_bias(view)
+  if view.kind == "conv":  # 1x1, per-pixel keys: the pixel's output is W k + b
     if keys.shape[-1] != view.key_dim:
       raise ValueError(f"keys: expected last dimension {view.key_dim}, got {keys.shape[-1]}")
     flat = keys.reshape(n, view.key_dim)
-    native = flat.reshape(n, 1, 1, view.key_dim)
-    out0 = view.apply(kernel0, native).reshape(n, -1)
     w = view.math_weight(kernel0)[0, 0]
+    out0 = flat @ w.T + (0.0 if bias is None else bias)
   elif view.patch:
     if keys.shape[-1] != view.key_dim:
       raise ValueError(f"keys: expected last dimension {view.key_dim}, got {keys.shape[-1]}")
     flat = keys.reshape(n, view.key_dim)
     w = view.math_weight(kernel0)
-    bias = _layer_bias(view)
     out0 = flat @ w.T + (0.0 if bias is None else bias)
   else:
     if keys.ndim == 2 and keys.shape[-1] == view.key_dim:

@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["memedit.covariance", "memedit.directions", "memedit.solve", "memedit.edits"]
+MODULES = ["memedit.covariance", "memedit.directions", "memedit.solve", "memedit.edits",
+           "memedit.layers.memory", "memedit.layers.hooks", "memedit.layers.stats"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -10,7 +10,7 @@ from flax import nnx
 import flax.linen as nn
 
 import models
-from memedit.layers import capture, memory_view, register_layer_kind
+from memedit.layers import capture, layer_covariance, memory_view, register_layer_kind
 
 X = jax.random.normal(jax.random.key(3), (2, 6))
 
@@ -142,6 +142,8 @@ def test_flax_shipped_models_rnn_and_attention():
   np.testing.assert_allclose(c.values, c.keys @ rnn.cell.ii.kernel[...], rtol=1e-5, atol=1e-5)
   view = memory_view(rnn, ("cell", "ii"))
   assert view.layer_type is nnx.Linear and view.weight_path == ("cell", "ii", "kernel")
+  with pytest.raises(ValueError, match="scan carry"):
+    layer_covariance(rnn, view, [seq])
 
   att = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
   toks = jax.random.normal(jax.random.key(6), (2, 5, 8))

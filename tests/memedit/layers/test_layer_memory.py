@@ -148,6 +148,23 @@ def test_patch_view_matches_the_layer_and_per_pixel_kxk_insert_is_refused():
     k = view.kernel()
     y = view.keys(c.keys) @ k.reshape(-1, k.shape[-1]) + getattr(g, name).bias[...]
     np.testing.assert_allclose(y, c.values, rtol=1e-5, atol=1e-5)
+  # Strides, explicit and VALID padding, dilation: patches @ kernel reproduce the layer.
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(2), (2, 7, 6, 3))
+  layers = [nnx.Conv(3, 4, (3, 3), strides=2, padding="VALID", rngs=nnx.Rngs(0)),
+            nnx.Conv(3, 4, (3, 2), padding=((1, 2), (0, 1)), kernel_dilation=(2, 1),
+                     rngs=nnx.Rngs(0)),
+            nnx.ConvTranspose(3, 4, (3, 3), strides=(2, 2), padding="VALID", rngs=nnx.Rngs(0)),
+            nnx.ConvTranspose(3, 4, (5, 3), strides=(3, 2), padding="SAME", rngs=nnx.Rngs(0))]
+  lin = nn.ConvTranspose(4, (4, 4), strides=(2, 2), padding=((2, 1), (1, 1)))
+  models_ = [(l, None) for l in layers] + [((lin, models.linen_init(lin, x)), lin)]
+  for model, _ in models_:
+    view = memory_view(model, (), x, patch=True)
+    c = capture(model, (), x, single=True, jit=False)
+    k = view.kernel()
+    bias = memedit.layers.memory._layer_bias(view)
+    y = view.keys(c.keys) @ k.reshape(-1, k.shape[-1]) + bias
+    np.testing.assert_allclose(y, c.values, rtol=1e-5, atol=1e-5)
   view = memory_view(g, ("mid",))
   assert (view.kind, view.key_dim) == ("conv", 8)
   with pytest.raises(ValueError, match="patch=True"):

@@ -1,0 +1,238 @@
+"""The copy–paste–context workflow on a converted StyleGAN2 checkpoint and on the real
+DCGAN face weights."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import memedit
+import peers
+from memedit import metrics, rewrite as rw, specs
+from ports.dcgan import convert_dcgan
+from ports.stylegan2 import convert_rosinality
+
+
+def _box(y0, y1, x0, x1, canvas):
+  m = np.zeros((canvas, canvas), np.float32)
+  m[y0:y1, x0:x1] = 1.0
+  return m
+
+
+# ----------------------------------------------------------------------------------------
+# StyleGAN2 (a randomly initialised rosinality checkpoint, 32 px).
+
+
+@pytest.fixture(scope="module")
+def sg2(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("sg2")
+  model = peers.rosinality_model()
+  torch.manual_seed(0)
+  g = model.Generator(32, 64, 2, channel_multiplier=1).eval()
+  with torch.no_grad():
+    for name, p in g.named_parameters():
+      if name.endswith("modulation.bias"):
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    latent_avg = g.mean_latent(64)[0]
+  path = os.path.join(tmp, "g.pt")
+  torch.save({"g_ema": g.state_dict(), "latent_avg": latent_avg}, path)
+  gen = rw.generator_from_converted(convert_rosinality(path, tmp / "converted"))
+  layer = "conv_2"
+  state = rw.collect_statistics(gen, layer, 16, batch_size=8, progress=False)
+  return gen, layer, np.asarray(memedit.second_moment(state))
+
+
+def test_stylegan2_geometry_and_exact_crop(sg2):
+  gen, layer, C = sg2
+  assert gen.resolution == 32 and sorted(gen.layers)[:3] == ["conv_0", "conv_1", "conv_2"]
+  info = rw.layer_info(gen, layer)
+  assert (info.key_res, info.value_res, info.key_dim) == (8, 8, 512)
+  assert C.shape == (512, 512)
+  copied = rw.copy_values(gen, layer, 1, _box(8, 16, 8, 24, 32))
+  target = rw.paste_target(gen, layer, copied, 2, _box(12, 20, 4, 20, 32))
+  f, keys = rw.crop_problem(gen, info, target)
+  kernel0 = jnp.asarray(memedit.get_leaf(gen.variables, info.weight_path))
+  # The layer run on the crop (with its margin) reproduces the whole layer's values there.
+  np.testing.assert_allclose(np.asarray(f(kernel0, keys)), target.original, atol=2e-5,
+                             rtol=1e-5)
+  assert target.targets.shape == target.original.shape
+
+
+def test_stylegan2_insert_lowers_the_loss_and_keeps_unrelated_keys(sg2):
+  gen, layer, C = sg2
+  keys, weights = rw.context_keys(gen, layer, [(3, _box(8, 16, 8, 24, 32)),
+                                               (4, _box(8, 16, 8, 24, 32))])
+  D = rw.directions(C, keys, weights, rank=1, method="zca")
+  copied = rw.copy_values(gen, layer, 1, _box(8, 16, 8, 16, 32))
+  target = rw.paste_target(gen, layer, copied, 2, _box(12, 20, 4, 12, 32))
+  assert target.targets.shape == (1, 2, 2, 512)
+  res = rw.insert(gen, layer, C, D, target, optimizer="gauss_newton", steps=6)
+  assert res.loss_after < 0.95 * res.loss_before
+  assert np.all(np.diff(res.losses) <= 0)  # Gauss–Newton keeps only improving steps
+  # Demodulation bounds what a rank-1 edit can write, so check the solve itself on a
+  # target it can reach: the values of the same crop under a known rank-1 edit Λ*.
+  info = rw.layer_info(gen, layer)
+  f, crop_keys = rw.crop_problem(gen, info, target)
+  k0 = jnp.asarray(memedit.get_leaf(gen.variables, info.weight_path))
+  lam_star = 0.3 * jax.random.normal(jax.random.PRNGKey(0), (3, 3, 512, 1))
+  reachable = target._replace(targets=np.asarray(
+      f(k0 + memedit.kernel_delta(lam_star, D, k0.shape, "conv"), crop_keys)))
+  res2 = rw.insert(gen, layer, C, D, reachable, optimizer="gauss_newton", steps=6, loss="l2")
+  assert res2.loss_after < 0.05 * res2.loss_before
+  assert res.edit.path == ("params", "synthesis", "conv_2", "memory", "kernel")
+
+  # Keys C⁻¹-orthogonal to D: the convolution term is unchanged exactly; the output moves
+  # only by the demodulation recomputed from the edited kernel, d(W1, s) / d(W0, s).
+  run = rw.run_layer(gen, layer, gen.latents([5]))
+  x_mod, (style,) = run.keys.astype(np.float64), run.extra
+  q = np.linalg.qr(np.asarray(D, np.float64).T)[0]
+  x_orth = (x_mod - (x_mod @ q) @ q.T).astype(np.float32)
+  k1 = k0 + memedit.edit_delta(res.edit, k0.shape)
+  apply = lambda k, x, s: np.asarray(info.definition.apply({"params": {"kernel": k}}, x, s),
+                                     np.float64)
+
+  def demod(k, s):
+    w2 = (np.asarray(k, np.float64) ** 2).sum((0, 1)) / (9 * info.key_dim)
+    return 1.0 / np.sqrt((np.asarray(s, np.float64) ** 2) @ w2 + 1e-8)[:, None, None, :]
+
+  y0, y1 = apply(k0, x_orth, style), apply(k1, x_orth, style)
+  assert np.abs(demod(k1, style) / demod(k0, style) - 1).max() > 1e-4
+  np.testing.assert_allclose(y1 / demod(k1, style), y0 / demod(k0, style),
+                             atol=1e-5 * np.abs(y0 / demod(k0, style)).max())
+  # Exact invariance: a unit-selection edit (D = e_u) on an input whose style vanishes on
+  # unit u (so its keys x·s are zero there as well) leaves the output bit-for-bit equal up
+  # to float rounding, demodulation included.
+  Du = rw.directions(C, keys, weights, rank=1, method="unit")
+  unit = int(np.argmax(Du[0]))
+  res_u = rw.insert(gen, layer, C, Du, target, optimizer="gauss_newton", steps=6)
+  assert res_u.loss_after < res_u.loss_before
+  ku = k0 + memedit.edit_delta(res_u.edit, k0.shape)
+  s0 = np.array(style)
+  s0[:, unit] = 0.0
+  xs = np.array(run.keys)
+  xs[..., unit] = 0.0
+  np.testing.assert_allclose(apply(ku, xs, s0), apply(k0, xs, s0), rtol=0, atol=1e-6)
+  # ... while the original style (non-zero on u) is changed by the same edit.
+  assert np.abs(apply(ku, run.keys, style) - apply(k0, run.keys, style)).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------
+# DCGAN with the real face weights.
+
+
+@pytest.fixture(scope="module")
+def dcgan(tmp_path_factory):
+  _, weights = peers.gan_face_generate()
+  gen = rw.generator_from_converted(convert_dcgan(weights, tmp_path_factory.mktemp("dc") / "m"))
+  state = rw.collect_statistics(gen, "convt2", 200, batch_size=100, progress=False)
+  return gen, np.asarray(memedit.second_moment(state))
+
+
+def _spec(layer="convt2", **kw):
+  eyes = _box(24, 36, 8, 56, 64)
+  return specs.make_spec(key=[(n, eyes) for n in (9, 13, 15)], object=(29, _box(20, 40, 8, 56, 64)),
+                         paste=(9, _box(22, 42, 8, 56, 64)), layer=layer, canvas=64,
+                         solver={"steps": 300}, **kw)
+
+
+def test_dcgan_latents_are_the_reference_sample(dcgan):
+  gen, _ = dcgan
+  ref = np.random.RandomState(1).randn(12, 100).astype(np.float32)
+  np.testing.assert_array_equal(gen.latents(12), ref)
+  np.testing.assert_array_equal(gen.latents([11, 3]), ref[[11, 3]])
+  with pytest.raises(ValueError, match="layer: expected one of"):
+    gen.layer_path("convt9")
+
+
+def test_dcgan_spec_edit_apply_revert_query_and_metrics(dcgan):
+  gen, C = dcgan
+  out = rw.edit_from_spec(gen, _spec(), C)
+  res = out.result
+  assert res.loss_after < 0.85 * res.loss_before
+  assert res.losses[-1] < res.losses[0]
+  edited, hist = rw.edited(gen, res.edit)
+  z = gen.latents([9, 100, 101])
+  a, b = rw.generate(gen, z), rw.generate(edited, z)
+  assert np.abs(b - a).mean() > 1e-3
+  # The paste image's layer output moved towards the target at the paste.
+  run1 = rw.run_layer(edited, "convt2", gen.latents([9]))
+  y0, y1, x0, x1 = [2 * v for v in res.target.key_box]
+  after = np.abs(run1.values[:, y0:y1, x0:x1] - res.target.targets).mean()
+  np.testing.assert_allclose(after, res.loss_after, rtol=1e-4)
+  # Revert is bit-exact.
+  back, _ = rw.reverted(edited, res.edit, hist)
+  k_orig = memedit.get_leaf(gen.variables, gen.weight_path("convt2"))
+  assert np.array_equal(np.asarray(memedit.get_leaf(back.variables, gen.weight_path("convt2"))),
+                        np.asarray(k_orig))
+  # Query: heat maps and ranking by best match.
+  nums = list(range(100, 116))
+  scores = rw.layer_scores(gen, "convt2", res.directions, nums)
+  assert scores.shape == (16, 8, 8)
+  thr = rw.match_threshold(scores, 0.9)
+  hm = rw.heatmaps(scores, thr, 64)
+  assert hm.shape == (16, 64, 64) and hm.max() == 1.0 and hm.min() >= 0
+  ranking = rw.rank_by_match(scores, nums)
+  best = [s for _, s in ranking]
+  assert best == sorted(best, reverse=True) and ranking[0][1] == pytest.approx(scores.max())
+  # Metrics on held-out latents; the overfit baseline on the same paste.
+  m = metrics.evaluate_edit(gen, "convt2", res.directions, edited.variables, nums,
+                            target_value=out.copied.mean_value, quantile=0.95)
+  assert 0 < m["context_match"]["pixels"] <= 0.06
+  sp = m["specificity"]
+  assert sp["inside_mean_abs_change"] > sp["outside_mean_abs_change"] > 0
+  ovf = rw.overfit(gen, "convt2", res.target, steps=200)
+  assert ovf.loss_after < ovf.loss_before
+  over, _ = rw.edited(gen, ovf.edit)
+  m_o = metrics.evaluate_edit(gen, "convt2", res.directions, over.variables, nums,
+                              target_value=out.copied.mean_value, threshold=m["threshold"])
+  assert m_o["threshold"] == m["threshold"]
+  assert m["efficacy"]["cosine_gain"] > 0
+
+
+def test_dcgan_keys_orthogonal_to_d_keep_the_layer_output(dcgan):
+  gen, C = dcgan
+  res = rw.edit_from_spec(gen, _spec(), C).result
+  info = rw.layer_info(gen, "convt2")
+  run = rw.run_layer(gen, "convt2", gen.latents([200]))
+  q = np.linalg.qr(np.asarray(res.directions, np.float64).T)[0]
+  k = run.keys.astype(np.float64)
+  k_orth = (k - (k @ q) @ q.T).astype(np.float32)
+  k0 = jnp.asarray(memedit.get_leaf(gen.variables, info.weight_path))
+  k1 = k0 + memedit.edit_delta(res.edit, k0.shape)
+  f = lambda kern, x: np.asarray(info.definition.apply({"params": {"kernel": kern}}, x))
+  base = f(k0, k_orth)
+  np.testing.assert_allclose(f(k1, k_orth), base, atol=2e-5 * np.abs(base).max())
+  assert np.abs(f(k1, run.keys) - f(k0, run.keys)).max() > 1e-2
+
+
+def test_dcgan_erase_unit_zeroing_and_methods(dcgan):
+  gen, C = dcgan
+  keys, weights = rw.context_keys(gen, "convt2", [(9, _box(24, 36, 8, 56, 64))])
+  for method in ("svd", "mean"):
+    D = rw.directions(C, keys, weights, method=method)
+    assert D.shape == (1, 256) and np.isclose(np.linalg.norm(D), 1.0, atol=1e-5)
+  units = rw.top_units(C, keys, weights, 30)
+  scores = rw.unit_scores(C, keys, weights)
+  assert len(set(units.tolist())) == 30 and scores[units].min() >= np.delete(scores, units).max()
+  # Unit zeroing as an Edit equals running the layer on keys with those units zeroed.
+  info = rw.layer_info(gen, "convt2")
+  z_edit = rw.unit_zeroing_edit(gen, "convt2", units)
+  run = rw.run_layer(gen, "convt2", gen.latents([7]))
+  k0 = jnp.asarray(memedit.get_leaf(gen.variables, info.weight_path))
+  f = lambda kern, x: np.asarray(info.definition.apply({"params": {"kernel": kern}}, x))
+  zeroed = np.array(run.keys)
+  zeroed[..., units] = 0
+  np.testing.assert_allclose(f(k0 + memedit.edit_delta(z_edit, k0.shape), run.keys),
+                             f(k0, zeroed), atol=1e-4)
+  # Erase: the target inside the mask is the output with the units zeroed.
+  spec = specs.make_spec(key=[(9, _box(24, 36, 8, 56, 64))], paste=(7, _box(24, 36, 8, 56, 64)),
+                         layer="convt2", kind="erase", erase_units=30, canvas=64,
+                         solver={"steps": 100})
+  out = rw.edit_from_spec(gen, spec, C)
+  assert out.copied is None and sorted(out.units) == sorted(units)
+  assert out.result.loss_after < out.result.loss_before
