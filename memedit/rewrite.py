@@ -40,14 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.traverse_util import flatten_dict, unflatten_dict
 from jax import lax
 
 from memedit import _io
-from memedit.covariance import (CovarianceState, covariance_cache_key, second_moment,
-                                stream_covariance)
+from memedit.covariance import CovarianceState, covariance_cache_key, stream_covariance
 from memedit.directions import context_directions
-from memedit.edits import Edit, EditHistory, apply_edit, get_leaf, make_edit, revert_edit
+from memedit.edits import (Edit, EditHistory, apply_edit, edit_delta, get_leaf, make_edit,
+                           revert_edit)
 from memedit.solve import solve_lambda
 
 METHODS = ("zca", "svd", "mean", "unit")
@@ -171,6 +170,7 @@ class LayerRun(NamedTuple):
 
 class _Holder:
   definition = None
+  run = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -291,11 +291,12 @@ def layer_info(gen: Generator, layer: str) -> LayerInfo:
   """The geometry of layer ``layer`` (traced abstractly, no compute)."""
   path = gen.layer_path(layer)
   holder, fwd = _layer_definition(gen.module, gen.call_kwargs, path, gen.z_dim)
-  z = jax.ShapeDtypeStruct((1, gen.z_dim), jnp.float32)
   if holder.definition is None:
+    z = jax.ShapeDtypeStruct((1, gen.z_dim), jnp.float32)
     jax.eval_shape(fwd, gen.variables, z)
-  run = jax.eval_shape(_forward_fn(gen.module, gen.call_kwargs, path, False),
-                       gen.variables, z, None, None)
+    holder.run = jax.eval_shape(_forward_fn(gen.module, gen.call_kwargs, path, False),
+                                gen.variables, z, None, None)
+  run = holder.run
   kshape = tuple(np.shape(get_leaf(gen.variables, gen.weight_path(layer))))
   if len(kshape) != 4:
     raise ValueError(f"layer {layer!r}: expected an HWIO kernel (kh, kw, C_in, C_out), got "
@@ -684,7 +685,7 @@ def _modconv_f(c_out: int, demodulate: bool) -> Callable:
   return f
 
 
-def insert(gen: Generator, layer: str, C: Any, D: Any, target: Target, *,
+def insert(gen: Generator, layer: str, D: Any, target: Target, *,
            optimizer: str = "adam", steps: int = 2001, learning_rate: float = 0.05,
            loss: str = "l1", method: str = "insert", settings: dict | None = None
            ) -> EditResult:
@@ -696,9 +697,7 @@ def insert(gen: Generator, layer: str, C: Any, D: Any, target: Target, *,
 
   Args:
     gen, layer: the generator and layer name.
-    C: (C_in, C_in) second moment (recorded only through D; kept for the signature of
-      the paper's procedure).
-    D: (r, C_in) directions.
+    D: (r, C_in) directions (from :func:`directions`, which is where C enters).
     target: from :func:`paste_target` or :func:`erase_target`.
     optimizer, steps, learning_rate, loss: see :func:`memedit.solve_lambda`.
     method, settings: provenance stored in the edit.
@@ -706,7 +705,6 @@ def insert(gen: Generator, layer: str, C: Any, D: Any, target: Target, *,
   Returns:
     :class:`EditResult`.
   """
-  del C
   info = layer_info(gen, layer)
   D = jnp.asarray(D, jnp.float32)
   if D.ndim != 2 or D.shape[1] != info.key_dim:
@@ -720,14 +718,9 @@ def insert(gen: Generator, layer: str, C: Any, D: Any, target: Target, *,
   st.update(layer=layer, optimizer=optimizer, steps=int(steps),
             learning_rate=float(learning_rate), loss=loss, rank=int(D.shape[0]))
   edit = make_edit(info.weight_path, res.lam, D, kind="conv", method=method, settings=st)
-  kernel1 = kernel0 + edit_kernel_delta(edit, kernel0.shape)
+  kernel1 = kernel0 + edit_delta(edit, kernel0.shape)
   return EditResult(edit, np.asarray(D), target, np.asarray(res.losses),
                     _crop_loss(f, kernel0, keys, target), _crop_loss(f, kernel1, keys, target))
-
-
-def edit_kernel_delta(edit: Edit, shape) -> jax.Array:
-  from memedit.edits import edit_delta
-  return edit_delta(edit, shape)
 
 
 def unit_zeroing_edit(gen: Generator, layer: str, units: Sequence[int]) -> Edit:
@@ -793,7 +786,8 @@ def overfit_all(gen: Generator, layer: str, target: Target, *, steps: int = 2000
   fine-tuned with Adam so that image B reproduces the rendered paste (L1 in pixels).
 
   Returns:
-    The fine-tuned variables (other collections, e.g. BatchNorm statistics, unchanged).
+    (variables, losses): the fine-tuned variables (other collections, e.g. BatchNorm
+    statistics, unchanged) and the (steps,) pixel L1 loss before each step.
   """
   z = gen.latents([target.imgnum])
   goal = run_layer(gen, layer, z, paste_values=target.full_values,
@@ -815,10 +809,11 @@ def overfit_all(gen: Generator, layer: str, target: Target, *, steps: int = 2000
       val, g = jax.value_and_grad(loss_fn)(p)
       upd, st = opt.update(g, st, p)
       return (optax.apply_updates(p, upd), st), val
-    (p, _), _ = lax.scan(step, (params, opt.init(params)), None, length=int(steps))
-    return p
+    (p, _), losses = lax.scan(step, (params, opt.init(params)), None, length=int(steps))
+    return p, losses
 
-  return {"params": run(gen.variables["params"]), **rest}
+  params, losses = run(gen.variables["params"])
+  return {"params": params, **rest}, np.asarray(losses)
 
 
 def edited(gen: Generator, edit: Edit, history: EditHistory | None = None
@@ -978,7 +973,7 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
     units = top_units(C, keys, weights, min(spec.erase_units, C.shape[0]))
     target = erase_target(gen, spec.layer, pnum, pmask, units)
     settings["erased_units"] = [int(u) for u in units]
-  result = insert(gen, spec.layer, C, D, target, optimizer=solver["optimizer"],
+  result = insert(gen, spec.layer, D, target, optimizer=solver["optimizer"],
                   steps=solver["steps"], learning_rate=solver["learning_rate"],
                   loss=solver["loss"], method=f"{spec.kind}/{spec.method}", settings=settings)
   return SpecEdit(result, copied, units)

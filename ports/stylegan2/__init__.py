@@ -54,3 +54,15 @@ __all__ = [
     "num_ws", "nvidia_channels", "rosinality_channels", "sample_latents",
     "state_dict_to_params_nvidia", "state_dict_to_params_rosinality", "upfirdn2d",
 ]
+
+
+def _register_memory_kind() -> None:
+  """Makes every modulated convolution addressable by memedit's memory views: its memory
+  is the plain HWIO kernel, its keys are the per-pixel modulated inputs x·s, and the
+  layer's own f recomputes the demodulation from the (edited) kernel and the style."""
+  from memedit.layers import register_layer_kind
+
+  register_layer_kind(ModulatedConvMemory, weight="kernel", kind="conv")
+
+
+_register_memory_kind()

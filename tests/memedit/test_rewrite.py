@@ -71,7 +71,7 @@ def test_stylegan2_insert_lowers_the_loss_and_keeps_unrelated_keys(sg2):
   copied = rw.copy_values(gen, layer, 1, _box(8, 16, 8, 16, 32))
   target = rw.paste_target(gen, layer, copied, 2, _box(12, 20, 4, 12, 32))
   assert target.targets.shape == (1, 2, 2, 512)
-  res = rw.insert(gen, layer, C, D, target, optimizer="gauss_newton", steps=6)
+  res = rw.insert(gen, layer, D, target, optimizer="gauss_newton", steps=6)
   assert res.loss_after < 0.95 * res.loss_before
   assert np.all(np.diff(res.losses) <= 0)  # Gauss–Newton keeps only improving steps
   # Demodulation bounds what a rank-1 edit can write, so check the solve itself on a
@@ -82,7 +82,7 @@ def test_stylegan2_insert_lowers_the_loss_and_keeps_unrelated_keys(sg2):
   lam_star = 0.3 * jax.random.normal(jax.random.PRNGKey(0), (3, 3, 512, 1))
   reachable = target._replace(targets=np.asarray(
       f(k0 + memedit.kernel_delta(lam_star, D, k0.shape, "conv"), crop_keys)))
-  res2 = rw.insert(gen, layer, C, D, reachable, optimizer="gauss_newton", steps=6, loss="l2")
+  res2 = rw.insert(gen, layer, D, reachable, optimizer="gauss_newton", steps=6, loss="l2")
   assert res2.loss_after < 0.05 * res2.loss_before
   assert res.edit.path == ("params", "synthesis", "conv_2", "memory", "kernel")
 
@@ -109,7 +109,7 @@ def test_stylegan2_insert_lowers_the_loss_and_keeps_unrelated_keys(sg2):
   # to float rounding, demodulation included.
   Du = rw.directions(C, keys, weights, rank=1, method="unit")
   unit = int(np.argmax(Du[0]))
-  res_u = rw.insert(gen, layer, C, Du, target, optimizer="gauss_newton", steps=6)
+  res_u = rw.insert(gen, layer, Du, target, optimizer="gauss_newton", steps=6)
   assert res_u.loss_after < res_u.loss_before
   ku = k0 + memedit.edit_delta(res_u.edit, k0.shape)
   s0 = np.array(style)
@@ -192,6 +192,12 @@ def test_dcgan_spec_edit_apply_revert_query_and_metrics(dcgan):
                               target_value=out.copied.mean_value, threshold=m["threshold"])
   assert m_o["threshold"] == m["threshold"]
   assert m["efficacy"]["cosine_gain"] > 0
+  # The overfit baseline on all weights: image B reproduces the rendered paste better.
+  variables, losses = rw.overfit_all(gen, "convt2", res.target, steps=15, learning_rate=1e-3)
+  assert losses[-1] < losses[0]
+  assert set(variables) == set(gen.variables)
+  assert np.array_equal(np.asarray(variables["batch_stats"]["bn0"]["mean"]),
+                        np.asarray(gen.variables["batch_stats"]["bn0"]["mean"]))
 
 
 def test_dcgan_keys_orthogonal_to_d_keep_the_layer_output(dcgan):

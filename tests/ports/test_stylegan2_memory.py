@@ -1,0 +1,82 @@
+"""StyleGAN2's modulated convolutions as memories, through memedit's memory view."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import memedit
+from ports import stylegan2 as sg2
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module")
+def generator():
+  module = sg2.Generator(resolution=16, channels=sg2.rosinality_channels(16, 1)[:3],
+                         z_dim=32, w_dim=32, n_mlp=2)
+  z = jnp.asarray(sg2.sample_latents(3, 32, seed=1))
+  variables = module.init(jax.random.key(0), z)
+  return module, variables, z
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])  # 4×4 conv, 8×8 up-sampling conv, 8×8 conv
+def test_any_conv_layer_is_captured_and_edited_with_demodulation_recomputed(generator, layer):
+  module, variables, z = generator
+  path = sg2.layer_paths(module)[layer][1:-1]  # Linen module path of the memory
+  view = memedit.memory_view((module, variables), path, z)
+  assert view.kind == "conv" and view.weight_path == sg2.layer_paths(module)[layer]
+  cap = memedit.capture((module, variables), path, z, single=True)
+  x_mod, (style,) = cap.keys, cap.extra_args
+  r = 2
+  lam0 = jnp.zeros(memedit.lambda_shape(view.kernel_shape, r, "conv"))
+  np.testing.assert_allclose(memedit.layer_forward(view, lam0, jnp.eye(r, view.key_dim), x_mod,
+                                                   style), cap.values, rtol=1e-5, atol=1e-5)
+  rng = np.random.default_rng(layer)
+  # Directions on two units: the memory of what those channels mean here.
+  units = rng.choice(view.key_dim, r, replace=False)
+  D = jnp.zeros((r, view.key_dim)).at[jnp.arange(r), units].set(1.0)
+  lam = jnp.asarray(rng.standard_normal(memedit.lambda_shape(view.kernel_shape, r, "conv")),
+                    jnp.float32)
+  # An input whose style vanishes on those units: its keys x·s are C⁻¹-orthogonal to D
+  # and its demodulation, recomputed from the edited kernel, is unchanged: same output.
+  keep = jnp.ones(view.key_dim).at[units].set(0.0)
+  free_x, free_s = x_mod * keep, style * keep
+  assert float(jnp.abs(jnp.einsum("nhwc,dc->nhwd", free_x, D)).max()) == 0.0
+  before = memedit.layer_forward(view, lam0, D, free_x, free_s)
+  after = memedit.layer_forward(view, lam, D, free_x, free_s)
+  assert rel(after, before) <= 1e-5
+  # A context input changes, and so does the demodulation itself.
+  assert rel(memedit.layer_forward(view, lam, D, x_mod, style), cap.values) > 1e-2
+  # The whole generator runs with the edited kernel; the caller's variables are untouched.
+  kernel = memedit.get_leaf(variables, view.weight_path)
+  edit = memedit.make_edit(view.weight_path, lam, D, kind="conv")
+  edited, _ = memedit.apply_edit(variables, edit)
+  assert memedit.get_leaf(variables, view.weight_path) is kernel
+  img0 = sg2.generate(module, variables, z, noise_mode="const")
+  img1 = sg2.generate(module, edited, z, noise_mode="const")
+  assert rel(img1, img0) > 1e-3
+
+
+def test_insert_through_the_view_drives_the_paste_loss_down(generator):
+  module, variables, z = generator
+  path = sg2.layer_paths(module)[2][1:-1]
+  view = memedit.memory_view((module, variables), path, z)
+  cap = memedit.capture((module, variables), path, z, single=True)
+  x_mod, (style,) = cap.keys, cap.extra_args
+  C = memedit.second_moment(memedit.covariance_update(memedit.covariance_init(view.key_dim),
+                                                      x_mod))
+  ctx = x_mod[0, 2:5, 2:5].reshape(-1, view.key_dim)
+  D = memedit.context_directions(C, ctx, rank=3).directions
+  # Paste image 1's values into a 3×3 region of image 0; only that crop is optimised.
+  target = cap.values[:1].at[:, 2:5, 2:5].set(cap.values[1:2, 2:5, 2:5])
+  mask = jnp.zeros(target.shape[:3]).at[:, 2:5, 2:5].set(1.0)
+  f = lambda kernel, keys: view.apply(kernel, *keys)
+  res = memedit.solve_lambda(f, view.kernel(), D, (x_mod[:1], style[:1]), target, kind="conv",
+                             weights=mask, optimizer="gauss_newton", steps=10)
+  assert float(res.final_loss) < 0.5 * float(res.losses[0])
