@@ -469,9 +469,12 @@ def _run_demo(args) -> int:
   orig = rewrite.generate(gen, z)
   grid_e = rewrite.comparison_grid(orig, rewrite.generate(edited, z), columns=4)
   grid_o = rewrite.comparison_grid(orig, rewrite.generate(overfitted, z), columns=4)
-  sep = np.full((8,) + grid_e.shape[1:], 255, np.uint8)
   os.makedirs(args.out, exist_ok=True)
-  rewrite.save_png(os.path.join(args.out, "demo.png"), np.concatenate([grid_e, sep, grid_o]))
+  rewrite.save_png(os.path.join(args.out, "demo.png"), np.concatenate([
+      _label(f"memedit: {spec.kind}/{spec.method} rank {spec.rank} at {spec.layer} "
+             f"(held-out images {held[0]}..; original | edited)", grid_e.shape[1]), grid_e,
+      _label(f"overfit baseline: all weights of {spec.layer}, {args.overfit_steps} Adam steps "
+             "(original | edited)", grid_e.shape[1]), grid_o]))
   memedit.save_edit(os.path.join(args.out, "demo.edit"), res.edit)
   times["total_s"] = time.perf_counter() - t_all
   spec_eff = m_edit.get("efficacy", {}).get("cosine_gain")
@@ -518,6 +521,16 @@ def _run_demo(args) -> int:
         f"{m_over['specificity']['outside_mean_abs_change']:.3f}; total {times['total_s']:.0f}s")
   print(f"wrote {os.path.join(args.out, 'demo.png')} and {os.path.join(args.out, 'demo.json')}")
   return 0
+
+
+def _label(text: str, width: int):
+  """A white (18, width, 3) uint8 strip with ``text`` written in black."""
+  import numpy as np
+  from PIL import Image, ImageDraw
+
+  img = Image.new("RGB", (width, 18), (255, 255, 255))
+  ImageDraw.Draw(img).text((4, 3), text, fill=(0, 0, 0))
+  return np.asarray(img)
 
 
 def digest_of(path) -> str:
