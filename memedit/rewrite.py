@@ -47,6 +47,7 @@ from memedit.covariance import CovarianceState, covariance_cache_key, stream_cov
 from memedit.directions import context_directions
 from memedit.edits import (Edit, EditHistory, apply_edit, edit_delta, get_leaf, make_edit,
                            revert_edit)
+from memedit.layers.hooks import linen_layer_variables
 from memedit.solve import solve_lambda
 
 METHODS = ("zca", "svd", "mean", "unit")
@@ -311,16 +312,7 @@ def layer_info(gen: Generator, layer: str) -> LayerInfo:
 
 
 def _layer_variables(gen: Generator, path: tuple) -> dict:
-  out = {}
-  for col, tree in gen.variables.items():
-    node = tree
-    try:
-      for p in path:
-        node = node[p]
-    except (KeyError, TypeError):
-      continue
-    out[col] = node
-  return out
+  return linen_layer_variables(gen.variables, path)
 
 
 @functools.lru_cache(maxsize=128)

@@ -347,7 +347,7 @@ def solve_lambda(
     learning_rate: float = 0.05,
     lam0: Any = None,
     cg_steps: int = 32,
-    damping: float = 1e-3,
+    damping: float = 0.1,
     conv_as_matmul: bool | None = None,
 ) -> SolveResult:
   """Finds Λ = argmin_Λ loss(f(K0 + ΔK(Λ, D), keys), targets) inside one jitted program.
@@ -361,7 +361,8 @@ def solve_lambda(
     them, typically 5–30) whose normal equations (JᵀΩJ + μI) δ = −JᵀΩr are solved
     matrix-free by ``cg_steps`` conjugate-gradient iterations with ``jax.linearize`` and
     its transpose; for the L1 loss Ω are iteratively reweighted least-squares weights
-    w/|r|. A step is kept only if it lowers the loss, and μ adapts.
+    w/|r|. A step is kept only if it lowers the loss, and μ adapts (Nielsen's gain-ratio
+    rule).
 
   The loss is the (weighted) mean of |r| (L1, the reference's default) or r² (L2) over
   r = f(K0 + ΔK, keys) − targets; ``weights`` (broadcastable to a leading part of the
@@ -385,6 +386,10 @@ def solve_lambda(
     lam0: initial Λ (zeros by default).
     cg_steps: CG iterations per Gauss–Newton step.
     damping: initial Levenberg–Marquardt μ, relative to the curvature along the gradient.
+      μ then follows Nielsen's rule (shrunk by the gain ratio of actual to predicted loss
+      reduction, doubled geometrically while steps are refused). Small values (1e-3) take
+      the fastest first steps on mild problems; the default 0.1 keeps a saturating f
+      (e.g. tanh) from jumping into a plateau it cannot leave.
     conv_as_matmul: compute f's convolutions as patches × kernel (same values). XLA:CPU
       runs kernel-gradient convolutions inside compiled loops 20–35× slower than outside
       them; this form avoids that. Default: on when the backend is the CPU.
@@ -505,13 +510,18 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, directio
     kernel = kernel0 + _delta(lam, directions, kshape, kind, in_ndim).astype(kernel0.dtype)
     return (f(kernel, keys) - targets).astype(jnp.float32)
 
+  # The quadratic model's reduction is c·Σ ω (r² − (r + Jδ)²) / Σ w: c = 1 for L2, and
+  # c = ½ for L1, whose IRLS model |x| ≤ x²/(2|r|) + |r|/2 majorises the loss.
+  half = 0.5 if loss == "l1" else 1.0
+  norm = jnp.maximum(jnp.sum(wfull), 1e-30)
+
   def gn_step(carry, _):
-    lam, mu = carry
+    lam, mu, nu = carry
     r, jvp = jax.linearize(resid_fn, lam)
     vjp = jax.linear_transpose(jvp, lam)
     cur = loss_fn(lam)
     if loss == "l1":
-      eps = 1e-3 * jnp.sum(wfull * jnp.abs(r)) / jnp.maximum(jnp.sum(wfull), 1e-30) + 1e-12
+      eps = 1e-3 * jnp.sum(wfull * jnp.abs(r)) / norm + 1e-12
       omega = wfull / jnp.maximum(jnp.abs(r), eps)
     else:
       omega = wfull
@@ -540,10 +550,18 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, directio
                                    length=cg_steps)
     cand = lam + delta
     new = loss_fn(cand)
+    jd = jvp(delta)
+    predicted = -half * jnp.sum(omega * jd * (2.0 * r + jd)) / norm
     ok = jnp.logical_and(jnp.isfinite(new), new < cur)
     lam = jnp.where(ok, cand, lam)
-    mu = jnp.where(ok, jnp.maximum(mu / 3.0, 1e-9), mu * 4.0)
-    return (lam, mu), cur
+    # Nielsen's rule: shrink μ by how well the model predicted the actual reduction
+    # (gain ratio ρ), grow it geometrically while steps are refused.
+    rho = (cur - new) / jnp.maximum(predicted, 1e-30)
+    shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * jnp.clip(rho, 0.0, 1.0) - 1.0) ** 3)
+    mu = jnp.where(ok, jnp.maximum(mu * shrink, 1e-9), mu * nu)
+    nu = jnp.where(ok, 2.0, nu * 2.0)
+    return (lam, mu, nu), cur
 
-  (lam, _), losses = lax.scan(gn_step, (lam0, damping), None, length=steps)
+  (lam, _, _), losses = lax.scan(gn_step, (lam0, damping, jnp.float32(2.0)), None,
+                                 length=steps)
   return SolveResult(lam, losses, loss_fn(lam))

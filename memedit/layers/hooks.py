@@ -421,16 +421,22 @@ def _linen_layer_definition(m, path, args, kwargs, method):
   if holder.definition is None:
     raise _calls_error(path, 0, holder.traced, "linen", False)
   del records
-  layer_vars = {}
-  for col, tree in m.params.items():
+  return (holder.definition, linen_layer_variables(m.params, path), holder.call_kernel_shape,
+          holder.input_ndim)
+
+
+def linen_layer_variables(variables: dict, path: tuple) -> dict:
+  """{collection: the sub-tree at ``path``} for each Linen collection that has one."""
+  out = {}
+  for col, tree in variables.items():
     node = tree
     try:
       for p in path:
         node = node[p]
     except (KeyError, TypeError):
       continue
-    layer_vars[col] = node
-  return holder.definition, layer_vars, holder.call_kernel_shape, holder.input_ndim
+    out[col] = node
+  return out
 
 
 def _nnx_input_ndim(m, path, args, kwargs, method) -> int | None:

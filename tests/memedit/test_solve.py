@@ -272,3 +272,22 @@ def test_bad_input():
     memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", loss="huber")
   with pytest.raises(ValueError, match=r"lam: expected shape \(3, 3, 4, 2\), got \(4, 2\)"):
     memedit.kernel_delta(np.ones((4, 2)), np.ones((2, 5)), (3, 3, 5, 4), "conv")
+
+
+def test_gauss_newton_leaves_saturation_behind():
+  # tanh(k K) with a reachable target: the exact Λ solves a 2×2 system per output. An
+  # undamped first step jumps into tanh's flat tails; the gain-ratio damping must not.
+  rng = np.random.default_rng(7)
+  W0 = (rng.standard_normal((64, 32)) / 8).astype(np.float32)
+  K = rng.standard_normal((2, 64)).astype(np.float32)
+  targets = (0.5 * np.tanh(rng.standard_normal((2, 32)))).astype(np.float32)
+  D = memedit.context_directions(np.eye(64, dtype=np.float32), K, rank=2).directions
+  f = lambda kern, keys: jnp.tanh(keys @ kern)
+  res = memedit.solve_lambda(f, W0, D, K, targets, loss="l2", optimizer="gauss_newton",
+                             steps=15)
+  assert float(res.losses[0]) > 0.1
+  assert float(res.final_loss) <= 1e-10
+  # The planted exact answer: pre-activations arctanh(t) through the 2×2 system K Dᵀ.
+  A = np.asarray(K @ np.asarray(D).T, np.float64)
+  lam = np.linalg.solve(A, np.arctanh(targets.astype(np.float64)) - K @ W0).T
+  assert rel(np.asarray(res.lam), lam) <= 1e-3
