@@ -1,6 +1,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Test processes (pytest-xdist); each test file runs whole in one of them.
+TEST_WORKERS ?= 2
 
 .PHONY: test install demo bench clean
 
@@ -19,7 +21,7 @@ demo: install
 	$(PY) -m memedit.cli demo --weights .cache/demo --work .cache/demo --out out
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: install
 	$(PY) benchmarks/covariance_fold.py

@@ -43,10 +43,15 @@ def unpacked_wheel(requirement: str) -> Path:
     with zipfile.ZipFile(wheels[0]) as zf:
       zf.extractall(unpack)
     (unpack / ".complete").write_text(requirement)
-    if target.exists():
+    if target.exists() and not done.exists():  # a stale, incomplete unpack
       import shutil
-      shutil.rmtree(target)
-    os.replace(unpack, target)
+      shutil.rmtree(target, ignore_errors=True)
+    try:
+      os.replace(unpack, target)
+    except OSError:
+      # Another test process finished the same download first: keep its copy.
+      if not done.exists():
+        raise
   return target
 
 

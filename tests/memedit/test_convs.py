@@ -20,7 +20,8 @@ LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("layer", LAYERS, ids=lambda m: repr(m).split("(")[0] + str(id(m) % 7))
+@pytest.mark.parametrize("layer", LAYERS,
+                         ids=[f"{type(m).__name__}{i}" for i, m in enumerate(LAYERS)])
 def test_values_and_kernel_gradients_match(layer):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 6)), jnp.float32)
   v = layer.init(jax.random.key(0), x)

@@ -1,0 +1,16 @@
+"""Layer kinds the tests register stay local to the test that registers them."""
+
+from __future__ import annotations
+
+import pytest
+
+from memedit.layers import memory
+
+
+@pytest.fixture(autouse=True)
+def _forget_test_layer_kinds():
+  before = set(memory._KINDS)
+  yield
+  for cls in set(memory._KINDS) - before:
+    if cls.__module__ == "models":  # the test models; library and port kinds stay
+      del memory._KINDS[cls]
