@@ -47,6 +47,18 @@ def best_of(fn, repeats: int = 3) -> float:
   return min(times)
 
 
+def median_of(fn, repeats: int = 3) -> float:
+  """Median wall time of ``repeats`` calls of ``fn`` (which must block until done)."""
+  import statistics
+
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
   """A plain-text table of ``rows`` restricted to ``columns``."""
   cells = [[str(r.get(c, "")) for c in columns] for r in rows]

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,14 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-
-def _median_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from benchmarks.common import median_of  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -79,8 +71,8 @@ def main(argv=None) -> dict:
     for _ in range(warmup):  # warm-up: oneDNN primitive caches, allocator, thread pools
       run_torch()
       run_jax()
-    t_jax = _median_seconds(run_jax, repeats)
-    t_torch = _median_seconds(run_torch, repeats)
+    t_jax = median_of(run_jax, repeats)
+    t_torch = median_of(run_torch, repeats)
     rows.append({
         "batch": batch,
         "jax_images_per_s": batch / t_jax,

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -26,14 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-
-def _median_seconds(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from benchmarks.common import median_of  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -86,8 +78,8 @@ def main(argv=None) -> dict:
       if not args.quick:
         run_jax()
         run_torch()
-      jax_s = _median_seconds(run_jax, args.repeats)
-      torch_s = _median_seconds(run_torch, args.repeats)
+      jax_s = median_of(run_jax, args.repeats)
+      torch_s = median_of(run_torch, args.repeats)
       rows.append({
           "resolution": size, "batch": batch,
           "jax_images_per_s": batch / jax_s, "torch_images_per_s": batch / torch_s,
