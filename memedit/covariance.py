@@ -161,26 +161,39 @@ def _fold(state: CovarianceState, keys, weights) -> CovarianceState:
     w = jnp.ones((x.shape[0],), jnp.float32)
   else:
     w = jnp.reshape(jnp.broadcast_to(jnp.asarray(weights, jnp.float32), keys.shape[:-1]), (-1,))
-  # A row is finite iff its sum is (NaN and ±inf propagate); one read, no write.
-  finite = jnp.isfinite(jnp.sum(x, axis=-1))
   used = w != 0
-  nonfinite = jnp.sum(~finite & used, dtype=jnp.uint32)
-  w = jnp.where(finite, w, 0.0)
-  n = jnp.sum(finite & used, dtype=jnp.uint32)
-  wsum = jnp.sum(w)
 
-  def first_shift():
+  def sums(finite):
+    # finite=None: every row is taken as finite (the common case, no masking pass).
+    wf = w if finite is None else jnp.where(finite, w, 0.0)
+    xf = x if finite is None else jnp.where(finite[:, None], x, 0.0)
+    wsum = jnp.sum(wf)
     # The first non-empty batch fixes the shift at its weighted mean.
-    xf = jnp.where(finite[:, None], x, 0.0)
-    return jnp.einsum("n,nd->d", w, xf, precision=HIGHEST) / jnp.maximum(wsum, 1e-30)
+    take = jnp.logical_and(~state.has_shift, wsum > 0)
+    shift = lax.cond(
+        take,
+        lambda: jnp.einsum("n,nd->d", wf, xf, precision=HIGHEST) / jnp.maximum(wsum, 1e-30),
+        lambda: state.shift)
+    # xs = √w ⊙ (x − c): one materialised operand, used on both sides of the Gram matrix.
+    sw = jnp.sqrt(wf)
+    xs = (xf - shift) * sw[:, None]
+    if finite is not None:
+      xs = jnp.where(finite[:, None], xs, 0.0)
+    s = jnp.einsum("n,nd->d", sw, xs, precision=HIGHEST)
+    ss = jnp.einsum("nd,ne->de", xs, xs, precision=HIGHEST, preferred_element_type=jnp.float32)
+    ok = finite if finite is not None else jnp.ones_like(used)
+    n = jnp.sum(ok & used, dtype=jnp.uint32)
+    nonfinite = jnp.sum(~ok & used, dtype=jnp.uint32)
+    return wsum, shift, s, ss, n, nonfinite
 
-  take = jnp.logical_and(~state.has_shift, wsum > 0)
-  shift = lax.cond(take, first_shift, lambda: state.shift)
-  # xs = √w ⊙ (x − c): one materialised operand, used on both sides of the Gram matrix.
-  sw = jnp.sqrt(w)
-  xs = jnp.where(finite[:, None], (x - shift) * sw[:, None], 0.0)
-  s = jnp.einsum("n,nd->d", sw, xs, precision=HIGHEST)
-  ss = jnp.einsum("nd,ne->de", xs, xs, precision=HIGHEST, preferred_element_type=jnp.float32)
+  def masked():
+    # A row is finite iff its sum is (NaN and ±inf propagate).
+    return sums(jnp.isfinite(jnp.sum(x, axis=-1)))
+
+  # Any NaN or ±inf among the rows shows in Σ s + tr S; only then are rows masked.
+  plain = sums(None)
+  clean = jnp.isfinite(jnp.sum(plain[2]) + jnp.trace(plain[3]))
+  wsum, shift, s, ss, n, nonfinite = lax.cond(clean, lambda: plain, masked)
   return CovarianceState(
       count=_add_count(state.count, n),
       weight=_kahan_add(state.weight, wsum),

@@ -247,3 +247,27 @@ def test_sharded_over_four_host_devices_equals_single_device():
   assert out["n1"] == out["n4"] == 9 * 1001
   assert out["one_ref"] <= 1e-6 and out["four_ref"] <= 1e-6
   assert out["four_one"] <= 1e-6 and out["cov_four_one"] <= 1e-6
+
+
+def test_nonfinite_rows_are_left_out_exactly():
+  # Rows holding NaN or ±inf (weighted or not) are counted and skipped; the finite rows
+  # fold exactly as if they were alone, including the shift taken from the first batch.
+  rng = np.random.default_rng(5)
+  keys = (rng.standard_normal((2, 6, 3)) + 4.0).astype(np.float32)
+  weights = rng.uniform(0.5, 2.0, (2, 6)).astype(np.float32)
+  weights[1, 4] = 0.0
+  bad = keys.copy()
+  bad[0, 1, 2], bad[1, 3, 0], bad[1, 4, 1] = np.nan, np.inf, -np.inf  # last one unweighted
+  keep = np.isfinite(bad).all(-1)
+  for update in (memedit.covariance_update, jax.jit(memedit.covariance_update)):
+    st_bad, st_ref = memedit.covariance_init(3), memedit.covariance_init(3)
+    for b in range(2):
+      st_bad = update(st_bad, bad[b], weights[b])
+      st_ref = update(st_ref, keys[b][keep[b]], weights[b][keep[b]])
+    assert int(st_bad.nonfinite) == 2
+    assert memedit.key_count(st_bad) == memedit.key_count(st_ref) == int(keep.sum()) == 9
+    for field in ("shift", "sum", "sum_sq"):
+      np.testing.assert_allclose(getattr(st_bad, field), getattr(st_ref, field), rtol=1e-6,
+                                 atol=1e-6)
+    np.testing.assert_allclose(memedit.total_weight(st_bad), memedit.total_weight(st_ref),
+                               rtol=1e-7)
