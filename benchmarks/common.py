@@ -37,26 +37,25 @@ def machine() -> dict:
   return info
 
 
-def best_of(fn, repeats: int = 3) -> float:
-  """Smallest wall time of ``repeats`` calls of ``fn`` (which must block until done)."""
+def _wall_times(fn, repeats: int) -> list[float]:
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return min(times)
+  return times
+
+
+def best_of(fn, repeats: int = 3) -> float:
+  """Smallest wall time of ``repeats`` calls of ``fn`` (which must block until done)."""
+  return min(_wall_times(fn, repeats))
 
 
 def median_of(fn, repeats: int = 3) -> float:
   """Median wall time of ``repeats`` calls of ``fn`` (which must block until done)."""
   import statistics
 
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return statistics.median(_wall_times(fn, repeats))
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -163,10 +163,7 @@ def _fold(state: CovarianceState, keys, weights) -> CovarianceState:
     w = jnp.reshape(jnp.broadcast_to(jnp.asarray(weights, jnp.float32), keys.shape[:-1]), (-1,))
   used = w != 0
 
-  def sums(finite):
-    # finite=None: every row is taken as finite (the common case, no masking pass).
-    wf = w if finite is None else jnp.where(finite, w, 0.0)
-    xf = x if finite is None else jnp.where(finite[:, None], x, 0.0)
+  def sums(wf, xf):
     wsum = jnp.sum(wf)
     # The first non-empty batch fixes the shift at its weighted mean.
     take = jnp.logical_and(~state.has_shift, wsum > 0)
@@ -174,24 +171,25 @@ def _fold(state: CovarianceState, keys, weights) -> CovarianceState:
         take,
         lambda: jnp.einsum("n,nd->d", wf, xf, precision=HIGHEST) / jnp.maximum(wsum, 1e-30),
         lambda: state.shift)
-    # xs = √w ⊙ (x − c): one materialised operand, used on both sides of the Gram matrix.
+    # xs = √w ⊙ (x − c): one materialised operand, used on both sides of the Gram matrix
+    # (rows of weight 0 are exactly 0).
     sw = jnp.sqrt(wf)
     xs = (xf - shift) * sw[:, None]
-    if finite is not None:
-      xs = jnp.where(finite[:, None], xs, 0.0)
     s = jnp.einsum("n,nd->d", sw, xs, precision=HIGHEST)
     ss = jnp.einsum("nd,ne->de", xs, xs, precision=HIGHEST, preferred_element_type=jnp.float32)
-    ok = finite if finite is not None else jnp.ones_like(used)
-    n = jnp.sum(ok & used, dtype=jnp.uint32)
-    nonfinite = jnp.sum(~ok & used, dtype=jnp.uint32)
-    return wsum, shift, s, ss, n, nonfinite
+    return wsum, shift, s, ss
 
   def masked():
-    # A row is finite iff its sum is (NaN and ±inf propagate).
-    return sums(jnp.isfinite(jnp.sum(x, axis=-1)))
+    # A row is finite iff its sum is (NaN and ±inf propagate); such rows get weight 0.
+    finite = jnp.isfinite(jnp.sum(x, axis=-1))
+    out = sums(jnp.where(finite, w, 0.0), jnp.where(finite[:, None], x, 0.0))
+    return out + (jnp.sum(finite & used, dtype=jnp.uint32),
+                  jnp.sum(~finite & used, dtype=jnp.uint32))
 
-  # Any NaN or ±inf among the rows shows in Σ s + tr S; only then are rows masked.
-  plain = sums(None)
+  # The common case folds every row unmasked; any NaN or ±inf among them shows in
+  # Σ s + tr S, and only then is the batch folded again with those rows masked.
+  n_used = jnp.sum(used, dtype=jnp.uint32)
+  plain = sums(w, x) + (n_used, jnp.zeros_like(n_used))
   clean = jnp.isfinite(jnp.sum(plain[2]) + jnp.trace(plain[3]))
   wsum, shift, s, ss, n, nonfinite = lax.cond(clean, lambda: plain, masked)
   return CovarianceState(

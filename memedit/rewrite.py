@@ -311,10 +311,6 @@ def layer_info(gen: Generator, layer: str) -> LayerInfo:
                    int(run.keys.shape[-1]), int(run.values.shape[-1]), kshape)
 
 
-def _layer_variables(gen: Generator, path: tuple) -> dict:
-  return linen_layer_variables(gen.variables, path)
-
-
 @functools.lru_cache(maxsize=128)
 def crop_fn(definition, scale: int, margin: int, out_h: int, out_w: int) -> Callable:
   """f(kernel, (keys_crop, layer_variables, extra)) → the layer's output on a crop.
@@ -483,7 +479,7 @@ def erase_target(gen: Generator, layer: str, imgnum: int, mask: Any, units: Sequ
   zeroed = np.array(run.keys)
   zeroed[..., units] = 0.0
   f = crop_fn(info.definition, info.scale, 0, info.value_res, info.value_res)
-  layer_vars = _layer_variables(gen, info.path)
+  layer_vars = linen_layer_variables(gen.variables, info.path)
   out = np.asarray(f(get_leaf(gen.variables, info.weight_path),
                      (jnp.asarray(zeroed), layer_vars, run.extra)))[0]
   alpha = downsample_mask(mask, info.value_res)
@@ -633,7 +629,7 @@ def crop_problem(gen: Generator, info: LayerInfo, target: Target) -> tuple[Calla
   from memedit.layers import layer_kind
 
   oh, ow = target.targets.shape[1:3]
-  layer_vars = _layer_variables(gen, info.path)
+  layer_vars = linen_layer_variables(gen.variables, info.path)
   try:
     spec = layer_kind(info.definition)
   except ValueError:
