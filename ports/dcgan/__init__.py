@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ports.dcgan.convert import convert_dcgan, load_dcgan, variables_from_state_dict
-from ports.dcgan.model import DCGANGenerator
+from ports.dcgan.model import DCGANGenerator, OverlapAddConvTranspose
 
-__all__ = ["DCGANGenerator", "convert_dcgan", "load_dcgan", "variables_from_state_dict"]
+__all__ = ["DCGANGenerator", "OverlapAddConvTranspose", "convert_dcgan", "load_dcgan",
+           "variables_from_state_dict"]

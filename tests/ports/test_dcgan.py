@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import pickle
@@ -10,9 +11,11 @@ import types
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.test_util import check_grads
 
 import peers
 import ports
@@ -20,6 +23,7 @@ from memedit import _io
 from memedit.cli import main
 from ports.dcgan import DCGANGenerator, convert_dcgan, load_dcgan, variables_from_state_dict
 from ports.dcgan import convert as dcgan_convert
+from ports.dcgan import model as dcgan_model
 from ports.torchfile import load_torch
 
 WEIGHTS_SHA256 = "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f"
@@ -219,3 +223,62 @@ def test_cli_convert(peer, converted, tmp_path, capsys):
   text = capsys.readouterr().out
   for word in ("--format", "rosinality", "nvidia", "dcgan", "auto", "SRC", "OUT"):
     assert word in text
+
+
+_OVERLAP_ADD_CASES = [  # kernel, strides, explicit padding, input H x W, bias
+    ((4, 4), (2, 2), ((2, 2), (2, 2)), (5, 5), False),  # the DCGAN up-sampling layers
+    ((4, 4), (1, 1), ((3, 3), (3, 3)), (1, 1), False),  # the DCGAN first layer
+    ((4, 4), (2, 2), ((0, 0), (1, 3)), (3, 4), True),  # crop on one side, zero-extend
+    ((6, 3), (3, 1), ((1, 5), (0, 0)), (2, 3), True),  # unequal axes
+    ((4, 4), (2, 2), ((5, 5), (0, 1)), (2, 2), False),  # padding past the kernel
+]
+
+
+@pytest.mark.parametrize("kernel,strides,padding,size,bias", _OVERLAP_ADD_CASES)
+def test_overlap_add_conv_transpose_matches_flax(kernel, strides, padding, size, bias):
+  rng = np.random.default_rng(sum(size))
+  x = rng.standard_normal((2,) + size + (3,)).astype(np.float32)
+  kw = dict(features=5, kernel_size=kernel, strides=strides, padding=padding, use_bias=bias)
+  variables = nn.ConvTranspose(**kw).init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map(lambda v: v + 0.25, variables)  # a non-zero bias too
+  ref = nn.ConvTranspose(**kw).apply(variables, x.astype(np.float64))
+  layer = dcgan_model.OverlapAddConvTranspose(**kw)
+  assert jax.tree_util.tree_map(np.shape, layer.init(jax.random.key(0), x)) == \
+      jax.tree_util.tree_map(np.shape, variables)
+  for out in (layer.apply(variables, x), jax.jit(layer.apply)(variables, x)):
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(layer.apply(variables, x[0]), ref[0], atol=2e-6, rtol=0)
+
+
+def test_overlap_add_conv_transpose_gradients():
+  layer = dcgan_model.OverlapAddConvTranspose(
+      2, (4, 4), strides=(2, 2), padding=((2, 2), (1, 2)), use_bias=True)
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 2, 3)))
+    variables = layer.init(jax.random.key(0), x)
+    variables = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), variables)
+    layer64 = layer.clone(param_dtype=jnp.float64)
+    check_grads(lambda v, x: layer64.apply(v, x), (variables, x), order=1,
+                modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
+     r"kernel_size a multiple of strides, got \(3, 3\) and \(2, 2\)"),
+    (dict(kernel_size=(4, 4), strides=(2, 2), padding="SAME"),
+     r"explicit padding \(\(lo, hi\), \(lo, hi\)\), got 'SAME'"),
+    (dict(kernel_size=(4, 4), padding=0, kernel_dilation=2), r"kernel_dilation 1, got \(2, 2\)"),
+    (dict(kernel_size=(4, 4), padding=0, transpose_kernel=True),
+     "transpose_kernel=False, got True"),
+    (dict(kernel_size=(4, 4, 4), padding=0), r"2 values for kernel_size, got \(4, 4, 4\)"),
+])
+def test_overlap_add_conv_transpose_refuses_what_it_does_not_compute(kwargs, message):
+  layer = dcgan_model.OverlapAddConvTranspose(2, **kwargs)
+  with pytest.raises(ValueError, match="OverlapAddConvTranspose: expected .*" + message):
+    layer.init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))
+
+
+def test_model_docstring_example_runs():
+  result = doctest.testmod(dcgan_model, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0
