@@ -13,16 +13,18 @@ Every transposed convolution is a ``flax.linen.ConvTranspose`` (no bias) with an
 kernel ``(4, 4, C_in, C_out)``: a layer's keys are per-pixel input vectors of dim ``C_in``.
 The layers are :class:`OverlapAddConvTranspose`, a subclass with the same parameters and
 outputs that computes the transposed convolution as one matrix product followed by an
-overlap-add, which XLA runs faster on CPU than its input-dilated convolution. A torch ``ConvTranspose2d`` with padding ``p`` equals a Flax ``ConvTranspose``
-with explicit padding ``k - 1 - p`` on each side and the torch kernel spatially flipped
-(see ``ports.dcgan.convert``). BatchNorm runs in inference mode on its running
-statistics (``batch_stats`` collection), ``y = (x - mean) / sqrt(var + 1e-5) * scale + bias``.
+overlap-add, which XLA runs faster on CPU than its input-dilated convolution. A torch
+``ConvTranspose2d`` with padding ``p`` equals a Flax ``ConvTranspose`` with explicit padding
+``k - 1 - p`` on each side and the torch kernel spatially flipped (see
+``ports.dcgan.convert``). BatchNorm runs in inference mode on its running statistics
+(``batch_stats`` collection), ``y = (x - mean) / sqrt(var + 1e-5) * scale + bias``.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
 from jax import lax
 
 KERNEL = 4
@@ -81,12 +83,8 @@ class OverlapAddConvTranspose(nn.ConvTranspose):
     s = _pair(self.strides if self.strides is not None else 1, "strides")
     d = _pair(self.kernel_dilation if self.kernel_dilation is not None else 1,
               "kernel_dilation")
-    pad = self.padding
-    if isinstance(pad, int):
-      pad = ((pad, pad), (pad, pad))
-    explicit = (isinstance(pad, (tuple, list)) and len(pad) == 2
-                and all(isinstance(p, (tuple, list)) and len(p) == 2
-                        and all(isinstance(v, int) for v in p) for p in pad))
+    pad = canonicalize_padding(self.padding, 2)
+    explicit = not isinstance(pad, str)
     problems = []
     if inputs.ndim not in (3, 4):
       problems.append(f"inputs of shape (N, H, W, C) or (H, W, C), got {inputs.shape}")
