@@ -483,8 +483,8 @@ def _run_demo(args) -> int:
       "model": {"package": DEMO_REQUIREMENT, "licence": "MIT", "weights_sha256": digest_of(weights),
                 "architecture": "dcgan", "resolution": gen.resolution},
       "spec": {"layer": spec.layer, "kind": spec.kind, "method": spec.method,
-               "rank": spec.rank, "solver": {**spec.solver, **({"steps": args.steps}
-                                                                if args.steps else {})},
+               "rank": spec.rank, "shrinkage": spec.shrinkage,
+               "solver": {**spec.solver, **({"steps": args.steps} if args.steps else {})},
                "imgnums_used": sorted(spec.imgnums())},
       "statistics": {"samples": int(memedit.key_count(state) // (rewrite.layer_info(
           gen, spec.layer).key_res ** 2)), "keys": memedit.key_count(state)},

@@ -566,18 +566,35 @@ def top_units(C: Any, keys: Any, weights: Any, r: int) -> np.ndarray:
   return np.argsort(-s, kind="stable")[:r]
 
 
-def directions(C: Any, keys: Any, weights: Any, *, rank: int = 1, method: str = "zca"
-               ) -> np.ndarray:
+def directions(C: Any, keys: Any, weights: Any, *, rank: int = 1, method: str = "zca",
+               shrinkage: float = 0.0) -> np.ndarray:
   """The edit subspace D (rank, C_in): :func:`memedit.context_directions` for "zca",
-  "svd", "mean"; one-hot rows of the top units for "unit"."""
+  "svd", "mean"; one-hot rows of the top units for "unit".
+
+  ``shrinkage`` α ∈ [0, 1) computes the zca, svd and mean directions with the shrunk
+  second moment (1 − α) C + α μ I, μ = tr C / C_in, i.e. ``context_directions`` with
+  ``ridge = α / (1 − α) · μ`` (the directions do not depend on C's overall scale). It
+  damps the directions of C's smallest eigenvalues, where a few context keys say least
+  about the keys of new images.
+  """
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+  if isinstance(shrinkage, bool) or not 0.0 <= shrinkage < 1.0:
+    raise ValueError(f"shrinkage: expected a number in [0, 1), got {shrinkage!r}")
+  if method == "unit" and shrinkage:
+    raise ValueError(f"shrinkage: expected 0 with method 'unit' (it applies to zca, svd "
+                     f"and mean), got {shrinkage!r}")
   if method == "unit":
     units = top_units(C, keys, weights, rank)
     D = np.zeros((rank, np.shape(C)[0]), np.float32)
     D[np.arange(rank), units] = 1.0
     return D
-  return np.asarray(context_directions(C, keys, weights, rank=rank, method=method).directions)
+  ridge = 0.0
+  if shrinkage > 0.0:
+    mu = float(np.trace(np.asarray(C, np.float64))) / np.shape(C)[0]
+    ridge = shrinkage / (1.0 - shrinkage) * mu
+  return np.asarray(context_directions(C, keys, weights, rank=rank, method=method,
+                                       ridge=ridge).directions)
 
 
 # ----------------------------------------------------------------------------------------
@@ -932,7 +949,7 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
                    optimizer: str | None = None) -> SpecEdit:
   """Runs a validated :class:`memedit.specs.EditSpec` on ``gen`` with second moment C.
 
-  Context keys (spec.key) give D (spec.method, spec.rank); an insert copies spec.object
+  Context keys (spec.key) give D (spec.method, spec.rank, spec.shrinkage); an insert copies spec.object
   and pastes it at spec.paste; an erase zeroes the spec.erase_units most active context
   units inside spec.paste. ``steps`` / ``optimizer`` override the spec's solver settings.
   """
@@ -942,7 +959,8 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
                      f"{spec.canvas}")
   C = np.asarray(C, np.float32)
   keys, weights = context_keys(gen, spec.layer, spec.masks("key"))
-  D = directions(C, keys, weights, rank=spec.rank, method=spec.method)
+  D = directions(C, keys, weights, rank=spec.rank, method=spec.method,
+                 shrinkage=spec.shrinkage)
   solver = dict(spec.solver)
   if steps is not None:
     solver["steps"] = int(steps)
@@ -950,6 +968,7 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
     solver["optimizer"] = optimizer
   (pnum, pmask), = spec.masks("paste")
   settings = {"spec_kind": spec.kind, "context_method": spec.method,
+              "shrinkage": float(spec.shrinkage),
               "key_imgnums": [int(i) for i, _ in spec.key], "paste_imgnum": pnum}
   copied, units = None, None
   if spec.kind == "insert":

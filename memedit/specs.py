@@ -10,7 +10,8 @@ The reference's rewriting UI saves an edit as JSON with
 where a mask is a PNG data URL (``data:image/png;base64,...``) at canvas resolution whose
 alpha channel (or grey level, for images without alpha) marks the region and imgnum
 indexes the deterministic latent sample. memedit adds ``"model"``, ``"layer"``,
-``"method"`` (zca, svd, mean, unit), ``"rank"``, ``"kind"`` (insert or erase),
+``"method"`` (zca, svd, mean, unit), ``"rank"``, ``"shrinkage"`` (of C towards a multiple
+of the identity before the directions are computed), ``"kind"`` (insert or erase),
 ``"erase_units"``, ``"canvas"`` (the resolution), ``"num_images"`` (the size of the
 image sample imgnums index) and ``"solver"`` (optimizer, steps, learning_rate, loss).
 
@@ -54,6 +55,8 @@ class EditSpec:
     kind: "insert" or "erase".
     method: context method, "zca", "svd", "mean" or "unit".
     rank: rank r of the edit subspace.
+    shrinkage: α in [0, 1); the zca, svd and mean directions use the shrunk second
+      moment (1 − α) C + α (tr C / C_in) I (see :func:`memedit.rewrite.directions`).
     erase_units: number of most active context units zeroed by an erase.
     canvas: canvas resolution of the masks.
     num_images: number of images in the sample that imgnums index.
@@ -69,6 +72,7 @@ class EditSpec:
   kind: str = "insert"
   method: str = "zca"
   rank: int = 1
+  shrinkage: float = 0.0
   erase_units: int = 30
   canvas: int = 64
   num_images: int = 10000
@@ -224,6 +228,13 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
   rank = _positive_int(data.get("rank", 1), "rank")
   if method == "mean" and rank != 1:
     raise ValueError(f"rank: method 'mean' gives rank 1, got {rank}")
+  shrinkage = data.get("shrinkage", 0.0)
+  if (isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float))
+      or not 0.0 <= shrinkage < 1.0):
+    raise ValueError(f"shrinkage: expected a number in [0, 1), got {shrinkage!r}")
+  if method == "unit" and shrinkage:
+    raise ValueError(f"shrinkage: expected 0 with method 'unit' (it applies to zca, svd "
+                     f"and mean), got {shrinkage!r}")
   erase_units = _positive_int(data.get("erase_units", 30), "erase_units")
   solver = dict(DEFAULT_SOLVER)
   given = data.get("solver", {})
@@ -247,8 +258,8 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
   if model is not None and not isinstance(model, str):
     raise ValueError(f"model: expected a string or null, got {type(model).__name__}")
   return EditSpec(key=key, paste=paste, object=obj, query=query, layer=layer, model=model,
-                  kind=kind, method=method, rank=rank, erase_units=erase_units, canvas=canvas,
-                  num_images=n_img, solver=solver)
+                  kind=kind, method=method, rank=rank, shrinkage=float(shrinkage),
+                  erase_units=erase_units, canvas=canvas, num_images=n_img, solver=solver)
 
 
 def spec_to_json(spec: EditSpec) -> dict:
@@ -258,7 +269,7 @@ def spec_to_json(spec: EditSpec) -> dict:
 
   out = {"key": [pair(k) for k in spec.key], "paste": pair(spec.paste),
          "layer": spec.layer, "model": spec.model, "kind": spec.kind, "method": spec.method,
-         "rank": spec.rank, "erase_units": spec.erase_units, "canvas": spec.canvas,
+         "rank": spec.rank, "shrinkage": spec.shrinkage, "erase_units": spec.erase_units, "canvas": spec.canvas,
          "num_images": spec.num_images, "solver": dict(spec.solver)}
   if spec.object is not None:
     out["object"] = pair(spec.object)

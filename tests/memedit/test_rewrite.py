@@ -242,3 +242,32 @@ def test_dcgan_erase_unit_zeroing_and_methods(dcgan):
   out = rw.edit_from_spec(gen, spec, C)
   assert out.copied is None and sorted(out.units) == sorted(units)
   assert out.result.loss_after < out.result.loss_before
+
+
+@pytest.mark.parametrize("method", ["zca", "mean"])
+def test_shrunk_directions_match_a_float64_closed_form(method):
+  rs = np.random.RandomState(3)
+  a = rs.standard_normal((400, 12)) * np.linspace(0.05, 2.0, 12)
+  C = (a.T @ a / len(a)).astype(np.float32)
+  keys = rs.standard_normal((5, 12)).astype(np.float32) + 1.0
+  weights = np.array([1.0, 0.5, 1.0, 0.25, 1.0], np.float32)
+  alpha = 0.3
+  S = (1 - alpha) * C.astype(np.float64) + alpha * np.trace(C.astype(np.float64)) / 12 * np.eye(12)
+  lam, U = np.linalg.eigh(S)
+  k = keys.astype(np.float64)
+  if method == "mean":
+    ref = np.linalg.solve(S, (weights[:, None] * k).sum(0) / weights.sum())
+  else:  # top right singular vector of the weighted whitened keys, mapped back by S^{-1/2}
+    whiten = (U * lam ** -0.5) @ U.T
+    ref = np.linalg.svd(np.sqrt(weights)[:, None] * (k @ whiten))[2][0] @ whiten
+  ref = ref / np.linalg.norm(ref) * np.sign(ref @ k.mean(0))
+  D = rw.directions(C, keys, weights, method=method, shrinkage=alpha)
+  np.testing.assert_allclose(D[0], ref, atol=2e-5)
+  # The directions do not depend on C's scale; without shrinkage they are C⁻¹'s.
+  np.testing.assert_allclose(rw.directions(10 * C, keys, weights, method=method,
+                                           shrinkage=alpha), D, atol=2e-5)
+  plain = rw.directions(C, keys, weights, method=method)
+  assert np.abs(plain - D).max() > 1e-2
+  for bad in (-0.1, 1.0, True):
+    with pytest.raises(ValueError, match="shrinkage: expected a number in"):
+      rw.directions(C, keys, weights, method=method, shrinkage=bad)

@@ -60,10 +60,10 @@ def tiny():
 
 def test_round_trip_gives_the_identical_spec_and_edit(tmp_path, tiny):
   gen, C = tiny
-  spec = _spec(query=(13, _box(24, 36, 8, 56)))
+  spec = _spec(query=(13, _box(24, 36, 8, 56)), shrinkage=0.2)
   path = specs.save_spec(tmp_path / "spec.json", spec)
   loaded = specs.load_spec(path, layers=LAYERS, canvas=64)
-  assert loaded == spec
+  assert loaded == spec and loaded.shrinkage == 0.2
   for which in ("key", "object", "paste", "query"):
     for (i, a), (j, b) in zip(spec.masks(which), loaded.masks(which)):
       assert i == j and np.array_equal(a, b)
@@ -120,6 +120,11 @@ INVALID = {
     "unknown layer": (lambda d: d.__setitem__("layer", "convt7"), "layer: expected one of"),
     "unknown method": (lambda d: d.__setitem__("method", "pca"), "method: expected"),
     "bad solver": (lambda d: d["solver"].__setitem__("optimizer", "sgd"), "solver.optimizer"),
+    "shrinkage range": (lambda d: d.__setitem__("shrinkage", 1.0),
+                        "shrinkage: expected a number in \\[0, 1\\), got 1.0"),
+    "shrinkage type": (lambda d: d.__setitem__("shrinkage", "0.2"), "shrinkage: expected"),
+    "shrinkage with units": (lambda d: d.update(method="unit", shrinkage=0.2),
+                             "expected 0 with method 'unit'"),
 }
 
 
