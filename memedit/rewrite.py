@@ -11,8 +11,9 @@ output is the value map ``v (N, s·h, s·h, C_out)`` (s = 1 or 2), with an HWIO 
 The workflow:
 
 1. **Context.** Masks on a few images select context keys; with C = E[k kᵀ] they give
-   the edit subspace D (r × C_in) by :func:`memedit.context_directions` (zca, svd, mean)
-   or unit selection (the r units of largest normalised activation in the masks).
+   the edit subspace D (r × C_in) by :func:`memedit.context_directions` (zca, svd, mean;
+   optionally with C shrunk to (1 − α) C + α (tr C / C_in) I) or unit selection (the r
+   units of largest normalised activation in the masks).
 2. **Copy.** The values inside the bounding box of an object mask on image A.
 3. **Paste.** Those values, alpha-blended by the paste mask at the target location of
    image B, give v*. Only the tight crop around the paste is optimised; its keys k* are
