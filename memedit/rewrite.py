@@ -50,8 +50,7 @@ from memedit.edits import (Edit, EditHistory, apply_edit, edit_delta, get_leaf, 
                            revert_edit)
 from memedit.layers.hooks import linen_layer_variables
 from memedit.solve import solve_lambda
-
-METHODS = ("zca", "svd", "mean", "unit")
+from memedit.specs import METHODS, check_shrinkage
 _MARGIN = 2  # input pixels of context around a crop: exact outputs for kernels up to 5x5
 
 
@@ -580,11 +579,7 @@ def directions(C: Any, keys: Any, weights: Any, *, rank: int = 1, method: str = 
   """
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-  if isinstance(shrinkage, bool) or not 0.0 <= shrinkage < 1.0:
-    raise ValueError(f"shrinkage: expected a number in [0, 1), got {shrinkage!r}")
-  if method == "unit" and shrinkage:
-    raise ValueError(f"shrinkage: expected 0 with method 'unit' (it applies to zca, svd "
-                     f"and mean), got {shrinkage!r}")
+  shrinkage = check_shrinkage(shrinkage, method)
   if method == "unit":
     units = top_units(C, keys, weights, rank)
     D = np.zeros((rank, np.shape(C)[0]), np.float32)
@@ -950,9 +945,10 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
                    optimizer: str | None = None) -> SpecEdit:
   """Runs a validated :class:`memedit.specs.EditSpec` on ``gen`` with second moment C.
 
-  Context keys (spec.key) give D (spec.method, spec.rank, spec.shrinkage); an insert copies spec.object
-  and pastes it at spec.paste; an erase zeroes the spec.erase_units most active context
-  units inside spec.paste. ``steps`` / ``optimizer`` override the spec's solver settings.
+  Context keys (spec.key) give D (spec.method, spec.rank, spec.shrinkage); an insert
+  copies spec.object and pastes it at spec.paste; an erase zeroes the spec.erase_units
+  most active context units inside spec.paste. ``steps`` / ``optimizer`` override the
+  spec's solver settings.
   """
   gen.layer_path(spec.layer)
   if spec.canvas != gen.resolution:
@@ -969,7 +965,7 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
     solver["optimizer"] = optimizer
   (pnum, pmask), = spec.masks("paste")
   settings = {"spec_kind": spec.kind, "context_method": spec.method,
-              "shrinkage": float(spec.shrinkage),
+              "shrinkage": spec.shrinkage,
               "key_imgnums": [int(i) for i, _ in spec.key], "paste_imgnum": pnum}
   copied, units = None, None
   if spec.kind == "insert":

@@ -173,6 +173,18 @@ def _positive_int(value, where):
   return int(value)
 
 
+def check_shrinkage(shrinkage: Any, method: str) -> float:
+  """``shrinkage`` as a float after checking it is a number in [0, 1), and 0 for the
+  "unit" method (shrinkage applies to the zca, svd and mean directions)."""
+  if (isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float))
+      or not 0.0 <= shrinkage < 1.0):
+    raise ValueError(f"shrinkage: expected a number in [0, 1), got {shrinkage!r}")
+  if method == "unit" and shrinkage:
+    raise ValueError(f"shrinkage: expected 0 with method 'unit' (it applies to zca, svd "
+                     f"and mean), got {shrinkage!r}")
+  return float(shrinkage)
+
+
 def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
                    canvas: int | None = None, num_images: int | None = None) -> EditSpec:
   """Validates a JSON object (dict) as an :class:`EditSpec`.
@@ -228,13 +240,7 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
   rank = _positive_int(data.get("rank", 1), "rank")
   if method == "mean" and rank != 1:
     raise ValueError(f"rank: method 'mean' gives rank 1, got {rank}")
-  shrinkage = data.get("shrinkage", 0.0)
-  if (isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float))
-      or not 0.0 <= shrinkage < 1.0):
-    raise ValueError(f"shrinkage: expected a number in [0, 1), got {shrinkage!r}")
-  if method == "unit" and shrinkage:
-    raise ValueError(f"shrinkage: expected 0 with method 'unit' (it applies to zca, svd "
-                     f"and mean), got {shrinkage!r}")
+  shrinkage = check_shrinkage(data.get("shrinkage", 0.0), method)
   erase_units = _positive_int(data.get("erase_units", 30), "erase_units")
   solver = dict(DEFAULT_SOLVER)
   given = data.get("solver", {})
@@ -258,7 +264,7 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
   if model is not None and not isinstance(model, str):
     raise ValueError(f"model: expected a string or null, got {type(model).__name__}")
   return EditSpec(key=key, paste=paste, object=obj, query=query, layer=layer, model=model,
-                  kind=kind, method=method, rank=rank, shrinkage=float(shrinkage),
+                  kind=kind, method=method, rank=rank, shrinkage=shrinkage,
                   erase_units=erase_units, canvas=canvas, num_images=n_img, solver=solver)
 
 
@@ -269,8 +275,8 @@ def spec_to_json(spec: EditSpec) -> dict:
 
   out = {"key": [pair(k) for k in spec.key], "paste": pair(spec.paste),
          "layer": spec.layer, "model": spec.model, "kind": spec.kind, "method": spec.method,
-         "rank": spec.rank, "shrinkage": spec.shrinkage, "erase_units": spec.erase_units, "canvas": spec.canvas,
-         "num_images": spec.num_images, "solver": dict(spec.solver)}
+         "rank": spec.rank, "shrinkage": spec.shrinkage, "erase_units": spec.erase_units,
+         "canvas": spec.canvas, "num_images": spec.num_images, "solver": dict(spec.solver)}
   if spec.object is not None:
     out["object"] = pair(spec.object)
   if spec.query is not None:
