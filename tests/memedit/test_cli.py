@@ -171,9 +171,21 @@ def test_demo_on_the_real_weights_small(tmp_path, capsys):
                "--steps", "100", "--overfit-steps", "50", "--no-progress"]) == 0
   report = json.load(open(out / "demo.json"))
   assert report["model"]["licence"] == "MIT" and report["spec"]["layer"] == "convt2"
-  assert report["memedit"]["num_latents"] == 16 and report["held_out_imgnums"][0] >= 1000
-  assert not set(range(1000, 1016)) & set(report["spec"]["imgnums_used"])
+  assert report["held_out_imgnums"] == [6000, 6015] and report["num_held_out"] == 16
+  assert not set(range(6000, 6016)) & set(report["spec"]["imgnums_used"])
+  assert set(report["by_quantile"]) == set(report["goals"]) == {"0.999", "0.99"}
+  for q, at in report["by_quantile"].items():
+    m, o = at["memedit"], at["overfit"]
+    assert m["num_latents"] == 16 and m["quantile"] == float(q)
+    assert m["threshold"] == o["threshold"]
+    assert report["goals"][q]["specificity_ratio_at_least_5"] == (
+        m["specificity"]["ratio"] >= 5)
+  sweep = {s["quantile"]: s["ratio"] for s in report["specificity_by_quantile"]}
+  assert sweep[0.99] == report["by_quantile"]["0.99"]["memedit"]["specificity"]["ratio"]
   assert report["paste_l1"]["memedit"][1] < report["paste_l1"]["memedit"][0]
   img = np.asarray(Image.open(out / "demo.png"))
   assert img.shape[0] > 64 and img.shape[1] > 4 * 64
   assert "wrote" in capsys.readouterr().out
+  # A held-out count that measures nothing is refused before any work.
+  assert main(["demo", "--weights", str(weights), "--out", str(out), "--held-out", "0"]) == 1
+  assert "expected a positive count" in capsys.readouterr().err

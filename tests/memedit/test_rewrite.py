@@ -192,6 +192,20 @@ def test_dcgan_spec_edit_apply_revert_query_and_metrics(dcgan):
                               target_value=out.copied.mean_value, threshold=m["threshold"])
   assert m_o["threshold"] == m["threshold"]
   assert m["efficacy"]["cosine_gain"] > 0
+  # Several quantiles from one run of each generator, reusing the original's run.
+  original = rw.run_layer(gen, "convt2", gen.latents(nums))
+  ms = metrics.evaluate_at_quantiles(gen, "convt2", res.directions, edited.variables, nums,
+                                     [0.95, 0.99], target_value=out.copied.mean_value,
+                                     original=original)
+  assert ms[0] == m
+  assert ms[1] == metrics.evaluate_edit(gen, "convt2", res.directions, edited.variables, nums,
+                                        target_value=out.copied.mean_value, quantile=0.99)
+  assert ms[1]["context_match"]["pixels"] < ms[0]["context_match"]["pixels"]
+  with pytest.raises(ValueError, match=r"original: expected the layer run of 8 latents"):
+    metrics.evaluate_edit(gen, "convt2", res.directions, edited.variables, nums[:8],
+                          original=original)
+  with pytest.raises(ValueError, match=r"quantile: expected a number in \(0, 1\), got 1.5"):
+    metrics.evaluate_at_quantiles(gen, "convt2", res.directions, edited.variables, nums, [1.5])
   # The overfit baseline on all weights: image B reproduces the rendered paste better.
   variables, losses = rw.overfit_all(gen, "convt2", res.target, steps=15, learning_rate=1e-3)
   assert losses[-1] < losses[0]
