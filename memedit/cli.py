@@ -341,10 +341,11 @@ The end-to-end demo on real weights: the DCGAN face generator of the PyPI packag
 {DEMO_REQUIREMENT} (MIT licence; weights.tar, a torch checkpoint inside its wheel).
 Converts it, collects C at the bundled spec's layer, applies the bundled edit spec
 (memedit/data/demo_spec.json: the dark glasses of one face pasted over the eyes of
-another, context = eyes of several faces), runs the overfit baseline on the same paste,
-measures both on held-out latents the spec never uses, and writes OUT/demo.png
-(original | edited pairs, then original | overfit pairs) and OUT/demo.json (metrics and
-timings).
+another, context = eyes of several faces; Λ on the layer's own taps), runs the same spec
+with the other tap setting (all taps, the reference's layout) and the overfit baseline on
+the same paste, measures the three on held-out latents the spec never uses (at match
+quantiles 0.999 and 0.99), and writes OUT/demo.png (original | edited pairs for each) and
+OUT/demo.json (metrics and timings).
 
 The overfit baseline uses --overfit-steps Adam steps (default 2000; the paper used
 20001 at lr 0.01).
@@ -410,6 +411,7 @@ def _demo_weights(path, work) -> str:
 
 
 def _run_demo(args) -> int:
+  import dataclasses
   import importlib.resources
   import json
   import os
@@ -449,47 +451,63 @@ def _run_demo(args) -> int:
   out = rewrite.edit_from_spec(gen, spec, C, steps=args.steps)
   res = out.result
   times["rewrite_s"] = time.perf_counter() - t0
+  # The same spec with the other tap setting, for comparison (same D, same target).
+  t0 = time.perf_counter()
+  other_taps = "all" if spec.taps == "own" else "own"
+  other_name = f"memedit_taps_{other_taps}"
+  try:
+    other = rewrite.edit_from_spec(gen, dataclasses.replace(spec, taps=other_taps), C,
+                                   steps=args.steps).result
+  except ValueError as e:  # a layer without a tap geometry for 'own'
+    other, other_skipped = None, str(e)
+  times[f"rewrite_taps_{other_taps}_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   ovf = rewrite.overfit(gen, spec.layer, res.target, steps=args.overfit_steps)
   times["overfit_s"] = time.perf_counter() - t0
-  edited, _ = rewrite.edited(gen, res.edit)
-  overfitted, _ = rewrite.edited(gen, ovf.edit)
+  edits = {"memedit": rewrite.edited(gen, res.edit)[0]}
+  if other is not None:
+    edits[other_name] = rewrite.edited(gen, other.edit)[0]
+  edits["overfit"] = rewrite.edited(gen, ovf.edit)[0]
   held = [n for n in range(args.held_out_start, args.held_out_start + args.held_out)
           if n not in spec.imgnums()]
   t0 = time.perf_counter()
   target_value = None if out.copied is None else out.copied.mean_value
   original = rewrite.run_layer(gen, spec.layer, gen.latents(held))
-  by_edit = {name: metrics.evaluate_at_quantiles(gen, spec.layer, res.directions, variables,
-                                                 held, SWEEP_QUANTILES, original=original,
-                                                 target_value=target_value)
-             for name, variables in (("memedit", edited.variables),
-                                     ("overfit", overfitted.variables))}
+  by_edit = {name: metrics.evaluate_at_quantiles(gen, spec.layer, res.directions,
+                                                 g.variables, held, SWEEP_QUANTILES,
+                                                 original=original, target_value=target_value)
+             for name, g in edits.items()}
   del original
   at = {q: {name: ms[SWEEP_QUANTILES.index(q)] for name, ms in by_edit.items()}
         for q in REPORT_QUANTILES}
-  sweep = [{"quantile": q, "ratio": m["specificity"]["ratio"],
-            "footprint_ratio": m["specificity_footprint"]["ratio"],
-            "overfit_ratio": o["specificity"]["ratio"]}
-           for q, m, o in zip(SWEEP_QUANTILES, by_edit["memedit"], by_edit["overfit"])]
+  sweep = [{"quantile": q, "ratio": by_edit["memedit"][i]["specificity"]["ratio"],
+            "footprint_ratio": by_edit["memedit"][i]["specificity_footprint"]["ratio"],
+            **{f"{name}_ratio": ms[i]["specificity"]["ratio"]
+               for name, ms in by_edit.items() if name != "memedit"}}
+           for i, q in enumerate(SWEEP_QUANTILES)]
   times["evaluate_s"] = time.perf_counter() - t0
   n_pic = min(args.pictured, len(held))
   z = gen.latents(held[:n_pic])
   orig = rewrite.generate(gen, z)
-  grid_e = rewrite.comparison_grid(orig, rewrite.generate(edited, z), columns=4)
-  grid_o = rewrite.comparison_grid(orig, rewrite.generate(overfitted, z), columns=4)
+  titles = {
+      "memedit": f"memedit: {spec.kind}/{spec.method} rank {spec.rank} at {spec.layer}, "
+                 f"taps {spec.taps} (held-out images {held[0]}..; original | edited)",
+      other_name: f"memedit, same spec with taps {other_taps} (original | edited)",
+      "overfit": f"overfit baseline: all weights of {spec.layer}, {args.overfit_steps} Adam "
+                 "steps (original | edited)"}
+  parts = []
+  for name, g in edits.items():
+    grid = rewrite.comparison_grid(orig, rewrite.generate(g, z), columns=4)
+    parts += [_label(titles[name], grid.shape[1]), grid]
   os.makedirs(args.out, exist_ok=True)
-  rewrite.save_png(os.path.join(args.out, "demo.png"), np.concatenate([
-      _label(f"memedit: {spec.kind}/{spec.method} rank {spec.rank} at {spec.layer} "
-             f"(held-out images {held[0]}..; original | edited)", grid_e.shape[1]), grid_e,
-      _label(f"overfit baseline: all weights of {spec.layer}, {args.overfit_steps} Adam steps "
-             "(original | edited)", grid_e.shape[1]), grid_o]))
+  rewrite.save_png(os.path.join(args.out, "demo.png"), np.concatenate(parts))
   memedit.save_edit(os.path.join(args.out, "demo.edit"), res.edit)
   times["total_s"] = time.perf_counter() - t_all
   report = {
       "model": {"package": DEMO_REQUIREMENT, "licence": "MIT", "weights_sha256": digest_of(weights),
                 "architecture": "dcgan", "resolution": gen.resolution},
       "spec": {"layer": spec.layer, "kind": spec.kind, "method": spec.method,
-               "rank": spec.rank, "shrinkage": spec.shrinkage,
+               "rank": spec.rank, "shrinkage": spec.shrinkage, "taps": spec.taps,
                "solver": {**spec.solver, **({"steps": args.steps} if args.steps else {})},
                "imgnums_used": sorted(spec.imgnums())},
       "statistics": {"samples": int(memedit.key_count(state) // (rewrite.layer_info(
@@ -498,7 +516,11 @@ def _run_demo(args) -> int:
       "num_held_out": len(held),
       "pictured": n_pic,
       "paste_l1": {"memedit": [res.loss_before, res.loss_after],
+                   **({other_name: [other.loss_before, other.loss_after]}
+                      if other is not None else {}),
                    "overfit": [ovf.loss_before, ovf.loss_after]},
+      "taps_comparison": ({"edit": other_name, "taps": other_taps} if other is not None
+                          else {"skipped": other_skipped}),
       "overfit_baseline": {"scope": "all weights of the layer", "optimizer": "adam",
                            "steps": args.overfit_steps, "learning_rate": 0.01,
                            "note": "the paper used 20001 steps"},
@@ -518,7 +540,9 @@ def _run_demo(args) -> int:
         f"quantile {q}: specificity ratio {sp['ratio']:.1f} (inside "
         f"{sp['inside_mean_abs_change']:.3f}, outside {sp['outside_mean_abs_change']:.3f}), "
         f"efficacy (cosine gain) {_gain(m)} vs overfit {_gain(o)} at outside change "
-        f"{o['specificity']['outside_mean_abs_change']:.3f}")
+        f"{o['specificity']['outside_mean_abs_change']:.3f}"
+        + (f" (taps {other_taps}: ratio {at[q][other_name]['specificity']['ratio']:.1f}, "
+           f"gain {_gain(at[q][other_name])})" if other is not None else ""))
   print(f"demo: layer {spec.layer}; paste L1 {res.loss_before:.3f} -> {res.loss_after:.3f}; "
         f"{len(held)} held-out latents; " + "; ".join(summary)
         + f"; total {times['total_s']:.0f}s")

@@ -50,7 +50,7 @@ from memedit.edits import (Edit, EditHistory, apply_edit, edit_delta, get_leaf, 
                            revert_edit)
 from memedit.layers.hooks import linen_layer_variables
 from memedit.solve import solve_lambda
-from memedit.specs import METHODS, check_shrinkage
+from memedit.specs import METHODS, TAPS, check_shrinkage
 _MARGIN = 2  # input pixels of context around a crop: exact outputs for kernels up to 5x5
 
 
@@ -654,8 +654,7 @@ def crop_problem(gen: Generator, info: LayerInfo, target: Target) -> tuple[Calla
     bias = jnp.zeros((info.value_dim,), jnp.float32) if bias is None else jnp.asarray(bias)
     return _patch_f(info.value_dim), (p, bias)
   defn = info.definition
-  if (getattr(defn, "up", None) is False and isinstance(getattr(defn, "demodulate", None), bool)
-      and len(target.extra) == 1 and info.scale == 1):
+  if _is_modulated_same_conv(info) and len(target.extra) == 1:
     # A modulated convolution's memory (StyleGAN2): 'same' k×k conv of the keys x·s with
     # Ŵ = W / √(k·k·C_in), times the demodulation d(W, s) recomputed from the kernel.
     ks = int(defn.kernel_size)
@@ -668,6 +667,75 @@ def crop_problem(gen: Generator, info: LayerInfo, target: Target) -> tuple[Calla
     return _modconv_f(info.value_dim, bool(defn.demodulate)), (p, jnp.asarray(target.extra[0]))
   f = crop_fn(info.definition, info.scale, _MARGIN, oh, ow)
   return f, (jnp.asarray(target.keys), layer_vars, tuple(jnp.asarray(e) for e in target.extra))
+
+
+def _is_modulated_same_conv(info: LayerInfo) -> bool:
+  """A modulated convolution without up-sampling (StyleGAN2's memory): a 'same' k×k conv."""
+  defn = info.definition
+  return (getattr(defn, "up", None) is False
+          and isinstance(getattr(defn, "demodulate", None), bool) and info.scale == 1)
+
+
+def own_taps(gen: Generator, layer: str) -> np.ndarray:
+  """The kernel taps through which a key writes its own output cell, as a (kh, kw) bool mask.
+
+  With scale s, the key at position (i, j) owns the s×s output cell [s·i, s·i + s) ×
+  [s·j, s·j + s); its other taps write into the neighbours' cells. For a stride-2 4×4
+  transposed convolution (padding 1) these are the central 2×2 taps; for a stride-1 'same'
+  convolution of odd size, the centre tap. An insert with ``taps="own"`` edits only these,
+  so a key that matches the context changes only its own cell.
+
+  Found by running the layer kind's patch extractor on an impulse (plain Conv and
+  ConvTranspose layers); a modulated convolution without up-sampling (StyleGAN2) is a
+  'same' k×k convolution, whose own tap is the centre.
+
+  Args:
+    gen: the generator.
+    layer: the layer's name.
+
+  Returns:
+    (kh, kw) bool mask over the kernel's taps.
+
+  Raises:
+    ValueError: a layer without a known tap geometry, or none of whose taps stays inside
+      the key's own cell.
+  """
+  info = layer_info(gen, layer)
+  return _own_taps(info.definition, info.kernel_shape[:2], info.scale,
+                   _is_modulated_same_conv(info), layer)
+
+
+def _own_taps(defn, kernel_hw, scale: int, modulated_same: bool, layer: str) -> np.ndarray:
+  from memedit.layers import layer_kind
+
+  kh, kw = (int(k) for k in kernel_hw)
+  try:
+    spec = layer_kind(defn)
+  except ValueError:
+    spec = None
+  if spec is not None and spec.kind == "conv" and spec.patches is not None:
+    n = 2 * max(kh, kw) + 1
+    c, s = n // 2, int(scale)
+    x = np.zeros((1, n, n, 1), np.float32)
+    x[0, c, c, 0] = 1.0
+    p = np.asarray(spec.patches(defn, jnp.asarray(x)))[0]
+    if p.shape[:2] != (n * s, n * s):
+      raise ValueError(f"taps 'own' for layer {layer!r}: expected a {n * s}×{n * s} output "
+                       f"for a {n}×{n} input (scale {s}), got {p.shape[0]}×{p.shape[1]}")
+    hit = np.abs(p.reshape(n * s, n * s, kh, kw)) > 0
+    inside = np.zeros((n * s, n * s), bool)
+    inside[c * s:(c + 1) * s, c * s:(c + 1) * s] = True
+    mask = hit.any((0, 1)) & ~(hit & ~inside[:, :, None, None]).any((0, 1))
+  elif modulated_same and kh == kw and kh % 2:
+    mask = np.zeros((kh, kw), bool)
+    mask[kh // 2, kw // 2] = True
+  else:
+    raise ValueError(f"taps 'own' for layer {layer!r}: expected a Conv, ConvTranspose or "
+                     f"modulated 'same' convolution, got {type(defn).__name__}")
+  if not mask.any():
+    raise ValueError(f"taps 'own' for layer {layer!r}: no kernel tap writes only the key's "
+                     f"own {scale}×{scale} output cell")
+  return mask
 
 
 @functools.lru_cache(maxsize=16)
@@ -688,8 +756,8 @@ def _modconv_f(c_out: int, demodulate: bool) -> Callable:
 
 def insert(gen: Generator, layer: str, D: Any, target: Target, *,
            optimizer: str = "adam", steps: int = 2001, learning_rate: float = 0.05,
-           loss: str = "l1", method: str = "insert", settings: dict | None = None
-           ) -> EditResult:
+           loss: str = "l1", taps: str = "all", method: str = "insert",
+           settings: dict | None = None) -> EditResult:
   """Insert: Λ = argmin loss(f(k*; W0 + ΔK(Λ, D)), v*) over the paste crop.
 
   f is the layer itself applied to the crop's keys (with a margin of context), so for a
@@ -701,23 +769,29 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
     D: (r, C_in) directions (from :func:`directions`, which is where C enters).
     target: from :func:`paste_target` or :func:`erase_target`.
     optimizer, steps, learning_rate, loss: see :func:`memedit.solve_lambda`.
+    taps: "all" (the reference: every kernel tap has its own Λ) or "own" (only the taps of
+      :func:`own_taps`, so that a key changes only its own output cell; Λ is zero on the
+      other taps).
     method, settings: provenance stored in the edit.
 
   Returns:
     :class:`EditResult`.
   """
+  if taps not in TAPS:
+    raise ValueError(f"taps: expected one of {TAPS}, got {taps!r}")
   info = layer_info(gen, layer)
   D = jnp.asarray(D, jnp.float32)
   if D.ndim != 2 or D.shape[1] != info.key_dim:
     raise ValueError(f"directions: expected shape (r, {info.key_dim}), got {tuple(D.shape)}")
+  lam_mask = None if taps == "all" else own_taps(gen, layer)[:, :, None, None]
   f, keys = crop_problem(gen, info, target)
   kernel0 = jnp.asarray(get_leaf(gen.variables, info.weight_path))
   res = solve_lambda(f, kernel0, D, keys, jnp.asarray(target.targets), kind="conv",
                      loss=loss, optimizer=optimizer, steps=int(steps),
-                     learning_rate=float(learning_rate))
+                     learning_rate=float(learning_rate), lam_mask=lam_mask)
   st = dict(settings or {})
   st.update(layer=layer, optimizer=optimizer, steps=int(steps),
-            learning_rate=float(learning_rate), loss=loss, rank=int(D.shape[0]))
+            learning_rate=float(learning_rate), loss=loss, rank=int(D.shape[0]), taps=taps)
   edit = make_edit(info.weight_path, res.lam, D, kind="conv", method=method, settings=st)
   kernel1 = kernel0 + edit_delta(edit, kernel0.shape)
   return EditResult(edit, np.asarray(D), target, np.asarray(res.losses),
@@ -979,5 +1053,6 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
     settings["erased_units"] = [int(u) for u in units]
   result = insert(gen, spec.layer, D, target, optimizer=solver["optimizer"],
                   steps=solver["steps"], learning_rate=solver["learning_rate"],
-                  loss=solver["loss"], method=f"{spec.kind}/{spec.method}", settings=settings)
+                  loss=solver["loss"], taps=spec.taps, method=f"{spec.kind}/{spec.method}",
+                  settings=settings)
   return SpecEdit(result, copied, units)

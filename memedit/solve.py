@@ -349,6 +349,7 @@ def solve_lambda(
     cg_steps: int = 32,
     damping: float = 0.1,
     conv_as_matmul: bool | None = None,
+    lam_mask: Any = None,
 ) -> SolveResult:
   """Finds Λ = argmin_Λ loss(f(K0 + ΔK(Λ, D), keys), targets) inside one jitted program.
 
@@ -393,6 +394,10 @@ def solve_lambda(
     conv_as_matmul: compute f's convolutions as patches × kernel (same values). XLA:CPU
       runs kernel-gradient convolutions inside compiled loops 20–35× slower than outside
       them; this form avoids that. Default: on when the backend is the CPU.
+    lam_mask: optional 0/1 array broadcastable to Λ's shape: the edit is ΔK(Λ ⊙ M, D), so
+      Λ is confined to M's non-zero entries, and the returned Λ is zero elsewhere (e.g.
+      a convolution edit restricted to some kernel taps, see
+      :func:`memedit.rewrite.own_taps`).
 
   Returns:
     :class:`SolveResult`.
@@ -438,13 +443,32 @@ def solve_lambda(
         np.broadcast_shapes(weights.shape, targets.shape[:weights.ndim])) != targets.shape[:weights.ndim]:
       raise ValueError(f"weights: expected a shape broadcastable to a leading part of the "
                        f"targets' shape {tuple(targets.shape)}, got {tuple(weights.shape)}")
+  lam_mask = _check_lam_mask(lam_mask, lshape)
   if conv_as_matmul is None:
     conv_as_matmul = jax.default_backend() == "cpu"
   if conv_as_matmul:
     f = _patched(f)
   return _solve(f, kind, in_ndim, loss, optimizer, int(steps), int(cg_steps),
                 kernel0, directions, keys, targets, weights, lam0,
-                jnp.float32(learning_rate), jnp.float32(damping))
+                jnp.float32(learning_rate), jnp.float32(damping), lam_mask)
+
+
+def _check_lam_mask(lam_mask, lshape):
+  if lam_mask is None:
+    return None
+  m = jnp.asarray(lam_mask, jnp.float32)
+  try:
+    ok = tuple(np.broadcast_shapes(m.shape, lshape)) == tuple(lshape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"lam_mask: expected a shape broadcastable to Λ's {tuple(lshape)}, got "
+                     f"{tuple(m.shape)}")
+  return m
+
+
+def _masked(lam, lam_mask):
+  return lam if lam_mask is None else lam * lam_mask
 
 
 @functools.lru_cache(maxsize=128)
@@ -454,12 +478,12 @@ def _patched(f):
 
 
 def lambda_loss_fn(f, kernel0, directions, keys, targets, *, kind="dense", in_ndim=1,
-                   weights=None, loss="l1") -> Callable[[jax.Array], jax.Array]:
+                   weights=None, loss="l1", lam_mask=None) -> Callable[[jax.Array], jax.Array]:
   """The scalar loss Λ ↦ loss(f(K0 + ΔK(Λ, D), keys), targets) that :func:`solve_lambda`
   minimises (useful for checking gradients or plotting).
 
   Args:
-    f, kernel0, directions, keys, targets, kind, in_ndim, weights, loss: as in
+    f, kernel0, directions, keys, targets, kind, in_ndim, weights, loss, lam_mask: as in
       :func:`solve_lambda`.
 
   Returns:
@@ -476,7 +500,8 @@ def lambda_loss_fn(f, kernel0, directions, keys, targets, *, kind="dense", in_nd
   kshape = tuple(jnp.shape(kernel0))
 
   def fn(lam):
-    kernel = kernel0 + _delta(lam, directions, kshape, kind, in_ndim).astype(kernel0.dtype)
+    kernel = kernel0 + _delta(_masked(lam, lam_mask), directions, kshape, kind,
+                              in_ndim).astype(kernel0.dtype)
     return _weighted_loss(f(kernel, keys), targets, weights, loss)
 
   return fn
@@ -484,10 +509,10 @@ def lambda_loss_fn(f, kernel0, directions, keys, targets, *, kind="dense", in_nd
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, directions, keys,
-           targets, weights, lam0, learning_rate, damping):
+           targets, weights, lam0, learning_rate, damping, lam_mask):
   kshape = kernel0.shape
   loss_fn = lambda_loss_fn(f, kernel0, directions, keys, targets, kind=kind, in_ndim=in_ndim,
-                           weights=weights, loss=loss)
+                           weights=weights, loss=loss, lam_mask=lam_mask)
   if optimizer == "adam":
     opt = optax.adam(learning_rate)
 
@@ -498,7 +523,7 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, directio
       return (optax.apply_updates(lam, upd), st), val
 
     (lam, _), losses = lax.scan(step, (lam0, opt.init(lam0)), None, length=steps)
-    return SolveResult(lam, losses, loss_fn(lam))
+    return SolveResult(_masked(lam, lam_mask), losses, loss_fn(lam))
 
   # Gauss–Newton / Levenberg–Marquardt with matrix-free CG.
   if weights is None:
@@ -507,7 +532,8 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, directio
     wfull = _expand_weights(weights, targets.shape)
 
   def resid_fn(lam):
-    kernel = kernel0 + _delta(lam, directions, kshape, kind, in_ndim).astype(kernel0.dtype)
+    kernel = kernel0 + _delta(_masked(lam, lam_mask), directions, kshape, kind,
+                              in_ndim).astype(kernel0.dtype)
     return (f(kernel, keys) - targets).astype(jnp.float32)
 
   # The quadratic model's reduction is c·Σ ω (r² − (r + Jδ)²) / Σ w: c = 1 for L2, and
@@ -564,4 +590,4 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, directio
 
   (lam, _, _), losses = lax.scan(gn_step, (lam0, damping, jnp.float32(2.0)), None,
                                  length=steps)
-  return SolveResult(lam, losses, loss_fn(lam))
+  return SolveResult(_masked(lam, lam_mask), losses, loss_fn(lam))

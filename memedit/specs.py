@@ -11,7 +11,9 @@ where a mask is a PNG data URL (``data:image/png;base64,...``) at canvas resolut
 alpha channel (or grey level, for images without alpha) marks the region and imgnum
 indexes the deterministic latent sample. memedit adds ``"model"``, ``"layer"``,
 ``"method"`` (zca, svd, mean, unit), ``"rank"``, ``"shrinkage"`` (of C towards a multiple
-of the identity before the directions are computed), ``"kind"`` (insert or erase),
+of the identity before the directions are computed), ``"taps"`` (all: every kernel tap is
+edited, as in the reference; own: only the taps that write a key's own output cell),
+``"kind"`` (insert or erase),
 ``"erase_units"``, ``"canvas"`` (the resolution), ``"num_images"`` (the size of the
 image sample imgnums index) and ``"solver"`` (optimizer, steps, learning_rate, loss).
 
@@ -36,6 +38,7 @@ from memedit import _io
 _PREFIX = "data:image/png;base64,"
 KINDS = ("insert", "erase")
 METHODS = ("zca", "svd", "mean", "unit")
+TAPS = ("all", "own")
 OPTIMIZERS = ("adam", "gauss_newton")
 LOSSES = ("l1", "l2")
 DEFAULT_SOLVER = {"optimizer": "adam", "steps": 2001, "learning_rate": 0.05, "loss": "l1"}
@@ -57,6 +60,8 @@ class EditSpec:
     rank: rank r of the edit subspace.
     shrinkage: α in [0, 1); the zca, svd and mean directions use the shrunk second
       moment (1 − α) C + α (tr C / C_in) I (see :func:`memedit.rewrite.directions`).
+    taps: "all" (every kernel tap has its own Λ, the reference) or "own" (only the taps
+      that write a key's own output cell, see :func:`memedit.rewrite.own_taps`).
     erase_units: number of most active context units zeroed by an erase.
     canvas: canvas resolution of the masks.
     num_images: number of images in the sample that imgnums index.
@@ -73,6 +78,7 @@ class EditSpec:
   method: str = "zca"
   rank: int = 1
   shrinkage: float = 0.0
+  taps: str = "all"
   erase_units: int = 30
   canvas: int = 64
   num_images: int = 10000
@@ -241,6 +247,9 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
   if method == "mean" and rank != 1:
     raise ValueError(f"rank: method 'mean' gives rank 1, got {rank}")
   shrinkage = check_shrinkage(data.get("shrinkage", 0.0), method)
+  taps = data.get("taps", "all")
+  if taps not in TAPS:
+    raise ValueError(f"taps: expected one of {TAPS}, got {taps!r}")
   erase_units = _positive_int(data.get("erase_units", 30), "erase_units")
   solver = dict(DEFAULT_SOLVER)
   given = data.get("solver", {})
@@ -264,7 +273,7 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
   if model is not None and not isinstance(model, str):
     raise ValueError(f"model: expected a string or null, got {type(model).__name__}")
   return EditSpec(key=key, paste=paste, object=obj, query=query, layer=layer, model=model,
-                  kind=kind, method=method, rank=rank, shrinkage=shrinkage,
+                  kind=kind, method=method, rank=rank, shrinkage=shrinkage, taps=taps,
                   erase_units=erase_units, canvas=canvas, num_images=n_img, solver=solver)
 
 
@@ -275,7 +284,8 @@ def spec_to_json(spec: EditSpec) -> dict:
 
   out = {"key": [pair(k) for k in spec.key], "paste": pair(spec.paste),
          "layer": spec.layer, "model": spec.model, "kind": spec.kind, "method": spec.method,
-         "rank": spec.rank, "shrinkage": spec.shrinkage, "erase_units": spec.erase_units,
+         "rank": spec.rank, "shrinkage": spec.shrinkage, "taps": spec.taps,
+         "erase_units": spec.erase_units,
          "canvas": spec.canvas, "num_images": spec.num_images, "solver": dict(spec.solver)}
   if spec.object is not None:
     out["object"] = pair(spec.object)

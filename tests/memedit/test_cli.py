@@ -174,10 +174,14 @@ def test_demo_on_the_real_weights_small(tmp_path, capsys):
   assert report["held_out_imgnums"] == [6000, 6015] and report["num_held_out"] == 16
   assert not set(range(6000, 6016)) & set(report["spec"]["imgnums_used"])
   assert set(report["by_quantile"]) == set(report["goals"]) == {"0.999", "0.99"}
+  # The bundled spec edits the own taps; the same spec with all taps is measured beside it.
+  assert report["spec"]["taps"] == "own"
+  assert report["taps_comparison"] == {"edit": "memedit_taps_all", "taps": "all"}
   for q, at in report["by_quantile"].items():
+    assert set(at) == {"memedit", "memedit_taps_all", "overfit"}
     m, o = at["memedit"], at["overfit"]
     assert m["num_latents"] == 16 and m["quantile"] == float(q)
-    assert m["threshold"] == o["threshold"]
+    assert m["threshold"] == o["threshold"] == at["memedit_taps_all"]["threshold"]
     assert report["goals"][q]["specificity_ratio_at_least_5"] == (
         m["specificity"]["ratio"] >= 5)
   sweep = {s["quantile"]: s["ratio"] for s in report["specificity_by_quantile"]}

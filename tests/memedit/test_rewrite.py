@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import linen as nn
 
 import memedit
 import peers
@@ -85,6 +86,9 @@ def test_stylegan2_insert_lowers_the_loss_and_keeps_unrelated_keys(sg2):
   res2 = rw.insert(gen, layer, D, reachable, optimizer="gauss_newton", steps=6, loss="l2")
   assert res2.loss_after < 0.05 * res2.loss_before
   assert res.edit.path == ("params", "synthesis", "conv_2", "memory", "kernel")
+  # The modulated 'same' 3×3 convolution's own tap is its centre.
+  np.testing.assert_array_equal(rw.own_taps(gen, layer), np.eye(3, dtype=bool)[1][:, None]
+                                & np.eye(3, dtype=bool)[1][None, :])
 
   # Keys C⁻¹-orthogonal to D: the convolution term is unchanged exactly; the output moves
   # only by the demodulation recomputed from the edited kernel, d(W1, s) / d(W0, s).
@@ -256,6 +260,69 @@ def test_dcgan_erase_unit_zeroing_and_methods(dcgan):
   out = rw.edit_from_spec(gen, spec, C)
   assert out.copied is None and sorted(out.units) == sorted(units)
   assert out.result.loss_after < out.result.loss_before
+
+
+def test_dcgan_own_taps_keep_a_key_s_change_in_its_own_cell(dcgan):
+  gen, C = dcgan
+  own = rw.own_taps(gen, "convt2")
+  want = np.zeros((4, 4), bool)
+  want[1:3, 1:3] = True
+  np.testing.assert_array_equal(own, want)
+  results = {taps: rw.edit_from_spec(gen, _spec(taps=taps), C).result for taps in ("all", "own")}
+  lam = np.asarray(results["own"].edit.lam)  # (4, 4, C_out, r)
+  assert np.all(lam[~own] == 0) and np.abs(lam[own]).max() > 0
+  assert results["own"].loss_after < results["own"].loss_before
+  assert results["own"].edit.settings["taps"] == "own"
+  # One key alone on the key map (at (3, 4)): with the own taps the edit changes the
+  # layer's output only inside that key's 2×2 cell; with all taps it spills outside it.
+  info = rw.layer_info(gen, "convt2")
+  k0 = jnp.asarray(memedit.get_leaf(gen.variables, info.weight_path))
+  run = rw.run_layer(gen, "convt2", gen.latents([9]))
+  x = np.zeros_like(run.keys)
+  x[:, 3, 4] = run.keys[:, 3, 4]
+  f = lambda kern: np.asarray(info.definition.apply({"params": {"kernel": kern}}, x))
+  cell = np.zeros((16, 16), bool)
+  cell[6:8, 8:10] = True
+  for taps, spills in (("own", False), ("all", True)):
+    change = np.abs(f(k0 + memedit.edit_delta(results[taps].edit, k0.shape)) - f(k0))
+    assert change[0][cell].max() > 1e-3, taps
+    assert (change[0][~cell].max() > 1e-3) == spills, taps
+
+
+@pytest.mark.parametrize("module,scale", [
+    (nn.Conv(2, (3, 3), padding="SAME", use_bias=False), 1),
+    (nn.Conv(2, (1, 1), use_bias=False), 1),
+    (nn.Conv(2, (5, 5), padding="SAME", use_bias=False), 1),
+    (nn.ConvTranspose(2, (4, 4), strides=(2, 2), padding="SAME", use_bias=False), 2),
+    (nn.ConvTranspose(2, (3, 3), strides=(3, 3), padding="SAME", use_bias=False), 3),
+])
+def test_own_taps_are_the_taps_that_write_inside_the_key_s_cell(module, scale):
+  # Checked through the layer itself: an impulse key with a kernel holding one tap lands
+  # inside the key's own cell exactly for the taps own_taps returns.
+  kh, kw = module.kernel_size
+  own = rw._own_taps(module, (kh, kw), scale, False, "probe")
+  n = 2 * max(kh, kw) + 1
+  c = n // 2
+  x = np.zeros((1, n, n, 1), np.float32)
+  x[0, c, c, 0] = 1.0
+  for ty in range(kh):
+    for tx in range(kw):
+      kernel = np.zeros((kh, kw, 1, 2), np.float32)
+      kernel[ty, tx] = 1.0
+      y = np.abs(np.asarray(module.apply({"params": {"kernel": kernel}}, x))[0, ..., 0]) > 0
+      ys, xs = np.nonzero(y)
+      inside = bool(len(ys)) and all(c * scale <= v < (c + 1) * scale for v in (*ys, *xs))
+      assert inside == own[ty, tx], (ty, tx)
+  assert own.sum() == scale * scale
+
+
+def test_own_taps_refuse_layers_without_a_tap_geometry():
+  with pytest.raises(ValueError, match=r"taps 'own' for layer 'd': expected a Conv, "
+                                       r"ConvTranspose or modulated 'same' convolution, got Dense"):
+    rw._own_taps(nn.Dense(3), (1, 1), 1, False, "d")
+  with pytest.raises(ValueError, match=r"taps 'own' for layer 's': expected a 14×14 output "
+                                       r"for a 7×7 input \(scale 2\), got 4×4"):
+    rw._own_taps(nn.Conv(2, (3, 3), strides=(2, 2), padding="SAME"), (3, 3), 2, False, "s")
 
 
 @pytest.mark.parametrize("method", ["zca", "mean"])

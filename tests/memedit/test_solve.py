@@ -291,3 +291,27 @@ def test_gauss_newton_leaves_saturation_behind():
   A = np.asarray(K @ np.asarray(D).T, np.float64)
   lam = np.linalg.solve(A, np.arctanh(targets.astype(np.float64)) - K @ W0).T
   assert rel(np.asarray(res.lam), lam) <= 1e-3
+
+
+def test_lam_mask_confines_the_edit_to_its_entries():
+  # A linear map with L2: Λ's rows (one per output) are independent problems, so the
+  # masked solve equals the full solve on the kept rows and is exactly zero elsewhere.
+  _, C, W, K, V = problem(11, n=3)
+  W, C, K, V = f32(W, C, K, V)
+  D = memedit.context_directions(C, K, rank=3).directions
+  matrix = lambda Wm, keys: keys @ Wm.T
+  keep = np.array([1, 0, 1, 1, 0, 1], np.float32)[:, None]  # Λ is (out, r) = (6, 3)
+  full = memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", loss="l2",
+                              optimizer="gauss_newton", steps=8)
+  for optimizer, steps, tol in (("gauss_newton", 8, 1e-3), ("adam", 2001, 1e-2)):
+    part = memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", loss="l2",
+                                optimizer=optimizer, steps=steps, lam_mask=keep)
+    lam = np.asarray(part.lam)
+    assert np.all(lam[keep[:, 0] == 0] == 0), optimizer
+    assert rel(lam[keep[:, 0] == 1], np.asarray(full.lam)[keep[:, 0] == 1]) <= tol, optimizer
+    # The loss it reports is the loss of the returned (masked) Λ.
+    fn = memedit.lambda_loss_fn(matrix, W, D, K, V, kind="matrix", loss="l2")
+    np.testing.assert_allclose(float(fn(part.lam)), float(part.final_loss), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"lam_mask: expected a shape broadcastable to Λ's "
+                                       r"\(6, 3\), got \(4,\)"):
+    memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", lam_mask=np.ones(4))

@@ -60,10 +60,11 @@ def tiny():
 
 def test_round_trip_gives_the_identical_spec_and_edit(tmp_path, tiny):
   gen, C = tiny
-  spec = _spec(query=(13, _box(24, 36, 8, 56)), shrinkage=0.2)
+  spec = _spec(query=(13, _box(24, 36, 8, 56)), shrinkage=0.2, taps="own")
   path = specs.save_spec(tmp_path / "spec.json", spec)
   loaded = specs.load_spec(path, layers=LAYERS, canvas=64)
-  assert loaded == spec and loaded.shrinkage == 0.2
+  assert loaded == spec and loaded.shrinkage == 0.2 and loaded.taps == "own"
+  assert specs.spec_from_json(_valid_json()).taps == "all"  # the reference's default
   for which in ("key", "object", "paste", "query"):
     for (i, a), (j, b) in zip(spec.masks(which), loaded.masks(which)):
       assert i == j and np.array_equal(a, b)
@@ -125,6 +126,8 @@ INVALID = {
     "shrinkage type": (lambda d: d.__setitem__("shrinkage", "0.2"), "shrinkage: expected"),
     "shrinkage with units": (lambda d: d.update(method="unit", shrinkage=0.2),
                              "expected 0 with method 'unit'"),
+    "unknown taps": (lambda d: d.__setitem__("taps", "centre"),
+                     "taps: expected one of \\('all', 'own'\\), got 'centre'"),
 }
 
 
