@@ -117,7 +117,7 @@ def evaluate_at_quantiles(gen: Generator, layer: str, D: Any, edited_variables: 
 def _evaluate(gen, layer, D, edited_variables, imgnums, quantiles, threshold, target_value,
               batch_size, original) -> list[dict]:
   for q in quantiles:
-    if not 0.0 < float(q) < 1.0:
+    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0 < q < 1:
       raise ValueError(f"quantile: expected a number in (0, 1), got {q!r}")
   info = layer_info(gen, layer)
   z = gen.latents(list(imgnums))
