@@ -411,7 +411,6 @@ def _demo_weights(path, work) -> str:
 
 
 def _run_demo(args) -> int:
-  import dataclasses
   import importlib.resources
   import json
   import os
@@ -451,13 +450,17 @@ def _run_demo(args) -> int:
   out = rewrite.edit_from_spec(gen, spec, C, steps=args.steps)
   res = out.result
   times["rewrite_s"] = time.perf_counter() - t0
-  # The same spec with the other tap setting, for comparison (same D, same target).
+  # The same edit with the other tap setting, for comparison: same D, same target, same
+  # solver settings.
   t0 = time.perf_counter()
   other_taps = "all" if spec.taps == "own" else "own"
   other_name = f"memedit_taps_{other_taps}"
+  st = res.edit.settings
   try:
-    other = rewrite.edit_from_spec(gen, dataclasses.replace(spec, taps=other_taps), C,
-                                   steps=args.steps).result
+    other = rewrite.insert(gen, spec.layer, res.directions, res.target,
+                           optimizer=st["optimizer"], steps=st["steps"],
+                           learning_rate=st["learning_rate"], loss=st["loss"],
+                           taps=other_taps, method=res.edit.method, settings=st)
   except ValueError as e:  # a layer without a tap geometry for 'own'
     other, other_skipped = None, str(e)
   times[f"rewrite_taps_{other_taps}_s"] = time.perf_counter() - t0
