@@ -1,99 +1,412 @@
 """Atomic, self-describing storage of array trees: an orbax checkpoint plus JSON metadata.
 
-Every write goes to a temporary sibling directory first and is moved into place with
-``os.replace`` only once it is complete, so an interrupted write never leaves a half
-checkpoint where a reader would find it, and an existing checkpoint at the destination
-survives until the new one is whole.
+Every write goes to a temporary sibling directory first and is moved into place only once
+it is complete (and synced to disk), so an interrupted write never leaves a half
+checkpoint where a reader would find it. An existing destination is swapped out in one
+atomic exchange where the system offers it (Linux ``renameat2``); elsewhere it is moved
+aside and moved back when the second rename fails, and a later read or write restores it
+if the process died in between. The destination is present at every instant or
+recoverable.
+
+Every directory written here carries a marker file, ``.memedit-output.json``, naming the
+kind of output (``"converted"``, ``"edited-model"``, ``"edit"``, ``"tree"``) and the sha256
+of every other file in it. A directory is replaced only when it is a memedit output of the
+same kind (or empty, or ``force`` is given), never when it holds the current directory or
+a protected path (the source being converted); reading verifies the checksums.
+
+Files and directories are created with the process's umask (no forced private modes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 _TREE_DIR = "arrays"
 _META_FILE = "meta.json"
+MARKER_FILE = ".memedit-output.json"
+_MARKER_FORMAT = 1
+KINDS = ("converted", "edited-model", "edit", "tree")
+
+
+def _fsync_dir(path: str) -> None:
+  """Makes a directory's entries (a rename into or out of it) durable."""
+  try:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+  except OSError:  # systems that cannot open directories
+    return
+  try:
+    os.fsync(fd)
+  except OSError:  # file systems that cannot sync directories
+    pass
+  finally:
+    os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+  """Syncs every file and directory under ``root`` to disk."""
+  for dirpath, _, filenames in os.walk(root):
+    for name in filenames:
+      fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    _fsync_dir(dirpath)
+
+
+def _sibling(dst: str, tag: str) -> str:
+  """An unused hidden name beside ``dst``: ``.<tag>-<basename>-<8 hex digits>``."""
+  return os.path.join(os.path.dirname(dst),
+                      f".{tag}-{os.path.basename(dst)}-{secrets.token_hex(4)}")
+
+
+def _make_dir(dst: str, tag: str) -> str:
+  """Creates a new hidden directory beside ``dst``, with the mode the umask gives."""
+  while True:
+    path = _sibling(dst, tag)
+    try:
+      os.mkdir(path, 0o777)
+      return path
+    except FileExistsError:
+      continue
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+  Returns:
+    True when swapped; False where the system or file system does not offer it.
+  """
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                        ctypes.c_uint)
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+    return False
+  raise OSError(err, os.strerror(err), a, None, b)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+def _moved_aside(dst: str) -> list[str]:
+  """Earlier versions of ``dst`` moved aside by a replacement, newest first."""
+  parent, prefix = os.path.dirname(dst), f".old-{os.path.basename(dst)}-"
+  try:
+    names = os.listdir(parent)
+  except FileNotFoundError:
+    return []
+  found = [os.path.join(parent, n) for n in names
+           if n.startswith(prefix) and len(n) == len(prefix) + 8]
+  return sorted(found, key=lambda p: os.lstat(p).st_mtime_ns, reverse=True)
+
+
+def recover(path: str | os.PathLike) -> None:
+  """Finishes a replacement of ``path`` that a killed process left half done.
+
+  Where ``path`` is missing and an earlier version was moved aside (``.old-<name>-*``),
+  that version is moved back; where ``path`` exists, such moved-aside versions are stale
+  and removed.
+  """
+  dst = os.path.abspath(os.fspath(path))
+  old = _moved_aside(dst)
+  if not old:
+    return
+  if not os.path.lexists(dst):
+    os.rename(old.pop(0), dst)
+    _fsync_dir(os.path.dirname(dst))
+  for stale in old:
+    _remove(stale)
 
 
 def _atomic_replace_dir(tmp: str, dst: str) -> None:
   """Moves the finished directory ``tmp`` to ``dst``, replacing any earlier ``dst``."""
-  if os.path.isdir(dst):
-    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(dst))
-    os.rmdir(old)
-    os.replace(dst, old)
+  parent = os.path.dirname(dst)
+  if not os.path.lexists(dst):
+    os.rename(tmp, dst)
+    _fsync_dir(parent)
+    return
+  if _exchange(tmp, dst):  # dst now holds the new tree, tmp the old one
+    _fsync_dir(parent)
+    _remove(tmp)
+    return
+  # Two renames: between them dst is missing, and recover() moves the old one back.
+  old = _sibling(dst, "old")
+  os.rename(dst, old)
+  try:
+    os.rename(tmp, dst)
+  except BaseException:
+    os.rename(old, dst)
+    raise
+  _fsync_dir(parent)
+  _remove(old)
+
+
+def _within(inner: str, outer: str) -> bool:
+  """Whether ``inner`` is ``outer`` or lies inside it (after resolving links)."""
+  inner, outer = os.path.realpath(inner), os.path.realpath(outer)
+  return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+  """The kind of memedit output in directory ``path``, or None when it is not one.
+
+  Directories written before outputs carried a marker are recognised by their
+  ``meta.json``: an edit, a checkpoint with edits applied, a converted checkpoint, or
+  another saved tree.
+  """
+  src = os.fspath(path)
+  marker = os.path.join(src, MARKER_FILE)
+  if os.path.isfile(marker):
     try:
-      os.replace(tmp, dst)
-    except BaseException:
-      os.replace(old, dst)
-      raise
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(tmp, dst)
+      kind = read_json(marker).get("kind")
+    except (ValueError, AttributeError):
+      return None
+    return kind if kind in KINDS else None
+  meta_file = os.path.join(src, _META_FILE)
+  if not (os.path.isfile(meta_file) and os.path.isdir(os.path.join(src, _TREE_DIR))):
+    return None
+  try:
+    meta = read_json(meta_file)
+  except ValueError:
+    return None
+  if not isinstance(meta, dict):
+    return None
+  if meta.get("format") == "memedit-edit":
+    return "edit"
+  if "architecture" in meta:
+    return "edited-model" if "edits" in meta else "converted"
+  return "tree"
+
+
+def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
+                 protect: Iterable[str | os.PathLike] = ()) -> str:
+  """Checks that writing output ``kind`` to ``path`` may replace what is there.
+
+  Args:
+    path: the output directory.
+    kind: what will be written, one of :data:`KINDS`.
+    force: replace an existing ``path`` of another kind (or not a memedit output).
+    protect: paths that must survive: ``path`` may not be one of them nor hold one,
+      even with ``force`` (e.g. the checkpoint being converted). The current directory
+      is always protected.
+
+  Returns:
+    ``path`` as an absolute path.
+
+  Raises:
+    ValueError: ``path`` would replace a protected path, or holds something other than
+      a memedit output of this kind (without ``force``).
+  """
+  if kind not in KINDS:
+    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+  dst = os.path.abspath(os.fspath(path))
+  cwd = os.getcwd()
+  for keep in (*map(os.fspath, protect), cwd):
+    if _within(keep, dst):
+      what = "the current directory" if keep == cwd else repr(keep)
+      raise ValueError(f"{dst}: expected an output folder apart from the inputs, got one that "
+                       f"holds {what}; refusing to replace it (even with --force)")
+  recover(dst)
+  if not os.path.lexists(dst) or force:
+    return dst
+  if os.path.islink(dst) or not os.path.isdir(dst):
+    got = "a link" if os.path.islink(dst) else "a file"
+    raise ValueError(f"{dst}: expected a memedit {kind!r} output folder to replace, got "
+                     f"{got}; pass --force to replace it")
+  if not os.listdir(dst):
+    return dst
+  found = output_kind(dst)
+  if found != kind:
+    got = f"a memedit {found!r} output" if found else "a folder that is not a memedit output"
+    raise ValueError(f"{dst}: expected a memedit {kind!r} output folder to replace, got "
+                     f"{got}; pass --force to replace it")
+  return dst
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
   """Yields a temporary directory that becomes ``path`` when the block exits cleanly.
 
-  On an exception (or a kill) the temporary directory is removed (or left under a
-  hidden ``.tmp-`` name) and ``path`` is untouched.
+  On an exception the temporary directory is removed and ``path`` is untouched; after a
+  kill the temporary directory is left under a hidden ``.tmp-`` name and ``path`` is
+  present, or restored by the next :func:`recover` (every read and write runs it).
   """
   dst = os.path.abspath(os.fspath(path))
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(dst)}-", dir=parent)
+  recover(dst)
+  tmp = _make_dir(dst, "tmp")
   try:
     yield tmp
+    _fsync_tree(tmp)
     _atomic_replace_dir(tmp, dst)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` through a temporary file and ``os.replace``."""
   dst = os.path.abspath(os.fspath(path))
-  os.makedirs(os.path.dirname(dst), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(dst)}-", dir=os.path.dirname(dst))
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  while True:  # a new file with the mode the umask gives (mkstemp would force 0600)
+    tmp = _sibling(dst, "tmp")
+    try:
+      fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                   0o666)
+      break
+    except FileExistsError:
+      continue
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, dst)
+    _fsync_dir(parent)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
 
 
-def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None) -> str:
+def read_json(path: str | os.PathLike) -> Any:
+  """A JSON file's value.
+
+  Raises:
+    FileNotFoundError: the file is missing.
+    ValueError: the file is not valid UTF-8 JSON (truncated or overwritten); the message
+      names it.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError as e:  # UnicodeDecodeError, json.JSONDecodeError
+    raise ValueError(f"{path}: expected JSON metadata, got {os.path.getsize(path)} bytes "
+                     f"that do not parse ({e}); the directory is damaged: regenerate it"
+                     ) from None
+
+
+def _file_digests(root: str) -> dict[str, str]:
+  """sha256 of every file under ``root`` but the marker, by '/'-separated relative path."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in sorted(filenames):
+      full = os.path.join(dirpath, name)
+      rel = os.path.relpath(full, root).replace(os.sep, "/")
+      if rel != MARKER_FILE:
+        out[rel] = sha256_file(full)
+  return out
+
+
+def verify(path: str | os.PathLike) -> dict | None:
+  """Checks a saved directory's files against the checksums in its marker.
+
+  Returns:
+    The marker's content, or None for a directory saved before markers existed (read
+    without checks: regenerate it to have them).
+
+  Raises:
+    ValueError: a file is missing or its sha256 differs from the one stored at save
+      time (the message names the file), or the marker is damaged.
+  """
+  src = os.path.abspath(os.fspath(path))
+  marker_file = os.path.join(src, MARKER_FILE)
+  if not os.path.isfile(marker_file):
+    return None
+  marker = read_json(marker_file)
+  digests = marker.get("sha256") if isinstance(marker, dict) else None
+  if (not isinstance(digests, dict) or marker.get("format") != _MARKER_FORMAT
+      or not all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
+    raise ValueError(f"{marker_file}: expected a memedit output marker of format "
+                     f"{_MARKER_FORMAT} with sha256 checksums, got {str(marker)[:200]}; "
+                     "regenerate the directory")
+  for rel, want in digests.items():
+    full = os.path.normpath(os.path.join(src, rel))
+    if os.path.isabs(rel) or not _within(full, src):
+      raise ValueError(f"{marker_file}: expected paths inside {src}, got {rel!r}")
+    if not os.path.isfile(full):
+      raise ValueError(f"{full}: missing; expected a file with sha256 {want} (the directory "
+                       "is incomplete: regenerate it)")
+    got = sha256_file(full)
+    if got != want:
+      raise ValueError(f"{full}: sha256 {got} does not match {want}, stored when it was "
+                       "saved; the file is damaged: regenerate the directory")
+  return marker
+
+
+def _checkpointer():
+  """An orbax checkpointer that reads and writes from this process alone.
+
+  Under ``jax.distributed`` orbax would otherwise wait at barriers for every process;
+  memedit's trees (statistics caches, edits, converted models) are host-local numpy
+  trees written by one process and read by any.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+
+  me = jax.process_index()
+  opts = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  return ocp.StandardCheckpointer(multiprocessing_options=opts)
+
+
+def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, *,
+              kind: str = "tree", force: bool = False,
+              protect: Iterable[str | os.PathLike] = ()) -> str:
   """Saves an array tree and JSON metadata atomically as a directory.
 
   Args:
     path: destination directory (created or replaced as a whole).
     tree: a pytree of arrays (nested dicts, lists, NamedTuples of jax or numpy arrays).
     metadata: JSON-serialisable dict stored beside the arrays.
+    kind: what the directory is, one of :data:`KINDS`; recorded in its marker file with
+      the sha256 of every file, which :func:`load_tree` verifies.
+    force, protect: as for :func:`check_output`, which runs before anything is written.
 
   Returns:
     The absolute path written.
-  """
-  import orbax.checkpoint as ocp  # local import: orbax is slow to import
 
-  dst = os.path.abspath(os.fspath(path))
+  Raises:
+    ValueError: ``path`` may not be replaced (see :func:`check_output`).
+  """
+  dst = check_output(path, kind, force=force, protect=protect)
   tree = _to_numpy(tree)
   with atomic_dir(dst) as tmp:
-    with ocp.StandardCheckpointer() as ckptr:
+    with _checkpointer() as ckptr:
       ckptr.save(os.path.join(tmp, _TREE_DIR), tree)
     with open(os.path.join(tmp, _META_FILE), "w") as f:
       json.dump(metadata or {}, f, indent=2, sort_keys=True)
+    marker = {"format": _MARKER_FORMAT, "kind": kind, "sha256": _file_digests(tmp)}
+    with open(os.path.join(tmp, MARKER_FILE), "w") as f:
+      json.dump(marker, f, indent=2, sort_keys=True)
   return dst
 
 
@@ -105,18 +418,22 @@ def load_tree(path: str | os.PathLike) -> tuple[Any, dict]:
 
   Raises:
     FileNotFoundError: ``path`` is not a complete saved tree.
+    ValueError: the metadata is not valid JSON, or a file's sha256 differs from the one
+      stored when it was saved (the message names the file). Trees saved before
+      checksums were stored load unchecked.
   """
-  import orbax.checkpoint as ocp
-
   src = os.path.abspath(os.fspath(path))
+  recover(src)
   meta_file = os.path.join(src, _META_FILE)
   tree_dir = os.path.join(src, _TREE_DIR)
   if not (os.path.isfile(meta_file) and os.path.isdir(tree_dir)):
     raise FileNotFoundError(
         f"{src} is not a saved memedit tree: expected {_TREE_DIR}/ and {_META_FILE} inside it")
-  with open(meta_file) as f:
-    metadata = json.load(f)
-  with ocp.StandardCheckpointer() as ckptr:
+  metadata = read_json(meta_file)
+  if not isinstance(metadata, dict):
+    raise ValueError(f"{meta_file}: expected a JSON object, got {type(metadata).__name__}")
+  verify(src)
+  with _checkpointer() as ckptr:
     tree = ckptr.restore(tree_dir)
   return _to_numpy(tree), metadata
 

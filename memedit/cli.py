@@ -28,7 +28,9 @@ formats:
               state dict itself (main.0.weight ... main.12.weight)
   auto        decide from the file's content (default)
 
-The write is atomic: an interrupted conversion leaves OUT as it was.
+The write is atomic: an interrupted conversion leaves OUT as it was. An existing OUT
+is replaced only when it is an earlier conversion (or empty); --force replaces any
+other folder, except one that holds SRC or the current directory.
 
 example:
   memedit convert weights.tar faces-dcgan
@@ -44,24 +46,28 @@ def _add_convert(subparsers) -> None:
   p.add_argument("out", metavar="OUT", help="output directory (created or replaced atomically)")
   p.add_argument("--format", choices=FORMATS, default="auto",
                  help="source checkpoint format (default: %(default)s, detected from content)")
+  p.add_argument("--force", action="store_true",
+                 help="replace OUT even when it is not an earlier conversion")
   p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
   import ports
+  from memedit import _io
 
+  _io.check_output(args.out, "converted", force=args.force, protect=(args.src,))
   fmt = args.format
   if fmt == "auto":
     fmt = ports.detect_format(args.src)
   if fmt == "dcgan":
     from ports.dcgan import convert_dcgan
-    out = convert_dcgan(args.src, args.out)
+    out = convert_dcgan(args.src, args.out, force=args.force)
   elif fmt == "rosinality":
     from ports.stylegan2 import convert_rosinality
-    out = convert_rosinality(args.src, args.out)
+    out = convert_rosinality(args.src, args.out, force=args.force)
   elif fmt == "nvidia":
     from ports.stylegan2 import convert_nvidia
-    out = convert_nvidia(args.src, args.out)
+    out = convert_nvidia(args.src, args.out, force=args.force)
   else:
     raise ValueError(f"--format: expected one of {FORMATS}, got {fmt!r}")
   config = ports.read_config(out)
@@ -182,6 +188,10 @@ resolution) with "layer", "method" (zca, svd, mean, unit), "rank", "kind" (inser
 erase) and "solver" ({"optimizer": "adam" | "gauss_newton", "steps", "learning_rate",
 "loss"}). C comes from the same cache as `memedit stats`.
 
+--out and --save-model replace an existing folder only when it is an earlier edit /
+edited checkpoint (or empty); --force replaces any other folder, except one that holds
+MODEL, SPEC, the statistics cache or the current directory.
+
 example:
   memedit rewrite faces-dcgan spec.json --out glasses.edit --save-model faces-glasses
 """
@@ -195,6 +205,8 @@ def _add_rewrite(subparsers) -> None:
   p.add_argument("spec", metavar="SPEC", help="JSON edit spec")
   p.add_argument("--out", required=True, help="edit directory to write (atomic)")
   p.add_argument("--save-model", metavar="DIR", help="also write the edited checkpoint")
+  p.add_argument("--force", action="store_true",
+                 help="replace --out / --save-model even when they hold something else")
   p.add_argument("--steps", type=int, help="override the spec's solver steps")
   p.add_argument("--optimizer", choices=("adam", "gauss_newton"),
                  help="override the spec's solver optimizer")
@@ -213,6 +225,7 @@ def _run_rewrite(args) -> int:
   import memedit
   from memedit import rewrite
 
+  outputs = _check_rewrite_outputs(args)
   gen = _open(args)
   spec = _load_spec(args.spec, gen)
   state = _statistics(gen, spec.layer, args)
@@ -220,17 +233,32 @@ def _run_rewrite(args) -> int:
   out = rewrite.edit_from_spec(gen, spec, memedit.second_moment(state), steps=args.steps,
                                optimizer=args.optimizer)
   res = out.result
-  memedit.save_edit(args.out, res.edit)
+  memedit.save_edit(outputs["edit"], res.edit, force=args.force)
   print(f"rewrite {args.spec}: layer {spec.layer}, {spec.kind}/{spec.method} rank {spec.rank}; "
         f"L1 at the paste {res.loss_before:.4f} -> {res.loss_after:.4f} in "
         f"{time.perf_counter() - t0:.1f}s; edit written to {args.out}")
   if args.save_model:
-    _save_edited_model(args.model, gen, res.edit, args.save_model)
+    _save_edited_model(args.model, gen, res.edit, outputs["edited-model"], force=args.force)
     print(f"edited checkpoint written to {args.save_model}")
   return 0
 
 
-def _save_edited_model(src, gen, edit, dst) -> None:
+def _check_rewrite_outputs(args) -> dict:
+  """Checks --out and --save-model before any work; returns them by kind (absolute)."""
+  from memedit import _io
+
+  protect = [args.model, args.spec, args.cache_dir]
+  outputs = {"edit": _io.check_output(args.out, "edit", force=args.force, protect=protect)}
+  if args.save_model:
+    outputs["edited-model"] = _io.check_output(args.save_model, "edited-model",
+                                               force=args.force, protect=protect)
+    if outputs["edited-model"] == outputs["edit"]:
+      raise ValueError(f"--save-model: expected a folder other than --out, got "
+                       f"{args.save_model!r} for both")
+  return outputs
+
+
+def _save_edited_model(src, gen, edit, dst, *, force: bool = False) -> None:
   import ports
   from memedit import _io, rewrite
 
@@ -238,7 +266,8 @@ def _save_edited_model(src, gen, edit, dst) -> None:
   edited, _ = rewrite.edited(gen, edit)
   config["edits"] = list(config.get("edits", [])) + [
       {"name": edit.name, "path": list(edit.path), "method": edit.method}]
-  _io.save_tree(dst, edited.variables, config)
+  _io.save_tree(dst, edited.variables, config, kind="edited-model", force=force,
+                protect=(src,))
 
 
 _SAMPLE_HELP = """\

@@ -377,12 +377,14 @@ def revert_edit(params: Any, edit: Edit | str, history: EditHistory
   return replace_leaf(params, target.path, new_leaf), EditHistory(originals, edits)
 
 
-def save_edit(path: str | os.PathLike, edit: Edit) -> str:
+def save_edit(path: str | os.PathLike, edit: Edit, *, force: bool = False) -> str:
   """Saves an edit's factors and metadata atomically (orbax arrays + JSON); never the model.
 
   Args:
-    path: destination directory (replaced as a whole, atomically).
+    path: destination directory (replaced as a whole, atomically). An existing one is
+      replaced only when it is a saved edit (or empty).
     edit: the :class:`Edit`.
+    force: replace an existing ``path`` that is not a saved edit.
 
   Returns:
     The absolute path written.
@@ -402,7 +404,8 @@ def save_edit(path: str | os.PathLike, edit: Edit) -> str:
       "settings": edit.settings, "lam_shape": list(np.shape(edit.lam)),
       "directions_shape": list(np.shape(edit.directions)),
   }
-  return _io.save_tree(path, {"lam": edit.lam, "directions": edit.directions}, meta)
+  return _io.save_tree(path, {"lam": edit.lam, "directions": edit.directions}, meta,
+                       kind="edit", force=force)
 
 
 def load_edit(path: str | os.PathLike) -> Edit:

@@ -7,7 +7,6 @@ and their converters. :func:`load_converted` opens any converted checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -22,8 +21,10 @@ def read_config(path: str | os.PathLike) -> dict:
   if not os.path.isfile(meta_file):
     raise FileNotFoundError(f"{os.fspath(path)}: not a converted checkpoint "
                             f"(expected {_io._META_FILE} inside it)")
-  with open(meta_file) as f:
-    return json.load(f)
+  config = _io.read_json(meta_file)
+  if not isinstance(config, dict):
+    raise ValueError(f"{meta_file}: expected a JSON object, got {type(config).__name__}")
+  return config
 
 
 def load_converted(path: str | os.PathLike) -> tuple[Any, Any, dict]:

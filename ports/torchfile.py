@@ -24,6 +24,15 @@ modules come back as :class:`NvidiaModule` records of their weights and attribut
 Tensors come back as numpy arrays with the stored dtype (``bfloat16`` and ``float8``
 through ``ml_dtypes``), shape and strides, copied out of the storage so they own their
 memory; a tensor whose offset, sizes and strides reach outside its storage is refused.
+
+A small hostile file cannot take unbounded time, memory or stack either: only regular
+files are read; every pickle's opcodes are scanned before it is loaded, refusing values
+nested more than ``_MAX_DEPTH`` deep, dict keys / set elements / persistent ids whose hash
+would walk too many (shared) tuple elements, oversized memo indices and arguments longer
+than the data; zip records are checked against the archive's size (each and all together)
+before anything is read, and read no further than their declared size; the arrays
+returned may not exceed a few times the file's size (stride-0 views); network objects
+whose submodules are shared along many paths are refused.
 """
 
 from __future__ import annotations
@@ -31,9 +40,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import itertools
+import math
 import os
 import pickle
+import pickletools
 import re
+import stat
 import struct
 import zipfile
 from typing import Any, Callable
@@ -133,6 +146,73 @@ _ZIP_SIGNATURE = b"PK\x03\x04"
 _MAX_NESTING = 4
 _ZIP_BOMB_MIN = 64 << 20
 _ZIP_BOMB_RATIO = 200
+# Budgets that keep a small hostile file from taking unbounded time or memory. Real
+# checkpoints stay far inside them: containers nest a few dozen levels at most, dict keys
+# and set elements are strings, ints or short tuples, and tensors copy out about the
+# bytes the file stores (views of one storage may repeat a few times).
+_MAX_DEPTH = 100                  # containers inside containers (also bounds recursion)
+_MAX_KEY_ELEMENTS = 1000          # tuple elements reached when hashing one key
+_HASH_WORK_MIN = 1_000_000        # tuple elements hashed in all, plus 16 per pickle byte
+_MAX_PERSISTENT_ID_ELEMENTS = 256  # elements of one persistent id
+_MAX_RECORD_ITEMS = 500_000       # submodule visits plus entries of all module records
+_EXPAND_RATIO = 4                 # bytes read out of records / arrays returned, per file byte
+_EXPAND_SLACK = 64 << 20          # ... plus this much
+_MAX_SMALL_RECORD = 64            # bytes of the byteorder / version records
+
+
+def _brief(x: Any, level: int = 3) -> str:
+  """A short repr of untrusted data: bounded in depth, length and work."""
+  if x is None or isinstance(x, (bool, float, complex, np.generic)):
+    return repr(x)[:80]
+  if isinstance(x, int):
+    return repr(x) if x.bit_length() <= 128 else f"<int of {x.bit_length()} bits>"
+  if isinstance(x, (str, bytes, bytearray)):
+    return repr(x[:60]) + ("..." if len(x) > 60 else "")
+  if isinstance(x, (_Call, _StorageType)):
+    return repr(x)
+  if isinstance(x, (tuple, list, set, frozenset, dict)):
+    name = type(x).__name__
+    if level <= 0:
+      return f"<{name} of {len(x)}>"
+    if isinstance(x, dict):
+      parts = [f"{_brief(k, level - 1)}: {_brief(v, level - 1)}"
+               for k, v in itertools.islice(x.items(), 6)]
+    else:
+      parts = [_brief(v, level - 1) for v in itertools.islice(x, 6)]
+    if len(x) > 6:
+      parts.append(f"... {len(x)} in all")
+    body = ", ".join(parts)
+    if isinstance(x, tuple):
+      return f"({body}{',' if len(x) == 1 else ''})"
+    if isinstance(x, list):
+      return f"[{body}]"
+    if type(x) is dict:
+      return f"{{{body}}}"
+    return f"{name}({{{body}}})"
+  return f"<{type(x).__name__}>"
+
+
+def _key_elements(source: str, value: Any, what: str, budget: list[int]) -> None:
+  """Refuses a value whose hash would walk too many tuple elements.
+
+  Hashing a tuple hashes its elements again (nothing is cached), so a tuple built of one
+  shared tuple doubled forty times takes 2**40 steps. ``budget`` holds the elements still
+  allowed for the whole file.
+  """
+  count = 0
+  todo = [value]
+  while todo:
+    x = todo.pop()
+    count += 1
+    if count > _MAX_KEY_ELEMENTS:
+      raise UnsafeFileError(f"{source}: refused a {what} of more than {_MAX_KEY_ELEMENTS} "
+                            "nested elements (expected a string, number or short tuple)")
+    if isinstance(x, tuple):
+      todo.extend(x)
+  budget[0] -= count
+  if budget[0] < 0:
+    raise UnsafeFileError(f"{source}: refused the file: its dict keys and set elements "
+                          "would take too long to hash")
 
 
 # ------------------------------------------------------------------ lazy placeholders
@@ -208,11 +288,13 @@ class _Storage(_Sealed):
       view = base[self.offset_bytes:self.offset_bytes + self.nbytes]
     else:
       if self.data is None:
-        raise CorruptFileError(f"{self.source}: storage {self.key!r} has no data (file truncated?)")
+        raise CorruptFileError(
+            f"{self.source}: storage {_brief(self.key)} has no data (file truncated?)")
       view = memoryview(self.data)[:self.nbytes]
     if len(view) < self.nbytes:
       raise CorruptFileError(
-          f"{self.source}: storage {self.key!r}: expected {self.nbytes} bytes, got {len(view)}")
+          f"{self.source}: storage {_brief(self.key)}: expected {self.nbytes} bytes, "
+          f"got {len(view)}")
     return view
 
 
@@ -250,7 +332,7 @@ def _check_extent(source, offset, shape, stride, count, dtype):
   values = (offset, *shape, *stride)
   if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
     raise UnsafeFileError(f"{source}: tensor geometry must be non-negative ints, got offset "
-                          f"{offset!r}, shape {shape!r}, stride {stride!r}")
+                          f"{_brief(offset)}, shape {_brief(shape)}, stride {_brief(stride)}")
   if any(s == 0 for s in shape):
     return
   last = offset + sum((n - 1) * st for n, st in zip(shape, stride))
@@ -268,7 +350,8 @@ class _DtypeHolder:
     if isinstance(name, bytes):
       name = name.decode("ascii", "replace")
     if not isinstance(name, str) or not _NUMPY_DTYPE_RE.match(name):
-      raise UnsafeFileError(f"{source}: refused numpy dtype {name!r} (only numeric dtypes load)")
+      raise UnsafeFileError(
+          f"{source}: refused numpy dtype {_brief(name)} (only numeric dtypes load)")
     self.dtype = np.dtype(name)
 
   def __setstate__(self, state):
@@ -295,15 +378,18 @@ class _ArrayHolder:
     _, shape, dtype, fortran, raw = state
     dtype = dtype.dtype if isinstance(dtype, _DtypeHolder) else dtype
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc":
-      raise UnsafeFileError(f"{self.source}: refused numpy array of dtype {dtype!r}")
+      raise UnsafeFileError(f"{self.source}: refused numpy array of dtype {_brief(dtype)}")
     if isinstance(raw, str):
       raw = raw.encode("latin1")
     if not isinstance(raw, (bytes, bytearray)):
       raise UnsafeFileError(f"{self.source}: refused numpy array whose data is not raw bytes")
+    if not isinstance(shape, tuple) or len(shape) > 64:
+      raise CorruptFileError(f"{self.source}: numpy array shape must be a tuple of at most 64 "
+                             f"ints, got {_brief(shape)}")
     shape = tuple(int(s) for s in shape)
-    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(raw):
+    if math.prod(shape) * dtype.itemsize != len(raw) or min(shape, default=0) < 0:
       raise CorruptFileError(f"{self.source}: numpy array of shape {shape} and dtype {dtype} "
-                             f"needs {int(np.prod(shape)) * dtype.itemsize} bytes, got {len(raw)}")
+                             f"needs {math.prod(shape) * dtype.itemsize} bytes, got {len(raw)}")
     arr = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
     self.array = np.array(arr.astype(dtype.newbyteorder("=")), copy=True)
 
@@ -312,11 +398,22 @@ class _FrozenClass(type):
   """A metaclass whose classes refuse attribute assignment (a pickle cannot patch them)."""
 
   def __setattr__(cls, name, value):
-    raise UnsafeFileError(f"refused to set attribute {name!r} on {cls.__name__}")
+    raise UnsafeFileError(f"refused to set attribute {_brief(name)} on {cls.__name__}")
 
 
 class _EasyDict(dict, metaclass=_FrozenClass):
-  """``dnnlib.EasyDict`` rebuilt as a dict (attribute access is not reproduced)."""
+  """``dnnlib.EasyDict`` rebuilt as a dict (attribute access is not reproduced).
+
+  Pickles create it empty (``NEWOBJ``) and fill it with ``SETITEMS``, whose keys the
+  opcode scan checks; building it from arguments (which would hash them unchecked) is
+  refused.
+  """
+
+  def __init__(self, *args, **kwargs):
+    if args or kwargs:
+      raise UnsafeFileError("refused an EasyDict built from arguments (expected NEWOBJ "
+                            "followed by SETITEMS)")
+    super().__init__()
 
   def __setstate__(self, state):
     if state:
@@ -337,7 +434,8 @@ class _PersistentObj(_Sealed):
     if not isinstance(meta, dict):
       raise CorruptFileError(f"{source}: persistent object metadata is not a dict")
     if meta.get("type") != "class":
-      raise UnsafeFileError(f"{source}: refused persistent object of type {meta.get('type')!r}")
+      raise UnsafeFileError(
+          f"{source}: refused persistent object of type {_brief(meta.get('type'))}")
     name = meta.get("class_name")
     state = meta.get("state")
     if not isinstance(name, str) or not isinstance(state, dict):
@@ -348,6 +446,171 @@ class _PersistentObj(_Sealed):
     # meta["module_src"] (the class's source code) is deliberately dropped unread.
 
 
+# ----------------------------------------------------------------------- pickle scan
+
+_SCALAR = (1, 0)  # (elements hashed, nesting depth) of a value that holds no other value
+_PUSH_SCALAR = frozenset((
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
+    "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "UNICODE",
+    "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "NONE", "NEWTRUE", "NEWFALSE", "FLOAT",
+    "BINFLOAT", "GLOBAL", "EXT1", "EXT2", "EXT4", "PERSID", "NEXT_BUFFER"))
+_PUSH_MUTABLE = frozenset(("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "BYTEARRAY8"))
+
+
+def _scan_pickle(f, source: str) -> None:
+  """Walks one pickle's opcodes without building anything, then rewinds ``f``.
+
+  The stack is simulated with a ``(hash cost, depth)`` pair per value (a list where the
+  value can still grow). Refused: values nested deeper than ``_MAX_DEPTH`` (hashing a
+  deeply nested tuple recurses in C without a guard and overflows the stack), dict keys,
+  set elements and persistent ids whose hash would walk too many tuple elements, memo
+  indices far beyond the pickle's length (the C reader sizes its memo by the largest
+  index), and arguments whose declared length exceeds the data (read before allocation).
+
+  Raises:
+    UnsafeFileError: one of the limits above is exceeded.
+    CorruptFileError: the opcode stream is malformed.
+  """
+  start = f.tell()
+  size = f.seek(0, io.SEEK_END) - start
+  f.seek(start)
+  hash_budget = _HASH_WORK_MIN + 16 * size
+  stack: list = []
+  marks: list[int] = []
+  memo: dict[int, Any] = {}
+
+  def underflow():
+    return CorruptFileError(f"{source}: malformed pickle (stack underflow)")
+
+  def pop(n=1):
+    fence = marks[-1] if marks else 0
+    if len(stack) - n < fence:
+      raise underflow()
+    items = stack[len(stack) - n:]
+    del stack[len(stack) - n:]
+    return items
+
+  def pop_mark():
+    if not marks:
+      raise CorruptFileError(f"{source}: malformed pickle (no MARK before a container)")
+    k = marks.pop()
+    items = stack[k:]
+    del stack[k:]
+    return items
+
+  def depth_of(items):
+    d = 1 + max((n[1] for n in items), default=0)
+    if d > _MAX_DEPTH:
+      raise UnsafeFileError(f"{source}: refused values nested deeper than {_MAX_DEPTH} levels")
+    return d
+
+  def cost_of(items):
+    return min(1 + sum(n[0] for n in items), _MAX_KEY_ELEMENTS + 1)
+
+  def keys(items, what):
+    nonlocal hash_budget
+    for n in items:
+      if n[0] > _MAX_KEY_ELEMENTS:
+        raise UnsafeFileError(f"{source}: refused a {what} of more than {_MAX_KEY_ELEMENTS} "
+                              "nested elements (expected a string, number or short tuple)")
+      hash_budget -= n[0]
+    if hash_budget < 0:
+      raise UnsafeFileError(f"{source}: refused the file: its dict keys and set elements "
+                            "would take too long to hash")
+
+  def grow(items):  # the top of the stack takes in ``items`` (APPEND, SETITEM, BUILD ...)
+    if not stack or len(stack) <= (marks[-1] if marks else 0):
+      raise underflow()
+    top = stack[-1]
+    if isinstance(top, list) and items:
+      top[1] = max(top[1], depth_of(items))
+
+  try:
+    for n_ops, (op, arg, _) in enumerate(pickletools.genops(f)):
+      name = op.name  # the most frequent opcodes first
+      if name in _PUSH_SCALAR:
+        stack.append(_SCALAR)
+      elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+        idx = len(memo) if name == "MEMOIZE" else arg
+        if idx > n_ops:
+          raise UnsafeFileError(f"{source}: refused memo index {idx} in a pickle of "
+                                f"{n_ops} opcodes so far (expected at most {n_ops})")
+        if len(stack) <= (marks[-1] if marks else 0):
+          raise underflow()
+        memo[idx] = stack[-1]
+      elif name in ("GET", "BINGET", "LONG_BINGET"):
+        if arg not in memo:
+          raise CorruptFileError(f"{source}: malformed pickle (memo index {arg} unset)")
+        stack.append(memo[arg])
+      elif name in _PUSH_MUTABLE:
+        stack.append([1, 1])
+      elif name == "EMPTY_TUPLE":
+        stack.append((1, 1))
+      elif name in ("PROTO", "FRAME", "STOP"):
+        pass
+      elif name == "MARK":
+        marks.append(len(stack))
+      elif name == "POP":
+        if marks and marks[-1] == len(stack):
+          marks.pop()
+        else:
+          pop()
+      elif name == "POP_MARK":
+        pop_mark()
+      elif name == "DUP":
+        stack.append(pop()[0])
+        stack.append(stack[-1])
+      elif name == "STACK_GLOBAL":
+        pop(2)
+        stack.append(_SCALAR)
+      elif name == "READONLY_BUFFER":
+        stack.append(pop()[0])
+      elif name == "BINPERSID":
+        (pid,) = pop()
+        if pid[0] > _MAX_PERSISTENT_ID_ELEMENTS:
+          raise UnsafeFileError(f"{source}: refused a persistent id of more than "
+                                f"{_MAX_PERSISTENT_ID_ELEMENTS} nested elements (expected a "
+                                "short tuple naming a storage)")
+        stack.append(_SCALAR)
+      elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET"):
+        items = pop_mark() if name in ("TUPLE", "FROZENSET") else pop(int(name[-1]))
+        if name == "FROZENSET":  # a frozenset caches its hash: hashing it again is cheap
+          keys(items, "set element")
+          stack.append((1, depth_of(items)))
+        else:
+          stack.append((cost_of(items), depth_of(items)))
+      elif name == "LIST":
+        items = pop_mark()
+        stack.append([1, depth_of(items)])
+      elif name == "DICT":
+        items = pop_mark()
+        keys(items[0::2], "dict key")
+        stack.append([1, depth_of(items)])
+      elif name in ("APPEND", "APPENDS", "ADDITEMS", "SETITEM", "SETITEMS", "BUILD"):
+        items = pop_mark() if name.endswith("S") else pop(2 if name == "SETITEM" else 1)
+        if name.startswith("SETITEM"):
+          keys(items[0::2], "dict key")
+        elif name == "ADDITEMS":
+          keys(items, "set element")
+        grow(items)
+      elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "INST", "OBJ"):
+        if name in ("INST", "OBJ"):
+          items = pop_mark()
+        else:
+          items = pop({"REDUCE": 2, "NEWOBJ": 2, "NEWOBJ_EX": 3}[name])
+        # A constructed value hashes by identity or through its arguments.
+        stack.append([cost_of(items), depth_of(items)])
+      else:
+        raise CorruptFileError(f"{source}: unsupported pickle opcode {name}")
+  except (UnsafeFileError, CorruptFileError):
+    raise
+  except (ValueError, struct.error, OverflowError, EOFError) as e:
+    # pickletools: unknown opcode, truncated or malformed argument, no STOP
+    raise CorruptFileError(f"{source}: malformed pickle ({str(e)[:200]})") from e
+  finally:
+    f.seek(start)
+
+
 # ------------------------------------------------------------------------- unpickler
 
 class _Unpickler(pickle.Unpickler):
@@ -356,7 +619,11 @@ class _Unpickler(pickle.Unpickler):
   def __init__(self, file, source: str, *, persistent: Callable | None, depth: int = 0,
                no_globals: bool = False):
     super().__init__(file, encoding="utf-8")
+    self._file = file
     self.source = source
+    start = file.tell()
+    self._hash_budget = [_HASH_WORK_MIN + 16 * (file.seek(0, io.SEEK_END) - start)]
+    file.seek(start)
     self._persistent = persistent
     self._depth = depth
     self._no_globals = no_globals
@@ -378,11 +645,49 @@ class _Unpickler(pickle.Unpickler):
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): self._persistent_obj,
         ("numpy", "dtype"): self._np_dtype,
         ("_codecs", "encode"): _codecs_encode,
+        ("collections", "OrderedDict"): self._ordered_dict,
+        ("builtins", "bytearray"): self._bytearray,
     }
+    for mod in ("builtins", "__builtin__"):
+      allowed[(mod, "set")] = self._set
+      allowed[(mod, "frozenset")] = self._frozenset
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
       allowed[(mod, "scalar")] = self._np_scalar
       allowed[(mod, "_reconstruct")] = self._np_reconstruct
     self._allowed = allowed
+
+  def load(self):
+    """Checks the opcode stream against the reader's limits, then unpickles it."""
+    _scan_pickle(self._file, self.source)
+    return super().load()
+
+  # -- containers whose construction hashes their elements
+  def _elements(self, items, what) -> list:
+    if not isinstance(items, (list, tuple)):
+      raise UnsafeFileError(f"{self.source}: {what}s must come as a list or tuple, got "
+                            f"{type(items).__name__}")
+    for x in items:
+      _key_elements(self.source, x[0] if what == "dict key" and isinstance(
+          x, (tuple, list)) and x else x, what, self._hash_budget)
+    return list(items)
+
+  def _set(self, items=()):
+    return set(self._elements(items, "set element"))
+
+  def _frozenset(self, items=()):
+    return frozenset(self._elements(items, "set element"))
+
+  def _ordered_dict(self, items=()):
+    return collections.OrderedDict(self._elements(items, "dict key"))
+
+  def _bytearray(self, data=b"", encoding=None):
+    if isinstance(data, (bytes, bytearray)) and encoding is None:
+      return bytearray(data)
+    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+      return bytearray(data, "latin-1")
+    raise UnsafeFileError(f"{self.source}: refused bytearray({type(data).__name__}"
+                          f"{', ' + _brief(encoding) if encoding is not None else ''}): "
+                          "expected bytes, or a str with encoding 'latin-1'")
 
   # -- the two hooks of pickle.Unpickler
   def find_class(self, module, name):
@@ -413,7 +718,8 @@ class _Unpickler(pickle.Unpickler):
 
   def persistent_load(self, pid):
     if self._persistent is None:
-      raise CorruptFileError(f"{self.source}: unexpected persistent id {pid!r} in a plain pickle")
+      raise CorruptFileError(
+          f"{self.source}: unexpected persistent id {_brief(pid)} in a plain pickle")
     return self._persistent(pid)
 
   # -- tensor rebuilds
@@ -431,7 +737,7 @@ class _Unpickler(pickle.Unpickler):
     dtype = storage.dtype if dtype is None else dtype
     dtype = dtype.dtype if isinstance(dtype, _TorchDtype) else dtype
     if not isinstance(dtype, np.dtype):
-      raise CorruptFileError(f"{self.source}: tensor dtype {dtype!r} is not a known dtype")
+      raise CorruptFileError(f"{self.source}: tensor dtype {_brief(dtype)} is not a known dtype")
     count = storage.nbytes // dtype.itemsize
     _check_extent(self.source, offset, size, stride, count, dtype)
     return _TensorRef(storage, offset, size, stride, dtype)
@@ -452,9 +758,9 @@ class _Unpickler(pickle.Unpickler):
   def _rebuild_from_type_v2(self, func, new_type, args, state=None):
     del state
     if not isinstance(new_type, _TensorType):
-      raise UnsafeFileError(f"{self.source}: refused tensor subclass {new_type!r}")
+      raise UnsafeFileError(f"{self.source}: refused tensor subclass {_brief(new_type)}")
     if not (isinstance(func, _Call) and func.fn in self._rebuilds):
-      raise UnsafeFileError(f"{self.source}: refused tensor rebuild function {func!r}")
+      raise UnsafeFileError(f"{self.source}: refused tensor rebuild function {_brief(func)}")
     if not isinstance(args, tuple):
       raise CorruptFileError(f"{self.source}: tensor rebuild arguments are not a tuple")
     return func(*args)
@@ -478,7 +784,7 @@ class _Unpickler(pickle.Unpickler):
   def _np_scalar(self, dtype, data=None):
     dtype = dtype.dtype if isinstance(dtype, _DtypeHolder) else dtype
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc":
-      raise UnsafeFileError(f"{self.source}: refused numpy scalar of dtype {dtype!r}")
+      raise UnsafeFileError(f"{self.source}: refused numpy scalar of dtype {_brief(dtype)}")
     if isinstance(data, str):
       data = data.encode("latin1")
     if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
@@ -488,18 +794,12 @@ class _Unpickler(pickle.Unpickler):
   def _np_reconstruct(self, cls, shape=(0,), code=b"b"):
     del shape, code
     if not isinstance(cls, _NdarrayType):
-      raise UnsafeFileError(f"{self.source}: refused numpy reconstruction of {cls!r}")
+      raise UnsafeFileError(f"{self.source}: refused numpy reconstruction of {_brief(cls)}")
     return _ArrayHolder(self.source)
 
 
 _ALLOWED_CLASSES: dict[tuple[str, str], type] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
     ("builtins", "complex"): complex,
-    ("__builtin__", "set"): set,
-    ("__builtin__", "frozenset"): frozenset,
     ("dnnlib.util", "EasyDict"): _EasyDict,
     ("dnnlib", "EasyDict"): _EasyDict,
 }
@@ -517,24 +817,27 @@ def _torch_size(dims=()):
 
 
 def _torch_device(kind, index=None):
-  return f"{kind}:{int(index)}" if index is not None else str(kind)
+  if not isinstance(kind, str):
+    raise CorruptFileError(f"torch.device: expected a device name, got {type(kind).__name__}")
+  return f"{kind}:{int(index)}" if index is not None else kind
 
 
 def _codecs_encode(obj, encoding="utf-8"):
   if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
-    raise UnsafeFileError(f"refused _codecs.encode({type(obj).__name__}, {encoding!r})")
+    raise UnsafeFileError(f"refused _codecs.encode({type(obj).__name__}, {_brief(encoding)})")
   return obj.encode("latin1")
 
 
 def _as_int(source, value, what):
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-    raise CorruptFileError(f"{source}: tensor {what} must be a non-negative int, got {value!r}")
+    raise CorruptFileError(
+        f"{source}: tensor {what} must be a non-negative int, got {_brief(value)}")
   return int(value)
 
 
 def _as_seq(source, value, what):
   if not isinstance(value, (tuple, list)):
-    raise CorruptFileError(f"{source}: tensor {what} must be a tuple, got {value!r}")
+    raise CorruptFileError(f"{source}: tensor {what} must be a tuple, got {_brief(value)}")
   return value
 
 
@@ -542,38 +845,61 @@ def _as_seq(source, value, what):
 
 def _storage_type(source, stype):
   if not isinstance(stype, _StorageType):
-    raise UnsafeFileError(f"{source}: storage of unknown type {stype!r}")
+    raise UnsafeFileError(f"{source}: storage of unknown type {_brief(stype)}")
   return stype
+
+
+def _read_record(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> bytes:
+  """A record's bytes, read no further than its declared size (plus one byte to notice more)."""
+  with zf.open(info) as f:
+    blob = f.read(info.file_size + 1)
+  if len(blob) != info.file_size:
+    raise CorruptFileError(f"{source}: record {info.filename!r} holds "
+                           f"{'more than ' if len(blob) > info.file_size else ''}{len(blob)} "
+                           f"bytes, its directory entry declares {info.file_size}")
+  return blob
 
 
 def _load_zip(data: bytes, source: str, depth: int) -> Any:
   with zipfile.ZipFile(io.BytesIO(data)) as zf:
-    names = zf.namelist()
+    infolist = zf.infolist()
+    names = [i.filename for i in infolist]
+    # Before reading anything: torch stores records uncompressed, so a record (or all of
+    # them together) expanding far beyond the archive's size is a zip bomb.
+    for info in infolist:
+      if info.file_size > max(_ZIP_BOMB_MIN, _ZIP_BOMB_RATIO * info.compress_size):
+        raise UnsafeFileError(f"{source}: record {info.filename!r} would expand "
+                              f"{info.compress_size} bytes to {info.file_size}; refusing it")
+    total = sum(i.file_size for i in infolist)
+    allowed = _EXPAND_RATIO * len(data) + _EXPAND_SLACK
+    if total > allowed:
+      raise UnsafeFileError(f"{source}: records would expand the {len(data)}-byte archive to "
+                            f"{total} bytes, expected at most {allowed}; refusing it")
     pkls = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     pkls = [n for n in pkls if n.count("/") <= 1]
     if len(pkls) != 1:
       raise CorruptFileError(f"{source}: zip archive without exactly one data.pkl record "
-                             f"(found {pkls or 'none'}); not a torch.save file")
+                             f"(found {pkls[:8] or 'none'}); not a torch.save file")
     prefix = pkls[0][:-len("data.pkl")]
+    infos = {i.filename: i for i in infolist}
     byteorder = "little"
-    if prefix + "byteorder" in names:
-      byteorder = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+    if prefix + "byteorder" in infos:
+      info = infos[prefix + "byteorder"]
+      if info.file_size > _MAX_SMALL_RECORD:
+        raise CorruptFileError(f"{source}: byteorder record of {info.file_size} bytes, "
+                               "expected 'little' or 'big'")
+      byteorder = _read_record(zf, info, source).decode("ascii", "replace").strip()
       if byteorder not in ("little", "big"):
-        raise CorruptFileError(f"{source}: unknown byteorder record {byteorder!r}")
-    infos = {i.filename: i for i in zf.infolist()}
-    for info in infos.values():  # torch stores records uncompressed; refuse zip bombs
-      if info.file_size > max(_ZIP_BOMB_MIN, _ZIP_BOMB_RATIO * info.compress_size):
-        raise UnsafeFileError(f"{source}: record {info.filename!r} would expand "
-                              f"{info.compress_size} bytes to {info.file_size}; refusing it")
+        raise CorruptFileError(f"{source}: unknown byteorder record {_brief(byteorder)}")
     raw: dict[str, bytes] = {}
 
     def persistent(pid):
       if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
-        raise CorruptFileError(f"{source}: unexpected persistent id {pid!r}")
+        raise CorruptFileError(f"{source}: unexpected persistent id {_brief(pid)}")
       _, stype, key, _location, numel = pid
       stype = _storage_type(source, stype)
       if not isinstance(key, str):
-        raise CorruptFileError(f"{source}: storage key {key!r} is not a string")
+        raise CorruptFileError(f"{source}: storage key {_brief(key)} is not a string")
       numel = _as_int(source, numel, "storage size")
       nbytes = numel * stype.dtype.itemsize
       if key not in raw:
@@ -584,14 +910,13 @@ def _load_zip(data: bytes, source: str, depth: int) -> Any:
         if info.file_size != nbytes:
           raise CorruptFileError(f"{source}: storage record {name!r} holds {info.file_size} bytes, "
                                  f"expected {nbytes} ({numel} x {stype.dtype})")
-        raw[key] = zf.read(name)
+        raw[key] = _read_record(zf, info, source)
       if len(raw[key]) < nbytes:
-        raise CorruptFileError(f"{source}: storage {key!r} is smaller than declared")
+        raise CorruptFileError(f"{source}: storage {_brief(key)} is smaller than declared")
       return _Storage(source, key, stype.dtype, numel, data=raw[key], byteorder=byteorder)
 
-    with zf.open(pkls[0]) as f:
-      unpickler = _Unpickler(io.BytesIO(f.read()), source, persistent=persistent, depth=depth)
-      return unpickler.load()
+    pickled = _read_record(zf, infos[pkls[0]], source)
+    return _Unpickler(io.BytesIO(pickled), source, persistent=persistent, depth=depth).load()
 
 
 def _plain_load(f, source):
@@ -605,7 +930,7 @@ def _load_legacy(data: bytes, source: str, depth: int) -> Any:
     raise CorruptFileError(f"{source}: bad magic number; not a torch.save file")
   protocol = _plain_load(f, source)
   if protocol != _LEGACY_PROTOCOL:
-    raise CorruptFileError(f"{source}: unknown legacy protocol version {protocol!r}")
+    raise CorruptFileError(f"{source}: unknown legacy protocol version {_brief(protocol)}")
   sys_info = _plain_load(f, source)
   if not isinstance(sys_info, dict):
     raise CorruptFileError(f"{source}: legacy system info is not a dict")
@@ -618,11 +943,11 @@ def _load_legacy(data: bytes, source: str, depth: int) -> Any:
       raise UnsafeFileError(f"{source}: refused a pickled module class (torch.save of a whole "
                             "model); save its state_dict instead")
     if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage")):
-      raise CorruptFileError(f"{source}: unexpected persistent id {pid!r}")
+      raise CorruptFileError(f"{source}: unexpected persistent id {_brief(pid)}")
     _, stype, key, _location, numel, view = pid
     stype = _storage_type(source, stype)
     if not isinstance(key, str):
-      raise CorruptFileError(f"{source}: storage key {key!r} is not a string")
+      raise CorruptFileError(f"{source}: storage key {_brief(key)} is not a string")
     numel = _as_int(source, numel, "storage size")
     if key not in storages:
       storages[key] = _Storage(source, key, stype.dtype, numel, byteorder=byteorder)
@@ -632,12 +957,13 @@ def _load_legacy(data: bytes, source: str, depth: int) -> Any:
         return _Storage(source, key, stype.dtype, numel, root=root)
       return root
     if not (isinstance(view, tuple) and len(view) == 3):
-      raise CorruptFileError(f"{source}: bad storage view {view!r}")
+      raise CorruptFileError(f"{source}: bad storage view {_brief(view)}")
     view_key, offset, view_size = view
     offset = _as_int(source, offset, "view offset")
     view_size = _as_int(source, view_size, "view size")
     if (offset + view_size) * stype.dtype.itemsize > numel * stype.dtype.itemsize:
-      raise UnsafeFileError(f"{source}: storage view {view_key!r} reaches outside its storage")
+      raise UnsafeFileError(
+          f"{source}: storage view {_brief(view_key)} reaches outside its storage")
     if view_key not in views:
       views[view_key] = _Storage(source, str(view_key), stype.dtype, view_size, root=root,
                                  offset_bytes=offset * stype.dtype.itemsize)
@@ -648,22 +974,24 @@ def _load_legacy(data: bytes, source: str, depth: int) -> Any:
   if not isinstance(keys, list):
     raise CorruptFileError(f"{source}: legacy storage key list is not a list")
   for key in keys:
+    if not isinstance(key, str):
+      raise CorruptFileError(f"{source}: storage key {_brief(key)} is not a string")
     if key not in storages:
-      raise CorruptFileError(f"{source}: storage key {key!r} listed but never used")
+      raise CorruptFileError(f"{source}: storage key {_brief(key)} listed but never used")
     storage = storages[key]
     header = f.read(8)
     if len(header) != 8:
-      raise CorruptFileError(f"{source}: truncated before storage {key!r}")
+      raise CorruptFileError(f"{source}: truncated before storage {_brief(key)}")
     (count,) = struct.unpack("<q" if byteorder == "little" else ">q", header)
     if count < 0:
-      raise CorruptFileError(f"{source}: negative size for storage {key!r}")
+      raise CorruptFileError(f"{source}: negative size for storage {_brief(key)}")
     nbytes = count * storage.dtype.itemsize
     blob = f.read(nbytes)
     if len(blob) != nbytes:
-      raise CorruptFileError(f"{source}: truncated inside storage {key!r} "
+      raise CorruptFileError(f"{source}: truncated inside storage {_brief(key)} "
                              f"(expected {nbytes} bytes, got {len(blob)})")
     if nbytes < storage.nbytes:
-      raise CorruptFileError(f"{source}: storage {key!r} holds {nbytes} bytes, "
+      raise CorruptFileError(f"{source}: storage {_brief(key)} holds {nbytes} bytes, "
                              f"declared {storage.nbytes}")
     storage.data = blob
   return result
@@ -691,24 +1019,76 @@ def _guarded(source: str, fn: Callable[[], Any]) -> Any:
   except RecursionError as e:
     raise CorruptFileError(f"{source}: nesting too deep to read") from e
   except Exception as e:  # pickle, zip and struct errors on damaged input
-    raise CorruptFileError(f"{source}: cannot read ({type(e).__name__}: {e})") from e
+    # A KeyError's text is the repr of its key, which the file chose: keep it short.
+    detail = _brief(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)[:500]
+    raise CorruptFileError(f"{source}: cannot read ({type(e).__name__}: {detail})") from e
 
 
 def _read(path) -> tuple[bytes, str]:
+  """A regular file's bytes; devices, pipes and sockets are refused before any read."""
   source = os.fspath(path)
+  # Non-blocking: opening a FIFO must not wait for a writer before it can be refused.
+  fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
   try:
-    with open(source, "rb") as f:
-      data = f.read()
-  except IsADirectoryError as e:
-    raise CorruptFileError(f"{source}: is a directory, expected a checkpoint file") from e
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+      raise CorruptFileError(f"{source}: is a directory, expected a checkpoint file")
+    if not stat.S_ISREG(st.st_mode):
+      raise CorruptFileError(f"{source}: is not a regular file (a device, pipe or socket), "
+                             "expected a checkpoint file")
+  except BaseException:
+    os.close(fd)
+    raise
+  with os.fdopen(fd, "rb") as f:
+    data = f.read(st.st_size + 1)
   if not data:
     raise CorruptFileError(f"{source}: empty file")
+  if len(data) > st.st_size:
+    raise CorruptFileError(f"{source}: grew while it was read (expected {st.st_size} bytes)")
   return data, source
 
 
 # ------------------------------------------------------------------------- finishing
 
-def _finalize(obj: Any, memo: dict[int, Any]) -> Any:
+class _Memo(dict):
+  """``_finalize``'s memo (``id`` -> result) and the budgets of one file.
+
+  Attributes:
+    source: the file, for messages.
+    depth: containers being finished right now, one inside the other.
+    bytes_left: array bytes that may still be returned (a stride-0 view of a few bytes
+      could otherwise become gigabytes).
+    items_left: submodule visits and module-record entries that may still be made (a
+      module graph sharing submodules is visited once per path).
+  """
+
+  def __init__(self, source: str, file_size: int):
+    super().__init__()
+    self.source = source
+    self.depth = 0
+    self.allowed_bytes = _EXPAND_RATIO * file_size + _EXPAND_SLACK
+    self.bytes_left = self.allowed_bytes
+    self.items_left = _MAX_RECORD_ITEMS
+
+  def spend_bytes(self, ref: _TensorRef) -> None:
+    nbytes = math.prod(ref.shape) * ref.dtype.itemsize
+    self.bytes_left -= nbytes
+    if self.bytes_left < 0:
+      raise UnsafeFileError(
+          f"{self.source}: tensors would take more than {self.allowed_bytes} bytes "
+          f"({_EXPAND_RATIO}x the file plus {_EXPAND_SLACK >> 20} MiB); the last one, of shape "
+          f"{_brief(ref.shape)} and stride {_brief(ref.stride)}, needs {nbytes} bytes from a "
+          f"storage of {ref.storage.nbytes} (stride-0 or overlapping views?); refusing it")
+
+  def spend_items(self, n: int) -> None:
+    self.items_left -= n
+    if self.items_left < 0:
+      raise UnsafeFileError(f"{self.source}: network objects expand to more than "
+                            f"{_MAX_RECORD_ITEMS} submodules and entries (submodules shared "
+                            "along many paths?); refusing them")
+
+
+def _finalize(obj: Any, memo: _Memo) -> Any:
   """Turns placeholders into numpy arrays / records and copies containers."""
   key = id(obj)
   if key in memo:
@@ -716,10 +1096,24 @@ def _finalize(obj: Any, memo: dict[int, Any]) -> Any:
   if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, np.generic,
                                      np.dtype)):
     return obj
+  memo.depth += 1
+  try:
+    if memo.depth > _MAX_DEPTH:
+      raise CorruptFileError(f"{memo.source}: values nested deeper than {_MAX_DEPTH} levels")
+    return _finalize_new(obj, memo)
+  finally:
+    memo.depth -= 1
+
+
+def _finalize_new(obj: Any, memo: _Memo) -> Any:
+  key = id(obj)
   if isinstance(obj, _TensorRef):
+    memo.spend_bytes(obj)
     out = obj.materialize()
   elif isinstance(obj, _Storage):
-    out = _TensorRef(obj, 0, (obj.numel,), (1,), obj.dtype).materialize()
+    ref = _TensorRef(obj, 0, (obj.numel,), (1,), obj.dtype)
+    memo.spend_bytes(ref)
+    out = ref.materialize()
   elif isinstance(obj, _DtypeHolder):
     out = obj.dtype
   elif isinstance(obj, _ArrayHolder):
@@ -757,7 +1151,7 @@ def _finalize(obj: Any, memo: dict[int, Any]) -> Any:
   return out
 
 
-def _module_record(obj: _PersistentObj, memo: dict[int, Any]) -> NvidiaModule:
+def _module_record(obj: _PersistentObj, memo: _Memo) -> NvidiaModule:
   state_dict: dict[str, np.ndarray] = {}
   attributes: dict[str, Any] = {}
   _flatten_module(obj, "", state_dict, attributes, memo, depth=0)
@@ -774,6 +1168,7 @@ def _flatten_module(obj, prefix, state_dict, attributes, memo, depth):
   buffers = state.get("_buffers") or {}
   skip = state.get("_non_persistent_buffers_set") or set()
   modules = state.get("_modules") or {}
+  memo.spend_items(1 + len(state) + len(params) + len(buffers) + len(modules))
   for name, value in params.items():
     if value is not None:
       state_dict[prefix + name] = _finalize(value, memo)
@@ -788,7 +1183,7 @@ def _flatten_module(obj, prefix, state_dict, attributes, memo, depth):
     if child is None:
       continue
     if not isinstance(child, _PersistentObj):
-      raise CorruptFileError(f"submodule {prefix + name!r} is a {type(child).__name__}, "
+      raise CorruptFileError(f"submodule {_brief(prefix + name)} is a {type(child).__name__}, "
                              "expected a persistent network object")
     _flatten_module(child, f"{prefix}{name}.", state_dict, attributes, memo, depth + 1)
 
@@ -812,7 +1207,8 @@ def load_torch(path: str | os.PathLike) -> Any:
     CorruptFileError: the file is empty, truncated or not a torch.save file.
   """
   data, source = _read(path)
-  return _guarded(source, lambda: _finalize(_load_torch_bytes(data, source), {}))
+  return _guarded(source,
+                  lambda: _finalize(_load_torch_bytes(data, source), _Memo(source, len(data))))
 
 
 def load_any(path: str | os.PathLike) -> Any:
@@ -827,7 +1223,7 @@ def load_any(path: str | os.PathLike) -> Any:
       raw = _load_torch_bytes(data, source)
     else:
       raw = _Unpickler(io.BytesIO(data), source, persistent=None).load()
-    return _finalize(raw, {})
+    return _finalize(raw, _Memo(source, len(data)))
 
   return _guarded(source, parse)
 

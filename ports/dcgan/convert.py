@@ -134,7 +134,8 @@ def variables_from_state_dict(sd: dict[str, np.ndarray]) -> tuple[dict, dict]:
   return {"params": params, "batch_stats": stats}, config
 
 
-def convert_dcgan(src_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+def convert_dcgan(src_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  force: bool = False) -> str:
   """Converts a torch DCGAN generator checkpoint into a Flax checkpoint directory.
 
   The source is read with :func:`ports.torchfile.load_torch` (no torch, no code run).
@@ -144,7 +145,10 @@ def convert_dcgan(src_path: str | os.PathLike, out_dir: str | os.PathLike) -> st
   Args:
     src_path: torch checkpoint (zip or legacy ``torch.save``) holding the generator's
       state dict, e.g. ``{'netG_state_dict': ...}``.
-    out_dir: destination directory (an orbax checkpoint plus JSON config).
+    out_dir: destination directory (an orbax checkpoint plus JSON config). An existing
+      one is replaced only when it is a converted checkpoint (or empty), and never when
+      it holds the source (see :func:`memedit._io.check_output`).
+    force: replace an existing ``out_dir`` of another kind.
 
   Returns:
     ``out_dir`` as an absolute path.
@@ -156,11 +160,13 @@ def convert_dcgan(src_path: str | os.PathLike, out_dir: str | os.PathLike) -> st
   from ports.torchfile import load_torch
 
   src = os.fspath(src_path)
+  _io.check_output(out_dir, "converted", force=force, protect=(src,))
   sd = find_state_dict(load_torch(src))
   variables, config = variables_from_state_dict(sd)
   config.update(source_file=os.path.basename(src), source_sha256=_io.sha256_file(src),
                 source_format="torch")
-  return _io.save_tree(out_dir, variables, config)
+  return _io.save_tree(out_dir, variables, config, kind="converted", force=force,
+                       protect=(src,))
 
 
 def load_dcgan(path: str | os.PathLike) -> tuple[DCGANGenerator, dict, dict]:

@@ -458,12 +458,15 @@ def _source_info(src_path: str | os.PathLike) -> dict:
           "sha256": _io.sha256_file(src_path), "bytes": os.path.getsize(src_path)}
 
 
-def convert_rosinality(src_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+def convert_rosinality(src_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       force: bool = False) -> str:
   """Converts a rosinality ``.pt`` ({'g_ema': state dict, 'latent_avg': tensor, ...}).
 
   Architecture (resolution, style_dim, n_mlp, channels/multiplier) is inferred from
   shapes. Without a stored 'latent_avg' (training checkpoints) the truncation centre is
   estimated as the mean w over 4096 latents (``RandomState(0)``), noted in the config.
+  An existing ``out_dir`` is replaced only when it is a converted checkpoint (or empty;
+  any kind with ``force``), and never when it holds the source.
 
   Returns:
     The absolute path of the written checkpoint directory.
@@ -473,6 +476,7 @@ def convert_rosinality(src_path: str | os.PathLike, out_dir: str | os.PathLike) 
   """
   from ports import torchfile
 
+  _io.check_output(out_dir, "converted", force=force, protect=(src_path,))
   ckpt = torchfile.load_torch(src_path)
   if not isinstance(ckpt, Mapping) or "g_ema" not in ckpt:
     keys = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
@@ -488,12 +492,15 @@ def convert_rosinality(src_path: str | os.PathLike, out_dir: str | os.PathLike) 
   else:
     config["latent_avg_source"] = "checkpoint"
   config["source"] = _source_info(src_path)
-  return _io.save_tree(out_dir, variables, config)
+  return _io.save_tree(out_dir, variables, config, kind="converted", force=force,
+                       protect=(src_path,))
 
 
 def convert_nvidia(src_path: str | os.PathLike, out_dir: str | os.PathLike,
-                   key: str = "G_ema") -> str:
+                   key: str = "G_ema", *, force: bool = False) -> str:
   """Converts an NVIDIA stylegan2-ada / stylegan3-repo pickle ({'G_ema': Generator, ...}).
+
+  ``out_dir`` and ``force`` as for :func:`convert_rosinality`.
 
   Returns:
     The absolute path of the written checkpoint directory.
@@ -504,6 +511,7 @@ def convert_nvidia(src_path: str | os.PathLike, out_dir: str | os.PathLike,
   """
   from ports import torchfile
 
+  _io.check_output(out_dir, "converted", force=force, protect=(src_path,))
   data = torchfile.load_nvidia_pickle(src_path)
   if not isinstance(data, Mapping) or key not in data:
     keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
@@ -526,7 +534,8 @@ def convert_nvidia(src_path: str | os.PathLike, out_dir: str | os.PathLike,
     variables["buffers"]["latent_avg"] = model_lib.mean_latent(module, variables, 4096, 0)
     config["latent_avg_source"] = "mean of 4096 mapped latents (RandomState(0))"
   config["source"] = _source_info(src_path) | {"network": key, "class_name": class_name}
-  return _io.save_tree(out_dir, variables, config)
+  return _io.save_tree(out_dir, variables, config, kind="converted", force=force,
+                       protect=(src_path,))
 
 
 def load_stylegan2(path: str | os.PathLike):

@@ -119,12 +119,12 @@ def test_interrupted_stats_resumes_without_recomputing(tiny, tmp_path, monkeypat
   folded = []
   make = covariance._make_group_fn
 
-  def counting_make(key_fn, dim, n_dev):
-    fn = make(key_fn, dim, n_dev)
+  def counting_make(*key):
+    fn = make(*key)
 
-    def run(state, batches, valid):
+    def run(state, params, batches, valid):
       folded.append(int(np.asarray(valid).any(axis=1).sum()))
-      return fn(state, batches, valid)
+      return fn(state, params, batches, valid)
     return run
 
   monkeypatch.setattr(covariance, "_make_group_fn", counting_make)

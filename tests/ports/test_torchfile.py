@@ -5,13 +5,16 @@ from __future__ import annotations
 import collections
 import importlib
 import io
+import json
 import os
 import pickle
 import pickletools
+import struct
 import subprocess
 import sys
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -436,3 +439,279 @@ def test_storage_record_of_wrong_size(tmp_path):
   path = _write_torch_zip(tmp_path / "short.pt", buf.getvalue(), {"0": b"\0" * 12})
   with pytest.raises(CorruptFileError, match="holds 12 bytes, expected 16"):
     torchfile.load_torch(path)
+
+
+# ------------------------------------------------------------------ hostile inputs
+# Each file is small; loading it used to crash the process, hang, or allocate gigabytes.
+# The loader runs in a child process capped at 5 s (SIGALRM) and at 256 MiB of address
+# space above what it held before loading plus the file's size.
+
+_BOUNDED = """
+import json, resource, signal, sys, time
+from ports import torchfile
+path, loader, extra = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open("/proc/self/status") as f:
+  vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+limit = vm + (256 << 20) + extra
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+signal.alarm(5)
+t0 = time.perf_counter()
+try:
+  getattr(torchfile, loader)(path)
+  out = {"error": None}
+except Exception as e:
+  out = {"error": type(e).__name__, "message": str(e)[:4000]}
+out["seconds"] = time.perf_counter() - t0
+print(json.dumps(out))
+"""
+
+
+def _load_bounded(path, loader="load_any"):
+  """Loads ``path`` in a child process under the time and memory caps; returns its report."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  size = os.path.getsize(path) if os.path.isfile(path) else 0
+  proc = subprocess.run([sys.executable, "-c", _BOUNDED, str(path), loader, str(size)],
+                        cwd=root, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, (
+      f"loader died with {proc.returncode} (-14: over 5 s, -11: segfault): {proc.stderr[-2000:]}")
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["seconds"] < 5, report
+  return report
+
+
+def _assert_refused(report, path, *phrases, kinds=("UnsafeFileError", "CorruptFileError")):
+  assert report["error"] in kinds, report
+  assert str(path) in report["message"], report
+  for phrase in phrases:
+    assert phrase in report["message"], report
+
+
+def _u(text: str) -> bytes:
+  """BINUNICODE: a str pushed by a hand-written pickle."""
+  raw = text.encode()
+  return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _doubled(n: int) -> bytes:
+  """Opcodes pushing t = (t, t) applied n times to (): one shared tuple, 2**n leaves."""
+  return b")" + b"2\x86" * n
+
+
+def _deep_tuple(n: int) -> bytes:
+  """Opcodes pushing ((((),),),) nested n deep."""
+  return b")" + b"\x85" * n
+
+
+def _deep_list_top_down(n: int) -> bytes:
+  """A protocol-2 pickle of [[[...]]] nested n deep, each list appended to before it fills."""
+  outer = b"]r\x01\x00\x00\x00"  # the outer list, kept at memo 1
+  level = b"]r\x00\x00\x00\x00a0j\x00\x00\x00\x00"  # new list -> memo 0, append, go in
+  return b"\x80\x02" + outer + level * n + b"0j\x01\x00\x00\x00."
+
+
+class _Storages(pickle.Pickler):
+  """Pickles ``_StorageAt`` objects as torch.save persistent storage ids."""
+
+  def persistent_id(self, obj):
+    if isinstance(obj, _StorageAt):
+      return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+    return None
+
+
+class _StorageAt:
+  def __init__(self, key, numel):
+    self.key, self.numel = key, numel
+
+
+def _tensor_pickle(tensors: dict) -> bytes:
+  """data.pkl of ``{name: (storage_key, numel, offset, size, stride)}``."""
+  buf = io.BytesIO()
+  _Storages(buf, protocol=2).dump(
+      {name: _TensorAt(_StorageAt(key, numel), offset, size, stride)
+       for name, (key, numel, offset, size, stride) in tensors.items()})
+  return buf.getvalue()
+
+
+def _raw_zip(path, records):
+  """A zip written field by field: ``(name, payload, crc, size[, declared])`` records.
+
+  ``payload`` is raw deflate data (or the stored bytes when ``size`` is None); the central
+  directory declares ``declared`` as the uncompressed size when it is given.
+  """
+  out, central = bytearray(), bytearray()
+  for name, payload, crc, size, *declared in records:
+    method = 0 if size is None else 8
+    size = len(payload) if size is None else size
+    cd_size = declared[0] if declared else size
+    n = name.encode()
+    offset = len(out)
+    out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0, crc, len(payload),
+                       size, len(n), 0) + n + payload
+    central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0, crc,
+                           len(payload), cd_size, len(n), 0, 0, 0, 0, 0, offset) + n
+  end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(records), len(records), len(central),
+                    len(out), 0)
+  path.write_bytes(bytes(out + central + end))
+  return path
+
+
+def _deflated(data: bytes):
+  c = zlib.compressobj(9, zlib.DEFLATED, -15)
+  return c.compress(data) + c.flush(), zlib.crc32(data), len(data)
+
+
+def _zeros_deflated(nbytes: int):
+  """Raw deflate data of ``nbytes`` zero bytes, made from one repeated 16 MiB block."""
+  block = 16 << 20
+  assert nbytes % block == 0
+  c = zlib.compressobj(9, zlib.DEFLATED, -15)
+  chunk = bytes(block)
+  unit = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)  # byte aligned, no back references
+  crc = 0
+  for _ in range(nbytes // block):
+    crc = zlib.crc32(chunk, crc)
+  return unit * (nbytes // block) + b"\x03\x00", crc, nbytes
+
+
+@pytest.mark.parametrize("container", ["plain", "zip"])
+def test_deep_tuple_key_is_refused(tmp_path, container):
+  blob = b"\x80\x02}" + _deep_tuple(10**6) + b"Ns."  # {((((...),),),): None}
+  if container == "zip":
+    path = _write_torch_zip(tmp_path / "deep.pt", blob)
+  else:
+    path = tmp_path / "deep.pkl"
+    path.write_bytes(blob)
+  _assert_refused(_load_bounded(path), path, "nested deeper than 100 levels")
+
+
+def test_deep_list_built_top_down_is_refused(tmp_path):
+  path = tmp_path / "deep-list.pkl"
+  path.write_bytes(_deep_list_top_down(200_000))
+  _assert_refused(_load_bounded(path), path, "nested deeper than 100 levels")
+
+
+@pytest.mark.parametrize("container", ["plain", "zip"])
+@pytest.mark.parametrize("use", ["dict key", "set element", "frozenset", "persistent id"])
+def test_hash_bomb_is_refused(tmp_path, container, use):
+  bomb = _doubled(40)  # 2**40 leaves: hashing or printing it never ends
+  if use == "dict key":
+    blob = b"\x80\x02}" + bomb + b"Ns."
+  elif use == "set element":  # set([bomb]) through REDUCE, as protocol 2 pickles sets
+    blob = b"\x80\x02cbuiltins\nset\n" + bomb + b"\x85\x85R."
+  elif use == "frozenset":  # protocol 4's FROZENSET opcode
+    blob = b"\x80\x04(" + bomb + b"\x91."
+  else:
+    blob = b"\x80\x02" + bomb + b"Q."
+  assert len(blob) < 1024
+  if container == "zip":
+    path = _write_torch_zip(tmp_path / "bomb.pt", blob)
+  else:
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(blob)
+  what = {"frozenset": "set element"}.get(use, use)
+  _assert_refused(_load_bounded(path), path, f"refused a {what} of more than",
+                  kinds=("UnsafeFileError",))
+
+
+def _module_dag(levels: int) -> bytes:
+  """An NVIDIA pickle whose network has two submodules, both the same object, ``levels``
+  times over: a few hundred bytes that name 2**levels module paths."""
+  out = b"\x80\x02ctorch_utils.persistence\n_reconstruct_persistent_obj\nq\x00"
+  prev = None
+  for i in range(1, levels + 1):
+    modules = b"}" if prev is None else (b"}(" + _u("a") + b"h" + bytes([prev]) + _u("b")
+                                         + b"h" + bytes([prev]) + b"u")
+    state = (b"}(" + _u("_parameters") + b"}" + _u("_buffers") + b"}" + _u("_modules")
+             + modules + b"u")
+    meta = (b"}(" + _u("type") + _u("class") + _u("version") + b"K\x06" + _u("class_name")
+            + _u("Net") + _u("state") + state + b"u")
+    out += b"h\x00" + meta + b"\x85Rq" + bytes([i])
+    prev = i
+  return out + b"}" + _u("G_ema") + b"h" + bytes([prev]) + b"s."
+
+
+@pytest.mark.parametrize("levels", [18, 40])
+def test_shared_submodule_graph_is_refused(tmp_path, levels):
+  path = tmp_path / "dag.pkl"
+  path.write_bytes(_module_dag(levels))
+  assert path.stat().st_size < 16 * 1024
+  _assert_refused(_load_bounded(path, "load_nvidia_pickle"), path, "refus",
+                  kinds=("UnsafeFileError",))
+
+
+def test_small_module_graph_still_loads(tmp_path):
+  path = tmp_path / "dag.pkl"
+  path.write_bytes(_module_dag(3))
+  rec = torchfile.load_nvidia_pickle(path)["G_ema"]
+  assert rec.class_name == "Net" and rec.state_dict == {} and rec.attributes == {}
+
+
+@pytest.mark.parametrize("blob,phrase", [
+    # bytearray(2**30) in 30 bytes
+    (b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00@\x85R.", "refused bytearray(int)"),
+    # BYTEARRAY8 / BINBYTES8 declaring 1 GiB of data the file does not hold
+    (b"\x80\x05\x96" + struct.pack("<Q", 1 << 30) + b".", "malformed pickle"),
+    (b"\x80\x04\x8e" + struct.pack("<Q", 1 << 30) + b".", "malformed pickle"),
+    # a memo index of 2**32 - 1: the reader would size its memo table to match
+    (b"\x80\x02Nr\xff\xff\xff\xff.", "refused memo index"),
+], ids=["bytearray-call", "bytearray8", "binbytes8", "memo-index"])
+def test_allocation_bomb_is_refused(tmp_path, blob, phrase):
+  path = tmp_path / "alloc.pkl"
+  path.write_bytes(blob)
+  _assert_refused(_load_bounded(path), path, phrase)
+
+
+@pytest.mark.parametrize("container", ["zip", "plain"])
+def test_stride_zero_view_of_a_tiny_storage_is_refused(tmp_path, container):
+  make = _zip_tensor_file if container == "zip" else _plain_tensor_file
+  path = make(tmp_path / "expand.bin", 0, (1 << 28,), (0,))  # 1 GiB of one float
+  assert path.stat().st_size < 4096
+  _assert_refused(_load_bounded(path, "load_torch" if container == "zip" else "load_any"),
+                  path, "tensors would take more than", "stride-0",
+                  kinds=("UnsafeFileError",))
+  # A modest stride-0 view (as torch's expand() saves) still loads.
+  got = torchfile.load_any(make(tmp_path / "ok.bin", 1, (3, 5), (1, 0)))
+  np.testing.assert_array_equal(got["w"], np.repeat([[1.0], [2.0], [3.0]], 5, axis=1))
+
+
+def test_records_expanding_together_are_refused(tmp_path):
+  numel = 16 << 20  # 64 MiB of float32 per record: each alone passes the per-record check
+  records = [("archive/data.pkl", *_deflated(_tensor_pickle(
+      {f"w{i}": (str(i), numel, 0, (numel,), (1,)) for i in range(8)})))]
+  unit = _zeros_deflated(numel * 4)
+  records += [(f"archive/data/{i}", *unit) for i in range(8)]
+  path = _raw_zip(tmp_path / "many.pt", records)
+  assert path.stat().st_size < 600_000
+  _assert_refused(_load_bounded(path, "load_torch"), path, "records would expand",
+                  kinds=("UnsafeFileError",))
+
+
+def test_huge_byteorder_record_is_refused_before_reading(tmp_path):
+  path = _raw_zip(tmp_path / "byteorder.pt", [
+      ("archive/data.pkl", *_deflated(pickle.dumps({}, protocol=2))),
+      ("archive/byteorder", *_zeros_deflated(1 << 30))])
+  assert path.stat().st_size < 2 << 20
+  _assert_refused(_load_bounded(path, "load_torch"), path, "would expand",
+                  kinds=("UnsafeFileError",))
+
+
+@pytest.mark.parametrize("lie", [-5, 1000])
+def test_central_directory_lying_about_sizes_is_refused(tmp_path, lie):
+  payload, crc, size = _deflated(pickle.dumps({"a": 1, "b": "text" * 50}, protocol=2))
+  honest = _raw_zip(tmp_path / "honest.pt", [("archive/data.pkl", payload, crc, size)])
+  assert torchfile.load_torch(honest) == {"a": 1, "b": "text" * 50}
+  path = _raw_zip(tmp_path / "lying.pt",
+                  [("archive/data.pkl", payload, crc, size, size + lie)])
+  report = _load_bounded(path, "load_torch")
+  _assert_refused(report, path, kinds=("CorruptFileError",))
+  if lie > 0:
+    assert f"declares {size + lie}" in report["message"]
+
+
+def test_non_regular_files_are_refused(tmp_path):
+  report = _load_bounded("/dev/zero", "load_torch")
+  _assert_refused(report, "/dev/zero", "not a regular file", kinds=("CorruptFileError",))
+  fifo = tmp_path / "fifo"
+  os.mkfifo(fifo)  # no writer: opening it to read must not block
+  _assert_refused(_load_bounded(fifo, "load_any"), fifo, "not a regular file",
+                  kinds=("CorruptFileError",))

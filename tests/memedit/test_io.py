@@ -1,0 +1,345 @@
+"""memedit._io: output markers and replacement checks, atomic replacement that never loses
+the destination, file modes, and checksums verified on load."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import memedit
+import peers
+import ports
+from memedit import _io
+from memedit.cli import main
+
+
+def _tree(value: float = 1.0):
+  return {"w": np.full((4, 3), value, np.float32), "b": {"c": np.arange(5.0) + value}}
+
+
+def _leftovers(parent):
+  return sorted(p.name for p in parent.iterdir() if p.name.startswith((".tmp-", ".old-")))
+
+
+def _value(path) -> float:
+  tree, _ = _io.load_tree(path)
+  return float(tree["w"][0, 0])
+
+
+# ------------------------------------------------------------------ markers and checks
+
+def test_marker_names_the_kind_and_checksums_every_file(tmp_path):
+  out = _io.save_tree(tmp_path / "m", _tree(), {"architecture": "dcgan"}, kind="converted")
+  marker = json.loads((tmp_path / "m" / _io.MARKER_FILE).read_text())
+  assert marker["kind"] == "converted" and marker["format"] == 1
+  files = sorted(str(p.relative_to(out)) for p in (tmp_path / "m").rglob("*")
+                 if p.is_file() and p.name != _io.MARKER_FILE)
+  assert sorted(marker["sha256"]) == files and "meta.json" in files
+  assert _io.output_kind(out) == "converted"
+  tree, meta = _io.load_tree(out)
+  assert meta == {"architecture": "dcgan"}  # the marker stays out of the metadata
+  np.testing.assert_array_equal(tree["b"]["c"], np.arange(5.0) + 1)
+
+
+@pytest.mark.parametrize("content", ["file", "foreign-folder", "other-kind"])
+def test_replacing_something_else_needs_force(tmp_path, content):
+  out = tmp_path / "out"
+  if content == "file":
+    out.write_text("notes")
+  elif content == "foreign-folder":
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+  else:
+    _io.save_tree(out, _tree(), {}, kind="edit")
+  expected = {"file": "a file", "foreign-folder": "a folder that is not a memedit output",
+              "other-kind": "a memedit 'edit' output"}[content]
+  with pytest.raises(ValueError, match=f"expected a memedit 'converted' output folder to "
+                     f"replace, got {expected}; pass --force") as info:
+    _io.save_tree(out, _tree(2.0), {}, kind="converted")
+  assert str(out) in str(info.value)
+  assert out.exists() and _leftovers(tmp_path) == []
+  if content == "foreign-folder":
+    assert (out / "thesis.tex").read_text() == "years of work"
+  _io.save_tree(out, _tree(2.0), {}, kind="converted", force=True)
+  assert _value(out) == 2.0 and _io.output_kind(out) == "converted"
+  assert _leftovers(tmp_path) == []
+
+
+def test_same_kind_or_empty_folder_is_replaced(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  _io.save_tree(out, _tree(1.0), {}, kind="edit")
+  _io.save_tree(out, _tree(2.0), {}, kind="edit")
+  assert _value(out) == 2.0
+
+
+def test_folders_written_before_markers_are_recognised(tmp_path):
+  kinds = {"edit": {"format": "memedit-edit"}, "converted": {"architecture": "dcgan"},
+           "edited-model": {"architecture": "dcgan", "edits": []},
+           "tree": {"batches": 3, "complete": False}}
+  for kind, meta in kinds.items():
+    out = _io.save_tree(tmp_path / kind, _tree(), meta, kind=kind)
+    os.remove(os.path.join(out, _io.MARKER_FILE))
+    assert _io.output_kind(out) == kind
+    assert _io.load_tree(out)[1] == meta  # loads, unchecked
+    _io.save_tree(out, _tree(2.0), meta, kind=kind)  # and may be replaced by its kind
+    assert _value(out) == 2.0
+
+
+def test_folder_holding_the_source_or_cwd_is_never_replaced(tmp_path, monkeypatch):
+  victim = tmp_path / "victim"
+  victim.mkdir()
+  (victim / "ckpt.pt").write_bytes(b"weights")
+  for force in (False, True):
+    with pytest.raises(ValueError, match="holds .*ckpt.pt.*even with --force"):
+      _io.save_tree(victim, _tree(), {}, kind="converted", force=force,
+                    protect=[victim / "ckpt.pt"])
+  monkeypatch.chdir(victim)
+  for target in (".", str(tmp_path)):
+    with pytest.raises(ValueError, match="holds the current directory"):
+      _io.save_tree(target, _tree(), {}, kind="converted", force=True)
+  assert (victim / "ckpt.pt").read_bytes() == b"weights"
+  assert sorted(p.name for p in victim.iterdir()) == ["ckpt.pt"]
+
+
+def test_cli_convert_refuses_to_replace_its_source_or_other_folders(tmp_path, monkeypatch,
+                                                                    capsys):
+  _, weights = peers.gan_face_generate()
+  victim = tmp_path / "victim"
+  victim.mkdir()
+  src = victim / "ckpt.pt"
+  src.write_bytes(weights.read_bytes())
+  monkeypatch.chdir(victim)
+  for argv in (["convert", str(src), str(victim)], ["convert", "ckpt.pt", "."],
+               ["convert", "ckpt.pt", ".", "--force"]):
+    assert main(argv) == 1
+    assert "refusing to replace it (even with --force)" in capsys.readouterr().err
+  assert src.read_bytes() == weights.read_bytes()
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "data.csv").write_text("1,2\n")
+  assert main(["convert", "ckpt.pt", str(other)]) == 1
+  assert "not a memedit output; pass --force" in capsys.readouterr().err
+  assert (other / "data.csv").exists()
+  assert main(["convert", "ckpt.pt", str(other), "--force"]) == 0
+  assert _io.output_kind(other) == "converted" and not (other / "data.csv").exists()
+  assert main(["convert", "ckpt.pt", str(other)]) == 0  # an earlier conversion: replaced
+  assert ports.read_config(other)["architecture"] == "dcgan"
+
+
+def test_cli_rewrite_checks_its_outputs_before_any_work(tmp_path, capsys):
+  model = tmp_path / "model"
+  model.mkdir()
+  spec = tmp_path / "spec.json"
+  spec.write_text("{}")
+  foreign = tmp_path / "photos"
+  foreign.mkdir()
+  (foreign / "a.png").write_bytes(b"png")
+  base = ["rewrite", str(model), str(spec), "--no-progress", "--cache-dir",
+          str(tmp_path / "cache")]
+  cases = [
+      (["--out", str(foreign)], "not a memedit output; pass --force"),
+      (["--out", str(tmp_path / "e"), "--save-model", str(foreign)],
+       "expected a memedit 'edited-model' output folder"),
+      (["--out", str(tmp_path / "e"), "--save-model", str(model), "--force"],
+       "even with --force"),
+      (["--out", str(tmp_path), "--force"], "even with --force"),
+      (["--out", str(tmp_path / "e"), "--save-model", str(tmp_path / "e")],
+       "expected a folder other than --out"),
+  ]
+  for extra, message in cases:
+    assert main(base + extra) == 1
+    assert message in capsys.readouterr().err
+  assert (foreign / "a.png").exists() and not (tmp_path / "e").exists()
+
+
+def test_save_edit_keeps_other_outputs(tmp_path):
+  e = memedit.make_edit(("k",), np.ones((2, 1), np.float32), np.ones((1, 3), np.float32))
+  _io.save_tree(tmp_path / "model", _tree(), {"architecture": "dcgan"}, kind="converted")
+  with pytest.raises(ValueError, match="got a memedit 'converted' output"):
+    memedit.save_edit(tmp_path / "model", e)
+  assert _io.output_kind(tmp_path / "model") == "converted"
+  memedit.save_edit(tmp_path / "model", e, force=True)
+  assert memedit.load_edit(tmp_path / "model").name == e.name
+
+
+# ------------------------------------------------------------------ atomic replacement
+
+def test_exchange_keeps_the_destination_present(tmp_path, monkeypatch):
+  out = _io.save_tree(tmp_path / "out", _tree(1.0), {})
+  real = _io._exchange
+  seen = []
+
+  def watched(a, b):
+    seen.append(os.path.isdir(b))
+    swapped = real(a, b)
+    seen.append(os.path.isdir(b))
+    return swapped
+
+  monkeypatch.setattr(_io, "_exchange", watched)
+  _io.save_tree(out, _tree(2.0), {})
+  assert seen == [True, True]
+  assert _value(out) == 2.0 and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("exchange", ["unsupported", "failing"])
+def test_failure_between_the_renames_keeps_the_old_destination(tmp_path, monkeypatch,
+                                                               exchange):
+  out = _io.save_tree(tmp_path / "out", _tree(1.0), {})
+  if exchange == "unsupported":
+    monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+  else:
+    def failing(a, b):
+      raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(_io, "_exchange", failing)
+  real_rename, calls = os.rename, []
+
+  def rename(a, b):  # the second rename of the destination fails (orbax renames too)
+    if out in (os.fspath(a), os.fspath(b)):
+      calls.append((a, b))
+      if len(calls) == 2:
+        raise OSError(5, "Input/output error")
+    return real_rename(a, b)
+
+  monkeypatch.setattr(os, "rename", rename)
+  with pytest.raises(OSError):
+    _io.save_tree(out, _tree(2.0), {})
+  monkeypatch.setattr(os, "rename", real_rename)
+  # Moved aside, failed to move in, moved back; a failing exchange touched nothing.
+  assert len(calls) == (3 if exchange == "unsupported" else 0)
+  assert _value(out) == 1.0
+  assert _leftovers(tmp_path) == []
+
+
+def test_kill_between_the_renames_is_recovered(tmp_path, monkeypatch):
+  out = _io.save_tree(tmp_path / "out", _tree(1.0), {})
+  monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+  real_rename, calls = os.rename, []
+
+  def rename(a, b):  # the process "dies" after moving the old tree aside
+    if out in (os.fspath(a), os.fspath(b)):
+      calls.append((a, b))
+      if len(calls) >= 2:
+        raise KeyboardInterrupt
+    return real_rename(a, b)
+
+  monkeypatch.setattr(os, "rename", rename)
+  with pytest.raises(KeyboardInterrupt):
+    _io.save_tree(out, _tree(2.0), {})
+  monkeypatch.setattr(os, "rename", real_rename)
+  assert not os.path.exists(out)  # what a kill at that instant leaves
+  assert [n.split("-")[0] for n in _leftovers(tmp_path)] == [".old"]  # no .tmp- left
+  assert _value(out) == 1.0  # the next read moves the old tree back
+  assert _leftovers(tmp_path) == []
+  _io.save_tree(out, _tree(3.0), {})
+  assert _value(out) == 3.0 and _leftovers(tmp_path) == []
+
+
+def test_failing_orbax_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  out = _io.save_tree(tmp_path / "out", _tree(1.0), {})
+
+  def failing(self, *args, **kwargs):
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", failing)
+  with pytest.raises(RuntimeError, match="disk full"):
+    _io.save_tree(out, _tree(2.0), {})
+  with pytest.raises(RuntimeError, match="disk full"):
+    _io.save_tree(tmp_path / "new", _tree(2.0), {})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+  monkeypatch.undo()
+  assert _value(out) == 1.0
+
+
+def test_parent_is_synced_after_the_rename(tmp_path, monkeypatch):
+  events = []
+  real_exchange, real_sync = _io._exchange, _io._fsync_dir
+  monkeypatch.setattr(_io, "_exchange",
+                      lambda a, b: events.append("exchange") or real_exchange(a, b))
+  monkeypatch.setattr(_io, "_fsync_dir", lambda p: events.append(p) or real_sync(p))
+  out = _io.save_tree(tmp_path / "out", _tree(1.0), {})
+  assert events[-1] == str(tmp_path)  # new destination: renamed, then parent synced
+  events.clear()
+  _io.save_tree(out, _tree(2.0), {})
+  assert events[events.index("exchange") + 1] == str(tmp_path)
+  events.clear()
+  _io.atomic_write_bytes(tmp_path / "f.json", b"{}")
+  assert events == [str(tmp_path)]
+
+
+def test_created_files_follow_the_umask(tmp_path):
+  old = os.umask(0o022)
+  try:
+    out = _io.save_tree(tmp_path / "out", _tree(), {})
+    _io.save_tree(out, _tree(2.0), {})  # replaced, through the temporary folder
+    _io.atomic_write_bytes(tmp_path / "report.json", b"{}")
+  finally:
+    os.umask(old)
+  paths = [tmp_path / "out", *(tmp_path / "out").rglob("*"), tmp_path / "report.json"]
+  modes = {str(p): stat.S_IMODE(p.stat().st_mode) for p in paths}
+  for p in paths:
+    assert modes[str(p)] == (0o755 if p.is_dir() else 0o644), (p, oct(modes[str(p)]))
+
+
+# ------------------------------------------------------------------ stored data
+
+def _array_file(out):
+  files = [p for p in (out / "arrays").rglob("*") if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_damaged_array_file_is_refused(tmp_path):
+  out = tmp_path / "out"
+  _io.save_tree(out, {"w": np.arange(4096, dtype=np.float32)}, {})
+  target = _array_file(out)
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  target.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="sha256 .* does not match .*regenerate") as info:
+    _io.load_tree(out)
+  assert str(target) in str(info.value)
+
+
+def test_damaged_edit_is_refused(tmp_path):
+  e = memedit.make_edit(("k",), np.ones((2, 1), np.float32), np.ones((1, 3), np.float32))
+  out = memedit.save_edit(tmp_path / "e", e)
+  target = _array_file(tmp_path / "e")
+  data = bytearray(target.read_bytes())
+  data[-1] ^= 0x80
+  target.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="does not match") as info:
+    memedit.load_edit(out)
+  assert str(target) in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-json", "missing-file", "marker"])
+def test_damaged_metadata_is_refused_naming_the_file(tmp_path, damage):
+  out = tmp_path / "out"
+  _io.save_tree(out, _tree(), {"architecture": "dcgan", "resolution": 64})
+  meta = out / "meta.json"
+  if damage == "truncated":
+    meta.write_bytes(meta.read_bytes()[:10])
+    named, message = meta, "expected JSON metadata"
+  elif damage == "not-json":
+    meta.write_bytes(b"\xff\xfe garbage")
+    named, message = meta, "expected JSON metadata"
+  elif damage == "missing-file":
+    target = _array_file(out)
+    target.unlink()
+    named, message = target, "missing"
+  else:
+    (out / _io.MARKER_FILE).write_text('{"format": 1, "kind": "tree"')
+    named, message = out / _io.MARKER_FILE, "expected JSON metadata"
+  with pytest.raises(ValueError, match=message) as info:
+    _io.load_tree(out)
+  assert str(named) in str(info.value)
+  if damage in ("truncated", "not-json"):
+    with pytest.raises(ValueError, match="expected JSON metadata") as info:
+      ports.read_config(out)
+    assert str(meta) in str(info.value)
