@@ -53,6 +53,7 @@ from memedit.layers import (
 from memedit.solve import (
     LinearSolution,
     SolveResult,
+    grouped_factors,
     insert_closed_form,
     insert_ridge,
     kernel_delta,

@@ -7,8 +7,13 @@ Kernel layouts (``kind``):
 - ``"dense"``: a Flax kernel of shape (*in_dims, *out_dims) with ``in_ndim`` leading input
   axes (Dense, DenseGeneral, Einsum); with the kernel flattened to (in, out),
   ΔK = Dᵀ Λᵀ, Λ (prod(out_dims), r), D (r, prod(in_dims)).
-- ``"conv"``: an HWIO kernel (kh, kw, C_in, C_out) with a Λ per tap:
-  ΔK[y, x, i, o] = Σ_d Λ[y, x, o, d] D[d, i], Λ (kh, kw, C_out, r).
+- ``"conv"``: a convolution kernel (*taps, C_in, C_out) with 1, 2 or 3 spatial axes
+  (HWIO (kh, kw, C_in, C_out) in 2-D) and a Λ per tap:
+  ΔK[y, x, i, o] = Σ_d Λ[y, x, o, d] D[d, i], Λ (kh, kw, C_out, r) (1-D: Λ (k, C_out, r),
+  3-D: Λ (kd, kh, kw, C_out, r)).
+
+Grouped convolutions (kernel (*taps, C_in/G, C_out)) use these layouts on their kernel;
+:func:`grouped_factors` turns factors over the full C_in keys into such factors.
 """
 
 from __future__ import annotations
@@ -138,6 +143,57 @@ def _delta(lam, D, kernel_shape, kind, in_ndim):
     return jnp.einsum("...od,di->...io", lam, D, precision=HIGHEST)
   flat = jnp.einsum("od,di->io", lam, D, precision=HIGHEST)
   return flat.reshape(kernel_shape)
+
+
+def grouped_factors(lam: Any, directions: Any, groups: int, taps: int = 1
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Factors of a grouped convolution's kernel edit, from factors over its full keys.
+
+  A convolution with ``G`` feature groups acts as a block-diagonal dense kernel: the
+  output channels of group g read only the input channels of group g. For factors Λ
+  (..., C_out, r) and D (r, taps·C_in) over the full keys (tap-major, channel-minor), its
+  edit keeps the diagonal blocks of Λ D; on the grouped kernel (*spatial, C_in/G, C_out)
+  that is ΔK(Λ_G, D_G) of rank G·r with
+
+    D_G[g·r + d, (t, i)] = D[d, (t, g·C_in/G + i)],  Λ_G[..., o, g·r + d] = Λ[..., o, d]·[o ∈ g].
+
+  With ``taps=1`` (per-pixel keys) use them with ``kind="conv"`` (Λ (*spatial, C_out, r));
+  with ``taps = prod(kernel_size)`` (patch keys) with ``kind="dense"`` and ``in_ndim =
+  len(kernel_size) + 1``. To solve for Λ_G directly (:func:`solve_lambda`), pass
+  ``lam_mask = grouped_factors(jnp.ones(lam_shape), D, G)[0]``: Λ_G is then confined to
+  its diagonal blocks.
+
+  Args:
+    lam: Λ (..., C_out, r).
+    directions: D (r, taps·C_in).
+    groups: G, the layer's ``feature_group_count``.
+    taps: kernel taps per key (1 for per-pixel keys).
+
+  Returns:
+    ``(lam_G, directions_G)``: (..., C_out, G·r) and (G·r, taps·C_in/G).
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> lam_g, d_g = memedit.grouped_factors(jnp.ones((3, 4, 1)), jnp.ones((1, 4)), groups=4)
+    >>> lam_g.shape, d_g.shape
+    ((3, 4, 4), (4, 1))
+  """
+  lam = jnp.asarray(lam)
+  D = jnp.asarray(directions)
+  if D.ndim != 2 or lam.ndim < 2 or lam.shape[-1] != D.shape[0]:
+    raise ValueError(f"lam, directions: expected shapes (..., C_out, r) and (r, d), got "
+                     f"{tuple(lam.shape)} and {tuple(D.shape)}")
+  r, d = D.shape
+  cout = lam.shape[-2]
+  if groups < 1 or taps < 1 or d % (taps * groups) or cout % groups:
+    raise ValueError(f"groups: expected {groups} to divide C_out {cout} and the key's "
+                     f"{d // max(taps, 1)} channels ({d} = taps {taps} x C_in), got "
+                     f"C_out {cout} and key dimension {d}")
+  cig = d // taps // groups
+  dg = D.reshape(r, taps, groups, cig).transpose(2, 0, 1, 3).reshape(groups * r, taps * cig)
+  l = lam.reshape(lam.shape[:-2] + (groups, cout // groups, r))
+  lg = jnp.einsum("...gor,gh->...gohr", l, jnp.eye(groups, dtype=lam.dtype))
+  return lg.reshape(lam.shape[:-2] + (cout, groups * r)), dg
 
 
 # ----------------------------------------------------------------------------------------

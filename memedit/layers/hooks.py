@@ -91,6 +91,34 @@ def _split_static(tree):
   return arrays, rebuild
 
 
+def _flag_error(e: Exception, where: str) -> ValueError:
+  return ValueError(
+      f"{where}: the model used a traced input as a Python value (e.g. a flag such as "
+      "train=False or deterministic=True given as an array); pass such flags as Python "
+      "values (bool, int, str): memedit keeps non-array inputs static in capture and "
+      "memory_view, and layer_covariance / layer_key_fn take them as call_kwargs={...}. "
+      f"JAX said: {str(e).splitlines()[0]}")
+
+
+def _static_inputs(args, kwargs):
+  """(array leaves of the model inputs, rebuild(arrays) -> (args, kwargs)): Python values
+  (flags such as ``train=False``) stay static so that tracing does not turn them into
+  arrays."""
+  return _split_static((tuple(args), dict(kwargs)))
+
+
+def _has_tracer(module) -> bool:
+  """Whether a Linen module definition holds traced arrays among its attributes."""
+  import dataclasses
+  for f in dataclasses.fields(module):
+    if f.name in ("parent", "name"):
+      continue
+    leaves = jax.tree_util.tree_leaves(getattr(module, f.name, None))
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+      return True
+  return False
+
+
 def _locate(model, path):
   obj = model
   for part in path:
@@ -107,8 +135,7 @@ def _run_nnx(graphdef, state, path, hook, args, kwargs, method):
   _ACTIVE.append(hook)
   try:
     def call(m, *a, **k):
-      fn = m if method is None else getattr(m, method)
-      return fn(*a, **k)
+      return _mem._nnx_method(m, method)(*a, **k)
     out, inter = nnx.capture(call, _Capture)(model, *args, **kwargs)
   finally:
     _ACTIVE.pop()
@@ -206,14 +233,7 @@ def _resolve_path(m, address) -> tuple:
   if m.framework == "nnx":
     path, _ = _mem._nnx_resolve(_mem._merge(m.definition, m.params), address)
     return path
-  if callable(address) and not isinstance(address, (tuple, list, str)):
-    raise ValueError("address: Linen layers are addressed by a tuple of module names, "
-                     "e.g. ('Block_0', 'fc1'), not a selector function")
-  path = _mem._normalise_address(address)
-  valid = _mem._linen_module_paths(m.params)
-  if path not in valid:
-    raise _mem._near_paths_error(path, valid)
-  return path
+  return _mem._linen_path(address, _mem._linen_module_paths(m.params))
 
 
 def _calls_error(path, n, traced, framework, single):
@@ -248,8 +268,10 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
     *args: model inputs.
     single: require exactly one call of the layer (else ``ValueError``).
     jit: run the forward pass under ``jax.jit`` (``False``: eagerly).
-    method: model method to run (default ``__call__``).
-    **kwargs: keyword model inputs.
+    method: model method to run (default ``__call__``): a name, or a function
+      ``(module, *args, **kwargs) -> output`` (NNX and Linen).
+    **kwargs: keyword model inputs. Python values among the inputs (flags such as
+      ``train=False``) stay static; arrays are traced.
 
   Returns:
     :class:`Captured`. With several calls every field is stacked on a new axis 0.
@@ -271,15 +293,19 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
   m = _mem._as_model(model)
   path = _resolve_path(m, address)
   holder = _Holder()
+  arrays, rebuild = _static_inputs(args, kwargs)
 
-  def fwd(params, a, k):
+  def fwd(params, arrs):
+    a, k = rebuild(arrs)
     mm = _mem._Model(m.framework, m.definition, params, m.form)
     _, records = _run(mm, path, holder, a, k, method)
     return records
 
   fn = jax.jit(fwd) if jit else fwd
   try:
-    records = fn(m.params, args, kwargs)
+    records = fn(m.params, arrays)
+  except jax.errors.ConcretizationTypeError as e:
+    raise _flag_error(e, "capture") from None
   except TypeError as e:
     if m.framework != "nnx" or "carry" not in str(e):
       raise
@@ -319,20 +345,22 @@ def _capture_by_callback(m, path, holder, args, kwargs, method, jit):
     holder.traced += 1
     return out
 
-  def fwd(params, a, k):
+  arrays, rebuild = _static_inputs(args, kwargs)
+
+  def fwd(params, arrs):
+    a, k = rebuild(arrs)
     model = _mem._merge(m.definition, params)
     target = _locate(model, path)
     cls = type(target)
     object.__setattr__(target, "__class__", _hooked_class(cls))
     _ACTIVE.append(hook)
     try:
-      fn = model if method is None else getattr(model, method)
-      return fn(*a, **k)
+      return _mem._nnx_method(model, method)(*a, **k)
     finally:
       _ACTIVE.pop()
       object.__setattr__(target, "__class__", cls)
 
-  out = (jax.jit(fwd) if jit else fwd)(m.params, args, kwargs)
+  out = (jax.jit(fwd) if jit else fwd)(m.params, arrays)
   jax.block_until_ready(out)
   jax.effects_barrier()
   records = []
@@ -390,6 +418,8 @@ def forward_to_layer(model, view: "_mem.MemoryView", *, method: str | None = Non
     mm = _mem._Model(m.framework, m.definition, params, m.form)
     try:
       _, records = _run(mm, path, holder, args, kwargs, method, transform=transform)
+    except jax.errors.ConcretizationTypeError as e:
+      raise _flag_error(e, f"layer {path!r}") from None
     except TypeError as e:
       if m.framework != "nnx" or "carry" not in str(e):
         raise
@@ -411,16 +441,27 @@ def forward_to_layer(model, view: "_mem.MemoryView", *, method: str | None = Non
 def _linen_layer_definition(m, path, args, kwargs, method):
   """(unbound layer definition, its variables, one call's kernel shape) for a Linen layer."""
   holder = _Holder()
+  arrays, rebuild = _static_inputs(args, kwargs)
 
-  def fwd(params, a, k):
+  def fwd(params, arrs):
+    a, k = rebuild(arrs)
     _, records = _run(m.__class__("linen", m.definition, params, m.form), path, holder, a, k,
                       method, keys_only=True, want_definition=True)
     return records
 
-  records = jax.eval_shape(fwd, m.params, args, kwargs)
+  try:
+    records = jax.eval_shape(fwd, m.params, arrays)
+  except jax.errors.ConcretizationTypeError as e:
+    raise _flag_error(e, "memory_view") from None
   if holder.definition is None:
     raise _calls_error(path, 0, holder.traced, "linen", False)
   del records
+  if _has_tracer(holder.definition):
+    # An attribute computed by the parent while it runs (e.g. an array split from an RNG
+    # key and passed to the layer): the shape-only trace left a tracer in the definition,
+    # so take it from one concrete run of the model on the example inputs.
+    holder = _Holder()
+    _run(m, path, holder, args, kwargs, method, keys_only=True, want_definition=True)
   return (holder.definition, linen_layer_variables(m.params, path), holder.call_kernel_shape,
           holder.input_ndim)
 
@@ -447,9 +488,15 @@ def _nnx_input_ndim(m, path, args, kwargs, method) -> int | None:
     holder.input_ndim = jnp.ndim(a[0])
     return (a[0],)
 
-  def fwd(params, a, k):
+  arrays, rebuild = _static_inputs(args, kwargs)
+
+  def fwd(params, arrs):
+    a, k = rebuild(arrs)
     mm = _mem._Model("nnx", m.definition, params, m.form)
     return _run(mm, path, holder, a, k, method, transform=transform)[1]
 
-  jax.eval_shape(fwd, m.params, args, kwargs)
+  try:
+    jax.eval_shape(fwd, m.params, arrays)
+  except jax.errors.ConcretizationTypeError as e:
+    raise _flag_error(e, "memory_view") from None
   return holder.input_ndim

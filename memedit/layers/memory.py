@@ -10,11 +10,19 @@ Layouts (see the core API):
 * ``kind='dense'``: the Flax kernel is ``(*in_dims, *out_dims)`` with ``in_ndim`` leading
   input axes; keys are flattened to ``(..., prod(in_dims))``; math ``W`` is
   ``(prod(out_dims), prod(in_dims))``.
-* ``kind='conv'``: HWIO kernel ``(kh, kw, C_in, C_out)``; per-pixel keys of dim ``C_in``
-  and one ``Lambda`` per tap. With ``patch=True`` a (transposed) convolution is viewed as
-  a dense memory over patch keys of dim ``kh*kw*C_in``: math ``W`` is
-  ``kernel.reshape(kh*kw*C_in, C_out).T`` and its edits are dense edits with
-  ``in_ndim=3`` on the HWIO kernel.
+* ``kind='conv'``: kernel ``(*taps, C_in / G, C_out)`` with 1, 2 or 3 spatial axes
+  (e.g. HWIO ``(kh, kw, C_in, C_out)``); per-pixel keys of dim ``C_in`` and one ``Lambda``
+  per tap. With ``patch=True`` a (transposed) convolution is viewed as a dense memory over
+  patch keys of dim ``T*C_in`` (``T = prod(taps)``, tap-major, channel-minor): math ``W``
+  is ``kernel.reshape(T*C_in, C_out).T`` and its edits are dense edits with
+  ``in_ndim = len(taps) + 1`` on the kernel.
+* Grouped convolutions (``feature_group_count = G > 1``, e.g. depthwise with ``G = C_in``):
+  the view's keys are the full ``C_in`` (or ``T*C_in``) vectors and its math weight is the
+  block-diagonal dense kernel (output channels of group ``g`` read only input channels of
+  group ``g``; the blocks off the diagonal are structurally zero). An edit keeps that
+  structure: with factors ``Lambda (C_out, r)`` and ``D (r, key_dim)`` over the full key,
+  the kernel changes by the diagonal blocks of ``Lambda D`` (:func:`memedit.grouped_factors`
+  gives the equivalent factors on the kernel, of rank ``G*r``).
 """
 
 from __future__ import annotations
@@ -69,6 +77,13 @@ class LayerKind:
       layer's linear part; enables ``patch=True`` views.
     check: optional ``module -> None`` raising ``ValueError`` for configurations the
       kind does not describe.
+    gain: the factor the layer multiplies its weight by at run time (``y = x (g W) + b``,
+      e.g. an equalised learning rate ``g = 1/sqrt(fan_in)``): a number, an array
+      broadcasting to ``(value_dim,)`` (one per output), or ``module -> either``; ``None``
+      is 1.
+    keys: optional ``(module, x) -> (..., key_dim)`` turning the layer's native input into
+      flat keys (dense kinds; e.g. token ids into one-hot rows for an embedding).
+    native_keys: optional ``(module, keys (n, key_dim)) -> x``, the inverse of ``keys``.
   """
   cls: type
   weight: str = "kernel"
@@ -77,6 +92,14 @@ class LayerKind:
   key_axes: Callable[[Any], tuple] | None = None
   patches: Callable[[Any, Any], Any] | None = None
   check: Callable[[Any], None] | None = None
+  gain: Any = None
+  keys: Callable[[Any, Any], Any] | None = None
+  native_keys: Callable[[Any, Any], Any] | None = None
+
+  def resolved_gain(self, module):
+    """The run-time weight gain of ``module`` (``None`` when the layer uses its weight as is)."""
+    g = self.gain(module) if callable(self.gain) else self.gain
+    return None if g is None else jnp.asarray(g, jnp.float32)
 
   def resolved_in_ndim(self, module) -> int:
     return int(self.in_ndim(module) if callable(self.in_ndim) else self.in_ndim)
@@ -97,12 +120,22 @@ def register_layer_kind(cls: type, *, weight: str = "kernel", kind: str = "dense
                         in_ndim: int | Callable[[Any], int] = 1,
                         key_axes: Callable[[Any], tuple] | None = None,
                         patches: Callable[[Any, Any], Any] | None = None,
-                        check: Callable[[Any], None] | None = None) -> LayerKind:
+                        check: Callable[[Any], None] | None = None,
+                        gain: Any = None,
+                        keys: Callable[[Any, Any], Any] | None = None,
+                        native_keys: Callable[[Any, Any], Any] | None = None) -> LayerKind:
   """Declares how a layer class is a memory, so views, captures and edits accept it.
 
   Example: a custom NNX layer ``y = x @ self.w + self.b`` whose kernel param is ``w``::
 
     register_layer_kind(MyLinear, weight="w", kind="dense", in_ndim=1)
+
+  The contract: called with its kernel replaced by ``W`` and nothing else changed, the
+  layer computes ``f(W, x) = gain * (W_math k(x)) + b(x)``, affine in ``W`` with ``b`` not
+  depending on ``W`` (``W_math`` is the ``(value_dim, key_dim)`` math layout, ``k(x)`` the
+  keys). A layer that scales its weight at run time (``y = x (g W) + b``) declares ``gain``
+  so that inserts write exactly their targets. :meth:`MemoryView.check_contract` tests
+  the contract on random probes, and :func:`insert_through_view` runs it before solving.
 
   Args:
     cls: NNX or Linen module class (subclasses inherit the registration).
@@ -113,6 +146,9 @@ def register_layer_kind(cls: type, *, weight: str = "kernel", kind: str = "dense
     key_axes: optional ``module -> axes`` of the input forming the key (dense).
     patches: optional ``(module, x) -> (..., kh*kw*C_in)`` patch extractor (conv).
     check: optional ``module -> None`` that raises ``ValueError`` for unsupported setups.
+    gain: run-time weight gain ``g`` (number, per-output array, or ``module -> either``).
+    keys: optional ``(module, x) -> flat keys`` (dense; default: the key axes flattened).
+    native_keys: optional ``(module, flat keys) -> x``, the inverse of ``keys``.
 
   Returns:
     The registered :class:`LayerKind`.
@@ -134,7 +170,14 @@ def register_layer_kind(cls: type, *, weight: str = "kernel", kind: str = "dense
     raise ValueError(f"kind: expected 'dense' or 'conv', got {kind!r}")
   if not isinstance(cls, type):
     raise ValueError(f"cls: expected a module class, got {cls!r}")
-  spec = LayerKind(cls, weight, kind, in_ndim, key_axes, patches, check)
+  if gain is not None and not callable(gain):
+    g = np.asarray(gain)
+    if g.ndim > 1 or not np.issubdtype(g.dtype, np.number) or not np.all(np.isfinite(g)) or (
+        np.any(g == 0)):
+      raise ValueError(f"gain: expected a finite non-zero number, a 1-D array of them or a "
+                       f"function of the module, got {gain!r}")
+  spec = LayerKind(cls, weight, kind, in_ndim, key_axes, patches, check, gain, keys,
+                   native_keys)
   _KINDS[cls] = spec
   return spec
 
@@ -163,6 +206,11 @@ def layer_kind(module_or_cls) -> LayerKind:
     if base in _KINDS:
       return _KINDS[base]
   known = ", ".join(sorted(_cls_name(c) for c in _KINDS))
+  if "Norm" in cls.__name__:
+    raise ValueError(
+        f"layer kind: {cls.__module__}.{cls.__name__} is a normalisation layer, not a "
+        "registered memory layer: its scale and bias act per feature on normalised inputs, "
+        f"not as a key -> value map (memory layers: {known}).")
   raise ValueError(
       f"layer kind: {cls.__module__}.{cls.__name__} is not a registered memory layer "
       f"(registered: {known}). Register it with memedit.layers.register_layer_kind("
@@ -184,15 +232,48 @@ def _tuple(x, n):
   return tuple(x)
 
 
+def _kernel_size(module) -> tuple:
+  ks = module.kernel_size
+  return (int(ks),) if isinstance(ks, int) else tuple(int(k) for k in ks)
+
+
+def _conv_groups(module) -> int:
+  return int(getattr(module, "feature_group_count", 1) or 1)
+
+
+def _is_transpose(module) -> bool:
+  return "Transpose" in type(module).__name__ or isinstance(
+      module, (nnx.ConvTranspose, nn.ConvTranspose))
+
+
 def _conv_check(module):
-  ks = tuple(module.kernel_size) if not isinstance(module.kernel_size, int) else (module.kernel_size,)
-  if len(ks) != 2:
-    raise ValueError(f"conv layer: expected a 2-D kernel_size (kh, kw), got {ks}")
-  if getattr(module, "feature_group_count", 1) != 1:
-    raise ValueError("conv layer: expected feature_group_count 1, got "
-                     f"{module.feature_group_count}")
+  ks = _kernel_size(module)
+  if not 1 <= len(ks) <= 3:
+    raise ValueError(f"conv layer: expected a 1-, 2- or 3-D kernel_size, got {ks}")
   if getattr(module, "mask", None) is not None:
     raise ValueError("conv layer: masked kernels are not supported as memories")
+
+
+_PAD_MODES = {"CIRCULAR": "wrap", "REFLECT": "reflect", "CAUSAL": "constant"}
+
+
+def _conv_patch_check(module):
+  """Raises ``ValueError`` when the patch view cannot reproduce the layer."""
+  transpose = _is_transpose(module)
+  if transpose and getattr(module, "transpose_kernel", False):
+    raise ValueError("patch view: ConvTranspose(transpose_kernel=True) is not supported")
+  from flax.linen.linear import canonicalize_padding
+  k = _kernel_size(module)
+  pad = canonicalize_padding(module.padding, len(k))
+  if isinstance(pad, str) and pad not in ("SAME", "VALID"):
+    if transpose or pad not in _PAD_MODES:
+      raise ValueError(
+          f"patch view: padding {pad!r} of {type(module).__name__} is not supported "
+          "(expected 'SAME', 'VALID' or explicit pairs"
+          + ("" if transpose else ", 'CIRCULAR', 'REFLECT' or 'CAUSAL'") + ")")
+    if pad == "CAUSAL" and len(k) != 1:
+      raise ValueError(f"patch view: 'CAUSAL' padding needs a 1-D convolution, got "
+                       f"kernel_size {k}")
 
 
 def _explicit_padding(padding, k, s, d, transpose):
@@ -219,28 +300,66 @@ def _explicit_padding(padding, k, s, d, transpose):
   return tuple(out)
 
 
+_SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
+
+
 def _conv_patches(module, x):
-  """Patch keys ``(..., kh*kw*C_in)`` (tap-major, channel-minor) of a Conv / ConvTranspose."""
-  transpose = "Transpose" in type(module).__name__ or isinstance(
-      module, (nnx.ConvTranspose, nn.ConvTranspose))
-  if transpose and getattr(module, "transpose_kernel", False):
-    raise ValueError("patch view: ConvTranspose(transpose_kernel=True) is not supported")
-  k = tuple(module.kernel_size)
-  s = _tuple(module.strides, 2)
-  d = _tuple(getattr(module, "kernel_dilation", 1), 2)
-  lhs = _tuple(getattr(module, "input_dilation", 1), 2)
-  pad = _explicit_padding(module.padding, k, s, d, transpose)
-  batch_shape = x.shape[:-3]
-  xb = x.reshape((-1,) + x.shape[-3:])
+  """Patch keys ``(..., *out_spatial, T*C_in)`` (tap-major, channel-minor) of a Conv /
+  ConvTranspose with 1, 2 or 3 spatial axes; grouped convs give all ``C_in`` channels."""
+  from flax.linen.linear import canonicalize_padding
+  _conv_patch_check(module)
+  transpose = _is_transpose(module)
+  k = _kernel_size(module)
+  n = len(k)
+  s = _tuple(module.strides, n)
+  d = _tuple(getattr(module, "kernel_dilation", 1), n)
+  lhs = _tuple(getattr(module, "input_dilation", 1), n)
+  batch_shape = x.shape[:-(n + 1)]
+  xb = x.reshape((-1,) + x.shape[-(n + 1):])
+  mode = canonicalize_padding(module.padding, n)
+  if isinstance(mode, str) and mode in _PAD_MODES:  # as flax: pad the input, then VALID
+    if mode == "CAUSAL":
+      pads = [(d[0] * (k[0] - 1), 0)]
+    else:
+      pads = [(((ki - 1) * di) // 2, ((ki - 1) * di + 1) // 2) for ki, di in zip(k, d)]
+    xb = jnp.pad(xb, [(0, 0)] + pads + [(0, 0)], mode=_PAD_MODES[mode])
+    pad = "VALID"
+  else:
+    pad = _explicit_padding(module.padding, k, s, d, transpose)
   c = x.shape[-1]
+  spec = "N" + _SPATIAL[n] + "C"
   p = jax.lax.conv_general_dilated_patches(
-      xb, k, (1, 1) if transpose else s, pad, lhs_dilation=s if transpose else lhs,
-      rhs_dilation=d, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  # conv_general_dilated_patches orders features as (C_in, kh, kw); reorder to (kh, kw, C_in).
-  h, w = p.shape[1:3]
-  p = p.reshape(p.shape[:3] + (c, k[0] * k[1]))
-  p = jnp.swapaxes(p, -1, -2).reshape(p.shape[:3] + (k[0] * k[1] * c,))
-  return p.reshape(batch_shape + (h, w, k[0] * k[1] * c))
+      xb, k, (1,) * n if transpose else s, pad, lhs_dilation=s if transpose else lhs,
+      rhs_dilation=d, dimension_numbers=(spec, _SPATIAL[n] + "IO", spec),
+      precision=jax.lax.Precision.HIGHEST)
+  # conv_general_dilated_patches orders features as (C_in, *taps); reorder to (*taps, C_in).
+  taps = int(np.prod(k))
+  out_sp = p.shape[1:1 + n]
+  p = p.reshape(p.shape[:1 + n] + (c, taps))
+  p = jnp.swapaxes(p, -1, -2).reshape(p.shape[:1 + n] + (taps * c,))
+  return p.reshape(batch_shape + out_sp + (taps * c,))
+
+
+def _block_diagonal(kernel, groups: int):
+  """Grouped kernel ``(..., C_in/G, C_out)`` as the dense ``(..., C_in, C_out)`` it acts as."""
+  if groups == 1:
+    return kernel
+  cig, cout = kernel.shape[-2:]
+  k = kernel.reshape(kernel.shape[:-1] + (groups, cout // groups))  # (..., i, g, o)
+  eye = jnp.eye(groups, dtype=kernel.dtype)
+  full = jnp.einsum("...igo,hg->...higo", k, eye)
+  return full.reshape(kernel.shape[:-2] + (groups * cig, cout))
+
+
+def _diagonal_blocks(full, groups: int):
+  """Inverse of :func:`_block_diagonal`: the diagonal blocks of ``(..., C_in, C_out)``."""
+  if groups == 1:
+    return full
+  cin, cout = full.shape[-2:]
+  f = full.reshape(full.shape[:-2] + (groups, cin // groups, groups, cout // groups))
+  blocks = jnp.diagonal(f, axis1=-4, axis2=-2)  # (..., i, o, g)
+  blocks = jnp.moveaxis(blocks, -1, -2)  # (..., i, g, o)
+  return blocks.reshape(full.shape[:-2] + (cin // groups, cout))
 
 
 def _general_in_ndim(module):
@@ -279,6 +398,26 @@ def _einsum_layout(einsum_str):
   return n
 
 
+def _embed_keys(module, tokens):
+  """Token ids ``(...)`` as one-hot keys ``(..., num_embeddings)``."""
+  tokens = jnp.asarray(tokens)
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"embedding keys: expected integer token ids, got dtype {tokens.dtype}")
+  return jax.nn.one_hot(tokens, module.num_embeddings, dtype=jnp.float32)
+
+
+def _embed_native_keys(module, keys):
+  """One-hot keys ``(n, num_embeddings)`` back to token ids ``(n,)``."""
+  keys = jnp.asarray(keys)
+  if not isinstance(keys, jax.core.Tracer):
+    k = np.asarray(keys)
+    hot = np.argmax(k, -1)
+    if not np.array_equal(k, np.eye(k.shape[-1], dtype=k.dtype)[hot]):
+      raise ValueError("embedding keys: expected one-hot rows (an embedding reads one row "
+                       "per token), got other vectors")
+  return jnp.argmax(keys, -1)
+
+
 def _register_builtins():
   dense = dict(kind="dense")
   register_layer_kind(nnx.Linear, in_ndim=1, **dense)
@@ -291,6 +430,9 @@ def _register_builtins():
   register_layer_kind(nn.Einsum, in_ndim=lambda m: _einsum_layout(m.einsum_str), **dense)
   for cls in (nnx.Conv, nnx.ConvTranspose, nn.Conv, nn.ConvTranspose):
     register_layer_kind(cls, kind="conv", patches=_conv_patches, check=_conv_check)
+  for cls in (nnx.Embed, nn.Embed):
+    register_layer_kind(cls, weight="embedding", in_ndim=1, keys=_embed_keys,
+                        native_keys=_embed_native_keys, **dense)
 
 
 _register_builtins()
@@ -339,18 +481,66 @@ def _rewrap(m: _Model, params):
   return (m.definition, params)
 
 
+def _escape_part(part) -> str:
+  if not isinstance(part, str):
+    return str(part)
+  if part.isdigit():  # a name made of digits, not an index
+    return "\\" + part
+  return part.replace("\\", "\\\\").replace("/", "\\/").replace(".", "\\.")
+
+
 def _path_str(p) -> str:
-  return "/".join(str(x) for x in p)
+  """The string address of path ``p``: parts joined by ``/``; a ``.``, ``/`` or ``\\``
+  inside a name is escaped with a backslash, so the string parses back to ``p``."""
+  return "/".join(_escape_part(x) for x in p)
+
+
+def _split_address(address: str, dots: bool = True) -> tuple:
+  """Parts of a string address split on ``/`` (and ``.`` when ``dots``); a backslash
+  makes the next character literal; all-digit parts are indices."""
+  parts, cur, escaped, literal = [], [], False, False
+  for ch in address:
+    if escaped:
+      cur.append(ch)
+      escaped = False
+    elif ch == "\\":
+      escaped = literal = True
+    elif ch == "/" or (dots and ch == "."):
+      parts.append(("".join(cur), literal))
+      cur, literal = [], False
+    else:
+      cur.append(ch)
+  parts.append(("".join(cur), literal))
+  return tuple(int(a) if a.isdigit() and not lit else a for a, lit in parts if a)
+
+
+def _address_candidates(address) -> list[tuple]:
+  """Paths a string address may name: split on ``/`` and ``.``, then (a name that itself
+  contains dots, e.g. ``'blocks.2'``) on ``/`` only."""
+  if isinstance(address, str):
+    return list(dict.fromkeys([_split_address(address), _split_address(address, False)]))
+  return [_normalise_address(address)]
 
 
 def _normalise_address(address) -> tuple:
   if isinstance(address, str):
-    parts = [a for a in address.replace(".", "/").split("/") if a]
-    return tuple(int(a) if a.isdigit() else a for a in parts)
+    return _split_address(address)
   if isinstance(address, (tuple, list)):
     return tuple(address)
   raise ValueError(f"address: expected a path tuple, a 'a/b/c' string or a selector "
                    f"function, got {type(address).__name__}")
+
+
+def _linen_path(address, valid) -> tuple:
+  """The Linen module path of an address (tuple or string) among ``valid`` paths."""
+  if callable(address) and not isinstance(address, (tuple, list, str)):
+    raise ValueError("address: Linen layers are addressed by a tuple of module names, "
+                     "e.g. ('Block_0', 'fc1'), not a selector function")
+  cands = _address_candidates(address)
+  for path in cands:
+    if path in valid:
+      return path
+  raise _near_paths_error(cands[0], valid)
 
 
 def _near_paths_error(address, valid: Sequence[tuple], what="layer") -> ValueError:
@@ -389,19 +579,21 @@ def _nnx_resolve(model, address) -> tuple[tuple, Any]:
         return p, mod
     raise ValueError(f"address: the selector returned {type(target).__name__}, which is "
                      "not a submodule of the model")
-  path = _normalise_address(address)
-  obj = model
-  try:
-    for part in path:
-      obj = _child(obj, part)
-  except (AttributeError, IndexError, KeyError, TypeError):
-    raise _near_paths_error(path, [p for p, _ in mods if p]) from None
-  if not isinstance(obj, nnx.Module):
-    raise _near_paths_error(path, [p for p, _ in mods if p])
-  for p, mod in mods:  # canonical (first) path of a shared module
-    if mod is obj:
-      return p, mod
-  return path, obj
+  cands = _address_candidates(address)
+  for path in cands:
+    obj = model
+    try:
+      for part in path:
+        obj = _child(obj, part)
+    except (AttributeError, IndexError, KeyError, TypeError):
+      continue
+    if not isinstance(obj, nnx.Module):
+      continue
+    for p, mod in mods:  # canonical (first) path of a shared module
+      if mod is obj:
+        return p, mod
+    return path, obj
+  raise _near_paths_error(cands[0], [p for p, _ in mods if p])
 
 
 def _linen_module_paths(variables) -> list[tuple]:
@@ -450,6 +642,8 @@ class MemoryView:
     input_ndim: ndim of the layer's first call argument when the view was made with
       example inputs (``None`` otherwise); used to give flat keys the leading axes a
       fixed-rank layer (e.g. an einsum ``'btd,...'``) expects.
+    groups: feature groups of a grouped convolution (1 otherwise). With ``G > 1`` keys
+      carry all ``C_in`` channels and :meth:`math_weight` is block-diagonal.
   """
   framework: str
   address: tuple
@@ -466,6 +660,7 @@ class MemoryView:
   input_ndim: int | None
   _spec: LayerKind
   _layer: Any  # nnx: (graphdef, state) of the layer; linen: (module def, variables)
+  groups: int = 1
 
   @property
   def edit_kind(self) -> str:
@@ -526,7 +721,13 @@ class MemoryView:
     if self.patch:
       return self._spec.patches(self.layer_module, x)
     if self.kind == "conv":
+      if self._spec.patches is not None and self.taps == 1:
+        # A 1x1 kernel reads the pixels its patches pick (every s-th one under a stride
+        # s), so its keys line up with its output pixels.
+        return self._spec.patches(self.layer_module, x)
       return x
+    if self._spec.keys is not None:
+      return self._spec.keys(self.layer_module, x)
     n = len(self.key_axes)
     axes = [a % x.ndim for a in self.key_axes]
     x = jnp.moveaxis(x, axes, list(range(x.ndim - n, x.ndim)))
@@ -540,6 +741,10 @@ class MemoryView:
     """
     if self.kind == "conv" or self.patch:
       raise ValueError("native_keys: only for dense views")
+    if keys.shape[-1] != self.key_dim:
+      raise ValueError(f"keys: expected last dimension {self.key_dim}, got {keys.shape[-1]}")
+    if self._spec.native_keys is not None:
+      return self._spec.native_keys(self.layer_module, keys)
     in_dims = tuple(self.kernel_shape[self.stacked:self.stacked + self.in_ndim])
     n = len(self.key_axes)
     if keys.shape[-1] != self.key_dim:
@@ -550,19 +755,124 @@ class MemoryView:
     axes = [a % x.ndim for a in self.key_axes]
     return jnp.moveaxis(x, list(range(x.ndim - n, x.ndim)), axes)
 
+  @property
+  def taps(self) -> int:
+    """Kernel taps ``prod(kernel_size)`` of a conv layer (1 for dense layers)."""
+    if self.kind != "conv" and not self.patch:
+      return 1
+    return int(np.prod(self.kernel_shape[self.stacked:-2]))
+
+  def gain(self):
+    """The layer's run-time weight gain (``None``: the weight is used as is)."""
+    return self._spec.resolved_gain(self.layer_module)
+
   def math_weight(self, kernel=None):
-    """Math layout of the kernel: ``(out, in)`` (dense / patch) or ``(kh, kw, out, in)``."""
+    """Math layout of the kernel: ``(out, in)`` (dense / patch) or ``(*taps, out, in)``
+    (per-pixel conv); block-diagonal over the groups of a grouped conv."""
     kernel = self._layer_kernel() if kernel is None else kernel
     if self.kind == "conv":
-      return jnp.swapaxes(kernel, -1, -2)
+      return jnp.swapaxes(_block_diagonal(kernel, self.groups), -1, -2)
+    if self.groups > 1:
+      kernel = _block_diagonal(kernel, self.groups)
     k = kernel.reshape((self.key_dim, self.value_dim))
     return k.T
 
   def kernel_from_math(self, w):
-    """Inverse of :meth:`math_weight`."""
+    """Inverse of :meth:`math_weight` (the diagonal blocks of a grouped conv's)."""
     if self.kind == "conv":
-      return jnp.swapaxes(w, -1, -2)
-    return w.T.reshape(self.kernel_shape[self.stacked:])
+      return _diagonal_blocks(jnp.swapaxes(w, -1, -2), self.groups)
+    shape = self.kernel_shape[self.stacked:]
+    if self.groups > 1:
+      full = w.T.reshape(shape[:-2] + (self.key_dim // self.taps, shape[-1]))
+      return _diagonal_blocks(full, self.groups)
+    return w.T.reshape(shape)
+
+  def kernel_factors(self, lam, directions):
+    """Factors over this view's keys as factors of an edit of the kernel leaf.
+
+    Equal to ``(lam, directions)`` except for grouped convs, whose edits are the
+    diagonal blocks of ``lam @ directions`` (see :func:`memedit.grouped_factors`).
+
+    Args:
+      lam: Λ, ``(value_dim, r)`` (dense / patch) or ``(*taps, C_out, r)`` (per-pixel conv).
+      directions: D ``(r, key_dim)``.
+
+    Returns:
+      ``(lam, directions)`` for ``memedit.kernel_delta(..., kind=view.edit_kind,
+      in_ndim=view.in_ndim)`` and ``memedit.make_edit``.
+    """
+    if self.groups == 1:
+      return lam, directions
+    from memedit.solve import grouped_factors
+    return grouped_factors(lam, directions, self.groups, self.taps if self.patch else 1)
+
+  def check_contract(self, x=None, *extra, seed: int = 0, rtol: float = 1e-4, **kwargs):
+    """Checks on random probes that the layer is the memory its kind declares.
+
+    With random kernels ``W1``, ``W2`` the layer must satisfy
+    ``f(W1 + 2 W2, x) - f(0, x) = (f(W1, x) - f(0, x)) + 2 (f(W2, x) - f(0, x))`` (linear in
+    its kernel), and, where keys line up with outputs (dense, patch and 1x1 conv views),
+    ``f(W1, x) - f(0, x) = gain * k(x) W1_mathᵀ``.
+
+    Args:
+      x: the layer's native input (default: random probes: keys for dense views, a small
+        image for conv views). *extra, **kwargs: further call arguments.
+      seed: seed of the random probes. rtol: tolerance relative to the outputs' scale.
+
+    Raises:
+      ValueError: the layer is not linear in its kernel, or its output does not equal
+        ``gain * W k`` (e.g. a run-time weight scale not declared as ``gain``).
+    """
+    self._require_unstacked()
+    rng = np.random.default_rng(seed)
+    with jax.ensure_compile_time_eval():
+      if x is None:
+        x = self._probe_input(rng)
+      shape = self.kernel_shape[self.stacked:]
+      dtype = self._layer_kernel().dtype
+      w1, w2 = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
+      f = lambda w: np.asarray(self.apply(w, x, *extra, **kwargs), np.float64)
+      y0 = f(jnp.zeros(shape, dtype))
+      y1, y2, y12 = f(w1) - y0, f(w2) - y0, f(w1 + 2 * w2) - y0
+      scale = max(float(np.abs(y1).max()), float(np.abs(y2).max()), 1e-30)
+      err = float(np.abs(y12 - y1 - 2 * y2).max()) / scale
+      if err > rtol:
+        raise ValueError(
+            f"layer {self.address!r} ({self.layer_type.__name__}): expected its output to be "
+            f"linear in its kernel (a memory of kind {self._spec.kind!r}), but "
+            f"f(W1 + 2 W2) - f(0) differs from the sum of the parts by {err:.2g} of the "
+            "output scale; a layer that is not affine in its kernel needs solve_lambda")
+      if self.kind == "conv" and (self.taps != 1 or self._spec.patches is None):
+        return
+      k = np.asarray(self.keys(x), np.float64).reshape(-1, self.key_dim)
+      pred = k @ np.asarray(self.math_weight(w1), np.float64).reshape(
+          self.value_dim, self.key_dim).T
+      g = self.gain()
+      if g is not None:
+        pred = pred * np.asarray(g, np.float64)
+      y1 = y1.reshape(pred.shape)
+      err = float(np.abs(pred - y1).max()) / scale
+      if err > rtol:
+        ratio = float(np.sum(y1 * pred) / max(np.sum(pred * pred), 1e-30))
+        raise ValueError(
+            f"layer {self.address!r} ({self.layer_type.__name__}): expected f(W, x) - f(0, x) "
+            f"= gain * W k(x) with gain {None if g is None else np.asarray(g).tolist()!r}, "
+            f"but they differ by {err:.2g} of the output scale (a least-squares gain would "
+            f"be {ratio:.4g}); declare the run-time weight scale with "
+            f"register_layer_kind({self.layer_type.__name__}, ..., gain=...)")
+
+  def _probe_input(self, rng):
+    if self.kind == "dense" and not self.patch:
+      k = rng.standard_normal((3, self.key_dim))
+      return self.native_keys(jnp.asarray(k, jnp.float32))
+    shape = self.kernel_shape[self.stacked:]
+    n = len(shape) - 2
+    mod = self.layer_module
+    d = _tuple(getattr(mod, "kernel_dilation", 1), n)
+    s = _tuple(getattr(mod, "strides", 1), n)
+    sp = tuple((k - 1) * di + 1 + si for k, di, si in zip(shape[:n], d, s))
+    cin = self.key_dim // self.taps if self.patch else self.key_dim
+    return jnp.asarray(rng.standard_normal((1,) + sp + (cin,)), jnp.float32)
 
 
 def _nnx_call_kernel_ndim(mod, kernel_leaf) -> int:
@@ -587,16 +897,24 @@ def _view_from_module(framework, address, weight_path, mod, kernel_leaf, layer, 
       raise ValueError(f"patch view: no patch extractor registered for "
                        f"{type(mod).__name__}; pass patches= to register_layer_kind")
     stacked = len(kshape) - call_ndim
-    if call_ndim != 4:
-      raise ValueError(f"conv layer: expected an HWIO kernel (kh, kw, C_in, C_out), got "
-                       f"{kshape}")
-    kh, kw, cin, cout = kshape[stacked:]
+    if not 3 <= call_ndim <= 5:
+      raise ValueError(f"conv layer: expected a kernel (*taps, C_in, C_out) with 1 to 3 "
+                       f"spatial axes (e.g. HWIO (kh, kw, C_in, C_out)), got {kshape}")
+    body = kshape[stacked:]
+    groups = _conv_groups(mod)
+    taps, cin, cout = int(np.prod(body[:-2])), body[-2] * groups, body[-1]
+    if groups < 1 or cout % groups:
+      raise ValueError(f"conv layer: expected C_out {cout} divisible by feature_group_count, "
+                       f"got {groups}")
     if patch:
-      kind, in_ndim, key_dim = "dense", 3, kh * kw * cin
+      if spec.patches is _conv_patches:
+        _conv_patch_check(mod)
+      kind, in_ndim, key_dim = "dense", call_ndim - 1, taps * cin
     else:
       kind, in_ndim, key_dim = "conv", 1, cin
     value_dim, key_axes = cout, (-1,)
   else:
+    groups = 1
     if patch:
       raise ValueError(f"patch view: expected a conv layer, got {type(mod).__name__}")
     in_ndim = spec.resolved_in_ndim(mod)
@@ -608,7 +926,7 @@ def _view_from_module(framework, address, weight_path, mod, kernel_leaf, layer, 
     value_dim = int(np.prod(body[in_ndim:]))
   return MemoryView(framework, tuple(address), tuple(weight_path), type(mod), kind, in_ndim,
                     bool(patch), kshape, key_dim, value_dim, tuple(key_axes), stacked,
-                    input_ndim, spec, layer)
+                    input_ndim, spec, layer, groups)
 
 
 def memory_view(model, address, *args, patch: bool = False, method: str | None = None,
@@ -619,12 +937,17 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
     model: an ``nnx.Module`` (never mutated), an NNX ``(graphdef, state)`` pair or a Linen
       ``(module, variables)`` pair.
     address: NNX: a path tuple like ``('blocks', 1, 'fc1')``, a string ``'blocks/1/fc1'``
-      or a selector ``lambda m: m.blocks[1].fc1``. Linen: a tuple of module names like
-      ``('Block_0', 'fc1')``.
+      (``.`` also separates parts; a backslash escapes a ``.`` or ``/`` inside a name, as
+      in ``'blocks\\.2/fc'``; a name containing dots is also found unescaped) or a
+      selector ``lambda m: m.blocks[1].fc1``. Linen: a tuple of module names like
+      ``('Block_0', 'fc1')`` or such a string.
     *args: example inputs of the model. Needed for Linen (submodule definitions exist
-      only while the model runs); traced abstractly (no compute).
-    patch: view a conv layer with patch keys ``kh*kw*C_in`` (exact linear memory).
-    method: Linen method to run (default ``__call__``).
+      only while the model runs); traced abstractly (no compute), except that a Linen
+      layer whose attributes the parent computes from arrays while it runs is taken from
+      one concrete run. Python values (flags such as ``train=False``) stay static.
+    patch: view a conv layer with patch keys ``T*C_in`` (exact linear memory).
+    method: model method to run (default ``__call__``): a name or a function
+      ``(module, *args, **kwargs) -> output``.
     **kwargs: keyword inputs of the model.
 
   Returns:
@@ -661,14 +984,7 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
     return _view_from_module("nnx", path, weight_path, mod, kernel_leaf, layer, patch,
                              _nnx_call_kernel_ndim(mod, kernel_leaf), input_ndim)
   # Linen
-  path = _normalise_address(address) if not callable(address) or isinstance(
-      address, (tuple, list, str)) else None
-  if path is None:
-    raise ValueError("address: Linen layers are addressed by a tuple of module names, "
-                     "e.g. ('Block_0', 'fc1'), not a selector function")
-  valid = _linen_module_paths(m.params)
-  if path not in valid:
-    raise _near_paths_error(path, valid)
+  path = _linen_path(address, _linen_module_paths(m.params))
   if not args and not kwargs:
     raise ValueError("memory_view: a Linen model needs example inputs (*args) to find the "
                      f"definition of layer {path!r}")
@@ -727,6 +1043,7 @@ def substitute(model, address_or_view, new_kernel, *example_args, **example_kwar
 
 
 def _kernel_delta(view: MemoryView, lam, directions, kernel_shape):
+  lam, directions = view.kernel_factors(lam, directions)
   return kernel_delta(lam, directions, kernel_shape, kind=view.edit_kind, in_ndim=view.in_ndim)
 
 
@@ -737,7 +1054,8 @@ def edited_kernel(view: MemoryView, kernel0, lam, directions):
     view: the layer's :class:`MemoryView` (gives the layout).
     kernel0: the original kernel W0.
     lam: Λ of shape ``memedit.lambda_shape(kernel0.shape, r, view.edit_kind, view.in_ndim)``.
-    directions: D ``(r, key_dim)``.
+    directions: D ``(r, key_dim)`` over the view's keys (for a grouped conv the full
+      ``C_in`` keys; the kernel takes the diagonal blocks of ``Λ D``).
 
   Returns:
     The edited kernel, shaped like ``kernel0``.
@@ -791,7 +1109,8 @@ def edited_forward(model, view: MemoryView, lam, directions, *args, method=None,
     model: NNX module, NNX ``(graphdef, state)`` or Linen ``(module, variables)``.
     view: the layer's :class:`MemoryView`.
     lam: Λ. directions: D ``(r, key_dim)``.
-    *args, **kwargs: model inputs. method: model method to run.
+    *args, **kwargs: model inputs. method: model method to run (a name, or a function
+      ``(module, *args, **kwargs) -> output``).
 
   Returns:
     The model's output.
@@ -812,10 +1131,25 @@ def edited_forward(model, view: MemoryView, lam, directions, *args, method=None,
   k0 = _get(m.params, view.weight_path)
   params = _replace(m.params, view.weight_path, edited_kernel(view, k0, lam, directions))
   if m.framework == "nnx":
-    mod = _merge(m.definition, params)
-    fn = mod if method is None else getattr(mod, method)
-    return fn(*args, **kwargs)
+    return _nnx_method(_merge(m.definition, params), method)(*args, **kwargs)
   return m.definition.apply(params, *args, method=method, **kwargs)
+
+
+def _nnx_method(model, method):
+  """The callable running ``model``: itself, its method named ``method``, or
+  ``method(model, ...)`` for a function (as Linen's ``apply(..., method=fn)``)."""
+  if method is None:
+    return model
+  if isinstance(method, str):
+    fn = getattr(model, method, None)
+    if fn is None or not callable(fn):
+      raise ValueError(f"method: expected the name of a method of "
+                       f"{type(model).__name__}, got {method!r}")
+    return fn
+  if callable(method):
+    return lambda *a, **k: method(model, *a, **k)
+  raise ValueError(f"method: expected None, a method name or a function (module, *args) "
+                   f"-> output, got {type(method).__name__}")
 
 
 # ----------------------------------------------------------------------------------
@@ -823,40 +1157,48 @@ def edited_forward(model, view: MemoryView, lam, directions, *args, method=None,
 # ----------------------------------------------------------------------------------
 
 
-def _conv_taps_independent(view: MemoryView) -> bool:
-  kh, kw = view.kernel_shape[view.stacked:view.stacked + 2]
-  if (kh, kw) == (1, 1):
-    return True
-  return False
-
-
 def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | None = None,
-                        name: str | None = None, method: str = "insert_closed_form"):
+                        floor: float = 1e-6, check: bool = True, name: str | None = None,
+                        method: str = "insert_closed_form"):
   """Closed-form insert of ``keys -> values`` into the viewed layer, as a core ``Edit``.
 
   The layer may be affine (bias, LinearGeneral head axes, ...): targets are turned into
   kernel targets through the layer itself, ``W0 k* + (v* - f(W0, k*))``, so the edited
   layer outputs exactly ``v*`` at ``k*`` while keys ``k`` with ``k^T C^{-1} K* = 0`` keep
-  their outputs.
+  their outputs. A layer kind with a run-time weight gain ``g`` (see
+  :func:`register_layer_kind`) gets ``Lambda / g``, so the insert still writes ``v*``.
 
-  Exactness: dense layers and patch views of (transposed) convolutions are exact linear
-  memories. Per-pixel conv views are exact here only for 1x1 kernels; for ``k x k``
-  kernels a pixel's output mixes several taps, so use ``patch=True`` or the per-tap
-  ``solve_lambda(..., kind='conv')``. Layers that are not affine in their first argument
-  (extra call arguments such as a style, demodulation) need ``solve_lambda`` with
-  ``f = lambda K, x: view.apply(K, x, *extra)``.
+  Exactness: dense layers, embeddings (one-hot keys) and patch views of (transposed)
+  convolutions with 1 to 3 spatial axes are exact linear memories. Per-pixel conv views are
+  exact here only for 1x1 kernels (keys taken at the pixels the layer reads, every s-th
+  one under a stride s); for larger kernels a pixel's output mixes several taps, so use
+  ``patch=True`` or the per-tap ``solve_lambda(..., kind='conv')``. Grouped convolutions
+  are solved group by group (group ``g``'s outputs read only group ``g``'s channels, with
+  ``C``'s diagonal block of that group): the edit has rank ``G*n`` and keys whose part in
+  every group is ``C_g``-orthogonal to the inserted keys' keep their outputs. Layers that
+  are not affine in their first argument (extra call arguments such as a style,
+  demodulation) need ``solve_lambda`` with ``f = lambda K, x: view.apply(K, x, *extra)``.
 
   Args:
     view: the layer's :class:`MemoryView`.
     C: ``(key_dim, key_dim)`` second moment of the layer's keys.
     keys: ``(n, key_dim)`` flat keys (dense with trailing key axes, patch views, 1x1
-      conv) or native layer inputs ``(n, *in_dims)`` (dense).
+      conv, one-hot rows of an embedding) or native layer inputs ``(n, *in_dims)`` (dense;
+      token ids ``(n,)`` of an embedding).
     values: ``(n, value_dim)`` or ``(n, *out_dims)`` target layer outputs.
     ridge: use the soft insert ``insert_ridge`` with this ridge instead of the exact one.
+    floor: relative eigenvalue floor of ``C``: eigenvalues below ``floor * max`` are raised
+      to it before inverting (``0``: invert ``C`` as it is; keys ``C``-orthogonal to the
+      edit then keep their outputs even for an ill-conditioned ``C``, which must then be
+      positive definite).
+    check: first test the layer kind's contract on random probes
+      (:meth:`MemoryView.check_contract`).
     name: the edit's name.
+    method: provenance recorded with the edit.
 
   Returns:
-    ``memedit.Edit`` with path ``view.weight_path``.
+    ``memedit.Edit`` with path ``view.weight_path`` (for grouped convs its factors are the
+    kernel's, see :meth:`MemoryView.kernel_factors`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -873,11 +1215,14 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
   """
   view._require_unstacked()
   kernel0 = view._layer_kernel()
-  if view.kind == "conv" and not _conv_taps_independent(view):
+  if view.kind == "conv" and view.taps != 1:
     raise ValueError(
-        f"insert_through_view: layer {view.address!r} has a {view.kernel_shape[:2]} kernel "
-        "viewed per pixel; a pixel's output mixes taps, so the per-tap closed form is not "
-        "exact. Use memory_view(..., patch=True) or solve_lambda(kind='conv').")
+        f"insert_through_view: layer {view.address!r} has a "
+        f"{view.kernel_shape[view.stacked:-2]} kernel viewed per pixel; a pixel's output "
+        "mixes taps, so the per-tap closed form is not exact. Use memory_view(..., "
+        "patch=True) or solve_lambda(kind='conv').")
+  if isinstance(floor, bool) or not np.isscalar(floor) or not 0 <= floor < 1:
+    raise ValueError(f"floor: expected a number in [0, 1), got {floor!r}")
   keys = jnp.asarray(keys)
   values = jnp.asarray(values)
   n = keys.shape[0]
@@ -885,18 +1230,15 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
   if C.shape != (view.key_dim, view.key_dim):
     raise ValueError(f"C: expected shape {(view.key_dim, view.key_dim)}, got {C.shape}")
   bias = _layer_bias(view)
-  if view.kind == "conv":  # 1x1, per-pixel keys: the pixel's output is W k + b
+  gain = view.gain()
+  w = view.math_weight(kernel0).reshape(view.value_dim, view.key_dim)
+  native = None
+  if view.kind == "conv" or view.patch:  # 1x1 per-pixel or patch keys: W k + b per pixel
     if keys.shape[-1] != view.key_dim:
       raise ValueError(f"keys: expected last dimension {view.key_dim}, got {keys.shape[-1]}")
     flat = keys.reshape(n, view.key_dim)
-    w = view.math_weight(kernel0)[0, 0]
-    out0 = flat @ w.T + (0.0 if bias is None else bias)
-  elif view.patch:
-    if keys.shape[-1] != view.key_dim:
-      raise ValueError(f"keys: expected last dimension {view.key_dim}, got {keys.shape[-1]}")
-    flat = keys.reshape(n, view.key_dim)
-    w = view.math_weight(kernel0)
-    out0 = flat @ w.T + (0.0 if bias is None else bias)
+    out0 = jnp.matmul(flat, w.T, precision=jax.lax.Precision.HIGHEST)
+    out0 = (out0 if gain is None else out0 * gain) + (0.0 if bias is None else bias)
   else:
     if keys.ndim == 2 and keys.shape[-1] == view.key_dim:
       flat = keys
@@ -905,25 +1247,66 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
       native = keys
       flat = view.keys(keys).reshape(n, view.key_dim)
     out0 = view.apply(kernel0, native).reshape(n, -1)
-    w = view.math_weight(kernel0)
+  if check:
+    concrete = native is not None and not isinstance(native, jax.core.Tracer)
+    try:
+      view.check_contract(native if concrete else None)
+    except TypeError as e:
+      raise ValueError(
+          f"insert_through_view: layer {view.address!r} could not be run on one input alone "
+          f"to check its contract ({e}); a layer with further call arguments (a style, a "
+          "modulation) needs solve_lambda with f = lambda K, x: view.apply(K, x, *extra), "
+          "or pass check=False if it is affine in its kernel") from None
   if out0.shape[-1] != view.value_dim:
     raise ValueError(f"layer output: expected {view.value_dim} values per key, got "
                      f"{out0.shape[-1]} (keys with several positions per example?)")
   values = values.reshape(n, -1)
   if values.shape[-1] != view.value_dim:
     raise ValueError(f"values: expected {view.value_dim} per key, got {values.shape[-1]}")
-  targets = flat @ w.T + (values - out0)
-  if ridge is None:
-    sol = insert_closed_form(w, C, flat, targets)
-  else:
-    sol = insert_ridge(w, C, flat, targets, ridge)
-  lam, directions = sol.lam, sol.directions
+  flat = flat.astype(jnp.float32)
+  resid = values - out0
+
+  def solve(w, C, k, r):
+    if ridge is None:
+      return insert_closed_form(w, C, k, jnp.matmul(k, w.T, precision=jax.lax.Precision.HIGHEST)
+                                + r, rcond=floor)
+    return insert_ridge(w, C, k, jnp.matmul(k, w.T, precision=jax.lax.Precision.HIGHEST) + r,
+                        ridge, rcond=floor)
+
+  if view.groups == 1:
+    sol = solve(w, C, flat, resid)
+    lam, directions = sol.lam, sol.directions
+  else:  # one exact insert per group, in the group's own keys
+    lam, directions = _grouped_insert(view, solve, C, flat, resid)
+  if gain is not None:
+    lam = lam / jnp.reshape(gain, (-1, 1))
   if view.kind == "conv":
-    lam = lam[None, None]  # (1, 1, out, r)
+    lam = lam.reshape((1,) * (len(view.kernel_shape) - 2) + lam.shape)  # (1.., out, r)
   return make_edit(view.weight_path, lam, directions, kind=view.edit_kind,
                    in_ndim=view.in_ndim, method=method, name=name,
                    settings={"address": [str(a) for a in view.address],
-                             "patch": view.patch, "ridge": ridge})
+                             "patch": view.patch, "ridge": ridge, "floor": floor})
+
+
+def _grouped_insert(view: MemoryView, solve, C, flat, resid):
+  """Exact inserts per group of a grouped conv: ``(lam (C_out, G*n), D (G*n, T*C_in/G))``."""
+  g, t = view.groups, view.taps if view.patch else 1
+  cin = view.key_dim // t
+  cig, cog = cin // g, view.value_dim // g
+  n = flat.shape[0]
+  idx = (np.arange(t)[:, None, None] * cin + np.arange(g)[None, :, None] * cig
+         + np.arange(cig)[None, None, :])  # (T, G, C_in/G)
+  idx = idx.transpose(1, 0, 2).reshape(g, t * cig)
+  lams, dirs = [], []
+  for j in range(g):
+    ix = idx[j]
+    sol = solve(jnp.zeros((cog, t * cig), jnp.float32), C[np.ix_(ix, ix)], flat[:, ix],
+                resid[:, j * cog:(j + 1) * cog])
+    lams.append(sol.lam)
+    dirs.append(sol.directions)
+  del n
+  lam = jax.scipy.linalg.block_diag(*lams)  # (C_out, G*n)
+  return lam, jnp.concatenate(dirs, 0)
 
 
 def _layer_bias(view: MemoryView):

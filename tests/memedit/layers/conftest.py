@@ -12,5 +12,6 @@ def _forget_test_layer_kinds():
   before = set(memory._KINDS)
   yield
   for cls in set(memory._KINDS) - before:
-    if cls.__module__ == "models":  # the test models; library and port kinds stay
+    mod = cls.__module__.rsplit(".", 1)[-1]
+    if mod == "models" or mod.startswith("test_"):  # test classes; library, port kinds stay
       del memory._KINDS[cls]
