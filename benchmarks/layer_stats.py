@@ -98,7 +98,7 @@ def main(argv=None):
     st0 = covariance_init(d, shift=np.zeros(d, np.float32))
     zs = np.stack(latents[:args.group])
     valid = np.ones((args.group, args.batch), bool)
-    return lambda: fn(st0, zs, valid).sum_sq
+    return lambda: fn(st0, None, zs, valid).sum_sq
 
   def keys_of(st, z):  # hand-written forward as far as the layer
     g = nnx.merge(gd, st)

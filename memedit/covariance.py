@@ -489,14 +489,88 @@ def _identity(batch):
   return batch
 
 
-@functools.lru_cache(maxsize=64)
-def _make_group_fn(key_fn, dim, n_dev):
-  """Compiles the fold of a group of stacked batches (G, B, ...) into a state."""
+def _padded_rows(n: int, multiple: int) -> int:
+  """Rows a ragged batch of ``n`` rows is padded to: the next power of two, rounded up to
+  a multiple of ``multiple`` (the number of devices the batch is split over)."""
+  p = 1 << max(n - 1, 0).bit_length()
+  return -(-p // multiple) * multiple
 
-  def fold_group(state, batches, valid):
+
+def _pad_rows(x, rows: int):
+  """``x`` with its leading axis extended to ``rows`` by repeating its last row (real,
+  finite inputs for the model; the padded rows get weight 0). Device arrays are padded on
+  their device, host arrays on the host."""
+  xp = jnp if isinstance(x, jax.Array) else np
+  n = x.shape[0]
+  if n == rows:
+    return x
+  widths = [(0, rows - n)] + [(0, 0)] * (x.ndim - 1)
+  return xp.pad(x, widths) if n == 0 else xp.pad(x, widths, mode="edge")
+
+
+class _Template(NamedTuple):
+  """What every batch of a stream shares with the first: tree structure and the shapes of
+  its leaves after the leading (batch) axis."""
+
+  treedef: Any
+  tails: tuple
+
+  @classmethod
+  def of(cls, batch) -> "_Template":
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    return cls(treedef, tuple(tuple(np.shape(x))[1:] for x in leaves))
+
+  def rows(self, batch) -> int:
+    """The batch's leading size, after checking it against the template."""
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    shapes = [tuple(np.shape(x)) for x in leaves]
+    leads = {s[0] for s in shapes if s}
+    if (treedef != self.treedef or any(len(s) == 0 for s in shapes) or len(leads) != 1
+        or tuple(s[1:] for s in shapes) != self.tails):
+      want = jax.tree_util.tree_unflatten(self.treedef, [("B",) + t for t in self.tails])
+      got = jax.tree_util.tree_unflatten(treedef, shapes)
+      raise ValueError(
+          f"batches: expected every batch to have shape {want} (any batch size B, one for "
+          f"all leaves), got {got}")
+    return leads.pop()
+
+
+def _is_resident(batch) -> bool:
+  leaves = jax.tree_util.tree_leaves(batch)
+  return bool(leaves) and all(isinstance(x, jax.Array) for x in leaves)
+
+
+def _replicated(batch):
+  """The replicated sharding over the mesh of a batch's first leaf, when it is a
+  ``NamedSharding`` over several devices; else None (the fold runs where the data is)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  s = jax.tree_util.tree_leaves(batch)[0].sharding
+  if isinstance(s, NamedSharding) and len(s.device_set) > 1:
+    return NamedSharding(s.mesh, P())
+  return None
+
+
+def _with_params(key_fn, has_params: bool):
+  """``key_fn`` as a function of (params, batch)."""
+  if has_params:
+    return key_fn
+  return lambda params, batch: key_fn(batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _make_group_fn(key_fn, dim, n_dev, has_params=False):
+  """Compiles the fold of a group of stacked host batches (G, B, ...) into a state.
+
+  The program takes ``(state, params, batches, valid)``: parameters are an argument, not
+  constants, so one program serves every parameter set of the same shapes.
+  """
+  keys_of = _with_params(key_fn, has_params)
+
+  def fold_group(state, params, batches, valid):
     def body(st, inp):
       batch, ok = inp
-      keys, w = _split_keys(key_fn(batch))
+      keys, w = _split_keys(keys_of(params, batch))
       if keys.shape[-1] != dim:
         raise ValueError(f"key_fn: expected keys of shape (..., {dim}), got {keys.shape}")
       okw = ok.astype(jnp.float32)
@@ -514,13 +588,13 @@ def _make_group_fn(key_fn, dim, n_dev):
 
   mesh = Mesh(np.asarray(jax.local_devices()[:n_dev]), ("data",))
 
-  def sharded(state, batches, valid):
+  def sharded(state, params, batches, valid):
     # Every device folds its share of each batch into an empty state with the common
     # shift, then the partial sums are reduced across devices with psum.
-    def per_device(st0, b, v):
+    def per_device(st0, prm, b, v):
       local = covariance_init(dim)._replace(shift=st0.shift, has_shift=st0.has_shift)
       local = jax.tree_util.tree_map(lambda x: lax.pcast(x, ("data",), to="varying"), local)
-      part = fold_group(local, b, v)
+      part = fold_group(local, prm, b, v)
       lo16 = lax.psum(part.count[0] & 0xFFFF, "data")
       hi16 = lax.psum(part.count[0] >> 16, "data")
       hi = lax.psum(part.count[1], "data")
@@ -534,20 +608,224 @@ def _make_group_fn(key_fn, dim, n_dev):
 
     rep = jax.tree_util.tree_map(lambda _: P(), state)
     fn = jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(rep, P(None, "data"), P(None, "data")),
+                       in_specs=(rep, P(), P(None, "data"), P(None, "data")),
                        out_specs=rep)
-    total = fn(state, batches, valid)
+    total = fn(state, params, batches, valid)
     return _merge(state._replace(has_shift=jnp.asarray(True)), total)
 
   in_sharding = NamedSharding(mesh, P(None, "data"))
   jitted = jax.jit(sharded)
 
-  def run(state, batches, valid):
+  def run(state, params, batches, valid):
     batches = jax.device_put(batches, in_sharding)
     valid = jax.device_put(valid, in_sharding)
-    return jitted(state, batches, valid)
+    return jitted(state, params, batches, valid)
 
   return run
+
+
+@functools.lru_cache(maxsize=64)
+def _make_resident_fn(key_fn, dim, out_sharding, has_params=False):
+  """Compiles the fold of a tuple of batches that stay where they are.
+
+  Arrays already on devices (one device, or a global ``jax.Array`` sharded over a mesh)
+  are folded in place: XLA partitions the program over the arrays' shardings, so each
+  device folds the rows it holds and only the (d, d) partial sums are reduced.
+  """
+
+  keys_of = _with_params(key_fn, has_params)
+
+  def fold(state, params, batches):
+    for batch in batches:
+      keys, w = _split_keys(keys_of(params, batch))
+      if keys.shape[-1] != dim:
+        raise ValueError(f"key_fn: expected keys of shape (..., {dim}), got {keys.shape}")
+      state = _fold(state, keys, w)
+    return state
+
+  if out_sharding is None:
+    return jax.jit(fold)
+  return jax.jit(fold, out_shardings=jax.tree_util.tree_map(
+      lambda _: out_sharding, covariance_init(dim)))
+
+
+def _host_value(x) -> np.ndarray:
+  """A host copy of a (replicated) array, also when it spans other processes' devices."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def _host_state(state: CovarianceState) -> CovarianceState:
+  return CovarianceState(*(_host_value(x) for x in state))
+
+
+def _place_state(state: CovarianceState, sharding) -> CovarianceState:
+  """``state`` as arrays with ``sharding`` (None: the default device)."""
+  if sharding is None:
+    return CovarianceState(*(jnp.asarray(x) for x in state))
+  return CovarianceState(*(
+      jax.make_array_from_callback(np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx])
+      for x in state))
+
+
+def _allgather(x):
+  """``x`` from every process, stacked on a new leading axis (jax.distributed)."""
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(x)
+
+
+def _merge_all(states) -> CovarianceState:
+  """Merges states in the given order (the same on every process: identical results)."""
+  out = states[0]
+  for s in states[1:]:
+    out = _merge_jit(out, s)
+  return out
+
+
+def _unstack(tree: dict, i: int) -> CovarianceState:
+  return CovarianceState(**{k: jnp.asarray(np.asarray(v)[i]) for k, v in tree.items()})
+
+
+class _Cache:
+  """Where a stream's state is saved and resumed: one directory written by process 0.
+
+  With several processes (``jax.distributed``) the directory holds every process's state
+  stacked on a leading axis and the batches each has consumed; every process resumes
+  from its own row.
+  """
+
+  def __init__(self, cache_dir, cache_key, n_proc: int):
+    self.n_proc = n_proc
+    self.path = None
+    if cache_dir is None and cache_key is None:
+      return
+    if (cache_dir is None) != (cache_key is None):
+      raise ValueError("cache_dir and cache_key: expected both or neither, got only one")
+    key = str(cache_key)
+    if n_proc > 1:
+      # One key for the whole run: the hash of every process's key, in process order.
+      digest = np.frombuffer(hashlib.sha256(key.encode()).digest(), np.uint8)
+      key = hashlib.sha256(np.asarray(_allgather(digest)).tobytes()).hexdigest()
+    self.path = os.path.join(os.fspath(cache_dir), key)
+
+  def load(self):
+    """``(states, batches consumed per process, complete)``, or None when nothing is saved."""
+    if self.path is None or not os.path.isdir(self.path):
+      return None
+    tree, meta = _io.load_tree(self.path)
+    procs = meta.get("processes")
+    if (procs or 1) != self.n_proc:
+      raise ValueError(
+          f"statistics cache {self.path}: expected the state of {self.n_proc} process(es), "
+          f"got one written by {procs or 1}")
+    if procs is None:
+      states = [CovarianceState(**{k: jnp.asarray(v) for k, v in tree.items()})]
+      consumed = [int(meta["batches"])]
+    else:
+      states = [_unstack(tree, i) for i in range(procs)]
+      consumed = [int(b) for b in meta["batches"]]
+    return states, consumed, bool(meta.get("complete"))
+
+  def save(self, states, consumed, complete: bool):
+    if jax.process_index() != 0:
+      return
+    meta = {"complete": complete, "dim": int(np.shape(states[0].shift)[-1])}
+    if self.n_proc == 1:
+      tree = _host_state(states[0])._asdict()
+      meta["batches"] = int(consumed[0])
+    else:
+      tree = {k: np.stack([np.asarray(getattr(s, k)) for s in states])
+              for k in CovarianceState._fields}
+      meta.update(batches=[int(c) for c in consumed], processes=self.n_proc)
+    _io.save_tree(self.path, tree, meta)
+
+
+class _Folder:
+  """Folds chunks of a stream into one state, the way the batches' kind requires."""
+
+  def __init__(self, key_fn, group: int, n_dev: int, params):
+    self.ident = key_fn is None
+    self.kfn = _identity if self.ident else key_fn
+    self.params = params
+    self.has_params = params is not None
+    self.keys_of = _with_params(self.kfn, self.has_params)
+    self.group, self.n_dev = group, n_dev
+    self.template = None
+    self.resident = False
+    self.sharding = None
+    self.dim = None
+    self.first_rows = None
+    self.keys_per_row = 0
+    self.shift_ready = False
+
+  def start(self, first, dim):
+    """Reads the stream's template, kind and key dimension from its first batch."""
+    self.template = _Template.of(first)
+    self.first_rows = self.template.rows(first)
+    self.resident = _is_resident(first)
+    if self.resident:
+      self.sharding = _replicated(first)
+    first_keys, _ = _split_keys(jax.eval_shape(self.keys_of, self.params, first))
+    d = int(first_keys.shape[-1])
+    if dim is not None and d != dim:
+      raise ValueError(f"keys: expected last dimension {dim}, got {d}")
+    self.dim = d
+    self.keys_per_row = int(np.prod(first_keys.shape[:-1])) // max(self.first_rows, 1)
+    return d
+
+  def _common_shift(self, state, first):
+    """Over several devices every device folds about one shift: unless the state has
+    one, the mean of the first batch's keys (one device sets it from its first batch)."""
+    self.shift_ready = True
+    if bool(state.has_shift):
+      return state
+    k0, w0 = _split_keys(jax.jit(self.keys_of)(self.params, first))
+    st0 = _fold_jit(covariance_init(self.dim), k0, w0)
+    return state._replace(shift=st0.shift, has_shift=jnp.asarray(True))
+
+  def place(self, state):
+    if self.resident and self.sharding is not None:
+      return _place_state(_host_state(state), self.sharding)
+    return state
+
+  def fold(self, state, chunk):
+    sizes = [self.template.rows(b) for b in chunk]
+    resident = self.resident and all(_is_resident(b) for b in chunk)
+    if resident and (self.sharding is not None or len(set(sizes)) == 1):
+      fn = _make_resident_fn(self.kfn, self.dim, self.sharding, self.has_params)
+      if len(set(sizes)) == 1:
+        return fn(state, self.params, tuple(chunk)), sum(sizes)
+      # Global arrays of several shapes: one program per distinct shape.
+      for b in chunk:
+        state = fn(state, self.params, (b,))
+      return state, sum(sizes)
+    n_dev = 1 if resident else self.n_dev
+    if n_dev > 1 and not self.shift_ready:
+      state = self._common_shift(state, chunk[0])
+    uniform = all(s == self.first_rows for s in sizes)
+    if self.ident and self.n_dev == 1 and uniform and len(chunk) == self.group:
+      # Raw keys of the stream's own batch size: folded as they are, without first being
+      # copied into a stacked array.
+      fn = _make_resident_fn(_identity, self.dim, None)
+      return fn(state, None, tuple(chunk)), sum(sizes)
+    # Stacked and scanned: a group of full batches keeps the first batch's size (rounded
+    # up to the devices); any other group is padded to a power of two with zero-weight
+    # rows, so a ragged stream compiles one program per power of two at most.
+    rows = self.first_rows if uniform else _padded_rows(max(sizes), n_dev)
+    rows = -(-rows // n_dev) * n_dev
+    n = len(chunk)
+    xp = jnp if resident else np
+    padded = [jax.tree_util.tree_map(lambda x: _pad_rows(x if resident else np.asarray(x), rows), b)
+              for b in chunk]
+    padded += [padded[-1]] * (self.group - n)
+    stacked = jax.tree_util.tree_map(lambda *xs: xp.stack(xs), *padded)
+    valid = np.zeros((self.group, rows), bool)
+    for i, s in enumerate(sizes):
+      valid[i, :s] = True
+    fn = _make_group_fn(self.kfn, self.dim, n_dev, self.has_params)
+    return fn(state, self.params, stacked, valid), sum(sizes)
 
 
 def stream_covariance(
@@ -562,31 +840,62 @@ def stream_covariance(
     cache_key: str | None = None,
     save_every: int = 1,
     devices: int | None = None,
+    across_processes: bool | None = None,
+    params: Any = None,
 ) -> CovarianceState:
   """Folds a stream of batches into a :class:`CovarianceState` inside compiled programs.
 
-  Batches are taken ``group`` at a time and folded by one compiled program per group:
-  raw key arrays are folded in place; with ``key_fn`` the group is stacked and scanned
-  with ``lax.scan`` (the last group is padded with zero-weight batches, so one program
-  serves the whole stream). With several local devices each batch's leading axis is split across them with
-  ``jax.shard_map`` and the partial sums are combined with ``psum`` (batches whose size
-  does not divide evenly are padded with zero-weight rows).
+  Batches are taken ``group`` at a time and folded by one compiled program per group.
+
+  - Host batches (numpy arrays, Python iterators, data loaders such as grain): raw key
+    arrays of the stream's batch size are folded in place; otherwise the group is stacked
+    and scanned with ``lax.scan`` (a short last group is padded with zero-weight batches).
+    Batches may differ in their leading (batch) size, e.g. the ragged last batch of a
+    data set: a group holding any batch of another size than the first batch is padded
+    to the next power of two with zero-weight rows, so a stream of sizes up to B compiles
+    at most ⌈log2 B⌉ + 2 programs. With several local devices each batch's leading axis is
+    split across them with ``jax.shard_map`` and the partial sums are combined with
+    ``psum``.
+  - ``jax.Array`` batches are folded where they live, without a copy to the host: on
+    their device, or, for a global array sharded over a mesh (any ``NamedSharding``), by
+    one program that XLA partitions over the mesh: each device folds its rows and only
+    the (d, d) partial sums are all-reduced (no gather of the inputs). The state comes
+    back replicated over that mesh. A group whose batches differ in shape is folded batch
+    by batch (one program per distinct shape).
+  - Several processes (``jax.distributed``): by default, when ``jax.process_count() > 1``
+    and the batches are process-local, every process folds its own part of the stream on
+    its local devices and all processes end with the same state, merged exactly (integer
+    counts, compensated weights) from every process's state in process order. Every
+    process must call this function; the processes move in step one group at a time, so
+    their streams may have any lengths. Global arrays that span several processes are
+    folded as one program instead (every process passes the same global batches).
 
   Args:
-    batches: iterable of arrays of equal shape; with ``key_fn``, any pytree of arrays
-      whose leaves share a leading batch axis.
+    batches: iterable of arrays (raw keys ``(B, ..., d)``) or, with ``key_fn``, of any
+      pytrees of arrays whose leaves share a leading batch axis. Every batch has the first
+      batch's structure and trailing shapes; its batch size B may vary.
     dim: key dimension d; inferred from the first batch when omitted.
     key_fn: optional pure function batch → keys (B, ..., d) or (keys, weights); it is
       traced inside the compiled program (e.g. a model run as far as a layer).
     group: batches per compiled fold.
     total: number of batches, for the progress bar (``len(batches)`` when available).
-    progress: show a progress bar on stderr.
+    progress: show a progress bar on stderr (on process 0, with the global counts).
     cache_dir, cache_key: when both are given, the state is saved atomically (orbax) under
       ``cache_dir/cache_key`` every ``save_every`` groups with the number of batches
       consumed, and a later call with the same key resumes from it, skipping those
       batches without computing their keys. A finished run is returned from the cache.
+      With several processes, process 0 writes one cache holding every process's state
+      (the directory name hashes all processes' keys) and every process resumes from it;
+      ``cache_dir`` must then be a folder that all processes can read.
     save_every: groups between checkpoints.
-    devices: number of local devices to use (default: all local devices).
+    devices: number of local devices to split host batches over (default: all local
+      devices). ``jax.Array`` batches run on the devices that hold them.
+    across_processes: merge the states of all processes (default: when
+      ``jax.process_count() > 1`` and the batches are process-local).
+    params: optional pytree of arrays passed to ``key_fn(params, batch)`` (then called
+      with two arguments). Parameters enter the compiled programs as arguments, not as
+      constants: programs are cached by ``key_fn`` and shapes, so a new parameter set of
+      the same shapes reuses them, and no program holds on to old parameters.
 
   Returns:
     The folded state; read C with :func:`second_moment`.
@@ -595,99 +904,126 @@ def stream_covariance(
     >>> import numpy as np, memedit
     >>> rng = np.random.default_rng(0)
     >>> data = [rng.normal(size=(64, 8)).astype("float32") for _ in range(5)]
+    >>> data.append(rng.normal(size=(7, 8)).astype("float32"))  # a ragged last batch
     >>> st = memedit.stream_covariance(data, progress=False)
     >>> memedit.key_count(st)
-    320
+    327
   """
-  if group < 1:
-    raise ValueError(f"group: expected a positive int, got {group}")
+  for name, value in (("group", group), ("save_every", save_every)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name}: expected a positive int, got {value!r}")
   if total is None and hasattr(batches, "__len__"):
     total = len(batches)
   n_avail = len(jax.local_devices())
   n_dev = n_avail if devices is None else int(devices)
   if not 1 <= n_dev <= n_avail:
     raise ValueError(f"devices: expected 1..{n_avail}, got {devices}")
-  ident = key_fn is None
-  kfn = _identity if ident else key_fn
-
-  cache_path = None
-  done = 0
-  state = None
-  if cache_dir is not None and cache_key is not None:
-    cache_path = os.path.join(os.fspath(cache_dir), str(cache_key))
-    if os.path.isdir(cache_path):
-      tree, meta = _io.load_tree(cache_path)
-      state = CovarianceState(**{k: jnp.asarray(v) for k, v in tree.items()})
-      done = int(meta["batches"])
-      if meta.get("complete"):
-        return state
-  elif (cache_dir is None) != (cache_key is None):
-    raise ValueError("cache_dir and cache_key: expected both or neither, got only one")
 
   it = iter(batches)
-  if done:
-    it = itertools.islice(it, done, None)
-  bar = _Progress(total, progress, "covariance")
-  group_fn = None
-  template = None
-  consumed = done
-  groups_since_save = 0
+  chunk = list(itertools.islice(it, group))
+  global_arrays = bool(chunk) and any(
+      isinstance(x, jax.Array) and not x.is_fully_addressable
+      for x in jax.tree_util.tree_leaves(chunk[0]))
+  n_proc = jax.process_count()
+  if across_processes is None:
+    across_processes = n_proc > 1 and not global_arrays
+  if across_processes and global_arrays:
+    raise ValueError("across_processes: expected False for global arrays that span several "
+                     "processes (they are folded as one program), got True")
+  n_run = n_proc if across_processes else 1
+  me = jax.process_index() if across_processes else 0
+  cache = _Cache(cache_dir, cache_key, n_run)
+  if params is not None and key_fn is None:
+    raise ValueError("params: expected a key_fn(params, batch) to pass them to, got none")
+  folder = _Folder(key_fn, group, n_dev, params)
+
+  saved = cache.load()
+  done = 0
+  state = None
+  if saved is not None:
+    states, consumed, complete = saved
+    if complete:
+      return _merge_all(states)
+    state, done = states[me], consumed[me]
+    if done:
+      # Skip what was folded before, without computing its keys.
+      rest = itertools.chain(chunk, it)
+      it = itertools.islice(rest, done, None)
+      chunk = list(itertools.islice(it, group))
+
+  if chunk:
+    d = folder.start(chunk[0], dim)
+  else:
+    d = dim if dim is not None else (state.dim if state is not None else -1)
+  if across_processes:
+    # Every process learns the key dimension (a process may have no batches at all) and
+    # the total for the progress bar.
+    info = np.asarray(_allgather(np.array([d, -1 if total is None else total], np.int64)))
+    dims = {int(x) for x in info[:, 0] if x >= 0}
+    if len(dims) != 1:
+      raise ValueError(f"keys: expected one key dimension on every process, got "
+                       f"{sorted(dims) or 'none (no process has a batch)'}")
+    d = dims.pop()
+    total = None if (info[:, 1] < 0).any() else int(info[:, 1].sum())
+    if not chunk:
+      folder.dim = d
+  elif not chunk and state is None:
+    raise ValueError("batches: expected at least one batch, got an empty stream")
+  if state is None:
+    state = folder.place(covariance_init(d))
+  elif state.dim != d:
+    raise ValueError(f"cached state: expected dimension {d}, got {state.dim}")
+  else:
+    state = folder.place(state)
+
+  bar = _Progress(total, progress and jax.process_index() == 0, "covariance")
+  consumed = [done] * n_run
+  consumed_all = sum(consumed) if saved is None else sum(saved[1])
+  keys_all = 0
+  groups = 0
+
+  def gather():
+    """Every process's state and position, in process order."""
+    if not across_processes:
+      return [state], [consumed[0]]
+    host = _host_state(state)
+    tree = _allgather({k: np.asarray(getattr(host, k)) for k in CovarianceState._fields})
+    positions = [int(c) for c in np.asarray(_allgather(np.int64(consumed[me])))]
+    return [_unstack(tree, i) for i in range(n_run)], positions
 
   def save(complete: bool):
-    _io.save_tree(cache_path, state._asdict(),
-                  {"batches": consumed, "complete": complete, "dim": int(state.dim)})
+    if cache.path is not None:
+      cache.save(*gather(), complete)
 
   while True:
-    chunk = list(itertools.islice(it, group))
-    if not chunk:
-      break
-    if template is None:
-      template = jax.tree_util.tree_map(np.shape, chunk[0])
-      first_keys, _ = _split_keys(jax.eval_shape(kfn, chunk[0]))
-      d = int(first_keys.shape[-1])
-      keys_per_batch = int(np.prod(first_keys.shape[:-1]))
-      if dim is not None and d != dim:
-        raise ValueError(f"keys: expected last dimension {dim}, got {d}")
-      dim = d
-      if state is None and n_dev > 1:
-        # A common shift for every device: the mean of the first batch's keys. (On one
-        # device the first fold sets it from the first batch.)
-        k0, w0 = _split_keys(jax.jit(kfn)(chunk[0]))
-        st0 = _fold_jit(covariance_init(dim), k0, w0)
-        state = covariance_init(dim, shift=st0.shift)
-      elif state is None:
-        state = covariance_init(dim)
-      elif state.dim != dim:
-        raise ValueError(f"cached state: expected dimension {dim}, got {state.dim}")
-      group_fn = _make_group_fn(kfn, dim, n_dev)
-    for b in chunk:
-      shape = jax.tree_util.tree_map(np.shape, b)
-      if shape != template:
-        raise ValueError(f"batches: expected every batch to have shape {template}, got {shape}")
     n = len(chunk)
-    if ident and n_dev == 1:
-      # Raw keys on one device: fold the group's arrays as they are, in one compiled
-      # program, without first copying them into a stacked array.
-      state = _fold_many_jit(state, tuple(chunk))
-    else:
-      stacked = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *chunk)
-      bsz = jax.tree_util.tree_leaves(stacked)[0].shape[1]
-      pad_b = (-bsz) % n_dev
-      if n < group or pad_b:
-        stacked = jax.tree_util.tree_map(
-            lambda x: np.pad(x, [(0, group - n), (0, pad_b)] + [(0, 0)] * (x.ndim - 2)), stacked)
-      valid = np.zeros((group, bsz + pad_b), bool)
-      valid[:n, :bsz] = True
-      state = group_fn(state, stacked, valid)
-    consumed += n
-    groups_since_save += 1
-    bar(consumed, (consumed - done) * keys_per_batch)
-    if cache_path is not None and groups_since_save >= save_every:
+    rows = 0
+    if chunk:
+      if folder.template is None:
+        folder.start(chunk[0], d)
+      state, rows = folder.fold(state, chunk)
+    consumed[me] += n
+    step = np.array([n, rows * folder.keys_per_row], np.int64)
+    if across_processes:
+      step = np.asarray(_allgather(step)).sum(axis=0)
+      if step[0] == 0:
+        break
+    elif n == 0:
+      break
+    consumed_all += int(step[0])
+    keys_all += int(step[1])
+    groups += 1
+    bar(consumed_all, keys_all)
+    if groups % save_every == 0:
       save(False)
-      groups_since_save = 0
-  if state is None:
-    raise ValueError("batches: expected at least one batch, got an empty stream")
-  bar(consumed, (consumed - done) * keys_per_batch, final=True)
-  if cache_path is not None:
-    save(True)
+    chunk = list(itertools.islice(it, group))
+  bar(consumed_all, keys_all, final=True)
+  states, positions = gather()
+  if cache.path is not None:
+    cache.save(states, positions, True)
+  if across_processes:
+    return _merge_all(states)
+  if global_arrays:
+    # Spanning other processes' devices: every process gets its own (equal) copy.
+    return _place_state(_host_state(state), None)
   return state

@@ -492,10 +492,27 @@ def erase_target(gen: Generator, layer: str, imgnum: int, mask: Any, units: Sequ
 # Statistics and context.
 
 
+@functools.lru_cache(maxsize=16)
+def _layer_keys(module, call_kwargs, path):
+  """``keys_of(variables, z)``: the layer's keys; one function per generator structure and
+  layer, so compiled programs taking the variables as an argument are shared by every
+  parameter set of the generator."""
+  fn = _forward_fn(module, call_kwargs, path, False)
+  return lambda variables, z: fn(variables, z, None, None).keys
+
+
+def _keys_of(gen: Generator, layer: str):
+  key = (gen.module, gen.call_kwargs, gen.layer_path(layer))
+  try:
+    hash(key)
+  except TypeError:  # a module with array attributes: not shared
+    return _layer_keys.__wrapped__(*key)
+  return _layer_keys(*key)
+
+
 def _keys_fn(gen: Generator, layer: str):
-  fn = _forward_fn(gen.module, gen.call_kwargs, gen.layer_path(layer), False)
-  variables = gen.variables
-  return lambda z: fn(variables, z, None, None).keys
+  keys_of = _keys_of(gen, layer)
+  return lambda z: keys_of(gen.variables, z)
 
 
 def statistics_cache_key(gen: Generator, layer: str, num_samples: int, batch_size: int
@@ -513,6 +530,11 @@ def collect_statistics(gen: Generator, layer: str, num_samples: int = 1000, *,
                        group: int = 4) -> CovarianceState:
   """Streams images 0..num_samples-1 through the generator and folds the layer's keys.
 
+  The last batch holds the remainder when ``batch_size`` does not divide
+  ``num_samples`` (it is folded exactly, padded with zero-weight rows). Under
+  ``jax.distributed`` each process runs every ``jax.process_count()``-th batch and all
+  processes end with the statistics of all ``num_samples`` images.
+
   With ``cache_dir`` the state is cached under a content-hash key and saved after every
   group of batches: an interrupted run resumes from its last save without recomputing
   those batches, and a finished one is read back.
@@ -520,17 +542,18 @@ def collect_statistics(gen: Generator, layer: str, num_samples: int = 1000, *,
   Returns:
     The :class:`memedit.CovarianceState`; C = ``memedit.second_moment(state)``.
   """
-  if num_samples < 1 or batch_size < 1:
-    raise ValueError(f"num_samples, batch_size: expected positive ints, got {num_samples}, "
-                     f"{batch_size}")
-  num_samples = int(math.ceil(num_samples / batch_size) * batch_size)
-  z = gen.latents(num_samples)
-  batches = [z[i:i + batch_size] for i in range(0, num_samples, batch_size)]
+  for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name}: expected a positive int, got {value!r}")
+  z = gen.latents(int(num_samples))
+  batches = [z[i:i + batch_size] for i in range(0, int(num_samples), batch_size)]
+  batches = batches[jax.process_index()::jax.process_count()]
   key = None
   if cache_dir is not None:
     key = statistics_cache_key(gen, layer, num_samples, batch_size)
-  return stream_covariance(batches, key_fn=_keys_fn(gen, layer), group=group,
-                           progress=progress, cache_dir=cache_dir, cache_key=key, devices=1)
+  return stream_covariance(batches, key_fn=_keys_of(gen, layer), params=gen.variables,
+                           group=group, progress=progress, cache_dir=cache_dir,
+                           cache_key=key, devices=1)
 
 
 def context_keys(gen: Generator, layer: str, examples: Sequence[tuple[int, Any]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -25,7 +26,7 @@ def _as_args(batch) -> tuple:
 
 
 def layer_key_fn(model, view: "_mem.MemoryView", *, masked: bool = False,
-                 method: str | None = None, dtype=jnp.float32):
+                 method: str | None = None, dtype=jnp.float32, call_kwargs=None):
   """``key_fn(batch) -> keys`` or ``(keys, weights)`` for ``stream_covariance``.
 
   The model runs only as far as it must: the function returns the layer's keys alone, so
@@ -39,6 +40,8 @@ def layer_key_fn(model, view: "_mem.MemoryView", *, masked: bool = False,
       differs from the layer's).
     method: model method to run.
     dtype: dtype of the keys.
+    call_kwargs: keyword arguments of every model call kept out of the batches, e.g.
+      static flags ``{"train": False}``.
 
   Returns:
     A pure function of one batch; keys come out ``(B, *stack, *positions, key_dim)``
@@ -55,20 +58,58 @@ def layer_key_fn(model, view: "_mem.MemoryView", *, masked: bool = False,
     [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
   """
   m = _mem._as_model(model)
-  fn = _cap.forward_to_layer(m, view, method=method, dtype=dtype, batch_first=True)
+  keys_of = _LayerKeys(m, view, masked=masked, method=method, dtype=dtype,
+                       call_kwargs=call_kwargs)
   params = m.params
+  return lambda batch: keys_of(params, batch)
 
-  def key_fn(batch):
-    if masked:
-      inputs, mask = batch
-    else:
-      inputs, mask = batch, None
-    keys = fn(params, *_as_args(inputs))
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+class _LayerKeys:
+  """``keys_of(params, batch)``: one layer's keys (and mask weights) from model inputs.
+
+  Equal, with equal hashes, for equal model structures, views and settings: the compiled
+  statistics programs of ``stream_covariance(key_fn=keys_of, params=...)`` are shared by
+  every parameter set of a model, whose parameters are their argument, never constants.
+  It holds no arrays (the view's own copy of the layer is kept as shapes only), so a
+  cached program keeps no parameters alive. A layer kind's ``keys``/``patches`` functions
+  read the layer's configuration, not its parameters.
+  """
+
+  def __init__(self, m, view, *, masked, method, dtype, call_kwargs):
+    layer_def, layer_state = view._layer
+    self.view = dataclasses.replace(view, _layer=(layer_def, _abstract(layer_state)))
+    self.model = _mem._Model(m.framework, m.definition, None, m.form)
+    self.masked = masked
+    self.kwargs = dict(call_kwargs or {})
+    self.fn = _cap.forward_to_layer(self.model, self.view, method=method, dtype=dtype,
+                                    batch_first=True)
+    v = self.view
+    key = (m.framework, m.definition, m.form, v.address, v.weight_path, v.layer_type, v.kind,
+           v.in_ndim, v.patch, v.kernel_shape, v.key_dim, v.value_dim, v.key_axes, v.stacked,
+           v.input_ndim, v.groups, v._spec, masked, method, str(jnp.dtype(dtype)),
+           tuple(sorted(self.kwargs.items())))
+    try:
+      self.hash = hash(key)
+      self.key = key
+    except TypeError:  # e.g. an array-valued module attribute: compare by identity
+      self.hash, self.key = id(self), (id(self),)
+
+  def __hash__(self):
+    return self.hash
+
+  def __eq__(self, other):
+    return isinstance(other, _LayerKeys) and self.key == other.key
+
+  def __call__(self, params, batch):
+    inputs, mask = batch if self.masked else (batch, None)
+    keys = self.fn(params, *_as_args(inputs), **self.kwargs)
     if mask is None:
       return keys
-    return keys, _mask_weights(mask, keys, view)
-
-  return key_fn
+    return keys, _mask_weights(mask, keys, self.view)
 
 
 def _mask_weights(mask, keys, view):
@@ -135,11 +176,14 @@ def layer_cache_key(model, view: "_mem.MemoryView", spec: Any, dtype=jnp.float32
 def layer_covariance(model, address, inputs: Iterable[Any], *, patch: bool = False,
                      masked: bool = False, method: str | None = None, dtype=jnp.float32,
                      spec: Any = None, cache_dir=None, group: int = 8, devices: int | None = None,
-                     progress: bool = False) -> CovarianceState:
+                     progress: bool = False, call_kwargs=None) -> CovarianceState:
   """Streams model inputs through the model and folds the layer's keys into C = E[k kᵀ].
 
   One compiled program folds ``group`` batches (``lax.scan`` inside
-  :func:`memedit.stream_covariance`), over several local devices when asked.
+  :func:`memedit.stream_covariance`), over several local devices when asked. As there,
+batches may differ in batch size (a ragged last batch is folded exactly), ``jax.Array``
+inputs sharded over a mesh are folded where they live, and under ``jax.distributed``
+each process passes its own part of the data and every process ends with the same C.
 
   Args:
     model: ``nnx.Module`` (untouched), NNX ``(graphdef, state)`` or Linen
@@ -158,6 +202,8 @@ def layer_covariance(model, address, inputs: Iterable[Any], *, patch: bool = Fal
     group: batches per compiled fold.
     devices: local devices to split each batch over.
     progress: progress bar on stderr.
+    call_kwargs: keyword arguments of every model call, e.g. static flags
+      ``{"deterministic": True}`` (part of the cache key).
 
   Returns:
     The :class:`memedit.CovarianceState`; ``memedit.second_moment(state)`` is C.
@@ -190,8 +236,10 @@ def layer_covariance(model, address, inputs: Iterable[Any], *, patch: bool = Fal
     view = address
   else:
     example = first[0] if masked else first
-    view = _mem.memory_view(m, address, *_as_args(example), patch=patch, method=method)
-  key_fn = layer_key_fn(m, view, masked=masked, method=method, dtype=dtype)
+    view = _mem.memory_view(m, address, *_as_args(example), patch=patch, method=method,
+                            **(call_kwargs or {}))
+  keys_of = _LayerKeys(m, view, masked=masked, method=method, dtype=dtype,
+                       call_kwargs=call_kwargs)
   cache_key = None
   if cache_dir is not None:
     if spec is None:
@@ -200,8 +248,10 @@ def layer_covariance(model, address, inputs: Iterable[Any], *, patch: bool = Fal
       else:
         raise ValueError("spec: expected a description of the input stream (needed to cache "
                          "statistics of an iterator), got None")
-    cache_key = layer_cache_key(m, view, {"spec": spec, "masked": masked}, dtype, method)
+    cache_key = layer_cache_key(m, view, {"spec": spec, "masked": masked, **(
+        {"call_kwargs": repr(sorted(call_kwargs.items()))} if call_kwargs else {})}, dtype,
+                                method)
   total = len(stream) if hasattr(stream, "__len__") else None
-  return stream_covariance(stream, view.key_dim, key_fn=key_fn, group=group, total=total,
-                           progress=progress, cache_dir=cache_dir, cache_key=cache_key,
-                           devices=devices)
+  return stream_covariance(stream, view.key_dim, key_fn=keys_of, params=m.params, group=group,
+                           total=total, progress=progress, cache_dir=cache_dir,
+                           cache_key=cache_key, devices=devices)

@@ -206,8 +206,10 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match="keys: expected last dimension 3, got 4"):
     memedit.stream_covariance([np.ones((2, 4), np.float32)], dim=3, progress=False)
   with pytest.raises(ValueError, match="expected every batch to have shape"):
-    memedit.stream_covariance([np.ones((2, 4), np.float32), np.ones((3, 4), np.float32)],
+    memedit.stream_covariance([np.ones((2, 4), np.float32), np.ones((2, 3), np.float32)],
                               progress=False)
+  with pytest.raises(ValueError, match="group: expected a positive int, got 0"):
+    memedit.stream_covariance([np.ones((2, 4), np.float32)], group=0, progress=False)
   with pytest.raises(ValueError, match="empty stream"):
     memedit.stream_covariance([], progress=False)
 

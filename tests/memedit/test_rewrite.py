@@ -218,6 +218,20 @@ def test_dcgan_spec_edit_apply_revert_query_and_metrics(dcgan):
                         np.asarray(gen.variables["batch_stats"]["bn0"]["mean"]))
 
 
+def test_dcgan_statistics_with_a_ragged_last_batch_match_float64(dcgan):
+  # 13 images in batches of 5: the last batch holds 3 and is folded exactly.
+  gen, _ = dcgan
+  state = rw.collect_statistics(gen, "convt2", 13, batch_size=5, progress=False)
+  keys = rw.run_layer(gen, "convt2", gen.latents(13)).keys.astype(np.float64)
+  keys = keys.reshape(-1, keys.shape[-1])
+  assert memedit.key_count(state) == len(keys) == 13 * 8 * 8
+  ref = keys.T @ keys / len(keys)
+  C = np.asarray(memedit.second_moment(state), np.float64)
+  assert np.linalg.norm(C - ref) <= 1e-6 * np.linalg.norm(ref)
+  with pytest.raises(ValueError, match="batch_size: expected a positive int, got 0"):
+    rw.collect_statistics(gen, "convt2", 13, batch_size=0, progress=False)
+
+
 def test_dcgan_keys_orthogonal_to_d_keep_the_layer_output(dcgan):
   gen, C = dcgan
   res = rw.edit_from_spec(gen, _spec(), C).result

@@ -1,0 +1,321 @@
+"""Statistics from real pipelines: ragged batches, data loaders, sharded global arrays and
+several processes, each against a float64 numpy reference."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import memedit
+from memedit import covariance as cov_mod
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _c64(keys, weights=None):
+  k = np.asarray(keys, np.float64).reshape(-1, np.shape(keys)[-1])
+  w = np.ones(len(k)) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+  return (k * w[:, None]).T @ k / w.sum()
+
+
+class _Compilations:
+  """Counts XLA compilations while active."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __enter__(self):
+    self.count = 0
+    self.active = True
+
+    def listener(event, duration, **kwargs):
+      if self.active and event == self.EVENT:
+        self.count += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return self
+
+  def __exit__(self, *exc):
+    self.active = False
+
+
+def test_ragged_stream_compiles_one_program_per_power_of_two_and_matches_float64():
+  # 1,000 batches of sizes drawn from 1..512 (raw keys, mean far from zero).
+  rng = np.random.default_rng(3)
+  sizes = rng.integers(1, 513, 1000)
+  sizes[:3] = (1, 512, 2)  # the extremes, early
+  mean = 6.0 * rng.standard_normal(4).astype(np.float32)
+  batches = [rng.standard_normal((int(s), 4), dtype=np.float32) + mean for s in sizes]
+  memedit.covariance_init(4)  # the empty state's own small programs, compiled up front
+  cov_mod._make_group_fn.cache_clear()
+  with _Compilations() as comp:
+    st = memedit.stream_covariance(batches, group=4, progress=False)
+  assert comp.count <= 10  # ⌈log2 512⌉ + 1
+  assert memedit.key_count(st) == int(sizes.sum())
+  keys = np.concatenate(batches)
+  assert _rel(memedit.second_moment(st), _c64(keys)) <= 1e-6
+  # The shift is the first batch's mean, here one key ~1σ off the true mean: Σ (~1) is
+  # then read from float32 sums of ~|μ|² = 36 accumulated over 1,000 folds.
+  cov64 = np.cov(keys.T.astype(np.float64), bias=True)
+  assert _rel(memedit.centered_covariance(st), cov64) <= 1e-5
+
+
+def test_ragged_pytree_batches_with_key_fn_and_weights_match_float64():
+  # Batches (x, w) of sizes 9, 9, 9, 4, 1: a uniform stream with a ragged end, through a
+  # key function that returns weighted keys; the last group is short and ragged.
+  rng = np.random.default_rng(4)
+  proj = rng.standard_normal((5, 3)).astype(np.float32)
+  sizes = [9, 9, 9, 4, 1]
+  xs = [rng.standard_normal((s, 2, 5)).astype(np.float32) for s in sizes]
+  ws = [rng.uniform(0.1, 2.0, (s, 2)).astype(np.float32) for s in sizes]
+  st = memedit.stream_covariance(
+      iter(list(zip(xs, ws))), key_fn=lambda b: (jnp.tanh(b[0] @ proj), b[1]), group=2,
+      progress=False)
+  keys = np.tanh(np.concatenate(xs).astype(np.float64) @ proj)
+  w = np.concatenate(ws)
+  assert memedit.key_count(st) == 2 * sum(sizes)
+  assert abs(float(memedit.total_weight(st)) - w.sum(dtype=np.float64)) <= 1e-4
+  assert _rel(memedit.second_moment(st), _c64(keys, w)) <= 1e-6
+  # Batches that differ in anything but their batch size are refused, naming both shapes.
+  with pytest.raises(ValueError, match=r"expected every batch to have shape \('B', 4\).*"
+                                       r"got \(3, 5\)"):
+    memedit.stream_covariance([np.ones((2, 4), np.float32), np.ones((3, 5), np.float32)],
+                              progress=False)
+
+
+def _mlp_keys(params, x):
+  return jnp.tanh(x @ params["w1"]) @ params["w2"]
+
+
+def test_parameters_are_program_arguments_not_constants():
+  rng = np.random.default_rng(6)
+  batches = [rng.standard_normal((32, 16)).astype(np.float32) for _ in range(5)]
+  x = np.concatenate(batches).astype(np.float64)
+
+  def params(hidden, seed):
+    r = np.random.default_rng(seed)
+    return {"w1": r.standard_normal((16, hidden)).astype(np.float32) / 4,
+            "w2": r.standard_normal((hidden, 8)).astype(np.float32) / 4}
+
+  cov_mod._make_group_fn.cache_clear()
+  states = []
+  for seed in (1, 2):  # two parameter sets of one model: the second compiles nothing
+    p = params(32, seed)
+    with _Compilations() as comp:
+      states.append(memedit.stream_covariance(batches, key_fn=_mlp_keys, params=p, group=4,
+                                              progress=False))
+    if seed == 2:
+      assert comp.count == 0
+    keys = np.tanh(x @ p["w1"].astype(np.float64)) @ p["w2"].astype(np.float64)
+    assert _rel(memedit.second_moment(states[-1]), _c64(keys)) <= 1e-6
+  # The compiled program's text does not grow with the parameters (no baked constants).
+  fold = cov_mod._make_group_fn(_mlp_keys, 8, 1, True)
+  stacked = np.stack(batches[:4])
+  valid = np.ones((4, 32), bool)
+  sizes = [len(fold.lower(memedit.covariance_init(8), params(h, 0), stacked, valid).as_text())
+           for h in (4, 4096)]
+  assert sizes[1] <= 1.05 * sizes[0], sizes
+  with pytest.raises(ValueError, match="params: expected a key_fn"):
+    memedit.stream_covariance(batches, params=params(4, 0), progress=False)
+
+
+def test_device_resident_ragged_batches_fold_on_their_device():
+  rng = np.random.default_rng(5)
+  batches = [jnp.asarray(rng.standard_normal((s, 3), dtype=np.float32)) for s in (8, 8, 5, 8, 3)]
+  st = memedit.stream_covariance(batches, group=2, progress=False)
+  assert memedit.key_count(st) == 32
+  assert _rel(memedit.second_moment(st), _c64(np.concatenate(batches))) <= 1e-6
+
+
+def test_layer_covariance_on_a_ragged_grain_pipeline():
+  import grain  # a test dependency (pyproject's test extra)
+
+  model = nnx.Sequential(nnx.Linear(6, 5, rngs=nnx.Rngs(0)), nnx.gelu,
+                         nnx.Linear(5, 4, rngs=nnx.Rngs(1)))
+
+  def example(i):
+    return np.random.default_rng(int(i)).standard_normal(6).astype(np.float32) + 2.0
+
+  # 100 examples in batches of 16: six full batches and a ragged last one of 4.
+  dataset = grain.MapDataset.range(100).map(example).batch(16, drop_remainder=False)
+  st = memedit.layer_covariance(model, ("layers", 2), iter(dataset), group=4)
+  x = np.stack([example(i) for i in range(100)])
+  keys = jax.nn.gelu(model.layers[0](jnp.asarray(x)))
+  assert memedit.key_count(st) == 100
+  assert _rel(memedit.second_moment(st), _c64(keys)) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------
+# Global arrays sharded over a 4-device mesh, in a process of its own.
+
+SHARDED = textwrap.dedent("""
+    import json
+    import numpy as np, jax, jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from flax import nnx
+    import memedit
+    assert len(jax.devices()) == 4
+    rng = np.random.default_rng(9)
+    mean = 5 * rng.standard_normal(16).astype(np.float32)
+    host = [rng.standard_normal((64, 16), dtype=np.float32) + mean for _ in range(6)]
+    out = {}
+    # A 1-D mesh, batch axis split four ways; and a 2x2 mesh split over both axes.
+    for name, mesh, spec in (
+        ("data4", Mesh(np.array(jax.devices()), ("data",)), P("data")),
+        ("grid", Mesh(np.array(jax.devices()).reshape(2, 2), ("a", "b")), P(("a", "b")))):
+      sharding = NamedSharding(mesh, spec)
+      batches = [jax.device_put(x, sharding) for x in host]
+      st = memedit.stream_covariance(batches, group=4, progress=False)
+      model = nnx.Sequential(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), nnx.tanh,
+                             nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+      lst = memedit.layer_covariance(model, ("layers", 2), batches, group=3)
+      keys = np.tanh(np.concatenate(host).astype(np.float64)
+                     @ np.asarray(model.layers[0].kernel[...], np.float64)
+                     + np.asarray(model.layers[0].bias[...], np.float64))
+      x64 = np.concatenate(host).astype(np.float64)
+      rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+      out[name] = dict(
+          n=memedit.key_count(st), rel=rel(memedit.second_moment(st), x64.T @ x64 / len(x64)),
+          layer_n=memedit.key_count(lst),
+          layer_rel=rel(memedit.second_moment(lst), keys.T @ keys / len(keys)),
+          replicated=bool(st.sum_sq.sharding.is_fully_replicated),
+          devices=len(st.sum_sq.sharding.device_set))
+    print(json.dumps(out))
+""")
+
+
+def test_global_sharded_arrays_fold_where_they_live(tmp_path):
+  dump = tmp_path / "hlo"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=4 --xla_dump_to={dump}")
+  proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
+                        env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for r in out.values():
+    assert r["n"] == r["layer_n"] == 6 * 64
+    assert r["rel"] <= 1e-6 and r["layer_rel"] <= 1e-6
+    assert r["replicated"] and r["devices"] == 4
+  # The compiled folds reduce (d, d) partial sums across devices; no input is gathered.
+  folds = glob.glob(str(dump / "*jit_fold*after_optimizations.txt"))
+  assert len(folds) >= 4
+  for path in folds:
+    text = open(path).read()
+    assert "all-reduce" in text, path
+    assert "all-gather" not in text and "all-to-all" not in text, path
+
+
+# ----------------------------------------------------------------------------------------
+# Two processes (jax.distributed on 127.0.0.1, gloo collectives, two CPU devices each).
+
+SHARDS = textwrap.dedent("""
+    import numpy as np
+
+    def shard(p):
+      # Process p's part of the stream: (x, w) batches of 24 rows with a ragged end.
+      rng = np.random.default_rng(100 + p)
+      sizes = [[24] * 7 + [11], [24] * 4 + [7, 2]][p]
+      mean = np.linspace(-8.0, 8.0, 6).astype(np.float32)
+      return [(rng.standard_normal((s, 6), dtype=np.float32) + mean,
+               rng.uniform(0.25, 2.0, s).astype(np.float32)) for s in sizes]
+
+    PROJ = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+""")
+
+WORKER = SHARDS + textwrap.dedent("""
+    import json, os, signal, sys
+    pid, port, cache, kill_at, poison = (int(sys.argv[1]), sys.argv[2], sys.argv[3],
+                                         int(sys.argv[4]), int(sys.argv[5]))
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2,
+                               process_id=pid)
+    import jax.numpy as jnp
+    import memedit
+
+    def stream():
+      for i, (x, w) in enumerate(shard(pid)):
+        if i == kill_at:
+          os.kill(os.getpid(), signal.SIGKILL)
+        # A resumed run must skip the batches saved before without folding them.
+        yield (np.full_like(x, np.nan), w) if i < poison else (x, w)
+
+    st = memedit.stream_covariance(stream(), key_fn=lambda b: (b[0] @ PROJ, b[1]), group=2,
+                                   progress=pid == 0, cache_dir=cache, cache_key="shards")
+    print(json.dumps(dict(
+        pid=pid, count=memedit.key_count(st), weight=float(memedit.total_weight(st)),
+        C=np.asarray(memedit.second_moment(st)).tolist(), devices=jax.local_device_count())))
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_pair(script, cache, kill_at, poison):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, str(script), str(p), port, str(cache),
+                             str(kill_at[p]), str(poison)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for p in (0, 1)]
+  try:
+    procs[0].wait(timeout=240)
+    if procs[0].returncode != 0:  # killed: its partner would wait for it at the next step
+      procs[1].kill()
+    procs[1].wait(timeout=240)
+    return [(p.returncode,) + p.communicate() for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def test_two_processes_fold_their_shards_exactly_and_resume_after_a_kill(tmp_path):
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  cache = tmp_path / "cache"
+  # First run: process 0 is killed while reading its 7th batch (after three saved groups).
+  first = _run_pair(script, cache, kill_at=(6, -1), poison=0)
+  assert first[0][0] == -signal.SIGKILL, first[0][2][-3000:]
+  (saved,) = [d for d in os.listdir(cache) if not d.startswith(".")]
+  meta = json.loads(open(os.path.join(cache, saved, "meta.json")).read())
+  assert meta["processes"] == 2 and meta["batches"] == [6, 6] and not meta["complete"]
+  # Restarted with the first six batches of each shard replaced by NaN: they are skipped.
+  second = _run_pair(script, cache, kill_at=(-1, -1), poison=6)
+  results = []
+  for rc, out, err in second:
+    assert rc == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  # The progress bar counts both processes' batches, on process 0 only.
+  assert "covariance 14 batches" in second[0][2] and "covariance" not in second[1][2]
+
+  ns = {}
+  exec(SHARDS, ns)
+  batches = ns["shard"](0) + ns["shard"](1)
+  keys = np.concatenate([x for x, _ in batches]).astype(np.float64) @ ns["PROJ"].astype(np.float64)
+  w = np.concatenate([w for _, w in batches]).astype(np.float64)
+  ref = _c64(keys, w)
+  for r in results:
+    assert r["devices"] == 2
+    assert r["count"] == len(keys)
+    assert abs(r["weight"] - w.sum()) <= 1e-6 * w.sum()
+    assert _rel(r["C"], ref) <= 1e-6
+  assert results[0]["C"] == results[1]["C"]  # bit-identical on both processes
