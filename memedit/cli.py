@@ -2,16 +2,105 @@
 
 Each subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its
 arguments and ``_run_<name>(args) -> int`` carries it out; :func:`build_parser` lists the
-``_add_*`` functions. Errors in the user's input (a bad file, a wrong format) print one
-line on stderr and give exit status 1.
+``_add_*`` functions. Errors in the user's input (a bad file, a wrong format, a number out
+of range, an output that cannot be written) print one line on stderr and give exit
+status 1 (2 for arguments the parser itself refuses); inputs and outputs are checked
+before any long work starts.
+
+Limits keep a mistyped number from running without bound; each option's help states
+its range: latents for statistics (--samples) at most :data:`MAX_SAMPLES`, solver steps
+at most :data:`memedit.specs.MAX_STEPS`, image numbers below
+:data:`memedit.specs.MAX_IMAGES`, at most :data:`MAX_PAIRS` pairs in one PNG and
+:data:`MAX_EVALUATED` held-out images (fewer above 256 px: the limit shrinks with the
+square of the resolution).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
+from memedit.specs import MAX_IMAGES, MAX_STEPS
+
 FORMATS = ("auto", "rosinality", "nvidia", "dcgan")
+MAX_SAMPLES = 100_000
+MAX_BATCH = 4096
+MAX_PAIRS = 64
+MAX_COLUMNS = 64
+MAX_EVALUATED = 4096
+
+
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose errors are one line: ``memedit stats: error: ...``."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _in_range(flag: str, value, lo: int, hi: int):
+  """Checks an integer option against its range (inclusive); returns it."""
+  if value is not None and not lo <= value <= hi:
+    raise ValueError(f"{flag}: expected an integer in [{lo}, {hi}], got {value}")
+  return value
+
+
+def _image_limit(limit: int, resolution: int) -> int:
+  """``limit`` images at up to 256 px, shrinking with the square of the resolution above."""
+  return max(1, limit * 256 ** 2 // max(int(resolution), 256) ** 2)
+
+
+def _check_output_location(path: str, flag: str, *, folder: bool) -> str:
+  """Checks, before any work, that ``path`` can be written: a file output is not an
+  existing folder, and the nearest existing folder above it is a folder one may write
+  in. Returns the absolute path."""
+  dst = os.path.abspath(path)
+  if not folder and os.path.isdir(dst):
+    raise ValueError(f"{flag}: expected a file to write, got the folder {path!r}")
+  parent = os.path.dirname(dst)
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{flag}: expected a path inside folders, got {path!r}, whose parent "
+                     f"{parent!r} is a file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag}: expected a place you may write to, got {path!r}: the folder "
+                     f"{parent!r} is not writable")
+  return dst
+
+
+def _check_input_file(path: str, flag: str) -> None:
+  """Checks, before any work, that ``path`` is a file one may read."""
+  if not os.path.exists(path):
+    raise ValueError(f"{flag}: expected a file, got {path!r}, which does not exist")
+  if os.path.isdir(path):
+    raise ValueError(f"{flag}: expected a file, got the folder {path!r}")
+  if not os.access(path, os.R_OK):
+    raise ValueError(f"{flag}: expected a file you may read, got {path!r}: permission denied")
+
+
+def _check_finite_edit(edit, where: str) -> None:
+  """Refuses an edit whose Λ or D holds NaN or infinite values."""
+  import numpy as np
+
+  for name, a in (("Λ", edit.lam), ("D", edit.directions)):
+    a = np.asarray(a)
+    bad = a.size - int(np.isfinite(a).sum())
+    if bad:
+      raise ValueError(f"{where}: expected an edit with finite values, got {bad} NaN or "
+                       f"infinite of the {a.size} values of {name}")
+
+
+def _check_finite_images(images, where: str) -> None:
+  """Refuses images with NaN or infinite pixel values (they would draw as black)."""
+  import numpy as np
+
+  a = np.asarray(images)
+  bad = a.size - int(np.isfinite(a).sum())
+  if bad:
+    raise ValueError(f"{where}: expected finite images, got {bad} NaN or infinite of "
+                     f"{a.size} pixel values; nothing was written")
 
 _CONVERT_HELP = """\
 Convert a PyTorch generator checkpoint into a Flax checkpoint directory (an orbax
@@ -55,6 +144,8 @@ def _run_convert(args: argparse.Namespace) -> int:
   import ports
   from memedit import _io
 
+  _check_input_file(args.src, "SRC")
+  _check_output_location(args.out, "OUT", folder=True)
   _io.check_output(args.out, "converted", force=args.force, protect=(args.src,))
   fmt = args.format
   if fmt == "auto":
@@ -83,28 +174,30 @@ DEMO_WEIGHTS_SHA256 = "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fc
 DEMO_REQUIREMENT = "gan-face-generate==1.1.1"
 
 
-def _imgnums(text: str) -> list[int]:
-  """'100-115' or '3,7,9' or '100-103,200' -> image numbers."""
-  out: list[int] = []
+def _imgnums(text: str, limit: int, flag: str = "--images") -> list[int]:
+  """'100-115' or '3,7,9' or '100-103,200' -> image numbers, each below
+  :data:`MAX_IMAGES` and at most ``limit`` of them (checked before any list is built)."""
+  ranges: list[tuple[int, int]] = []
   for part in str(text).split(","):
     part = part.strip()
     if not part:
       continue
     try:
-      if "-" in part:
-        a, b = part.split("-", 1)
-        lo, hi = int(a), int(b)
-        if hi < lo:
-          raise ValueError
-        out.extend(range(lo, hi + 1))
-      else:
-        out.append(int(part))
+      a, b = part.split("-", 1) if "-" in part[1:] else (part, part)
+      lo, hi = int(a), int(b)
     except ValueError:
-      raise ValueError(f"images: expected numbers or ranges like '100-115,200', got {text!r}"
-                       ) from None
-  if not out or min(out) < 0:
-    raise ValueError(f"images: expected non-negative image numbers, got {text!r}")
-  return out
+      raise ValueError(f"{flag}: expected numbers or ranges like '100-115,200', got "
+                       f"{text!r}") from None
+    if not 0 <= lo <= hi < MAX_IMAGES:
+      raise ValueError(f"{flag}: expected image numbers in [0, {MAX_IMAGES}) and ranges "
+                       f"from low to high, got {part!r}")
+    ranges.append((lo, hi))
+  count = sum(hi - lo + 1 for lo, hi in ranges)
+  if not count:
+    raise ValueError(f"{flag}: expected image numbers, got {text!r}")
+  if count > limit:
+    raise ValueError(f"{flag}: expected at most {limit} images, got {count} in {text!r}")
+  return [n for lo, hi in ranges for n in range(lo, hi + 1)]
 
 
 def _add_model_args(p, *, layer: bool = True) -> None:
@@ -113,21 +206,30 @@ def _add_model_args(p, *, layer: bool = True) -> None:
   if layer:
     p.add_argument("--layer", help="layer name, e.g. convt2 (DCGAN) or conv_6 (StyleGAN2)")
   p.add_argument("--truncation", type=float, default=None,
-                 help="StyleGAN2 truncation psi (default 1)")
+                 help="StyleGAN2 truncation psi, a finite number (default 1)")
 
 
 def _add_stats_args(p) -> None:
   p.add_argument("--samples", type=int, default=1000,
-                 help="latents (images 0..N-1) whose keys make C (default: %(default)s)")
-  p.add_argument("--batch-size", type=int, default=50, help="latents per batch "
+                 help=f"latents (images 0..N-1) whose keys make C, 1 to {MAX_SAMPLES} "
                  "(default: %(default)s)")
+  p.add_argument("--batch-size", type=int, default=50, help=f"latents per batch, 1 to "
+                 f"{MAX_BATCH} (default: %(default)s)")
   p.add_argument("--cache-dir", default=".cache/stats",
                  help="statistics cache (default: %(default)s); keyed by content hash")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _check_stats_args(args) -> None:
+  _in_range("--samples", args.samples, 1, MAX_SAMPLES)
+  _in_range("--batch-size", args.batch_size, 1, MAX_BATCH)
+
+
 def _open(args):
   from memedit import rewrite
+
+  if args.truncation is not None and not math.isfinite(args.truncation):
+    raise ValueError(f"--truncation: expected a finite number, got {args.truncation}")
   return rewrite.generator_from_converted(args.model, truncation=args.truncation)
 
 
@@ -165,6 +267,7 @@ def _run_stats(args) -> int:
 
   import memedit
 
+  _check_stats_args(args)
   gen = _open(args)
   if not args.layer:
     raise ValueError(f"--layer: expected one of {sorted(gen.layers)}, got none")
@@ -207,7 +310,8 @@ def _add_rewrite(subparsers) -> None:
   p.add_argument("--save-model", metavar="DIR", help="also write the edited checkpoint")
   p.add_argument("--force", action="store_true",
                  help="replace --out / --save-model even when they hold something else")
-  p.add_argument("--steps", type=int, help="override the spec's solver steps")
+  p.add_argument("--steps", type=int, help=f"override the spec's solver steps, 1 to "
+                 f"{MAX_STEPS}")
   p.add_argument("--optimizer", choices=("adam", "gauss_newton"),
                  help="override the spec's solver optimizer")
   _add_stats_args(p)
@@ -225,6 +329,9 @@ def _run_rewrite(args) -> int:
   import memedit
   from memedit import rewrite
 
+  _check_stats_args(args)
+  _in_range("--steps", args.steps, 1, MAX_STEPS)
+  _check_input_file(args.spec, "SPEC")
   outputs = _check_rewrite_outputs(args)
   gen = _open(args)
   spec = _load_spec(args.spec, gen)
@@ -233,6 +340,7 @@ def _run_rewrite(args) -> int:
   out = rewrite.edit_from_spec(gen, spec, memedit.second_moment(state), steps=args.steps,
                                optimizer=args.optimizer)
   res = out.result
+  _check_finite_edit(res.edit, f"rewrite {args.spec}")
   memedit.save_edit(outputs["edit"], res.edit, force=args.force)
   print(f"rewrite {args.spec}: layer {spec.layer}, {spec.kind}/{spec.method} rank {spec.rank}; "
         f"L1 at the paste {res.loss_before:.4f} -> {res.loss_after:.4f} in "
@@ -248,8 +356,10 @@ def _check_rewrite_outputs(args) -> dict:
   from memedit import _io
 
   protect = [args.model, args.spec, args.cache_dir]
+  _check_output_location(args.out, "--out", folder=True)
   outputs = {"edit": _io.check_output(args.out, "edit", force=args.force, protect=protect)}
   if args.save_model:
+    _check_output_location(args.save_model, "--save-model", folder=True)
     outputs["edited-model"] = _io.check_output(args.save_model, "edited-model",
                                                force=args.force, protect=protect)
     if outputs["edited-model"] == outputs["edit"]:
@@ -286,8 +396,11 @@ def _add_sample(subparsers) -> None:
   _add_model_args(p, layer=False)
   p.add_argument("--edit", required=True, help="edit directory written by `memedit rewrite`")
   p.add_argument("--images", default="100-115",
-                 help="image numbers, e.g. '100-115' or '3,7,9' (default: %(default)s)")
-  p.add_argument("--columns", type=int, default=4, help="pairs per row (default: %(default)s)")
+                 help=f"image numbers below {MAX_IMAGES}, e.g. '100-115' or '3,7,9'; at most "
+                 f"{MAX_PAIRS} (fewer above 256 px: {MAX_PAIRS}·(256/resolution)²) "
+                 "(default: %(default)s)")
+  p.add_argument("--columns", type=int, default=4,
+                 help=f"pairs per row, 1 to {MAX_COLUMNS} (default: %(default)s)")
   p.add_argument("--out", required=True, help="PNG file to write")
   p.set_defaults(run=_run_sample)
 
@@ -296,13 +409,19 @@ def _run_sample(args) -> int:
   import memedit
   from memedit import rewrite
 
+  _in_range("--columns", args.columns, 1, MAX_COLUMNS)
+  _check_output_location(args.out, "--out", folder=False)
   gen = _open(args)
+  nums = _imgnums(args.images, _image_limit(MAX_PAIRS, gen.resolution))
   edit = memedit.load_edit(args.edit)
-  nums = _imgnums(args.images)
+  _check_finite_edit(edit, f"--edit {args.edit}")
   edited, _ = rewrite.edited(gen, edit)
   z = gen.latents(nums)
-  grid = rewrite.comparison_grid(rewrite.generate(gen, z), rewrite.generate(edited, z),
-                                 columns=args.columns)
+  original = rewrite.generate(gen, z)
+  _check_finite_images(original, f"MODEL {args.model}")
+  changed = rewrite.generate(edited, z)
+  _check_finite_images(changed, f"--edit {args.edit} (the edited model)")
+  grid = rewrite.comparison_grid(original, changed, columns=args.columns)
   rewrite.save_png(args.out, grid)
   print(f"sample: {len(nums)} pairs written to {args.out}")
   return 0
@@ -327,10 +446,12 @@ def _add_evaluate(subparsers) -> None:
   _add_model_args(p, layer=False)
   p.add_argument("spec", metavar="SPEC", help="the JSON edit spec the edit was made from")
   p.add_argument("--edit", required=True, help="edit directory")
-  p.add_argument("--images", default="100-163", help="held-out image numbers "
+  p.add_argument("--images", default="100-163",
+                 help=f"held-out image numbers below {MAX_IMAGES}; at most {MAX_EVALUATED} "
+                 f"(fewer above 256 px: {MAX_EVALUATED}·(256/resolution)²) "
                  "(default: %(default)s)")
   p.add_argument("--quantile", type=float, default=0.99,
-                 help="match threshold quantile (default: %(default)s)")
+                 help="match threshold quantile, in (0, 1) (default: %(default)s)")
   p.add_argument("--out", help="JSON file to write (default: print only)")
   p.set_defaults(run=_run_evaluate)
 
@@ -341,13 +462,19 @@ def _run_evaluate(args) -> int:
   import memedit
   from memedit import _io, metrics, rewrite
 
+  if not 0 < args.quantile < 1:
+    raise ValueError(f"--quantile: expected a number in (0, 1), got {args.quantile}")
+  _check_input_file(args.spec, "SPEC")
+  if args.out:
+    _check_output_location(args.out, "--out", folder=False)
   gen = _open(args)
   spec = _load_spec(args.spec, gen)
   edit = memedit.load_edit(args.edit)
+  _check_finite_edit(edit, f"--edit {args.edit}")
   if tuple(edit.path) != gen.weight_path(spec.layer):
     raise ValueError(f"--edit: expected an edit of layer {spec.layer!r} "
                      f"{gen.weight_path(spec.layer)}, got one of {tuple(edit.path)}")
-  nums = _imgnums(args.images)
+  nums = _imgnums(args.images, _image_limit(MAX_EVALUATED, gen.resolution))
   used = sorted(spec.imgnums() & set(nums))
   if used:
     raise ValueError(f"--images: expected held-out images the spec does not use, got {used}")
@@ -396,16 +523,19 @@ def _add_demo(subparsers) -> None:
   p.add_argument("--work", default=".cache/demo",
                  help="folder for the converted model and statistics (default: %(default)s)")
   p.add_argument("--samples", type=int, default=2000,
-                 help="latents for C (default: %(default)s)")
+                 help=f"latents for C, 1 to {MAX_SAMPLES} (default: %(default)s)")
   p.add_argument("--held-out", type=int, default=2048,
-                 help="held-out latents measured (default: %(default)s)")
+                 help=f"held-out latents measured, 1 to {MAX_EVALUATED} (default: %(default)s)")
   p.add_argument("--held-out-start", type=int, default=6000,
-                 help="image number of the first held-out latent (default: %(default)s)")
+                 help="image number of the first held-out latent; the last must be below "
+                 f"{MAX_IMAGES} (default: %(default)s)")
   p.add_argument("--pictured", type=int, default=16,
-                 help="held-out pairs drawn in demo.png (default: %(default)s)")
-  p.add_argument("--steps", type=int, help="override the spec's solver steps")
+                 help=f"held-out pairs drawn in demo.png, 1 to {MAX_PAIRS} "
+                 "(default: %(default)s)")
+  p.add_argument("--steps", type=int, help=f"override the spec's solver steps, 1 to {MAX_STEPS}")
   p.add_argument("--overfit-steps", type=int, default=2000,
-                 help="Adam steps of the overfit baseline (default: %(default)s)")
+                 help=f"Adam steps of the overfit baseline, 1 to {MAX_STEPS} "
+                 "(default: %(default)s)")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   p.set_defaults(run=_run_demo)
 
@@ -454,6 +584,16 @@ def _run_demo(args) -> int:
   if args.held_out < 1 or args.held_out_start < 0:
     raise ValueError("--held-out, --held-out-start: expected a positive count and a "
                      f"non-negative start, got {args.held_out} and {args.held_out_start}")
+  _in_range("--held-out", args.held_out, 1, MAX_EVALUATED)
+  _in_range("--held-out-start", args.held_out_start, 0, MAX_IMAGES - args.held_out)
+  _in_range("--samples", args.samples, 1, MAX_SAMPLES)
+  _in_range("--pictured", args.pictured, 1, MAX_PAIRS)
+  _in_range("--steps", args.steps, 1, MAX_STEPS)
+  _in_range("--overfit-steps", args.overfit_steps, 1, MAX_STEPS)
+  if args.spec:
+    _check_input_file(args.spec, "--spec")
+  _check_output_location(args.out, "--out", folder=True)
+  _check_output_location(args.work, "--work", folder=True)
   times = {}
   t_all = time.perf_counter()
   os.makedirs(args.work, exist_ok=True)
@@ -628,7 +768,7 @@ _SUBCOMMANDS = (_add_convert, _add_stats, _add_rewrite, _add_sample, _add_evalua
 
 def build_parser() -> argparse.ArgumentParser:
   """The ``memedit`` argument parser with every subcommand registered."""
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="memedit",
       description="Rewrite rules inside trained generators: layers as associative memories.")
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -643,9 +783,20 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     return args.run(args)
-  except (ValueError, FileNotFoundError, IsADirectoryError) as e:
-    print(f"memedit {args.command}: error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:
+    print(f"memedit {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 1
+
+
+def _one_line(error: Exception) -> str:
+  """An error's message on one line; an OS error as ``file: reason``."""
+  if isinstance(error, OSError) and error.strerror and error.filename is not None:
+    text = f"{error.filename}: {error.strerror}"
+    if error.filename2 is not None:
+      text += f" (and {error.filename2})"
+  else:
+    text = str(error) or type(error).__name__
+  return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_variables: Any,
 
   Returns:
     A JSON-serialisable dict (see the module docstring for the fields).
+
+  Raises:
+    ValueError: a quantile outside (0, 1), or images with NaN or infinite values (a model
+      or an edit with non-finite weights).
   """
   return _evaluate(gen, layer, D, edited_variables, imgnums, [quantile], threshold,
                    target_value, batch_size, original)[0]
@@ -129,6 +133,11 @@ def _evaluate(gen, layer, D, edited_variables, imgnums, quantiles, threshold, ta
       raise ValueError(f"original: expected the layer run of {len(z)} latents with keys of "
                        f"dimension {info.key_dim}, got keys of shape {np.shape(r0.keys)}")
   r1 = run_layer(gen, layer, z, variables=edited_variables, batch_size=batch_size)
+  for run, which in ((r0, "original"), (r1, "edited")):
+    bad = run.images.size - int(np.isfinite(run.images).sum())
+    if bad:
+      raise ValueError(f"images: expected finite images from the {which} generator, got {bad} "
+                       f"NaN or infinite of {run.images.size} pixel values")
   scores = match_scores(r0.keys, D)
   dimg = np.abs(r1.images.astype(np.float64) - r0.images).mean(-1)
   results = []

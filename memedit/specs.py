@@ -7,15 +7,28 @@ The reference's rewriting UI saves an edit as JSON with
 - ``"paste"``: ``[imgnum, mask]``, where it goes (for an erase: the region to erase),
 - ``"query"``: optional ``[imgnum, mask]``,
 
-where a mask is a PNG data URL (``data:image/png;base64,...``) at canvas resolution whose
-alpha channel (or grey level, for images without alpha) marks the region and imgnum
-indexes the deterministic latent sample. memedit adds ``"model"``, ``"layer"``,
-``"method"`` (zca, svd, mean, unit), ``"rank"``, ``"shrinkage"`` (of C towards a multiple
-of the identity before the directions are computed), ``"taps"`` (all: every kernel tap is
-edited, as in the reference; own: only the taps that write a key's own output cell),
-``"kind"`` (insert or erase),
+where a mask is a PNG data URL (``data:image/png;base64,...``) at canvas resolution and
+imgnum indexes the deterministic latent sample. The reference's paint widget draws white
+on a transparent canvas, and its readers take the red channel (a pixel is marked where it
+is above zero). memedit writes masks the same way: the mask in the red, green, blue and
+alpha channels, all zero where the mask is off. It reads a pixel's mask value as the
+smaller of its red and alpha channels (the red channel of an image without alpha), so the
+reference's masks, RGB or grey masks, and the white masks with the region in alpha that
+earlier memedit versions wrote all decode to the region that was painted.
+
+memedit adds ``"model"``, ``"layer"``, ``"method"`` (zca, svd, mean, unit), ``"rank"``,
+``"shrinkage"`` (of C towards a multiple of the identity before the directions are
+computed), ``"taps"`` (all: every kernel tap is edited, as in the reference; own: only the
+taps that write a key's own output cell), ``"kind"`` (insert or erase),
 ``"erase_units"``, ``"canvas"`` (the resolution), ``"num_images"`` (the size of the
 image sample imgnums index) and ``"solver"`` (optimizer, steps, learning_rate, loss).
+Any other top-level field is refused (:data:`FIELDS` lists the allowed ones), so that a
+misspelt setting is not dropped without a word.
+
+Limits keep a mistaken or hostile spec from taking unbounded memory or time: masks of at
+most :data:`MAX_CANVAS` pixels a side (read from the PNG header before anything is
+decoded), at most :data:`MAX_IMAGES` images in the sample and :data:`MAX_STEPS` solver
+steps; the learning rate must be a finite positive number.
 
 Masks are held as uint8 arrays (canvas, canvas) so that save → load gives identical
 masks and therefore an identical edit.
@@ -26,9 +39,15 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import difflib
 import io
 import json
+import math
 import os
+import re
+import reprlib
+import struct
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,12 +55,58 @@ import numpy as np
 from memedit import _io
 
 _PREFIX = "data:image/png;base64,"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KINDS = ("insert", "erase")
 METHODS = ("zca", "svd", "mean", "unit")
 TAPS = ("all", "own")
 OPTIMIZERS = ("adam", "gauss_newton")
 LOSSES = ("l1", "l2")
 DEFAULT_SOLVER = {"optimizer": "adam", "steps": 2001, "learning_rate": 0.05, "loss": "l1"}
+# The reference's fields, then memedit's.
+FIELDS = ("key", "object", "paste", "query", "model", "layer", "kind", "method", "rank",
+          "shrinkage", "taps", "erase_units", "canvas", "num_images", "solver")
+MAX_CANVAS = 4096
+MAX_IMAGES = 100_000
+MAX_STEPS = 100_000
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 3, 3, 3
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 40, 40, 40
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
+
+
+def _shown(value: Any) -> str:
+  """A short repr of untrusted data, bounded in nesting depth and length."""
+  return _REPR.repr(value)
+
+
+def _got(value: Any, want: type | tuple = ()) -> str:
+  """A received value for an error message: its repr when it has a type of ``want``,
+  else its repr after its type's name (``the str '64'``), so that 64 and "64" read
+  differently; JSON null is ``null``."""
+  if value is None:
+    return "null"
+  want = want if isinstance(want, tuple) else (want,)
+  if want and isinstance(value, want) and not (isinstance(value, bool) and bool not in want):
+    return _shown(value)
+  return f"the {type(value).__name__} {_shown(value)}"
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _int_in(value: Any, where: str, lo: int = 1, hi: int | None = None) -> int:
+  """``value`` as an int after checking it is an integer in [lo, hi]."""
+  if not _is_int(value) or value < lo or (hi is not None and value > hi):
+    want = (f"an integer in [{lo}, {hi}]" if hi is not None
+            else "a positive integer" if lo == 1 else f"an integer of at least {lo}")
+    raise ValueError(f"{where}: expected {want}, got {_got(value, (int, np.integer))}")
+  return int(value)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,89 +171,184 @@ class EditSpec:
 
 
 def mask_to_data_url(mask: Any) -> str:
-  """A (H, W) mask (uint8, or float in [0, 1]) as a PNG data URL: white RGBA with the
-  mask in the alpha channel, as the reference's paint widget writes it."""
+  """A (H, W) mask (uint8, or float in [0, 1]) as a PNG data URL, encoded as the
+  reference's paint widget saves masks: RGBA with the mask in every channel, so zero
+  where the mask is off (the reference reads the red channel, memedit before this
+  encoding read the alpha channel; both read the mask).
+
+  Raises:
+    ValueError: the mask is not 2-D, or holds values that are not finite.
+  """
   from PIL import Image
 
   m = np.asarray(mask)
   if m.ndim != 2:
     raise ValueError(f"mask: expected a 2-D array, got shape {m.shape}")
   if m.dtype != np.uint8:
-    m = np.clip(np.round(np.asarray(m, np.float64) * 255.0), 0, 255).astype(np.uint8)
-  rgba = np.empty(m.shape + (4,), np.uint8)
-  rgba[..., :3] = 255
-  rgba[..., 3] = m
+    m = _mask_uint8(m, "mask")
+  rgba = np.repeat(m[:, :, None], 4, axis=2)
   buf = io.BytesIO()
   Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
   return _PREFIX + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def data_url_to_mask(url: Any, where: str = "mask") -> np.ndarray:
-  """Decodes a PNG data URL to a uint8 (H, W) mask: the alpha channel, or the grey level
-  of an image without alpha.
+def _mask_uint8(m: np.ndarray, where: str) -> np.ndarray:
+  """A float (or other numeric) mask in [0, 1] as uint8 0..255."""
+  if m.dtype.kind not in "biuf":
+    raise ValueError(f"{where}: expected numbers in [0, 1], got an array of {m.dtype}")
+  m = np.asarray(m, np.float64)
+  if not np.isfinite(m).all():
+    raise ValueError(f"{where}: expected numbers in [0, 1], got "
+                     f"{int((~np.isfinite(m)).sum())} NaN or infinite values")
+  return np.clip(np.round(m * 255.0), 0, 255).astype(np.uint8)
+
+
+def _png_size(raw: bytes, where: str) -> tuple[int, int]:
+  """(width, height) from a PNG's header chunk, without decoding the image."""
+  if len(raw) < 24 or raw[:8] != _PNG_SIGNATURE or raw[12:16] != b"IHDR":
+    raise ValueError(f"{where}: expected PNG image data, got bytes that are not a PNG "
+                     f"(they start {raw[:8]!r})")
+  return struct.unpack(">II", raw[16:24])
+
+
+def data_url_to_mask(url: Any, where: str = "mask", size: int | None = None) -> np.ndarray:
+  """Decodes a PNG data URL to a uint8 (H, W) mask.
+
+  A pixel's mask value is the smaller of its red and alpha channels, or its red channel
+  (the grey level of a grey image) when the image has no alpha: the reference reads the
+  red channel, and masks with the region in alpha over white (as memedit wrote them
+  before) or in every channel (as it writes them now) decode to the same array.
+
+  The image's size is read from its PNG header and checked before anything is decoded:
+  it must be ``size`` × ``size`` when ``size`` is given, and at most
+  :data:`MAX_CANVAS` pixels a side.
+
+  Args:
+    url: the data URL.
+    where: what the mask is, for error messages (e.g. ``"key[0] mask"``).
+    size: the canvas resolution the mask must have, or None.
+
+  Returns:
+    uint8 (H, W) array.
 
   Raises:
-    ValueError: not a PNG data URL, bad base64, or bytes that are not a PNG image.
+    ValueError: not a PNG data URL, bad base64, bytes that are not a PNG image, or an
+      image of another size than ``size`` or larger than :data:`MAX_CANVAS`.
   """
   from PIL import Image, UnidentifiedImageError
 
   if not isinstance(url, str) or not url.startswith(_PREFIX):
-    shown = url[:40] if isinstance(url, str) else type(url).__name__
+    shown = _shown(url[:40]) if isinstance(url, str) else _got(url)
     raise ValueError(f"{where}: expected a PNG data URL starting with {_PREFIX!r}, got "
-                     f"{shown!r}")
+                     f"{shown}")
   try:
     raw = base64.b64decode(url[len(_PREFIX):], validate=True)
   except (binascii.Error, ValueError) as e:
     raise ValueError(f"{where}: expected base64 data after {_PREFIX!r}, got invalid base64 "
                      f"({e})") from None
+  width, height = _png_size(raw, where)
+  if size is not None and (width, height) != (size, size):
+    raise ValueError(f"{where}: expected size {size}x{size} (the canvas), got "
+                     f"{width}x{height}")
+  if max(width, height) > MAX_CANVAS:
+    raise ValueError(f"{where}: expected a mask of at most {MAX_CANVAS}x{MAX_CANVAS} pixels, "
+                     f"got {width}x{height}; it was not decoded")
   try:
     img = Image.open(io.BytesIO(raw))
-    if img.format != "PNG":
-      raise ValueError(f"{where}: expected a PNG image, got {img.format}")
     img.load()
-  except (UnidentifiedImageError, OSError, SyntaxError) as e:
-    raise ValueError(f"{where}: expected PNG image data, got bytes that are not a PNG "
-                     f"({e})") from None
-  if "A" in img.getbands():
-    return np.asarray(img.getchannel("A"), np.uint8)
-  return np.asarray(img.convert("L"), np.uint8)
+    if img.mode == "P" or "transparency" in img.info:
+      img = img.convert("RGBA")
+    if "A" in img.getbands():
+      rgba = np.asarray(img.convert("RGBA"), np.uint8)
+      return np.minimum(rgba[:, :, 0], rgba[:, :, 3])
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), np.uint8)[:, :, 0])
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+          Image.DecompressionBombError) as e:
+    raise ValueError(f"{where}: expected PNG image data, got bytes that do not decode as a "
+                     f"PNG ({e})") from None
 
 
 def _pair(value, where, canvas, num_images):
   if not isinstance(value, (list, tuple)) or len(value) != 2:
-    raise ValueError(f"{where}: expected an [imgnum, mask] pair, got {str(value)[:60]!r}")
+    raise ValueError(f"{where}: expected an [imgnum, mask] pair, got "
+                     f"{_got(value, (list, tuple))}")
   num, url = value
-  if isinstance(num, bool) or not isinstance(num, (int, np.integer)):
-    raise ValueError(f"{where}: expected an integer image number, got {num!r}")
+  if not _is_int(num):
+    raise ValueError(f"{where}: expected an integer image number, got {_got(num)}")
   if not 0 <= int(num) < num_images:
     raise ValueError(f"{where}: expected an image number in [0, {num_images}), got {num}")
-  mask = url if isinstance(url, np.ndarray) else data_url_to_mask(url, f"{where} mask")
-  if mask.shape != (canvas, canvas):
-    raise ValueError(f"{where} mask: expected size {canvas}x{canvas} (the canvas), got "
-                     f"{mask.shape[1]}x{mask.shape[0]}")
-  if mask.dtype != np.uint8:
-    mask = np.clip(np.round(np.asarray(mask, np.float64) * 255.0), 0, 255).astype(np.uint8)
+  if isinstance(url, np.ndarray):
+    mask = url
+    if mask.shape != (canvas, canvas):
+      raise ValueError(f"{where} mask: expected size {canvas}x{canvas} (the canvas), got "
+                       + (f"{mask.shape[1]}x{mask.shape[0]}" if mask.ndim == 2
+                          else f"an array of shape {mask.shape}"))
+    if mask.dtype != np.uint8:
+      mask = _mask_uint8(mask, f"{where} mask")
+  else:
+    mask = data_url_to_mask(url, f"{where} mask", size=canvas)
   if not (mask > 0).any():
     raise ValueError(f"{where} mask: expected a non-empty mask, got one with no marked pixel")
   return int(num), mask
 
 
-def _positive_int(value, where):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{where}: expected a positive integer, got {value!r}")
-  return int(value)
-
-
 def check_shrinkage(shrinkage: Any, method: str) -> float:
   """``shrinkage`` as a float after checking it is a number in [0, 1), and 0 for the
   "unit" method (shrinkage applies to the zca, svd and mean directions)."""
-  if (isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float))
-      or not 0.0 <= shrinkage < 1.0):
-    raise ValueError(f"shrinkage: expected a number in [0, 1), got {shrinkage!r}")
+  if not _is_number(shrinkage) or not 0.0 <= shrinkage < 1.0:
+    raise ValueError(f"shrinkage: expected a number in [0, 1), got "
+                     f"{_got(shrinkage, (int, float, np.integer, np.floating))}")
   if method == "unit" and shrinkage:
     raise ValueError(f"shrinkage: expected 0 with method 'unit' (it applies to zca, svd "
                      f"and mean), got {shrinkage!r}")
   return float(shrinkage)
+
+
+def _choice(value: Any, choices: tuple, where: str) -> str:
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"{where}: expected one of {choices}, got {_got(value, str)}")
+  return value
+
+
+def check_solver(given: Any) -> dict:
+  """The solver settings of a spec, defaults filled in, after checking each.
+
+  Args:
+    given: the spec's ``"solver"`` object: any of ``optimizer`` (adam, gauss_newton),
+      ``steps`` (1 to :data:`MAX_STEPS`), ``learning_rate`` (a finite positive number)
+      and ``loss`` (l1, l2).
+
+  Returns:
+    A dict with all four settings.
+
+  Raises:
+    ValueError: ``given`` is not an object, has other fields, or a setting is invalid.
+  """
+  if not isinstance(given, dict):
+    raise ValueError(f"solver: expected an object, got {_got(given)}")
+  unknown = [k for k in given if k not in DEFAULT_SOLVER]
+  if unknown:
+    raise ValueError(f"solver: expected fields among {sorted(DEFAULT_SOLVER)}, got "
+                     f"{_shown(unknown)}{_did_you_mean(unknown, DEFAULT_SOLVER)}")
+  solver = {**DEFAULT_SOLVER, **given}
+  _choice(solver["optimizer"], OPTIMIZERS, "solver.optimizer")
+  _choice(solver["loss"], LOSSES, "solver.loss")
+  solver["steps"] = _int_in(solver["steps"], "solver.steps", 1, MAX_STEPS)
+  lr = solver["learning_rate"]
+  if not _is_number(lr) or not (math.isfinite(lr) and lr > 0):
+    raise ValueError(f"solver.learning_rate: expected a finite positive number, got "
+                     f"{_got(lr, (int, float, np.integer, np.floating))}")
+  solver["learning_rate"] = float(lr)
+  return solver
+
+
+def _did_you_mean(unknown: list, known) -> str:
+  for name in unknown:
+    if isinstance(name, str):
+      close = difflib.get_close_matches(name, list(known), n=1)
+      if close:
+        return f" (did you mean {close[0]!r} for {name!r}?)"
+  return ""
 
 
 def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
@@ -202,76 +362,62 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
     num_images: size of the image sample (imgnums must be below it).
 
   Raises:
-    ValueError: a missing field, bad base64 or PNG, an empty mask, a mask whose size is
-      not the canvas, an image number out of range, an unknown layer, or a bad setting.
+    ValueError: a missing or unknown field, bad base64 or PNG, an empty mask, a mask
+      whose size is not the canvas, an image number out of range, an unknown layer, or
+      a bad setting; the message names the field.
   """
   if not isinstance(data, dict):
-    raise ValueError(f"spec: expected a JSON object, got {type(data).__name__}")
-  kind = data.get("kind", "insert")
-  if kind not in KINDS:
-    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    raise ValueError(f"spec: expected a JSON object, got {_got(data)}")
+  unknown = [k for k in data if k not in FIELDS]
+  if unknown:
+    raise ValueError(f"spec: expected fields among {list(FIELDS)}, got unknown "
+                     f"{'field' if len(unknown) == 1 else 'fields'} {_shown(unknown)}"
+                     f"{_did_you_mean(unknown, FIELDS)}")
+  kind = _choice(data.get("kind", "insert"), KINDS, "kind")
   required = ["key", "paste", "layer"] + (["object"] if kind == "insert" else [])
   missing = [f for f in required if f not in data or data[f] is None]
   if missing:
     raise ValueError(f"spec: expected fields {required}, missing {missing}")
+  given_canvas = data.get("canvas")
   if canvas is None:
-    canvas = data.get("canvas")
+    canvas = given_canvas
     if canvas is None:
       p = data["paste"]
       if not isinstance(p, (list, tuple)) or len(p) != 2:
-        raise ValueError(f"paste: expected an [imgnum, mask] pair, got {str(p)[:60]!r}")
+        raise ValueError(f"paste: expected an [imgnum, mask] pair, got "
+                         f"{_got(p, (list, tuple))}")
       m = p[1] if isinstance(p[1], np.ndarray) else data_url_to_mask(p[1], "paste mask")
       canvas = int(m.shape[0])
-  elif "canvas" in data and data["canvas"] != canvas:
-    raise ValueError(f"canvas: expected {canvas} (the model's resolution), got {data['canvas']}")
-  canvas = _positive_int(canvas, "canvas")
+  elif given_canvas is not None and (not _is_int(given_canvas) or given_canvas != canvas):
+    raise ValueError(f"canvas: expected {canvas} (the model's resolution), got "
+                     f"{_got(given_canvas, (int, np.integer))}")
+  canvas = _int_in(canvas, "canvas", 1, MAX_CANVAS)
   n_img = num_images if num_images is not None else data.get("num_images", 10000)
-  n_img = _positive_int(n_img, "num_images")
+  n_img = _int_in(n_img, "num_images", 1, MAX_IMAGES)
   layer = data["layer"]
   if not isinstance(layer, str) or not layer:
-    raise ValueError(f"layer: expected a layer name, got {layer!r}")
+    raise ValueError(f"layer: expected a layer name, got {_got(layer, str)}")
   if layers is not None and layer not in layers:
     raise ValueError(f"layer: expected one of {sorted(layers)}, got {layer!r}")
   keys = data["key"]
   if not isinstance(keys, (list, tuple)) or not keys:
     raise ValueError(f"key: expected a non-empty list of [imgnum, mask] pairs, got "
-                     f"{str(keys)[:60]!r}")
+                     f"{_got(keys, (list, tuple))}")
   key = tuple(_pair(k, f"key[{i}]", canvas, n_img) for i, k in enumerate(keys))
   paste = _pair(data["paste"], "paste", canvas, n_img)
   obj = _pair(data["object"], "object", canvas, n_img) if data.get("object") is not None else None
   query = _pair(data["query"], "query", canvas, n_img) if data.get("query") is not None else None
-  method = data.get("method", "zca")
-  if method not in METHODS:
-    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-  rank = _positive_int(data.get("rank", 1), "rank")
+  method = _choice(data.get("method", "zca"), METHODS, "method")
+  rank = _int_in(data.get("rank", 1), "rank")
   if method == "mean" and rank != 1:
     raise ValueError(f"rank: method 'mean' gives rank 1, got {rank}")
   shrinkage = check_shrinkage(data.get("shrinkage", 0.0), method)
-  taps = data.get("taps", "all")
-  if taps not in TAPS:
-    raise ValueError(f"taps: expected one of {TAPS}, got {taps!r}")
-  erase_units = _positive_int(data.get("erase_units", 30), "erase_units")
-  solver = dict(DEFAULT_SOLVER)
-  given = data.get("solver", {})
-  if not isinstance(given, dict):
-    raise ValueError(f"solver: expected an object, got {type(given).__name__}")
-  unknown = sorted(set(given) - set(DEFAULT_SOLVER))
-  if unknown:
-    raise ValueError(f"solver: expected fields among {sorted(DEFAULT_SOLVER)}, got {unknown}")
-  solver.update(given)
-  if solver["optimizer"] not in OPTIMIZERS:
-    raise ValueError(f"solver.optimizer: expected one of {OPTIMIZERS}, got "
-                     f"{solver['optimizer']!r}")
-  if solver["loss"] not in LOSSES:
-    raise ValueError(f"solver.loss: expected one of {LOSSES}, got {solver['loss']!r}")
-  solver["steps"] = _positive_int(solver["steps"], "solver.steps")
-  lr = solver["learning_rate"]
-  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-    raise ValueError(f"solver.learning_rate: expected a positive number, got {lr!r}")
-  solver["learning_rate"] = float(lr)
+  taps = _choice(data.get("taps", "all"), TAPS, "taps")
+  erase_units = _int_in(data.get("erase_units", 30), "erase_units")
+  solver = check_solver(data.get("solver", {}))
   model = data.get("model")
   if model is not None and not isinstance(model, str):
-    raise ValueError(f"model: expected a string or null, got {type(model).__name__}")
+    raise ValueError(f"model: expected a string or null, got {_got(model)}")
   return EditSpec(key=key, paste=paste, object=obj, query=query, layer=layer, model=model,
                   kind=kind, method=method, rank=rank, shrinkage=shrinkage, taps=taps,
                   erase_units=erase_units, canvas=canvas, num_images=n_img, solver=solver)
@@ -294,19 +440,113 @@ def spec_to_json(spec: EditSpec) -> dict:
   return out
 
 
+def _undecoded_field(data: Any) -> str | None:
+  """Where (in document order) the first text holding bytes that were not UTF-8 lies:
+  ``"field 'layer'"``, ``"field 'key[0][1]'"``, or ``"a field name in 'solver'"``."""
+  stack = [("", data)]
+  while stack:
+    where, value = stack.pop()
+    if isinstance(value, str):
+      if _UNDECODED.search(value):
+        return f"field {where!r}" if where else "the top-level value"
+    elif isinstance(value, dict):
+      for k in reversed(list(value)):
+        if isinstance(k, str) and _UNDECODED.search(k):
+          return f"a field name in {where!r}" if where else "a field name"
+        stack.append((f"{where}.{k}" if where else k, value[k]))
+    elif isinstance(value, list):
+      stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+  return None
+
+
+def _deep_field(text: str, depth_limit: int) -> str | None:
+  """The top-level field of a JSON object text in which arrays and objects nest deeper
+  than ``depth_limit``, found by a scan that does not recurse (None: not found)."""
+  depth, in_string, escaped, start, last, field = 0, False, False, 0, None, None
+  for i, c in enumerate(text):
+    if in_string:
+      if escaped:
+        escaped = False
+      elif c == "\\":
+        escaped = True
+      elif c == '"':
+        in_string = False
+        last = text[start:i]
+    elif c == '"':
+      in_string, start = True, i + 1
+    elif c == ":" and depth == 1:
+      field = last
+    elif c in "[{":
+      depth += 1
+      if depth > depth_limit:
+        return field
+    elif c in "]}":
+      depth -= 1
+  return None
+
+
+def parse_spec_text(raw: bytes, source: str = "spec") -> Any:
+  """The JSON value of a spec file's bytes, with errors that name ``source``.
+
+  Args:
+    raw: the file's bytes (UTF-8, an optional byte-order mark).
+    source: the file's name, for error messages.
+
+  Returns:
+    The parsed JSON value.
+
+  Raises:
+    ValueError: the bytes are not UTF-8 (the message gives the offset of the first bad
+      byte and the field it lies in), not JSON, or JSON nested deeper than Python's
+      parser allows.
+  """
+  try:
+    raw.decode("utf-8")
+    bad = None
+  except UnicodeDecodeError as e:
+    bad = e.start
+  text = raw.decode("utf-8", errors="surrogateescape")
+  if text.startswith("\ufeff"):
+    text = text[1:]
+
+  def not_utf8(field):
+    where = f" (in {field})" if field else ""
+    return ValueError(f"{source}: expected UTF-8 text, got the byte 0x{raw[bad]:02x} at "
+                      f"offset {bad}{where}, which is not UTF-8")
+
+  try:
+    data = json.loads(text)
+  except RecursionError:
+    limit = sys.getrecursionlimit()
+    field = _deep_field(text, limit // 2)
+    where = f" in field {field!r}" if field is not None else ""
+    raise ValueError(f"{source}: expected a JSON edit spec, got lists or objects nested "
+                     f"deeper than the parser allows (about {limit} levels){where}") from None
+  except json.JSONDecodeError as e:
+    if bad is not None:
+      raise not_utf8(None) from None
+    raise ValueError(f"{source}: expected a JSON edit spec, got invalid JSON ({e})") from None
+  if bad is not None:
+    raise not_utf8(_undecoded_field(data))
+  return data
+
+
 def load_spec(path: str | os.PathLike, **kwargs) -> EditSpec:
   """Reads and validates a JSON edit spec (keyword arguments as :func:`spec_from_json`).
 
   Raises:
-    ValueError: the file is not JSON, or the spec is invalid (see :func:`spec_from_json`).
+    ValueError: the file is not UTF-8 JSON, or the spec is invalid (see
+      :func:`spec_from_json`); the message starts with the file's name.
+    OSError: the file cannot be read.
   """
-  with open(path) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{os.fspath(path)}: expected a JSON edit spec, got invalid JSON ({e})"
-                       ) from None
-  return spec_from_json(data, **kwargs)
+  source = os.fspath(path)
+  with open(path, "rb") as f:
+    raw = f.read()
+  data = parse_spec_text(raw, source)
+  try:
+    return spec_from_json(data, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
 
 
 def save_spec(path: str | os.PathLike, spec: EditSpec) -> str:

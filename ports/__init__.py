@@ -2,15 +2,87 @@
 
 ``ports.torchfile`` reads PyTorch and NVIDIA checkpoint files without torch and without
 running code stored in them; ``ports.dcgan`` and ``ports.stylegan2`` hold the Flax models
-and their converters. :func:`load_converted` opens any converted checkpoint.
+and their converters, ``ports.gpt2`` the GPT-2 language model and its converter from
+Hugging Face checkpoints. :func:`load_converted` opens any converted checkpoint.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
-__all__ = ["detect_format", "load_converted", "read_config"]
+import numpy as np
+
+__all__ = ["check_finite", "detect_format", "load_converted", "read_config", "shown_keys",
+           "validate_state_dict"]
+
+# Config fields each architecture's loader needs, all positive integers ("channels" a
+# list of them).
+_CONFIG_FIELDS = {
+    "dcgan": ("resolution", "z_dim", "ngf", "image_channels", "num_layers"),
+    "stylegan2": ("resolution", "z_dim", "w_dim", "n_mlp", "num_layers", "channels"),
+    "gpt2": ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"),
+}
+
+
+def shown_keys(mapping: Mapping, n: int = 8) -> str:
+  """The first ``n`` keys of a mapping, sorted by their text, for error messages (keys of
+  any types, e.g. the int and str keys of a damaged checkpoint)."""
+  from ports.torchfile import _brief
+
+  keys = sorted((_brief(k, 0) for k in mapping), key=str)
+  return "[" + ", ".join(keys[:n]) + (f", ... {len(keys)} in all]" if len(keys) > n else "]")
+
+
+def validate_state_dict(sd: Any, where: str) -> Mapping[str, Any]:
+  """Checks that ``sd`` is a state dict: a mapping from str names to numeric arrays
+  (numpy arrays or scalars, or tensors handed in by a caller).
+
+  Args:
+    sd: the candidate state dict.
+    where: what it is, for error messages (e.g. ``"rosinality checkpoint: 'g_ema'"``).
+
+  Returns:
+    ``sd``.
+
+  Raises:
+    ValueError: ``sd`` is not a mapping, a key is not a str, or a value is not a numeric
+      array; the message names the key.
+  """
+  from ports.torchfile import _brief
+
+  if not isinstance(sd, Mapping):
+    raise ValueError(f"{where}: expected a state dict (names to tensors), got "
+                     f"{type(sd).__name__} {_brief(sd)}")
+  for name, value in sd.items():
+    if not isinstance(name, str):
+      raise ValueError(f"{where}: expected a state dict with str names, got the "
+                       f"{type(name).__name__} key {_brief(name)} among {shown_keys(sd)}")
+    if hasattr(value, "detach"):  # a torch tensor handed in by a caller
+      continue
+    if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind not in "biuf":
+      got = (f"an array of {value.dtype}" if isinstance(value, (np.ndarray, np.generic))
+             else f"{type(value).__name__} {_brief(value)}")
+      raise ValueError(f"{where}: {name}: expected a numeric tensor, got {got}")
+  return sd
+
+
+def check_finite(name: str, value: Any, where: str) -> None:
+  """Refuses a parameter holding NaN or infinite values (after a float32 cast, so that
+  float64 values beyond float32's range count as infinite).
+
+  Raises:
+    ValueError: naming the parameter and how many values are NaN or infinite.
+  """
+  if hasattr(value, "detach"):
+    value = value.detach().cpu().numpy()
+  with np.errstate(over="ignore", invalid="ignore"):
+    a = np.asarray(value, np.float32)
+  finite = np.isfinite(a)
+  if not finite.all():
+    nan = int(np.isnan(a).sum())
+    raise ValueError(f"{where}: {name}: expected finite weights, got {nan} NaN and "
+                     f"{a.size - int(finite.sum()) - nan} infinite of {a.size} values")
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -27,28 +99,50 @@ def read_config(path: str | os.PathLike) -> dict:
   return config
 
 
+def _check_config(config: dict, path: str) -> None:
+  """Checks the fields the architecture's loader needs before anything is built."""
+  from memedit import _io
+
+  meta_file = os.path.join(path, _io._META_FILE)
+  arch = config.get("architecture")
+  for field in _CONFIG_FIELDS.get(arch, ()):
+    value = config.get(field)
+    items = value if field == "channels" and isinstance(value, list) and value else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+      got = "nothing (the field is missing)" if field not in config else repr(value)[:60]
+      want = "a list of positive integers" if field == "channels" else "a positive integer"
+      raise ValueError(f"{meta_file}: {field}: expected {want}, got {got}; the checkpoint "
+                       "is damaged or incomplete: convert it again")
+
+
 def load_converted(path: str | os.PathLike) -> tuple[Any, Any, dict]:
   """Loads a converted checkpoint, whatever its architecture.
 
   Args:
-    path: a directory written by ``ports.dcgan.convert_dcgan`` or a ``ports.stylegan2``
-      converter.
+    path: a directory written by ``ports.dcgan.convert_dcgan``, a ``ports.stylegan2``
+      converter or ``ports.gpt2.convert_gpt2``.
 
   Returns:
     ``(module, variables, config)``: a Flax Linen module, its variables and the config.
 
   Raises:
-    ValueError: the config names an architecture no port provides.
+    ValueError: the config names an architecture no port provides, or lacks a field its
+      loader needs (e.g. ``z_dim``).
   """
-  arch = read_config(path).get("architecture")
+  config = read_config(path)
+  _check_config(config, os.fspath(path))
+  arch = config.get("architecture")
   if arch == "dcgan":
     from ports.dcgan import load_dcgan
     return load_dcgan(path)
   if arch == "stylegan2":
     from ports.stylegan2 import load_stylegan2
     return load_stylegan2(path)
-  raise ValueError(
-      f"{os.fspath(path)}: architecture: expected 'dcgan' or 'stylegan2', got {arch!r}")
+  if arch == "gpt2":
+    from ports.gpt2 import load_gpt2
+    return load_gpt2(path)
+  raise ValueError(f"{os.fspath(path)}: architecture: expected 'dcgan', 'stylegan2' or "
+                   f"'gpt2', got {arch!r}")
 
 
 def detect_format(path: str | os.PathLike) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from memedit import _io
+from ports import check_finite, shown_keys, validate_state_dict
 from ports.dcgan.model import (BN_EPSILON, KERNEL, NUM_LAYERS, RESOLUTION, DCGANGenerator,
                                layer_channels)
 
@@ -34,6 +35,9 @@ def find_state_dict(obj: Any) -> dict[str, np.ndarray]:
   Accepts ``{'netG_state_dict': sd, ...}`` (the format of the tutorial's training
   script), ``{'state_dict': sd}``, or ``sd`` itself; ``module.`` prefixes left by
   ``DataParallel`` are removed.
+
+  Raises:
+    ValueError: ``obj`` is not a dict.
   """
   if not isinstance(obj, dict):
     raise ValueError(f"DCGAN checkpoint: expected a dict, got {type(obj).__name__}")
@@ -62,23 +66,28 @@ def check_state_dict(sd: dict[str, Any]) -> tuple[int, int, int]:
   """Validates a torch DCGAN state dict and returns ``(z_dim, ngf, channels)``.
 
   Raises:
-    ValueError: keys are missing or unexpected, or shapes do not fit the architecture.
+    ValueError: keys are missing, unexpected or not strings, values are not numeric
+      tensors, shapes do not fit the architecture, or a weight holds NaN or infinite
+      values (the message names it).
   """
   first, last = sd.get("main.0.weight"), sd.get("main.12.weight")
   if not (isinstance(first, np.ndarray) and first.ndim == 4 and isinstance(last, np.ndarray)
           and last.ndim == 4):
-    found = sorted(sd)[:8]
     raise ValueError("DCGAN checkpoint: expected 4-d tensors 'main.0.weight' and "
-                     f"'main.12.weight', found keys {found}{' ...' if len(sd) > 8 else ''}")
+                     f"'main.12.weight', found keys {shown_keys(sd)}")
+  validate_state_dict(sd, "DCGAN checkpoint")
   z_dim, ngf8 = first.shape[:2]
+  if min(first.shape) < 1 or min(last.shape) < 1:
+    raise ValueError(f"DCGAN checkpoint: expected non-empty tensors, got main.0.weight of "
+                     f"shape {first.shape} and main.12.weight of shape {last.shape}")
   if ngf8 % 8:
     raise ValueError(f"DCGAN checkpoint: main.0.weight: expected output channels divisible by 8 "
                      f"(8 ngf), got {ngf8}")
   ngf, channels = ngf8 // 8, last.shape[1]
   shapes = expected_shapes(z_dim, ngf, channels)
   counters = {f"main.{i}.num_batches_tracked" for i in BN_INDICES}
-  missing = sorted(set(shapes) - set(sd))
-  extra = sorted(set(sd) - set(shapes) - counters)
+  missing = sorted(set(shapes) - set(sd), key=str)
+  extra = sorted(set(sd) - set(shapes) - counters, key=str)
   if missing or extra:
     raise ValueError(f"DCGAN checkpoint: missing keys {missing}, unexpected keys {extra}")
   for name, shape in shapes.items():
@@ -86,6 +95,7 @@ def check_state_dict(sd: dict[str, Any]) -> tuple[int, int, int]:
     if got != shape:
       raise ValueError(f"DCGAN checkpoint: {name}: expected shape {shape} "
                        f"(z_dim {z_dim}, ngf {ngf}, channels {channels}), got {got}")
+    check_finite(name, sd[name], "DCGAN checkpoint")
   return int(z_dim), int(ngf), int(channels)
 
 

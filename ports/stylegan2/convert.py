@@ -31,7 +31,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from memedit import _io
+from ports import check_finite, shown_keys, validate_state_dict
 from ports.stylegan2 import model as model_lib
+from ports.torchfile import _brief
 
 FORMAT_VERSION = 1
 _BLUR = (1.0, 3.0, 3.0, 1.0)
@@ -48,6 +50,24 @@ def _blur_2d(gain: float) -> np.ndarray:
   k = np.asarray(_BLUR, np.float64)
   k2 = np.outer(k, k)
   return (k2 / k2.sum() * gain).astype(np.float32)
+
+
+def _shape(flavour: str, sd: Mapping[str, Any], key: str, ndim: int, what: str
+           ) -> tuple[int, ...]:
+  """The shape of ``sd[key]`` after checking it exists and has ``ndim`` axes."""
+  if key not in sd:
+    raise ValueError(f"{flavour} StyleGAN2 state dict: expected {key!r} ({what}), not found "
+                     f"among {shown_keys(sd)}")
+  shape = tuple(int(n) for n in np.shape(sd[key]))
+  if len(shape) != ndim:
+    raise ValueError(f"{flavour} StyleGAN2 state dict: {key}: expected a {ndim}-d tensor "
+                     f"({what}), got shape {shape}")
+  return shape
+
+
+def _check_finite(flavour: str, sd: Mapping[str, Any], keys) -> None:
+  for k in keys:
+    check_finite(k, sd[k], f"{flavour} StyleGAN2 state dict")
 
 
 def _check_keys(flavour: str, sd: Mapping[str, Any], expected: dict[str, tuple[int, ...]],
@@ -97,24 +117,25 @@ def infer_rosinality_config(sd: Mapping[str, Any]) -> dict:
   Raises:
     ValueError: the state dict is not a rosinality StyleGAN2 generator this port covers.
   """
+  validate_state_dict(sd, "rosinality StyleGAN2 state dict")
   if "style.1.weight" not in sd or "input.input" not in sd or "conv1.conv.weight" not in sd:
     raise ValueError("rosinality StyleGAN2 state dict: expected keys 'style.1.weight', "
-                     f"'input.input', 'conv1.conv.weight', got {sorted(sd)[:8]}...")
+                     f"'input.input', 'conv1.conv.weight', got {shown_keys(sd)}")
   n_mlp = _count(sd, r"style\.(\d+)\.weight")
-  style_dim = int(np.shape(sd["style.1.weight"])[1])
+  style_dim = _shape("rosinality", sd, "style.1.weight", 2, "(style_dim, style_dim)")[1]
+  input_shape = _shape("rosinality", sd, "input.input", 4, "(1, C, 4, 4)")
   n_convs = _count(sd, r"convs\.(\d+)\.conv\.weight")
   if n_convs % 2:
     raise ValueError(f"rosinality StyleGAN2 state dict: expected an even number of "
                      f"'convs.N' layers, got {n_convs}")
   log2 = 2 + n_convs // 2
   resolution = 2 ** log2
-  channels = [int(np.shape(sd["input.input"])[1])]
+  channels = [input_shape[1]]
   for j in range(0, n_convs, 2):
     key = f"convs.{j}.conv.weight"
-    if key not in sd:
-      raise ValueError(f"rosinality StyleGAN2 state dict: expected {key!r}, not found")
-    channels.append(int(np.shape(sd[key])[1]))
-  img_channels = int(np.shape(sd.get("to_rgb1.conv.weight", np.zeros((1, 3))))[1])
+    channels.append(_shape("rosinality", sd, key, 5, "(1, C_out, C_in, 3, 3)")[1])
+  img_channels = (_shape("rosinality", sd, "to_rgb1.conv.weight", 5, "(1, 3, C_in, 1, 1)")[1]
+                  if "to_rgb1.conv.weight" in sd else 3)
   multiplier = None
   if 64 <= resolution <= 1024:  # below 64 px every multiplier gives the same widths
     for m in (1, 2, 4, 8):
@@ -211,9 +232,11 @@ def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
       blur filters are not [1,3,3,1].
   """
   config = config or infer_rosinality_config(sd)
+  validate_state_dict(sd, "rosinality StyleGAN2 state dict")
   with_noise = any(k.startswith("noises.") for k in sd)
   exp = _rosinality_expected(config, with_noise)
   _check_keys("rosinality", sd, exp)
+  _check_finite("rosinality", sd, exp)
   _check_filters("rosinality", sd, [k for k in exp if k.endswith((".blur.kernel",
                                                                   ".upsample.kernel"))], 4.0)
   mapping = {f"fc_{l - 1}": {"kernel": _dense(sd[f"style.{l}.weight"]),
@@ -248,10 +271,15 @@ def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
   if latent_avg is None:
     avg = np.zeros((config["w_dim"],), np.float32)
   else:
+    if not (hasattr(latent_avg, "detach") or (isinstance(latent_avg, (np.ndarray, np.generic))
+                                              and latent_avg.dtype.kind in "iuf")):
+      raise ValueError(f"latent_avg: expected a tensor of {config['w_dim']} values, got "
+                       f"{type(latent_avg).__name__} {_brief(latent_avg)}")
     avg = _np(latent_avg).reshape(-1)
     if avg.shape != (config["w_dim"],):
       raise ValueError(f"latent_avg: expected {config['w_dim']} values, got shape "
                        f"{np.shape(latent_avg)}")
+    check_finite("latent_avg", avg, "rosinality checkpoint")
   return {"params": {"mapping": mapping, "synthesis": synth},
           "buffers": {"latent_avg": avg, "synthesis": noise}}
 
@@ -266,6 +294,43 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
   if isinstance(obj, Mapping):
     return obj.get(key, default)
   return getattr(obj, key, default)
+
+
+def _kwargs(value: Any, name: str) -> dict:
+  """Keyword arguments recorded in a pickle: a dict with str keys (None: empty)."""
+  if value is None:
+    return {}
+  if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+    raise ValueError(f"NVIDIA StyleGAN2: {name}: expected a dict of keyword arguments, got "
+                     f"{type(value).__name__} {_brief(value)}")
+  return dict(value)
+
+
+def _number(value: Any, name: str, *, optional: bool = False, positive: bool = False
+            ) -> float | None:
+  """A setting that must be a finite (positive) number, or None when ``optional``."""
+  if value is None and optional:
+    return None
+  ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        and np.isfinite(value) and (value > 0 or not positive))
+  if not ok:
+    want = "a finite positive number" if positive else "a finite number"
+    raise ValueError(f"NVIDIA StyleGAN2: {name}: expected {want}{' or None' if optional else ''}"
+                     f", got {type(value).__name__} {_brief(value)}")
+  return float(value)
+
+
+def _integer(value: Any, name: str, *, optional: bool = False) -> int | None:
+  """A setting that must be a non-negative int, or None when ``optional``."""
+  if value is None and optional:
+    return None
+  if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+    value = int(value)
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+    raise ValueError(f"NVIDIA StyleGAN2: {name}: expected a non-negative integer"
+                     f"{' or None' if optional else ''}, got {type(value).__name__} "
+                     f"{_brief(value)}")
+  return int(value)
 
 
 def infer_nvidia_config(sd: Mapping[str, Any], init_kwargs: Mapping[str, Any] | None = None,
@@ -284,19 +349,23 @@ def infer_nvidia_config(sd: Mapping[str, Any], init_kwargs: Mapping[str, Any] | 
     ValueError: an architecture this port does not cover (conditional, 'orig' or
       'resnet', non-lrelu mapping, other filter), or an unrecognised state dict.
   """
-  init_kwargs = dict(init_kwargs or {})
-  mk = dict(_get(init_kwargs, "mapping_kwargs", {}) or {})
-  sk = dict(_get(init_kwargs, "synthesis_kwargs", {}) or {})
+  init_kwargs = _kwargs(init_kwargs, "init_kwargs")
+  mk = _kwargs(init_kwargs.get("mapping_kwargs"), "mapping_kwargs")
+  sk = _kwargs(init_kwargs.get("synthesis_kwargs"), "synthesis_kwargs")
   for k, v in init_kwargs.items():  # synthesis kwargs passed flat (**synthesis_kwargs2)
     if k not in ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels",
                  "mapping_kwargs", "synthesis_kwargs", "resize") and k not in sk:
       sk[k] = v
   if attributes:
+    if not isinstance(attributes, Mapping) or not all(isinstance(k, str) for k in attributes):
+      raise ValueError(f"NVIDIA StyleGAN2: attributes: expected a dict of named settings, got "
+                       f"{type(attributes).__name__} {_brief(attributes)}")
     _settings_from_attributes(attributes, mk, sk)
+  validate_state_dict(sd, "NVIDIA StyleGAN2 state dict")
   if "mapping.fc0.weight" not in sd or "synthesis.b4.const" not in sd:
     raise ValueError("NVIDIA StyleGAN2 state dict: expected 'mapping.fc0.weight' and "
-                     f"'synthesis.b4.const', got {sorted(sd)[:8]}...")
-  c_dim = int(_get(init_kwargs, "c_dim", 0) or 0)
+                     f"'synthesis.b4.const', got {shown_keys(sd)}")
+  c_dim = _integer(init_kwargs.get("c_dim", 0) or 0, "c_dim")
   if c_dim or any(k.startswith("mapping.embed.") for k in sd):
     raise ValueError(f"NVIDIA StyleGAN2: expected an unconditional generator (c_dim 0), "
                      f"got c_dim {c_dim}")
@@ -305,16 +374,21 @@ def infer_nvidia_config(sd: Mapping[str, Any], init_kwargs: Mapping[str, Any] | 
     raise ValueError(f"NVIDIA StyleGAN2: expected architecture 'skip', got {arch!r}")
   act = mk.get("activation", "lrelu")
   if act != "lrelu":
-    raise ValueError(f"NVIDIA StyleGAN2: expected mapping activation 'lrelu', got {act!r}")
-  if list(sk.get("resample_filter", _BLUR)) != list(_BLUR):
+    raise ValueError(f"NVIDIA StyleGAN2: expected mapping activation 'lrelu', got {_brief(act)}")
+  filt = sk.get("resample_filter", _BLUR)
+  if not isinstance(filt, (list, tuple)) or list(filt) != list(_BLUR):
     raise ValueError(f"NVIDIA StyleGAN2: expected resample_filter [1, 3, 3, 1], "
-                     f"got {sk.get('resample_filter')}")
+                     f"got {_brief(filt)}")
   if sk.get("kernel_size", 3) != 3:
-    raise ValueError(f"NVIDIA StyleGAN2: expected kernel_size 3, got {sk.get('kernel_size')}")
+    raise ValueError(f"NVIDIA StyleGAN2: expected kernel_size 3, got "
+                     f"{_brief(sk.get('kernel_size'))}")
   n_mlp = _count(sd, r"mapping\.fc(\d+)\.weight")
-  z_dim = int(np.shape(sd["mapping.fc0.weight"])[1])
-  w_dim = int(np.shape(sd[f"mapping.fc{n_mlp - 1}.weight"])[0])
-  hidden = int(np.shape(sd["mapping.fc0.weight"])[0]) if n_mlp > 1 else None
+  fc_shapes = [_shape("NVIDIA", sd, f"mapping.fc{l}.weight", 2, "(out, in)")
+               for l in range(n_mlp)]
+  _shape("NVIDIA", sd, "synthesis.b4.const", 3, "(C, 4, 4)")
+  z_dim = fc_shapes[0][1]
+  w_dim = fc_shapes[-1][0]
+  hidden = fc_shapes[0][0] if n_mlp > 1 else None
   if hidden == w_dim:
     hidden = None
   res_list = sorted(int(m.group(1)) for k in sd
@@ -323,19 +397,22 @@ def infer_nvidia_config(sd: Mapping[str, Any], init_kwargs: Mapping[str, Any] | 
   log2 = model_lib.log2_resolution(resolution)
   if res_list != [2 ** r for r in range(2, log2 + 1)]:
     raise ValueError(f"NVIDIA StyleGAN2: expected blocks b4..b{resolution}, got {res_list}")
-  channels = [int(np.shape(sd[f"synthesis.b{r}.conv1.weight"])[0]) for r in res_list]
+  channels = [_shape("NVIDIA", sd, f"synthesis.b{r}.conv1.weight", 4, "(C_out, C_in, 3, 3)")[0]
+              for r in res_list]
   use_noise = "synthesis.b4.conv1.noise_strength" in sd
-  conv_clamp = sk.get("conv_clamp")
-  img_channels = int(np.shape(sd["synthesis.b4.torgb.weight"])[0]) if (
-      "synthesis.b4.torgb.weight" in sd) else int(_get(init_kwargs, "img_channels", 3))
+  conv_clamp = _number(sk.get("conv_clamp"), "conv_clamp", optional=True, positive=True)
+  img_channels = (_shape("NVIDIA", sd, "synthesis.b4.torgb.weight", 4, "(C_out, C_in, 1, 1)")[0]
+                  if "synthesis.b4.torgb.weight" in sd
+                  else _integer(init_kwargs.get("img_channels", 3), "img_channels"))
   return {
       "architecture": "stylegan2", "flavour": "nvidia", "format_version": FORMAT_VERSION,
       "resolution": resolution, "z_dim": z_dim, "w_dim": w_dim, "style_dim": w_dim,
       "n_mlp": n_mlp, "mapping_hidden": hidden,
-      "lr_mlp": float(mk.get("lr_multiplier", 0.01)),
-      "channels": channels, "channel_base": sk.get("channel_base"),
-      "channel_max": sk.get("channel_max"), "img_channels": img_channels,
-      "use_noise": use_noise, "conv_clamp": None if conv_clamp is None else float(conv_clamp),
+      "lr_mlp": _number(mk.get("lr_multiplier", 0.01), "lr_multiplier", positive=True),
+      "channels": channels,
+      "channel_base": _integer(sk.get("channel_base"), "channel_base", optional=True),
+      "channel_max": _integer(sk.get("channel_max"), "channel_max", optional=True),
+      "img_channels": img_channels, "use_noise": use_noise, "conv_clamp": conv_clamp,
       "blur_kernel": list(_BLUR), "num_layers": model_lib.num_conv_layers(resolution),
       "num_ws": 2 * log2 - 2, "noise_buffers": "checkpoint",
       "has_w_avg": "mapping.w_avg" in sd,
@@ -345,7 +422,8 @@ def infer_nvidia_config(sd: Mapping[str, Any], init_kwargs: Mapping[str, Any] | 
 
 def _settings_from_attributes(attributes: Mapping[str, Any], mk: dict, sk: dict) -> None:
   """Overrides kwargs ``mk`` (mapping) and ``sk`` (synthesis) with the built layers' values."""
-  clamps = {name: attributes[name] for name in attributes
+  clamps = {name: _number(attributes[name], name, optional=True, positive=True)
+            for name in attributes
             if re.fullmatch(r"synthesis\.b\d+\.(conv0|conv1|torgb)\.conv_clamp", name)}
   if clamps:
     values = set(clamps.values())
@@ -358,11 +436,14 @@ def _settings_from_attributes(attributes: Mapping[str, Any], mk: dict, sk: dict)
   if "mapping.fc0.activation" in attributes:
     mk["activation"] = attributes["mapping.fc0.activation"]
   if "mapping.fc0.bias_gain" in attributes:
-    mk["lr_multiplier"] = float(attributes["mapping.fc0.bias_gain"])
-  acts = {attributes[n] for n in attributes
-          if re.fullmatch(r"synthesis\.b\d+\.conv[01]\.activation", n)}
-  if acts - {"lrelu"}:
-    raise ValueError(f"NVIDIA StyleGAN2: expected synthesis activation 'lrelu', got {acts}")
+    mk["lr_multiplier"] = _number(attributes["mapping.fc0.bias_gain"], "mapping.fc0.bias_gain",
+                                  positive=True)
+  acts = [attributes[n] for n in attributes
+          if re.fullmatch(r"synthesis\.b\d+\.conv[01]\.activation", n)]
+  other = [a for a in acts if a != "lrelu"]
+  if other:
+    raise ValueError(f"NVIDIA StyleGAN2: expected synthesis activation 'lrelu', got "
+                     f"{_brief(other[0])}")
 
 
 def _nvidia_expected(config: dict) -> dict[str, tuple[int, ...]]:
@@ -409,8 +490,10 @@ def state_dict_to_params_nvidia(sd: Mapping[str, Any], config: dict) -> dict:
     ValueError: keys or shapes differ from the architecture ``config`` describes, or the
       resample filters are not [1,3,3,1].
   """
+  validate_state_dict(sd, "NVIDIA StyleGAN2 state dict")
   exp = _nvidia_expected(config)
   _check_keys("NVIDIA", sd, exp)
+  _check_finite("NVIDIA", sd, exp)
   _check_filters("NVIDIA", sd, [k for k in exp if k.endswith(".resample_filter")], 1.0)
   mapping = {f"fc_{l}": {"kernel": _dense(sd[f"mapping.fc{l}.weight"]),
                          "bias": _np(sd[f"mapping.fc{l}.bias"])}
@@ -479,9 +562,9 @@ def convert_rosinality(src_path: str | os.PathLike, out_dir: str | os.PathLike, 
   _io.check_output(out_dir, "converted", force=force, protect=(src_path,))
   ckpt = torchfile.load_torch(src_path)
   if not isinstance(ckpt, Mapping) or "g_ema" not in ckpt:
-    keys = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+    keys = shown_keys(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
     raise ValueError(f"rosinality checkpoint: expected a dict with 'g_ema', got {keys}")
-  sd = ckpt["g_ema"]
+  sd = validate_state_dict(ckpt["g_ema"], "rosinality checkpoint: 'g_ema'")
   config = infer_rosinality_config(sd)
   latent_avg = ckpt.get("latent_avg")
   variables = state_dict_to_params_rosinality(sd, latent_avg, config)
@@ -514,7 +597,7 @@ def convert_nvidia(src_path: str | os.PathLike, out_dir: str | os.PathLike,
   _io.check_output(out_dir, "converted", force=force, protect=(src_path,))
   data = torchfile.load_nvidia_pickle(src_path)
   if not isinstance(data, Mapping) or key not in data:
-    keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+    keys = shown_keys(data) if isinstance(data, Mapping) else type(data).__name__
     raise ValueError(f"NVIDIA pickle: expected a dict with {key!r}, got {keys}")
   net = data[key]
   sd = _get(net, "state_dict")
@@ -524,7 +607,7 @@ def convert_nvidia(src_path: str | os.PathLike, out_dir: str | os.PathLike,
   class_name = str(_get(net, "class_name", ""))
   if class_name and not class_name.endswith("Generator"):
     raise ValueError(f"NVIDIA pickle: {key!r}: expected a Generator, got {class_name}")
-  init_kwargs = dict(_get(net, "init_kwargs", {}) or {})
+  init_kwargs = _kwargs(_get(net, "init_kwargs"), "init_kwargs")
   config = infer_nvidia_config(sd, init_kwargs, _get(net, "attributes"))
   variables = state_dict_to_params_nvidia(sd, config)
   if config["has_w_avg"]:

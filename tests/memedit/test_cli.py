@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -108,8 +109,203 @@ def test_bad_input_is_one_line_error(tiny, tmp_path, capsys):
   assert main(["rewrite", model, str(bad), "--out", str(tmp_path / "x"), "--no-progress",
                "--cache-dir", str(tmp_path / "c")]) == 1
   err = capsys.readouterr().err.strip()
-  assert err.startswith("memedit rewrite: error: layer: expected one of") and "\n" not in err
+  assert err.startswith(f"memedit rewrite: error: {bad}: layer: expected one of")
+  assert "\n" not in err
   assert not os.path.exists(tmp_path / "x")
+
+
+def _one_line_error(capsys, command):
+  err = capsys.readouterr().err
+  assert err.startswith(f"memedit {command}: error: ") and err.count("\n") == 1, err
+  return err
+
+
+def test_outputs_and_inputs_are_checked_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+  _, model, spec = tiny
+  a_file = tmp_path / "a-file"
+  a_file.write_text("not a folder")
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  stats = ["--samples", "64", "--batch-size", "16", "--no-progress", "--cache-dir",
+           str(tmp_path / "c")]
+  edit = _nan_edit(model, tmp_path / "unused.edit", nan=False)
+  cases = [
+      (["convert", spec, str(a_file / "out")], "OUT: expected a path inside folders, got "
+       f"'{a_file / 'out'}', whose parent '{a_file}' is a file"),
+      (["convert", str(tmp_path / "missing.pt"), str(tmp_path / "o")],
+       "SRC: expected a file, got"),
+      (["convert", str(folder), str(tmp_path / "o")], "SRC: expected a file, got the folder"),
+      (["rewrite", model, spec, "--out", str(a_file / "e"), *stats],
+       "--out: expected a path inside folders"),
+      (["rewrite", model, spec, "--out", str(tmp_path / "e"), "--save-model",
+        str(a_file / "m"), *stats], "--save-model: expected a path inside folders"),
+      (["sample", model, "--edit", edit, "--out", str(folder)],
+       f"--out: expected a file to write, got the folder '{folder}'"),
+      (["sample", model, "--edit", edit, "--out", str(a_file / "s.png")],
+       "--out: expected a path inside folders"),
+      (["evaluate", model, spec, "--edit", edit, "--out", str(a_file / "m.json")],
+       "--out: expected a path inside folders"),
+  ]
+  for argv, message in cases:
+    assert main(argv) == 1, argv
+    assert message in _one_line_error(capsys, argv[0])
+  assert sorted(os.listdir(tmp_path)) == ["a-file", "folder", "unused.edit"]
+  # Permissions (checked with os.access, which a test cannot make fail as root).
+  real_access = os.access
+  locked = {str(tmp_path / "locked"), spec}
+  monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+      os.fspath(p) not in locked and real_access(p, mode, **kw)))
+  (tmp_path / "locked").mkdir()
+  assert main(["convert", str(a_file), str(tmp_path / "locked" / "out")]) == 1
+  assert f"the folder '{tmp_path / 'locked'}' is not writable" in _one_line_error(capsys,
+                                                                                  "convert")
+  assert main(["convert", spec, str(tmp_path / "out")]) == 1
+  assert f"SRC: expected a file you may read, got '{spec}': permission denied" in (
+      _one_line_error(capsys, "convert"))
+  monkeypatch.undo()
+  # An OS error met later still gives one line, naming the file.
+  import ports
+
+  def denied(path):
+    raise PermissionError(13, "Permission denied", os.fspath(path))
+
+  monkeypatch.setattr(ports, "detect_format", denied)
+  assert main(["convert", str(a_file), str(tmp_path / "out")]) == 1
+  assert f"{a_file}: Permission denied" in _one_line_error(capsys, "convert")
+
+
+def test_counts_are_bounded_and_their_limits_documented(tiny, tmp_path, capsys):
+  _, model, spec = tiny
+  edit = _nan_edit(model, tmp_path / "e.edit", nan=False)
+  with pytest.raises(SystemExit) as info:
+    main(["stats", model, "--layer", "convt2", "--samples", "1e12"])
+  assert info.value.code == 2
+  assert "argument --samples: invalid int value: '1e12'" in _one_line_error(capsys, "stats")
+  cases = [
+      (["stats", model, "--layer", "convt2", "--samples", str(10 ** 12)],
+       "--samples: expected an integer in [1, 100000], got 1000000000000"),
+      (["stats", model, "--layer", "convt2", "--batch-size", "0"],
+       "--batch-size: expected an integer in [1, 4096], got 0"),
+      (["rewrite", model, spec, "--out", str(tmp_path / "x"), "--steps", "1000000000"],
+       "--steps: expected an integer in [1, 100000], got 1000000000"),
+      (["sample", model, "--edit", edit, "--images", "0-300000000", "--out",
+        str(tmp_path / "s.png")], "--images: expected image numbers in [0, 100000)"),
+      (["sample", model, "--edit", edit, "--images", "0-99", "--out", str(tmp_path / "s.png")],
+       "--images: expected at most 64 images, got 100"),
+      (["sample", model, "--edit", edit, "--columns", "0", "--out", str(tmp_path / "s.png")],
+       "--columns: expected an integer in [1, 64], got 0"),
+      (["sample", model, "--edit", edit, "--truncation", "nan", "--out",
+        str(tmp_path / "s.png")], "--truncation: expected a finite number, got nan"),
+      (["evaluate", model, spec, "--edit", edit, "--images", "100-5000"],
+       "--images: expected at most 4096 images, got 4901"),
+      (["evaluate", model, spec, "--edit", edit, "--quantile", "1.5"],
+       "--quantile: expected a number in (0, 1), got 1.5"),
+  ]
+  for argv, message in cases:
+    assert main(argv) == 1, argv
+    assert message in _one_line_error(capsys, argv[0])
+  assert sorted(os.listdir(tmp_path)) == ["e.edit"]
+  for command, limit in (("stats", "1 to 100000"), ("rewrite", "1 to 100000"),
+                         ("sample", "at most 64"), ("evaluate", "at most 4096"),
+                         ("demo", "1 to 100000")):
+    with pytest.raises(SystemExit):
+      main([command, "--help"])
+    assert limit in " ".join(capsys.readouterr().out.split())
+
+
+def _nan_edit(model, path, *, nan=True):
+  """An edit of convt2 (Λ NaN when ``nan``), saved at ``path``; returns the path."""
+  gen = rw.generator_from_converted(model)
+  kernel = memedit.get_leaf(gen.variables, gen.weight_path("convt2"))
+  lam = np.full(kernel.shape[:2] + kernel.shape[3:] + (1,), np.nan if nan else 0.01,
+                np.float32)
+  D = np.eye(1, kernel.shape[2], dtype=np.float32)
+  edit = memedit.make_edit(gen.weight_path("convt2"), lam, D, kind="conv")
+  return memedit.save_edit(path, edit)
+
+
+def test_non_finite_models_and_edits_are_errors(tiny, tmp_path, capsys, monkeypatch):
+  _, model, spec = tiny
+  png = tmp_path / "s.png"
+  # A NaN edit and a NaN model draw no PNG.
+  nan_edit = _nan_edit(model, tmp_path / "nan.edit")
+  assert main(["sample", model, "--edit", nan_edit, "--images", "100-101",
+               "--out", str(png)]) == 1
+  assert "expected an edit with finite values, got 128 NaN or infinite of the 128 values of Λ" in (
+      _one_line_error(capsys, "sample"))
+  variables, config = _io.load_tree(model)
+  variables["params"]["convt3"]["kernel"][0, 0, 0, 0] = np.nan
+  nan_model = _io.save_tree(tmp_path / "nan-model", variables, config, kind="converted")
+  edit = _nan_edit(model, tmp_path / "ok.edit", nan=False)
+  assert main(["sample", nan_model, "--edit", edit, "--images", "100-101",
+               "--out", str(png)]) == 1
+  assert "expected finite images, got" in _one_line_error(capsys, "sample")
+  assert not png.exists()
+  assert main(["evaluate", nan_model, spec, "--edit", edit, "--images", "100-103", "--out",
+               str(tmp_path / "m.json")]) == 1
+  assert "images: expected finite images from the original generator" in (
+      _one_line_error(capsys, "evaluate"))
+  assert not (tmp_path / "m.json").exists()
+  with pytest.raises(ValueError, match="images: expected finite values, got 4 NaN or "
+                     "infinite of 12"):
+    rw.comparison_grid(np.zeros((1, 2, 2, 3)), np.array([[[[np.nan, 0, 0]] * 2] * 2]))
+  with pytest.raises(ValueError, match="expected uint8 pixel values"):
+    rw.save_png(png, np.full((2, 2, 3), np.nan))
+  assert not png.exists()
+  # A spec whose learning rate is infinite is refused; a solve that diverges saves nothing.
+  stats = ["--samples", "64", "--batch-size", "16", "--no-progress", "--cache-dir",
+           str(tmp_path / "c")]
+  data = json.load(open(spec))
+  data["solver"]["learning_rate"] = float("inf")
+  inf_spec = tmp_path / "inf.json"
+  inf_spec.write_text(json.dumps(data))  # JSON "Infinity"
+  assert main(["rewrite", model, str(inf_spec), "--out", str(tmp_path / "e1"), *stats]) == 1
+  assert "solver.learning_rate: expected a finite positive number, got inf" in (
+      _one_line_error(capsys, "rewrite"))
+  real_solve = rw.solve_lambda
+
+  def diverging(*args, **kwargs):
+    res = real_solve(*args, **kwargs)
+    return res._replace(lam=res.lam * np.nan)
+
+  monkeypatch.setattr(rw, "solve_lambda", diverging)
+  assert main(["rewrite", model, spec, "--out", str(tmp_path / "e2"), *stats]) == 1
+  assert "Λ: expected finite values from the adam solve" in _one_line_error(capsys, "rewrite")
+  assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+
+
+def test_damaged_converted_model_and_spec_files(tiny, tmp_path, capsys):
+  _, model, spec = tiny
+  damaged = tmp_path / "damaged"
+  shutil.copytree(model, damaged)
+  meta = damaged / "meta.json"
+  config = json.load(open(meta))
+  del config["z_dim"]
+  meta.write_text(json.dumps(config))
+  os.remove(damaged / _io.MARKER_FILE)  # as written before outputs carried checksums
+  edit = _nan_edit(model, tmp_path / "e.edit", nan=False)
+  assert main(["sample", str(damaged), "--edit", edit, "--out", str(tmp_path / "s.png")]) == 1
+  assert "meta.json: z_dim: expected a positive integer, got nothing (the field is missing)" in (
+      _one_line_error(capsys, "sample"))
+  stats = ["--samples", "64", "--batch-size", "16", "--no-progress", "--cache-dir",
+           str(tmp_path / "c")]
+  text = open(spec).read()
+  bad = tmp_path / "bad.json"
+  cases = [
+      (text.replace('"layer": "convt2"', '"layer": "convt\\u00e92"').encode().replace(
+          b"\\u00e9", b"\xe9"), f"{bad}: expected UTF-8 text, got the byte 0xe9 at offset"),
+      (text.replace('"canvas": 64', '"canvas": "64"').encode(),
+       f"{bad}: canvas: expected 64 (the model's resolution), got the str '64'"),
+      (text.replace('"rank": 1', '"rank": 1, "shrinkge": 0.2').encode(),
+       "got unknown field ['shrinkge'] (did you mean 'shrinkage' for 'shrinkge'?)"),
+      (b'{"key": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+       f"{bad}: expected a JSON edit spec, got lists or objects nested deeper"),
+  ]
+  for raw, message in cases:
+    bad.write_bytes(raw)
+    assert main(["rewrite", model, str(bad), "--out", str(tmp_path / "x"), *stats]) == 1
+    assert message in _one_line_error(capsys, "rewrite")
+  assert not (tmp_path / "x").exists()
 
 
 def test_interrupted_stats_resumes_without_recomputing(tiny, tmp_path, monkeypatch):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import copy
+import importlib.resources
 import io
 import json
+import struct
+import zlib
 
 import jax
 import numpy as np
@@ -78,7 +81,7 @@ def test_round_trip_gives_the_identical_spec_and_edit(tmp_path, tiny):
 
 
 def test_reference_format_masks():
-  # Grey-level PNGs (no alpha) are read by their grey level, RGBA ones by their alpha.
+  # Grey-level PNGs (no alpha) are read by their grey level.
   m = _box(2, 5, 1, 7, canvas=8)
   buf = io.BytesIO()
   Image.fromarray(m, "L").save(buf, format="PNG")
@@ -128,6 +131,27 @@ INVALID = {
                              "expected 0 with method 'unit'"),
     "unknown taps": (lambda d: d.__setitem__("taps", "centre"),
                      "taps: expected one of \\('all', 'own'\\), got 'centre'"),
+    "infinite learning rate": (lambda d: d["solver"].__setitem__("learning_rate", float("inf")),
+                               "solver.learning_rate: expected a finite positive number, got inf"),
+    "NaN learning rate": (lambda d: d["solver"].__setitem__("learning_rate", float("nan")),
+                          "solver.learning_rate: expected a finite positive number, got nan"),
+    "negative learning rate": (lambda d: d["solver"].__setitem__("learning_rate", -0.05),
+                               "solver.learning_rate: expected a finite positive number"),
+    "string learning rate": (lambda d: d["solver"].__setitem__("learning_rate", "0.05"),
+                             "got the str '0.05'"),
+    "steps beyond the limit": (lambda d: d["solver"].__setitem__("steps", 1_000_000_000),
+                               r"solver.steps: expected an integer in \[1, 100000\], "
+                               "got 1000000000"),
+    "misspelt field": (lambda d: d.__setitem__("shrinkge", 0.2),
+                       r"spec: expected fields among \['key', 'object', 'paste', 'query', "
+                       r"'model', .*got unknown field \['shrinkge'\] \(did you mean "
+                       r"'shrinkage'"),
+    "misspelt solver field": (lambda d: d["solver"].__setitem__("step", 10),
+                              r"solver: expected fields among .*got \['step'\]"),
+    "canvas as a string": (lambda d: d.__setitem__("canvas", "64"),
+                           r"canvas: expected 64 \(the model's resolution\), got the str '64'"),
+    "mask not a string": (lambda d: d["key"][0].__setitem__(1, 5),
+                          "key\\[0\\] mask: expected a PNG data URL .*got the int 5"),
 }
 
 
@@ -137,6 +161,114 @@ def test_invalid_specs_raise_clear_errors(case):
   data = _edit(mutate)
   with pytest.raises(ValueError, match=message):
     specs.spec_from_json(copy.deepcopy(data), layers=LAYERS, canvas=64)
+
+
+def test_reference_fields_alone_load():
+  # The reference saves "key", "object", "paste" and "query" only; memedit needs "layer".
+  data = {k: v for k, v in _valid_json().items() if k in ("key", "object", "paste")}
+  data.update(query=data["paste"], layer="convt2")
+  spec = specs.spec_from_json(data, layers=LAYERS)
+  assert spec.query[0] == spec.paste[0] == 9 and spec.kind == "insert"
+  assert set(specs.FIELDS) >= set(_valid_json()) | {"query"}
+
+
+def _reference_mask(url):
+  """The reference's reading of a mask: the red channel, marked where above zero."""
+  raw = base64.b64decode(url[len("data:image/png;base64,"):])
+  return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))[:, :, 0] > 0
+
+
+def _png_url(array, mode):
+  buf = io.BytesIO()
+  Image.fromarray(array, mode).save(buf, format="PNG")
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_saved_masks_read_the_same_in_the_reference(tmp_path):
+  soft = _box(20, 40, 8, 56)
+  soft[20:22] = 128  # a soft edge survives the round trip as it is
+  spec = _spec(query=(13, soft))
+  path = specs.save_spec(tmp_path / "spec.json", spec)
+  data = json.load(open(path))
+  pairs = data["key"] + [data["object"], data["paste"], data["query"]]
+  want = [m for _, m in spec.key] + [spec.object[1], spec.paste[1], spec.query[1]]
+  for (_, url), mask in zip(pairs, want):
+    assert np.array_equal(_reference_mask(url), mask > 0)
+    assert np.array_equal(specs.data_url_to_mask(url), mask)
+  assert specs.load_spec(path) == spec
+
+
+def test_masks_in_every_encoding_load_to_the_same_array():
+  m = _box(2, 5, 1, 7, canvas=8)
+  m[2, 1] = 77
+  rgb = np.repeat(m[:, :, None], 3, axis=2)  # the reference's way: RGB, no alpha
+  white = np.full(m.shape + (4,), 255, np.uint8)
+  white[:, :, 3] = m  # memedit's earlier way: white, the mask in alpha
+  painted = np.zeros(m.shape + (4,), np.uint8)
+  painted[m > 0] = 255
+  painted[:, :, 3] = m  # the reference's paint widget: white strokes, coverage in alpha
+  for url in (_png_url(rgb, "RGB"), _png_url(white, "RGBA"), _png_url(painted, "RGBA"),
+              specs.mask_to_data_url(m)):
+    assert np.array_equal(specs.data_url_to_mask(url), m)
+  # The bundled demo spec reads the same in the reference as in memedit.
+  text = importlib.resources.files("memedit").joinpath("data/demo_spec.json").read_text()
+  data = json.loads(text)
+  for _, url in data["key"] + [data["object"], data["paste"], data["query"]]:
+    assert np.array_equal(_reference_mask(url), specs.data_url_to_mask(url) > 0)
+
+
+def _chunk(tag, body):
+  return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+
+def _huge_png_url(side):
+  """A PNG whose header declares side × side pixels (its data is never reached)."""
+  header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+  png = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b""))
+         + _chunk(b"IEND", b""))
+  return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def test_huge_masks_are_refused_before_decoding(tmp_path):
+  data = _valid_json()
+  data["key"][1][1] = _huge_png_url(20000)
+  path = tmp_path / "huge.json"
+  path.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=r"huge.json: key\[1\] mask: expected size 64x64 \(the "
+                     r"canvas\), got 20000x20000"):
+    specs.load_spec(path)
+  # Without a canvas to compare with, the size is bounded all the same.
+  del data["canvas"]
+  data["paste"][1] = _huge_png_url(20000)
+  path.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=r"huge.json: paste mask: expected a mask of at most "
+                     r"4096x4096 pixels, got 20000x20000"):
+    specs.load_spec(path)
+  data["canvas"] = 20000
+  path.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=r"canvas: expected an integer in \[1, 4096\], got 20000"):
+    specs.load_spec(path)
+
+
+def test_deeply_nested_spec_file_is_refused(tmp_path):
+  path = tmp_path / "deep.json"
+  path.write_text('{"layer": "convt2", "key": ' + "[" * 100_000 + "]" * 100_000 + "}")
+  with pytest.raises(ValueError, match=r"deep.json: expected a JSON edit spec, got lists or "
+                     r"objects nested deeper than the parser allows .* in field 'key'"):
+    specs.load_spec(path)
+
+
+def test_non_utf8_spec_file_names_the_file_and_field(tmp_path):
+  text = json.dumps(_valid_json()).replace('"convt2"', '"convt\\u00e92"')
+  path = tmp_path / "latin1.json"
+  path.write_bytes(text.encode().replace(b"\\u00e9", b"\xe9"))
+  with pytest.raises(ValueError, match=r"latin1.json: expected UTF-8 text, got the byte 0xe9 "
+                     r"at offset \d+ \(in field 'layer'\), which is not UTF-8"):
+    specs.load_spec(path)
+  path.write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+  with pytest.raises(ValueError, match=r"latin1.json: expected UTF-8 text, got the byte 0xff "
+                     r"at offset 0"):
+    specs.load_spec(path)
 
 
 def test_invalid_json_file(tmp_path):

@@ -6,6 +6,7 @@ import doctest
 import json
 import os
 import pickle
+import re
 import shutil
 import types
 
@@ -86,7 +87,8 @@ def test_reload_is_bit_exact(peer, converted, images, latents):
 
 def test_load_converted_refuses_unknown_architecture(tmp_path):
   path = _io.save_tree(tmp_path / "vae", {"w": np.zeros(2, np.float32)}, {"architecture": "vae"})
-  with pytest.raises(ValueError, match="architecture: expected 'dcgan' or 'stylegan2', got 'vae'"):
+  with pytest.raises(ValueError,
+                     match="architecture: expected 'dcgan', 'stylegan2' or 'gpt2', got 'vae'"):
     ports.load_converted(path)
   with pytest.raises(ValueError, match="architecture: expected 'dcgan', got 'vae'"):
     load_dcgan(path)
@@ -186,6 +188,53 @@ def test_wrong_architecture_is_refused(peer, tmp_path):
   torch.save(_small_state_dict(models), src, _use_new_zipfile_serialization=False)
   _, _, config = load_dcgan(convert_dcgan(src, tmp_path / "small"))
   assert (config["z_dim"], config["ngf"], config["channels"]) == (4, 2, [4, 16, 8, 4, 2, 3])
+
+
+def test_damaged_checkpoints_give_clear_errors(peer, tmp_path, capsys):
+  models, _ = peer
+  cases = {
+      "nan": ({"netG_state_dict": _small_state_dict(models)}, "main.3.weight", float("nan"),
+              r"DCGAN checkpoint: main.3.weight: expected finite weights, got 1 NaN and 0 "
+              r"infinite of 2048 values"),
+      "inf": ({"netG_state_dict": _small_state_dict(models)}, "main.4.running_var",
+              float("inf"), r"main.4.running_var: expected finite weights, got 0 NaN and 1 "
+              r"infinite of 8 values"),
+      "int key": ({"netG_state_dict": {**_small_state_dict(models), 5: torch.ones(1)}}, None,
+                  None, r"DCGAN checkpoint: expected a state dict with str names, got the "
+                  r"int key 5"),
+  }
+  for name, (obj, param, value, message) in cases.items():
+    if param is not None:
+      obj["netG_state_dict"][param].view(-1)[0] = value
+    src = tmp_path / f"{name}.pt"
+    torch.save(obj, src)
+    with pytest.raises(ValueError, match=message):
+      convert_dcgan(src, tmp_path / f"out-{name}")
+    assert main(["convert", str(src), str(tmp_path / f"cli-{name}")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("memedit convert: error:") and err.count("\n") == 1
+    assert not (tmp_path / f"out-{name}").exists() and not (tmp_path / f"cli-{name}").exists()
+  # Keys of mixed types, or a g_ema that is no state dict, with every --format.
+  mixed, bad = tmp_path / "mixed.pt", tmp_path / "g_ema.pt"
+  torch.save({1: torch.ones(2), "a": torch.ones(2)}, mixed)
+  torch.save({"g_ema": 5}, bad)
+  expected = {
+      (mixed, "dcgan"): r"expected 4-d tensors 'main.0.weight' and 'main.12.weight', found "
+                        r"keys \['a', 1\]",
+      (mixed, "rosinality"): r"rosinality checkpoint: expected a dict with 'g_ema', got "
+                             r"\['a', 1\]",
+      (mixed, "nvidia"): r"NVIDIA pickle: expected a dict with 'G_ema', got \['a', 1\]",
+      (mixed, "auto"): r"cannot tell the checkpoint format: .* found keys \['1', 'a'\]",
+      (bad, "rosinality"): r"rosinality checkpoint: 'g_ema': expected a state dict \(names to "
+                           r"tensors\), got int 5",
+      (bad, "auto"): r"'g_ema': expected a state dict",
+  }
+  for (src, fmt), message in expected.items():
+    assert main(["convert", str(src), str(tmp_path / "x"), "--format", fmt]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("memedit convert: error:") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_convert(peer, converted, tmp_path, capsys):

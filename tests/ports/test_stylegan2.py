@@ -270,6 +270,61 @@ def test_unexpected_architectures_raise(tmp_path, ros32):
     sg2.convert_nvidia(tmp_path / "resnet.pkl", tmp_path / "o6", key="G")
 
 
+def test_malformed_checkpoints_give_clear_errors(tmp_path, ros32):
+  g, _, latent_avg, _ = ros32
+  sd = dict(g.state_dict())
+  src = tmp_path / "bad.pt"
+
+  def refused(obj, message, **kwargs):
+    torch.save(obj, src)
+    with pytest.raises(ValueError, match=message):
+      sg2.convert_rosinality(src, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+  refused({"g_ema": 5}, r"rosinality checkpoint: 'g_ema': expected a state dict \(names to "
+          r"tensors\), got int 5")
+  refused({"g_ema": {**sd, 7: torch.ones(1)}, "latent_avg": latent_avg},
+          r"'g_ema': expected a state dict with str names, got the int key 7")
+  refused({"g_ema": {**sd, "style.1.weight": torch.ones(64)}, "latent_avg": latent_avg},
+          r"style.1.weight: expected a 2-d tensor \(\(style_dim, style_dim\)\), got shape "
+          r"\(64,\)")
+  refused({"g_ema": {**sd, "convs.0.conv.weight": torch.ones(64)}, "latent_avg": latent_avg},
+          r"convs.0.conv.weight: expected a 5-d tensor")
+  refused({"g_ema": {**sd, "to_rgb1.bias": "rgb"}, "latent_avg": latent_avg},
+          r"to_rgb1.bias: expected a numeric tensor, got str 'rgb'")
+  nan = sd["convs.2.conv.weight"].clone()
+  nan[0, 1, 2, 0, 0] = float("nan")
+  refused({"g_ema": {**sd, "convs.2.conv.weight": nan}, "latent_avg": latent_avg},
+          r"rosinality StyleGAN2 state dict: convs.2.conv.weight: expected finite weights, "
+          r"got 1 NaN and 0 infinite")
+  refused({"g_ema": sd, "latent_avg": torch.full_like(latent_avg, float("inf"))},
+          r"latent_avg: expected finite weights, got 0 NaN and 64 infinite of 64 values")
+
+  # NVIDIA: settings of the wrong type, and non-finite weights.
+  G = _nvidia_generator(conv_clamp=[1])
+  with open(tmp_path / "clamp.pkl", "wb") as f:
+    pickle.dump({"G_ema": G}, f)
+  with pytest.raises(ValueError, match=r"conv_clamp: expected a finite positive number or "
+                     r"None, got list \[1\]"):
+    sg2.convert_nvidia(tmp_path / "clamp.pkl", tmp_path / "out")
+  nv = {k: v.numpy() for k, v in _nvidia_generator().state_dict().items()}
+  for kwargs, message in [({"mapping_kwargs": 5}, r"mapping_kwargs: expected a dict of keyword "
+                           r"arguments, got int 5"),
+                          ({"synthesis_kwargs": {"conv_clamp": [1]}},
+                           r"conv_clamp: expected a finite positive number or None, got list"),
+                          ({"c_dim": "0"}, r"c_dim: expected a non-negative integer, got str")]:
+    with pytest.raises(ValueError, match=message):
+      sg2.infer_nvidia_config(nv, kwargs)
+  one_d = dict(nv, **{"mapping.fc0.weight": np.ones(48, np.float32)})
+  with pytest.raises(ValueError, match=r"mapping.fc0.weight: expected a 2-d tensor"):
+    sg2.infer_nvidia_config(one_d)
+  config = sg2.infer_nvidia_config(nv)
+  inf = dict(nv, **{"synthesis.b8.conv0.weight": nv["synthesis.b8.conv0.weight"] * np.inf})
+  with pytest.raises(ValueError, match=r"NVIDIA StyleGAN2 state dict: synthesis.b8.conv0.weight: "
+                     r"expected finite weights"):
+    sg2.state_dict_to_params_nvidia(inf, config)
+
+
 def test_checkpoints_without_optional_buffers(tmp_path, ros32):
   """No rosinality noise buffers / no NVIDIA w_avg: generated noise, estimated latent_avg."""
   g, _, latent_avg, _ = ros32
