@@ -17,10 +17,26 @@ from which
   uncentered C = E[k kᵀ] = Σ + μ μᵀ.
 
 Shifting keeps both C and Σ accurate in float32 even when the keys' mean is many standard
-deviations away from zero. All matmuls use ``Precision.HIGHEST`` with float32
-accumulation. The number of keys is kept exactly as two uint32 words (exact up to 2⁶⁴)
-and the total weight as a compensated (Kahan) float32 pair, so neither degrades past 2²⁴
-keys the way a float32 counter would.
+deviations away from zero. All matmuls use ``Precision.HIGHEST`` with accumulation in the
+state's dtype. The number of keys is kept exactly as two uint32 words (exact up to 2⁶⁴)
+and the total weight as a compensated (Kahan) pair, so neither degrades past 2²⁴ keys the
+way a float32 counter would.
+
+Dtypes. A state is float32 unless made float64 (``covariance_init(..., dtype=float64)``,
+or by :func:`covariance_update` with float64 keys); float64 needs ``jax_enable_x64``, and
+without it float64 inputs are float32 arrays to JAX and are folded in float32.
+
+Weights. Sample weights are aligned with the keys' *leading* axes, numpy-style from the
+left: weights of shape (a₀, …, a_{m−1}) on keys (n₀, …, n_{p−1}, d) need m ≤ p and
+aᵢ ∈ {1, nᵢ}, and are repeated over the remaining axes; so (B,) weights weight each of B
+images of keys (B, h, w, d) and (B, h, w) weights each pixel. Other shapes are refused.
+
+Invalid inputs. A key holding NaN or ±inf, or whose weight is NaN, ±inf or negative, is
+not folded; it is counted in ``nonfinite``. The result functions (:func:`key_mean`,
+:func:`centered_covariance`, :func:`second_moment`) refuse a state with such keys, with no
+key of positive weight, or with sums or a result that are not finite (finite keys whose
+squares overflow the state's dtype): eagerly with a ``ValueError``; under ``jax.jit``,
+where nothing can be raised, their result is all NaN instead.
 """
 
 from __future__ import annotations
@@ -51,12 +67,15 @@ class CovarianceState(NamedTuple):
   Attributes:
     count: (2,) uint32, the exact number of keys folded with non-zero weight, as
       [low word, high word].
-    weight: (2,) float32, total weight W as a compensated pair [sum, compensation].
-    shift: (d,) float32, the shift c the sums are taken about.
+    weight: (2,) float, total weight W as a compensated pair [sum, compensation].
+    shift: (d,) float, the shift c the sums are taken about.
     has_shift: () bool, whether ``shift`` is fixed (set by the first non-empty batch).
-    sum: (d,) float32, s = Σ wᵢ (kᵢ − c).
-    sum_sq: (d, d) float32, S = Σ wᵢ (kᵢ − c)(kᵢ − c)ᵀ.
-    nonfinite: () uint32, number of keys that held NaN or ±inf (they are not folded).
+    sum: (d,) float, s = Σ wᵢ (kᵢ − c).
+    sum_sq: (d, d) float, S = Σ wᵢ (kᵢ − c)(kᵢ − c)ᵀ.
+    nonfinite: () uint32, number of keys with non-zero weight that were refused: a key
+      holding NaN or ±inf, or a NaN, ±inf or negative weight (they are not folded).
+
+  The float fields share one dtype: float32, or float64 (see the module docstring).
   """
 
   count: jax.Array
@@ -72,13 +91,28 @@ class CovarianceState(NamedTuple):
     return int(self.shift.shape[-1])
 
 
-def covariance_init(dim: int, shift: Any = None) -> CovarianceState:
+def _float_dtype(dtype) -> np.dtype:
+  """The dtype sums are kept in for inputs of ``dtype``: float64 for float64 (when JAX has
+  x64 enabled; otherwise JAX holds float64 data as float32), float32 for anything else."""
+  dt = jax.dtypes.canonicalize_dtype(dtype)
+  return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+
+
+def _as_dtype(state: CovarianceState, dtype) -> CovarianceState:
+  """``state`` with its float fields in ``dtype`` (exact when widening)."""
+  return state._replace(weight=state.weight.astype(dtype), shift=state.shift.astype(dtype),
+                        sum=state.sum.astype(dtype), sum_sq=state.sum_sq.astype(dtype))
+
+
+def covariance_init(dim: int, shift: Any = None, dtype: Any = jnp.float32) -> CovarianceState:
   """Creates an empty state for keys of dimension ``dim``.
 
   Args:
     dim: key dimension d (a positive int).
     shift: optional (d,) shift c to accumulate about. When None, the weighted mean of the
       first non-empty batch is used.
+    dtype: float dtype of the sums: float32 (default) or float64 (with ``jax_enable_x64``;
+      without it float32). Any other dtype gives float32.
 
   Returns:
     A :class:`CovarianceState` with zero sums.
@@ -93,23 +127,46 @@ def covariance_init(dim: int, shift: Any = None) -> CovarianceState:
   if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
     raise ValueError(f"dim: expected a positive int, got {dim!r}")
   dim = int(dim)
+  dt = _float_dtype(dtype)
   if shift is None:
-    c = jnp.zeros((dim,), jnp.float32)
+    c = jnp.zeros((dim,), dt)
     has = jnp.asarray(False)
   else:
-    c = jnp.asarray(shift, jnp.float32)
+    c = jnp.asarray(shift, dt)
     if c.shape != (dim,):
       raise ValueError(f"shift: expected shape ({dim},), got {c.shape}")
     has = jnp.asarray(True)
   return CovarianceState(
       count=jnp.zeros((2,), jnp.uint32),
-      weight=jnp.zeros((2,), jnp.float32),
+      weight=jnp.zeros((2,), dt),
       shift=c,
       has_shift=has,
-      sum=jnp.zeros((dim,), jnp.float32),
-      sum_sq=jnp.zeros((dim, dim), jnp.float32),
+      sum=jnp.zeros((dim,), dt),
+      sum_sq=jnp.zeros((dim, dim), dt),
       nonfinite=jnp.zeros((), jnp.uint32),
   )
+
+
+def _weights_fit(weights_shape, lead) -> bool:
+  """Whether weights of ``weights_shape`` fit keys of leading shape ``lead``: aligned with
+  its leading axes from the left, each axis of size 1 or of the keys' size."""
+  ws, lead = tuple(weights_shape), tuple(lead)
+  return len(ws) <= len(lead) and all(a == 1 or a == b for a, b in zip(ws, lead))
+
+
+def _weights_error(name: str, weights_shape, lead) -> ValueError:
+  """The error for weights that do not fit keys of leading shape ``lead``."""
+  return ValueError(
+      f"{name}: expected a shape that broadcasts to a leading part of the keys' leading "
+      f"shape {tuple(lead)} (weights align with the keys' leading axes, from the left: "
+      f"(B,) weights each of B images of keys (B, h, w, d)), got {tuple(weights_shape)}")
+
+
+def _expand_weights(weights, lead):
+  """Weights that fit ``lead`` (see :func:`_weights_fit`), broadcast to shape ``lead``."""
+  w = jnp.asarray(weights)
+  w = jnp.reshape(w, tuple(w.shape) + (1,) * (len(lead) - w.ndim))
+  return jnp.broadcast_to(w, tuple(lead))
 
 
 def _check_keys(state: CovarianceState, keys, weights):
@@ -119,16 +176,12 @@ def _check_keys(state: CovarianceState, keys, weights):
   if not (jnp.issubdtype(keys.dtype, jnp.floating) or jnp.issubdtype(keys.dtype, jnp.integer)):
     raise ValueError(f"keys: expected a real dtype, got {keys.dtype}")
   if weights is not None:
-    lead = keys.shape[:-1]
-    try:
-      np.broadcast_shapes(tuple(weights.shape), lead)
-      ok = len(weights.shape) <= len(lead) and np.broadcast_shapes(tuple(weights.shape), lead) == lead
-    except ValueError:
-      ok = False
-    if not ok:
-      raise ValueError(
-          f"weights: expected a shape that broadcasts to the keys' leading shape {lead}, "
-          f"got {tuple(weights.shape)}")
+    if not (jnp.issubdtype(weights.dtype, jnp.floating)
+            or jnp.issubdtype(weights.dtype, jnp.integer)
+            or jnp.issubdtype(weights.dtype, jnp.bool_)):
+      raise ValueError(f"weights: expected a real dtype, got {weights.dtype}")
+    if not _weights_fit(weights.shape, keys.shape[:-1]):
+      raise _weights_error("weights", weights.shape, keys.shape[:-1])
 
 
 def _add_count(count, n):
@@ -156,11 +209,12 @@ def _kahan_add(pair, x):
 
 def _fold(state: CovarianceState, keys, weights) -> CovarianceState:
   d = state.shift.shape[-1]
-  x = jnp.reshape(keys, (-1, d)).astype(jnp.float32)
+  dt = state.sum.dtype
+  x = jnp.reshape(keys, (-1, d)).astype(dt)
   if weights is None:
-    w = jnp.ones((x.shape[0],), jnp.float32)
+    w = jnp.ones((x.shape[0],), dt)
   else:
-    w = jnp.reshape(jnp.broadcast_to(jnp.asarray(weights, jnp.float32), keys.shape[:-1]), (-1,))
+    w = jnp.reshape(_expand_weights(jnp.asarray(weights).astype(dt), keys.shape[:-1]), (-1,))
   used = w != 0
 
   def sums(wf, xf):
@@ -176,21 +230,25 @@ def _fold(state: CovarianceState, keys, weights) -> CovarianceState:
     sw = jnp.sqrt(wf)
     xs = (xf - shift) * sw[:, None]
     s = jnp.einsum("n,nd->d", sw, xs, precision=HIGHEST)
-    ss = jnp.einsum("nd,ne->de", xs, xs, precision=HIGHEST, preferred_element_type=jnp.float32)
+    ss = jnp.einsum("nd,ne->de", xs, xs, precision=HIGHEST, preferred_element_type=dt)
     return wsum, shift, s, ss
 
   def masked():
-    # A row is finite iff its sum is (NaN and ±inf propagate); such rows get weight 0.
-    finite = jnp.isfinite(jnp.sum(x, axis=-1))
-    out = sums(jnp.where(finite, w, 0.0), jnp.where(finite[:, None], x, 0.0))
-    return out + (jnp.sum(finite & used, dtype=jnp.uint32),
-                  jnp.sum(~finite & used, dtype=jnp.uint32))
+    # Rows are checked one by one only here: a row is refused (weight 0, counted) when an
+    # entry of its key is NaN or ±inf, or its weight is NaN, ±inf or negative. The test is
+    # elementwise, so a finite row of large entries is kept (a row sum could overflow).
+    ok = jnp.all(jnp.isfinite(x), axis=-1) & jnp.isfinite(w) & (w >= 0)
+    out = sums(jnp.where(ok, w, 0.0), jnp.where(ok[:, None], x, 0.0))
+    return out + (jnp.sum(ok & used, dtype=jnp.uint32),
+                  jnp.sum(~ok & used, dtype=jnp.uint32))
 
-  # The common case folds every row unmasked; any NaN or ±inf among them shows in
-  # Σ s + tr S, and only then is the batch folded again with those rows masked.
+  # The common case folds every row unmasked; a NaN or ±inf key, or a NaN, ±inf or
+  # negative weight (√w is NaN), shows in W + Σ s + tr S, and only then is the batch
+  # folded again with those rows masked. (Finite keys whose squares overflow also take
+  # that path, are kept, and leave non-finite sums that the result functions refuse.)
   n_used = jnp.sum(used, dtype=jnp.uint32)
   plain = sums(w, x) + (n_used, jnp.zeros_like(n_used))
-  clean = jnp.isfinite(jnp.sum(plain[2]) + jnp.trace(plain[3]))
+  clean = jnp.isfinite(plain[0] + jnp.sum(plain[2]) + jnp.trace(plain[3]))
   wsum, shift, s, ss, n, nonfinite = lax.cond(clean, lambda: plain, masked)
   return CovarianceState(
       count=_add_count(state.count, n),
@@ -218,14 +276,21 @@ def covariance_update(state: CovarianceState, keys: Any, weights: Any = None) ->
 
   For keys kᵢ with weights wᵢ (1 when omitted), adds
   W += Σ wᵢ, s += Σ wᵢ (kᵢ − c), S += Σ wᵢ (kᵢ − c)(kᵢ − c)ᵀ.
-  Keys holding NaN or ±inf are counted in ``state.nonfinite`` and left out; the result
-  functions then raise.
+  Keys holding NaN or ±inf, and keys with a NaN or ±inf weight, are counted in
+  ``state.nonfinite`` and left out; the result functions then raise (NaN under jit).
+  Negative weights raise a ``ValueError`` here when the weights are concrete; under
+  ``jax.jit`` they cannot, and those keys are counted and left out in the same way.
+
+  Float64 keys (with ``jax_enable_x64``) make the state float64 (its sums are widened
+  exactly); other keys are folded in the state's dtype.
 
   Args:
     state: the running :class:`CovarianceState` for dimension d.
-    keys: (..., d) array; every leading position is one key (pixels, tokens, batch).
-    weights: optional non-negative array broadcastable to ``keys.shape[:-1]`` (e.g. a
-      soft mask).
+    keys: (n₀, …, n_{p−1}, d) array; every leading position is one key (pixels, tokens,
+      batch).
+    weights: optional non-negative array aligned with the keys' leading axes from the
+      left: shape (a₀, …, a_{m−1}) with m ≤ p and aᵢ ∈ {1, nᵢ} (so (n₀,) weights whole
+      images and (n₀, …, n_{p−1}) single keys, e.g. a soft mask). Other shapes raise.
 
   Returns:
     The updated state.
@@ -243,6 +308,9 @@ def covariance_update(state: CovarianceState, keys: Any, weights: Any = None) ->
   if weights is not None and not isinstance(weights, jax.core.Tracer):
     if bool(jnp.any(weights < 0)):
       raise ValueError("weights: expected non-negative weights, got a negative one")
+  dt = jnp.promote_types(state.sum.dtype, _float_dtype(keys.dtype))
+  if dt != state.sum.dtype:
+    state = _as_dtype(state, dt)
   return _fold_jit(state, keys, weights)
 
 
@@ -275,7 +343,8 @@ def covariance_merge(a: CovarianceState, b: CovarianceState) -> CovarianceState:
     raise ValueError(
         f"covariance_merge: expected states of the same dimension, got {a.shift.shape[-1]} "
         f"and {b.shift.shape[-1]}")
-  return _merge_jit(a, b)
+  dt = jnp.promote_types(a.sum.dtype, b.sum.dtype)
+  return _merge_jit(_as_dtype(a, dt), _as_dtype(b, dt))
 
 
 def _merge(a: CovarianceState, b: CovarianceState) -> CovarianceState:
@@ -324,7 +393,7 @@ def total_weight(state: CovarianceState) -> jax.Array:
     state: a :class:`CovarianceState`.
 
   Returns:
-    () float32.
+    () in the state's dtype (float32 or float64).
 
   Example:
     >>> import numpy as np, memedit
@@ -335,16 +404,51 @@ def total_weight(state: CovarianceState) -> jax.Array:
   return state.weight[0] - state.weight[1]
 
 
+def _traced(*xs) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
+
+
 def _check_result_state(state: CovarianceState, what: str):
-  if isinstance(state.nonfinite, jax.core.Tracer):
+  """Eager checks of a state before a result is read from it (none under jit)."""
+  if _traced(state):
     return
   bad = int(np.asarray(state.nonfinite))
   if bad:
     raise ValueError(
-        f"{what}: expected finite keys, got {bad} key(s) holding NaN or inf among "
-        f"{key_count(state) + bad}")
-  if not isinstance(state.weight, jax.core.Tracer) and float(np.asarray(total_weight(state))) <= 0:
+        f"{what}: expected finite keys, got {bad} key(s) holding NaN or inf, or with a NaN, "
+        f"inf or negative weight, among {key_count(state) + bad}")
+  w = float(np.asarray(total_weight(state)))
+  if np.isfinite(w) and w <= 0:
     raise ValueError(f"{what}: expected at least one key with positive weight, got none")
+  sums = (state.weight, state.shift, state.sum, state.sum_sq)
+  if not all(bool(jnp.all(jnp.isfinite(x))) for x in sums):
+    raise ValueError(
+        f"{what}: expected finite accumulated sums, got NaN or inf (the keys' weighted "
+        f"squares or the total weight overflow {state.sum.dtype}); rescale the keys or "
+        f"weights, or fold them in float64")
+
+
+def _state_ok(state: CovarianceState) -> jax.Array:
+  """In-graph form of :func:`_check_result_state`: () bool."""
+  w = total_weight(state)
+  finite = (jnp.all(jnp.isfinite(state.weight)) & jnp.all(jnp.isfinite(state.shift))
+            & jnp.all(jnp.isfinite(state.sum)) & jnp.all(jnp.isfinite(state.sum_sq)))
+  return (state.nonfinite == 0) & (w > 0) & finite
+
+
+def _checked(value: jax.Array, state: CovarianceState, what: str) -> jax.Array:
+  """A result read from a checked state: eagerly it must be finite (else ValueError);
+  under jit it is replaced by NaN when the state or the result fails the checks."""
+  if _traced(state, value):
+    ok = _state_ok(state) & jnp.all(jnp.isfinite(value))
+    return jnp.where(ok, value, jnp.nan)
+  if not bool(jnp.all(jnp.isfinite(value))):
+    mu = np.asarray(state.shift + state.sum / total_weight(state))
+    raise ValueError(
+        f"{what}: expected a finite result, got NaN or inf: it overflows {value.dtype} "
+        f"(the keys' mean reaches {np.abs(mu).max():.3g}); rescale the keys, use "
+        f"centered_covariance, or fold them in float64")
+  return value
 
 
 def key_mean(state: CovarianceState) -> jax.Array:
@@ -354,10 +458,12 @@ def key_mean(state: CovarianceState) -> jax.Array:
     state: a :class:`CovarianceState` of dimension d.
 
   Returns:
-    (d,) float32.
+    (d,) in the state's dtype (float32 or float64).
 
   Raises:
-    ValueError: non-finite keys were folded, or no key had positive weight.
+    ValueError: keys were refused (NaN or inf keys, NaN, inf or negative weights), no key
+      had positive weight, or the sums or the result are not finite. Under ``jax.jit``
+      nothing is raised: the result is all NaN instead.
 
   Example:
     >>> import numpy as np, memedit
@@ -366,7 +472,7 @@ def key_mean(state: CovarianceState) -> jax.Array:
     array([2., 3.], dtype=float32)
   """
   _check_result_state(state, "key_mean")
-  return state.shift + state.sum / total_weight(state)
+  return _checked(state.shift + state.sum / total_weight(state), state, "key_mean")
 
 
 def centered_covariance(state: CovarianceState) -> jax.Array:
@@ -376,10 +482,12 @@ def centered_covariance(state: CovarianceState) -> jax.Array:
     state: a :class:`CovarianceState` of dimension d.
 
   Returns:
-    (d, d) float32, symmetric.
+    (d, d), symmetric, in the state's dtype (float32 or float64).
 
   Raises:
-    ValueError: non-finite keys were folded, or no key had positive weight.
+    ValueError: keys were refused (NaN or inf keys, NaN, inf or negative weights), no key
+      had positive weight, or the sums or the result are not finite. Under ``jax.jit``
+      nothing is raised: the result is all NaN instead.
 
   Example:
     >>> import numpy as np, memedit
@@ -391,7 +499,7 @@ def centered_covariance(state: CovarianceState) -> jax.Array:
   w = total_weight(state)
   m = state.sum / w
   cov = state.sum_sq / w - jnp.outer(m, m)
-  return 0.5 * (cov + cov.T)
+  return _checked(0.5 * (cov + cov.T), state, "centered_covariance")
 
 
 def second_moment(state: CovarianceState) -> jax.Array:
@@ -401,10 +509,12 @@ def second_moment(state: CovarianceState) -> jax.Array:
     state: a :class:`CovarianceState` of dimension d.
 
   Returns:
-    (d, d) float32, symmetric.
+    (d, d), symmetric, in the state's dtype (float32 or float64).
 
   Raises:
-    ValueError: non-finite keys were folded, or no key had positive weight.
+    ValueError: keys were refused (NaN or inf keys, NaN, inf or negative weights), no key
+      had positive weight, or the sums or the result are not finite. Under ``jax.jit``
+      nothing is raised: the result is all NaN instead.
 
   Example:
     >>> import numpy as np, memedit
@@ -418,7 +528,7 @@ def second_moment(state: CovarianceState) -> jax.Array:
   m = state.sum / w
   mu = state.shift + m
   c = state.sum_sq / w - jnp.outer(m, m) + jnp.outer(mu, mu)
-  return 0.5 * (c + c.T)
+  return _checked(0.5 * (c + c.T), state, "second_moment")
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import enable_x64
 
 import memedit
 from memedit import covariance as cov_mod
@@ -273,3 +274,116 @@ def test_nonfinite_rows_are_left_out_exactly():
                                  atol=1e-6)
     np.testing.assert_allclose(memedit.total_weight(st_bad), memedit.total_weight(st_ref),
                                rtol=1e-7)
+
+
+def _moment64(keys, weights):
+  k = np.asarray(keys, np.float64).reshape(-1, np.shape(keys)[-1])
+  w = np.asarray(weights, np.float64).reshape(-1)
+  return (w[:, None] * k).T @ k / w.sum()
+
+
+def test_nonfinite_weights_refuse_their_key():
+  # A NaN or ±inf weight refuses its key like a NaN key does: counted, not folded, and
+  # the result functions raise (NaN under jit), instead of an all-NaN C.
+  rng = np.random.default_rng(11)
+  keys = (rng.standard_normal((8, 3)) + 2.0).astype(np.float32)
+  weights = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+  bad = weights.copy()
+  bad[2], bad[5] = np.nan, np.inf
+  keep = np.isfinite(bad)
+  for update in (memedit.covariance_update, jax.jit(memedit.covariance_update)):
+    st = update(memedit.covariance_init(3), keys, bad)
+    ref = update(memedit.covariance_init(3), keys[keep], weights[keep])
+    assert int(st.nonfinite) == 2
+    assert memedit.key_count(st) == 6
+    for field in ("shift", "sum", "sum_sq"):
+      np.testing.assert_allclose(getattr(st, field), getattr(ref, field), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"second_moment: expected finite keys, got 2 key\(s\)"):
+      memedit.second_moment(st)
+    assert np.isnan(np.asarray(jax.jit(memedit.second_moment)(st))).all()
+    np.testing.assert_allclose(memedit.second_moment(ref), _moment64(keys[keep], weights[keep]),
+                               rtol=1e-5)
+
+
+def test_large_finite_keys_are_not_counted_as_nonfinite_and_overflow_raises():
+  rng = np.random.default_rng(12)
+  keys = rng.standard_normal((6, 4)).astype(np.float32)
+  big = keys.copy()
+  big[3] = 3e38  # finite, but its row sum and its square overflow float32
+  st = memedit.covariance_update(memedit.covariance_init(4), big)
+  assert int(st.nonfinite) == 0
+  assert memedit.key_count(st) == 6
+  with pytest.raises(ValueError, match="second_moment: expected finite accumulated sums"):
+    memedit.second_moment(st)
+  with pytest.raises(ValueError, match="key_mean: expected finite accumulated sums"):
+    memedit.key_mean(st)
+  assert np.isnan(np.asarray(jax.jit(memedit.second_moment)(st))).all()
+  # Keys near 1e20: the shifted sums stay finite (so Σ does) but C = E[k kᵀ] overflows.
+  huge = (1e20 * (1.0 + 0.01 * keys)).astype(np.float32)
+  st = memedit.covariance_update(memedit.covariance_init(4), huge)
+  cov = np.asarray(memedit.centered_covariance(st), np.float64)
+  np.testing.assert_allclose(cov, np.cov(huge.T.astype(np.float64), bias=True), rtol=1e-3)
+  with pytest.raises(ValueError, match="second_moment: expected a finite result.*overflows"):
+    memedit.second_moment(st)
+  assert np.isnan(np.asarray(jax.jit(memedit.second_moment)(st))).all()
+
+
+def test_weights_align_with_the_keys_leading_axes():
+  rng = np.random.default_rng(13)
+  keys = rng.standard_normal((5, 5, 5, 3)).astype(np.float32)
+  per_image = np.array([1.0, 0.0, 2.0, 0.5, 0.0], np.float32)
+  full = np.broadcast_to(per_image[:, None, None], (5, 5, 5))
+  ref = _moment64(keys, full)
+  for w in (per_image, per_image[:, None], per_image[:, None, None]):
+    for update in (memedit.covariance_update, jax.jit(memedit.covariance_update)):
+      st = update(memedit.covariance_init(3), keys, w)
+      assert memedit.key_count(st) == 75
+      np.testing.assert_allclose(memedit.second_moment(st), ref, rtol=1e-5, atol=1e-6)
+  rows = rng.uniform(size=(5, 5)).astype(np.float32)  # per image and row
+  st = memedit.covariance_update(memedit.covariance_init(3), keys, rows)
+  np.testing.assert_allclose(memedit.second_moment(st),
+                             _moment64(keys, np.broadcast_to(rows[:, :, None], (5, 5, 5))),
+                             rtol=1e-5, atol=1e-6)
+  # A shape that only fits the trailing axes is refused rather than applied there.
+  with pytest.raises(ValueError, match=r"weights: expected a shape that broadcasts to a "
+                                       r"leading part of the keys' leading shape \(2, 5\).*"
+                                       r"got \(5,\)"):
+    memedit.covariance_update(memedit.covariance_init(3), keys[:2, 0], np.ones(5, np.float32))
+
+
+def test_float64_keys_are_folded_in_float64_under_x64():
+  rng = np.random.default_rng(14)
+  keys = rng.standard_normal((300, 6)) * 1e-3 + 1.0  # mean 1000σ: float32 loses C's spread
+  w = rng.uniform(0.5, 1.5, 300)
+  with enable_x64():
+    st = memedit.covariance_update(memedit.covariance_init(6), keys, w)
+    assert st.sum_sq.dtype == jnp.float64 and st.weight.dtype == jnp.float64
+    C = memedit.second_moment(st)
+    cov = memedit.centered_covariance(st)
+    assert C.dtype == cov.dtype == jnp.float64
+    ref = _moment64(keys, w)
+    mu = (w[:, None] * keys).sum(0) / w.sum()
+    assert rel(C, ref) <= 1e-13
+    assert rel(cov, _moment64(keys - mu, w)) <= 1e-9
+    st64 = memedit.covariance_update(memedit.covariance_init(6, dtype=jnp.float64), keys, w)
+    np.testing.assert_array_equal(memedit.second_moment(st64), C)
+    # Float32 keys keep a float32 state, and a merge widens to the wider of the two.
+    st32 = memedit.covariance_update(memedit.covariance_init(6), keys.astype(np.float32))
+    assert st32.sum_sq.dtype == jnp.float32
+    merged = memedit.covariance_merge(st32, st)
+    assert merged.sum_sq.dtype == jnp.float64
+    assert memedit.key_count(merged) == 600
+
+
+def test_negative_weights_under_jit_are_refused_like_nonfinite_ones():
+  keys = np.arange(12, dtype=np.float32).reshape(4, 3)
+  w = np.array([1.0, -1.0, 1.0, 1.0], np.float32)
+  with pytest.raises(ValueError, match="weights: expected non-negative weights"):
+    memedit.covariance_update(memedit.covariance_init(3), keys, w)
+  st = jax.jit(memedit.covariance_update)(memedit.covariance_init(3), keys, w)
+  assert int(st.nonfinite) == 1
+  assert memedit.key_count(st) == 3
+  with pytest.raises(ValueError, match=r"expected finite keys, got 1 key\(s\).*negative weight"):
+    memedit.second_moment(st)
+  assert np.isnan(np.asarray(jax.jit(memedit.centered_covariance)(st))).all()
+  assert np.isnan(np.asarray(jax.jit(memedit.key_mean)(st))).all()

@@ -62,10 +62,10 @@ def test_closed_form_insert_is_exact_and_equals_kkt():
 
 def test_ridge_insert_matches_formula_and_tends_to_exact():
   _, C, W, K, V = problem(1)
-  for ridge in (10.0, 1e-4):
-    sol = memedit.insert_ridge(*f32(W, C, K, V), ridge=ridge)
+  for penalty in (10.0, 1e-4):
+    sol = memedit.insert_ridge(*f32(W, C, K, V), penalty=penalty)
     R = V - K @ W.T
-    ref = R.T @ K @ np.linalg.inv(ridge * C + K.T @ K)
+    ref = R.T @ K @ np.linalg.inv(penalty * C + K.T @ K)
     assert rel(sol.lam @ sol.directions, ref) <= 1e-4
   exact = memedit.insert_closed_form(*f32(W, C, K, V))
   assert rel(sol.lam @ sol.directions, exact.lam @ exact.directions) <= 1e-3
@@ -315,3 +315,226 @@ def test_lam_mask_confines_the_edit_to_its_entries():
   with pytest.raises(ValueError, match=r"lam_mask: expected a shape broadcastable to Λ's "
                                        r"\(6, 3\), got \(4,\)"):
     memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", lam_mask=np.ones(4))
+
+
+def test_dependent_keys_give_nan_under_jit_and_raise_eagerly():
+  _, C, W, K, V = problem(21)
+  rng = np.random.default_rng(21)
+  dep = np.concatenate([K, K[:1] + K[1:2] + 1e-6 * rng.standard_normal((1, K.shape[1]))])
+  vals = np.concatenate([V, V[:1]])
+  args = f32(W, C, dep, vals)
+  with pytest.raises(ValueError, match="keys: expected linearly independent keys"):
+    memedit.insert_closed_form(*args)
+  sol = jax.jit(memedit.insert_closed_form)(*args)
+  assert np.isnan(np.asarray(sol.lam)).all() and np.isnan(np.asarray(sol.directions)).all()
+  # Independent keys solve under jit as eagerly; the soft insert takes dependent keys.
+  good = jax.jit(memedit.insert_closed_form)(*f32(W, C, K, V))
+  np.testing.assert_allclose(good.lam, memedit.insert_closed_form(*f32(W, C, K, V)).lam,
+                             rtol=1e-5, atol=1e-6)
+  soft = jax.jit(memedit.insert_ridge)(*args, 1e-2)
+  assert np.isfinite(np.asarray(soft.lam)).all()
+  # Other failed checks under jit give NaN too: a non-finite key, an all-zero C.
+  bad = f32(W, C, K, V)
+  bad[2] = bad[2].copy()
+  bad[2][0, 0] = np.nan
+  assert np.isnan(np.asarray(jax.jit(memedit.insert_closed_form)(*bad).lam)).all()
+  zero = f32(W, 0 * C, K, V)
+  assert np.isnan(np.asarray(jax.jit(memedit.insert_closed_form)(*zero).directions)).all()
+  with pytest.raises(ValueError, match="C: expected a matrix with a positive eigenvalue"):
+    memedit.insert_closed_form(*zero)
+
+
+def test_insert_ridge_penalty_takes_jax_scalars_and_is_not_a_ridge():
+  _, C, W, K, V = problem(22)
+  R = V - K @ W.T
+  ref = R.T @ K @ np.linalg.inv(0.5 * C + K.T @ K)
+  for penalty in (jnp.float32(0.5), np.float64(0.5), 0.5):
+    by_name = memedit.insert_ridge(*f32(W, C, K, V), penalty=penalty)
+    by_position = memedit.insert_ridge(*f32(W, C, K, V), penalty)
+    assert rel(by_name.lam @ by_name.directions, ref) <= 1e-4
+    np.testing.assert_array_equal(by_name.lam, by_position.lam)
+  traced = jax.jit(memedit.insert_ridge)(*f32(W, C, K, V), jnp.float32(0.5))
+  assert rel(traced.lam @ traced.directions, ref) <= 1e-4
+  nonpositive = jax.jit(memedit.insert_ridge)(*f32(W, C, K, V), jnp.float32(0.0))
+  assert np.isnan(np.asarray(nonpositive.lam)).all()
+  for bad in (0.0, -1.0, np.inf, "1", np.ones(2)):
+    with pytest.raises(ValueError, match="penalty: expected a positive number"):
+      memedit.insert_ridge(*f32(W, C, K, V), penalty=bad)
+  # ``ridge`` means C + ridge·I everywhere; the soft insert's weight has its own name.
+  with pytest.raises(TypeError):
+    memedit.insert_ridge(*f32(W, C, K, V), ridge=0.5)
+
+
+def test_float64_closed_form_insert_under_x64():
+  _, C, W, K, V = problem(23)
+  with enable_x64():
+    sol = memedit.insert_closed_form(W, C, K, V)
+    assert sol.lam.dtype == sol.directions.dtype == jnp.float64
+    dW = np.asarray(sol.lam @ sol.directions)
+    assert rel(dW, kkt_insert(C, W, K, V)) <= 1e-10
+    assert rel(K @ (W + dW).T, V) <= 1e-12
+    soft = memedit.insert_ridge(W, C, K, V, 0.1)
+    assert soft.lam.dtype == jnp.float64
+    R = V - K @ W.T
+    assert rel(soft.lam @ soft.directions, R.T @ K @ np.linalg.inv(0.1 * C + K.T @ K)) <= 1e-10
+    f32_sol = memedit.insert_closed_form(*f32(W, C, K, V))
+    assert f32_sol.lam.dtype == jnp.float32
+
+
+def test_solve_lambda_weights_align_with_leading_axes():
+  _, C, W, K, V = problem(24, n=4)
+  W, C, K, V = f32(W, C, K, V)
+  D = memedit.context_directions(C, K[:2], rank=2).directions
+  matrix = lambda Wm, keys: keys @ Wm.T
+  garbage = V.copy()
+  garbage[2:] = 1e3
+  kw = dict(kind="matrix", loss="l2", optimizer="gauss_newton", steps=6)
+  # (4,) weights on (4, 6) targets weight whole rows (the leading axis), not columns.
+  a = memedit.solve_lambda(matrix, W, D, K, garbage, weights=np.array([1.0, 1.0, 0.0, 0.0]),
+                           **kw)
+  b = memedit.solve_lambda(matrix, W, D, K, garbage, weights=np.array([[1.0], [1.0], [0.0],
+                                                                       [0.0]]), **kw)
+  ref = memedit.solve_lambda(matrix, W, D, K[:2], V[:2], **kw)
+  np.testing.assert_allclose(a.lam, ref.lam, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(b.lam, ref.lam, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match=r"weights: expected a shape broadcastable to a leading "
+                                       r"part of the targets' shape \(4, 6\).*got \(6,\)"):
+    memedit.solve_lambda(matrix, W, D, K, garbage, weights=np.ones(6), **kw)
+
+
+def test_gauss_newton_follows_the_problem_dtype_under_x64():
+  # An overdetermined linear problem: float64 Gauss–Newton reaches the float64
+  # least-squares Λ, beyond what float32 can hold.
+  _, C, W, K, V = problem(25, n=5)
+  D = np.linalg.qr(np.linalg.solve(C, K[:2].T))[0].T  # (2, 10), orthonormal rows
+  ref = np.linalg.lstsq(K @ D.T, V - K @ W.T, rcond=None)[0].T
+  matrix = lambda Wm, keys: keys @ Wm.T
+  with enable_x64():
+    res = memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", loss="l2",
+                               optimizer="gauss_newton", steps=10)
+    assert res.lam.dtype == res.losses.dtype == res.final_loss.dtype == jnp.float64
+    assert rel(res.lam, ref) <= 1e-10
+    # L1, position weights and a Λ mask run in float64 too.
+    l1 = memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", loss="l1",
+                              optimizer="gauss_newton", steps=10, weights=np.ones(5),
+                              lam_mask=np.ones((6, 1)))
+    assert l1.lam.dtype == l1.losses.dtype == jnp.float64
+    assert float(l1.final_loss) < float(l1.losses[0])
+    adam = memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", loss="l2", steps=50)
+    assert adam.lam.dtype == jnp.float64
+    # Float32 inputs still solve in float32 with x64 on.
+    low = memedit.solve_lambda(matrix, *f32(W, D, K, V), kind="matrix", loss="l2",
+                               optimizer="gauss_newton", steps=10)
+    assert low.lam.dtype == low.losses.dtype == jnp.float32
+
+
+def test_gauss_newton_goes_past_the_resolution_of_the_loss():
+  # Overdetermined linear least squares: the loss at the optimum cannot resolve Λ beyond
+  # √eps in float32; Gauss–Newton still reaches the float64 Λ to about eps.
+  matrix = lambda Wm, keys: keys @ Wm.T
+  for seed in range(6):
+    _, C, W, K, V = problem(seed, n=4)
+    D = np.asarray(memedit.context_directions(*f32(C, K), rank=2).directions, np.float64)
+    ref = np.linalg.lstsq(K @ D.T, V - K @ W.T, rcond=None)[0].T
+    res = memedit.solve_lambda(matrix, *f32(W, D, K, V), kind="matrix", loss="l2",
+                               optimizer="gauss_newton", steps=30)
+    assert rel(res.lam, ref) <= 2e-6, seed
+
+
+def tanh_dense(kernel, keys):
+  return jnp.tanh(keys @ kernel)
+
+
+def tanh_dense_problem(seed, channels=16, n_keys=16):
+  """The tanh(Dense) problem of benchmarks/lambda_solve.py (``make_dense_problem``) at a
+  small size: D of rank 1 from the keys, targets the layer's outputs plus noise."""
+  rng = np.random.default_rng(seed)
+  K0 = (rng.standard_normal((channels, channels)) / np.sqrt(channels)).astype(np.float32)
+  sample = rng.standard_normal((4096, channels)) + 0.5
+  C = (sample.T @ sample / len(sample)).astype(np.float32)
+  keys = jnp.asarray(rng.standard_normal((n_keys, channels)).astype(np.float32) + 0.5)
+  D = memedit.context_directions(C, keys, rank=1).directions
+  targets = tanh_dense(jnp.asarray(K0), keys) + 0.3 * jnp.asarray(
+      rng.standard_normal((n_keys, channels)).astype(np.float32))
+  return jnp.asarray(K0), D, keys, jnp.clip(targets, -0.99, 0.99)
+
+
+def tanh_dense_loss64(K0, D, keys, targets, lam, loss):
+  K0, D, keys, t, lam = (np.asarray(x, np.float64) for x in (K0, D, keys, targets, lam))
+  r = np.tanh(keys @ (K0 + D.T @ lam.T)) - t
+  return np.mean(np.abs(r)) if loss == "l1" else np.mean(r * r)
+
+
+def tanh_dense_newton(K0, D, keys, targets, lam):
+  """Float64 Newton iterations from ``lam`` on the rank-1 L2 problem, which splits into a
+  scalar problem per output o: min_λ Σ_i (tanh(b_io + a_i λ) − t_io)²."""
+  K0, D, keys, t = (np.asarray(x, np.float64) for x in (K0, D, keys, targets))
+  b = keys @ K0
+  a = (keys @ D[0])[:, None]
+  lam = np.asarray(lam, np.float64)[:, 0]
+  for _ in range(50):
+    y = np.tanh(b + a * lam)
+    s = 1 - y * y
+    g = np.sum((y - t) * s * a, axis=0)
+    h = np.sum(a * a * (s * s - 2 * y * s * (y - t)), axis=0)
+    lam = lam - g / h
+  assert np.all(h > 0) and np.abs(g).max() < 1e-12
+  return lam[:, None]
+
+
+@pytest.mark.parametrize("loss,steps", [("l2", 20), ("l1", 30)])
+def test_gauss_newton_reaches_adam_loss_on_every_tanh_dense_seed(loss, steps):
+  # Adam as the reference runs it (2001 steps, lr 0.05) against Gauss–Newton, both losses
+  # evaluated in float64 at the returned Λ.
+  for seed in range(6):
+    K0, D, keys, targets = tanh_dense_problem(seed)
+    adam = memedit.solve_lambda(tanh_dense, K0, D, keys, targets, loss=loss)
+    gn = memedit.solve_lambda(tanh_dense, K0, D, keys, targets, loss=loss,
+                              optimizer="gauss_newton", steps=steps)
+    adam_loss = tanh_dense_loss64(K0, D, keys, targets, adam.lam, loss)
+    assert tanh_dense_loss64(K0, D, keys, targets, gn.lam, loss) <= adam_loss, seed
+    if loss == "l2":
+      # The optimum next to Adam's Λ, in float64: Gauss–Newton's Λ is on it to float32's
+      # precision.
+      ref = tanh_dense_newton(K0, D, keys, targets, adam.lam)
+      assert rel(gn.lam, ref) <= 1e-6, seed
+
+
+def test_non_finite_results_raise_eagerly_and_are_flagged_under_jit():
+  _, C, W, K, V = problem(26)
+  W, C, K, V = f32(W, C, K, V)
+  D = memedit.context_directions(C, K, rank=2).directions
+  matrix = lambda Wm, keys: keys @ Wm.T
+  bad = V.copy()
+  bad[1, 2] = np.nan
+  kw = dict(kind="matrix", loss="l2", steps=5)
+  for optimizer in ("adam", "gauss_newton"):
+    with pytest.raises(ValueError, match=r"lam: expected solve_lambda to end with a finite Λ "
+                                         r"and loss, got a final loss of nan; the loss is NaN "
+                                         r"or inf already at Λ0"):
+      memedit.solve_lambda(matrix, W, D, K, bad, optimizer=optimizer, **kw)
+    # Under jit nothing can be raised: the flag says it, and Λ is NaN.
+    res = jax.jit(lambda v: memedit.solve_lambda(matrix, W, D, K, v, optimizer=optimizer,
+                                                 **kw))(bad)
+    assert not bool(res.finite) and np.isnan(np.asarray(res.lam)).all()
+    batch = jax.vmap(lambda v: memedit.solve_lambda(matrix, W, D, K, v, optimizer=optimizer,
+                                                    **kw))(np.stack([V, bad]))
+    assert np.asarray(batch.finite).tolist() == [True, False]
+    assert np.isfinite(np.asarray(batch.lam[0])).all()
+    assert bool(memedit.solve_lambda(matrix, W, D, K, V, optimizer=optimizer, **kw).finite)
+  # A solve that leaves f's domain: f = log(1 + λ) from λ = -0.5 towards a target log(0.05);
+  # Adam's first step, of about lr = 1, lands past λ = -1.
+  log_f = lambda Kern, keys: jnp.log(keys @ Kern)
+  one = np.ones((1, 1), np.float32)
+  with pytest.raises(ValueError, match=r"became NaN or inf at step 1; a smaller "
+                                       r"learning_rate"):
+    memedit.solve_lambda(log_f, one, one, one, np.full((1, 1), np.log(0.05), np.float32),
+                         kind="matrix", loss="l2", learning_rate=1.0, steps=20,
+                         lam0=np.full((1, 1), -0.5))
+  fn = memedit.lambda_loss_fn(matrix, W, D, K, bad, kind="matrix", loss="l2")
+  with pytest.raises(ValueError, match="loss: expected a finite loss, got nan"):
+    fn(jnp.zeros((6, 2)))
+  assert np.isnan(float(jax.jit(fn)(jnp.zeros((6, 2)))))
+  with pytest.raises(ValueError, match="values: expected finite values, got NaN or inf"):
+    memedit.least_squares_lambda(W, D, K, bad)
+  assert np.isnan(np.asarray(jax.jit(memedit.least_squares_lambda)(W, D, K, bad))).all()
