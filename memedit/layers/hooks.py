@@ -229,11 +229,27 @@ def _run(m: "_mem._Model", path, holder, args, kwargs, method, keys_only=False,
   return out, _linen_records(state)
 
 
-def _resolve_path(m, address) -> tuple:
-  if m.framework == "nnx":
-    path, _ = _mem._nnx_resolve(_mem._merge(m.definition, m.params), address)
-    return path
-  return _mem._linen_path(address, _mem._linen_module_paths(m.params))
+def _resolve_path(m, address, args, kwargs, method) -> tuple:
+  """(module path, index, L) of an address; ``index`` (``None`` unless the address picks
+  one layer of a scanned stack of ``L`` layers) is checked against the layer's kernel."""
+  path, _, index, _, _ = _mem._resolve_layer(m, address)
+  if index is None:
+    return path, None, None
+  linen = m.framework == "linen"  # Linen layer definitions exist only while the model runs
+  view = _mem.memory_view(m, address, *(args if linen else ()), method=method,
+                          **(kwargs if linen else {}))
+  return path, view.index, view.stack_size
+
+
+def _pick_layer(record, index, size, path):
+  """Layer ``index`` of one call site's record under a scan over ``size`` layers (the
+  scan stacks its calls on axis 0)."""
+  shape = tuple(jnp.shape(record[0]))
+  if shape[:1] != (size,):
+    raise ValueError(
+        f"layer {path!r}: expected its calls stacked over the {size} layers of its scan on "
+        f"axis 0, got keys of shape {shape} (is the stack run by a scan over its layers?)")
+  return jax.tree_util.tree_map(lambda x: x[index], record)
 
 
 def _calls_error(path, n, traced, framework, single):
@@ -264,7 +280,8 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
   Args:
     model: ``nnx.Module`` (untouched), NNX ``(graphdef, state)`` or Linen
       ``(module, variables)``.
-    address: layer address (see :func:`memory_view`).
+    address: layer address (see :func:`memory_view`); one layer of a scanned stack
+      (e.g. ``('stack', 1, 'fc2')``) gives that layer's keys and values alone.
     *args: model inputs.
     single: require exactly one call of the layer (else ``ValueError``).
     jit: run the forward pass under ``jax.jit`` (``False``: eagerly).
@@ -291,7 +308,7 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
       called several times with ``single=True``.
   """
   m = _mem._as_model(model)
-  path = _resolve_path(m, address)
+  path, index, size = _resolve_path(m, address, args, kwargs, method)
   holder = _Holder()
   arrays, rebuild = _static_inputs(args, kwargs)
 
@@ -299,6 +316,8 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
     a, k = rebuild(arrs)
     mm = _mem._Model(m.framework, m.definition, params, m.form)
     _, records = _run(mm, path, holder, a, k, method)
+    if index is not None:  # only that layer's keys and values leave the program
+      records = tuple(_pick_layer(r, index, size, path) for r in records)
     return records
 
   fn = jax.jit(fwd) if jit else fwd
@@ -313,6 +332,8 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
     # variable cannot grow: stream the calls to the host instead, in execution order.
     holder = _Holder()
     records = _capture_by_callback(m, path, holder, args, kwargs, method, jit)
+    if index is not None:
+      records = tuple(_pick_layer(r, index, size, path) for r in records)
   n = len(records)
   if n == 0 or (single and n != 1):
     raise _calls_error(path, n, holder.traced, m.framework, single)
@@ -380,9 +401,10 @@ def forward_to_layer(model, view: "_mem.MemoryView", *, method: str | None = Non
 
   Only the layer's keys leave the function, so XLA drops the model's later layers when it
   is jitted. Every call of the layer contributes: several calls are stacked on axis 0 (a
-  call under ``scan`` carries the scan axis first). With ``batch_first`` those stack axes
-  are moved behind the first axis of one call's keys (the batch axis), giving
-  ``(B, *stack, ..., key_dim)``. Raises ``ValueError`` at trace time if the layer is never
+  call under ``scan`` carries the scan axis first); a view of one layer of a scanned stack
+  (``view.index``) keeps that layer's entry of the scan axis alone. With ``batch_first``
+  those stack axes are moved behind the first axis of one call's keys (the batch axis),
+  giving ``(B, *stack, ..., key_dim)``. Raises ``ValueError`` at trace time if the layer is never
   called.
 
   Args:
@@ -405,7 +427,7 @@ def forward_to_layer(model, view: "_mem.MemoryView", *, method: str | None = Non
     (5, 4)
   """
   m = _mem._as_model(model)
-  path = view.address
+  path = view.module_path
 
   def fn(params, *args, **kwargs):
     holder = _Holder()
@@ -429,6 +451,8 @@ def forward_to_layer(model, view: "_mem.MemoryView", *, method: str | None = Non
           "to the host) and memedit.covariance_update on its keys") from None
     if not records:
       raise _calls_error(path, 0, holder.traced, m.framework, False)
+    if view.index is not None:
+      records = [_pick_layer(r, view.index, view.stack_size, path) for r in records]
     keys = _stack([r[0] for r in records])
     if batch_first:
       ns = keys.ndim - len(holder.call_kernel_shape)

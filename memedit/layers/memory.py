@@ -23,6 +23,10 @@ Layouts (see the core API):
   structure: with factors ``Lambda (C_out, r)`` and ``D (r, key_dim)`` over the full key,
   the kernel changes by the diagonal blocks of ``Lambda D`` (:func:`memedit.grouped_factors`
   gives the equivalent factors on the kernel, of rank ``G*r``).
+* One layer of a scanned stack (``nn.scan``; ``nnx.vmap`` + ``nnx.scan``): every parameter
+  of the scanned module carries a leading layer axis ``(L, ...)``. The address puts the
+  layer's index right after the scanned module's name (``('stack', 1, 'fc2')``); the view
+  is of ``kernel[1]`` (``MemoryView.index``) and its edits carry that index.
 """
 
 from __future__ import annotations
@@ -614,6 +618,113 @@ def _replace(tree, path, value):
   return replace_leaf(tree, path, value)
 
 
+# Scanned stacks. ``nn.scan`` (Linen) and ``nnx.vmap``/``nnx.scan`` (NNX) give every
+# parameter of the scanned module a leading layer axis. One layer of such a stack is
+# addressed by its index right after the scanned module's name: ``('stack', 1, 'fc2')`` or
+# ``'stack/1/fc2'`` is layer 1 of the layer ``('stack', 'fc2')``. The scanned module is the
+# outermost one on the layer's path whose parameters all carry the layer axis (the
+# index is also accepted after the name of a module inside it).
+
+
+def _param_shapes(m: _Model) -> list[tuple[tuple, tuple]]:
+  """``(module path + name, shape)`` of every parameter of the model."""
+  if m.framework == "nnx":
+    out = []
+    for k, v in nnx.to_flat_state(m.params):
+      if isinstance(v, nnx.Variable):
+        if not isinstance(v, nnx.Param):
+          continue
+        v = v.get_value()
+      out.append((tuple(k), tuple(np.shape(v))))
+    return out
+  return [(tuple(k), tuple(np.shape(v)))
+          for k, v in flatten_dict(m.params.get("params", {})).items()]
+
+
+def _stack_region(m: _Model, path: tuple) -> tuple[int, int] | None:
+  """``(L, at)`` for a layer whose parameters share a leading layer axis of size ``L``:
+  ``path[:at]`` is the scanned module (every parameter under it carries the axis);
+  ``None`` when the layer's parameters share no leading dimension."""
+  shapes = _param_shapes(m)
+  path = tuple(path)
+
+  def leads(prefix):
+    return {s[0] if s else None for p, s in shapes if p[:len(prefix)] == prefix}
+
+  own = leads(path)
+  if len(own) != 1 or None in own:
+    return None
+  size = own.pop()
+  at = next(j for j in range(len(path) + 1) if leads(path[:j]) == {size})
+  return size, at
+
+
+def _slice_index(m: _Model, address: tuple, pos: int, rest: tuple, path: tuple
+                 ) -> tuple[int, int, int]:
+  """(index, L, at) of the layer index at ``address[pos]``; ``rest`` is the address without
+  it and ``path`` the layer it names."""
+  i = int(address[pos])
+  region = _stack_region(m, path)
+  if region is None:
+    raise ValueError(
+        f"address: {address!r} reads {i} as the index of one layer of a scanned stack, but "
+        f"layer {path!r} is not stacked (its parameters share no leading layer axis)")
+  size, at = region
+  if tuple(rest) == tuple(path) and pos < at:
+    want = path[:at] + (i,) + path[at:]
+    raise ValueError(
+        f"address: the index of one layer of a scanned stack goes right after the scanned "
+        f"module's name {path[at - 1]!r}: expected {want!r} ({_path_str(want)!r}), got "
+        f"{address!r}")
+  if not -size <= i < size:
+    raise ValueError(
+        f"address: index {i} in {address!r} is out of range: the scanned stack "
+        f"{path[:at]!r} has {size} layers (expected 0 <= index < {size})")
+  return i % size, size, at
+
+
+def _resolve_layer(m: _Model, address, obj=None):
+  """The layer an address names: ``(module path, NNX module or None, index, L, at)``.
+
+  ``index`` is ``None`` unless the address picks one layer of a scanned stack; then ``L``
+  is the stack's size and ``at`` the position of the index in the canonical address
+  ``path[:at] + (index,) + path[at:]``.
+  """
+  if m.framework == "nnx":
+    obj = _merge(m.definition, m.params) if obj is None else obj
+    resolve = lambda a: _nnx_resolve(obj, a)
+  else:
+    valid = _linen_module_paths(m.params)
+    resolve = lambda a: (_linen_path(a, valid), None)
+  try:
+    path, mod = resolve(address)
+    return path, mod, None, None, None
+  except ValueError as e:
+    if callable(address) and not isinstance(address, (tuple, list, str)):
+      raise
+    error = e
+  for cand in _address_candidates(address):
+    ints = [i for i, a in enumerate(cand)
+            if isinstance(a, (int, np.integer)) and not isinstance(a, bool)]
+    for pos in reversed(ints):
+      rest = cand[:pos] + cand[pos + 1:]
+      try:
+        path, mod = resolve(rest)
+      except ValueError:
+        continue
+      index, size, at = _slice_index(m, cand, pos, rest, path)
+      return path, mod, index, size, at
+  raise error
+
+
+def _slice_tree(tree, index: int, size: int):
+  """Layer ``index`` of a stacked layer's variables: every array leaf with leading
+  dimension ``size`` (the layer axis) loses that axis."""
+  def pick(x):
+    return x[index] if np.ndim(x) >= 1 and np.shape(x)[0] == size else x
+  return jax.tree_util.tree_map(pick, tree)
+
+
 # ----------------------------------------------------------------------------------
 # Memory views
 # ----------------------------------------------------------------------------------
@@ -626,24 +737,33 @@ class MemoryView:
   Attributes:
     framework: ``'nnx'`` or ``'linen'``.
     address: module path of the layer (e.g. ``('blocks', 1, 'fc1')`` or
-      ``('Block_0', 'fc1')``).
+      ``('Block_0', 'fc1')``); for one layer of a scanned stack, with that layer's index
+      right after the scanned module's name (e.g. ``('stack', 1, 'fc2')``).
     weight_path: path of the kernel leaf in the model's state / variables (usable with
-      ``memedit.get_leaf``, ``replace_leaf`` and as an ``Edit`` path).
+      ``memedit.get_leaf``, ``replace_leaf`` and as an ``Edit`` path); for one layer of a
+      scanned stack the stacked leaf ``(L, *kernel)``, whose ``[index]`` is the layer's.
     layer_type: the layer's class.
     kind: memory layout of the kernel, ``'dense'`` or ``'conv'`` (per-tap HWIO).
     in_ndim: leading input axes of a dense kernel (3 for a patch view of a conv).
     patch: whether a conv layer is viewed with patch keys (then ``kind='dense'``).
-    kernel_shape: shape of the kernel leaf.
+    kernel_shape: shape of the kernel (the leaf's, without the layer axis for one layer of
+      a scanned stack).
     key_dim: dimension of one key.
     value_dim: dimension of one value (``prod(out_dims)`` or ``C_out``).
     key_axes: input axes forming a key (dense) or ``(-1,)`` (conv).
-    stacked: number of leading stacked (scanned) axes on the kernel leaf; views of
-      stacked layers capture and collect statistics but do not run the layer alone.
+    stacked: number of leading stacked (scanned) axes left on ``kernel_shape``; views of
+      a whole stack capture and collect statistics (pooled over its layers) but do not
+      run, solve or edit the layer alone: address one layer of it instead.
     input_ndim: ndim of the layer's first call argument when the view was made with
       example inputs (``None`` otherwise); used to give flat keys the leading axes a
       fixed-rank layer (e.g. an einsum ``'btd,...'``) expects.
     groups: feature groups of a grouped convolution (1 otherwise). With ``G > 1`` keys
       carry all ``C_in`` channels and :meth:`math_weight` is block-diagonal.
+    index: the layer of a scanned stack the view is of (``None``: the layer as a whole);
+      its keys, values, statistics and edits are that layer's alone.
+    stack_size: number of layers on the scanned axis (a view of one layer of a stack or
+      of a whole stack), ``None`` otherwise.
+    module_path: module path of the layer without the index (where its calls run).
   """
   framework: str
   address: tuple
@@ -661,6 +781,14 @@ class MemoryView:
   _spec: LayerKind
   _layer: Any  # nnx: (graphdef, state) of the layer; linen: (module def, variables)
   groups: int = 1
+  index: int | None = None
+  stack_size: int | None = None
+  module_path: tuple | None = None
+  _slice_at: int | None = None  # where an index goes in the address of a stacked layer
+
+  def __post_init__(self):
+    if self.module_path is None:
+      object.__setattr__(self, "module_path", tuple(self.address))
 
   @property
   def edit_kind(self) -> str:
@@ -678,7 +806,20 @@ class MemoryView:
     """The kernel leaf of ``model`` (default: the kernel the view was made from)."""
     if model is None:
       return self._layer_kernel()
-    return _get(_as_model(model).params, self.weight_path)
+    return self._read(_as_model(model).params)
+
+  def _read(self, params):
+    """The view's kernel in ``params`` (layer ``index`` of a stacked leaf)."""
+    leaf = _get(params, self.weight_path)
+    return leaf if self.index is None else leaf[self.index]
+
+  def _write(self, params, kernel):
+    """``params`` with the view's kernel replaced (other layers of a stack untouched)."""
+    if self.index is None:
+      return _replace(params, self.weight_path, kernel)
+    leaf = _get(params, self.weight_path)
+    return _replace(params, self.weight_path,
+                    leaf.at[self.index].set(jnp.asarray(kernel, leaf.dtype)))
 
   def _layer_kernel(self):
     if self.framework == "nnx":
@@ -686,10 +827,21 @@ class MemoryView:
     return self._layer[1]["params"][self._spec.weight]
 
   def _require_unstacked(self):
-    if self.stacked:
-      raise ValueError(
-          f"layer {self.address!r}: its kernel {self.kernel_shape} is stacked over "
-          f"{self.stacked} scanned axis; running it alone needs one slice")
+    if not self.stacked:
+      return
+    hint = ""
+    if self.index is None and self._slice_at is not None:
+      at, p = self._slice_at, self.module_path
+      example = p[:at] + (0,) + p[at:]
+      hint = (f"; address one layer of the stack with its index right after the scanned "
+              f"module's name, e.g. {example!r} or {_path_str(example)!r} (index 0 to "
+              f"{self.stack_size - 1})")
+    elif self.index is not None:
+      hint = "; an address picks a layer on the outermost layer axis only"
+    raise ValueError(
+        f"layer {self.address!r}: its kernel {self.kernel_shape} is stacked over "
+        f"{self.stacked} scanned axis (one layer per entry), so it cannot be run, solved "
+        f"for or edited as one memory{hint}")
 
   def apply(self, kernel, x, *extra, **kwargs):
     """Runs the layer alone on its native input ``x`` with its kernel replaced.
@@ -887,7 +1039,9 @@ def _nnx_call_kernel_ndim(mod, kernel_leaf) -> int:
 
 
 def _view_from_module(framework, address, weight_path, mod, kernel_leaf, layer, patch,
-                      call_ndim, input_ndim=None):
+                      call_ndim, input_ndim=None, index=None, stack=None):
+  """The view of a layer; ``index`` picks one layer of a scanned stack and ``stack()``
+  gives :func:`_stack_region`'s ``(L, at)`` for the layer's path (or ``None``)."""
   spec = layer_kind(mod)
   if spec.check is not None:
     spec.check(mod)
@@ -924,9 +1078,22 @@ def _view_from_module(framework, address, weight_path, mod, kernel_leaf, layer, 
     body = kshape[stacked:]
     key_dim = int(np.prod(body[:in_ndim]))
     value_dim = int(np.prod(body[in_ndim:]))
+  path = tuple(address)
+  size = at = None
+  region = stack() if stacked and stack is not None else None
+  if region is not None and region[0] == kshape[0]:
+    size, at = region
+  if index is not None:
+    if not stacked or size is None:
+      raise ValueError(
+          f"address: index {index} picks one layer of a scanned stack, but the kernel "
+          f"{kshape} of layer {path!r} is not stacked (one call of the layer uses all of it)")
+    kshape, stacked = kshape[1:], stacked - 1
+    layer = (layer[0], _slice_tree(layer[1], index, size))
+    address = path[:at] + (index,) + path[at:]
   return MemoryView(framework, tuple(address), tuple(weight_path), type(mod), kind, in_ndim,
                     bool(patch), kshape, key_dim, value_dim, tuple(key_axes), stacked,
-                    input_ndim, spec, layer, groups)
+                    input_ndim, spec, layer, groups, index, size, path, at)
 
 
 def memory_view(model, address, *args, patch: bool = False, method: str | None = None,
@@ -940,7 +1107,12 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
       (``.`` also separates parts; a backslash escapes a ``.`` or ``/`` inside a name, as
       in ``'blocks\\.2/fc'``; a name containing dots is also found unescaped) or a
       selector ``lambda m: m.blocks[1].fc1``. Linen: a tuple of module names like
-      ``('Block_0', 'fc1')`` or such a string.
+      ``('Block_0', 'fc1')`` or such a string. One layer of a scanned stack (``nn.scan``,
+      or ``nnx.vmap`` + ``nnx.scan``, whose parameters carry a leading layer axis): its
+      index right after the scanned module's name, e.g. ``('stack', 1, 'fc2')`` or
+      ``'stack/1/fc2'`` for layer 1 of ``('stack', 'fc2')``; the view is then that
+      layer's (its kernel ``leaf[1]``), and captures, statistics and edits made with it
+      are that layer's alone. Without an index the view is of the whole stack.
     *args: example inputs of the model. Needed for Linen (submodule definitions exist
       only while the model runs); traced abstractly (no compute), except that a Linen
       layer whose attributes the parent computes from arrays while it runs is taken from
@@ -963,14 +1135,16 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
     (('layers', 2, 'kernel'), 'dense', 4, 2)
 
   Raises:
-    ValueError: unknown address (lists valid paths near it), unsupported layer kind (says
-      how to register one), Linen without example inputs.
+    ValueError: unknown address (lists valid paths near it), an index out of the range of
+      a scanned stack's layers (names the range) or misplaced, unsupported layer kind
+      (says how to register one), Linen without example inputs.
   """
   from memedit.layers import hooks as _cap  # hooks imports this module
   m = _as_model(model)
+  obj = _merge(m.definition, m.params) if m.framework == "nnx" else None
+  path, mod, index, _, _ = _resolve_layer(m, address, obj)
+  stack = lambda: _stack_region(m, path)  # only asked for a stacked kernel
   if m.framework == "nnx":
-    obj = _merge(m.definition, m.params)
-    path, mod = _nnx_resolve(obj, address)
     spec = layer_kind(mod)
     if not hasattr(mod, spec.weight):
       raise ValueError(f"layer {path!r}: expected a kernel attribute {spec.weight!r} on "
@@ -982,9 +1156,9 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
     if args or kwargs:
       input_ndim = _cap._nnx_input_ndim(m, path, args, kwargs, method)
     return _view_from_module("nnx", path, weight_path, mod, kernel_leaf, layer, patch,
-                             _nnx_call_kernel_ndim(mod, kernel_leaf), input_ndim)
+                             _nnx_call_kernel_ndim(mod, kernel_leaf), input_ndim, index,
+                             stack)
   # Linen
-  path = _linen_path(address, _linen_module_paths(m.params))
   if not args and not kwargs:
     raise ValueError("memory_view: a Linen model needs example inputs (*args) to find the "
                      f"definition of layer {path!r}")
@@ -997,7 +1171,8 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
                      f"{sorted(layer_vars.get('params', {}))}")
   kernel_leaf = _get(m.params, weight_path)
   return _view_from_module("linen", path, weight_path, mod_def, kernel_leaf,
-                           (mod_def, layer_vars), patch, len(call_shape), input_ndim)
+                           (mod_def, layer_vars), patch, len(call_shape), input_ndim, index,
+                           stack)
 
 
 def _view(model, address_or_view, *args, **kwargs) -> MemoryView:
@@ -1017,7 +1192,8 @@ def substitute(model, address_or_view, new_kernel, *example_args, **example_kwar
   Args:
     model: NNX module, NNX ``(graphdef, state)`` or Linen ``(module, variables)``.
     address_or_view: a :class:`MemoryView` or an address (see :func:`memory_view`).
-    new_kernel: array with the kernel leaf's shape.
+    new_kernel: array with the view's kernel shape (one layer's for one layer of a
+      scanned stack: the other layers keep their bits).
     *example_args: example inputs (Linen addresses only).
 
   Returns:
@@ -1035,11 +1211,11 @@ def substitute(model, address_or_view, new_kernel, *example_args, **example_kwar
   """
   m = _as_model(model)
   view = _view(m, address_or_view, *example_args, **example_kwargs)
-  old = _get(m.params, view.weight_path)
+  old = view._read(m.params)
   if tuple(new_kernel.shape) != tuple(old.shape):
     raise ValueError(f"new_kernel: expected shape {tuple(old.shape)}, got "
                      f"{tuple(new_kernel.shape)}")
-  return _rewrap(m, _replace(m.params, view.weight_path, jnp.asarray(new_kernel, old.dtype)))
+  return _rewrap(m, view._write(m.params, jnp.asarray(new_kernel, old.dtype)))
 
 
 def _kernel_delta(view: MemoryView, lam, directions, kernel_shape):
@@ -1128,8 +1304,8 @@ def edited_forward(model, view: MemoryView, lam, directions, *args, method=None,
     [[1.0], [1.0]]
   """
   m = _as_model(model)
-  k0 = _get(m.params, view.weight_path)
-  params = _replace(m.params, view.weight_path, edited_kernel(view, k0, lam, directions))
+  k0 = view._read(m.params)
+  params = view._write(m.params, edited_kernel(view, k0, lam, directions))
   if m.framework == "nnx":
     return _nnx_method(_merge(m.definition, params), method)(*args, **kwargs)
   return m.definition.apply(params, *args, method=method, **kwargs)
@@ -1198,7 +1374,8 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
 
   Returns:
     ``memedit.Edit`` with path ``view.weight_path`` (for grouped convs its factors are the
-    kernel's, see :meth:`MemoryView.kernel_factors`).
+    kernel's, see :meth:`MemoryView.kernel_factors`); for one layer of a scanned stack
+    with ``index = view.index``, so that it changes that layer alone.
 
   Example:
     >>> import jax.numpy as jnp
@@ -1283,7 +1460,7 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
   if view.kind == "conv":
     lam = lam.reshape((1,) * (len(view.kernel_shape) - 2) + lam.shape)  # (1.., out, r)
   return make_edit(view.weight_path, lam, directions, kind=view.edit_kind,
-                   in_ndim=view.in_ndim, method=method, name=name,
+                   in_ndim=view.in_ndim, method=method, name=name, index=view.index,
                    settings={"address": [str(a) for a in view.address],
                              "patch": view.patch, "ridge": ridge, "floor": floor})
 

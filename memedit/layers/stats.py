@@ -35,9 +35,9 @@ def layer_key_fn(model, view: "_mem.MemoryView", *, masked: bool = False,
   Args:
     model: the model (see :func:`memedit.layers.memory_view`).
     view: the layer's :class:`~memedit.layers.MemoryView`.
-    masked: batches are ``(inputs, mask)``; ``mask`` ``(B, *positions)`` weights the keys
-      (e.g. ``(B, h, w)`` for a conv layer; resized bilinearly when its spatial size
-      differs from the layer's).
+    masked: batches are ``(inputs, mask)``; ``mask`` ``(B, *positions)`` weights the keys;
+      for a conv layer ``(B, L)``, ``(B, h, w)`` or ``(B, D, H, W)`` (1, 2 or 3 spatial
+      axes), resized (bi/tri)linearly when its spatial size differs from the layer's.
     method: model method to run.
     dtype: dtype of the keys.
     call_kwargs: keyword arguments of every model call kept out of the batches, e.g.
@@ -90,8 +90,8 @@ class _LayerKeys:
     v = self.view
     key = (m.framework, m.definition, m.form, v.address, v.weight_path, v.layer_type, v.kind,
            v.in_ndim, v.patch, v.kernel_shape, v.key_dim, v.value_dim, v.key_axes, v.stacked,
-           v.input_ndim, v.groups, v._spec, masked, method, str(jnp.dtype(dtype)),
-           tuple(sorted(self.kwargs.items())))
+           v.input_ndim, v.groups, v._spec, v.index, v.stack_size, v.module_path, masked,
+           method, str(jnp.dtype(dtype)), tuple(sorted(self.kwargs.items())))
     try:
       self.hash = hash(key)
       self.key = key
@@ -112,6 +112,9 @@ class _LayerKeys:
     return keys, _mask_weights(mask, keys, self.view)
 
 
+_MASK_SHAPES = {1: "(B, L)", 2: "(B, h, w)", 3: "(B, D, H, W)"}
+
+
 def _mask_weights(mask, keys, view):
   mask = jnp.asarray(mask, jnp.float32)
   lead = keys.shape[:-1]
@@ -119,11 +122,13 @@ def _mask_weights(mask, keys, view):
   if mask.shape[0] != b:
     raise ValueError(f"mask: expected a leading batch dimension {b}, got {mask.shape}")
   if view.kind == "conv" or view.patch:
-    hw = lead[-2:]
-    if mask.ndim != 3:
-      raise ValueError(f"mask: expected shape (B, h, w) for a conv layer, got {mask.shape}")
-    if tuple(mask.shape[1:]) != tuple(hw):
-      mask = jax.image.resize(mask, (b,) + tuple(hw), "linear")
+    n = len(view.kernel_shape) - view.stacked - 2  # spatial axes of the kernel
+    spatial = tuple(lead[len(lead) - n:])
+    if mask.ndim != n + 1:
+      raise ValueError(f"mask: expected shape {_MASK_SHAPES[n]} for a conv layer with {n} "
+                       f"spatial axes, got {mask.shape}")
+    if tuple(mask.shape[1:]) != spatial:
+      mask = jax.image.resize(mask, (b,) + spatial, "linear")
   n_mid = len(lead) - mask.ndim
   if n_mid < 0:
     raise ValueError(f"mask: expected at most {len(lead)} dimensions matching the keys' "
@@ -149,7 +154,8 @@ def _key_data(tree):
 def layer_cache_key(model, view: "_mem.MemoryView", spec: Any, dtype=jnp.float32,
                     method: str | None = None) -> str:
   """Cache key of a layer's statistics: the model's parameters (content hash), the layer
-  address and view, the input stream's spec and the key dtype.
+  address and view (with the layer of a scanned stack it picks), the input stream's spec
+  and the key dtype.
 
   Args:
     model: the model. view: the layer's view. spec: JSON-serialisable stream description.
@@ -169,7 +175,7 @@ def layer_cache_key(model, view: "_mem.MemoryView", spec: Any, dtype=jnp.float32
   m = _mem._as_model(model)
   h = hashlib.sha256(_io.tree_hash(_key_data(m.params)).encode())
   h.update(json.dumps([m.framework, [str(a) for a in view.weight_path], view.patch,
-                       method]).encode())
+                       method] + ([] if view.index is None else [view.index])).encode())
   return covariance_cache_key(h.hexdigest(), spec, dtype)
 
 
@@ -188,7 +194,9 @@ each process passes its own part of the data and every process ends with the sam
   Args:
     model: ``nnx.Module`` (untouched), NNX ``(graphdef, state)`` or Linen
       ``(module, variables)``.
-    address: the layer (path tuple, string, NNX selector or a ``MemoryView``).
+    address: the layer (path tuple, string, NNX selector or a ``MemoryView``). One layer
+      of a scanned stack (e.g. ``('stack', 1, 'fc2')``) gives that layer's own C; the
+      stack as a whole (``('stack', 'fc2')``) pools the keys of all its layers.
     inputs: iterable of batches of model inputs (an array, or a tuple of positional
       inputs, with a leading batch axis); with ``masked=True`` each item is
       ``(inputs, mask)``.

@@ -60,6 +60,28 @@ def test_per_pixel_statistics_with_resized_spatial_mask():
   assert _rel(memedit.second_moment(st), _numpy_c(c.keys, w)) <= 1e-6
 
 
+def test_masked_statistics_of_1d_and_3d_convolutions_resize_the_mask():
+  rngs = nnx.Rngs(0)
+  conv1 = nnx.Sequential(nnx.Conv(2, 4, (3,), strides=(2,), rngs=rngs), nnx.relu,
+                         nnx.Conv(4, 4, (3,), rngs=rngs))
+  conv3 = nnx.Sequential(nnx.Conv(2, 3, (3, 3, 3), strides=(2, 2, 2), rngs=rngs), nnx.relu,
+                         nnx.Conv(3, 2, (3, 3, 3), rngs=rngs))
+  cases = [(conv1, (2, 8, 2), (2, 8), False, (2, 4)),  # per-pixel keys at length 4
+           (conv3, (2, 4, 4, 4, 2), (2, 4, 4, 4), True, (2, 2, 2, 2))]  # patch keys
+  for i, (model, x_shape, m_shape, patch, key_sp) in enumerate(cases):
+    x = jax.random.normal(jax.random.key(i), x_shape)
+    mask = jax.random.uniform(jax.random.key(10 + i), m_shape)
+    st = layer_covariance(model, ("layers", 2), [(x, mask)], masked=True, patch=patch)
+    view = memory_view(model, ("layers", 2), patch=patch)
+    keys = view.keys(capture(model, ("layers", 2), x, single=True).keys)
+    assert keys.shape[:-1] == key_sp
+    w = jax.image.resize(mask, key_sp, "linear")
+    assert _rel(memedit.second_moment(st), _numpy_c(keys, w)) <= 1e-6
+  with pytest.raises(ValueError, match=r"expected shape \(B, L\) for a conv layer with 1 "):
+    layer_covariance(conv1, ("layers", 2), [(jnp.ones((2, 8, 2)), jnp.ones((2, 8, 4)))],
+                     masked=True)
+
+
 def test_scanned_layer_statistics_pool_every_step():
   s = models.build(models.ScanMLP, 1)
   xs = [jax.random.normal(jax.random.key(i), (4, 6)) for i in range(2)]

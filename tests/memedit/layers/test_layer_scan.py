@@ -1,0 +1,211 @@
+"""One layer of a scanned stack (Linen ``nn.scan``; NNX ``nnx.vmap`` + ``nnx.scan``) as a
+memory: its view, its own keys and C, and exact edits that leave the other layers' bits."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import memedit
+from memedit.layers import (capture, insert_through_view, layer_covariance, memory_view,
+                            substitute)
+from memedit.layers import stats as _stats
+
+D = 16
+LAYERS = 3
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class Block(nnx.Module):
+  def __init__(self, d, *, rngs):
+    self.fc1 = nnx.Linear(d, 2 * d, rngs=rngs)
+    self.fc2 = nnx.Linear(2 * d, d, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.fc2(nnx.relu(self.fc1(x)))
+
+
+class Stack(nnx.Module):
+  """Blocks created with nnx.vmap (parameters stacked on axis 0), run with nnx.scan."""
+
+  def __init__(self, *, rngs):
+    self.inp = nnx.Linear(6, D, rngs=rngs)
+
+    @nnx.split_rngs(splits=LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return Block(D, rngs=rngs)
+    self.stack = make(rngs)
+    self.head = nnx.Linear(D, 4, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def step(h, blk):
+      return blk(h)
+    return self.head(step(nnx.relu(self.inp(x)), self.stack))
+
+
+class LBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.relu(nn.Dense(2 * D, name="fc1")(x))
+    return x + nn.Dense(D, name="fc2")(h), None
+
+
+class LStack(nn.Module):
+  """Blocks stacked by nn.scan (MaxText-style), named 'stack'."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(D, name="inp")(x))
+    scan = nn.scan(LBlock, variable_axes={"params": 0, "intermediates": 0},
+                   split_rngs={"params": True}, length=LAYERS)
+    x, _ = scan(name="stack")(x, None)
+    return nn.Dense(4, name="head")(x)
+
+
+X = jax.random.normal(jax.random.key(0), (8, 6))
+BATCHES = [jax.random.normal(jax.random.key(10 + i), (16, 6)) for i in range(3)]
+
+
+def _model(framework):
+  """(model, example args for memory_view, leaf path prefix, params, rebuild(params))."""
+  if framework == "nnx":
+    model = nnx.jit(lambda: Stack(rngs=nnx.Rngs(0)))()
+    gd, state = nnx.split(model)
+    return model, (), (), state, lambda p: nnx.merge(gd, p)
+  lm = LStack()
+  variables = jax.jit(lm.init)(jax.random.key(0), X)
+  return (lm, variables), (X,), ("params",), variables, lambda p: (lm, p)
+
+
+def _numpy_c(keys):
+  k = np.asarray(keys, np.float64).reshape(-1, keys.shape[-1])
+  return k.T @ k / len(k)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("framework", ["nnx", "linen"])
+def test_middle_layer_of_a_scanned_stack_is_an_editable_memory(framework):
+  model, ex, prefix, params, rebuild = _model(framework)
+  leaf_path = prefix + ("stack", "fc2", "kernel")
+  leaf = memedit.get_leaf(params, leaf_path)
+  assert leaf.shape == (LAYERS, 2 * D, D)
+
+  # The view of layer 1 alone: one layer's kernel and dimensions, the index recorded.
+  view = memory_view(model, ("stack", 1, "fc2"), *ex)
+  assert view.address == ("stack", 1, "fc2") and view.module_path == ("stack", "fc2")
+  assert (view.index, view.stack_size, view.stacked) == (1, LAYERS, 0)
+  assert view.weight_path == leaf_path
+  assert view.kernel_shape == (2 * D, D) and (view.key_dim, view.value_dim) == (2 * D, D)
+  np.testing.assert_array_equal(view.kernel(model), leaf[1])
+  assert memory_view(model, "stack/1/fc2", *ex).address == view.address
+
+  # Its keys and values only, eagerly and under jit; layer 1 is fc2 of block 1.
+  whole = capture(model, ("stack", "fc2"), X)
+  assert whole.keys.shape == (LAYERS, 8, 2 * D)
+  for jit in (True, False):
+    c = capture(model, "stack/1/fc2", X, jit=jit)
+    assert c.calls == 1 and c.keys.shape == (8, 2 * D) and c.values.shape == (8, D)
+    np.testing.assert_array_equal(c.keys, whole.keys[1])
+    np.testing.assert_array_equal(c.values, whole.values[1])
+  bias = memedit.get_leaf(params, prefix + ("stack", "fc2", "bias"))[1]
+  np.testing.assert_allclose(c.values, c.keys @ leaf[1] + bias, rtol=1e-5, atol=1e-5)
+
+  # Its own C: keys of layer 1 only (float64 numpy on that layer's captured keys).
+  st = layer_covariance(model, ("stack", 1, "fc2"), BATCHES)
+  assert memedit.key_count(st) == 3 * 16
+  keys1 = capture(model, ("stack", 1, "fc2"), jnp.concatenate(BATCHES)).keys
+  C = memedit.second_moment(st)
+  assert _rel(C, _numpy_c(keys1)) <= 1e-6
+  pooled = capture(model, ("stack", "fc2"), jnp.concatenate(BATCHES)).keys
+  assert _rel(C, _numpy_c(pooled)) > 1e-2  # not the stack's pooled C
+  # Two layers never share a compiled statistics program or a cache entry.
+  m = memedit.layers.memory._as_model(model)
+  kw = dict(masked=False, method=None, dtype=jnp.float32, call_kwargs=None)
+  view0 = memory_view(model, ("stack", 0, "fc2"), *ex)
+  k0, k1 = _stats._LayerKeys(m, view0, **kw), _stats._LayerKeys(m, view, **kw)
+  assert k0 != k1 and k0.key != k1.key
+  assert (memedit.layers.layer_cache_key(model, view0, {"n": 1})
+          != memedit.layers.layer_cache_key(model, view, {"n": 1}))
+
+  # Exact insert at layer 1: its output at the chosen keys is the target.
+  targets = jax.random.normal(jax.random.key(5), (3, D))
+  edit = insert_through_view(view, C, c.keys[:3], targets)
+  assert edit.path == leaf_path and edit.index == 1
+  params1, history = memedit.apply_edit(params, edit)
+  edited = rebuild(params1)
+  out = capture(edited, ("stack", 1, "fc2"), X[:3]).values
+  np.testing.assert_allclose(out, targets, rtol=1e-5, atol=1e-5)
+  # Layers 0 and 2 keep their bits; layer 1 changed.
+  new = memedit.get_leaf(params1, leaf_path)
+  np.testing.assert_array_equal(new[0], leaf[0])
+  np.testing.assert_array_equal(new[2], leaf[2])
+  assert not np.array_equal(new[1], leaf[1])
+  # The edited model equals substituting layer 1's edited kernel.
+  sub = substitute(model, view, memedit.layers.edited_kernel(view, leaf[1], edit.lam,
+                                                             edit.directions))
+  np.testing.assert_array_equal(memedit.get_leaf(memedit.layers.memory._as_model(sub).params,
+                                                 leaf_path), new)
+  # Revert: bit-exact.
+  params2, history = memedit.revert_edit(params1, edit, history)
+  np.testing.assert_array_equal(memedit.get_leaf(params2, leaf_path), leaf)
+  assert history.edits == ()
+
+
+def test_stack_addresses_and_edits_say_what_is_valid():
+  model, _, _, params, _ = _model("nnx")
+  with pytest.raises(ValueError, match=r"index 3 .* has 3 layers \(expected 0 <= index < 3\)"):
+    memory_view(model, ("stack", 3, "fc2"))
+  with pytest.raises(ValueError, match=r"index 3 .*expected 0 <= index < 3"):
+    capture(model, "stack/3/fc2", X)
+  with pytest.raises(ValueError, match=r"right after the scanned module's name 'stack': "
+                                       r"expected \('stack', 1, 'fc2'\)"):
+    memory_view(model, (1, "stack", "fc2"))
+  with pytest.raises(ValueError, match=r"layer \('inp',\) is not stacked"):
+    memory_view(model, ("inp", 0))
+  # The whole stack cannot be inserted into; the message says how to address one layer.
+  whole = memory_view(model, ("stack", "fc2"))
+  assert whole.stacked == 1 and whole.index is None and whole.stack_size == LAYERS
+  with pytest.raises(ValueError, match=r"e\.g\. \('stack', 0, 'fc2'\) or 'stack/0/fc2' "
+                                       r"\(index 0 to 2\)"):
+    insert_through_view(whole, jnp.eye(2 * D), jnp.ones((1, 2 * D)), jnp.zeros((1, D)))
+  # An edit of a layer the stacked leaf does not have.
+  edit = memedit.make_edit(("stack", "fc2", "kernel"), jnp.ones((D, 1)),
+                           jnp.ones((1, 2 * D)), index=LAYERS)
+  with pytest.raises(ValueError, match=r"expected a layer 0 <= index < 3 of the stacked leaf"):
+    memedit.apply_edit(params, edit)
+  with pytest.raises(ValueError, match="index: expected None or a non-negative int"):
+    memedit.make_edit(("k",), jnp.ones((D, 1)), jnp.ones((1, 2 * D)), index=-1)
+
+
+def test_layer_edit_keeps_other_layers_bits_even_negative_zeros_and_saves_its_index(tmp_path):
+  leaf = jnp.asarray(np.random.default_rng(0).normal(size=(LAYERS, 4, 2)), jnp.bfloat16)
+  leaf = leaf.at[0, 0].set(-0.0).at[2].set(-0.0)
+  params = {"blk": {"kernel": leaf}}
+  edit = memedit.make_edit(("blk", "kernel"), jnp.ones((2, 1)), jnp.ones((1, 4)), index=1)
+  assert edit.name != memedit.make_edit(("blk", "kernel"), jnp.ones((2, 1)),
+                                        jnp.ones((1, 4)), index=2).name
+  new, history = memedit.apply_edit(params, edit)
+  bits = lambda x: np.asarray(x).view(np.uint16)
+  np.testing.assert_array_equal(bits(new["blk"]["kernel"][0]), bits(leaf[0]))
+  np.testing.assert_array_equal(bits(new["blk"]["kernel"][2]), bits(leaf[2]))
+  np.testing.assert_array_equal(new["blk"]["kernel"][1],
+                                (leaf[1].astype(jnp.float32) + 1.0).astype(jnp.bfloat16))
+  back, _ = memedit.revert_edit(new, edit.name, history)
+  np.testing.assert_array_equal(bits(back["blk"]["kernel"]), bits(leaf))
+  loaded = memedit.load_edit(memedit.save_edit(tmp_path / "edit", edit))
+  assert loaded.index == 1 and loaded.name == edit.name and "index=1" in repr(loaded)
