@@ -20,6 +20,8 @@ The workflow:
    the layer inputs of image B there.
 4. **Insert.** Λ = argmin ‖v* − f(k*; W0 + ΔK(Λ, D))‖₁ with the layer's own f, by
    :func:`memedit.solve_lambda`; the edit is a :class:`memedit.Edit`.
+   :func:`projected_insert` runs the reference's default procedure instead: Adam on
+   the whole kernel, its change projected onto span(D) every 10 steps.
 
 ``erase`` instead targets the layer's output with the r most active context units zeroed;
 ``unit_zeroing_edit`` and ``overfit`` are the paper's baselines; :func:`match_scores`,
@@ -49,7 +51,7 @@ from memedit.directions import context_directions
 from memedit.edits import (Edit, EditHistory, apply_edit, edit_delta, get_leaf, make_edit,
                            revert_edit)
 from memedit.layers.hooks import linen_layer_variables
-from memedit.solve import solve_lambda
+from memedit.solve import LOSSES, solve_lambda
 from memedit.specs import METHODS, TAPS, check_shrinkage
 _MARGIN = 2  # input pixels of context around a crop: exact outputs for kernels up to 5x5
 
@@ -812,12 +814,146 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   res = solve_lambda(f, kernel0, D, keys, jnp.asarray(target.targets), kind="conv",
                      loss=loss, optimizer=optimizer, steps=int(steps),
                      learning_rate=float(learning_rate), lam_mask=lam_mask)
+  bad = int(res.lam.size - jnp.isfinite(res.lam).sum())
+  if bad:
+    raise ValueError(f"Λ: expected finite values from the {optimizer} solve (learning_rate "
+                     f"{learning_rate}, {steps} steps), got {bad} NaN or infinite of "
+                     f"{res.lam.size}; no edit was made: lower the learning rate, or check "
+                     "that the model, C and the target are finite")
   st = dict(settings or {})
   st.update(layer=layer, optimizer=optimizer, steps=int(steps),
             learning_rate=float(learning_rate), loss=loss, rank=int(D.shape[0]), taps=taps)
   edit = make_edit(info.weight_path, res.lam, D, kind="conv", method=method, settings=st)
   kernel1 = kernel0 + edit_delta(edit, kernel0.shape)
   return EditResult(edit, np.asarray(D), target, np.asarray(res.losses),
+                    _crop_loss(f, kernel0, keys, target), _crop_loss(f, kernel1, keys, target))
+
+
+@functools.lru_cache(maxsize=16)
+def _projected_program(f, steps: int, project_every: int, loss: str):
+  """The jitted whole-kernel Adam run of :func:`projected_insert` for one crop function
+  and static schedule: (kernel0, keys, targets, X, D, lr) → (Λ, losses)."""
+  n_blocks, rest = divmod(steps - 1, project_every)
+
+  def run(kernel0, keys, targets, X, D, lr):
+    opt = optax.adam(lr)
+
+    def loss_fn(delta):
+      r = f(kernel0 + delta, keys) - targets
+      return jnp.mean(jnp.abs(r)) if loss == "l1" else jnp.mean(jnp.square(r))
+
+    def step(carry, _):
+      delta, st = carry
+      val, g = jax.value_and_grad(loss_fn)(delta)
+      upd, st = opt.update(g, st, delta)
+      return (optax.apply_updates(delta, upd), st), val
+
+    def coeffs(delta):  # Λ[y, x, o, d] = Σ_i ΔW[y, x, i, o] X[d, i]
+      return jnp.einsum("yxio,di->yxod", delta, X, precision=lax.Precision.HIGHEST)
+
+    def block(carry, n):  # n Adam steps, then ΔW ← P ΔW (the Adam moments are kept)
+      (delta, st), losses = lax.scan(step, carry, None, length=n)
+      lam = coeffs(delta)
+      return (jnp.einsum("yxod,di->yxio", lam, D, precision=lax.Precision.HIGHEST), st), (
+          losses, lam)
+
+    d0 = jnp.zeros_like(kernel0)
+    carry, (losses, lam) = block((d0, opt.init(d0)), 1)
+    parts = [losses]
+    if n_blocks:
+      carry, (lb, lams) = lax.scan(lambda c, _: block(c, project_every), carry, None,
+                                   length=n_blocks)
+      parts.append(lb.reshape(-1))
+      lam = lams[-1]
+    if rest:
+      carry, (lr_, lam) = block(carry, rest)
+      parts.append(lr_)
+    return lam, jnp.concatenate(parts)
+
+  return jax.jit(run)
+
+
+def projected_insert(gen: Generator, layer: str, D: Any, target: Target, *,
+                     steps: int = 2001, learning_rate: float = 0.05, project_every: int = 10,
+                     loss: str = "l1", method: str = "insert/projected",
+                     settings: dict | None = None) -> EditResult:
+  """The reference's default insert: Adam on the whole kernel, its change projected onto
+  span(D) every ``project_every`` steps.
+
+  Where :func:`insert` optimises Λ alone (ΔK = ΔK(Λ, D) at every step), this runs the
+  reference's default procedure (Bau et al. 2020, their ``insert`` with
+  ``low_rank_insert``): Adam (``learning_rate``, optax defaults β = (0.9, 0.999),
+  ε = 1e-8, as torch's) moves every weight of the kernel W = W0 + ΔW on the loss at the
+  paste crop, and after step t (t = 0, 1, ..., steps − 1) with t % project_every = 0 or
+  t = steps − 1 the change is projected onto the context subspace, per kernel tap along
+  the key axis:
+
+    ΔW[y, x, :, o] ← P ΔW[y, x, :, o],  P = Dᵀ (D Dᵀ)⁻¹ D  (C_in × C_in),
+
+  i.e. W ← W0 + P (W − W0), which is the reference's W ← (W0 − P W0) + P W. The
+  reference writes P = Dᵀ D for orthonormal rows of D (memedit's zca, svd, unit and
+  mean directions have them, where both agree); the general projector keeps a D with
+  independent but non-orthonormal rows exact. Adam's moments are not projected (they
+  follow the whole kernel's gradients, as in the reference). With the defaults the
+  projections follow steps 0, 10, ..., 2000. The problem is the one :func:`insert`
+  solves, :func:`crop_problem` (the layer on the crop's keys with a margin, every tap
+  edited), and the run is one jitted program: a ``lax.scan`` over blocks of
+  ``project_every`` steps, each an inner ``lax.scan`` followed by the projection.
+
+  After the last projection ΔW = Λ Dᵀ per tap exactly, with
+  Λ[y, x, o, :] = (D Dᵀ)⁻¹ D ΔW[y, x, :, o], so the result is an ordinary
+  :class:`memedit.Edit` (kind "conv", Λ (kh, kw, C_out, r), D (r, C_in)).
+
+  Args:
+    gen, layer: the generator and layer name.
+    D: (r, C_in) directions with linearly independent rows (from :func:`directions`).
+    target: from :func:`paste_target` or :func:`erase_target`.
+    steps: Adam steps (≥ 1; the reference's default 2001).
+    learning_rate: Adam's learning rate (the reference's default 0.05).
+    project_every: steps between projections (≥ 1; the reference's default 10).
+    loss: "l1" (mean |r|, the reference's) or "l2" (mean r²) over the crop's values.
+    method, settings: provenance stored in the edit.
+
+  Returns:
+    :class:`EditResult`; ``losses`` (steps,) is the loss before each Adam step (at
+    kernels that are not all projected), ``loss_after`` the L1 loss of the edit.
+
+  Raises:
+    ValueError: D of the wrong shape or with dependent rows; steps, project_every or loss
+      out of range; a run that ends with non-finite Λ.
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+  for name, value in (("steps", steps), ("project_every", project_every)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name}: expected a positive int, got {value!r}")
+  info = layer_info(gen, layer)
+  D64 = np.asarray(D, np.float64)
+  if D64.ndim != 2 or D64.shape[1] != info.key_dim:
+    raise ValueError(f"directions: expected shape (r, {info.key_dim}), got {D64.shape}")
+  r = D64.shape[0]
+  if np.linalg.matrix_rank(D64) < r:
+    raise ValueError(f"directions: expected {r} linearly independent rows, got rank "
+                     f"{np.linalg.matrix_rank(D64)}")
+  X = np.linalg.solve(D64 @ D64.T, D64)  # (r, C_in): Λ = ΔW-coefficients, P = Dᵀ X
+  f, keys = crop_problem(gen, info, target)
+  kernel0 = jnp.asarray(get_leaf(gen.variables, info.weight_path))
+  D32 = jnp.asarray(D64, jnp.float32)
+  lam, losses = _projected_program(f, int(steps), int(project_every), loss)(
+      kernel0, keys, jnp.asarray(target.targets), jnp.asarray(X, jnp.float32), D32,
+      jnp.float32(learning_rate))
+  bad = int(lam.size - jnp.isfinite(lam).sum())
+  if bad:
+    raise ValueError(f"Λ: expected finite values from the projected Adam run (learning_rate "
+                     f"{learning_rate}, {steps} steps), got {bad} NaN or infinite of "
+                     f"{lam.size}; no edit was made")
+  st = dict(settings or {})
+  st.update(layer=layer, optimizer="adam/projected", steps=int(steps),
+            learning_rate=float(learning_rate), project_every=int(project_every), loss=loss,
+            rank=int(r), taps="all")
+  edit = make_edit(info.weight_path, lam, D32, kind="conv", method=method, settings=st)
+  kernel1 = kernel0 + edit_delta(edit, kernel0.shape)
+  return EditResult(edit, np.asarray(D32), target, np.asarray(losses),
                     _crop_loss(f, kernel0, keys, target), _crop_loss(f, kernel1, keys, target))
 
 
@@ -982,8 +1118,13 @@ def rank_by_match(scores: Any, imgnums: Sequence[int]) -> list[tuple[int, float]
 
 
 def to_uint8(images: Any) -> np.ndarray:
-  """Images in [-1, 1] → uint8 (N, R, R, C)."""
-  return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  """Images in [-1, 1] → uint8 (N, R, R, C); NaN or infinite values raise ValueError."""
+  images = np.asarray(images)
+  bad = images.size - int(np.isfinite(images).sum())
+  if bad:
+    raise ValueError(f"images: expected finite values, got {bad} NaN or infinite of "
+                     f"{images.size} (a model or an edit with non-finite weights)")
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def comparison_grid(original: Any, edited_images: Any, *, columns: int = 4, pad: int = 2,
@@ -1010,11 +1151,16 @@ def comparison_grid(original: Any, edited_images: Any, *, columns: int = 4, pad:
 
 
 def save_png(path, array: np.ndarray) -> None:
-  """Writes a uint8 (H, W, C) array as a PNG, atomically."""
+  """Writes a uint8 (H, W, C) array as a PNG, atomically; an array of another type must
+  hold finite values in [0, 255] (ValueError otherwise)."""
   import io
 
   from PIL import Image
 
+  a = np.asarray(array)
+  if a.dtype != np.uint8 and not (np.isfinite(a).all() and (a >= 0).all() and (a <= 255).all()):
+    raise ValueError(f"array: expected uint8 pixel values (or finite values in [0, 255]), got "
+                     f"{a.dtype} values outside [0, 255] or not finite (NaN or infinite)")
   buf = io.BytesIO()
   Image.fromarray(np.asarray(array, np.uint8)).save(buf, format="PNG")
   _io.atomic_write_bytes(path, buf.getvalue())

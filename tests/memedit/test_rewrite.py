@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import linen as nn
@@ -303,6 +304,69 @@ def test_dcgan_own_taps_keep_a_key_s_change_in_its_own_cell(dcgan):
     assert (change[0][~cell].max() > 1e-3) == spills, taps
 
 
+def test_dcgan_projected_insert_matches_a_loop_of_the_reference_s_procedure(dcgan):
+  gen, C = dcgan
+  eyes = _box(24, 36, 8, 56, 64)
+  keys, weights = rw.context_keys(gen, "convt2", [(n, eyes) for n in (9, 13, 15)])
+  D = rw.directions(C, keys, weights, rank=2, method="zca")
+  np.testing.assert_allclose(D @ D.T, np.eye(2), atol=1e-5)
+  copied = rw.copy_values(gen, "convt2", 29, _box(20, 40, 8, 56, 64))
+  target = rw.paste_target(gen, "convt2", copied, 9, _box(22, 42, 8, 56, 64))
+  # 23 steps with a projection every 5: after steps 0, 5, 10, 15, 20 and the last, 22.
+  res = rw.projected_insert(gen, "convt2", D, target, steps=23, project_every=5)
+  assert np.asarray(res.edit.lam).shape == (4, 4, 128, 2) and res.losses.shape == (23,)
+  assert res.edit.settings["project_every"] == 5 and res.edit.settings["taps"] == "all"
+  info = rw.layer_info(gen, "convt2")
+  f, crop_keys = rw.crop_problem(gen, info, target)
+  k0 = jnp.asarray(memedit.get_leaf(gen.variables, info.weight_path))
+  delta = np.asarray(memedit.edit_delta(res.edit, k0.shape))
+  # The reference's loop, written as it is: Adam on the whole kernel, and after step t with
+  # t % 5 == 0 or t the last, W ← (W0 − P W0) + P W with P = DᵀD per tap (D orthonormal).
+  Dj = jnp.asarray(D)
+  proj = lambda w: jnp.einsum("yxod,di->yxio", jnp.einsum("yxio,di->yxod", w, Dj), Dj)
+  ortho = k0 - proj(k0)
+  value_and_grad = jax.jit(jax.value_and_grad(
+      lambda w: jnp.mean(jnp.abs(f(w, crop_keys) - jnp.asarray(target.targets)))))
+  opt = optax.adam(0.05)
+  w, state, losses = k0, opt.init(k0), []
+  for it in range(23):
+    val, g = value_and_grad(w)
+    losses.append(float(val))
+    upd, state = opt.update(g, state, w)
+    w = optax.apply_updates(w, upd)
+    if it % 5 == 0 or it == 22:
+      w = ortho + proj(w)
+  ref = np.asarray(w - k0)
+  scale = np.abs(ref).max()
+  assert scale > 0.1  # the run moved the kernel
+  np.testing.assert_allclose(delta, ref, atol=2e-6 * scale)
+  np.testing.assert_allclose(res.losses, losses, atol=2e-6)
+  # The change lies in span(D) per tap (residual at float32 noise), and the loss fell.
+  q = np.linalg.qr(np.asarray(D, np.float64).T)[0]
+  resid = delta - np.einsum("yxjo,ij->yxio", np.einsum("yxio,ij->yxjo", delta, q), q)
+  assert np.abs(resid).max() < 1e-6 * scale
+  assert res.loss_after < 0.9 * res.loss_before
+  np.testing.assert_allclose(res.loss_after, float(jnp.mean(jnp.abs(
+      f(k0 + delta, crop_keys) - target.targets))), rtol=1e-6)
+  # Non-orthonormal directions of the same span project the same way (P = Dᵀ(DDᵀ)⁻¹D).
+  mixed = np.array([[2.0, 0.5], [1.0, -1.0]], np.float32) @ D
+  res_m = rw.projected_insert(gen, "convt2", mixed, target, steps=23, project_every=5)
+  np.testing.assert_allclose(np.asarray(memedit.edit_delta(res_m.edit, k0.shape)), delta,
+                             atol=1e-5 * scale)
+  with pytest.raises(ValueError, match=r"directions: expected 2 linearly independent rows, "
+                                       r"got rank 1"):
+    rw.projected_insert(gen, "convt2", np.concatenate([D[:1], 2 * D[:1]]), target)
+  with pytest.raises(ValueError, match=r"directions: expected shape \(r, 256\), got \(1, 3\)"):
+    rw.projected_insert(gen, "convt2", np.ones((1, 3)), target)
+  with pytest.raises(ValueError, match=r"project_every: expected a positive int, got 0"):
+    rw.projected_insert(gen, "convt2", D, target, project_every=0)
+  with pytest.raises(ValueError, match=r"loss: expected one of \('l1', 'l2'\), got 'huber'"):
+    rw.projected_insert(gen, "convt2", D, target, loss="huber")
+  with pytest.raises(ValueError, match=r"Λ: expected finite values from the projected Adam "
+                                       r"run \(learning_rate inf, 2 steps\)"):
+    rw.projected_insert(gen, "convt2", D, target, steps=2, learning_rate=float("inf"))
+
+
 @pytest.mark.parametrize("module,scale", [
     (nn.Conv(2, (3, 3), padding="SAME", use_bias=False), 1),
     (nn.Conv(2, (1, 1), use_bias=False), 1),
@@ -354,7 +418,7 @@ def test_shrunk_directions_match_a_float64_closed_form(method):
     ref = np.linalg.solve(S, (weights[:, None] * k).sum(0) / weights.sum())
   else:  # top right singular vector of the weighted whitened keys, mapped back by S^{-1/2}
     whiten = (U * lam ** -0.5) @ U.T
-    ref = np.linalg.svd(np.sqrt(weights)[:, None] * (k @ whiten))[2][0] @ whiten
+    ref = np.linalg.svd(weights[:, None] * (k @ whiten))[2][0] @ whiten
   ref = ref / np.linalg.norm(ref) * np.sign(ref @ k.mean(0))
   D = rw.directions(C, keys, weights, method=method, shrinkage=alpha)
   np.testing.assert_allclose(D[0], ref, atol=2e-5)
