@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,14 +90,18 @@ def main(argv=None):
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   cmd = [sys.executable, __file__, "--keys", str(args.keys), "--dim", str(args.dim),
          "--batch", str(args.batch), "--worker"]
-  procs = [subprocess.Popen(cmd + [str(p), port], stdout=subprocess.PIPE, text=True, env=env)
-           for p in (0, 1)]
-  outs = []
-  for p in procs:
-    out, _ = p.communicate(timeout=1800)
-    if p.returncode != 0:
-      raise SystemExit(f"worker exited with {p.returncode}")
-    outs.append(json.loads(out.strip().splitlines()[-1]))
+  # Workers write to files: a pipe read one worker after the other could fill up and
+  # stall the second worker before the shutdown barrier both must reach.
+  with tempfile.TemporaryDirectory() as tmp:
+    files = [open(os.path.join(tmp, f"worker{p}.json"), "w+") for p in (0, 1)]
+    procs = [subprocess.Popen(cmd + [str(p), port], stdout=files[p], env=env) for p in (0, 1)]
+    outs = []
+    for p, f in zip(procs, files):
+      if p.wait(timeout=1800) != 0:
+        raise SystemExit(f"worker exited with {p.returncode}")
+      f.seek(0)
+      outs.append(json.loads(f.read().strip().splitlines()[-1]))
+      f.close()
 
   # Baseline in this process: the whole stream, one process.
   import memedit

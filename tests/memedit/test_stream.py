@@ -269,23 +269,34 @@ def _free_port() -> int:
 
 
 def _run_pair(script, cache, kill_at, poison):
+  """Runs the two workers; returns (exit code, stdout, stderr) of each. Their output goes
+  to files, so neither can stall on a full pipe while the other is waited for."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   port = str(_free_port())
+  logs = [(open(f"{cache}.out{p}", "w+"), open(f"{cache}.err{p}", "w+")) for p in (0, 1)]
   procs = [subprocess.Popen([sys.executable, str(script), str(p), port, str(cache),
                              str(kill_at[p]), str(poison)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=logs[p][0], stderr=logs[p][1], env=env)
            for p in (0, 1)]
   try:
     procs[0].wait(timeout=240)
     if procs[0].returncode != 0:  # killed: its partner would wait for it at the next step
       procs[1].kill()
     procs[1].wait(timeout=240)
-    return [(p.returncode,) + p.communicate() for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
+  results = []
+  for p, (out, err) in zip(procs, logs):
+    out.seek(0)
+    err.seek(0)
+    results.append((p.returncode, out.read(), err.read()))
+    out.close()
+    err.close()
+  return results
 
 
 def test_two_processes_fold_their_shards_exactly_and_resume_after_a_kill(tmp_path):
