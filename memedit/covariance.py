@@ -702,7 +702,8 @@ def _make_group_fn(key_fn, dim, n_dev, has_params=False):
     # Every device folds its share of each batch into an empty state with the common
     # shift, then the partial sums are reduced across devices with psum.
     def per_device(st0, prm, b, v):
-      local = covariance_init(dim)._replace(shift=st0.shift, has_shift=st0.has_shift)
+      local = covariance_init(dim, dtype=st0.sum.dtype)._replace(shift=st0.shift,
+                                                                has_shift=st0.has_shift)
       local = jax.tree_util.tree_map(lambda x: lax.pcast(x, ("data",), to="varying"), local)
       part = fold_group(local, prm, b, v)
       lo16 = lax.psum(part.count[0] & 0xFFFF, "data")
@@ -869,6 +870,7 @@ class _Folder:
     self.first_rows = None
     self.keys_per_row = 0
     self.shift_ready = False
+    self.dtype = jnp.float32
 
   def start(self, first, dim):
     """Reads the stream's template, kind and key dimension from its first batch."""
@@ -883,6 +885,8 @@ class _Folder:
       raise ValueError(f"keys: expected last dimension {dim}, got {d}")
     self.dim = d
     self.keys_per_row = int(np.prod(first_keys.shape[:-1])) // max(self.first_rows, 1)
+    # float64 keys (under jax_enable_x64) are folded in float64; all others in float32.
+    self.dtype = jnp.float64 if first_keys.dtype == jnp.float64 else jnp.float32
     return d
 
   def _common_shift(self, state, first):
@@ -892,7 +896,7 @@ class _Folder:
     if bool(state.has_shift):
       return state
     k0, w0 = _split_keys(jax.jit(self.keys_of)(self.params, first))
-    st0 = _fold_jit(covariance_init(self.dim), k0, w0)
+    st0 = _fold_jit(covariance_init(self.dim, dtype=self.dtype), k0, w0)
     return state._replace(shift=st0.shift, has_shift=jnp.asarray(True))
 
   def place(self, state):
@@ -1080,7 +1084,7 @@ def stream_covariance(
   elif not chunk and state is None:
     raise ValueError("batches: expected at least one batch, got an empty stream")
   if state is None:
-    state = folder.place(covariance_init(d))
+    state = folder.place(covariance_init(d, dtype=folder.dtype))
   elif state.dim != d:
     raise ValueError(f"cached state: expected dimension {d}, got {state.dim}")
   else:

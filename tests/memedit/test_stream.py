@@ -133,6 +133,21 @@ def test_parameters_are_program_arguments_not_constants():
     memedit.stream_covariance(batches, params=params(4, 0), progress=False)
 
 
+def test_float64_streams_are_folded_in_float64_under_x64():
+  rng = np.random.default_rng(15)
+  # Mean 1000σ: a float32 fold would lose the spread of C.
+  batches = [rng.standard_normal((s, 5)) * 1e-3 + 1.0 for s in (40, 40, 17)]
+  with jax.enable_x64():
+    st = memedit.stream_covariance(batches, group=2, progress=False)
+    scaled = memedit.stream_covariance(batches, key_fn=lambda b: 2.0 * b, group=2,
+                                       progress=False)
+    assert st.sum_sq.dtype == scaled.sum_sq.dtype == jnp.float64
+    x = np.concatenate(batches)
+    cov64 = np.cov(x.T, bias=True)
+    assert _rel(memedit.centered_covariance(st), cov64) <= 1e-9
+    assert _rel(memedit.centered_covariance(scaled), 4.0 * cov64) <= 1e-9
+
+
 def test_device_resident_ragged_batches_fold_on_their_device():
   rng = np.random.default_rng(5)
   batches = [jnp.asarray(rng.standard_normal((s, 3), dtype=np.float32)) for s in (8, 8, 5, 8, 3)]
