@@ -9,8 +9,11 @@ Quick use::
   images = stylegan2.generate(module, variables, z, truncation=0.5)   # (8, R, R, 3) NHWC
   stylegan2.layer_paths(module)[6]   # ('params', 'synthesis', 'conv_6', 'memory', 'kernel')
 
-See :mod:`ports.stylegan2.model` for the architecture and parameter layout and
-:mod:`ports.stylegan2.convert` for the checkpoint formats.
+See :mod:`ports.stylegan2.model` for the architecture and parameter layout,
+:mod:`ports.stylegan2.convert` for the checkpoint formats and :mod:`ports.stylegan2.export`
+for writing rosinality checkpoints (``stylegan2.save_rosinality(path, module, variables)``).
+:mod:`ports.stylegan2.train` distils the DCGAN face generator into a small StyleGAN2 and
+:mod:`ports.stylegan2.swd` measures image quality (sliced Wasserstein distance).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ports.stylegan2.convert import (
     state_dict_to_params_nvidia,
     state_dict_to_params_rosinality,
 )
+from ports.stylegan2.export import save_rosinality, state_dict_rosinality
 from ports.stylegan2.model import (
     EqualLinear,
     Generator,
@@ -51,8 +55,9 @@ __all__ = [
     "SynthesisNetwork", "ToRGB", "convert_nvidia", "convert_rosinality", "demodulation",
     "generate", "generator_from_config", "infer_nvidia_config", "infer_rosinality_config",
     "layer_paths", "layer_resolution", "load_stylegan2", "mean_latent", "num_conv_layers",
-    "num_ws", "nvidia_channels", "rosinality_channels", "sample_latents",
-    "state_dict_to_params_nvidia", "state_dict_to_params_rosinality", "upfirdn2d",
+    "num_ws", "nvidia_channels", "rosinality_channels", "sample_latents", "save_rosinality",
+    "state_dict_rosinality", "state_dict_to_params_nvidia", "state_dict_to_params_rosinality",
+    "upfirdn2d",
 ]
 
 
