@@ -99,8 +99,9 @@ def state_dict_rosinality(module: model_lib.Generator, variables: Mapping[str, A
   params = variables.get("params") if isinstance(variables, Mapping) else None
   buffers = variables.get("buffers") if isinstance(variables, Mapping) else None
   if not isinstance(params, Mapping) or not isinstance(buffers, Mapping):
-    raise ValueError("variables: expected a dict with 'params' and 'buffers', got "
-                     f"{sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__}")
+    got = (sorted(map(str, variables)) if isinstance(variables, Mapping)
+           else type(variables).__name__)
+    raise ValueError(f"variables: expected a dict with 'params' and 'buffers', got {got}")
   channels = tuple(int(c) for c in module.channels)
   log2 = model_lib.log2_resolution(module.resolution)
   if len(channels) != log2 - 1:

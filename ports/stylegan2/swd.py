@@ -32,8 +32,10 @@ first): centres ``randint(h, S − h, size=(n, nhoods_per_image, 2))`` as (row, 
 then ``dir_repeats`` blocks of ``randn(dirs_per_repeat, descriptor_size)``, each row
 normalised to unit length.
 
-Computation is in JAX, float32, a chunk of images at a time; descriptors of all images
-are kept (n · 128 · 147 float32 per level and set: 77 MB for 1024 RGB images).
+Pyramids and descriptors are computed in JAX (float32, a chunk of images at a time),
+projections and sorting in numpy (float32, whose sort is far faster than XLA's on CPU);
+descriptors of all images are kept (n · 128 · 147 float32 per level and set: 77 MB for
+1024 RGB images). Two sets of 512 images at 64 px took 6–9 s on a shared 2-core CPU.
 """
 
 from __future__ import annotations
@@ -207,30 +209,32 @@ def _normalise(desc: np.ndarray, channels: int) -> np.ndarray:
   return ((d - mean) / std).reshape(desc.shape).astype(np.float32)
 
 
-@jax.jit
-def _sliced_mean(a: jax.Array, b: jax.Array, dirs: jax.Array) -> jax.Array:
-  pa = jnp.sort(a @ dirs.T, axis=0)
-  pb = jnp.sort(b @ dirs.T, axis=0)
-  return jnp.mean(jnp.abs(pa - pb))
-
-
-def sliced_wasserstein(a: Any, b: Any, directions: Any) -> float:
+def sliced_wasserstein(a: Any, b: Any, directions: Any, block: int = 128) -> float:
   """Sliced Wasserstein distance between two equally large point clouds.
 
   Args:
     a, b: (M, D) descriptors.
     directions: (R, D) unit directions.
+    block: directions projected and sorted at a time (bounds memory at 2·M·block floats).
 
   Returns:
     The mean over directions and sorted positions of |sort(a·d) − sort(b·d)|.
   """
-  a, b, directions = (jnp.asarray(x, jnp.float32) for x in (a, b, directions))
+  # numpy: its sort is many times faster than XLA's on CPU for these sizes.
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  directions = np.asarray(directions, np.float32)
   if a.ndim != 2 or a.shape != b.shape:
     raise ValueError(f"a, b: expected two (M, D) arrays of one shape, got {a.shape} and "
                      f"{b.shape}")
   if directions.ndim != 2 or directions.shape[1] != a.shape[1]:
     raise ValueError(f"directions: expected (R, {a.shape[1]}), got {directions.shape}")
-  return float(_sliced_mean(a, b, directions))
+  total = 0.0
+  for start in range(0, len(directions), block):
+    d = directions[start:start + block]
+    pa = np.sort(d @ a.T, axis=1)   # (block, M): each direction's sorted projections
+    pb = np.sort(d @ b.T, axis=1)
+    total += float(np.sum(np.abs(pa - pb), dtype=np.float64))
+  return total / (len(directions) * len(a))
 
 
 def swd(images_a: Any, images_b: Any, *, seed: int = 0, nhood_size: int = NHOOD_SIZE,

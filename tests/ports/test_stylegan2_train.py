@@ -15,6 +15,7 @@ import pytest
 
 from ports.dcgan.convert import expected_shapes
 from ports.stylegan2 import convert, swd
+from ports.stylegan2 import model as sg2_model
 from ports.stylegan2 import train as tr
 from ports.torchwrite import save_torch
 
@@ -58,32 +59,56 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def test_fast_convolutions_match_the_model():
-  cfg = tr.TrainConfig(resolution=8, channels=(12, 8), style_dim=6, n_mlp=1)
-  module = tr.student_module(cfg)
-  state = tr.init_state(cfg)
-  rs = np.random.RandomState(1)
+@pytest.mark.parametrize("kind", ["up", "same", "torgb"])
+def test_fast_convolutions_match_the_layers(kind):
+  """Values and gradients of each convolution kind (stride-2 transposed 3×3 and blur,
+  'same' 3×3, ToRGB's 1×1 without demodulation) against the model's own layers."""
+  rs = np.random.RandomState({"up": 0, "same": 1, "torgb": 2}[kind])
+  layer = {"up": sg2_model.ModulatedConv(5, up=True), "same": sg2_model.ModulatedConv(5),
+           "torgb": sg2_model.ToRGB()}[kind]
+  x = jnp.asarray(rs.standard_normal((2, 6, 6, 4)), jnp.float32)
+  w = jnp.asarray(rs.standard_normal((2, 7)), jnp.float32)
+  shapes = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x, w)
   params = jax.tree_util.tree_map(
-      lambda a: a + (0.3 * rs.standard_normal(a.shape)).astype(np.float32), state["params"])
-  z = jnp.asarray(rs.standard_normal((3, cfg.style_dim)), jnp.float32)
+      lambda s: jnp.asarray(1.0 + 0.5 * rs.standard_normal(s.shape), jnp.float32),
+      shapes["params"])
 
-  def images(p, fast):
-    v = {"params": p, "buffers": state["buffers"]}
+  def run(p, x, fast):
     if fast:
       with tr.fast_convolutions():
-        return module.apply(v, z)
-    return module.apply(v, z)
+        return layer.apply({"params": p}, x, w)
+    return layer.apply({"params": p}, x, w)
 
-  @functools.partial(jax.jit, static_argnums=1)
-  def images_and_grads(p, fast):
-    return images(p, fast), jax.grad(lambda q: jnp.sum(jnp.sin(images(q, fast))))(p)
+  @functools.partial(jax.jit, static_argnums=2)
+  def value_and_grads(p, x, fast):
+    return run(p, x, fast), jax.grad(lambda p, x: jnp.sum(jnp.sin(run(p, x, fast))),
+                                     argnums=(0, 1))(p, x)
 
-  ref, g_ref = images_and_grads(params, False)
-  got, g_got = images_and_grads(params, True)
-  assert np.max(np.abs(np.asarray(ref))) > 1
-  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-5)
+  ref, g_ref = value_and_grads(params, x, False)
+  got, g_got = value_and_grads(params, x, True)
+  assert got.shape == ref.shape == ((2, 12, 12, 5) if kind == "up" else
+                                    (2, 6, 6, 3 if kind == "torgb" else 5))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-5)
   for a, b in zip(_leaves(g_ref), _leaves(g_got)):
     np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, np.max(np.abs(a))), rtol=1e-4)
+
+
+def test_fast_convolutions_in_the_generator():
+  cfg = tr.TrainConfig(resolution=8, channels=(6, 4), style_dim=5, n_mlp=1)
+  module, state = tr.student_module(cfg), tr.init_state(cfg)
+  variables = {"params": state["params"], "buffers": state["buffers"]}
+  z = jnp.asarray(np.random.RandomState(3).standard_normal((2, 5)), jnp.float32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def images(fast):
+    if fast:
+      with tr.fast_convolutions():
+        return module.apply(variables, z)
+    return module.apply(variables, z)
+
+  ref, got = np.asarray(images(False)), np.asarray(images(True))
+  assert np.max(np.abs(ref)) > 0.1
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_paired_latents_loss_and_schedules():
