@@ -830,9 +830,12 @@ def evaluate(run_dir: str | os.PathLike, teacher: Teacher, n_images: int = 1024,
   stream; the student's own images use its fixed noise buffers).
 
   Returns:
-    ``{"step", "images", "swd": {...}, "paired_l1", "teacher_vs_teacher_swd": {...}}``,
-    the last the SWD between two disjoint teacher sets of the same size (the floor the
-    student's SWD can reach at this sample size).
+    ``{"step", "images", "swd": {...}, "paired_l1", "teacher_vs_teacher_swd": {...},
+    "random_init_swd": {...}, "random_init_paired_l1", "ratio_to_floor",
+    "random_init_ratio_to_floor"}``: ``teacher_vs_teacher_swd`` is the SWD between two
+    disjoint teacher sets of the same size (the floor the student's SWD can reach at this
+    sample size); ``random_init_*`` the same figures for the run's generator at step 0
+    (the same architecture and seed, untrained); the ratios are mean SWDs over the floor's.
   """
   from ports.stylegan2 import swd as swd_lib
 
@@ -840,24 +843,43 @@ def evaluate(run_dir: str | os.PathLike, teacher: Teacher, n_images: int = 1024,
   _check_pair(cfg, teacher)
   student, target = sample_pairs(module, variables, teacher, n_images, seed, cfg.resolution)
   _, other = sample_pairs(module, variables, teacher, n_images, seed + 1, cfg.resolution)
-  return {"step": done, "images": n_images,
-          "swd": swd_lib.swd(student, target),
-          "paired_l1": float(np.mean(np.abs(student - target))),
-          "teacher_vs_teacher_swd": swd_lib.swd(other, target)}
+  untrained = _to_host(_ema_variables(init_state(cfg)))
+  untrained["buffers"]["latent_avg"] = model_lib.mean_latent(module, untrained, 4096, 0)
+  random_images, _ = sample_pairs(module, untrained, teacher, n_images, seed, cfg.resolution)
+  result = {"step": done, "images": n_images,
+            "swd": swd_lib.swd(student, target),
+            "paired_l1": float(np.mean(np.abs(student - target))),
+            "teacher_vs_teacher_swd": swd_lib.swd(other, target),
+            "random_init_swd": swd_lib.swd(random_images, target),
+            "random_init_paired_l1": float(np.mean(np.abs(random_images - target)))}
+  floor = result["teacher_vs_teacher_swd"]["mean"]
+  result["ratio_to_floor"] = result["swd"]["mean"] / floor
+  result["random_init_ratio_to_floor"] = result["random_init_swd"]["mean"] / floor
+  return result
 
 
 def preview(run_dir: str | os.PathLike, teacher: Teacher, out_path: str | os.PathLike,
-            n: int = 8, seed: int = 1, step: int | None = None) -> str:
-  """A PNG of ``n`` teacher images (top row) over the g_ema images of paired latents."""
+            n: int = 8, seed: int = 1, step: int | None = None, columns: int = 8) -> str:
+  """A PNG of ``n`` teacher images over the g_ema images of the paired latents: rows of
+  ``columns`` images, each teacher row directly above the student's row for the same
+  latents."""
   from PIL import Image
 
   from memedit import _io
 
+  if n < 1 or columns < 1:
+    raise ValueError(f"n, columns: expected positive integers, got {n}, {columns}")
   module, variables, cfg, _ = generator(run_dir, step)
   _check_pair(cfg, teacher)
   student, target = sample_pairs(module, variables, teacher, n, seed, cfg.resolution,
-                                 batch=n)
-  rows = [np.concatenate(list(images), axis=1) for images in (target, student)]
+                                 batch=min(n, 64))
+  pad = (-n) % columns
+  blank = np.zeros((pad,) + target.shape[1:], target.dtype)
+  rows = []
+  for start in range(0, n + pad, columns):
+    for images in (target, student):
+      row = np.concatenate([images, blank])[start:start + columns]
+      rows.append(np.concatenate(list(row), axis=1))
   grid = np.clip(np.rint((np.concatenate(rows, axis=0) + 1) * 127.5), 0, 255).astype(np.uint8)
   buf = io.BytesIO()
   Image.fromarray(grid).save(buf, format="PNG")
@@ -905,6 +927,10 @@ def _parser() -> argparse.ArgumentParser:
     if name == "evaluate":
       s.add_argument("--images", type=int, default=1024)
       s.add_argument("--out", default=None, help="also write the result as JSON")
+    elif name == "preview":
+      s.add_argument("--images", type=int, default=8, help="number of latents shown")
+      s.add_argument("--columns", type=int, default=8)
+      s.add_argument("--out", required=True)
     else:
       s.add_argument("--out", required=True)
   return p
@@ -944,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
         _io.atomic_write_bytes(args.out, text.encode())
     else:
       print(preview(args.run_dir, load_teacher(args.teacher, args.run_dir), args.out,
-                    step=args.step))
+                    n=args.images, step=args.step, columns=args.columns))
   except (ValueError, OSError) as e:
     print(f"{_parser().prog} {args.command}: error: {' '.join(str(e).split())}",
           file=sys.stderr)

@@ -221,11 +221,23 @@ def test_command_line(teacher_file, teacher, tmp_path, capsys):
   assert metrics["step"] == 8 and metrics["swd"]["resolutions"] == [16]
   assert metrics["swd"]["mean"] > 0 and metrics["teacher_vs_teacher_swd"]["mean"] > 0
   assert 0 < metrics["paired_l1"] < 10
+  assert metrics["random_init_swd"]["mean"] > 0 and 0 < metrics["random_init_paired_l1"] < 10
+  floor = metrics["teacher_vs_teacher_swd"]["mean"]
+  assert metrics["ratio_to_floor"] == pytest.approx(metrics["swd"]["mean"] / floor)
+  assert metrics["random_init_ratio_to_floor"] == pytest.approx(
+      metrics["random_init_swd"]["mean"] / floor)
 
   png = str(tmp_path / "grid.png")
   assert tr.main(["preview", "--teacher", teacher_file, "--run-dir", run, "--out", png]) == 0
   from PIL import Image
   assert Image.open(png).size == (8 * 16, 2 * 16)
+  # 10 latents in rows of 4: three teacher rows, each above its student row.
+  assert tr.main(["preview", "--teacher", teacher_file, "--run-dir", run, "--out", png,
+                  "--images", "10", "--columns", "4"]) == 0
+  assert Image.open(png).size == (4 * 16, 6 * 16)
+  assert tr.main(["preview", "--teacher", teacher_file, "--run-dir", run, "--out", png,
+                  "--columns", "0"]) == 1
+  assert "columns" in capsys.readouterr().err
 
   assert tr.main(["export", "--run-dir", str(tmp_path / "nothing"), "--out", pt]) == 1
   assert "not a training run" in capsys.readouterr().err
