@@ -4,12 +4,12 @@ default procedure, Λ-space Adam and Gauss–Newton on the same problem.
 For each model a copy–paste problem is set up once (C from a latent sample, context keys
 from masks on a few images, object values copied and pasted onto another image); every
 procedure starts from the same zca directions D (rank 1) and solves on the same paste
-crop (``rewrite.crop_problem``) with the L1 loss:
+crop (``memedit.generators.crop_problem``) with the L1 loss:
 
 - reference default: whole-weight Adam projected onto span(D) every 10 steps
-  (``rewrite.projected_insert``: Adam, lr 0.05, 2001 steps on the whole kernel, its
-  change projected onto span(D) per tap after steps 0, 10, ..., 2000; one jitted
-  program);
+  (``memedit.generators.projected_insert``: Adam, lr 0.05, 2001 steps on the whole
+  kernel, its change projected onto span(D) per tap after steps 0, 10, ..., 2000; one
+  jitted program);
 - Λ-space Adam (2001 steps, one scan): ``solve_lambda(optimizer="adam")``, Adam on Λ
   alone (ΔK = ΔK(Λ, D) at every step, lr 0.05) inside one lax.scan;
 - Λ-space Adam, Python loop: the same 2001 Λ steps as a Python loop of jitted steps;
@@ -47,7 +47,7 @@ import optax
 
 import memedit
 from benchmarks.common import best_of, table, write
-from memedit import rewrite as rw
+from memedit import generators as gens
 
 GN_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 
@@ -64,38 +64,38 @@ def dcgan_generator():
 
   _, weights = peers.gan_face_generate()
   out = ROOT / ".cache" / "bench" / "faces-dcgan"
-  return rw.generator_from_converted(convert_dcgan(weights, out)), "convt2"
+  return gens.generator_from_converted(convert_dcgan(weights, out)), "convt2"
 
 
 def stylegan2_generator(resolution):
   from ports.stylegan2 import model as sg2
 
-  module = sg2.Generator(resolution=resolution,
-                         channels=sg2.rosinality_channels(resolution, 2), z_dim=512,
-                         w_dim=512, n_mlp=8)
+  module = sg2.StyleGAN2Generator(resolution=resolution,
+                                  channels=sg2.rosinality_channels(resolution, 2), z_dim=512,
+                                  w_dim=512, n_mlp=8)
   variables = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 512)))
   config = {"architecture": "stylegan2", "z_dim": 512, "resolution": resolution,
             "num_layers": sg2.num_conv_layers(resolution)}
-  return rw.generator_from_config(module, variables, config), "conv_6"
+  return sg2.memedit_generator(module, variables, config), "conv_6"
 
 
 def problem(gen, layer, n_stats):
   """(C, context keys, weights, target) of a copy–paste edit."""
   R = gen.resolution
-  state = rw.collect_statistics(gen, layer, n_stats, batch_size=min(n_stats, 16),
-                                progress=False)
+  state = gens.collect_statistics(gen, layer, n_stats, batch_size=min(n_stats, 16),
+                                  progress=False)
   C = np.asarray(memedit.second_moment(state))
   ctx = [(n, _box(0.375, 0.5625, 0.125, 0.875, R)) for n in (9, 13, 15)]
-  keys, weights = rw.context_keys(gen, layer, ctx)
-  copied = rw.copy_values(gen, layer, 29, _box(0.3125, 0.625, 0.125, 0.875, R))
-  target = rw.paste_target(gen, layer, copied, 9, _box(0.34375, 0.65625, 0.125, 0.875, R))
+  keys, weights = gens.context_keys(gen, layer, ctx)
+  copied = gens.copy_values(gen, layer, 29, _box(0.3125, 0.625, 0.125, 0.875, R))
+  target = gens.paste_target(gen, layer, copied, 9, _box(0.34375, 0.65625, 0.125, 0.875, R))
   return C, keys, weights, target
 
 
 def lambda_loop(f, kernel0, C, keys, weights, crop_keys, targets, steps):
   """Λ-space Adam, Python loop: zca directions + a Python loop of jitted Adam steps on Λ
   (lr 0.05, L1)."""
-  D = memedit.context_directions(C, keys, weights, rank=1, method="zca").directions
+  D = memedit.context_directions(C, keys, weights, rank=1, method="zca").D
   lam = jnp.zeros(kernel0.shape[:2] + (kernel0.shape[3], 1), jnp.float32)
   opt = optax.adam(0.05)
   st = opt.init(lam)
@@ -117,7 +117,7 @@ def lambda_loop(f, kernel0, C, keys, weights, crop_keys, targets, steps):
 
 def memedit_edit(f, kernel0, C, keys, weights, crop_keys, targets, optimizer, steps):
   """zca directions + ``solve_lambda`` (Λ-space Adam in one scan, or Gauss–Newton)."""
-  D = rw.directions(C, keys, weights, rank=1, method="zca")
+  D = gens.directions(C, keys, weights, rank=1, method="zca")
   res = memedit.solve_lambda(f, kernel0, D, crop_keys, targets, kind="conv", loss="l1",
                              optimizer=optimizer, steps=steps)
   return float(res.final_loss)
@@ -125,9 +125,9 @@ def memedit_edit(f, kernel0, C, keys, weights, crop_keys, targets, optimizer, st
 
 def reference_default(gen, layer, target, C, keys, weights, steps):
   """The reference default: zca directions + whole-weight Adam projected onto span(D)
-  every 10 steps (``rewrite.projected_insert``, lr 0.05, L1)."""
-  D = rw.directions(C, keys, weights, rank=1, method="zca")
-  return float(rw.projected_insert(gen, layer, D, target, steps=steps).loss_after)
+  every 10 steps (``memedit.generators.projected_insert``, lr 0.05, L1)."""
+  D = gens.directions(C, keys, weights, rank=1, method="zca")
+  return float(gens.projected_insert(gen, layer, D, target, steps=steps).loss_after)
 
 
 def first_step(f, kernel0, crop_keys, targets, lr=0.05):
@@ -140,9 +140,8 @@ def first_step(f, kernel0, crop_keys, targets, lr=0.05):
 
 def bench(name, gen, layer, n_stats, steps, repeats):
   C, keys, weights, target = problem(gen, layer, n_stats)
-  info = rw.layer_info(gen, layer)
-  f, crop_keys = rw.crop_problem(gen, info, target)
-  kernel0 = jnp.asarray(memedit.get_leaf(gen.variables, info.weight_path))
+  f, crop_keys = gens.crop_problem(gen, layer, target)
+  kernel0 = jnp.asarray(gens.layer_kernel(gen, layer))
   targets = jnp.asarray(target.targets)
   args = (f, kernel0, C, keys, weights, crop_keys, targets)
 
@@ -210,9 +209,9 @@ def main():
           "gn_loss", "gn_s", "gn_vs_ref_default", "gn_vs_lam_loop"]
   print(table(rows, cols))
   note = ("ref_default = reference default: whole-weight Adam projected onto span(D) every "
-          "10 steps (rewrite.projected_insert, one jitted program); lam_scan = Λ-space Adam "
-          "(2001 steps, one scan; solve_lambda adam); lam_loop = Λ-space Adam, Python loop "
-          "of jitted steps; gn = Gauss–Newton (solve_lambda gauss_newton) with the fewest "
+          "10 steps (memedit.generators.projected_insert, one jitted program); lam_scan = "
+          "Λ-space Adam (2001 steps, one scan; solve_lambda adam); lam_loop = Λ-space Adam, "
+          "Python loop of jitted steps; gn = Gauss–Newton (solve_lambda gauss_newton) with the fewest "
           "ladder steps reaching the lowest of the three Adam losses; all from the same zca "
           "D on the same crop, L1 loss; times are warm (best of repeats); *_first_s include "
           "compilation; first_step_moved_share = share of kernel weights the reference "

@@ -91,10 +91,11 @@ def main(argv=None):
   def memedit_steady():
     # The compiled program layer_covariance runs per group (via stream_covariance):
     # forward to the layer with the class-swap hook + the shifted, weighted fold.
-    from memedit.covariance import _make_group_fn, covariance_init
+    from memedit.covariance import covariance_init
+    from memedit.fold_programs import make_group_fn
     from memedit.layers import layer_key_fn, memory_view
     key_fn = layer_key_fn((gd, state), memory_view((gd, state), ("mid",)))
-    fn = _make_group_fn(key_fn, d, 1)
+    fn = make_group_fn(key_fn, d, 1)
     st0 = covariance_init(d, shift=np.zeros(d, np.float32))
     zs = np.stack(latents[:args.group])
     valid = np.ones((args.group, args.batch), bool)

@@ -18,23 +18,25 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from memedit.layers.conv import extract_patches
+
+__all__ = ["conv_as_matmul"]
+
 
 def _conv_by_patches(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
                      dimension_numbers, feature_group_count, batch_group_count, precision,
                      preferred_element_type, **unused):
-  del unused
+  del unused, feature_group_count, batch_group_count  # both 1 here
   lhs_spec, rhs_spec, out_spec = dimension_numbers
-  lhs_c = jnp.transpose(lhs, lhs_spec)  # (N, C, *spatial)
-  rhs_c = jnp.transpose(rhs, rhs_spec)  # (O, I, *window)
-  window = rhs_c.shape[2:]
-  patches = lax.conv_general_dilated_patches(
-      lhs_c, window, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, precision=lax.Precision.HIGHEST)  # (N, C·prod(w), *out)
-  kernel = rhs_c.reshape(rhs_c.shape[0], -1)  # (O, I·prod(w)), input channel major
-  out = lax.dot_general(patches, kernel, (((1,), (1,)), ((), ())), precision=precision,
+  n = len(lhs_spec) - 2
+  x = jnp.transpose(lhs, (lhs_spec[0],) + tuple(lhs_spec[2:]) + (lhs_spec[1],))  # (N, *sp, C)
+  w = jnp.transpose(rhs, tuple(rhs_spec[2:]) + (rhs_spec[1], rhs_spec[0]))  # (*window, I, O)
+  patches = extract_patches(x, w.shape[:n], strides=window_strides, padding=padding,
+                            lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation)
+  out = lax.dot_general(patches, w.reshape(-1, w.shape[-1]),
+                        (((patches.ndim - 1,), (0,)), ((), ())), precision=precision,
                         preferred_element_type=preferred_element_type)  # (N, *out, O)
-  nd = out.ndim
-  out = jnp.transpose(out, (0, nd - 1) + tuple(range(1, nd - 1)))  # (N, O, *out)
+  out = jnp.transpose(out, (0, n + 1) + tuple(range(1, n + 1)))  # (N, O, *out)
   return jnp.transpose(out, np.argsort(out_spec)).astype(
       preferred_element_type or jnp.result_type(lhs, rhs))
 

@@ -31,11 +31,16 @@ from typing import Any, Iterable
 
 import numpy as np
 
+__all__ = ["MARKER_FILE", "OUTPUT_KINDS", "atomic_dir", "atomic_write_bytes", "check_output",
+           "load_tree", "output_kind", "read_json", "recover", "save_tree", "sha256_file",
+           "tree_hash", "verify"]
+
 _TREE_DIR = "arrays"
 _META_FILE = "meta.json"
 MARKER_FILE = ".memedit-output.json"
 _MARKER_FORMAT = 1
-KINDS = ("converted", "edited-model", "edit", "tree")
+#: Kinds of output directory, recorded in each one's marker file.
+OUTPUT_KINDS = ("converted", "edited-model", "edit", "tree")
 
 
 def _fsync_dir(path: str) -> None:
@@ -186,7 +191,7 @@ def output_kind(path: str | os.PathLike) -> str | None:
       kind = read_json(marker).get("kind")
     except (ValueError, AttributeError):
       return None
-    return kind if kind in KINDS else None
+    return kind if kind in OUTPUT_KINDS else None
   meta_file = os.path.join(src, _META_FILE)
   if not (os.path.isfile(meta_file) and os.path.isdir(os.path.join(src, _TREE_DIR))):
     return None
@@ -209,7 +214,7 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
 
   Args:
     path: the output directory.
-    kind: what will be written, one of :data:`KINDS`.
+    kind: what will be written, one of :data:`OUTPUT_KINDS`.
     force: replace an existing ``path`` of another kind (or not a memedit output).
     protect: paths that must survive: ``path`` may not be one of them nor hold one,
       even with ``force`` (e.g. the checkpoint being converted). The current directory
@@ -222,8 +227,8 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
     ValueError: ``path`` would replace a protected path, or holds something other than
       a memedit output of this kind (without ``force``).
   """
-  if kind not in KINDS:
-    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+  if kind not in OUTPUT_KINDS:
+    raise ValueError(f"kind: expected one of {OUTPUT_KINDS}, got {kind!r}")
   dst = os.path.abspath(os.fspath(path))
   cwd = os.getcwd()
   for keep in (*map(os.fspath, protect), cwd):
@@ -387,8 +392,8 @@ def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, 
     path: destination directory (created or replaced as a whole).
     tree: a pytree of arrays (nested dicts, lists, NamedTuples of jax or numpy arrays).
     metadata: JSON-serialisable dict stored beside the arrays.
-    kind: what the directory is, one of :data:`KINDS`; recorded in its marker file with
-      the sha256 of every file, which :func:`load_tree` verifies.
+    kind: what the directory is, one of :data:`OUTPUT_KINDS`; recorded in its marker file
+      with the sha256 of every file, which :func:`load_tree` verifies.
     force, protect: as for :func:`check_output`, which runs before anything is written.
 
   Returns:

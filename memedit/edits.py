@@ -22,211 +22,197 @@ through an :class:`EditHistory`, which remembers the base value of every leaf it
 
 Paths address leaves of a parameter pytree (a Linen variables dict, an ``nnx.State``, any
 nested dicts/lists) by their keys, e.g. ``('params', 'Dense_0', 'kernel')`` or
-``('blocks', 1, 'fc1', 'kernel')``; NNX's trailing ``.value`` is implied.
+``('blocks', 1, 'fc1', 'kernel')``; NNX's trailing ``.value`` is implied (see
+:mod:`memedit.tree`).
+
+On disk (:func:`save_edit`) an edit is an orbax tree ``{"lam": Λ, "directions": D}`` and a
+JSON ``meta.json`` (format ``"memedit-edit"``, version 1: name, path, kind, in_ndim,
+method, settings, the shapes and, for a stacked leaf, index).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from memedit import _io
-from memedit.solve import KINDS, kernel_delta
+from memedit.layouts import LAYOUTS, kernel_delta
+from memedit.tree import Path, check_path, get_leaf, replace_leaf
 
-Path = tuple
+__all__ = ["Edit", "EditHistory", "apply_edit", "edit_delta", "load_edit", "make_edit",
+           "revert_edit", "save_edit"]
 
 _FORMAT = "memedit-edit"
 _VERSION = 1
 
 
-def _norm_key(k) -> Any:
-  if isinstance(k, jax.tree_util.DictKey):
-    return k.key
-  if isinstance(k, jax.tree_util.SequenceKey):
-    return k.idx
-  if isinstance(k, jax.tree_util.GetAttrKey):
-    return k.name
-  if isinstance(k, jax.tree_util.FlattenedIndexKey):
-    return k.key
-  return k
-
-
-def _norm_path(keypath) -> tuple:
-  path = tuple(_norm_key(k) for k in keypath)
-  while path and path[-1] in ("value", "raw_value") and isinstance(
-      keypath[len(path) - 1], jax.tree_util.GetAttrKey):
-    path = path[:-1]
-  return path
-
-
-def leaf_paths(params: Any) -> list[tuple]:
-  """The normalised paths of every array leaf of ``params``.
-
-  Args:
-    params: any parameter pytree (Linen variables, ``nnx.State``, nested dicts/lists).
-
-  Returns:
-    A list of tuples of str/int keys, in flattening order.
-
-  Example:
-    >>> import memedit
-    >>> memedit.leaf_paths({"params": {"fc": {"kernel": 0.0, "bias": 0.0}}})
-    [('params', 'fc', 'bias'), ('params', 'fc', 'kernel')]
-  """
-  return [_norm_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def _check_path(path) -> tuple:
-  if isinstance(path, (str, int)):
-    path = (path,)
-  if not isinstance(path, (tuple, list)) or not path or not all(
-      isinstance(p, (str, int)) and not isinstance(p, bool) for p in path):
-    raise ValueError(f"path: expected a non-empty tuple of str/int keys, got {path!r}")
-  return tuple(path)
-
-
-def _missing(params, path):
-  import difflib
-
-  paths = leaf_paths(params)
-  text = ["/".join(map(str, p)) for p in paths]
-  near = difflib.get_close_matches("/".join(map(str, path)), text, n=5, cutoff=0.3)
-  return ValueError(f"path: expected the path of a leaf of the parameters, got {path!r}; "
-                    f"closest: {near or text[:5]}")
-
-
-def get_leaf(params: Any, path: Path) -> jax.Array:
-  """Returns the leaf of ``params`` at ``path``.
-
-  Args:
-    params: a parameter pytree.
-    path: tuple of str/int keys (see :func:`leaf_paths`).
-
-  Returns:
-    The leaf.
-
-  Raises:
-    ValueError: no leaf has that path; the message lists the closest paths.
-
-  Example:
-    >>> import memedit
-    >>> memedit.get_leaf({"params": {"w": 1.0}}, ("params", "w"))
-    1.0
-  """
-  path = _check_path(path)
-  for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if _norm_path(kp) == path:
-      return leaf
-  raise _missing(params, path)
-
-
-def replace_leaf(params: Any, path: Path, value: Any) -> Any:
-  """A copy of ``params`` with the leaf at ``path`` replaced by ``value`` (others shared).
-
-  The caller's tree is never mutated.
-
-  Args:
-    params: a parameter pytree.
-    path: tuple of str/int keys.
-    value: the new leaf.
-
-  Returns:
-    The new tree.
-
-  Example:
-    >>> import memedit
-    >>> memedit.replace_leaf({"a": 1, "b": 2}, ("a",), 5)
-    {'a': 5, 'b': 2}
-  """
-  path = _check_path(path)
-  found = []
-
-  def swap(kp, leaf):
-    if _norm_path(kp) == path:
-      found.append(True)
-      return value
-    return leaf
-
-  out = jax.tree_util.tree_map_with_path(swap, params)
-  if not found:
-    raise _missing(params, path)
-  return out
-
-
-@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Edit:
-  """An edit ΔK(Λ, D) of the kernel leaf at ``path``.
+  """An edit ΔK(Λ, D) of the kernel leaf at ``path``: a frozen pytree.
+
+  Λ and D are the pytree's leaves; everything else is static metadata. Build edits with
+  :func:`make_edit` (which validates them); ``dataclasses.replace`` gives a changed copy.
+
+  Identity. ``fingerprint`` is a hash of the edit's content (path, layout, provenance,
+  index, and Λ and D's shapes and bytes), computed when asked, so it always describes the
+  current content. ``name`` is the ``label`` given to :func:`make_edit`, or else the
+  fingerprint; an :class:`EditHistory` tells edits apart by name. Under ``jax.jit`` Λ and
+  D are traced and cannot be hashed: an edit that entered the program as an argument
+  keeps the fingerprint of the values it was called with (carried as static metadata,
+  so a call with other values compiles anew).
+
+  Equality and hashing are by identity (``eq=False``): comparing array fields with ``==``
+  would be elementwise and have no truth value. Two edits with the same content are
+  distinct objects with equal fingerprints; compare ``a.fingerprint == b.fingerprint``.
 
   Attributes:
     lam: Λ, shaped ``lambda_shape(kernel.shape, r, kind, in_ndim)``.
-    directions: D (r, d).
+    D: (r, d), the edit subspace.
     path: tuple of str/int keys of the kernel leaf.
-    kind: kernel layout, "matrix", "dense" or "conv".
+    kind: kernel layout, one of :data:`memedit.layouts.LAYOUTS`.
     in_ndim: leading input axes of a dense kernel.
     method: how the edit was made (free text, e.g. "insert/zca").
-    settings: JSON-serialisable dict of the settings that made it.
-    name: identifier, by default a hash of everything above.
+    settings_json: the settings that made it, as canonical JSON (see ``settings``).
+    label: a name chosen by the caller, or None to be named by the fingerprint.
     index: for a leaf stacked over a leading layer axis (the layers of a scanned stack,
       ``(L, *kernel)``), the layer the edit changes: ΔK, laid out like one layer's
       kernel, is added to ``leaf[index]`` alone; ``None``: the whole leaf.
+
+  Example:
+    >>> import dataclasses, jax, jax.numpy as jnp, memedit
+    >>> e = memedit.make_edit(("kernel",), jnp.ones((2, 1)), jnp.ones((1, 3)))
+    >>> [x.shape for x in jax.tree_util.tree_leaves(e)]
+    [(2, 1), (1, 3)]
+    >>> dataclasses.replace(e, lam=2 * e.lam).name == e.name  # the name follows the content
+    False
   """
 
-  def __init__(self, lam, directions, path, kind, in_ndim=1, method="", settings=None,
-               name=None, index=None):
-    self.lam = lam
-    self.directions = directions
-    self.path = tuple(path)
-    self.kind = kind
-    self.in_ndim = int(in_ndim)
-    self.method = method
-    self._settings = json.dumps(settings or {}, sort_keys=True, default=str)
-    self.name = name
-    self.index = None if index is None else int(index)
+  lam: Any
+  D: Any
+  path: Path
+  kind: str = "dense"
+  in_ndim: int = 1
+  method: str = ""
+  settings_json: str = "{}"
+  label: str | None = None
+  index: int | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "path", tuple(self.path))
+    object.__setattr__(self, "in_ndim", int(self.in_ndim))
+    if self.index is not None:
+      object.__setattr__(self, "index", int(self.index))
 
   @property
   def settings(self) -> dict:
-    return json.loads(self._settings)
+    """The settings that made the edit, as a dict."""
+    return json.loads(self.settings_json)
 
   @property
   def rank(self) -> int:
-    return int(np.shape(self.directions)[0])
+    """r, the number of rows of D."""
+    return int(np.shape(self.D)[0])
 
-  def tree_flatten(self):
-    return (self.lam, self.directions), (self.path, self.kind, self.in_ndim, self.method,
-                                         self._settings, self.name, self.index)
+  @property
+  def fingerprint(self) -> str:
+    """16 hex digits of the sha256 of the edit's content (see the class docstring).
 
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    obj = cls.__new__(cls)
-    obj.lam, obj.directions = children
-    (obj.path, obj.kind, obj.in_ndim, obj.method, obj._settings, obj.name,
-     obj.index) = aux
-    return obj
+    Raises:
+      ValueError: Λ or D is traced and the edit did not enter the trace as an argument.
+    """
+    cached = self.__dict__.get("_fingerprint")
+    if cached is not None:
+      return cached
+    if _concrete(self.lam) and _concrete(self.D):
+      fp = _content_hash(self)
+      if isinstance(self.lam, jax.Array) and isinstance(self.D, jax.Array):
+        object.__setattr__(self, "_fingerprint", fp)  # immutable leaves: cache it
+      return fp
+    traced = self.__dict__.get("_traced_fingerprint")
+    if traced is None:
+      raise ValueError("edit: expected concrete Λ and D to fingerprint (or an edit passed "
+                       "into jax.jit as an argument, or one with a label), got traced values")
+    return traced
+
+  @property
+  def name(self) -> str:
+    """``label`` when given, else ``fingerprint``."""
+    return self.label if self.label is not None else self.fingerprint
 
   def __repr__(self):
+    try:
+      name = self.name
+    except ValueError:
+      name = "<traced>"
     index = "" if self.index is None else f", index={self.index}"
-    return (f"Edit(name={self.name!r}, path={self.path!r}{index}, kind={self.kind!r}, "
+    return (f"Edit(name={name!r}, path={self.path!r}{index}, kind={self.kind!r}, "
             f"rank={self.rank}, lam={tuple(np.shape(self.lam))}, method={self.method!r})")
 
 
-def make_edit(path: Path, lam: Any, directions: Any, *, kind: str = "dense", in_ndim: int = 1,
-              method: str = "", settings: dict | None = None, name: str | None = None,
+_STATIC = ("path", "kind", "in_ndim", "method", "settings_json", "label", "index")
+
+
+def _concrete(x) -> bool:
+  return isinstance(x, (np.ndarray, np.generic)) or (
+      isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer))
+
+
+def _content_hash(edit: Edit) -> str:
+  h = hashlib.sha256(json.dumps(
+      [list(edit.path), edit.kind, edit.in_ndim, edit.method, edit.settings_json]
+      + ([] if edit.index is None else [edit.index])).encode())
+  for a in (edit.lam, edit.D):
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def _edit_flatten_with_keys(edit: Edit):
+  try:
+    fp = edit.fingerprint
+  except ValueError:
+    fp = None
+  aux = tuple(getattr(edit, f) for f in _STATIC) + (fp,)
+  keys = (jax.tree_util.GetAttrKey("lam"), jax.tree_util.GetAttrKey("D"))
+  return tuple(zip(keys, (edit.lam, edit.D))), aux
+
+
+def _edit_flatten(edit: Edit):
+  children, aux = _edit_flatten_with_keys(edit)
+  return tuple(c for _, c in children), aux
+
+
+def _edit_unflatten(aux, children) -> Edit:
+  edit = Edit(*children, *aux[:-1])
+  if aux[-1] is not None:
+    object.__setattr__(edit, "_traced_fingerprint", aux[-1])
+  return edit
+
+
+jax.tree_util.register_pytree_with_keys(Edit, _edit_flatten_with_keys, _edit_unflatten,
+                                        _edit_flatten)
+
+
+def make_edit(path: Path, lam: Any, D: Any, *, kind: str = "dense", in_ndim: int = 1,
+              method: str = "", settings: dict | None = None, label: str | None = None,
               index: int | None = None) -> Edit:
-  """Builds a validated :class:`Edit`; the default name is a content hash.
+  """Builds a validated :class:`Edit` of float32 factors.
 
   Args:
     path: key path of the kernel leaf.
-    lam: Λ. directions: D (r, d).
-    kind, in_ndim: kernel layout (see :mod:`memedit.solve`).
-    method, settings: provenance recorded with the edit.
-    name: identifier (default: sha256 of path, layout, factors, settings and index, 16 hex
-      chars).
+    lam: Λ. D: (r, d), the edit subspace.
+    kind, in_ndim: kernel layout (see :mod:`memedit.layouts`).
+    method, settings: provenance recorded with the edit (settings: a JSON-serialisable
+      dict).
+    label: the edit's name; None (default) names it by its content fingerprint.
     index: the layer of a leaf stacked over a leading layer axis ``(L, *kernel)`` that the
       edit changes (Λ and D then describe one layer's kernel); ``None``: the whole leaf.
 
@@ -236,36 +222,32 @@ def make_edit(path: Path, lam: Any, directions: Any, *, kind: str = "dense", in_
   Example:
     >>> import jax.numpy as jnp, memedit
     >>> e = memedit.make_edit(("params", "kernel"), jnp.ones((2, 1)), jnp.ones((1, 3)))
-    >>> e.rank
-    1
+    >>> e.rank, e.name == e.fingerprint, len(e.name)
+    (1, True, 16)
   """
-  path = _check_path(path)
-  if kind not in KINDS:
-    raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+  path = check_path(path)
+  if kind not in LAYOUTS:
+    raise ValueError(f"kind: expected one of {LAYOUTS}, got {kind!r}")
   lam = jnp.asarray(lam, jnp.float32)
-  directions = jnp.asarray(directions, jnp.float32)
-  if directions.ndim != 2:
-    raise ValueError(f"directions: expected shape (r, d), got {tuple(directions.shape)}")
-  if lam.ndim < 2 or lam.shape[-1] != directions.shape[0]:
-    raise ValueError(f"lam: expected shape (..., {directions.shape[0]}) for rank "
-                     f"{directions.shape[0]}, got {tuple(lam.shape)}")
+  D = jnp.asarray(D, jnp.float32)
+  if D.ndim != 2:
+    raise ValueError(f"D: expected shape (r, d), got {tuple(D.shape)}")
+  if lam.ndim < 2 or lam.shape[-1] != D.shape[0]:
+    raise ValueError(f"lam: expected shape (..., {D.shape[0]}) for rank "
+                     f"{D.shape[0]}, got {tuple(lam.shape)}")
   try:
-    settings_text = json.dumps(settings or {}, sort_keys=True)
+    settings_json = json.dumps(settings or {}, sort_keys=True)
   except TypeError as e:
     raise ValueError(f"settings: expected a JSON-serialisable dict, got {settings!r}") from e
   if index is not None and (isinstance(index, bool) or not isinstance(index, (int, np.integer))
                             or index < 0):
     raise ValueError(f"index: expected None or a non-negative int (a layer of a stacked "
                      f"leaf), got {index!r}")
-  if name is None:
-    h = hashlib.sha256(json.dumps([list(path), kind, in_ndim, method, settings_text] + (
-        [] if index is None else [int(index)])).encode())
-    for a in (lam, directions):
-      a = np.ascontiguousarray(np.asarray(a))
-      h.update(str(a.shape).encode())
-      h.update(a.tobytes())
-    name = h.hexdigest()[:16]
-  return Edit(lam, directions, path, kind, in_ndim, method, settings, name, index)
+  if label is not None and not isinstance(label, str):
+    raise ValueError(f"label: expected None or a str, got {label!r}")
+  if isinstance(in_ndim, bool) or not isinstance(in_ndim, (int, np.integer)):
+    raise ValueError(f"in_ndim: expected an int, got {in_ndim!r}")
+  return Edit(lam, D, path, kind, int(in_ndim), str(method), settings_json, label, index)
 
 
 def edit_delta(edit: Edit, kernel_shape) -> jax.Array:
@@ -293,15 +275,15 @@ def edit_delta(edit: Edit, kernel_shape) -> jax.Array:
     >>> memedit.edit_delta(e, (3, 2))[0]
     Array([1., 1.], dtype=float32)
   """
-  index = getattr(edit, "index", None)
+  index = edit.index
   if index is None:
-    return kernel_delta(edit.lam, edit.directions, kernel_shape, edit.kind, edit.in_ndim)
+    return kernel_delta(edit.lam, edit.D, kernel_shape, edit.kind, edit.in_ndim)
   shape = tuple(int(s) for s in kernel_shape)
   if not shape or not 0 <= index < shape[0]:
     size = shape[0] if shape else 0
     raise ValueError(f"index: expected a layer 0 <= index < {size} of the stacked leaf "
                      f"{shape} at {edit.path!r}, got {index}")
-  delta = kernel_delta(edit.lam, edit.directions, shape[1:], edit.kind, edit.in_ndim)
+  delta = kernel_delta(edit.lam, edit.D, shape[1:], edit.kind, edit.in_ndim)
   return jnp.full(shape, -0.0, delta.dtype).at[index].set(delta)
 
 
@@ -315,6 +297,13 @@ class EditHistory:
     edits: tuple of applied :class:`Edit`, in application order.
     fingerprints: dict path → (2,) uint32 fingerprint of the leaf as the history last
       wrote it; a path without one (a history built by hand) is taken as unchanged.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.ones((1, 3)), label="a")
+    >>> _, history = memedit.apply_edit({"k": jnp.zeros((3, 2))}, e)
+    >>> history.names, list(history.originals)
+    (('a',), [('k',)])
   """
 
   def __init__(self, originals: dict | None = None, edits: Iterable[Edit] = (),
@@ -514,11 +503,11 @@ def save_edit(path: str | os.PathLike, edit: Edit, *, force: bool = False) -> st
       "format": _FORMAT, "version": _VERSION, "name": edit.name, "path": list(edit.path),
       "kind": edit.kind, "in_ndim": edit.in_ndim, "method": edit.method,
       "settings": edit.settings, "lam_shape": list(np.shape(edit.lam)),
-      "directions_shape": list(np.shape(edit.directions)),
+      "directions_shape": list(np.shape(edit.D)),
       **({} if edit.index is None else {"index": edit.index}),
   }
-  return _io.save_tree(path, {"lam": edit.lam, "directions": edit.directions}, meta,
-                       kind="edit", force=force)
+  return _io.save_tree(path, {"lam": edit.lam, "directions": edit.D}, meta, kind="edit",
+                       force=force)
 
 
 def load_edit(path: str | os.PathLike) -> Edit:
@@ -545,6 +534,9 @@ def load_edit(path: str | os.PathLike) -> Edit:
                      f"got format {meta.get('format')!r}")
   if meta.get("version") != _VERSION:
     raise ValueError(f"{path}: expected edit format version {_VERSION}, got {meta.get('version')!r}")
-  return Edit(jnp.asarray(tree["lam"]), jnp.asarray(tree["directions"]), tuple(meta["path"]),
-              meta["kind"], meta["in_ndim"], meta["method"], meta["settings"], meta["name"],
-              meta.get("index"))
+  edit = Edit(jnp.asarray(tree["lam"]), jnp.asarray(tree["directions"]), tuple(meta["path"]),
+              meta["kind"], meta["in_ndim"], meta["method"],
+              json.dumps(meta["settings"], sort_keys=True), None, meta.get("index"))
+  # A stored name other than the content's fingerprint is a label the caller chose.
+  name = meta.get("name")
+  return edit if name in (None, edit.fingerprint) else dataclasses.replace(edit, label=name)

@@ -27,13 +27,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from memedit.rewrite import (Generator, LayerRun, layer_info, match_scores, match_threshold,
-                             run_layer)
+from memedit.generators.forward import LayerRun, run_layer
+from memedit.generators.generator import Generator, layer_info
+from memedit.generators.query import match_scores, match_threshold
+from memedit.layers.conv import upsample_nearest
+
+__all__ = ["evaluate_at_quantiles", "evaluate_edit"]
 
 
 def _upsample(mask: np.ndarray, res: int) -> np.ndarray:
-  f = res // mask.shape[-1]
-  return np.repeat(np.repeat(mask, f, axis=-2), f, axis=-1)
+  return upsample_nearest(mask, res // mask.shape[-1])
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -66,7 +69,7 @@ def _cos(v, t):
   return (v @ t) / np.maximum(np.linalg.norm(v, axis=-1) * np.linalg.norm(t), 1e-12)
 
 
-def evaluate_edit(gen: Generator, layer: str, D: Any, edited_variables: Any,
+def evaluate_edit(gen: Generator, layer: str, D: Any, edited_params: Any,
                   imgnums: Sequence[int], *, target_value: Any = None,
                   quantile: float = 0.99, threshold: float | None = None,
                   batch_size: int = 64, original: LayerRun | None = None) -> dict:
@@ -76,13 +79,13 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_variables: Any,
     gen: the original generator.
     layer: the edited layer's name.
     D: (r, C_in) the edit's directions (its context subspace).
-    edited_variables: the edited generator's variables.
+    edited_params: the edited generator's parameters (e.g. ``edited(gen, edit)[0].params``).
     imgnums: held-out image numbers.
     target_value: (C_out,) the pasted value v̄ for the efficacy numbers (None: skipped).
     quantile: match threshold quantile over the held-out pixels' scores.
     threshold: a fixed threshold instead of the quantile.
     batch_size: latents per compiled call.
-    original: the unedited generator's :class:`memedit.rewrite.LayerRun` on
+    original: the unedited generator's :class:`memedit.generators.LayerRun` on
       ``gen.latents(imgnums)``, to reuse across calls (None: run here).
 
   Returns:
@@ -91,19 +94,33 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_variables: Any,
   Raises:
     ValueError: a quantile outside (0, 1), or images with NaN or infinite values (a model
       or an edit with non-finite weights).
+
+  Example:
+    >>> from flax import nnx
+    >>> from memedit.generators import edited, unit_zeroing_edit
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 4, 4, 3))
+    >>> gen = Generator(Toy(), 48, 8, {"up": ("up",)})
+    >>> new, _ = edited(gen, unit_zeroing_edit(gen, "up", [0]))
+    >>> m = evaluate_edit(gen, "up", np.eye(3)[:1], new.params, range(10, 14), quantile=0.9)
+    >>> m["num_latents"], m["context_match"]["pixels"], m["specificity"]["ratio"] > 1
+    (4, 0.109375, True)
   """
-  return _evaluate(gen, layer, D, edited_variables, imgnums, [quantile], threshold,
+  return _evaluate(gen, layer, D, edited_params, imgnums, [quantile], threshold,
                    target_value, batch_size, original)[0]
 
 
-def evaluate_at_quantiles(gen: Generator, layer: str, D: Any, edited_variables: Any,
+def evaluate_at_quantiles(gen: Generator, layer: str, D: Any, edited_params: Any,
                           imgnums: Sequence[int], quantiles: Sequence[float], *,
                           target_value: Any = None, batch_size: int = 64,
                           original: LayerRun | None = None) -> list[dict]:
   """:func:`evaluate_edit` at several match quantiles from one run of each generator.
 
   Args:
-    gen, layer, D, edited_variables, imgnums, target_value, batch_size, original: as for
+    gen, layer, D, edited_params, imgnums, target_value, batch_size, original: as for
       :func:`evaluate_edit`.
     quantiles: match threshold quantiles, each in (0, 1).
 
@@ -111,14 +128,29 @@ def evaluate_at_quantiles(gen: Generator, layer: str, D: Any, edited_variables: 
     One dict per quantile, the i-th equal to ``evaluate_edit(..., quantile=quantiles[i])``.
     The edited generator runs once, and the original once (not at all when ``original``
     is given), whatever the number of quantiles.
+
+  Example:
+    >>> from flax import nnx
+    >>> from memedit.generators import edited, unit_zeroing_edit
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 4, 4, 3))
+    >>> gen = Generator(Toy(), 48, 8, {"up": ("up",)})
+    >>> new, _ = edited(gen, unit_zeroing_edit(gen, "up", [0]))
+    >>> ms = evaluate_at_quantiles(gen, "up", np.eye(3)[:1], new.params, range(10, 14),
+    ...                            [0.5, 0.9])
+    >>> [m["context_match"]["pixels"] for m in ms]
+    [0.5, 0.109375]
   """
   if not quantiles:
     raise ValueError("quantiles: expected at least one quantile, got none")
-  return _evaluate(gen, layer, D, edited_variables, imgnums, list(quantiles), None,
+  return _evaluate(gen, layer, D, edited_params, imgnums, list(quantiles), None,
                    target_value, batch_size, original)
 
 
-def _evaluate(gen, layer, D, edited_variables, imgnums, quantiles, threshold, target_value,
+def _evaluate(gen, layer, D, edited_params, imgnums, quantiles, threshold, target_value,
               batch_size, original) -> list[dict]:
   for q in quantiles:
     if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0 < q < 1:
@@ -132,7 +164,7 @@ def _evaluate(gen, layer, D, edited_variables, imgnums, quantiles, threshold, ta
     if np.shape(r0.keys)[0] != len(z) or np.shape(r0.keys)[-1] != info.key_dim:
       raise ValueError(f"original: expected the layer run of {len(z)} latents with keys of "
                        f"dimension {info.key_dim}, got keys of shape {np.shape(r0.keys)}")
-  r1 = run_layer(gen, layer, z, variables=edited_variables, batch_size=batch_size)
+  r1 = run_layer(gen, layer, z, params=edited_params, batch_size=batch_size)
   for run, which in ((r0, "original"), (r1, "edited")):
     bad = run.images.size - int(np.isfinite(run.images).sum())
     if bad:

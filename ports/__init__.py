@@ -28,9 +28,9 @@ _CONFIG_FIELDS = {
 def shown_keys(mapping: Mapping, n: int = 8) -> str:
   """The first ``n`` keys of a mapping, sorted by their text, for error messages (keys of
   any types, e.g. the int and str keys of a damaged checkpoint)."""
-  from ports.torchfile import _brief
+  from ports.torchfile import brief_repr
 
-  keys = sorted((_brief(k, 0) for k in mapping), key=str)
+  keys = sorted((brief_repr(k, 0) for k in mapping), key=str)
   return "[" + ", ".join(keys[:n]) + (f", ... {len(keys)} in all]" if len(keys) > n else "]")
 
 
@@ -49,20 +49,20 @@ def validate_state_dict(sd: Any, where: str) -> Mapping[str, Any]:
     ValueError: ``sd`` is not a mapping, a key is not a str, or a value is not a numeric
       array; the message names the key.
   """
-  from ports.torchfile import _brief
+  from ports.torchfile import brief_repr
 
   if not isinstance(sd, Mapping):
     raise ValueError(f"{where}: expected a state dict (names to tensors), got "
-                     f"{type(sd).__name__} {_brief(sd)}")
+                     f"{type(sd).__name__} {brief_repr(sd)}")
   for name, value in sd.items():
     if not isinstance(name, str):
       raise ValueError(f"{where}: expected a state dict with str names, got the "
-                       f"{type(name).__name__} key {_brief(name)} among {shown_keys(sd)}")
+                       f"{type(name).__name__} key {brief_repr(name)} among {shown_keys(sd)}")
     if hasattr(value, "detach"):  # a torch tensor handed in by a caller
       continue
     if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind not in "biuf":
       got = (f"an array of {value.dtype}" if isinstance(value, (np.ndarray, np.generic))
-             else f"{type(value).__name__} {_brief(value)}")
+             else f"{type(value).__name__} {brief_repr(value)}")
       raise ValueError(f"{where}: {name}: expected a numeric tensor, got {got}")
   return sd
 

@@ -58,6 +58,7 @@ __all__ = [
     "CorruptFileError",
     "NvidiaModule",
     "UnsafeFileError",
+    "brief_repr",
     "load_any",
     "load_nvidia_pickle",
     "load_torch",
@@ -160,8 +161,13 @@ _EXPAND_SLACK = 64 << 20          # ... plus this much
 _MAX_SMALL_RECORD = 64            # bytes of the byteorder / version records
 
 
-def _brief(x: Any, level: int = 3) -> str:
-  """A short repr of untrusted data: bounded in depth, length and work."""
+def brief_repr(x: Any, level: int = 3) -> str:
+  """A short repr of untrusted data: bounded in depth, length and work.
+
+  Example:
+    >>> brief_repr({"a": [1, 2, 3]})
+    "{'a': [1, 2, 3]}"
+  """
   if x is None or isinstance(x, (bool, float, complex, np.generic)):
     return repr(x)[:80]
   if isinstance(x, int):
@@ -175,10 +181,10 @@ def _brief(x: Any, level: int = 3) -> str:
     if level <= 0:
       return f"<{name} of {len(x)}>"
     if isinstance(x, dict):
-      parts = [f"{_brief(k, level - 1)}: {_brief(v, level - 1)}"
+      parts = [f"{brief_repr(k, level - 1)}: {brief_repr(v, level - 1)}"
                for k, v in itertools.islice(x.items(), 6)]
     else:
-      parts = [_brief(v, level - 1) for v in itertools.islice(x, 6)]
+      parts = [brief_repr(v, level - 1) for v in itertools.islice(x, 6)]
     if len(x) > 6:
       parts.append(f"... {len(x)} in all")
     body = ", ".join(parts)
@@ -289,11 +295,11 @@ class _Storage(_Sealed):
     else:
       if self.data is None:
         raise CorruptFileError(
-            f"{self.source}: storage {_brief(self.key)} has no data (file truncated?)")
+            f"{self.source}: storage {brief_repr(self.key)} has no data (file truncated?)")
       view = memoryview(self.data)[:self.nbytes]
     if len(view) < self.nbytes:
       raise CorruptFileError(
-          f"{self.source}: storage {_brief(self.key)}: expected {self.nbytes} bytes, "
+          f"{self.source}: storage {brief_repr(self.key)}: expected {self.nbytes} bytes, "
           f"got {len(view)}")
     return view
 
@@ -332,7 +338,7 @@ def _check_extent(source, offset, shape, stride, count, dtype):
   values = (offset, *shape, *stride)
   if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
     raise UnsafeFileError(f"{source}: tensor geometry must be non-negative ints, got offset "
-                          f"{_brief(offset)}, shape {_brief(shape)}, stride {_brief(stride)}")
+                          f"{brief_repr(offset)}, shape {brief_repr(shape)}, stride {brief_repr(stride)}")
   if any(s == 0 for s in shape):
     return
   last = offset + sum((n - 1) * st for n, st in zip(shape, stride))
@@ -351,7 +357,7 @@ class _DtypeHolder:
       name = name.decode("ascii", "replace")
     if not isinstance(name, str) or not _NUMPY_DTYPE_RE.match(name):
       raise UnsafeFileError(
-          f"{source}: refused numpy dtype {_brief(name)} (only numeric dtypes load)")
+          f"{source}: refused numpy dtype {brief_repr(name)} (only numeric dtypes load)")
     self.dtype = np.dtype(name)
 
   def __setstate__(self, state):
@@ -378,14 +384,14 @@ class _ArrayHolder:
     _, shape, dtype, fortran, raw = state
     dtype = dtype.dtype if isinstance(dtype, _DtypeHolder) else dtype
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc":
-      raise UnsafeFileError(f"{self.source}: refused numpy array of dtype {_brief(dtype)}")
+      raise UnsafeFileError(f"{self.source}: refused numpy array of dtype {brief_repr(dtype)}")
     if isinstance(raw, str):
       raw = raw.encode("latin1")
     if not isinstance(raw, (bytes, bytearray)):
       raise UnsafeFileError(f"{self.source}: refused numpy array whose data is not raw bytes")
     if not isinstance(shape, tuple) or len(shape) > 64:
       raise CorruptFileError(f"{self.source}: numpy array shape must be a tuple of at most 64 "
-                             f"ints, got {_brief(shape)}")
+                             f"ints, got {brief_repr(shape)}")
     shape = tuple(int(s) for s in shape)
     if math.prod(shape) * dtype.itemsize != len(raw) or min(shape, default=0) < 0:
       raise CorruptFileError(f"{self.source}: numpy array of shape {shape} and dtype {dtype} "
@@ -398,7 +404,7 @@ class _FrozenClass(type):
   """A metaclass whose classes refuse attribute assignment (a pickle cannot patch them)."""
 
   def __setattr__(cls, name, value):
-    raise UnsafeFileError(f"refused to set attribute {_brief(name)} on {cls.__name__}")
+    raise UnsafeFileError(f"refused to set attribute {brief_repr(name)} on {cls.__name__}")
 
 
 class _EasyDict(dict, metaclass=_FrozenClass):
@@ -435,7 +441,7 @@ class _PersistentObj(_Sealed):
       raise CorruptFileError(f"{source}: persistent object metadata is not a dict")
     if meta.get("type") != "class":
       raise UnsafeFileError(
-          f"{source}: refused persistent object of type {_brief(meta.get('type'))}")
+          f"{source}: refused persistent object of type {brief_repr(meta.get('type'))}")
     name = meta.get("class_name")
     state = meta.get("state")
     if not isinstance(name, str) or not isinstance(state, dict):
@@ -686,7 +692,7 @@ class _Unpickler(pickle.Unpickler):
     if isinstance(data, str) and encoding in ("latin1", "latin-1"):
       return bytearray(data, "latin-1")
     raise UnsafeFileError(f"{self.source}: refused bytearray({type(data).__name__}"
-                          f"{', ' + _brief(encoding) if encoding is not None else ''}): "
+                          f"{', ' + brief_repr(encoding) if encoding is not None else ''}): "
                           "expected bytes, or a str with encoding 'latin-1'")
 
   # -- the two hooks of pickle.Unpickler
@@ -719,7 +725,7 @@ class _Unpickler(pickle.Unpickler):
   def persistent_load(self, pid):
     if self._persistent is None:
       raise CorruptFileError(
-          f"{self.source}: unexpected persistent id {_brief(pid)} in a plain pickle")
+          f"{self.source}: unexpected persistent id {brief_repr(pid)} in a plain pickle")
     return self._persistent(pid)
 
   # -- tensor rebuilds
@@ -737,7 +743,7 @@ class _Unpickler(pickle.Unpickler):
     dtype = storage.dtype if dtype is None else dtype
     dtype = dtype.dtype if isinstance(dtype, _TorchDtype) else dtype
     if not isinstance(dtype, np.dtype):
-      raise CorruptFileError(f"{self.source}: tensor dtype {_brief(dtype)} is not a known dtype")
+      raise CorruptFileError(f"{self.source}: tensor dtype {brief_repr(dtype)} is not a known dtype")
     count = storage.nbytes // dtype.itemsize
     _check_extent(self.source, offset, size, stride, count, dtype)
     return _TensorRef(storage, offset, size, stride, dtype)
@@ -758,9 +764,9 @@ class _Unpickler(pickle.Unpickler):
   def _rebuild_from_type_v2(self, func, new_type, args, state=None):
     del state
     if not isinstance(new_type, _TensorType):
-      raise UnsafeFileError(f"{self.source}: refused tensor subclass {_brief(new_type)}")
+      raise UnsafeFileError(f"{self.source}: refused tensor subclass {brief_repr(new_type)}")
     if not (isinstance(func, _Call) and func.fn in self._rebuilds):
-      raise UnsafeFileError(f"{self.source}: refused tensor rebuild function {_brief(func)}")
+      raise UnsafeFileError(f"{self.source}: refused tensor rebuild function {brief_repr(func)}")
     if not isinstance(args, tuple):
       raise CorruptFileError(f"{self.source}: tensor rebuild arguments are not a tuple")
     return func(*args)
@@ -784,7 +790,7 @@ class _Unpickler(pickle.Unpickler):
   def _np_scalar(self, dtype, data=None):
     dtype = dtype.dtype if isinstance(dtype, _DtypeHolder) else dtype
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc":
-      raise UnsafeFileError(f"{self.source}: refused numpy scalar of dtype {_brief(dtype)}")
+      raise UnsafeFileError(f"{self.source}: refused numpy scalar of dtype {brief_repr(dtype)}")
     if isinstance(data, str):
       data = data.encode("latin1")
     if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
@@ -794,7 +800,7 @@ class _Unpickler(pickle.Unpickler):
   def _np_reconstruct(self, cls, shape=(0,), code=b"b"):
     del shape, code
     if not isinstance(cls, _NdarrayType):
-      raise UnsafeFileError(f"{self.source}: refused numpy reconstruction of {_brief(cls)}")
+      raise UnsafeFileError(f"{self.source}: refused numpy reconstruction of {brief_repr(cls)}")
     return _ArrayHolder(self.source)
 
 
@@ -824,20 +830,20 @@ def _torch_device(kind, index=None):
 
 def _codecs_encode(obj, encoding="utf-8"):
   if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
-    raise UnsafeFileError(f"refused _codecs.encode({type(obj).__name__}, {_brief(encoding)})")
+    raise UnsafeFileError(f"refused _codecs.encode({type(obj).__name__}, {brief_repr(encoding)})")
   return obj.encode("latin1")
 
 
 def _as_int(source, value, what):
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
     raise CorruptFileError(
-        f"{source}: tensor {what} must be a non-negative int, got {_brief(value)}")
+        f"{source}: tensor {what} must be a non-negative int, got {brief_repr(value)}")
   return int(value)
 
 
 def _as_seq(source, value, what):
   if not isinstance(value, (tuple, list)):
-    raise CorruptFileError(f"{source}: tensor {what} must be a tuple, got {_brief(value)}")
+    raise CorruptFileError(f"{source}: tensor {what} must be a tuple, got {brief_repr(value)}")
   return value
 
 
@@ -845,7 +851,7 @@ def _as_seq(source, value, what):
 
 def _storage_type(source, stype):
   if not isinstance(stype, _StorageType):
-    raise UnsafeFileError(f"{source}: storage of unknown type {_brief(stype)}")
+    raise UnsafeFileError(f"{source}: storage of unknown type {brief_repr(stype)}")
   return stype
 
 
@@ -890,16 +896,16 @@ def _load_zip(data: bytes, source: str, depth: int) -> Any:
                                "expected 'little' or 'big'")
       byteorder = _read_record(zf, info, source).decode("ascii", "replace").strip()
       if byteorder not in ("little", "big"):
-        raise CorruptFileError(f"{source}: unknown byteorder record {_brief(byteorder)}")
+        raise CorruptFileError(f"{source}: unknown byteorder record {brief_repr(byteorder)}")
     raw: dict[str, bytes] = {}
 
     def persistent(pid):
       if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
-        raise CorruptFileError(f"{source}: unexpected persistent id {_brief(pid)}")
+        raise CorruptFileError(f"{source}: unexpected persistent id {brief_repr(pid)}")
       _, stype, key, _location, numel = pid
       stype = _storage_type(source, stype)
       if not isinstance(key, str):
-        raise CorruptFileError(f"{source}: storage key {_brief(key)} is not a string")
+        raise CorruptFileError(f"{source}: storage key {brief_repr(key)} is not a string")
       numel = _as_int(source, numel, "storage size")
       nbytes = numel * stype.dtype.itemsize
       if key not in raw:
@@ -912,7 +918,7 @@ def _load_zip(data: bytes, source: str, depth: int) -> Any:
                                  f"expected {nbytes} ({numel} x {stype.dtype})")
         raw[key] = _read_record(zf, info, source)
       if len(raw[key]) < nbytes:
-        raise CorruptFileError(f"{source}: storage {_brief(key)} is smaller than declared")
+        raise CorruptFileError(f"{source}: storage {brief_repr(key)} is smaller than declared")
       return _Storage(source, key, stype.dtype, numel, data=raw[key], byteorder=byteorder)
 
     pickled = _read_record(zf, infos[pkls[0]], source)
@@ -930,7 +936,7 @@ def _load_legacy(data: bytes, source: str, depth: int) -> Any:
     raise CorruptFileError(f"{source}: bad magic number; not a torch.save file")
   protocol = _plain_load(f, source)
   if protocol != _LEGACY_PROTOCOL:
-    raise CorruptFileError(f"{source}: unknown legacy protocol version {_brief(protocol)}")
+    raise CorruptFileError(f"{source}: unknown legacy protocol version {brief_repr(protocol)}")
   sys_info = _plain_load(f, source)
   if not isinstance(sys_info, dict):
     raise CorruptFileError(f"{source}: legacy system info is not a dict")
@@ -943,11 +949,11 @@ def _load_legacy(data: bytes, source: str, depth: int) -> Any:
       raise UnsafeFileError(f"{source}: refused a pickled module class (torch.save of a whole "
                             "model); save its state_dict instead")
     if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ("storage", b"storage")):
-      raise CorruptFileError(f"{source}: unexpected persistent id {_brief(pid)}")
+      raise CorruptFileError(f"{source}: unexpected persistent id {brief_repr(pid)}")
     _, stype, key, _location, numel, view = pid
     stype = _storage_type(source, stype)
     if not isinstance(key, str):
-      raise CorruptFileError(f"{source}: storage key {_brief(key)} is not a string")
+      raise CorruptFileError(f"{source}: storage key {brief_repr(key)} is not a string")
     numel = _as_int(source, numel, "storage size")
     if key not in storages:
       storages[key] = _Storage(source, key, stype.dtype, numel, byteorder=byteorder)
@@ -957,13 +963,13 @@ def _load_legacy(data: bytes, source: str, depth: int) -> Any:
         return _Storage(source, key, stype.dtype, numel, root=root)
       return root
     if not (isinstance(view, tuple) and len(view) == 3):
-      raise CorruptFileError(f"{source}: bad storage view {_brief(view)}")
+      raise CorruptFileError(f"{source}: bad storage view {brief_repr(view)}")
     view_key, offset, view_size = view
     offset = _as_int(source, offset, "view offset")
     view_size = _as_int(source, view_size, "view size")
     if (offset + view_size) * stype.dtype.itemsize > numel * stype.dtype.itemsize:
       raise UnsafeFileError(
-          f"{source}: storage view {_brief(view_key)} reaches outside its storage")
+          f"{source}: storage view {brief_repr(view_key)} reaches outside its storage")
     if view_key not in views:
       views[view_key] = _Storage(source, str(view_key), stype.dtype, view_size, root=root,
                                  offset_bytes=offset * stype.dtype.itemsize)
@@ -975,23 +981,23 @@ def _load_legacy(data: bytes, source: str, depth: int) -> Any:
     raise CorruptFileError(f"{source}: legacy storage key list is not a list")
   for key in keys:
     if not isinstance(key, str):
-      raise CorruptFileError(f"{source}: storage key {_brief(key)} is not a string")
+      raise CorruptFileError(f"{source}: storage key {brief_repr(key)} is not a string")
     if key not in storages:
-      raise CorruptFileError(f"{source}: storage key {_brief(key)} listed but never used")
+      raise CorruptFileError(f"{source}: storage key {brief_repr(key)} listed but never used")
     storage = storages[key]
     header = f.read(8)
     if len(header) != 8:
-      raise CorruptFileError(f"{source}: truncated before storage {_brief(key)}")
+      raise CorruptFileError(f"{source}: truncated before storage {brief_repr(key)}")
     (count,) = struct.unpack("<q" if byteorder == "little" else ">q", header)
     if count < 0:
-      raise CorruptFileError(f"{source}: negative size for storage {_brief(key)}")
+      raise CorruptFileError(f"{source}: negative size for storage {brief_repr(key)}")
     nbytes = count * storage.dtype.itemsize
     blob = f.read(nbytes)
     if len(blob) != nbytes:
-      raise CorruptFileError(f"{source}: truncated inside storage {_brief(key)} "
+      raise CorruptFileError(f"{source}: truncated inside storage {brief_repr(key)} "
                              f"(expected {nbytes} bytes, got {len(blob)})")
     if nbytes < storage.nbytes:
-      raise CorruptFileError(f"{source}: storage {_brief(key)} holds {nbytes} bytes, "
+      raise CorruptFileError(f"{source}: storage {brief_repr(key)} holds {nbytes} bytes, "
                              f"declared {storage.nbytes}")
     storage.data = blob
   return result
@@ -1020,7 +1026,7 @@ def _guarded(source: str, fn: Callable[[], Any]) -> Any:
     raise CorruptFileError(f"{source}: nesting too deep to read") from e
   except Exception as e:  # pickle, zip and struct errors on damaged input
     # A KeyError's text is the repr of its key, which the file chose: keep it short.
-    detail = _brief(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)[:500]
+    detail = brief_repr(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)[:500]
     raise CorruptFileError(f"{source}: cannot read ({type(e).__name__}: {detail})") from e
 
 
@@ -1077,7 +1083,7 @@ class _Memo(dict):
       raise UnsafeFileError(
           f"{self.source}: tensors would take more than {self.allowed_bytes} bytes "
           f"({_EXPAND_RATIO}x the file plus {_EXPAND_SLACK >> 20} MiB); the last one, of shape "
-          f"{_brief(ref.shape)} and stride {_brief(ref.stride)}, needs {nbytes} bytes from a "
+          f"{brief_repr(ref.shape)} and stride {brief_repr(ref.stride)}, needs {nbytes} bytes from a "
           f"storage of {ref.storage.nbytes} (stride-0 or overlapping views?); refusing it")
 
   def spend_items(self, n: int) -> None:
@@ -1183,7 +1189,7 @@ def _flatten_module(obj, prefix, state_dict, attributes, memo, depth):
     if child is None:
       continue
     if not isinstance(child, _PersistentObj):
-      raise CorruptFileError(f"submodule {_brief(prefix + name)} is a {type(child).__name__}, "
+      raise CorruptFileError(f"submodule {brief_repr(prefix + name)} is a {type(child).__name__}, "
                              "expected a persistent network object")
     _flatten_module(child, f"{prefix}{name}.", state_dict, attributes, memo, depth + 1)
 

@@ -9,24 +9,23 @@
   inputs, compiled, cached and optionally masked.
 - :func:`substitute`, :func:`edited_forward`, :func:`layer_forward`,
   :func:`insert_through_view`: functional edits of the layer's kernel.
+
+Modules: :mod:`~memedit.layers.kinds` (layer kinds), :mod:`~memedit.layers.conv`
+(convolution geometry: patches, grouped kernels, resampling), :mod:`~memedit.layers.model`
+(models, addresses, scanned stacks), :mod:`~memedit.layers.intercept` (running a model
+with one layer intercepted), :mod:`~memedit.layers.view` (memory views),
+:mod:`~memedit.layers.edit` (substitution, edited forward passes, inserts),
+:mod:`~memedit.layers.hooks` (capture), :mod:`~memedit.layers.stats` (key statistics).
 """
 
 from __future__ import annotations
 
-from memedit.layers.memory import (
-    LayerKind,
-    MemoryView,
-    edited_forward,
-    edited_kernel,
-    insert_through_view,
-    layer_forward,
-    layer_kind,
-    memory_view,
-    register_layer_kind,
-    substitute,
-)
+from memedit.layers.edit import (edited_forward, edited_kernel, insert_through_view,
+                                 layer_forward, substitute)
 from memedit.layers.hooks import Captured, capture, forward_to_layer
+from memedit.layers.kinds import LayerKind, layer_kind, register_layer_kind
 from memedit.layers.stats import layer_cache_key, layer_covariance, layer_key_fn
+from memedit.layers.view import MemoryView, memory_view
 
 __all__ = [
     "Captured",

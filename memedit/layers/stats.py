@@ -15,8 +15,10 @@ import numpy as np
 
 from memedit import _io
 from memedit.covariance import CovarianceState, covariance_cache_key, stream_covariance
-from memedit.layers import hooks as _cap
-from memedit.layers import memory as _mem
+from memedit.layers.conv import resample_mask
+from memedit.layers.hooks import forward_to_layer
+from memedit.layers.model import Model, as_model
+from memedit.layers.view import MemoryView, as_view
 
 __all__ = ["layer_covariance", "layer_cache_key", "layer_key_fn"]
 
@@ -25,7 +27,7 @@ def _as_args(batch) -> tuple:
   return tuple(batch) if isinstance(batch, tuple) else (batch,)
 
 
-def layer_key_fn(model, view: "_mem.MemoryView", *, masked: bool = False,
+def layer_key_fn(model, view: MemoryView, *, masked: bool = False,
                  method: str | None = None, dtype=jnp.float32, call_kwargs=None):
   """``key_fn(batch) -> keys`` or ``(keys, weights)`` for ``stream_covariance``.
 
@@ -57,7 +59,7 @@ def layer_key_fn(model, view: "_mem.MemoryView", *, masked: bool = False,
     >>> memedit.second_moment(st).tolist()
     [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
   """
-  m = _mem._as_model(model)
+  m = as_model(model)
   keys_of = _LayerKeys(m, view, masked=masked, method=method, dtype=dtype,
                        call_kwargs=call_kwargs)
   params = m.params
@@ -80,17 +82,17 @@ class _LayerKeys:
   """
 
   def __init__(self, m, view, *, masked, method, dtype, call_kwargs):
-    layer_def, layer_state = view._layer
-    self.view = dataclasses.replace(view, _layer=(layer_def, _abstract(layer_state)))
-    self.model = _mem._Model(m.framework, m.definition, None, m.form)
+    layer_def, layer_state = view.layer
+    self.view = dataclasses.replace(view, layer=(layer_def, _abstract(layer_state)))
+    self.model = Model(m.framework, m.definition, None, m.form)
     self.masked = masked
     self.kwargs = dict(call_kwargs or {})
-    self.fn = _cap.forward_to_layer(self.model, self.view, method=method, dtype=dtype,
+    self.fn = forward_to_layer(self.model, self.view, method=method, dtype=dtype,
                                     batch_first=True)
     v = self.view
     key = (m.framework, m.definition, m.form, v.address, v.weight_path, v.layer_type, v.kind,
            v.in_ndim, v.patch, v.kernel_shape, v.key_dim, v.value_dim, v.key_axes, v.stacked,
-           v.input_ndim, v.groups, v._spec, v.index, v.stack_size, v.module_path, masked,
+           v.input_ndim, v.groups, v.spec, v.index, v.stack_size, v.module_path, masked,
            method, str(jnp.dtype(dtype)), tuple(sorted(self.kwargs.items())))
     try:
       self.hash = hash(key)
@@ -127,8 +129,7 @@ def _mask_weights(mask, keys, view):
     if mask.ndim != n + 1:
       raise ValueError(f"mask: expected shape {_MASK_SHAPES[n]} for a conv layer with {n} "
                        f"spatial axes, got {mask.shape}")
-    if tuple(mask.shape[1:]) != spatial:
-      mask = jax.image.resize(mask, (b,) + spatial, "linear")
+    mask = resample_mask(mask, spatial)
   n_mid = len(lead) - mask.ndim
   if n_mid < 0:
     raise ValueError(f"mask: expected at most {len(lead)} dimensions matching the keys' "
@@ -151,7 +152,7 @@ def _key_data(tree):
   return jax.tree_util.tree_map(conv, tree)
 
 
-def layer_cache_key(model, view: "_mem.MemoryView", spec: Any, dtype=jnp.float32,
+def layer_cache_key(model, view: MemoryView, spec: Any, dtype=jnp.float32,
                     method: str | None = None) -> str:
   """Cache key of a layer's statistics: the model's parameters (content hash), the layer
   address and view (with the layer of a scanned stack it picks), the input stream's spec
@@ -172,7 +173,7 @@ def layer_cache_key(model, view: "_mem.MemoryView", spec: Any, dtype=jnp.float32
     >>> len(ml.layer_cache_key(model, view, {"seed": 1, "n": 1000}))
     64
   """
-  m = _mem._as_model(model)
+  m = as_model(model)
   h = hashlib.sha256(_io.tree_hash(_key_data(m.params)).encode())
   h.update(json.dumps([m.framework, [str(a) for a in view.weight_path], view.patch,
                        method] + ([] if view.index is None else [view.index])).encode())
@@ -226,7 +227,7 @@ each process passes its own part of the data and every process ends with the sam
     >>> memedit.key_count(st), memedit.second_moment(st).shape
     (16, (3, 3))
   """
-  m = _mem._as_model(model)
+  m = as_model(model)
   if isinstance(inputs, collections.abc.Iterator):
     first = next(inputs, None)
     if first is None:
@@ -240,12 +241,9 @@ each process passes its own part of the data and every process ends with the sam
     first = next(iter(inputs), None)
     if first is None:
       raise ValueError("inputs: expected at least one batch, got an empty stream")
-  if isinstance(address, _mem.MemoryView):
-    view = address
-  else:
-    example = first[0] if masked else first
-    view = _mem.memory_view(m, address, *_as_args(example), patch=patch, method=method,
-                            **(call_kwargs or {}))
+  example = first[0] if masked else first
+  view = as_view(m, address, *_as_args(example), patch=patch, method=method,
+                 **(call_kwargs or {}))
   keys_of = _LayerKeys(m, view, masked=masked, method=method, dtype=dtype,
                        call_kwargs=call_kwargs)
   cache_key = None

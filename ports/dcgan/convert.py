@@ -23,6 +23,10 @@ from ports import check_finite, shown_keys, validate_state_dict
 from ports.dcgan.model import (BN_EPSILON, KERNEL, NUM_LAYERS, RESOLUTION, DCGANGenerator,
                                layer_channels)
 
+__all__ = ["ARCHITECTURE", "BN_FIELDS", "BN_INDICES", "CONV_INDICES", "check_state_dict",
+           "convert_dcgan", "expected_shapes", "find_state_dict", "flax_kernel_to_torch",
+           "load_dcgan", "torch_convt_to_flax", "variables_from_state_dict"]
+
 ARCHITECTURE = "dcgan"
 CONV_INDICES = (0, 3, 6, 9, 12)
 BN_INDICES = (1, 4, 7, 10)

@@ -27,6 +27,10 @@ import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
+__all__ = ["BN_EPSILON", "DCGANGenerator", "KERNEL", "NUM_LAYERS",
+           "OverlapAddConvTranspose", "RESOLUTION", "layer_channels", "torch_padding",
+           "torch_stride"]
+
 KERNEL = 4
 NUM_LAYERS = 5
 RESOLUTION = 64

@@ -41,7 +41,7 @@ import numpy as np
 from memedit import _io
 from ports import check_finite, shown_keys, validate_state_dict
 from ports.gpt2.model import GPT2Config, GPT2LMHeadModel
-from ports.torchfile import CorruptFileError, _brief
+from ports.torchfile import CorruptFileError, brief_repr
 
 __all__ = ["ARCHITECTURE", "FORMAT_VERSION", "checkpoint_files", "convert_gpt2",
            "load_gpt2", "load_safetensors", "read_hf_config", "read_state_dict",
@@ -101,7 +101,7 @@ def _unique_object(pairs):
   keys = [k for k, _ in pairs]
   if len(set(keys)) != len(keys):
     dup = next(k for k in keys if keys.count(k) > 1)
-    raise ValueError(f"the key {_brief(dup)} appears more than once")
+    raise ValueError(f"the key {brief_repr(dup)} appears more than once")
   return dict(pairs)
 
 
@@ -190,12 +190,12 @@ def _check_header(source: str, header: dict, data_size: int) -> dict:
     if name == "__metadata__":
       if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
         raise CorruptFileError(f"{source}: __metadata__: expected an object of strings, "
-                               f"got {_brief(entry)}")
+                               f"got {brief_repr(entry)}")
       continue
-    where = f"{source}: tensor {_brief(name)}"
+    where = f"{source}: tensor {brief_repr(name)}"
     if not isinstance(entry, dict):
       raise CorruptFileError(f"{where}: expected an object with dtype, shape and "
-                             f"data_offsets, got {type(entry).__name__} {_brief(entry)}")
+                             f"data_offsets, got {type(entry).__name__} {brief_repr(entry)}")
     fields = {"dtype", "shape", "data_offsets"}
     if set(entry) != fields:
       raise CorruptFileError(f"{where}: expected the fields {sorted(fields)}, got "
@@ -203,17 +203,17 @@ def _check_header(source: str, header: dict, data_size: int) -> dict:
     dtype_name = entry["dtype"]
     if dtype_name not in SAFETENSORS_DTYPES:
       raise CorruptFileError(f"{where}: dtype: expected one of {sorted(SAFETENSORS_DTYPES)}, "
-                             f"got {_brief(dtype_name)}")
+                             f"got {brief_repr(dtype_name)}")
     shape = entry["shape"]
     if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
         or not all(_is_count(s) for s in shape)):
       raise CorruptFileError(f"{where}: shape: expected a list of at most {_MAX_NDIM} "
-                             f"non-negative integers, got {_brief(shape)}")
+                             f"non-negative integers, got {brief_repr(shape)}")
     offsets = entry["data_offsets"]
     if (not isinstance(offsets, list) or len(offsets) != 2
         or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]):
       raise CorruptFileError(f"{where}: data_offsets: expected [begin, end] with "
-                             f"0 <= begin <= end, got {_brief(offsets)}")
+                             f"0 <= begin <= end, got {brief_repr(offsets)}")
     begin, end = offsets
     if end > data_size:
       raise CorruptFileError(f"{where}: data_offsets: expected end <= {data_size} (the data "
@@ -229,8 +229,8 @@ def _check_header(source: str, header: dict, data_size: int) -> dict:
   spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
   for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
     if b1 < e0:
-      raise CorruptFileError(f"{source}: tensors {_brief(n0)} [{b0}, {e0}] and "
-                             f"{_brief(n1)} [{b1}, {e1}]: expected disjoint data_offsets, "
+      raise CorruptFileError(f"{source}: tensors {brief_repr(n0)} [{b0}, {e0}] and "
+                             f"{brief_repr(n1)} [{b1}, {e1}]: expected disjoint data_offsets, "
                              "got overlapping bytes")
   return entries
 
@@ -281,13 +281,13 @@ def _shards(index_file: str) -> list[str]:
   if not (isinstance(weight_map, dict) and weight_map
           and all(isinstance(v, str) for v in weight_map.values())):
     raise CorruptFileError(f"{index_file}: weight_map: expected an object of tensor names to "
-                           f"shard file names, got {_brief(weight_map)}")
+                           f"shard file names, got {brief_repr(weight_map)}")
   folder = os.path.dirname(os.path.abspath(index_file))
   files = []
   for name in dict.fromkeys(weight_map.values()):
     if os.path.basename(name) != name or name in ("", ".", ".."):
       raise CorruptFileError(f"{index_file}: weight_map: expected shard names inside the "
-                             f"index's folder, got {_brief(name)}")
+                             f"index's folder, got {brief_repr(name)}")
     files.append(os.path.join(folder, name))
   return files
 
@@ -311,7 +311,7 @@ def _read_weights(path: str) -> dict[str, Any]:
   sd = load_torch(path)
   if not isinstance(sd, Mapping):
     raise ValueError(f"{path}: expected a GPT-2 state dict (names to tensors), got "
-                     f"{type(sd).__name__} {_brief(sd)}")
+                     f"{type(sd).__name__} {brief_repr(sd)}")
   return dict(sd)
 
 
@@ -328,7 +328,7 @@ def read_state_dict(files: list[str]) -> dict[str, Any]:
     twice = sorted(set(part) & set(sd))
     if twice:
       raise CorruptFileError(f"{path}: expected each tensor in one shard, got "
-                             f"{_brief(twice[0])} in two of them")
+                             f"{brief_repr(twice[0])} in two of them")
     sd.update(part)
   return sd
 

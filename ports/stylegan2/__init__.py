@@ -4,12 +4,13 @@ Quick use::
 
   from ports import stylegan2
   path = stylegan2.convert_rosinality("stylegan2-ffhq-config-f.pt", "ffhq-flax")
-  module, variables, config = stylegan2.load_stylegan2(path)
+  module, variables, config = stylegan2.load_stylegan2(path)  # a StyleGAN2Generator
   z = stylegan2.sample_latents(8, config["z_dim"], seed=1)
   images = stylegan2.generate(module, variables, z, truncation=0.5)   # (8, R, R, 3) NHWC
   stylegan2.layer_paths(module)[6]   # ('params', 'synthesis', 'conv_6', 'memory', 'kernel')
 
 See :mod:`ports.stylegan2.model` for the architecture and parameter layout,
+:mod:`ports.stylegan2.editing` for its modulated convolutions as memedit layers,
 :mod:`ports.stylegan2.convert` for the checkpoint formats and :mod:`ports.stylegan2.export`
 for writing rosinality checkpoints (``stylegan2.save_rosinality(path, module, variables)``).
 :mod:`ports.stylegan2.train` distils the DCGAN face generator into a small StyleGAN2 and
@@ -27,13 +28,14 @@ from ports.stylegan2.convert import (
     state_dict_to_params_nvidia,
     state_dict_to_params_rosinality,
 )
+from ports.stylegan2.editing import memedit_generator, memory_gain, memory_patches
 from ports.stylegan2.export import save_rosinality, state_dict_rosinality
 from ports.stylegan2.model import (
     EqualLinear,
-    Generator,
     MappingNetwork,
     ModulatedConv,
     ModulatedConvMemory,
+    StyleGAN2Generator,
     SynthesisNetwork,
     ToRGB,
     demodulation,
@@ -51,23 +53,12 @@ from ports.stylegan2.model import (
 )
 
 __all__ = [
-    "EqualLinear", "Generator", "MappingNetwork", "ModulatedConv", "ModulatedConvMemory",
-    "SynthesisNetwork", "ToRGB", "convert_nvidia", "convert_rosinality", "demodulation",
-    "generate", "generator_from_config", "infer_nvidia_config", "infer_rosinality_config",
-    "layer_paths", "layer_resolution", "load_stylegan2", "mean_latent", "num_conv_layers",
+    "EqualLinear", "MappingNetwork", "ModulatedConv", "ModulatedConvMemory",
+    "StyleGAN2Generator", "SynthesisNetwork", "ToRGB", "convert_nvidia", "convert_rosinality",
+    "demodulation", "generate", "generator_from_config", "infer_nvidia_config",
+    "infer_rosinality_config", "layer_paths", "layer_resolution", "load_stylegan2",
+    "mean_latent", "memedit_generator", "memory_gain", "memory_patches", "num_conv_layers",
     "num_ws", "nvidia_channels", "rosinality_channels", "sample_latents", "save_rosinality",
     "state_dict_rosinality", "state_dict_to_params_nvidia", "state_dict_to_params_rosinality",
     "upfirdn2d",
 ]
-
-
-def _register_memory_kind() -> None:
-  """Makes every modulated convolution addressable by memedit's memory views: its memory
-  is the plain HWIO kernel, its keys are the per-pixel modulated inputs x·s, and the
-  layer's own f recomputes the demodulation from the (edited) kernel and the style."""
-  from memedit.layers import register_layer_kind
-
-  register_layer_kind(ModulatedConvMemory, weight="kernel", kind="conv")
-
-
-_register_memory_kind()

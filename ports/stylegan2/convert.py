@@ -1,7 +1,7 @@
 """Converters from rosinality ``.pt`` and NVIDIA ``.pkl`` StyleGAN2 checkpoints.
 
 Both write one directory (atomically, through :func:`memedit._io.save_tree`): the Flax
-variables of :class:`ports.stylegan2.model.Generator` as an orbax checkpoint, plus a JSON
+variables of :class:`ports.stylegan2.model.StyleGAN2Generator` as an orbax checkpoint, plus a JSON
 config describing the architecture and the source file (name, sha256). Neither needs
 torch: files are read by :mod:`ports.torchfile`.
 
@@ -33,7 +33,11 @@ import numpy as np
 from memedit import _io
 from ports import check_finite, shown_keys, validate_state_dict
 from ports.stylegan2 import model as model_lib
-from ports.torchfile import _brief
+from ports.torchfile import brief_repr
+
+__all__ = ["FORMAT_VERSION", "convert_nvidia", "convert_rosinality", "infer_nvidia_config",
+           "infer_rosinality_config", "load_stylegan2", "state_dict_to_params_nvidia",
+           "state_dict_to_params_rosinality"]
 
 FORMAT_VERSION = 1
 _BLUR = (1.0, 3.0, 3.0, 1.0)
@@ -225,7 +229,7 @@ def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
     config: from :func:`infer_rosinality_config` (inferred when None).
 
   Returns:
-    ``{'params': ..., 'buffers': ...}`` for :class:`ports.stylegan2.model.Generator`.
+    ``{'params': ..., 'buffers': ...}`` for :class:`ports.stylegan2.model.StyleGAN2Generator`.
 
   Raises:
     ValueError: keys or shapes differ from the architecture the config describes, or the
@@ -274,7 +278,7 @@ def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
     if not (hasattr(latent_avg, "detach") or (isinstance(latent_avg, (np.ndarray, np.generic))
                                               and latent_avg.dtype.kind in "iuf")):
       raise ValueError(f"latent_avg: expected a tensor of {config['w_dim']} values, got "
-                       f"{type(latent_avg).__name__} {_brief(latent_avg)}")
+                       f"{type(latent_avg).__name__} {brief_repr(latent_avg)}")
     avg = _np(latent_avg).reshape(-1)
     if avg.shape != (config["w_dim"],):
       raise ValueError(f"latent_avg: expected {config['w_dim']} values, got shape "
@@ -302,7 +306,7 @@ def _kwargs(value: Any, name: str) -> dict:
     return {}
   if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
     raise ValueError(f"NVIDIA StyleGAN2: {name}: expected a dict of keyword arguments, got "
-                     f"{type(value).__name__} {_brief(value)}")
+                     f"{type(value).__name__} {brief_repr(value)}")
   return dict(value)
 
 
@@ -316,7 +320,7 @@ def _number(value: Any, name: str, *, optional: bool = False, positive: bool = F
   if not ok:
     want = "a finite positive number" if positive else "a finite number"
     raise ValueError(f"NVIDIA StyleGAN2: {name}: expected {want}{' or None' if optional else ''}"
-                     f", got {type(value).__name__} {_brief(value)}")
+                     f", got {type(value).__name__} {brief_repr(value)}")
   return float(value)
 
 
@@ -329,7 +333,7 @@ def _integer(value: Any, name: str, *, optional: bool = False) -> int | None:
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
     raise ValueError(f"NVIDIA StyleGAN2: {name}: expected a non-negative integer"
                      f"{' or None' if optional else ''}, got {type(value).__name__} "
-                     f"{_brief(value)}")
+                     f"{brief_repr(value)}")
   return int(value)
 
 
@@ -359,7 +363,7 @@ def infer_nvidia_config(sd: Mapping[str, Any], init_kwargs: Mapping[str, Any] | 
   if attributes:
     if not isinstance(attributes, Mapping) or not all(isinstance(k, str) for k in attributes):
       raise ValueError(f"NVIDIA StyleGAN2: attributes: expected a dict of named settings, got "
-                       f"{type(attributes).__name__} {_brief(attributes)}")
+                       f"{type(attributes).__name__} {brief_repr(attributes)}")
     _settings_from_attributes(attributes, mk, sk)
   validate_state_dict(sd, "NVIDIA StyleGAN2 state dict")
   if "mapping.fc0.weight" not in sd or "synthesis.b4.const" not in sd:
@@ -374,14 +378,14 @@ def infer_nvidia_config(sd: Mapping[str, Any], init_kwargs: Mapping[str, Any] | 
     raise ValueError(f"NVIDIA StyleGAN2: expected architecture 'skip', got {arch!r}")
   act = mk.get("activation", "lrelu")
   if act != "lrelu":
-    raise ValueError(f"NVIDIA StyleGAN2: expected mapping activation 'lrelu', got {_brief(act)}")
+    raise ValueError(f"NVIDIA StyleGAN2: expected mapping activation 'lrelu', got {brief_repr(act)}")
   filt = sk.get("resample_filter", _BLUR)
   if not isinstance(filt, (list, tuple)) or list(filt) != list(_BLUR):
     raise ValueError(f"NVIDIA StyleGAN2: expected resample_filter [1, 3, 3, 1], "
-                     f"got {_brief(filt)}")
+                     f"got {brief_repr(filt)}")
   if sk.get("kernel_size", 3) != 3:
     raise ValueError(f"NVIDIA StyleGAN2: expected kernel_size 3, got "
-                     f"{_brief(sk.get('kernel_size'))}")
+                     f"{brief_repr(sk.get('kernel_size'))}")
   n_mlp = _count(sd, r"mapping\.fc(\d+)\.weight")
   fc_shapes = [_shape("NVIDIA", sd, f"mapping.fc{l}.weight", 2, "(out, in)")
                for l in range(n_mlp)]
@@ -443,7 +447,7 @@ def _settings_from_attributes(attributes: Mapping[str, Any], mk: dict, sk: dict)
   other = [a for a in acts if a != "lrelu"]
   if other:
     raise ValueError(f"NVIDIA StyleGAN2: expected synthesis activation 'lrelu', got "
-                     f"{_brief(other[0])}")
+                     f"{brief_repr(other[0])}")
 
 
 def _nvidia_expected(config: dict) -> dict[str, tuple[int, ...]]:
@@ -625,7 +629,7 @@ def load_stylegan2(path: str | os.PathLike):
   """Loads a converted checkpoint.
 
   Returns:
-    ``(module, variables, config)``: the :class:`ports.stylegan2.model.Generator`, its
+    ``(module, variables, config)``: the :class:`ports.stylegan2.model.StyleGAN2Generator`, its
     Flax variables (numpy arrays) and the JSON config.
 
   Raises:

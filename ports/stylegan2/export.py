@@ -63,7 +63,7 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> np.ndarray:
   return a
 
 
-def _check_module(module: model_lib.Generator) -> None:
+def _check_module(module: model_lib.StyleGAN2Generator) -> None:
   problems = []
   if module.z_dim != module.w_dim:
     problems.append(f"z_dim == w_dim (one style_dim), got {module.z_dim} and {module.w_dim}")
@@ -79,7 +79,7 @@ def _check_module(module: model_lib.Generator) -> None:
     raise ValueError("rosinality StyleGAN2 export: expected " + "; ".join(problems))
 
 
-def state_dict_rosinality(module: model_lib.Generator, variables: Mapping[str, Any]
+def state_dict_rosinality(module: model_lib.StyleGAN2Generator, variables: Mapping[str, Any]
                           ) -> tuple[collections.OrderedDict, np.ndarray]:
   """The rosinality ``g_ema`` state dict and ``latent_avg`` of a Flax generator.
 
@@ -170,13 +170,13 @@ def state_dict_rosinality(module: model_lib.Generator, variables: Mapping[str, A
   return sd, latent_avg
 
 
-def rosinality_channel_table(module: model_lib.Generator) -> dict[int, int]:
+def rosinality_channel_table(module: model_lib.StyleGAN2Generator) -> dict[int, int]:
   """The ``channels`` table (resolution → width) rosinality's ``Generator`` needs to build
   this generator's layers (its own table when the widths are rosinality's)."""
   return {2 ** (k + 2): int(c) for k, c in enumerate(module.channels)}
 
 
-def save_rosinality(path: str | os.PathLike, module: model_lib.Generator,
+def save_rosinality(path: str | os.PathLike, module: model_lib.StyleGAN2Generator,
                     variables: Mapping[str, Any], *, latent_avg: Any = None) -> str:
   """Writes a rosinality checkpoint ``{'g_ema': state_dict, 'latent_avg': (w_dim,)}``.
 

@@ -31,7 +31,7 @@ modulated 1×1 convolutions without demodulation (also split, ``demodulate=False
 adds the up-sampled (upfirdn2d, [1,3,3,1]) image of the previous resolution.
 
 Layer numbering (the reference's): layer 0 is the 4×4 conv, then two per resolution
-(layers 1–2 at 8×8, 3–4 at 16×16, ...). Parameter tree of :class:`Generator`::
+(layers 1–2 at 8×8, 3–4 at 16×16, ...). Parameter tree of :class:`StyleGAN2Generator`::
 
   params/mapping/fc_{l}/{kernel (in, out), bias}
   params/synthesis/const                              (4, 4, C₄)
@@ -70,6 +70,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+__all__ = ["EqualLinear", "INPUT_SPACES", "MappingNetwork", "ModulatedConv",
+           "ModulatedConvMemory", "NOISE_MODES", "SQRT2", "StyleGAN2Generator",
+           "SynthesisNetwork", "ToRGB", "demodulation", "generate", "generator_from_config",
+           "layer_paths", "layer_resolution", "leaky_relu_gain", "log2_resolution",
+           "mean_latent", "num_conv_layers", "num_ws", "nvidia_channels", "pixel_norm",
+           "rosinality_channels", "sample_latents", "upfirdn2d"]
 
 SQRT2 = math.sqrt(2.0)
 NOISE_MODES = ("const", "random", "none")
@@ -231,18 +238,31 @@ class ModulatedConvMemory(nn.Module):
   where for ``up=True`` the convolution is a stride-2 transposed convolution followed by
   the [1,3,3,1] blur (rosinality's up path; output 2H × 2W), else a 'same' convolution.
   The only parameter is ``kernel`` (k, k, C_in, C_out), HWIO, stored unscaled.
+  ``in_features`` (C_in, set by :class:`ModulatedConv` and :class:`ToRGB`) gives the layer's
+  run-time weight gain 1/√(k·k·C_in) without an input
+  (:func:`ports.stylegan2.editing.memory_gain`).
+
+  As a memory (registered with :func:`memedit.layers.register_layer_kind`, kind "conv"):
+  keys are the per-pixel x·s, the kernel is edited per tap, and the layer's own call is
+  the f of every solve, so an edited kernel gets the demodulation that belongs to it.
+  Without demodulation (ToRGB) the layer is linear in its kernel with gain
+  1/√(k·k·C_in), which ``MemoryView.check_contract(x, style)`` confirms.
   """
   features: int
   kernel_size: int = 3
   up: bool = False
   demodulate: bool = True
   blur_kernel: tuple[float, ...] = (1, 3, 3, 1)
+  in_features: int | None = None
 
   @nn.compact
   def __call__(self, x_mod: jax.Array, style: jax.Array) -> jax.Array:
     if x_mod.ndim != 4:
       raise ValueError(f"x_mod: expected (N, H, W, C_in), got shape {x_mod.shape}")
     c_in = x_mod.shape[-1]
+    if self.in_features is not None and c_in != self.in_features:
+      raise ValueError(f"x_mod: expected {self.in_features} channels (in_features), got "
+                       f"{c_in}")
     if style.shape != (x_mod.shape[0], c_in):
       raise ValueError(
           f"style: expected shape {(x_mod.shape[0], c_in)}, got {style.shape}")
@@ -302,7 +322,8 @@ class ModulatedConv(nn.Module):
     s = EqualLinear(x.shape[-1], bias_init=1.0, name="modulation")(w)
     x_mod = x * s[:, None, None, :]
     out = ModulatedConvMemory(self.features, self.kernel_size, up=self.up, demodulate=True,
-                              blur_kernel=self.blur_kernel, name="memory")(x_mod, s)
+                              blur_kernel=self.blur_kernel, in_features=x.shape[-1],
+                              name="memory")(x_mod, s)
     if self.use_noise:
       strength = self.param("noise_strength", nn.initializers.zeros, ())
       if noise is not None:
@@ -323,7 +344,7 @@ class ToRGB(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, w: jax.Array, skip: jax.Array | None = None) -> jax.Array:
     s = EqualLinear(x.shape[-1], bias_init=1.0, name="modulation")(w)
-    out = ModulatedConvMemory(self.img_channels, 1, demodulate=False,
+    out = ModulatedConvMemory(self.img_channels, 1, demodulate=False, in_features=x.shape[-1],
                               name="memory")(x * s[:, None, None, :], s)
     out = out + self.param("bias", nn.initializers.zeros, (self.img_channels,))
     if self.conv_clamp is not None:
@@ -421,7 +442,7 @@ class SynthesisNetwork(nn.Module):
     return img
 
 
-class Generator(nn.Module):
+class StyleGAN2Generator(nn.Module):
   """StyleGAN2 generator: ``mapping`` (z → w) and ``synthesis`` (w+ → NHWC image).
 
   Attributes:
@@ -548,7 +569,8 @@ class Generator(nn.Module):
 # Conveniences.
 
 
-def layer_paths(module: Generator, include_torgb: bool = False) -> list[tuple[str, ...]]:
+def layer_paths(module: StyleGAN2Generator,
+                include_torgb: bool = False) -> list[tuple[str, ...]]:
   """Leaf paths of the memory kernels, indexed by the reference's layer numbering.
 
   ``layer_paths(g)[i] == ('params', 'synthesis', f'conv_{i}', 'memory', 'kernel')``;
@@ -594,7 +616,7 @@ def sample_latents(n: int, z_dim: int = 512, seed: int = 1) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_generate(module: Generator, input_space: str, truncation: float,
+def _jitted_generate(module: StyleGAN2Generator, input_space: str, truncation: float,
                      truncation_cutoff: int | None, crossover: int | None, noise_mode: str,
                      layout: str, has_mix: bool, has_noise: bool, has_rng: bool):
   def run(variables, latents, mix, noise, rng):
@@ -607,7 +629,8 @@ def _jitted_generate(module: Generator, input_space: str, truncation: float,
   return jax.jit(run)
 
 
-def generate(module: Generator, variables: Any, latents: Any, *, input_space: str = "z",
+def generate(module: StyleGAN2Generator, variables: Any, latents: Any, *,
+             input_space: str = "z",
              truncation: float = 1.0, truncation_cutoff: int | None = None,
              mix_latents: Any = None, crossover: int | None = None,
              noise_mode: str = "const", noise: Sequence[Any] | None = None,
@@ -618,7 +641,7 @@ def generate(module: Generator, variables: Any, latents: Any, *, input_space: st
     module, variables: the generator as ``(module, variables)``.
     latents: (N, z_dim) / (N, w_dim) / (N, num_ws, w_dim) for 'z' / 'w' / 'w+'.
     input_space, truncation, truncation_cutoff, mix_latents, crossover: see
-      :meth:`Generator.latents`.
+      :meth:`StyleGAN2Generator.latents`.
     noise_mode: 'const' (stored buffers), 'random' (needs ``rng``) or 'none'.
     noise: explicit per-layer noise, one (H, W) or (N, H, W) array per conv layer.
     rng: PRNG key for ``noise_mode='random'``.
@@ -640,7 +663,8 @@ def generate(module: Generator, variables: Any, latents: Any, *, input_space: st
             noise_arg, rng)
 
 
-def mean_latent(module: Generator, variables: Any, n: int = 4096, seed: int = 0) -> np.ndarray:
+def mean_latent(module: StyleGAN2Generator, variables: Any, n: int = 4096,
+                seed: int = 0) -> np.ndarray:
   """Mean of the mapping network's output over deterministic latents.
 
   Args:
@@ -652,12 +676,12 @@ def mean_latent(module: Generator, variables: Any, n: int = 4096, seed: int = 0)
     (w_dim,) float32, the mean w (a truncation centre).
   """
   z = sample_latents(n, module.z_dim, seed)
-  w = jax.jit(lambda v, z: module.apply(v, z, method=Generator.map))(variables, z)
+  w = jax.jit(lambda v, z: module.apply(v, z, method=StyleGAN2Generator.map))(variables, z)
   return np.asarray(jnp.mean(w, axis=0))
 
 
-def generator_from_config(config: dict) -> Generator:
-  """Builds the :class:`Generator` a conversion config describes.
+def generator_from_config(config: dict) -> StyleGAN2Generator:
+  """Builds the :class:`StyleGAN2Generator` a conversion config describes.
 
   Args:
     config: dict with resolution, channels, z_dim, w_dim, n_mlp and optionally
@@ -670,7 +694,7 @@ def generator_from_config(config: dict) -> Generator:
     ValueError: a required key is missing.
   """
   try:
-    return Generator(
+    return StyleGAN2Generator(
         resolution=int(config["resolution"]), channels=tuple(int(c) for c in config["channels"]),
         z_dim=int(config["z_dim"]), w_dim=int(config["w_dim"]), n_mlp=int(config["n_mlp"]),
         mapping_hidden=(None if config.get("mapping_hidden") is None
@@ -682,3 +706,4 @@ def generator_from_config(config: dict) -> Generator:
         blur_kernel=tuple(float(k) for k in config.get("blur_kernel", (1, 3, 3, 1))))
   except KeyError as e:
     raise ValueError(f"config: expected key {e.args[0]!r}, got keys {sorted(config)}") from None
+

@@ -14,8 +14,10 @@ from PIL import Image
 import memedit
 import peers
 import ports
-from memedit import _io, covariance, rewrite as rw, specs
+from memedit import _io, covariance, fold_programs, generators as gens, specs
+from memedit.generators import edit as gens_edit
 from memedit.cli import main
+from memedit.tree import get_leaf
 from ports.dcgan import variables_from_state_dict
 from ports.dcgan.convert import expected_shapes
 
@@ -26,6 +28,8 @@ SUBCOMMANDS = {
     "sample": "original and the edited model",
     "evaluate": "Measure an edit on held-out latents",
     "demo": "MIT licence",
+    "log": "Show an edit log",
+    "ui": "rewrite it interactively",
 }
 
 
@@ -81,12 +85,12 @@ def test_end_to_end(tiny, capsys):
   edit = memedit.load_edit(tmp / "e.edit")
   assert edit.path == ("params", "convt2", "kernel") and edit.rank == 1
   # The edited checkpoint is the original with the edit applied, and loads like any other.
-  gen = rw.generator_from_converted(model)
+  gen = gens.generator_from_converted(model)
   module, variables, config = ports.load_converted(tmp / "edited")
   assert config["edits"][0]["name"] == edit.name
-  want, _ = memedit.apply_edit(gen.variables, edit)
-  np.testing.assert_array_equal(np.asarray(memedit.get_leaf(variables, edit.path)),
-                                np.asarray(memedit.get_leaf(want, edit.path)))
+  want, _ = memedit.apply_edit(gen.params, edit)
+  np.testing.assert_array_equal(np.asarray(get_leaf(variables, edit.path)),
+                                np.asarray(get_leaf(want, edit.path)))
   assert main(["sample", model, "--edit", str(tmp / "e.edit"), "--images", "100-105",
                "--columns", "3", "--out", str(tmp / "s.png")]) == 0
   img = np.asarray(Image.open(tmp / "s.png"))
@@ -215,8 +219,8 @@ def test_counts_are_bounded_and_their_limits_documented(tiny, tmp_path, capsys):
 
 def _nan_edit(model, path, *, nan=True):
   """An edit of convt2 (Λ NaN when ``nan``), saved at ``path``; returns the path."""
-  gen = rw.generator_from_converted(model)
-  kernel = memedit.get_leaf(gen.variables, gen.weight_path("convt2"))
+  gen = gens.generator_from_converted(model)
+  kernel = gens.layer_kernel(gen, "convt2")
   lam = np.full(kernel.shape[:2] + kernel.shape[3:] + (1,), np.nan if nan else 0.01,
                 np.float32)
   D = np.eye(1, kernel.shape[2], dtype=np.float32)
@@ -248,9 +252,9 @@ def test_non_finite_models_and_edits_are_errors(tiny, tmp_path, capsys, monkeypa
   assert not (tmp_path / "m.json").exists()
   with pytest.raises(ValueError, match="images: expected finite values, got 4 NaN or "
                      "infinite of 12"):
-    rw.comparison_grid(np.zeros((1, 2, 2, 3)), np.array([[[[np.nan, 0, 0]] * 2] * 2]))
+    gens.comparison_grid(np.zeros((1, 2, 2, 3)), np.array([[[[np.nan, 0, 0]] * 2] * 2]))
   with pytest.raises(ValueError, match="expected uint8 pixel values"):
-    rw.save_png(png, np.full((2, 2, 3), np.nan))
+    gens.save_png(png, np.full((2, 2, 3), np.nan))
   assert not png.exists()
   # A spec whose learning rate is infinite is refused; a solve that diverges saves nothing.
   stats = ["--samples", "64", "--batch-size", "16", "--no-progress", "--cache-dir",
@@ -262,13 +266,13 @@ def test_non_finite_models_and_edits_are_errors(tiny, tmp_path, capsys, monkeypa
   assert main(["rewrite", model, str(inf_spec), "--out", str(tmp_path / "e1"), *stats]) == 1
   assert "solver.learning_rate: expected a finite positive number, got inf" in (
       _one_line_error(capsys, "rewrite"))
-  real_solve = rw.solve_lambda
+  real_solve = gens_edit.solve_lambda
 
   def diverging(*args, **kwargs):
     res = real_solve(*args, **kwargs)
     return res._replace(lam=res.lam * np.nan)
 
-  monkeypatch.setattr(rw, "solve_lambda", diverging)
+  monkeypatch.setattr(gens_edit, "solve_lambda", diverging)
   assert main(["rewrite", model, spec, "--out", str(tmp_path / "e2"), *stats]) == 1
   assert "Λ: expected finite values from the adam solve" in _one_line_error(capsys, "rewrite")
   assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
@@ -313,7 +317,7 @@ def test_interrupted_stats_resumes_without_recomputing(tiny, tmp_path, monkeypat
   args = ["stats", model, "--layer", "convt3", "--samples", "64", "--batch-size", "8",
           "--no-progress"]
   folded = []
-  make = covariance._make_group_fn
+  make = fold_programs.make_group_fn
 
   def counting_make(*key):
     fn = make(*key)
@@ -323,7 +327,7 @@ def test_interrupted_stats_resumes_without_recomputing(tiny, tmp_path, monkeypat
       return fn(state, params, batches, valid)
     return run
 
-  monkeypatch.setattr(covariance, "_make_group_fn", counting_make)
+  monkeypatch.setattr(fold_programs, "make_group_fn", counting_make)
   # Reference: an uninterrupted run (8 batches of 8 latents, 4 batches per group).
   assert main(args + ["--cache-dir", str(tmp_path / "ref")]) == 0
   assert sum(folded) == 8
@@ -349,8 +353,9 @@ def test_interrupted_stats_resumes_without_recomputing(tiny, tmp_path, monkeypat
   folded.clear()
   assert main(args + ["--cache-dir", str(tmp_path / "run")]) == 0
   assert sum(folded) == 0  # a finished run is read back
-  gen = rw.generator_from_converted(model)
-  key = rw.statistics_cache_key(gen, "convt3", 64, 8)
+  gen = gens.generator_from_converted(model)
+  (key,) = os.listdir(tmp_path / "ref")
+  assert os.listdir(tmp_path / "run") == [key]  # the same content-hash key
   ref, _ = _io.load_tree(tmp_path / "ref" / key)
   got, meta = _io.load_tree(tmp_path / "run" / key)
   assert meta["complete"] and meta["batches"] == 8

@@ -1,7 +1,9 @@
-"""Streaming covariance against float64 numpy on 1e6 keys of dim 512 whose mean is 10σ."""
+"""Streaming covariance against float64 numpy on 1e6 keys of dim 128 whose mean is 10σ, and
+the Gram kernels of the fold against float64 at dim 520."""
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 import subprocess
@@ -15,11 +17,40 @@ import pytest
 from jax import enable_x64
 
 import memedit
-from memedit import covariance as cov_mod
+from memedit import fold_programs, gram
 
-D = 512
+D = 128
 CHUNK = 62_500
 N_CHUNKS = 16  # 1e6 keys
+
+
+class _Compilations:
+  """Counts XLA compilations while active."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __enter__(self):
+    self.count = 0
+    self.active = True
+
+    def listener(event, duration, **kwargs):
+      if self.active and event == self.EVENT:
+        self.count += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return self
+
+  def __exit__(self, *exc):
+    self.active = False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _syrk_kernel():
+  """The CPU Gram kernel is BLAS syrk here, whatever the machine's load (``auto`` picks
+  XLA's GEMM on a busy CPU); tests that need the GEMM set it themselves."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(gram, "CPU_GRAM", "syrk")
+    yield
 
 
 def rel(a, b):
@@ -29,46 +60,59 @@ def rel(a, b):
 
 
 LEVELS = np.array([0.0, 0.25, 0.5, 1.0], np.float32)  # a quantised soft mask
+POOL = 8192  # distinct keys the 1e6 keys are drawn from
+
+
+class _Chunks(collections.abc.Sequence):
+  """Chunk i of the keys (or of their weights), gathered from the pool when asked for."""
+
+  def __init__(self, table, index):
+    self.table, self.index = table, index
+
+  def __len__(self):
+    return N_CHUNKS
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(N_CHUNKS))]
+    if not -N_CHUNKS <= i < N_CHUNKS:
+      raise IndexError(i)
+    i %= N_CHUNKS
+    return self.table[self.index[i * CHUNK:(i + 1) * CHUNK]]
 
 
 @pytest.fixture(scope="module")
 def big():
   """1e6 keys (mean 10σ, anisotropic) with per-key weights and float64 reference sums.
 
-  Weights take four levels, so one float64 pass gives both references:
-  Σ xxᵀ = Σ_v G_v and Σ w xxᵀ = Σ_v v G_v with G_v the Gram matrix of the keys of level v.
+  The keys are drawn with replacement from a pool of 8,192 keys and the weights from four
+  levels, so the float64 references are sums over the pool with counts: with c_jv the
+  number of keys equal to pool key x_j with weight level v,
+  Σ xxᵀ = Σ_j (Σ_v c_jv) x_j x_jᵀ and Σ w xxᵀ = Σ_j (Σ_v v c_jv) x_j x_jᵀ. The fold itself
+  sees 1e6 keys in random order, exactly as it would a fresh sample.
   """
   rng = np.random.default_rng(1234)
   mean = (10.0 * rng.standard_normal(D)).astype(np.float32)
   scales = np.exp(rng.uniform(-1, 1, D)).astype(np.float32)
-  chunks, weights = [], []
-  s1 = np.zeros(D)
-  s2 = np.zeros((D, D))
-  w1 = np.zeros(D)
-  w2 = np.zeros((D, D))
-  wsum = 0.0
-  for _ in range(N_CHUNKS):
-    x = rng.standard_normal((CHUNK, D), dtype=np.float32) * scales + mean
-    level = rng.integers(0, len(LEVELS), CHUNK)
-    chunks.append(x)
-    weights.append(LEVELS[level])
-    for i, v in enumerate(LEVELS.astype(np.float64)):
-      xv = x[level == i].astype(np.float64)
-      g = xv.T @ xv
-      m = xv.sum(0)
-      s2 += g
-      s1 += m
-      w2 += v * g
-      w1 += v * m
-      wsum += v * len(xv)
+  pool = rng.standard_normal((POOL, D), dtype=np.float32) * scales + mean
   n = N_CHUNKS * CHUNK
+  idx = rng.integers(0, POOL, n).astype(np.int32)
+  level = rng.integers(0, len(LEVELS), n).astype(np.int32)
+  counts = np.bincount(idx * len(LEVELS) + level, minlength=POOL * len(LEVELS))
+  counts = counts.reshape(POOL, len(LEVELS)).astype(np.float64)
+  c = counts.sum(1)
+  cw = counts @ LEVELS.astype(np.float64)
+  x64 = pool.astype(np.float64)
+  s1, s2 = c @ x64, (x64 * c[:, None]).T @ x64
+  w1, w2 = cw @ x64, (x64 * cw[:, None]).T @ x64
+  wsum = float(cw.sum())
   mu = s1 / n
   wmu = w1 / wsum
   return dict(
-      chunks=chunks, weights=weights,
+      chunks=_Chunks(pool, idx), weights=_Chunks(LEVELS, level),
       C=s2 / n, mean=mu, cov=s2 / n - np.outer(mu, mu),
       wC=w2 / wsum, wmean=wmu, wcov=w2 / wsum - np.outer(wmu, wmu), wsum=wsum,
-      n_weighted=int(sum((w > 0).sum() for w in weights)))
+      n_weighted=int(counts[:, 1:].sum()))
 
 
 def test_streamed_uncentered_and_centered(big):
@@ -114,7 +158,7 @@ def test_resumed_after_interruption(big, tmp_path):
   partial, meta = memedit._io.load_tree(tmp_path / key)
   assert meta["batches"] == 8 and not meta["complete"]
   calls = []
-  make = cov_mod._make_group_fn
+  make = fold_programs.make_group_fn
 
   def counting_make(*args):
     fn = make(*args)
@@ -126,7 +170,7 @@ def test_resumed_after_interruption(big, tmp_path):
     return counted
 
   import unittest.mock
-  with unittest.mock.patch.object(cov_mod, "_make_group_fn", counting_make):
+  with unittest.mock.patch.object(fold_programs, "make_group_fn", counting_make):
     st = memedit.stream_covariance(stream(), group=4, progress=False, cache_dir=tmp_path,
                                    cache_key=key, key_fn=lambda x: x)
   # Only the 8 batches not folded before were folded now: 2 groups of 4.
@@ -170,11 +214,11 @@ def test_key_fn_masks_progress_and_no_retrace(capsys):
   eager = memedit.covariance_update(memedit.covariance_init(6), x)
   jitted = jax.jit(memedit.covariance_update)(memedit.covariance_init(6), x)
   np.testing.assert_allclose(eager.sum_sq, jitted.sum_sq, rtol=1e-6, atol=1e-6)
-  before = cov_mod._fold_jit._cache_size()
-  s = memedit.covariance_init(6)
-  for b in batches:
-    s = memedit.covariance_update(s, b.reshape(-1, 6) + 1.0)
-  assert cov_mod._fold_jit._cache_size() - before <= 1
+  s = memedit.covariance_update(memedit.covariance_init(6), x + 1.0)
+  with _Compilations() as comp:
+    for b in batches:
+      s = memedit.covariance_update(s, b.reshape(-1, 6) + 1.0)
+  assert comp.count == 0
 
 
 def test_exact_counts_past_2_to_the_32():
@@ -229,11 +273,19 @@ SHARDED = textwrap.dedent("""
     four = memedit.stream_covariance(batches, key_fn=key_fn, group=4, devices=4, progress=False)
     keys = np.concatenate([b.astype(np.float64) @ proj for b in batches])
     ref = keys.T @ keys / len(keys)
+    # covariance_update on keys sharded over the 4 devices: a partitioned program.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.local_devices()), ("data",))
+    k32 = np.concatenate([b @ proj for b in batches])[:9000]
+    upd = memedit.covariance_update(memedit.covariance_init(48),
+                                    jax.device_put(k32, NamedSharding(mesh, P("data"))))
+    k64 = k32.astype(np.float64)
     rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
     print(json.dumps(dict(
         n1=memedit.key_count(one), n4=memedit.key_count(four),
         one_ref=rel(memedit.second_moment(one), ref),
         four_ref=rel(memedit.second_moment(four), ref),
+        update_ref=rel(memedit.second_moment(upd), k64.T @ k64 / len(k64)),
         four_one=rel(memedit.second_moment(four), np.asarray(memedit.second_moment(one), np.float64)),
         cov_four_one=rel(memedit.centered_covariance(four),
                          np.asarray(memedit.centered_covariance(one), np.float64)))))
@@ -242,13 +294,13 @@ SHARDED = textwrap.dedent("""
 
 def test_sharded_over_four_host_devices_equals_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", MEMEDIT_CPU_GRAM="syrk")
   proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["n1"] == out["n4"] == 9 * 1001
-  assert out["one_ref"] <= 1e-6 and out["four_ref"] <= 1e-6
+  assert out["one_ref"] <= 1e-6 and out["four_ref"] <= 1e-6 and out["update_ref"] <= 1e-6
   assert out["four_one"] <= 1e-6 and out["cov_four_one"] <= 1e-6
 
 
@@ -387,3 +439,68 @@ def test_negative_weights_under_jit_are_refused_like_nonfinite_ones():
     memedit.second_moment(st)
   assert np.isnan(np.asarray(jax.jit(memedit.centered_covariance)(st))).all()
   assert np.isnan(np.asarray(jax.jit(memedit.key_mean)(st))).all()
+
+
+# ----------------------------------------------------------------------------------------
+# The Gram kernels of the fold.
+
+
+def test_gram_kernels_match_float64_eagerly_under_jit_vmap_and_grad():
+  # d = 520: above the BLAS's blocking and not a multiple of the XLA block size.
+  rng = np.random.default_rng(21)
+  x = (rng.standard_normal((3000, 520)) + 0.5).astype(np.float32)
+  ref = x.astype(np.float64).T @ x.astype(np.float64)
+  kernels = {"gram": gram.gram, "blas": gram.gram_blas, "xla": gram.gram_xla,
+             "blocked": lambda a: gram.gram_blocked(a, block=128)}
+  for name, fn in kernels.items():
+    for run in (fn, jax.jit(fn)):
+      out = np.asarray(run(x))
+      assert out.dtype == np.float32 and rel(out, ref) <= 1e-6, name
+      if name != "xla":  # computed from one triangle: symmetric to the bit
+        np.testing.assert_array_equal(out, out.T)
+  # A batch of chunks (vmap) and the derivative d(XᵀX) = TᵀX + XᵀT.
+  small = x[:40, :6]
+  both = np.stack([small, 2 * small])
+  np.testing.assert_allclose(jax.vmap(gram.gram)(both), [small.T @ small, 4 * small.T @ small],
+                             rtol=1e-5)
+  t = rng.standard_normal(small.shape).astype(np.float32)
+  _, tangent = jax.jvp(gram.gram, (small,), (t,))
+  np.testing.assert_allclose(tangent, t.T @ small + small.T @ t, rtol=1e-4, atol=1e-4)
+  g = jax.grad(lambda a: jnp.sum(gram.gram(a) ** 2))(small)
+  g_ref = jax.grad(lambda a: jnp.sum(gram.gram_xla(a) ** 2))(small)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-4)
+  with enable_x64():
+    x64 = rng.standard_normal((200, 7))
+    out = jax.jit(gram.gram)(x64)
+    assert out.dtype == jnp.float64 and rel(out, x64.T @ x64) <= 1e-14
+
+
+def test_gram_kernel_is_chosen_per_platform_and_setting(monkeypatch):
+  x = np.ones((8, 3), np.float32)
+
+  def lowered(fn, platform="cpu"):
+    return jax.jit(fn).trace(x).lower(lowering_platforms=(platform,)).as_text()
+
+  monkeypatch.setattr(gram, "CPU_GRAM", "syrk")
+  assert gram.cpu_kernel() == "syrk"
+  cpu = lowered(gram.gram)
+  assert "python_cpu_callback" in cpu and "dot_general" not in cpu
+  # The fold itself runs the chosen kernel.
+  fold = jax.jit(memedit.covariance_update).lower(memedit.covariance_init(3), x).as_text()
+  assert "python_cpu_callback" in fold
+  # SPMD-partitioned programs, GPUs and TPUs use XLA's GEMM (no host callback).
+  part = lowered(lambda a: gram.gram(a, partitioned=True))
+  assert "callback" not in part and "dot_general" in part
+  for platform in ("cuda", "tpu"):
+    text = lowered(gram.gram, platform)
+    assert "callback" not in text and "dot_general" in text, platform
+  monkeypatch.setattr(gram, "CPU_GRAM", "gemm")
+  gemm = lowered(lambda a: gram.gram(a))  # a new function: traced anew
+  assert "callback" not in gemm and "dot_general" in gemm
+  monkeypatch.setattr(gram, "CPU_GRAM", "syrk-ish")
+  with pytest.raises(ValueError, match=r"MEMEDIT_CPU_GRAM: expected one of \('auto', 'syrk', "
+                                       r"'gemm'\), got 'syrk-ish'"):
+    gram.gram(x)
+  # auto: syrk when BLAS runs one thread or the CPU has one core, else XLA's GEMM.
+  assert gram.auto_kernel(2, False) == "gemm"
+  assert gram.auto_kernel(2, True) == gram.auto_kernel(1, False) == "syrk"

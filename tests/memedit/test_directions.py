@@ -32,7 +32,7 @@ def test_single_key_gives_the_c_inverse_direction(method):
   ref /= np.linalg.norm(ref)
   ref *= np.sign(ref @ k)
   D = memedit.context_directions(C.astype(np.float32), k[None].astype(np.float32),
-                                 method=method).directions
+                                 method=method).D
   assert D.shape == (1, 12)
   np.testing.assert_allclose(np.asarray(D[0], np.float64), ref, atol=2e-5)
 
@@ -48,7 +48,7 @@ def test_zca_rank_r_matches_float64_reference_and_is_orthonormal():
   _, _, vt = np.linalg.svd(w[:, None] * (K @ whiten))
   ref = vt[:r] @ whiten
   res = memedit.context_directions(C.astype(np.float32), K.astype(np.float32), w, rank=r)
-  D = np.asarray(res.directions, np.float64)
+  D = np.asarray(res.D, np.float64)
   np.testing.assert_allclose(D @ D.T, np.eye(r), atol=1e-5)
   assert span_distance(D, ref) < 1e-4
   mean_key = w @ K / w.sum()
@@ -64,7 +64,7 @@ def test_full_rank_subspace_is_span_of_c_inverse_keys_for_every_method():
   ref = np.linalg.solve(C, K.T).T
   for method in ("zca", "svd"):
     D = memedit.context_directions(C.astype(np.float32), K.astype(np.float32), rank=n,
-                                   method=method).directions
+                                   method=method).D
     assert span_distance(D, ref) < 1e-4, method
 
 
@@ -75,7 +75,7 @@ def test_svd_method_matches_float64_reference():
   K = rng.standard_normal((n, d)) + 0.3
   _, _, vt = np.linalg.svd(np.linalg.solve(C, K.T).T)
   D = memedit.context_directions(C.astype(np.float32), K.astype(np.float32), rank=r,
-                                 method="svd").directions
+                                 method="svd").D
   assert span_distance(D, vt[:r]) < 1e-4
 
 
@@ -99,8 +99,8 @@ def test_eager_and_jit_agree_and_no_retrace():
   rng = np.random.default_rng(5)
   C = random_C(rng, 6).astype(np.float32)
   K = rng.standard_normal((3, 6)).astype(np.float32)
-  eager = memedit.context_directions(C, K, rank=2).directions
-  jitted = jax.jit(lambda c, k: memedit.context_directions(c, k, rank=2).directions)(C, K)
+  eager = memedit.context_directions(C, K, rank=2).D
+  jitted = jax.jit(lambda c, k: memedit.context_directions(c, k, rank=2).D)(C, K)
   np.testing.assert_allclose(eager, jitted, atol=1e-6)
   from memedit import directions as dmod
   before = dmod._directions._cache_size()
@@ -148,7 +148,7 @@ def test_rank_beyond_the_span_of_the_keys_is_refused(method):
   K = rng.standard_normal((4, 8)).astype(np.float32)
   K[2] = K[0] + K[1]
   K[3] = 2.0 * K[0]  # four keys, two independent directions
-  D = memedit.context_directions(C, K, rank=2, method=method).directions
+  D = memedit.context_directions(C, K, rank=2, method=method).D
   ref = np.linalg.solve(C.astype(np.float64), K[:2].T.astype(np.float64)).T
   assert span_distance(D, ref) < 1e-4
   with pytest.raises(ValueError, match=r"rank: expected at most the number of independent "
@@ -158,9 +158,9 @@ def test_rank_beyond_the_span_of_the_keys_is_refused(method):
   with pytest.raises(ValueError, match=r"independent directions .* \(1\), got 2"):
     memedit.context_directions(C, K, np.array([1.0, 0.0, 0.0, 1.0]), rank=2, method=method)
   # Under jit nothing can be raised: the directions are NaN.
-  fn = jax.jit(lambda c, k: memedit.context_directions(c, k, rank=3, method=method).directions)
+  fn = jax.jit(lambda c, k: memedit.context_directions(c, k, rank=3, method=method).D)
   assert np.isnan(np.asarray(fn(C, K))).all()
-  ok = jax.jit(lambda c, k: memedit.context_directions(c, k, rank=2, method=method).directions)
+  ok = jax.jit(lambda c, k: memedit.context_directions(c, k, rank=2, method=method).D)
   np.testing.assert_allclose(ok(C, K), D, atol=1e-5)
 
 
@@ -170,7 +170,7 @@ def test_mean_of_cancelling_keys_is_refused():
   with pytest.raises(ValueError, match="keys: expected weighted context keys whose C⁻¹ "
                                        "directions do not cancel"):
     memedit.context_directions(C, K, method="mean")
-  fn = jax.jit(lambda c, k: memedit.context_directions(c, k, method="mean").directions)
+  fn = jax.jit(lambda c, k: memedit.context_directions(c, k, method="mean").D)
   assert np.isnan(np.asarray(fn(C, K))).all()
 
 
@@ -221,9 +221,9 @@ def test_float64_inputs_stay_float64_under_x64():
     assert x.dtype == jnp.float64
     assert rel_err(x, np.linalg.solve(C, b)) <= 1e-12
     res = memedit.context_directions(C, K, rank=2, method="svd")
-    assert res.directions.dtype == jnp.float64
+    assert res.D.dtype == jnp.float64
     ref = np.linalg.svd(np.linalg.solve(C, K.T).T)[2][:2]
-    assert span_distance(res.directions, ref) <= 1e-10
+    assert span_distance(res.D, ref) <= 1e-10
     # Float32 inputs keep float32.
     assert memedit.solve_psd(C.astype(np.float32), b.astype(np.float32)).dtype == jnp.float32
 
@@ -237,7 +237,7 @@ def test_zero_or_nonfinite_c_is_refused():
     memedit.solve_psd(Z, np.ones(3, np.float32))
   bad = np.eye(3, dtype=np.float32)
   bad[1, 1] = np.nan
-  directions = jax.jit(lambda c, k: memedit.context_directions(c, k).directions)
+  directions = jax.jit(lambda c, k: memedit.context_directions(c, k).D)
   solve = jax.jit(memedit.solve_psd)
   for c in (Z, bad):
     assert np.isnan(np.asarray(directions(c, K))).all()
@@ -259,9 +259,9 @@ def test_weights_align_with_leading_axes_and_scale_the_keys():
   # The reference implementation scales each whitened key by its weight.
   ref = np.linalg.svd(w[:, None] * (k @ whiten))[2][:2] @ whiten
   for weights in (per_image, per_image[:, None, None]):
-    D = memedit.context_directions(C, keys, weights, rank=2).directions
+    D = memedit.context_directions(C, keys, weights, rank=2).D
     assert span_distance(D, ref) < 1e-4
-    svd = memedit.context_directions(C, keys, weights, rank=2, method="svd").directions
+    svd = memedit.context_directions(C, keys, weights, rank=2, method="svd").D
     assert span_distance(svd, np.linalg.svd(w[:, None] * np.linalg.solve(C, k.T).T)[2][:2]) < 1e-4
   with pytest.raises(ValueError, match=r"weights: expected a shape that broadcasts to a "
                                        r"leading part of the keys' leading shape \(2, 5\)"):
@@ -274,7 +274,7 @@ def test_negative_weights_under_jit_give_nan_directions():
   w = np.array([1.0, -1.0], np.float32)
   with pytest.raises(ValueError, match="weights: expected non-negative weights"):
     memedit.context_directions(C, K, w)
-  fn = jax.jit(lambda c, k, w: memedit.context_directions(c, k, w).directions)
+  fn = jax.jit(lambda c, k, w: memedit.context_directions(c, k, w).D)
   assert np.isnan(np.asarray(fn(C, K, w))).all()
   assert np.isfinite(np.asarray(fn(C, K, np.abs(w)))).all()
 
@@ -288,9 +288,9 @@ def test_ridge_is_added_to_c_and_may_be_a_jax_scalar():
   x = memedit.solve_psd(C.astype(np.float32), b.astype(np.float32), ridge=ridge)
   assert rel_err(x, np.linalg.solve(C + 0.3 * np.eye(5), b)) <= 1e-5
   a = memedit.context_directions(C.astype(np.float32), K.astype(np.float32), rank=2,
-                                 ridge=ridge).directions
+                                 ridge=ridge).D
   b2 = memedit.context_directions((C + 0.3 * np.eye(5)).astype(np.float32),
-                                  K.astype(np.float32), rank=2).directions
+                                  K.astype(np.float32), rank=2).D
   np.testing.assert_allclose(a, b2, atol=1e-5)
   with pytest.raises(ValueError, match="ridge: expected a number ≥ 0"):
     memedit.solve_psd(C.astype(np.float32), b.astype(np.float32), ridge=-1.0)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,9 @@ from flax import linen as nn
 from flax import nnx
 
 import memedit
+from memedit.tree import get_leaf, leaf_paths, replace_leaf
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def linen_params():
@@ -21,12 +26,12 @@ def linen_params():
   return model, variables
 
 
-def random_edit(rng, path, shape, kind, rank=2, in_ndim=1, name=None):
+def random_edit(rng, path, shape, kind, rank=2, in_ndim=1, label=None):
   d = memedit.key_dim(shape, kind, in_ndim)
   D = np.linalg.qr(rng.standard_normal((d, rank)))[0].T.astype(np.float32)
   lam = rng.standard_normal(memedit.lambda_shape(shape, rank, kind, in_ndim)).astype(np.float32)
   return memedit.make_edit(path, lam, D, kind=kind, in_ndim=in_ndim, method="test",
-                           settings={"seed": int(rng.integers(1 << 30))}, name=name)
+                           settings={"seed": int(rng.integers(1 << 30))}, label=label)
 
 
 def leaves_equal(a, b):
@@ -40,14 +45,14 @@ def test_apply_changes_only_the_target_and_matches_the_delta():
   rng = np.random.default_rng(0)
   _, params = linen_params()
   path = ("params", "layers_2", "kernel")
-  kernel = memedit.get_leaf(params, path)
+  kernel = get_leaf(params, path)
   e = random_edit(rng, path, kernel.shape, "conv")
   new, hist = memedit.apply_edit(params, e)
-  np.testing.assert_allclose(memedit.get_leaf(new, path),
-                             kernel + memedit.kernel_delta(e.lam, e.directions, kernel.shape, "conv"),
+  np.testing.assert_allclose(get_leaf(new, path),
+                             kernel + memedit.kernel_delta(e.lam, e.D, kernel.shape, "conv"),
                              rtol=1e-6, atol=1e-6)
   other = ("params", "layers_0", "kernel")
-  assert memedit.get_leaf(new, other) is memedit.get_leaf(params, other)
+  assert get_leaf(new, other) is get_leaf(params, other)
   assert hist.names == (e.name,)
 
 
@@ -56,9 +61,9 @@ def test_compose_and_revert_bit_for_bit_in_any_order():
   _, params = linen_params()
   conv = ("params", "layers_2", "kernel")
   dense = ("params", "layers_0", "kernel")
-  edits = [random_edit(rng, conv, memedit.get_leaf(params, conv).shape, "conv"),
-           random_edit(rng, conv, memedit.get_leaf(params, conv).shape, "conv"),
-           random_edit(rng, dense, memedit.get_leaf(params, dense).shape, "dense")]
+  edits = [random_edit(rng, conv, get_leaf(params, conv).shape, "conv"),
+           random_edit(rng, conv, get_leaf(params, conv).shape, "conv"),
+           random_edit(rng, dense, get_leaf(params, dense).shape, "dense")]
   original = jax.tree_util.tree_map(np.array, params)
 
   results = []
@@ -97,15 +102,15 @@ def test_nnx_state_paths_and_jit():
   graphdef, state = nnx.split(model)
   before = jax.tree_util.tree_map(np.array, state)
   path = ("layers", 1, "kernel")
-  assert path in memedit.leaf_paths(state)
+  assert path in leaf_paths(state)
   rng = np.random.default_rng(2)
-  e = random_edit(rng, path, memedit.get_leaf(state, path).shape, "dense", rank=1)
+  e = random_edit(rng, path, get_leaf(state, path).shape, "dense", rank=1)
   new_state, hist = jax.jit(memedit.apply_edit)(state, e)
   edited = nnx.merge(graphdef, new_state)
   x = rng.standard_normal((2, 4)).astype(np.float32)
   h = np.asarray(jax.nn.relu(model.layers[0](x)))
-  W = np.asarray(memedit.get_leaf(state, path))
-  expected = h @ (W + np.asarray(memedit.kernel_delta(e.lam, e.directions, W.shape))) + np.asarray(
+  W = np.asarray(get_leaf(state, path))
+  expected = h @ (W + np.asarray(memedit.kernel_delta(e.lam, e.D, W.shape))) + np.asarray(
       model.layers[1].bias[...])
   np.testing.assert_allclose(edited(x), expected, rtol=1e-5, atol=1e-5)
   back, _ = memedit.revert_edit(new_state, e, hist)
@@ -117,7 +122,7 @@ def test_save_load_roundtrip_and_errors(tmp_path):
   rng = np.random.default_rng(3)
   _, params = linen_params()
   path = ("params", "layers_2", "kernel")
-  e = random_edit(rng, path, memedit.get_leaf(params, path).shape, "conv", rank=3)
+  e = random_edit(rng, path, get_leaf(params, path).shape, "conv", rank=3)
   out = memedit.save_edit(tmp_path / "edit", e)
   meta = json.loads((tmp_path / "edit" / "meta.json").read_text())
   assert meta["path"] == list(path) and meta["kind"] == "conv"
@@ -125,7 +130,7 @@ def test_save_load_roundtrip_and_errors(tmp_path):
   assert loaded.name == e.name and loaded.path == e.path and loaded.settings == e.settings
   assert loaded.kind == e.kind and loaded.in_ndim == e.in_ndim and loaded.method == e.method
   np.testing.assert_array_equal(loaded.lam, e.lam)
-  np.testing.assert_array_equal(loaded.directions, e.directions)
+  np.testing.assert_array_equal(loaded.D, e.D)
   a, _ = memedit.apply_edit(params, e)
   b, _ = memedit.apply_edit(params, loaded)
   assert leaves_equal(a, b)
@@ -133,7 +138,7 @@ def test_save_load_roundtrip_and_errors(tmp_path):
   size = sum(f.stat().st_size for f in (tmp_path / "edit").rglob("*") if f.is_file())
   assert size < 64 * 1024
   # Overwriting is atomic: a failing save leaves the earlier edit intact.
-  e2 = random_edit(rng, path, memedit.get_leaf(params, path).shape, "conv", rank=3)
+  e2 = random_edit(rng, path, get_leaf(params, path).shape, "conv", rank=3)
   import memedit._io as io
 
   class Boom(Exception):
@@ -161,12 +166,12 @@ def test_bad_input():
   rng = np.random.default_rng(4)
   _, params = linen_params()
   with pytest.raises(ValueError, match="path: expected the path of a leaf.*closest"):
-    memedit.get_leaf(params, ("params", "layers_2", "kernal"))
+    get_leaf(params, ("params", "layers_2", "kernal"))
   e = random_edit(rng, ("params", "layers_2", "kernel"), (3, 3, 6, 5), "conv")
-  with pytest.raises(ValueError, match=r"directions: expected shape \(r, 3\)|lam: expected shape"):
+  with pytest.raises(ValueError, match=r"D: expected shape \(r, 3\)|lam: expected shape"):
     memedit.apply_edit(params, e)
   good = random_edit(rng, ("params", "layers_2", "kernel"),
-                     memedit.get_leaf(params, ("params", "layers_2", "kernel")).shape, "conv")
+                     get_leaf(params, ("params", "layers_2", "kernel")).shape, "conv")
   p, h = memedit.apply_edit(params, good)
   with pytest.raises(ValueError, match="already applied"):
     memedit.apply_edit(p, good, h)
@@ -182,8 +187,8 @@ def test_changes_made_between_edits_are_kept():
   rng = np.random.default_rng(5)
   _, params = linen_params()
   path = ("params", "layers_2", "kernel")
-  kernel = np.asarray(memedit.get_leaf(params, path))
-  e1, e2 = (random_edit(rng, path, kernel.shape, "conv", name=n) for n in ("e1", "e2"))
+  kernel = np.asarray(get_leaf(params, path))
+  e1, e2 = (random_edit(rng, path, kernel.shape, "conv", label=n) for n in ("e1", "e2"))
   d1, d2 = (np.asarray(memedit.edit_delta(e, kernel.shape), np.float64) for e in (e1, e2))
   # Fine-tuning after the first edit changes half of the kernel's entries.
   change = np.where(rng.random(kernel.shape) < 0.5, 0.01 * rng.standard_normal(kernel.shape), 0)
@@ -192,15 +197,15 @@ def test_changes_made_between_edits_are_kept():
     apply = jax.jit(memedit.apply_edit) if jit else memedit.apply_edit
     revert = jax.jit(memedit.revert_edit, static_argnums=1) if jit else memedit.revert_edit
     p, h = apply(params, e1)
-    tuned = np.asarray(memedit.get_leaf(p, path), np.float64) + change
-    p = memedit.replace_leaf(p, path, jnp.asarray(tuned, jnp.float32))
+    tuned = np.asarray(get_leaf(p, path), np.float64) + change
+    p = replace_leaf(p, path, jnp.asarray(tuned, jnp.float32))
     p, h = apply(p, e2, h)
-    np.testing.assert_allclose(memedit.get_leaf(p, path), tuned + d2, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(get_leaf(p, path), tuned + d2, rtol=0, atol=2e-6)
     p, h = revert(p, "e1", h)
-    np.testing.assert_allclose(memedit.get_leaf(p, path), kernel + change + d2, rtol=0,
+    np.testing.assert_allclose(get_leaf(p, path), kernel + change + d2, rtol=0,
                                atol=2e-6)
     p, h = revert(p, "e2", h)
-    back = np.asarray(memedit.get_leaf(p, path))
+    back = np.asarray(get_leaf(p, path))
     # Reverting every edit gives the fine-tuned kernel without the edits; the entries the
     # fine-tuning left alone come back bit for bit.
     np.testing.assert_allclose(back, kernel + change, rtol=0, atol=2e-6)
@@ -214,7 +219,7 @@ def test_changes_made_between_edits_are_kept():
   assert leaves_equal(p, params)
   # A leaf whose dtype or shape changed in between is refused, naming it.
   p, h = memedit.apply_edit(params, e1)
-  cast = memedit.replace_leaf(p, path, memedit.get_leaf(p, path).astype(jnp.bfloat16))
+  cast = replace_leaf(p, path, get_leaf(p, path).astype(jnp.bfloat16))
   with pytest.raises(ValueError, match=r"params: expected the edited leaf at \('params', "
                                        r"'layers_2', 'kernel'\) to keep its shape \(3, 3, 6, "
                                        r"4\) and dtype float32, got shape \(3, 3, 6, 4\) and "
@@ -222,3 +227,95 @@ def test_changes_made_between_edits_are_kept():
     memedit.apply_edit(cast, e2, h)
   with pytest.raises(ValueError, match="params: expected the edited leaf"):
     memedit.revert_edit(cast, e1, h)
+
+
+def legacy_factors():
+  """The factors of tests/memedit/data/edit_v1, an edit written by the first release's
+  save_edit (before Edit became a frozen dataclass)."""
+  rng = np.random.default_rng(0)
+  lam = rng.normal(size=(3, 3, 4, 2)).astype(np.float32)
+  D = rng.normal(size=(2, 5)).astype(np.float32)
+  return lam, D
+
+
+def test_edit_is_a_frozen_pytree_of_its_factors():
+  rng = np.random.default_rng(6)
+  e = random_edit(rng, ("params", "k"), (3, 3, 6, 4), "conv", rank=2)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    e.lam = e.lam * 2
+  leaves, treedef = jax.tree_util.tree_flatten(e)
+  assert len(leaves) == 2 and leaves[0] is e.lam and leaves[1] is e.D
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(e)[0]]
+  assert paths == [".lam", ".D"]
+  doubled = jax.tree_util.tree_map(lambda x: 2 * x, e)
+  assert (doubled.path, doubled.kind, doubled.method, doubled.settings, doubled.index) == (
+      e.path, e.kind, e.method, e.settings, e.index)
+  np.testing.assert_array_equal(doubled.lam, 2 * np.asarray(e.lam))
+  # The name follows the content: a mapped or replaced edit is named anew.
+  assert doubled.name != e.name
+  assert dataclasses.replace(e, lam=2 * e.lam, D=2 * e.D).name == doubled.name
+  assert dataclasses.replace(e, method="other").name != e.name
+  assert jax.tree_util.tree_map(lambda x: x, e).name == e.name
+
+
+def test_edit_equality_is_identity_and_fingerprints_compare_content():
+  lam, D = np.ones((2, 1), np.float32), np.ones((1, 3), np.float32)
+  a = memedit.make_edit(("k",), lam, D)
+  b = memedit.make_edit(("k",), lam.copy(), D.copy())
+  assert a == a and a != b and len({a, b}) == 2
+  assert a.fingerprint == b.fingerprint and a.name == a.fingerprint
+  named = memedit.make_edit(("k",), lam, D, label="smile")
+  assert named.name == "smile" and named.fingerprint == a.fingerprint
+  # The fingerprint is sha256 of the metadata and the factors' shapes and bytes.
+  import hashlib
+  h = hashlib.sha256(json.dumps([["k"], "dense", 1, "", "{}"]).encode())
+  for x in (lam, D):
+    h.update(str(x.shape).encode())
+    h.update(x.tobytes())
+  assert a.fingerprint == h.hexdigest()[:16]
+
+
+def test_traced_edits_keep_the_fingerprint_of_their_arguments():
+  rng = np.random.default_rng(7)
+  e = random_edit(rng, ("k",), (4, 3), "dense", rank=1)
+  traces = []
+
+  def name_inside(edit):
+    traces.append(edit.name)
+    return edit.lam.sum()
+
+  fn = jax.jit(name_inside)
+  fn(e)
+  fn(memedit.make_edit(e.path, e.lam, e.D, method=e.method, settings=e.settings))
+  assert traces == [e.name]  # same content: no retrace
+  other = dataclasses.replace(e, lam=e.lam + 1)
+  fn(other)
+  assert traces == [e.name, other.name]
+  # An edit built inside the trace from traced factors has no fingerprint; a label names it.
+  with pytest.raises(ValueError, match="expected concrete"):
+    jax.jit(lambda lam: memedit.make_edit(("k",), lam, e.D).name)(e.lam)
+  assert jax.jit(lambda lam: memedit.make_edit(("k",), lam, e.D, label="x").lam)(e.lam).shape
+
+
+def test_edits_written_by_the_first_release_load(tmp_path):
+  lam, D = legacy_factors()
+  e = memedit.load_edit(os.path.join(DATA, "edit_v1"))
+  np.testing.assert_array_equal(e.lam, lam)
+  np.testing.assert_array_equal(e.D, D)
+  assert (e.path, e.kind, e.in_ndim, e.method, e.index) == (
+      ("params", "conv", "kernel"), "conv", 1, "insert/zca", 1)
+  assert e.settings == {"rank": 2, "rcond": 1e-6}
+  # Its stored name was the content hash: it is the fingerprint, not a label.
+  assert e.name == e.fingerprint == "18e538b916b3f1fb" and e.label is None
+  same = memedit.make_edit(e.path, lam, D, kind="conv", method="insert/zca",
+                           settings={"rank": 2, "rcond": 1e-6}, index=1)
+  assert same.name == e.name
+  # Saved again, the file keeps the same format (arrays "lam" and "directions").
+  out = memedit.save_edit(tmp_path / "again", e)
+  meta = json.loads((tmp_path / "again" / "meta.json").read_text())
+  old = json.loads(open(os.path.join(DATA, "edit_v1", "meta.json")).read())
+  assert meta == old
+  labelled = memedit.save_edit(tmp_path / "labelled", dataclasses.replace(e, label="smile"))
+  back = memedit.load_edit(labelled)
+  assert back.label == "smile" and back.name == "smile" and back.fingerprint == e.fingerprint
+  assert memedit.load_edit(out).label is None

@@ -106,6 +106,7 @@ def test_folder_holding_the_source_or_cwd_is_never_replaced(tmp_path, monkeypatc
   assert sorted(p.name for p in victim.iterdir()) == ["ckpt.pt"]
 
 
+@pytest.mark.parity  # downloads the DCGAN peer wheel
 def test_cli_convert_refuses_to_replace_its_source_or_other_folders(tmp_path, monkeypatch,
                                                                     capsys):
   _, weights = peers.gan_face_generate()

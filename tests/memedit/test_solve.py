@@ -48,7 +48,7 @@ def kkt_insert(C, W, K, V):
 def test_closed_form_insert_is_exact_and_equals_kkt():
   rng, C, W, K, V = problem()
   sol = memedit.insert_closed_form(*f32(W, C, K, V))
-  dW = np.asarray(sol.lam @ sol.directions, np.float64)
+  dW = np.asarray(sol.lam @ sol.D, np.float64)
   W1 = W + dW
   assert rel(K @ W1.T, V) <= 1e-5
   assert rel(dW, kkt_insert(C, W, K, V)) <= 1e-5
@@ -66,9 +66,9 @@ def test_ridge_insert_matches_formula_and_tends_to_exact():
     sol = memedit.insert_ridge(*f32(W, C, K, V), penalty=penalty)
     R = V - K @ W.T
     ref = R.T @ K @ np.linalg.inv(penalty * C + K.T @ K)
-    assert rel(sol.lam @ sol.directions, ref) <= 1e-4
+    assert rel(sol.lam @ sol.D, ref) <= 1e-4
   exact = memedit.insert_closed_form(*f32(W, C, K, V))
-  assert rel(sol.lam @ sol.directions, exact.lam @ exact.directions) <= 1e-3
+  assert rel(sol.lam @ sol.D, exact.lam @ exact.D) <= 1e-3
 
 
 def test_planted_low_rank_change_is_recovered():
@@ -77,9 +77,9 @@ def test_planted_low_rank_change_is_recovered():
   dW_true = lam_true @ np.linalg.solve(C, K.T).T
   V = K @ (W + dW_true).T
   sol = memedit.insert_closed_form(*f32(W, C, K, V))
-  assert rel(sol.lam @ sol.directions, dW_true) <= 1e-4
+  assert rel(sol.lam @ sol.D, dW_true) <= 1e-4
   # The same change through directions + the Λ solve on a Dense layer (kernel = Wᵀ).
-  D = memedit.context_directions(*f32(C, K), rank=3).directions
+  D = memedit.context_directions(*f32(C, K), rank=3).D
   dense = lambda kern, keys: keys @ kern
   res = memedit.solve_lambda(dense, *f32(W.T), D, *f32(K, V), loss="l2",
                              optimizer="gauss_newton", steps=8)
@@ -90,8 +90,8 @@ def test_planted_low_rank_change_is_recovered():
 def test_nonlinear_solve_with_linear_f_reproduces_closed_form():
   _, C, W, K, V = problem(3)
   exact = memedit.insert_closed_form(*f32(W, C, K, V))
-  dW = np.asarray(exact.lam @ exact.directions)
-  D = memedit.context_directions(*f32(C, K), rank=3).directions
+  dW = np.asarray(exact.lam @ exact.D)
+  D = memedit.context_directions(*f32(C, K), rank=3).D
   matrix = lambda Wm, keys: keys @ Wm.T
   for optimizer, steps, tol in (("gauss_newton", 8, 1e-4), ("adam", 2001, 1e-3)):
     res = memedit.solve_lambda(matrix, *f32(W), D, *f32(K, V), kind="matrix", loss="l2",
@@ -180,7 +180,7 @@ def test_check_grads_on_the_lambda_loss(planted_conv):
 def test_eager_and_jit_agree_and_repeated_calls_do_not_recompile():
   _, C, W, K, V = problem(5)
   W, C, K, V = f32(W, C, K, V)
-  D = memedit.context_directions(C, K, rank=2).directions
+  D = memedit.context_directions(C, K, rank=2).D
   traces = []
 
   def matrix(Wm, keys):
@@ -207,7 +207,7 @@ def test_eager_and_jit_agree_and_repeated_calls_do_not_recompile():
 def test_vmap_over_a_batch_of_independent_edits():
   _, C, W, K, V = problem(6)
   W, C, K, V = f32(W, C, K, V)
-  D = memedit.context_directions(C, K, rank=3).directions
+  D = memedit.context_directions(C, K, rank=3).D
   matrix = lambda Wm, keys: keys @ Wm.T
   Vs = np.stack([V, 2 * V, -V])
   solve = functools.partial(memedit.solve_lambda, matrix, W, D, K, kind="matrix", loss="l2",
@@ -220,7 +220,7 @@ def test_vmap_over_a_batch_of_independent_edits():
 def test_position_weights_ignore_masked_targets():
   _, C, W, K, V = problem(7, n=4)
   W, C, K, V = f32(W, C, K, V)
-  D = memedit.context_directions(C, K[:2], rank=2).directions
+  D = memedit.context_directions(C, K[:2], rank=2).D
   matrix = lambda Wm, keys: keys @ Wm.T
   garbage = V.copy()
   garbage[2:] = 1e3
@@ -262,11 +262,11 @@ def test_bad_input():
   bad[0, 0] = np.nan
   with pytest.raises(ValueError, match="keys: expected finite values"):
     memedit.insert_closed_form(W, C, bad, V)
-  D = memedit.context_directions(C, K, rank=2).directions
+  D = memedit.context_directions(C, K, rank=2).D
   matrix = lambda Wm, keys: keys @ Wm.T
   with pytest.raises(ValueError, match=r"targets: expected shape \(3, 6\).*got \(3, 5\)"):
     memedit.solve_lambda(matrix, W, D, K, V[:, :5], kind="matrix")
-  with pytest.raises(ValueError, match=r"directions: expected shape \(r, 10\)"):
+  with pytest.raises(ValueError, match=r"D: expected shape \(r, 10\)"):
     memedit.solve_lambda(matrix, W, D[:, :9], K, V, kind="matrix")
   with pytest.raises(ValueError, match="loss: expected one of"):
     memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", loss="huber")
@@ -281,7 +281,7 @@ def test_gauss_newton_leaves_saturation_behind():
   W0 = (rng.standard_normal((64, 32)) / 8).astype(np.float32)
   K = rng.standard_normal((2, 64)).astype(np.float32)
   targets = (0.5 * np.tanh(rng.standard_normal((2, 32)))).astype(np.float32)
-  D = memedit.context_directions(np.eye(64, dtype=np.float32), K, rank=2).directions
+  D = memedit.context_directions(np.eye(64, dtype=np.float32), K, rank=2).D
   f = lambda kern, keys: jnp.tanh(keys @ kern)
   res = memedit.solve_lambda(f, W0, D, K, targets, loss="l2", optimizer="gauss_newton",
                              steps=15)
@@ -298,7 +298,7 @@ def test_lam_mask_confines_the_edit_to_its_entries():
   # masked solve equals the full solve on the kept rows and is exactly zero elsewhere.
   _, C, W, K, V = problem(11, n=3)
   W, C, K, V = f32(W, C, K, V)
-  D = memedit.context_directions(C, K, rank=3).directions
+  D = memedit.context_directions(C, K, rank=3).D
   matrix = lambda Wm, keys: keys @ Wm.T
   keep = np.array([1, 0, 1, 1, 0, 1], np.float32)[:, None]  # Λ is (out, r) = (6, 3)
   full = memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", loss="l2",
@@ -326,7 +326,7 @@ def test_dependent_keys_give_nan_under_jit_and_raise_eagerly():
   with pytest.raises(ValueError, match="keys: expected linearly independent keys"):
     memedit.insert_closed_form(*args)
   sol = jax.jit(memedit.insert_closed_form)(*args)
-  assert np.isnan(np.asarray(sol.lam)).all() and np.isnan(np.asarray(sol.directions)).all()
+  assert np.isnan(np.asarray(sol.lam)).all() and np.isnan(np.asarray(sol.D)).all()
   # Independent keys solve under jit as eagerly; the soft insert takes dependent keys.
   good = jax.jit(memedit.insert_closed_form)(*f32(W, C, K, V))
   np.testing.assert_allclose(good.lam, memedit.insert_closed_form(*f32(W, C, K, V)).lam,
@@ -339,7 +339,7 @@ def test_dependent_keys_give_nan_under_jit_and_raise_eagerly():
   bad[2][0, 0] = np.nan
   assert np.isnan(np.asarray(jax.jit(memedit.insert_closed_form)(*bad).lam)).all()
   zero = f32(W, 0 * C, K, V)
-  assert np.isnan(np.asarray(jax.jit(memedit.insert_closed_form)(*zero).directions)).all()
+  assert np.isnan(np.asarray(jax.jit(memedit.insert_closed_form)(*zero).D)).all()
   with pytest.raises(ValueError, match="C: expected a matrix with a positive eigenvalue"):
     memedit.insert_closed_form(*zero)
 
@@ -351,10 +351,10 @@ def test_insert_ridge_penalty_takes_jax_scalars_and_is_not_a_ridge():
   for penalty in (jnp.float32(0.5), np.float64(0.5), 0.5):
     by_name = memedit.insert_ridge(*f32(W, C, K, V), penalty=penalty)
     by_position = memedit.insert_ridge(*f32(W, C, K, V), penalty)
-    assert rel(by_name.lam @ by_name.directions, ref) <= 1e-4
+    assert rel(by_name.lam @ by_name.D, ref) <= 1e-4
     np.testing.assert_array_equal(by_name.lam, by_position.lam)
   traced = jax.jit(memedit.insert_ridge)(*f32(W, C, K, V), jnp.float32(0.5))
-  assert rel(traced.lam @ traced.directions, ref) <= 1e-4
+  assert rel(traced.lam @ traced.D, ref) <= 1e-4
   nonpositive = jax.jit(memedit.insert_ridge)(*f32(W, C, K, V), jnp.float32(0.0))
   assert np.isnan(np.asarray(nonpositive.lam)).all()
   for bad in (0.0, -1.0, np.inf, "1", np.ones(2)):
@@ -369,14 +369,14 @@ def test_float64_closed_form_insert_under_x64():
   _, C, W, K, V = problem(23)
   with enable_x64():
     sol = memedit.insert_closed_form(W, C, K, V)
-    assert sol.lam.dtype == sol.directions.dtype == jnp.float64
-    dW = np.asarray(sol.lam @ sol.directions)
+    assert sol.lam.dtype == sol.D.dtype == jnp.float64
+    dW = np.asarray(sol.lam @ sol.D)
     assert rel(dW, kkt_insert(C, W, K, V)) <= 1e-10
     assert rel(K @ (W + dW).T, V) <= 1e-12
     soft = memedit.insert_ridge(W, C, K, V, 0.1)
     assert soft.lam.dtype == jnp.float64
     R = V - K @ W.T
-    assert rel(soft.lam @ soft.directions, R.T @ K @ np.linalg.inv(0.1 * C + K.T @ K)) <= 1e-10
+    assert rel(soft.lam @ soft.D, R.T @ K @ np.linalg.inv(0.1 * C + K.T @ K)) <= 1e-10
     f32_sol = memedit.insert_closed_form(*f32(W, C, K, V))
     assert f32_sol.lam.dtype == jnp.float32
 
@@ -384,7 +384,7 @@ def test_float64_closed_form_insert_under_x64():
 def test_solve_lambda_weights_align_with_leading_axes():
   _, C, W, K, V = problem(24, n=4)
   W, C, K, V = f32(W, C, K, V)
-  D = memedit.context_directions(C, K[:2], rank=2).directions
+  D = memedit.context_directions(C, K[:2], rank=2).D
   matrix = lambda Wm, keys: keys @ Wm.T
   garbage = V.copy()
   garbage[2:] = 1e3
@@ -434,7 +434,7 @@ def test_gauss_newton_goes_past_the_resolution_of_the_loss():
   matrix = lambda Wm, keys: keys @ Wm.T
   for seed in range(6):
     _, C, W, K, V = problem(seed, n=4)
-    D = np.asarray(memedit.context_directions(*f32(C, K), rank=2).directions, np.float64)
+    D = np.asarray(memedit.context_directions(*f32(C, K), rank=2).D, np.float64)
     ref = np.linalg.lstsq(K @ D.T, V - K @ W.T, rcond=None)[0].T
     res = memedit.solve_lambda(matrix, *f32(W, D, K, V), kind="matrix", loss="l2",
                                optimizer="gauss_newton", steps=30)
@@ -453,7 +453,7 @@ def tanh_dense_problem(seed, channels=16, n_keys=16):
   sample = rng.standard_normal((4096, channels)) + 0.5
   C = (sample.T @ sample / len(sample)).astype(np.float32)
   keys = jnp.asarray(rng.standard_normal((n_keys, channels)).astype(np.float32) + 0.5)
-  D = memedit.context_directions(C, keys, rank=1).directions
+  D = memedit.context_directions(C, keys, rank=1).D
   targets = tanh_dense(jnp.asarray(K0), keys) + 0.3 * jnp.asarray(
       rng.standard_normal((n_keys, channels)).astype(np.float32))
   return jnp.asarray(K0), D, keys, jnp.clip(targets, -0.99, 0.99)
@@ -503,7 +503,7 @@ def test_gauss_newton_reaches_adam_loss_on_every_tanh_dense_seed(loss, steps):
 def test_non_finite_results_raise_eagerly_and_are_flagged_under_jit():
   _, C, W, K, V = problem(26)
   W, C, K, V = f32(W, C, K, V)
-  D = memedit.context_directions(C, K, rank=2).directions
+  D = memedit.context_directions(C, K, rank=2).D
   matrix = lambda Wm, keys: keys @ Wm.T
   bad = V.copy()
   bad[1, 2] = np.nan

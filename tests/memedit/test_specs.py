@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 import memedit
-from memedit import rewrite as rw, specs
-from ports.dcgan import DCGANGenerator, variables_from_state_dict
+from memedit import generators as gens, specs
+from ports.dcgan import DCGANGenerator, memedit_generator, variables_from_state_dict
 from ports.dcgan.convert import expected_shapes
 
 LAYERS = ["convt1", "convt2", "convt3", "convt4"]
@@ -55,9 +55,9 @@ def tiny():
   variables, config = variables_from_state_dict(tiny_dcgan_state_dict())
   module = DCGANGenerator(z_dim=100, ngf=4)
   variables = jax.tree_util.tree_map(jax.numpy.asarray, variables)
-  gen = rw.generator_from_config(module, variables, config)
-  C = memedit.second_moment(rw.collect_statistics(gen, "convt2", 64, batch_size=32,
-                                                  progress=False))
+  gen = memedit_generator(module, variables, config)
+  C = memedit.second_moment(gens.collect_statistics(gen, "convt2", 64, batch_size=32,
+                                                    progress=False))
   return gen, C
 
 
@@ -73,11 +73,11 @@ def test_round_trip_gives_the_identical_spec_and_edit(tmp_path, tiny):
       assert i == j and np.array_equal(a, b)
   again = specs.load_spec(specs.save_spec(tmp_path / "again.json", loaded))
   assert json.load(open(tmp_path / "again.json")) == json.load(open(path))
-  e1 = rw.edit_from_spec(gen, spec, C).result.edit
-  e2 = rw.edit_from_spec(gen, again, C).result.edit
+  e1 = gens.edit_from_spec(gen, spec, C).result.edit
+  e2 = gens.edit_from_spec(gen, again, C).result.edit
   assert e1.name == e2.name
   assert np.array_equal(np.asarray(e1.lam), np.asarray(e2.lam))
-  assert np.array_equal(np.asarray(e1.directions), np.asarray(e2.directions))
+  assert np.array_equal(np.asarray(e1.D), np.asarray(e2.D))
 
 
 def test_reference_format_masks():
@@ -283,4 +283,4 @@ def test_spec_must_fit_the_model(tiny):
   spec = specs.make_spec(key=[(0, _box(1, 3, 1, 3, canvas=8))], object=(1, _box(1, 3, 1, 3, 8)),
                          paste=(2, _box(1, 3, 1, 3, 8)), layer="convt2")
   with pytest.raises(ValueError, match="canvas: expected 64"):
-    rw.edit_from_spec(gen, spec, C)
+    gens.edit_from_spec(gen, spec, C)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -19,7 +20,16 @@ import pytest
 from flax import nnx
 
 import memedit
-from memedit import covariance as cov_mod
+from memedit import fold_programs, gram
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _syrk_kernel():
+  """The CPU Gram kernel is BLAS syrk here, whatever the machine's load (``auto`` picks
+  XLA's GEMM on a busy CPU); tests that need the GEMM set it themselves."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(gram, "CPU_GRAM", "syrk")
+    yield
 
 
 def _rel(a, b):
@@ -61,7 +71,7 @@ def test_ragged_stream_compiles_one_program_per_power_of_two_and_matches_float64
   mean = 6.0 * rng.standard_normal(4).astype(np.float32)
   batches = [rng.standard_normal((int(s), 4), dtype=np.float32) + mean for s in sizes]
   memedit.covariance_init(4)  # the empty state's own small programs, compiled up front
-  cov_mod._make_group_fn.cache_clear()
+  fold_programs.make_group_fn.cache_clear()
   with _Compilations() as comp:
     st = memedit.stream_covariance(batches, group=4, progress=False)
   assert comp.count <= 10  # ⌈log2 512⌉ + 1
@@ -111,7 +121,7 @@ def test_parameters_are_program_arguments_not_constants():
     return {"w1": r.standard_normal((16, hidden)).astype(np.float32) / 4,
             "w2": r.standard_normal((hidden, 8)).astype(np.float32) / 4}
 
-  cov_mod._make_group_fn.cache_clear()
+  fold_programs.make_group_fn.cache_clear()
   states = []
   for seed in (1, 2):  # two parameter sets of one model: the second compiles nothing
     p = params(32, seed)
@@ -123,7 +133,7 @@ def test_parameters_are_program_arguments_not_constants():
     keys = np.tanh(x @ p["w1"].astype(np.float64)) @ p["w2"].astype(np.float64)
     assert _rel(memedit.second_moment(states[-1]), _c64(keys)) <= 1e-6
   # The compiled program's text does not grow with the parameters (no baked constants).
-  fold = cov_mod._make_group_fn(_mlp_keys, 8, 1, True)
+  fold = fold_programs.make_group_fn(_mlp_keys, 8, 1, True)
   stacked = np.stack(batches[:4])
   valid = np.ones((4, 32), bool)
   sizes = [len(fold.lower(memedit.covariance_init(8), params(h, 0), stacked, valid).as_text())
@@ -146,6 +156,54 @@ def test_float64_streams_are_folded_in_float64_under_x64():
     cov64 = np.cov(x.T, bias=True)
     assert _rel(memedit.centered_covariance(st), cov64) <= 1e-9
     assert _rel(memedit.centered_covariance(scaled), 4.0 * cov64) <= 1e-9
+
+
+def _double_keys(batch):
+  x, w = batch
+  return 2.0 * x, w
+
+
+def test_prefetch_gives_bit_identical_states():
+  # Raw keys of one size (folded in place), a ragged stream (stacked and padded) and
+  # weighted batches through a key function: with and without prefetch, bit for bit.
+  rng = np.random.default_rng(8)
+  raw = [rng.standard_normal((64, 6)).astype(np.float32) + 3.0 for _ in range(10)]
+  ragged = raw[:7] + [raw[7][:13]]
+  pairs = [(x, rng.uniform(0.2, 1.0, 64).astype(np.float32)) for x in raw[:5]]
+  for batches, key_fn in ((raw, None), (ragged, None), (pairs, _double_keys)):
+    states = [memedit.stream_covariance(batches, key_fn=key_fn, group=3, prefetch=p,
+                                        progress=False) for p in (True, False)]
+    for field in memedit.CovarianceState._fields:
+      np.testing.assert_array_equal(getattr(states[0], field), getattr(states[1], field))
+  assert _rel(memedit.second_moment(states[0]) / 4.0,
+              _c64(np.concatenate([x for x, _ in pairs]), np.concatenate([w for _, w in pairs]))
+              ) <= 1e-6
+
+
+def _peak_rss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def test_memory_stays_flat_when_the_folds_run_behind_the_stream(monkeypatch):
+  # 40 groups of 16 MB read faster than they fold: the host waits for the fold before
+  # last, so at most two groups are in flight and the peak resident memory stays flat;
+  # without the wait the queued inputs grow by 16 MB a group (about 400 MB here). (XLA's
+  # GEMM keeps CPU programs asynchronous; a BLAS callback makes them synchronous.)
+  monkeypatch.setattr(gram, "CPU_GRAM", "gemm")
+  fold_programs.make_resident_fn.cache_clear()  # programs traced anew, with the GEMM
+  rng = np.random.default_rng(9)
+  pool = [rng.standard_normal((1024, 512), dtype=np.float32) for _ in range(8)]
+  rss = []
+
+  def stream():
+    for i in range(320):
+      rss.append(_peak_rss())
+      yield pool[i % 8] + 0.0  # a fresh array, as a loader gives
+
+  st = memedit.stream_covariance(stream(), group=8, progress=False)
+  assert memedit.key_count(st) == 320 * 1024
+  growth = rss[-1] - rss[64]
+  assert growth <= 96 * 2**20, [r // 2**20 for r in rss[::16]]
 
 
 def test_device_resident_ragged_batches_fold_on_their_device():
@@ -215,7 +273,7 @@ SHARDED = textwrap.dedent("""
 
 def test_global_sharded_arrays_fold_where_they_live(tmp_path):
   dump = tmp_path / "hlo"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MEMEDIT_CPU_GRAM="syrk",
              XLA_FLAGS=f"--xla_force_host_platform_device_count=4 --xla_dump_to={dump}")
   proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
                         env=env, timeout=300)
@@ -286,7 +344,7 @@ def _free_port() -> int:
 def _run_pair(script, cache, kill_at, poison):
   """Runs the two workers; returns (exit code, stdout, stderr) of each. Their output goes
   to files, so neither can stall on a full pipe while the other is waited for."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MEMEDIT_CPU_GRAM="syrk",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   port = str(_free_port())
   logs = [(open(f"{cache}.out{p}", "w+"), open(f"{cache}.err{p}", "w+")) for p in (0, 1)]

@@ -487,7 +487,8 @@ def test_helpers_and_validation(ros32):
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
   # Every power-of-two size from 4 to 1024 builds (shapes only, nothing runs).
   for size in (4, 8, 1024):
-    gen = sg2.Generator(size, sg2.rosinality_channels(size, 1), z_dim=32, w_dim=32, n_mlp=2)
+    gen = sg2.StyleGAN2Generator(size, sg2.rosinality_channels(size, 1), z_dim=32, w_dim=32,
+                                 n_mlp=2)
     shapes = jax.eval_shape(gen.init, jax.random.PRNGKey(0), jnp.zeros((1, 32)))
     assert len(shapes["buffers"]["synthesis"]) == sg2.num_conv_layers(size)
     img = jax.eval_shape(gen.apply, shapes, jnp.zeros((2, 32)))

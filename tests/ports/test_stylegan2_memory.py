@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import memedit
+from memedit.tree import get_leaf
 from ports import stylegan2 as sg2
 
 
@@ -18,7 +19,7 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def generator():
-  module = sg2.Generator(resolution=16, channels=sg2.rosinality_channels(16, 1)[:3],
+  module = sg2.StyleGAN2Generator(resolution=16, channels=sg2.rosinality_channels(16, 1)[:3],
                          z_dim=32, w_dim=32, n_mlp=2)
   z = jnp.asarray(sg2.sample_latents(3, 32, seed=1))
   variables = module.init(jax.random.key(0), z)
@@ -54,10 +55,10 @@ def test_any_conv_layer_is_captured_and_edited_with_demodulation_recomputed(gene
   # A context input changes, and so does the demodulation itself.
   assert rel(memedit.layer_forward(view, lam, D, x_mod, style), cap.values) > 1e-2
   # The whole generator runs with the edited kernel; the caller's variables are untouched.
-  kernel = memedit.get_leaf(variables, view.weight_path)
+  kernel = get_leaf(variables, view.weight_path)
   edit = memedit.make_edit(view.weight_path, lam, D, kind="conv")
   edited, _ = memedit.apply_edit(variables, edit)
-  assert memedit.get_leaf(variables, view.weight_path) is kernel
+  assert get_leaf(variables, view.weight_path) is kernel
   img0 = sg2.generate(module, variables, z, noise_mode="const")
   img1 = sg2.generate(module, edited, z, noise_mode="const")
   assert rel(img1, img0) > 1e-3
@@ -72,7 +73,7 @@ def test_insert_through_the_view_drives_the_paste_loss_down(generator):
   C = memedit.second_moment(memedit.covariance_update(memedit.covariance_init(view.key_dim),
                                                       x_mod))
   ctx = x_mod[0, 2:5, 2:5].reshape(-1, view.key_dim)
-  D = memedit.context_directions(C, ctx, rank=3).directions
+  D = memedit.context_directions(C, ctx, rank=3).D
   # Paste image 1's values into a 3×3 region of image 0; only that crop is optimised.
   target = cap.values[:1].at[:, 2:5, 2:5].set(cap.values[1:2, 2:5, 2:5])
   mask = jnp.zeros(target.shape[:3]).at[:, 2:5, 2:5].set(1.0)
@@ -80,3 +81,25 @@ def test_insert_through_the_view_drives_the_paste_loss_down(generator):
   res = memedit.solve_lambda(f, view.kernel(), D, (x_mod[:1], style[:1]), target, kind="conv",
                              weights=mask, optimizer="gauss_newton", steps=10)
   assert float(res.final_loss) < 0.5 * float(res.losses[0])
+
+
+def test_the_registered_kind_declares_the_equalised_learning_rate_gain(generator):
+  module, variables, z = generator
+  # ToRGB's memory is linear in its kernel with gain 1/sqrt(C_in): the view's contract
+  # check passes with the registered gain, and the closed-form insert writes its targets.
+  path = ("synthesis", "torgb_1", "memory")
+  view = memedit.memory_view((module, variables), path, z)
+  cap = memedit.capture((module, variables), path, z, single=True)
+  x, (style,) = cap.keys, cap.extra_args
+  c_in = view.key_dim
+  np.testing.assert_allclose(float(view.gain()), 1 / np.sqrt(c_in), rtol=1e-6)
+  view.check_contract(x, style)
+  # The modulated 3×3 convolution demodulates: not linear in its kernel, which the same
+  # check reports (its inserts go through solve_lambda with the layer as f).
+  conv = memedit.memory_view((module, variables), ("synthesis", "conv_2", "memory"), z)
+  np.testing.assert_allclose(float(conv.gain()), 1 / np.sqrt(9 * conv.key_dim), rtol=1e-6)
+  cap2 = memedit.capture((module, variables), ("synthesis", "conv_2", "memory"), z, single=True)
+  with pytest.raises(ValueError, match="expected its output to be linear in its kernel"):
+    conv.check_contract(cap2.keys, *cap2.extra_args)
+  with pytest.raises(ValueError, match="expected in_features set"):
+    sg2.memory_gain(sg2.ModulatedConvMemory(4))

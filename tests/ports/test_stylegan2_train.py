@@ -16,7 +16,10 @@ import pytest
 from ports.dcgan.convert import expected_shapes
 from ports.stylegan2 import convert, swd
 from ports.stylegan2 import model as sg2_model
+from ports.stylegan2 import distilled, runs, train_cli
 from ports.stylegan2 import train as tr
+from ports.stylegan2.fastconv import fast_convolutions
+from ports.stylegan2.teacher import load_teacher
 from ports.torchwrite import save_torch
 
 # What the command line below builds, so that every test shares one compiled step.
@@ -45,7 +48,7 @@ def teacher_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(teacher_file, tmp_path_factory):
-  return tr.load_teacher(teacher_file, tmp_path_factory.mktemp("work"))
+  return load_teacher(teacher_file, tmp_path_factory.mktemp("work"))
 
 
 def _leaves(tree):
@@ -75,7 +78,7 @@ def test_fast_convolutions_match_the_layers(kind):
 
   def run(p, x, fast):
     if fast:
-      with tr.fast_convolutions():
+      with fast_convolutions():
         return layer.apply({"params": p}, x, w)
     return layer.apply({"params": p}, x, w)
 
@@ -102,7 +105,7 @@ def test_fast_convolutions_in_the_generator():
   @functools.partial(jax.jit, static_argnums=0)
   def images(fast):
     if fast:
-      with tr.fast_convolutions():
+      with fast_convolutions():
         return module.apply(variables, z)
     return module.apply(variables, z)
 
@@ -153,7 +156,7 @@ def test_config_checks():
 def test_resume_is_bit_identical(teacher, tmp_path):
   straight = tr.train(CFG, teacher, tmp_path / "straight", log=None)
   assert int(straight["step"]) == 8
-  rows = [json.loads(line) for line in open(tmp_path / "straight" / tr.LOG_FILE)]
+  rows = [json.loads(line) for line in open(tmp_path / "straight" / runs.LOG_FILE)]
   assert [r["step"] for r in rows] == [1, 8]
   assert rows[-1]["loss"] < rows[0]["loss"]  # mean of steps 2–8 below the first step's
 
@@ -196,17 +199,17 @@ def test_resume_is_bit_identical(teacher, tmp_path):
 
 def test_command_line(teacher_file, teacher, tmp_path, capsys):
   run = str(tmp_path / "run")
-  assert tr.main(["train", "--teacher", teacher_file, "--run-dir", run, "--log-every", "4",
+  assert train_cli.main(["train", "--teacher", teacher_file, "--run-dir", run, "--log-every", "4",
                   *CLI_ARGS]) == 0
   out = capsys.readouterr().out
   assert "step 8/8" in out and "parameters" in out
-  assert tr.load_teacher(os.path.join(run, "teacher")).digest == teacher.digest
+  assert load_teacher(os.path.join(run, "teacher")).digest == teacher.digest
 
   pt = str(tmp_path / "student.pt")
-  assert tr.main(["export", "--run-dir", run, "--out", pt]) == 0
+  assert train_cli.main(["export", "--run-dir", run, "--out", pt]) == 0
   info = json.loads(capsys.readouterr().out)
   assert info["step"] == 8 and info["bytes"] == os.path.getsize(pt)
-  module, variables, cfg, step = tr.generator(run)
+  module, variables, cfg, step = distilled.generator(run)
   assert cfg == CFG and step == 8
   _, converted, config = convert.load_stylegan2(convert.convert_rosinality(pt, tmp_path / "c"))
   assert config["channels"] == [16, 12, 8] and config["style_dim"] == 10
@@ -214,7 +217,7 @@ def test_command_line(teacher_file, teacher, tmp_path, capsys):
   assert info["parameters"] == sum(x.size for x in _leaves(variables["params"]))
 
   result = str(tmp_path / "swd.json")
-  assert tr.main(["evaluate", "--teacher", teacher_file, "--run-dir", run, "--images", "8",
+  assert train_cli.main(["evaluate", "--teacher", teacher_file, "--run-dir", run, "--images", "8",
                   "--out", result]) == 0
   capsys.readouterr()
   metrics = json.load(open(result))
@@ -228,16 +231,16 @@ def test_command_line(teacher_file, teacher, tmp_path, capsys):
       metrics["random_init_swd"]["mean"] / floor)
 
   png = str(tmp_path / "grid.png")
-  assert tr.main(["preview", "--teacher", teacher_file, "--run-dir", run, "--out", png]) == 0
+  assert train_cli.main(["preview", "--teacher", teacher_file, "--run-dir", run, "--out", png]) == 0
   from PIL import Image
   assert Image.open(png).size == (8 * 16, 2 * 16)
   # 10 latents in rows of 4: three teacher rows, each above its student row.
-  assert tr.main(["preview", "--teacher", teacher_file, "--run-dir", run, "--out", png,
+  assert train_cli.main(["preview", "--teacher", teacher_file, "--run-dir", run, "--out", png,
                   "--images", "10", "--columns", "4"]) == 0
   assert Image.open(png).size == (4 * 16, 6 * 16)
-  assert tr.main(["preview", "--teacher", teacher_file, "--run-dir", run, "--out", png,
+  assert train_cli.main(["preview", "--teacher", teacher_file, "--run-dir", run, "--out", png,
                   "--columns", "0"]) == 1
   assert "columns" in capsys.readouterr().err
 
-  assert tr.main(["export", "--run-dir", str(tmp_path / "nothing"), "--out", pt]) == 1
+  assert train_cli.main(["export", "--run-dir", str(tmp_path / "nothing"), "--out", pt]) == 1
   assert "not a training run" in capsys.readouterr().err

@@ -174,7 +174,7 @@ def _check_against_peer(tmp_path, module, variables, peer_class):
 
 def test_export_loads_in_rosinality_generator(tmp_path):
   rosinality = peers.rosinality_model()
-  module = sg2_model.Generator(8, sg2_model.rosinality_channels(8), z_dim=32, w_dim=32,
+  module = sg2_model.StyleGAN2Generator(8, sg2_model.rosinality_channels(8), z_dim=32, w_dim=32,
                                n_mlp=2)
   variables = _random_variables(module, 0)
   _check_against_peer(tmp_path, module, variables, rosinality.Generator)
@@ -182,7 +182,7 @@ def test_export_loads_in_rosinality_generator(tmp_path):
 
 def test_export_narrow_widths(tmp_path):
   rosinality = peers.rosinality_model()
-  module = sg2_model.Generator(16, (32, 24, 8), z_dim=20, w_dim=20, n_mlp=3)
+  module = sg2_model.StyleGAN2Generator(16, (32, 24, 8), z_dim=20, w_dim=20, n_mlp=3)
   variables = _random_variables(module, 1)
   table = export.rosinality_channel_table(module)
   assert table == {4: 32, 8: 24, 16: 8}
@@ -195,7 +195,7 @@ def test_export_narrow_widths(tmp_path):
 
 
 def test_export_refuses_what_rosinality_cannot_express(tmp_path):
-  base = sg2_model.Generator(8, (16, 8), z_dim=12, w_dim=12, n_mlp=1)
+  base = sg2_model.StyleGAN2Generator(8, (16, 8), z_dim=12, w_dim=12, n_mlp=1)
   variables = _random_variables(base, 2)
   for module, match in [(base.clone(conv_clamp=256.0), "conv_clamp None"),
                         (base.clone(z_dim=10), "z_dim == w_dim"),

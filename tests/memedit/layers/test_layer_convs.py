@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 import memedit
+from memedit.tree import get_leaf
 from memedit.layers import (capture, edited_kernel, insert_through_view, layer_covariance,
                             memory_view)
-from memedit.layers.memory import _layer_bias
+from memedit.layers.edit import layer_bias as _layer_bias
 
 
 def _rel(a, b):
@@ -135,7 +136,7 @@ def test_conv_patch_insert_is_exact_specific_and_reverts(name):
   edit = insert_through_view(view, jnp.asarray(C, jnp.float32), k_star[None], v_star[None])
   assert edit.rank == view.groups
   new_params, hist = memedit.apply_edit(params, edit)
-  k1 = memedit.get_leaf(new_params, view.weight_path)
+  k1 = get_leaf(new_params, view.weight_path)
   out = k_star @ np.asarray(view.math_weight(k1), np.float64).T + np.asarray(bias)
   assert _rel(out, v_star) <= 1e-5
   # The edited layer run on a native input whose patch is k*: the same target.
@@ -145,7 +146,7 @@ def test_conv_patch_insert_is_exact_specific_and_reverts(name):
   np.testing.assert_allclose(yj1, y1, rtol=1e-5, atol=1e-5)
   assert _rel(f(new_params, x_stats), f(params, x_stats)) > 1e-4  # not vacuous
   back, _ = memedit.revert_edit(new_params, edit, hist)
-  np.testing.assert_array_equal(memedit.get_leaf(back, view.weight_path), view.kernel())
+  np.testing.assert_array_equal(get_leaf(back, view.weight_path), view.kernel())
 
 
 def test_depthwise_insert_under_jit_matches_eager():
@@ -159,7 +160,7 @@ def test_depthwise_insert_under_jit_matches_eager():
   eager = insert_through_view(view, C, ks, vs, name="e")
   jitted = jax.jit(lambda C, k, v: insert_through_view(view, C, k, v, name="e"))(C, ks, vs)
   np.testing.assert_allclose(jitted.lam, eager.lam, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(jitted.directions, eager.directions, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(jitted.D, eager.D, rtol=1e-4, atol=1e-6)
   k1 = view.kernel() + memedit.edit_delta(jitted, view.kernel_shape)
   out = ks @ view.math_weight(k1).T + _layer_bias(view)
   assert _rel(out, vs) <= 1e-5
@@ -188,11 +189,11 @@ def test_grouped_per_tap_solve_and_factors_on_depthwise_conv1d():
   assert res.lam.shape == (4, 4, 4)
   edit = memedit.make_edit(view.weight_path, res.lam, d_g, kind="conv")
   new_params, hist = memedit.apply_edit(params, edit)
-  k1 = memedit.get_leaf(new_params, view.weight_path)
+  k1 = get_leaf(new_params, view.weight_path)
   assert _rel(view.apply(k1, c.keys)[0, 1], target) <= 1e-5
   assert _rel(jax.jit(view.apply)(k1, c.keys)[0, 1], target) <= 1e-5
   back, _ = memedit.revert_edit(new_params, edit, hist)
-  np.testing.assert_array_equal(memedit.get_leaf(back, view.weight_path), view.kernel())
+  np.testing.assert_array_equal(get_leaf(back, view.weight_path), view.kernel())
 
 
 def test_strided_one_by_one_conv_keys_line_up_and_padding_modes_are_checked_at_view_time():

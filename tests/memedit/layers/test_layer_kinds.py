@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import memedit
+from memedit.tree import get_leaf, replace_leaf
 from memedit.layers import (capture, insert_through_view, layer_covariance, memory_view,
                             register_layer_kind)
 
@@ -117,15 +118,15 @@ def test_linen_layer_with_an_array_attribute_built_by_its_parent():
   k_star, v_star = c.keys[:1], jnp.array([[1.0, -2.0, 0.5]])
   edit = insert_through_view(view, C, k_star, v_star)
   new, hist = memedit.apply_edit(lv, edit)
-  k1 = memedit.get_leaf(new, view.weight_path)
+  k1 = get_leaf(new, view.weight_path)
   assert _rel(view.apply(k1, k_star), v_star) <= 1e-5
   assert _rel(jax.jit(view.apply)(k1, k_star), v_star) <= 1e-5
-  res = memedit.solve_lambda(view.apply, view.kernel(), edit.directions, k_star, v_star,
+  res = memedit.solve_lambda(view.apply, view.kernel(), edit.D, k_star, v_star,
                              loss="l2", optimizer="gauss_newton", steps=6)
   assert _rel(view.apply(view.kernel() + memedit.kernel_delta(
-      res.lam, edit.directions, view.kernel_shape), k_star), v_star) <= 1e-4
+      res.lam, edit.D, view.kernel_shape), k_star), v_star) <= 1e-4
   back, _ = memedit.revert_edit(new, edit, hist)
-  np.testing.assert_array_equal(memedit.get_leaf(back, view.weight_path), view.kernel())
+  np.testing.assert_array_equal(get_leaf(back, view.weight_path), view.kernel())
 
 
 # ---------------------------------------------------- weight gains and the contract
@@ -292,13 +293,13 @@ def test_embeddings_are_exact_memories_of_one_hot_keys():
     else:
       params, run = model[1], model[0].apply
     new, hist = memedit.apply_edit(params, edit)
-    e1 = memedit.get_leaf(new, view.weight_path)
+    e1 = get_leaf(new, view.weight_path)
     np.testing.assert_allclose(e1[3], v_star[0], rtol=1e-6, atol=1e-6)
     others = np.arange(11) != 3
     np.testing.assert_allclose(e1[others], view.kernel()[others], rtol=0, atol=1e-6)
     for f in (run, jax.jit(run)):
       np.testing.assert_allclose(f(new, toks), f(params, toks), rtol=0, atol=1e-6)
-      by_hand = memedit.replace_leaf(params, view.weight_path, view.kernel().at[3].set(v_star[0]))
+      by_hand = replace_leaf(params, view.weight_path, view.kernel().at[3].set(v_star[0]))
       np.testing.assert_allclose(f(new, jnp.array([[3]])), run(by_hand, jnp.array([[3]])),
                                  rtol=1e-5, atol=1e-6)
     # One-hot rows are accepted as keys too; other vectors are refused.
@@ -307,6 +308,6 @@ def test_embeddings_are_exact_memories_of_one_hot_keys():
     with pytest.raises(ValueError, match="one-hot rows"):
       insert_through_view(view, C, jnp.full((1, 11), 0.5), v_star)
     back, _ = memedit.revert_edit(new, edit, hist)
-    np.testing.assert_array_equal(memedit.get_leaf(back, view.weight_path), view.kernel())
+    np.testing.assert_array_equal(get_leaf(back, view.weight_path), view.kernel())
   with pytest.raises(ValueError, match="normalisation layer"):
     memory_view(nnx.LayerNorm(4, rngs=nnx.Rngs(0)), ())

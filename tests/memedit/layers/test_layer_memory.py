@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import memedit
+from memedit.tree import get_leaf
 import models
 from memedit.layers import (capture, edited_forward, insert_through_view, layer_forward,
                             memory_view, register_layer_kind, substitute)
@@ -87,7 +88,7 @@ def test_insert_through_view_is_exact_and_specific(framework, name, address, pat
   assert np.abs(k_keep @ np.linalg.solve(C, k_star)).max() < 1e-9 * np.linalg.norm(k_star)
 
   kernel0 = view.kernel()
-  bias = memedit.layers.memory._layer_bias(view)
+  bias = memedit.layers.edit.layer_bias(view)
   if patch:
     layer = lambda K, k: k @ K.reshape(d, -1) + bias
     native = jnp.asarray(k_star[None], jnp.float32)
@@ -103,7 +104,7 @@ def test_insert_through_view_is_exact_and_specific(framework, name, address, pat
   edit = insert_through_view(view, jnp.asarray(C, jnp.float32), k_star[None], v_star[None])
   assert edit.path == view.weight_path
   new_params, hist = memedit.apply_edit(params, edit)
-  kernel1 = memedit.get_leaf(new_params, view.weight_path)
+  kernel1 = get_leaf(new_params, view.weight_path)
   assert _rel(np.asarray(layer(kernel1, native)).reshape(-1), v_star) <= 1e-5
 
   y0, y1 = run(params, x_keep), run(new_params, x_keep)
@@ -115,7 +116,7 @@ def test_insert_through_view_is_exact_and_specific(framework, name, address, pat
   assert _rel(layer(kernel1, k_src), layer(kernel0, k_src)) > 1e-4
 
   back, _ = memedit.revert_edit(new_params, edit, hist)
-  np.testing.assert_array_equal(memedit.get_leaf(back, view.weight_path), kernel0)
+  np.testing.assert_array_equal(get_leaf(back, view.weight_path), kernel0)
 
 
 def test_one_by_one_conv_per_pixel_insert_is_exact():
@@ -162,7 +163,7 @@ def test_patch_view_matches_the_layer_and_per_pixel_kxk_insert_is_refused():
     view = memory_view(model, (), x, patch=True)
     c = capture(model, (), x, single=True, jit=False)
     k = view.kernel()
-    bias = memedit.layers.memory._layer_bias(view)
+    bias = memedit.layers.edit.layer_bias(view)
     y = view.keys(c.keys) @ k.reshape(-1, k.shape[-1]) + bias
     np.testing.assert_allclose(y, c.values, rtol=1e-5, atol=1e-5)
   view = memory_view(g, ("mid",))
@@ -232,14 +233,14 @@ def test_edits_compose_and_revert_on_nnx_state_and_linen_variables():
     view = memory_view(model, address, x)
     rng = np.random.default_rng(1)
     e1 = memedit.make_edit(view.weight_path, rng.normal(size=(16, 1)), rng.normal(size=(1, 32)),
-                           kind="dense", name="a")
+                           kind="dense", label="a")
     e2 = memedit.make_edit(view.weight_path, rng.normal(size=(16, 2)), rng.normal(size=(2, 32)),
-                           kind="dense", name="b")
+                           kind="dense", label="b")
     p1, h = memedit.apply_edit(params, e1)
     p2, h = memedit.apply_edit(p1, e2, h)
-    both = view.kernel() + (memedit.kernel_delta(e1.lam, e1.directions, view.kernel_shape)
-                            + memedit.kernel_delta(e2.lam, e2.directions, view.kernel_shape))
-    np.testing.assert_allclose(memedit.get_leaf(p2, view.weight_path), both, rtol=1e-5, atol=1e-5)
+    both = view.kernel() + (memedit.kernel_delta(e1.lam, e1.D, view.kernel_shape)
+                            + memedit.kernel_delta(e2.lam, e2.D, view.kernel_shape))
+    np.testing.assert_allclose(get_leaf(p2, view.weight_path), both, rtol=1e-5, atol=1e-5)
     assert _rel(run(p2, x), run(params, x)) > 1e-3
     p3, h = memedit.revert_edit(p2, e1, h)
     p4, h = memedit.revert_edit(p3, "b", h)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import memedit
+from memedit.tree import get_leaf
 from memedit.layers import (capture, insert_through_view, layer_covariance, memory_view,
                             substitute)
 from memedit.layers import stats as _stats
@@ -102,7 +103,7 @@ def _rel(a, b):
 def test_middle_layer_of_a_scanned_stack_is_an_editable_memory(framework):
   model, ex, prefix, params, rebuild = _model(framework)
   leaf_path = prefix + ("stack", "fc2", "kernel")
-  leaf = memedit.get_leaf(params, leaf_path)
+  leaf = get_leaf(params, leaf_path)
   assert leaf.shape == (LAYERS, 2 * D, D)
 
   # The view of layer 1 alone: one layer's kernel and dimensions, the index recorded.
@@ -122,7 +123,7 @@ def test_middle_layer_of_a_scanned_stack_is_an_editable_memory(framework):
     assert c.calls == 1 and c.keys.shape == (8, 2 * D) and c.values.shape == (8, D)
     np.testing.assert_array_equal(c.keys, whole.keys[1])
     np.testing.assert_array_equal(c.values, whole.values[1])
-  bias = memedit.get_leaf(params, prefix + ("stack", "fc2", "bias"))[1]
+  bias = get_leaf(params, prefix + ("stack", "fc2", "bias"))[1]
   np.testing.assert_allclose(c.values, c.keys @ leaf[1] + bias, rtol=1e-5, atol=1e-5)
 
   # Its own C: keys of layer 1 only (float64 numpy on that layer's captured keys).
@@ -134,7 +135,7 @@ def test_middle_layer_of_a_scanned_stack_is_an_editable_memory(framework):
   pooled = capture(model, ("stack", "fc2"), jnp.concatenate(BATCHES)).keys
   assert _rel(C, _numpy_c(pooled)) > 1e-2  # not the stack's pooled C
   # Two layers never share a compiled statistics program or a cache entry.
-  m = memedit.layers.memory._as_model(model)
+  m = memedit.layers.model.as_model(model)
   kw = dict(masked=False, method=None, dtype=jnp.float32, call_kwargs=None)
   view0 = memory_view(model, ("stack", 0, "fc2"), *ex)
   k0, k1 = _stats._LayerKeys(m, view0, **kw), _stats._LayerKeys(m, view, **kw)
@@ -151,18 +152,18 @@ def test_middle_layer_of_a_scanned_stack_is_an_editable_memory(framework):
   out = capture(edited, ("stack", 1, "fc2"), X[:3]).values
   np.testing.assert_allclose(out, targets, rtol=1e-5, atol=1e-5)
   # Layers 0 and 2 keep their bits; layer 1 changed.
-  new = memedit.get_leaf(params1, leaf_path)
+  new = get_leaf(params1, leaf_path)
   np.testing.assert_array_equal(new[0], leaf[0])
   np.testing.assert_array_equal(new[2], leaf[2])
   assert not np.array_equal(new[1], leaf[1])
   # The edited model equals substituting layer 1's edited kernel.
   sub = substitute(model, view, memedit.layers.edited_kernel(view, leaf[1], edit.lam,
-                                                             edit.directions))
-  np.testing.assert_array_equal(memedit.get_leaf(memedit.layers.memory._as_model(sub).params,
+                                                             edit.D))
+  np.testing.assert_array_equal(get_leaf(memedit.layers.model.as_model(sub).params,
                                                  leaf_path), new)
   # Revert: bit-exact.
   params2, history = memedit.revert_edit(params1, edit, history)
-  np.testing.assert_array_equal(memedit.get_leaf(params2, leaf_path), leaf)
+  np.testing.assert_array_equal(get_leaf(params2, leaf_path), leaf)
   assert history.edits == ()
 
 

@@ -31,65 +31,45 @@ decoded), at most :data:`MAX_IMAGES` images in the sample and :data:`MAX_STEPS` 
 steps; the learning rate must be a finite positive number.
 
 Masks are held as uint8 arrays (canvas, canvas) so that save → load gives identical
-masks and therefore an identical edit.
+masks and therefore an identical edit. :mod:`memedit.specs.masks` encodes and decodes
+them, :mod:`memedit.specs.text` reads a spec file's bytes.
 """
-
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import difflib
-import io
 import json
 import math
 import os
-import re
-import reprlib
-import struct
-import sys
 from typing import Any, Sequence
 
 import numpy as np
 
 from memedit import _io
+from memedit.directions import METHODS as _SUBSPACE_METHODS
+from memedit.optim import LOSSES, OPTIMIZERS
+from memedit.specs.masks import (MAX_CANVAS, data_url_to_mask, got, mask_to_data_url,
+                                 mask_uint8, shown)
+from memedit.specs.text import parse_spec_text
 
-_PREFIX = "data:image/png;base64,"
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-KINDS = ("insert", "erase")
-METHODS = ("zca", "svd", "mean", "unit")
+__all__ = ["DEFAULT_SOLVER", "EDIT_KINDS", "EditSpec", "FIELDS", "MAX_CANVAS", "MAX_IMAGES",
+           "MAX_STEPS", "METHODS", "TAPS", "check_shrinkage", "check_solver",
+           "data_url_to_mask", "load_spec", "make_spec", "mask_to_data_url", "parse_spec_text",
+           "save_spec", "spec_from_json", "spec_to_json"]
+
+#: What an edit does: insert a copied object, or erase the most active context units.
+EDIT_KINDS = ("insert", "erase")
+#: Context methods: the subspace methods of :func:`memedit.context_directions` and unit
+#: selection.
+METHODS = _SUBSPACE_METHODS + ("unit",)
+#: Kernel taps an insert edits: every tap (the reference's) or a key's own cell's.
 TAPS = ("all", "own")
-OPTIMIZERS = ("adam", "gauss_newton")
-LOSSES = ("l1", "l2")
 DEFAULT_SOLVER = {"optimizer": "adam", "steps": 2001, "learning_rate": 0.05, "loss": "l1"}
 # The reference's fields, then memedit's.
 FIELDS = ("key", "object", "paste", "query", "model", "layer", "kind", "method", "rank",
           "shrinkage", "taps", "erase_units", "canvas", "num_images", "solver")
-MAX_CANVAS = 4096
 MAX_IMAGES = 100_000
 MAX_STEPS = 100_000
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 3, 3, 3
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 40, 40, 40
-_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
-
-
-def _shown(value: Any) -> str:
-  """A short repr of untrusted data, bounded in nesting depth and length."""
-  return _REPR.repr(value)
-
-
-def _got(value: Any, want: type | tuple = ()) -> str:
-  """A received value for an error message: its repr when it has a type of ``want``,
-  else its repr after its type's name (``the str '64'``), so that 64 and "64" read
-  differently; JSON null is ``null``."""
-  if value is None:
-    return "null"
-  want = want if isinstance(want, tuple) else (want,)
-  if want and isinstance(value, want) and not (isinstance(value, bool) and bool not in want):
-    return _shown(value)
-  return f"the {type(value).__name__} {_shown(value)}"
 
 
 def _is_int(value: Any) -> bool:
@@ -105,7 +85,7 @@ def _int_in(value: Any, where: str, lo: int = 1, hi: int | None = None) -> int:
   if not _is_int(value) or value < lo or (hi is not None and value > hi):
     want = (f"an integer in [{lo}, {hi}]" if hi is not None
             else "a positive integer" if lo == 1 else f"an integer of at least {lo}")
-    raise ValueError(f"{where}: expected {want}, got {_got(value, (int, np.integer))}")
+    raise ValueError(f"{where}: expected {want}, got {got(value, (int, np.integer))}")
   return int(value)
 
 
@@ -124,9 +104,9 @@ class EditSpec:
     method: context method, "zca", "svd", "mean" or "unit".
     rank: rank r of the edit subspace.
     shrinkage: α in [0, 1); the zca, svd and mean directions use the shrunk second
-      moment (1 − α) C + α (tr C / C_in) I (see :func:`memedit.rewrite.directions`).
+      moment (1 − α) C + α (tr C / C_in) I (see :func:`memedit.generators.directions`).
     taps: "all" (every kernel tap has its own Λ, the reference) or "own" (only the taps
-      that write a key's own output cell, see :func:`memedit.rewrite.own_taps`).
+      that write a key's own output cell, see :func:`memedit.generators.own_taps`).
     erase_units: number of most active context units zeroed by an erase.
     canvas: canvas resolution of the masks.
     num_images: number of images in the sample that imgnums index.
@@ -170,111 +150,13 @@ class EditSpec:
     return spec_to_json(self) == spec_to_json(other)
 
 
-def mask_to_data_url(mask: Any) -> str:
-  """A (H, W) mask (uint8, or float in [0, 1]) as a PNG data URL, encoded as the
-  reference's paint widget saves masks: RGBA with the mask in every channel, so zero
-  where the mask is off (the reference reads the red channel, memedit before this
-  encoding read the alpha channel; both read the mask).
-
-  Raises:
-    ValueError: the mask is not 2-D, or holds values that are not finite.
-  """
-  from PIL import Image
-
-  m = np.asarray(mask)
-  if m.ndim != 2:
-    raise ValueError(f"mask: expected a 2-D array, got shape {m.shape}")
-  if m.dtype != np.uint8:
-    m = _mask_uint8(m, "mask")
-  rgba = np.repeat(m[:, :, None], 4, axis=2)
-  buf = io.BytesIO()
-  Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
-  return _PREFIX + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _mask_uint8(m: np.ndarray, where: str) -> np.ndarray:
-  """A float (or other numeric) mask in [0, 1] as uint8 0..255."""
-  if m.dtype.kind not in "biuf":
-    raise ValueError(f"{where}: expected numbers in [0, 1], got an array of {m.dtype}")
-  m = np.asarray(m, np.float64)
-  if not np.isfinite(m).all():
-    raise ValueError(f"{where}: expected numbers in [0, 1], got "
-                     f"{int((~np.isfinite(m)).sum())} NaN or infinite values")
-  return np.clip(np.round(m * 255.0), 0, 255).astype(np.uint8)
-
-
-def _png_size(raw: bytes, where: str) -> tuple[int, int]:
-  """(width, height) from a PNG's header chunk, without decoding the image."""
-  if len(raw) < 24 or raw[:8] != _PNG_SIGNATURE or raw[12:16] != b"IHDR":
-    raise ValueError(f"{where}: expected PNG image data, got bytes that are not a PNG "
-                     f"(they start {raw[:8]!r})")
-  return struct.unpack(">II", raw[16:24])
-
-
-def data_url_to_mask(url: Any, where: str = "mask", size: int | None = None) -> np.ndarray:
-  """Decodes a PNG data URL to a uint8 (H, W) mask.
-
-  A pixel's mask value is the smaller of its red and alpha channels, or its red channel
-  (the grey level of a grey image) when the image has no alpha: the reference reads the
-  red channel, and masks with the region in alpha over white (as memedit wrote them
-  before) or in every channel (as it writes them now) decode to the same array.
-
-  The image's size is read from its PNG header and checked before anything is decoded:
-  it must be ``size`` × ``size`` when ``size`` is given, and at most
-  :data:`MAX_CANVAS` pixels a side.
-
-  Args:
-    url: the data URL.
-    where: what the mask is, for error messages (e.g. ``"key[0] mask"``).
-    size: the canvas resolution the mask must have, or None.
-
-  Returns:
-    uint8 (H, W) array.
-
-  Raises:
-    ValueError: not a PNG data URL, bad base64, bytes that are not a PNG image, or an
-      image of another size than ``size`` or larger than :data:`MAX_CANVAS`.
-  """
-  from PIL import Image, UnidentifiedImageError
-
-  if not isinstance(url, str) or not url.startswith(_PREFIX):
-    shown = _shown(url[:40]) if isinstance(url, str) else _got(url)
-    raise ValueError(f"{where}: expected a PNG data URL starting with {_PREFIX!r}, got "
-                     f"{shown}")
-  try:
-    raw = base64.b64decode(url[len(_PREFIX):], validate=True)
-  except (binascii.Error, ValueError) as e:
-    raise ValueError(f"{where}: expected base64 data after {_PREFIX!r}, got invalid base64 "
-                     f"({e})") from None
-  width, height = _png_size(raw, where)
-  if size is not None and (width, height) != (size, size):
-    raise ValueError(f"{where}: expected size {size}x{size} (the canvas), got "
-                     f"{width}x{height}")
-  if max(width, height) > MAX_CANVAS:
-    raise ValueError(f"{where}: expected a mask of at most {MAX_CANVAS}x{MAX_CANVAS} pixels, "
-                     f"got {width}x{height}; it was not decoded")
-  try:
-    img = Image.open(io.BytesIO(raw))
-    img.load()
-    if img.mode == "P" or "transparency" in img.info:
-      img = img.convert("RGBA")
-    if "A" in img.getbands():
-      rgba = np.asarray(img.convert("RGBA"), np.uint8)
-      return np.minimum(rgba[:, :, 0], rgba[:, :, 3])
-    return np.ascontiguousarray(np.asarray(img.convert("RGB"), np.uint8)[:, :, 0])
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-          Image.DecompressionBombError) as e:
-    raise ValueError(f"{where}: expected PNG image data, got bytes that do not decode as a "
-                     f"PNG ({e})") from None
-
-
 def _pair(value, where, canvas, num_images):
   if not isinstance(value, (list, tuple)) or len(value) != 2:
     raise ValueError(f"{where}: expected an [imgnum, mask] pair, got "
-                     f"{_got(value, (list, tuple))}")
+                     f"{got(value, (list, tuple))}")
   num, url = value
   if not _is_int(num):
-    raise ValueError(f"{where}: expected an integer image number, got {_got(num)}")
+    raise ValueError(f"{where}: expected an integer image number, got {got(num)}")
   if not 0 <= int(num) < num_images:
     raise ValueError(f"{where}: expected an image number in [0, {num_images}), got {num}")
   if isinstance(url, np.ndarray):
@@ -284,7 +166,7 @@ def _pair(value, where, canvas, num_images):
                        + (f"{mask.shape[1]}x{mask.shape[0]}" if mask.ndim == 2
                           else f"an array of shape {mask.shape}"))
     if mask.dtype != np.uint8:
-      mask = _mask_uint8(mask, f"{where} mask")
+      mask = mask_uint8(mask, f"{where} mask")
   else:
     mask = data_url_to_mask(url, f"{where} mask", size=canvas)
   if not (mask > 0).any():
@@ -293,11 +175,29 @@ def _pair(value, where, canvas, num_images):
 
 
 def check_shrinkage(shrinkage: Any, method: str) -> float:
-  """``shrinkage`` as a float after checking it is a number in [0, 1), and 0 for the
-  "unit" method (shrinkage applies to the zca, svd and mean directions)."""
+  """``shrinkage`` as a float after checking it is a number in [0, 1) (and 0 for the
+  "unit" method: shrinkage applies to the zca, svd and mean directions).
+
+  Args:
+    shrinkage: α of (1 − α) C + α (tr C / C_in) I. method: the context method.
+
+  Returns:
+    α as a float.
+
+  Raises:
+    ValueError: not a number in [0, 1), or non-zero with method "unit".
+
+  Example:
+    >>> check_shrinkage(0.2, "zca")
+    0.2
+    >>> check_shrinkage(0.2, "unit")
+    Traceback (most recent call last):
+    ...
+    ValueError: shrinkage: expected 0 with method 'unit' (it applies to zca, svd and mean), got 0.2
+  """
   if not _is_number(shrinkage) or not 0.0 <= shrinkage < 1.0:
     raise ValueError(f"shrinkage: expected a number in [0, 1), got "
-                     f"{_got(shrinkage, (int, float, np.integer, np.floating))}")
+                     f"{got(shrinkage, (int, float, np.integer, np.floating))}")
   if method == "unit" and shrinkage:
     raise ValueError(f"shrinkage: expected 0 with method 'unit' (it applies to zca, svd "
                      f"and mean), got {shrinkage!r}")
@@ -306,7 +206,7 @@ def check_shrinkage(shrinkage: Any, method: str) -> float:
 
 def _choice(value: Any, choices: tuple, where: str) -> str:
   if not isinstance(value, str) or value not in choices:
-    raise ValueError(f"{where}: expected one of {choices}, got {_got(value, str)}")
+    raise ValueError(f"{where}: expected one of {choices}, got {got(value, str)}")
   return value
 
 
@@ -323,13 +223,17 @@ def check_solver(given: Any) -> dict:
 
   Raises:
     ValueError: ``given`` is not an object, has other fields, or a setting is invalid.
+
+  Example:
+    >>> check_solver({"steps": 300})
+    {'optimizer': 'adam', 'steps': 300, 'learning_rate': 0.05, 'loss': 'l1'}
   """
   if not isinstance(given, dict):
-    raise ValueError(f"solver: expected an object, got {_got(given)}")
+    raise ValueError(f"solver: expected an object, got {got(given)}")
   unknown = [k for k in given if k not in DEFAULT_SOLVER]
   if unknown:
     raise ValueError(f"solver: expected fields among {sorted(DEFAULT_SOLVER)}, got "
-                     f"{_shown(unknown)}{_did_you_mean(unknown, DEFAULT_SOLVER)}")
+                     f"{shown(unknown)}{_did_you_mean(unknown, DEFAULT_SOLVER)}")
   solver = {**DEFAULT_SOLVER, **given}
   _choice(solver["optimizer"], OPTIMIZERS, "solver.optimizer")
   _choice(solver["loss"], LOSSES, "solver.loss")
@@ -337,7 +241,7 @@ def check_solver(given: Any) -> dict:
   lr = solver["learning_rate"]
   if not _is_number(lr) or not (math.isfinite(lr) and lr > 0):
     raise ValueError(f"solver.learning_rate: expected a finite positive number, got "
-                     f"{_got(lr, (int, float, np.integer, np.floating))}")
+                     f"{got(lr, (int, float, np.integer, np.floating))}")
   solver["learning_rate"] = float(lr)
   return solver
 
@@ -361,19 +265,35 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
     canvas: the model's canvas resolution (overrides and checks the spec's ``canvas``).
     num_images: size of the image sample (imgnums must be below it).
 
+  Returns:
+    The :class:`EditSpec`.
+
   Raises:
     ValueError: a missing or unknown field, bad base64 or PNG, an empty mask, a mask
       whose size is not the canvas, an image number out of range, an unknown layer, or
       a bad setting; the message names the field.
+
+  Example:
+    >>> m = np.zeros((8, 8)); m[2:4, 2:6] = 1
+    >>> url = mask_to_data_url(m)
+    >>> spec = spec_from_json({"key": [[0, url]], "object": [1, url], "paste": [2, url],
+    ...                        "layer": "convt2", "rank": 1})
+    >>> spec.canvas, spec.kind, spec.solver["steps"]
+    (8, 'insert', 2001)
+    >>> spec_from_json({"key": [[0, url]], "paste": [2, url], "layer": "convt2",
+    ...                 "rnak": 2})
+    Traceback (most recent call last):
+    ...
+    ValueError: spec: expected fields among [...], got unknown field ['rnak'] (did you ...)
   """
   if not isinstance(data, dict):
-    raise ValueError(f"spec: expected a JSON object, got {_got(data)}")
+    raise ValueError(f"spec: expected a JSON object, got {got(data)}")
   unknown = [k for k in data if k not in FIELDS]
   if unknown:
     raise ValueError(f"spec: expected fields among {list(FIELDS)}, got unknown "
-                     f"{'field' if len(unknown) == 1 else 'fields'} {_shown(unknown)}"
+                     f"{'field' if len(unknown) == 1 else 'fields'} {shown(unknown)}"
                      f"{_did_you_mean(unknown, FIELDS)}")
-  kind = _choice(data.get("kind", "insert"), KINDS, "kind")
+  kind = _choice(data.get("kind", "insert"), EDIT_KINDS, "kind")
   required = ["key", "paste", "layer"] + (["object"] if kind == "insert" else [])
   missing = [f for f in required if f not in data or data[f] is None]
   if missing:
@@ -385,24 +305,24 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
       p = data["paste"]
       if not isinstance(p, (list, tuple)) or len(p) != 2:
         raise ValueError(f"paste: expected an [imgnum, mask] pair, got "
-                         f"{_got(p, (list, tuple))}")
+                         f"{got(p, (list, tuple))}")
       m = p[1] if isinstance(p[1], np.ndarray) else data_url_to_mask(p[1], "paste mask")
       canvas = int(m.shape[0])
   elif given_canvas is not None and (not _is_int(given_canvas) or given_canvas != canvas):
     raise ValueError(f"canvas: expected {canvas} (the model's resolution), got "
-                     f"{_got(given_canvas, (int, np.integer))}")
+                     f"{got(given_canvas, (int, np.integer))}")
   canvas = _int_in(canvas, "canvas", 1, MAX_CANVAS)
   n_img = num_images if num_images is not None else data.get("num_images", 10000)
   n_img = _int_in(n_img, "num_images", 1, MAX_IMAGES)
   layer = data["layer"]
   if not isinstance(layer, str) or not layer:
-    raise ValueError(f"layer: expected a layer name, got {_got(layer, str)}")
+    raise ValueError(f"layer: expected a layer name, got {got(layer, str)}")
   if layers is not None and layer not in layers:
     raise ValueError(f"layer: expected one of {sorted(layers)}, got {layer!r}")
   keys = data["key"]
   if not isinstance(keys, (list, tuple)) or not keys:
     raise ValueError(f"key: expected a non-empty list of [imgnum, mask] pairs, got "
-                     f"{_got(keys, (list, tuple))}")
+                     f"{got(keys, (list, tuple))}")
   key = tuple(_pair(k, f"key[{i}]", canvas, n_img) for i, k in enumerate(keys))
   paste = _pair(data["paste"], "paste", canvas, n_img)
   obj = _pair(data["object"], "object", canvas, n_img) if data.get("object") is not None else None
@@ -417,14 +337,28 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
   solver = check_solver(data.get("solver", {}))
   model = data.get("model")
   if model is not None and not isinstance(model, str):
-    raise ValueError(f"model: expected a string or null, got {_got(model)}")
+    raise ValueError(f"model: expected a string or null, got {got(model)}")
   return EditSpec(key=key, paste=paste, object=obj, query=query, layer=layer, model=model,
                   kind=kind, method=method, rank=rank, shrinkage=shrinkage, taps=taps,
                   erase_units=erase_units, canvas=canvas, num_images=n_img, solver=solver)
 
 
 def spec_to_json(spec: EditSpec) -> dict:
-  """The JSON object of a spec (masks as PNG data URLs), loadable by :func:`spec_from_json`."""
+  """The JSON object of a spec (masks as PNG data URLs), loadable by :func:`spec_from_json`.
+
+  Args:
+    spec: the :class:`EditSpec`.
+
+  Returns:
+    A JSON-serialisable dict.
+
+  Example:
+    >>> m = np.zeros((8, 8)); m[2:4, 2:6] = 1
+    >>> spec = make_spec(key=[(0, m)], paste=(2, m), layer="convt2", kind="erase")
+    >>> data = spec_to_json(spec)
+    >>> data["kind"], "object" in data, spec_from_json(data) == spec
+    ('erase', False, True)
+  """
   def pair(p):
     return None if p is None else [int(p[0]), mask_to_data_url(p[1])]
 
@@ -440,104 +374,28 @@ def spec_to_json(spec: EditSpec) -> dict:
   return out
 
 
-def _undecoded_field(data: Any) -> str | None:
-  """Where (in document order) the first text holding bytes that were not UTF-8 lies:
-  ``"field 'layer'"``, ``"field 'key[0][1]'"``, or ``"a field name in 'solver'"``."""
-  stack = [("", data)]
-  while stack:
-    where, value = stack.pop()
-    if isinstance(value, str):
-      if _UNDECODED.search(value):
-        return f"field {where!r}" if where else "the top-level value"
-    elif isinstance(value, dict):
-      for k in reversed(list(value)):
-        if isinstance(k, str) and _UNDECODED.search(k):
-          return f"a field name in {where!r}" if where else "a field name"
-        stack.append((f"{where}.{k}" if where else k, value[k]))
-    elif isinstance(value, list):
-      stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
-  return None
-
-
-def _deep_field(text: str, depth_limit: int) -> str | None:
-  """The top-level field of a JSON object text in which arrays and objects nest deeper
-  than ``depth_limit``, found by a scan that does not recurse (None: not found)."""
-  depth, in_string, escaped, start, last, field = 0, False, False, 0, None, None
-  for i, c in enumerate(text):
-    if in_string:
-      if escaped:
-        escaped = False
-      elif c == "\\":
-        escaped = True
-      elif c == '"':
-        in_string = False
-        last = text[start:i]
-    elif c == '"':
-      in_string, start = True, i + 1
-    elif c == ":" and depth == 1:
-      field = last
-    elif c in "[{":
-      depth += 1
-      if depth > depth_limit:
-        return field
-    elif c in "]}":
-      depth -= 1
-  return None
-
-
-def parse_spec_text(raw: bytes, source: str = "spec") -> Any:
-  """The JSON value of a spec file's bytes, with errors that name ``source``.
+def load_spec(path: str | os.PathLike, **kwargs) -> EditSpec:
+  """Reads and validates a JSON edit spec.
 
   Args:
-    raw: the file's bytes (UTF-8, an optional byte-order mark).
-    source: the file's name, for error messages.
+    path: the JSON file.
+    **kwargs: as :func:`spec_from_json` (layers, canvas, num_images).
 
   Returns:
-    The parsed JSON value.
-
-  Raises:
-    ValueError: the bytes are not UTF-8 (the message gives the offset of the first bad
-      byte and the field it lies in), not JSON, or JSON nested deeper than Python's
-      parser allows.
-  """
-  try:
-    raw.decode("utf-8")
-    bad = None
-  except UnicodeDecodeError as e:
-    bad = e.start
-  text = raw.decode("utf-8", errors="surrogateescape")
-  if text.startswith("\ufeff"):
-    text = text[1:]
-
-  def not_utf8(field):
-    where = f" (in {field})" if field else ""
-    return ValueError(f"{source}: expected UTF-8 text, got the byte 0x{raw[bad]:02x} at "
-                      f"offset {bad}{where}, which is not UTF-8")
-
-  try:
-    data = json.loads(text)
-  except RecursionError:
-    limit = sys.getrecursionlimit()
-    field = _deep_field(text, limit // 2)
-    where = f" in field {field!r}" if field is not None else ""
-    raise ValueError(f"{source}: expected a JSON edit spec, got lists or objects nested "
-                     f"deeper than the parser allows (about {limit} levels){where}") from None
-  except json.JSONDecodeError as e:
-    if bad is not None:
-      raise not_utf8(None) from None
-    raise ValueError(f"{source}: expected a JSON edit spec, got invalid JSON ({e})") from None
-  if bad is not None:
-    raise not_utf8(_undecoded_field(data))
-  return data
-
-
-def load_spec(path: str | os.PathLike, **kwargs) -> EditSpec:
-  """Reads and validates a JSON edit spec (keyword arguments as :func:`spec_from_json`).
+    The :class:`EditSpec`.
 
   Raises:
     ValueError: the file is not UTF-8 JSON, or the spec is invalid (see
       :func:`spec_from_json`); the message starts with the file's name.
     OSError: the file cannot be read.
+
+  Example:
+    >>> import os, tempfile
+    >>> m = np.zeros((8, 8)); m[2:4, 2:6] = 1
+    >>> path = os.path.join(tempfile.mkdtemp(), "spec.json")
+    >>> spec = make_spec(key=[(0, m)], object=(1, m), paste=(2, m), layer="convt2")
+    >>> load_spec(save_spec(path, spec), layers=["convt2"]) == spec
+    True
   """
   source = os.fspath(path)
   with open(path, "rb") as f:
@@ -550,7 +408,21 @@ def load_spec(path: str | os.PathLike, **kwargs) -> EditSpec:
 
 
 def save_spec(path: str | os.PathLike, spec: EditSpec) -> str:
-  """Writes a spec as JSON atomically; returns the absolute path."""
+  """Writes a spec as JSON atomically.
+
+  Args:
+    path: the file to write. spec: the :class:`EditSpec`.
+
+  Returns:
+    The file's absolute path.
+
+  Example:
+    >>> import os, tempfile
+    >>> m = np.zeros((8, 8)); m[2:4, 2:6] = 1
+    >>> spec = make_spec(key=[(0, m)], paste=(2, m), layer="convt2", kind="erase")
+    >>> os.path.isabs(save_spec(os.path.join(tempfile.mkdtemp(), "s.json"), spec))
+    True
+  """
   text = json.dumps(spec_to_json(spec), indent=1)
   _io.atomic_write_bytes(path, text.encode())
   return os.path.abspath(os.fspath(path))
@@ -560,6 +432,15 @@ def make_spec(*, key: Sequence[tuple[int, Any]], paste: tuple[int, Any], layer: 
               object: tuple[int, Any] | None = None, query: tuple[int, Any] | None = None,
               **settings) -> EditSpec:
   """Builds and validates a spec from masks (uint8 or float arrays in [0, 1]).
+
+  Args:
+    key: (imgnum, mask) context examples. paste: (imgnum, mask). layer: the layer name.
+    object: (imgnum, mask) of an insert. query: optional (imgnum, mask).
+    **settings: any other spec field (kind, method, rank, shrinkage, taps, erase_units,
+      canvas, num_images, solver, model).
+
+  Returns:
+    The validated :class:`EditSpec`.
 
   Example:
     >>> import numpy as np

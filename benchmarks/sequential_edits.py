@@ -1,0 +1,270 @@
+"""Sequential edits that hold: ten copy–paste–context edits on the DCGAN face generator,
+one after another, with and without the null-space projection.
+
+Model: the DCGAN face generator of gan-face-generate 1.1.1 as ``memedit demo`` converts it
+(``.cache/demo/faces-dcgan``), layer convt2 (keys: 8×8×256), C from images 0–1999 (the
+demo's statistics cache). Every edit uses the demo spec's settings: zca directions of
+rank 1 from C shrunk by α = 0.2, Λ on the layer's own taps, Adam (lr 0.05, L1) for 2001
+steps. The ten regions differ (both eyes, mouth, forehead, cheeks, nose, chin, each eye,
+a corner of the background), and so do the images.
+
+Edit 0 is the bundled demo spec (the glasses of image 29 pasted over the eyes of image
+9, the eye band of six faces as the context); edits 1–9 each copy another face region of
+one image and paste it over the same region of another, with that region on six images
+(the pasted image among them) as the context.
+
+The edits are applied in order, each solved on the generator with the earlier edits in
+place, three times:
+
+- ``plain``: each edit as the workflow makes it (``memedit.generators.insert``);
+- ``projected``: its directions first projected onto the null space of C plus the
+  earlier edits' keys (``memedit.sequential.sequential_directions``, relative threshold
+  1e-2, M = C + Σ k kᵀ), the keys of an edit being the layer inputs of its paste crop
+  (the key box; with Λ on its own taps a key writes only its own output cell);
+- ``projected_kw100``: the same with the earlier keys weighted 100 (M = C + 100 Σ k kᵀ),
+  which bounds their part in the null space 10× tighter.
+
+Efficacy of edit i at kernel W: e_i(W) = 1 − L_i(W) / L_i(W_{i−1}), the share of the paste
+crop's L1 loss (mean |f(W, k*) − v*| over the crop, f the layer itself) that the edit
+removed, against the loss on the kernel it was made on. Reported: e_i right after edit i
+(W_i), after all ten (W_10), and whether |e_i(W_10) − e_i(W_i)| ≤ 0.1·e_i(W_i) (the goal);
+the interference matrix predicted from the factors before each edit was applied
+(``memedit.sequential.check_edit``, relative to the earlier edit's own change) beside the
+change measured on each earlier crop; the growth of ‖W‖_F and of the memory matrix's
+condition number.
+
+Results: benchmarks/results/sequential_edits.json (+ the printed table), with the load
+average of the machine. ``--quick``: three edits of 201 steps (a smoke run).
+
+Usage: python benchmarks/sequential_edits.py [--quick] [--model DIR] [--stats DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import table, write
+from memedit import generators as gens
+from memedit import second_moment
+from memedit import sequential as sq
+from memedit import specs
+
+LAYER = "convt2"
+CANVAS = 64
+# (name, (y0, y1, x0, x1) on the 64-px canvas): the ten edited regions.
+REGIONS = [("eyes", (22, 42, 8, 56)), ("mouth", (40, 54, 18, 46)),
+           ("forehead", (4, 18, 12, 52)), ("left cheek", (34, 48, 6, 22)),
+           ("right cheek", (34, 48, 42, 58)), ("nose", (28, 42, 26, 38)),
+           ("chin", (50, 62, 20, 44)), ("left eye", (24, 36, 10, 30)),
+           ("right eye", (24, 36, 34, 54)), ("corner", (0, 14, 0, 14))]
+SETTINGS = {"method": "zca", "rank": 1, "shrinkage": 0.2, "taps": "own", "optimizer": "adam",
+            "learning_rate": 0.05, "loss": "l1", "steps": 2001, "context_images": 6,
+            "threshold": 1e-2, "statistics_images": 2000}
+# mode -> (project, key_weight)
+MODES = {"projected": (True, 1.0), "projected_kw100": (True, 100.0), "plain": (False, None)}
+
+
+def box(y0, y1, x0, x1):
+  m = np.zeros((CANVAS, CANVAS), np.float32)
+  m[y0:y1, x0:x1] = 1.0
+  return m
+
+
+def plan(n_edits: int, canvas: int) -> list[dict]:
+  """The edits: region, context examples, copied and pasted (image, mask); edit 0 is the
+  bundled demo spec, the others deterministic draws of images for the other regions."""
+  text = importlib.resources.files("memedit").joinpath("data/demo_spec.json").read_text()
+  demo = specs.spec_from_json(json.loads(text), layers=[LAYER], canvas=canvas)
+  out = [{"region": "eyes (demo spec)", "context": demo.masks("key"),
+          "object": demo.masks("object")[0], "paste": demo.masks("paste")[0]}]
+  rs = np.random.RandomState(0)
+  for name, b in REGIONS[1:n_edits]:
+    imgs = [int(i) for i in rs.choice(100, SETTINGS["context_images"] + 1, replace=False)]
+    out.append({"region": name, "box": b, "context": [(n, box(*b)) for n in imgs[1:]],
+                "object": (imgs[0], box(*b)), "paste": (imgs[1], box(*b))})
+  return out
+
+
+def describe(spec: dict) -> dict:
+  """An edit of :func:`plan` as JSON: images and mask boxes."""
+  def where(pair):
+    return {"image": pair[0], "box": list(gens.bbox(pair[1]))}
+  return {"region": spec["region"], "context": [where(p) for p in spec["context"]],
+          "object": where(spec["object"]), "paste": where(spec["paste"])}
+
+
+def crop_loss(f, keys, target, kernel) -> float:
+  return float(jnp.mean(jnp.abs(f(kernel, keys) - jnp.asarray(target.targets))))
+
+
+def null_dim(log, C, path, before: int, key_weight: float) -> int:
+  """The dimension of the null space an edit at position ``before`` was projected onto."""
+  keys, w = sq.log_keys(log, path, before=before)
+  if keys.shape[0] == 0:
+    keys, w = None, None
+  else:
+    w = w * key_weight
+  return int(sq.null_space(C, keys, w, threshold=SETTINGS["threshold"]).dim)
+
+
+def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int) -> dict:
+  """Applies the edits in order (projected or not); returns efficacies and diagnostics."""
+  info = gens.layer_info(gen, LAYER)
+  m = info.margin
+  base = gen.params
+  log, cur = sq.log_init(), gen
+  problems, kernels, rows, checks, times = [], [gens.layer_kernel(gen, LAYER)], [], [], []
+  for e, spec in enumerate(edits):
+    t0 = time.perf_counter()
+    keys, w = gens.context_keys(gen, LAYER, spec["context"])
+    D = gens.directions(C, keys, w, rank=SETTINGS["rank"], method=SETTINGS["method"],
+                        shrinkage=SETTINGS["shrinkage"])
+    if project:
+      D = np.asarray(sq.sequential_directions(log, C, D, info.weight_path,
+                                              threshold=SETTINGS["threshold"],
+                                              key_weight=key_weight))
+    copied = gens.copy_values(cur, LAYER, *spec["object"])
+    target = gens.paste_target(cur, LAYER, copied, *spec["paste"])
+    res = gens.insert(cur, LAYER, D, target, optimizer=SETTINGS["optimizer"], steps=steps,
+                      learning_rate=SETTINGS["learning_rate"], loss=SETTINGS["loss"],
+                      taps=SETTINGS["taps"], method=f"insert/{'projected' if project else 'plain'}",
+                      settings={"region": spec["region"]})
+    edit = res.edit
+    crop_keys = target.keys[0, m:target.keys.shape[1] - m, m:target.keys.shape[2] - m]
+    check = sq.check_edit(log, edit, params=base, warn=False)
+    checks.append(check)
+    log = sq.log_append(log, edit, crop_keys.reshape(-1, info.key_dim), target.targets)
+    cur = gen.with_params(sq.log_apply(base, log))
+    kernels.append(gens.layer_kernel(cur, LAYER))
+    f, fkeys = gens.crop_problem(gen, LAYER, target)
+    problems.append((f, fkeys, target))
+    times.append(time.perf_counter() - t0)
+    rows.append({"region": spec["region"], "loss_before": res.loss_before,
+                 "loss_after": res.loss_after,
+                 "null_dim": null_dim(log, C, info.weight_path, e, key_weight)
+                             if project else None,
+                 "seconds": times[-1]})
+    print(f"  {'projected' if project else 'plain'} edit {e} ({spec['region']}): crop L1 "
+          f"{res.loss_before:.4f} -> {res.loss_after:.4f} ({times[-1]:.1f} s)", flush=True)
+  n = len(edits)
+  # losses[i, t]: edit i's crop loss at kernel W_t (t = 0: unedited).
+  losses = np.array([[crop_loss(f, k, tg, kernels[t]) for t in range(n + 1)]
+                     for f, k, tg in problems])
+  eff = np.full((n, n + 1), np.nan)  # efficacy of edit i at W_t, t ≥ i + 1
+  for i in range(n):
+    for t in range(i + 1, n + 1):
+      eff[i, t] = 1.0 - losses[i, t] / losses[i, i]
+  # Measured change at edit i's crop by edit j: ‖f_i(W_j) − f_i(W_{j−1})‖ relative to edit
+  # i's own change ‖f_i(W_i) − f_i(W_{i−1})‖.
+  measured = np.full((n, n), np.nan)
+  for i, (f, k, _) in enumerate(problems):
+    outs = [np.asarray(f(kernels[t], k), np.float64) for t in range(n + 1)]
+    own = np.linalg.norm(outs[i + 1] - outs[i])
+    for j in range(n):
+      measured[i, j] = np.linalg.norm(outs[j + 1] - outs[j]) / own
+  predicted = np.full((n, n), np.nan)
+  for j, c in enumerate(checks):
+    predicted[:j, j] = c.interference
+  final = sq.interference_matrix(log).matrix
+  grow = sq.growth(log, base)
+  for i, r in enumerate(rows):
+    r.update(efficacy_after_edit=float(eff[i, i + 1]), efficacy_after_all=float(eff[i, n]),
+             relative_change=float((eff[i, n] - eff[i, i + 1]) / eff[i, i + 1]),
+             held=bool(abs(eff[i, n] - eff[i, i + 1]) <= 0.1 * abs(eff[i, i + 1])),
+             max_interference_received=float(np.nanmax(final[i, i + 1:])) if i < n - 1 else None,
+             norm_growth=grow[i]["norm_growth"], condition_growth=grow[i]["condition_growth"])
+  return {"rows": rows, "efficacy": eff.tolist(), "losses": losses.tolist(),
+          "interference_predicted_before_applying": predicted.tolist(),
+          "interference_measured_at_crops": measured.tolist(),
+          "interference_final": final.tolist(), "log": log}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true", help="3 edits of 201 steps")
+  ap.add_argument("--model", default=str(ROOT / ".cache/demo/faces-dcgan"))
+  ap.add_argument("--stats", default=str(ROOT / ".cache/demo/stats"))
+  args = ap.parse_args()
+  n_edits, steps = (3, 201) if args.quick else (10, SETTINGS["steps"])
+  load_start = os.getloadavg()
+  t_all = time.perf_counter()
+  gen = gens.generator_from_converted(args.model)
+  state = gens.collect_statistics(gen, LAYER, SETTINGS["statistics_images"], batch_size=100,
+                                  cache_dir=args.stats, progress=False)
+  C = np.asarray(second_moment(state), np.float32)
+  edits = plan(n_edits, gen.resolution)
+  out = {}
+  for mode, (project, key_weight) in MODES.items():
+    out[mode] = run_sequence(gen, C, edits, project=project, key_weight=key_weight,
+                             steps=steps)
+  load_end = os.getloadavg()
+  logs = {}
+  cache = ROOT / ".cache" / "sequential"
+  for mode in out:
+    log = out[mode].pop("log")
+    f = sq.save_log(cache / f"{mode}.npz", log)
+    logs[mode] = {"file_bytes": os.path.getsize(f), "entries": len(log)}
+  agree = {}
+  for mode in out:
+    p = np.asarray(out[mode]["interference_predicted_before_applying"])
+    m_ = np.asarray(out[mode]["interference_measured_at_crops"])
+    upper = np.triu(np.ones_like(p, bool), 1)
+    big = upper & (m_ > 1e-2)
+    agree[mode] = {"max_abs_difference": float(np.max(np.abs(p[upper] - m_[upper]))),
+                   "max_relative_difference_where_above_0.01": (
+                       float(np.max(np.abs(p[big] - m_[big]) / m_[big])) if big.any() else None)}
+  summary = {mode: {"edits_held": int(sum(r["held"] for r in out[mode]["rows"])),
+                    "worst_relative_change": float(max(abs(r["relative_change"])
+                                                       for r in out[mode]["rows"][:-1])),
+                    "max_interference": float(np.nanmax([r["max_interference_received"] or 0
+                                                         for r in out[mode]["rows"]])),
+                    "final_norm_growth": out[mode]["rows"][-1]["norm_growth"],
+                    "final_condition_growth": out[mode]["rows"][-1]["condition_growth"],
+                    "prediction_vs_measurement": agree[mode]}
+             for mode in out}
+  payload = {"settings": {**SETTINGS, "steps": steps, "edits": [describe(e) for e in edits],
+                          "modes": {m: {"project": p, "key_weight": k}
+                                    for m, (p, k) in MODES.items()}, "layer": LAYER,
+                          "model": "gan-face-generate==1.1.1 (DCGAN faces, MIT)"},
+             "summary": summary, "results": out, "logs": logs,
+             "load_average": {"start": load_start, "end": load_end},
+             "total_seconds": time.perf_counter() - t_all}
+  path = write("sequential_edits" + ("_quick" if args.quick else ""), payload)
+  short = {"projected": "P", "projected_kw100": "P100", "plain": "plain"}
+  rows = []
+  for i, spec in enumerate(edits):
+    row = {"#": i, "region": spec["region"]}
+    for mode, tag in short.items():
+      r = out[mode]["rows"][i]
+      inter = r["max_interference_received"]
+      row[f"{tag} e(edit)"] = f"{r['efficacy_after_edit']:.4f}"
+      row[f"{tag} e(all)"] = f"{r['efficacy_after_all']:.4f}"
+      row[f"{tag} held"] = "yes" if r["held"] else "NO"
+      row[f"{tag} max I"] = "-" if inter is None else f"{inter:.3g}"
+    rows.append(row)
+  print(table(rows, list(rows[0])))
+  for mode, s in summary.items():
+    print(f"{mode}: {s['edits_held']}/{n_edits} edits within 10 % of their efficacy; "
+          f"worst relative change {s['worst_relative_change']:+.3f}; max interference "
+          f"{s['max_interference']:.3f}; ‖W‖ {100 * s['final_norm_growth']:+.2f} %, "
+          f"condition {100 * s['final_condition_growth']:+.2f} %; predicted vs measured "
+          f"interference: max |difference| "
+          f"{s['prediction_vs_measurement']['max_abs_difference']:.2g}")
+  print(f"load average {load_start} -> {load_end}; {payload['total_seconds']:.0f} s; wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,239 @@
+"""Closed-form inserts into a linear memory W (out, in): v = W k.
+
+With K (n, in) the new keys as rows, V (n, out) their values, R = V − K Wᵀ the residuals
+and C the keys' second moment:
+
+- :func:`insert_closed_form`: the exact constrained insert, min ‖ΔW‖²_C subject to
+  (W + ΔW) kᵢ = vᵢ, ΔW = Rᵀ (K C⁻¹ Kᵀ)⁻¹ (C⁻¹ Kᵀ)ᵀ.
+- :func:`insert_ridge`: the soft insert ΔW = Rᵀ K (λ C + Kᵀ K)⁻¹ (MEMIT / TIME form).
+- :func:`least_squares_lambda`: Λ for a fixed subspace D, min ‖V − K (W + Λ D)ᵀ‖².
+
+Each result is factored as ΔW = Λ D (:class:`LinearSolution`), the form an
+:class:`memedit.Edit` stores. Float64 inputs (with ``jax_enable_x64``) are solved in
+float64, all others in float32; matmuls use ``Precision.HIGHEST``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from memedit.checks import check_covariance, check_finite, check_scalar, compute_dtype
+from memedit.linalg import floor_eigenvalues, spectrum_ok, symmetric_eigh
+
+__all__ = ["LinearSolution", "insert_closed_form", "insert_ridge", "least_squares_lambda"]
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+class LinearSolution(NamedTuple):
+  """ΔW = lam @ D for a matrix W (out, in).
+
+  Attributes:
+    lam: (out, n) Λ.
+    D: (n, in), the rows C⁻¹kᵢ of the exact and the soft insert.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> s = memedit.insert_closed_form(jnp.zeros((1, 2)), jnp.eye(2), jnp.ones((1, 2)),
+    ...                                jnp.ones((1, 1)))
+    >>> s.lam.shape, s.D.shape
+    ((1, 1), (1, 2))
+  """
+
+  lam: jax.Array
+  D: jax.Array
+
+
+def _check_linear(W, C, keys, values):
+  W = jnp.asarray(W)
+  keys = jnp.asarray(keys)
+  values = jnp.asarray(values)
+  if W.ndim != 2:
+    raise ValueError(f"W: expected a matrix of shape (out, in), got {tuple(W.shape)}")
+  out, din = W.shape
+  check_covariance(C, din)
+  if keys.ndim != 2 or keys.shape[1] != din:
+    raise ValueError(f"keys: expected shape (n, {din}), got {tuple(keys.shape)}")
+  if values.ndim != 2 or values.shape != (keys.shape[0], out):
+    raise ValueError(f"values: expected shape ({keys.shape[0]}, {out}) to match keys "
+                     f"{tuple(keys.shape)} and W {tuple(W.shape)}, got {tuple(values.shape)}")
+  for name, x in (("keys", keys), ("values", values), ("W", W)):
+    check_finite(x, name)
+  # Float64 inputs (with jax_enable_x64) are solved in float64, all others in float32.
+  dt = compute_dtype(W, C, keys, values)
+  return W.astype(dt), jnp.asarray(C).astype(dt), keys.astype(dt), values.astype(dt)
+
+
+# The exact insert needs K C⁻¹ Kᵀ's smallest eigenvalue above this times its largest.
+_INDEPENDENT = 1e-6
+
+
+def insert_closed_form(W: Any, C: Any, keys: Any, values: Any, *,
+                       rcond: float = 1e-6) -> LinearSolution:
+  """The exact constrained insert of n pairs (kᵢ, vᵢ) into a linear memory W.
+
+  Solves min ‖ΔW‖²_C = tr(ΔW C ΔWᵀ) subject to (W + ΔW) kᵢ = vᵢ. With K (n, in) the keys
+  as rows and R = V − K Wᵀ the residuals, the solution is
+
+    ΔW = Λ D,  D = (C⁻¹ Kᵀ)ᵀ,  Λ = Rᵀ (K C⁻¹ Kᵀ)⁻¹,
+
+  so any key k with kᵀ C⁻¹ Kᵀ = 0 keeps its output W k.
+
+  Checks: W, C, keys and values finite; C symmetric PSD with a positive eigenvalue; the
+  keys linearly independent in the C⁻¹ metric (the smallest eigenvalue of K C⁻¹ Kᵀ above
+  1e-6 times the largest). Eagerly a failed check raises a ``ValueError``; under
+  ``jax.jit`` the same conditions are evaluated in the program and ``lam`` and
+  ``D`` are all NaN when one fails.
+
+  Args:
+    W: (out, in) weight (math layout; a Flax Dense kernel is Wᵀ).
+    C: (in, in) second moment of keys.
+    keys: (n, in) keys K*, linearly independent.
+    values: (n, out) target values V*.
+    rcond: relative eigenvalue floor of C.
+
+  Returns:
+    :class:`LinearSolution` (lam (out, n), D (n, in)): float64 when any input is
+    float64 (with x64), else float32.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> W = jnp.zeros((2, 3)); k = jnp.array([[1.0, 0.0, 0.0]]); v = jnp.array([[1.0, 2.0]])
+    >>> s = memedit.insert_closed_form(W, jnp.eye(3), k, v)
+    >>> (W + s.lam @ s.D) @ k[0]
+    Array([1., 2.], dtype=float32)
+  """
+  W, C, keys, values = _check_linear(W, C, keys, values)
+  if not isinstance(keys, jax.core.Tracer) and not isinstance(C, jax.core.Tracer):
+    k = np.asarray(keys, np.float64)
+    gram = k @ np.linalg.lstsq(np.asarray(C, np.float64), k.T, rcond=None)[0]
+    ev = np.linalg.eigvalsh(0.5 * (gram + gram.T))
+    if ev[0] <= _INDEPENDENT * max(ev[-1], 1e-30):
+      raise ValueError(
+          f"keys: expected linearly independent keys (K C⁻¹ Kᵀ positive definite), got a "
+          f"Gram matrix with eigenvalues from {ev[0]:.3g} to {ev[-1]:.3g}; use insert_ridge "
+          f"or fewer keys")
+  return _insert_exact(W, C, keys, values, rcond)
+
+
+def _gram_solve(W, C, keys, values, rcond, penalty):
+  """Λ = Rᵀ (penalty·I + K C⁻¹ Kᵀ)⁻¹ and D = (C⁻¹ Kᵀ)ᵀ (Cholesky on the n × n Gram), with
+  the in-graph checks: NaN factors when an input fails them (penalty 0: the exact
+  insert, which also needs independent keys)."""
+  lam_raw, U = symmetric_eigh(C)
+  lam_c = floor_eigenvalues(lam_raw, rcond, 0.0)
+  cinv_kt = jnp.matmul(U, jnp.matmul(U.T, keys.T, precision=HIGHEST) / lam_c[:, None],
+                       precision=HIGHEST)  # (in, n)
+  gram = jnp.matmul(keys, cinv_kt, precision=HIGHEST)  # (n, n)
+  gram = 0.5 * (gram + gram.T)
+  ev = jnp.linalg.eigvalsh(gram)
+  ok = (spectrum_ok(lam_raw) & jnp.all(jnp.isfinite(W)) & jnp.all(jnp.isfinite(keys))
+        & jnp.all(jnp.isfinite(values)) & jnp.isfinite(penalty) & (penalty >= 0)
+        & ((penalty > 0) | (ev[0] > _INDEPENDENT * jnp.maximum(ev[-1], 1e-30))))
+  gram = gram + penalty * jnp.eye(gram.shape[0], dtype=gram.dtype)
+  resid = values - jnp.matmul(keys, W.T, precision=HIGHEST)  # (n, out)
+  lam_t = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram, lower=True), resid)
+  return LinearSolution(jnp.where(ok, lam_t.T, jnp.nan), jnp.where(ok, cinv_kt.T, jnp.nan))
+
+
+@jax.jit
+def _insert_exact(W, C, keys, values, rcond):
+  return _gram_solve(W, C, keys, values, rcond, jnp.zeros((), W.dtype))
+
+
+def insert_ridge(W: Any, C: Any, keys: Any, values: Any, penalty: float = 1.0, *,
+                 rcond: float = 1e-6) -> LinearSolution:
+  """The soft insert ΔW = Rᵀ K (λ C + Kᵀ K)⁻¹ (MEMIT / TIME form), λ = ``penalty``.
+
+  It minimises ‖(W + ΔW) Kᵀ − Vᵀ‖² + λ tr(ΔW C ΔWᵀ); as λ → 0 it approaches the exact
+  insert. By the push-through identity it is factored as Λ = Rᵀ (λI + K C⁻¹ Kᵀ)⁻¹ (out, n)
+  and D = (C⁻¹ Kᵀ)ᵀ (n, in), the exact insert's directions. λ weights the C-norm penalty
+  and so scales C; it is not a ``ridge`` (in memedit a ridge is always a multiple of the
+  identity added to C, see :func:`memedit.solve_psd`).
+
+  Checks as :func:`insert_closed_form`, but the keys may be dependent. Under
+  ``jax.jit`` inputs that fail them, or a penalty that is not a positive number, give
+  ``lam`` and ``D`` all NaN instead of an error.
+
+  Args:
+    W: (out, in) weight. C: (in, in) second moment. keys: (n, in). values: (n, out).
+    penalty: λ > 0, a number or a JAX scalar (passed by position or by name).
+    rcond: relative eigenvalue floor.
+
+  Returns:
+    :class:`LinearSolution`, float64 when any input is float64 (with x64), else float32.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> s = memedit.insert_ridge(jnp.zeros((1, 2)), jnp.eye(2), jnp.array([[1.0, 0.0]]),
+    ...                          jnp.array([[2.0]]), penalty=1.0)
+    >>> (s.lam @ s.D).round(3)
+    Array([[1., 0.]], dtype=float32)
+  """
+  try:
+    check_scalar(penalty, "penalty")
+    positive = isinstance(penalty, jax.core.Tracer) or float(np.asarray(penalty)) > 0
+  except ValueError:
+    positive = False
+  if not positive:
+    raise ValueError(f"penalty: expected a positive number, got {penalty!r}")
+  W, C, keys, values = _check_linear(W, C, keys, values)
+  return _insert_ridge(W, C, keys, values, jnp.asarray(penalty, W.dtype), rcond)
+
+
+@jax.jit
+def _insert_ridge(W, C, keys, values, penalty, rcond):
+  # Push-through identity: K (λC + KᵀK)⁻¹ = (λI + K C⁻¹ Kᵀ)⁻¹ K C⁻¹, which keeps the
+  # solve well conditioned for small λ and shares D = (C⁻¹Kᵀ)ᵀ with the exact insert.
+  # A non-positive λ (possible only when traced) fails the checks: NaN factors.
+  sol = _gram_solve(W, C, keys, values, rcond, penalty)
+  ok = penalty > 0
+  return LinearSolution(jnp.where(ok, sol.lam, jnp.nan), jnp.where(ok, sol.D, jnp.nan))
+
+
+def least_squares_lambda(W: Any, D: Any, keys: Any, values: Any) -> jax.Array:
+  """Λ minimising ‖V − K (W + Λ D)ᵀ‖² for a linear memory and fixed D (closed form).
+
+  Args:
+    W: (out, in) weight.
+    D: (r, in), the edit subspace.
+    keys: (n, in) keys.
+    values: (n, out) targets.
+
+  Returns:
+    Λ (out, r) = lstsq(K Dᵀ, V − K Wᵀ)ᵀ.
+
+  Raises:
+    ValueError: called eagerly, when an input holds NaN or inf or Λ is not finite. Under
+      ``jax.jit`` the same conditions are evaluated in the program and Λ is all NaN when
+      one fails.
+
+  Example:
+    >>> import jax.numpy as jnp, memedit
+    >>> lam = memedit.least_squares_lambda(jnp.zeros((1, 2)), jnp.array([[1.0, 0.0]]),
+    ...                                    jnp.array([[2.0, 5.0]]), jnp.array([[4.0]]))
+    >>> lam.round(3)
+    Array([[2.]], dtype=float32)
+  """
+  W = jnp.asarray(W, jnp.float32)
+  D = jnp.asarray(D, jnp.float32)
+  keys = jnp.asarray(keys, jnp.float32)
+  values = jnp.asarray(values, jnp.float32)
+  inputs = (("W", W), ("D", D), ("keys", keys), ("values", values))
+  for name, x in inputs:
+    check_finite(x, name)
+  A = jnp.matmul(keys, D.T, precision=HIGHEST)  # (n, r)
+  R = values - jnp.matmul(keys, W.T, precision=HIGHEST)
+  lam = jnp.linalg.lstsq(A, R)[0].T
+  ok = jnp.all(jnp.isfinite(lam))
+  for _, x in inputs:
+    ok = jnp.logical_and(ok, jnp.all(jnp.isfinite(x)))
+  if not isinstance(ok, jax.core.Tracer) and not bool(ok):
+    raise ValueError("lam: expected a finite Λ, got NaN or inf (K Dᵀ or the residuals "
+                     "overflow)")
+  return jnp.where(ok, lam, jnp.nan)

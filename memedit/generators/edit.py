@@ -1,0 +1,498 @@
+"""Insert: solving the paste for the layer's kernel, and the paper's baselines.
+
+Every solve runs the layer itself on the target's crop (:func:`crop_problem`), so a
+layer that is not linear in its kernel (StyleGAN2's demodulation) is solved through its
+own non-linearity.
+
+- :func:`insert`: Λ = argmin loss(f(k*; W0 + ΔK(Λ, D)), v*) by
+  :func:`memedit.solve_lambda` (Adam or Gauss–Newton over Λ alone).
+- :func:`projected_insert`: the reference's default procedure, Adam on the whole kernel
+  with its change projected onto span(D) every few steps.
+- :func:`overfit` (all weights of the layer) and :func:`overfit_all` (all weights of the
+  generator): the paper's "overfit" baseline; :func:`unit_zeroing_edit`: zeroing units.
+
+Adam runs are :func:`memedit.optim.adam_scan` (one ``lax.scan``); each compiled program
+takes the kernel (or the parameters) as an argument and is cached by the problem's
+structure, so it serves every parameter set of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from memedit.checks import check_positive_int
+from memedit.edits import Edit, EditHistory, apply_edit, edit_delta, make_edit, revert_edit
+from memedit.generators.crop import crop_problem, own_taps
+from memedit.generators.forward import cached_program, run_layer
+from memedit.generators.generator import Generator, layer_info, layer_kernel
+from memedit.generators.paste import Target
+from memedit.layers.model import merge
+from memedit.optim import LOSSES, adam_scan, check_choice, residual_loss
+from memedit.solve import solve_lambda
+from memedit.specs import TAPS
+
+__all__ = ["EditResult", "edited", "insert", "overfit", "overfit_all", "projected_insert",
+           "reverted", "unit_zeroing_edit"]
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+class EditResult(NamedTuple):
+  """An edit with what produced it.
+
+  Attributes:
+    edit: the :class:`memedit.Edit`.
+    D: (r, C_in) the directions.
+    target: the :class:`memedit.generators.Target` it was solved for.
+    losses: (steps,) loss before each solver step.
+    loss_before: L1 loss at the crop before the edit. loss_after: after it.
+  """
+
+  edit: Edit
+  D: np.ndarray
+  target: Target
+  losses: np.ndarray
+  loss_before: float
+  loss_after: float
+
+
+def _crop_loss(f, kernel, keys, target: Target) -> float:
+  return float(jnp.mean(jnp.abs(f(kernel, keys) - jnp.asarray(target.targets))))
+
+
+def _check_directions(D, key_dim: int) -> jax.Array:
+  D = jnp.asarray(D, jnp.float32)
+  if D.ndim != 2 or D.shape[1] != key_dim:
+    raise ValueError(f"directions: expected shape (r, {key_dim}), got {tuple(D.shape)}")
+  return D
+
+
+def _coefficients(delta, X, kind: str, key_dim: int):
+  """Λ with ΔK(Λ, D) = the change ``delta`` projected onto span(D), X = (D Dᵀ)⁻¹ D:
+  Λ[..., o, d] = Σ_i ΔK[..., i, o] X[d, i] (conv) or Λ = (X ΔK)ᵀ (dense (in, out))."""
+  if kind == "conv":
+    return jnp.einsum("...io,di->...od", delta, X, precision=HIGHEST)
+  return jnp.matmul(X, delta.reshape(key_dim, -1), precision=HIGHEST).T
+
+
+def _finite(lam, what: str) -> None:
+  bad = int(lam.size - jnp.isfinite(lam).sum())
+  if bad:
+    raise ValueError(f"Λ: expected finite values from {what}, got {bad} NaN or infinite of "
+                     f"{lam.size}; no edit was made: lower the learning rate, or check that "
+                     "the model, C and the target are finite")
+
+
+def insert(gen: Generator, layer: str, D: Any, target: Target, *,
+           optimizer: str = "adam", steps: int = 2001, learning_rate: float = 0.05,
+           loss: str = "l1", taps: str = "all", method: str = "insert",
+           settings: dict | None = None) -> EditResult:
+  """Insert: Λ = argmin loss(f(k*; W0 + ΔK(Λ, D)), v*) over the paste crop.
+
+  f is the layer itself on the crop's keys (with a margin of context), so for a
+  transposed or a modulated convolution the solve goes through the layer's own
+  computation (e.g. StyleGAN2's demodulation, recomputed from the edited kernel).
+
+  Args:
+    gen, layer: the generator and layer name.
+    D: (r, C_in) directions (from :func:`memedit.generators.directions`).
+    target: from :func:`memedit.generators.paste_target` or ``erase_target``.
+    optimizer, steps, learning_rate, loss: see :func:`memedit.solve_lambda`.
+    taps: "all" (the reference: every kernel tap has its own Λ) or "own" (only the taps of
+      :func:`memedit.generators.own_taps`, so that a key changes only its own output
+      cell; Λ is zero on the other taps).
+    method, settings: provenance stored in the edit.
+
+  Returns:
+    :class:`EditResult`.
+
+  Raises:
+    ValueError: D of the wrong shape, an unknown ``taps``, or a solve ending with
+      non-finite Λ.
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from memedit.generators import Generator, copy_values, paste_target
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 4, 4, 3))
+    >>> gen = Generator(Toy(), 48, 8, {"up": ("up",)})
+    >>> box = np.zeros((8, 8)); box[2:4, 2:6] = 1
+    >>> target = paste_target(gen, "up", copy_values(gen, "up", 0, box), 1, box)
+    >>> res = insert(gen, "up", np.eye(3)[:2], target, steps=200)
+    >>> res.loss_after < res.loss_before, res.edit.path
+    (True, ('up', 'kernel'))
+  """
+  check_choice(taps, TAPS, "taps")
+  info = layer_info(gen, layer)
+  D = _check_directions(D, info.key_dim)
+  lam_mask = None if taps == "all" else own_taps(gen, layer)[:, :, None, None]
+  f, keys = crop_problem(gen, layer, target)
+  kernel0 = jnp.asarray(layer_kernel(gen, layer))
+  res = solve_lambda(f, kernel0, D, keys, jnp.asarray(target.targets), kind=info.kind,
+                     in_ndim=info.in_ndim, loss=loss, optimizer=optimizer, steps=int(steps),
+                     learning_rate=float(learning_rate), lam_mask=lam_mask)
+  _finite(res.lam, f"the {optimizer} solve (learning_rate {learning_rate}, {steps} steps)")
+  st = dict(settings or {})
+  st.update(layer=layer, optimizer=optimizer, steps=int(steps),
+            learning_rate=float(learning_rate), loss=loss, rank=int(D.shape[0]), taps=taps)
+  edit = make_edit(info.weight_path, res.lam, D, kind=info.kind, in_ndim=info.in_ndim,
+                   method=method, settings=st)
+  kernel1 = kernel0 + edit_delta(edit, kernel0.shape)
+  return EditResult(edit, np.asarray(D), target, np.asarray(res.losses),
+                    _crop_loss(f, kernel0, keys, target), _crop_loss(f, kernel1, keys, target))
+
+
+def _projected_program(f, kind: str, key_dim: int, steps: int, project_every: int,
+                       loss: str):
+  """(kernel0, keys, targets, X, D, lr) → (Λ, losses): Adam on ΔK, projected ΔK ← Λ(ΔK) D
+  after step 0, every ``project_every`` steps and after the last (Adam's moments kept)."""
+  n_blocks, rest = divmod(steps - 1, project_every)
+
+  def build():
+    def run(kernel0, keys, targets, X, D, lr):
+      loss_fn = lambda delta: residual_loss(f(kernel0 + delta, keys) - targets, loss)
+
+      def block(delta, opt_state, n):
+        delta, opt_state, losses = adam_scan(loss_fn, delta, n, lr, opt_state=opt_state)
+        lam = _coefficients(delta, X, kind, key_dim)
+        return _delta(lam, D, kernel0.shape, kind, key_dim), opt_state, losses, lam
+
+      delta, st, losses, lam = block(jnp.zeros_like(kernel0), None, 1)
+      parts = [losses]
+      if n_blocks:
+        def body(carry, _):
+          d, s = carry
+          d, s, ls, lm = block(d, s, project_every)
+          return (d, s), (ls, lm)
+        (delta, st), (lb, lams) = lax.scan(body, (delta, st), None, length=n_blocks)
+        parts.append(lb.reshape(-1))
+        lam = lams[-1]
+      if rest:
+        delta, st, lr_, lam = block(delta, st, rest)
+        parts.append(lr_)
+      return lam, jnp.concatenate(parts)
+    return jax.jit(run)
+
+  return cached_program(("projected", f, kind, key_dim, steps, project_every, loss), build)
+
+
+def _delta(lam, D, shape, kind, key_dim):
+  if kind == "conv":
+    return jnp.einsum("...od,di->...io", lam, D, precision=HIGHEST)
+  return jnp.matmul(lam, D, precision=HIGHEST).T.reshape(shape)
+
+
+def projected_insert(gen: Generator, layer: str, D: Any, target: Target, *,
+                     steps: int = 2001, learning_rate: float = 0.05, project_every: int = 10,
+                     loss: str = "l1", method: str = "insert/projected",
+                     settings: dict | None = None) -> EditResult:
+  """The reference's default insert: Adam on the whole kernel, its change projected onto
+  span(D) every ``project_every`` steps.
+
+  Where :func:`insert` optimises Λ alone, this runs the reference's default procedure
+  (Bau et al. 2020, their ``insert`` with ``low_rank_insert``): Adam (``learning_rate``,
+  optax defaults β = (0.9, 0.999), ε = 1e-8, as torch's) moves every weight of the kernel
+  W = W0 + ΔW on the loss at the paste crop, and after step t (t = 0, ..., steps − 1)
+  with t % project_every = 0 or t = steps − 1 the change is projected onto the context
+  subspace along the key axis, per kernel tap:
+
+    ΔW[y, x, :, o] ← P ΔW[y, x, :, o],  P = Dᵀ (D Dᵀ)⁻¹ D  (C_in × C_in),
+
+  i.e. W ← W0 + P (W − W0), the reference's W ← (W0 − P W0) + P W (the reference writes
+  P = Dᵀ D for orthonormal rows; the general projector keeps a D with independent but
+  non-orthonormal rows exact). Adam's moments are not projected. After the last
+  projection ΔW = ΔK(Λ, D) exactly with Λ = (D Dᵀ)⁻¹ D ΔW per tap, so the result is an
+  ordinary :class:`memedit.Edit`. The run is one compiled program: a ``lax.scan`` over
+  blocks of ``project_every`` Adam steps (:func:`memedit.optim.adam_scan`).
+
+  Args:
+    gen, layer: the generator and layer name.
+    D: (r, C_in) directions with linearly independent rows.
+    target: from :func:`memedit.generators.paste_target` or ``erase_target``.
+    steps: Adam steps (≥ 1; the reference's default 2001).
+    learning_rate: Adam's learning rate (the reference's default 0.05).
+    project_every: steps between projections (≥ 1; the reference's default 10).
+    loss: "l1" (mean |r|, the reference's) or "l2" (mean r²) over the crop's values.
+    method, settings: provenance stored in the edit.
+
+  Returns:
+    :class:`EditResult`; ``losses`` (steps,) is the loss before each Adam step,
+    ``loss_after`` the L1 loss of the edit.
+
+  Raises:
+    ValueError: D of the wrong shape or with dependent rows; steps, project_every or loss
+      out of range; a run that ends with non-finite Λ.
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from memedit.generators import Generator, copy_values, paste_target
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 4, 4, 3))
+    >>> gen = Generator(Toy(), 48, 8, {"up": ("up",)})
+    >>> box = np.zeros((8, 8)); box[2:4, 2:6] = 1
+    >>> target = paste_target(gen, "up", copy_values(gen, "up", 0, box), 1, box)
+    >>> res = projected_insert(gen, "up", np.eye(3)[:2], target, steps=101)
+    >>> res.loss_after < res.loss_before, res.losses.shape
+    (True, (101,))
+  """
+  check_choice(loss, LOSSES, "loss")
+  steps = check_positive_int(steps, "steps")
+  project_every = check_positive_int(project_every, "project_every")
+  info = layer_info(gen, layer)
+  D64 = np.asarray(D, np.float64)
+  if D64.ndim != 2 or D64.shape[1] != info.key_dim:
+    raise ValueError(f"directions: expected shape (r, {info.key_dim}), got {D64.shape}")
+  r = D64.shape[0]
+  if np.linalg.matrix_rank(D64) < r:
+    raise ValueError(f"directions: expected {r} linearly independent rows, got rank "
+                     f"{np.linalg.matrix_rank(D64)}")
+  X = np.linalg.solve(D64 @ D64.T, D64)  # (r, C_in): Λ = ΔW-coefficients, P = Dᵀ X
+  f, keys = crop_problem(gen, layer, target)
+  kernel0 = jnp.asarray(layer_kernel(gen, layer))
+  D32 = jnp.asarray(D64, jnp.float32)
+  run = _projected_program(f, info.kind, info.key_dim, steps, project_every, loss)
+  lam, losses = run(kernel0, keys, jnp.asarray(target.targets), jnp.asarray(X, jnp.float32),
+                    D32, jnp.float32(learning_rate))
+  _finite(lam, f"the projected Adam run (learning_rate {learning_rate}, {steps} steps)")
+  st = dict(settings or {})
+  st.update(layer=layer, optimizer="adam/projected", steps=steps,
+            learning_rate=float(learning_rate), project_every=project_every, loss=loss,
+            rank=int(r), taps="all")
+  edit = make_edit(info.weight_path, lam, D32, kind=info.kind, in_ndim=info.in_ndim,
+                   method=method, settings=st)
+  kernel1 = kernel0 + edit_delta(edit, kernel0.shape)
+  return EditResult(edit, np.asarray(D32), target, np.asarray(losses),
+                    _crop_loss(f, kernel0, keys, target), _crop_loss(f, kernel1, keys, target))
+
+
+def unit_zeroing_edit(gen: Generator, layer: str, units: Sequence[int]) -> Edit:
+  """The baseline that zeroes ``units`` of the layer's keys everywhere, as an Edit:
+  D = one-hot rows e_u, Λ[..., o, d] = −W[..., u_d, o].
+
+  Args:
+    gen, layer: the generator and layer name. units: the key units to zero.
+
+  Returns:
+    The :class:`memedit.Edit`.
+
+  Example:
+    >>> import memedit
+    >>> from flax import nnx
+    >>> from memedit.generators import Generator, layer_kernel
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 2, 2, 3))
+    >>> gen = Generator(Toy(), 12, 4, {"up": ("up",)})
+    >>> e = unit_zeroing_edit(gen, "up", [1])
+    >>> new = layer_kernel(gen, "up") + memedit.edit_delta(e, (4, 4, 3, 2))
+    >>> float(abs(new[:, :, 1]).max()), bool(abs(new[:, :, 0]).max() > 0)
+    (0.0, True)
+  """
+  info = layer_info(gen, layer)
+  units = np.asarray(units, np.int64)
+  K = jnp.asarray(layer_kernel(gen, layer), jnp.float32)
+  E = np.zeros((len(units), info.key_dim), np.float32)
+  E[np.arange(len(units)), units] = 1.0
+  lam = -_coefficients(K, jnp.asarray(E), info.kind, info.key_dim)
+  return make_edit(info.weight_path, lam, E, kind=info.kind, in_ndim=info.in_ndim,
+                   method="unit_zeroing",
+                   settings={"layer": layer, "units": [int(u) for u in units]})
+
+
+def _overfit_program(f, steps: int):
+  def build():
+    def run(kernel0, keys, targets, lr):
+      loss_fn = lambda delta: residual_loss(f(kernel0 + delta, keys) - targets, "l1")
+      delta, _, losses = adam_scan(loss_fn, jnp.zeros_like(kernel0), steps, lr)
+      return delta, losses
+    return jax.jit(run)
+  return cached_program(("overfit", f, steps), build)
+
+
+def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
+            learning_rate: float = 0.01) -> EditResult:
+  """The paper's "overfit" baseline on the layer: every weight of the layer's kernel is
+  fine-tuned with Adam on the same L1 loss at the paste crop (no subspace constraint).
+
+  The result is returned as an exact :class:`memedit.Edit` with D = I (rank C_in) and
+  Λ = the change in the math layout (Λ[y, x, o, i] = ΔK[y, x, i, o]), so it applies and
+  reverts like any edit.
+
+  Args:
+    gen, layer: the generator and layer name. target: the paste.
+    steps: Adam steps (the paper's 20001). learning_rate: Adam's (the paper's 0.01).
+
+  Returns:
+    :class:`EditResult`.
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from memedit.generators import Generator, copy_values, paste_target
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 4, 4, 3))
+    >>> gen = Generator(Toy(), 48, 8, {"up": ("up",)})
+    >>> box = np.zeros((8, 8)); box[2:4, 2:6] = 1
+    >>> target = paste_target(gen, "up", copy_values(gen, "up", 0, box), 1, box)
+    >>> res = overfit(gen, "up", target, steps=100)
+    >>> res.loss_after < res.loss_before, res.edit.rank
+    (True, 3)
+  """
+  steps = check_positive_int(steps, "steps")
+  info = layer_info(gen, layer)
+  f, keys = crop_problem(gen, layer, target)
+  kernel0 = jnp.asarray(layer_kernel(gen, layer))
+  delta, losses = _overfit_program(f, steps)(kernel0, keys, jnp.asarray(target.targets),
+                                             jnp.float32(learning_rate))
+  eye = np.eye(info.key_dim, dtype=np.float32)
+  lam = _coefficients(delta, jnp.asarray(eye), info.kind, info.key_dim)
+  edit = make_edit(info.weight_path, lam, eye, kind=info.kind, in_ndim=info.in_ndim,
+                   method="overfit/layer",
+                   settings={"layer": layer, "steps": steps,
+                             "learning_rate": float(learning_rate)})
+  return EditResult(edit, eye, target, np.asarray(losses), _crop_loss(f, kernel0, keys, target),
+                    _crop_loss(f, kernel0 + delta, keys, target))
+
+
+def _trainable(gen: Generator, params):
+  """(trainable, rest, join): the generator's weights (Linen "params"; NNX ``nnx.Param``)
+  and everything else (e.g. BatchNorm statistics), and the function putting them together."""
+  if gen.framework == "linen":
+    rest = {k: v for k, v in params.items() if k != "params"}
+    return params["params"], rest, lambda p, r: {"params": p, **r}
+  from flax import nnx
+  trainable, rest = nnx.split_state(params, nnx.Param, ...)
+  return trainable, rest, lambda p, r: nnx.merge_state(p, r)
+
+
+def overfit_all(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
+                learning_rate: float = 0.01) -> tuple[Any, np.ndarray]:
+  """The "overfit" baseline on all weights: every weight of the generator is fine-tuned
+  with Adam so that image B reproduces the rendered paste (L1 in pixels).
+
+  Args:
+    gen, layer: the generator and layer name. target: the paste.
+    steps: Adam steps. learning_rate: Adam's.
+
+  Returns:
+    (params, losses): the fine-tuned parameters (non-trainable state, e.g. BatchNorm
+    statistics, unchanged) and the (steps,) pixel L1 loss before each step.
+
+  Example:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> from memedit.generators import Generator, copy_values, paste_target
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 4, 4, 3))
+    >>> gen = Generator(Toy(), 48, 8, {"up": ("up",)})
+    >>> box = np.zeros((8, 8)); box[2:4, 2:6] = 1
+    >>> target = paste_target(gen, "up", copy_values(gen, "up", 0, box), 1, box)
+    >>> params, losses = overfit_all(gen, "up", target, steps=20)
+    >>> bool(losses[-1] < losses[0])
+    True
+  """
+  steps = check_positive_int(steps, "steps")
+  z = gen.latents([target.imgnum])
+  goal = run_layer(gen, layer, z, paste_values=target.full_values,
+                   paste_alpha=target.full_alpha).images
+  trainable, rest, join = _trainable(gen, gen.params)
+  definition, kwargs, nnx_model = gen.definition, dict(gen.call_kwargs), gen.framework == "nnx"
+
+  def build():
+    def run(trainable, rest, z, goal, lr):
+      def loss_fn(p):
+        params = join(p, rest)
+        img = (merge(definition, params)(z, **kwargs) if nnx_model
+               else definition.apply(params, z, **kwargs))
+        return jnp.mean(jnp.abs(img - goal))
+      p, _, losses = adam_scan(loss_fn, trainable, steps, lr)
+      return p, losses
+    return jax.jit(run)
+
+  key = ("overfit_all", gen.framework, definition, gen.call_kwargs, steps)
+  try:
+    hash(key)
+  except TypeError:
+    key = None
+  p, losses = cached_program(key, build)(trainable, rest, jnp.asarray(z), jnp.asarray(goal),
+                                         jnp.float32(learning_rate))
+  return join(p, rest), np.asarray(losses)
+
+
+def edited(gen: Generator, edit: Edit, history: EditHistory | None = None
+           ) -> tuple[Generator, EditHistory]:
+  """The generator with ``edit`` applied (the caller's generator is not changed).
+
+  Args:
+    gen: the generator. edit: the edit. history: the history of edits already applied.
+
+  Returns:
+    (edited generator, history).
+
+  Example:
+    >>> import memedit
+    >>> from flax import nnx
+    >>> from memedit.generators import Generator, layer_kernel
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 2, 2, 3))
+    >>> gen = Generator(Toy(), 12, 4, {"up": ("up",)})
+    >>> new, hist = edited(gen, unit_zeroing_edit(gen, "up", [0]))
+    >>> back, _ = reverted(new, hist.edits[0], hist)
+    >>> bool((layer_kernel(back, "up") == layer_kernel(gen, "up")).all())
+    True
+  """
+  params, hist = apply_edit(gen.params, edit, history)
+  return gen.with_params(params), hist
+
+
+def reverted(gen: Generator, edit: Edit | str, history: EditHistory
+             ) -> tuple[Generator, EditHistory]:
+  """The generator with ``edit`` removed again (bit-exact when it was the last one).
+
+  Args:
+    gen: the edited generator. edit: the applied edit or its name.
+    history: the history :func:`edited` returned.
+
+  Returns:
+    (generator, history).
+
+  Example:
+    >>> from flax import nnx
+    >>> from memedit.generators import Generator
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 2, 2, 3))
+    >>> gen = Generator(Toy(), 12, 4, {"up": ("up",)})
+    >>> e = unit_zeroing_edit(gen, "up", [0])
+    >>> new, hist = edited(gen, e)
+    >>> len(reverted(new, e.name, hist)[1].edits)
+    0
+  """
+  params, hist = revert_edit(gen.params, edit, history)
+  return gen.with_params(params), hist

@@ -1,0 +1,367 @@
+"""A generator for the copy–paste–context workflow: any Flax image model with a latent sample.
+
+A :class:`Generator` is an NNX ``(graphdef, state)`` or Linen ``(module, variables)``
+model mapping latents ``z (N, z_dim)`` (plus fixed keyword arguments) to NHWC images
+``(N, R, R, C)`` in about [-1, 1], the names of its editable layers, and a deterministic
+latent sample: image number i has the latent :func:`reference_latents` gives (row i of
+``RandomState(seed).standard_normal``, as the reference draws them) or a custom sampler's.
+
+An editable layer maps a per-pixel key map ``k (N, h, w, C_in)`` (its first call
+argument; further arguments, e.g. StyleGAN2's style, are kept) to a value map
+``v (N, s·h, s·w, C_out)`` (s ≥ 1): any layer :func:`memedit.layers.memory_view` knows
+(built-in Conv / ConvTranspose / Dense, or a kind a port registers). Capture, statistics
+and cache keys come from :mod:`memedit.layers`.
+
+Compiled programs (:mod:`memedit.generators.forward`) take the parameters as arguments
+and are cached by :func:`structure_key` and the input shapes, so every parameter set of a
+model (e.g. an edited copy) reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from memedit.layers import hooks as layer_hooks
+from memedit.layers.model import as_model
+from memedit.layers.view import MemoryView, memory_view
+
+__all__ = ["Generator", "LayerInfo", "generator_from_converted", "layer_info", "layer_kernel",
+           "layer_view", "reference_latents", "structure_key"]
+
+
+def reference_latents(imgnums: Sequence[int] | int, z_dim: int, seed: int = 1) -> np.ndarray:
+  """The reference's latent sample: image i is row i of ``RandomState(seed)``'s standard
+  normals drawn as one (n, z_dim) block, whatever n > i.
+
+  Args:
+    imgnums: an int n (images 0..n-1) or a sequence of image numbers.
+    z_dim: latent size.
+    seed: RandomState seed (the reference's is 1).
+
+  Returns:
+    (len(imgnums), z_dim) float32.
+
+  Example:
+    >>> z = reference_latents([2, 0], 3)
+    >>> ref = np.random.RandomState(1).standard_normal((3, 3)).astype(np.float32)
+    >>> bool((z == ref[[2, 0]]).all()), z.shape
+    (True, (2, 3))
+  """
+  nums = np.arange(imgnums) if isinstance(imgnums, (int, np.integer)) else np.asarray(
+      imgnums, np.int64).reshape(-1)
+  if nums.size and nums.min() < 0:
+    raise ValueError(f"imgnums: expected non-negative image numbers, got {nums.min()}")
+  n = int(nums.max()) + 1 if nums.size else 0
+  rs = np.random.RandomState(seed)
+  z = rs.standard_normal(n * z_dim).reshape(n, z_dim).astype(np.float32)
+  return z[nums]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Generator:
+  """An image generator with the editable layers and the latent sample the workflow needs.
+
+  Attributes:
+    model: NNX ``(graphdef, state)`` or Linen ``(module, variables)`` (an ``nnx.Module`` is
+      split on construction and not kept); called as ``model(z, **call_kwargs)`` it gives
+      images (N, R, R, C) in about [-1, 1].
+    z_dim: latent size.
+    resolution: canvas resolution R.
+    layers: name → address of each editable layer (e.g. ``{'convt2': ('convt2',)}``), an
+      address as :func:`memedit.layers.memory_view` takes it.
+    call_kwargs: keyword arguments of every model call (e.g. a truncation), as sorted
+      (name, value) pairs (a dict is accepted); Python values stay static.
+    seed: seed of the reference latent sample.
+    sampler: optional ``imgnums (n,) int64 -> z (n, z_dim)`` replacing the reference
+      sample.
+    architecture: free-text name of the architecture.
+
+  Example:
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(4, 12, rngs=nnx.Rngs(0)),
+    ...                        lambda x: x.reshape(-1, 2, 2, 3))
+    >>> gen = Generator(model, z_dim=4, resolution=2, layers={"fc": ("layers", 0)})
+    >>> gen.framework, gen.latents([0, 5]).shape
+    ('nnx', (2, 4))
+  """
+
+  model: Any
+  z_dim: int
+  resolution: int
+  layers: Mapping[str, Any]
+  call_kwargs: tuple = ()
+  seed: int = 1
+  sampler: Callable[[np.ndarray], np.ndarray] | None = None
+  architecture: str = ""
+
+  def __post_init__(self):
+    m = as_model(self.model)
+    object.__setattr__(self, "model", (m.definition, m.params))
+    kw = self.call_kwargs
+    kw = tuple(sorted(dict(kw).items())) if isinstance(kw, Mapping) else tuple(
+        (str(k), v) for k, v in kw)
+    object.__setattr__(self, "call_kwargs", kw)
+    if not self.layers:
+      raise ValueError("layers: expected at least one editable layer (name -> address), "
+                       "got none")
+    object.__setattr__(self, "layers", {str(k): v for k, v in dict(self.layers).items()})
+    for name, value in (("z_dim", self.z_dim), ("resolution", self.resolution)):
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+  @property
+  def framework(self) -> str:
+    """``'nnx'`` or ``'linen'``."""
+    return "nnx" if isinstance(self.model[0], nnx.GraphDef) else "linen"
+
+  @property
+  def definition(self) -> Any:
+    """The NNX GraphDef or the Linen module."""
+    return self.model[0]
+
+  @property
+  def params(self) -> Any:
+    """The NNX State or the Linen variables."""
+    return self.model[1]
+
+  def latents(self, imgnums: Sequence[int] | int) -> np.ndarray:
+    """Latents (len(imgnums), z_dim) float32 of image numbers (an int n: 0..n-1)."""
+    if self.sampler is None:
+      return reference_latents(imgnums, self.z_dim, self.seed)
+    nums = np.arange(imgnums) if isinstance(imgnums, (int, np.integer)) else np.asarray(
+        imgnums, np.int64).reshape(-1)
+    z = np.asarray(self.sampler(nums), np.float32)
+    if z.shape != (len(nums), self.z_dim):
+      raise ValueError(f"sampler: expected latents of shape {(len(nums), self.z_dim)}, got "
+                       f"{z.shape}")
+    return z
+
+  def layer_address(self, name: str) -> Any:
+    """The address of layer ``name``; ValueError naming the known layers."""
+    if name not in self.layers:
+      raise ValueError(f"layer: expected one of {sorted(self.layers)}, got {name!r}")
+    return self.layers[name]
+
+  def weight_path(self, name: str) -> tuple:
+    """Path of layer ``name``'s kernel leaf in :attr:`params`."""
+    return layer_view(self, name).weight_path
+
+  def with_params(self, params: Any) -> "Generator":
+    """The same generator with other parameters (e.g. an edited copy)."""
+    return dataclasses.replace(self, model=(self.definition, params))
+
+
+def generator_from_converted(path, *, truncation: float | None = None) -> Generator:
+  """Opens a checkpoint converted by ``memedit convert`` (DCGAN or StyleGAN2).
+
+  DCGAN layers are ``convt1`` .. ``convt4`` (transposed convolutions, keys at 4..32 px);
+  StyleGAN2 layers are ``conv_0`` .. (the modulated convolutions' memories in the
+  reference's numbering; keys x·s).
+
+  Args:
+    path: the converted checkpoint directory.
+    truncation: StyleGAN2's truncation ψ (default 1); DCGAN has none.
+
+  Returns:
+    The :class:`Generator`.
+
+  Raises:
+    ValueError: an architecture without a workflow generator, or a damaged checkpoint.
+
+  Example:
+    >>> import tempfile
+    >>> from memedit import _io
+    >>> from ports.dcgan import variables_from_state_dict
+    >>> from ports.dcgan.convert import expected_shapes
+    >>> sd = {k: np.full(s, 0.5, np.float32) for k, s in expected_shapes(100, 2, 3).items()}
+    >>> path = _io.save_tree(tempfile.mkdtemp() + "/m", *variables_from_state_dict(sd))
+    >>> gen = generator_from_converted(path)
+    >>> sorted(gen.layers), gen.resolution, gen.weight_path("convt2")
+    (['convt1', 'convt2', 'convt3', 'convt4'], 64, ('params', 'convt2', 'kernel'))
+  """
+  import ports
+
+  module, variables, config = ports.load_converted(path)
+  variables = jax.tree_util.tree_map(jnp.asarray, variables)
+  arch = config.get("architecture")
+  if arch == "dcgan":
+    from ports.dcgan import memedit_generator
+    if truncation is not None:
+      raise ValueError(f"truncation: expected None for a DCGAN (it has none), got "
+                       f"{truncation!r}")
+    return memedit_generator(module, variables, config)
+  if arch == "stylegan2":
+    from ports.stylegan2 import memedit_generator
+    return memedit_generator(module, variables, config, truncation=truncation)
+  raise ValueError(f"architecture: expected 'dcgan' or 'stylegan2', got {arch!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Views and geometry.
+
+_VIEWS: "weakref.WeakKeyDictionary[Generator, dict]" = weakref.WeakKeyDictionary()
+
+
+def layer_view(gen: Generator, layer: str) -> MemoryView:
+  """The :class:`memedit.layers.MemoryView` of layer ``layer`` (made once per generator).
+
+  Args:
+    gen: the generator.
+    layer: the layer's name.
+
+  Returns:
+    The view (its ``layer`` holds this generator's copy of the layer).
+
+  Raises:
+    ValueError: an unknown layer name, or a layer memedit cannot view (unregistered kind,
+      a whole scanned stack).
+
+  Example:
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(4, 12, rngs=nnx.Rngs(0)),
+    ...                        lambda x: x.reshape(-1, 2, 2, 3))
+    >>> gen = Generator(model, z_dim=4, resolution=2, layers={"fc": ("layers", 0)})
+    >>> layer_view(gen, "fc").weight_path
+    ('layers', 0, 'kernel')
+  """
+  views = _VIEWS.setdefault(gen, {})
+  if layer not in views:
+    address = gen.layer_address(layer)
+    z = jnp.zeros((1, gen.z_dim), jnp.float32)
+    view = memory_view(gen.model, address, z, **dict(gen.call_kwargs))
+    view.require_unstacked()
+    views[layer] = view
+  return views[layer]
+
+
+class LayerInfo(NamedTuple):
+  """Geometry of an editable layer.
+
+  Attributes:
+    name: layer name. module_path: where its calls run. weight_path: its kernel leaf.
+    kind, in_ndim: the kernel's memory layout (``'conv'`` per-tap HWIO or ``'dense'``).
+    kernel_shape: the kernel's shape.
+    key_res: h, the key map's size. value_res: s·h. scale: s.
+    key_dim: C_in. value_dim: C_out.
+    margin: key pixels of context a crop needs for exact outputs (half the kernel + 1).
+  """
+
+  name: str
+  module_path: tuple
+  weight_path: tuple
+  kind: str
+  in_ndim: int
+  kernel_shape: tuple
+  key_res: int
+  value_res: int
+  scale: int
+  key_dim: int
+  value_dim: int
+  margin: int
+
+
+def layer_kernel(gen: Generator, layer: str, params: Any = None) -> Any:
+  """The kernel of layer ``layer`` in ``params`` (default: the generator's).
+
+  Args:
+    gen: the generator. layer: the layer's name. params: the model's parameters.
+
+  Returns:
+    The kernel array (e.g. HWIO (kh, kw, C_in, C_out)).
+
+  Example:
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(4, 12, rngs=nnx.Rngs(0)),
+    ...                        lambda x: x.reshape(-1, 2, 2, 3))
+    >>> gen = Generator(model, z_dim=4, resolution=2, layers={"fc": ("layers", 0)})
+    >>> layer_kernel(gen, "fc").shape
+    (4, 12)
+  """
+  return layer_view(gen, layer).read_kernel(gen.params if params is None else params)
+
+
+def structure_key(gen: Generator, layer: str) -> tuple | None:
+  """A hashable description of what a compiled program of this layer depends on.
+
+  Args:
+    gen: the generator. layer: the layer's name.
+
+  Returns:
+    (framework, model definition, the layer's module path, call kwargs, z_dim): no
+    parameters, so every parameter set of a model has the same key; ``None`` when the
+    model cannot be hashed (a Linen module with array attributes: nothing is shared).
+
+  Example:
+    >>> from flax import nnx
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self, seed):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(seed))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 2, 2, 3))
+    >>> a, b = (Generator(Toy(seed), 12, 4, {"up": ("up",)}) for seed in (0, 1))
+    >>> structure_key(a, "up") == structure_key(b, "up")
+    True
+  """
+  key = (gen.framework, gen.definition, layer_view(gen, layer).module_path, gen.call_kwargs,
+         gen.z_dim)
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
+_INFO: dict = {}
+
+
+def layer_info(gen: Generator, layer: str) -> LayerInfo:
+  """The geometry of layer ``layer`` (from a shape-only trace, no compute).
+
+  Args:
+    gen: the generator. layer: the layer's name.
+
+  Returns:
+    :class:`LayerInfo`.
+
+  Raises:
+    ValueError: a layer whose keys and values are not square (N, h, h, ·) maps with an
+      output resolution that is a multiple of the input's.
+
+  Example:
+    >>> from flax import nnx
+    >>> class Toy(nnx.Module):
+    ...   def __init__(self):
+    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
+    ...   def __call__(self, z):
+    ...     return self.up(z.reshape(-1, 2, 2, 3))
+    >>> info = layer_info(Generator(Toy(), 12, 4, {"up": ("up",)}), "up")
+    >>> info.key_res, info.value_res, info.scale, info.key_dim, info.value_dim, info.margin
+    (2, 4, 2, 3, 2, 3)
+  """
+  key = structure_key(gen, layer)
+  if key is not None and (key, layer) in _INFO:
+    return _INFO[key, layer]
+  view = layer_view(gen, layer)
+  z = jax.ShapeDtypeStruct((1, gen.z_dim), jnp.float32)
+  fn = layer_hooks.forward_with_layer(gen.model, view)
+  _, cap = jax.eval_shape(lambda p, z: fn(p, z, **dict(gen.call_kwargs)), gen.params, z)
+  kshape, vshape = tuple(cap.keys.shape), tuple(cap.values.shape)
+  if len(kshape) != 4 or len(vshape) != 4 or kshape[1] != kshape[2] or vshape[1] % kshape[1] \
+      or vshape[1] != vshape[2]:
+    raise ValueError(f"layer {layer!r}: expected one call with square key and value maps "
+                     f"(N, h, h, C) and an output resolution that is a multiple of the "
+                     f"input's, got keys {kshape} and values {vshape}")
+  taps = view.kernel_shape[:-2] if view.kind == "conv" else (1,)
+  info = LayerInfo(layer, view.module_path, view.weight_path, view.kind, view.in_ndim,
+                   tuple(view.kernel_shape), kshape[1], vshape[1], vshape[1] // kshape[1],
+                   view.key_dim, int(vshape[-1]), max(taps) // 2 + 1)
+  if key is not None:
+    _INFO[key, layer] = info
+  return info

@@ -1,0 +1,165 @@
+"""Saving and loading an :class:`memedit.sequential.EditLog` as one small file.
+
+The file is a numpy ``.npz`` (read without pickles) written atomically (to a temporary
+sibling file, synced to disk, then renamed into place). It
+holds a JSON record ``meta`` (format ``"memedit-edit-log"``, version 1: per entry the
+edit's name, label, content fingerprint, path, layout, method, settings, index, active
+flag, and whether values and weights are stored) and, per entry i, the arrays
+``e{i}_lam``, ``e{i}_D``, ``e{i}_keys`` and, when present, ``e{i}_values`` and
+``e{i}_weights``: the factors and keys, never the model's weights. Loading checks every
+entry's factors against its stored fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memedit import _io
+from memedit.edits import Edit
+from memedit.sequential.log import EditLog, LogEntry
+
+__all__ = ["load_log", "save_log"]
+
+_FORMAT = "memedit-edit-log"
+_VERSION = 1
+
+
+def _entry_meta(entry: LogEntry) -> dict:
+  e = entry.edit
+  return {"name": e.name, "label": e.label, "fingerprint": e.fingerprint,
+          "path": list(e.path), "kind": e.kind, "in_ndim": e.in_ndim,
+          "method": e.method, "settings": e.settings, "index": e.index,
+          "active": bool(entry.active), "values": entry.values is not None,
+          "weights": entry.weights is not None}
+
+
+def _is_log_file(path: str) -> bool:
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+    return isinstance(meta, dict) and meta.get("format") == _FORMAT
+  except (OSError, ValueError, KeyError, EOFError):
+    return False
+  except Exception:  # a zip that numpy cannot read (BadZipFile and the like)
+    return False
+
+
+def save_log(path: str | os.PathLike, log: EditLog, *, force: bool = False) -> str:
+  """Saves a log as one ``.npz`` file, atomically: factors, keys, values, no weights of
+  the model.
+
+  Args:
+    path: destination file (replaced atomically).
+    log: the :class:`EditLog`.
+    force: replace an existing file that is not a saved log.
+
+  Returns:
+    The absolute path written.
+
+  Raises:
+    ValueError: ``path`` is a folder, or a file that is not a saved log (without
+      ``force``), or the log holds traced arrays.
+
+  Example:
+    >>> import os, tempfile, jax.numpy as jnp, memedit
+    >>> from memedit.sequential import load_log, log_append, log_init, save_log
+    >>> e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.ones((1, 3)), label="a")
+    >>> f = save_log(os.path.join(tempfile.mkdtemp(), "log.npz"), log_append(log_init(), e,
+    ...                                                                        jnp.eye(3)))
+    >>> load_log(f).names
+    ('a',)
+  """
+  if not isinstance(log, EditLog):
+    raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
+  dst = os.path.abspath(os.fspath(path))
+  if os.path.isdir(dst):
+    raise ValueError(f"{dst}: expected a file to write the log to, got a folder")
+  if os.path.lexists(dst) and not force and not _is_log_file(dst):
+    raise ValueError(f"{dst}: expected a saved edit log to replace, got another file; "
+                     "pass force=True to replace it")
+  arrays = {}
+  for i, entry in enumerate(log.entries):
+    parts = {"lam": entry.edit.lam, "D": entry.edit.D, "keys": entry.keys,
+             "values": entry.values, "weights": entry.weights}
+    for name, a in parts.items():
+      if a is None:
+        continue
+      if isinstance(a, jax.core.Tracer):
+        raise ValueError(f"log: expected concrete arrays to save, got a traced {name} in "
+                         f"entry {i}")
+      arrays[f"e{i}_{name}"] = np.asarray(a)
+  meta = {"format": _FORMAT, "version": _VERSION,
+          "entries": [_entry_meta(e) for e in log.entries]}
+  arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8)
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  _io.atomic_write_bytes(dst, buf.getvalue())
+  return dst
+
+
+def load_log(path: str | os.PathLike) -> EditLog:
+  """Loads a log written by :func:`save_log`.
+
+  Args:
+    path: the ``.npz`` file.
+
+  Returns:
+    The :class:`EditLog`, with the same edit names, factors, keys, values, weights and
+    active flags (arrays as float32 ``jax.Array``).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is not a saved memedit edit log (or of another version), or an
+      entry's content does not match its stored name (a damaged file).
+
+  Example:
+    >>> import os, tempfile, jax.numpy as jnp, memedit
+    >>> from memedit.sequential import load_log, log_append, log_init, save_log
+    >>> e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.ones((1, 3)))
+    >>> log = log_append(log_init(), e, jnp.eye(3), jnp.ones((3, 2)))
+    >>> load_log(save_log(os.path.join(tempfile.mkdtemp(), "l.npz"), log)).names == log.names
+    True
+  """
+  src = os.fspath(path)
+  if not os.path.isfile(src):
+    raise FileNotFoundError(f"{src}: expected a saved edit log file, got "
+                            f"{'a folder' if os.path.isdir(src) else 'nothing'}")
+  try:
+    z = np.load(src, allow_pickle=False)
+    arrays = {k: z[k] for k in z.files}
+    z.close()
+    meta = json.loads(bytes(arrays.pop("meta")).decode("utf-8"))
+  except Exception as e:  # not an npz, no meta, not JSON
+    raise ValueError(f"{src}: expected a saved memedit edit log (.npz), got a file that does "
+                     f"not read as one ({type(e).__name__}: {e})") from None
+  if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    got = meta.get("format") if isinstance(meta, dict) else None
+    raise ValueError(f"{src}: expected a saved memedit edit log (format {_FORMAT!r}), got "
+                     f"format {got!r}")
+  if meta.get("version") != _VERSION:
+    raise ValueError(f"{src}: expected edit log version {_VERSION}, got {meta.get('version')!r}")
+  entries = []
+  for i, m in enumerate(meta["entries"]):
+    try:
+      lam, D, keys = (jnp.asarray(arrays[f"e{i}_{n}"]) for n in ("lam", "D", "keys"))
+      values = jnp.asarray(arrays[f"e{i}_values"]) if m["values"] else None
+      weights = jnp.asarray(arrays[f"e{i}_weights"]) if m["weights"] else None
+    except KeyError as e:
+      raise ValueError(f"{src}: entry {i}: expected array {e.args[0]}, got none; the file "
+                       "is damaged") from None
+    edit = Edit(lam, D, tuple(m["path"]), m["kind"], m["in_ndim"], m["method"],
+                json.dumps(m["settings"], sort_keys=True), None, m.get("index"))
+    if edit.fingerprint != m["fingerprint"]:
+      raise ValueError(f"{src}: entry {i} ({m['name']!r}): expected factors with fingerprint "
+                       f"{m['fingerprint']}, got {edit.fingerprint}; the file is damaged")
+    if m["label"] is not None:
+      edit = dataclasses.replace(edit, label=m["label"])
+    entries.append(LogEntry(edit, keys, values, weights, bool(m["active"])))
+  return EditLog(tuple(entries))

@@ -1,0 +1,188 @@
+"""Where a streamed state is saved, resumed and gathered across processes.
+
+:func:`covariance_cache_key` names collected statistics by content; :class:`StreamCache`
+saves a stream's state (atomically, with the batches consumed) and resumes it, also for
+several processes (``jax.distributed``) writing one cache; the other helpers move states
+between devices, the host and processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memedit import _io
+from memedit.moments import CovarianceState, covariance_merge
+
+__all__ = ["StreamCache", "allgather", "covariance_cache_key", "host_state", "host_value",
+           "merge_all", "place_state", "unstack_state"]
+
+
+def covariance_cache_key(content_hash: str, spec: Any, dtype: Any = jnp.float32) -> str:
+  """A cache key for collected statistics: sha256 of (content hash, sample spec, dtype).
+
+  Args:
+    content_hash: hash of what produces the keys (e.g. ``memedit._io.tree_hash(params)``
+      combined with the layer's address).
+    spec: JSON-serialisable description of the input stream (seed, count, batch size,
+      truncation, ...).
+    dtype: dtype the keys are computed in.
+
+  Returns:
+    A 64-character hex string.
+
+  Example:
+    >>> import memedit
+    >>> len(memedit.covariance_cache_key("params-sha", {"seed": 1, "n": 1000}, "float32"))
+    64
+  """
+  try:
+    spec_text = json.dumps(spec, sort_keys=True, default=str)
+  except TypeError as e:
+    raise ValueError(f"spec: expected a JSON-serialisable description, got {spec!r}") from e
+  text = json.dumps([str(content_hash), spec_text, str(jnp.dtype(dtype))])
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def host_value(x: Any) -> np.ndarray:
+  """A host copy of a (replicated) array, also when it spans other processes' devices.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> host_value(jnp.arange(3)).tolist()
+    [0, 1, 2]
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def host_state(state: CovarianceState) -> CovarianceState:
+  """``state`` with numpy fields (see :func:`host_value`).
+
+  Example:
+    >>> import memedit
+    >>> type(host_state(memedit.covariance_init(2)).sum_sq).__name__
+    'ndarray'
+  """
+  return CovarianceState(*(host_value(x) for x in state))
+
+
+def place_state(state: CovarianceState, sharding: Any) -> CovarianceState:
+  """``state`` as arrays with ``sharding`` (None: the default device).
+
+  Example:
+    >>> import memedit
+    >>> st = place_state(host_state(memedit.covariance_init(2)), None)
+    >>> type(st.sum_sq).__name__
+    'ArrayImpl'
+  """
+  if sharding is None:
+    return CovarianceState(*(jnp.asarray(x) for x in state))
+  return CovarianceState(*(
+      jax.make_array_from_callback(np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx])
+      for x in state))
+
+
+def allgather(x: Any) -> Any:
+  """``x`` from every process, stacked on a new leading axis (jax.distributed).
+
+  Example:
+    >>> import numpy as np
+    >>> allgather(np.arange(2)).tolist()  # one process
+    [[0, 1]]
+  """
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(x)
+
+
+def merge_all(states: list[CovarianceState]) -> CovarianceState:
+  """Merges states in the given order (the same on every process: identical results).
+
+  Example:
+    >>> import numpy as np, memedit
+    >>> st = memedit.covariance_update(memedit.covariance_init(2), np.ones((3, 2)))
+    >>> memedit.key_count(merge_all([st, st, st]))
+    9
+  """
+  out = states[0]
+  for s in states[1:]:
+    out = covariance_merge(out, s)
+  return out
+
+
+def unstack_state(tree: dict, i: int) -> CovarianceState:
+  """Row ``i`` of a dict of the state's fields stacked on a leading axis.
+
+  Example:
+    >>> import numpy as np, memedit
+    >>> tree = {k: np.stack([v, v]) for k, v in memedit.covariance_init(2)._asdict().items()}
+    >>> unstack_state(tree, 1).sum_sq.shape
+    (2, 2)
+  """
+  return CovarianceState(**{k: jnp.asarray(np.asarray(v)[i]) for k, v in tree.items()})
+
+
+class StreamCache:
+  """Where a stream's state is saved and resumed: one directory written by process 0.
+
+  With several processes (``jax.distributed``) the directory holds every process's state
+  stacked on a leading axis and the batches each has consumed; every process resumes
+  from its own row.
+
+  Example:
+    >>> StreamCache(None, None, 1).path is None
+    True
+  """
+
+  def __init__(self, cache_dir, cache_key, n_proc: int):
+    self.n_proc = n_proc
+    self.path = None
+    if cache_dir is None and cache_key is None:
+      return
+    if (cache_dir is None) != (cache_key is None):
+      raise ValueError("cache_dir and cache_key: expected both or neither, got only one")
+    key = str(cache_key)
+    if n_proc > 1:
+      # One key for the whole run: the hash of every process's key, in process order.
+      digest = np.frombuffer(hashlib.sha256(key.encode()).digest(), np.uint8)
+      key = hashlib.sha256(np.asarray(allgather(digest)).tobytes()).hexdigest()
+    self.path = os.path.join(os.fspath(cache_dir), key)
+
+  def load(self):
+    """``(states, batches consumed per process, complete)``, or None when nothing is saved."""
+    if self.path is None or not os.path.isdir(self.path):
+      return None
+    tree, meta = _io.load_tree(self.path)
+    procs = meta.get("processes")
+    if (procs or 1) != self.n_proc:
+      raise ValueError(
+          f"statistics cache {self.path}: expected the state of {self.n_proc} process(es), "
+          f"got one written by {procs or 1}")
+    if procs is None:
+      states = [CovarianceState(**{k: jnp.asarray(v) for k, v in tree.items()})]
+      consumed = [int(meta["batches"])]
+    else:
+      states = [unstack_state(tree, i) for i in range(procs)]
+      consumed = [int(b) for b in meta["batches"]]
+    return states, consumed, bool(meta.get("complete"))
+
+  def save(self, states, consumed, complete: bool):
+    if jax.process_index() != 0:
+      return
+    meta = {"complete": complete, "dim": int(np.shape(states[0].shift)[-1])}
+    if self.n_proc == 1:
+      tree = host_state(states[0])._asdict()
+      meta["batches"] = int(consumed[0])
+    else:
+      tree = {k: np.stack([np.asarray(getattr(s, k)) for s in states])
+              for k in CovarianceState._fields}
+      meta.update(batches=[int(c) for c in consumed], processes=self.n_proc)
+    _io.save_tree(self.path, tree, meta)

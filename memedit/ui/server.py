@@ -1,0 +1,288 @@
+"""The rewriting UI's web server: a Flask app over :mod:`memedit.ui.session`.
+
+Why Flask: the work behind every request is synchronous JAX computation (rendering a
+grid, solving an edit) that holds a CPU or an accelerator, so an asynchronous framework
+(Starlette with uvicorn) would only move it to a thread pool. Flask is the plainest
+well-kept framework for that: routing, JSON bodies, request size limits
+(``MAX_CONTENT_LENGTH``), trusted ``Host`` names and static files come with it; its test
+client needs nothing more; and Werkzeug's threaded server, which Flask depends on,
+serves requests concurrently, so the page keeps polling a job's progress while the job
+runs in its own thread (:mod:`memedit.ui.jobs`). It is an optional extra,
+``memedit[ui]``; the library itself keeps its six dependencies.
+
+The API is JSON over HTTP under ``/api``; a session is created by ``POST /api/sessions``
+and addressed as ``/api/s/<id>/...``. Errors are JSON ``{"error": message}`` with status
+400 (bad input; nothing changed), 404 (unknown session, job or route), 409 (a job is
+still running), 413 (request too large) or 500 (a bug; the server stays up). Only JSON
+bodies are read (``Content-Type: application/json``), so a page of another site cannot
+send requests a browser would not first ask about; on a loopback address only loopback
+``Host`` names are answered (no DNS rebinding). Files are written only under the
+session's work folder, under names the server makes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+from flask import Flask, Response, abort, jsonify, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+
+from memedit.ui.jobs import Busy
+from memedit.ui.session import Session, SessionStore
+from memedit.ui.workspace import Workspace, grid_limit, parse_imgnums
+
+__all__ = ["MAX_REQUEST_BYTES", "create_app", "serve", "start_server"]
+
+MAX_REQUEST_BYTES = 16 << 20
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _body() -> dict:
+  if not request.is_json:
+    raise ValueError("request: expected a JSON body (Content-Type: application/json)")
+  data = request.get_json(silent=True)
+  if not isinstance(data, dict):
+    raise ValueError("request: expected a JSON object body, got malformed JSON or another "
+                     "value")
+  return data
+
+
+def _need(data: dict, *names: str) -> list[Any]:
+  missing = [n for n in names if n not in data]
+  if missing:
+    raise ValueError(f"request: expected fields {list(names)}, missing {missing}")
+  return [data[n] for n in names]
+
+
+def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
+               max_request_bytes: int = MAX_REQUEST_BYTES, sessions: int = 8) -> Flask:
+  """The Flask app of the rewriting UI on ``workspace``.
+
+  Args:
+    workspace: the shared :class:`memedit.ui.workspace.Workspace`.
+    layer: the layer new sessions start on.
+    loopback_only: answer only requests whose Host is a loopback name.
+    max_request_bytes: the largest request body accepted (413 above).
+    sessions: sessions kept at once (the least recently used beyond go).
+
+  Returns:
+    The app; ``app.config["MEMEDIT_STORE"]`` is its :class:`SessionStore`.
+  """
+  app = Flask("memedit.ui", static_folder=STATIC, static_url_path="/static")
+  app.config["MAX_CONTENT_LENGTH"] = int(max_request_bytes)
+  app.json.sort_keys = False
+  if loopback_only:
+    app.config["TRUSTED_HOSTS"] = list(LOOPBACK)
+  store = SessionStore(workspace, layer, limit=sessions)
+  app.config["MEMEDIT_STORE"] = store
+  R = workspace.resolution
+
+  def session(sid: str) -> Session:
+    try:
+      return store.get(sid)
+    except KeyError:
+      abort(404, description="session: unknown or expired session; reload the page")
+
+  @app.errorhandler(ValueError)
+  def bad_input(e):
+    return jsonify(error=" ".join(str(e).split())), 400
+
+  @app.errorhandler(Busy)
+  def busy(e):
+    return jsonify(error=str(e)), 409
+
+  @app.errorhandler(HTTPException)
+  def http_error(e):
+    if e.code == 413:
+      return jsonify(error=f"request: too large; at most {max_request_bytes} bytes are "
+                     "accepted"), 413
+    return jsonify(error=f"{e.name}: {e.description}"), e.code
+
+  @app.errorhandler(Exception)
+  def internal(e):
+    app.logger.exception("request failed")
+    return jsonify(error=f"internal error: {type(e).__name__}: {e}"), 500
+
+  @app.get("/")
+  def index():
+    return send_from_directory(STATIC, "index.html")
+
+  @app.post("/api/sessions")
+  def new_session():
+    _body()
+    return jsonify(store.create().info())
+
+  @app.get("/api/s/<sid>/state")
+  def state(sid):
+    return jsonify(session(sid).info())
+
+  @app.get("/api/statistics")
+  def statistics():
+    return jsonify({n: workspace.stats_status(n) for n in workspace.layers})
+
+  @app.post("/api/s/<sid>/grid")
+  def grid(sid):
+    data = _body()
+    nums = parse_imgnums(_need(data, "images")[0], grid_limit(R))
+    images = session(sid).grid(nums, data.get("which", "current"))
+    return jsonify(images=nums, urls=images)
+
+  @app.post("/api/s/<sid>/layer")
+  def layer_(sid):
+    return jsonify(session(sid).set_layer(*_need(_body(), "layer")))
+
+  @app.post("/api/s/<sid>/copy")
+  def copy(sid):
+    return jsonify(session(sid).copy(*_need(_body(), "imgnum", "mask")))
+
+  @app.post("/api/s/<sid>/paste")
+  def paste(sid):
+    return jsonify(session(sid).paste(*_need(_body(), "imgnum", "mask")))
+
+  @app.post("/api/s/<sid>/context")
+  def add_context(sid):
+    s = session(sid)
+    cid = s.add_context(*_need(_body(), "imgnum", "mask"))
+    return jsonify(id=cid, context=s.info()["context"])
+
+  @app.post("/api/s/<sid>/context/remove")
+  def remove_context(sid):
+    s = session(sid)
+    s.remove_context(*_need(_body(), "id"))
+    return jsonify(context=s.info()["context"])
+
+  @app.post("/api/s/<sid>/matches")
+  def matches(sid):
+    data = _body()
+    nums = parse_imgnums(_need(data, "images")[0], grid_limit(R))
+    out = session(sid).matches(nums, data.get("quantile", 0.999), data.get("settings"))
+    return jsonify(images=nums, **out)
+
+  def job_response(job):
+    return jsonify(job.snapshot()), 202
+
+  @app.post("/api/s/<sid>/execute")
+  def execute(sid):
+    return job_response(session(sid).execute(_body().get("settings")))
+
+  @app.post("/api/s/<sid>/erase")
+  def erase(sid):
+    data = _body()
+    imgnum, mask = _need(data, "imgnum", "mask")
+    return job_response(session(sid).erase(imgnum, mask, data.get("settings")))
+
+  @app.post("/api/s/<sid>/overfit")
+  def overfit(sid):
+    data = _body()
+    return job_response(session(sid).overfit(data.get("steps", 2000),
+                                             data.get("learning_rate", 0.01),
+                                             data.get("settings")))
+
+  @app.post("/api/s/<sid>/search")
+  def search(sid):
+    data = _body()
+    return job_response(session(sid).search(data.get("count", 1000), data.get("top", 32),
+                                            data.get("settings"), data.get("start", 0)))
+
+  @app.post("/api/s/<sid>/replay")
+  def replay(sid):
+    return job_response(session(sid).replay(*_need(_body(), "spec")))
+
+  @app.post("/api/s/<sid>/evaluate")
+  def evaluate(sid):
+    data = _body()
+    eid, images = _need(data, "edit", "images")
+    return job_response(session(sid).evaluate(eid, images, data.get("quantile", 0.99)))
+
+  @app.get("/api/s/<sid>/job")
+  def job(sid):
+    j = session(sid).jobs.get(request.args.get("id"))
+    if j is None:
+      abort(404, description="job: no such job in this session")
+    return jsonify(j.snapshot())
+
+  @app.post("/api/s/<sid>/edits/<eid>/active")
+  def set_active(sid, eid):
+    s = session(sid)
+    s.set_active(eid, *_need(_body(), "active"))
+    return jsonify(edits=s.info()["edits"])
+
+  @app.post("/api/s/<sid>/edits/<eid>/revert")
+  def revert(sid, eid):
+    _body()
+    s = session(sid)
+    s.drop(eid)
+    return jsonify(edits=s.info()["edits"])
+
+  @app.post("/api/s/<sid>/revert_all")
+  def revert_all(sid):
+    _body()
+    s = session(sid)
+    s.revert_all()
+    return jsonify(edits=s.info()["edits"])
+
+  @app.get("/api/s/<sid>/edits/<eid>/spec.json")
+  def spec(sid, eid):
+    text = json.dumps(session(sid).spec_json(eid), indent=1)
+    return Response(text, mimetype="application/json", headers={
+        "Content-Disposition": f'attachment; filename="{_safe(eid)}-spec.json"'})
+
+  @app.get("/api/s/<sid>/edits/<eid>/edit.zip")
+  def edit_zip(sid, eid):
+    data, name = session(sid).edit_archive(eid)
+    return Response(data, mimetype="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="{_safe(name)}"'})
+
+  return app
+
+
+def _safe(name: str) -> str:
+  return "".join(c for c in str(name) if c.isalnum() or c in "-_.")[:80] or "download"
+
+
+def _make_server(app: Flask, host: str, port: int):
+  from werkzeug.serving import WSGIRequestHandler, make_server
+
+  class Quiet(WSGIRequestHandler):
+    """Logs errors only, not every request (the page polls progress several times a second)."""
+
+    def log_request(self, code="-", size="-"):
+      if str(code)[:1] == "5":
+        super().log_request(code, size)
+
+  return make_server(host, port, app, threaded=True, request_handler=Quiet)
+
+
+def _url(host: str, port: int) -> str:
+  shown = f"[{host}]" if ":" in host else host
+  return f"http://{shown}:{port}/"
+
+
+def start_server(app: Flask, host: str = "127.0.0.1", port: int = 0):
+  """Starts ``app`` on a threaded Werkzeug server in a daemon thread.
+
+  Returns:
+    (server, url): ``server.shutdown()`` stops it; ``url`` has the bound port (useful
+    with ``port=0``, which picks a free one).
+  """
+  server = _make_server(app, host, port)
+  threading.Thread(target=server.serve_forever, name="memedit-ui-server", daemon=True).start()
+  return server, _url(host, server.server_port)
+
+
+def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000, announce=None) -> None:
+  """Serves ``app`` on a threaded Werkzeug server until interrupted (Ctrl-C);
+  ``announce(url)`` is called once the port is bound."""
+  server = _make_server(app, host, port)
+  if announce is not None:
+    announce(_url(host, server.server_port))
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.server_close()

@@ -1,0 +1,109 @@
+"""Command line of the StyleGAN2 distillation trainer (``python -m ports.stylegan2.train``):
+train, export, evaluate, preview."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from ports.stylegan2.distilled import evaluate, export, preview
+from ports.stylegan2.teacher import load_teacher
+from ports.stylegan2.train import TrainConfig, student_module, train
+
+__all__ = ["main"]
+
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m ports.stylegan2.train",
+      description="Distil the DCGAN face generator into a small StyleGAN2 (resumable).")
+  sub = p.add_subparsers(dest="command", required=True)
+  defaults = TrainConfig()
+
+  t = sub.add_parser("train", help="train or resume a run")
+  t.add_argument("--teacher", required=True,
+                 help="converted DCGAN directory, or its torch checkpoint (weights.tar)")
+  t.add_argument("--run-dir", required=True, help="run directory (resumed if it exists)")
+  t.add_argument("--steps", type=int, default=defaults.steps)
+  t.add_argument("--batch-size", type=int, default=defaults.batch_size)
+  t.add_argument("--channels", default=",".join(map(str, defaults.channels)),
+                 help="widths at 4, 8, ..., resolution px, comma-separated")
+  t.add_argument("--resolution", type=int, default=defaults.resolution)
+  t.add_argument("--style-dim", type=int, default=defaults.style_dim)
+  t.add_argument("--n-mlp", type=int, default=defaults.n_mlp)
+  t.add_argument("--lr", type=float, default=defaults.learning_rate)
+  t.add_argument("--seed", type=int, default=defaults.seed)
+  t.add_argument("--stop-after", type=int, default=None,
+                 help="stop after this many steps of this invocation (resume later)")
+  t.add_argument("--checkpoint-every", type=int, default=500)
+  t.add_argument("--log-every", type=int, default=50)
+
+  for name, help_ in (("export", "write g_ema as a rosinality .pt checkpoint"),
+                      ("evaluate", "SWD and paired L1 of g_ema against the teacher"),
+                      ("preview", "PNG of teacher images over the student's")):
+    s = sub.add_parser(name, help=help_)
+    s.add_argument("--run-dir", required=True)
+    s.add_argument("--step", type=int, default=None)
+    if name != "export":
+      s.add_argument("--teacher", required=True)
+    if name == "evaluate":
+      s.add_argument("--images", type=int, default=1024)
+      s.add_argument("--out", default=None, help="also write the result as JSON")
+    elif name == "preview":
+      s.add_argument("--images", type=int, default=8, help="number of latents shown")
+      s.add_argument("--columns", type=int, default=8)
+      s.add_argument("--out", required=True)
+    else:
+      s.add_argument("--out", required=True)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the command line; returns the exit status (1 on a ValueError / OSError)."""
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == "train":
+      cfg = TrainConfig(resolution=args.resolution,
+                        channels=tuple(int(c) for c in args.channels.split(",")),
+                        style_dim=args.style_dim, n_mlp=args.n_mlp,
+                        batch_size=args.batch_size, steps=args.steps,
+                        learning_rate=args.lr, seed=args.seed)
+      teacher = load_teacher(args.teacher, args.run_dir)
+      module = student_module(cfg)
+      n_params = sum(x.size for x in jax.tree_util.tree_leaves(jax.eval_shape(
+          module.init, jax.random.PRNGKey(0), jnp.zeros((1, cfg.style_dim)))["params"]))
+      print(f"student: {cfg.resolution} px, channels {list(cfg.channels)}, style_dim "
+            f"{cfg.style_dim}, {cfg.n_mlp} mapping layers, {n_params} parameters "
+            f"({n_params * 4 / 1e6:.2f} MB float32)")
+      try:
+        train(cfg, teacher, args.run_dir, stop_after=args.stop_after,
+              checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+      except KeyboardInterrupt:
+        return 130
+    elif args.command == "export":
+      print(json.dumps(export(args.run_dir, args.out, args.step), indent=2))
+    elif args.command == "evaluate":
+      result = evaluate(args.run_dir, load_teacher(args.teacher, args.run_dir), args.images,
+                        step=args.step)
+      text = json.dumps(result, indent=2)
+      print(text)
+      if args.out:
+        from memedit import _io
+        _io.atomic_write_bytes(args.out, text.encode())
+    else:
+      print(preview(args.run_dir, load_teacher(args.teacher, args.run_dir), args.out,
+                    n=args.images, step=args.step, columns=args.columns))
+  except (ValueError, OSError) as e:
+    print(f"{_parser().prog} {args.command}: error: {' '.join(str(e).split())}",
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,165 @@
+"""Interference diagnostics: predictions from the factors against the change measured on
+the applied kernels (float64 numpy layers, dense and conv), warnings, tables."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import memedit
+from memedit import sequential as sq
+from memedit.tree import get_leaf
+
+PATH = ("params", "layer", "kernel")
+
+
+def make_log(rng, kernel_shape, kind, n_edits=3, weights=False):
+  d = memedit.key_dim(kernel_shape, kind)
+  log = sq.log_init()
+  shared = rng.standard_normal((1, d))
+  for i in range(n_edits):
+    rank = 1 + i % 2
+    D = (rng.standard_normal((rank, d)) + shared).astype(np.float32)
+    lam = (0.5 * rng.standard_normal(memedit.lambda_shape(kernel_shape, rank, kind))
+           ).astype(np.float32)
+    edit = memedit.make_edit(PATH, lam, D, kind=kind, label=f"e{i}")
+    keys = (rng.standard_normal((3, d)) + shared).astype(np.float32)
+    w = rng.uniform(0.2, 1.0, 3).astype(np.float32) if weights else None
+    log = sq.log_append(log, edit, keys, weights=w)
+  return log
+
+
+def dense_layer(kernel, keys):
+  """float64 reference: a Dense layer (in, out) on keys (n, in)."""
+  return np.asarray(keys, np.float64) @ np.asarray(kernel, np.float64)
+
+
+def conv_alone(kernel, key):
+  """float64 reference: a stride-1 'SAME' convolution (HWIO) of a 7×7 map whose only
+  non-zero pixel, at the centre, is ``key``; the whole output map."""
+  kernel = np.asarray(kernel, np.float64)
+  kh, kw, cin, cout = kernel.shape
+  x = np.zeros((7 + kh - 1, 7 + kw - 1, cin))
+  x[3 + kh // 2, 3 + kw // 2] = key
+  out = np.zeros((7, 7, cout))
+  for y in range(7):
+    for z in range(7):
+      out[y, z] = np.einsum("hwi,hwio->o", x[y:y + kh, z:z + kw], kernel)
+  return out
+
+
+def measured(layer, before, after, keys, weights):
+  """√(Σ w ‖layer(after, k) − layer(before, k)‖²), each key alone."""
+  w = np.ones(len(keys)) if weights is None else np.asarray(weights, np.float64)
+  total = 0.0
+  for k, wk in zip(np.asarray(keys, np.float64), w):
+    diff = layer(after, k) - layer(before, k)
+    total += wk * np.sum(diff * diff)
+  return np.sqrt(total)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_predicted_interference_matches_the_measured_change(kind):
+  rng = np.random.default_rng(0 if kind == "dense" else 1)
+  shape = (6, 4) if kind == "dense" else (3, 3, 5, 4)
+  layer = (lambda K, k: dense_layer(K, k[None])[0]) if kind == "dense" else conv_alone
+  params = {"params": {"layer": {"kernel": rng.standard_normal(shape).astype(np.float32)}}}
+  log = make_log(rng, shape, kind, weights=(kind == "conv"))
+  n = len(log)
+  # The kernels actually applied: after edits 0..i, and the unedited one.
+  kernels = [np.asarray(get_leaf(params, PATH), np.float64)]
+  for i in range(n):
+    kernels.append(np.asarray(get_leaf(sq.log_apply(params, sq.EditLog(log.entries[:i + 1])),
+                                      PATH), np.float64))
+  for relative_to in ("edit", "output"):
+    inter = sq.interference_matrix(log, params=params, relative_to=relative_to)
+    for i, ei in enumerate(log.entries):
+      own = measured(layer, kernels[i], kernels[i + 1], ei.keys, ei.weights)
+      stored = measured(layer, np.zeros(shape), kernels[i + 1], ei.keys, ei.weights)
+      for j in range(n):
+        # Edit j's change alone, measured on the applied kernels.
+        change = measured(layer, kernels[j], kernels[j + 1], ei.keys, ei.weights)
+        want = change / (own if relative_to == "edit" else stored)
+        np.testing.assert_allclose(inter.matrix[i, j], want, rtol=1e-4)
+  # check_edit's row for the last edit is the last column of the matrix.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", sq.InterferenceWarning)
+    check = sq.check_edit(sq.EditLog(log.entries[:-1]), log.entries[-1].edit, params=params)
+  np.testing.assert_allclose(check.interference,
+                             sq.interference_matrix(log).matrix[:-1, -1], rtol=1e-12)
+  rows = sq.growth(log, params)
+  np.testing.assert_allclose(check.norm, [np.linalg.norm(kernels[-2]),
+                                          np.linalg.norm(kernels[-1])], rtol=1e-5)
+  np.testing.assert_allclose(rows[-1]["norm"], np.linalg.norm(kernels[-1]), rtol=1e-5)
+  m = sq.memory_matrix(kernels[-1], kind)
+  s = np.linalg.svd(m, compute_uv=False)
+  np.testing.assert_allclose(check.condition[1], s[0] / s[-1], rtol=1e-4)
+  np.testing.assert_allclose(rows[-1]["condition"], s[0] / s[-1], rtol=1e-4)
+
+
+def test_check_edit_warns_past_the_thresholds():
+  rng = np.random.default_rng(2)
+  d, out = 6, 3
+  params = {"k": np.eye(d, out, dtype=np.float32) * 10}
+  key = np.eye(d, dtype=np.float32)[:1]
+  first = memedit.make_edit(("k",), np.ones((out, 1)), key, label="first")
+  log = sq.log_append(sq.log_init(), first, key)
+  overlapping = memedit.make_edit(("k",), 0.5 * np.ones((out, 1)), key + np.eye(d)[1:2],
+                                  label="overlap")
+  with pytest.warns(sq.InterferenceWarning, match="earlier edit 'first' by 0.5"):
+    c = sq.check_edit(log, overlapping)
+  np.testing.assert_allclose(c.interference, [0.5])
+  orthogonal = memedit.make_edit(("k",), 0.01 * np.ones((out, 1)), np.eye(d)[2:3],
+                                 label="apart")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    c = sq.check_edit(log, orthogonal, params=params)
+  assert c.interference.tolist() == [0.0] and c.warnings == ()
+  big = memedit.make_edit(("k",), 10 * rng.standard_normal((out, 1)), np.eye(d)[3:4],
+                          label="big")
+  with pytest.warns(sq.InterferenceWarning, match="Frobenius norm"):
+    c = sq.check_edit(log, big, params=params)
+  assert c.norm_growth[1] > 0.1 and not any("earlier edit" in m for m in c.warnings)
+  quiet = sq.check_edit(log, big, params=params, warn=False, max_norm_growth=1e9,
+                        max_condition_growth=1e9)
+  assert quiet.warnings == ()
+  text = sq.format_check(sq.check_edit(log, overlapping, warn=False))
+  assert "first" in text and "!" in text
+  with pytest.raises(ValueError, match="relative_to"):
+    sq.check_edit(log, big, relative_to="output")
+
+
+def test_sequential_insert_warns_before_unprojected_interference():
+  rng = np.random.default_rng(3)
+  d, out = 8, 3
+  data = rng.standard_normal((200, 4)) @ np.linalg.qr(rng.standard_normal((d, 4)))[0].T
+  C = (data.T @ data / 200).astype(np.float32)
+  params = {"k": rng.standard_normal((d, out)).astype(np.float32)}
+  keys = rng.standard_normal((2, d)).astype(np.float32)
+  values = rng.standard_normal((2, out)).astype(np.float32)
+  log, _ = sq.sequential_insert(params, sq.log_init(), C, keys, values, ("k",), l2=1e-3,
+                                label="a")
+  p = sq.log_apply(params, log)
+  near = keys + 0.1 * rng.standard_normal((2, d)).astype(np.float32)
+  with pytest.warns(sq.InterferenceWarning, match="earlier edit 'a'"):
+    sq.sequential_insert(p, log, C, near, values[::-1], ("k",), project=False, label="b")
+  # Projected, the new edit leaves the earlier keys alone; but keys this close to the
+  # preserved span need a large change, and the check says so.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    log2, e = sq.sequential_insert(p, log, C, near, values[::-1], ("k",), l2=1e-3,
+                                   label="b", base_params=params)
+  messages = [str(w.message) for w in caught if w.category is sq.InterferenceWarning]
+  assert not any("earlier edit" in m for m in messages)
+  assert any("Frobenius norm" in m for m in messages)
+  assert e.method == "alphaedit" and e.settings["preserved_keys"] == 2
+  text = sq.format_log(log2, params=params, relative_to="output")
+  assert "growth" in text and "alphaedit" in text
+  many = sq.log_init()
+  for i in range(14):
+    many = sq.log_append(many, memedit.make_edit(("k",), np.ones((out, 1)),
+                                                 np.eye(d)[i % d][None], label=f"m{i}"),
+                         np.eye(d)[(i + 1) % d][None])
+  assert "largest entries above the diagonal" in sq.format_log(many)
