@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # Test processes (pytest-xdist); each test file runs whole in one of them.
 TEST_WORKERS ?= 2
 
-.PHONY: test test-core install demo bench clean browser ui
+.PHONY: test test-core install demo demo-lm bench clean browser ui
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m pip download --no-deps --quiet gan-face-generate==1.1.1 -d .cache/demo
 	$(PY) -m memedit.cli demo --weights .cache/demo --work .cache/demo --out out
+
+# Fact edits on a language model: trains the small GPT-2 of the generated world (cached in
+# .cache), traces where it recalls facts, and writes the ROME / MEMIT / fine-tuning table.
+demo-lm: install
+	$(PY) -m memedit.cli lm-demo --cache-dir .cache --out out/lm
 
 # Core tests: the library without PyTorch (`import torch` fails; parity tests deselected).
 CORE_TESTS := tests/memedit/test_covariance.py tests/memedit/test_directions.py \

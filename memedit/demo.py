@@ -30,7 +30,7 @@ from memedit.generators import (collect_statistics, comparison_grid, edit_from_s
                                 overfit, run_layer, save_png)
 
 __all__ = ["DEMO_REQUIREMENT", "DEMO_WEIGHTS_SHA256", "REPORT_QUANTILES", "SWEEP_QUANTILES",
-           "demo_goals", "demo_summary", "demo_weights", "run_demo"]
+           "demo_goals", "demo_summary", "demo_weights", "run_demo", "run_stylegan2_demo"]
 
 DEMO_WEIGHTS_SHA256 = "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f"
 DEMO_REQUIREMENT = "gan-face-generate==1.1.1"
@@ -127,59 +127,24 @@ def _label(text: str, width: int) -> np.ndarray:
   return np.asarray(img)
 
 
-def run_demo(weights: str | os.PathLike, *, out: str | os.PathLike = "out",
-             work: str | os.PathLike = ".cache/demo", spec_path: str | None = None,
-             samples: int = 2000, held_out: int = 2048, held_out_start: int = 6000,
-             pictured: int = 16, steps: int | None = None, overfit_steps: int = 2000,
-             progress: bool = True) -> dict:
-  """Runs the demo (see the module docstring) and returns its report (``demo.json``).
-
-  Args:
-    weights: weights.tar, the package's wheel, or a folder holding one of them.
-    out: folder for demo.png, demo.edit and demo.json.
-    work: folder for the converted model and the statistics cache.
-    spec_path: an edit spec (default: the bundled demo spec).
-    samples: latents for C. held_out, held_out_start: the held-out images measured.
-    pictured: held-out pairs drawn. steps: override the spec's solver steps.
-    overfit_steps: Adam steps of the overfit baseline.
-    progress: progress bar while collecting statistics.
-
-  Returns:
-    The report dict (model, spec, statistics, paste losses, metrics by quantile, goals,
-    timings).
-
-  Raises:
-    FileNotFoundError, ValueError: missing weights or ones with another sha256 (before
-      any work), and the errors of the steps.
-
-  Example:
-    >>> import tempfile
-    >>> work = tempfile.mkdtemp()
-    >>> run_demo(work, out=work + "/out", work=work)
-    Traceback (most recent call last):
-    ...
-    FileNotFoundError: --weights: no gan_face_generate-1.1.1 wheel or weights.tar in ...
-  """
-  from ports.dcgan import convert_dcgan
-
-  times = {}
-  t_all = time.perf_counter()
-  os.makedirs(work, exist_ok=True)
-  t0 = time.perf_counter()
-  weights = demo_weights(weights, work)
-  model_dir = os.path.join(work, "faces-dcgan")
-  convert_dcgan(weights, model_dir)
-  gen = generator_from_converted(model_dir)
-  times["convert_s"] = time.perf_counter() - t0
+def _load_spec(gen, spec_path: str | None, bundled: str):
   if spec_path:
-    spec = specs.load_spec(spec_path, layers=sorted(gen.layers), canvas=gen.resolution)
-  else:
-    text = importlib.resources.files("memedit").joinpath("data/demo_spec.json").read_text()
-    spec = specs.spec_from_json(json.loads(text), layers=sorted(gen.layers),
-                                canvas=gen.resolution)
+    return specs.load_spec(spec_path, layers=sorted(gen.layers), canvas=gen.resolution)
+  text = importlib.resources.files("memedit").joinpath(f"data/{bundled}").read_text()
+  return specs.spec_from_json(json.loads(text), layers=sorted(gen.layers),
+                              canvas=gen.resolution)
+
+
+def _edit_and_measure(gen, spec, *, stats_dir: str, samples: int, held_out: int,
+                      held_out_start: int, pictured: int, steps: int | None,
+                      overfit_steps: int, progress: bool, times: dict
+                      ) -> tuple[dict, np.ndarray, object]:
+  """The demo's work on one generator: C at the spec's layer, the spec's edit, the same
+  edit with the other tap setting, the overfit baseline, their metrics on held-out
+  latents and the picture. Returns ``(report fields, picture, the edit)``."""
   t0 = time.perf_counter()
-  state = collect_statistics(gen, spec.layer, samples, batch_size=100,
-                             cache_dir=os.path.join(work, "stats"), progress=progress)
+  state = collect_statistics(gen, spec.layer, samples, batch_size=100, cache_dir=stats_dir,
+                             progress=progress)
   C = second_moment(state)
   times["statistics_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -238,14 +203,7 @@ def run_demo(weights: str | os.PathLike, *, out: str | os.PathLike = "out",
   for name, g in edits.items():
     grid = comparison_grid(orig, generate_images(g, z), columns=4)
     parts += [_label(titles[name], grid.shape[1]), grid]
-  os.makedirs(out, exist_ok=True)
-  save_png(os.path.join(out, "demo.png"), np.concatenate(parts))
-  save_edit(os.path.join(out, "demo.edit"), res.edit)
-  times["total_s"] = time.perf_counter() - t_all
-  report = {
-      "model": {"package": DEMO_REQUIREMENT, "licence": "MIT",
-                "weights_sha256": _io.sha256_file(weights), "architecture": "dcgan",
-                "resolution": gen.resolution},
+  fields = {
       "spec": {"layer": spec.layer, "kind": spec.kind, "method": spec.method,
                "rank": spec.rank, "shrinkage": spec.shrinkage, "taps": spec.taps,
                "solver": {**spec.solver, **({"steps": steps} if steps else {})},
@@ -268,9 +226,137 @@ def run_demo(weights: str | os.PathLike, *, out: str | os.PathLike = "out",
       "specificity_by_quantile": sweep,
       "goals": {str(q): demo_goals(at[q]["memedit"], at[q]["overfit"])
                 for q in REPORT_QUANTILES},
-      "timings": times,
   }
-  _io.atomic_write_bytes(os.path.join(out, "demo.json"), json.dumps(report, indent=2).encode())
+  return fields, np.concatenate(parts), res.edit
+
+
+def _write_outputs(out, name: str, picture, edit, report: dict) -> None:
+  os.makedirs(out, exist_ok=True)
+  save_png(os.path.join(out, f"{name}.png"), picture)
+  save_edit(os.path.join(out, f"{name}.edit"), edit)
+  _io.atomic_write_bytes(os.path.join(out, f"{name}.json"),
+                         json.dumps(report, indent=2).encode())
+
+
+def run_demo(weights: str | os.PathLike, *, out: str | os.PathLike = "out",
+             work: str | os.PathLike = ".cache/demo", spec_path: str | None = None,
+             samples: int = 2000, held_out: int = 2048, held_out_start: int = 6000,
+             pictured: int = 16, steps: int | None = None, overfit_steps: int = 2000,
+             progress: bool = True) -> dict:
+  """Runs the demo (see the module docstring) and returns its report (``demo.json``).
+
+  Args:
+    weights: weights.tar, the package's wheel, or a folder holding one of them.
+    out: folder for demo.png, demo.edit and demo.json.
+    work: folder for the converted model and the statistics cache.
+    spec_path: an edit spec (default: the bundled demo spec).
+    samples: latents for C. held_out, held_out_start: the held-out images measured.
+    pictured: held-out pairs drawn. steps: override the spec's solver steps.
+    overfit_steps: Adam steps of the overfit baseline.
+    progress: progress bar while collecting statistics.
+
+  Returns:
+    The report dict (model, spec, statistics, paste losses, metrics by quantile, goals,
+    timings).
+
+  Raises:
+    FileNotFoundError, ValueError: missing weights or ones with another sha256 (before
+      any work), and the errors of the steps.
+
+  Example:
+    >>> import tempfile
+    >>> work = tempfile.mkdtemp()
+    >>> run_demo(work, out=work + "/out", work=work)
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: --weights: no gan_face_generate-1.1.1 wheel or weights.tar in ...
+  """
+  from ports.dcgan import convert_dcgan
+
+  times = {}
+  t_all = time.perf_counter()
+  os.makedirs(work, exist_ok=True)
+  t0 = time.perf_counter()
+  weights = demo_weights(weights, work)
+  model_dir = os.path.join(work, "faces-dcgan")
+  convert_dcgan(weights, model_dir)
+  gen = generator_from_converted(model_dir)
+  times["convert_s"] = time.perf_counter() - t0
+  spec = _load_spec(gen, spec_path, "demo_spec.json")
+  fields, picture, edit = _edit_and_measure(
+      gen, spec, stats_dir=os.path.join(work, "stats"), samples=samples, held_out=held_out,
+      held_out_start=held_out_start, pictured=pictured, steps=steps,
+      overfit_steps=overfit_steps, progress=progress, times=times)
+  times["total_s"] = time.perf_counter() - t_all
+  report = {"model": {"package": DEMO_REQUIREMENT, "licence": "MIT",
+                      "weights_sha256": _io.sha256_file(weights), "architecture": "dcgan",
+                      "resolution": gen.resolution},
+            **fields, "timings": times}
+  _write_outputs(out, "demo", picture, edit, report)
+  return report
+
+
+def run_stylegan2_demo(checkpoint: str | os.PathLike | None = None, *,
+                       out: str | os.PathLike = "out",
+                       work: str | os.PathLike = ".cache/demo", spec_path: str | None = None,
+                       samples: int = 2000, held_out: int = 1024, held_out_start: int = 6000,
+                       pictured: int = 16, steps: int | None = None,
+                       overfit_steps: int = 2000, progress: bool = True) -> dict:
+  """The demo on the project's StyleGAN2 (64×64 faces distilled from the DCGAN; MIT).
+
+  The checkpoint is a rosinality ``.pt`` (by default the one shipped in
+  :mod:`ports.stylegan2.weights`, checked against its ``FACES64_SHA256``); it is
+  converted with :func:`ports.stylegan2.convert_rosinality` and edited like the DCGAN
+  (bundled spec ``memedit/data/demo_spec_stylegan2.json``: the same paste and context
+  images, at a modulated convolution, so Λ is solved through the demodulation). Writes
+  ``demo-stylegan2.png``, ``demo-stylegan2.edit`` and ``demo-stylegan2.json``.
+
+  Args:
+    checkpoint: the ``.pt`` (default: the shipped one). The other arguments are
+      :func:`run_demo`'s.
+
+  Returns:
+    The report dict (as :func:`run_demo`'s).
+
+  Raises:
+    ValueError: the default checkpoint with another sha256; the errors of the steps.
+
+  Example:
+    >>> import tempfile
+    >>> run_stylegan2_demo(tempfile.mkdtemp() + "/none.pt")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: ...none.pt...
+  """
+  from ports.stylegan2 import convert_rosinality
+  from ports.stylegan2.weights import FACES64, FACES64_SHA256
+
+  times = {}
+  t_all = time.perf_counter()
+  t0 = time.perf_counter()
+  path = os.fspath(checkpoint) if checkpoint is not None else FACES64
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--stylegan2: no checkpoint at {path}")
+  digest = _io.sha256_file(path)
+  if checkpoint is None and digest != FACES64_SHA256:
+    raise ValueError(f"{path}: expected sha256 {FACES64_SHA256}, got {digest}")
+  os.makedirs(work, exist_ok=True)
+  model_dir = os.path.join(work, f"stylegan2-{digest[:12]}")
+  if not os.path.isdir(model_dir):
+    convert_rosinality(path, model_dir)
+  gen = generator_from_converted(model_dir)
+  times["convert_s"] = time.perf_counter() - t0
+  spec = _load_spec(gen, spec_path, "demo_spec_stylegan2.json")
+  fields, picture, edit = _edit_and_measure(
+      gen, spec, stats_dir=os.path.join(work, "stats"), samples=samples, held_out=held_out,
+      held_out_start=held_out_start, pictured=pictured, steps=steps,
+      overfit_steps=overfit_steps, progress=progress, times=times)
+  times["total_s"] = time.perf_counter() - t_all
+  report = {"model": {"checkpoint": os.path.basename(path), "licence": "MIT",
+                      "weights_sha256": digest, "architecture": "stylegan2",
+                      "resolution": gen.resolution},
+            **fields, "timings": times}
+  _write_outputs(out, "demo-stylegan2", picture, edit, report)
   return report
 
 

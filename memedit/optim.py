@@ -48,7 +48,8 @@ def residual_loss(residual: jax.Array, loss: str) -> jax.Array:
 
 def adam_scan(loss_fn: Callable[[Any], jax.Array], x0: Any, steps: int,
               learning_rate: float | jax.Array, *, opt_state: Any = None,
-              b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+              b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+              callback: Callable[[jax.Array, jax.Array], Any] | None = None
               ) -> tuple[Any, Any, jax.Array]:
   """``steps`` optax Adam steps on ``loss_fn`` from ``x0``, as one ``lax.scan``.
 
@@ -62,6 +63,9 @@ def adam_scan(loss_fn: Callable[[Any], jax.Array], x0: Any, steps: int,
     learning_rate: Adam's step size (float or traced scalar).
     opt_state: Adam's state to continue from (None: fresh, zero moments).
     b1, b2, eps: Adam's constants (optax's defaults).
+    callback: optional ``callback(t, loss_t)``, called while tracing the loop's body with
+      the traced step index t (int32) and loss before step t, e.g. to emit progress with
+      ``jax.debug.callback``; its return value is ignored (None: the loop is unchanged).
 
   Returns:
     (x, opt_state, losses): the point after the steps, Adam's state there (to continue a
@@ -78,11 +82,14 @@ def adam_scan(loss_fn: Callable[[Any], jax.Array], x0: Any, steps: int,
   opt = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
   state = opt.init(x0) if opt_state is None else opt_state
 
-  def step(carry, _):
+  def step(carry, t):
     x, st = carry
     val, g = jax.value_and_grad(loss_fn)(x)
+    if callback is not None:
+      callback(t, val)
     upd, st = opt.update(g, st, x)
     return (optax.apply_updates(x, upd), st), val
 
-  (x, state), losses = lax.scan(step, (x0, state), None, length=steps)
+  xs = None if callback is None else jnp.arange(steps, dtype=jnp.int32)
+  (x, state), losses = lax.scan(step, (x0, state), xs, length=steps)
   return x, state, losses

@@ -4,11 +4,15 @@ The subspace D is fixed (:func:`memedit.context_directions`) and only Λ is opti
 Λ-space Adam (:func:`memedit.optim.adam_scan`) or by Levenberg–Marquardt Gauss–Newton with
 matrix-free conjugate gradients. The kernel layouts ΔK(Λ, D) are those of
 :mod:`memedit.layouts`; linear memories have closed forms in :mod:`memedit.closed_form`.
+A progress hook (``solve_lambda(..., progress=)``) sees the loss while the compiled solve
+runs, through ``jax.debug.callback``, without changing its result.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import threading
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -78,6 +82,8 @@ def solve_lambda(
     damping: float = 0.1,
     conv_as_matmul: bool | None = None,
     lam_mask: Any = None,
+    progress: Callable[[int, float], Any] | None = None,
+    progress_every: int | None = None,
 ) -> SolveResult:
   """Finds Λ = argmin_Λ loss(f(K0 + ΔK(Λ, D), keys), targets) inside one jitted program.
 
@@ -115,6 +121,16 @@ def solve_lambda(
   Works under ``jax.vmap`` over a batch of independent problems, and calls with the same
   shapes, ``f`` and static settings reuse one compiled program.
 
+  Progress: ``progress(step, loss)`` is called while the compiled solve runs, from the
+  runtime's callback thread (``jax.debug.callback`` inside the loop), with the loss
+  before step ``step`` (= ``losses[step]``) every ``progress_every`` steps, and once at
+  the end with ``(steps, final_loss)``. The hook only observes: the solve is the same
+  program with a host call added, and gives the same Λ and losses bit for bit; one
+  program serves every hook (hooks are looked up by a number passed as an argument), so
+  a new hook does not recompile. An exception the hook raises is raised by
+  ``solve_lambda`` once the solve has ended (the hook is not called again). A hook needs
+  an eager call (not under ``jax.jit`` or ``jax.vmap``).
+
   Args:
     f: pure function (kernel, keys) → values; kernel in its own layout, keys any pytree.
     kernel0: the original kernel K0.
@@ -144,6 +160,9 @@ def solve_lambda(
       Λ is confined to M's non-zero entries, and the returned Λ is zero elsewhere (e.g.
       a convolution edit restricted to some kernel taps, see
       :func:`memedit.generators.own_taps`).
+    progress: optional hook ``progress(step: int, loss: float)`` (see Progress above).
+    progress_every: steps between calls of the hook (default: every step up to 200
+      steps, else about 200 calls in all).
 
   Returns:
     :class:`SolveResult`.
@@ -157,6 +176,11 @@ def solve_lambda(
     ...                            steps=5)
     >>> bool(res.final_loss < 1e-8)
     True
+    >>> seen = []
+    >>> res = memedit.solve_lambda(f, K0, D, keys, v, loss="l2", optimizer="gauss_newton",
+    ...                            steps=5, progress=lambda t, l: seen.append(t))
+    >>> seen
+    [0, 1, 2, 3, 4, 5]
   """
   check_choice(loss, LOSSES, "loss")
   check_choice(optimizer, OPTIMIZERS, "optimizer")
@@ -196,12 +220,70 @@ def solve_lambda(
   if conv_as_matmul:
     f = _patched(f)
   cg_steps = check_positive_int(cg_steps, "cg_steps")
-  res = _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, D, keys, targets,
-               weights, lam0,
-               jnp.float32(learning_rate), jnp.float32(damping), lam_mask)
+  every, hook = _hook(progress, progress_every, steps,
+                      (kernel0, D, keys, targets, weights, lam0, lam_mask))
+  try:
+    res = _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, kernel0, D, keys,
+                 targets, weights, lam0, jnp.float32(learning_rate), jnp.float32(damping),
+                 lam_mask, jnp.int32(hook))
+    if hook:
+      jax.block_until_ready(res)
+      jax.effects_barrier()
+  finally:
+    entry = _HOOKS.pop(hook, None)
+  if entry is not None and entry[1] is not None:
+    raise entry[1]
   if not isinstance(res.finite, jax.core.Tracer) and not bool(res.finite):
     raise _non_finite(res, optimizer)
   return res
+
+
+_HOOKS: dict[int, list] = {}
+_HOOK_IDS = itertools.count(1)
+_HOOK_LOCK = threading.Lock()
+
+
+def _hook(progress, progress_every, steps, args) -> tuple[int, int]:
+  """(every, hook number) of a progress hook; (0, 0) without one."""
+  if progress_every is not None:
+    progress_every = check_positive_int(progress_every, "progress_every")
+  if progress is None:
+    return 0, 0
+  if not callable(progress):
+    raise ValueError(f"progress: expected a callable progress(step, loss), got "
+                     f"{type(progress).__name__}")
+  if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(args)):
+    raise ValueError("progress: expected an eager call of solve_lambda, got traced inputs "
+                     "(under jax.jit or jax.vmap); call it without progress there")
+  every = max(1, -(-steps // 200)) if progress_every is None else progress_every
+  with _HOOK_LOCK:
+    hook = (next(_HOOK_IDS) - 1) % (2 ** 31 - 2) + 1  # an int32 > 0; 0 is no hook
+    _HOOKS[hook] = [progress, None]
+  return every, hook
+
+
+def _dispatch(hook, step, loss):
+  """Calls the hook registered under number ``hook`` (host side of the callback)."""
+  entry = _HOOKS.get(int(hook))
+  if entry is None or entry[1] is not None:
+    return
+  try:
+    entry[0](int(step), float(loss))
+  except BaseException as e:  # noqa: BLE001 - raised by solve_lambda when the solve ends
+    entry[1] = e
+
+
+def _emitter(every: int, steps: int, hook):
+  """``emit(t, loss)`` calling the host hook on every ``every``-th step and at t = steps
+  (inside the traced solve); None without a hook."""
+  if not every:
+    return None
+
+  def emit(t, loss):
+    due = jnp.logical_or(t % every == 0, t >= steps)
+    lax.cond(due, lambda: jax.debug.callback(_dispatch, hook, t, loss), lambda: None)
+
+  return emit
 
 
 def _non_finite(res, optimizer):
@@ -292,10 +374,11 @@ def _loss_fn(f, kernel0, D, keys, targets, kind, in_ndim, weights, loss, lam_mas
   return fn
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, D, keys,
-           targets, weights, lam0, learning_rate, damping, lam_mask):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, kernel0, D, keys,
+           targets, weights, lam0, learning_rate, damping, lam_mask, hook):
   kshape = kernel0.shape
+  emit = _emitter(every, steps, hook)
   loss_fn = _loss_fn(f, kernel0, D, keys, targets, kind, in_ndim, weights, loss,
                      lam_mask)
 
@@ -305,8 +388,11 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, D, keys,
     return SolveResult(jnp.where(finite, lam, jnp.nan), losses, final_loss, finite)
 
   if optimizer == "adam":
-    lam, _, losses = adam_scan(loss_fn, lam0, steps, learning_rate)
-    return result(lam, losses, loss_fn(lam))
+    lam, _, losses = adam_scan(loss_fn, lam0, steps, learning_rate, callback=emit)
+    final = loss_fn(lam)
+    if emit is not None:
+      emit(jnp.int32(steps), final)
+    return result(lam, losses, final)
 
   # Gauss–Newton / Levenberg–Marquardt with matrix-free CG, in Λ's dtype throughout.
   dt = lam0.dtype
@@ -335,8 +421,10 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, D, keys,
   # μ stays below 1/eps: a larger one only gives steps too small to change Λ.
   mu_max = 1.0 / eps
 
-  def gn_step(carry, _):
+  def gn_step(carry, t):
     lam, cur, gsq, mu, nu = carry
+    if emit is not None:
+      emit(t, cur)
     r, jvp = jax.linearize(resid_fn, lam)
     vjp = jax.linear_transpose(jvp, lam)
     if loss == "l1":
@@ -399,5 +487,8 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, kernel0, D, keys,
 
   cur0, g0 = value_and_grad(lam0)
   init = (lam0, cur0, jnp.sum(g0 * g0), damping.astype(dt), jnp.asarray(2.0, dt))
-  (lam, cur, _, _, _), losses = lax.scan(gn_step, init, None, length=steps)
+  xs = None if emit is None else jnp.arange(steps, dtype=jnp.int32)
+  (lam, cur, _, _, _), losses = lax.scan(gn_step, init, xs, length=steps)
+  if emit is not None:
+    emit(jnp.int32(steps), cur)
   return result(lam, losses, cur)

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
   """The ``memedit`` argument parser with every subcommand registered."""
   parser = _Parser(
       prog="memedit",
-      description="Rewrite rules inside trained generators: layers as associative memories.")
+      description="Rewrite rules inside trained networks: layers as associative memories.")
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for add in SUBCOMMANDS:
     add(subparsers)

@@ -15,6 +15,7 @@ from memedit.cli.checks import (FORMATS, MAX_BATCH, MAX_COLUMNS, MAX_EVALUATED, 
                                 imgnums, in_range)
 from memedit.demo import DEMO_REQUIREMENT
 from memedit.specs import MAX_IMAGES, MAX_STEPS
+from memedit.lm.cli import add_subcommands as _add_lm
 from memedit.sequential.cli import add_subcommand as _add_log
 from memedit.ui import add_subcommand as _add_ui
 
@@ -394,6 +395,12 @@ the same paste, measures the three on held-out latents the spec never uses (at m
 quantiles 0.999 and 0.99), and writes OUT/demo.png (original | edited pairs for each) and
 OUT/demo.json (metrics and timings).
 
+Then the same on the project's StyleGAN2 (64×64 faces distilled from that DCGAN, shipped
+as ports/stylegan2/weights/faces64.pt, MIT): the same paste and context images at a
+modulated convolution (memedit/data/demo_spec_stylegan2.json), --stylegan2-held-out
+held-out latents, OUT/demo-stylegan2.png and OUT/demo-stylegan2.json (--no-stylegan2
+skips it; --spec applies to the DCGAN only).
+
 The overfit baseline uses --overfit-steps Adam steps (default 2000; the paper used
 20001 at lr 0.01).
 
@@ -404,7 +411,8 @@ example:
 
 
 def _add_demo(subparsers) -> None:
-  p = subparsers.add_parser("demo", help="end-to-end demo on the real DCGAN face weights",
+  p = subparsers.add_parser("demo", help="end-to-end demo on the real DCGAN face weights "
+                            "and the project's StyleGAN2",
                             description=_DEMO_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--weights", required=True,
@@ -427,6 +435,12 @@ def _add_demo(subparsers) -> None:
   p.add_argument("--overfit-steps", type=int, default=2000,
                  help=f"Adam steps of the overfit baseline, 1 to {MAX_STEPS} "
                  "(default: %(default)s)")
+  p.add_argument("--stylegan2", default=None,
+                 help="rosinality .pt of the StyleGAN2 part (default: the shipped faces64.pt)")
+  p.add_argument("--stylegan2-held-out", type=int, default=1024,
+                 help=f"held-out latents of the StyleGAN2 part, 1 to {MAX_EVALUATED} "
+                 "(default: %(default)s)")
+  p.add_argument("--no-stylegan2", action="store_true", help="the DCGAN part only")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   p.set_defaults(run=_run_demo)
 
@@ -443,8 +457,12 @@ def _run_demo(args) -> int:
   in_range("--pictured", args.pictured, 1, MAX_PAIRS)
   in_range("--steps", args.steps, 1, MAX_STEPS)
   in_range("--overfit-steps", args.overfit_steps, 1, MAX_STEPS)
+  in_range("--stylegan2-held-out", args.stylegan2_held_out, 1,
+           min(MAX_EVALUATED, MAX_IMAGES - args.held_out_start))
   if args.spec:
     check_input_file(args.spec, "--spec")
+  if args.stylegan2 and not args.no_stylegan2:
+    check_input_file(args.stylegan2, "--stylegan2")
   check_output_location(args.out, "--out", folder=True)
   check_output_location(args.work, "--work", folder=True)
   report = demo.run_demo(args.weights, out=args.out, work=args.work, spec_path=args.spec,
@@ -454,8 +472,19 @@ def _run_demo(args) -> int:
                          progress=not args.no_progress)
   print(demo.demo_summary(report))
   print(f"wrote {os.path.join(args.out, 'demo.png')} and {os.path.join(args.out, 'demo.json')}")
+  if args.no_stylegan2:
+    return 0
+  report = demo.run_stylegan2_demo(args.stylegan2, out=args.out, work=args.work,
+                                   samples=args.samples, held_out=args.stylegan2_held_out,
+                                   held_out_start=args.held_out_start,
+                                   pictured=args.pictured, steps=args.steps,
+                                   overfit_steps=args.overfit_steps,
+                                   progress=not args.no_progress)
+  print("stylegan2 " + demo.demo_summary(report))
+  print(f"wrote {os.path.join(args.out, 'demo-stylegan2.png')} and "
+        f"{os.path.join(args.out, 'demo-stylegan2.json')}")
   return 0
 
 
 SUBCOMMANDS = (_add_convert, _add_stats, _add_rewrite, _add_sample, _add_evaluate, _add_demo,
-               _add_log, _add_ui)
+               _add_log, _add_ui, _add_lm)

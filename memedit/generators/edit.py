@@ -9,7 +9,8 @@ own non-linearity.
 - :func:`projected_insert`: the reference's default procedure, Adam on the whole kernel
   with its change projected onto span(D) every few steps.
 - :func:`overfit` (all weights of the layer) and :func:`overfit_all` (all weights of the
-  generator): the paper's "overfit" baseline; :func:`unit_zeroing_edit`: zeroing units.
+  generator, :mod:`~memedit.generators.finetune`): the paper's "overfit" baseline;
+  :func:`unit_zeroing_edit`: zeroing units.
 
 Adam runs are :func:`memedit.optim.adam_scan` (one ``lax.scan``); each compiled program
 takes the kernel (or the parameters) as an argument and is cached by the problem's
@@ -18,7 +19,9 @@ structure, so it serves every parameter set of the model.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import functools
+import weakref
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +31,11 @@ from jax import lax
 from memedit.checks import check_positive_int
 from memedit.edits import Edit, EditHistory, apply_edit, edit_delta, make_edit, revert_edit
 from memedit.generators.crop import crop_problem, own_taps
-from memedit.generators.forward import cached_program, run_layer
+from memedit.generators.finetune import overfit_all
+from memedit.generators.forward import cached_program
 from memedit.generators.generator import Generator, layer_info, layer_kernel
 from memedit.generators.paste import Target
-from memedit.layers.model import merge
+from memedit.generators.subspace import subspace_problem
 from memedit.optim import LOSSES, adam_scan, check_choice, residual_loss
 from memedit.solve import solve_lambda
 from memedit.specs import TAPS
@@ -61,8 +65,24 @@ class EditResult(NamedTuple):
   loss_after: float
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _l1(f, kernel, keys, targets):
+  return jnp.mean(jnp.abs(f(kernel, keys) - targets))
+
+
 def _crop_loss(f, kernel, keys, target: Target) -> float:
-  return float(jnp.mean(jnp.abs(f(kernel, keys) - jnp.asarray(target.targets))))
+  return float(_l1(f, kernel, keys, jnp.asarray(target.targets)))
+
+
+_TAPS: "weakref.WeakKeyDictionary[Generator, dict]" = weakref.WeakKeyDictionary()
+
+
+def _own_taps(gen: Generator, layer: str) -> np.ndarray:
+  """:func:`own_taps`, computed once per generator (its parameters do not change)."""
+  per_gen = _TAPS.setdefault(gen, {})
+  if layer not in per_gen:
+    per_gen[layer] = own_taps(gen, layer)
+  return per_gen[layer]
 
 
 def _check_directions(D, key_dim: int) -> jax.Array:
@@ -91,12 +111,16 @@ def _finite(lam, what: str) -> None:
 def insert(gen: Generator, layer: str, D: Any, target: Target, *,
            optimizer: str = "adam", steps: int = 2001, learning_rate: float = 0.05,
            loss: str = "l1", taps: str = "all", method: str = "insert",
-           settings: dict | None = None) -> EditResult:
+           settings: dict | None = None, progress: Callable[[int, float], Any] | None = None,
+           project_keys: bool = True) -> EditResult:
   """Insert: Λ = argmin loss(f(k*; W0 + ΔK(Λ, D)), v*) over the paste crop.
 
   f is the layer itself on the crop's keys (with a margin of context), so for a
   transposed or a modulated convolution the solve goes through the layer's own
-  computation (e.g. StyleGAN2's demodulation, recomputed from the edited kernel).
+  computation (e.g. StyleGAN2's demodulation, recomputed from the edited kernel). For a
+  layer affine in its kernel the solve runs on the keys projected onto D
+  (:func:`memedit.generators.subspace.subspace_problem`: the same loss of Λ, C_in / r
+  times cheaper to differentiate).
 
   Args:
     gen, layer: the generator and layer name.
@@ -107,6 +131,9 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
       :func:`memedit.generators.own_taps`, so that a key changes only its own output
       cell; Λ is zero on the other taps).
     method, settings: provenance stored in the edit.
+    progress: optional ``progress(step, loss)`` hook of :func:`memedit.solve_lambda`.
+    project_keys: solve on the projected keys where that is exact (False: always on
+      the layer's own C_in key channels).
 
   Returns:
     :class:`EditResult`.
@@ -134,12 +161,15 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   check_choice(taps, TAPS, "taps")
   info = layer_info(gen, layer)
   D = _check_directions(D, info.key_dim)
-  lam_mask = None if taps == "all" else own_taps(gen, layer)[:, :, None, None]
+  lam_mask = None if taps == "all" else _own_taps(gen, layer)[:, :, None, None]
   f, keys = crop_problem(gen, layer, target)
   kernel0 = jnp.asarray(layer_kernel(gen, layer))
-  res = solve_lambda(f, kernel0, D, keys, jnp.asarray(target.targets), kind=info.kind,
+  sub = subspace_problem(f, kernel0, D, keys, kind=info.kind,
+                         in_ndim=info.in_ndim) if project_keys else None
+  problem = (f, kernel0, D, keys) if sub is None else (sub.f, sub.kernel0, sub.D, sub.keys)
+  res = solve_lambda(*problem, jnp.asarray(target.targets), kind=info.kind,
                      in_ndim=info.in_ndim, loss=loss, optimizer=optimizer, steps=int(steps),
-                     learning_rate=float(learning_rate), lam_mask=lam_mask)
+                     learning_rate=float(learning_rate), lam_mask=lam_mask, progress=progress)
   _finite(res.lam, f"the {optimizer} solve (learning_rate {learning_rate}, {steps} steps)")
   st = dict(settings or {})
   st.update(layer=layer, optimizer=optimizer, steps=int(steps),
@@ -370,74 +400,6 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
                              "learning_rate": float(learning_rate)})
   return EditResult(edit, eye, target, np.asarray(losses), _crop_loss(f, kernel0, keys, target),
                     _crop_loss(f, kernel0 + delta, keys, target))
-
-
-def _trainable(gen: Generator, params):
-  """(trainable, rest, join): the generator's weights (Linen "params"; NNX ``nnx.Param``)
-  and everything else (e.g. BatchNorm statistics), and the function putting them together."""
-  if gen.framework == "linen":
-    rest = {k: v for k, v in params.items() if k != "params"}
-    return params["params"], rest, lambda p, r: {"params": p, **r}
-  from flax import nnx
-  trainable, rest = nnx.split_state(params, nnx.Param, ...)
-  return trainable, rest, lambda p, r: nnx.merge_state(p, r)
-
-
-def overfit_all(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
-                learning_rate: float = 0.01) -> tuple[Any, np.ndarray]:
-  """The "overfit" baseline on all weights: every weight of the generator is fine-tuned
-  with Adam so that image B reproduces the rendered paste (L1 in pixels).
-
-  Args:
-    gen, layer: the generator and layer name. target: the paste.
-    steps: Adam steps. learning_rate: Adam's.
-
-  Returns:
-    (params, losses): the fine-tuned parameters (non-trainable state, e.g. BatchNorm
-    statistics, unchanged) and the (steps,) pixel L1 loss before each step.
-
-  Example:
-    >>> import numpy as np
-    >>> from flax import nnx
-    >>> from memedit.generators import Generator, copy_values, paste_target
-    >>> class Toy(nnx.Module):
-    ...   def __init__(self):
-    ...     self.up = nnx.ConvTranspose(3, 2, (4, 4), strides=(2, 2), rngs=nnx.Rngs(0))
-    ...   def __call__(self, z):
-    ...     return self.up(z.reshape(-1, 4, 4, 3))
-    >>> gen = Generator(Toy(), 48, 8, {"up": ("up",)})
-    >>> box = np.zeros((8, 8)); box[2:4, 2:6] = 1
-    >>> target = paste_target(gen, "up", copy_values(gen, "up", 0, box), 1, box)
-    >>> params, losses = overfit_all(gen, "up", target, steps=20)
-    >>> bool(losses[-1] < losses[0])
-    True
-  """
-  steps = check_positive_int(steps, "steps")
-  z = gen.latents([target.imgnum])
-  goal = run_layer(gen, layer, z, paste_values=target.full_values,
-                   paste_alpha=target.full_alpha).images
-  trainable, rest, join = _trainable(gen, gen.params)
-  definition, kwargs, nnx_model = gen.definition, dict(gen.call_kwargs), gen.framework == "nnx"
-
-  def build():
-    def run(trainable, rest, z, goal, lr):
-      def loss_fn(p):
-        params = join(p, rest)
-        img = (merge(definition, params)(z, **kwargs) if nnx_model
-               else definition.apply(params, z, **kwargs))
-        return jnp.mean(jnp.abs(img - goal))
-      p, _, losses = adam_scan(loss_fn, trainable, steps, lr)
-      return p, losses
-    return jax.jit(run)
-
-  key = ("overfit_all", gen.framework, definition, gen.call_kwargs, steps)
-  try:
-    hash(key)
-  except TypeError:
-    key = None
-  p, losses = cached_program(key, build)(trainable, rest, jnp.asarray(z), jnp.asarray(goal),
-                                         jnp.float32(learning_rate))
-  return join(p, rest), np.asarray(losses)
 
 
 def edited(gen: Generator, edit: Edit, history: EditHistory | None = None

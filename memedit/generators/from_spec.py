@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from memedit.generators.context import context_keys, directions, top_units
+from memedit.generators.context import context_keys, top_units
+from memedit.generators.context import directions as context_directions
 from memedit.generators.edit import EditResult, insert
 from memedit.generators.generator import Generator
 from memedit.generators.paste import Copied, copy_values, erase_target, paste_target
@@ -29,7 +30,8 @@ class SpecEdit(NamedTuple):
 
 
 def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
-                   optimizer: str | None = None) -> SpecEdit:
+                   optimizer: str | None = None, directions: Any = None,
+                   progress: Callable[[int, float], Any] | None = None) -> SpecEdit:
   """Runs a validated :class:`memedit.specs.EditSpec` on ``gen`` with second moment C.
 
   Context keys (spec.key) give D (spec.method, spec.rank, spec.shrinkage); an insert
@@ -41,6 +43,11 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
     gen: the generator. spec: the edit spec (its layer and canvas must be the model's).
     C: (C_in, C_in) second moment of the layer's keys.
     steps, optimizer: override the spec's solver settings.
+    directions: optional (spec.rank, C_in) D of this spec's context with this C, computed
+      before by :func:`memedit.generators.directions` (e.g. cached by a caller that showed
+      its matches); used as given instead of being computed again.
+    progress: optional ``progress(step, loss)`` hook of the Λ solve
+      (:func:`memedit.solve_lambda`).
 
   Returns:
     :class:`SpecEdit`.
@@ -66,9 +73,16 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
     raise ValueError(f"canvas: expected {gen.resolution} (the model's resolution), got "
                      f"{spec.canvas}")
   C = np.asarray(C, np.float32)
-  keys, weights = context_keys(gen, spec.layer, spec.masks("key"))
-  D = directions(C, keys, weights, rank=spec.rank, method=spec.method,
-                 shrinkage=spec.shrinkage)
+  if directions is None or spec.kind != "insert":
+    keys, weights = context_keys(gen, spec.layer, spec.masks("key"))
+  if directions is None:
+    D = context_directions(C, keys, weights, rank=spec.rank, method=spec.method,
+                           shrinkage=spec.shrinkage)
+  else:
+    D = np.asarray(directions, np.float32)
+    if D.shape != (spec.rank, C.shape[0]):
+      raise ValueError(f"directions: expected shape ({spec.rank}, {C.shape[0]}) (the "
+                       f"spec's rank, C_in), got {D.shape}")
   solver = dict(spec.solver)
   if steps is not None:
     solver["steps"] = int(steps)
@@ -91,5 +105,5 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
   result = insert(gen, spec.layer, D, target, optimizer=solver["optimizer"],
                   steps=solver["steps"], learning_rate=solver["learning_rate"],
                   loss=solver["loss"], taps=spec.taps, method=f"{spec.kind}/{spec.method}",
-                  settings=settings)
+                  settings=settings, progress=progress)
   return SpecEdit(result, copied, units)

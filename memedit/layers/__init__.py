@@ -13,7 +13,8 @@
 Modules: :mod:`~memedit.layers.kinds` (layer kinds), :mod:`~memedit.layers.conv`
 (convolution geometry: patches, grouped kernels, resampling), :mod:`~memedit.layers.model`
 (models, addresses, scanned stacks), :mod:`~memedit.layers.intercept` (running a model
-with one layer intercepted), :mod:`~memedit.layers.view` (memory views),
+with one layer intercepted), :mod:`~memedit.layers.view` (memory views, their
+:class:`~memedit.layers.memory.MemoryView` value in :mod:`~memedit.layers.memory`),
 :mod:`~memedit.layers.edit` (substitution, edited forward passes, inserts),
 :mod:`~memedit.layers.hooks` (capture), :mod:`~memedit.layers.stats` (key statistics).
 """

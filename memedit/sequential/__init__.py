@@ -15,7 +15,8 @@ the edits of a model in order and keeps them apart:
 - :mod:`~memedit.sequential.diagnostics`: before an edit is applied, from the factors
   alone: its change at every earlier edit's keys (the interference matrix), the growth
   of the kernel's norm and condition number, :class:`InterferenceWarning` past
-  thresholds, and the tables ``memedit log`` prints (:mod:`~memedit.sequential.cli`).
+  thresholds (computed in :mod:`~memedit.sequential.interference`), and the tables
+  ``memedit log`` prints (:mod:`~memedit.sequential.cli`).
 
 Example:
   >>> import jax.numpy as jnp

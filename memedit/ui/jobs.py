@@ -22,7 +22,9 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["Busy", "Job", "JobSlot", "stderr_progress"]
+import numpy as np
+
+__all__ = ["Busy", "Job", "JobSlot", "solve_progress", "stderr_progress", "thin_losses"]
 
 _KEEP = 16
 
@@ -133,6 +135,44 @@ class JobSlot:
     """Job ``job_id``, or the latest one when None (None when there is none)."""
     with self._lock:
       return self.current if job_id is None else self._jobs.get(job_id)
+
+
+def thin_losses(losses, most: int = 200) -> list[float]:
+  """At most ``most`` of ``losses`` as floats, evenly spaced (the first and last kept).
+
+  Example:
+    >>> thin_losses(range(10), 4)
+    [0.0, 3.0, 6.0, 9.0]
+  """
+  losses = np.asarray(losses, np.float64).reshape(-1)
+  if losses.size > most:
+    losses = losses[np.linspace(0, losses.size - 1, most).round().astype(int)]
+  return [float(x) for x in losses]
+
+
+def solve_progress(job: Job, steps: int) -> Callable[[int, float], None]:
+  """The progress hook of a Λ solve of ``steps`` steps (:func:`memedit.solve_lambda`'s
+  ``progress``): reports the fraction done, ``step``, ``steps``, ``loss`` and ``losses``
+  (those seen so far, thinned) on ``job``; called from the runtime's callback thread.
+
+  Example:
+    >>> job = Job("execute")
+    >>> hook = solve_progress(job, 4)
+    >>> for t, loss in enumerate([0.5, 0.4, 0.35]):
+    ...   hook(t, loss)
+    >>> snap = job.snapshot()
+    >>> snap["fraction"], snap["step"], snap["losses"]
+    (0.5, 2, [0.5, 0.4, 0.35])
+  """
+  steps, seen = int(steps), []
+
+  def hook(step: int, loss: float) -> None:
+    if step < steps:
+      seen.append(float(loss))
+    job.report(fraction=min(step, steps) / steps, step=int(step), steps=steps,
+               loss=float(loss), losses=thin_losses(seen))
+
+  return hook
 
 
 class _StderrTap:

@@ -30,6 +30,7 @@ from typing import Any
 from flask import Flask, Response, abort, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 
+from memedit.ui.blas import limit_blas_threads
 from memedit.ui.jobs import Busy
 from memedit.ui.session import Session, SessionStore
 from memedit.ui.workspace import Workspace, grid_limit, parse_imgnums
@@ -59,7 +60,8 @@ def _need(data: dict, *names: str) -> list[Any]:
 
 
 def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
-               max_request_bytes: int = MAX_REQUEST_BYTES, sessions: int = 8) -> Flask:
+               max_request_bytes: int = MAX_REQUEST_BYTES, sessions: int = 8,
+               blas_threads: int | None = 1) -> Flask:
   """The Flask app of the rewriting UI on ``workspace``.
 
   Args:
@@ -68,10 +70,15 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
     loopback_only: answer only requests whose Host is a loopback name.
     max_request_bytes: the largest request body accepted (413 above).
     sessions: sessions kept at once (the least recently used beyond go).
+    blas_threads: OpenBLAS threads of this process (:func:`memedit.ui.blas.
+      limit_blas_threads`; its LAPACK calls are small), unless ``OPENBLAS_NUM_THREADS``
+      is set; None leaves them as they are.
 
   Returns:
     The app; ``app.config["MEMEDIT_STORE"]`` is its :class:`SessionStore`.
   """
+  if blas_threads is not None and "OPENBLAS_NUM_THREADS" not in os.environ:
+    limit_blas_threads(blas_threads)
   app = Flask("memedit.ui", static_folder=STATIC, static_url_path="/static")
   app.config["MAX_CONTENT_LENGTH"] = int(max_request_bytes)
   app.json.sort_keys = False

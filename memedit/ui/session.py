@@ -36,7 +36,7 @@ from memedit import specs
 from memedit.ui import state as st
 from memedit.ui import workflow as wf
 from memedit.ui.images import heat_overlay, png_data_url
-from memedit.ui.jobs import Job, JobSlot
+from memedit.ui.jobs import Job, JobSlot, solve_progress, thin_losses
 from memedit.ui.workspace import (Workspace, grid_limit, parse_imgnums, scaled_limit,
                                   search_limit)
 
@@ -140,15 +140,12 @@ class Session:
 
   @staticmethod
   def _edit_view(r: st.EditRecord) -> dict:
-    losses = np.asarray(r.losses, np.float64).reshape(-1)
-    if losses.size > 200:
-      losses = losses[np.linspace(0, losses.size - 1, 200).round().astype(int)]
     settings = r.edit.settings
     return {"id": r.id, "kind": r.kind, "layer": r.layer, "active": r.active,
             "name": r.edit.name, "method": r.edit.method, "rank": r.edit.rank,
             "optimizer": settings.get("optimizer"), "steps": settings.get("steps"),
             "loss_before": r.loss_before, "loss_after": r.loss_after,
-            "seconds": round(r.seconds, 3), "losses": [float(x) for x in losses],
+            "seconds": round(r.seconds, 3), "losses": thin_losses(r.losses),
             "has_spec": r.spec is not None, "can_evaluate": r.directions is not None,
             "settings": None if r.spec is None else {
                 "method": r.spec.method, "rank": r.spec.rank, "shrinkage": r.spec.shrinkage,
@@ -230,13 +227,24 @@ class Session:
         model=self.ws.name, kind=kind, canvas=self.ws.resolution, num_images=n_img,
         **_check_settings(settings))
 
+  @staticmethod
+  def _directions_key(s: st.State, spec) -> tuple:
+    return (s.layer, tuple(c for c, _ in s.context), spec.method, spec.rank, spec.shrinkage)
+
+  def _keep_directions(self, key: tuple, D: np.ndarray) -> None:
+    with self.lock:
+      self._directions[key] = D
+      while len(self._directions) > 16:
+        self._directions.popitem(last=False)
+
   def directions(self, s: st.State, settings: dict) -> np.ndarray:
-    """D (r, C_in) of the context tray with the settings' method, rank and shrinkage."""
+    """D (r, C_in) of the context tray with the settings' method, rank and shrinkage
+    (cached per tray and settings; Execute reuses it)."""
     if not s.context:
       self._spec(s, settings)  # raises the empty tray's message
     spec = self._spec(s, settings, kind="erase", paste=s.context[0][1])
     C = self.ws.ready_statistics(s.layer)
-    key = (s.layer, tuple(c for c, _ in s.context), spec.method, spec.rank, spec.shrinkage)
+    key = self._directions_key(s, spec)
     with self.lock:
       D = self._directions.get(key)
     if D is None:
@@ -244,10 +252,7 @@ class Session:
                                                           for _, r in s.context],
                                 method=spec.method, rank=spec.rank,
                                 shrinkage=spec.shrinkage)
-      with self.lock:
-        self._directions[key] = D
-        while len(self._directions) > 16:
-          self._directions.popitem(last=False)
+      self._keep_directions(key, D)
     return D
 
   def matches(self, imgnums: list[int], quantile: Any, settings: Any = None) -> dict:
@@ -294,30 +299,41 @@ class Session:
                expected=self.ws.solve_seconds.get(key))
     return time.perf_counter()
 
-  def _run_spec(self, job: Job, spec, regions: dict | None = None) -> dict:
+  def _run_spec(self, job: Job, spec, regions: dict | None = None,
+                dkey: tuple | None = None) -> dict:
+    """Solves ``spec`` with the solve's progress on ``job``; ``dkey``: the directions
+    cache's key of the spec's context (its D is reused when cached, and kept)."""
     C = self._statistics_for(job, spec.layer)
     key = (spec.layer, spec.kind, spec.solver["optimizer"], spec.solver["steps"])
     t0 = self._solve_phase(job, key, f"{spec.kind}: {spec.solver['optimizer']}, "
                                      f"{spec.solver['steps']} steps")
-    out = wf.run_spec(self.ws.gen, spec, C)
+    with self.lock:
+      D = None if dkey is None else self._directions.get(dkey)
+    out = wf.run_spec(self.ws.gen, spec, C, directions=D,
+                      progress=solve_progress(job, spec.solver["steps"]))
     seconds = time.perf_counter() - t0
     self.ws.solve_seconds[key] = seconds
+    if dkey is not None and D is None:
+      self._keep_directions(dkey, out.directions)
     return self._record(job, spec.kind, spec.layer, out, spec, out.directions, seconds,
                         regions)
 
   def execute(self, settings: Any = None) -> Job:
     """Execute: solves the insert of the copied object at the paste target for the
     context tray (a background job)."""
-    spec = self._spec(self.snapshot(), _check_settings(settings))
-    return self.jobs.start("execute", lambda job: self._run_spec(job, spec))
+    s = self.snapshot()
+    spec = self._spec(s, _check_settings(settings))
+    dkey = self._directions_key(s, spec)
+    return self.jobs.start("execute", lambda job: self._run_spec(job, spec, dkey=dkey))
 
   def erase(self, imgnum: Any, mask: Any, settings: Any = None) -> Job:
     """Erase: the region's output with the most active context units zeroed becomes the
     target (a background job)."""
     region = self.region(imgnum, mask)
-    spec = self._spec(self.snapshot(), _check_settings(settings), kind="erase",
-                      paste=region)
-    return self.jobs.start("erase", lambda job: self._run_spec(job, spec))
+    s = self.snapshot()
+    spec = self._spec(s, _check_settings(settings), kind="erase", paste=region)
+    dkey = self._directions_key(s, spec)
+    return self.jobs.start("erase", lambda job: self._run_spec(job, spec, dkey=dkey))
 
   def replay(self, text: Any) -> Job:
     """Loads a spec (JSON text in the reference's format) and replays it (a job); on

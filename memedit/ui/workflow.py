@@ -131,10 +131,12 @@ def rank_by_match(scores, imgnums: Sequence[int]) -> list[tuple[int, float]]:
   return gens.rank_by_match(scores, list(imgnums))
 
 
-def run_spec(gen, spec, C) -> Outcome:
+def run_spec(gen, spec, C, *, directions=None, progress=None) -> Outcome:
   """The edit of a validated :class:`memedit.specs.EditSpec`, as ``memedit rewrite``
-  makes it."""
-  out = gens.edit_from_spec(gen, spec, C)
+  makes it; ``directions``: its D when already computed (:func:`context_directions` of
+  the spec's context, method, rank and shrinkage with this C); ``progress(step, loss)``:
+  the solve's progress hook (:func:`memedit.solve_lambda`)."""
+  out = gens.edit_from_spec(gen, spec, C, directions=directions, progress=progress)
   res = out.result
   return Outcome(res.edit, np.asarray(res.D),
                  None if out.copied is None else np.asarray(out.copied.mean_value),

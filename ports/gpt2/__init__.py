@@ -12,9 +12,10 @@ Quick use::
 ``memedit.memory_view((module, variables), gpt2.layer_path(i), ids)`` views it as a
 linear memory from the MLP keys (``d_ff`` = 4 d) to the values it writes.
 
-See :mod:`ports.gpt2.model` for the architecture and parameter layout and
-:mod:`ports.gpt2.convert` for the checkpoint formats (``model.safetensors``,
-``pytorch_model.bin``, sharded), read without torch and without running code.
+See :mod:`ports.gpt2.model` for the architecture and parameter layout,
+:mod:`ports.gpt2.convert` for the conversion and :mod:`ports.gpt2.hf_files` for the
+checkpoint formats (``model.safetensors``, ``pytorch_model.bin``, sharded), read without
+torch and without running code.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ports.gpt2.convert import (
     load_safetensors,
     read_hf_config,
     read_state_dict,
+    save_gpt2,
     state_dict_to_params,
 )
 from ports.gpt2.model import (
@@ -36,10 +38,11 @@ from ports.gpt2.model import (
     GPT2LMHeadModel,
     gelu_new,
     layer_path,
+    lm_layout,
 )
 
 __all__ = [
     "MLP", "Attention", "Block", "GPT2Config", "GPT2LMHeadModel", "checkpoint_files",
-    "convert_gpt2", "gelu_new", "layer_path", "load_gpt2", "load_safetensors",
-    "read_hf_config", "read_state_dict", "state_dict_to_params",
+    "convert_gpt2", "gelu_new", "layer_path", "lm_layout", "load_gpt2", "load_safetensors",
+    "read_hf_config", "read_state_dict", "save_gpt2", "state_dict_to_params",
 ]

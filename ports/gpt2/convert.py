@@ -23,16 +23,16 @@ as they are (no transpose). LayerNorm ``weight`` becomes ``scale``; embeddings b
 The result is one directory written atomically by :func:`memedit._io.save_tree`: the Flax
 variables plus a JSON config (the :class:`ports.gpt2.model.GPT2Config` fields,
 ``architecture: 'gpt2'`` and the source files' names and sha256).
+
+The file readers (:func:`checkpoint_files`, :func:`load_safetensors`,
+:func:`read_state_dict`, :func:`read_hf_config`) live in :mod:`ports.gpt2.hf_files` and are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-import stat
-import struct
 from typing import Any, Mapping
 
 import ml_dtypes
@@ -40,297 +40,19 @@ import numpy as np
 
 from memedit import _io
 from ports import check_finite, shown_keys, validate_state_dict
+from ports.gpt2.hf_files import (SAFETENSORS_DTYPES, checkpoint_files, load_safetensors,
+                                read_hf_config, read_state_dict)
 from ports.gpt2.model import GPT2Config, GPT2LMHeadModel
-from ports.torchfile import CorruptFileError, brief_repr
 
-__all__ = ["ARCHITECTURE", "FORMAT_VERSION", "checkpoint_files", "convert_gpt2",
-           "load_gpt2", "load_safetensors", "read_hf_config", "read_state_dict",
-           "state_dict_to_params"]
+__all__ = ["ARCHITECTURE", "FORMAT_VERSION", "SAFETENSORS_DTYPES", "checkpoint_files",
+           "convert_gpt2", "load_gpt2", "load_safetensors", "read_hf_config", "read_state_dict",
+           "save_gpt2", "state_dict_to_params"]
 
 ARCHITECTURE = "gpt2"
 FORMAT_VERSION = 1
 
-# safetensors dtype names the reader understands, as little-endian numpy dtypes; BF16 is
-# read as raw 16-bit words and reinterpreted.
-SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-_MAX_HEADER = 100 << 20  # bytes of JSON header (the safetensors library's own bound)
-_MAX_NDIM = 8
-_MAX_JSON = 16 << 20  # bytes of a config.json or an index file
 _BF16 = np.dtype(ml_dtypes.bfloat16)
-
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-
-
-# ----------------------------------------------------------------------------------------
-# Files.
-
-
-def _open_regular(path: str, what: str):
-  """A binary file object for a regular file; directories, devices and pipes are refused
-  before anything is read."""
-  fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-  try:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-      kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
-      raise CorruptFileError(f"{path}: expected {what} (a regular file), got {kind}")
-  except BaseException:
-    os.close(fd)
-    raise
-  return os.fdopen(fd, "rb"), st.st_size
-
-
-def _read_json_file(path: str, what: str) -> Any:
-  """The value of a small JSON file (at most ``_MAX_JSON`` bytes)."""
-  f, size = _open_regular(path, what)
-  with f:
-    if size > _MAX_JSON:
-      raise CorruptFileError(f"{path}: expected {what} of at most {_MAX_JSON} bytes, got "
-                             f"{size} bytes")
-    data = f.read(_MAX_JSON + 1)
-  try:
-    return json.loads(data.decode("utf-8"))
-  except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, nesting
-    raise CorruptFileError(f"{path}: expected {what} in UTF-8 JSON, got {len(data)} bytes "
-                           f"that do not parse ({str(e)[:200]})") from None
-
-
-def _unique_object(pairs):
-  keys = [k for k, _ in pairs]
-  if len(set(keys)) != len(keys):
-    dup = next(k for k in keys if keys.count(k) > 1)
-    raise ValueError(f"the key {brief_repr(dup)} appears more than once")
-  return dict(pairs)
-
-
-def _is_count(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a ``.safetensors`` file without the ``safetensors`` package or torch.
-
-  The format: an 8-byte little-endian header length ``n``, ``n`` bytes of UTF-8 JSON
-  mapping each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (plus
-  an optional ``"__metadata__"`` object of strings), then the raw little-endian tensor
-  bytes, offsets counted from the end of the header. Every field is checked before any
-  tensor byte is read: the header length fits the file and at most 100 MiB; the JSON is an
-  object without repeated names; each entry has exactly those three fields; the dtype is
-  F32, F16 or BF16; the shape is a list of at most 8 non-negative integers; the offsets
-  are two integers ``0 <= begin <= end <=`` the data size; ``end - begin`` equals the
-  shape's element count times the dtype's size; no two tensors share a byte.
-
-  Args:
-    path: the file.
-
-  Returns:
-    Name -> numpy array of the stored dtype (float32, float16 or ``ml_dtypes.bfloat16``)
-    and shape, in native byte order, each owning its memory.
-
-  Raises:
-    ports.torchfile.CorruptFileError: (a ValueError) the file breaks any rule above, or is
-      not a regular file; the message names the file, the tensor and the field.
-
-  Example:
-    >>> import json, os, struct, tempfile
-    >>> import numpy as np
-    >>> header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
-    >>> path = os.path.join(tempfile.mkdtemp(), "tiny.safetensors")
-    >>> with open(path, "wb") as f:
-    ...   _ = f.write(struct.pack("<Q", len(header)) + header.encode()
-    ...               + np.array([1.5, -2.0], "<f4").tobytes())
-    >>> load_safetensors(path)["w"].tolist()
-    [1.5, -2.0]
-  """
-  source = os.fspath(path)
-  f, size = _open_regular(source, "a safetensors file")
-  with f:
-    if size < 8:
-      raise CorruptFileError(f"{source}: expected a safetensors file (an 8-byte header "
-                             f"length first), got {size} bytes")
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > _MAX_HEADER:
-      raise CorruptFileError(f"{source}: header length: expected at most {_MAX_HEADER} "
-                             f"bytes, got {n}")
-    if n > size - 8:
-      raise CorruptFileError(f"{source}: header length: expected at most the {size - 8} "
-                             f"bytes after the length field, got {n} (past the end of the "
-                             "file: truncated or not a safetensors file)")
-    raw = f.read(n)
-    try:
-      header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object)
-    except (ValueError, RecursionError) as e:
-      raise CorruptFileError(f"{source}: header: expected a UTF-8 JSON object, got "
-                             f"{n} bytes that do not parse ({str(e)[:200]})") from None
-    if not isinstance(header, dict):
-      raise CorruptFileError(f"{source}: header: expected a JSON object, got "
-                             f"{type(header).__name__}")
-    data_size = size - 8 - n
-    entries = _check_header(source, header, data_size)
-    out = {}
-    for name, (dtype, shape, begin, end) in entries.items():
-      f.seek(8 + n + begin)
-      buf = f.read(end - begin)
-      if len(buf) != end - begin:
-        raise CorruptFileError(f"{source}: {name}: expected {end - begin} bytes of data, got "
-                               f"{len(buf)} (the file changed while it was read)")
-      a = np.frombuffer(buf, dtype).astype(dtype.newbyteorder("="))
-      if dtype.kind == "u":  # BF16 words
-        a = a.view(ml_dtypes.bfloat16)
-      out[name] = a.reshape(shape)
-  return out
-
-
-def _check_header(source: str, header: dict, data_size: int) -> dict:
-  """Validates a parsed safetensors header: name -> (dtype, shape, begin, end)."""
-  entries = {}
-  for name, entry in header.items():
-    if name == "__metadata__":
-      if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
-        raise CorruptFileError(f"{source}: __metadata__: expected an object of strings, "
-                               f"got {brief_repr(entry)}")
-      continue
-    where = f"{source}: tensor {brief_repr(name)}"
-    if not isinstance(entry, dict):
-      raise CorruptFileError(f"{where}: expected an object with dtype, shape and "
-                             f"data_offsets, got {type(entry).__name__} {brief_repr(entry)}")
-    fields = {"dtype", "shape", "data_offsets"}
-    if set(entry) != fields:
-      raise CorruptFileError(f"{where}: expected the fields {sorted(fields)}, got "
-                             f"{sorted(map(str, entry))}")
-    dtype_name = entry["dtype"]
-    if dtype_name not in SAFETENSORS_DTYPES:
-      raise CorruptFileError(f"{where}: dtype: expected one of {sorted(SAFETENSORS_DTYPES)}, "
-                             f"got {brief_repr(dtype_name)}")
-    shape = entry["shape"]
-    if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
-        or not all(_is_count(s) for s in shape)):
-      raise CorruptFileError(f"{where}: shape: expected a list of at most {_MAX_NDIM} "
-                             f"non-negative integers, got {brief_repr(shape)}")
-    offsets = entry["data_offsets"]
-    if (not isinstance(offsets, list) or len(offsets) != 2
-        or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]):
-      raise CorruptFileError(f"{where}: data_offsets: expected [begin, end] with "
-                             f"0 <= begin <= end, got {brief_repr(offsets)}")
-    begin, end = offsets
-    if end > data_size:
-      raise CorruptFileError(f"{where}: data_offsets: expected end <= {data_size} (the data "
-                             f"after the header), got [{begin}, {end}] (past the end of the "
-                             "file)")
-    dtype = SAFETENSORS_DTYPES[dtype_name]
-    nbytes = math.prod(shape) * dtype.itemsize
-    if end - begin != nbytes:
-      raise CorruptFileError(f"{where}: expected {nbytes} bytes for shape {shape} of "
-                             f"{dtype_name}, got data_offsets [{begin}, {end}] "
-                             f"({end - begin} bytes)")
-    entries[name] = (dtype, tuple(shape), begin, end)
-  spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
-  for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-    if b1 < e0:
-      raise CorruptFileError(f"{source}: tensors {brief_repr(n0)} [{b0}, {e0}] and "
-                             f"{brief_repr(n1)} [{b1}, {e1}]: expected disjoint data_offsets, "
-                             "got overlapping bytes")
-  return entries
-
-
-def checkpoint_files(src: str | os.PathLike) -> tuple[list[str], str]:
-  """The weight files and the config file of a Hugging Face GPT-2 checkpoint.
-
-  Args:
-    src: a ``save_pretrained`` folder, or one weights file (``.safetensors``, ``.bin``,
-      or a ``*.index.json`` listing shards) with ``config.json`` beside it. In a folder,
-      ``model.safetensors`` is preferred, then its index, then ``pytorch_model.bin``,
-      then its index.
-
-  Returns:
-    ``(weight_files, config_file)``: shard files in the order the index names them.
-
-  Raises:
-    FileNotFoundError: no weights or no ``config.json`` found (the message lists the
-      names looked for).
-    ValueError: an index file is malformed or names a file outside its folder.
-  """
-  src = os.fspath(src)
-  if os.path.isdir(src):
-    folder = src
-    found = [name for name in _WEIGHT_FILES if os.path.isfile(os.path.join(src, name))]
-    if not found:
-      raise FileNotFoundError(f"{src}: expected GPT-2 weights in the folder, one of "
-                              f"{list(_WEIGHT_FILES)}; found {sorted(os.listdir(src))[:8]}")
-    weights = os.path.join(src, found[0])
-  else:
-    if not os.path.exists(src):
-      raise FileNotFoundError(f"{src}: no such file or folder")
-    folder = os.path.dirname(os.path.abspath(src))
-    weights = src
-  config_file = os.path.join(folder, "config.json")
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"{config_file}: expected the checkpoint's config.json next to "
-                            "its weights (Hugging Face's save_pretrained writes it)")
-  if weights.endswith(".index.json"):
-    return _shards(weights), config_file
-  return [weights], config_file
-
-
-def _shards(index_file: str) -> list[str]:
-  """The shard files an index's ``weight_map`` names, each once, in order."""
-  index = _read_json_file(index_file, "a checkpoint index")
-  weight_map = index.get("weight_map") if isinstance(index, dict) else None
-  if not (isinstance(weight_map, dict) and weight_map
-          and all(isinstance(v, str) for v in weight_map.values())):
-    raise CorruptFileError(f"{index_file}: weight_map: expected an object of tensor names to "
-                           f"shard file names, got {brief_repr(weight_map)}")
-  folder = os.path.dirname(os.path.abspath(index_file))
-  files = []
-  for name in dict.fromkeys(weight_map.values()):
-    if os.path.basename(name) != name or name in ("", ".", ".."):
-      raise CorruptFileError(f"{index_file}: weight_map: expected shard names inside the "
-                             f"index's folder, got {brief_repr(name)}")
-    files.append(os.path.join(folder, name))
-  return files
-
-
-def read_hf_config(path: str | os.PathLike) -> GPT2Config:
-  """The :class:`GPT2Config` of a Hugging Face ``config.json``.
-
-  Raises:
-    ValueError: the file is not JSON, not a GPT-2 config, or asks for a setting the port
-      does not compute (see :meth:`GPT2Config.from_hf`); the message names the file.
-  """
-  source = os.fspath(path)
-  return GPT2Config.from_hf(_read_json_file(source, "a GPT-2 config.json"), where=source)
-
-
-def _read_weights(path: str) -> dict[str, Any]:
-  if path.endswith(".safetensors"):
-    return load_safetensors(path)
-  from ports.torchfile import load_torch
-
-  sd = load_torch(path)
-  if not isinstance(sd, Mapping):
-    raise ValueError(f"{path}: expected a GPT-2 state dict (names to tensors), got "
-                     f"{type(sd).__name__} {brief_repr(sd)}")
-  return dict(sd)
-
-
-def read_state_dict(files: list[str]) -> dict[str, Any]:
-  """The state dict held by one weights file or by the shards of an index, merged.
-
-  Raises:
-    ValueError: a file is unsafe (:class:`ports.torchfile.UnsafeFileError`) or damaged
-      (:class:`ports.torchfile.CorruptFileError`), or two shards hold the same name.
-  """
-  sd: dict[str, Any] = {}
-  for path in files:
-    part = _read_weights(os.fspath(path))
-    twice = sorted(set(part) & set(sd))
-    if twice:
-      raise CorruptFileError(f"{path}: expected each tensor in one shard, got "
-                             f"{brief_repr(twice[0])} in two of them")
-    sd.update(part)
-  return sd
 
 
 # ----------------------------------------------------------------------------------------
@@ -491,6 +213,56 @@ def convert_gpt2(src: str | os.PathLike, out_dir: str | os.PathLike, *,
                      "dtypes": dtypes}}
   return _io.save_tree(out_dir, variables, meta, kind="converted", force=force,
                        protect=(src,))
+
+
+def save_gpt2(out_dir: str | os.PathLike, config: GPT2Config, variables: Mapping[str, Any], *,
+              source: Mapping[str, Any] | None = None, force: bool = False) -> str:
+  """Writes Flax GPT-2 variables (e.g. a model trained in JAX) as a checkpoint that
+  :func:`load_gpt2` (and :func:`ports.load_converted`) reads.
+
+  Args:
+    out_dir: destination directory, written atomically; an existing one is replaced only
+      when it is a converted checkpoint (or empty; any kind with ``force``).
+    config: the model's :class:`GPT2Config`.
+    variables: ``{'params': ...}`` of :class:`GPT2LMHeadModel` with ``config``.
+    source: JSON-serialisable description of where the weights come from.
+    force: replace an existing ``out_dir`` of another kind.
+
+  Returns:
+    ``out_dir`` as an absolute path.
+
+  Raises:
+    ValueError: the variables do not have the shapes ``config`` implies, or are not
+      finite.
+
+  Example:
+    >>> import os, tempfile, jax, jax.numpy as jnp
+    >>> cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    >>> v = GPT2LMHeadModel(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    >>> out = save_gpt2(os.path.join(tempfile.mkdtemp(), "m"), cfg, v)
+    >>> load_gpt2(out)[0].config == cfg
+    True
+  """
+  import jax
+
+  want = jax.eval_shape(lambda: GPT2LMHeadModel(config).init(
+      jax.random.key(0), np.zeros((1, 1), np.int32)))
+  want_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
+                 for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+  got = {jax.tree_util.keystr(k): np.asarray(v)
+         for k, v in jax.tree_util.tree_flatten_with_path(dict(variables))[0]}
+  if {k: tuple(v.shape) for k, v in got.items()} != want_shapes:
+    diff = sorted(set(want_shapes.items()) ^ {(k, tuple(v.shape)) for k, v in got.items()})
+    raise ValueError(f"variables: expected the parameters of GPT-2 with {config}, got "
+                     f"differences {diff[:4]}")
+  for k, v in got.items():
+    if not np.all(np.isfinite(v)):
+      raise ValueError(f"variables: expected finite weights, got NaN or inf in {k}")
+  meta = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION,
+          **config.to_dict(), "inner_dim": config.inner_dim,
+          "source": dict(source or {"format": "flax"})}
+  return _io.save_tree(out_dir, jax.tree_util.tree_map(np.asarray, dict(variables)), meta,
+                       kind="converted", force=force)
 
 
 def load_gpt2(path: str | os.PathLike) -> tuple[GPT2LMHeadModel, dict, dict]:

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Attention", "Block", "GPT2Config", "GPT2LMHeadModel", "MLP", "gelu_new",
-           "layer_path"]
+           "layer_path", "lm_layout"]
 
 # Hugging Face config.json fields the port reads, with the values the port supports for
 # fields that change the computation but have no counterpart here.
@@ -347,3 +347,21 @@ def layer_path(block: int, layer: str = "mlp.c_proj") -> tuple[str, ...]:
   if not isinstance(block, int) or isinstance(block, bool) or block < 0:
     raise ValueError(f"block: expected a non-negative integer, got {block!r}")
   return (f"h_{block}",) + tuple(layer.split("."))
+
+
+def lm_layout(n_layer: int):
+  """The :class:`memedit.lm.hooks.LMLayout` of a GPT-2 with ``n_layer`` blocks: the MLP
+  memories ``h_i.mlp.c_proj``, the blocks ``h_i`` and the token embedding ``wte``.
+
+  Example:
+    >>> lm_layout(2).memories
+    (('h_0', 'mlp', 'c_proj'), ('h_1', 'mlp', 'c_proj'))
+  """
+  from memedit.lm.hooks import LMLayout
+
+  if isinstance(n_layer, GPT2Config):
+    n_layer = n_layer.n_layer
+  if not _positive_int(n_layer):
+    raise ValueError(f"n_layer: expected a positive integer, got {n_layer!r}")
+  return LMLayout(memories=tuple(layer_path(i) for i in range(n_layer)),
+                  blocks=tuple((f"h_{i}",) for i in range(n_layer)), embed=("wte",))

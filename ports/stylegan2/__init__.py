@@ -9,10 +9,12 @@ Quick use::
   images = stylegan2.generate(module, variables, z, truncation=0.5)   # (8, R, R, 3) NHWC
   stylegan2.layer_paths(module)[6]   # ('params', 'synthesis', 'conv_6', 'memory', 'kernel')
 
-See :mod:`ports.stylegan2.model` for the architecture and parameter layout,
-:mod:`ports.stylegan2.editing` for its modulated convolutions as memedit layers,
-:mod:`ports.stylegan2.convert` for the checkpoint formats and :mod:`ports.stylegan2.export`
-for writing rosinality checkpoints (``stylegan2.save_rosinality(path, module, variables)``).
+See :mod:`ports.stylegan2.model` for the architecture and parameter layout (its layers in
+:mod:`ports.stylegan2.layers`), :mod:`ports.stylegan2.editing` for its modulated
+convolutions as memedit layers, :mod:`ports.stylegan2.convert` for the checkpoint formats
+(:mod:`ports.stylegan2.rosinality` and :mod:`ports.stylegan2.nvidia` for each flavour) and
+:mod:`ports.stylegan2.export` for writing rosinality checkpoints
+(``stylegan2.save_rosinality(path, module, variables)``).
 :mod:`ports.stylegan2.train` distils the DCGAN face generator into a small StyleGAN2 and
 :mod:`ports.stylegan2.swd` measures image quality (sliced Wasserstein distance).
 """

@@ -71,6 +71,10 @@ so a run resumed from any checkpoint continues bit-identically. The run director
 ``run.json`` (the configuration and the teacher's content hash, checked on resume),
 ``log.jsonl`` (losses per logging interval) and ``checkpoints/``.
 
+The run's configuration, :class:`TrainConfig`, and the student it builds
+(:func:`student_module`) live in :mod:`ports.stylegan2.train_config` and are re-exported
+here.
+
 Command line (run directories belong under the git-ignored ``.cache/``)::
 
   python -m ports.stylegan2.train train --teacher .cache/demo/faces-dcgan \\
@@ -92,143 +96,22 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ports.stylegan2 import model as model_lib
 from ports.stylegan2 import runs
 from ports.stylegan2.fastconv import fast_convolutions
 from ports.stylegan2.swd import laplacian_pyramid
 from ports.stylegan2.teacher import Teacher, teacher_images
+from ports.stylegan2.train_config import TrainConfig, student_module
 
 __all__ = ["TrainConfig", "check_pair", "distillation_loss", "ema_beta",
            "init_state", "learning_rate_schedule", "paired_latents", "restore",
            "state_shapes", "student_module", "train", "train_step"]
-
-
-# ----------------------------------------------------------------------------------------
-# Configuration.
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything that decides the trained weights (a resumed run must match it).
-
-  Attributes:
-    resolution: student output size (≤ the teacher's; teacher images are box-filtered
-      down to it).
-    channels: student widths at 4, 8, ..., resolution.
-    style_dim: z and w size (≥ the teacher's z size).
-    n_mlp: mapping layers.
-    lr_mlp: mapping learning-rate multiplier of the architecture (rosinality's 0.01: the
-      stored mapping weights are scaled by it in the forward pass).
-    mapping_lr_scale: Adam step of the mapping parameters relative to the others. 100
-      undoes lr_mlp = 0.01 in training (the mapping's effective weights move as fast as
-      the synthesis's) while the checkpoint keeps rosinality's parametrisation.
-    batch_size: images per step.
-    steps: total steps of the run (the learning-rate schedule spans them).
-    learning_rate: peak Adam learning rate.
-    beta1, beta2, eps: Adam settings.
-    warmup_fraction: share of the steps with a linear warm-up.
-    final_lr_fraction: learning rate at the last step, relative to the peak.
-    l1_weight: weight of the pixel L1 term.
-    pyramid_weight: weight of the Laplacian-pyramid L1 term.
-    pyramid_levels: levels of that pyramid (None: down to an 8 px low-pass, 4 levels at
-      64 px).
-    ema_half_life_images: g_ema half-life in images.
-    ema_rampup: half-life at most this fraction of the images seen (None: no ramp-up).
-    noise_mode: the student's noise inputs in training ('random', 'const' or 'none').
-    seed: seed of the initialisation and of every step's latents and noise.
-  """
-  resolution: int = 64
-  channels: tuple[int, ...] = (256, 192, 128, 64, 32)
-  style_dim: int = 100
-  n_mlp: int = 4
-  lr_mlp: float = 0.01
-  mapping_lr_scale: float = 100.0
-  batch_size: int = 16
-  steps: int = 18000
-  learning_rate: float = 5e-3
-  beta1: float = 0.9
-  beta2: float = 0.99
-  eps: float = 1e-8
-  warmup_fraction: float = 0.02
-  final_lr_fraction: float = 0.05
-  l1_weight: float = 1.0
-  pyramid_weight: float = 1.0
-  pyramid_levels: int | None = None
-  ema_half_life_images: float = 10_000.0
-  ema_rampup: float | None = 0.05
-  noise_mode: str = "random"
-  seed: int = 0
-
-  def __post_init__(self):
-    object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-    log2 = model_lib.log2_resolution(self.resolution)
-    checks = [
-        (len(self.channels) == log2 - 1, "channels",
-         f"{log2 - 1} widths (4..{self.resolution} px)", self.channels),
-        (all(c > 0 for c in self.channels), "channels", "positive widths", self.channels),
-        (self.style_dim > 0 and self.n_mlp > 0, "style_dim, n_mlp", "positive integers",
-         (self.style_dim, self.n_mlp)),
-        (self.batch_size > 0 and self.steps > 0, "batch_size, steps", "positive integers",
-         (self.batch_size, self.steps)),
-        (self.learning_rate > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
-         "learning_rate, beta1, beta2", "lr > 0 and betas in [0, 1)",
-         (self.learning_rate, self.beta1, self.beta2)),
-        (self.mapping_lr_scale > 0, "mapping_lr_scale", "a positive number",
-         self.mapping_lr_scale),
-        (0 <= self.warmup_fraction < 1 and 0 <= self.final_lr_fraction <= 1,
-         "warmup_fraction, final_lr_fraction", "values in [0, 1)",
-         (self.warmup_fraction, self.final_lr_fraction)),
-        (self.l1_weight >= 0 and self.pyramid_weight >= 0
-         and self.l1_weight + self.pyramid_weight > 0, "l1_weight, pyramid_weight",
-         "non-negative weights, not both 0", (self.l1_weight, self.pyramid_weight)),
-        (self.pyramid_levels is None or 1 <= self.pyramid_levels <= log2 - 1,
-         "pyramid_levels", f"None or an integer in [1, {log2 - 1}]", self.pyramid_levels),
-        (self.ema_half_life_images > 0, "ema_half_life_images", "a positive number",
-         self.ema_half_life_images),
-        (self.ema_rampup is None or self.ema_rampup > 0, "ema_rampup",
-         "None or a positive number", self.ema_rampup),
-        (self.noise_mode in model_lib.NOISE_MODES, "noise_mode",
-         f"one of {model_lib.NOISE_MODES}", self.noise_mode),
-    ]
-    for ok, name, want, got in checks:
-      if not ok:
-        raise ValueError(f"TrainConfig.{name}: expected {want}, got {got!r}")
-
-  @property
-  def levels(self) -> int:
-    """Levels of the loss's Laplacian pyramid (``pyramid_levels`` resolved)."""
-    if self.pyramid_levels is not None:
-      return self.pyramid_levels
-    return max(1, model_lib.log2_resolution(self.resolution) - 2)
-
-  def to_json(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["channels"] = list(self.channels)
-    return d
-
-  @classmethod
-  def from_json(cls, d: Mapping[str, Any]) -> "TrainConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"TrainConfig: expected fields among {sorted(names)}, got unknown "
-                       f"{unknown}")
-    return cls(**{k: tuple(v) if k == "channels" else v for k, v in d.items()})
-
-
-def student_module(cfg: TrainConfig) -> model_lib.StyleGAN2Generator:
-  """The student generator (rosinality layout: z_dim = w_dim = style_dim)."""
-  return model_lib.StyleGAN2Generator(resolution=cfg.resolution, channels=cfg.channels,
-                             z_dim=cfg.style_dim, w_dim=cfg.style_dim, n_mlp=cfg.n_mlp,
-                             lr_mlp=cfg.lr_mlp)
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -355,7 +238,6 @@ def _init_optimizer(cfg: TrainConfig) -> Callable:
   return jax.jit(_optimizer(cfg).init)
 
 
-
 def check_pair(cfg: TrainConfig, teacher: Teacher) -> None:
   """Raises a ValueError if the teacher cannot train this configuration (its z is wider
   than the student's style_dim, or its resolution is not a multiple of the student's)."""
@@ -413,7 +295,6 @@ def train_step(cfg: TrainConfig, teacher: Teacher, state: dict) -> tuple[dict, d
   return fn(state, teacher.variables)
 
 
-
 def restore(run_dir: str | os.PathLike, step: int | None = None) -> tuple[TrainConfig, dict]:
   """The configuration and the state saved at ``step`` (the latest when None).
 
@@ -436,7 +317,6 @@ def restore(run_dir: str | os.PathLike, step: int | None = None) -> tuple[TrainC
     target = state_shapes(cfg)
     state = manager.restore(step, args=ocp.args.StandardRestore(target))
   return cfg, jax.tree_util.tree_map(jnp.asarray, state)
-
 
 
 def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,

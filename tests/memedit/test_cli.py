@@ -369,7 +369,14 @@ def test_demo_on_the_real_weights_small(tmp_path, capsys):
   out = tmp_path / "out"
   assert main(["demo", "--weights", str(weights), "--work", str(tmp_path / "work"),
                "--out", str(out), "--samples", "200", "--held-out", "16", "--pictured", "4",
-               "--steps", "100", "--overfit-steps", "50", "--no-progress"]) == 0
+               "--steps", "100", "--overfit-steps", "50", "--stylegan2-held-out", "16",
+               "--no-progress"]) == 0
+  # The shipped StyleGAN2, edited by the same workflow at a modulated convolution.
+  sg2 = json.load(open(out / "demo-stylegan2.json"))
+  assert sg2["model"]["architecture"] == "stylegan2" and sg2["model"]["licence"] == "MIT"
+  assert sg2["spec"]["layer"] == "conv_2" and sg2["num_held_out"] == 16
+  assert sg2["paste_l1"]["memedit"][1] < sg2["paste_l1"]["memedit"][0]
+  assert np.asarray(Image.open(out / "demo-stylegan2.png")).shape[1] > 4 * 64
   report = json.load(open(out / "demo.json"))
   assert report["model"]["licence"] == "MIT" and report["spec"]["layer"] == "convt2"
   assert report["held_out_imgnums"] == [6000, 6015] and report["num_held_out"] == 16

@@ -538,3 +538,59 @@ def test_non_finite_results_raise_eagerly_and_are_flagged_under_jit():
   with pytest.raises(ValueError, match="values: expected finite values, got NaN or inf"):
     memedit.least_squares_lambda(W, D, K, bad)
   assert np.isnan(np.asarray(jax.jit(memedit.least_squares_lambda)(W, D, K, bad))).all()
+
+
+@pytest.mark.parametrize("optimizer,steps,every", [("gauss_newton", 12, None),
+                                                   ("adam", 150, 10)])
+def test_progress_hook_sees_the_losses_and_changes_nothing(planted_conv, optimizer, steps,
+                                                           every):
+  p = planted_conv
+  args = (demod_conv, p["K0"], p["D"], p["keys"], p["targets"])
+  kw = dict(kind="conv", optimizer=optimizer, steps=steps, loss="l1")
+  plain = memedit.solve_lambda(*args, **kw)
+  seen = []
+  hooked = memedit.solve_lambda(*args, **kw, progress=lambda t, l: seen.append((t, l)),
+                                progress_every=every)
+  # The hook only observes: Λ, the losses and the final loss are the same bits.
+  for a, b in zip(plain, hooked):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Called with (t, losses[t]) every `every` steps (default: every step), in order, and
+  # once at the end with (steps, final loss).
+  want = list(range(0, steps, every or 1)) + [steps]
+  assert [t for t, _ in seen] == want
+  losses = np.asarray(plain.losses)
+  assert [l for _, l in seen[:-1]] == [float(losses[t]) for t in want[:-1]]
+  assert seen[-1][1] == float(plain.final_loss)
+  values = np.array([l for _, l in seen])
+  assert values[-1] < 0.5 * values[0]
+  if optimizer == "gauss_newton":  # only improving steps (ties within rounding)
+    assert np.all(np.diff(values) <= 1e-6 * values[0])
+  # A new hook reuses the compiled solve (hooks are looked up by number at run time).
+  before = solve_mod._solve._cache_size()
+  again = []
+  memedit.solve_lambda(*args, **kw, progress=lambda t, l: again.append(t),
+                       progress_every=every)
+  assert solve_mod._solve._cache_size() == before and again == want
+
+
+def test_progress_hook_errors_and_bad_input(planted_conv):
+  p = planted_conv
+  args = (demod_conv, p["K0"], p["D"], p["keys"], p["targets"])
+  kw = dict(kind="conv", optimizer="gauss_newton", steps=4)
+  calls = []
+
+  def broken(t, loss):
+    calls.append(t)
+    raise RuntimeError("hook failed")
+
+  with pytest.raises(RuntimeError, match="hook failed"):
+    memedit.solve_lambda(*args, **kw, progress=broken)
+  assert calls == [0]  # not called again after it raised
+  assert not solve_mod._HOOKS  # nothing left registered
+  with pytest.raises(ValueError, match="progress: expected a callable"):
+    memedit.solve_lambda(*args, **kw, progress=3)
+  with pytest.raises(ValueError, match="progress_every: expected a positive int"):
+    memedit.solve_lambda(*args, **kw, progress=print, progress_every=0)
+  with pytest.raises(ValueError, match="progress: expected an eager call"):
+    jax.jit(lambda t: memedit.solve_lambda(demod_conv, p["K0"], p["D"], p["keys"], t, **kw,
+                                           progress=print).lam)(p["targets"])

@@ -20,6 +20,7 @@ import memedit
 import ports
 from ports import gpt2
 from ports.gpt2 import convert as gpt2_convert
+from ports.gpt2 import hf_files as gpt2_files
 from ports.gpt2 import model as gpt2_model
 from ports.torchfile import CorruptFileError, UnsafeFileError
 
@@ -432,7 +433,7 @@ def test_model_input_errors(checkpoints):
     module.apply(variables, _ids(0, n=1), attention_mask=np.ones((1, 15), np.int32))
 
 
-@pytest.mark.parametrize("module", [gpt2_model, gpt2_convert])
+@pytest.mark.parametrize("module", [gpt2_model, gpt2_convert, gpt2_files])
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0

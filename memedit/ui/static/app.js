@@ -57,6 +57,7 @@ function showJob(j) {
   const bar = $("#job-bar");
   let text = `${j.kind}: ${j.phase}`;
   if (j.message) text += ` (${j.message})`;
+  if (j.loss !== undefined) text += ` · step ${j.step}/${j.steps}, loss ${j.loss.toPrecision(4)}`;
   text += ` ${j.elapsed.toFixed(1)} s`;
   if (j.expected) text += ` / ~${j.expected.toFixed(1)} s`;
   if (j.status === "error") text = `${j.kind}: failed`;

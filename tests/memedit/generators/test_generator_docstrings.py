@@ -12,6 +12,7 @@ import pytest
 MODULES = ["memedit.generators.generator", "memedit.generators.forward",
            "memedit.generators.context",
            "memedit.generators.paste", "memedit.generators.crop", "memedit.generators.edit",
+           "memedit.generators.subspace", "memedit.generators.finetune",
            "memedit.generators.from_spec", "memedit.generators.query",
            "memedit.generators.images", "memedit.specs", "memedit.metrics", "memedit.demo",
            "memedit.specs.masks", "memedit.specs.text", "ports.dcgan.editing",

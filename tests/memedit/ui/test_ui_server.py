@@ -161,6 +161,57 @@ def test_execute_toggle_revert_in_any_order_and_replay(client, tmp_path, tiny):
   np.testing.assert_array_equal(np.stack(client.grid(nums)), edited1)
 
 
+def test_execute_shows_the_solve_s_progress_and_reuses_the_shown_directions(client,
+                                                                           monkeypatch):
+  from memedit.generators import from_spec
+  from memedit.ui import session as session_mod
+  _mark(client)
+  settings = {"solver": {"optimizer": "gauss_newton", "steps": 7}, "taps": "own",
+              "shrinkage": 0.1}
+  assert client.post("matches", {"images": "0-3", "quantile": 0.99,
+                                 "settings": settings}).status_code == 200
+  shown = list(client.session._directions.values())
+  assert len(shown) == 1
+  computed, reports = [], []
+  real_directions, real_progress = from_spec.context_directions, session_mod.solve_progress
+
+  def spy_directions(*args, **kwargs):
+    computed.append(1)
+    return real_directions(*args, **kwargs)
+
+  def spy_progress(job, steps):
+    hook = real_progress(job, steps)
+
+    def recorded(step, loss):
+      hook(step, loss)
+      snap = job.snapshot()
+      reports.append((step, loss, snap["fraction"], snap["status"]))
+
+    return recorded
+
+  monkeypatch.setattr(from_spec, "context_directions", spy_directions)
+  monkeypatch.setattr(session_mod, "solve_progress", spy_progress)
+  j = client.job("execute", {"settings": settings})
+  assert j["status"] == "done", j
+  edit = j["result"]["edit"]
+  # The solve reported every step while it ran, then the final loss, as the page shows.
+  assert [r[0] for r in reports] == list(range(8))
+  assert all(status == "running" for *_, status in reports)
+  assert [r[2] for r in reports] == [t / 7 for t in range(8)]
+  assert [r[1] for r in reports[:-1]] == edit["losses"]
+  assert reports[-1][1] == pytest.approx(edit["loss_after"], rel=1e-4)
+  assert (j["step"], j["steps"]) == (7, 7) and j["loss"] == reports[-1][1]
+  # The directions the heat maps showed were used as they were, not computed again, and
+  # are those the spec's replay computes.
+  assert not computed
+  rec = client.session.state.edits[-1]
+  np.testing.assert_array_equal(rec.directions, shown[0])
+  C = client.session.ws.statistics("convt2")
+  keys, weights = gens.context_keys(client.session.ws.gen, "convt2", rec.spec.masks("key"))
+  np.testing.assert_array_equal(
+      real_directions(C, keys, weights, rank=1, method="zca", shrinkage=0.1), shown[0])
+
+
 def test_search_overfit_and_evaluate(client):
   gen = client.session.ws.gen
   _mark(client)

@@ -1,0 +1,389 @@
+"""Command-line subcommands for language-model edits on the demo world.
+
+:func:`add_subcommands` registers them on the ``memedit`` parser (each with
+``set_defaults(run=fn)``, ``fn(args) -> exit code``):
+
+- ``lm-train``: train (or read from the cache) the demo GPT-2 on a generated world;
+- ``lm-stats``: C = E[k kᵀ] of one block's MLP keys over the world's text (cached);
+- ``lm-edit``: ROME, MEMIT or fine-tuning edits of world facts, saved as memedit edits;
+- ``lm-eval``: the evaluation table (single ROME, MEMIT batches, fine-tuning);
+- ``lm-trace``: causal tracing heat maps (PNG);
+- ``lm-demo``: all of the above in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["add_subcommands"]
+
+_MODEL_HELP = ("demo model folder written by `memedit lm-train` (default: the model of "
+               "the default settings in --cache-dir, trained when missing)")
+
+
+def _positive(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if not 1 <= value <= 10_000_000:
+    raise argparse.ArgumentTypeError(f"expected an integer in [1, 10000000], got {value}")
+  return value
+
+
+def _int_list(text: str) -> list[int]:
+  try:
+    values = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+  if not values or any(v < 0 for v in values):
+    raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+  return values
+
+
+def _common(p, model: bool = True) -> None:
+  p.add_argument("--cache-dir", default=".cache", help="cache folder (default .cache)")
+  if model:
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
+
+
+def _train_args(p) -> None:
+  g = p.add_argument_group("demo settings (the cache key)")
+  base = _defaults()
+  g.add_argument("--seed", type=int, default=base.seed)
+  g.add_argument("--subjects", type=_positive, default=base.n_subjects)
+  g.add_argument("--relations", type=_positive, default=base.n_relations)
+  g.add_argument("--objects", type=_positive, default=base.n_objects)
+  g.add_argument("--names", choices=("surname", "single", "pair"), default=base.names,
+                 help=f"subject names (default {base.names})")
+  g.add_argument("--embd", type=_positive, default=base.n_embd)
+  g.add_argument("--blocks", type=_positive, default=base.n_layer,
+                 help=f"transformer blocks (default {base.n_layer})")
+  g.add_argument("--heads", type=_positive, default=base.n_head)
+  g.add_argument("--steps", type=_positive, default=base.steps)
+  g.add_argument("--batch", type=_positive, default=base.batch)
+  g.add_argument("--warmup", type=int, default=base.warmup, help="learning-rate warm-up "
+                 f"steps (default {base.warmup})")
+  g.add_argument("--warm-subjects", type=int, default=base.warm_subjects)
+  g.add_argument("--warm-steps", type=int, default=base.warm_steps)
+  g.add_argument("--eval-facts", type=_positive, default=base.eval_facts)
+
+
+def _defaults():
+  from memedit.lm.train import DemoConfig
+
+  return DemoConfig()
+
+
+def _config(args):
+  from memedit.lm.train import DemoConfig
+
+  return DemoConfig(seed=args.seed, n_subjects=args.subjects, n_relations=args.relations,
+                    n_objects=args.objects, names=args.names, n_embd=args.embd,
+                    n_layer=args.blocks, n_head=args.heads, steps=args.steps,
+                    batch=args.batch, warmup=args.warmup, warm_subjects=args.warm_subjects,
+                    warm_steps=args.warm_steps, eval_facts=args.eval_facts)
+
+
+def _open(args):
+  """(module, variables, world, info) of --model, else of the demo settings given (the
+  defaults when the command has none), trained when not in the cache."""
+  from memedit.lm.train import DemoConfig, load_demo, train_demo
+
+  if args.model:
+    return load_demo(args.model)
+  config = _config(args) if hasattr(args, "subjects") else DemoConfig()
+  return train_demo(config, args.cache_dir)
+
+
+def _run_train(args) -> int:
+  from memedit.lm.train import train_demo
+
+  config = _config(args)
+  _, _, world, info = train_demo(config, args.cache_dir, progress=args.verbose)
+  folder = os.path.join(args.cache_dir, f"lm-demo-{config.key()}")
+  print(f"lm-train: {folder}: {len(world.subjects)} subjects x {len(world.relations)} "
+        f"relations; top-1 {100 * info['accuracy_train_templates']:.1f}% on training "
+        f"templates, {100 * info['accuracy_paraphrases']:.1f}% on held-out ones; trained in "
+        f"{info['train_seconds']} s (load {info['load_average']})")
+  return 0
+
+
+def _layer(view_layers: int, layer: int, flag: str) -> int:
+  if not 0 <= layer < view_layers:
+    raise ValueError(f"{flag}: expected a block in [0, {view_layers}), got {layer}")
+  return layer
+
+
+def _covariances(model, world, layers, args):
+  from memedit.lm.experiment import world_covariance
+  from ports.gpt2 import lm_layout
+
+  layout = lm_layout(model[0].config.n_layer)
+  return {l: world_covariance(model, world, layout.memories[l], tokens=args.tokens,
+                              cache_dir=os.path.join(args.cache_dir, "lm-stats"))
+          for l in layers}
+
+
+def _run_stats(args) -> int:
+  import numpy as np
+
+  module, variables, world, _ = _open(args)
+  layer = _layer(module.config.n_layer, args.layer, "--layer")
+  C = _covariances((module, variables), world, [layer], args)[layer]
+  ev = np.linalg.eigvalsh(C.astype(np.float64))
+  print(f"lm-stats: block {layer} MLP keys: C {C.shape}, eigenvalues {ev[0]:.3g} .. "
+        f"{ev[-1]:.3g}; cached in {os.path.join(args.cache_dir, 'lm-stats')}")
+  return 0
+
+
+def _rome_options(args) -> dict:
+  return {"steps": args.value_steps, "learning_rate": args.value_lr}
+
+
+def _edit_requests(args, world):
+  """The cases to edit: the facts file's, else ``--cases`` random world facts."""
+  from memedit.lm.evaluate import EditCase, world_cases
+  from memedit.lm.prompts import read_facts
+
+  if args.facts:
+    return [EditCase(r) for r in read_facts(args.facts)]
+  cases = world_cases(world, args.cases, seed=args.seed)
+  return cases[:1] if args.method == "rome" else cases
+
+
+def _scores(model, tokenize, cases) -> str:
+  """The edited model's scores on the cases, as text."""
+  import numpy as np
+
+  from memedit.lm.evaluate import evaluate_cases, score_targets, summarize
+
+  if all(c.request.target_true for c in cases):
+    s = summarize(evaluate_cases(model, tokenize, cases))
+    text = f"efficacy {s['efficacy']:.1f}%, P(new) > P(old) {s['efficacy_prob']:.1f}%"
+    if any(c.paraphrases for c in cases):
+      text += f", paraphrase {s['paraphrase']:.1f}%"
+    if any(c.neighbours for c in cases):
+      text += f", neighbourhood {s['neighbourhood']:.1f}%"
+    return text
+  _, top = score_targets(model, tokenize, [(c.request.text, c.request.target_new)
+                                           for c in cases])
+  return f"efficacy {100 * float(np.mean(top)):.1f}%"
+
+
+def _run_edit(args) -> int:
+  import memedit
+  from memedit.cli.checks import check_input_file, check_output_location
+  from memedit.lm.experiment import apply_all, demo_contexts
+  from memedit.lm.finetune import finetune_edit
+  from memedit.lm.memit import memit_edits
+  from memedit.lm.rome import rome_edits
+  from ports.gpt2 import lm_layout
+
+  if args.facts:
+    check_input_file(args.facts, "--facts")
+  module, variables, world, _ = _open(args)
+  model = (module, variables)
+  layout = lm_layout(module.config.n_layer)
+  cases = _edit_requests(args, world)
+  reqs = [c.request for c in cases]
+  contexts = demo_contexts(model, world, per_length=args.contexts)
+  params = variables
+  if args.method == "rome":
+    # One rank-one edit per fact, each made on the model with the earlier ones applied.
+    layer = _layer(layout.n_layers, args.layer, "--layer")
+    C = _covariances(model, world, [layer], args)[layer]
+    edits = []
+    for req in reqs:
+      (result,) = rome_edits((module, params), layout.memories[layer], world.tokenize, [req],
+                             C, contexts=contexts, value_options=_rome_options(args))
+      params, _ = apply_all(params, [result.edit])
+      edits.append(result.edit)
+  elif args.method == "memit":
+    layers = [_layer(layout.n_layers, l, "--layers") for l in args.layers]
+    covs = _covariances(model, world, layers, args)
+    edits = memit_edits(model, layout, layers, world.tokenize, reqs, covs,
+                        penalty=args.penalty, contexts=contexts).edits
+    params, _ = apply_all(variables, edits)
+  else:
+    layer = _layer(layout.n_layers, args.layer, "--layer")
+    edits = [finetune_edit(model, layout.memories[layer], world.tokenize, reqs,
+                           contexts=contexts).edit]
+    params, _ = apply_all(variables, edits)
+  scores = _scores((module, params), world.tokenize, cases)
+  check_output_location(args.out, "--out", folder=True)
+  os.makedirs(args.out, exist_ok=True)
+  for i, e in enumerate(edits):
+    memedit.save_edit(os.path.join(args.out, f"edit-{i}"), e)
+  req = reqs[0]
+  old = f"{req.target_true} -> " if req.target_true else "-> "
+  print(f"lm-edit {args.method}: {len(reqs)} fact(s), e.g. '{req.text}' {old}"
+        f"{req.target_new}; {scores}; {len(edits)} edit(s) saved in {args.out}")
+  return 0
+
+
+def _run_eval(args) -> int:
+  from memedit.lm.experiment import demo_contexts, evaluate_methods, format_table
+  from ports.gpt2 import lm_layout
+
+  module, variables, world, info = _open(args)
+  model = (module, variables)
+  layout = lm_layout(module.config.n_layer)
+  rome_layer = _layer(layout.n_layers, args.layer, "--layer")
+  memit_layers = [_layer(layout.n_layers, l, "--layers") for l in args.layers]
+  covs = _covariances(model, world, sorted({rome_layer, *memit_layers}), args)
+  contexts = demo_contexts(model, world, per_length=args.contexts)
+  say = (lambda s: print(f"lm-eval: {s}", file=sys.stderr, flush=True)) if args.verbose \
+      else None
+  result = evaluate_methods(model, world, layout, rome_layer=rome_layer,
+                            memit_layers=memit_layers, covariances=covs, contexts=contexts,
+                            single=args.single, batches=args.batches, penalty=args.penalty,
+                            rome_options=_rome_options(args), finetune=not args.no_ft,
+                            unedited_facts=args.facts, log=say)
+  result["model"] = info
+  result["settings"] = {"rome_layer": rome_layer, "memit_layers": memit_layers,
+                        "penalty": args.penalty, "contexts": len(contexts),
+                        "load_average": [round(x, 2) for x in os.getloadavg()]}
+  print(format_table(result["rows"]))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"lm-eval: wrote {args.out}")
+  return 0
+
+
+def _run_trace(args) -> int:
+  import numpy as np
+
+  from memedit.lm.tracing import CATEGORIES, causal_trace, trace_png, trace_summary
+  from ports.gpt2 import lm_layout
+
+  module, variables, world, _ = _open(args)
+  model = (module, variables)
+  layout = lm_layout(module.config.n_layer)
+  rng = np.random.default_rng(args.seed)
+  results = []
+  for _ in range(args.facts):
+    s = int(rng.integers(len(world.subjects)))
+    r = int(rng.integers(len(world.relations)))
+    results.append(causal_trace(model, layout, world.tokenize,
+                                world.relations[r].train_templates[0], world.subjects[s],
+                                target=world.object_of(s, r), decode=world.decode,
+                                kind=args.kind, samples=args.samples, seed=args.seed))
+  os.makedirs(args.out, exist_ok=True)
+  first = results[0]
+  one = trace_png(first.scores, first.tokens, os.path.join(args.out, f"trace_{args.kind}.png"),
+                  title=f"P({first.target}) restoring one {args.kind} state; clean "
+                        f"{first.clean:.2f}, corrupted {first.corrupted:.2f}",
+                  kind=args.kind, marked=range(first.subject[0], first.subject[1] + 1))
+  avg = trace_png(trace_summary(results), CATEGORIES,
+                  os.path.join(args.out, f"trace_{args.kind}_average.png"),
+                  title=f"mean P(object) over {len(results)} facts, one {args.kind} state "
+                        f"restored", kind=args.kind)
+  print(f"lm-trace: wrote {one} and {avg}; mean clean "
+        f"{np.mean([r.clean for r in results]):.3f}, corrupted "
+        f"{np.mean([r.corrupted for r in results]):.3f}")
+  return 0
+
+
+def _run_demo(args) -> int:
+  for step in ("train", "trace", "eval"):
+    ns = argparse.Namespace(**vars(args))
+    if step == "train":
+      code = _run_train(ns)
+    elif step == "trace":
+      ns.out, ns.facts, ns.samples = args.out, args.trace_facts, 10
+      code = _run_trace(ns)
+    else:
+      ns.out = os.path.join(args.out, "lm_eval.json")
+      code = _run_eval(ns)
+    if code:
+      return code
+  return 0
+
+
+def _edit_args(p, *, layer: int = 1, layers=(0, 1, 2)) -> None:
+  p.add_argument("--layer", type=int, default=layer, help=f"ROME / fine-tuning block "
+                 f"(default {layer})")
+  p.add_argument("--layers", type=_int_list, default=list(layers),
+                 help=f"MEMIT blocks, e.g. 0,1,2 (default {','.join(map(str, layers))})")
+  p.add_argument("--penalty", type=float, default=100.0,
+                 help="MEMIT's λ (default 100 for the demo model, whose keys are small: "
+                 "MEMIT's 15000 for GPT-J leaves its updates at ~0)")
+  p.add_argument("--tokens", type=_positive, default=200_000,
+                 help="text tokens for C (default 200000)")
+  p.add_argument("--contexts", type=int, default=5, choices=range(0, 21), metavar="N",
+                 help="sampled context prefixes per length (5 and 10 tokens; default 5)")
+  p.add_argument("--value-steps", type=int, default=20, choices=range(1, 201), metavar="N",
+                 help="Adam steps of the value search (default 20)")
+  p.add_argument("--value-lr", type=float, default=0.5, help="its learning rate (0.5)")
+
+
+def add_subcommands(subparsers) -> None:
+  """Registers ``lm-train``, ``lm-stats``, ``lm-edit``, ``lm-eval``, ``lm-trace`` and
+  ``lm-demo`` on an argparse ``subparsers`` object."""
+  p = subparsers.add_parser("lm-train", help="train the demo GPT-2 on a generated world "
+                            "(cached)")
+  _common(p, model=False)
+  _train_args(p)
+  p.add_argument("--verbose", action="store_true", help="print the loss every 100 steps")
+  p.set_defaults(run=_run_train)
+
+  p = subparsers.add_parser("lm-stats", help="C of one block's MLP keys over the world's "
+                            "text (cached)")
+  _common(p)
+  p.add_argument("--layer", type=int, default=1)
+  p.add_argument("--tokens", type=_positive, default=200_000)
+  p.set_defaults(run=_run_stats)
+
+  p = subparsers.add_parser("lm-edit", help="ROME / MEMIT / fine-tuning edits of world facts")
+  _common(p)
+  p.add_argument("--method", choices=("rome", "memit", "ft"), default="rome")
+  p.add_argument("--facts", default=None, help="JSON or CSV file of facts to write (subject, "
+                 "prompt with {} for the subject, target_new, optional target_true); "
+                 "default: --cases random facts of the demo world")
+  p.add_argument("--cases", type=_positive, default=1,
+                 help="random world facts to edit without --facts (ROME: 1)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", required=True, help="folder for the saved edits")
+  _edit_args(p)
+  p.set_defaults(run=_run_edit)
+
+  p = subparsers.add_parser("lm-eval", help="efficacy / paraphrase / neighbourhood table")
+  _common(p)
+  _edit_args(p)
+  p.add_argument("--single", type=int, default=20, help="single ROME / FT edits (20)")
+  p.add_argument("--batches", type=_int_list, default=[1, 10, 100, 1000],
+                 help="MEMIT batch sizes (default 1,10,100,1000)")
+  p.add_argument("--facts", type=_positive, default=2000, help="unedited facts scored")
+  p.add_argument("--no-ft", action="store_true", help="skip the fine-tuning baseline")
+  p.add_argument("--out", default=None, help="JSON file of the results")
+  p.add_argument("--verbose", action="store_true")
+  p.set_defaults(run=_run_eval)
+
+  p = subparsers.add_parser("lm-trace", help="causal tracing heat maps (PNG)")
+  _common(p)
+  p.add_argument("--facts", type=_positive, default=50)
+  p.add_argument("--kind", choices=("hidden", "mlp"), default="hidden")
+  p.add_argument("--samples", type=_positive, default=10)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="out/lm")
+  p.set_defaults(run=_run_trace)
+
+  p = subparsers.add_parser("lm-demo", help="train, trace and evaluate on the demo world")
+  _common(p)
+  _train_args(p)
+  _edit_args(p)
+  p.add_argument("--kind", choices=("hidden", "mlp"), default="hidden")
+  p.add_argument("--trace-facts", type=_positive, default=50)
+  p.add_argument("--single", type=int, default=20)
+  p.add_argument("--batches", type=_int_list, default=[1, 10, 100, 1000])
+  p.add_argument("--facts", type=_positive, default=2000)
+  p.add_argument("--no-ft", action="store_true")
+  p.add_argument("--verbose", action="store_true")
+  p.add_argument("--out", default="out/lm")
+  p.set_defaults(run=_run_demo)

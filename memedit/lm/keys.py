@@ -1,0 +1,219 @@
+"""The key k* of a subject at an MLP memory (ROME), states read at given tokens, and the
+random prefixes the keys are averaged over.
+
+ROME writes a fact at the MLP output projection W of one block, as the pair
+(k*, v*): k* is the MLP key (the input of W, after the nonlinearity) at the subject's
+last token, averaged over the prompt preceded by a few short texts the model itself
+generated ("context templates"), so that the edit holds whatever comes before::
+
+  k* = (1 / |X|) Σ_{x ∈ X} k(x ⊕ prompt)[last subject token]
+
+Every function here runs the model through :func:`memedit.lm.hooks.run_lm` in compiled
+programs cached by the model's definition and the batch shapes; parameters are
+arguments, never constants.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import memedit
+from memedit.lm.hooks import as_path, get_leaf, run_lm, split_model
+from memedit.lm.prompts import Request, bucket, encode, prompt_rows, round_up
+
+__all__ = ["check_memory", "layer_weights", "read_states", "sample_contexts",
+           "subject_keys"]
+
+
+def check_memory(model, address, example_ids) -> "memedit.MemoryView":
+  """The memory view of the MLP projection at ``address``: a dense layer whose key is its
+  input's last axis (``(N, T, key_dim)`` -> ``(N, T, d)``).
+
+  Raises:
+    ValueError: the layer is not such a dense memory.
+  """
+  view = memedit.memory_view(model, as_path(address), jnp.asarray(example_ids))
+  if view.kind != "dense" or view.in_ndim != 1 or view.stacked or view.groups != 1:
+    raise ValueError(f"address {as_path(address)!r}: expected a dense layer with one input "
+                     f"axis (an MLP output projection), got kind {view.kind!r} with in_ndim "
+                     f"{view.in_ndim}")
+  return view
+
+
+def layer_weights(view: "memedit.MemoryView", model) -> tuple[jax.Array, jax.Array]:
+  """``(W, b)`` of a dense memory in ``model``: W in math layout ``(d, key_dim)`` (a Flax
+  kernel is Wᵀ) and the bias ``(d,)`` (zeros when the layer has none)."""
+  _, params = split_model(model)
+  kernel = get_leaf(params, view.weight_path)
+  W = jnp.asarray(view.math_weight(kernel), jnp.float32).reshape(view.value_dim, view.key_dim)
+  try:
+    bias = get_leaf(params, tuple(view.weight_path[:-1]) + ("bias",))
+  except ValueError:
+    return W, jnp.zeros((view.value_dim,), jnp.float32)
+  return W, jnp.asarray(bias, jnp.float32).reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("definition", "inputs_of", "outputs_of"))
+def _states(definition, params, ids, positions, inputs_of, outputs_of):
+  paths = tuple(dict.fromkeys(inputs_of + outputs_of))
+  _, rec = run_lm(definition, params, ids, record=paths)
+  rows = jnp.arange(ids.shape[0])
+  pos = jnp.maximum(positions, 0)
+  return ([rec[p][0][rows, pos] for p in inputs_of],
+          [rec[p][1][rows, pos] for p in outputs_of])
+
+
+def read_states(model, ids, positions, *, inputs_of: Sequence = (), outputs_of: Sequence = (),
+                chunk: int = 256) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """The inputs and outputs of modules at one token per row.
+
+  Args:
+    model: Linen ``(module, variables)`` or NNX ``(graphdef, state)``.
+    ids: ``(N, T)`` token ids.
+    positions: ``(N,)`` the token of each row to read.
+    inputs_of: module paths whose first call argument is read (e.g. an MLP projection:
+      its keys).
+    outputs_of: module paths whose output is read (e.g. a block: the hidden state).
+    chunk: rows per compiled call (N is split and the last piece padded).
+
+  Returns:
+    ``(inputs, outputs)``: lists of float32 arrays ``(N, dim)``, one per path.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> net = nn.Sequential([nn.Dense(3), nn.Dense(2)])
+    >>> v = net.init(jax.random.key(0), jnp.ones((1, 5, 4)))
+    >>> (k,), (h,) = read_states((net, v), jnp.ones((2, 5, 4)), jnp.array([0, 4]),
+    ...                          inputs_of=[("layers_1",)], outputs_of=[("layers_1",)])
+    >>> k.shape, h.shape
+    ((2, 3), (2, 2))
+  """
+  definition, params = split_model(model)
+  ins = tuple(as_path(p) for p in inputs_of)
+  outs = tuple(as_path(p) for p in outputs_of)
+  ids = np.asarray(ids)
+  positions = np.asarray(positions, np.int32)
+  n = ids.shape[0]
+  size = bucket(n, chunk)
+  got_in, got_out = [[] for _ in ins], [[] for _ in outs]
+  for start in range(0, n, size):
+    part = ids[start:start + size]
+    pos = positions[start:start + size]
+    pad = size - part.shape[0]
+    if pad:
+      part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
+      pos = np.concatenate([pos, np.zeros((pad,), np.int32)])
+    a, b = _states(definition, params, jnp.asarray(part), jnp.asarray(pos), ins, outs)
+    keep = size - pad
+    for lst, vals in ((got_in, a), (got_out, b)):
+      for j, v in enumerate(vals):
+        lst[j].append(np.asarray(v, np.float32)[:keep])
+  return [np.concatenate(x) for x in got_in], [np.concatenate(x) for x in got_out]
+
+
+def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
+                 requests: Sequence[Request], contexts: Sequence[str] = ("{}",), *,
+                 chunk: int = 256) -> np.ndarray:
+  """k*: each request's key at the memory ``address``, at the subject's last token,
+  averaged over the prompt inside each context template.
+
+  Args:
+    model: the LM, Linen ``(module, variables)`` or NNX ``(graphdef, state)``.
+    address: the MLP output projection, e.g. ``('h_2', 'mlp', 'c_proj')``.
+    tokenize: text -> token ids.
+    requests: the :class:`~memedit.lm.prompts.Request` s (their prompts and subjects).
+    contexts: templates with ``{}`` where the prompt goes (``"{}"``: the prompt alone).
+    chunk: rows per compiled call.
+
+  Returns:
+    ``(F, key_dim)`` float32 keys, one per request.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from ports.gpt2 import GPT2Config, GPT2LMHeadModel
+    >>> net = GPT2LMHeadModel(GPT2Config(vocab_size=9, n_positions=16, n_embd=8, n_layer=2,
+    ...                                   n_head=2))
+    >>> v = net.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    >>> tok = lambda s: [len(w) % 9 for w in s.split()]
+    >>> subject_keys((net, v), "h_1.mlp.c_proj", tok, [Request("{} lives in", "Ana", "x")],
+    ...              ["{}", "a b . {}"]).shape
+    (1, 32)
+  """
+  path = as_path(address)
+  rows, groups = [], []
+  for f, req in enumerate(requests):
+    rs = prompt_rows(req, contexts)
+    rows.extend(rs)
+    groups.extend([f] * len(rs))
+  if not rows:
+    raise ValueError("requests: expected at least one request, got none")
+  batch = encode(tokenize, rows, groups)
+  (keys,), _ = read_states(model, batch.ids, batch.last, inputs_of=[path], chunk=chunk)
+  n = len(rows)
+  sums = np.zeros((len(requests), keys.shape[-1]), np.float64)
+  np.add.at(sums, np.asarray(groups), keys[:n].astype(np.float64))
+  counts = np.bincount(groups, minlength=len(requests))[:, None]
+  return (sums / counts).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("definition", "steps", "top_k"))
+def _sample(definition, params, ids, start_len, key, steps, top_k):
+  def body(t, carry):
+    ids, key = carry
+    logits, _ = run_lm(definition, params, ids)
+    pos = start_len + t - 1
+    lg = logits[:, pos]
+    kth = jax.lax.top_k(lg, top_k)[0][:, -1:]
+    lg = jnp.where(lg < kth, -jnp.inf, lg)
+    key, sub = jax.random.split(key)
+    nxt = jax.random.categorical(sub, lg).astype(ids.dtype)
+    return ids.at[:, pos + 1].set(nxt), key
+  ids, _ = jax.lax.fori_loop(0, steps, body, (ids, key))
+  return ids
+
+
+def sample_contexts(model, tokenize: Callable[[str], Sequence[int]],
+                    decode: Callable[[Sequence[int]], str], starts: Sequence[str], *,
+                    lengths: Sequence[int] = (5, 10), per_length: int = 5, top_k: int = 5,
+                    seed: int = 0, joiner: str = " . ") -> tuple[str, ...]:
+  """ROME's context templates: ``"{}"`` and ``per_length`` texts of each length sampled
+  from the model (top-k), each followed by ``joiner`` and ``{}``.
+
+  Args:
+    model: the LM.
+    tokenize, decode: text <-> token ids.
+    starts: texts the samples begin with (cycled), e.g. ``["The", "Therefore"]``.
+    lengths: tokens sampled after the start text.
+    per_length: samples per length.
+    top_k: sample among the k most likely tokens.
+    seed: the sampling seed.
+    joiner: text between a sample and the prompt (``". "`` for GPT-2 as in ROME).
+
+  Returns:
+    ``("{}", sample_1 + joiner + "{}", ...)``: ``1 + len(lengths) * per_length`` templates.
+  """
+  definition, params = split_model(model)
+  out = ["{}"]
+  key = jax.random.key(seed)
+  for length in lengths:
+    starts_ids = [list(tokenize(starts[i % len(starts)])) for i in range(per_length)]
+    n0 = max(len(s) for s in starts_ids)
+    if any(len(s) != n0 for s in starts_ids):
+      starts_ids = [[s[0]] for s in starts_ids]  # sample from the first token alone
+      n0 = 1
+    total = round_up(n0 + length, 8)
+    ids = np.zeros((round_up(per_length, 8), total), np.int32)
+    for i, s in enumerate(starts_ids):
+      ids[i, :n0] = s
+    key, sub = jax.random.split(key)
+    got = np.asarray(_sample(definition, params, jnp.asarray(ids), n0, sub, int(length),
+                             int(top_k)))
+    for i in range(per_length):
+      text = decode(got[i, :n0 + length].tolist()).replace("{", " ").replace("}", " ")
+      out.append(text + joiner + "{}")
+  return tuple(out)

@@ -1,0 +1,191 @@
+"""MEMIT (Meng et al., 2023): many facts at once, spread over a range of MLP memories.
+
+For requests i = 1..F and edited blocks l_1 < … < l_m (the last one L = l_m):
+
+1. z_i, the hidden state after block L at the subject's last token that makes the model
+   state the new object: the value search of :mod:`memedit.lm.values` with δ added
+   at block L's MLP output (the same change of the residual stream), clamp 0.75·‖z0‖,
+   25 steps.
+2. For each edited block l_j in order, on the model with the earlier blocks already
+   edited: K (F, key_dim) the subjects' keys at l_j (averaged over the contexts), h_i
+   the current hidden state after block L, the residuals
+   r_i = (z_i − h_i) / (m − j + 1) spread over the blocks left, and the ridge insert::
+
+     ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹       (R = [r_i] columns, K = [k_i] columns)
+
+   — :func:`memedit.insert_ridge` with penalty λ (``mom2_update_weight``; C the mean
+   of k kᵀ); the edit is applied before the next block is solved.
+
+The result is one ordinary :class:`memedit.Edit` per block: apply them in order with
+:func:`memedit.apply_edit`, revert them bit for bit, save their factors. When F exceeds
+the layer's output width, the factors are kept as Λ = I, D = ΔWᵀ… (rank d) instead of
+rank F (:func:`compact_factors`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import memedit
+from memedit.lm.hooks import LMLayout, Static, split_model
+from memedit.lm.keys import check_memory, layer_weights, read_states, subject_keys
+from memedit.lm.prompts import Request, encode, prompt_rows
+from memedit.lm.values import optimize_values
+
+__all__ = ["MemitResult", "compact_factors", "memit_edits", "memit_insert", "with_params"]
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class MemitResult(NamedTuple):
+  """MEMIT's edits and what made them.
+
+  Attributes:
+    edits: one :class:`memedit.Edit` per edited block, in order.
+    targets: ``(F, d)`` z_i, the hidden states after the last edited block.
+    reached: ``(F, d)`` the hidden states there after all edits.
+    nll: ``(F,)`` the value search's final NLL of the new objects.
+  """
+
+  edits: list
+  targets: np.ndarray
+  reached: np.ndarray
+  nll: np.ndarray
+
+
+def compact_factors(lam, directions) -> tuple[jax.Array, jax.Array]:
+  """Factors of ΔW = Λ D with rank at most ``min(out, in)``: when Λ D has more factor
+  columns than the smaller side of ΔW, the product itself is kept on that side
+  (Λ' = I, D' = Λ D, or Λ' = Λ D, D' = I).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> l, d = compact_factors(jnp.ones((2, 5)), jnp.ones((5, 3)))
+    >>> l.shape, d.shape, (l @ d).tolist()
+    ((2, 2), (2, 3), [[5.0, 5.0, 5.0], [5.0, 5.0, 5.0]])
+  """
+  lam, directions = jnp.asarray(lam), jnp.asarray(directions)
+  out, r = lam.shape
+  din = directions.shape[1]
+  if r <= min(out, din):
+    return lam, directions
+  prod = jnp.matmul(lam, directions, precision=HIGHEST)
+  if out <= din:
+    return jnp.eye(out, dtype=prod.dtype), prod
+  return prod, jnp.eye(din, dtype=prod.dtype)
+
+
+def memit_insert(W, C, keys, residuals, penalty: float):
+  """One layer's MEMIT update as factors: ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ = Λ D.
+
+  Args:
+    W: ``(d, key_dim)`` the layer's weight (math layout).
+    C: ``(key_dim, key_dim)`` E[k kᵀ].
+    keys: ``(F, key_dim)`` K as rows. residuals: ``(F, d)`` R as rows.
+    penalty: λ.
+
+  Returns:
+    ``(lam, directions)`` with ``lam @ directions`` = ΔW (``(d, key_dim)``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> lam, D = memit_insert(jnp.zeros((1, 2)), jnp.eye(2), jnp.array([[1.0, 0.0]]),
+    ...                       jnp.array([[2.0]]), penalty=1.0)
+    >>> (lam @ D).round(3).tolist()
+    [[1.0, 0.0]]
+  """
+  # float64 inputs (with jax_enable_x64) are solved in float64, others in float32.
+  dt = jnp.result_type(jnp.float32, *(jnp.asarray(a).dtype for a in (W, C, keys, residuals)))
+  W = jnp.asarray(W, dt)
+  keys = jnp.asarray(keys, dt)
+  values = jnp.matmul(keys, W.T, precision=HIGHEST) + jnp.asarray(residuals, dt)
+  sol = memedit.insert_ridge(W, jnp.asarray(C, dt), keys, values, penalty)
+  return compact_factors(sol[0], sol[1])  # (Λ, D) of the LinearSolution
+
+
+def with_params(model, params):
+  """``model`` (Linen ``(module, variables)`` / NNX ``(graphdef, state)``) with new
+  parameters."""
+  definition = split_model(model)[0]
+  return (definition.value if isinstance(definition, Static) else definition, params)
+
+
+def memit_edits(model, layout: LMLayout, layers: Sequence[int],
+                tokenize: Callable[[str], Sequence[int]], requests: Sequence[Request],
+                covariances: dict, *, penalty: float = 15000.0,
+                contexts: Sequence[str] = ("{}",), value_options: dict | None = None,
+                insert: Callable | None = None) -> MemitResult:
+  """MEMIT: writes all ``requests`` into the MLP memories of ``layers`` (module docstring).
+
+  Args:
+    model: the LM, Linen ``(module, variables)`` or NNX ``(graphdef, state)``.
+    layout: where the model's MLP projections and blocks are (:class:`LMLayout` with
+      ``blocks``).
+    layers: block indices to edit, e.g. ``[1, 2]``; the last one is where z is found.
+    tokenize: text -> token ids.
+    requests: the facts.
+    covariances: ``{layer: C}``, the second moment of each edited layer's keys.
+    penalty: λ, the weight of the preserved keys' statistics (MEMIT's
+      ``mom2_update_weight``).
+    contexts: context templates for the keys and the value search.
+    value_options: keyword arguments of :func:`memedit.lm.values.optimize_values`
+      (MEMIT's defaults: 25 steps, clamp 0.75; the reference is the last block).
+    insert: None for MEMIT's ridge insert (:func:`memit_insert`); else a callable
+      ``insert(layer, W, keys, residuals) -> (lam, directions, settings)`` that solves
+      block ``layer``'s update ΔW = lam @ directions (W ``(d, key_dim)``, keys
+      ``(F, key_dim)``, residuals ``(F, d)``) and returns a dict merged into the edit's
+      settings (e.g. AlphaEdit's null-space insert, :mod:`memedit.lm.sequential`).
+
+  Returns:
+    :class:`MemitResult`; ``result.edits[j]`` edits block ``layers[j]``, each made on the
+    model with the earlier ones applied.
+  """
+  layout.require("blocks", "memit_edits")
+  layers = [int(l) for l in layers]
+  if not layers or sorted(set(layers)) != layers or not all(
+      0 <= l < layout.n_layers for l in layers):
+    raise ValueError(f"layers: expected increasing block indices in [0, {layout.n_layers}), "
+                     f"got {layers}")
+  missing = [l for l in layers if l not in covariances]
+  if missing:
+    raise ValueError(f"covariances: expected C for every edited layer {layers}, missing "
+                     f"{missing}")
+  if not requests:
+    raise ValueError("requests: expected at least one request, got none")
+  last = layers[-1]
+  z_block = layout.blocks[last]
+  opts = {"steps": 25, "clamp": 0.75, **(value_options or {})}
+  res = optimize_values(model, layout.memories[last], tokenize, requests, contexts,
+                        reference=z_block, **opts)
+  targets = res.ref0 + res.delta
+  plain = encode(tokenize, [prompt_rows(r, ("{}",))[0] for r in requests])
+  n = len(requests)
+  definition, params = split_model(model)
+  cur = model
+  history = None
+  edits = []
+  for j, layer in enumerate(layers):
+    view = check_memory(cur, layout.memories[layer], plain.ids[:1])
+    keys = subject_keys(cur, layout.memories[layer], tokenize, requests, contexts)
+    _, (h,) = read_states(cur, plain.ids, plain.last, outputs_of=[z_block])
+    resid = (targets - h[:n]) / (len(layers) - j)
+    W, _ = layer_weights(view, cur)
+    extra = {}
+    if insert is None:
+      lam, directions = memit_insert(W, covariances[layer], keys, resid, penalty)
+    else:
+      lam, directions, extra = insert(layer, W, keys, resid)
+    edit = memedit.make_edit(view.weight_path, lam, directions, kind=view.kind,
+                             in_ndim=view.in_ndim, method="memit",
+                             settings={"layer": layer, "layers": layers, "requests": n,
+                                       "penalty": float(penalty), **extra})
+    params, history = memedit.apply_edit(params, edit, history)
+    cur = with_params(model, params)
+    edits.append(edit)
+  _, (reached,) = read_states(cur, plain.ids, plain.last, outputs_of=[z_block])
+  return MemitResult(edits, targets.astype(np.float32), reached[:n].astype(np.float32),
+                     res.nll)

@@ -1,0 +1,272 @@
+"""Edit requests and the padded token batches the editors run on.
+
+A :class:`Request` is ROME's: a prompt template with ``{}`` for the subject, the
+subject, the new object and optionally the old one. :func:`encode` turns texts into a
+:class:`PromptBatch`: right-padded ids (a causal model's outputs at real positions do not
+depend on what follows, so no attention mask is needed), the position of the subject's
+last token in each row, and the target tokens with the positions whose logits predict
+them (teacher forcing: the prompt is followed by all target tokens but the last).
+
+Shapes are padded to buckets (rows to a multiple of 8, length to a multiple of 8), so
+the compiled programs that take batches are reused across requests.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+__all__ = ["PromptBatch", "Request", "bucket", "encode", "prompt_rows", "read_facts",
+           "round_up"]
+
+#: Largest facts file :func:`read_facts` reads, in bytes.
+MAX_FACTS_BYTES = 16 * 2**20
+_FACT_FIELDS = ("subject", "prompt", "target_new", "target_true")
+
+Tokenizer = Callable[[str], Sequence[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One fact to write: ``prompt.format(subject)`` should be followed by ``target_new``.
+
+  Attributes:
+    prompt: template with one ``{}`` where the subject goes, e.g. ``"{} lives in"``.
+    subject: the subject's text.
+    target_new: the new object's text.
+    target_true: the old object's text (for P(new) > P(old) scores), or None.
+
+  Example:
+    >>> Request("{} lives in", "Tavo Reskin", "paris").text
+    'Tavo Reskin lives in'
+  """
+
+  prompt: str
+  subject: str
+  target_new: str
+  target_true: str | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
+      raise ValueError(f"prompt: expected a template with exactly one '{{}}' for the "
+                       f"subject, got {self.prompt!r}")
+    for name in ("subject", "target_new"):
+      if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+        raise ValueError(f"{name}: expected a non-empty string, got {getattr(self, name)!r}")
+
+  @property
+  def text(self) -> str:
+    return self.prompt.format(self.subject)
+
+
+def _fact(i: int, row, source: str) -> Request:
+  if not isinstance(row, dict):
+    raise ValueError(f"{source}: fact {i}: expected an object with subject, prompt, "
+                     f"target_new (and optionally target_true), got {type(row).__name__}")
+  unknown = sorted(set(row) - set(_FACT_FIELDS))
+  missing = [k for k in _FACT_FIELDS[:3] if not row.get(k)]
+  if unknown or missing:
+    raise ValueError(f"{source}: fact {i}: expected the fields subject, prompt, target_new "
+                     f"(and optionally target_true), got missing {missing}, unknown {unknown}")
+  try:
+    return Request(row["prompt"], row["subject"], row["target_new"],
+                   row.get("target_true") or None)
+  except ValueError as e:
+    raise ValueError(f"{source}: fact {i}: {e}") from None
+
+
+def read_facts(path: str | os.PathLike) -> list[Request]:
+  """Reads facts to write from a JSON or CSV file.
+
+  JSON: a list of objects (or ``{"facts": [...]}``); CSV: a header row. Each fact has
+  ``subject``, ``prompt`` (a template with one ``{}`` where the subject goes),
+  ``target_new`` and optionally ``target_true`` (the object it replaces, for the
+  P(new) > P(old) scores). The format is chosen by the file's first character (``[`` or
+  ``{``: JSON).
+
+  Args:
+    path: the file (at most 16 MiB).
+
+  Returns:
+    One :class:`Request` per fact, in the file's order.
+
+  Raises:
+    ValueError: the file is not such a list (the message names the fact and field).
+
+  Example:
+    >>> import json, tempfile
+    >>> f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    >>> json.dump([{"subject": "Tavo Reskin", "prompt": "{} lives in",
+    ...             "target_new": "paris"}], f); f.close()
+    >>> read_facts(f.name)[0].text
+    'Tavo Reskin lives in'
+  """
+  source = os.fspath(path)
+  size = os.path.getsize(source)
+  if size > MAX_FACTS_BYTES:
+    raise ValueError(f"{source}: expected a facts file of at most {MAX_FACTS_BYTES} bytes, "
+                     f"got {size}")
+  with open(source, encoding="utf-8") as f:
+    text = f.read()
+  body = text.lstrip()
+  if body[:1] in ("[", "{"):
+    try:
+      data = json.loads(body)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{source}: expected JSON facts, got a parse error: {e}") from None
+    if isinstance(data, dict) and set(data) == {"facts"}:
+      data = data["facts"]
+    if not isinstance(data, list):
+      raise ValueError(f"{source}: expected a JSON list of facts (or {{\"facts\": [...]}}), "
+                       f"got {type(data).__name__}")
+    rows = data
+  else:
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    if not {"subject", "prompt", "target_new"} <= set(header):
+      raise ValueError(f"{source}: expected a CSV header with subject, prompt, target_new "
+                       f"(and optionally target_true), got {header}")
+    rows = [{k: v for k, v in r.items() if k is not None and v not in (None, "")}
+            for r in reader]
+  if not rows:
+    raise ValueError(f"{source}: expected at least one fact, got none")
+  return [_fact(i, row, source) for i, row in enumerate(rows)]
+
+
+class PromptBatch(NamedTuple):
+  """Padded rows of prompts (numpy; every field has N rows).
+
+  Attributes:
+    ids: ``(N, T)`` int32 token ids, right-padded with 0.
+    last: ``(N,)`` int32 position of the subject's last token (``-1``: no subject).
+    end: ``(N,)`` int32 position of the prompt's last token.
+    targets: ``(N, M)`` int32 target tokens (0 where ``target_mask`` is 0).
+    target_pos: ``(N, M)`` int32 positions whose logits predict ``targets``.
+    target_mask: ``(N, M)`` float32, 1 for real target tokens.
+    group: ``(N,)`` int32 the request (or fact) each row belongs to.
+    weight: ``(N,)`` float32, 1 for real rows, 0 for padding rows.
+  """
+
+  ids: np.ndarray
+  last: np.ndarray
+  end: np.ndarray
+  targets: np.ndarray
+  target_pos: np.ndarray
+  target_mask: np.ndarray
+  group: np.ndarray
+  weight: np.ndarray
+
+  @property
+  def rows(self) -> int:
+    return int(self.ids.shape[0])
+
+  def take(self, start: int, stop: int) -> "PromptBatch":
+    """Rows ``start:stop``."""
+    return PromptBatch(*(a[start:stop] for a in self))
+
+
+def round_up(n: int, multiple: int) -> int:
+  """``n`` rounded up to a positive multiple of ``multiple``."""
+  return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+def bucket(n: int, cap: int, smallest: int = 8) -> int:
+  """Rows per compiled call for ``n`` rows: the next power of two from ``smallest``, at
+  most ``cap`` (so a few program shapes serve every ``n``).
+
+  Example:
+    >>> [bucket(n, 256) for n in (1, 9, 100, 1000)]
+    [8, 16, 128, 256]
+  """
+  size = smallest
+  while size < n and size < cap:
+    size *= 2
+  return min(size, max(cap, 1))
+
+
+def prompt_rows(request: Request, contexts: Sequence[str], target: str | None = None
+                ) -> list[tuple[str, str, str, str | None]]:
+  """``(text before the subject, subject, text after, target)`` of the request's prompt
+  inside each context template (``"{}"`` where the prompt goes)."""
+  before, after = request.prompt.split("{}")
+  out = []
+  for c in contexts:
+    if c.count("{}") != 1:
+      raise ValueError(f"contexts: expected templates with one '{{}}', got {c!r}")
+    cb, ca = c.split("{}")
+    out.append((cb + before, request.subject, after + ca, target))
+  return out
+
+
+def encode(tokenize: Tokenizer, rows: Sequence[tuple[str, str, str, str | None]],
+           groups: Sequence[int] | None = None, *, length: int | None = None,
+           row_multiple: int = 8, length_multiple: int = 8) -> PromptBatch:
+  """Tokenizes ``(before, subject, after, target)`` rows into a :class:`PromptBatch`.
+
+  The prompt is ``before + subject + after``; the subject's last token is the last
+  token of ``tokenize(before + subject)`` (as ROME finds it); the target is tokenized as
+  ``tokenize(" " + target)`` and appended, all but its last token, to the prompt.
+
+  Args:
+    tokenize: text -> token ids.
+    rows: the rows (``subject`` may be ``""``: ``last`` is then -1; ``target`` None:
+      no target tokens).
+    groups: the group of each row (default ``0 .. N-1``).
+    length: pad to this length (default: the longest row, rounded up).
+    row_multiple, length_multiple: bucket sizes.
+
+  Returns:
+    The :class:`PromptBatch` (padding rows have weight 0 and group 0).
+
+  Example:
+    >>> vocab = {w: i + 1 for i, w in enumerate("Tavo Reskin lives in paris".split())}
+    >>> tok = lambda s: [vocab[w] for w in s.split()]
+    >>> b = encode(tok, [("", "Tavo Reskin", " lives in", "paris")])
+    >>> b.ids[0, :4].tolist(), int(b.last[0]), int(b.end[0]), b.targets[0, :1].tolist()
+    ([1, 2, 3, 4], 1, 3, [5])
+  """
+  prompts, lasts, tgts = [], [], []
+  for before, subject, after, target in rows:
+    ids = [int(i) for i in tokenize(before + subject + after)]
+    if not ids:
+      raise ValueError(f"encode: expected a prompt of at least one token, got "
+                       f"{before + subject + after!r}")
+    last = len(tokenize(before + subject)) - 1 if subject else -1
+    t = [int(i) for i in tokenize(" " + target)] if target is not None else []
+    if target is not None and not t:
+      raise ValueError(f"encode: expected a target of at least one token, got {target!r}")
+    prompts.append(ids)
+    lasts.append(last)
+    tgts.append(t)
+  n = len(prompts)
+  full = [len(p) + max(len(t) - 1, 0) for p, t in zip(prompts, tgts)]
+  need = max(full)
+  length = round_up(need, length_multiple) if length is None else length
+  if need > length:
+    raise ValueError(f"encode: expected rows of at most {length} tokens, got {need}")
+  m = max(1, max(len(t) for t in tgts))
+  rows_p = round_up(n, row_multiple)
+  ids = np.zeros((rows_p, length), np.int32)
+  last = np.full((rows_p,), -1, np.int32)
+  end = np.zeros((rows_p,), np.int32)
+  targets = np.zeros((rows_p, m), np.int32)
+  target_pos = np.zeros((rows_p, m), np.int32)
+  target_mask = np.zeros((rows_p, m), np.float32)
+  for i, (p, t) in enumerate(zip(prompts, tgts)):
+    seq = p + t[:-1]
+    ids[i, :len(seq)] = seq
+    last[i], end[i] = lasts[i], len(p) - 1
+    targets[i, :len(t)] = t
+    target_pos[i, :len(t)] = np.arange(len(p) - 1, len(p) - 1 + len(t))
+    target_mask[i, :len(t)] = 1.0
+  group = np.zeros((rows_p,), np.int32)
+  group[:n] = np.arange(n) if groups is None else np.asarray(groups, np.int32)
+  weight = np.zeros((rows_p,), np.float32)
+  weight[:n] = 1.0
+  return PromptBatch(ids, last, end, targets, target_pos, target_mask, group, weight)

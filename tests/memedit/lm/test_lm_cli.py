@@ -1,0 +1,81 @@
+"""The lm-* commands end to end on a tiny world (a few training steps): the cached model,
+statistics, saved edits that load back, the evaluation JSON and the tracing PNGs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from PIL import Image
+
+import memedit
+from memedit.lm.cli import add_subcommands
+from memedit.lm.train import load_demo
+
+TINY = ["--subjects", "24", "--relations", "2", "--objects", "4", "--embd", "32",
+        "--blocks", "2", "--heads", "2", "--steps", "20", "--batch", "8", "--warmup", "4",
+        "--warm-subjects", "8", "--warm-steps", "5", "--eval-facts", "40"]
+
+
+def _run(*argv) -> int:
+  parser = argparse.ArgumentParser(prog="memedit")
+  add_subcommands(parser.add_subparsers(dest="command", required=True))
+  args = parser.parse_args([str(a) for a in argv])
+  return args.run(args)
+
+
+def test_lm_commands_end_to_end(tmp_path, capsys):
+  cache = tmp_path / "cache"
+  assert _run("lm-train", "--cache-dir", cache, *TINY) == 0
+  out = capsys.readouterr().out
+  assert "lm-train:" in out and "24 subjects x 2 relations" in out
+  (folder,) = cache.glob("lm-demo-*")
+  info = json.loads((folder / "train.json").read_text())
+  assert info["config"]["n_subjects"] == 24 and info["train_seconds"] > 0
+  assert _run("lm-train", "--cache-dir", cache, *TINY) == 0  # from the cache
+  model = ["--cache-dir", cache, "--model", folder]
+  assert _run("lm-stats", *model, "--layer", "0", "--tokens", "2000") == 0
+  assert "eigenvalues" in capsys.readouterr().out
+  common = ["--tokens", "2000", "--contexts", "1", "--value-steps", "5", "--layers", "0,1"]
+  for method, n in (("rome", 1), ("memit", 3), ("ft", 2)):
+    out_dir = tmp_path / method
+    assert _run("lm-edit", *model, "--method", method, "--cases", n, "--layer", "0",
+                "--out", out_dir, *common) == 0
+    assert f"lm-edit {method}" in capsys.readouterr().out
+    edits = sorted(out_dir.glob("edit-*"))
+    assert len(edits) == (2 if method == "memit" else 1)
+    loaded = memedit.load_edit(edits[0])
+    assert loaded.method == {"rome": "rome", "memit": "memit", "ft": "finetune"}[method]
+  _, _, world, _ = load_demo(folder)
+  rel = world.relations[0]
+  old = world.object_of(0, 0)
+  new = next(o for o in rel.objects if o != old)
+  facts = tmp_path / "facts.csv"
+  facts.write_text("subject,prompt,target_new,target_true\n"
+                   f"{world.subjects[0]},{rel.train_templates[0]},{new},{old}\n")
+  assert _run("lm-edit", *model, "--method", "rome", "--facts", facts, "--layer", "0",
+              "--out", tmp_path / "from-file", *common) == 0
+  out = capsys.readouterr().out
+  text = rel.train_templates[0].format(world.subjects[0])
+  assert f"lm-edit rome: 1 fact(s), e.g. '{text}' {old} -> {new}; efficacy" in out
+  assert len(list((tmp_path / "from-file").glob("edit-*"))) == 1
+  bad = tmp_path / "bad.json"
+  bad.write_text('[{"subject": "x", "prompt": "no placeholder", "target_new": "y"}]')
+  with pytest.raises(ValueError, match="fact 0: prompt: expected a template with exactly one"):
+    _run("lm-edit", *model, "--facts", bad, "--out", tmp_path / "y", *common)
+  result = tmp_path / "eval.json"
+  assert _run("lm-eval", *model, "--layer", "0", "--single", "2", "--batches", "1,3",
+              "--facts", "30", "--out", result, *common) == 0
+  table = capsys.readouterr().out
+  assert "| ROME | 1 |" in table and "| MEMIT | 3 |" in table and "| FT | 3 |" in table
+  rows = json.loads(result.read_text())["rows"]
+  assert [r["method"] for r in rows] == ["none", "ROME", "FT", "MEMIT", "FT", "MEMIT", "FT"]
+  assert _run("lm-trace", *model, "--facts", "2", "--samples", "2", "--out",
+              tmp_path / "trace") == 0
+  for name in ("trace_hidden.png", "trace_hidden_average.png"):
+    assert Image.open(tmp_path / "trace" / name).format == "PNG"
+  with pytest.raises(SystemExit):
+    _run("lm-edit", *model, "--method", "nope", "--out", tmp_path / "x")
+  with pytest.raises(ValueError, match="--layer: expected a block in \\[0, 2\\)"):
+    _run("lm-stats", *model, "--layer", "5")

@@ -1,0 +1,47 @@
+"""Causal tracing: restoring the last block's state at the last token gives back the clean
+probability, restoring a state the noise never reached changes nothing, and the PNGs."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from memedit.lm.tracing import CATEGORIES, causal_trace, trace_png, trace_summary
+
+
+def test_trace_exact_cells_and_png(tiny, tmp_path):
+  w = tiny.world
+  prompt = w.relations[0].template(1, 0)  # "it is known that the home of {}"
+  subject = w.subjects[2]
+  first = len(prompt.split("{}")[0].split())  # tokens before the subject
+  last = first + len(subject.split()) - 1
+  res = causal_trace(tiny.model, tiny.layout, w.tokenize, prompt, subject,
+                     target=w.object_of(2, 0), decode=w.decode, samples=4)
+  n_tok = len(w.tokenize(prompt.format(subject)))
+  assert res.scores.shape == (n_tok, 2)
+  assert res.subject == (first, last) and res.tokens[first:last + 1] == tuple(subject.split())
+  assert res.target == w.object_of(2, 0)
+  # The last block's output at the last token is what the head reads: restoring it
+  # restores the clean run exactly.
+  np.testing.assert_allclose(res.scores[-1, -1], res.clean, rtol=1e-5)
+  # Tokens before the subject never see the noise: restoring them changes nothing.
+  np.testing.assert_allclose(res.scores[:first], res.corrupted, rtol=1e-5)
+  assert abs(res.clean - res.corrupted) > 1e-4  # the noise does matter here
+  mlp = causal_trace(tiny.model, tiny.layout, w.tokenize, prompt, subject, decode=w.decode,
+                     samples=4, kind="mlp")
+  assert mlp.scores.shape == (n_tok, 2) and mlp.kind == "mlp"
+  path = trace_png(res.scores, res.tokens, tmp_path / "t.png", title="trace",
+                   marked=range(first, last + 1))
+  img = Image.open(path)
+  assert img.format == "PNG" and img.size[0] > 2 * 34 and img.size[1] > n_tok * 20
+  summary = trace_summary([res, mlp])
+  assert summary.shape == (len(CATEGORIES), 2)
+  # The subject ends these prompts: its last token is the prompt's last token, counted as
+  # "last subject token"; "last token" has no other token left.
+  assert last == n_tok - 1
+  np.testing.assert_allclose(summary[2], (res.scores[-1] + mlp.scores[-1]) / 2)
+  np.testing.assert_allclose(summary[0], (res.scores[first] + mlp.scores[first]) / 2)
+  assert np.isnan(summary[-1]).all()
+  assert np.isnan(summary[1]).all()  # two-token names have no middle subject tokens
+  trace_png(summary, CATEGORIES, tmp_path / "avg.png", kind="mlp")
+  assert Image.open(tmp_path / "avg.png").size[1] > len(CATEGORIES) * 20

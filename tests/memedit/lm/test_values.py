@@ -1,0 +1,79 @@
+"""The value search: it lowers the loss, reaches the new object, keeps ‖δ‖ within the
+clamp, stops early, and its loss pieces match a float64 recomputation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memedit.lm.evaluate import score_targets
+from memedit.lm.hooks import run_lm
+from memedit.lm.prompts import Request
+from memedit.lm.values import add_at_tokens, optimize_values
+
+CONTEXTS = ("{}", "people say that {}")
+
+
+def _requests(tiny):
+  """Prompts that end with the subject: the tiny random model's one attention layer above
+  the edited MLP can carry little from an earlier token, so δ acts at the last token."""
+  w = tiny.world
+  out = []
+  for s, r, new in ((1, 0, 2), (7, 1, 3), (11, 0, 0)):
+    rel = w.relations[r]
+    obj = rel.objects[new] if rel.objects[new] != w.object_of(s, r) else rel.objects[new - 1]
+    out.append(Request("we read that {}", w.subjects[s], obj, w.object_of(s, r)))
+  return out
+
+
+def _predict_with_delta(tiny, req, delta, layer):
+  ids = tiny.world.tokenize(req.text)
+  last = len(ids) - 1
+  hook = lambda x, out: add_at_tokens(out, jnp.array([last]), jnp.asarray(delta)[None])
+  logits, _ = run_lm(tiny.module, tiny.variables, jnp.asarray([ids]),
+                     hooks={tiny.layout.memories[layer]: hook})
+  lp = jax.nn.log_softmax(np.asarray(logits[0, -1], np.float64))
+  return int(np.argmax(lp)), float(lp[tiny.world.tokenize(req.target_new)[0]])
+
+
+def test_value_search_reaches_the_new_objects(tiny):
+  reqs = _requests(tiny)
+  res = optimize_values(tiny.model, tiny.layout.memories[0], tiny.world.tokenize, reqs,
+                        CONTEXTS, steps=60, clamp=100.0, chunk=2)  # 2 chunks, one program
+  assert res.delta.shape == (3, tiny.config.n_embd)
+  before, _ = score_targets(tiny.model, tiny.world.tokenize,
+                            [(r.text, r.target_new) for r in reqs])
+  for i, req in enumerate(reqs):
+    top, lp = _predict_with_delta(tiny, req, res.delta[i], 0)
+    assert tiny.world.decode([top]) == req.target_new
+    assert lp > before[i] + 1.0  # the new object became far more likely
+    assert res.nll[i] < -before[i]
+    assert 0 < res.steps[i] <= 60
+    assert res.loss[i] >= res.nll[i]
+  # value0 is the MLP output at the subject's last token of the plain prompt.
+  _, rec = run_lm(tiny.module, tiny.variables,
+                  jnp.asarray([tiny.world.tokenize(reqs[0].text)]),
+                  record=[tiny.layout.memories[0]])
+  last = len(tiny.world.tokenize(reqs[0].text)) - 1
+  np.testing.assert_allclose(res.value0[0], np.asarray(rec[tiny.layout.memories[0]][1][0, last]),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(res.value0, res.ref0)
+
+
+def test_value_search_clamp_and_early_stop(tiny):
+  reqs = _requests(tiny)[:2]
+  res = optimize_values(tiny.model, tiny.layout.memories[0], tiny.world.tokenize, reqs,
+                        CONTEXTS, steps=60, clamp=0.05, chunk=2)
+  norms = np.linalg.norm(res.delta, axis=-1)
+  assert np.all(norms <= 0.05 * np.linalg.norm(res.ref0, axis=-1) * (1 + 1e-5))
+  assert np.all(norms > 0)
+  # A loss threshold above the starting loss stops every request before its first step.
+  res = optimize_values(tiny.model, tiny.layout.memories[0], tiny.world.tokenize, reqs,
+                        CONTEXTS, steps=60, clamp=100.0, chunk=2, stop_loss=1e9)
+  np.testing.assert_array_equal(res.steps, 0)
+  np.testing.assert_array_equal(res.delta, 0.0)
+  # MEMIT's variant reads z0 at the block output (the residual stream), not the MLP's.
+  res = optimize_values(tiny.model, tiny.layout.memories[1], tiny.world.tokenize, reqs,
+                        CONTEXTS, steps=0, chunk=2, reference=tiny.layout.blocks[1])
+  assert not np.allclose(res.ref0, res.value0)
