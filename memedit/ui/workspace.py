@@ -75,27 +75,10 @@ def parse_imgnums(value: Any, limit: int, where: str = "images") -> list[int]:
   if not isinstance(value, str) or len(value) > 2000:
     raise ValueError(f"{where}: expected numbers or ranges like '200-231,5', got "
                      f"{str(value)[:40]!r}")
-  ranges = []
-  for part in value.split(","):
-    part = part.strip()
-    if not part:
-      continue
-    try:
-      a, b = part.split("-", 1) if "-" in part[1:] else (part, part)
-      lo, hi = int(a), int(b)
-    except ValueError:
-      raise ValueError(f"{where}: expected numbers or ranges like '200-231,5', got "
-                       f"{value[:40]!r}") from None
-    if not 0 <= lo <= hi < specs.MAX_IMAGES:
-      raise ValueError(f"{where}: expected image numbers in [0, {specs.MAX_IMAGES}) and "
-                       f"ranges from low to high, got {part!r}")
-    ranges.append((lo, hi))
-  count = sum(hi - lo + 1 for lo, hi in ranges)
-  if not count:
-    raise ValueError(f"{where}: expected image numbers, got {value[:40]!r}")
-  if count > limit:
-    raise ValueError(f"{where}: expected at most {limit} images, got {count}")
-  return [n for lo, hi in ranges for n in range(lo, hi + 1)]
+  # Imported here: memedit.cli's package imports the ui's subcommand.
+  from memedit.cli.checks import imgnums
+
+  return imgnums(value, limit, flag=where)
 
 
 def _digest(a) -> str:
