@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # Test processes (pytest-xdist); each test file runs whole in one of them.
 TEST_WORKERS ?= 2
 
-.PHONY: test test-core install demo demo-lm bench clean browser ui
+.PHONY: test test-core install demo demo-lm bench clean browser ui ui-stylegan2
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,14 @@ UI_PORT ?= 8000
 ui: install
 	@test -d .cache/demo/faces-dcgan || $(MAKE) demo
 	$(PY) -m memedit.ui .cache/demo/faces-dcgan --layer convt2 --stats .cache/demo/stats \
+	  --samples 2000 --batch-size 100 --port $(UI_PORT)
+
+# The shipped StyleGAN2 (converted by `make demo` into a folder named by its sha256).
+SG2_DEMO = .cache/demo/stylegan2-$(shell $(PY) -c \
+  "from ports.stylegan2.weights import FACES64_SHA256 as h; print(h[:12])")
+ui-stylegan2: install
+	@test -d $(SG2_DEMO) || $(MAKE) demo
+	$(PY) -m memedit.ui $(SG2_DEMO) --layer conv_2 --stats .cache/demo/stats \
 	  --samples 2000 --batch-size 100 --port $(UI_PORT)
 
 bench: install

@@ -68,7 +68,7 @@ def dcgan_generator():
 
 
 def stylegan2_generator(resolution):
-  from ports.stylegan2 import model as sg2
+  import ports.stylegan2 as sg2
 
   module = sg2.StyleGAN2Generator(resolution=resolution,
                                   channels=sg2.rosinality_channels(resolution, 2), z_dim=512,

@@ -28,7 +28,9 @@ Efficacy of edit i at kernel W: e_i(W) = 1 − L_i(W) / L_i(W_{i−1}), the shar
 crop's L1 loss (mean |f(W, k*) − v*| over the crop, f the layer itself) that the edit
 removed, against the loss on the kernel it was made on. Reported: e_i right after edit i
 (W_i), after all ten (W_10), and whether |e_i(W_10) − e_i(W_i)| ≤ 0.1·e_i(W_i) (the goal);
-the interference matrix predicted from the factors before each edit was applied
+an edit whose directions keep nothing outside the preserved keys' span is refused by the
+projection (``ValueError``), reported as refused and left out of the sequence; the
+interference matrix predicted from the factors before each edit was applied
 (``memedit.sequential.check_edit``, relative to the earlier edit's own change) beside the
 change measured on each earlier crop; the growth of ‖W‖_F and of the memory matrix's
 condition number.
@@ -36,7 +38,13 @@ condition number.
 Results: benchmarks/results/sequential_edits.json (+ the printed table), with the load
 average of the machine. ``--quick``: three edits of 201 steps (a smoke run).
 
+``--stylegan2``: the same ten edits on the shipped StyleGAN2 (64-px faces distilled from
+the DCGAN, so each region holds the same part of the face) at ``conv_2``, each Λ solved
+through the demodulation by Gauss–Newton (20 steps, L1) as in its demo spec; results in
+sequential_edits_stylegan2.json.
+
 Usage: python benchmarks/sequential_edits.py [--quick] [--model DIR] [--stats DIR]
+       [--stylegan2]
 """
 
 from __future__ import annotations
@@ -72,6 +80,10 @@ REGIONS = [("eyes", (22, 42, 8, 56)), ("mouth", (40, 54, 18, 46)),
 SETTINGS = {"method": "zca", "rank": 1, "shrinkage": 0.2, "taps": "own", "optimizer": "adam",
             "learning_rate": 0.05, "loss": "l1", "steps": 2001, "context_images": 6,
             "threshold": 1e-2, "statistics_images": 2000}
+# --stylegan2: the shipped StyleGAN2 (faces distilled from the DCGAN, so the same regions
+# hold the same parts of the face) at its demo layer with its demo solver.
+SG2_LAYER = "conv_2"
+SG2_SETTINGS = {**SETTINGS, "optimizer": "gauss_newton", "steps": 20}
 # mode -> (project, key_weight)
 MODES = {"projected": (True, 1.0), "projected_kw100": (True, 100.0), "plain": (False, None)}
 
@@ -82,11 +94,12 @@ def box(y0, y1, x0, x1):
   return m
 
 
-def plan(n_edits: int, canvas: int) -> list[dict]:
+def plan(n_edits: int, canvas: int, spec_file: str = "demo_spec.json",
+         layer: str = LAYER) -> list[dict]:
   """The edits: region, context examples, copied and pasted (image, mask); edit 0 is the
   bundled demo spec, the others deterministic draws of images for the other regions."""
-  text = importlib.resources.files("memedit").joinpath("data/demo_spec.json").read_text()
-  demo = specs.spec_from_json(json.loads(text), layers=[LAYER], canvas=canvas)
+  text = importlib.resources.files("memedit").joinpath(f"data/{spec_file}").read_text()
+  demo = specs.spec_from_json(json.loads(text), layers=[layer], canvas=canvas)
   out = [{"region": "eyes (demo spec)", "context": demo.masks("key"),
           "object": demo.masks("object")[0], "paste": demo.masks("paste")[0]}]
   rs = np.random.RandomState(0)
@@ -119,8 +132,10 @@ def null_dim(log, C, path, before: int, key_weight: float) -> int:
   return int(sq.null_space(C, keys, w, threshold=SETTINGS["threshold"]).dim)
 
 
-def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int) -> dict:
+def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
+                 layer: str = LAYER, settings: dict = SETTINGS) -> dict:
   """Applies the edits in order (projected or not); returns efficacies and diagnostics."""
+  LAYER, SETTINGS = layer, settings  # noqa: N806 - this run's layer and solver
   info = gens.layer_info(gen, LAYER)
   m = info.margin
   base = gen.params
@@ -132,9 +147,14 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int) -> dic
     D = gens.directions(C, keys, w, rank=SETTINGS["rank"], method=SETTINGS["method"],
                         shrinkage=SETTINGS["shrinkage"])
     if project:
-      D = np.asarray(sq.sequential_directions(log, C, D, info.weight_path,
-                                              threshold=SETTINGS["threshold"],
-                                              key_weight=key_weight))
+      try:
+        D = np.asarray(sq.sequential_directions(log, C, D, info.weight_path,
+                                                threshold=SETTINGS["threshold"],
+                                                key_weight=key_weight))
+      except ValueError as err:  # no room left outside the preserved keys: not made
+        rows.append({"region": spec["region"], "refused": str(err)})
+        print(f"  projected edit {e} ({spec['region']}): refused: {err}", flush=True)
+        continue
     copied = gens.copy_values(cur, LAYER, *spec["object"])
     target = gens.paste_target(cur, LAYER, copied, *spec["paste"])
     res = gens.insert(cur, LAYER, D, target, optimizer=SETTINGS["optimizer"], steps=steps,
@@ -153,12 +173,13 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int) -> dic
     times.append(time.perf_counter() - t0)
     rows.append({"region": spec["region"], "loss_before": res.loss_before,
                  "loss_after": res.loss_after,
-                 "null_dim": null_dim(log, C, info.weight_path, e, key_weight)
+                 "null_dim": null_dim(log, C, info.weight_path, len(log) - 1, key_weight)
                              if project else None,
                  "seconds": times[-1]})
     print(f"  {'projected' if project else 'plain'} edit {e} ({spec['region']}): crop L1 "
           f"{res.loss_before:.4f} -> {res.loss_after:.4f} ({times[-1]:.1f} s)", flush=True)
-  n = len(edits)
+  made = [r for r in rows if "refused" not in r]  # the edits applied, in order
+  n = len(made)
   # losses[i, t]: edit i's crop loss at kernel W_t (t = 0: unedited).
   losses = np.array([[crop_loss(f, k, tg, kernels[t]) for t in range(n + 1)]
                      for f, k, tg in problems])
@@ -179,7 +200,7 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int) -> dic
     predicted[:j, j] = c.interference
   final = sq.interference_matrix(log).matrix
   grow = sq.growth(log, base)
-  for i, r in enumerate(rows):
+  for i, r in enumerate(made):
     r.update(efficacy_after_edit=float(eff[i, i + 1]), efficacy_after_all=float(eff[i, n]),
              relative_change=float((eff[i, n] - eff[i, i + 1]) / eff[i, i + 1]),
              held=bool(abs(eff[i, n] - eff[i, i + 1]) <= 0.1 * abs(eff[i, i + 1])),
@@ -197,25 +218,42 @@ def main():
   ap.add_argument("--quick", action="store_true", help="3 edits of 201 steps")
   ap.add_argument("--model", default=str(ROOT / ".cache/demo/faces-dcgan"))
   ap.add_argument("--stats", default=str(ROOT / ".cache/demo/stats"))
+  ap.add_argument("--stylegan2", action="store_true",
+                  help="the shipped StyleGAN2 (ports/stylegan2/weights/faces64.pt) at "
+                       f"{SG2_LAYER}, Gauss-Newton {SG2_SETTINGS['steps']} steps")
   args = ap.parse_args()
-  n_edits, steps = (3, 201) if args.quick else (10, SETTINGS["steps"])
+  layer, settings, spec_file = LAYER, SETTINGS, "demo_spec.json"
+  model_name = "gan-face-generate==1.1.1 (DCGAN faces, MIT)"
+  if args.stylegan2:
+    from memedit._io import sha256_file
+    from ports.stylegan2 import convert_rosinality
+    from ports.stylegan2.weights import FACES64
+
+    layer, settings, spec_file = SG2_LAYER, SG2_SETTINGS, "demo_spec_stylegan2.json"
+    args.model = str(ROOT / ".cache" / "demo" / f"stylegan2-{sha256_file(FACES64)[:12]}")
+    if not os.path.isdir(args.model):
+      convert_rosinality(FACES64, args.model)
+    model_name = "ports/stylegan2/weights/faces64.pt (StyleGAN2 64x64 faces, MIT)"
+  n_edits = 3 if args.quick else 10
+  steps = min(settings["steps"], 201) if args.quick else settings["steps"]
   load_start = os.getloadavg()
   t_all = time.perf_counter()
   gen = gens.generator_from_converted(args.model)
-  state = gens.collect_statistics(gen, LAYER, SETTINGS["statistics_images"], batch_size=100,
+  state = gens.collect_statistics(gen, layer, settings["statistics_images"], batch_size=100,
                                   cache_dir=args.stats, progress=False)
   C = np.asarray(second_moment(state), np.float32)
-  edits = plan(n_edits, gen.resolution)
+  edits = plan(n_edits, gen.resolution, spec_file, layer)
   out = {}
   for mode, (project, key_weight) in MODES.items():
     out[mode] = run_sequence(gen, C, edits, project=project, key_weight=key_weight,
-                             steps=steps)
+                             steps=steps, layer=layer, settings=settings)
   load_end = os.getloadavg()
   logs = {}
   cache = ROOT / ".cache" / "sequential"
+  tag = "stylegan2_" if args.stylegan2 else ""
   for mode in out:
     log = out[mode].pop("log")
-    f = sq.save_log(cache / f"{mode}.npz", log)
+    f = sq.save_log(cache / f"{tag}{mode}.npz", log)
     logs[mode] = {"file_bytes": os.path.getsize(f), "entries": len(log)}
   agree = {}
   for mode in out:
@@ -226,29 +264,38 @@ def main():
     agree[mode] = {"max_abs_difference": float(np.max(np.abs(p[upper] - m_[upper]))),
                    "max_relative_difference_where_above_0.01": (
                        float(np.max(np.abs(p[big] - m_[big]) / m_[big])) if big.any() else None)}
-  summary = {mode: {"edits_held": int(sum(r["held"] for r in out[mode]["rows"])),
+  def made_rows(mode):
+    return [r for r in out[mode]["rows"] if "refused" not in r]
+
+  summary = {mode: {"edits_held": int(sum(r["held"] for r in made_rows(mode))),
+                    "edits_refused": len(out[mode]["rows"]) - len(made_rows(mode)),
                     "worst_relative_change": float(max(abs(r["relative_change"])
-                                                       for r in out[mode]["rows"][:-1])),
+                                                       for r in made_rows(mode)[:-1])),
                     "max_interference": float(np.nanmax([r["max_interference_received"] or 0
-                                                         for r in out[mode]["rows"]])),
-                    "final_norm_growth": out[mode]["rows"][-1]["norm_growth"],
-                    "final_condition_growth": out[mode]["rows"][-1]["condition_growth"],
+                                                         for r in made_rows(mode)])),
+                    "final_norm_growth": made_rows(mode)[-1]["norm_growth"],
+                    "final_condition_growth": made_rows(mode)[-1]["condition_growth"],
                     "prediction_vs_measurement": agree[mode]}
              for mode in out}
-  payload = {"settings": {**SETTINGS, "steps": steps, "edits": [describe(e) for e in edits],
+  payload = {"settings": {**settings, "steps": steps, "edits": [describe(e) for e in edits],
                           "modes": {m: {"project": p, "key_weight": k}
-                                    for m, (p, k) in MODES.items()}, "layer": LAYER,
-                          "model": "gan-face-generate==1.1.1 (DCGAN faces, MIT)"},
+                                    for m, (p, k) in MODES.items()}, "layer": layer,
+                          "model": model_name},
              "summary": summary, "results": out, "logs": logs,
              "load_average": {"start": load_start, "end": load_end},
              "total_seconds": time.perf_counter() - t_all}
-  path = write("sequential_edits" + ("_quick" if args.quick else ""), payload)
+  path = write("sequential_edits" + ("_stylegan2" if args.stylegan2 else "")
+               + ("_quick" if args.quick else ""), payload)
   short = {"projected": "P", "projected_kw100": "P100", "plain": "plain"}
   rows = []
   for i, spec in enumerate(edits):
     row = {"#": i, "region": spec["region"]}
     for mode, tag in short.items():
       r = out[mode]["rows"][i]
+      if "refused" in r:
+        row.update({f"{tag} e(edit)": "refused", f"{tag} e(all)": "-", f"{tag} held": "-",
+                    f"{tag} max I": "-"})
+        continue
       inter = r["max_interference_received"]
       row[f"{tag} e(edit)"] = f"{r['efficacy_after_edit']:.4f}"
       row[f"{tag} e(all)"] = f"{r['efficacy_after_all']:.4f}"
@@ -257,7 +304,8 @@ def main():
     rows.append(row)
   print(table(rows, list(rows[0])))
   for mode, s in summary.items():
-    print(f"{mode}: {s['edits_held']}/{n_edits} edits within 10 % of their efficacy; "
+    print(f"{mode}: {s['edits_held']}/{n_edits} edits within 10 % of their efficacy "
+          f"({s['edits_refused']} refused); "
           f"worst relative change {s['worst_relative_change']:+.3f}; max interference "
           f"{s['max_interference']:.3f}; ‖W‖ {100 * s['final_norm_growth']:+.2f} %, "
           f"condition {100 * s['final_condition_growth']:+.2f} %; predicted vs measured "

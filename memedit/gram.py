@@ -33,10 +33,11 @@ chunks of 15,625 × 512 float32 keys, the variants interleaved in one run
 So on CPU ``auto`` (the default) takes ``syrk`` when BLAS runs one thread (e.g.
 ``OPENBLAS_NUM_THREADS=1``) or the CPU has one core, and ``gemm`` otherwise: a rule on
 the configuration only, never on the machine's momentary load, so one environment always
-folds with the same kernel and gets the same bits. (An idle CPU could not be measured on
-that machine; there ``syrk`` does half the GEMM's multiply-adds at BLAS's rate, which
-with one thread was already 2.0 times the ``gemm`` fold's speed for numpy's bare
-``X.T @ X``.) ``MEMEDIT_CPU_GRAM=syrk`` or ``gemm`` fixes the choice. Both
+folds with the same kernel and gets the same bits. On a 2-core CPU with nothing else
+running, ``syrk`` was the faster kernel with either thread setting (10⁶ keys from numpy:
+2.76 s against the ``gemm`` fold's 3.49 s with two BLAS threads, 2.84 s against 3.16 s
+with one); the rule gives that up with several BLAS threads to avoid the 2.5 to 4 times
+slowdown under load. ``MEMEDIT_CPU_GRAM=syrk`` or ``gemm`` fixes the choice. Both
 accumulate blocked float32 (or float64) dot products, so the fold's accuracy is the same
 whichever runs (their results differ in the last bits).
 

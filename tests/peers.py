@@ -99,3 +99,20 @@ def gan_face_generate() -> tuple[types.ModuleType, Path]:
   name = "_peer_gan_face_generate_models"
   module = sys.modules.get(name) or _import_file(name, root / "models.py")
   return module, root / "weights.tar"
+
+
+def randomize_rosinality(g) -> None:
+  """Gives a rosinality generator's noise strengths and biases non-zero values (it
+  initialises them to 0), so that parity tests and benchmarks exercise them."""
+  import torch
+
+  with torch.no_grad():
+    for name, p in g.named_parameters():
+      if name.endswith("noise.weight"):
+        p.copy_(0.3 * torch.randn_like(p))
+      elif name.endswith("modulation.bias"):
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      elif name.startswith("style.") and name.endswith(".bias"):
+        p.copy_(0.2 / 0.01 * torch.randn_like(p))  # applied times lr_mul 0.01
+      elif name.endswith("bias"):
+        p.copy_(0.2 * torch.randn_like(p))

@@ -34,7 +34,7 @@ import memedit
 from memedit.lm.hooks import LMLayout, Static, split_model
 from memedit.lm.keys import check_memory, layer_weights, read_states, subject_keys
 from memedit.lm.prompts import Request, encode, prompt_rows
-from memedit.lm.values import optimize_values
+from memedit.lm.values import ValueResult, optimize_values
 
 __all__ = ["MemitResult", "compact_factors", "memit_edits", "memit_insert", "with_params"]
 
@@ -49,12 +49,15 @@ class MemitResult(NamedTuple):
     targets: ``(F, d)`` z_i, the hidden states after the last edited block.
     reached: ``(F, d)`` the hidden states there after all edits.
     nll: ``(F,)`` the value search's final NLL of the new objects.
+    values: the value search's :class:`memedit.lm.values.ValueResult` (pass it back as
+      ``memit_edits(..., values=)`` to reuse it).
   """
 
   edits: list
   targets: np.ndarray
   reached: np.ndarray
   nll: np.ndarray
+  values: ValueResult
 
 
 def compact_factors(lam, directions) -> tuple[jax.Array, jax.Array]:
@@ -118,7 +121,8 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
                 tokenize: Callable[[str], Sequence[int]], requests: Sequence[Request],
                 covariances: dict, *, penalty: float = 15000.0,
                 contexts: Sequence[str] = ("{}",), value_options: dict | None = None,
-                insert: Callable | None = None) -> MemitResult:
+                insert: Callable | None = None, values: ValueResult | None = None
+                ) -> MemitResult:
   """MEMIT: writes all ``requests`` into the MLP memories of ``layers`` (module docstring).
 
   Args:
@@ -139,6 +143,9 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
       block ``layer``'s update ΔW = lam @ directions (W ``(d, key_dim)``, keys
       ``(F, key_dim)``, residuals ``(F, d)``) and returns a dict merged into the edit's
       settings (e.g. AlphaEdit's null-space insert, :mod:`memedit.lm.sequential`).
+    values: a :class:`memedit.lm.values.ValueResult` of an earlier call with the same
+      requests and the same last block (``MemitResult.values``): its targets z are reused
+      and the value search is skipped, e.g. to compare penalties or earlier blocks.
 
   Returns:
     :class:`MemitResult`; ``result.edits[j]`` edits block ``layers[j]``, each made on the
@@ -158,9 +165,15 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
     raise ValueError("requests: expected at least one request, got none")
   last = layers[-1]
   z_block = layout.blocks[last]
-  opts = {"steps": 25, "clamp": 0.75, **(value_options or {})}
-  res = optimize_values(model, layout.memories[last], tokenize, requests, contexts,
-                        reference=z_block, **opts)
+  if values is None:
+    opts = {"steps": 25, "clamp": 0.75, **(value_options or {})}
+    res = optimize_values(model, layout.memories[last], tokenize, requests, contexts,
+                          reference=z_block, **opts)
+  elif np.shape(values.delta)[0] != len(requests):
+    raise ValueError(f"values: expected the value search of the {len(requests)} requests, "
+                     f"got {np.shape(values.delta)[0]} rows")
+  else:
+    res = values
   targets = res.ref0 + res.delta
   plain = encode(tokenize, [prompt_rows(r, ("{}",))[0] for r in requests])
   n = len(requests)
@@ -188,4 +201,4 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
     edits.append(edit)
   _, (reached,) = read_states(cur, plain.ids, plain.last, outputs_of=[z_block])
   return MemitResult(edits, targets.astype(np.float32), reached[:n].astype(np.float32),
-                     res.nll)
+                     res.nll, res)

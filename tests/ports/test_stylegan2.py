@@ -20,26 +20,12 @@ from ports.stylegan2 import model as sg2_model
 TOL = 1e-4
 
 
-def _randomize_rosinality(g) -> None:
-  """Gives noise strengths and biases non-zero values (rosinality initialises them to 0)."""
-  with torch.no_grad():
-    for name, p in g.named_parameters():
-      if name.endswith("noise.weight"):
-        p.copy_(0.3 * torch.randn_like(p))
-      elif name.endswith("modulation.bias"):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif name.startswith("style.") and name.endswith(".bias"):
-        p.copy_(0.2 / 0.01 * torch.randn_like(p))  # applied times lr_mul 0.01
-      elif name.endswith("bias"):
-        p.copy_(0.2 * torch.randn_like(p))
-
-
 def _rosinality_checkpoint(directory, size, style_dim, n_mlp, seed=0):
   """A real rosinality checkpoint of a random generator: (torch module, path, latent_avg)."""
   model = peers.rosinality_model()
   torch.manual_seed(seed)
   g = model.Generator(size, style_dim, n_mlp, channel_multiplier=2).eval()
-  _randomize_rosinality(g)
+  peers.randomize_rosinality(g)
   with torch.no_grad():
     latent_avg = g.mean_latent(256)[0]
   path = os.path.join(directory, f"rosinality-{size}.pt")

@@ -71,3 +71,18 @@ def test_memit_reaches_its_targets_and_reverts(tiny, tiny_covariances):
                 {1: tiny_covariances[1]})
   with pytest.raises(ValueError, match="expected increasing block indices"):
     memit_edits(tiny.model, tiny.layout, [1, 0], tiny.world.tokenize, reqs, tiny_covariances)
+  # The value search is reused: the same targets, the same edits bit for bit, no search.
+  again = memit_edits(tiny.model, tiny.layout, [0, 1], tiny.world.tokenize, reqs,
+                      tiny_covariances, penalty=1e-4, values=res.values)
+  np.testing.assert_array_equal(again.targets, res.targets)
+  for a, b in zip(again.edits, res.edits):
+    np.testing.assert_array_equal(np.asarray(a.lam), np.asarray(b.lam))
+    np.testing.assert_array_equal(np.asarray(a.D), np.asarray(b.D))
+  # A larger λ from the same search: the same z, reached less closely.
+  stiff = memit_edits(tiny.model, tiny.layout, [1], tiny.world.tokenize, reqs,
+                      tiny_covariances, penalty=1e3, values=res.values)
+  np.testing.assert_array_equal(stiff.targets, res.targets)
+  assert rel_err(stiff.reached, res.targets) > rel_err(res.reached, res.targets)
+  with pytest.raises(ValueError, match="expected the value search of the 2 requests, got 3"):
+    memit_edits(tiny.model, tiny.layout, [0, 1], tiny.world.tokenize, reqs[:2],
+                tiny_covariances, values=res.values)

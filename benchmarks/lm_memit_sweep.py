@@ -1,0 +1,105 @@
+"""MEMIT at many facts on the demo GPT-2: the trade-off between efficacy and specificity
+over the penalty λ and the edited blocks.
+
+One value search per last block (the targets z of ``--facts`` facts, MEMIT's 25 steps),
+reused through ``memit_edits(..., values=)`` for every first block and every λ; each
+setting is applied, scored like ``memedit lm-eval`` (efficacy, paraphrase, neighbourhood
+on the edited cases; top-1 accuracy on 2,000 facts about unedited subjects) and reverted.
+
+Usage: python benchmarks/lm_memit_sweep.py [--facts N] [--last 2,3] [--penalties ...]
+       [--inner N] [--names surname|single|pair] [--quick]
+Writes benchmarks/results/lm_memit_sweep[_inner N][_names].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import table, write
+from memedit.lm.evaluate import evaluate_cases, summarize, top1_accuracy, world_cases, world_facts
+from memedit.lm.experiment import apply_all, demo_contexts, world_covariance
+from memedit.lm.memit import memit_edits
+from memedit.lm.train import DemoConfig, train_demo
+from ports.gpt2 import lm_layout
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+  return [float(x) for x in text.split(",") if x]
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--facts", type=int, default=1000, help="facts in the batch (1000)")
+  ap.add_argument("--last", type=_ints, default=[2, 3], help="last blocks, e.g. 2,3")
+  ap.add_argument("--penalties", type=_floats, default=[100, 300, 1000, 3000, 10000])
+  ap.add_argument("--inner", type=int, default=0, help="MLP width (0: 4 n_embd, the demo's)")
+  ap.add_argument("--names", default="surname", choices=("surname", "single", "pair"))
+  ap.add_argument("--unedited", type=int, default=2000, help="unedited facts scored")
+  ap.add_argument("--cache-dir", default=".cache")
+  ap.add_argument("--quick", action="store_true", help="10 facts, block 1, two penalties")
+  args = ap.parse_args(argv)
+  if args.quick:
+    args.facts, args.last, args.penalties, args.unedited = 10, [1], [100, 1000], 200
+  module, variables, world, info = train_demo(
+      DemoConfig(n_inner=args.inner, names=args.names), args.cache_dir)
+  model = (module, variables)
+  layout = lm_layout(module.config.n_layer)
+  blocks = range(max(args.last) + 1)
+  covs = {l: world_covariance(model, world, layout.memories[l],
+                              cache_dir=os.path.join(args.cache_dir, "lm-stats"))
+          for l in blocks}
+  contexts = demo_contexts(model, world)
+  cases = world_cases(world, args.facts, seed=0)
+  facts = world_facts(world, args.unedited, seed=11,
+                      exclude=[c.request.subject for c in cases])
+  base = 100.0 * top1_accuracy(model, world.tokenize, facts)
+  reqs = [c.request for c in cases]
+  load0 = [round(x, 2) for x in os.getloadavg()]
+  rows = []
+  for last in args.last:
+    values, search_s = None, None
+    for first in range(last + 1):
+      for penalty in args.penalties:
+        t0 = time.perf_counter()
+        res = memit_edits(model, layout, list(range(first, last + 1)), world.tokenize, reqs,
+                          covs, penalty=penalty, contexts=contexts, values=values)
+        if values is None:
+          values, search_s = res.values, time.perf_counter() - t0
+        params, _ = apply_all(variables, res.edits)
+        s = summarize(evaluate_cases((module, params), world.tokenize, cases))
+        acc = 100.0 * top1_accuracy((module, params), world.tokenize, facts)
+        row = {"blocks": f"{first}-{last}" if first < last else str(last), "penalty": penalty,
+               "efficacy": round(s["efficacy"], 1), "paraphrase": round(s["paraphrase"], 1),
+               "neighbourhood": round(s["neighbourhood"], 1), "unedited": round(acc, 1),
+               "unedited_drop": round(base - acc, 1),
+               "goals_met": bool(s["efficacy"] >= 95 and s["neighbourhood"] >= 90)}
+        print(row, flush=True)
+        rows.append(row)
+    print(f"value search for blocks ..{last}: {search_s:.1f} s", flush=True)
+  cols = ["blocks", "penalty", "efficacy", "paraphrase", "neighbourhood", "unedited",
+          "unedited_drop", "goals_met"]
+  print(table(rows, cols))
+  suffix = ("_quick" if args.quick else "") + (f"_inner{args.inner}" if args.inner else "") \
+      + (f"_{args.names}" if args.names != "surname" else "")
+  path = write("lm_memit_sweep", {
+      "facts": args.facts, "model": {"config": info["config"],
+                                     "accuracy_train_templates":
+                                         info["accuracy_train_templates"]},
+      "unedited_base": base, "rows": rows, "load_average_before": load0,
+      "load_average_after": [round(x, 2) for x in os.getloadavg()]}, suffix)
+  print(f"wrote {path.relative_to(Path(__file__).resolve().parents[1])}")
+
+
+if __name__ == "__main__":
+  main()
