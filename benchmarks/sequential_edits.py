@@ -135,31 +135,30 @@ def null_dim(log, C, path, before: int, key_weight: float) -> int:
 def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
                  layer: str = LAYER, settings: dict = SETTINGS) -> dict:
   """Applies the edits in order (projected or not); returns efficacies and diagnostics."""
-  LAYER, SETTINGS = layer, settings  # noqa: N806 - this run's layer and solver
-  info = gens.layer_info(gen, LAYER)
+  info = gens.layer_info(gen, layer)
   m = info.margin
   base = gen.params
   log, cur = sq.log_init(), gen
-  problems, kernels, rows, checks, times = [], [gens.layer_kernel(gen, LAYER)], [], [], []
+  problems, kernels, rows, checks, times = [], [gens.layer_kernel(gen, layer)], [], [], []
   for e, spec in enumerate(edits):
     t0 = time.perf_counter()
-    keys, w = gens.context_keys(gen, LAYER, spec["context"])
-    D = gens.directions(C, keys, w, rank=SETTINGS["rank"], method=SETTINGS["method"],
-                        shrinkage=SETTINGS["shrinkage"])
+    keys, w = gens.context_keys(gen, layer, spec["context"])
+    D = gens.directions(C, keys, w, rank=settings["rank"], method=settings["method"],
+                        shrinkage=settings["shrinkage"])
     if project:
       try:
         D = np.asarray(sq.sequential_directions(log, C, D, info.weight_path,
-                                                threshold=SETTINGS["threshold"],
+                                                threshold=settings["threshold"],
                                                 key_weight=key_weight))
       except ValueError as err:  # no room left outside the preserved keys: not made
         rows.append({"region": spec["region"], "refused": str(err)})
         print(f"  projected edit {e} ({spec['region']}): refused: {err}", flush=True)
         continue
-    copied = gens.copy_values(cur, LAYER, *spec["object"])
-    target = gens.paste_target(cur, LAYER, copied, *spec["paste"])
-    res = gens.insert(cur, LAYER, D, target, optimizer=SETTINGS["optimizer"], steps=steps,
-                      learning_rate=SETTINGS["learning_rate"], loss=SETTINGS["loss"],
-                      taps=SETTINGS["taps"], method=f"insert/{'projected' if project else 'plain'}",
+    copied = gens.copy_values(cur, layer, *spec["object"])
+    target = gens.paste_target(cur, layer, copied, *spec["paste"])
+    res = gens.insert(cur, layer, D, target, optimizer=settings["optimizer"], steps=steps,
+                      learning_rate=settings["learning_rate"], loss=settings["loss"],
+                      taps=settings["taps"], method=f"insert/{'projected' if project else 'plain'}",
                       settings={"region": spec["region"]})
     edit = res.edit
     crop_keys = target.keys[0, m:target.keys.shape[1] - m, m:target.keys.shape[2] - m]
@@ -167,8 +166,8 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
     checks.append(check)
     log = sq.log_append(log, edit, crop_keys.reshape(-1, info.key_dim), target.targets)
     cur = gen.with_params(sq.log_apply(base, log))
-    kernels.append(gens.layer_kernel(cur, LAYER))
-    f, fkeys = gens.crop_problem(gen, LAYER, target)
+    kernels.append(gens.layer_kernel(cur, layer))
+    f, fkeys = gens.crop_problem(gen, layer, target)
     problems.append((f, fkeys, target))
     times.append(time.perf_counter() - t0)
     rows.append({"region": spec["region"], "loss_before": res.loss_before,
@@ -225,14 +224,10 @@ def main():
   layer, settings, spec_file = LAYER, SETTINGS, "demo_spec.json"
   model_name = "gan-face-generate==1.1.1 (DCGAN faces, MIT)"
   if args.stylegan2:
-    from memedit._io import sha256_file
-    from ports.stylegan2 import convert_rosinality
-    from ports.stylegan2.weights import FACES64
+    from memedit.demo import stylegan2_converted
 
     layer, settings, spec_file = SG2_LAYER, SG2_SETTINGS, "demo_spec_stylegan2.json"
-    args.model = str(ROOT / ".cache" / "demo" / f"stylegan2-{sha256_file(FACES64)[:12]}")
-    if not os.path.isdir(args.model):
-      convert_rosinality(FACES64, args.model)
+    args.model = stylegan2_converted(work=ROOT / ".cache" / "demo")[0]
     model_name = "ports/stylegan2/weights/faces64.pt (StyleGAN2 64x64 faces, MIT)"
   n_edits = 3 if args.quick else 10
   steps = min(settings["steps"], 201) if args.quick else settings["steps"]
@@ -264,17 +259,15 @@ def main():
     agree[mode] = {"max_abs_difference": float(np.max(np.abs(p[upper] - m_[upper]))),
                    "max_relative_difference_where_above_0.01": (
                        float(np.max(np.abs(p[big] - m_[big]) / m_[big])) if big.any() else None)}
-  def made_rows(mode):
-    return [r for r in out[mode]["rows"] if "refused" not in r]
-
-  summary = {mode: {"edits_held": int(sum(r["held"] for r in made_rows(mode))),
-                    "edits_refused": len(out[mode]["rows"]) - len(made_rows(mode)),
+  made = {mode: [r for r in out[mode]["rows"] if "refused" not in r] for mode in out}
+  summary = {mode: {"edits_held": int(sum(r["held"] for r in made[mode])),
+                    "edits_refused": len(out[mode]["rows"]) - len(made[mode]),
                     "worst_relative_change": float(max(abs(r["relative_change"])
-                                                       for r in made_rows(mode)[:-1])),
+                                                       for r in made[mode][:-1])),
                     "max_interference": float(np.nanmax([r["max_interference_received"] or 0
-                                                         for r in made_rows(mode)])),
-                    "final_norm_growth": made_rows(mode)[-1]["norm_growth"],
-                    "final_condition_growth": made_rows(mode)[-1]["condition_growth"],
+                                                         for r in made[mode]])),
+                    "final_norm_growth": made[mode][-1]["norm_growth"],
+                    "final_condition_growth": made[mode][-1]["condition_growth"],
                     "prediction_vs_measurement": agree[mode]}
              for mode in out}
   payload = {"settings": {**settings, "steps": steps, "edits": [describe(e) for e in edits],

@@ -30,7 +30,8 @@ from memedit.generators import (collect_statistics, comparison_grid, edit_from_s
                                 overfit, run_layer, save_png)
 
 __all__ = ["DEMO_REQUIREMENT", "DEMO_WEIGHTS_SHA256", "REPORT_QUANTILES", "SWEEP_QUANTILES",
-           "demo_goals", "demo_summary", "demo_weights", "run_demo", "run_stylegan2_demo"]
+           "demo_goals", "demo_summary", "demo_weights", "run_demo", "run_stylegan2_demo",
+           "stylegan2_converted"]
 
 DEMO_WEIGHTS_SHA256 = "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f"
 DEMO_REQUIREMENT = "gan-face-generate==1.1.1"
@@ -296,6 +297,46 @@ def run_demo(weights: str | os.PathLike, *, out: str | os.PathLike = "out",
   return report
 
 
+def stylegan2_converted(checkpoint: str | os.PathLike | None = None,
+                        work: str | os.PathLike = ".cache/demo") -> tuple[str, str, str]:
+  """The demo StyleGAN2 converted for memedit: ``WORK/stylegan2-<sha256[:12]>``, made by
+  :func:`ports.stylegan2.convert_rosinality` when missing.
+
+  Args:
+    checkpoint: a rosinality ``.pt`` (default: the shipped
+      ``ports/stylegan2/weights/faces64.pt``, checked against ``FACES64_SHA256``).
+    work: the folder the converted generator goes in.
+
+  Returns:
+    ``(converted folder, checkpoint path, checkpoint sha256)``.
+
+  Raises:
+    FileNotFoundError: no checkpoint there. ValueError: the default checkpoint with
+      another sha256; the converter's errors.
+
+  Example:
+    >>> import tempfile
+    >>> stylegan2_converted(tempfile.mkdtemp() + "/none.pt")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: ...none.pt...
+  """
+  from ports.stylegan2 import convert_rosinality
+  from ports.stylegan2.weights import FACES64, FACES64_SHA256
+
+  path = os.fspath(checkpoint) if checkpoint is not None else FACES64
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--stylegan2: no checkpoint at {path}")
+  digest = _io.sha256_file(path)
+  if checkpoint is None and digest != FACES64_SHA256:
+    raise ValueError(f"{path}: expected sha256 {FACES64_SHA256}, got {digest}")
+  os.makedirs(work, exist_ok=True)
+  model_dir = os.path.join(os.fspath(work), f"stylegan2-{digest[:12]}")
+  if not os.path.isdir(model_dir):
+    convert_rosinality(path, model_dir)
+  return model_dir, path, digest
+
+
 def run_stylegan2_demo(checkpoint: str | os.PathLike | None = None, *,
                        out: str | os.PathLike = "out",
                        work: str | os.PathLike = ".cache/demo", spec_path: str | None = None,
@@ -328,22 +369,10 @@ def run_stylegan2_demo(checkpoint: str | os.PathLike | None = None, *,
     ...
     FileNotFoundError: ...none.pt...
   """
-  from ports.stylegan2 import convert_rosinality
-  from ports.stylegan2.weights import FACES64, FACES64_SHA256
-
   times = {}
   t_all = time.perf_counter()
   t0 = time.perf_counter()
-  path = os.fspath(checkpoint) if checkpoint is not None else FACES64
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--stylegan2: no checkpoint at {path}")
-  digest = _io.sha256_file(path)
-  if checkpoint is None and digest != FACES64_SHA256:
-    raise ValueError(f"{path}: expected sha256 {FACES64_SHA256}, got {digest}")
-  os.makedirs(work, exist_ok=True)
-  model_dir = os.path.join(work, f"stylegan2-{digest[:12]}")
-  if not os.path.isdir(model_dir):
-    convert_rosinality(path, model_dir)
+  model_dir, path, digest = stylegan2_converted(checkpoint, work)
   gen = generator_from_converted(model_dir)
   times["convert_s"] = time.perf_counter() - t0
   spec = _load_spec(gen, spec_path, "demo_spec_stylegan2.json")

@@ -48,15 +48,14 @@ class MemitResult(NamedTuple):
     edits: one :class:`memedit.Edit` per edited block, in order.
     targets: ``(F, d)`` z_i, the hidden states after the last edited block.
     reached: ``(F, d)`` the hidden states there after all edits.
-    nll: ``(F,)`` the value search's final NLL of the new objects.
-    values: the value search's :class:`memedit.lm.values.ValueResult` (pass it back as
-      ``memit_edits(..., values=)`` to reuse it).
+    values: the value search's :class:`memedit.lm.values.ValueResult` (its ``nll``: the
+      final NLL of the new objects; pass it back as ``memit_edits(..., values=)`` to
+      reuse it).
   """
 
   edits: list
   targets: np.ndarray
   reached: np.ndarray
-  nll: np.ndarray
   values: ValueResult
 
 
@@ -200,5 +199,4 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
     cur = with_params(model, params)
     edits.append(edit)
   _, (reached,) = read_states(cur, plain.ids, plain.last, outputs_of=[z_block])
-  return MemitResult(edits, targets.astype(np.float32), reached[:n].astype(np.float32),
-                     res.nll, res)
+  return MemitResult(edits, targets.astype(np.float32), reached[:n].astype(np.float32), res)
