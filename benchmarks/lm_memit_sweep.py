@@ -6,7 +6,7 @@ reused through ``memit_edits(..., values=)`` for every first block and every λ;
 setting is applied, scored like ``memedit lm-eval`` (efficacy, paraphrase, neighbourhood
 on the edited cases; top-1 accuracy on 2,000 facts about unedited subjects) and reverted.
 
-Usage: python benchmarks/lm_memit_sweep.py [--facts N] [--last 2,3] [--penalties ...]
+Usage: python benchmarks/lm_memit_sweep.py [--facts N] [--last 2,3] [--first 0] [--penalties ...]
        [--inner N] [--names surname|single|pair] [--quick]
 Writes benchmarks/results/lm_memit_sweep[_inner N][_names].json.
 """
@@ -42,6 +42,8 @@ def main(argv=None) -> None:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--facts", type=int, default=1000, help="facts in the batch (1000)")
   ap.add_argument("--last", type=_ints, default=[2, 3], help="last blocks, e.g. 2,3")
+  ap.add_argument("--first", type=_ints, default=None,
+                  help="first blocks, e.g. 0 (default: every block up to the last)")
   ap.add_argument("--penalties", type=_floats, default=[100, 300, 1000, 3000, 10000])
   ap.add_argument("--inner", type=int, default=0, help="MLP width (0: 4 n_embd, the demo's)")
   ap.add_argument("--names", default="surname", choices=("surname", "single", "pair"))
@@ -69,7 +71,8 @@ def main(argv=None) -> None:
   rows = []
   for last in args.last:
     values, search_s = None, None
-    for first in range(last + 1):
+    for first in (range(last + 1) if args.first is None else
+                  [f for f in args.first if f <= last]):
       for penalty in args.penalties:
         t0 = time.perf_counter()
         res = memit_edits(model, layout, list(range(first, last + 1)), world.tokenize, reqs,

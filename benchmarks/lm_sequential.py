@@ -34,6 +34,8 @@ batches of 50 (a smoke run; the results go to ``*_quick`` files).
 
 Usage: python benchmarks/lm_sequential.py [--quick] [--model DIR] [--threshold T] [--l2 X]
   [--key-weight W] [--edit-keys solve|null_space|none] [--penalty L] [--penalty2 L]
+  [--tag SUFFIX]
+(A penalty of 0 leaves that plain arm out.)
 """
 
 from __future__ import annotations
@@ -131,6 +133,11 @@ def line_png(rows: list[dict], path, *, title: str = "", base: dict | None = Non
   return str(path)
 
 
+def _width(module) -> int:
+  """The model's MLP width (GPT-2's ``n_inner``, 4 ``n_embd`` when unset)."""
+  return module.config.n_inner or 4 * module.config.n_embd
+
+
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default=None, help="demo folder (default: the default demo, "
@@ -148,6 +155,7 @@ def main() -> int:
                   help="λ of a second plain arm (1000: at 15000 one batch of 100 is not "
                        "written on the demo; 0: no second arm)")
   ap.add_argument("--quick", action="store_true", help="200 facts in batches of 50")
+  ap.add_argument("--tag", default="", help="suffix of the output files (e.g. _inner4096)")
   args = ap.parse_args()
   if args.quick:
     args.edits, args.batch = min(args.edits, 200), min(args.batch, 50)
@@ -163,7 +171,7 @@ def main() -> int:
   contexts = demo_contexts(model, world)
   say = lambda s: print(f"lm_sequential: {s}", file=sys.stderr, flush=True)
   arms = [("projected", {"arms": ("projected",)})]
-  penalties = [args.penalty] + ([args.penalty2] if args.penalty2 else [])
+  penalties = [p for p in (args.penalty, args.penalty2) if p]
   arms += [(f"plain, penalty {p:g}", {"arms": ("plain",), "penalty": p}) for p in penalties]
   rows, base, null_dims = [], None, None
   for label, kw in arms:
@@ -185,13 +193,14 @@ def main() -> int:
         f"{base['neighbourhood']:.1f}, unedited accuracy {base['unedited']:.1f}; "
         f"null-space dimensions {null_dims}")
   print(table(shown, columns))
-  suffix = "_quick" if args.quick else ""
+  suffix = ("_quick" if args.quick else "") + args.tag
   png = ROOT / "docs" / f"lm_sequential{suffix}.png"
   png.parent.mkdir(parents=True, exist_ok=True)
   line_png(rows, png, base=base,
            title=f"{args.edits} facts in batches of {args.batch}, MEMIT blocks "
-                 f"{','.join(map(str, LAYERS))}: AlphaEdit projection (threshold "
-                 f"{args.threshold:g}, l2 {args.l2:g}) vs plain sequential MEMIT")
+                 f"{','.join(map(str, LAYERS))} (MLP width {_width(module)}): AlphaEdit "
+                 f"projection (threshold {args.threshold:g}, l2 {args.l2:g})"
+                 + (" vs plain sequential MEMIT" if penalties else ""))
   load1 = os.getloadavg()
   settings = {"edits": args.edits, "batch": args.batch, "layers": list(LAYERS),
               "threshold": args.threshold, "l2": args.l2, "key_weight": args.key_weight,

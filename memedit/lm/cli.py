@@ -63,6 +63,8 @@ def _train_args(p) -> None:
   g.add_argument("--blocks", type=_positive, default=base.n_layer,
                  help=f"transformer blocks (default {base.n_layer})")
   g.add_argument("--heads", type=_positive, default=base.n_head)
+  g.add_argument("--inner", type=int, default=base.n_inner,
+                 help="MLP width, the memories' key dimension (default 0: 4 × --embd)")
   g.add_argument("--steps", type=_positive, default=base.steps)
   g.add_argument("--batch", type=_positive, default=base.batch)
   g.add_argument("--warmup", type=int, default=base.warmup, help="learning-rate warm-up "
@@ -83,7 +85,8 @@ def _config(args):
 
   return DemoConfig(seed=args.seed, n_subjects=args.subjects, n_relations=args.relations,
                     n_objects=args.objects, names=args.names, n_embd=args.embd,
-                    n_layer=args.blocks, n_head=args.heads, steps=args.steps,
+                    n_layer=args.blocks, n_head=args.heads, n_inner=args.inner,
+                    steps=args.steps,
                     batch=args.batch, warmup=args.warmup, warm_subjects=args.warm_subjects,
                     warm_steps=args.warm_steps, eval_facts=args.eval_facts)
 

@@ -80,6 +80,9 @@ class DemoConfig:
     if not 0 <= self.warmup < self.steps:
       raise ValueError(f"warmup: expected 0 <= warmup < steps = {self.steps}, got "
                        f"{self.warmup}")
+    if self.n_inner < 0:
+      raise ValueError(f"n_inner: expected 0 (4 n_embd) or a positive MLP width, got "
+                       f"{self.n_inner}")
     if not 0 <= self.warm_steps <= self.steps:
       raise ValueError(f"warm_steps: expected 0 <= warm_steps <= steps = {self.steps}, got "
                        f"{self.warm_steps}")

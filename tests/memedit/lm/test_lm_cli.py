@@ -79,3 +79,18 @@ def test_lm_commands_end_to_end(tmp_path, capsys):
     _run("lm-edit", *model, "--method", "nope", "--out", tmp_path / "x")
   with pytest.raises(ValueError, match="--layer: expected a block in \\[0, 2\\)"):
     _run("lm-stats", *model, "--layer", "5")
+
+
+def test_lm_train_sets_the_mlp_width():
+  from memedit.lm.cli import _config
+  from memedit.lm.train import DemoConfig
+
+  parser = argparse.ArgumentParser(prog="memedit")
+  add_subcommands(parser.add_subparsers(dest="command", required=True))
+  assert _config(parser.parse_args(["lm-train", *TINY, "--inner", "48"])).n_inner == 48
+  assert _config(parser.parse_args(["lm-train", *TINY])).n_inner == 0
+  assert DemoConfig(n_inner=48).model_config(10).n_inner == 48
+  assert DemoConfig().model_config(10).n_inner is None  # 4 n_embd
+  with pytest.raises(ValueError, match=r"n_inner: expected 0 \(4 n_embd\) or a positive MLP "
+                                       r"width, got -1"):
+    DemoConfig(n_inner=-1)
