@@ -133,11 +133,6 @@ def line_png(rows: list[dict], path, *, title: str = "", base: dict | None = Non
   return str(path)
 
 
-def _width(module) -> int:
-  """The model's MLP width (GPT-2's ``n_inner``, 4 ``n_embd`` when unset)."""
-  return module.config.n_inner or 4 * module.config.n_embd
-
-
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default=None, help="demo folder (default: the default demo, "
@@ -198,7 +193,7 @@ def main() -> int:
   png.parent.mkdir(parents=True, exist_ok=True)
   line_png(rows, png, base=base,
            title=f"{args.edits} facts in batches of {args.batch}, MEMIT blocks "
-                 f"{','.join(map(str, LAYERS))} (MLP width {_width(module)}): AlphaEdit "
+                 f"{','.join(map(str, LAYERS))} (MLP width {module.config.inner_dim}): AlphaEdit "
                  f"projection (threshold {args.threshold:g}, l2 {args.l2:g})"
                  + (" vs plain sequential MEMIT" if penalties else ""))
   load1 = os.getloadavg()
