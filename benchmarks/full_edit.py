@@ -11,10 +11,16 @@ crop (``memedit.generators.crop_problem``) with the L1 loss:
   kernel, its change projected onto span(D) per tap after steps 0, 10, ..., 2000; one
   jitted program);
 - Λ-space Adam (2001 steps, one scan): ``solve_lambda(optimizer="adam")``, Adam on Λ
-  alone (ΔK = ΔK(Λ, D) at every step, lr 0.05) inside one lax.scan;
-- Λ-space Adam, Python loop: the same 2001 Λ steps as a Python loop of jitted steps;
+  alone (ΔK = ΔK(Λ, D) at every step, lr 0.05) inside one lax.scan, with the layer's
+  contractions of the kernel factored (K0's part once, ΔK's through the keys projected
+  onto D; the default);
+- the same scan unfactored (``solve_lambda(..., factored=False)``: f on the full kernel
+  at every step), to separate the factoring's share of the speed-up from the scan's;
+- Λ-space Adam, Python loop: the same 2001 Λ steps as a Python loop of jitted steps, each
+  step f on the full kernel (what one writes without memedit);
 - Gauss–Newton: ``solve_lambda(optimizer="gauss_newton")`` with the fewest steps (from a
-  fixed ladder) whose final loss is at most the lowest of the three Adam runs'.
+  fixed ladder) whose final loss is at most the lowest of the Adam runs', and with the
+  fewest reaching the reference default's loss (``gn_to_ref_default_loss_*``).
 
 Each is timed warm (best of repeats, compiled) and once including compilation; speed-ups
 are ratios of times measured in the same run. The row also records how far the reference
@@ -22,8 +28,10 @@ default's first (unprojected) Adam step moves the kernel: the share of weights i
 by at least lr / 2, against the spread (standard deviation) of the original weights.
 
 Models: the DCGAN face generator (real weights of gan-face-generate 1.1.1, fetched like
-the tests' peers; layer convt2) and a randomly initialised StyleGAN2 at 256 px (layer
-conv_6, 32×32 keys of 512 channels). ``--quick`` runs a short smoke version (201
+the tests' peers; layer convt2), a randomly initialised StyleGAN2 at 256 px (layer
+conv_6, 32×32 keys of 512 channels) and the shipped trained StyleGAN2
+(ports/stylegan2/weights/faces64.pt, 64 px; the demo's layer conv_2, 8×8 keys of 192
+channels). ``--quick`` runs a short smoke version (201
 Adam steps, StyleGAN2 at 64 px).
 
 Usage: python benchmarks/full_edit.py [--quick]
@@ -49,7 +57,7 @@ import memedit
 from benchmarks.common import best_of, table, write
 from memedit import generators as gens
 
-GN_LADDER = (2, 3, 4, 6, 8, 12, 16, 24, 32)
+GN_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def _box(y0, y1, x0, x1, canvas):
@@ -77,6 +85,14 @@ def stylegan2_generator(resolution):
   config = {"architecture": "stylegan2", "z_dim": 512, "resolution": resolution,
             "num_layers": sg2.num_conv_layers(resolution)}
   return sg2.memedit_generator(module, variables, config), "conv_6"
+
+
+def trained_stylegan2_generator():
+  """The shipped StyleGAN2 (64×64 faces distilled from the DCGAN), at the demo's layer."""
+  from memedit.demo import stylegan2_converted
+
+  path = stylegan2_converted(work=ROOT / ".cache" / "demo")[0]
+  return gens.generator_from_converted(path), "conv_2"
 
 
 def problem(gen, layer, n_stats):
@@ -115,11 +131,12 @@ def lambda_loop(f, kernel0, C, keys, weights, crop_keys, targets, steps):
   return float(jnp.mean(jnp.abs(f(k, crop_keys) - targets)))
 
 
-def memedit_edit(f, kernel0, C, keys, weights, crop_keys, targets, optimizer, steps):
+def memedit_edit(f, kernel0, C, keys, weights, crop_keys, targets, optimizer, steps,
+                 factored=True):
   """zca directions + ``solve_lambda`` (Λ-space Adam in one scan, or Gauss–Newton)."""
   D = gens.directions(C, keys, weights, rank=1, method="zca")
   res = memedit.solve_lambda(f, kernel0, D, crop_keys, targets, kind="conv", loss="l1",
-                             optimizer=optimizer, steps=steps)
+                             optimizer=optimizer, steps=steps, factored=factored)
   return float(res.final_loss)
 
 
@@ -154,26 +171,44 @@ def bench(name, gen, layer, n_stats, steps, repeats):
   ref_args = (gen, layer, target, C, keys, weights, steps)
   ref_loss, ref_first, ref_time = timed(lambda: reference_default(*ref_args))
   scan_loss, scan_first, scan_time = timed(lambda: memedit_edit(*args, "adam", steps))
+  full_loss, full_first, full_time = timed(
+      lambda: memedit_edit(*args, "adam", steps, factored=False))
   loop_loss, loop_first, loop_time = timed(lambda: lambda_loop(*args, steps))
   moved, spread = first_step(f, kernel0, crop_keys, targets)
 
-  goal = min(ref_loss, scan_loss, loop_loss)
-  gn_steps, gn_loss, gn_first = None, None, None
-  for s in GN_LADDER:
-    t = time.perf_counter()
-    loss = memedit_edit(*args, "gauss_newton", s)
-    first = time.perf_counter() - t
-    if loss <= goal * (1 + 1e-4):
-      gn_steps, gn_loss, gn_first = s, loss, first
-      break
+  def ladder(goal):
+    """(steps, loss, seconds with compilation) of the fewest ladder steps of Gauss–Newton
+    whose loss is at most ``goal``, or Nones."""
+    for s in GN_LADDER:
+      t = time.perf_counter()
+      loss = memedit_edit(*args, "gauss_newton", s)
+      first = time.perf_counter() - t
+      if loss <= goal * (1 + 1e-4):
+        return s, loss, first
+    return None, None, None
+
+  gn_steps, gn_loss, gn_first = ladder(min(ref_loss, scan_loss, full_loss, loop_loss))
+  ref_steps, ref_gn_loss, _ = ladder(ref_loss)
   row = {"model": name, "layer": layer, "crop": "x".join(map(str, target.targets.shape[1:3])),
          "steps": steps, "ref_default_loss": round(ref_loss, 5),
          "ref_default_s": round(ref_time, 3), "ref_default_first_s": round(ref_first, 2),
          "lam_scan_loss": round(scan_loss, 5), "lam_scan_s": round(scan_time, 3),
-         "lam_scan_first_s": round(scan_first, 2), "lam_loop_loss": round(loop_loss, 5),
+         "lam_scan_first_s": round(scan_first, 2),
+         "lam_scan_unfactored_loss": round(full_loss, 5),
+         "lam_scan_unfactored_s": round(full_time, 3),
+         "lam_scan_unfactored_first_s": round(full_first, 2),
+         "lam_loop_loss": round(loop_loss, 5),
          "lam_loop_s": round(loop_time, 3), "lam_loop_first_s": round(loop_first, 2),
          "lam_scan_vs_ref_default": round(ref_time / scan_time, 2),
+         "lam_scan_vs_lam_loop": round(loop_time / scan_time, 2),
+         "lam_scan_unfactored_vs_lam_loop": round(loop_time / full_time, 2),
          "first_step_moved_share": round(moved, 4), "weight_std": round(spread, 5)}
+  if ref_steps is not None:
+    t_ref_gn = best_of(lambda: memedit_edit(*args, "gauss_newton", ref_steps), repeats)
+    row.update(gn_to_ref_default_loss_steps=ref_steps,
+               gn_to_ref_default_loss_loss=round(ref_gn_loss, 5),
+               gn_to_ref_default_loss_s=round(t_ref_gn, 3),
+               gn_to_ref_default_loss_vs_ref_default=round(ref_time / t_ref_gn, 1))
   if gn_steps is None:
     row.update(gn_steps=f">{GN_LADDER[-1]}", gn_loss=None, gn_s=None,
                gn_vs_ref_default=None, gn_vs_lam_loop=None,
@@ -204,15 +239,23 @@ def main():
   gen, layer = stylegan2_generator(res)
   rows.append(bench(f"stylegan2-{res}-random", gen, layer, 8 if args.quick else 64,
                     steps, repeats))
+  gen, layer = trained_stylegan2_generator()
+  rows.append(bench("stylegan2-64-faces-trained", gen, layer, 100 if args.quick else 1000,
+                    steps, repeats))
   cols = ["model", "layer", "crop", "steps", "ref_default_loss", "ref_default_s",
-          "lam_scan_loss", "lam_scan_s", "lam_loop_loss", "lam_loop_s", "gn_steps",
-          "gn_loss", "gn_s", "gn_vs_ref_default", "gn_vs_lam_loop"]
+          "lam_scan_loss", "lam_scan_s", "lam_scan_unfactored_s", "lam_loop_loss",
+          "lam_loop_s", "lam_scan_vs_lam_loop", "gn_steps",
+          "gn_loss", "gn_s", "gn_vs_ref_default", "gn_vs_lam_loop",
+          "gn_to_ref_default_loss_steps", "gn_to_ref_default_loss_vs_ref_default"]
   print(table(rows, cols))
   note = ("ref_default = reference default: whole-weight Adam projected onto span(D) every "
           "10 steps (memedit.generators.projected_insert, one jitted program); lam_scan = "
-          "Λ-space Adam (2001 steps, one scan; solve_lambda adam); lam_loop = Λ-space Adam, "
-          "Python loop of jitted steps; gn = Gauss–Newton (solve_lambda gauss_newton) with the fewest "
-          "ladder steps reaching the lowest of the three Adam losses; all from the same zca "
+          "Λ-space Adam (2001 steps, one scan; solve_lambda adam, factored contractions); "
+          "lam_scan_unfactored = the same scan with factored=False (f on the full kernel "
+          "every step); lam_loop = Λ-space Adam, Python loop of jitted steps on the full "
+          "kernel; gn = Gauss–Newton (solve_lambda gauss_newton) with the fewest "
+          "ladder steps reaching the lowest of the Adam losses; gn_to_ref_default_loss = "
+          "the fewest ladder steps reaching the reference default's loss; all from the same zca "
           "D on the same crop, L1 loss; times are warm (best of repeats); *_first_s include "
           "compilation; first_step_moved_share = share of kernel weights the reference "
           "default's first Adam step moves by >= lr/2, weight_std = std of the original "

@@ -20,7 +20,7 @@ from jax.extend import core as jcore
 
 from memedit.layers.conv import extract_patches
 
-__all__ = ["conv_as_matmul"]
+__all__ = ["bind_eqn", "conv_as_matmul", "eval_jaxpr", "is_patchable", "patched"]
 
 
 def _conv_by_patches(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -41,7 +41,24 @@ def _conv_by_patches(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dil
       preferred_element_type or jnp.result_type(lhs, rhs))
 
 
-def _eval(jaxpr, consts, *args):
+def is_patchable(eqn) -> bool:
+  """Whether ``eqn`` is a convolution :func:`conv_as_matmul` computes as a patch matmul."""
+  return (eqn.primitive.name == "conv_general_dilated"
+          and eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1)
+
+
+def bind_eqn(eqn, invals, patch: bool = False) -> list:
+  """Evaluates one equation on ``invals`` (a patchable convolution as patches × kernel
+  when ``patch``); returns its outputs as a list."""
+  if patch and is_patchable(eqn):
+    return [_conv_by_patches(*invals, **eqn.params)]
+  outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+  return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def eval_jaxpr(jaxpr, consts, *args, patch: bool = True) -> list:
+  """Evaluates ``jaxpr`` with nested ``jit`` calls inlined (and convolutions as patch
+  matmuls when ``patch``); traced under ``jax.make_jaxpr`` it gives a flat jaxpr."""
   env = {}
 
   def read(v):
@@ -53,24 +70,25 @@ def _eval(jaxpr, consts, *args):
     env[v] = a
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if (name == "conv_general_dilated" and eqn.params["feature_group_count"] == 1
-        and eqn.params["batch_group_count"] == 1):
-      outs = [_conv_by_patches(*invals, **eqn.params)]
-    elif name in ("pjit", "jit", "closed_call", "core_call"):
+    if eqn.primitive.name in ("pjit", "jit", "closed_call", "core_call"):
       inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
       if isinstance(inner, jcore.ClosedJaxpr):
-        outs = _eval(inner.jaxpr, inner.consts, *invals)
+        outs = eval_jaxpr(inner.jaxpr, inner.consts, *invals, patch=patch)
       else:
-        outs = _eval(inner, (), *invals)
+        outs = eval_jaxpr(inner, (), *invals, patch=patch)
     else:
-      outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
+      outs = bind_eqn(eqn, invals, patch)
     for v, o in zip(eqn.outvars, outs):
       if not isinstance(v, jcore.DropVar):
         env[v] = o
   return [read(v) for v in jaxpr.outvars]
+
+
+@functools.lru_cache(maxsize=128)
+def patched(f):
+  """:func:`conv_as_matmul` of ``f``, cached so that the same f keeps one compiled
+  program."""
+  return conv_as_matmul(f)
 
 
 def conv_as_matmul(f):
@@ -86,7 +104,7 @@ def conv_as_matmul(f):
   @functools.wraps(f)
   def wrapped(*args):
     closed, out_shape = jax.make_jaxpr(f, return_shape=True)(*args)
-    outs = _eval(closed.jaxpr, closed.consts, *jax.tree_util.tree_leaves(args))
+    outs = eval_jaxpr(closed.jaxpr, closed.consts, *jax.tree_util.tree_leaves(args))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped

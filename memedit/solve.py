@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit._convs import conv_as_matmul as conv_as_matmul_fn
+from memedit._convs import patched
+from memedit._factored import factored_forward
 from memedit.checks import check_positive_int, expand_weights, weights_fit
 from memedit.layouts import kernel_delta, key_dim, lambda_shape
 from memedit.optim import LOSSES, OPTIMIZERS, adam_scan, check_choice, residual_loss
@@ -81,6 +82,7 @@ def solve_lambda(
     cg_steps: int = 32,
     damping: float = 0.1,
     conv_as_matmul: bool | None = None,
+    factored: bool = True,
     lam_mask: Any = None,
     progress: Callable[[int, float], Any] | None = None,
     progress_every: int | None = None,
@@ -156,6 +158,14 @@ def solve_lambda(
     conv_as_matmul: compute f's convolutions as patches × kernel (same values). XLA:CPU
       runs kernel-gradient convolutions inside compiled loops 20–35× slower than outside
       them; this form avoids that. Default: on when the backend is the CPU.
+    factored: split f's linear uses of the kernel (a ``dot_general`` or ungrouped
+      convolution contracting the keys with the kernel's key axes, possibly after
+      scalings, casts, reversals, transposes and reshapes of the kernel) into K0's part,
+      computed once before the loop, and ΔK's, computed from the keys projected onto D:
+      contract(keys, K0 + ΔK) = contract(keys, K0) + contract(keys·Dᵀ, Λ). A step then
+      costs r/d of the full contraction there; the other uses of the kernel (e.g. a
+      demodulation) see K0 + ΔK as before. Same values up to float rounding. Default on;
+      off computes f on the full kernel at every step.
     lam_mask: optional 0/1 array broadcastable to Λ's shape: the edit is ΔK(Λ ⊙ M, D), so
       Λ is confined to M's non-zero entries, and the returned Λ is zero elsewhere (e.g.
       a convolution edit restricted to some kernel taps, see
@@ -217,13 +227,12 @@ def solve_lambda(
   lam_mask = _check_lam_mask(lam_mask, lshape)
   if conv_as_matmul is None:
     conv_as_matmul = jax.default_backend() == "cpu"
-  if conv_as_matmul:
-    f = _patched(f)
   cg_steps = check_positive_int(cg_steps, "cg_steps")
   every, hook = _hook(progress, progress_every, steps,
                       (kernel0, D, keys, targets, weights, lam0, lam_mask))
   try:
-    res = _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, kernel0, D, keys,
+    res = _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, bool(factored),
+                 bool(conv_as_matmul), kernel0, D, keys,
                  targets, weights, lam0, jnp.float32(learning_rate), jnp.float32(damping),
                  lam_mask, jnp.int32(hook))
     if hook:
@@ -320,20 +329,15 @@ def _masked(lam, lam_mask):
   return lam if lam_mask is None else lam * lam_mask
 
 
-@functools.lru_cache(maxsize=128)
-def _patched(f):
-  # Cached so that the same f keeps one compiled solve.
-  return conv_as_matmul_fn(f)
-
-
 def lambda_loss_fn(f, kernel0, D, keys, targets, *, kind="dense", in_ndim=1,
-                   weights=None, loss="l1", lam_mask=None) -> Callable[[jax.Array], jax.Array]:
+                   weights=None, loss="l1", lam_mask=None, factored=True
+                   ) -> Callable[[jax.Array], jax.Array]:
   """The scalar loss Λ ↦ loss(f(K0 + ΔK(Λ, D), keys), targets) that :func:`solve_lambda`
   minimises (useful for checking gradients or plotting).
 
   Args:
-    f, kernel0, D, keys, targets, kind, in_ndim, weights, loss, lam_mask: as in
-      :func:`solve_lambda`.
+    f, kernel0, D, keys, targets, kind, in_ndim, weights, loss, lam_mask, factored: as in
+      :func:`solve_lambda` (factored: the Λ-independent part is computed here, once).
 
   Returns:
     A pure function of Λ returning a () loss. Called on concrete values it raises a
@@ -350,7 +354,7 @@ def lambda_loss_fn(f, kernel0, D, keys, targets, *, kind="dense", in_ndim=1,
     (9.0, -6.0)
   """
   fn = _loss_fn(f, kernel0, D, keys, targets, kind, in_ndim, weights, loss,
-                lam_mask)
+                lam_mask, factored)
 
   def checked(lam):
     val = fn(lam)
@@ -363,24 +367,35 @@ def lambda_loss_fn(f, kernel0, D, keys, targets, *, kind="dense", in_ndim=1,
   return checked
 
 
-def _loss_fn(f, kernel0, D, keys, targets, kind, in_ndim, weights, loss, lam_mask):
+def _forward(f, kernel0, D, keys, kind, in_ndim, lam_mask, factored, patch):
+  """Λ ↦ f(K0 + ΔK(Λ ⊙ M, D), keys); ``factored``: with the kernel's linear uses split
+  (:mod:`memedit._factored`, their K0 part computed here, once)."""
   kshape = tuple(jnp.shape(kernel0))
 
-  def fn(lam):
-    kernel = kernel0 + kernel_delta(_masked(lam, lam_mask), D, kshape, kind,
-                                    in_ndim).astype(kernel0.dtype)
-    return _weighted_loss(f(kernel, keys), targets, weights, loss)
+  def delta(lam):
+    return kernel_delta(lam, D, kshape, kind, in_ndim).astype(kernel0.dtype)
 
-  return fn
+  if factored:
+    fwd = factored_forward(f, kernel0, D, keys, kind, in_ndim, delta=delta, patch=patch)
+    return lambda lam: fwd(_masked(lam, lam_mask))
+  fp = patched(f) if patch else f
+  return lambda lam: fp(kernel0 + delta(_masked(lam, lam_mask)), keys)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
-def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, kernel0, D, keys,
-           targets, weights, lam0, learning_rate, damping, lam_mask, hook):
-  kshape = kernel0.shape
+def _loss_fn(f, kernel0, D, keys, targets, kind, in_ndim, weights, loss, lam_mask,
+             factored=True, patch=False):
+  forward = _forward(f, kernel0, D, keys, kind, in_ndim, lam_mask, factored, patch)
+  return lambda lam: _weighted_loss(forward(lam), targets, weights, loss)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9))
+def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, factored, patch,
+           kernel0, D, keys, targets, weights, lam0, learning_rate, damping, lam_mask, hook):
   emit = _emitter(every, steps, hook)
-  loss_fn = _loss_fn(f, kernel0, D, keys, targets, kind, in_ndim, weights, loss,
-                     lam_mask)
+  forward = _forward(f, kernel0, D, keys, kind, in_ndim, lam_mask, factored, patch)
+
+  def loss_fn(lam):
+    return _weighted_loss(forward(lam), targets, weights, loss)
 
   def result(lam, losses, final_loss):
     lam = _masked(lam, lam_mask)
@@ -402,9 +417,7 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, kernel0, D
     wfull = expand_weights(weights, targets.shape).astype(dt)
 
   def resid_fn(lam):
-    kernel = kernel0 + kernel_delta(_masked(lam, lam_mask), D, kshape, kind,
-                                    in_ndim).astype(kernel0.dtype)
-    return (f(kernel, keys) - targets).astype(dt)
+    return (forward(lam) - targets).astype(dt)
 
   def value_and_grad(lam):
     val, g = jax.value_and_grad(loss_fn)(lam)

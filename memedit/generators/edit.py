@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from memedit._convs import patched
 from memedit.checks import check_positive_int
 from memedit.edits import Edit, EditHistory, apply_edit, edit_delta, make_edit, revert_edit
 from memedit.generators.crop import crop_problem, own_taps
@@ -293,7 +294,8 @@ def projected_insert(gen: Generator, layer: str, D: Any, target: Target, *,
   f, keys = crop_problem(gen, layer, target)
   kernel0 = jnp.asarray(layer_kernel(gen, layer))
   D32 = jnp.asarray(D64, jnp.float32)
-  run = _projected_program(f, info.kind, info.key_dim, steps, project_every, loss)
+  run = _projected_program(_loop_form(f), info.kind, info.key_dim, steps, project_every,
+                           loss)
   lam, losses = run(kernel0, keys, jnp.asarray(target.targets), jnp.asarray(X, jnp.float32),
                     D32, jnp.float32(learning_rate))
   _finite(lam, f"the projected Adam run (learning_rate {learning_rate}, {steps} steps)")
@@ -344,6 +346,12 @@ def unit_zeroing_edit(gen: Generator, layer: str, units: Sequence[int]) -> Edit:
                    settings={"layer": layer, "units": [int(u) for u in units]})
 
 
+def _loop_form(f):
+  """f for a compiled loop: on the CPU with its convolutions as patch matmuls, since
+  XLA:CPU runs kernel-gradient convolutions inside loops on a slow path (memedit._convs)."""
+  return patched(f) if jax.default_backend() == "cpu" else f
+
+
 def _overfit_program(f, steps: int):
   def build():
     def run(kernel0, keys, targets, lr):
@@ -390,8 +398,8 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
   info = layer_info(gen, layer)
   f, keys = crop_problem(gen, layer, target)
   kernel0 = jnp.asarray(layer_kernel(gen, layer))
-  delta, losses = _overfit_program(f, steps)(kernel0, keys, jnp.asarray(target.targets),
-                                             jnp.float32(learning_rate))
+  delta, losses = _overfit_program(_loop_form(f), steps)(
+      kernel0, keys, jnp.asarray(target.targets), jnp.float32(learning_rate))
   eye = np.eye(info.key_dim, dtype=np.float32)
   lam = _coefficients(delta, jnp.asarray(eye), info.kind, info.key_dim)
   edit = make_edit(info.weight_path, lam, eye, kind=info.kind, in_ndim=info.in_ndim,
