@@ -27,8 +27,9 @@ demo-lm: install
 
 # Core tests: the library without PyTorch (`import torch` fails; parity tests deselected).
 CORE_TESTS := tests/memedit/test_covariance.py tests/memedit/test_directions.py \
-	tests/memedit/test_solve.py tests/memedit/test_edits.py tests/memedit/test_io.py \
-	tests/memedit/test_specs.py tests/memedit/test_docstrings.py tests/memedit/layers
+	tests/memedit/test_solve.py tests/memedit/test_factored.py tests/memedit/test_edits.py \
+	tests/memedit/test_io.py tests/memedit/test_specs.py tests/memedit/test_docstrings.py \
+	tests/memedit/layers
 
 test: install browser
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
