@@ -35,7 +35,6 @@ from memedit._convs import bind_eqn, eval_jaxpr
 __all__ = ["factored_forward"]
 
 HIGHEST = lax.Precision.HIGHEST
-_CALLS = ("pjit", "jit", "closed_call", "core_call")
 
 
 class _Op(NamedTuple):
@@ -57,14 +56,6 @@ class _Kern(NamedTuple):
 
 
 _DEFERRED = object()  # a value that depends on Λ other than through a _Kern
-
-
-def _apply(ops, x):
-  for op in ops:
-    args = list(op.operands)
-    args[op.pos] = x
-    x = op.prim.bind(*args, **op.kparams)
-  return x
 
 
 def _r_axis(kaxes, j):
@@ -144,23 +135,18 @@ def _structural(eqn, kern: _Kern, invals, pos):
                                                  pos),))
 
 
-def _reshape_rform(op: _Op, x):
-  """Resolves the -1 of an r-form reshape (the r axis) from x's size."""
-  if op.prim.name != "reshape":
-    return op
-  sizes = list(op.lparams["new_sizes"])
-  if -1 in sizes:
-    rest = math.prod(s for s in sizes if s != -1)
-    sizes[sizes.index(-1)] = int(np.size(x)) // rest
-  return op._replace(lparams=dict(op.lparams, new_sizes=tuple(sizes)))
-
-
-def _apply_r(ops, x):
+def _replay(ops, x, rform: bool = False):
+  """T(x): the maps ``ops`` applied to x in the kernel's form, or (``rform``) to x in the
+  r-form, whose reshapes get their r axis (the -1) from x's size."""
   for op in ops:
-    op = _reshape_rform(op, x)
+    params = op.lparams if rform else op.kparams
+    if rform and op.prim.name == "reshape" and -1 in params["new_sizes"]:
+      sizes = list(params["new_sizes"])
+      sizes[sizes.index(-1)] = int(np.size(x)) // math.prod(s for s in sizes if s != -1)
+      params = dict(params, new_sizes=tuple(sizes))
     args = list(op.operands)
     args[op.pos] = x
-    x = op.prim.bind(*args, **op.lparams)
+    x = op.prim.bind(*args, **params)
   return x
 
 
@@ -197,7 +183,7 @@ def _split(eqn, invals, D):
     r_axis = kern.kaxes[0]
     last = xd.ndim - 1
     dn = (((r_axis,), (last,)), ((), ())) if pos == 0 else (((last,), (r_axis,)), ((), ()))
-    return known, ("dot", pos, xd, dict(params, dimension_numbers=dn))
+    return known, ("dot", pos, xd, dict(params, dimension_numbers=dn), kern.ops)
   if name == "conv_general_dilated":
     lhs, rhs = invals
     if not isinstance(rhs, _Kern) or isinstance(lhs, _Kern) or lhs is _DEFERRED:
@@ -209,7 +195,7 @@ def _split(eqn, invals, D):
       return None
     known = bind_eqn(eqn, [lhs, rhs.base])[0]
     xd = jnp.moveaxis(_project(lhs, [lhs_spec[1]], D), -1, lhs_spec[1])
-    return known, ("conv", 1, xd, params)
+    return known, ("conv", 1, xd, params, rhs.ops)
   return None
 
 
@@ -284,32 +270,29 @@ def factored_forward(f: Callable, kernel0, D, keys, kind: str, in_ndim: int, *,
     for v, o in zip(eqn.outvars, outs):
       if not isinstance(v, jcore.DropVar):
         env[v] = o
-  known = dict(env)
   kshape = tuple(kernel0.shape)
 
   def forward(lam):
     step: dict = {}
-    full = {}
+    full = []  # K0 + ΔK(Λ, D), formed once if some use of the kernel needs it
 
     def value(v):
       if isinstance(v, jcore.Literal):
         return v.val
-      x = step[v] if v in step else known[v]
+      x = step[v] if v in step else env[v]
       if isinstance(x, _Kern):
-        if id(x) not in full:
-          full[id(x)] = _apply(x.ops, kernel0 + delta(lam))
-        return full[id(x)]
+        if not full:
+          full.append(kernel0 + delta(lam))
+        return _replay(x.ops, full[0])
       return x
 
     L = _lam_rform(lam, kshape, kind, in_ndim, kernel0.dtype)
     for i, eqn in enumerate(jaxpr.eqns):
-      if not any(isinstance(v, jcore.Var) and known.get(v) is _DEFERRED for v in eqn.outvars):
+      if not any(isinstance(v, jcore.Var) and env.get(v) is _DEFERRED for v in eqn.outvars):
         continue
       if i in splits:
-        base, (form, pos, xd, params) = splits[i]
-        kern = next(x for x in (known.get(v) for v in eqn.invars
-                                if isinstance(v, jcore.Var)) if isinstance(x, _Kern))
-        lr = _apply_r(kern.ops, L)
+        base, (form, pos, xd, params, ops) = splits[i]
+        lr = _replay(ops, L, rform=True)
         if form == "dot":
           low = lax.dot_general(*((lr, xd) if pos == 0 else (xd, lr)),
                                 params["dimension_numbers"], precision=params["precision"],
