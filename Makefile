@@ -65,7 +65,7 @@ SG2_DEMO = .cache/demo/stylegan2-$(shell $(PY) -c \
   "from ports.stylegan2.weights import FACES64_SHA256 as h; print(h[:12])")
 ui-stylegan2: install
 	@test -d $(SG2_DEMO) || $(MAKE) demo
-	$(PY) -m memedit.ui $(SG2_DEMO) --layer conv_2 --stats .cache/demo/stats \
+	$(PY) -m memedit.ui $(SG2_DEMO) --layer conv_3 --stats .cache/demo/stats \
 	  --samples 2000 --batch-size 100 --port $(UI_PORT)
 
 bench: install

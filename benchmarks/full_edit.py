@@ -30,16 +30,18 @@ by at least lr / 2, against the spread (standard deviation) of the original weig
 Models: the DCGAN face generator (real weights of gan-face-generate 1.1.1, fetched like
 the tests' peers; layer convt2), a randomly initialised StyleGAN2 at 256 px (layer
 conv_6, 32×32 keys of 512 channels) and the shipped trained StyleGAN2
-(ports/stylegan2/weights/faces64.pt, 64 px; the demo's layer conv_2, 8×8 keys of 192
-channels). ``--quick`` runs a short smoke version (201
-Adam steps, StyleGAN2 at 64 px).
+(ports/stylegan2/weights/faces64.pt, 64 px; the demo's layer conv_3, the up-sampling
+modulated convolution from 8×8 keys of 192 channels to 16×16). ``--quick`` runs a short
+smoke version (201 Adam steps, StyleGAN2 at 64 px); ``--rows`` reruns some of the rows.
 
-Usage: python benchmarks/full_edit.py [--quick]
+Usage: python benchmarks/full_edit.py [--quick] [--rows dcgan,stylegan2-random,stylegan2-trained]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,10 +56,12 @@ import numpy as np
 import optax
 
 import memedit
-from benchmarks.common import best_of, table, write
+from benchmarks.common import best_of, machine, table, write
 from memedit import generators as gens
 
 GN_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+ROWS = ("dcgan", "stylegan2-random", "stylegan2-trained")
+RESULT = ROOT / "benchmarks" / "results" / "full_edit.json"
 
 
 def _box(y0, y1, x0, x1, canvas):
@@ -92,7 +96,7 @@ def trained_stylegan2_generator():
   from memedit.demo import stylegan2_converted
 
   path = stylegan2_converted(work=ROOT / ".cache" / "demo")[0]
-  return gens.generator_from_converted(path), "conv_2"
+  return gens.generator_from_converted(path), "conv_3"
 
 
 def problem(gen, layer, n_stats):
@@ -228,20 +232,40 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="short smoke run")
+  ap.add_argument("--rows", default=",".join(ROWS),
+                  help="comma-separated rows to run (default: all of " + ", ".join(ROWS)
+                  + "); a subset replaces those rows in the existing results, each rerun "
+                  "row keeping its own date and machine")
   args = ap.parse_args()
+  chosen = [r for r in args.rows.split(",") if r]
+  unknown = [r for r in chosen if r not in ROWS]
+  if unknown or not chosen:
+    ap.error(f"--rows: expected names among {', '.join(ROWS)}, got {args.rows!r}")
   steps = 201 if args.quick else 2001
   repeats = 1 if args.quick else 3
   rows = []
-  gen, layer = dcgan_generator()
-  rows.append(bench("dcgan-faces-64", gen, layer, 100 if args.quick else 1000, steps,
-                    repeats))
-  res = 64 if args.quick else 256
-  gen, layer = stylegan2_generator(res)
-  rows.append(bench(f"stylegan2-{res}-random", gen, layer, 8 if args.quick else 64,
-                    steps, repeats))
-  gen, layer = trained_stylegan2_generator()
-  rows.append(bench("stylegan2-64-faces-trained", gen, layer, 100 if args.quick else 1000,
-                    steps, repeats))
+  if "dcgan" in chosen:
+    gen, layer = dcgan_generator()
+    rows.append(bench("dcgan-faces-64", gen, layer, 100 if args.quick else 1000, steps,
+                      repeats))
+  if "stylegan2-random" in chosen:
+    res = 64 if args.quick else 256
+    gen, layer = stylegan2_generator(res)
+    rows.append(bench(f"stylegan2-{res}-random", gen, layer, 8 if args.quick else 64,
+                      steps, repeats))
+  if "stylegan2-trained" in chosen:
+    gen, layer = trained_stylegan2_generator()
+    rows.append(bench("stylegan2-64-faces-trained", gen, layer,
+                      100 if args.quick else 1000, steps, repeats))
+  rerun = None
+  if len(chosen) < len(ROWS):
+    rerun = {row["model"]: {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                            "load_average": list(os.getloadavg())} for row in rows}
+    previous = json.loads(RESULT.read_text()) if RESULT.exists() and not args.quick else None
+    if previous is not None:
+      fresh = {row["model"]: row for row in rows}
+      rows = [fresh.pop(row["model"], row) for row in previous["rows"]] + list(fresh.values())
+      rerun = {**previous.get("rows_rerun", {}), **rerun}
   cols = ["model", "layer", "crop", "steps", "ref_default_loss", "ref_default_s",
           "lam_scan_loss", "lam_scan_s", "lam_scan_unfactored_s", "lam_loop_loss",
           "lam_loop_s", "lam_scan_vs_lam_loop", "gn_steps",
@@ -260,8 +284,10 @@ def main():
           "compilation; first_step_moved_share = share of kernel weights the reference "
           "default's first Adam step moves by >= lr/2, weight_std = std of the original "
           "kernel")
-  path = write("full_edit", {"rows": rows, "quick": args.quick, "note": note},
-               "_quick" if args.quick else "")
+  payload = {"rows": rows, "quick": args.quick, "note": note}
+  if rerun:
+    payload["rows_rerun"] = rerun
+  path = write("full_edit", payload, "_quick" if args.quick else "")
   print(f"wrote {path}")
 
 

@@ -27,7 +27,7 @@ from memedit.covariance import key_count, second_moment
 from memedit.edits import save_edit
 from memedit.generators import (collect_statistics, comparison_grid, edit_from_spec, edited,
                                 generate_images, generator_from_converted, insert, layer_info,
-                                overfit, run_layer, save_png)
+                                match_scores, overfit, rank_by_match, run_layer, save_png)
 
 __all__ = ["DEMO_REQUIREMENT", "DEMO_WEIGHTS_SHA256", "REPORT_QUANTILES", "SWEEP_QUANTILES",
            "demo_goals", "demo_summary", "demo_weights", "run_demo", "run_stylegan2_demo",
@@ -182,6 +182,10 @@ def _edit_and_measure(gen, spec, *, stats_dir: str, samples: int, held_out: int,
                                                  SWEEP_QUANTILES, original=original,
                                                  target_value=target_value)
              for name, g in edits.items()}
+  # Pictured: the held-out images whose keys match the context best (the reference UI's
+  # ranking), where the rule applies.
+  n_pic = min(pictured, len(held))
+  shown = [n for n, _ in rank_by_match(match_scores(original.keys, res.D), held)[:n_pic]]
   del original
   at = {q: {name: ms[SWEEP_QUANTILES.index(q)] for name, ms in by_edit.items()}
         for q in REPORT_QUANTILES}
@@ -191,12 +195,12 @@ def _edit_and_measure(gen, spec, *, stats_dir: str, samples: int, held_out: int,
                for name, ms in by_edit.items() if name != "memedit"}}
            for i, q in enumerate(SWEEP_QUANTILES)]
   times["evaluate_s"] = time.perf_counter() - t0
-  n_pic = min(pictured, len(held))
-  z = gen.latents(held[:n_pic])
+  z = gen.latents(shown)
   orig = generate_images(gen, z)
   titles = {
       "memedit": f"memedit: {spec.kind}/{spec.method} rank {spec.rank} at {spec.layer}, "
-                 f"taps {spec.taps} (held-out images {held[0]}..; original | edited)",
+                 f"taps {spec.taps} (the {n_pic} held-out images matching the context best; "
+                 "original | edited)",
       other_name: f"memedit, same spec with taps {other_taps} (original | edited)",
       "overfit": f"overfit baseline: all weights of {spec.layer}, {overfit_steps} Adam "
                  "steps (original | edited)"}
@@ -214,6 +218,7 @@ def _edit_and_measure(gen, spec, *, stats_dir: str, samples: int, held_out: int,
       "held_out_imgnums": [held[0], held[-1]],
       "num_held_out": len(held),
       "pictured": n_pic,
+      "pictured_imgnums": shown,
       "paste_l1": {"memedit": [res.loss_before, res.loss_after],
                    **({other_name: [other.loss_before, other.loss_after]}
                       if other is not None else {}),
@@ -252,7 +257,7 @@ def run_demo(weights: str | os.PathLike, *, out: str | os.PathLike = "out",
     work: folder for the converted model and the statistics cache.
     spec_path: an edit spec (default: the bundled demo spec).
     samples: latents for C. held_out, held_out_start: the held-out images measured.
-    pictured: held-out pairs drawn. steps: override the spec's solver steps.
+    pictured: held-out pairs drawn (the images matching the context best). steps: override the spec's solver steps.
     overfit_steps: Adam steps of the overfit baseline.
     progress: progress bar while collecting statistics.
 

@@ -71,9 +71,41 @@ def test_own_taps_refuse_layers_without_a_tap_geometry():
                   name="s")
   blur = lambda k, x: nn.Conv(2, (3, 3), padding="SAME", use_bias=False).apply(
       {"params": {"kernel": k}}, x).cumsum(1)
-  with pytest.raises(ValueError, match=r"taps 'own' for layer 'b': no kernel tap writes only "
-                                       r"the key's own 1×1 output cell"):
+  with pytest.raises(ValueError, match=r"taps 'own' for layer 'b': expected a kernel tap "
+                                       r"writing more than half of its output into the key's "
+                                       r"own 1×1 output cell, got at most 0.250 of it"):
     gens.tap_mask(blur, (3, 3, 1, 2), 1, name="b")
+
+
+def _blur121(y, xp):
+  # 'same' [1, 2, 1] ⊗ [1, 2, 1] / 16 over the two spatial axes, zero padded.
+  w = (0.25, 0.5, 0.25)
+  n = y.shape[1]
+  yp = xp.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(w[a] * w[b] * yp[:, a:a + n, b:b + n] for a in range(3) for b in range(3))
+
+
+def test_own_taps_of_a_layer_that_blurs_after_up_sampling_are_the_most_centred():
+  # StyleGAN2's up-sampling convolutions blur after a stride-2 transposed convolution, so no
+  # tap writes only its key's cell. The own taps are then those putting the largest share of
+  # their output into the cell. Independent account: the patch extractor says where each
+  # tap of the transposed convolution lands; the blur is spread there in numpy.
+  up = nn.ConvTranspose(2, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)
+  apply = lambda k, x: _blur121(up.apply({"params": {"kernel": k}}, x), jnp)
+  own = gens.tap_mask(apply, (3, 3, 1, 2), 2, name="up")
+  n, s = 7, 2
+  c = n // 2
+  x = np.zeros((1, n, n, 1), np.float32)
+  x[0, c, c, 0] = 1.0
+  hit = np.abs(np.asarray(conv_patches(up, jnp.asarray(x)))[0]).reshape(n * s, n * s, 9) > 0
+  spread = _blur121(hit.transpose(2, 0, 1)[..., None].astype(np.float64), np)[..., 0]
+  share = spread[:, c * s:(c + 1) * s, c * s:(c + 1) * s].sum((1, 2)) / spread.sum((1, 2))
+  assert share.max() > 0.5 and share.min() < share.max() - 0.1  # a strict choice to make
+  np.testing.assert_array_equal(own.ravel(), np.isclose(share, share.max()))
+  # Here they are the taps that, without the blur, write only inside the cell.
+  plain = gens.tap_mask(lambda k, x: up.apply({"params": {"kernel": k}}, x), (3, 3, 1, 2), 2)
+  np.testing.assert_array_equal(own, plain)
+  assert own.sum() == 4
 
 
 @pytest.mark.parametrize("method", ["zca", "mean"])
