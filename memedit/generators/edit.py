@@ -130,7 +130,8 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
     optimizer, steps, learning_rate, loss: see :func:`memedit.solve_lambda`.
     taps: "all" (the reference: every kernel tap has its own Λ) or "own" (only the taps of
       :func:`memedit.generators.own_taps`, so that a key changes only its own output
-      cell; Λ is zero on the other taps).
+      cell, or mostly it where the layer blurs after up-sampling; Λ is zero on the other
+      taps).
     method, settings: provenance stored in the edit.
     progress: optional ``progress(step, loss)`` hook of :func:`memedit.solve_lambda`.
     project_keys: solve on the projected keys where that is exact (False: always on

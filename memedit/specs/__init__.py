@@ -106,7 +106,8 @@ class EditSpec:
     shrinkage: α in [0, 1); the zca, svd and mean directions use the shrunk second
       moment (1 − α) C + α (tr C / C_in) I (see :func:`memedit.generators.directions`).
     taps: "all" (every kernel tap has its own Λ, the reference) or "own" (only the taps
-      that write a key's own output cell, see :func:`memedit.generators.own_taps`).
+      that write a key's own output cell, or most of their output into it where the layer
+      blurs after up-sampling; see :func:`memedit.generators.own_taps`).
     erase_units: number of most active context units zeroed by an erase.
     canvas: canvas resolution of the masks.
     num_images: number of images in the sample that imgnums index.
