@@ -40,11 +40,14 @@ average of the machine. ``--quick``: three edits of 201 steps (a smoke run).
 
 ``--stylegan2``: the same ten edits on the shipped StyleGAN2 (64-px faces distilled from
 the DCGAN, so each region holds the same part of the face) at ``conv_2``, each Λ solved
-through the demodulation by Gauss–Newton (20 steps, L1) as in its demo spec; results in
-sequential_edits_stylegan2.json.
+through the demodulation by Gauss–Newton (20 steps, L1); results in
+sequential_edits_stylegan2.json. With ``--demo-settings`` as well: at the StyleGAN2 demo
+spec's layer (``conv_3``, the up-sampling modulated convolution) with that spec's settings
+(zca, α = 0.5, own tap, Gauss–Newton, 20 steps, L2); results in
+sequential_edits_stylegan2_demo_spec.json.
 
 Usage: python benchmarks/sequential_edits.py [--quick] [--model DIR] [--stats DIR]
-       [--stylegan2]
+       [--stylegan2 [--demo-settings]]
 """
 
 from __future__ import annotations
@@ -81,9 +84,19 @@ SETTINGS = {"method": "zca", "rank": 1, "shrinkage": 0.2, "taps": "own", "optimi
             "learning_rate": 0.05, "loss": "l1", "steps": 2001, "context_images": 6,
             "threshold": 1e-2, "statistics_images": 2000}
 # --stylegan2: the shipped StyleGAN2 (faces distilled from the DCGAN, so the same regions
-# hold the same parts of the face) at its demo layer with its demo solver.
+# hold the same parts of the face) at conv_2 (its demo layer until 2026-12-01) with the
+# DCGAN's settings and Gauss-Newton; --demo-settings: at its demo spec's layer with that
+# spec's settings.
 SG2_LAYER = "conv_2"
 SG2_SETTINGS = {**SETTINGS, "optimizer": "gauss_newton", "steps": 20}
+
+
+def demo_spec_settings() -> tuple[str, dict]:
+  """(layer, settings) of the bundled StyleGAN2 demo spec."""
+  spec = json.loads(importlib.resources.files("memedit").joinpath(
+      "data/demo_spec_stylegan2.json").read_text())
+  return spec["layer"], {**SETTINGS, **{k: spec[k] for k in ("method", "rank", "shrinkage",
+                                                              "taps")}, **spec["solver"]}
 # mode -> (project, key_weight)
 MODES = {"projected": (True, 1.0), "projected_kw100": (True, 100.0), "plain": (False, None)}
 
@@ -94,12 +107,11 @@ def box(y0, y1, x0, x1):
   return m
 
 
-def plan(n_edits: int, canvas: int, spec_file: str = "demo_spec.json",
-         layer: str = LAYER) -> list[dict]:
+def plan(n_edits: int, canvas: int, spec_file: str = "demo_spec.json") -> list[dict]:
   """The edits: region, context examples, copied and pasted (image, mask); edit 0 is the
   bundled demo spec, the others deterministic draws of images for the other regions."""
   text = importlib.resources.files("memedit").joinpath(f"data/{spec_file}").read_text()
-  demo = specs.spec_from_json(json.loads(text), layers=[layer], canvas=canvas)
+  demo = specs.spec_from_json(json.loads(text), canvas=canvas)  # its masks only
   out = [{"region": "eyes (demo spec)", "context": demo.masks("key"),
           "object": demo.masks("object")[0], "paste": demo.masks("paste")[0]}]
   rs = np.random.RandomState(0)
@@ -220,13 +232,19 @@ def main():
   ap.add_argument("--stylegan2", action="store_true",
                   help="the shipped StyleGAN2 (ports/stylegan2/weights/faces64.pt) at "
                        f"{SG2_LAYER}, Gauss-Newton {SG2_SETTINGS['steps']} steps")
+  ap.add_argument("--demo-settings", action="store_true",
+                  help="with --stylegan2: the StyleGAN2 demo spec's layer and settings")
   args = ap.parse_args()
+  if args.demo_settings and not args.stylegan2:
+    ap.error("--demo-settings: expected together with --stylegan2, got it alone")
   layer, settings, spec_file = LAYER, SETTINGS, "demo_spec.json"
   model_name = "gan-face-generate==1.1.1 (DCGAN faces, MIT)"
   if args.stylegan2:
     from memedit.demo import stylegan2_converted
 
     layer, settings, spec_file = SG2_LAYER, SG2_SETTINGS, "demo_spec_stylegan2.json"
+    if args.demo_settings:
+      layer, settings = demo_spec_settings()
     args.model = stylegan2_converted(work=ROOT / ".cache" / "demo")[0]
     model_name = "ports/stylegan2/weights/faces64.pt (StyleGAN2 64x64 faces, MIT)"
   n_edits = 3 if args.quick else 10
@@ -237,7 +255,7 @@ def main():
   state = gens.collect_statistics(gen, layer, settings["statistics_images"], batch_size=100,
                                   cache_dir=args.stats, progress=False)
   C = np.asarray(second_moment(state), np.float32)
-  edits = plan(n_edits, gen.resolution, spec_file, layer)
+  edits = plan(n_edits, gen.resolution, spec_file)
   out = {}
   for mode, (project, key_weight) in MODES.items():
     out[mode] = run_sequence(gen, C, edits, project=project, key_weight=key_weight,
@@ -278,6 +296,7 @@ def main():
              "load_average": {"start": load_start, "end": load_end},
              "total_seconds": time.perf_counter() - t_all}
   path = write("sequential_edits" + ("_stylegan2" if args.stylegan2 else "")
+               + ("_demo_spec" if args.demo_settings else "")
                + ("_quick" if args.quick else ""), payload)
   short = {"projected": "P", "projected_kw100": "P100", "plain": "plain"}
   rows = []
