@@ -374,7 +374,9 @@ def test_demo_on_the_real_weights_small(tmp_path, capsys):
   # The shipped StyleGAN2, edited by the same workflow at a modulated convolution.
   sg2 = json.load(open(out / "demo-stylegan2.json"))
   assert sg2["model"]["architecture"] == "stylegan2" and sg2["model"]["licence"] == "MIT"
-  assert sg2["spec"]["layer"] == "conv_2" and sg2["num_held_out"] == 16
+  assert sg2["spec"]["layer"] == "conv_3" and sg2["num_held_out"] == 16
+  # The up-sampling modulated convolution blurs: its own tap is the one most centred.
+  assert sg2["spec"]["taps"] == "own"
   assert sg2["paste_l1"]["memedit"][1] < sg2["paste_l1"]["memedit"][0]
   assert np.asarray(Image.open(out / "demo-stylegan2.png")).shape[1] > 4 * 64
   report = json.load(open(out / "demo.json"))
@@ -397,6 +399,13 @@ def test_demo_on_the_real_weights_small(tmp_path, capsys):
   assert report["paste_l1"]["memedit"][1] < report["paste_l1"]["memedit"][0]
   img = np.asarray(Image.open(out / "demo.png"))
   assert img.shape[0] > 64 and img.shape[1] > 4 * 64
+  # Pictured: the held-out images whose keys match the edit's D best, from the layer's
+  # scores computed here again.
+  gen = gens.generator_from_converted(tmp_path / "work" / "faces-dcgan")
+  held = list(range(6000, 6016))
+  scores = gens.layer_scores(gen, "convt2", memedit.load_edit(out / "demo.edit").D, held)
+  best = scores.reshape(len(held), -1).max(-1)
+  assert report["pictured_imgnums"] == [held[i] for i in np.argsort(-best, kind="stable")[:4]]
   assert "wrote" in capsys.readouterr().out
   # A held-out count that measures nothing is refused before any work.
   assert main(["demo", "--weights", str(weights), "--out", str(out), "--held-out", "0"]) == 1
