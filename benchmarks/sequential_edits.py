@@ -92,11 +92,11 @@ SG2_SETTINGS = {**SETTINGS, "optimizer": "gauss_newton", "steps": 20}
 
 
 def demo_spec_settings() -> tuple[str, dict]:
-  """(layer, settings) of the bundled StyleGAN2 demo spec."""
-  spec = json.loads(importlib.resources.files("memedit").joinpath(
-      "data/demo_spec_stylegan2.json").read_text())
-  return spec["layer"], {**SETTINGS, **{k: spec[k] for k in ("method", "rank", "shrinkage",
-                                                              "taps")}, **spec["solver"]}
+  """(layer, settings) of the bundled StyleGAN2 demo spec (read and checked as a spec)."""
+  spec = specs.spec_from_json(json.loads(importlib.resources.files("memedit").joinpath(
+      "data/demo_spec_stylegan2.json").read_text()))
+  return spec.layer, {**SETTINGS, "method": spec.method, "rank": spec.rank,
+                      "shrinkage": spec.shrinkage, "taps": spec.taps, **spec.solver}
 # mode -> (project, key_weight)
 MODES = {"projected": (True, 1.0), "projected_kw100": (True, 100.0), "plain": (False, None)}
 

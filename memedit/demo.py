@@ -257,7 +257,8 @@ def run_demo(weights: str | os.PathLike, *, out: str | os.PathLike = "out",
     work: folder for the converted model and the statistics cache.
     spec_path: an edit spec (default: the bundled demo spec).
     samples: latents for C. held_out, held_out_start: the held-out images measured.
-    pictured: held-out pairs drawn (the images matching the context best). steps: override the spec's solver steps.
+    pictured: held-out pairs drawn (the images matching the context best).
+    steps: override the spec's solver steps.
     overfit_steps: Adam steps of the overfit baseline.
     progress: progress bar while collecting statistics.
 
