@@ -6,14 +6,20 @@ reused through ``memit_edits(..., values=)`` for every first block and every λ;
 setting is applied, scored like ``memedit lm-eval`` (efficacy, paraphrase, neighbourhood
 on the edited cases; top-1 accuracy on 2,000 facts about unedited subjects) and reverted.
 
+Scores: top-1 efficacy / neighbourhood and CounterFact's P(new) > P(old) /
+P(old) > P(new) (``efficacy_prob``, ``neighbourhood_prob``).
+
 Usage: python benchmarks/lm_memit_sweep.py [--facts N] [--last 2,3] [--first 0] [--penalties ...]
-       [--inner N] [--names surname|single|pair] [--quick]
-Writes benchmarks/results/lm_memit_sweep[_inner N][_names].json.
+       [--inner N] [--names surname|single|pair] [--embd N] [--blocks N] [--subjects N]
+       [--steps N] [--quick]
+Writes benchmarks/results/lm_memit_sweep[_innerN][_names][_embdN][_blocksN][_subjectsN]
+[_stepsN].json (the model: the demo's settings with those changed).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -47,14 +53,23 @@ def main(argv=None) -> None:
   ap.add_argument("--penalties", type=_floats, default=[100, 300, 1000, 3000, 10000])
   ap.add_argument("--inner", type=int, default=0, help="MLP width (0: 4 n_embd, the demo's)")
   ap.add_argument("--names", default="surname", choices=("surname", "single", "pair"))
+  ap.add_argument("--embd", type=int, default=0, help="residual width (0: the demo's)")
+  ap.add_argument("--blocks", type=int, default=0, help="blocks (0: the demo's)")
+  ap.add_argument("--subjects", type=int, default=0, help="subjects (0: the demo's)")
+  ap.add_argument("--steps", type=int, default=0, help="training steps (0: the demo's)")
   ap.add_argument("--unedited", type=int, default=2000, help="unedited facts scored")
   ap.add_argument("--cache-dir", default=".cache")
   ap.add_argument("--quick", action="store_true", help="10 facts, block 1, two penalties")
   args = ap.parse_args(argv)
   if args.quick:
     args.facts, args.last, args.penalties, args.unedited = 10, [1], [100, 1000], 200
-  module, variables, world, info = train_demo(
-      DemoConfig(n_inner=args.inner, names=args.names), args.cache_dir)
+  base_config = DemoConfig()
+  config = dataclasses.replace(
+      base_config, n_inner=args.inner, names=args.names,
+      n_embd=args.embd or base_config.n_embd, n_layer=args.blocks or base_config.n_layer,
+      n_subjects=args.subjects or base_config.n_subjects,
+      steps=args.steps or base_config.steps)
+  module, variables, world, info = train_demo(config, args.cache_dir, progress=True)
   model = (module, variables)
   layout = lm_layout(module.config.n_layer)
   blocks = range(max(args.last) + 1)
@@ -83,18 +98,24 @@ def main(argv=None) -> None:
         s = summarize(evaluate_cases((module, params), world.tokenize, cases))
         acc = 100.0 * top1_accuracy((module, params), world.tokenize, facts)
         row = {"blocks": f"{first}-{last}" if first < last else str(last), "penalty": penalty,
-               "efficacy": round(s["efficacy"], 1), "paraphrase": round(s["paraphrase"], 1),
-               "neighbourhood": round(s["neighbourhood"], 1), "unedited": round(acc, 1),
+               "efficacy": round(s["efficacy"], 1),
+               "efficacy_prob": round(s["efficacy_prob"], 1),
+               "paraphrase": round(s["paraphrase"], 1),
+               "neighbourhood": round(s["neighbourhood"], 1),
+               "neighbourhood_prob": round(s["neighbourhood_prob"], 1), "unedited": round(acc, 1),
                "unedited_drop": round(base - acc, 1),
                "goals_met": bool(s["efficacy"] >= 95 and s["neighbourhood"] >= 90)}
         print(row, flush=True)
         rows.append(row)
     print(f"value search for blocks ..{last}: {search_s:.1f} s", flush=True)
-  cols = ["blocks", "penalty", "efficacy", "paraphrase", "neighbourhood", "unedited",
-          "unedited_drop", "goals_met"]
+  cols = ["blocks", "penalty", "efficacy", "efficacy_prob", "paraphrase", "neighbourhood",
+          "neighbourhood_prob", "unedited", "unedited_drop", "goals_met"]
   print(table(rows, cols))
   suffix = ("_quick" if args.quick else "") + (f"_inner{args.inner}" if args.inner else "") \
-      + (f"_{args.names}" if args.names != "surname" else "")
+      + (f"_{args.names}" if args.names != "surname" else "") \
+      + "".join(f"_{k}{v}" for k, v in (("embd", args.embd), ("blocks", args.blocks),
+                                         ("subjects", args.subjects), ("steps", args.steps))
+                if v)
   path = write("lm_memit_sweep", {
       "facts": args.facts, "model": {"config": info["config"],
                                      "accuracy_train_templates":

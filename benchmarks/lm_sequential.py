@@ -179,11 +179,12 @@ def main() -> int:
     rows += [dict(r, arm=label) for r in out["rows"]]
   shown = [{"arm": r["arm"], "edits": r["edits"],
             **{k: round(r[k], 1) for k in ("efficacy", "efficacy_prob", "paraphrase",
-                                           "neighbourhood", "unedited")},
+                                           "neighbourhood", "neighbourhood_prob",
+                                           "unedited")},
             "drop": round(r["unedited_drop"], 2), "seconds": round(r["seconds"], 1)}
            for r in rows if r["edits"] in SHOWN or r["edits"] == args.edits]
   columns = ["arm", "edits", "efficacy", "efficacy_prob", "paraphrase", "neighbourhood",
-             "unedited", "drop", "seconds"]
+             "neighbourhood_prob", "unedited", "drop", "seconds"]
   print(f"unedited model: efficacy {base['efficacy']:.1f}, neighbourhood "
         f"{base['neighbourhood']:.1f}, unedited accuracy {base['unedited']:.1f}; "
         f"null-space dimensions {null_dims}")

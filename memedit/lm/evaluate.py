@@ -6,7 +6,8 @@ For an edit (s, r, o → o*):
   P(o*) > P(o) (``efficacy_prob``);
 - generalisation: the same on paraphrased prompts (``paraphrase``, ``paraphrase_prob``);
 - specificity: prompts about other subjects that share (r, o) still predict o top-1
-  (``neighbourhood``);
+  (``neighbourhood``) and P(o) > P(o*) there (``neighbourhood_prob``, CounterFact's
+  neighbourhood score);
 - and, over facts never edited, the model's top-1 accuracy (``unedited``).
 
 Multi-token objects count as top-1 when every token is the argmax given the ones before
@@ -100,8 +101,10 @@ def evaluate_cases(model, tokenize, cases: Sequence[EditCase]) -> dict[str, np.n
 
   Returns:
     ``{name: (len(cases),) float64}`` for ``efficacy``, ``efficacy_prob``,
-    ``paraphrase``, ``paraphrase_prob`` (means over each case's paraphrases) and
-    ``neighbourhood`` (mean over its neighbours; NaN when it has none).
+    ``paraphrase``, ``paraphrase_prob`` (means over each case's paraphrases),
+    ``neighbourhood`` and ``neighbourhood_prob`` (means over its neighbours of "its
+    object is top-1" and of "P(its object) > P(the case's new object)"; NaN when it has
+    none).
   """
   pairs, owner, kind = [], [], []
 
@@ -120,6 +123,7 @@ def evaluate_cases(model, tokenize, cases: Sequence[EditCase]) -> dict[str, np.n
       add(i, k + "_old", prompt, req.target_true)
     for prompt, obj in case.neighbours:
       add(i, "neigh", prompt, obj)
+      add(i, "neigh_new", prompt, req.target_new)
   lp, top = score_targets(model, tokenize, pairs)
   owner, kind = np.asarray(owner), np.asarray(kind)
   n = len(cases)
@@ -140,6 +144,10 @@ def evaluate_cases(model, tokenize, cases: Sequence[EditCase]) -> dict[str, np.n
         np.bincount(owner[new], minlength=n), 1)
     if k == "para":
       out[name] = np.where(np.bincount(owner[new], minlength=n) > 0, out[name], np.nan)
+  # Each neighbour's "neigh" row is followed by its "neigh_new" row.
+  kept = np.zeros(len(kind))
+  kept[kind == "neigh"] = lp[kind == "neigh"] > lp[kind == "neigh_new"]
+  out["neighbourhood_prob"] = mean_of(kept, "neigh")
   return out
 
 

@@ -35,7 +35,7 @@ __all__ = ["METRICS", "apply_all", "demo_contexts", "evaluate_methods", "format_
 
 #: Score names of a row of the evaluation table, in order.
 METRICS = ("efficacy", "efficacy_prob", "paraphrase", "paraphrase_prob", "neighbourhood",
-           "unedited", "unedited_drop")
+           "neighbourhood_prob", "unedited", "unedited_drop")
 
 
 def demo_contexts(model, world: World, *, per_length: int = 5, lengths=(5, 10),
@@ -187,11 +187,11 @@ def evaluate_methods(model, world: World, layout: LMLayout, *, rome_layer: int,
 def format_table(rows: Sequence[dict]) -> str:
   """The evaluation rows as a Markdown table (percentages; time in seconds)."""
   head = ("| method | edits | efficacy | P(new)>P(old) | paraphrase | neighbourhood | "
-          "unedited acc. | drop | time (s) |")
-  lines = [head, "|" + "---|" * 9]
+          "P(old)>P(new) | unedited acc. | drop | time (s) |")
+  lines = [head, "|" + "---|" * 10]
   for r in rows:
     lines.append(f"| {r['method']} | {r['edits']} | {r['efficacy']:.1f} | "
                  f"{r['efficacy_prob']:.1f} | {r['paraphrase']:.1f} | "
-                 f"{r['neighbourhood']:.1f} | {r['unedited']:.1f} | "
-                 f"{r['unedited_drop']:+.2f} | {r['seconds']:.2f} |")
+                 f"{r['neighbourhood']:.1f} | {r.get('neighbourhood_prob', float('nan')):.1f} | "
+                 f"{r['unedited']:.1f} | {r['unedited_drop']:+.2f} | {r['seconds']:.2f} |")
   return "\n".join(lines)

@@ -71,7 +71,7 @@ EDIT_KEYS = ("solve", "null_space", "none")
 ARMS = ("projected", "plain")
 #: Score names of a row of :func:`run_sequential`, in order.
 SCORES = ("efficacy", "efficacy_prob", "paraphrase", "paraphrase_prob", "neighbourhood",
-          "unedited", "unedited_drop")
+          "neighbourhood_prob", "unedited", "unedited_drop")
 
 
 class BatchResult(NamedTuple):
@@ -318,17 +318,21 @@ def sequential_cases(world: World, n: int, *, reserve: int = 500, neighbours: in
 
 def sequential_scores(model, tokenize, cases: Sequence[EditCase],
                       facts: Sequence[tuple[str, str]]) -> dict[str, float]:
-  """Efficacy, paraphrase and neighbourhood over ``cases`` (percentages,
-  :func:`memedit.lm.evaluate.evaluate_cases`; each distinct neighbour prompt scored
-  once) and top-1 accuracy on ``facts`` (``unedited``)."""
+  """Efficacy, paraphrase and neighbourhood (top-1 and P(old) > P(new)) over ``cases``
+  (percentages, :func:`memedit.lm.evaluate.evaluate_cases`; each distinct neighbour
+  prompt and target scored once) and top-1 accuracy on ``facts`` (``unedited``)."""
   plain = [EditCase(c.request, c.paraphrases, ()) for c in cases]
   scores = summarize(evaluate_cases(model, tokenize, plain))
-  del scores["neighbourhood"]
-  pairs = sorted({p for c in cases for p in c.neighbours})
+  pairs = sorted({p for c in cases for p in c.neighbours}
+                 | {(p, c.request.target_new) for c in cases for p, _ in c.neighbours})
   index = {p: i for i, p in enumerate(pairs)}
-  _, top = score_targets(model, tokenize, pairs)
-  per = [np.mean([top[index[p]] for p in c.neighbours]) for c in cases if c.neighbours]
-  scores["neighbourhood"] = 100.0 * float(np.mean(per)) if per else float("nan")
+  lp, top = score_targets(model, tokenize, pairs)
+  with_neighbours = [c for c in cases if c.neighbours]
+  per = [np.mean([top[index[p]] for p in c.neighbours]) for c in with_neighbours]
+  per_prob = [np.mean([lp[index[(p, o)]] > lp[index[(p, c.request.target_new)]]
+                       for p, o in c.neighbours]) for c in with_neighbours]
+  for name, values in (("neighbourhood", per), ("neighbourhood_prob", per_prob)):
+    scores[name] = 100.0 * float(np.mean(values)) if values else float("nan")
   _, top = score_targets(model, tokenize, list(facts))
   scores["unedited"] = 100.0 * float(np.mean(top)) if len(facts) else float("nan")
   return scores

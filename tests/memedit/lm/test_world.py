@@ -90,11 +90,21 @@ def test_scores_match_the_logits(tiny):
     assert got_top == (int(np.argmax(logits)) == t)
   scores = evaluate_cases(model, w.tokenize, cases)
   assert set(scores) == {"efficacy", "efficacy_prob", "paraphrase", "paraphrase_prob",
-                         "neighbourhood"}
+                         "neighbourhood", "neighbourhood_prob"}
   assert all(v.shape == (3,) for v in scores.values())
   old = score_targets(model, w.tokenize, [(c.request.text, c.request.target_true)
                                           for c in cases])[0]
   np.testing.assert_array_equal(scores["efficacy_prob"], (lp > old).astype(float))
+  # CounterFact's neighbourhood score: P(neighbour's object) > P(the case's new object).
+  assert any(c.neighbours for c in cases)
+  for c, got in zip(cases, scores["neighbourhood_prob"]):
+    if not c.neighbours:
+      assert np.isnan(got)
+      continue
+    keep = score_targets(model, w.tokenize, list(c.neighbours))[0]
+    new = score_targets(model, w.tokenize,
+                        [(p, c.request.target_new) for p, _ in c.neighbours])[0]
+    assert got == np.mean(keep > new)
   s = summarize(scores)
   assert 0.0 <= s["efficacy"] <= 100.0
   facts = world_facts(w, 20, exclude=[c.request.subject for c in cases])
