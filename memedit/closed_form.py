@@ -73,6 +73,42 @@ def _check_linear(W, C, keys, values):
 _INDEPENDENT = 1e-6
 
 
+def _is_traced(*xs) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _check_rcond(rcond, C) -> None:
+  """rcond a number in [0, 1) (or traced); with rcond = 0, C (concrete) must be positive
+  definite (its computed eigenvalues all positive), since it is inverted as it is."""
+  if _is_traced(rcond):
+    return
+  try:
+    check_scalar(rcond, "rcond")
+    value = float(np.asarray(rcond))
+  except (ValueError, TypeError):
+    value = float("nan")
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f"rcond: expected a number in [0, 1), got {rcond!r}")
+  if value > 0.0 or _is_traced(C):
+    return
+  ev = np.asarray(symmetric_eigh(C)[0], np.float64)
+  if not ev[0] > 0.0:
+    raise ValueError(
+        f"C: expected a positive definite second moment with rcond=0 (floor=0: C inverted "
+        f"as it is), got eigenvalues from {ev[0]:.3g} to {ev[-1]:.3g} (C from fewer keys "
+        f"than its dimension?); pass rcond > 0 (e.g. 1e-6) to floor its eigenvalues")
+
+
+def _refuse_nonfinite(sol: LinearSolution) -> LinearSolution:
+  """Eagerly, factors that overflowed are an error rather than a NaN model."""
+  if not _is_traced(sol.lam, sol.D) and not (
+      bool(jnp.all(jnp.isfinite(sol.lam))) and bool(jnp.all(jnp.isfinite(sol.D)))):
+    raise ValueError("insert: expected finite factors, got non-finite Λ or D (the inputs "
+                     "passed the checks; C or the keys' Gram matrix is too ill-conditioned "
+                     "for the compute dtype: raise rcond or use insert_ridge)")
+  return sol
+
+
 def insert_closed_form(W: Any, C: Any, keys: Any, values: Any, *,
                        rcond: float = 1e-6) -> LinearSolution:
   """The exact constrained insert of n pairs (kᵢ, vᵢ) into a linear memory W.
@@ -95,7 +131,9 @@ def insert_closed_form(W: Any, C: Any, keys: Any, values: Any, *,
     C: (in, in) second moment of keys.
     keys: (n, in) keys K*, linearly independent.
     values: (n, out) target values V*.
-    rcond: relative eigenvalue floor of C.
+    rcond: relative eigenvalue floor of C, in [0, 1); 0 inverts C as it is, which must
+      then be positive definite (else ValueError); its accuracy is then about cond(C)
+      times the compute dtype's resolution.
 
   Returns:
     :class:`LinearSolution` (lam (out, n), D (n, in)): float64 when any input is
@@ -109,6 +147,7 @@ def insert_closed_form(W: Any, C: Any, keys: Any, values: Any, *,
     Array([1., 2.], dtype=float32)
   """
   W, C, keys, values = _check_linear(W, C, keys, values)
+  _check_rcond(rcond, C)
   if not isinstance(keys, jax.core.Tracer) and not isinstance(C, jax.core.Tracer):
     k = np.asarray(keys, np.float64)
     gram = k @ np.linalg.lstsq(np.asarray(C, np.float64), k.T, rcond=None)[0]
@@ -118,7 +157,7 @@ def insert_closed_form(W: Any, C: Any, keys: Any, values: Any, *,
           f"keys: expected linearly independent keys (K C⁻¹ Kᵀ positive definite), got a "
           f"Gram matrix with eigenvalues from {ev[0]:.3g} to {ev[-1]:.3g}; use insert_ridge "
           f"or fewer keys")
-  return _insert_exact(W, C, keys, values, rcond)
+  return _refuse_nonfinite(_insert_exact(W, C, keys, values, rcond))
 
 
 def _gram_solve(W, C, keys, values, rcond, penalty):
@@ -163,7 +202,7 @@ def insert_ridge(W: Any, C: Any, keys: Any, values: Any, penalty: float = 1.0, *
   Args:
     W: (out, in) weight. C: (in, in) second moment. keys: (n, in). values: (n, out).
     penalty: λ > 0, a number or a JAX scalar (passed by position or by name).
-    rcond: relative eigenvalue floor.
+    rcond: relative eigenvalue floor, as in :func:`insert_closed_form`.
 
   Returns:
     :class:`LinearSolution`, float64 when any input is float64 (with x64), else float32.
@@ -183,7 +222,9 @@ def insert_ridge(W: Any, C: Any, keys: Any, values: Any, penalty: float = 1.0, *
   if not positive:
     raise ValueError(f"penalty: expected a positive number, got {penalty!r}")
   W, C, keys, values = _check_linear(W, C, keys, values)
-  return _insert_ridge(W, C, keys, values, jnp.asarray(penalty, W.dtype), rcond)
+  _check_rcond(rcond, C)
+  return _refuse_nonfinite(
+      _insert_ridge(W, C, keys, values, jnp.asarray(penalty, W.dtype), rcond))
 
 
 @jax.jit

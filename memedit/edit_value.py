@@ -22,7 +22,7 @@ import numpy as np
 from memedit.layouts import LAYOUTS, kernel_delta
 from memedit.tree import Path, check_path
 
-__all__ = ["Edit", "edit_delta", "make_edit"]
+__all__ = ["Edit", "check_factors_finite", "edit_delta", "make_edit"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -173,6 +173,25 @@ jax.tree_util.register_pytree_with_keys(Edit, _edit_flatten_with_keys, _edit_unf
                                         _edit_flatten)
 
 
+def check_factors_finite(lam: Any, D: Any) -> None:
+  """Raises when concrete factors hold NaN or ±inf (traced ones pass).
+
+  A solve whose checks fail under ``jax.jit`` returns NaN factors; an edit made of them
+  would turn the whole kernel to NaN.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> check_factors_finite(jnp.ones((2, 1)), jnp.full((1, 3), jnp.nan))
+    Traceback (most recent call last):
+    ...
+    ValueError: D: expected finite factors, got NaN or inf (a solve whose checks failed under jax.jit returns NaN factors)
+  """
+  for name, x in (("lam", lam), ("D", D)):
+    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
+      raise ValueError(f"{name}: expected finite factors, got NaN or inf (a solve whose "
+                       "checks failed under jax.jit returns NaN factors)")
+
+
 def make_edit(path: Path, lam: Any, D: Any, *, kind: str = "dense", in_ndim: int = 1,
               method: str = "", settings: dict | None = None, label: str | None = None,
               index: int | None = None) -> Edit:
@@ -207,6 +226,7 @@ def make_edit(path: Path, lam: Any, D: Any, *, kind: str = "dense", in_ndim: int
   if lam.ndim < 2 or lam.shape[-1] != D.shape[0]:
     raise ValueError(f"lam: expected shape (..., {D.shape[0]}) for rank "
                      f"{D.shape[0]}, got {tuple(lam.shape)}")
+  check_factors_finite(lam, D)
   try:
     settings_json = json.dumps(settings or {}, sort_keys=True)
   except TypeError as e:
@@ -255,5 +275,11 @@ def edit_delta(edit: Edit, kernel_shape) -> jax.Array:
     size = shape[0] if shape else 0
     raise ValueError(f"index: expected a layer 0 <= index < {size} of the stacked leaf "
                      f"{shape} at {edit.path!r}, got {index}")
-  delta = kernel_delta(edit.lam, edit.D, shape[1:], edit.kind, edit.in_ndim)
+  try:
+    delta = kernel_delta(edit.lam, edit.D, shape[1:], edit.kind, edit.in_ndim)
+  except ValueError as e:
+    raise ValueError(
+        f"index: expected a leaf stacked over a leading layer axis whose layers are "
+        f"{edit.kind} kernels matching the edit (index {index}), got the leaf {shape} at "
+        f"{edit.path!r}, whose layer {shape[1:]} does not fit: {e}") from None
   return jnp.full(shape, -0.0, delta.dtype).at[index].set(delta)

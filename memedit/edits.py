@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.edit_files import load_edit, save_edit
-from memedit.edit_value import Edit, edit_delta, make_edit
+from memedit.edit_value import Edit, check_factors_finite, edit_delta, make_edit
 from memedit.tree import get_leaf, replace_leaf
 
 __all__ = ["Edit", "EditHistory", "apply_edit", "edit_delta", "load_edit", "make_edit",
@@ -189,6 +189,10 @@ def apply_edit(params: Any, edit: Edit, history: EditHistory | None = None
   if edit.name in history.names:
     raise ValueError(f"edit: {edit.name!r} is already applied")
   leaf = get_leaf(params, edit.path)
+  if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+    raise ValueError(f"params: expected a floating-point kernel at {edit.path!r}, got "
+                     f"{jnp.result_type(leaf)} (an edit cannot be written into integers)")
+  check_factors_finite(edit.lam, edit.D)
   originals = dict(history.originals)
   if edit.path in originals:
     originals[edit.path] = _current_base(params, history, edit.path)

@@ -102,6 +102,8 @@ class _Folder:
     d = int(first_keys.shape[-1])
     if dim is not None and d != dim:
       raise ValueError(f"keys: expected last dimension {dim}, got {d}")
+    if jnp.issubdtype(first_keys.dtype, jnp.complexfloating):
+      raise ValueError(f"keys: expected a real dtype, got {first_keys.dtype}")
     self.dim = d
     self.keys_per_row = int(np.prod(first_keys.shape[:-1])) // max(self.first_rows, 1)
     # float64 keys (under jax_enable_x64) are folded in float64; all others in float32.

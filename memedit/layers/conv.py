@@ -69,13 +69,16 @@ def conv_check(module):
     raise ValueError(f"conv layer: expected a 1-, 2- or 3-D kernel_size, got {ks}")
   if getattr(module, "mask", None) is not None:
     raise ValueError("conv layer: masked kernels are not supported as memories")
+  if is_transpose(module) and getattr(module, "transpose_kernel", False):
+    raise ValueError(
+        "conv layer: expected a kernel laid out (..., in, out), got "
+        "ConvTranspose(transpose_kernel=True), whose kernel is (..., out, in); it is not "
+        "supported as a memory")
 
 
 def conv_patch_check(module):
   """Raises ``ValueError`` when the patch view cannot reproduce the layer."""
   transpose = is_transpose(module)
-  if transpose and getattr(module, "transpose_kernel", False):
-    raise ValueError("patch view: ConvTranspose(transpose_kernel=True) is not supported")
   k = kernel_size(module)
   pad = canonicalize_padding(module.padding, len(k))
   if isinstance(pad, str) and pad not in ("SAME", "VALID"):

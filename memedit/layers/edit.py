@@ -214,6 +214,9 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
     raise ValueError(f"floor: expected a number in [0, 1), got {floor!r}")
   keys = jnp.asarray(keys)
   values = jnp.asarray(values)
+  if keys.ndim == 0 or values.ndim == 0 or values.shape[0] != keys.shape[0]:
+    raise ValueError(f"values: expected one row per key, got keys of shape "
+                     f"{tuple(keys.shape)} and values of shape {tuple(values.shape)}")
   n = keys.shape[0]
   C = jnp.asarray(C)
   if C.shape != (view.key_dim, view.key_dim):
@@ -234,7 +237,11 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
       native = view.native_keys(keys)
     else:
       native = keys
-      flat = view.keys(keys).reshape(n, view.key_dim)
+      try:
+        flat = view.keys(keys).reshape(n, view.key_dim)
+      except (TypeError, ValueError):
+        raise ValueError(f"keys: expected flat keys ({n}, {view.key_dim}) or the layer's "
+                         f"native inputs, got shape {tuple(keys.shape)}") from None
     out0 = view.apply(kernel0, native).reshape(n, -1)
   if check:
     concrete = native is not None and not isinstance(native, jax.core.Tracer)

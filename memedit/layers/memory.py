@@ -265,7 +265,8 @@ class MemoryView:
       return lam, directions
     return grouped_factors(lam, directions, self.groups, self.taps if self.patch else 1)
 
-  def check_contract(self, x=None, *extra, seed: int = 0, rtol: float = 1e-4, **kwargs):
+  def check_contract(self, x=None, *extra, seed: int = 0, rtol: float | None = None,
+                     **kwargs):
     """Checks on random probes that the layer is the memory its kind declares.
 
     With random kernels ``W1``, ``W2`` the layer must satisfy
@@ -276,7 +277,9 @@ class MemoryView:
     Args:
       x: the layer's native input (default: random probes: keys for dense views, a small
         image for conv views). *extra, **kwargs: further call arguments.
-      seed: seed of the random probes. rtol: tolerance relative to the outputs' scale.
+      seed: seed of the random probes. rtol: tolerance relative to the outputs' scale
+        (default: 1e-4, or 4 ulps of the lowest precision among the kernel, the probe input
+        and the output, e.g. 0.031 for bfloat16).
 
     Raises:
       ValueError: the layer is not linear in its kernel, or its output does not equal
@@ -290,6 +293,11 @@ class MemoryView:
       shape = self.kernel_shape[self.stacked:]
       dtype = self.kernel().dtype
       w1, w2 = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
+      out = self.apply(w1, x, *extra, **kwargs)
+      if rtol is None:
+        dtypes = [dtype] + [a.dtype for a in jax.tree.leaves((x, out)) if hasattr(a, "dtype")]
+        rtol = max([1e-4] + [4.0 * float(jnp.finfo(d).eps) for d in dtypes
+                             if jnp.issubdtype(d, jnp.floating)])
       f = lambda w: np.asarray(self.apply(w, x, *extra, **kwargs), np.float64)
       y0 = f(jnp.zeros(shape, dtype))
       y1, y2, y12 = f(w1) - y0, f(w2) - y0, f(w1 + 2 * w2) - y0

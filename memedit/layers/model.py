@@ -269,6 +269,13 @@ def _slice_index(m: Model, address: tuple, pos: int, rest: tuple, path: tuple
   i = int(address[pos])
   region = stack_region(m, path)
   if region is None:
+    entries = sorted({k[len(path)] for k, _ in _param_shapes(m)
+                      if k[:len(path)] == tuple(path) and len(k) > len(path) + 1},
+                     key=str)
+    if any(str(e).lstrip("-").isdigit() for e in entries):
+      raise ValueError(
+          f"address: {address!r} names no layer with parameters: {path_str(path)!r} holds "
+          f"layers with parameters at {[str(e) for e in entries]}, got index {i}")
     raise ValueError(
         f"address: {address!r} reads {i} as the index of one layer of a scanned stack, but "
         f"layer {path!r} is not stacked (its parameters share no leading layer axis)")

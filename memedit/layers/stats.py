@@ -241,6 +241,11 @@ each process passes its own part of the data and every process ends with the sam
     first = next(iter(inputs), None)
     if first is None:
       raise ValueError("inputs: expected at least one batch, got an empty stream")
+  if masked and not (isinstance(first, (tuple, list)) and len(first) == 2):
+    raise ValueError(f"inputs: expected (inputs, mask) pairs with masked=True, got a first "
+                     f"batch of type {type(first).__name__}"
+                     + (f" with {len(first)} items" if isinstance(first, (tuple, list))
+                        else ""))
   example = first[0] if masked else first
   view = as_view(m, address, *_as_args(example), patch=patch, method=method,
                  **(call_kwargs or {}))

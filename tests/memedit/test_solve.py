@@ -93,7 +93,12 @@ def test_nonlinear_solve_with_linear_f_reproduces_closed_form():
   dW = np.asarray(exact.lam @ exact.D)
   D = memedit.context_directions(*f32(C, K), rank=3).D
   matrix = lambda Wm, keys: keys @ Wm.T
-  for optimizer, steps, tol in (("gauss_newton", 8, 1e-4), ("adam", 2001, 1e-3)):
+  # Adam at a fixed learning rate does not settle: once converged (loss ~1e-13 of the
+  # start) its loss keeps spiking back up to ~5e-6 of the start, Λ to ~2e-3 of the
+  # answer, and which phase step 2001 lands in changes with the CPU's rounding (here
+  # 5e-7; 4e-4 with XLA and OpenBLAS on AVX2 code and one thread). Gauss–Newton is held
+  # to 1e-4.
+  for optimizer, steps, tol in (("gauss_newton", 8, 1e-4), ("adam", 2001, 1e-2)):
     res = memedit.solve_lambda(matrix, *f32(W), D, *f32(K, V), kind="matrix", loss="l2",
                                optimizer=optimizer, steps=steps)
     assert rel(res.lam @ D, dW) <= tol, optimizer
@@ -129,9 +134,11 @@ def planted_conv():
 
 
 # The reference's Adam (lr 0.05) on the L1 loss stalls near 1e-2 of the start: a fixed
-# step size cannot settle on the kink of |r|. Gauss–Newton (IRLS for L1) goes past 1e-3.
+# step size cannot settle on the kink of |r|. Gauss–Newton (IRLS for L1) goes past 1e-3:
+# its linear rate here depends on the CPU's rounding (at 25 steps 1.0e-4 to 9.7e-4 of the
+# start across x86 instruction sets; at 60 steps at most 2e-4).
 @pytest.mark.parametrize("optimizer,loss,steps,factor", [
-    ("adam", "l1", 2001, 2e-2), ("adam", "l2", 2001, 1e-3), ("gauss_newton", "l1", 25, 1e-3)])
+    ("adam", "l1", 2001, 2e-2), ("adam", "l2", 2001, 1e-3), ("gauss_newton", "l1", 60, 1e-3)])
 def test_demodulated_conv_planted_problem(planted_conv, optimizer, loss, steps, factor):
   p = planted_conv
   res = memedit.solve_lambda(demod_conv, p["K0"], p["D"], p["keys"], p["targets"], kind="conv",
@@ -317,6 +324,32 @@ def test_lam_mask_confines_the_edit_to_its_entries():
     memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", lam_mask=np.ones(4))
 
 
+def test_rcond_zero_needs_a_positive_definite_c_and_rcond_is_checked():
+  rng = np.random.default_rng(4)
+  C = np.diag(np.r_[np.linspace(1.0, 4.0, 10), np.zeros(6)])  # rank 10 of 16: singular
+  W = 0.25 * rng.standard_normal((4, 16))
+  K, V = rng.standard_normal((2, 16)), np.zeros((2, 4))
+  args = f32(W, C, K, V)
+  for insert in (memedit.insert_closed_form,
+                 lambda *a, **k: memedit.insert_ridge(*a, 0.1, **k)):
+    with pytest.raises(ValueError, match="expected a positive definite second moment"):
+      insert(*args, rcond=0.0)
+    for bad in (-1.0, 1.0, float("nan")):
+      with pytest.raises(ValueError, match=r"rcond: expected a number in \[0, 1\)"):
+        insert(*args, rcond=bad)
+    # The default floor solves it; the written keys get their values.
+    sol = insert(*args)
+    assert np.isfinite(np.asarray(sol.lam)).all()
+  sol = memedit.insert_closed_form(*args)
+  got = np.asarray(K, np.float64) @ (W + np.asarray(sol.lam @ sol.D, np.float64)).T
+  np.testing.assert_allclose(got, V, atol=1e-4)
+  # A well-conditioned C is inverted as it is with rcond=0, eagerly and under jit.
+  _, C2, W2, K2, V2 = problem(5)
+  a = memedit.insert_closed_form(*f32(W2, C2, K2, V2), rcond=0.0)
+  b = jax.jit(memedit.insert_closed_form)(*f32(W2, C2, K2, V2), rcond=0.0)
+  np.testing.assert_allclose(a.lam, b.lam, rtol=1e-5, atol=1e-6)
+
+
 def test_dependent_keys_give_nan_under_jit_and_raise_eagerly():
   _, C, W, K, V = problem(21)
   rng = np.random.default_rng(21)
@@ -495,9 +528,10 @@ def test_gauss_newton_reaches_adam_loss_on_every_tanh_dense_seed(loss, steps):
     assert tanh_dense_loss64(K0, D, keys, targets, gn.lam, loss) <= adam_loss, seed
     if loss == "l2":
       # The optimum next to Adam's Λ, in float64: Gauss–Newton's Λ is on it to float32's
-      # precision.
+      # precision (1.4e-7 to 3.1e-7 here, up to 2.5e-6 with XLA's SSE4.2 code, whose
+      # tanh rounds differently; Adam's Λ is 5e-3 to 3e-2 away).
       ref = tanh_dense_newton(K0, D, keys, targets, adam.lam)
-      assert rel(gn.lam, ref) <= 1e-6, seed
+      assert rel(gn.lam, ref) <= 1e-5, seed
 
 
 def test_non_finite_results_raise_eagerly_and_are_flagged_under_jit():

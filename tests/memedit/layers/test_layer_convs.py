@@ -218,3 +218,8 @@ def test_strided_one_by_one_conv_keys_line_up_and_padding_modes_are_checked_at_v
     memory_view(up, (), patch=True)
   with pytest.raises(ValueError, match="1-, 2- or 3-D kernel_size"):
     memory_view(nnx.Conv(1, 1, (1, 1, 1, 1), rngs=nnx.Rngs(0)), ())
+  # A kernel stored (..., out, in): refused per pixel and per patch, not read as (in, out).
+  swapped = nnx.ConvTranspose(3, 4, (3,), strides=2, transpose_kernel=True, rngs=nnx.Rngs(0))
+  for patch in (False, True):
+    with pytest.raises(ValueError, match=r"transpose_kernel=True\), whose kernel is"):
+      memory_view(swapped, (), patch=patch)

@@ -196,6 +196,58 @@ def test_declared_weight_gain_gives_the_exact_target_and_the_contract_is_checked
     register_layer_kind(TanhLinear, weight="w", gain=0.0)
 
 
+def test_bfloat16_layers_pass_the_contract_at_their_own_precision():
+  rng = np.random.default_rng(2)
+  k_star = jnp.asarray(rng.normal(size=(1, 8)), jnp.float32)
+  v_star = jnp.array([[0.5, -1.0, 0.25]])
+  for dtype, param_dtype in ((jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, jnp.float32),
+                             (jnp.float32, jnp.bfloat16)):
+    lin = nnx.Linear(8, 3, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    view = memory_view(lin, ())
+    view.check_contract()  # bfloat16 rounding is within 4 ulps of bfloat16
+    with pytest.raises(ValueError, match="linear in its kernel"):
+      view.check_contract(rtol=1e-4)  # float32's tolerance is finer than bfloat16 holds
+    edit = insert_through_view(view, jnp.eye(8), k_star, v_star)
+    gd, st = nnx.split(lin)
+    st1, _ = memedit.apply_edit(st, edit)
+    got = nnx.merge(gd, st1)(k_star.astype(dtype))
+    assert got.dtype == dtype and st1["kernel"][...].dtype == param_dtype
+    assert _rel(got.astype(jnp.float32), v_star) <= 3e-2
+  # A layer that is not linear in its kernel is still refused at bfloat16's tolerance.
+  register_layer_kind(TanhLinear, weight="w", kind="dense")
+  tanh = TanhLinear(8, 3, rngs=nnx.Rngs(0))
+  tanh.w[...] = tanh.w[...].astype(jnp.bfloat16)
+  with pytest.raises(ValueError, match="linear in its kernel"):
+    memory_view(tanh, ()).check_contract()
+
+
+def test_hostile_inputs_get_errors_naming_what_was_expected():
+  m = nnx.Sequential(nnx.Linear(3, 6, rngs=nnx.Rngs(0)), nnx.relu,
+                     nnx.Linear(6, 4, rngs=nnx.Rngs(1)))
+  view = memory_view(m, "layers/2")
+  with pytest.raises(ValueError, match=r"values: expected one row per key, got keys of "
+                                       r"shape \(1, 6\) and values of shape \(2, 4\)"):
+    insert_through_view(view, jnp.eye(6), jnp.ones((1, 6)), jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match=r"keys: expected flat keys \(1, 6\) or the layer's "
+                                       r"native inputs, got shape \(1, 5\)"):
+    insert_through_view(view, jnp.eye(6), jnp.ones((1, 5)), jnp.ones((1, 4)))
+  # An index into a list of layers that holds no layer with parameters there.
+  for index in (7, 1):  # past the end; nnx.relu
+    with pytest.raises(ValueError, match=rf"\('layers', {index}\) names no layer with "
+                                         r"parameters: 'layers' holds layers with "
+                                         r"parameters at \['0', '2'\]"):
+      memory_view(m, f"layers/{index}")
+  with pytest.raises(ValueError, match=r"inputs: expected \(inputs, mask\) pairs"):
+    layer_covariance(m, "layers/2", [jnp.ones((2, 3))], masked=True)
+  with pytest.raises(ValueError, match="keys: expected a real dtype, got complex64"):
+    memedit.stream_covariance([jnp.ones((4, 2)) * (1 + 1j)], progress=False)
+  # An edit of one layer of a stack applied to a leaf that is not stacked that way.
+  edit = memedit.make_edit(("k",), jnp.ones((4, 1)), jnp.ones((1, 6)), index=3)
+  with pytest.raises(ValueError, match=r"index: expected a leaf stacked over a leading "
+                                       r"layer axis.*got the leaf \(6, 4\)"):
+    memedit.apply_edit({"k": jnp.ones((6, 4))}, edit)
+
+
 # ------------------------------------------------------------------- string addresses
 
 
