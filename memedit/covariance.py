@@ -49,6 +49,8 @@ where nothing can be raised, their result is all NaN instead.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,6 +213,9 @@ def second_moment(state: CovarianceState) -> jax.Array:
       had positive weight, or the sums or the result are not finite. Under ``jax.jit``
       nothing is raised: the result is all NaN instead.
 
+  Warns:
+    UserWarning: fewer keys than the dimension d (C is then singular).
+
   Example:
     >>> import numpy as np, memedit
     >>> k = np.ones((10, 2), np.float32)
@@ -219,6 +224,14 @@ def second_moment(state: CovarianceState) -> jax.Array:
            [1., 1.]], dtype=float32)
   """
   _check_result_state(state, "second_moment")
+  if not isinstance(state.count, jax.core.Tracer):
+    n, d = key_count(state), int(state.sum.shape[-1])
+    if 0 < n < d:
+      warnings.warn(
+          f"second_moment: C from {n} keys of dimension {d} has rank at most {n}: solves "
+          f"floor its zero eigenvalues (rcond), and keys C⁻¹-orthogonal to an edit keep "
+          f"their outputs only to about cond(C)·ε; collect at least {d} keys",
+          UserWarning, stacklevel=2)
   w = total_weight(state)
   m = state.sum / w
   mu = state.shift + m

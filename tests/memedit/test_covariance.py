@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -504,3 +505,17 @@ def test_gram_kernel_is_chosen_per_platform_and_setting(monkeypatch):
   # auto: syrk when BLAS runs one thread or the CPU has one core, else XLA's GEMM.
   assert gram.auto_kernel(2, False) == "gemm"
   assert gram.auto_kernel(2, True) == gram.auto_kernel(1, False) == "syrk"
+
+
+def test_fewer_keys_than_dimensions_warn_that_c_is_singular():
+  k = np.random.default_rng(6).standard_normal((5, 8)).astype(np.float32)
+  state = memedit.covariance_update(memedit.covariance_init(8), k)
+  with pytest.warns(UserWarning, match="C from 5 keys of dimension 8 has rank at most 5"):
+    C = memedit.second_moment(state)
+  np.testing.assert_allclose(C, k.T.astype(np.float64) @ k / 5, rtol=1e-5, atol=1e-6)
+  assert np.linalg.matrix_rank(np.asarray(C, np.float64), tol=1e-5) == 5
+  more = memedit.covariance_update(state, np.ones((3, 8), np.float32))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    memedit.second_moment(more)  # 8 keys of dimension 8: no warning
+    jax.jit(memedit.second_moment)(state)  # traced: the count is not known, no warning
