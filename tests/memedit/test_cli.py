@@ -3,6 +3,7 @@ and the demo on the real face weights with small settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -221,10 +222,11 @@ def _nan_edit(model, path, *, nan=True):
   """An edit of convt2 (Λ NaN when ``nan``), saved at ``path``; returns the path."""
   gen = gens.generator_from_converted(model)
   kernel = gens.layer_kernel(gen, "convt2")
-  lam = np.full(kernel.shape[:2] + kernel.shape[3:] + (1,), np.nan if nan else 0.01,
-                np.float32)
+  lam = np.full(kernel.shape[:2] + kernel.shape[3:] + (1,), 0.01, np.float32)
   D = np.eye(1, kernel.shape[2], dtype=np.float32)
   edit = memedit.make_edit(gen.weight_path("convt2"), lam, D, kind="conv")
+  if nan:  # as a file written elsewhere could hold: make_edit itself refuses NaN factors
+    edit = dataclasses.replace(edit, lam=np.full(lam.shape, np.nan, np.float32))
   return memedit.save_edit(path, edit)
 
 
