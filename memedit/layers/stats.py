@@ -55,7 +55,7 @@ def layer_key_fn(model, view: MemoryView, *, masked: bool = False,
     >>> import memedit, memedit.layers as ml
     >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)))
     >>> key_fn = ml.layer_key_fn(model, ml.memory_view(model, "layers/0"))
-    >>> st = memedit.stream_covariance([jnp.ones((2, 3))], key_fn=key_fn, progress=False)
+    >>> st = memedit.stream_covariance([jnp.ones((4, 3))], key_fn=key_fn, progress=False)
     >>> memedit.second_moment(st).tolist()
     [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
   """
