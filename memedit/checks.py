@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["TINY", "check_covariance", "check_finite", "check_positive_int", "check_scalar",
-           "compute_dtype", "expand_weights", "float_dtype", "weights_error", "weights_fit"]
+           "compute_dtype", "expand_weights", "float_dtype", "is_traced", "weights_error",
+           "weights_fit"]
 
 #: The smallest positive value divisions and eigenvalue floors use (1e-30).
 TINY = 1e-30
@@ -143,8 +144,23 @@ def check_covariance(C: Any, dim: int | None = None, name: str = "C") -> np.ndar
   return c
 
 
-def check_finite(x: Any, name: str) -> None:
+def is_traced(*xs: Any) -> bool:
+  """Whether any leaf of ``xs`` is a JAX tracer (eager checks skip traced values).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> seen = []
+    >>> _ = jax.jit(lambda x: seen.append(is_traced({"a": x})) or x)(1.0)
+    >>> is_traced(jnp.ones(2)), seen
+    (False, [True])
+  """
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
+
+
+def check_finite(x: Any, name: str, hint: str = "") -> None:
   """Raises when a concrete ``x`` holds NaN or ±inf; a traced ``x`` passes.
+
+  ``hint`` is appended to the message (e.g. where such values come from).
 
   Example:
     >>> import numpy as np
@@ -154,7 +170,7 @@ def check_finite(x: Any, name: str) -> None:
     ValueError: keys: expected finite values, got NaN or inf
   """
   if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
-    raise ValueError(f"{name}: expected finite values, got NaN or inf")
+    raise ValueError(f"{name}: expected finite values, got NaN or inf{hint}")
 
 
 def float_dtype(dtype: Any) -> np.dtype:

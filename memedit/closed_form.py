@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import check_covariance, check_finite, check_scalar, compute_dtype
+from memedit.checks import (check_covariance, check_finite, check_scalar, compute_dtype,
+                            is_traced)
 from memedit.linalg import floor_eigenvalues, spectrum_ok, symmetric_eigh
 
 __all__ = ["LinearSolution", "insert_closed_form", "insert_ridge", "least_squares_lambda"]
@@ -73,14 +74,10 @@ def _check_linear(W, C, keys, values):
 _INDEPENDENT = 1e-6
 
 
-def _is_traced(*xs) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
 def _check_rcond(rcond, C) -> None:
   """rcond a number in [0, 1) (or traced); with rcond = 0, C (concrete) must be positive
   definite (its computed eigenvalues all positive), since it is inverted as it is."""
-  if _is_traced(rcond):
+  if is_traced(rcond):
     return
   try:
     check_scalar(rcond, "rcond")
@@ -89,7 +86,7 @@ def _check_rcond(rcond, C) -> None:
     value = float("nan")
   if not 0.0 <= value < 1.0:
     raise ValueError(f"rcond: expected a number in [0, 1), got {rcond!r}")
-  if value > 0.0 or _is_traced(C):
+  if value > 0.0 or is_traced(C):
     return
   ev = np.asarray(symmetric_eigh(C)[0], np.float64)
   if not ev[0] > 0.0:
@@ -101,11 +98,10 @@ def _check_rcond(rcond, C) -> None:
 
 def _refuse_nonfinite(sol: LinearSolution) -> LinearSolution:
   """Eagerly, factors that overflowed are an error rather than a NaN model."""
-  if not _is_traced(sol.lam, sol.D) and not (
-      bool(jnp.all(jnp.isfinite(sol.lam))) and bool(jnp.all(jnp.isfinite(sol.D)))):
-    raise ValueError("insert: expected finite factors, got non-finite Λ or D (the inputs "
-                     "passed the checks; C or the keys' Gram matrix is too ill-conditioned "
-                     "for the compute dtype: raise rcond or use insert_ridge)")
+  hint = (" (the inputs passed the checks; C or the keys' Gram matrix is too "
+          "ill-conditioned for the compute dtype: raise rcond or use insert_ridge)")
+  check_finite(sol.lam, "lam", hint)
+  check_finite(sol.D, "D", hint)
   return sol
 
 

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memedit.checks import is_traced
 from memedit.moments import (CovarianceState, covariance_init, covariance_merge,
                              covariance_update)
 from memedit.stream import stream_covariance
@@ -101,13 +102,9 @@ def total_weight(state: CovarianceState) -> jax.Array:
   return state.weight[0] - state.weight[1]
 
 
-def _traced(*xs) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
-
-
 def _check_result_state(state: CovarianceState, what: str):
   """Eager checks of a state before a result is read from it (none under jit)."""
-  if _traced(state):
+  if is_traced(state):
     return
   bad = int(np.asarray(state.nonfinite))
   if bad:
@@ -136,7 +133,7 @@ def _state_ok(state: CovarianceState) -> jax.Array:
 def _checked(value: jax.Array, state: CovarianceState, what: str) -> jax.Array:
   """A result read from a checked state: eagerly it must be finite (else ValueError);
   under jit it is replaced by NaN when the state or the result fails the checks."""
-  if _traced(state, value):
+  if is_traced(state, value):
     ok = _state_ok(state) & jnp.all(jnp.isfinite(value))
     return jnp.where(ok, value, jnp.nan)
   if not bool(jnp.all(jnp.isfinite(value))):
@@ -224,7 +221,7 @@ def second_moment(state: CovarianceState) -> jax.Array:
            [1., 1.]], dtype=float32)
   """
   _check_result_state(state, "second_moment")
-  if not isinstance(state.count, jax.core.Tracer):
+  if not is_traced(state.count):
     n, d = key_count(state), int(state.sum.shape[-1])
     if 0 < n < d:
       warnings.warn(

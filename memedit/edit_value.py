@@ -19,10 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memedit.checks import check_finite
 from memedit.layouts import LAYOUTS, kernel_delta
 from memedit.tree import Path, check_path
 
-__all__ = ["Edit", "check_factors_finite", "edit_delta", "make_edit"]
+__all__ = ["Edit", "NAN_FACTORS", "edit_delta", "make_edit"]
+
+#: Appended to the error for non-finite factors: where they usually come from.
+NAN_FACTORS = " (a solve whose checks failed under jax.jit returns NaN factors)"
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -173,25 +177,6 @@ jax.tree_util.register_pytree_with_keys(Edit, _edit_flatten_with_keys, _edit_unf
                                         _edit_flatten)
 
 
-def check_factors_finite(lam: Any, D: Any) -> None:
-  """Raises when concrete factors hold NaN or ±inf (traced ones pass).
-
-  A solve whose checks fail under ``jax.jit`` returns NaN factors; an edit made of them
-  would turn the whole kernel to NaN.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> check_factors_finite(jnp.ones((2, 1)), jnp.full((1, 3), jnp.nan))
-    Traceback (most recent call last):
-    ...
-    ValueError: D: expected finite factors, got NaN or inf (a solve whose checks failed under jax.jit returns NaN factors)
-  """
-  for name, x in (("lam", lam), ("D", D)):
-    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
-      raise ValueError(f"{name}: expected finite factors, got NaN or inf (a solve whose "
-                       "checks failed under jax.jit returns NaN factors)")
-
-
 def make_edit(path: Path, lam: Any, D: Any, *, kind: str = "dense", in_ndim: int = 1,
               method: str = "", settings: dict | None = None, label: str | None = None,
               index: int | None = None) -> Edit:
@@ -226,7 +211,8 @@ def make_edit(path: Path, lam: Any, D: Any, *, kind: str = "dense", in_ndim: int
   if lam.ndim < 2 or lam.shape[-1] != D.shape[0]:
     raise ValueError(f"lam: expected shape (..., {D.shape[0]}) for rank "
                      f"{D.shape[0]}, got {tuple(lam.shape)}")
-  check_factors_finite(lam, D)
+  check_finite(lam, "lam", NAN_FACTORS)
+  check_finite(D, "D", NAN_FACTORS)
   try:
     settings_json = json.dumps(settings or {}, sort_keys=True)
   except TypeError as e:

@@ -42,8 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memedit.checks import check_finite
 from memedit.edit_files import load_edit, save_edit
-from memedit.edit_value import Edit, check_factors_finite, edit_delta, make_edit
+from memedit.edit_value import NAN_FACTORS, Edit, edit_delta, make_edit
 from memedit.tree import get_leaf, replace_leaf
 
 __all__ = ["Edit", "EditHistory", "apply_edit", "edit_delta", "load_edit", "make_edit",
@@ -192,7 +193,8 @@ def apply_edit(params: Any, edit: Edit, history: EditHistory | None = None
   if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
     raise ValueError(f"params: expected a floating-point kernel at {edit.path!r}, got "
                      f"{jnp.result_type(leaf)} (an edit cannot be written into integers)")
-  check_factors_finite(edit.lam, edit.D)
+  check_finite(edit.lam, "lam", NAN_FACTORS)
+  check_finite(edit.D, "D", NAN_FACTORS)
   originals = dict(history.originals)
   if edit.path in originals:
     originals[edit.path] = _current_base(params, history, edit.path)

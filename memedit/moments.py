@@ -24,8 +24,8 @@ from memedit.checks import (check_positive_int, expand_weights, float_dtype, wei
                             weights_fit)
 from memedit.gram import gram
 
-__all__ = ["CovarianceState", "add_pair", "as_dtype", "covariance_init", "covariance_merge",
-           "covariance_update", "fold_keys", "merge_states"]
+__all__ = ["CovarianceState", "add_pair", "as_dtype", "check_key_dtype", "covariance_init",
+           "covariance_merge", "covariance_update", "fold_keys", "merge_states"]
 
 
 class CovarianceState(NamedTuple):
@@ -117,12 +117,25 @@ def covariance_init(dim: int, shift: Any = None, dtype: Any = jnp.float32) -> Co
   )
 
 
+def check_key_dtype(dtype) -> None:
+  """Raises unless keys of ``dtype`` can be folded: a real floating or integer dtype.
+
+  Example:
+    >>> import numpy as np
+    >>> check_key_dtype(np.complex64)
+    Traceback (most recent call last):
+    ...
+    ValueError: keys: expected a real dtype, got complex64
+  """
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise ValueError(f"keys: expected a real dtype, got {jnp.dtype(dtype)}")
+
+
 def _check_keys(state: CovarianceState, keys, weights):
   d = state.shift.shape[-1]
   if keys.ndim < 1 or keys.shape[-1] != d:
     raise ValueError(f"keys: expected shape (..., {d}), got {tuple(keys.shape)}")
-  if not (jnp.issubdtype(keys.dtype, jnp.floating) or jnp.issubdtype(keys.dtype, jnp.integer)):
-    raise ValueError(f"keys: expected a real dtype, got {keys.dtype}")
+  check_key_dtype(keys.dtype)
   if weights is not None:
     if not (jnp.issubdtype(weights.dtype, jnp.floating)
             or jnp.issubdtype(weights.dtype, jnp.integer)

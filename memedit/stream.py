@@ -27,7 +27,7 @@ from memedit.checks import check_positive_int
 from memedit.fold_programs import (BatchTemplate, group_input_sharding, identity, is_resident,
                                    on_several_devices, pad_rows, padded_rows,
                                    replicated_sharding, split_keys, with_params)
-from memedit.moments import CovarianceState, covariance_init, fold_keys
+from memedit.moments import CovarianceState, check_key_dtype, covariance_init, fold_keys
 from memedit.stream_cache import (StreamCache, allgather, host_state, merge_all, place_state,
                                   unstack_state)
 
@@ -102,8 +102,7 @@ class _Folder:
     d = int(first_keys.shape[-1])
     if dim is not None and d != dim:
       raise ValueError(f"keys: expected last dimension {dim}, got {d}")
-    if jnp.issubdtype(first_keys.dtype, jnp.complexfloating):
-      raise ValueError(f"keys: expected a real dtype, got {first_keys.dtype}")
+    check_key_dtype(first_keys.dtype)
     self.dim = d
     self.keys_per_row = int(np.prod(first_keys.shape[:-1])) // max(self.first_rows, 1)
     # float64 keys (under jax_enable_x64) are folded in float64; all others in float32.

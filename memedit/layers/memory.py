@@ -293,14 +293,15 @@ class MemoryView:
       shape = self.kernel_shape[self.stacked:]
       dtype = self.kernel().dtype
       w1, w2 = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
-      out = self.apply(w1, x, *extra, **kwargs)
+      out1 = self.apply(w1, x, *extra, **kwargs)
       if rtol is None:
-        dtypes = [dtype] + [a.dtype for a in jax.tree.leaves((x, out)) if hasattr(a, "dtype")]
+        dtypes = [dtype] + [a.dtype for a in jax.tree.leaves((x, out1)) if hasattr(a, "dtype")]
         rtol = max([1e-4] + [4.0 * float(jnp.finfo(d).eps) for d in dtypes
                              if jnp.issubdtype(d, jnp.floating)])
       f = lambda w: np.asarray(self.apply(w, x, *extra, **kwargs), np.float64)
       y0 = f(jnp.zeros(shape, dtype))
-      y1, y2, y12 = f(w1) - y0, f(w2) - y0, f(w1 + 2 * w2) - y0
+      y1 = np.asarray(out1, np.float64) - y0
+      y2, y12 = f(w2) - y0, f(w1 + 2 * w2) - y0
       scale = max(float(np.abs(y1).max()), float(np.abs(y2).max()), 1e-30)
       err = float(np.abs(y12 - y1 - 2 * y2).max()) / scale
       if err > rtol:

@@ -262,10 +262,11 @@ def stack_region(m: Model, path: tuple) -> tuple[int, int] | None:
   return size, at
 
 
-def _slice_index(m: Model, address: tuple, pos: int, rest: tuple, path: tuple
-                 ) -> tuple[int, int, int]:
+def _slice_index(m: Model, address: tuple, pos: int, rest: tuple, path: tuple,
+                 unresolved: ValueError) -> tuple[int, int, int]:
   """(index, L, at) of the layer index at ``address[pos]``; ``rest`` is the address without
-  it and ``path`` the layer it names."""
+  it, ``path`` the layer it names and ``unresolved`` the error of reading ``address`` as a
+  module path (raised when ``path`` is a list of layers, where the index names an entry)."""
   i = int(address[pos])
   region = stack_region(m, path)
   if region is None:
@@ -273,9 +274,7 @@ def _slice_index(m: Model, address: tuple, pos: int, rest: tuple, path: tuple
                       if k[:len(path)] == tuple(path) and len(k) > len(path) + 1},
                      key=str)
     if any(str(e).lstrip("-").isdigit() for e in entries):
-      raise ValueError(
-          f"address: {address!r} names no layer with parameters: {path_str(path)!r} holds "
-          f"layers with parameters at {[str(e) for e in entries]}, got index {i}")
+      raise unresolved
     raise ValueError(
         f"address: {address!r} reads {i} as the index of one layer of a scanned stack, but "
         f"layer {path!r} is not stacked (its parameters share no leading layer axis)")
@@ -322,7 +321,7 @@ def resolve_layer(m: Model, address, obj=None):
         path, mod = resolve(rest)
       except ValueError:
         continue
-      index, size, at = _slice_index(m, cand, pos, rest, path)
+      index, size, at = _slice_index(m, cand, pos, rest, path, error)
       return path, mod, index, size, at
   raise error
 

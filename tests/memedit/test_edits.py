@@ -120,20 +120,24 @@ def test_nnx_state_paths_and_jit():
 
 def test_non_finite_factors_and_integer_leaves_are_refused():
   params = {"k": jnp.ones((6, 4))}
-  with pytest.raises(ValueError, match="lam: expected finite factors"):
+  with pytest.raises(ValueError,
+                     match="lam: expected finite values, got NaN or inf \\(a solve"):
     memedit.make_edit(("k",), jnp.full((4, 1), jnp.nan), jnp.ones((1, 6)))
-  with pytest.raises(ValueError, match="D: expected finite factors"):
+  with pytest.raises(ValueError,
+                     match="D: expected finite values, got NaN or inf \\(a solve"):
     memedit.make_edit(("k",), jnp.ones((4, 1)), jnp.full((1, 6), jnp.inf))
   # A failed solve under jit gives NaN factors: no edit is made of them.
   sol = jax.jit(memedit.insert_closed_form)(jnp.ones((4, 6)), jnp.eye(6),
                                             jnp.stack([jnp.ones(6), 2 * jnp.ones(6)]),
                                             jnp.zeros((2, 4)))
-  with pytest.raises(ValueError, match="expected finite factors"):
+  with pytest.raises(ValueError,
+                     match="lam: expected finite values, got NaN or inf \\(a solve"):
     memedit.make_edit(("k",), sol.lam, sol.D)
   # An Edit built without make_edit is checked when applied; params stay as they were.
   good = memedit.make_edit(("k",), jnp.ones((4, 1)), jnp.ones((1, 6)))
   nan_edit = dataclasses.replace(good, lam=jnp.full((4, 1), jnp.nan))
-  with pytest.raises(ValueError, match="lam: expected finite factors"):
+  with pytest.raises(ValueError,
+                     match="lam: expected finite values, got NaN or inf \\(a solve"):
     memedit.apply_edit(params, nan_edit)
   np.testing.assert_array_equal(params["k"], np.ones((6, 4)))
   with pytest.raises(ValueError, match="expected a floating-point kernel at \\('k',\\), got int32"):
