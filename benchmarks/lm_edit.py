@@ -37,14 +37,11 @@ from memedit.lm.experiment import demo_contexts, world_covariance
 from memedit.lm.memit import memit_edits
 from memedit.lm.rome import rome_edits
 from memedit.lm.stats import lm_covariance
-from memedit.lm.train import DemoConfig, load_demo, train_demo
+from memedit.lm.train import (DEMO_MEMIT_LAYERS as MEMIT_LAYERS, DEMO_PENALTY as PENALTY,
+                              DEMO_ROME_LAYER as ROME_LAYER, DemoConfig, load_demo, train_demo)
 from memedit.lm.world import text_batches
 from ports.gpt2 import lm_layout
 from ports.gpt2.model import Block
-
-ROME_LAYER = 1
-MEMIT_LAYERS = (0, 1, 2)
-PENALTY = 100.0  # `memedit lm-eval`'s default for the demo model
 
 
 def _bare_fold(module, layer, group):

@@ -11,9 +11,9 @@ P(old) > P(new) (``efficacy_prob``, ``neighbourhood_prob``).
 
 Usage: python benchmarks/lm_memit_sweep.py [--facts N] [--last 2,3] [--first 0] [--penalties ...]
        [--inner N] [--names surname|single|pair] [--embd N] [--blocks N] [--subjects N]
-       [--steps N] [--quick]
+       [--steps N] [--seed N] [--quick]
 Writes benchmarks/results/lm_memit_sweep[_innerN][_names][_embdN][_blocksN][_subjectsN]
-[_stepsN].json (the model: the demo's settings with those changed).
+[_stepsN][_seedN].json (the model: the demo's settings with those changed).
 """
 
 from __future__ import annotations
@@ -51,13 +51,16 @@ def main(argv=None) -> None:
   ap.add_argument("--first", type=_ints, default=None,
                   help="first blocks, e.g. 0 (default: every block up to the last)")
   ap.add_argument("--penalties", type=_floats, default=[100, 300, 1000, 3000, 10000])
-  ap.add_argument("--inner", type=int, default=0, help="MLP width (0: 4 n_embd, the demo's)")
+  ap.add_argument("--inner", type=int, default=None,
+                  help="MLP width (default: the demo's; 0: 4 n_embd)")
   ap.add_argument("--names", default="surname", choices=("surname", "single", "pair"))
   ap.add_argument("--embd", type=int, default=0, help="residual width (0: the demo's)")
   ap.add_argument("--blocks", type=int, default=0, help="blocks (0: the demo's)")
   ap.add_argument("--subjects", type=int, default=0, help="subjects (0: the demo's)")
   ap.add_argument("--steps", type=int, default=0, help="training steps (0: the demo's)")
   ap.add_argument("--unedited", type=int, default=2000, help="unedited facts scored")
+  ap.add_argument("--seed", type=int, default=0,
+                  help="seed of the edited cases (0: the cases lm-eval scores)")
   ap.add_argument("--cache-dir", default=".cache")
   ap.add_argument("--quick", action="store_true", help="10 facts, block 1, two penalties")
   args = ap.parse_args(argv)
@@ -65,7 +68,8 @@ def main(argv=None) -> None:
     args.facts, args.last, args.penalties, args.unedited = 10, [1], [100, 1000], 200
   base_config = DemoConfig()
   config = dataclasses.replace(
-      base_config, n_inner=args.inner, names=args.names,
+      base_config, n_inner=base_config.n_inner if args.inner is None else args.inner,
+      names=args.names,
       n_embd=args.embd or base_config.n_embd, n_layer=args.blocks or base_config.n_layer,
       n_subjects=args.subjects or base_config.n_subjects,
       steps=args.steps or base_config.steps)
@@ -77,8 +81,8 @@ def main(argv=None) -> None:
                               cache_dir=os.path.join(args.cache_dir, "lm-stats"))
           for l in blocks}
   contexts = demo_contexts(model, world)
-  cases = world_cases(world, args.facts, seed=0)
-  facts = world_facts(world, args.unedited, seed=11,
+  cases = world_cases(world, args.facts, seed=args.seed)
+  facts = world_facts(world, args.unedited, seed=args.seed + 11,
                       exclude=[c.request.subject for c in cases])
   base = 100.0 * top1_accuracy(model, world.tokenize, facts)
   reqs = [c.request for c in cases]
@@ -104,18 +108,21 @@ def main(argv=None) -> None:
                "neighbourhood": round(s["neighbourhood"], 1),
                "neighbourhood_prob": round(s["neighbourhood_prob"], 1), "unedited": round(acc, 1),
                "unedited_drop": round(base - acc, 1),
-               "goals_met": bool(s["efficacy"] >= 95 and s["neighbourhood"] >= 90)}
+               "goals_met": bool(s["efficacy"] >= 95 and s["neighbourhood"] >= 90),
+               "goals_met_prob": bool(s["efficacy_prob"] >= 95
+                                      and s["neighbourhood_prob"] >= 90)}
         print(row, flush=True)
         rows.append(row)
     print(f"value search for blocks ..{last}: {search_s:.1f} s", flush=True)
   cols = ["blocks", "penalty", "efficacy", "efficacy_prob", "paraphrase", "neighbourhood",
-          "neighbourhood_prob", "unedited", "unedited_drop", "goals_met"]
+          "neighbourhood_prob", "unedited", "unedited_drop", "goals_met", "goals_met_prob"]
   print(table(rows, cols))
-  suffix = ("_quick" if args.quick else "") + (f"_inner{args.inner}" if args.inner else "") \
+  suffix = ("_quick" if args.quick else "") \
+      + (f"_inner{config.n_inner}" if config.n_inner != base_config.n_inner else "") \
       + (f"_{args.names}" if args.names != "surname" else "") \
       + "".join(f"_{k}{v}" for k, v in (("embd", args.embd), ("blocks", args.blocks),
                                          ("subjects", args.subjects), ("steps", args.steps))
-                if v)
+                if v) + (f"_seed{args.seed}" if args.seed else "")
   path = write("lm_memit_sweep", {
       "facts": args.facts, "model": {"config": info["config"],
                                      "accuracy_train_templates":

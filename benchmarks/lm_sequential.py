@@ -3,8 +3,8 @@ GPT-2 in batches of 100 with MEMIT over its MEMIT blocks, with AlphaEdit's null-
 projection and without (plain sequential MEMIT), in one run.
 
 Model: the demo of ``memedit lm-train`` with the default settings (trained into
-``--cache-dir`` when missing), its MEMIT blocks 0, 1, 2 (``memedit lm-eval``'s
-defaults), C of each block over 200,000 tokens of the world's text, the demo's sampled
+``--cache-dir`` when missing), its MEMIT blocks (``memedit lm-eval``'s defaults,
+``DEMO_MEMIT_LAYERS``), C of each block over 200,000 tokens of the world's text, the demo's sampled
 context templates, MEMIT's value search (25 steps, clamp 0.75). The facts are distinct
 (subject, relation) pairs of subjects outside a reserve of 500 subjects that no edit
 touches; the neighbourhood prompts and the unedited facts are about reserved subjects
@@ -15,15 +15,15 @@ Arms, each from the unedited model, the same facts in the same order:
 - ``projected``: AlphaEdit (:func:`memedit.lm.sequential.memit_batch`, P from each
   block's C at the relative ``--threshold``, the earlier batches' keys in the solve,
   ``--l2``);
-- ``plain, penalty …``: MEMIT's ridge insert with penalty ``--penalty`` (lm-eval's 15,000)
-  and ``--penalty2`` (1,000: on the demo's 512-dimensional keys, λ = 15,000 writes none
-  of a batch of 100 facts, λ = 1,000 writes 94 % of them).
+- ``plain, penalty …``: MEMIT's ridge insert with penalty ``--penalty`` (MEMIT's 15,000
+  for GPT-J) and ``--penalty2`` (the demo's λ, ``DEMO_PENALTY``: on the demo model's
+  small keys λ = 15,000 writes none of a batch of 100 facts).
 
 The projected arm's defaults here (relative threshold 1e-4, l2 = 1) differ from the
 library's (1e-2, AlphaEdit's l2 = 10): C's largest eigenvalue (the keys' mean) is ~40 %
-of its trace, so 1e-2 keeps 487–493 of 512 dimensions, while 1e-4 keeps 175–214
-(AlphaEdit's absolute 2e-2 keeps 212–302); with l2 = 10 the first batch reaches 9 %
-efficacy, with l2 = 1, 98 %.
+of its trace, so on 512-dimensional keys 1e-2 kept 487–493 dimensions, while 1e-4 kept
+175–214 (AlphaEdit's absolute 2e-2 kept 212–302); with l2 = 10 the first batch reached
+9 % efficacy, with l2 = 1, 98 %.
 
 After every batch: efficacy (top-1 new object, and P(new) > P(old)) and paraphrase on
 all edits so far, neighbourhood specificity, top-1 accuracy on 2,000 unedited facts.
@@ -54,10 +54,10 @@ import numpy as np
 from benchmarks.common import table, write
 from memedit.lm.experiment import demo_contexts, world_covariance
 from memedit.lm.sequential import EDIT_KEYS, run_sequential
-from memedit.lm.train import DemoConfig, load_demo, train_demo
+from memedit.lm.train import (DEMO_MEMIT_LAYERS as LAYERS, DEMO_PENALTY, DemoConfig, load_demo,
+                              train_demo)
 from ports.gpt2 import lm_layout
 
-LAYERS = (0, 1, 2)
 SHOWN = (100, 500, 1000, 1500, 2000)
 PANELS = (("efficacy", "efficacy (top-1, all edits so far)"),
           ("neighbourhood", "neighbourhood specificity"),
@@ -146,9 +146,9 @@ def main() -> int:
   ap.add_argument("--key-weight", type=float, default=1.0)
   ap.add_argument("--edit-keys", choices=EDIT_KEYS, default="solve")
   ap.add_argument("--penalty", type=float, default=15000.0, help="plain MEMIT's λ (15000)")
-  ap.add_argument("--penalty2", type=float, default=1000.0,
-                  help="λ of a second plain arm (1000: at 15000 one batch of 100 is not "
-                       "written on the demo; 0: no second arm)")
+  ap.add_argument("--penalty2", type=float, default=DEMO_PENALTY,
+                  help=f"λ of a second plain arm ({DEMO_PENALTY:g}, the demo's: at 15000 one "
+                       "batch of 100 is not written on the demo; 0: no second arm)")
   ap.add_argument("--quick", action="store_true", help="200 facts in batches of 50")
   ap.add_argument("--tag", default="", help="suffix of the output files (e.g. _inner4096)")
   args = ap.parse_args()

@@ -64,7 +64,8 @@ def _train_args(p) -> None:
                  help=f"transformer blocks (default {base.n_layer})")
   g.add_argument("--heads", type=_positive, default=base.n_head)
   g.add_argument("--inner", type=int, default=base.n_inner,
-                 help="MLP width, the memories' key dimension (default 0: 4 × --embd)")
+                 help=f"MLP width, the memories' key dimension (default {base.n_inner}; "
+                 "0: 4 × --embd)")
   g.add_argument("--steps", type=_positive, default=base.steps)
   g.add_argument("--batch", type=_positive, default=base.batch)
   g.add_argument("--warmup", type=int, default=base.warmup, help="learning-rate warm-up "
@@ -309,14 +310,17 @@ def _run_demo(args) -> int:
   return 0
 
 
-def _edit_args(p, *, layer: int = 1, layers=(0, 1, 2)) -> None:
+def _edit_args(p) -> None:
+  from memedit.lm.train import DEMO_MEMIT_LAYERS, DEMO_PENALTY, DEMO_ROME_LAYER
+
+  layer, layers = DEMO_ROME_LAYER, DEMO_MEMIT_LAYERS
   p.add_argument("--layer", type=int, default=layer, help=f"ROME / fine-tuning block "
                  f"(default {layer})")
   p.add_argument("--layers", type=_int_list, default=list(layers),
                  help=f"MEMIT blocks, e.g. 0,1,2 (default {','.join(map(str, layers))})")
-  p.add_argument("--penalty", type=float, default=100.0,
-                 help="MEMIT's λ (default 100 for the demo model, whose keys are small: "
-                 "MEMIT's 15000 for GPT-J leaves its updates at ~0)")
+  p.add_argument("--penalty", type=float, default=DEMO_PENALTY,
+                 help=f"MEMIT's λ (default {DEMO_PENALTY:g} for the demo model, whose keys "
+                 "are small: MEMIT's 15000 for GPT-J leaves its updates at ~0)")
   p.add_argument("--tokens", type=_positive, default=200_000,
                  help="text tokens for C (default 200000)")
   p.add_argument("--contexts", type=int, default=5, choices=range(0, 21), metavar="N",

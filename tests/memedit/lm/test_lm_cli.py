@@ -15,7 +15,7 @@ from memedit.lm.train import load_demo
 
 TINY = ["--subjects", "24", "--relations", "2", "--objects", "4", "--embd", "32",
         "--blocks", "2", "--heads", "2", "--steps", "20", "--batch", "8", "--warmup", "4",
-        "--warm-subjects", "8", "--warm-steps", "5", "--eval-facts", "40"]
+        "--warm-subjects", "8", "--warm-steps", "5", "--eval-facts", "40", "--inner", "0"]
 
 
 def _run(*argv) -> int:
@@ -89,8 +89,21 @@ def test_lm_train_sets_the_mlp_width():
   add_subcommands(parser.add_subparsers(dest="command", required=True))
   assert _config(parser.parse_args(["lm-train", *TINY, "--inner", "48"])).n_inner == 48
   assert _config(parser.parse_args(["lm-train", *TINY])).n_inner == 0
+  assert _config(parser.parse_args(["lm-train"])).n_inner == DemoConfig().n_inner == 1024
   assert DemoConfig(n_inner=48).model_config(10).n_inner == 48
-  assert DemoConfig().model_config(10).n_inner is None  # 4 n_embd
+  assert DemoConfig(n_inner=0).model_config(10).n_inner is None  # 4 n_embd
+  assert _config(parser.parse_args(["lm-demo"])) == DemoConfig()
   with pytest.raises(ValueError, match=r"n_inner: expected 0 \(4 n_embd\) or a positive MLP "
                                        r"width, got -1"):
     DemoConfig(n_inner=-1)
+
+
+def test_edit_commands_default_to_the_demo_settings():
+  from memedit.lm.train import DEMO_MEMIT_LAYERS, DEMO_PENALTY, DEMO_ROME_LAYER
+
+  parser = argparse.ArgumentParser(prog="memedit")
+  add_subcommands(parser.add_subparsers(dest="command", required=True))
+  for command in ("lm-edit --out x", "lm-eval", "lm-demo"):
+    args = parser.parse_args(command.split())
+    assert (args.layer, args.layers, args.penalty) == (
+        DEMO_ROME_LAYER, list(DEMO_MEMIT_LAYERS), DEMO_PENALTY), command
