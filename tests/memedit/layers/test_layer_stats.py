@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,7 +78,12 @@ def test_masked_statistics_of_1d_and_3d_convolutions_resize_the_mask():
     keys = view.keys(capture(model, ("layers", 2), x, single=True).keys)
     assert keys.shape[:-1] == key_sp
     w = jax.image.resize(mask, key_sp, "linear")
-    assert _rel(memedit.second_moment(st), _numpy_c(keys, w)) <= 1e-6
+    few = memedit.key_count(st) < view.key_dim  # the patch keys: 16 of dimension 81
+    with pytest.warns(UserWarning, match="has rank at most") if few else warnings.catch_warnings():
+      if not few:
+        warnings.simplefilter("error")
+      C = memedit.second_moment(st)
+    assert _rel(C, _numpy_c(keys, w)) <= 1e-6
   with pytest.raises(ValueError, match=r"expected shape \(B, L\) for a conv layer with 1 "):
     layer_covariance(conv1, ("layers", 2), [(jnp.ones((2, 8, 2)), jnp.ones((2, 8, 4)))],
                      masked=True)
@@ -88,7 +95,9 @@ def test_scanned_layer_statistics_pool_every_step():
   st = layer_covariance(s, ("blocks", "fc2"), xs)
   c = capture(s, ("blocks", "fc2"), jnp.concatenate(xs))
   assert c.keys.shape == (3, 8, 32) and memedit.key_count(st) == 3 * 8
-  assert _rel(memedit.second_moment(st), _numpy_c(c.keys)) <= 1e-6
+  with pytest.warns(UserWarning, match="has rank at most"):  # 24 keys of dimension 32
+    C = memedit.second_moment(st)
+  assert _rel(C, _numpy_c(c.keys)) <= 1e-6
 
 
 def test_key_function_only_runs_the_model_up_to_the_layer():
