@@ -320,7 +320,7 @@ def _edit_args(p) -> None:
                  help=f"MEMIT blocks, e.g. 0,1,2 (default {','.join(map(str, layers))})")
   p.add_argument("--penalty", type=float, default=DEMO_PENALTY,
                  help=f"MEMIT's λ (default {DEMO_PENALTY:g} for the demo model, whose keys "
-                 "are small: MEMIT's 15000 for GPT-J leaves its updates at ~0)")
+                 "are small: MEMIT's 15000 for GPT-J writes few of the facts)")
   p.add_argument("--tokens", type=_positive, default=200_000,
                  help="text tokens for C (default 200000)")
   p.add_argument("--contexts", type=int, default=5, choices=range(0, 21), metavar="N",
