@@ -17,7 +17,8 @@ Arms, each from the unedited model, the same facts in the same order:
   ``--l2``);
 - ``plain, penalty …``: MEMIT's ridge insert with penalty ``--penalty`` (MEMIT's 15,000
   for GPT-J) and ``--penalty2`` (the demo's λ, ``DEMO_PENALTY``: on the demo model's
-  small keys λ = 15,000 writes none of a batch of 100 facts).
+  small keys λ = 15,000 writes few facts; on the earlier 512-wide demo it wrote none of a
+  batch of 100).
 
 The projected arm's defaults here (relative threshold 1e-4, l2 = 1) differ from the
 library's (1e-2, AlphaEdit's l2 = 10): C's largest eigenvalue (the keys' mean) is ~40 %

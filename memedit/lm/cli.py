@@ -313,11 +313,11 @@ def _run_demo(args) -> int:
 def _edit_args(p) -> None:
   from memedit.lm.train import DEMO_MEMIT_LAYERS, DEMO_PENALTY, DEMO_ROME_LAYER
 
-  layer, layers = DEMO_ROME_LAYER, DEMO_MEMIT_LAYERS
-  p.add_argument("--layer", type=int, default=layer, help=f"ROME / fine-tuning block "
-                 f"(default {layer})")
-  p.add_argument("--layers", type=_int_list, default=list(layers),
-                 help=f"MEMIT blocks, e.g. 0,1,2 (default {','.join(map(str, layers))})")
+  p.add_argument("--layer", type=int, default=DEMO_ROME_LAYER, help=f"ROME / fine-tuning block "
+                 f"(default {DEMO_ROME_LAYER})")
+  p.add_argument("--layers", type=_int_list, default=list(DEMO_MEMIT_LAYERS),
+                 help=f"MEMIT blocks, e.g. 0,1,2 (default "
+                 f"{','.join(map(str, DEMO_MEMIT_LAYERS))})")
   p.add_argument("--penalty", type=float, default=DEMO_PENALTY,
                  help=f"MEMIT's λ (default {DEMO_PENALTY:g} for the demo model, whose keys "
                  "are small: MEMIT's 15000 for GPT-J writes few of the facts)")
