@@ -209,7 +209,7 @@ def output_kind(path: str | os.PathLike) -> str | None:
 
 
 def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
-                 protect: Iterable[str | os.PathLike] = ()) -> str:
+                 protect: Iterable[str | os.PathLike] = (), flag: str = "force=True") -> str:
   """Checks that writing output ``kind`` to ``path`` may replace what is there.
 
   Args:
@@ -219,6 +219,8 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
     protect: paths that must survive: ``path`` may not be one of them nor hold one,
       even with ``force`` (e.g. the checkpoint being converted). The current directory
       is always protected.
+    flag: how the caller spells ``force`` in messages: ``'force=True'`` (Python API) or
+      ``'--force'`` (command line).
 
   Returns:
     ``path`` as an absolute path.
@@ -235,21 +237,21 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
     if _within(keep, dst):
       what = "the current directory" if keep == cwd else repr(keep)
       raise ValueError(f"{dst}: expected an output folder apart from the inputs, got one that "
-                       f"holds {what}; refusing to replace it (even with --force)")
+                       f"holds {what}; refusing to replace it (even with {flag})")
   recover(dst)
   if not os.path.lexists(dst) or force:
     return dst
   if os.path.islink(dst) or not os.path.isdir(dst):
     got = "a link" if os.path.islink(dst) else "a file"
     raise ValueError(f"{dst}: expected a memedit {kind!r} output folder to replace, got "
-                     f"{got}; pass --force to replace it")
+                     f"{got}; pass {flag} to replace it")
   if not os.listdir(dst):
     return dst
   found = output_kind(dst)
   if found != kind:
     got = f"a memedit {found!r} output" if found else "a folder that is not a memedit output"
     raise ValueError(f"{dst}: expected a memedit {kind!r} output folder to replace, got "
-                     f"{got}; pass --force to replace it")
+                     f"{got}; pass {flag} to replace it")
   return dst
 
 
@@ -385,7 +387,7 @@ def _checkpointer():
 
 def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, *,
               kind: str = "tree", force: bool = False,
-              protect: Iterable[str | os.PathLike] = ()) -> str:
+              protect: Iterable[str | os.PathLike] = (), flag: str = "force=True") -> str:
   """Saves an array tree and JSON metadata atomically as a directory.
 
   Args:
@@ -394,7 +396,8 @@ def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, 
     metadata: JSON-serialisable dict stored beside the arrays.
     kind: what the directory is, one of :data:`OUTPUT_KINDS`; recorded in its marker file
       with the sha256 of every file, which :func:`load_tree` verifies.
-    force, protect: as for :func:`check_output`, which runs before anything is written.
+    force, protect, flag: as for :func:`check_output`, which runs before anything is
+      written.
 
   Returns:
     The absolute path written.
@@ -402,7 +405,7 @@ def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, 
   Raises:
     ValueError: ``path`` may not be replaced (see :func:`check_output`).
   """
-  dst = check_output(path, kind, force=force, protect=protect)
+  dst = check_output(path, kind, force=force, protect=protect, flag=flag)
   tree = _to_numpy(tree)
   with atomic_dir(dst) as tmp:
     with _checkpointer() as ckptr:

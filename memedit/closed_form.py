@@ -57,9 +57,18 @@ def _check_linear(W, C, keys, values):
   if W.ndim != 2:
     raise ValueError(f"W: expected a matrix of shape (out, in), got {tuple(W.shape)}")
   out, din = W.shape
+  cshape = tuple(np.shape(C))
+  if (len(cshape) == 2 and cshape[0] == cshape[1] != din and keys.ndim == 2
+      and keys.shape[1] == cshape[0]):
+    # C and the keys agree on the key dimension: W is the odd one out.
+    hint = (" (transposed? a Flax Dense kernel (in, out) is Wᵀ)" if out == cshape[0] else "")
+    raise ValueError(f"W: expected shape (out, {cshape[0]}) in the math layout, to match C "
+                     f"{cshape} and keys {tuple(keys.shape)}, got {tuple(W.shape)}{hint}")
   check_covariance(C, din)
   if keys.ndim != 2 or keys.shape[1] != din:
     raise ValueError(f"keys: expected shape (n, {din}), got {tuple(keys.shape)}")
+  if keys.shape[0] == 0:
+    raise ValueError(f"keys: expected at least one key, got shape {tuple(keys.shape)}")
   if values.ndim != 2 or values.shape != (keys.shape[0], out):
     raise ValueError(f"values: expected shape ({keys.shape[0]}, {out}) to match keys "
                      f"{tuple(keys.shape)} and W {tuple(W.shape)}, got {tuple(values.shape)}")

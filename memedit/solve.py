@@ -22,7 +22,7 @@ from jax import lax
 
 from memedit._convs import patched
 from memedit._factored import factored_forward
-from memedit.checks import check_positive_int, expand_weights, weights_fit
+from memedit.checks import check_positive_int, expand_weights, is_traced, weights_fit
 from memedit.layouts import kernel_delta, key_dim, lambda_shape
 from memedit.optim import LOSSES, OPTIMIZERS, adam_scan, check_choice, residual_loss
 
@@ -62,6 +62,22 @@ def _weighted_loss(pred, targets, weights, loss):
   e = jnp.abs(r) if loss == "l1" else r * r
   w = expand_weights(weights, targets.shape).astype(jnp.float32)
   return jnp.sum(w * e) / jnp.maximum(jnp.sum(w), 1e-30)
+
+
+def _check_weight_values(weights) -> None:
+  """Concrete weights must be finite and non-negative with a positive one (a negative
+  weight makes the loss unbounded below; all zero weights leave nothing to fit)."""
+  if is_traced(weights):
+    return
+  w = np.asarray(weights)
+  if not np.isfinite(w).all():
+    raise ValueError("weights: expected finite weights, got NaN or inf")
+  if (w < 0).any():
+    raise ValueError(f"weights: expected non-negative weights, got {int((w < 0).sum())} "
+                     f"negative (smallest {float(w.min()):.3g})")
+  if not (w > 0).any():
+    raise ValueError("weights: expected at least one positive weight (a position to fit), "
+                     "got all zero")
 
 
 def solve_lambda(
@@ -141,7 +157,8 @@ def solve_lambda(
     targets: target values V*, shaped like f's output.
     kind, in_ndim: kernel layout (see the module docstring).
     weights: optional non-negative position weights aligned with the targets' leading
-      axes from the left (above); other shapes raise.
+      axes from the left (above), at least one positive; other shapes, and concrete
+      weights that are negative, NaN, inf or all zero, raise.
     loss: "l1" or "l2".
     optimizer: "adam" or "gauss_newton".
     steps: optimiser steps.
@@ -224,6 +241,7 @@ def solve_lambda(
       raise ValueError(f"weights: expected a shape broadcastable to a leading part of the "
                        f"targets' shape {tuple(targets.shape)} (aligned with its leading "
                        f"axes, from the left), got {tuple(weights.shape)}")
+    _check_weight_values(weights)
   lam_mask = _check_lam_mask(lam_mask, lshape)
   if conv_as_matmul is None:
     conv_as_matmul = jax.default_backend() == "cpu"

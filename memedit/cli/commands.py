@@ -66,7 +66,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
   check_input_file(args.src, "SRC")
   check_output_location(args.out, "OUT", folder=True)
-  _io.check_output(args.out, "converted", force=args.force, protect=(args.src,))
+  _io.check_output(args.out, "converted", force=args.force, protect=(args.src,),
+                   flag="--force")
   fmt = args.format
   if fmt == "auto":
     fmt = ports.detect_format(args.src)
@@ -249,11 +250,13 @@ def _check_rewrite_outputs(args) -> dict:
 
   protect = [args.model, args.spec, args.cache_dir]
   check_output_location(args.out, "--out", folder=True)
-  outputs = {"edit": _io.check_output(args.out, "edit", force=args.force, protect=protect)}
+  outputs = {"edit": _io.check_output(args.out, "edit", force=args.force, protect=protect,
+                                      flag="--force")}
   if args.save_model:
     check_output_location(args.save_model, "--save-model", folder=True)
     outputs["edited-model"] = _io.check_output(args.save_model, "edited-model",
-                                               force=args.force, protect=protect)
+                                               force=args.force, protect=protect,
+                                               flag="--force")
     if outputs["edited-model"] == outputs["edit"]:
       raise ValueError(f"--save-model: expected a folder other than --out, got "
                        f"{args.save_model!r} for both")
@@ -269,7 +272,8 @@ def _save_edited_model(src, gen, edit, dst, *, force: bool = False) -> None:
   new, _ = edited(gen, edit)
   config["edits"] = list(config.get("edits", [])) + [
       {"name": edit.name, "path": list(edit.path), "method": edit.method}]
-  _io.save_tree(dst, new.params, config, kind="edited-model", force=force, protect=(src,))
+  _io.save_tree(dst, new.params, config, kind="edited-model", force=force, protect=(src,),
+                flag="--force")
 
 
 _SAMPLE_HELP = """\

@@ -9,6 +9,7 @@ import numpy as np
 
 from memedit.closed_form import insert_closed_form, insert_ridge
 from memedit.edits import make_edit
+from memedit.layers.kinds import NativeKeyError
 from memedit.layers.model import as_model, call_method, merge, rewrap
 from memedit.layers.view import MemoryView, as_view
 from memedit.layouts import kernel_delta
@@ -239,6 +240,8 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
       native = keys
       try:
         flat = view.keys(keys).reshape(n, view.key_dim)
+      except NativeKeyError:  # e.g. token ids out of an embedding's range: said as is
+        raise
       except (TypeError, ValueError):
         raise ValueError(f"keys: expected flat keys ({n}, {view.key_dim}) or the layer's "
                          f"native inputs, got shape {tuple(keys.shape)}") from None

@@ -62,8 +62,11 @@ class Captured(NamedTuple):
 
 
 def _resolve_path(m, address, args, kwargs, method) -> tuple:
-  """(module path, index, L) of an address; ``index`` (``None`` unless the address picks
-  one layer of a scanned stack of ``L`` layers) is checked against the layer's kernel."""
+  """(module path, index, L) of an address or a :class:`MemoryView`; ``index`` (``None``
+  unless it picks one layer of a scanned stack of ``L`` layers) is checked against the
+  layer's kernel."""
+  if isinstance(address, MemoryView):
+    return address.module_path, address.index, address.stack_size
   path, _, index, _, _ = resolve_layer(m, address)
   if index is None:
     return path, None, None
@@ -135,8 +138,9 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
   Args:
     model: ``nnx.Module`` (untouched), NNX ``(graphdef, state)`` or Linen
       ``(module, variables)``.
-    address: layer address (see :func:`memory_view`); one layer of a scanned stack
-      (e.g. ``('stack', 1, 'fc2')``) gives that layer's keys and values alone.
+    address: layer address (see :func:`memory_view`) or a :class:`MemoryView`; one layer
+      of a scanned stack (e.g. ``('stack', 1, 'fc2')``) gives that layer's keys and
+      values alone.
     *args: model inputs.
     single: require exactly one call of the layer (else ``ValueError``).
     jit: run the forward pass under ``jax.jit`` (``False``: eagerly).

@@ -19,7 +19,13 @@ import flax.linen as nn
 
 from memedit.layers.conv import as_tuple, conv_check, conv_patches
 
-__all__ = ["LayerKind", "layer_kind", "register_layer_kind"]
+__all__ = ["LayerKind", "NativeKeyError", "layer_kind", "register_layer_kind",
+           "token_id_limit"]
+
+
+class NativeKeyError(ValueError):
+  """A layer's native input refused for its values or dtype, not its shape (e.g. token ids
+  outside an embedding's table); callers that reword shape errors let it through."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,11 +235,52 @@ def _einsum_layout(einsum_str):
 
 
 def _embed_keys(module, tokens):
-  """Token ids ``(...)`` as one-hot keys ``(..., num_embeddings)``."""
+  """Token ids ``(...)`` as one-hot keys ``(..., num_embeddings)``.
+
+  Concrete ids outside ``[0, num_embeddings)`` raise :class:`NativeKeyError` (the layer
+  itself would read a NaN row, or wrap a negative id around the table); traced ones give
+  NaN keys, which statistics refuse rather than fold.
+  """
   tokens = jnp.asarray(tokens)
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"embedding keys: expected integer token ids, got dtype {tokens.dtype}")
-  return jax.nn.one_hot(tokens, module.num_embeddings, dtype=jnp.float32)
+    raise NativeKeyError(f"embedding keys: expected integer token ids, got dtype "
+                         f"{tokens.dtype}")
+  n = int(module.num_embeddings)
+  keys = jax.nn.one_hot(tokens, n, dtype=jnp.float32)
+  if not isinstance(tokens, jax.core.Tracer):
+    t = np.asarray(tokens)
+    bad = np.unique(t[(t < 0) | (t >= n)])
+    if bad.size:
+      got = ", ".join(str(int(b)) for b in bad[:6]) + (
+          f", ... ({bad.size} distinct ids out of range)" if bad.size > 6 else "")
+      raise NativeKeyError(f"token ids: expected integers 0 <= id < {n} (the embedding's "
+                           f"num_embeddings), got {got}")
+    return keys
+  ok = (tokens >= 0) & (tokens < n)
+  return jnp.where(ok[..., None], keys, jnp.nan)
+
+
+def token_id_limit(module) -> int | None:
+  """The number of token ids a layer reads as one-hot keys (an embedding's
+  ``num_embeddings``).
+
+  Args:
+    module: a layer instance (NNX) or definition (Linen).
+
+  Returns:
+    ``num_embeddings`` when the layer's kind reads token ids (the built-in embeddings),
+    else ``None``.
+
+  Example:
+    >>> from flax import nnx
+    >>> from memedit.layers.kinds import token_id_limit
+    >>> rngs = nnx.Rngs(0)
+    >>> token_id_limit(nnx.Embed(10, 4, rngs=rngs)), token_id_limit(nnx.Linear(2, 3, rngs=rngs))
+    (10, None)
+  """
+  if layer_kind(module).keys is not _embed_keys:
+    return None
+  return int(module.num_embeddings)
 
 
 def _embed_native_keys(module, keys):

@@ -8,9 +8,12 @@ A model enters as an ``nnx.Module``, an NNX ``(graphdef, state)`` pair or a Line
 Scanned stacks. ``nn.scan`` (Linen) and ``nnx.vmap``/``nnx.scan`` (NNX) give every
 parameter of the scanned module a leading layer axis. One layer of such a stack is
 addressed by its index right after the scanned module's name: ``('stack', 1, 'fc2')`` or
-``'stack/1/fc2'`` is layer 1 of the layer ``('stack', 'fc2')``. The scanned module is the
-outermost one on the layer's path whose parameters all carry the layer axis (the index is
-also accepted after the name of a module inside it).
+``'stack/1/fc2'`` is layer 1 of the layer ``('stack', 'fc2')``; an index anywhere else is
+refused. The scanned module is read from the parameters (see :func:`stack_region`): the
+innermost module on the layer's path above the layer that holds every parameter carrying
+the layer axis there. Where the parameters cannot tell it from a parent holding nothing
+but the stack, or from a single block inside it, the index is accepted after any of
+those names (``('enc', 1, 'stack', 'fc')`` as well as ``('enc', 'stack', 1, 'fc')``).
 """
 
 from __future__ import annotations
@@ -246,20 +249,52 @@ def _param_shapes(m: Model) -> list[tuple[tuple, tuple]]:
 
 def stack_region(m: Model, path: tuple) -> tuple[int, int] | None:
   """``(L, at)`` for a layer whose parameters share a leading layer axis of size ``L``:
-  ``path[:at]`` is the scanned module (every parameter under it carries the axis);
-  ``None`` when the layer's parameters share no leading dimension."""
+  ``path[:at]`` is the scanned module and ``path[:at] + (index,) + path[at:]`` the
+  address of one of its layers; ``None`` when the layer's parameters share no leading
+  dimension.
+
+  The scanned module is found from the parameters alone: of the modules on ``path`` that
+  hold exactly the parameters of the outermost one whose parameters all carry the axis,
+  the innermost above the layer (a parent holding nothing but the stack only wraps it:
+  ``('enc', 'stack', 'fc')`` with ``enc`` holding only ``stack`` gives ``at = 2``). The
+  root has no name to put an index after, so it is the scanned module only when no
+  named module can be; the layer itself only when no named module above it can be (e.g.
+  a stack of ``nnx.Linear`` layers made with ``nnx.vmap``: ``('stack', 1)``).
+  """
+  span = _stack_span(m, path)
+  return None if span is None else span[:2]
+
+
+def _stack_span(m: Model, path: tuple) -> tuple[int, int, frozenset] | None:
+  """``(L, at, accepted)``: :func:`stack_region`'s ``(L, at)`` and the positions an
+  index is accepted at. Parameters alone cannot tell the scanned module from the named
+  modules on ``path`` that hold exactly the same parameters (a parent holding only the
+  stack, or a stack holding only one block): an index is accepted right after any of
+  them, and ``at`` (the address a view reports) is right after the innermost."""
   shapes = _param_shapes(m)
   path = tuple(path)
 
-  def leads(prefix):
-    return {s[0] if s else None for p, s in shapes if p[:len(prefix)] == prefix}
+  def under(prefix):
+    return [(p, s) for p, s in shapes if p[:len(prefix)] == prefix]
 
-  own = leads(path)
+  own = {s[0] if s else None for _, s in under(path)}
   if len(own) != 1 or None in own:
     return None
   size = own.pop()
-  at = next(j for j in range(len(path) + 1) if leads(path[:j]) == {size})
-  return size, at
+  first = next(j for j in range(len(path) + 1)
+               if {s[0] if s else None for _, s in under(path[:j])} == {size})
+  held = {p for p, _ in under(path[:first])}
+  last = max(j for j in range(first, len(path) + 1)
+             if {p for p, _ in under(path[:j])} == held)
+  at = last if last < len(path) else min(len(path), max(len(path) - 1, first, 1))
+  return size, at, frozenset({at} | set(range(max(first, 1), min(last, len(path) - 1) + 1)))
+
+
+def _stack_name(prefix: tuple) -> str:
+  """How error messages name the scanned module at ``prefix``."""
+  if not prefix:
+    return "the scanned model (its root module carries the layer axis)"
+  return f"the scanned stack {path_str(prefix)!r}"
 
 
 def _slice_index(m: Model, address: tuple, pos: int, rest: tuple, path: tuple,
@@ -268,7 +303,7 @@ def _slice_index(m: Model, address: tuple, pos: int, rest: tuple, path: tuple,
   it, ``path`` the layer it names and ``unresolved`` the error of reading ``address`` as a
   module path (raised when ``path`` is a list of layers, where the index names an entry)."""
   i = int(address[pos])
-  region = stack_region(m, path)
+  region = _stack_span(m, path)
   if region is None:
     entries = sorted({k[len(path)] for k, _ in _param_shapes(m)
                       if k[:len(path)] == tuple(path) and len(k) > len(path) + 1},
@@ -278,17 +313,18 @@ def _slice_index(m: Model, address: tuple, pos: int, rest: tuple, path: tuple,
     raise ValueError(
         f"address: {address!r} reads {i} as the index of one layer of a scanned stack, but "
         f"layer {path!r} is not stacked (its parameters share no leading layer axis)")
-  size, at = region
-  if tuple(rest) == tuple(path) and pos < at:
+  size, at, accepted = region
+  if tuple(rest) == tuple(path) and pos not in accepted:
     want = path[:at] + (i,) + path[at:]
+    where = (f"right after the scanned module's name {path[at - 1]!r}" if at else
+             "first (the model's root module is the scanned one)")
     raise ValueError(
-        f"address: the index of one layer of a scanned stack goes right after the scanned "
-        f"module's name {path[at - 1]!r}: expected {want!r} ({path_str(want)!r}), got "
-        f"{address!r}")
+        f"address: the index of one layer of a scanned stack goes {where}: expected "
+        f"{want!r} ({path_str(want)!r}), got {address!r}")
   if not -size <= i < size:
     raise ValueError(
-        f"address: index {i} in {address!r} is out of range: the scanned stack "
-        f"{path[:at]!r} has {size} layers (expected 0 <= index < {size})")
+        f"address: index {i} in {address!r} is out of range: {_stack_name(path[:at])} has "
+        f"{size} layers (expected 0 <= index < {size})")
   return i % size, size, at
 
 

@@ -17,6 +17,7 @@ from memedit import _io
 from memedit.covariance import CovarianceState, covariance_cache_key, stream_covariance
 from memedit.layers.conv import resample_mask
 from memedit.layers.hooks import forward_to_layer
+from memedit.layers.kinds import token_id_limit
 from memedit.layers.model import Model, as_model
 from memedit.layers.view import MemoryView, as_view
 
@@ -226,6 +227,10 @@ each process passes its own part of the data and every process ends with the sam
     >>> st = ml.layer_covariance(model, ("layers", 0), [jnp.ones((8, 3)), jnp.zeros((8, 3))])
     >>> memedit.key_count(st), memedit.second_moment(st).shape
     (16, (3, 3))
+
+  Raises:
+    ValueError: an embedding layer read token ids outside ``[0, num_embeddings)`` (their
+      keys are never folded into C), or other invalid inputs (named in the message).
   """
   m = as_model(model)
   if isinstance(inputs, collections.abc.Iterator):
@@ -263,6 +268,26 @@ each process passes its own part of the data and every process ends with the sam
         {"call_kwargs": repr(sorted(call_kwargs.items()))} if call_kwargs else {})}, dtype,
                                 method)
   total = len(stream) if hasattr(stream, "__len__") else None
-  return stream_covariance(stream, view.key_dim, key_fn=keys_of, params=m.params, group=group,
-                           total=total, progress=progress, cache_dir=cache_dir,
-                           cache_key=cache_key, devices=devices)
+  state = stream_covariance(stream, view.key_dim, key_fn=keys_of, params=m.params,
+                            group=group, total=total, progress=progress, cache_dir=cache_dir,
+                            cache_key=cache_key, devices=devices)
+  _check_token_ids(state, view, masked)
+  return state
+
+
+def _check_token_ids(state: CovarianceState, view: MemoryView, masked: bool):
+  """Refuses statistics of an embedding that read token ids outside its table.
+
+  Such ids come out of the compiled key function as NaN keys, which the fold leaves out
+  and counts in ``state.nonfinite`` (so do NaN, inf or negative mask weights): say so here
+  rather than return C of the other keys.
+  """
+  limit = token_id_limit(view.layer_module)
+  bad = 0 if limit is None else int(np.asarray(state.nonfinite))
+  if not bad:
+    return
+  raise ValueError(
+      f"token ids: expected integers 0 <= id < {limit} (the embedding's num_embeddings) "
+      f"at layer {view.address!r}, got {bad} id(s) out of that range"
+      + (" (or keys with a NaN, inf or negative mask weight)" if masked else "")
+      + " among the inputs; their keys were not folded")

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import check_covariance, check_finite, check_scalar, compute_dtype
+from memedit.checks import (check_covariance, check_finite, check_scalar, compute_dtype,
+                            is_traced)
 from memedit.closed_form import LinearSolution
 from memedit.linalg import symmetric_eigh
 
@@ -255,6 +256,8 @@ def _check_linear(W, keys, values):
   out, d = W.shape
   if keys.ndim != 2 or keys.shape[1] != d:
     raise ValueError(f"keys: expected shape (n, {d}), got {tuple(keys.shape)}")
+  if keys.shape[0] == 0:
+    raise ValueError(f"keys: expected at least one key, got shape {tuple(keys.shape)}")
   if values.shape != (keys.shape[0], out):
     raise ValueError(f"values: expected shape ({keys.shape[0]}, {out}) to match keys "
                      f"{tuple(keys.shape)} and W {tuple(W.shape)}, got {tuple(values.shape)}")
@@ -291,8 +294,10 @@ def insert_null_space(W: Any, keys: Any, values: Any, P: Any, preserved_keys: An
     float64 (with x64), else float32.
 
   Raises:
-    ValueError: shapes that do not match, non-finite inputs, negative weights, or l2
-      not a positive number.
+    ValueError: shapes that do not match, non-finite inputs, negative weights, l2
+      not a positive number, or (eagerly) a key that keeps less than √ε of its norm
+      after the projection (ε the dtype's machine epsilon: nothing would be written
+      there).
 
   Example:
     >>> import jax.numpy as jnp
@@ -316,9 +321,29 @@ def insert_null_space(W: Any, keys: Any, values: Any, P: Any, preserved_keys: An
   pk, pw = _check_keys(preserved_keys, preserved_weights, d, "preserved_keys")
   dt = compute_dtype(W, keys, values, P) if pk is None else compute_dtype(W, keys, values,
                                                                           P, pk)
+  _check_writable(keys, P, dt)
   S = (jnp.zeros((d, d), dt) if pk is None else _moment(pk.astype(dt), pw.astype(dt)))
   return _alphaedit(W.astype(dt), keys.astype(dt), values.astype(dt), P.astype(dt), S,
                     jnp.asarray(l2, dt))
+
+
+def _check_writable(keys, P, dt) -> None:
+  """Refuses (eagerly) keys whose projection P k keeps less than √ε of their norm: the
+  insert could not change their outputs (ΔW = ΔW P), so it would write nothing there."""
+  if is_traced(keys, P):
+    return
+  k = np.asarray(keys, np.float64)
+  norms = np.linalg.norm(k, axis=1)
+  kept = np.linalg.norm(k @ np.asarray(P, np.float64), axis=1) / np.maximum(norms, 1e-300)
+  tol = float(np.sqrt(np.finfo(dt).eps))
+  bad = np.flatnonzero(~(kept > tol))
+  if bad.size:
+    shown = ", ".join(f"key {i}: {kept[i]:.3g}" for i in bad[:5])
+    raise ValueError(f"keys: expected keys with a part outside the preserved keys' span (at "
+                     f"least {tol:.2g} of their norm after the projection), got {bad.size} of "
+                     f"{len(k)} without ({shown}{', …' if bad.size > 5 else ''}): the insert "
+                     f"would leave their values unchanged; raise the threshold, preserve "
+                     f"fewer keys, or insert without projecting")
 
 
 @jax.jit

@@ -58,7 +58,7 @@ def test_replacing_something_else_needs_force(tmp_path, content):
   expected = {"file": "a file", "foreign-folder": "a folder that is not a memedit output",
               "other-kind": "a memedit 'edit' output"}[content]
   with pytest.raises(ValueError, match=f"expected a memedit 'converted' output folder to "
-                     f"replace, got {expected}; pass --force") as info:
+                     f"replace, got {expected}; pass force=True to replace it") as info:
     _io.save_tree(out, _tree(2.0), {}, kind="converted")
   assert str(out) in str(info.value)
   assert out.exists() and _leftovers(tmp_path) == []
@@ -95,7 +95,7 @@ def test_folder_holding_the_source_or_cwd_is_never_replaced(tmp_path, monkeypatc
   victim.mkdir()
   (victim / "ckpt.pt").write_bytes(b"weights")
   for force in (False, True):
-    with pytest.raises(ValueError, match="holds .*ckpt.pt.*even with --force"):
+    with pytest.raises(ValueError, match=r"holds .*ckpt.pt.*\(even with force=True\)"):
       _io.save_tree(victim, _tree(), {}, kind="converted", force=force,
                     protect=[victim / "ckpt.pt"])
   monkeypatch.chdir(victim)
@@ -154,15 +154,18 @@ def test_cli_rewrite_checks_its_outputs_before_any_work(tmp_path, capsys):
   ]
   for extra, message in cases:
     assert main(base + extra) == 1
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "force=True" not in err  # the flag, not the Python argument
   assert (foreign / "a.png").exists() and not (tmp_path / "e").exists()
 
 
 def test_save_edit_keeps_other_outputs(tmp_path):
   e = memedit.make_edit(("k",), np.ones((2, 1), np.float32), np.ones((1, 3), np.float32))
   _io.save_tree(tmp_path / "model", _tree(), {"architecture": "dcgan"}, kind="converted")
-  with pytest.raises(ValueError, match="got a memedit 'converted' output"):
+  with pytest.raises(ValueError, match="got a memedit 'converted' output; pass force=True "
+                     "to replace it") as info:
     memedit.save_edit(tmp_path / "model", e)
+  assert "--force" not in str(info.value)  # the Python argument, not the command-line flag
   assert _io.output_kind(tmp_path / "model") == "converted"
   memedit.save_edit(tmp_path / "model", e, force=True)
   assert memedit.load_edit(tmp_path / "model").name == e.name

@@ -279,6 +279,35 @@ def test_bad_input():
     memedit.solve_lambda(matrix, W, D, K, V, kind="matrix", loss="huber")
   with pytest.raises(ValueError, match=r"lam: expected shape \(3, 3, 4, 2\), got \(4, 2\)"):
     memedit.kernel_delta(np.ones((4, 2)), np.ones((2, 5)), (3, 3, 5, 4), "conv")
+  # No keys at all, and W given in the Flax kernel layout (in, out): named, not C.
+  for insert in (memedit.insert_closed_form, memedit.insert_ridge):
+    with pytest.raises(ValueError, match=r"keys: expected at least one key, got shape "
+                                         r"\(0, 10\)"):
+      insert(W, C, K[:0], V[:0])
+  with pytest.raises(ValueError, match=r"W: expected shape \(out, 10\) in the math layout, "
+                                       r"to match C \(10, 10\) and keys \(3, 10\), got "
+                                       r"\(10, 6\)"):
+    memedit.insert_closed_form(W.T, C, K, V)
+
+
+def test_solve_lambda_refuses_weights_that_fit_nothing():
+  # Negative weights make the loss unbounded below; all zero weights leave nothing to fit.
+  _, C, W, K, V = problem(26, n=2)
+  W, C, K, V = f32(W, C, K, V)
+  D = memedit.context_directions(C, K, rank=1).D
+  matrix = lambda Wm, keys: keys @ Wm.T
+  kw = dict(kind="matrix", loss="l2", optimizer="gauss_newton", steps=2)
+  with pytest.raises(ValueError, match=r"weights: expected non-negative weights, got 1 "
+                                       r"negative \(smallest -1\)"):
+    memedit.solve_lambda(matrix, W, D, K, V, weights=np.array([1.0, -1.0]), **kw)
+  with pytest.raises(ValueError, match="weights: expected at least one positive weight"):
+    memedit.solve_lambda(matrix, W, D, K, V, weights=np.zeros(2), **kw)
+  with pytest.raises(ValueError, match="weights: expected finite weights"):
+    memedit.solve_lambda(matrix, W, D, K, V, weights=np.array([1.0, np.nan]), **kw)
+  # Traced weights are not inspected: the solve runs under jit as before.
+  ok = jax.jit(lambda w: memedit.solve_lambda(matrix, W, D, K, V, weights=w, **kw).lam)(
+      np.ones(2, np.float32))
+  assert bool(jnp.all(jnp.isfinite(ok)))
 
 
 def test_gauss_newton_leaves_saturation_behind():

@@ -37,6 +37,21 @@ def test_nnx_capture_eager_and_jit_match_hand_computation(jit):
   np.testing.assert_array_equal(c3.values, c.values)
 
 
+def test_capture_accepts_a_memory_view_as_the_address():
+  m = models.build(models.MLP, 0)
+  c = capture(m, memory_view(m, ("blocks", 1, "fc1")), X, single=True)
+  k, v = _fc1_reference(m, X)
+  np.testing.assert_allclose(c.keys, k, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(c.values, v, rtol=1e-6, atol=1e-6)
+  lm = models.LMLP()
+  lv = models.linen_init(lm, X)
+  view = memory_view((lm, lv), ("LBlock_1", "fc1"), X)
+  c = capture((lm, lv), view, X, single=True)
+  ref = capture((lm, lv), ("LBlock_1", "fc1"), X, single=True)
+  np.testing.assert_array_equal(c.keys, ref.keys)
+  np.testing.assert_array_equal(c.values, ref.values)
+
+
 def test_nnx_capture_under_remat_and_scan():
   m = models.build(models.MLP, 0, remat=True)
   c = capture(m, ("blocks", 1, "fc1"), X, single=True)

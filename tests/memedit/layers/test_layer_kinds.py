@@ -364,3 +364,37 @@ def test_embeddings_are_exact_memories_of_one_hot_keys():
     np.testing.assert_array_equal(get_leaf(back, view.weight_path), view.kernel())
   with pytest.raises(ValueError, match="normalisation layer"):
     memory_view(nnx.LayerNorm(4, rngs=nnx.Rngs(0)), ())
+
+
+def test_token_ids_outside_an_embeddings_table_are_refused():
+  toks = jnp.array([[1, 2, 3], [4, 5, 6]])
+  lm = LEmbedNet()
+  for model in (EmbedNet(rngs=nnx.Rngs(0)), (lm, lm.init(jax.random.key(0), toks))):
+    view = memory_view(model, "embed", toks)
+    v_star = jnp.zeros((1, 6))
+    # Eagerly, before any work: the layer would read a NaN row (11) or wrap around (-1).
+    for bad, got in (([11], "11"), ([-1], "-1"), ([3, 11, -2, 11], "-2, 11")):
+      with pytest.raises(ValueError, match=rf"^token ids: expected integers 0 <= id < 11 "
+                                           rf"\(the embedding's num_embeddings\), got {got}$"):
+        insert_through_view(view, jnp.eye(11), jnp.array(bad), jnp.zeros((len(bad), 6)))
+      with pytest.raises(ValueError, match=rf"expected integers 0 <= id < 11.*got {got}$"):
+        view.keys(jnp.array(bad))
+    with pytest.raises(ValueError, match="expected integer token ids, got dtype float32"):
+      insert_through_view(view, jnp.eye(11), jnp.array([3.0]), v_star)
+    # Statistics: ids out of range come out of the compiled key function as NaN keys, which
+    # are never folded; layer_covariance says why instead of returning C of the others.
+    with pytest.raises(ValueError, match=r"token ids: expected integers 0 <= id < 11 .* at "
+                                         r"layer \('embed',\), got 2 id\(s\) out of that range"):
+      layer_covariance(model, "embed", [toks, jnp.array([[1, 11, 2], [-1, 3, 4]])])
+    # A masked-out id is no key (weight 0), so it is not refused.
+    st = layer_covariance(model, "embed", [(jnp.array([[1, 2, -1], [4, 5, 6]]),
+                                            jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]))],
+                          masked=True)
+    assert memedit.key_count(st) == 5
+    # capture records what the layer read and returned (flax wraps -1 to the last row);
+    # its keys enter the memory only through view.keys, which refuses them.
+    c = capture(model, view, jnp.array([[1, -1, 2]]), single=True)
+    np.testing.assert_array_equal(c.keys, [[1, -1, 2]])
+    np.testing.assert_array_equal(c.values[0, 1], view.kernel()[10])
+    with pytest.raises(ValueError, match="got -1$"):
+      view.keys(c.keys)

@@ -3,6 +3,8 @@ memory: its view, its own keys and C, and exact edits that leave the other layer
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -210,3 +212,167 @@ def test_layer_edit_keeps_other_layers_bits_even_negative_zeros_and_saves_its_in
   np.testing.assert_array_equal(bits(back["blk"]["kernel"]), bits(leaf))
   loaded = memedit.load_edit(memedit.save_edit(tmp_path / "edit", edit))
   assert loaded.index == 1 and loaded.name == edit.name and "index=1" in repr(loaded)
+
+
+# ------------------------------------------------- where the index of a layer goes
+
+
+class _OneFc(nnx.Module):
+  def __init__(self, *, rngs):
+    self.fc = nnx.Linear(4, 4, rngs=rngs)
+
+
+class _NnxStackOnly(nnx.Module):
+  """A module holding nothing but a stack of 3 blocks of one layer (vmap + scan)."""
+
+  def __init__(self, *, rngs):
+    @nnx.split_rngs(splits=LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _OneFc(rngs=rngs)
+    self.stack = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def step(h, blk):
+      return h + blk.fc(h)
+    return step(x, self.stack)
+
+
+class _NnxEnc(nnx.Module):
+  def __init__(self, *, rngs):
+    self.enc = _NnxStackOnly(rngs=rngs)
+
+  def __call__(self, x):
+    return self.enc(x)
+
+
+class _LOneFc(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Dense(4, name="fc")(x), None
+
+
+class _LStackOnly(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_LOneFc, variable_axes={"params": 0, "intermediates": 0},
+                   split_rngs={"params": True}, length=LAYERS)
+    return scan(name="stack")(x, None)[0]
+
+
+class _LEnc(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return _LStackOnly(name="enc")(x)
+
+
+@pytest.mark.parametrize("framework", ["nnx", "linen"])
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "in_enc"])
+def test_index_goes_right_after_the_scanned_module_and_nowhere_else(framework, nested):
+  """A model holding nothing but the stack (or a parent 'enc' holding nothing but it): the
+  index goes right after 'stack', the view's address is that form and round-trips, every
+  other place is refused naming 'stack', and an index out of range names the stack."""
+  x = jnp.ones((2, 4))
+  if framework == "nnx":
+    model = (_NnxEnc if nested else _NnxStackOnly)(rngs=nnx.Rngs(0))
+    ex, params, prefix = (), nnx.state(model), ()
+  else:
+    lm = _LEnc() if nested else _LStackOnly()
+    params = lm.init(jax.random.key(0), x)
+    model, ex, prefix = (lm, params), (x,), ("params",)
+  enc = ("enc",) if nested else ()
+  want = enc + ("stack", 1, "fc")
+  leaf = get_leaf(params, prefix + enc + ("stack", "fc", "kernel"))
+  assert leaf.shape == (LAYERS, 4, 4)
+
+  view = memory_view(model, want, *ex)
+  assert view.address == want and view.module_path == enc + ("stack", "fc")
+  assert (view.index, view.stack_size, view.slice_at) == (1, LAYERS, len(enc) + 1)
+  np.testing.assert_array_equal(view.kernel(model), leaf[1])
+  # The address round-trips, as a tuple and as its string.
+  assert memedit.layers.model.path_str(want) == "/".join(map(str, want))
+  for a in (view.address, memedit.layers.model.path_str(view.address)):
+    again = memory_view(model, a, *ex)
+    assert (again.address, again.index, again.weight_path) == (want, 1, view.weight_path)
+
+  # Anywhere else, the index is refused: the message names 'stack' and the address.
+  expected = re.escape(f"right after the scanned module's name 'stack': expected {want!r} "
+                       f"({'/'.join(map(str, want))!r}), got ")
+  misplaced = [(1,) + enc + ("stack", "fc"), enc + ("stack", "fc", 1)]
+  if nested:
+    # 'enc' holds nothing but the stack: its parameters cannot tell it from the scanned
+    # module, so an index after its name is read the same way (and reported canonically).
+    same = memory_view(model, ("enc", 1, "stack", "fc"), *ex)
+    assert (same.address, same.index, same.weight_path) == (want, 1, view.weight_path)
+  for bad in misplaced:
+    with pytest.raises(ValueError, match=expected + re.escape(repr(bad))):
+      memory_view(model, bad, *ex)
+  with pytest.raises(ValueError, match=expected):
+    memory_view(model, "/".join(map(str, misplaced[-1])), *ex)
+
+  # Out of range: the stack by its path, and the valid range.
+  stack = "/".join(enc + ("stack",))
+  with pytest.raises(ValueError, match=re.escape(
+      f"index 5 in {enc + ('stack', 5, 'fc')!r} is out of range: the scanned stack "
+      f"{stack!r} has 3 layers (expected 0 <= index < 3)")):
+    memory_view(model, enc + ("stack", 5, "fc"), *ex)
+
+  # The whole stack says where an index goes.
+  whole = memory_view(model, enc + ("stack", "fc"), *ex)
+  example = enc + ("stack", 0, "fc")
+  with pytest.raises(ValueError, match=re.escape(f"e.g. {example!r}")):
+    insert_through_view(whole, jnp.eye(4), jnp.ones((1, 4)), jnp.zeros((1, 4)))
+
+
+def test_a_stack_of_single_layers_takes_its_index_after_the_layer_name():
+  """``nnx.vmap`` of an ``nnx.Linear``: the layer is the scanned module itself."""
+
+  class Lin(nnx.Module):
+    def __init__(self, *, rngs):
+      @nnx.split_rngs(splits=LAYERS)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return nnx.Linear(4, 4, rngs=rngs)
+      self.stack = make(rngs)
+
+  model = Lin(rngs=nnx.Rngs(0))
+  view = memory_view(model, "stack/2")
+  assert (view.address, view.index, view.module_path) == (("stack", 2), 2, ("stack",))
+  with pytest.raises(ValueError, match=re.escape("right after the scanned module's name "
+                                                 "'stack': expected ('stack', 2)")):
+    memory_view(model, (2, "stack"))
+
+
+class _LMlp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="fc1")(x)
+
+
+class _LMlpOnly(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return x + _LMlp(name="mlp")(x), None
+
+
+def test_a_scanned_block_holding_one_module_takes_the_index_after_either_name():
+  """Blocks holding nothing but 'mlp': the parameters cannot tell 'stack' from 'mlp', so
+  the index is read after either name; before 'stack' or after the layer it is refused."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(_LMlpOnly, variable_axes={"params": 0, "intermediates": 0},
+                     split_rngs={"params": True}, length=LAYERS)
+      return scan(name="stack")(x, None)[0]
+
+  x = jnp.ones((2, 4))
+  net = Net()
+  model = (net, net.init(jax.random.key(0), x))
+  views = [memory_view(model, a, x) for a in (("stack", 1, "mlp", "fc1"), "stack/mlp/1/fc1")]
+  assert {(v.index, v.weight_path, v.address) for v in views} == {
+      (1, views[0].weight_path, ("stack", "mlp", 1, "fc1"))}
+  for bad in ((1, "stack", "mlp", "fc1"), ("stack", "mlp", "fc1", 1)):
+    with pytest.raises(ValueError, match=re.escape("expected ('stack', 'mlp', 1, 'fc1')")):
+      memory_view(model, bad, x)

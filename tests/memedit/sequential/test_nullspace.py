@@ -188,6 +188,28 @@ def test_project_directions_refuses_directions_in_the_preserved_span():
   np.testing.assert_allclose(kept, [[0.0, 0.0, 4.0]])
 
 
+def test_projected_inserts_refuse_keys_without_a_part_in_the_null_space():
+  # Nothing below the threshold (P = 0): the insert would write nothing, so it is refused
+  # rather than logged as an edit that leaves the residual as it was.
+  params = {"k": jnp.ones((4, 2))}
+  K = jnp.array([[1.0, 2.0, 0.0, 0.0]])
+  V = jnp.array([[5.0, -5.0]])
+  with pytest.raises(ValueError, match=r"keys: expected keys with a part outside the "
+                                       r"preserved keys' span.*got 1 of 1 without \(key 0: 0\)"):
+    sq.sequential_insert(params, sq.log_init(), jnp.eye(4), K, V, ("k",), threshold=0.5)
+  P = jnp.diag(jnp.array([0.0, 0.0, 1.0, 1.0]))
+  with pytest.raises(ValueError, match="got 1 of 2 without"):
+    sq.insert_null_space(jnp.zeros((2, 4)), jnp.array([[1.0, 2.0, 0.0, 0.0],
+                                                       [0.0, 1.0, 1.0, 0.0]]),
+                         jnp.ones((2, 2)), P)
+  with pytest.raises(ValueError, match=r"keys: expected at least one key, got shape \(0, 4\)"):
+    sq.insert_null_space(jnp.zeros((2, 4)), jnp.zeros((0, 4)), jnp.zeros((0, 2)), P)
+  # Under jit the keys are traced and not inspected.
+  sol = jax.jit(sq.insert_null_space)(jnp.zeros((2, 4)), jnp.array([[0.0, 1.0, 1.0, 0.0]]),
+                                      jnp.ones((1, 2)), P)
+  assert bool(jnp.all(jnp.isfinite(sol.lam @ sol.D)))
+
+
 def test_compiled_once_and_jittable():
   from memedit.sequential import nullspace
 
