@@ -1,5 +1,12 @@
 """Shared test set-up: makes tests/ importable (peers.py, helpers), sets matmul precision,
-and offers ``--no-torch``.
+shares one compilation cache between a run's test processes, and offers ``--no-torch``.
+
+Compilation cache. A test run (the controller and every pytest-xdist worker) shares one
+persistent XLA compilation cache in a temporary folder made for the run and removed at
+its end, so a program that several tests or both workers build is compiled once per run.
+Nothing persists between runs. ``MEMEDIT_TEST_COMPILATION_CACHE=<folder>`` keeps the
+cache in that folder instead (kept, e.g. between local runs); ``=off`` disables it.
+Tests that count compilations count cache reads too (``compilations.py``).
 
 ``--no-torch`` runs the tests as in an environment without PyTorch: ``import torch`` fails
 (``sys.modules["torch"] = None``) for the whole session, and the tests marked ``parity``
@@ -8,7 +15,9 @@ core tests this way. Nothing here imports torch; parity tests import it themselv
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,6 +26,9 @@ import jax
 # Exactness checks compare float32 results at 1e-5: full-precision matmuls everywhere
 # (a no-op on the CPU; on GPUs the default would be TF32).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+#: The environment variable naming the run's compilation cache folder (or "off").
+CACHE_ENV = "MEMEDIT_TEST_COMPILATION_CACHE"
 
 #: Modules made unimportable by --no-torch.
 BLOCKED = ("torch",)
@@ -27,7 +39,27 @@ def pytest_addoption(parser):
                    help="make `import torch` fail and deselect the tests marked parity")
 
 
+def _compilation_cache(config):
+  """Points JAX at the run's cache folder; the controller (or a run without workers)
+  makes it, and the workers, started later, inherit its path through the environment."""
+  if os.environ.get(CACHE_ENV) == "off":
+    return
+  if CACHE_ENV not in os.environ and not hasattr(config, "workerinput"):
+    os.environ[CACHE_ENV] = config._memedit_cache = tempfile.mkdtemp(prefix="memedit-xla-")
+  if CACHE_ENV in os.environ:
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+  made = getattr(config, "_memedit_cache", None)
+  if made:
+    shutil.rmtree(made, ignore_errors=True)
+
+
 def pytest_configure(config):
+  _compilation_cache(config)
   if config.getoption("--no-torch"):
     for name in BLOCKED:
       if name in sys.modules and sys.modules[name] is not None:

@@ -18,31 +18,12 @@ import pytest
 from jax import enable_x64
 
 import memedit
+from compilations import Compilations
 from memedit import fold_programs, gram
 
 D = 128
 CHUNK = 62_500
 N_CHUNKS = 16  # 1e6 keys
-
-
-class _Compilations:
-  """Counts XLA compilations while active."""
-
-  EVENT = "/jax/core/compile/backend_compile_duration"
-
-  def __enter__(self):
-    self.count = 0
-    self.active = True
-
-    def listener(event, duration, **kwargs):
-      if self.active and event == self.EVENT:
-        self.count += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    return self
-
-  def __exit__(self, *exc):
-    self.active = False
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -216,7 +197,7 @@ def test_key_fn_masks_progress_and_no_retrace(capsys):
   jitted = jax.jit(memedit.covariance_update)(memedit.covariance_init(6), x)
   np.testing.assert_allclose(eager.sum_sq, jitted.sum_sq, rtol=1e-6, atol=1e-6)
   s = memedit.covariance_update(memedit.covariance_init(6), x + 1.0)
-  with _Compilations() as comp:
+  with Compilations() as comp:
     for b in batches:
       s = memedit.covariance_update(s, b.reshape(-1, 6) + 1.0)
   assert comp.count == 0

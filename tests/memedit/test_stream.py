@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 import memedit
+from compilations import Compilations
 from memedit import fold_programs, gram
 
 
@@ -43,26 +44,6 @@ def _c64(keys, weights=None):
   return (k * w[:, None]).T @ k / w.sum()
 
 
-class _Compilations:
-  """Counts XLA compilations while active."""
-
-  EVENT = "/jax/core/compile/backend_compile_duration"
-
-  def __enter__(self):
-    self.count = 0
-    self.active = True
-
-    def listener(event, duration, **kwargs):
-      if self.active and event == self.EVENT:
-        self.count += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    return self
-
-  def __exit__(self, *exc):
-    self.active = False
-
-
 def test_ragged_stream_compiles_one_program_per_power_of_two_and_matches_float64():
   # 1,000 batches of sizes drawn from 1..512 (raw keys, mean far from zero).
   rng = np.random.default_rng(3)
@@ -72,7 +53,7 @@ def test_ragged_stream_compiles_one_program_per_power_of_two_and_matches_float64
   batches = [rng.standard_normal((int(s), 4), dtype=np.float32) + mean for s in sizes]
   memedit.covariance_init(4)  # the empty state's own small programs, compiled up front
   fold_programs.make_group_fn.cache_clear()
-  with _Compilations() as comp:
+  with Compilations() as comp:
     st = memedit.stream_covariance(batches, group=4, progress=False)
   assert comp.count <= 10  # ⌈log2 512⌉ + 1
   assert memedit.key_count(st) == int(sizes.sum())
@@ -125,7 +106,7 @@ def test_parameters_are_program_arguments_not_constants():
   states = []
   for seed in (1, 2):  # two parameter sets of one model: the second compiles nothing
     p = params(32, seed)
-    with _Compilations() as comp:
+    with Compilations() as comp:
       states.append(memedit.stream_covariance(batches, key_fn=_mlp_keys, params=p, group=4,
                                               progress=False))
     if seed == 2:

@@ -10,28 +10,8 @@ import pytest
 import memedit
 from memedit import generators as gens
 
+from compilations import Compilations
 from toy import box, toy_generator
-
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-class CompileCounter:
-  """Counts XLA backend compilations while active."""
-
-  def __init__(self):
-    self.count = 0
-
-  def _listener(self, event, duration, **kwargs):
-    if event == COMPILE_EVENT:
-      self.count += 1
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self._listener)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self._listener)
-
 
 def _workflow(gen):
   """Statistics, capture (context, copy, paste), an own-taps Λ solve, scores and images."""
@@ -50,7 +30,7 @@ def _workflow(gen):
 def test_a_second_parameter_set_reuses_every_compiled_program():
   first, second = toy_generator(seed=0), toy_generator(seed=1)
   res1, _ = _workflow(first)
-  with CompileCounter() as counter:
+  with Compilations() as counter:
     res2, scores = _workflow(second)
     jax.block_until_ready(res2.edit.lam)
   assert counter.count == 0
@@ -60,7 +40,7 @@ def test_a_second_parameter_set_reuses_every_compiled_program():
   np.testing.assert_allclose(scores, np.abs(keys @ res2.D[0]), rtol=1e-5, atol=1e-6)
   # An edited copy of the generator shares them too.
   edited, _ = gens.edited(second, res2.edit)
-  with CompileCounter() as counter:
+  with Compilations() as counter:
     gens.run_layer(edited, "up2", edited.latents([1]))
     gens.generate_images(edited, edited.latents([2]))
   assert counter.count == 0

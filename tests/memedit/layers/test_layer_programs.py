@@ -10,13 +10,13 @@ import numpy as np
 from flax import nnx
 
 import models
+from compilations import Compilations
 from memedit.layers import capture, layer_forward, memory_view
 from memedit.layers.hooks import CaptureProgram, capture_program
 from memedit.layers.intercept import hide_static
 from memedit.layers.model import as_model
 
 X = jax.random.normal(jax.random.key(5), (3, 6))
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def _concurrent_captures(model, addresses, calls=3):
@@ -131,18 +131,10 @@ def _small(seed, hidden):
 def test_capture_compiles_once_per_structure_and_takes_parameters_as_arguments():
   x = jnp.ones((2, 5))
   m0, m1 = _small(0, 11), _small(7, 11)  # two parameter sets of one model
-  compiles = []
-
-  def listener(event, duration, **kwargs):
-    if event == COMPILE_EVENT:
-      compiles.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with Compilations() as compiles:
     c0 = capture(m0, ("layers", 2), x, single=True)
     c1 = capture(m1, ("layers", 2), x, single=True)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert len(compiles) == 1, compiles
+  assert compiles.count == 1, compiles.events
   np.testing.assert_allclose(c0.keys, nnx.relu(m0.layers[0](x)), rtol=1e-6)
   np.testing.assert_allclose(c1.keys, nnx.relu(m1.layers[0](x)), rtol=1e-6)
   assert not np.allclose(c0.keys, c1.keys)
