@@ -115,6 +115,8 @@ def rome_edits(model, address, tokenize: Callable[[str], Sequence[int]],
     One :class:`RomeResult` per request.
   """
   path = as_path(address)
+  if not requests:
+    raise ValueError("requests: expected at least one request, got none")
   if view is None:
     example = encode(tokenize, prompt_rows(requests[0], ("{}",))).ids
     view = check_memory(model, path, example)

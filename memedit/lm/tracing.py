@@ -111,7 +111,7 @@ def causal_trace(model, layout: LMLayout, tokenize: Callable[[str], Sequence[int
     target: the object (its first token is traced); default: the clean run's top-1.
     noise: std of the embedding noise; default 3 x the std of the subject tokens'
       clean embeddings (ROME uses 3 x the std over many subjects).
-    samples: noise samples per state.
+    samples: noise samples per state (a positive integer).
     kind: 'hidden' (block outputs) or 'mlp' (MLP outputs).
     seed: the noise seed.
 
@@ -125,6 +125,12 @@ def causal_trace(model, layout: LMLayout, tokenize: Callable[[str], Sequence[int
     layout.require("blocks", "causal_trace")
   if prompt.count("{}") != 1:
     raise ValueError(f"prompt: expected a template with one '{{}}', got {prompt!r}")
+  if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+    raise ValueError(f"samples: expected a positive integer, got {samples!r}")
+  if noise is not None and not (np.isfinite(noise) and noise > 0):
+    raise ValueError(f"noise: expected a finite positive standard deviation, got {noise!r}")
+  if target is not None and not target.strip():
+    raise ValueError(f"target: expected an object with at least one token, got {target!r}")
   definition, params = split_model(model)
   before = prompt.split("{}")[0]
   text = prompt.format(subject)

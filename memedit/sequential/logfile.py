@@ -131,6 +131,11 @@ def load_log(path: str | os.PathLike) -> EditLog:
   if not os.path.isfile(src):
     raise FileNotFoundError(f"{src}: expected a saved edit log file, got "
                             f"{'a folder' if os.path.isdir(src) else 'nothing'}")
+  with open(src, "rb") as f:
+    head = f.read(4)
+  if head != b"PK\x03\x04":  # an .npz is a zip archive
+    raise ValueError(f"{src}: expected a saved memedit edit log (.npz, a zip archive), got a "
+                     f"file that starts with {head!r}")
   try:
     z = np.load(src, allow_pickle=False)
     arrays = {k: z[k] for k in z.files}

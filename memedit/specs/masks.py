@@ -132,9 +132,12 @@ def mask_uint8(m: np.ndarray, where: str) -> np.ndarray:
 
 def _png_size(raw: bytes, where: str) -> tuple[int, int]:
   """(width, height) from a PNG's header chunk, without decoding the image."""
-  if len(raw) < 24 or raw[:8] != _PNG_SIGNATURE or raw[12:16] != b"IHDR":
+  if raw[:8] != _PNG_SIGNATURE:
     raise ValueError(f"{where}: expected PNG image data, got bytes that are not a PNG "
                      f"(they start {raw[:8]!r})")
+  if len(raw) < 24 or raw[12:16] != b"IHDR":
+    raise ValueError(f"{where}: expected PNG image data with its header chunk (IHDR) first, "
+                     f"got the PNG signature followed by {raw[8:24]!r}")
   return struct.unpack(">II", raw[16:24])
 
 

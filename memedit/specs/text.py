@@ -57,6 +57,20 @@ def _deep_field(text: str, depth_limit: int) -> str | None:
   return None
 
 
+class _DuplicateField(Exception):
+  """A JSON object naming a field twice (raised inside the parser, reported by the caller)."""
+
+
+def _unique_fields(pairs: list) -> dict:
+  """``json.loads``' object hook: the object's fields, each named once."""
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise _DuplicateField(key)
+    out[key] = value
+  return out
+
+
 def parse_spec_text(raw: bytes, source: str = "spec") -> Any:
   """The JSON value of a spec file's bytes, with errors that name ``source``.
 
@@ -95,7 +109,10 @@ def parse_spec_text(raw: bytes, source: str = "spec") -> Any:
                       f"offset {bad}{where}, which is not UTF-8")
 
   try:
-    data = json.loads(text)
+    data = json.loads(text, object_pairs_hook=_unique_fields)
+  except _DuplicateField as e:
+    raise ValueError(f"{source}: expected each field of an object once, got {e.args[0]!r} "
+                     f"more than once (JSON would keep only the last)") from None
   except RecursionError:
     limit = sys.getrecursionlimit()
     field = _deep_field(text, limit // 2)

@@ -98,8 +98,8 @@ def _valid_json():
   return specs.spec_to_json(_spec())
 
 
-def _bad_png_url():
-  return "data:image/png;base64," + base64.b64encode(b"not a png at all").decode()
+def _bad_png_url(data=b"not a png at all"):
+  return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def _edit(fn):
@@ -115,6 +115,9 @@ INVALID = {
                    "invalid base64"),
     "not a data url": (lambda d: d["object"].__setitem__(1, "mask.png"), "PNG data URL"),
     "bad png": (lambda d: d["paste"].__setitem__(1, _bad_png_url()), "not a PNG"),
+    "png without header": (lambda d: d["paste"].__setitem__(1, _bad_png_url(
+        b"\x89PNG\r\n\x1a\n" + b"0" * 40)), "with its header chunk \\(IHDR\\) first, got the "
+        "PNG signature followed by b'0000"),
     "empty mask": (lambda d: d["key"][1].__setitem__(
         1, specs.mask_to_data_url(np.zeros((64, 64), np.uint8))), "non-empty mask"),
     "mask size": (lambda d: d["object"].__setitem__(
@@ -275,6 +278,11 @@ def test_invalid_json_file(tmp_path):
   p = tmp_path / "broken.json"
   p.write_text("{not json")
   with pytest.raises(ValueError, match="invalid JSON"):
+    specs.load_spec(p)
+  # A field named twice would keep only its last value: refused, naming the field.
+  p.write_text('{"layer": "up1", "rank": 1, "layer": "up2"}')
+  with pytest.raises(ValueError, match="expected each field of an object once, got 'layer' "
+                                       "more than once"):
     specs.load_spec(p)
 
 

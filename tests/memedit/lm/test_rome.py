@@ -114,3 +114,9 @@ def test_rome_edit_end_to_end_revert_and_save(tiny, tiny_covariances, tmp_path):
   params, hist = memedit.apply_edit(params, res[1].edit, hist)
   back, _ = revert_all(params, [res[1].edit, res[0].edit], hist)
   assert _bits_equal(back, tiny.variables)
+
+
+def test_rome_refuses_an_empty_request_list(tiny, tiny_covariances):
+  with pytest.raises(ValueError, match="requests: expected at least one request, got none"):
+    rome_edits(tiny.model, tiny.layout.memories[0], tiny.world.tokenize, [],
+               tiny_covariances[0])

@@ -3,7 +3,10 @@ probability, restoring a state the noise never reached changes nothing, and the 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from memedit.lm.tracing import CATEGORIES, causal_trace, trace_png, trace_summary
@@ -45,3 +48,16 @@ def test_trace_exact_cells_and_png(tiny, tmp_path):
   assert np.isnan(summary[1]).all()  # two-token names have no middle subject tokens
   trace_png(summary, CATEGORIES, tmp_path / "avg.png", kind="mlp")
   assert Image.open(tmp_path / "avg.png").size[1] > len(CATEGORIES) * 20
+
+
+def test_trace_refuses_arguments_that_measure_nothing(tiny):
+  w = tiny.world
+  prompt, subject = w.relations[0].template(1, 0), w.subjects[2]
+  cases = [({"samples": 0}, "samples: expected a positive integer, got 0"),
+           ({"samples": 2.5}, "samples: expected a positive integer, got 2.5"),
+           ({"noise": float("nan")}, "noise: expected a finite positive standard deviation"),
+           ({"noise": -1.0}, "noise: expected a finite positive standard deviation, got -1.0"),
+           ({"target": " "}, "target: expected an object with at least one token, got ' '")]
+  for kwargs, message in cases:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      causal_trace(tiny.model, tiny.layout, w.tokenize, prompt, subject, **kwargs)

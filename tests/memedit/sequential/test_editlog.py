@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -132,8 +133,15 @@ def test_save_load_round_trip(tmp_path):
   with pytest.raises(ValueError, match="another file"):
     sq.save_log(other, log)
   assert other.read_text() == "keep me"
-  with pytest.raises(ValueError, match="does not read as one"):
+  with pytest.raises(ValueError, match=r"expected a saved memedit edit log \(.npz, a zip "
+                                       r"archive\), got a file that starts with b'keep'") as info:
     sq.load_log(other)
+  assert "pickle" not in str(info.value)  # no advice to unpickle a stranger's file
+  zipped = tmp_path / "other.zip"
+  with zipfile.ZipFile(zipped, "w") as zf:
+    zf.writestr("a.txt", "not an array")
+  with pytest.raises(ValueError, match="does not read as one"):
+    sq.load_log(zipped)
   with np.load(f) as z:
     arrays = {k: z[k] for k in z.files}
   arrays["e0_lam"] = arrays["e0_lam"] + 1.0
