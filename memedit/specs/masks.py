@@ -14,6 +14,7 @@ import binascii
 import io
 import reprlib
 import struct
+import zlib
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,41 @@ def _png_size(raw: bytes, where: str) -> tuple[int, int]:
   return struct.unpack(">II", raw[16:24])
 
 
+# Adam7 interlacing: (x0, y0, dx, dy) of each of the seven passes.
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+
+
+def _png_complete(raw: bytes, where: str) -> None:
+  """Refuses a PNG whose image data holds fewer bytes than its header promises (a decoder
+  would fill the missing rows with zeros without a word)."""
+  width, height = struct.unpack(">II", raw[16:24])
+  depth, colour, interlace = raw[24], raw[25], raw[28]
+  if colour not in _CHANNELS:
+    return  # the decoder reports it
+  bits = _CHANNELS[colour] * depth
+  passes = _ADAM7 if interlace == 1 else ((0, 0, 1, 1),)
+  want = 0
+  for x0, y0, dx, dy in passes:
+    w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+    if w > 0 and h > 0:
+      want += h * (1 + -(-w * bits // 8))
+  data, pos = [], 8
+  while pos + 8 <= len(raw):
+    n, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+    if kind == b"IDAT":
+      data.append(raw[pos + 8:pos + 8 + n])
+    pos += 12 + n
+  try:
+    got = len(zlib.decompressobj().decompress(b"".join(data), want + 1))
+  except zlib.error:
+    return  # the decoder reports it
+  if got < want:
+    raise ValueError(f"{where}: expected PNG image data of {width}x{height} pixels ({want} "
+                     f"bytes once inflated), got {got} bytes: a truncated image")
+
+
 def data_url_to_mask(url: Any, where: str = "mask", size: int | None = None) -> np.ndarray:
   """Decodes a PNG data URL to a uint8 (H, W) mask.
 
@@ -192,6 +228,7 @@ def data_url_to_mask(url: Any, where: str = "mask", size: int | None = None) -> 
   if max(width, height) > MAX_CANVAS:
     raise ValueError(f"{where}: expected a mask of at most {MAX_CANVAS}x{MAX_CANVAS} pixels, "
                      f"got {width}x{height}; it was not decoded")
+  _png_complete(raw, where)
   try:
     img = Image.open(io.BytesIO(raw))
     img.load()

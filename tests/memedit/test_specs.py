@@ -292,3 +292,31 @@ def test_spec_must_fit_the_model(tiny):
                          paste=(2, _box(1, 3, 1, 3, 8)), layer="convt2")
   with pytest.raises(ValueError, match="canvas: expected 64"):
     gens.edit_from_spec(gen, spec, C)
+
+
+def test_truncated_png_masks_are_refused_and_complete_ones_decode():
+  def chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+  def png(rows, interlace=0):
+    header = struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, interlace)
+    data = zlib.compress(b"".join(b"\x00" + bytes(r) for r in rows))
+    return ("data:image/png;base64," + base64.b64encode(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+        + chunk(b"IEND", b"")).decode())
+
+  # Three of eight rows: a decoder would give zeros for the rest without a word.
+  with pytest.raises(ValueError, match=r"paste mask: expected PNG image data of 8x8 pixels "
+                                       r"\(72 bytes once inflated\), got 27 bytes"):
+    specs.data_url_to_mask(png([[255] * 8] * 3), "paste mask", size=8)
+  full = np.arange(64, dtype=np.uint8).reshape(8, 8)
+  np.testing.assert_array_equal(specs.data_url_to_mask(png(full), size=8), full)
+  # Interlaced (Adam7): seven passes of sub-images, the smaller total counted as complete.
+  passes = [full[y0::dy, x0::dx] for x0, y0, dx, dy in
+            ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+             (0, 1, 1, 2))]
+  url = png([row for p in passes for row in p], interlace=1)
+  np.testing.assert_array_equal(specs.data_url_to_mask(url, size=8), full)
+  with pytest.raises(ValueError, match="a truncated image"):
+    specs.data_url_to_mask(png([row for p in passes[:6] for row in p], interlace=1), size=8)
