@@ -18,8 +18,11 @@ import jax
 import numpy as np
 
 from memedit import _io
+from memedit.checks import (check_covariance, check_finite, check_positive_int,
+                            expand_weights, weights_error, weights_fit)
 from memedit.covariance import CovarianceState
 from memedit.directions import context_directions
+from memedit.generators._checks import check_imgnum, check_mask
 from memedit.generators.forward import run_layer
 from memedit.generators.generator import Generator, layer_info, layer_view
 from memedit.generators.paste import mask_at
@@ -87,11 +90,16 @@ def context_keys(gen: Generator, layer: str, examples: Sequence[tuple[int, Any]]
 
   Args:
     gen: the generator. layer: the layer's name.
-    examples: (imgnum, (R, R) mask) pairs.
+    examples: (imgnum, (R, R) mask) pairs: integer image numbers, masks in [0, 1] of
+      the canvas's size R.
 
   Returns:
     (keys (n·h·h, C_in), weights (n·h·h,)) with the weights the masks resampled to the
     key resolution (:func:`memedit.generators.mask_at`).
+
+  Raises:
+    ValueError: no examples; an image number that is not an integer in range; a mask
+      that is not (R, R) or holds a value outside [0, 1] (or NaN).
 
   Example:
     >>> from flax import nnx
@@ -108,9 +116,11 @@ def context_keys(gen: Generator, layer: str, examples: Sequence[tuple[int, Any]]
   if not examples:
     raise ValueError("key: expected at least one context example, got none")
   info = layer_info(gen, layer)
-  nums = [int(i) for i, _ in examples]
+  nums = [check_imgnum(i, f"examples[{j}] imgnum") for j, (i, _) in enumerate(examples)]
+  masks = [check_mask(m, gen.resolution, f"examples[{j}] mask")
+           for j, (_, m) in enumerate(examples)]
+  w = np.stack([mask_at(m, info.key_res) for m in masks])
   run = run_layer(gen, layer, gen.latents(nums))
-  w = np.stack([mask_at(m, info.key_res) for _, m in examples])
   return run.keys.reshape(-1, info.key_dim), w.reshape(-1)
 
 
@@ -152,6 +162,37 @@ def top_units(C: Any, keys: Any, weights: Any, r: int) -> np.ndarray:
   return np.argsort(-s, kind="stable")[:r]
 
 
+def _check_unit_inputs(C: Any, keys: Any, weights: Any, rank: Any) -> None:
+  """The eager checks :func:`memedit.context_directions` makes, for unit selection: C
+  (d, d) finite, symmetric and PSD; keys (..., d) finite; weights fitting the keys, finite
+  and non-negative; 1 <= rank <= min(d, keys, keys of positive weight)."""
+  d = np.shape(C)[0] if np.ndim(C) == 2 else None
+  check_covariance(C, d)
+  k = np.asarray(keys)
+  if k.ndim < 1 or k.shape[-1] != d:
+    raise ValueError(f"keys: expected shape (..., {d}) to match C of shape {np.shape(C)}, "
+                     f"got {tuple(k.shape)}")
+  check_finite(k, "keys")
+  n = int(np.prod(k.shape[:-1]))
+  rank = check_positive_int(rank, "rank")
+  if rank > n:
+    raise ValueError(f"rank: expected at most the number of context keys ({n}), got {rank}")
+  if rank > d:
+    raise ValueError(f"rank: expected at most the key dimension ({d}), got {rank}")
+  if weights is None:
+    return
+  w = np.asarray(weights)
+  if not weights_fit(w.shape, k.shape[:-1]):
+    raise weights_error("weights", w.shape, k.shape[:-1])
+  w = np.asarray(expand_weights(w.astype(np.float32), k.shape[:-1])).reshape(-1)
+  check_finite(w, "weights")
+  if (w < 0).any():
+    raise ValueError("weights: expected non-negative weights, got a negative one")
+  if int((w > 0).sum()) < rank:
+    raise ValueError(f"rank: expected at most the number of context keys with positive "
+                     f"weight ({int((w > 0).sum())}), got {rank}")
+
+
 def directions(C: Any, keys: Any, weights: Any, *, rank: int = 1, method: str = "zca",
                shrinkage: float = 0.0) -> np.ndarray:
   """The edit subspace D (rank, C_in) of context keys.
@@ -170,6 +211,12 @@ def directions(C: Any, keys: Any, weights: Any, *, rank: int = 1, method: str = 
   Returns:
     (rank, C_in) float32 with orthonormal rows.
 
+  Raises:
+    ValueError: an unknown method or shrinkage; and for every method (as
+      :func:`memedit.context_directions`): C not (C_in, C_in), finite, symmetric and PSD;
+      keys of another width or not finite; weights that do not fit the keys, are not
+      finite or are negative; a rank above the number of keys of positive weight.
+
   Example:
     >>> D = directions(np.eye(3), np.array([[1.0, 2.0, 0.0]]), np.ones(1), method="mean")
     >>> D.shape, [round(float(x), 4) for x in D[0]]
@@ -179,6 +226,7 @@ def directions(C: Any, keys: Any, weights: Any, *, rank: int = 1, method: str = 
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
   shrinkage = check_shrinkage(shrinkage, method)
   if method == "unit":
+    _check_unit_inputs(C, keys, weights, rank)
     units = top_units(C, keys, weights, rank)
     D = np.zeros((rank, np.shape(C)[0]), np.float32)
     D[np.arange(rank), units] = 1.0

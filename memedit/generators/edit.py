@@ -31,6 +31,7 @@ from jax import lax
 from memedit._convs import patched
 from memedit.checks import check_positive_int
 from memedit.edits import Edit, EditHistory, apply_edit, edit_delta, make_edit, revert_edit
+from memedit.generators._checks import check_learning_rate, check_units
 from memedit.generators.crop import crop_problem, own_taps
 from memedit.generators.finetune import overfit_all
 from memedit.generators.forward import cached_program
@@ -141,8 +142,8 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
     :class:`EditResult`.
 
   Raises:
-    ValueError: D of the wrong shape, an unknown ``taps``, or a solve ending with
-      non-finite Λ.
+    ValueError: D of the wrong shape, an unknown ``taps``, a learning rate that is not
+      a finite positive number, or a solve ending with non-finite Λ.
 
   Example:
     >>> import numpy as np
@@ -161,6 +162,7 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
     (True, ('up', 'kernel'))
   """
   check_choice(taps, TAPS, "taps")
+  learning_rate = check_learning_rate(learning_rate)
   info = layer_info(gen, layer)
   D = _check_directions(D, info.key_dim)
   lam_mask = None if taps == "all" else _own_taps(gen, layer)[:, :, None, None]
@@ -261,8 +263,8 @@ def projected_insert(gen: Generator, layer: str, D: Any, target: Target, *,
     ``loss_after`` the L1 loss of the edit.
 
   Raises:
-    ValueError: D of the wrong shape or with dependent rows; steps, project_every or loss
-      out of range; a run that ends with non-finite Λ.
+    ValueError: D of the wrong shape or with dependent rows; steps, project_every,
+      learning_rate (a finite positive number) or loss out of range; a run that ends with non-finite Λ.
 
   Example:
     >>> import numpy as np
@@ -282,6 +284,7 @@ def projected_insert(gen: Generator, layer: str, D: Any, target: Target, *,
   """
   check_choice(loss, LOSSES, "loss")
   steps = check_positive_int(steps, "steps")
+  learning_rate = check_learning_rate(learning_rate)
   project_every = check_positive_int(project_every, "project_every")
   info = layer_info(gen, layer)
   D64 = np.asarray(D, np.float64)
@@ -316,10 +319,14 @@ def unit_zeroing_edit(gen: Generator, layer: str, units: Sequence[int]) -> Edit:
   D = one-hot rows e_u, Λ[..., o, d] = −W[..., u_d, o].
 
   Args:
-    gen, layer: the generator and layer name. units: the key units to zero.
+    gen, layer: the generator and layer name. units: the distinct key units to zero,
+      integers 0 <= u < C_in.
 
   Returns:
     The :class:`memedit.Edit`.
+
+  Raises:
+    ValueError: no units, or a unit that is not an integer 0 <= u < C_in or is repeated.
 
   Example:
     >>> import memedit
@@ -337,7 +344,7 @@ def unit_zeroing_edit(gen: Generator, layer: str, units: Sequence[int]) -> Edit:
     (0.0, True)
   """
   info = layer_info(gen, layer)
-  units = np.asarray(units, np.int64)
+  units = check_units(units, info.key_dim)
   K = jnp.asarray(layer_kernel(gen, layer), jnp.float32)
   E = np.zeros((len(units), info.key_dim), np.float32)
   E[np.arange(len(units)), units] = 1.0
@@ -396,6 +403,7 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
     (True, 3)
   """
   steps = check_positive_int(steps, "steps")
+  learning_rate = check_learning_rate(learning_rate)
   info = layer_info(gen, layer)
   f, keys = crop_problem(gen, layer, target)
   kernel0 = jnp.asarray(layer_kernel(gen, layer))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.checks import check_positive_int
+from memedit.generators._checks import check_learning_rate
 from memedit.generators.forward import cached_program, run_layer
 from memedit.generators.generator import Generator
 from memedit.generators.paste import Target
@@ -63,6 +64,7 @@ def overfit_all(gen: Generator, layer: str, target: Target, *, steps: int = 2000
     True
   """
   steps = check_positive_int(steps, "steps")
+  learning_rate = check_learning_rate(learning_rate)
   z = gen.latents([target.imgnum])
   goal = run_layer(gen, layer, z, paste_values=target.full_values,
                    paste_alpha=target.full_alpha).images

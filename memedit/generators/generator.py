@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memedit.generators._checks import image_numbers
 from memedit.layers import hooks as layer_hooks
 from memedit.layers.model import as_model
 from memedit.layers.view import MemoryView, memory_view
@@ -41,12 +42,16 @@ def reference_latents(imgnums: Sequence[int] | int, z_dim: int, seed: int = 1) -
   normals drawn as one (n, z_dim) block, whatever n > i.
 
   Args:
-    imgnums: an int n (images 0..n-1) or a sequence of image numbers.
+    imgnums: an int n >= 0 (images 0..n-1) or a sequence of integer image numbers
+      i >= 0 (the block drawn grows with the largest).
     z_dim: latent size.
     seed: RandomState seed (the reference's is 1).
 
   Returns:
     (len(imgnums), z_dim) float32.
+
+  Raises:
+    ValueError: an image number that is not an integer (a float, a bool) or negative.
 
   Example:
     >>> z = reference_latents([2, 0], 3)
@@ -54,10 +59,7 @@ def reference_latents(imgnums: Sequence[int] | int, z_dim: int, seed: int = 1) -
     >>> bool((z == ref[[2, 0]]).all()), z.shape
     (True, (2, 3))
   """
-  nums = np.arange(imgnums) if isinstance(imgnums, (int, np.integer)) else np.asarray(
-      imgnums, np.int64).reshape(-1)
-  if nums.size and nums.min() < 0:
-    raise ValueError(f"imgnums: expected non-negative image numbers, got {nums.min()}")
+  nums = image_numbers(imgnums)
   n = int(nums.max()) + 1 if nums.size else 0
   rs = np.random.RandomState(seed)
   z = rs.standard_normal(n * z_dim).reshape(n, z_dim).astype(np.float32)
@@ -132,11 +134,14 @@ class Generator:
     return self.model[1]
 
   def latents(self, imgnums: Sequence[int] | int) -> np.ndarray:
-    """Latents (len(imgnums), z_dim) float32 of image numbers (an int n: 0..n-1)."""
+    """Latents (len(imgnums), z_dim) float32 of image numbers (an int n: 0..n-1).
+
+    Image numbers are integers i >= 0 (an int n >= 0); others (a float, a bool, a
+    negative number) raise a ValueError before any sampling.
+    """
+    nums = image_numbers(imgnums)
     if self.sampler is None:
-      return reference_latents(imgnums, self.z_dim, self.seed)
-    nums = np.arange(imgnums) if isinstance(imgnums, (int, np.integer)) else np.asarray(
-        imgnums, np.int64).reshape(-1)
+      return reference_latents(nums, self.z_dim, self.seed)
     z = np.asarray(self.sampler(nums), np.float32)
     if z.shape != (len(nums), self.z_dim):
       raise ValueError(f"sampler: expected latents of shape {(len(nums), self.z_dim)}, got "

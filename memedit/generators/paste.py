@@ -1,6 +1,7 @@
 """Copy and paste at a layer: the values of an object region, pasted over another image.
 
-Masks are float arrays (R, R) in [0, 1] at canvas resolution. They are resampled to a
+Masks are float arrays (R, R) in [0, 1] at canvas resolution (R the generator's
+resolution; another shape, or a value outside [0, 1] or NaN, raises). They are resampled to a
 layer's key or value resolution bilinearly (with the triangle filter widened by the
 downsampling factor, :func:`memedit.layers.conv.resample_mask`), as the reference resizes
 its masks (PIL's bilinear resize); a mask pixel counts where its resampled value is > 0.
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from memedit.generators._checks import check_imgnum, check_mask, check_units
 from memedit.generators.crop import layer_on_crop, layer_params
 from memedit.generators.forward import LayerRun, run_layer
 from memedit.generators.generator import Generator, LayerInfo, layer_info, layer_kernel
@@ -99,6 +101,10 @@ def copy_values(gen: Generator, layer: str, imgnum: int, mask: Any) -> Copied:
   Returns:
     :class:`Copied`.
 
+  Raises:
+    ValueError: an image number that is not an integer in range; a mask that is not
+      (R, R) (R the canvas), holds a value outside [0, 1] (or NaN), or is empty.
+
   Example:
     >>> from flax import nnx
     >>> from memedit.generators.generator import Generator
@@ -114,9 +120,10 @@ def copy_values(gen: Generator, layer: str, imgnum: int, mask: Any) -> Copied:
     ((2, 4, 2), (2, 4, 2, 6))
   """
   info = layer_info(gen, layer)
-  run = run_layer(gen, layer, gen.latents([imgnum]))
-  m = mask_at(mask, info.value_res)
+  imgnum = check_imgnum(imgnum)
+  m = mask_at(check_mask(mask, gen.resolution), info.value_res)
   y0, y1, x0, x1 = bbox(m)
+  run = run_layer(gen, layer, gen.latents([imgnum]))
   vals = run.values[0, y0:y1, x0:x1]
   a = m[y0:y1, x0:x1]
   mean = (vals * a[..., None]).sum((0, 1)) / max(float(a.sum()), 1e-12)
@@ -180,7 +187,9 @@ def paste_target(gen: Generator, layer: str, copied: Copied, imgnum: int, mask: 
     :class:`Target`.
 
   Raises:
-    ValueError: an empty mask, or one that does not overlap the copied box once shifted.
+    ValueError: an image number that is not an integer in range; a mask that is not
+      (R, R) (R the canvas), holds a value outside [0, 1] (or NaN), is empty, or does not
+      overlap the copied box once shifted.
 
   Example:
     >>> from flax import nnx
@@ -197,10 +206,11 @@ def paste_target(gen: Generator, layer: str, copied: Copied, imgnum: int, mask: 
     ((1, 2, 1, 3), (1, 7, 8, 3), (1, 2, 4, 2))
   """
   info = layer_info(gen, layer)
-  run = run_layer(gen, layer, gen.latents([imgnum]))
+  imgnum = check_imgnum(imgnum)
   H = info.value_res
-  pm = mask_at(mask, H)
+  pm = mask_at(check_mask(mask, gen.resolution), H)
   py0, py1, px0, px1 = bbox(pm)
+  run = run_layer(gen, layer, gen.latents([imgnum]))
   oy0, oy1, ox0, ox1 = copied.box
   dy = int(round((py0 + py1) / 2 - (oy0 + oy1) / 2))
   dx = int(round((px0 + px1) / 2 - (ox0 + ox1) / 2))
@@ -228,10 +238,15 @@ def erase_target(gen: Generator, layer: str, imgnum: int, mask: Any, units: Sequ
   Args:
     gen: the generator. layer: the layer's name.
     imgnum: the image. mask: (R, R) region to erase on the canvas.
-    units: key units (channels) to zero.
+    units: distinct key units (channels) to zero, integers 0 <= u < C_in.
 
   Returns:
     :class:`Target`.
+
+  Raises:
+    ValueError: an image number that is not an integer in range; a mask that is not
+      (R, R) (R the canvas), holds a value outside [0, 1] (or NaN), or is empty; no
+      units, or a unit that is not an integer 0 <= u < C_in or is repeated.
 
   Example:
     >>> from flax import nnx
@@ -247,13 +262,15 @@ def erase_target(gen: Generator, layer: str, imgnum: int, mask: Any, units: Sequ
     (1, 2, 4, 2)
   """
   info = layer_info(gen, layer)
+  imgnum = check_imgnum(imgnum)
+  units = check_units(units, info.key_dim)
+  alpha = mask_at(check_mask(mask, gen.resolution), info.value_res)
+  bbox(alpha)
   run = run_layer(gen, layer, gen.latents([imgnum]))
   zeroed = np.array(run.keys)
-  zeroed[..., np.asarray(units, np.int64)] = 0.0
+  zeroed[..., units] = 0.0
   f = layer_on_crop(gen, layer)
   out = np.asarray(f(layer_kernel(gen, layer), (jnp.asarray(zeroed), layer_params(gen, layer),
                                                 tuple(jnp.asarray(e) for e in run.extra))))[0]
-  alpha = mask_at(mask, info.value_res)
-  bbox(alpha)
   full = run.values[0] + alpha[..., None] * (out - run.values[0])
   return _target_from(info, run, imgnum, full, alpha)

@@ -14,7 +14,8 @@ MODULES = ["memedit.generators.generator", "memedit.generators.forward",
            "memedit.generators.paste", "memedit.generators.crop", "memedit.generators.edit",
            "memedit.generators.subspace", "memedit.generators.finetune",
            "memedit.generators.from_spec", "memedit.generators.query",
-           "memedit.generators.images", "memedit.specs", "memedit.metrics", "memedit.demo",
+           "memedit.generators.images", "memedit.generators._checks", "memedit.specs",
+           "memedit.metrics", "memedit.demo",
            "memedit.specs.masks", "memedit.specs.text", "ports.dcgan.editing",
            "ports.stylegan2.editing"]
 
