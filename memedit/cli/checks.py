@@ -6,13 +6,17 @@ range.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+from typing import Callable, Iterable
 
 from memedit.specs import MAX_IMAGES
 
 __all__ = ["FORMATS", "MAX_BATCH", "MAX_COLUMNS", "MAX_EVALUATED", "MAX_PAIRS", "MAX_SAMPLES",
            "check_finite_edit", "check_finite_images", "check_input_file",
-           "check_output_location", "image_limit", "imgnums", "in_range"]
+           "check_output_file", "check_output_location", "image_limit", "imgnums",
+           "in_range", "is_json_report", "is_png", "writing"]
 
 FORMATS = ("auto", "rosinality", "nvidia", "dcgan")
 MAX_SAMPLES = 100_000
@@ -50,7 +54,116 @@ def check_output_location(path: str, flag: str, *, folder: bool) -> str:
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ValueError(f"{flag}: expected a place you may write to, got {path!r}: the folder "
                      f"{parent!r} is not writable")
+  _probe(parent, path, flag)
   return dst
+
+
+def _probe(parent: str, path: str, flag: str) -> None:
+  """Creates and removes an empty file in ``parent``: some folders refuse new entries
+  even where ``os.access`` allows them (``/proc``, read-only mounts)."""
+  probe = os.path.join(parent, f".memedit-probe-{secrets.token_hex(4)}")
+  try:
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+  except OSError as e:
+    raise ValueError(f"{flag}: expected a place you may write to, got {path!r}: cannot "
+                     f"write in the folder {parent!r} ({e.strerror or e})") from None
+  with contextlib.suppress(OSError):
+    os.remove(probe)
+
+
+def _within(inner: str, outer: str) -> bool:
+  """Whether ``inner`` is ``outer`` or lies inside it (after resolving links)."""
+  inner, outer = os.path.realpath(inner), os.path.realpath(outer)
+  return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def is_png(path: str) -> bool:
+  """Whether the file ``path`` starts with the PNG signature."""
+  with open(path, "rb") as f:
+    return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def is_json_report(path: str, keys: Iterable[str]) -> bool:
+  """Whether the file ``path`` holds a JSON object with (at least) ``keys``."""
+  import json
+
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except ValueError:  # not UTF-8, not JSON
+    return False
+  return isinstance(value, dict) and set(keys) <= set(value)
+
+
+def check_output_file(path: str, flag: str, *, protect: Iterable[str | None] = (),
+                      what: str, accept: Callable[[str], bool]) -> str:
+  """Checks, before any work, that the output file ``path`` may be written.
+
+  Args:
+    path: the file to write (replaced atomically).
+    flag: how the command line names it in messages (``'--out'``).
+    protect: the command's inputs, files or folders (None entries are skipped): ``path``
+      may be none of them nor lie inside one.
+    what: in words, what an existing ``path`` must be to be replaced (``'a PNG image'``).
+    accept: ``accept(path) -> bool``: whether the existing, non-empty file ``path`` is
+      such a file. Empty files are replaced; anything else is refused.
+
+  Returns:
+    ``path`` as an absolute path.
+
+  Raises:
+    ValueError: ``path`` cannot be written (see :func:`check_output_location`), is or
+      lies inside an input, or holds something other than ``what``.
+  """
+  dst = check_output_location(path, flag, folder=False)
+  for keep in protect:
+    if keep is not None and _within(dst, os.fspath(keep)):
+      where = "is" if _within(os.fspath(keep), dst) else "lies inside"
+      raise ValueError(f"{flag}: expected an output file apart from the inputs, got "
+                       f"{path!r}, which {where} the input {os.fspath(keep)!r}; refusing to "
+                       "replace it")
+  if not os.path.lexists(dst):
+    return dst
+  if not os.path.isfile(dst):
+    got = "a broken link" if os.path.islink(dst) else "something that is not a file"
+    raise ValueError(f"{flag}: expected a new file or {what} to replace, got {path!r}, "
+                     f"{got}; refusing to replace it")
+  try:
+    ok = os.path.getsize(dst) == 0 or accept(dst)
+  except OSError as e:
+    raise ValueError(f"{flag}: expected a new file or {what} to replace, got {path!r}, "
+                     f"which cannot be read ({e.strerror or e}); refusing to replace it"
+                     ) from None
+  if not ok:
+    raise ValueError(f"{flag}: expected a new file or {what} to replace, got {path!r}, an "
+                     f"existing file of {os.path.getsize(dst)} bytes that is not one; "
+                     "refusing to replace it (remove it or choose another name)")
+  return dst
+
+
+@contextlib.contextmanager
+def writing(path: str, flag: str):
+  """Reports an OS error about output ``path`` (or the temporary sibling an atomic write
+  puts beside it, a name the user never gave) under the user's name for it; other errors
+  (reading an input) pass unchanged."""
+  dst = os.path.abspath(path)
+  parent, base = os.path.dirname(dst), os.path.basename(dst)
+
+  def ours(name) -> bool:
+    if name is None:
+      return False
+    name = os.path.abspath(os.fsdecode(name))
+    return (_within(name, dst) or (os.path.dirname(name) == parent
+                                   and os.path.basename(name).startswith(".")
+                                   and base in os.path.basename(name)))
+
+  try:
+    yield
+  except OSError as e:
+    if not (ours(e.filename) or ours(e.filename2)):
+      raise
+    raise ValueError(f"{flag}: expected a place you may write to, got {path!r}: cannot "
+                     f"write there ({e.strerror or e})") from None
 
 
 def check_input_file(path: str, flag: str) -> None:

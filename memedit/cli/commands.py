@@ -11,8 +11,9 @@ import os
 
 from memedit.cli.checks import (FORMATS, MAX_BATCH, MAX_COLUMNS, MAX_EVALUATED, MAX_PAIRS,
                                 MAX_SAMPLES, check_finite_edit, check_finite_images,
-                                check_input_file, check_output_location, image_limit,
-                                imgnums, in_range)
+                                check_input_file, check_output_file,
+                                check_output_location, image_limit, imgnums, in_range,
+                                is_json_report, is_png, writing)
 from memedit.demo import DEMO_REQUIREMENT
 from memedit.specs import MAX_IMAGES, MAX_STEPS
 from memedit.lm.cli import add_subcommands as _add_lm
@@ -71,17 +72,18 @@ def _run_convert(args: argparse.Namespace) -> int:
   fmt = args.format
   if fmt == "auto":
     fmt = ports.detect_format(args.src)
-  if fmt == "dcgan":
-    from ports.dcgan import convert_dcgan
-    out = convert_dcgan(args.src, args.out, force=args.force)
-  elif fmt == "rosinality":
-    from ports.stylegan2 import convert_rosinality
-    out = convert_rosinality(args.src, args.out, force=args.force)
-  elif fmt == "nvidia":
-    from ports.stylegan2 import convert_nvidia
-    out = convert_nvidia(args.src, args.out, force=args.force)
-  else:
+  if fmt not in ("dcgan", "rosinality", "nvidia"):
     raise ValueError(f"--format: expected one of {FORMATS}, got {fmt!r}")
+  with writing(args.out, "OUT"):
+    if fmt == "dcgan":
+      from ports.dcgan import convert_dcgan
+      out = convert_dcgan(args.src, args.out, force=args.force)
+    elif fmt == "rosinality":
+      from ports.stylegan2 import convert_rosinality
+      out = convert_rosinality(args.src, args.out, force=args.force)
+    else:
+      from ports.stylegan2 import convert_nvidia
+      out = convert_nvidia(args.src, args.out, force=args.force)
   config = ports.read_config(out)
   print(f"converted {args.src} ({fmt}) -> {out}: architecture {config.get('architecture')}, "
         f"resolution {config.get('resolution')}")
@@ -234,12 +236,15 @@ def _run_rewrite(args) -> int:
                        optimizer=args.optimizer)
   res = out.result
   check_finite_edit(res.edit, f"rewrite {args.spec}")
-  memedit.save_edit(outputs["edit"], res.edit, force=args.force)
+  with writing(args.out, "--out"):
+    memedit.save_edit(outputs["edit"], res.edit, force=args.force)
   print(f"rewrite {args.spec}: layer {spec.layer}, {spec.kind}/{spec.method} rank {spec.rank}; "
         f"L1 at the paste {res.loss_before:.4f} -> {res.loss_after:.4f} in "
         f"{time.perf_counter() - t0:.1f}s; edit written to {args.out}")
   if args.save_model:
-    _save_edited_model(args.model, gen, res.edit, outputs["edited-model"], force=args.force)
+    with writing(args.save_model, "--save-model"):
+      _save_edited_model(args.model, gen, res.edit, outputs["edited-model"],
+                         force=args.force)
     print(f"edited checkpoint written to {args.save_model}")
   return 0
 
@@ -280,6 +285,10 @@ _SAMPLE_HELP = """\
 Render images of the deterministic latent sample with the original and the edited model
 side by side (pairs: original left, edited right) into one PNG.
 
+The write is atomic. An existing --out is replaced only when it is a PNG image (or
+empty); any other file is refused, and so is a path that is MODEL, --edit or lies
+inside them.
+
 example:
   memedit sample faces-dcgan --edit glasses.edit --images 100-131 --out pairs.png
 """
@@ -297,7 +306,8 @@ def _add_sample(subparsers) -> None:
                  "(default: %(default)s)")
   p.add_argument("--columns", type=int, default=4,
                  help=f"pairs per row, 1 to {MAX_COLUMNS} (default: %(default)s)")
-  p.add_argument("--out", required=True, help="PNG file to write")
+  p.add_argument("--out", required=True,
+                 help="PNG file to write; an existing file is replaced only when it is a PNG")
   p.set_defaults(run=_run_sample)
 
 
@@ -306,7 +316,8 @@ def _run_sample(args) -> int:
   from memedit.generators import comparison_grid, edited, generate_images, save_png
 
   in_range("--columns", args.columns, 1, MAX_COLUMNS)
-  check_output_location(args.out, "--out", folder=False)
+  check_output_file(args.out, "--out", protect=(args.model, args.edit), what="a PNG image",
+                    accept=is_png)
   gen = _open(args)
   nums = imgnums(args.images, image_limit(MAX_PAIRS, gen.resolution))
   edit = memedit.load_edit(args.edit)
@@ -317,7 +328,8 @@ def _run_sample(args) -> int:
   check_finite_images(original, f"MODEL {args.model}")
   changed = generate_images(new, z)
   check_finite_images(changed, f"--edit {args.edit} (the edited model)")
-  save_png(args.out, comparison_grid(original, changed, columns=args.columns))
+  with writing(args.out, "--out"):
+    save_png(args.out, comparison_grid(original, changed, columns=args.columns))
   print(f"sample: {len(nums)} pairs written to {args.out}")
   return 0
 
@@ -347,7 +359,8 @@ def _add_evaluate(subparsers) -> None:
                  "(default: %(default)s)")
   p.add_argument("--quantile", type=float, default=0.99,
                  help="match threshold quantile, in (0, 1) (default: %(default)s)")
-  p.add_argument("--out", help="JSON file to write (default: print only)")
+  p.add_argument("--out", help="JSON file to write (default: print only); an existing file "
+                 "is replaced only when it is an earlier `memedit evaluate` report")
   p.set_defaults(run=_run_evaluate)
 
 
@@ -362,7 +375,9 @@ def _run_evaluate(args) -> int:
     raise ValueError(f"--quantile: expected a number in (0, 1), got {args.quantile}")
   check_input_file(args.spec, "SPEC")
   if args.out:
-    check_output_location(args.out, "--out", folder=False)
+    check_output_file(args.out, "--out", protect=(args.model, args.spec, args.edit),
+                      what="an earlier `memedit evaluate` JSON report",
+                      accept=lambda f: is_json_report(f, ("num_latents", "context_match")))
   gen = _open(args)
   spec = _load_spec(args.spec, gen)
   edit = memedit.load_edit(args.edit)
@@ -383,7 +398,8 @@ def _run_evaluate(args) -> int:
                                  target_value=target_value, quantile=args.quantile)
   text = json.dumps(result, indent=2)
   if args.out:
-    _io.atomic_write_bytes(args.out, text.encode())
+    with writing(args.out, "--out"):
+      _io.atomic_write_bytes(args.out, text.encode())
   print(text)
   return 0
 

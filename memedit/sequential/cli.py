@@ -18,6 +18,9 @@ from memedit.sequential.logfile import load_log
 
 __all__ = ["add_subcommand", "run_log"]
 
+# The keys that make an existing file an earlier --json report, which --json may replace.
+_REPORT_KEYS = ("log", "relative_to", "names", "positions", "interference")
+
 _HELP = """\
 Show an edit log (a .npz written by memedit.sequential.save_log): every edit with its
 state (active or reverted), leaf, method, rank, number of keys and |dK|_F; the
@@ -26,6 +29,11 @@ edit i's own change there (--relative-to edit) or to the values stored there
 (--relative-to output, needs --model); with --model, the Frobenius norm and condition
 number of each edited kernel after every edit, over the unedited kernel. Entries of I
 above --threshold are marked with '!'.
+
+--json FILE is written atomically and checked before any work: an existing FILE is
+replaced only when it is an earlier `memedit log --json` report (a JSON object with
+the keys log, relative_to, names, positions and interference) or empty; any other file
+is refused, and so is LOG, --model or a path inside them.
 
 example:
   memedit log edits.npz
@@ -63,7 +71,9 @@ def add_subcommand(subparsers) -> None:
   p.add_argument("--threshold", type=float, default=0.1,
                  help="mark entries of I above this, a number >= 0 (default %(default)s)")
   p.add_argument("--json", default=None, metavar="FILE",
-                 help="also write the interference matrix (and growth) as JSON to FILE")
+                 help="also write the interference matrix (and growth) as JSON to FILE "
+                      "(atomically); an existing FILE is replaced only when it is an earlier "
+                      "`memedit log --json` report (or empty), never LOG or --model")
   p.set_defaults(run=run_log)
 
 
@@ -78,7 +88,9 @@ def run_log(args: argparse.Namespace) -> int:
 
   Raises:
     ValueError: a threshold that is not a number >= 0, a file that is not an edit log,
-      ``--relative-to output`` without ``--model``, a JSON output path that is a folder.
+      ``--relative-to output`` without ``--model``, a JSON output path that cannot be
+      written, is LOG or --model (or lies inside it), or is an existing file other than
+      an earlier report (all checked before any work).
     OSError: missing or unreadable files.
 
   Example:
@@ -97,8 +109,12 @@ def run_log(args: argparse.Namespace) -> int:
     raise ValueError(f"--threshold: expected a number >= 0, got {args.threshold}")
   if args.relative_to == "output" and args.model is None:
     raise ValueError("--relative-to output: expected --model (the unedited model), got none")
-  if args.json is not None and os.path.isdir(args.json):
-    raise ValueError(f"--json: expected a file to write, got the folder {args.json!r}")
+  if args.json is not None:
+    from memedit.cli.checks import check_output_file, is_json_report
+
+    check_output_file(args.json, "--json", protect=(args.log, args.model),
+                      what="an earlier `memedit log --json` report",
+                      accept=lambda f: is_json_report(f, _REPORT_KEYS))
   if not os.path.exists(args.log):
     raise ValueError(f"LOG: expected an edit log file, got {args.log!r}, which does not exist")
   log = load_log(args.log)
@@ -122,6 +138,9 @@ def run_log(args: argparse.Namespace) -> int:
                                for row in inter.matrix.tolist()],
               "growth": ([{**g, "path": list(g["path"])} for g in growth(log, params)]
                          if params is not None else None)}
-    _io.atomic_write_bytes(args.json, json.dumps(report, indent=2).encode())
+    from memedit.cli.checks import writing
+
+    with writing(args.json, "--json"):
+      _io.atomic_write_bytes(args.json, json.dumps(report, indent=2).encode())
     print(f"wrote {os.path.abspath(args.json)}")
   return 0

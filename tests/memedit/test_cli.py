@@ -179,6 +179,91 @@ def test_outputs_and_inputs_are_checked_before_any_work(tiny, tmp_path, capsys, 
   assert f"{a_file}: Permission denied" in _one_line_error(capsys, "convert")
 
 
+def test_file_outputs_never_replace_inputs_or_other_files(tiny, tmp_path, capsys,
+                                                         monkeypatch):
+  tmp, model, spec = tiny
+  edit = _nan_edit(model, tmp_path / "e.edit", nan=False)
+  notes = tmp_path / "notes.txt"
+  notes.write_text("keep me")
+  before = {p: open(p, "rb").read() for p in (os.path.join(model, "meta.json"),
+                                               os.path.join(edit, "meta.json"), spec, notes)}
+  sample = ["sample", model, "--edit", edit, "--images", "0-3", "--out"]
+  cases = [
+      ([*sample, os.path.join(model, "meta.json")],
+       f"--out: expected an output file apart from the inputs, got "
+       f"'{os.path.join(model, 'meta.json')}', which lies inside the input '{model}'"),
+      ([*sample, os.path.join(edit, "meta.json")], "lies inside the input"),
+      ([*sample, model], "--out: expected a file to write, got the folder"),
+      ([*sample, str(notes)], f"--out: expected a new file or a PNG image to replace, got "
+       f"'{notes}', an existing file of 7 bytes that is not one; refusing to replace it"),
+      (["evaluate", model, spec, "--edit", edit, "--out", spec],
+       f"--out: expected an output file apart from the inputs, got '{spec}', which is the "
+       f"input '{spec}'"),
+      (["evaluate", model, spec, "--edit", edit, "--out", str(notes)],
+       "an earlier `memedit evaluate` JSON report"),
+  ]
+  # Refused before any work: opening the model would fail.
+  monkeypatch.setattr(gens, "generator_from_converted", lambda *a, **k: 1 / 0)
+  for argv, message in cases:
+    assert main(argv) == 1, argv
+    assert message in _one_line_error(capsys, argv[0])
+  monkeypatch.undo()
+  assert before == {p: open(p, "rb").read() for p in before}
+  # An existing PNG (or empty file) is replaced.
+  png = tmp_path / "s.png"
+  png.write_bytes(b"")
+  assert main([*sample, str(png)]) == 0
+  assert main([*sample, str(png)]) == 0
+  assert Image.open(png).size[0] > 0
+  capsys.readouterr()
+
+
+def test_unwritable_outputs_name_the_users_path(tiny, tmp_path, capsys, monkeypatch):
+  tmp, model, spec = tiny
+  edit = _nan_edit(model, tmp_path / "e.edit", nan=False)
+  from memedit.cli import checks
+
+  # A folder that refuses new entries although os.access allows them (as /proc does).
+  def refusing(path, flags, mode=0o777, **kw):
+    if os.path.dirname(os.fspath(path)) == str(tmp_path / "ro"):
+      raise FileNotFoundError(2, "No such file or directory", os.fspath(path))
+    return real_open(path, flags, mode, **kw)
+
+  (tmp_path / "ro").mkdir()
+  real_open = os.open
+  monkeypatch.setattr(checks.os, "open", refusing)
+  ro = tmp_path / "ro"
+  for argv, flag, out in (
+      (["rewrite", model, spec, "--out", str(ro / "e2"), "--no-progress"], "--out", ro / "e2"),
+      (["sample", model, "--edit", edit, "--out", str(ro / "p.png")], "--out", ro / "p.png"),
+      (["convert", spec, str(ro / "x" / "y")], "OUT", ro / "x" / "y"),
+      (["evaluate", model, spec, "--edit", edit, "--out", str(ro / "m.json")], "--out",
+       ro / "m.json")):
+    assert main(argv) == 1, argv
+    err = _one_line_error(capsys, argv[0])
+    assert (f"{flag}: expected a place you may write to, got '{out}': cannot write in the "
+            f"folder '{ro}' (No such file or directory)") in err, err
+  monkeypatch.undo()
+  # An OS error met while writing names the user's path, not the temporary sibling.
+  if os.path.isdir("/proc") and os.name == "posix":
+    assert main(["sample", model, "--edit", edit, "--out", "/proc/p.png"]) == 1
+    err = _one_line_error(capsys, "sample")
+    assert "got '/proc/p.png'" in err and ".tmp-" not in err, err
+
+  def failing(path, data):
+    raise FileNotFoundError(2, "No such file or directory",
+                            os.path.join(os.path.dirname(os.path.abspath(path)),
+                                         ".tmp-m.json-ad75ef90"))
+
+  monkeypatch.setattr(_io, "atomic_write_bytes", failing)
+  out = tmp_path / "m.json"
+  assert main(["evaluate", model, spec, "--edit", edit, "--images", "100-103",
+               "--out", str(out)]) == 1
+  err = _one_line_error(capsys, "evaluate")
+  assert (f"--out: expected a place you may write to, got '{out}': cannot write there (No "
+          "such file or directory)") in err and ".tmp-" not in err, err
+
+
 def test_counts_are_bounded_and_their_limits_documented(tiny, tmp_path, capsys):
   _, model, spec = tiny
   edit = _nan_edit(model, tmp_path / "e.edit", nan=False)

@@ -217,3 +217,47 @@ def test_cli_prints_the_log(tmp_path, capsys):
     args = _parser().parse_args(argv)
     with pytest.raises(ValueError, match=match):
       args.run(args)
+
+
+def test_cli_json_never_replaces_inputs_or_other_files(tmp_path, capsys, monkeypatch):
+  from memedit import _io
+
+  e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.array([[1.0, 0.0]]), label="a")
+  f = sq.save_log(tmp_path / "edits.npz", sq.log_append(sq.log_init(), e, jnp.eye(2)[:1]))
+  notes = tmp_path / "notes.txt"
+  notes.write_text('{"a": 1}')
+  a_file = tmp_path / "afile.txt"
+  a_file.write_text("")
+  before = {p: open(p, "rb").read() for p in (f, notes)}
+  for argv, match in (
+      (["--json", f], "--json: expected an output file apart from the inputs, got '.*', "
+       "which is the input"),
+      (["--json", str(notes)], "--json: expected a new file or an earlier `memedit log "
+       "--json` report to replace, got '.*notes.txt', an existing file of 8 bytes"),
+      (["--json", str(a_file / "r.json")], "--json: expected a path inside folders, got "
+       "'.*afile.txt/r.json', whose parent '.*afile.txt' is a file"),
+      (["--json", str(tmp_path)], "--json: expected a file to write, got the folder")):
+    args = _parser().parse_args(["log", f, *argv])
+    with pytest.raises(ValueError, match=match):
+      args.run(args)
+    assert capsys.readouterr().out == ""  # refused before the table is printed
+  assert before == {p: open(p, "rb").read() for p in before}
+  # An earlier report, or an empty file, is replaced.
+  report = tmp_path / "r.json"
+  report.write_text("")
+  for _ in range(2):
+    args = _parser().parse_args(["log", f, "--json", str(report)])
+    assert args.run(args) == 0
+  assert json.loads(report.read_text())["names"] == ["a"]
+  # A write that fails names the user's path, not the temporary sibling.
+
+  def failing(path, data):
+    raise FileNotFoundError(2, "No such file or directory",
+                            os.path.join(os.path.dirname(os.path.abspath(path)),
+                                         ".tmp-r.json-ad75ef90"))
+
+  monkeypatch.setattr(_io, "atomic_write_bytes", failing)
+  args = _parser().parse_args(["log", f, "--json", str(report)])
+  with pytest.raises(ValueError, match=r"--json: expected a place you may write to, got "
+                     r"'.*r.json': cannot write there \(No such file or directory\)"):
+    args.run(args)
