@@ -50,11 +50,10 @@ def _compilation_cache(config):
     jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    try:  # A size limit makes JAX lock the folder (filelock) for each read and write, so
-      import filelock  # noqa: F401  one process never reads an entry another is writing.
-    except ImportError:
-      return
-    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+    # No size limit: with one, JAX locks the folder for every read and write and, on each
+    # write, sums the sizes of all entries (thousands in a full run), which serialises the
+    # workers. Without it, a worker that reads an entry the other is still writing gets a
+    # warning and compiles the program itself.
 
 
 def pytest_unconfigure(config):
