@@ -11,6 +11,7 @@ import os
 import secrets
 from typing import Callable, Iterable
 
+from memedit._io import _within
 from memedit.specs import MAX_IMAGES
 
 __all__ = ["FORMATS", "MAX_BATCH", "MAX_COLUMNS", "MAX_EVALUATED", "MAX_PAIRS", "MAX_SAMPLES",
@@ -69,12 +70,6 @@ def _probe(parent: str, path: str, flag: str) -> None:
                      f"write in the folder {parent!r} ({e.strerror or e})") from None
   with contextlib.suppress(OSError):
     os.remove(probe)
-
-
-def _within(inner: str, outer: str) -> bool:
-  """Whether ``inner`` is ``outer`` or lies inside it (after resolving links)."""
-  inner, outer = os.path.realpath(inner), os.path.realpath(outer)
-  return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def is_png(path: str) -> bool:
