@@ -1,6 +1,6 @@
-"""Eager checks of the workflow's inputs: image numbers, canvas masks, key units and
-learning rates, each raising a ValueError that says what was expected and what was given
-before any work is done."""
+"""Eager checks of the workflow's inputs: image numbers, canvas masks, key units, learning
+rates and batch sizes, each raising a ValueError that says what was expected and what was
+given before any work is done."""
 
 from __future__ import annotations
 
@@ -175,3 +175,26 @@ def check_learning_rate(value: Any) -> float:
   if not ok or not (math.isfinite(float(value)) and float(value) > 0):
     raise ValueError(f"learning_rate: expected a finite positive number, got {_shown(value)}")
   return float(value)
+
+
+def check_batch_size(value: Any, where: str = "batch_size") -> int:
+  """A batch size (latents per compiled call) as a Python int: a positive integer.
+
+  Args:
+    value: the batch size. where: its name in error messages.
+
+  Returns:
+    The batch size.
+
+  Raises:
+    ValueError: a bool, a float or another non-integer, zero or a negative number.
+
+  Example:
+    >>> check_batch_size(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size: expected a positive int, got 0
+  """
+  if not _is_int(value) or int(value) < 1:
+    raise ValueError(f"{where}: expected a positive int, got {_shown(value)}")
+  return int(value)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memedit.generators._checks import check_batch_size
 from memedit.generators.generator import Generator, layer_view, structure_key
 from memedit.layers import hooks as layer_hooks
 from memedit.layers.model import as_model, merge
@@ -159,6 +160,19 @@ def _check_z(gen: Generator, z) -> np.ndarray:
   return z
 
 
+def _no_rows(fn: Callable, *args) -> Any:
+  """What ``fn`` gives for zero latents: numpy arrays with 0 rows and the shapes and dtypes
+  of ``fn(*args)``'s other axes (``args`` hold one row each; a shape-only trace, nothing
+  runs)."""
+  shapes = jax.eval_shape(fn, *args)
+  return jax.tree_util.tree_map(lambda a: np.zeros((0,) + tuple(a.shape[1:]), a.dtype), shapes)
+
+
+def _one_row(a: Any) -> Any:
+  """A row of zeros shaped as one row of ``a`` (None stays None)."""
+  return None if a is None else jnp.zeros((1,) + a.shape[1:], a.dtype)
+
+
 def run_layer(gen: Generator, layer: str, z: Any, *, params: Any = None,
               paste_values: Any = None, paste_alpha: Any = None,
               batch_size: int = 64) -> LayerRun:
@@ -172,11 +186,16 @@ def run_layer(gen: Generator, layer: str, z: Any, *, params: Any = None,
     paste_values: optional (N, s·h, s·h, C_out) values written into the layer's output,
       out ← out + α (paste_values − out), with α = ``paste_alpha`` (N, s·h, s·h); the
       model goes on from the pasted values.
-    batch_size: latents per compiled call.
+    batch_size: latents per compiled call, a positive int.
 
   Returns:
     :class:`LayerRun` of numpy arrays; ``values`` are the layer's own outputs (before the
-    paste), ``images`` the images after it.
+    paste), ``images`` the images after it. Zero latents (``z`` of shape ``(0, z_dim)``)
+    give arrays with 0 rows (their other axes from a shape-only trace; nothing runs).
+
+  Raises:
+    ValueError: ``z`` not ``(N, z_dim)``; ``batch_size`` not a positive int; only one of
+      ``paste_values`` and ``paste_alpha``.
 
   Example:
     >>> from flax import nnx
@@ -191,12 +210,15 @@ def run_layer(gen: Generator, layer: str, z: Any, *, params: Any = None,
     ((3, 4, 4, 2), (3, 2, 2, 3), (3, 4, 4, 2))
   """
   z = _check_z(gen, z)
+  batch_size = check_batch_size(batch_size)
   params = gen.params if params is None else params
   pv = None if paste_values is None else np.asarray(paste_values, np.float32)
   pa = None if paste_alpha is None else np.asarray(paste_alpha, np.float32)
   if (pv is None) != (pa is None):
     raise ValueError("paste_values, paste_alpha: expected both or neither, got one")
   fn = pass_program(gen, layer, True)
+  if not len(z):
+    return _no_rows(fn, params, *(_one_row(a) for a in (z, pv, pa)))
   outs = []
   for n, (zb, pvb, pab) in _batches(z, batch_size, pv, pa):
     out = fn(params, zb, pvb, pab)
@@ -209,24 +231,33 @@ def generate_images(gen: Generator, z: Any, *, params: Any = None, batch_size: i
   """Images of latents ``z`` with ``params`` (default: the generator's).
 
   Args:
-    gen: the generator. z: (N, z_dim) latents.
+    gen: the generator. z: (N, z_dim) latents, N >= 0.
     params: parameters to use instead of ``gen.params``.
-    batch_size: latents per compiled call.
+    batch_size: latents per compiled call, a positive int.
 
   Returns:
-    (N, R, R, C) numpy images.
+    (N, R, R, C) numpy images. No latents (``z`` of shape ``(0, z_dim)``, e.g.
+    ``gen.latents([])``) give an empty ``(0, R, R, C)`` batch of the model's output dtype,
+    as slicing a batch would (its shape from a shape-only trace; nothing runs).
+
+  Raises:
+    ValueError: ``z`` not of shape ``(N, z_dim)``; ``batch_size`` not a positive int
+      (a bool, a float, zero or a negative number).
 
   Example:
     >>> from flax import nnx
     >>> model = nnx.Sequential(nnx.Linear(4, 12, rngs=nnx.Rngs(0)),
     ...                        lambda x: x.reshape(-1, 2, 2, 3))
     >>> gen = Generator(model, z_dim=4, resolution=2, layers={"fc": ("layers", 0)})
-    >>> generate_images(gen, gen.latents(5)).shape
-    (5, 2, 2, 3)
+    >>> generate_images(gen, gen.latents(5)).shape, generate_images(gen, gen.latents(0)).shape
+    ((5, 2, 2, 3), (0, 2, 2, 3))
   """
   z = _check_z(gen, z)
+  batch_size = check_batch_size(batch_size)
   params = gen.params if params is None else params
   fn = _images_fn(gen)
+  if not len(z):
+    return _no_rows(fn, params, _one_row(z))
   outs = [np.asarray(fn(params, zb))[:n] for n, (zb,) in _batches(z, batch_size)]
   return np.concatenate(outs)
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from memedit.generators._checks import check_imgnum, check_mask, check_units
+from memedit.generators._checks import _is_int, check_imgnum, check_mask, check_units
 from memedit.generators.crop import layer_on_crop, layer_params
 from memedit.generators.forward import LayerRun, run_layer
 from memedit.generators.generator import Generator, LayerInfo, layer_info, layer_kernel
@@ -83,12 +83,41 @@ class Copied(NamedTuple):
     alpha: (H, W) the object mask there.
     box: (y0, y1, x0, x1) at value resolution.
     mean_value: (C_out,) the mask-weighted mean of the copied values.
+    layer: the name of the layer the values were copied at (:func:`copy_values` records
+      it; None when unknown, e.g. a Copied made by hand: only its shapes are checked).
   """
 
   values: np.ndarray
   alpha: np.ndarray
   box: tuple
   mean_value: np.ndarray
+  layer: str | None = None
+
+
+def _check_copied(copied: Any, info: LayerInfo, layer: str) -> None:
+  """Refuses a Copied that does not belong to ``layer``: copied at another layer, or
+  values, alpha and box that do not fit the layer's value map."""
+  if not isinstance(copied, Copied):
+    raise ValueError(f"copied: expected a Copied (from copy_values), got "
+                     f"{type(copied).__name__}")
+  if copied.layer is not None and copied.layer != layer:
+    raise ValueError(f"copied: expected values copied at layer {layer!r} (the layer pasted "
+                     f"into), got values copied at layer {copied.layer!r}; copy them at "
+                     f"{layer!r} with copy_values(gen, {layer!r}, ...)")
+  shape = np.shape(copied.values)
+  if len(shape) != 3 or shape[-1] != info.value_dim:
+    raise ValueError(f"copied: expected values of shape (H, W, {info.value_dim}) (C_out = "
+                     f"{info.value_dim} of layer {layer!r}), got {shape}")
+  H, box = info.value_res, copied.box
+  ok = isinstance(box, (tuple, list)) and len(box) == 4 and all(_is_int(b) for b in box)
+  if ok:
+    y0, y1, x0, x1 = (int(b) for b in box)
+    ok = (0 <= y0 < y1 <= H and 0 <= x0 < x1 <= H and (y1 - y0, x1 - x0) == shape[:2]
+          and np.shape(copied.alpha) == shape[:2])
+  if not ok:
+    raise ValueError(f"copied: expected a box (y0, y1, x0, x1) inside the {H}x{H} value map "
+                     f"of layer {layer!r}, the size of the values {shape[:2]}, and alpha of "
+                     f"that size, got box {copied.box!r} and alpha {np.shape(copied.alpha)}")
 
 
 def copy_values(gen: Generator, layer: str, imgnum: int, mask: Any) -> Copied:
@@ -118,6 +147,8 @@ def copy_values(gen: Generator, layer: str, imgnum: int, mask: Any) -> Copied:
     >>> c = copy_values(gen, "up", 0, box)
     >>> c.values.shape, c.box
     ((2, 4, 2), (2, 4, 2, 6))
+    >>> c.layer
+    'up'
   """
   info = layer_info(gen, layer)
   imgnum = check_imgnum(imgnum)
@@ -127,7 +158,7 @@ def copy_values(gen: Generator, layer: str, imgnum: int, mask: Any) -> Copied:
   vals = run.values[0, y0:y1, x0:x1]
   a = m[y0:y1, x0:x1]
   mean = (vals * a[..., None]).sum((0, 1)) / max(float(a.sum()), 1e-12)
-  return Copied(vals, a, (y0, y1, x0, x1), mean)
+  return Copied(vals, a, (y0, y1, x0, x1), mean, layer)
 
 
 class Target(NamedTuple):
@@ -180,16 +211,18 @@ def paste_target(gen: Generator, layer: str, copied: Copied, imgnum: int, mask: 
 
   Args:
     gen: the generator. layer: the layer's name.
-    copied: from :func:`copy_values`.
+    copied: from :func:`copy_values` at the same layer.
     imgnum: image B's number. mask: (R, R) paste mask on the canvas.
 
   Returns:
     :class:`Target`.
 
   Raises:
-    ValueError: an image number that is not an integer in range; a mask that is not
-      (R, R) (R the canvas), holds a value outside [0, 1] (or NaN), is empty, or does not
-      overlap the copied box once shifted.
+    ValueError: ``copied`` copied at another layer (its ``layer``), or values, alpha and
+      box that do not fit this layer's value map (C_out channels, a box inside the map the
+      size of the values); an image number that is not an integer in range; a mask that
+      is not (R, R) (R the canvas), holds a value outside [0, 1] (or NaN), is empty, or
+      does not overlap the copied box once shifted. All are checked before the model runs.
 
   Example:
     >>> from flax import nnx
@@ -206,6 +239,7 @@ def paste_target(gen: Generator, layer: str, copied: Copied, imgnum: int, mask: 
     ((1, 2, 1, 3), (1, 7, 8, 3), (1, 2, 4, 2))
   """
   info = layer_info(gen, layer)
+  _check_copied(copied, info, layer)
   imgnum = check_imgnum(imgnum)
   H = info.value_res
   pm = mask_at(check_mask(mask, gen.resolution), H)

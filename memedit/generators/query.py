@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memedit.generators._checks import check_batch_size
 from memedit.generators.forward import keys_fn
-from memedit.generators.generator import Generator
+from memedit.generators.generator import Generator, layer_view
 from memedit.layers.conv import upsample_nearest
 
 __all__ = ["heatmaps", "layer_scores", "match_scores", "match_threshold", "rank_by_match"]
@@ -29,12 +31,35 @@ def match_scores(keys: Any, D: Any) -> np.ndarray:
   Returns:
     (...) float32 scores; keys orthogonal to span(D) score 0.
 
+  Raises:
+    ValueError: D not two-dimensional, or keys whose last axis is not D's C_in.
+
   Example:
     >>> match_scores(np.array([[3.0, 4.0], [0.0, 2.0]]), np.array([[1.0, 0.0]])).tolist()
     [3.0, 0.0]
   """
-  proj = np.asarray(keys, np.float32) @ np.asarray(D, np.float32).T
+  keys = np.asarray(keys, np.float32)
+  D = np.asarray(D, np.float32)
+  if D.ndim != 2 or keys.ndim < 1 or keys.shape[-1] != D.shape[1]:
+    raise ValueError(f"keys, D: expected keys (..., C_in) and directions D (r, C_in) with "
+                     f"the same C_in, got shapes {keys.shape} and {D.shape}")
+  proj = keys @ D.T
   return np.sqrt((proj ** 2).sum(-1))
+
+
+def _check_directions(D: Any, key_dim: int, layer: str) -> np.ndarray:
+  """D as float32 (r, C_in) after checking it against the layer's key dimension."""
+  arr = np.asarray(D)
+  if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+    raise ValueError(f"D: expected a numeric array of directions, got dtype {arr.dtype}")
+  if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] != key_dim:
+    raise ValueError(f"D: expected directions of shape (r, {key_dim}) with r >= 1 ({key_dim} "
+                     f"the key dimension C_in of layer {layer!r}), got shape {arr.shape}")
+  arr = arr.astype(np.float32)
+  if not np.isfinite(arr).all():
+    raise ValueError(f"D: expected finite values, got {int((~np.isfinite(arr)).sum())} NaN "
+                     f"or infinite of {arr.size}")
+  return arr
 
 
 def layer_scores(gen: Generator, layer: str, D: Any, imgnums: Sequence[int] | int, *,
@@ -42,13 +67,20 @@ def layer_scores(gen: Generator, layer: str, D: Any, imgnums: Sequence[int] | in
   """Match scores (N, h, h) of the images' keys at the layer.
 
   Args:
-    gen, layer: the generator and layer name. D: (r, C_in) directions.
+    gen, layer: the generator and layer name. D: (r, C_in) directions, r >= 1 and C_in the
+      layer's key dimension.
     imgnums: image numbers (an int n: 0..n-1).
-    batch_size: latents per compiled call (the model runs only up to the layer).
+    batch_size: latents per compiled call, a positive int (the model runs only up to the
+      layer).
     params: parameters to use instead of ``gen.params``.
 
   Returns:
-    (N, h, h) float32 scores.
+    (N, h, h) float32 scores (N = 0 for no images: an empty array of that shape).
+
+  Raises:
+    ValueError: an unknown layer; D not a finite numeric (r, C_in) array; image numbers
+      :meth:`Generator.latents` refuses; ``batch_size`` not a positive int. All are
+      checked before the model runs.
 
   Example:
     >>> from flax import nnx
@@ -59,9 +91,14 @@ def layer_scores(gen: Generator, layer: str, D: Any, imgnums: Sequence[int] | in
     >>> scores.shape, bool(np.allclose(scores, np.abs(gen.latents(3)[:, 0])))
     ((3,), True)
   """
+  D = _check_directions(D, layer_view(gen, layer).key_dim, layer)
+  batch_size = check_batch_size(batch_size)
   z = gen.latents(imgnums)
   fn = keys_fn(gen, layer)
   params = gen.params if params is None else params
+  if not len(z):  # the keys' shape from a shape-only trace of one latent
+    keys = jax.eval_shape(fn, params, jnp.zeros((1, gen.z_dim), jnp.float32))
+    return np.zeros((0,) + tuple(keys.shape[1:-1]), np.float32)
   out = [match_scores(np.asarray(fn(params, jnp.asarray(z[i:i + batch_size]))), D)
          for i in range(0, len(z), batch_size)]
   return np.concatenate(out)

@@ -178,9 +178,33 @@ def _scores(model, tokenize, cases) -> str:
   return f"efficacy {100 * float(np.mean(top)):.1f}%"
 
 
+def _edit_outputs(args) -> list[str]:
+  """Checks, before any work, the folders lm-edit writes: ``--out/edit-0``, ... (one per
+  edit: ROME one per fact, MEMIT one per block, fine-tuning one). Each may replace only
+  an earlier saved edit (or an empty folder) unless --force is given, and never the
+  model, the facts file or the cache. Returns them (absolute)."""
+  from memedit import _io
+  from memedit.cli.checks import check_output_location
+  from memedit.lm.prompts import read_facts
+
+  check_output_location(args.out, "--out", folder=True)
+  if os.path.lexists(args.out) and not os.path.isdir(args.out):
+    raise ValueError(f"--out: expected a folder for the saved edits, got {args.out!r}, which "
+                     f"is not a folder")
+  if args.method == "memit":
+    count = len(args.layers)
+  elif args.method == "rome" and args.facts:
+    count = len(read_facts(args.facts))
+  else:
+    count = 1
+  protect = [p for p in (args.model, args.facts, args.cache_dir) if p]
+  return [_io.check_output(os.path.join(args.out, f"edit-{i}"), "edit", force=args.force,
+                           protect=protect, flag="--force") for i in range(count)]
+
+
 def _run_edit(args) -> int:
   import memedit
-  from memedit.cli.checks import check_input_file, check_output_location
+  from memedit.cli.checks import check_input_file, writing
   from memedit.lm.experiment import apply_all, demo_contexts
   from memedit.lm.finetune import finetune_edit
   from memedit.lm.memit import memit_edits
@@ -189,6 +213,7 @@ def _run_edit(args) -> int:
 
   if args.facts:
     check_input_file(args.facts, "--facts")
+  outputs = _edit_outputs(args)
   module, variables, world, _ = _open(args)
   model = (module, variables)
   layout = lm_layout(module.config.n_layer)
@@ -218,10 +243,10 @@ def _run_edit(args) -> int:
                            contexts=contexts).edit]
     params, _ = apply_all(variables, edits)
   scores = _scores((module, params), world.tokenize, cases)
-  check_output_location(args.out, "--out", folder=True)
-  os.makedirs(args.out, exist_ok=True)
-  for i, e in enumerate(edits):
-    memedit.save_edit(os.path.join(args.out, f"edit-{i}"), e)
+  with writing(args.out, "--out"):
+    os.makedirs(args.out, exist_ok=True)
+    for dst, e in zip(outputs, edits, strict=True):
+      memedit.save_edit(dst, e, force=args.force)
   req = reqs[0]
   old = f"{req.target_true} -> " if req.target_true else "-> "
   print(f"lm-edit {args.method}: {len(reqs)} fact(s), e.g. '{req.text}' {old}"
@@ -356,7 +381,12 @@ def add_subcommands(subparsers) -> None:
   p.add_argument("--cases", type=_positive, default=1,
                  help="random world facts to edit without --facts (ROME: 1)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", required=True, help="folder for the saved edits")
+  p.add_argument("--out", required=True, help="folder for the saved edits (edit-0, "
+                 "edit-1, ...); an existing edit-N is replaced only when it is a saved edit "
+                 "(or empty)")
+  p.add_argument("--force", action="store_true",
+                 help="replace an edit-N in --out even when it holds something else (never "
+                 "the model, --facts or --cache-dir)")
   _edit_args(p)
   p.set_defaults(run=_run_edit)
 

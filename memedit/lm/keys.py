@@ -24,10 +24,12 @@ import numpy as np
 
 import memedit
 from memedit.lm.hooks import as_path, get_leaf, run_lm, split_model
-from memedit.lm.prompts import Request, bucket, encode, prompt_rows, round_up
+from memedit.lm.prompts import PromptBatch, Request, bucket, encode, prompt_rows, round_up
 
-__all__ = ["check_memory", "layer_weights", "read_states", "sample_contexts",
-           "subject_keys"]
+__all__ = ["check_memory", "check_token_ids", "layer_weights", "read_states",
+           "sample_contexts", "subject_keys", "vocab_size"]
+
+_VOCAB: dict = {}
 
 
 def check_memory(model, address, example_ids) -> "memedit.MemoryView":
@@ -43,6 +45,87 @@ def check_memory(model, address, example_ids) -> "memedit.MemoryView":
                      f"axis (an MLP output projection), got kind {view.kind!r} with in_ndim "
                      f"{view.in_ndim}")
   return view
+
+
+def vocab_size(model, length: int = 1) -> int | None:
+  """The number of token ids the model knows: the last axis of its logits ``(N, T, V)``
+  (from a shape-only trace, nothing runs; cached per model definition).
+
+  Args:
+    model: the LM, Linen ``(module, variables)`` or NNX ``(graphdef, state)``.
+    length: the token count T of the traced row.
+
+  Returns:
+    V, or None when the model's output is not ``(N, T, V)`` logits.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from ports.gpt2 import GPT2Config, GPT2LMHeadModel
+    >>> net = GPT2LMHeadModel(GPT2Config(vocab_size=9, n_positions=16, n_embd=8, n_layer=1,
+    ...                                   n_head=2))
+    >>> vocab_size((net, net.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
+    9
+  """
+  definition, params = split_model(model)
+  if definition in _VOCAB:
+    return _VOCAB[definition]
+  ids = jax.ShapeDtypeStruct((1, max(int(length), 1)), jnp.int32)
+  out = jax.eval_shape(lambda p, i: run_lm(definition, p, i)[0], params, ids)
+  shape = getattr(out, "shape", None)
+  size = int(shape[-1]) if shape is not None and len(shape) == 3 else None
+  _VOCAB[definition] = size
+  return size
+
+
+def check_token_ids(model, tokenize: Callable[[str], Sequence[int]],
+                    rows: Sequence[tuple], batch: PromptBatch) -> None:
+  """Refuses token ids the model does not know (before anything runs on them: the model
+  would read a NaN embedding row, or wrap a negative id around its table, and score
+  targets against logits that do not exist).
+
+  Args:
+    model: the LM.
+    tokenize: text -> token ids (re-run on the offending row to name its text).
+    rows: the ``(before, subject, after, target)`` rows ``batch`` was encoded from.
+    batch: their :class:`~memedit.lm.prompts.PromptBatch` (prompt and target ids).
+
+  Raises:
+    ValueError: an id outside ``[0, V)``, V the model's vocabulary size
+      (:func:`vocab_size`), naming the ids and the text they came from.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from ports.gpt2 import GPT2Config, GPT2LMHeadModel
+    >>> net = GPT2LMHeadModel(GPT2Config(vocab_size=9, n_positions=16, n_embd=8, n_layer=1,
+    ...                                   n_head=2))
+    >>> model = (net, net.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    >>> tok = lambda s: [len(w) for w in s.split()]
+    >>> rows = prompt_rows(Request("{} lives in", "Annabella", "x"), ["{}"])
+    >>> check_token_ids(model, tok, rows, encode(tok, rows))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: token ids: expected integers 0 <= id < 9 (...), got 9 from tokenize('Annabella lives in')
+  """
+  size = vocab_size(model, batch.ids.shape[1])
+  if size is None:
+    return
+  n = len(rows)
+  ids, targets = np.asarray(batch.ids[:n]), np.asarray(batch.targets[:n])
+  bad = ((ids < 0) | (ids >= size)).any(1) | ((targets < 0) | (targets >= size)).any(1)
+  if not bad.any():
+    return
+  before, subject, after, target = rows[int(np.argmax(bad))]
+  texts = [before + subject + after] + ([" " + target] if target is not None else [])
+  for text in texts:
+    got = list(dict.fromkeys(int(i) for i in tokenize(text) if not 0 <= int(i) < size))
+    if got:
+      shown = ", ".join(map(str, got[:6])) + (f", ... ({len(got)} distinct)" if len(got) > 6
+                                                else "")
+      raise ValueError(f"token ids: expected integers 0 <= id < {size} (the model's "
+                       f"vocabulary: its logits' last axis), got {shown} from "
+                       f"tokenize({text!r})")
+  raise ValueError(f"token ids: expected integers 0 <= id < {size} (the model's vocabulary: "
+                   f"its logits' last axis), got others for {' -> '.join(texts)!r}")
 
 
 def layer_weights(view: "memedit.MemoryView", model) -> tuple[jax.Array, jax.Array]:
@@ -133,6 +216,10 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
   Returns:
     ``(F, key_dim)`` float32 keys, one per request.
 
+  Raises:
+    ValueError: no requests, or token ids outside the model's vocabulary
+      (:func:`check_token_ids`), before the model runs.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from ports.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -153,6 +240,7 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
   if not rows:
     raise ValueError("requests: expected at least one request, got none")
   batch = encode(tokenize, rows, groups)
+  check_token_ids(model, tokenize, rows, batch)
   (keys,), _ = read_states(model, batch.ids, batch.last, inputs_of=[path], chunk=chunk)
   n = len(rows)
   sums = np.zeros((len(requests), keys.shape[-1]), np.float64)

@@ -36,7 +36,8 @@ from memedit.lm.keys import check_memory, layer_weights, read_states, subject_ke
 from memedit.lm.prompts import Request, encode, prompt_rows
 from memedit.lm.values import ValueResult, optimize_values
 
-__all__ = ["MemitResult", "compact_factors", "memit_edits", "memit_insert", "with_params"]
+__all__ = ["MemitResult", "check_requests", "compact_factors", "memit_edits", "memit_insert",
+           "with_params"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -109,6 +110,42 @@ def memit_insert(W, C, keys, residuals, penalty: float):
   return compact_factors(sol[0], sol[1])  # (Λ, D) of the LinearSolution
 
 
+def check_requests(requests: Sequence[Request]) -> None:
+  """Refuses contradictory requests: two targets for the same prompt and subject (the
+  same text with the subject ending at the same place, so the same key k and the same
+  hidden state z would have to give both). Identical requests are kept: each is one
+  more row of K and R, weighing that fact once more against the preserved keys (λC).
+
+  Args:
+    requests: the facts of one MEMIT batch.
+
+  Raises:
+    ValueError: naming the prompt, the subject and both targets (with the requests'
+      indices).
+
+  Example:
+    >>> check_requests([Request("{} lives in", "Ana", "oslo"), Request("{} lives in", "Ana",
+    ...                                                                  "oslo")])
+    >>> check_requests([Request("{} lives in", "Ana", "oslo"), Request("{} lives in", "Ana",
+    ...                                                                  "lima")])
+    Traceback (most recent call last):
+    ...
+    ValueError: requests: expected one target per prompt and subject, got 'oslo' (request 0) and 'lima' (request 1) for prompt '{} lives in' with subject 'Ana'
+  """
+  seen: dict = {}
+  for i, req in enumerate(requests):
+    where = (req.text, len(req.prompt.split("{}")[0]) + len(req.subject))
+    j = seen.setdefault(where, i)
+    first = requests[j]
+    if first.target_new != req.target_new:
+      also = ("" if (first.prompt, first.subject) == (req.prompt, req.subject) else
+              f" (request {j}: prompt {first.prompt!r} with subject {first.subject!r}, the "
+              f"same text)")
+      raise ValueError(f"requests: expected one target per prompt and subject, got "
+                       f"{first.target_new!r} (request {j}) and {req.target_new!r} (request "
+                       f"{i}) for prompt {req.prompt!r} with subject {req.subject!r}{also}")
+
+
 def with_params(model, params):
   """``model`` (Linen ``(module, variables)`` / NNX ``(graphdef, state)``) with new
   parameters."""
@@ -130,7 +167,8 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
       ``blocks``).
     layers: block indices to edit, e.g. ``[1, 2]``; the last one is where z is found.
     tokenize: text -> token ids.
-    requests: the facts.
+    requests: the facts; two targets for one prompt and subject are refused, identical
+      requests are kept (:func:`check_requests`).
     covariances: ``{layer: C}``, the second moment of each edited layer's keys.
     penalty: λ, the weight of the preserved keys' statistics (MEMIT's
       ``mom2_update_weight``).
@@ -149,6 +187,12 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
   Returns:
     :class:`MemitResult`; ``result.edits[j]`` edits block ``layers[j]``, each made on the
     model with the earlier ones applied.
+
+  Raises:
+    ValueError: bad layers or covariances, no requests, contradictory requests
+      (:func:`check_requests`) or token ids outside the model's vocabulary, before the
+      value search; requests the last block's value search cannot act on
+      (:func:`memedit.lm.values.check_reach`), once that search has left δ at exactly 0.
   """
   layout.require("blocks", "memit_edits")
   layers = [int(l) for l in layers]
@@ -162,6 +206,7 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
                      f"{missing}")
   if not requests:
     raise ValueError("requests: expected at least one request, got none")
+  check_requests(requests)
   last = layers[-1]
   z_block = layout.blocks[last]
   if values is None:

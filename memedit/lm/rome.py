@@ -113,6 +113,13 @@ def rome_edits(model, address, tokenize: Callable[[str], Sequence[int]],
 
   Returns:
     One :class:`RomeResult` per request.
+
+  Raises:
+    ValueError: no requests; token ids outside the model's vocabulary (negative, or at
+      least its logits' size; :func:`memedit.lm.keys.check_token_ids`); a request whose
+      prediction the memory cannot change, e.g. the last block's MLP with the subject
+      before the prompt's end (:func:`memedit.lm.values.check_reach`, once the search has
+      left δ at exactly 0). The others are raised before the value search.
   """
   path = as_path(address)
   if not requests:

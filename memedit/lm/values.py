@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.lm.hooks import as_path, run_lm, split_model
+from memedit.lm.keys import check_token_ids
 from memedit.lm.prompts import Request, bucket, encode, prompt_rows
 from memedit.optim import adam_scan
 
-__all__ = ["ValueResult", "add_at_tokens", "optimize_values", "value_rows"]
+__all__ = ["ValueResult", "add_at_tokens", "check_reach", "optimize_values", "value_rows"]
 
 
 class ValueResult(NamedTuple):
@@ -79,6 +80,86 @@ def value_rows(request: Request, contexts: Sequence[str], essence: str | None):
     before, after = essence.split("{}")
     rows.append((before, request.subject, after, None))
   return rows
+
+
+@functools.partial(jax.jit, static_argnames=("definition", "path"))
+def _reach(definition, params, ids, last, tpos, tmask, *, path):
+  """Per row, the largest |∂ logit / ∂ε| over the target positions, for δ = ε·u added to
+  the output of ``path`` at token ``last`` (u a fixed random direction; a constant one
+  would vanish in the next LayerNorm): exactly 0 when no module after ``path`` carries
+  that token's output to the target positions."""
+  rows = jnp.arange(ids.shape[0])[:, None]
+
+  def target_logits(eps):
+    def hook(x, out):
+      u = jax.random.normal(jax.random.key(0), out.shape[-1:], jnp.float32)
+      return add_at_tokens(out, last, jnp.broadcast_to(eps * u, out.shape[:1] + u.shape))
+    logits, _ = run_lm(definition, params, ids, hooks={path: hook})
+    return logits[rows, tpos].astype(jnp.float32)
+
+  _, tangent = jax.jvp(target_logits, (jnp.zeros((), jnp.float32),),
+                       (jnp.ones((), jnp.float32),))
+  return jnp.max(jnp.abs(tangent) * tmask[..., None], axis=(1, 2))
+
+
+def check_reach(model, address, tokenize: Callable[[str], Sequence[int]],
+                requests: Sequence[Request]) -> None:
+  """Refuses requests whose prediction a residual added to ``address``'s output at the
+  subject's last token cannot change, before any value search.
+
+  When the subject's last token comes before the prompt's end, δ reaches the prediction
+  only through a later module that mixes positions (attention). The MLP of a model's last
+  block has none after it: there δ changes nothing, the search ends at δ = 0 and the edit
+  writes the old value. Requests whose subject ends the prompt pass without a model run;
+  the others are checked with one forward-mode derivative, whose zeros are exact.
+
+  Args:
+    model: the LM, Linen ``(module, variables)`` or NNX ``(graphdef, state)``.
+    address: the MLP output projection δ is added to.
+    tokenize: text -> token ids.
+    requests: the requests (``prompt``, ``subject``, ``target_new``).
+
+  Raises:
+    ValueError: a request that ``address`` cannot act on, naming it and what to do.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from ports.gpt2 import GPT2Config, GPT2LMHeadModel
+    >>> net = GPT2LMHeadModel(GPT2Config(vocab_size=9, n_positions=16, n_embd=8, n_layer=2,
+    ...                                   n_head=2))
+    >>> v = net.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    >>> tok = lambda s: [len(w) % 9 for w in s.split()]
+    >>> check_reach((net, v), "h_0.mlp.c_proj", tok, [Request("{} said", "Ana", "hi")])
+    >>> check_reach((net, v), "h_1.mlp.c_proj", tok, [Request("{} said", "Ana", "hi")])
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: address ('h_1', 'mlp', 'c_proj'): expected a memory whose output at the subject's last token reaches the prediction, got one that cannot change it for request 0 ('Ana said' -> 'hi'): ...
+  """
+  path = as_path(address)
+  rows = [prompt_rows(req, ("{}",), target=req.target_new)[0] for req in requests]
+  if not rows:
+    return
+  batch = encode(tokenize, rows, row_multiple=1)
+  n = len(rows)
+  before_end = np.nonzero(batch.last[:n] < batch.end[:n])[0]
+  if not before_end.size:
+    return
+  definition, params = split_model(model)
+  part = [jnp.asarray(a[before_end]) for a in (batch.ids, batch.last, batch.target_pos,
+                                                batch.target_mask)]
+  reach = np.asarray(_reach(definition, params, *part, path=path))
+  for j, i in enumerate(before_end):
+    if reach[j] == 0:
+      req = requests[int(i)]
+      raise ValueError(
+          f"address {path!r}: expected a memory whose output at the subject's last token "
+          f"reaches the prediction, got one that cannot change it for request {int(i)} "
+          f"({req.text!r} -> {req.target_new!r}): the value search adds δ there (token "
+          f"{int(batch.last[i])}) and no module after this one carries it to the prompt's "
+          f"end (token {int(batch.end[i])}), where the target is predicted, as for the MLP "
+          f"of a model's last block, with no attention after it; edit an earlier block, or "
+          f"put the subject at the end of the prompt")
 
 
 def _fact_loss(definition, params, path, delta, rows, hp, n_ctx):
@@ -183,6 +264,12 @@ def optimize_values(model, address, tokenize: Callable[[str], Sequence[int]],
   Returns:
     :class:`ValueResult`: ROME's v* is ``value0 + delta``, MEMIT's z is ``ref0 + delta``.
 
+  Raises:
+    ValueError: a bad setting, no requests, token ids outside the model's vocabulary
+      (:func:`memedit.lm.keys.check_token_ids`), before the search runs; a request δ at
+      ``address`` cannot act on (:func:`check_reach`: e.g. the last block's MLP with the
+      subject before the prompt's end), once the search has left its δ at exactly 0.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from ports.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -212,6 +299,7 @@ def optimize_values(model, address, tokenize: Callable[[str], Sequence[int]],
   n_ctx = len(contexts)
   r = n_ctx + (essence is not None)
   batch = encode(tokenize, rows, row_multiple=1)
+  check_token_ids(model, tokenize, rows, batch)
   f = len(requests)
   size = bucket(f, chunk, smallest=1)
   fp = -(-f // size) * size
@@ -233,6 +321,11 @@ def optimize_values(model, address, tokenize: Callable[[str], Sequence[int]],
     outs.append(_optimise_chunk(definition, params, *part, hp, path=path, ref_path=ref_path,
                                 steps=steps, n_ctx=n_ctx, has_kl=essence is not None))
   cat = [np.concatenate([np.asarray(o[i]) for o in outs])[:f] for i in range(6)]
+  # A request that took steps and kept δ = 0 exactly had a zero gradient throughout: δ
+  # cannot reach its prediction from here. Only then is the (compiled) reach test run,
+  # for its precise message; searches that moved pay nothing for it.
+  if np.any((cat[5] > 0) & ~np.any(cat[0] != 0, axis=-1)):
+    check_reach(model, path, tokenize, requests)
   return ValueResult(cat[0].astype(np.float32), cat[1].astype(np.float32),
                      cat[2].astype(np.float32), cat[3].astype(np.float32),
                      cat[4].astype(np.float32), cat[5].astype(np.int32))

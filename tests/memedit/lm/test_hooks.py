@@ -115,10 +115,11 @@ def test_addresses_and_models():
 
 def test_rome_on_an_nnx_model(toy):
   """The workflow takes NNX (graphdef, state): C over a text stream, k*, v*, the rank-one
-  Edit of the state; the edited layer maps k* to v*."""
+  Edit of the state; the edited layer maps k* to v*. (The first block: with the subject
+  before the prompt's end the last block's MLP cannot reach the prediction.)"""
   (graphdef, state), layout = toy
   model = (graphdef, state)
-  addr = layout.memories[1]
+  addr = layout.memories[0]
   rng = np.random.default_rng(0)
   ids = rng.integers(1, len(VOCAB) + 1, size=(64, 8)).astype(np.int32)
   C = lm_second_moment(model, addr, token_batches(ids, 16))
@@ -128,7 +129,7 @@ def test_rome_on_an_nnx_model(toy):
   view = check_memory(model, addr, np.asarray([tokenize(req.text)]))
   assert res.edit.path == tuple(view.weight_path) and res.edit.rank == 1
   new_state, hist = memedit.apply_edit(state, res.edit)
-  layer = nnx.merge(graphdef, new_state).blocks[1].proj
+  layer = nnx.merge(graphdef, new_state).blocks[0].proj
   np.testing.assert_allclose(np.asarray(layer(jnp.asarray(res.key))), res.value, rtol=1e-3,
                              atol=1e-4)
   k2 = subject_keys((graphdef, new_state), addr, tokenize, [req], ("{}", "it . {}"))

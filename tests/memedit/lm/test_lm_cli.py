@@ -47,6 +47,17 @@ def test_lm_commands_end_to_end(tmp_path, capsys):
     assert len(edits) == (2 if method == "memit" else 1)
     loaded = memedit.load_edit(edits[0])
     assert loaded.method == {"rome": "rome", "memit": "memit", "ft": "finetune"}[method]
+  # A folder of something else where an edit goes: refused (before any work) unless --force.
+  foreign = tmp_path / "foreign"
+  (foreign / "edit-0").mkdir(parents=True)
+  (foreign / "edit-0" / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="got a folder that is not a memedit output; pass "
+                                       "--force to replace it"):
+    _run("lm-edit", *model, "--layer", "0", "--out", foreign, *common)
+  assert (foreign / "edit-0" / "notes.txt").read_text() == "mine"
+  assert _run("lm-edit", *model, "--layer", "0", "--out", foreign, "--force", *common) == 0
+  capsys.readouterr()
+  assert memedit.load_edit(foreign / "edit-0").method == "rome"
   _, _, world, _ = load_demo(folder)
   rel = world.relations[0]
   old = world.object_of(0, 0)
@@ -107,3 +118,29 @@ def test_edit_commands_default_to_the_demo_settings():
     args = parser.parse_args(command.split())
     assert (args.layer, args.layers, args.penalty) == (
         DEMO_ROME_LAYER, list(DEMO_MEMIT_LAYERS), DEMO_PENALTY), command
+
+
+def test_lm_edit_checks_its_outputs_before_any_work(tmp_path):
+  """--out/edit-N of another kind is refused in the command line's words (--force, not
+  force=True) before the model is opened (here it does not even exist), and so is an
+  --out that is a file; MEMIT writes one edit-N per block."""
+  absent = ["--cache-dir", tmp_path / "cache", "--model", tmp_path / "no-model"]
+  out = tmp_path / "edits"
+  (out / "edit-1").mkdir(parents=True)
+  (out / "edit-1" / "notes.txt").write_text("mine")
+  want = (r"edit-1: expected a memedit 'edit' output folder to replace, got a folder that is "
+          r"not a memedit output; pass --force to replace it")
+  with pytest.raises(ValueError, match=want):
+    _run("lm-edit", *absent, "--method", "memit", "--layers", "0,1", "--out", out)
+  assert (out / "edit-1" / "notes.txt").read_text() == "mine"
+  with pytest.raises(ValueError, match=r"expected an output folder apart from the inputs, got "
+                                       r"one that holds .*cache'; refusing to replace it "
+                                       r"\(even with --force\)"):
+    _run("lm-edit", "--cache-dir", out / "edit-0" / "cache", "--out", out, "--force")
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match="--out: expected a folder for the saved edits, got "):
+    _run("lm-edit", *absent, "--out", tmp_path / "file")
+  args = argparse.ArgumentParser(prog="memedit")
+  add_subcommands(args.add_subparsers(dest="command", required=True))
+  assert args.parse_args(["lm-edit", "--out", "x"]).force is False
+  assert args.parse_args(["lm-edit", "--out", "x", "--force"]).force is True

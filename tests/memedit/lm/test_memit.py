@@ -10,7 +10,8 @@ from conftest import rel_err
 
 from memedit.lm.evaluate import world_cases
 from memedit.lm.experiment import apply_all, revert_all
-from memedit.lm.memit import compact_factors, memit_edits, memit_insert
+from memedit.lm.memit import check_requests, compact_factors, memit_edits, memit_insert
+from memedit.lm.prompts import Request
 
 
 def _numpy_memit(C, K, R, lam):
@@ -86,3 +87,40 @@ def test_memit_reaches_its_targets_and_reverts(tiny, tiny_covariances):
   with pytest.raises(ValueError, match="expected the value search of the 2 requests, got 3"):
     memit_edits(tiny.model, tiny.layout, [0, 1], tiny.world.tokenize, reqs[:2],
                 tiny_covariances, values=res.values)
+
+
+def test_memit_refuses_two_targets_for_one_prompt_and_subject(tiny):
+  """Contradictory requests would ask one key to give two hidden states: refused by name
+  before the value search (covariances are never read); identical ones are kept."""
+  w = tiny.world
+  rel = w.relations[0]
+  a = Request("we read that {}", w.subjects[0], rel.objects[1])
+  b = Request("we read that {}", w.subjects[0], rel.objects[2])
+  other = Request("we read that {}", w.subjects[1], rel.objects[2])
+  want = (rf"requests: expected one target per prompt and subject, got '{rel.objects[1]}' "
+          rf"\(request 0\) and '{rel.objects[2]}' \(request 2\) for prompt 'we read that "
+          rf"\{{\}}' with subject '{w.subjects[0]}'")
+  with pytest.raises(ValueError, match=want):
+    memit_edits(tiny.model, tiny.layout, [0, 1], w.tokenize, [a, other, b], {0: None, 1: None})
+  # The same text with the subject split elsewhere is the same key: also refused.
+  first, rest = w.subjects[0].split(" ", 1)
+  moved = Request("we read that " + first + " {}", rest, rel.objects[2])
+  with pytest.raises(ValueError, match=r"\(request 1\) for prompt .*the same text"):
+    check_requests([a, moved])
+  assert check_requests([a, other, a]) is None  # duplicates are consistent
+
+
+def test_memit_refuses_token_ids_outside_the_vocabulary_and_an_unreachable_last_block(tiny):
+  w = tiny.world
+  V = tiny.config.vocab_size
+  req = Request("we read that {}", w.subjects[0], w.relations[0].objects[1])
+  word = req.subject.split()[-1]
+  tok = lambda s: [-3 if x == word else i for x, i in zip(s.split(), w.tokenize(s))]
+  with pytest.raises(ValueError, match=rf"token ids: expected integers 0 <= id < {V} .*got "
+                                       r"-3 from tokenize"):
+    memit_edits(tiny.model, tiny.layout, [0, 1], tok, [req], {0: None, 1: None})
+  # z is found at block 1, the last: a subject before the prompt's end cannot move it.
+  inside = Request("{} is known that", w.subjects[0], w.relations[0].objects[1])
+  with pytest.raises(ValueError, match=r"address \('h_1', 'mlp', 'c_proj'\): expected a "
+                                       r"memory whose output .* reaches the prediction"):
+    memit_edits(tiny.model, tiny.layout, [0, 1], w.tokenize, [inside], {0: None, 1: None})

@@ -3,6 +3,8 @@ and the edit as a memedit Edit (apply, revert bit for bit, save / load)."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +122,50 @@ def test_rome_refuses_an_empty_request_list(tiny, tiny_covariances):
   with pytest.raises(ValueError, match="requests: expected at least one request, got none"):
     rome_edits(tiny.model, tiny.layout.memories[0], tiny.world.tokenize, [],
                tiny_covariances[0])
+
+
+def _replacing(tiny, word, token):
+  """The world's tokenizer with ``word`` given the id ``token``."""
+  w = tiny.world
+  return lambda s: [token if x == word else i for x, i in zip(s.split(), w.tokenize(s))]
+
+
+@pytest.mark.parametrize("where", ["subject", "target"])
+@pytest.mark.parametrize("token", [-1, "vocab_size"])
+def test_rome_refuses_token_ids_outside_the_vocabulary_before_the_search(tiny, where, token):
+  """Ids outside [0, V) would read a NaN (or wrapped) embedding row and fail only after the
+  value search ("expected finite values"); they are refused by name before anything runs."""
+  w = tiny.world
+  V = tiny.config.vocab_size
+  token = V if token == "vocab_size" else token
+  req = Request("we read that {}", w.subjects[0], w.relations[0].objects[1])
+  word = req.subject.split()[-1] if where == "subject" else req.target_new
+  text = req.text if where == "subject" else " " + req.target_new
+  want = (rf"token ids: expected integers 0 <= id < {V} \(the model's vocabulary: its "
+          rf"logits' last axis\), got {token} from tokenize\({re.escape(repr(text))}\)")
+  C = np.eye(4 * tiny.config.n_embd, dtype=np.float32)  # never reached
+  with pytest.raises(ValueError, match=want):
+    rome_edits(tiny.model, tiny.layout.memories[0], _replacing(tiny, word, token), [req], C,
+               value_options={"steps": 1})
+  if where == "subject":
+    with pytest.raises(ValueError, match=want):
+      subject_keys(tiny.model, tiny.layout.memories[0], _replacing(tiny, word, token), [req])
+  # In range, the same request is read.
+  assert subject_keys(tiny.model, tiny.layout.memories[0], w.tokenize, [req]).shape == (
+      1, 4 * tiny.config.n_embd)
+
+
+def test_rome_refuses_the_last_block_when_the_subject_is_not_at_the_prompts_end(tiny):
+  """In the last block nothing mixes positions after the MLP, so δ at the subject's token
+  cannot change the prediction at the prompt's end (the value search would end at δ = 0
+  and write the old value): refused before the search, saying what to do."""
+  w = tiny.world
+  req = Request("{} is known that", w.subjects[0], w.relations[0].objects[1])
+  C = np.eye(4 * tiny.config.n_embd, dtype=np.float32)  # never reached
+  want = (r"address \('h_1', 'mlp', 'c_proj'\): expected a memory whose output at the "
+          r"subject's last token reaches the prediction, got one that cannot change it for "
+          rf"request 0 \({re.escape(repr(req.text))} -> {re.escape(repr(req.target_new))}\)"
+          r".*edit an earlier block, or put the subject at the end of the prompt")
+  with pytest.raises(ValueError, match=want):
+    rome_edits(tiny.model, tiny.layout.memories[1], w.tokenize, [req], C,
+               value_options={"steps": 1})

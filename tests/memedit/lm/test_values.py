@@ -6,11 +6,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from memedit.lm.evaluate import score_targets
 from memedit.lm.hooks import run_lm
 from memedit.lm.prompts import Request
-from memedit.lm.values import add_at_tokens, optimize_values
+from memedit.lm.values import add_at_tokens, check_reach, optimize_values
 
 CONTEXTS = ("{}", "people say that {}")
 
@@ -77,3 +78,39 @@ def test_value_search_clamp_and_early_stop(tiny):
   res = optimize_values(tiny.model, tiny.layout.memories[1], tiny.world.tokenize, reqs,
                         CONTEXTS, steps=0, chunk=2, reference=tiny.layout.blocks[1])
   assert not np.allclose(res.ref0, res.value0)
+
+
+def test_the_last_blocks_mlp_cannot_reach_a_prediction_before_the_subjects_end(tiny):
+  """The premise of check_reach, measured: a large δ at the subject's token of the last
+  block's MLP leaves the logits at the prompt's end as they were; in block 0 (attention
+  above it) it moves them. check_reach refuses the first case only, and passes a subject
+  at the prompt's end in any block."""
+  w = tiny.world
+  inside = Request("{} is known that", w.subjects[0], w.relations[0].objects[1])
+  ids = jnp.asarray([w.tokenize(inside.text)])
+  at = jnp.array([len(w.tokenize(inside.subject)) - 1])
+  delta = jnp.asarray(10 * np.random.default_rng(0).normal(size=(1, tiny.config.n_embd)),
+                      jnp.float32)
+  clean, _ = run_lm(tiny.module, tiny.variables, ids)
+  moved = {}
+  for layer in (0, 1):
+    hook = lambda x, out: add_at_tokens(out, at, delta)
+    out, _ = run_lm(tiny.module, tiny.variables, ids, hooks={tiny.layout.memories[layer]: hook})
+    moved[layer] = float(np.max(np.abs(np.asarray(out[0, -1]) - np.asarray(clean[0, -1]))))
+  assert moved[1] < 1e-6 and moved[0] > 1e-2
+  with pytest.raises(ValueError, match=r"cannot change it for request 1 .*edit an earlier "
+                                       r"block, or put the subject at the end of the prompt"):
+    optimize_values(tiny.model, tiny.layout.memories[1], w.tokenize,
+                    [_requests(tiny)[0], inside], steps=1)
+  assert check_reach(tiny.model, tiny.layout.memories[0], w.tokenize, [inside]) is None
+  assert check_reach(tiny.model, tiny.layout.memories[1], w.tokenize, _requests(tiny)) is None
+
+
+def test_value_search_refuses_target_ids_outside_the_vocabulary(tiny):
+  w = tiny.world
+  req = _requests(tiny)[0]
+  V = tiny.config.vocab_size
+  tok = lambda s: [V + 5 if x == req.target_new else i for x, i in zip(s.split(), w.tokenize(s))]
+  with pytest.raises(ValueError, match=rf"token ids: expected integers 0 <= id < {V} .*got "
+                                       rf"{V + 5} from tokenize\(' {req.target_new}'\)"):
+    optimize_values(tiny.model, tiny.layout.memories[0], tok, [req], steps=1)
