@@ -208,6 +208,20 @@ def output_kind(path: str | os.PathLike) -> str | None:
   return "tree"
 
 
+def _check_parent(dst: str) -> None:
+  """Refuses an output whose nearest existing ancestor is a file, or a folder this process
+  may not write in (checked before any work, so that nothing is computed in vain)."""
+  ancestor = os.path.dirname(dst)
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise ValueError(f"{dst}: expected an output path inside a folder, got one inside "
+                     f"{ancestor!r}, which is a file")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise ValueError(f"{dst}: expected an output path in a folder this process may write "
+                     f"in, got one in {ancestor!r}, which is read-only for it")
+
+
 def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
                  protect: Iterable[str | os.PathLike] = (), flag: str = "force=True") -> str:
   """Checks that writing output ``kind`` to ``path`` may replace what is there.
@@ -226,8 +240,9 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
     ``path`` as an absolute path.
 
   Raises:
-    ValueError: ``path`` would replace a protected path, or holds something other than
-      a memedit output of this kind (without ``force``).
+    ValueError: ``path`` would replace a protected path, holds something other than
+      a memedit output of this kind (without ``force``), or lies inside a file or a
+      folder this process may not write in.
   """
   if kind not in OUTPUT_KINDS:
     raise ValueError(f"kind: expected one of {OUTPUT_KINDS}, got {kind!r}")
@@ -238,6 +253,7 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
       what = "the current directory" if keep == cwd else repr(keep)
       raise ValueError(f"{dst}: expected an output folder apart from the inputs, got one that "
                        f"holds {what}; refusing to replace it (even with {flag})")
+  _check_parent(dst)
   recover(dst)
   if not os.path.lexists(dst) or force:
     return dst
@@ -426,9 +442,9 @@ def load_tree(path: str | os.PathLike) -> tuple[Any, dict]:
 
   Raises:
     FileNotFoundError: ``path`` is not a complete saved tree.
-    ValueError: the metadata is not valid JSON, or a file's sha256 differs from the one
-      stored when it was saved (the message names the file). Trees saved before
-      checksums were stored load unchecked.
+    ValueError: the metadata is not valid JSON, a file's sha256 differs from the one
+      stored when it was saved (the message names the file), or the arrays do not
+      restore. Trees saved before checksums were stored load unchecked.
   """
   src = os.path.abspath(os.fspath(path))
   recover(src)
@@ -441,8 +457,13 @@ def load_tree(path: str | os.PathLike) -> tuple[Any, dict]:
   if not isinstance(metadata, dict):
     raise ValueError(f"{meta_file}: expected a JSON object, got {type(metadata).__name__}")
   verify(src)
-  with _checkpointer() as ckptr:
-    tree = ckptr.restore(tree_dir)
+  try:
+    with _checkpointer() as ckptr:
+      tree = ckptr.restore(tree_dir)
+  except Exception as e:  # orbax / tensorstore errors on damaged or foreign files
+    raise ValueError(f"{tree_dir}: expected an orbax checkpoint of arrays, got one that does "
+                     f"not restore ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                     "the directory is damaged: regenerate it") from e
   return _to_numpy(tree), metadata
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from memedit import _io
 from memedit.edit_value import Edit
+from memedit.layouts import LAYOUTS
 
 __all__ = ["load_edit", "save_edit"]
 
@@ -57,6 +58,53 @@ def save_edit(path: str | os.PathLike, edit: Edit, *, force: bool = False) -> st
                        force=force)
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_saved(path, tree, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+  """Checks a saved edit's metadata fields and arrays before an :class:`Edit` is built
+  from them (a directory of another version, or edited by hand, fails here, naming the
+  field); returns ``(Λ, D)``."""
+  where = f"{os.fspath(path)}: meta.json"
+  fields = ("name", "path", "kind", "in_ndim", "method", "settings", "lam_shape",
+            "directions_shape")
+  missing = [f for f in fields if f not in meta]
+  if missing:
+    raise ValueError(f"{where}: expected the fields {list(fields)}, missing {missing}")
+  p = meta["path"]
+  if not (isinstance(p, list) and p and all(isinstance(k, str) or _is_int(k) for k in p)):
+    raise ValueError(f"{where}: path: expected a non-empty list of str/int keys, got {p!r}")
+  if meta["kind"] not in LAYOUTS:
+    raise ValueError(f"{where}: kind: expected one of {LAYOUTS}, got {meta['kind']!r}")
+  if not _is_int(meta["in_ndim"]):
+    raise ValueError(f"{where}: in_ndim: expected an int, got {meta['in_ndim']!r}")
+  if not isinstance(meta["method"], str):
+    raise ValueError(f"{where}: method: expected a str, got {meta['method']!r}")
+  if not isinstance(meta["settings"], dict):
+    raise ValueError(f"{where}: settings: expected an object, got {meta['settings']!r}")
+  if meta["name"] is not None and not isinstance(meta["name"], str):
+    raise ValueError(f"{where}: name: expected a str, got {meta['name']!r}")
+  index = meta.get("index")
+  if index is not None and (not _is_int(index) or index < 0):
+    raise ValueError(f"{where}: index: expected a non-negative int, got {index!r}")
+  if not (isinstance(tree, dict) and set(tree) == {"lam", "directions"}):
+    got = sorted(map(str, tree)) if isinstance(tree, dict) else type(tree).__name__
+    raise ValueError(f"{os.fspath(path)}: expected the arrays ['directions', 'lam'], got {got}")
+  lam, D = np.asarray(tree["lam"]), np.asarray(tree["directions"])
+  for name, a, key in (("lam", lam, "lam_shape"), ("directions", D, "directions_shape")):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      raise ValueError(f"{os.fspath(path)}: {name}: expected floating-point factors, got "
+                       f"{a.dtype}")
+    if list(a.shape) != meta[key]:
+      raise ValueError(f"{os.fspath(path)}: {name}: expected the shape {meta[key]!r} recorded "
+                       f"in meta.json ({key}), got {list(a.shape)}")
+  if D.ndim != 2 or lam.ndim < 2 or lam.shape[-1] != D.shape[0]:
+    raise ValueError(f"{os.fspath(path)}: expected factors lam (..., r) and directions (r, d), "
+                     f"got shapes {list(lam.shape)} and {list(D.shape)}")
+  return lam, D
+
+
 def load_edit(path: str | os.PathLike) -> Edit:
   """Loads an edit written by :func:`save_edit`.
 
@@ -73,7 +121,10 @@ def load_edit(path: str | os.PathLike) -> Edit:
     'demo'
 
   Raises:
-    ValueError: the directory holds something other than a memedit edit.
+    FileNotFoundError: ``path`` is not a saved tree.
+    ValueError: the directory holds something other than a memedit edit, a file was
+      damaged since it was saved, or a metadata field or array is not what
+      :func:`save_edit` writes (the message names it).
   """
   tree, meta = _io.load_tree(path)
   if meta.get("format") != _FORMAT:
@@ -81,7 +132,8 @@ def load_edit(path: str | os.PathLike) -> Edit:
                      f"got format {meta.get('format')!r}")
   if meta.get("version") != _VERSION:
     raise ValueError(f"{path}: expected edit format version {_VERSION}, got {meta.get('version')!r}")
-  edit = Edit(jnp.asarray(tree["lam"]), jnp.asarray(tree["directions"]), tuple(meta["path"]),
+  lam, D = _check_saved(path, tree, meta)
+  edit = Edit(jnp.asarray(lam), jnp.asarray(D), tuple(meta["path"]),
               meta["kind"], meta["in_ndim"], meta["method"],
               json.dumps(meta["settings"], sort_keys=True), None, meta.get("index"))
   # A stored name other than the content's fingerprint is a label the caller chose.

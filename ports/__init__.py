@@ -34,9 +34,26 @@ def shown_keys(mapping: Mapping, n: int = 8) -> str:
   return "[" + ", ".join(keys[:n]) + (f", ... {len(keys)} in all]" if len(keys) > n else "]")
 
 
+def _numeric(dtype: np.dtype) -> bool:
+  """Whether a state dict may hold arrays of ``dtype``: booleans, integers and floats,
+  including the ``ml_dtypes`` floats torch files store (bfloat16, float8), whose numpy
+  kind is 'V' for some of them."""
+  if dtype.kind in "biuf":
+    return True
+  if dtype.kind != "V" or dtype.fields is not None:
+    return False
+  try:
+    import ml_dtypes
+    ml_dtypes.finfo(dtype)
+  except (ImportError, ValueError, TypeError):
+    return False
+  return True
+
+
 def validate_state_dict(sd: Any, where: str) -> Mapping[str, Any]:
   """Checks that ``sd`` is a state dict: a mapping from str names to numeric arrays
-  (numpy arrays or scalars, or tensors handed in by a caller).
+  (numpy arrays or scalars of bool, int or float dtypes, bfloat16 and float8 included,
+  or tensors handed in by a caller).
 
   Args:
     sd: the candidate state dict.
@@ -60,7 +77,7 @@ def validate_state_dict(sd: Any, where: str) -> Mapping[str, Any]:
                        f"{type(name).__name__} key {brief_repr(name)} among {shown_keys(sd)}")
     if hasattr(value, "detach"):  # a torch tensor handed in by a caller
       continue
-    if not isinstance(value, (np.ndarray, np.generic)) or value.dtype.kind not in "biuf":
+    if not isinstance(value, (np.ndarray, np.generic)) or not _numeric(value.dtype):
       got = (f"an array of {value.dtype}" if isinstance(value, (np.ndarray, np.generic))
              else f"{type(value).__name__} {brief_repr(value)}")
       raise ValueError(f"{where}: {name}: expected a numeric tensor, got {got}")

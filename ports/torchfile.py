@@ -323,10 +323,13 @@ class _TensorRef(_Sealed):
     if any(s == 0 for s in self.shape):
       return np.zeros(self.shape, self.dtype)
     stored = self.dtype.newbyteorder(">") if self.storage.byteorder == "big" else self.dtype
-    flat = np.frombuffer(buf, dtype=stored, count=count)
+    # The strided view is cut out of raw items of the same size and reinterpreted after
+    # the copy: ``as_strided`` rebuilds its array from a type string, which numpy cannot
+    # parse for some ``ml_dtypes`` (float8_e5m2 reports '<f1').
+    flat = np.frombuffer(buf, dtype=np.dtype((np.void, itemsize)), count=count)
     view = np.lib.stride_tricks.as_strided(
         flat[self.offset:], shape=self.shape,
-        strides=tuple(s * itemsize for s in self.stride), writeable=False)
+        strides=tuple(s * itemsize for s in self.stride), writeable=False).view(stored)
     out = np.array(view, copy=True)
     if out.dtype != self.dtype:
       out = out.astype(self.dtype)
@@ -806,6 +809,7 @@ class _Unpickler(pickle.Unpickler):
 
 _ALLOWED_CLASSES: dict[tuple[str, str], type] = {
     ("builtins", "complex"): complex,
+    ("__builtin__", "complex"): complex,  # protocol 2 pickles (torch.save) name it so
     ("dnnlib.util", "EasyDict"): _EasyDict,
     ("dnnlib", "EasyDict"): _EasyDict,
 }

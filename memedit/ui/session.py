@@ -104,6 +104,9 @@ class Session:
     R = self.ws.resolution
     if isinstance(mask, str):
       mask = specs.data_url_to_mask(mask, "mask", size=R)
+    elif not isinstance(mask, np.ndarray):  # a JSON number, list or object from the page
+      raise ValueError(f"mask: expected a PNG data URL ('data:image/png;base64,...') of the "
+                       f"{R}x{R} canvas, got {type(mask).__name__}")
     return st.make_region(imgnum, mask, R)
 
   # -- views -------------------------------------------------------------------------------

@@ -71,8 +71,8 @@ def check_state_dict(sd: dict[str, Any]) -> tuple[int, int, int]:
 
   Raises:
     ValueError: keys are missing, unexpected or not strings, values are not numeric
-      tensors, shapes do not fit the architecture, or a weight holds NaN or infinite
-      values (the message names it).
+      tensors, shapes do not fit the architecture, a weight holds NaN or infinite
+      values, or a batch norm's running variance is negative (the message names it).
   """
   first, last = sd.get("main.0.weight"), sd.get("main.12.weight")
   if not (isinstance(first, np.ndarray) and first.ndim == 4 and isinstance(last, np.ndarray)
@@ -100,6 +100,12 @@ def check_state_dict(sd: dict[str, Any]) -> tuple[int, int, int]:
       raise ValueError(f"DCGAN checkpoint: {name}: expected shape {shape} "
                        f"(z_dim {z_dim}, ngf {ngf}, channels {channels}), got {got}")
     check_finite(name, sd[name], "DCGAN checkpoint")
+    if name.endswith(".running_var"):
+      negative = int((np.asarray(sd[name], np.float32) < 0).sum())
+      if negative:
+        raise ValueError(f"DCGAN checkpoint: {name}: expected non-negative variances, got "
+                         f"{negative} negative of {np.size(sd[name])} values (batch norm "
+                         "would give NaN)")
   return int(z_dim), int(ngf), int(channels)
 
 

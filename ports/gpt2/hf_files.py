@@ -221,13 +221,20 @@ def checkpoint_files(src: str | os.PathLike) -> tuple[list[str], str]:
 
   Raises:
     FileNotFoundError: no weights or no ``config.json`` found (the message lists the
-      names looked for).
-    ValueError: an index file is malformed or names a file outside its folder.
+      names looked for), or a shard an index names is missing.
+    ValueError: an index file is malformed or names a file outside its folder, or the
+      preferred weights name in a folder is a directory (or another non-file).
   """
   src = os.fspath(src)
   if os.path.isdir(src):
     folder = src
     found = [name for name in _WEIGHT_FILES if os.path.isfile(os.path.join(src, name))]
+    odd = [name for name in _WEIGHT_FILES
+           if os.path.lexists(os.path.join(src, name)) and name not in found]
+    if odd and (not found or _WEIGHT_FILES.index(odd[0]) < _WEIGHT_FILES.index(found[0])):
+      what = "a directory" if os.path.isdir(os.path.join(src, odd[0])) else "not a regular file"
+      raise CorruptFileError(f"{os.path.join(src, odd[0])}: expected GPT-2 weights (a regular "
+                             f"file), got {what}")
     if not found:
       raise FileNotFoundError(f"{src}: expected GPT-2 weights in the folder, one of "
                               f"{list(_WEIGHT_FILES)}; found {sorted(os.listdir(src))[:8]}")
@@ -261,6 +268,12 @@ def _shards(index_file: str) -> list[str]:
       raise CorruptFileError(f"{index_file}: weight_map: expected shard names inside the "
                              f"index's folder, got {brief_repr(name)}")
     files.append(os.path.join(folder, name))
+  # Before any shard is read: a missing one would otherwise surface only after the others.
+  missing = [os.path.basename(f) for f in files if not os.path.lexists(f)]
+  if missing:
+    raise FileNotFoundError(f"{index_file}: weight_map: expected the shard files it names "
+                            f"beside it, missing {missing[:8]} ({len(missing)} of "
+                            f"{len(files)}); the checkpoint is incomplete")
   return files
 
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from memedit import _io
-from ports import check_finite, shown_keys, validate_state_dict
+from ports import _numeric, check_finite, shown_keys, validate_state_dict
 from ports.stylegan2 import model as model_lib
 from ports.stylegan2.state_dict import (BLUR, FORMAT_VERSION, check_filters,
                                         check_finite_tensors, check_keys, conv_kernel,
@@ -176,9 +176,11 @@ def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
     avg = np.zeros((config["w_dim"],), np.float32)
   else:
     if not (hasattr(latent_avg, "detach") or (isinstance(latent_avg, (np.ndarray, np.generic))
-                                              and latent_avg.dtype.kind in "iuf")):
-      raise ValueError(f"latent_avg: expected a tensor of {config['w_dim']} values, got "
-                       f"{type(latent_avg).__name__} {brief_repr(latent_avg)}")
+                                              and latent_avg.dtype.kind != "b"
+                                              and _numeric(latent_avg.dtype))):
+      got = (f"an array of {latent_avg.dtype}" if isinstance(latent_avg, (np.ndarray, np.generic))
+             else f"{type(latent_avg).__name__} {brief_repr(latent_avg)}")
+      raise ValueError(f"latent_avg: expected a tensor of {config['w_dim']} values, got {got}")
     avg = to_float32(latent_avg).reshape(-1)
     if avg.shape != (config["w_dim"],):
       raise ValueError(f"latent_avg: expected {config['w_dim']} values, got shape "

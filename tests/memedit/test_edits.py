@@ -348,3 +348,45 @@ def test_edits_written_by_the_first_release_load(tmp_path):
   back = memedit.load_edit(labelled)
   assert back.label == "smile" and back.name == "smile" and back.fingerprint == e.fingerprint
   assert memedit.load_edit(out).label is None
+
+
+def _rewrite_meta(folder, **changes):
+  """Changes fields of a saved edit's meta.json and re-signs it in the marker, as a file of
+  another version (or edited by hand) would be."""
+  from memedit import _io
+
+  meta_file = os.path.join(folder, "meta.json")
+  meta = json.loads(open(meta_file).read())
+  meta.update(changes)
+  for k in [k for k, v in changes.items() if v is _DROP]:
+    del meta[k]
+  with open(meta_file, "w") as f:
+    json.dump(meta, f)
+  marker_file = os.path.join(folder, _io.MARKER_FILE)
+  marker = json.loads(open(marker_file).read())
+  marker["sha256"]["meta.json"] = _io.sha256_file(meta_file)
+  with open(marker_file, "w") as f:
+    json.dump(marker, f)
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"path": _DROP}, r"meta.json: expected the fields .*, missing \['path'\]"),
+    ({"path": "k2"}, r"meta.json: path: expected a non-empty list of str/int keys, got 'k2'"),
+    ({"kind": "weird"}, r"meta.json: kind: expected one of \('matrix', 'dense', 'conv'\), "
+                        r"got 'weird'"),
+    ({"in_ndim": "x"}, r"meta.json: in_ndim: expected an int, got 'x'"),
+    ({"method": 5}, r"meta.json: method: expected a str, got 5"),
+    ({"name": 5}, r"meta.json: name: expected a str, got 5"),
+    ({"index": "x"}, r"meta.json: index: expected a non-negative int, got 'x'"),
+    ({"lam_shape": [5, 5]}, r"lam: expected the shape \[5, 5\] recorded in meta.json "
+                            r"\(lam_shape\), got \[2, 1\]"),
+])
+def test_load_edit_checks_every_metadata_field(tmp_path, changes, message):
+  e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.ones((1, 3)), label="a")
+  out = memedit.save_edit(tmp_path / "e", e)
+  _rewrite_meta(out, **changes)
+  with pytest.raises(ValueError, match=message):
+    memedit.load_edit(out)

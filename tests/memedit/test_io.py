@@ -347,3 +347,38 @@ def test_damaged_metadata_is_refused_naming_the_file(tmp_path, damage):
     with pytest.raises(ValueError, match="expected JSON metadata") as info:
       ports.read_config(out)
     assert str(meta) in str(info.value)
+
+
+def test_output_inside_a_file_is_refused_before_any_work(tmp_path):
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match=r"expected an output path inside a folder, got one "
+                     r"inside '.*notes.txt', which is a file"):
+    _io.check_output(tmp_path / "notes.txt" / "deeper" / "out", "tree")
+  e = memedit.make_edit(("k",), np.ones((2, 1), np.float32), np.ones((1, 3), np.float32))
+  with pytest.raises(ValueError, match="which is a file"):
+    memedit.save_edit(tmp_path / "notes.txt" / "e", e)
+  assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_output_in_a_read_only_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+  # (Tests may run as root, for whom every folder is writable: os.access is stubbed.)
+  ro = str(tmp_path / "ro")
+  os.mkdir(ro)
+  real = os.access
+  monkeypatch.setattr(_io.os, "access", lambda p, mode: p != ro and real(p, mode))
+  with pytest.raises(ValueError, match=r"expected an output path in a folder this process "
+                     r"may write in, got one in '.*ro', which is read-only for it"):
+    _io.save_tree(os.path.join(ro, "new", "out"), _tree())
+  assert os.listdir(ro) == []
+
+
+def test_arrays_that_do_not_restore_are_refused_naming_the_folder(tmp_path):
+  # A folder saved before markers existed is read without checksums: orbax's own error
+  # (here a JSONDecodeError) comes back as a ValueError naming the arrays folder.
+  out = tmp_path / "out"
+  _io.save_tree(out, _tree(), {})
+  (out / _io.MARKER_FILE).unlink()
+  (out / "arrays" / "_METADATA").write_text('{"trunc')
+  with pytest.raises(ValueError, match=r"arrays: expected an orbax checkpoint of arrays, got "
+                     r"one that does not restore \(.*\); the directory is damaged"):
+    _io.load_tree(out)

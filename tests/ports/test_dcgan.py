@@ -331,3 +331,38 @@ def test_overlap_add_conv_transpose_refuses_what_it_does_not_compute(kwargs, mes
 def test_model_docstring_example_runs():
   result = doctest.testmod(dcgan_model, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0 and result.failed == 0
+
+
+def _tiny_torch_state_dict(dtype=torch.float32):
+  """A random torch DCGAN state dict (z 4, ngf 1, 3 channels) with positive variances."""
+  gen = torch.Generator().manual_seed(0)
+  sd = {k: torch.rand(s, generator=gen).to(dtype) + 0.5
+        for k, s in dcgan_convert.expected_shapes(4, 1, 3).items()}
+  return {"netG_state_dict": sd}
+
+
+def test_bfloat16_checkpoint_converts(tmp_path):
+  # bfloat16 (numpy kind 'V' through ml_dtypes) used to be refused as "not numeric".
+  torch.save(_tiny_torch_state_dict(torch.bfloat16), tmp_path / "bf16.pt")
+  _, variables, config = load_dcgan(convert_dcgan(tmp_path / "bf16.pt", tmp_path / "out"))
+  assert config["z_dim"] == 4
+  assert np.asarray(variables["params"]["convt0"]["kernel"]).dtype == np.float32
+
+
+def test_negative_running_variance_is_refused(tmp_path):
+  ckpt = _tiny_torch_state_dict()
+  ckpt["netG_state_dict"]["main.4.running_var"][1] = -2.0
+  torch.save(ckpt, tmp_path / "negvar.pt")
+  with pytest.raises(ValueError, match=r"DCGAN checkpoint: main.4.running_var: expected "
+                     r"non-negative variances, got 1 negative of 4 values"):
+    convert_dcgan(tmp_path / "negvar.pt", tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+def test_complex_weights_are_refused_as_not_numeric(tmp_path):
+  ckpt = _tiny_torch_state_dict()
+  ckpt["netG_state_dict"]["main.1.bias"] = torch.ones(8, dtype=torch.complex64)
+  torch.save(ckpt, tmp_path / "c.pt")
+  with pytest.raises(ValueError, match=r"main.1.bias: expected a numeric tensor, got an "
+                     r"array of complex64"):
+    convert_dcgan(tmp_path / "c.pt", tmp_path / "out")

@@ -438,3 +438,40 @@ def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0
   assert result.failed == 0
+
+
+def _tiny_folder(folder, files):
+  """A checkpoint folder with a tiny GPT-2 config.json and ``files`` (name -> bytes, or
+  None for a directory)."""
+  os.makedirs(folder)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump({"model_type": "gpt2", "vocab_size": 5, "n_positions": 4, "n_embd": 4,
+               "n_layer": 1, "n_head": 2}, f)
+  for name, data in files.items():
+    if data is None:
+      os.makedirs(os.path.join(folder, name))
+    else:
+      with open(os.path.join(folder, name), "wb") as f:
+        f.write(data)
+  return str(folder)
+
+
+def test_weights_name_that_is_a_directory_is_named(tmp_path):
+  folder = _tiny_folder(tmp_path / "m", {"model.safetensors": None})
+  with pytest.raises(CorruptFileError, match=r"model.safetensors: expected GPT-2 weights "
+                     r"\(a regular file\), got a directory"):
+    gpt2.convert_gpt2(folder, str(tmp_path / "out"))
+
+
+def test_index_naming_a_missing_shard_is_refused_before_reading(tmp_path, monkeypatch):
+  shard = _safetensors_bytes(_GOOD, _DATA)
+  index = json.dumps({"weight_map": {"a": "model-1.safetensors",
+                                     "b": "model-2.safetensors"}}).encode()
+  folder = _tiny_folder(tmp_path / "m", {"model-1.safetensors": shard,
+                                         "model.safetensors.index.json": index})
+  read = []
+  monkeypatch.setattr(gpt2_files, "load_safetensors", lambda p: read.append(p) or {})
+  with pytest.raises(FileNotFoundError, match=r"weight_map: expected the shard files it names "
+                     r"beside it, missing \['model-2.safetensors'\] \(1 of 2\)"):
+    gpt2.convert_gpt2(folder, str(tmp_path / "out"))
+  assert read == []

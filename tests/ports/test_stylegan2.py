@@ -479,3 +479,20 @@ def test_helpers_and_validation(ros32):
     assert len(shapes["buffers"]["synthesis"]) == sg2.num_conv_layers(size)
     img = jax.eval_shape(gen.apply, shapes, jnp.zeros((2, 32)))
     assert img.shape == (2, size, size, 3)
+
+
+def test_bfloat16_rosinality_checkpoint_converts(tmp_path):
+  # bfloat16 weights and latent_avg used to be refused as "not a numeric tensor".
+  torch.manual_seed(0)
+  g = peers.rosinality_model().Generator(8, 16, 2, channel_multiplier=1).eval()
+  sd = {k: v.to(torch.bfloat16) for k, v in g.state_dict().items()}
+  src = tmp_path / "bf16.pt"
+  torch.save({"g_ema": sd, "latent_avg": torch.zeros(16, dtype=torch.bfloat16)}, src)
+  _, variables, config = sg2.load_stylegan2(sg2.convert_rosinality(src, tmp_path / "out"))
+  assert config["style_dim"] == 16 and config["latent_avg_source"] == "checkpoint"
+  kernel = variables["params"]["mapping"]["fc_0"]["kernel"]
+  np.testing.assert_array_equal(kernel, sd["style.1.weight"].float().numpy().T)
+  with pytest.raises(ValueError, match=r"latent_avg: expected a tensor of 16 values, got an "
+                     r"array of complex64"):
+    sg2.state_dict_to_params_rosinality({k: v.float().numpy() for k, v in sd.items()},
+                                        np.zeros(16, np.complex64))

@@ -725,3 +725,24 @@ def test_non_regular_files_are_refused(tmp_path):
   os.mkfifo(fifo)  # no writer: opening it to read must not block
   _assert_refused(_load_bounded(fifo, "load_any"), fifo, "not a regular file",
                   kinds=("CorruptFileError",))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float8_e5m2_tensors_and_views_read(tmp_path, fmt):
+  # numpy's as_strided cannot rebuild an array of ml_dtypes' float8_e5m2 (its type string
+  # is '<f1'); the reader used to fail with "data type '<f1' not understood".
+  t = (torch.arange(6, dtype=torch.float32) * 0.5 - 1).to(torch.float8_e5m2).reshape(2, 3)
+  path = tmp_path / "f8.pt"
+  _save({"x": t, "xt": t.t(), "s": t[1, 2]}, path, fmt)
+  got = torchfile.load_torch(path)
+  assert got["x"].dtype.name == "float8_e5m2" and got["s"].shape == ()
+  for k, want in (("x", t), ("xt", t.t()), ("s", t[1, 2])):
+    np.testing.assert_array_equal(got[k].astype(np.float32), want.float().numpy())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_python_complex_values_in_torch_save_read(tmp_path, fmt):
+  # torch.save pickles with protocol 2, which names the class '__builtin__.complex'.
+  path = tmp_path / "c.pt"
+  _save({"z": complex(1, 2), "w": torch.ones(2)}, path, fmt)
+  assert torchfile.load_torch(path)["z"] == complex(1, 2)

@@ -268,6 +268,9 @@ BAD = [
     ("copy", {"imgnum": 3, "mask": url(box(2, 6, 2, 6, size=32))}, 400, "expected size 64x64"),
     ("copy", {"imgnum": 3, "mask": "data:image/png;base64,@@"}, 400, "invalid base64"),
     ("copy", {"imgnum": 3}, 400, "missing ['mask']"),
+    ("copy", {"imgnum": 3, "mask": 7}, 400, "mask: expected a PNG data URL ('data:image/png;"
+     "base64,...') of the 64x64 canvas, got int"),
+    ("context", {"imgnum": 3, "mask": [[255] * 64] * 64}, 400, "PNG data URL"),
     ("paste", {"imgnum": 4, "mask": url(box(8, 16, 8, 16))}, 400, "nothing copied yet"),
     ("execute", {}, 400, "context tray is empty"),
     ("erase", {"imgnum": 4, "mask": url(box(8, 16, 8, 16))}, 400, "context tray is empty"),
