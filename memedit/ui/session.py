@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 import memedit
+from memedit import generators as gens
 from memedit import specs
 from memedit.ui import state as st
 from memedit.ui import workflow as wf
@@ -224,11 +225,20 @@ class Session:
     nums = [r.imgnum for _, r in s.context] + [paste.imgnum] + (
         [s.copy.imgnum] if kind == "insert" else [])
     n_img = 10000 if max(nums) < 10000 else specs.MAX_IMAGES
-    return specs.make_spec(
+    return self._check_rank(specs.make_spec(
         key=[(r.imgnum, r.mask) for _, r in s.context], paste=(paste.imgnum, paste.mask),
         object=(s.copy.imgnum, s.copy.mask) if kind == "insert" else None, layer=s.layer,
         model=self.ws.name, kind=kind, canvas=self.ws.resolution, num_images=n_img,
-        **_check_settings(settings))
+        **_check_settings(settings)))
+
+  def _check_rank(self, spec):
+    """The spec, once its rank is known to fit its layer's keys (refused before a job
+    starts rather than failing inside it)."""
+    key_dim = gens.layer_info(self.ws.gen, spec.layer).key_dim
+    if spec.rank > key_dim:
+      raise ValueError(f"rank: expected at most {key_dim} (the key dimension C_in of layer "
+                       f"{spec.layer!r}), got {spec.rank}")
+    return spec
 
   @staticmethod
   def _directions_key(s: st.State, spec) -> tuple:
@@ -344,7 +354,8 @@ class Session:
     if not isinstance(text, str):
       raise ValueError(f"spec: expected the JSON text of a spec, got {type(text).__name__}")
     data = specs.parse_spec_text(text.encode("utf-8", "surrogatepass"), "spec")
-    spec = specs.spec_from_json(data, layers=self.ws.layers, canvas=self.ws.resolution)
+    spec = self._check_rank(specs.spec_from_json(data, layers=self.ws.layers,
+                                                 canvas=self.ws.resolution))
 
     def run(job):
       s = self.snapshot()

@@ -287,6 +287,11 @@ BAD = [
                                      "object": [3, url(box(8, 16, 8, 16))],
                                      "layer": "convt9"})}, 400, "layer: expected one of"),
     ("replay", {"spec": 3}, 400, "JSON text of a spec"),
+    ("replay", {"spec": json.dumps({"key": [[1, url(box(8, 16, 8, 16))]],
+                                     "paste": [2, url(box(8, 16, 8, 16))],
+                                     "object": [3, url(box(8, 16, 8, 16))],
+                                     "layer": "convt2", "rank": 10 ** 9})}, 400,
+     "rank: expected at most"),
     ("layer", {"layer": "convt9"}, 400, "layer: expected one of"),
     ("context/remove", {"id": "c99"}, 400, "expected one of the tray's entries"),
     ("edits/e9/active", {"active": True}, 400, "this session's edits"),
@@ -308,7 +313,8 @@ def test_bad_input_gets_a_message_and_changes_nothing(client):
   for settings, message in (({"rank": "x"}, "rank: expected a positive integer"),
                             ({"bogus": 1}, "settings: expected fields among"),
                             ({"solver": {"steps": 0}}, "solver.steps: expected an integer"),
-                            ({"method": "pca"}, "method: expected one of")):
+                            ({"method": "pca"}, "method: expected one of"),
+                            ({"rank": 10 ** 6}, "rank: expected at most")):
     before = client.session.state
     r = client.post("matches", {"images": "0-3", "settings": settings})
     assert r.status_code == 400 and message in r.get_json()["error"], r.get_json()
