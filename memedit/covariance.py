@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.checks import is_traced
-from memedit.moments import (CovarianceState, covariance_init, covariance_merge,
+from memedit.moments import (CovarianceState, check_state, covariance_init, covariance_merge,
                              covariance_update)
 from memedit.stream import stream_covariance
 from memedit.stream_cache import covariance_cache_key
@@ -80,6 +80,7 @@ def key_count(state: CovarianceState) -> int:
     >>> memedit.key_count(memedit.covariance_update(memedit.covariance_init(2), np.ones((5, 2))))
     5
   """
+  check_state(state)
   c = np.asarray(state.count, np.uint64)
   return int(c[0]) + (int(c[1]) << 32)
 
@@ -99,11 +100,13 @@ def total_weight(state: CovarianceState) -> jax.Array:
     >>> float(memedit.total_weight(s))
     2.0
   """
+  check_state(state)
   return state.weight[0] - state.weight[1]
 
 
 def _check_result_state(state: CovarianceState, what: str):
   """Eager checks of a state before a result is read from it (none under jit)."""
+  check_state(state, what)
   if is_traced(state):
     return
   bad = int(np.asarray(state.nonfinite))

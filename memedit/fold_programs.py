@@ -25,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.moments import CovarianceState, add_pair, covariance_init, fold_keys, merge_states
+from memedit.checks import expand_weights, weights_error, weights_fit
+from memedit.moments import (CovarianceState, add_pair, check_key_dtype, covariance_init,
+                             fold_keys, merge_states)
 
-__all__ = ["BatchTemplate", "group_input_sharding", "identity", "is_resident", "make_group_fn",
+__all__ = ["BatchTemplate", "check_key_output", "group_input_sharding", "identity", "is_resident", "make_group_fn",
            "make_resident_fn", "on_several_devices", "pad_rows", "padded_rows",
            "replicated_sharding", "split_keys", "with_params"]
 
@@ -196,10 +198,58 @@ def group_input_sharding(n_dev: int) -> Any:
   return NamedSharding(_data_mesh(n_dev), P(None, "data"))
 
 
+def check_key_output(out: Any, dim: int | None = None, rows: int | None = None,
+                     name: str = "key_fn") -> tuple[Any, Any]:
+  """Checks what a key function returned (arrays or their shapes) and splits it.
+
+  Keys must be a real array of shape (B, ..., d) (d = ``dim`` when given; B = ``rows``,
+  the batch's leading size, when given); weights, when returned, a real (or bool) array
+  aligned with the keys' leading axes (see :func:`memedit.checks.weights_fit`).
+
+  Args:
+    out: keys, or a pair (keys, weights) (arrays or ``jax.ShapeDtypeStruct``).
+    dim: the key dimension d, or None for any.
+    rows: the batch's leading size B, or None for any.
+    name: what produced ``out``, for messages (``"key_fn"``, or ``"batches"`` for a
+      stream of raw keys).
+
+  Returns:
+    ``(keys, weights)`` as :func:`split_keys`.
+
+  Example:
+    >>> import numpy as np
+    >>> check_key_output((np.ones((4, 3)), np.ones(5)))
+    Traceback (most recent call last):
+    ...
+    ValueError: key_fn weights: expected a shape that broadcasts to a leading part of the keys' leading shape (4,) (weights align with the keys' leading axes, from the left: (B,) weights each of B images of keys (B, h, w, d)), got (5,)
+  """
+  keys, w = split_keys(out)
+  if not (hasattr(keys, "shape") and hasattr(keys, "dtype")):
+    raise ValueError(f"{name}: expected keys (an array of shape (B, ..., d)) or a tuple "
+                     f"(keys, weights), got {type(keys).__name__}")
+  shape = tuple(keys.shape)
+  want_d = "d" if dim is None else dim
+  want_b = "B" if rows is None else rows
+  if (len(shape) < 2 or (dim is not None and shape[-1] != dim)
+      or (rows is not None and shape[0] != rows)):
+    raise ValueError(f"{name}: expected keys of shape ({want_b}, ..., {want_d}) (the batch's "
+                     f"leading axis first, the key dimension last), got {shape}")
+  check_key_dtype(keys.dtype)
+  if w is not None:
+    if not (hasattr(w, "shape") and hasattr(w, "dtype")):
+      w = np.asarray(w)
+    if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)
+            or jnp.issubdtype(w.dtype, jnp.bool_)):
+      raise ValueError(f"{name} weights: expected a real dtype, got {w.dtype}")
+    if not weights_fit(tuple(w.shape), shape[:-1]):
+      raise weights_error(f"{name} weights", tuple(w.shape), shape[:-1])
+  return keys, w
+
+
 def _checked_keys(keys_of, params, batch, dim):
-  keys, w = split_keys(keys_of(params, batch))
-  if keys.shape[-1] != dim:
-    raise ValueError(f"key_fn: expected keys of shape (..., {dim}), got {keys.shape}")
+  keys, w = check_key_output(keys_of(params, batch), dim)
+  if w is not None:
+    w = jnp.asarray(w)
   return keys, w
 
 
@@ -236,10 +286,16 @@ def make_group_fn(key_fn: Callable, dim: int, n_dev: int, has_params: bool = Fal
     def body(st, inp):
       batch, ok = inp
       keys, w = _checked_keys(keys_of, params, batch, dim)
-      okw = ok.astype(jnp.float32)
       lead = keys.shape[:-1]
-      okw = jnp.reshape(okw, okw.shape + (1,) * (len(lead) - okw.ndim))
-      w = okw if w is None else jnp.asarray(w, jnp.float32) * okw
+      # ``ok`` (B,) marks the real rows along the keys' leading (batch) axis; the key
+      # function's weights are aligned with the keys' leading axes from the left, so
+      # both are brought to the keys' leading shape before they are combined.
+      okb = jnp.reshape(ok, ok.shape + (1,) * (len(lead) - ok.ndim))
+      if w is None:
+        w = jnp.broadcast_to(okb, lead).astype(jnp.float32)
+      else:
+        w = expand_weights(w, lead)
+        w = jnp.where(okb, w, jnp.zeros((), w.dtype))
       return fold_keys(st, keys, w), None
 
     return lax.scan(body, state, (batches, valid))[0]

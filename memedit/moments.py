@@ -24,8 +24,9 @@ from memedit.checks import (check_positive_int, expand_weights, float_dtype, wei
                             weights_fit)
 from memedit.gram import gram
 
-__all__ = ["CovarianceState", "add_pair", "as_dtype", "check_key_dtype", "covariance_init",
-           "covariance_merge", "covariance_update", "fold_keys", "merge_states"]
+__all__ = ["CovarianceState", "add_pair", "as_dtype", "check_key_dtype", "check_state",
+           "covariance_init", "covariance_merge", "covariance_update", "fold_keys",
+           "merge_states"]
 
 
 class CovarianceState(NamedTuple):
@@ -105,6 +106,8 @@ def covariance_init(dim: int, shift: Any = None, dtype: Any = jnp.float32) -> Co
     c = jnp.asarray(shift, dt)
     if c.shape != (dim,):
       raise ValueError(f"shift: expected shape ({dim},), got {c.shape}")
+    if not isinstance(c, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(c))):
+      raise ValueError(f"shift: expected finite values, got NaN or inf in {shift!r}")
     has = jnp.asarray(True)
   return CovarianceState(
       count=jnp.zeros((2,), jnp.uint32),
@@ -129,6 +132,21 @@ def check_key_dtype(dtype) -> None:
   """
   if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
     raise ValueError(f"keys: expected a real dtype, got {jnp.dtype(dtype)}")
+
+
+def check_state(state: Any, name: str = "state") -> None:
+  """Raises a ``TypeError`` unless ``state`` is a :class:`CovarianceState`.
+
+  Example:
+    >>> import numpy as np
+    >>> check_state(np.eye(2))
+    Traceback (most recent call last):
+    ...
+    TypeError: state: expected a CovarianceState (from covariance_init or stream_covariance), got ndarray
+  """
+  if not isinstance(state, CovarianceState):
+    raise TypeError(f"{name}: expected a CovarianceState (from covariance_init or "
+                    f"stream_covariance), got {type(state).__name__}")
 
 
 def _check_keys(state: CovarianceState, keys, weights):
@@ -299,6 +317,7 @@ def covariance_update(state: CovarianceState, keys: Any, weights: Any = None) ->
     >>> bool(np.allclose(memedit.second_moment(s), k.T @ k / 100, atol=1e-5))
     True
   """
+  check_state(state)
   keys = jnp.asarray(keys)
   weights = None if weights is None else jnp.asarray(weights)
   _check_keys(state, keys, weights)
@@ -336,6 +355,8 @@ def covariance_merge(a: CovarianceState, b: CovarianceState) -> CovarianceState:
     >>> bool(np.allclose(memedit.second_moment(m), memedit.second_moment(whole), atol=1e-6))
     True
   """
+  check_state(a, "covariance_merge: a")
+  check_state(b, "covariance_merge: b")
   if a.shift.shape != b.shift.shape:
     raise ValueError(
         f"covariance_merge: expected states of the same dimension, got {a.shift.shape[-1]} "
@@ -359,7 +380,10 @@ def merge_states(a: CovarianceState, b: CovarianceState) -> CovarianceState:
     >>> merge_states(a, a).count.tolist()
     [4, 0]
   """
-  shift = jnp.where(a.has_shift, a.shift, b.shift)
+  # An empty ``a`` (no key of non-zero weight: its sums are exactly 0) takes b's shift,
+  # even one made with an explicit shift: b's sums keep the accuracy of b's own shift.
+  a_empty = (a.count[0] == 0) & (a.count[1] == 0)
+  shift = jnp.where(a.has_shift & ~(a_empty & b.has_shift), a.shift, b.shift)
   wb = b.weight[0] - b.weight[1]
   delta = jnp.where(b.has_shift, b.shift - shift, 0.0)
   sb = b.sum + wb * delta

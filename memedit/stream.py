@@ -24,9 +24,9 @@ import numpy as np
 
 from memedit import fold_programs
 from memedit.checks import check_positive_int
-from memedit.fold_programs import (BatchTemplate, group_input_sharding, identity, is_resident,
-                                   on_several_devices, pad_rows, padded_rows,
-                                   replicated_sharding, split_keys, with_params)
+from memedit.fold_programs import (BatchTemplate, check_key_output, group_input_sharding,
+                                   identity, is_resident, on_several_devices, pad_rows,
+                                   padded_rows, replicated_sharding, split_keys, with_params)
 from memedit.moments import CovarianceState, check_key_dtype, covariance_init, fold_keys
 from memedit.stream_cache import (StreamCache, allgather, host_state, merge_all, place_state,
                                   unstack_state)
@@ -98,7 +98,11 @@ class _Folder:
     if self.resident:
       self.sharding = replicated_sharding(first)
       self.partitioned = on_several_devices(first)
-    first_keys, _ = split_keys(jax.eval_shape(self.keys_of, self.params, first))
+    out = jax.eval_shape(self.keys_of, self.params, first)
+    # Keys (B, ..., d) with the batch axis first (ragged batches are padded along it),
+    # and weights that fit them: refused here, before anything is folded.
+    check_key_output(out, rows=self.first_rows, name="batches" if self.ident else "key_fn")
+    first_keys, _ = split_keys(out)
     d = int(first_keys.shape[-1])
     if dim is not None and d != dim:
       raise ValueError(f"keys: expected last dimension {dim}, got {d}")
@@ -274,7 +278,13 @@ def stream_covariance(
   save_every = check_positive_int(save_every, "save_every")
   if total is None and hasattr(batches, "__len__"):
     total = len(batches)
+  if key_fn is not None and not callable(key_fn):
+    raise TypeError(f"key_fn: expected a function batch → keys or (keys, weights), got "
+                    f"{type(key_fn).__name__}")
   n_avail = len(jax.local_devices())
+  if devices is not None and (isinstance(devices, bool)
+                              or not isinstance(devices, (int, np.integer))):
+    raise ValueError(f"devices: expected an int in 1..{n_avail}, got {devices!r}")
   n_dev = n_avail if devices is None else int(devices)
   if not 1 <= n_dev <= n_avail:
     raise ValueError(f"devices: expected 1..{n_avail}, got {devices}")
@@ -307,8 +317,15 @@ def stream_covariance(
     state, done = states[me], consumed[me]
     if done:
       # Skip what was folded before, without computing its keys.
-      rest = itertools.chain(chunk, it)
-      it = itertools.islice(rest, done, None)
+      it = itertools.chain(chunk, it)
+      skipped = sum(1 for _ in itertools.islice(it, done))
+      if skipped < done and not across_processes:
+        # A stream shorter than the part already folded is not the stream that wrote the
+        # cache: its state would be returned (and marked complete) as if it were.
+        raise ValueError(
+            f"batches: expected the stream that wrote the statistics cache {cache.path} "
+            f"(it holds {done} batches folded), got a stream of {skipped} batch(es); pass "
+            f"the same stream, or another cache_key")
       chunk = list(itertools.islice(it, group))
 
   if chunk:

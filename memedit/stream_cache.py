@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -42,10 +43,19 @@ def covariance_cache_key(content_hash: str, spec: Any, dtype: Any = jnp.float32)
     >>> len(memedit.covariance_cache_key("params-sha", {"seed": 1, "n": 1000}, "float32"))
     64
   """
+  def text_of(obj):
+    # Other objects are named by their text (paths, dtypes, ...), unless that text holds
+    # a memory address ("<object at 0x7f…>"): it changes every run, and so would the key.
+    out = str(obj)
+    if re.search(r" at 0x[0-9a-fA-F]+", out):
+      raise TypeError(out)
+    return out
+
   try:
-    spec_text = json.dumps(spec, sort_keys=True, default=str)
-  except TypeError as e:
-    raise ValueError(f"spec: expected a JSON-serialisable description, got {spec!r}") from e
+    spec_text = json.dumps(spec, sort_keys=True, default=text_of)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"spec: expected a JSON-serialisable description (objects whose text "
+                     f"holds a memory address change every run), got {spec!r}") from e
   text = json.dumps([str(content_hash), spec_text, str(jnp.dtype(dtype))])
   return hashlib.sha256(text.encode()).hexdigest()
 
@@ -149,17 +159,36 @@ class StreamCache:
       return
     if (cache_dir is None) != (cache_key is None):
       raise ValueError("cache_dir and cache_key: expected both or neither, got only one")
-    key = str(cache_key)
+    if (not isinstance(cache_key, str) or cache_key in ("", ".", "..")
+        or "/" in cache_key or os.sep in cache_key or (os.altsep or "/") in cache_key):
+      # The key names one folder inside cache_dir: a path would write (and replace) a
+      # folder elsewhere, or cache_dir itself.
+      raise ValueError(f"cache_key: expected a folder name inside cache_dir (a non-empty str "
+                       f"without path separators, not '.' or '..'), got {cache_key!r}")
+    root = os.fspath(cache_dir)
+    if os.path.exists(root) and not os.path.isdir(root):
+      raise ValueError(f"cache_dir: expected a directory (or a path to create one at), got "
+                       f"a file: {root}")
+    key = cache_key
     if n_proc > 1:
       # One key for the whole run: the hash of every process's key, in process order.
       digest = np.frombuffer(hashlib.sha256(key.encode()).digest(), np.uint8)
       key = hashlib.sha256(np.asarray(allgather(digest)).tobytes()).hexdigest()
-    self.path = os.path.join(os.fspath(cache_dir), key)
+    self.path = os.path.join(root, key)
 
   def load(self):
     """``(states, batches consumed per process, complete)``, or None when nothing is saved."""
-    if self.path is None or not os.path.isdir(self.path):
+    if self.path is None:
       return None
+    # A save killed between its two renames left the last state moved aside: put it back.
+    _io.recover(self.path)
+    if os.path.lexists(self.path) and not os.path.isdir(self.path):
+      raise ValueError(f"statistics cache {self.path}: expected a folder saved by "
+                       f"stream_covariance, got a file")
+    if not os.path.isdir(self.path):
+      return None
+    if not os.listdir(self.path):
+      return None  # an empty folder (e.g. made ahead of the run) holds nothing saved
     tree, meta = _io.load_tree(self.path)
     procs = meta.get("processes")
     if (procs or 1) != self.n_proc:

@@ -500,3 +500,37 @@ def test_fewer_keys_than_dimensions_warn_that_c_is_singular():
     warnings.simplefilter("error")
     memedit.second_moment(more)  # 8 keys of dimension 8: no warning
     jax.jit(memedit.second_moment)(state)  # traced: the count is not known, no warning
+
+
+def test_non_states_and_non_finite_shifts_are_refused():
+  with pytest.raises(TypeError, match="second_moment: expected a CovarianceState .*got ndarray"):
+    memedit.second_moment(np.eye(2))
+  with pytest.raises(TypeError, match="state: expected a CovarianceState .*got ndarray"):
+    memedit.covariance_update(np.zeros(2), np.ones((3, 2)))
+  with pytest.raises(TypeError, match="covariance_merge: b: expected a CovarianceState"):
+    memedit.covariance_merge(memedit.covariance_init(2), np.ones(2))
+  with pytest.raises(TypeError, match="state: expected a CovarianceState .*got tuple"):
+    memedit.key_count((1, 2))
+  with pytest.raises(ValueError, match="shift: expected finite values, got NaN or inf"):
+    memedit.covariance_init(2, shift=np.array([np.nan, 0.0]))
+
+
+def test_an_empty_state_with_an_explicit_shift_takes_the_merged_states_shift():
+  # Keys of mean 1e4 folded about their own mean, merged into an empty state made with
+  # shift 0: re-expressed about 0 in float32, their centered covariance was lost (relative
+  # error 16); an empty state has nothing to keep, so it takes the other state's shift.
+  rng = np.random.default_rng(0)
+  k = (rng.normal(size=(50, 4)) + 1e4).astype(np.float32)
+  b = memedit.covariance_update(memedit.covariance_init(4), k)
+  merged = memedit.covariance_merge(memedit.covariance_init(4, shift=np.zeros(4)), b)
+  ref = np.cov(k.astype(np.float64).T, bias=True)
+  assert rel(memedit.centered_covariance(merged), ref) <= 1e-5
+  assert memedit.key_count(merged) == 50
+
+
+def test_cache_key_specs_holding_a_memory_address_are_refused():
+  with pytest.raises(ValueError, match="spec: expected a JSON-serialisable description"):
+    memedit.covariance_cache_key("h", {"fn": object()})
+  import pathlib
+  assert memedit.covariance_cache_key("h", {"p": pathlib.Path("/a")}) == \
+      memedit.covariance_cache_key("h", {"p": "/a"})

@@ -384,3 +384,89 @@ def test_two_processes_fold_their_shards_exactly_and_resume_after_a_kill(tmp_pat
     assert abs(r["weight"] - w.sum()) <= 1e-6 * w.sum()
     assert _rel(r["C"], ref) <= 1e-6
   assert results[0]["C"] == results[1]["C"]  # bit-identical on both processes
+
+
+def test_batch_weights_of_a_key_fn_weight_every_key_of_their_batch_row():
+  # Keys (B, h, d) with (B,) weights from the key function: host batches are stacked and
+  # scanned, and a ragged last batch is padded; h == B once made the (B,) weights and the
+  # (B, 1) padding mask broadcast to a (B, B) grid (wrong C), h != B failed to broadcast.
+  rng = np.random.default_rng(0)
+  for h in (4, 5):
+    ks = [rng.normal(size=(b, h, 3)).astype(np.float32) for b in (4, 4, 2)]
+    ws = [rng.uniform(0.1, 2.0, size=len(k)).astype(np.float32) for k in ks]
+    w_rows = np.concatenate([np.repeat(w, h) for w in ws])
+    for devices in (1, None):
+      st = memedit.stream_covariance(list(zip(ks, ws)), key_fn=lambda b: (b[0], b[1]),
+                                     group=2, devices=devices, progress=False)
+      assert memedit.key_count(st) == 10 * h
+      assert _rel(memedit.second_moment(st), _c64(np.concatenate(ks), w_rows)) <= 1e-6
+
+
+def test_key_fn_outputs_and_raw_batches_are_checked_before_folding():
+  xs = [np.ones((4, 3), np.float32)] * 2
+  cases = [
+      (lambda b: [b, b], ValueError, "key_fn: expected keys (an array of shape (B, ..., d)) "
+       "or a tuple (keys, weights), got list"),
+      (lambda b: b.sum(), ValueError, "key_fn: expected keys of shape (4, ..., d)"),
+      (lambda b: b.reshape(-1, 6), ValueError, "got (2, 6)"),
+      (lambda b: (b, jnp.ones(3)), ValueError, "key_fn weights: expected a shape that "
+       "broadcasts to a leading part of the keys' leading shape (4,)"),
+      (lambda b: (b, jnp.ones((4, 1))), ValueError, "got (4, 1)"),
+      (lambda b: (b, jnp.ones(4, jnp.complex64)), ValueError,
+       "key_fn weights: expected a real dtype, got complex64"),
+      (3, TypeError, "key_fn: expected a function batch → keys or (keys, weights), got int"),
+  ]
+  for key_fn, err, msg in cases:
+    with pytest.raises(err) as info:
+      memedit.stream_covariance(xs, key_fn=key_fn, progress=False)
+    assert msg in str(info.value), (msg, str(info.value))
+  with pytest.raises(ValueError, match=r"batches: expected keys of shape \(3, \.\.\., d\) .*"
+                     r"got \(3,\)"):
+    memedit.stream_covariance([np.ones(3, np.float32)], progress=False)
+
+
+def test_devices_must_be_an_int():
+  for bad in (1.5, "1", True):
+    with pytest.raises(ValueError, match=r"devices: expected an int in 1\.\.\d+, got "):
+      memedit.stream_covariance([np.ones((2, 3), np.float32)], devices=bad, progress=False)
+
+
+def test_resuming_a_cache_with_a_shorter_stream_is_refused(tmp_path):
+  xs = [np.full((2, 3), i, np.float32) for i in range(6)]
+
+  def failing():
+    for i, x in enumerate(xs):
+      if i == 4:
+        raise KeyboardInterrupt
+      yield x
+
+  with pytest.raises(KeyboardInterrupt):
+    memedit.stream_covariance(failing(), group=1, progress=False, cache_dir=tmp_path,
+                              cache_key="k")
+  # 4 batches were folded and saved; a stream of 2 is not the one that wrote the cache
+  # (its partial state was returned, and saved as complete).
+  with pytest.raises(ValueError, match=r"expected the stream that wrote the statistics cache "
+                     r".* \(it holds 4 batches folded\), got a stream of 2 batch"):
+    memedit.stream_covariance(xs[:2], group=1, progress=False, cache_dir=tmp_path,
+                              cache_key="k")
+  st = memedit.stream_covariance(xs, group=1, progress=False, cache_dir=tmp_path, cache_key="k")
+  assert memedit.key_count(st) == 12
+  assert _rel(memedit.second_moment(st), _c64(np.concatenate(xs))) <= 1e-6
+
+
+def test_cache_key_names_one_folder_inside_an_existing_cache_dir(tmp_path):
+  xs = [np.ones((2, 3), np.float32)]
+  for key in ("../escape", str(tmp_path / "abs"), "", ".", 5):
+    with pytest.raises(ValueError, match="cache_key: expected a folder name inside cache_dir"):
+      memedit.stream_covariance(xs, progress=False, cache_dir=tmp_path / "c", cache_key=key)
+  assert sorted(os.listdir(tmp_path)) == []
+  a_file = tmp_path / "file"
+  a_file.write_text("mine")
+  with pytest.raises(ValueError, match="cache_dir: expected a directory .*got a file"):
+    memedit.stream_covariance(xs, progress=False, cache_dir=a_file, cache_key="k")
+  assert a_file.read_text() == "mine"
+  # A folder made ahead of the run, still empty, is a fresh start.
+  (tmp_path / "c" / "k").mkdir(parents=True)
+  st = memedit.stream_covariance(xs, progress=False, cache_dir=tmp_path / "c", cache_key="k")
+  assert memedit.key_count(st) == 2
+  assert memedit._io.load_tree(tmp_path / "c" / "k")[1]["complete"]
