@@ -68,7 +68,9 @@ def conv_check(module):
   if not 1 <= len(ks) <= 3:
     raise ValueError(f"conv layer: expected a 1-, 2- or 3-D kernel_size, got {ks}")
   if getattr(module, "mask", None) is not None:
-    raise ValueError("conv layer: masked kernels are not supported as memories")
+    raise ValueError(
+        f"conv layer: expected an unmasked kernel (mask=None), got a mask of shape "
+        f"{tuple(np.shape(module.mask))}; a masked kernel is not supported as a memory")
   if is_transpose(module) and getattr(module, "transpose_kernel", False):
     raise ValueError(
         "conv layer: expected a kernel laid out (..., in, out), got "

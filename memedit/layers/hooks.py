@@ -14,6 +14,7 @@ parameter set of a model shares it. Threads may capture concurrently.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -176,8 +177,10 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
     try:
       hash(program)
       fn = capture_program
-    except TypeError:  # e.g. a Linen module with array attributes: compiled for this call
-      fn = jax.jit(_capture_records, static_argnums=0)
+    except TypeError:  # e.g. a Linen module with array or dict attributes: compiled for
+      # this call, the program closed over (jax.jit cannot hash it as a static argument)
+      fn = lambda program, params, inputs: jax.jit(
+          functools.partial(_capture_records, program))(params, inputs)
   try:
     records, traced = fn(program, m.params, inputs)
     traced = traced.value

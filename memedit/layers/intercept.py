@@ -31,7 +31,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import flax
 import flax.linen as nn
+from flax.core import DenyList
 from flax.traverse_util import flatten_dict
 
 from memedit.layers.kinds import layer_kind
@@ -272,8 +274,15 @@ def run_hooked(m: Model, path: tuple, hook: Hook, args, kwargs, method=None):
     out, inter = nnx.capture(call, Capture)(model, *args, **kwargs)
     return out, _nnx_records(inter)
   with nn.intercept_methods(linen_interceptor(path, hook)):
-    out, state = m.definition.apply(m.params, *args, mutable=["intermediates"],
-                                    method=method, **kwargs)
+    try:
+      out, state = m.definition.apply(m.params, *args, mutable=["intermediates"],
+                                      method=method, **kwargs)
+    except flax.errors.ModifyScopeVariableError:
+      # The model updates another collection as it runs (BatchNorm's batch_stats in
+      # training mode, a decoding cache): let every collection but the parameters change,
+      # and drop the changes (the caller's variables stay untouched).
+      out, state = m.definition.apply(m.params, *args, mutable=DenyList("params"),
+                                      method=method, **kwargs)
   return out, _linen_records(state)
 
 
@@ -291,8 +300,9 @@ def pick_layer(record, index: int, size: int, path):
 def calls_error(path, n: int, traced: int, framework: str, single: bool) -> ValueError:
   """The error for a layer called ``n`` times (``traced``: hook runs while tracing)."""
   if n == 0 and traced:
-    hint = ("the layer ran inside nn.scan whose variable_axes do not include "
-            "'intermediates'; add 'intermediates': 0 to capture it"
+    hint = ("the layer ran inside a Linen lifted transform (nn.scan, nn.vmap, ...) whose "
+            "variable_axes do not include 'intermediates'; add 'intermediates': 0 to "
+            "capture it"
             if framework == "linen" else "its captures were dropped by a transform")
     return ValueError(f"layer {path!r}: called during tracing but no capture came back: "
                       + hint)

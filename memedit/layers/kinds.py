@@ -200,17 +200,25 @@ def _cls_name(c) -> str:
 
 def _general_in_ndim(module):
   if getattr(module, "batch_axis", None):
-    raise ValueError("LinearGeneral with batch_axis is not supported as a memory")
+    raise ValueError(
+        f"LinearGeneral memory: expected no batch_axis (a key is one example's contracted "
+        f"input axes; a kernel with batch axes is one memory per batch entry), got "
+        f"batch_axis={dict(module.batch_axis)!r}")
   return len(as_tuple(module.in_features, 1))
 
 
-def _general_key_axes(module):
+def general_key_axes(module):
+  """The ``axis`` of a Flax DenseGeneral / LinearGeneral as a tuple (as given; a view sorts
+  it as Flax does)."""
   return tuple(as_tuple(module.axis, 1))
 
 
 def _dense_general_in_ndim(module):
   if module.batch_dims:
-    raise ValueError("DenseGeneral with batch_dims is not supported as a memory")
+    raise ValueError(
+        f"DenseGeneral memory: expected batch_dims=() (a key is one example's contracted "
+        f"input axes; a kernel with batch axes is one memory per batch entry), got "
+        f"batch_dims={tuple(as_tuple(module.batch_dims, 1))!r}")
   return len(as_tuple(module.axis, 1))
 
 
@@ -299,11 +307,11 @@ def _register_builtins():
   dense = dict(kind="dense")
   register_layer_kind(nnx.Linear, in_ndim=1, **dense)
   register_layer_kind(nnx.LinearGeneral, in_ndim=_general_in_ndim,
-                      key_axes=_general_key_axes, **dense)
+                      key_axes=general_key_axes, **dense)
   register_layer_kind(nnx.Einsum, in_ndim=lambda m: _einsum_layout(m.einsum_str), **dense)
   register_layer_kind(nn.Dense, in_ndim=1, **dense)
   register_layer_kind(nn.DenseGeneral, in_ndim=_dense_general_in_ndim,
-                      key_axes=_general_key_axes, **dense)
+                      key_axes=general_key_axes, **dense)
   register_layer_kind(nn.Einsum, in_ndim=lambda m: _einsum_layout(m.einsum_str), **dense)
   for cls in (nnx.Conv, nnx.ConvTranspose, nn.Conv, nn.ConvTranspose):
     register_layer_kind(cls, kind="conv", patches=conv_patches, check=conv_check)

@@ -35,7 +35,7 @@ from flax.traverse_util import flatten_dict
 
 from memedit.layers.conv import as_tuple, conv_groups, conv_patch_check, conv_patches
 from memedit.layers.intercept import linen_layer_definition, nnx_input_ndim
-from memedit.layers.kinds import layer_kind
+from memedit.layers.kinds import general_key_axes, layer_kind
 from memedit.layers.memory import MemoryView
 from memedit.layers.model import as_model, merge, resolve_layer, slice_tree, stack_region
 from memedit.tree import get_leaf
@@ -52,6 +52,22 @@ def _nnx_call_kernel_ndim(mod, kernel_leaf) -> int:
             + len(as_tuple(mod.out_features, 1)))
   shape = getattr(mod, "kernel_shape", None)
   return len(shape) if shape is not None else kernel_leaf.ndim
+
+
+def _flax_key_axes(axes, input_ndim):
+  """A Flax DenseGeneral / LinearGeneral's contracted axes as the layer uses them.
+
+  Flax sorts the (normalised) ``axis`` of these layers, and its kernel's input dims follow
+  that order, so ``axis=(-1, -2)`` contracts ``(..., a, b)`` with a kernel ``(a, b, ...)``.
+  With the layer's input rank known the axes are given relative to the end (negative), so
+  that keys carrying extra leading axes (several calls stacked, a scan axis) keep them.
+  """
+  axes = tuple(int(a) for a in axes)
+  if input_ndim is not None:
+    return tuple(sorted(a % input_ndim - input_ndim for a in axes))
+  if all(a < 0 for a in axes) or all(a >= 0 for a in axes):
+    return tuple(sorted(axes))
+  return axes
 
 
 def _view_from_module(framework, address, weight_path, mod, kernel_leaf, layer, patch,
@@ -89,6 +105,8 @@ def _view_from_module(framework, address, weight_path, mod, kernel_leaf, layer, 
       raise ValueError(f"patch view: expected a conv layer, got {type(mod).__name__}")
     in_ndim = spec.resolved_in_ndim(mod)
     key_axes = spec.resolved_key_axes(mod)
+    if spec.key_axes is general_key_axes:
+      key_axes = _flax_key_axes(key_axes, input_ndim)
     kind = "dense"
     stacked = len(kshape) - call_ndim
     body = kshape[stacked:]

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 import flax.linen as nn
 
+import memedit
 import models
 from memedit.layers import capture, layer_covariance, memory_view, register_layer_kind
 
@@ -169,3 +170,57 @@ def test_flax_shipped_models_rnn_and_attention():
   view = memory_view((att, av), ("out",), toks)
   assert (view.in_ndim, view.key_dim, view.value_dim) == (2, 8, 8)
 
+
+
+class _LConfigured(nn.Module):
+  """A Linen model with a dict attribute (unhashable, as many configs are)."""
+  config: dict
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="out")(jnp.tanh(nn.Dense(self.config["hidden"], name="hid")(x)))
+
+
+class _LTrainBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    h = nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(4, name="inp")(x))
+    return nn.Dense(3, name="out")(h)
+
+
+class _LVmapped(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # (B, 2, 6): one Dense per slot of axis 1
+    dense = nn.vmap(nn.Dense, in_axes=1, out_axes=1, variable_axes={"params": 0},
+                    split_rngs={"params": True})
+    return dense(3, name="vd")(x)
+
+
+def test_linen_models_with_dict_attributes_or_batch_stats_in_training_capture():
+  m = _LConfigured({"hidden": 5})
+  var = m.init(jax.random.key(0), X)
+  c = capture((m, var), "out", X, single=True)
+  p = var["params"]
+  h = jnp.tanh(X @ p["hid"]["kernel"] + p["hid"]["bias"])
+  np.testing.assert_allclose(c.keys, h, rtol=1e-6, atol=1e-6)
+
+  # BatchNorm in training mode updates batch_stats: captured, the variables untouched.
+  xb = jax.random.normal(jax.random.key(4), (8, 6))
+  bm = _LTrainBN()
+  bvar = bm.init(jax.random.key(0), xb, train=False)
+  before = [np.asarray(a).copy() for a in jax.tree.leaves(bvar)]
+  c = capture((bm, bvar), "out", xb, train=True, single=True)
+  inp = {k: np.asarray(v, np.float64) for k, v in bvar["params"]["inp"].items()}
+  pre = np.asarray(xb, np.float64) @ inp["kernel"] + inp["bias"]
+  ref = (pre - pre.mean(0)) / np.sqrt(pre.var(0) + 1e-5)  # batch statistics, scale 1
+  np.testing.assert_allclose(c.keys, ref, rtol=1e-4, atol=1e-4)
+  st = layer_covariance((bm, bvar), "out", [xb], call_kwargs={"train": True})
+  assert memedit.key_count(st) == 8
+  np.testing.assert_allclose(memedit.second_moment(st), ref.T @ ref / 8, rtol=1e-4, atol=1e-4)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(bvar), before))
+
+  # A layer inside nn.vmap without 'intermediates' in variable_axes: the error says so.
+  vm = _LVmapped()
+  vvar = vm.init(jax.random.key(0), jnp.ones((2, 2, 6)))
+  with pytest.raises(ValueError, match=r"nn\.vmap.*'intermediates': 0"):
+    capture((vm, vvar), "vd", jnp.ones((2, 2, 6)))

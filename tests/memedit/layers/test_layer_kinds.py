@@ -398,3 +398,85 @@ def test_token_ids_outside_an_embeddings_table_are_refused():
     np.testing.assert_array_equal(c.values[0, 1], view.kernel()[10])
     with pytest.raises(ValueError, match="got -1$"):
       view.keys(c.keys)
+
+
+# ------------------------------------------------------- DenseGeneral axes, refusals
+
+
+class LReversedGeneral(nn.Module):
+  """A DenseGeneral given its axes out of order: Flax sorts them, kernel (4a, 4b, 3)."""
+
+  @nn.compact
+  def __call__(self, x):  # (B, 4, 4)
+    return nn.DenseGeneral(3, axis=(-1, -2), name="g")(x)
+
+
+class LSharedPositiveAxis(nn.Module):
+  """A DenseGeneral over a positive axis, called twice (its captures stack on axis 0)."""
+
+  @nn.compact
+  def __call__(self, x):  # (B, 5, 2)
+    g = nn.DenseGeneral(5, axis=1, name="g")
+    return g(jnp.swapaxes(jnp.tanh(g(x)), 1, 2))
+
+
+def test_dense_general_keys_follow_flax_sorted_axes_and_inserts_are_exact():
+  xs = jax.random.normal(jax.random.key(1), (32, 4, 4))
+  m = LReversedGeneral()
+  var = m.init(jax.random.key(0), xs)
+  view = memory_view((m, var), "g", xs)
+  assert view.key_axes == (-2, -1)
+  p = {k: np.asarray(v, np.float64) for k, v in var["params"]["g"].items()}
+  k64 = np.asarray(xs, np.float64).reshape(32, 16)  # Flax: x[b, i, j] * kernel[i, j, o]
+  w0 = p["kernel"].reshape(16, 3).T
+  c = capture((m, var), "g", xs, single=True)
+  np.testing.assert_allclose(np.asarray(view.keys(c.keys)).reshape(32, 16), k64, rtol=1e-6)
+  np.testing.assert_allclose(k64 @ w0.T + p["bias"], c.values, rtol=1e-5, atol=1e-5)
+  C = k64.T @ k64 / 32 + 0.1 * np.eye(16)
+  k_star, v_star = k64[:1], np.array([[1.0, -2.0, 0.5]])
+  edit = insert_through_view(view, jnp.asarray(C, jnp.float32), xs[:1], v_star)
+  new, hist = memedit.apply_edit(var, edit)
+  w1 = np.asarray(new["params"]["g"]["kernel"], np.float64).reshape(16, 3).T
+  assert _rel(k_star @ w1.T + p["bias"], v_star) < 1e-5
+  np.testing.assert_allclose(m.apply(new, xs[:1]), v_star, rtol=1e-4, atol=1e-5)
+  u = np.random.default_rng(0).normal(size=(1, 16))
+  d = np.linalg.solve(C, k_star[0])
+  u -= np.outer(u @ d, d) / (d @ d)  # uᵀ C⁻¹ k* = 0
+  assert float(np.abs(u @ (w1 - w0).T).max()) < 1e-5 * float(np.abs(u @ w0.T).max())
+  back, _ = memedit.revert_edit(new, edit, hist)
+  np.testing.assert_array_equal(back["params"]["g"]["kernel"], var["params"]["g"]["kernel"])
+
+  # A positive axis stays the layer's when captures carry a leading call axis.
+  x2 = jax.random.normal(jax.random.key(2), (3, 5, 2))
+  m2 = LSharedPositiveAxis()
+  var2 = m2.init(jax.random.key(0), x2)
+  view2 = memory_view((m2, var2), "g", x2)
+  c2 = capture((m2, var2), "g", x2)
+  assert c2.keys.shape == (2, 3, 5, 2) and view2.keys(c2.keys).shape == (2, 3, 2, 5)
+  kern = np.asarray(var2["params"]["g"]["kernel"], np.float64)
+  np.testing.assert_allclose(
+      np.asarray(view2.keys(c2.keys), np.float64) @ kern + np.asarray(var2["params"]["g"]["bias"]),
+      c2.values, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_general_layers_and_masked_convs_are_refused_naming_what_they_got():
+  x = jnp.ones((4, 3, 5))
+
+  class LBatched(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral(4, axis=-1, batch_dims=(0,), name="g")(x)
+
+  class LMasked(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3,), mask=jnp.ones((3, 5, 4)), name="g")(x)
+
+  for mod, text in ((LBatched(), r"expected batch_dims=\(\).*got batch_dims=\(0,\)"),
+                    (LMasked(), r"expected an unmasked kernel.*got a mask of shape \(3, 5, 4\)")):
+    var = mod.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=text):
+      memory_view((mod, var), "g", x)
+  lg = nnx.LinearGeneral(5, 4, axis=-1, batch_axis={0: 4}, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"expected no batch_axis.*got batch_axis=\{0: 4\}"):
+    memory_view(nnx.Sequential(lg), "layers/0")
