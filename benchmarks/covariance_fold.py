@@ -5,10 +5,13 @@ round (A B C A B C …) so that a busy machine slows each alike; the medians of 
 and the median of the per-round ratios are reported with the load average:
 
 - memedit: ``stream_covariance`` (shifted sums, weights, finiteness checks, exact
-  counts) with the CPU Gram kernel ``auto`` picks (``memedit.gram.cpu_kernel``);
-- the fold program with each kernel, driven the way ``stream_covariance`` drives raw
-  keys (one program per group of chunks): BLAS ``syrk`` called from the compiled fold,
-  and XLA's full GEMM (the old fold, before the symmetric kernel);
+  counts): on the CPU the chunks are staged minus the shift by a reader thread and
+  folded pre-shifted, their Gram matrices side by side with the kernel ``auto`` picks
+  for that case (``memedit.gram.cpu_kernel(side_by_side=True)``);
+- the fold program with each kernel on the raw chunks, driven the way
+  ``stream_covariance`` drove raw keys before staging (one program per group of chunks,
+  the shift subtracted inside): BLAS ``syrk`` called from the compiled fold, and XLA's
+  full GEMM (the old fold, before the symmetric kernel);
 - numpy: a Python loop of ``S += X.T @ X`` (BLAS ``syrk``, unshifted, unchecked).
 
 With ``OPENBLAS_NUM_THREADS`` set, the results go to ``covariance_fold_blasN.json``.
@@ -102,7 +105,7 @@ def main(argv=None):
   t0 = time.perf_counter()
   st = ours()
   first_s = time.perf_counter() - t0
-  ours_name = f"memedit stream_covariance (auto: {gram.cpu_kernel()})"
+  ours_name = f"memedit stream_covariance (staged, {gram.cpu_kernel(side_by_side=True)})"
   methods = {ours_name: ours, "fold program, BLAS syrk": by_program("syrk"),
              "old fold (XLA GEMM)": by_program("gemm"), "numpy X.T @ X loop": numpy_loop}
   times = {k: [] for k in methods}
@@ -156,7 +159,9 @@ def main(argv=None):
       "seconds": times, "summary": summary, "accuracy": accuracy,
       "first_call_seconds": first_s, "load_average_before": load_before,
       "load_average_after": load_after,
-      "cpu_gram": gram.CPU_GRAM, "cpu_kernel": gram.cpu_kernel(), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+      "cpu_gram": gram.CPU_GRAM, "cpu_kernel": gram.cpu_kernel(),
+      "cpu_kernel_side_by_side": gram.cpu_kernel(side_by_side=True),
+      "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
   }, suffix=("_quick" if args.quick else "") + _blas_suffix() + (
       "" if jax.default_backend() == "cpu" else f"_{jax.default_backend()}"))
   print(f"wrote {path}")

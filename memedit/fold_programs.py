@@ -346,7 +346,7 @@ def make_group_fn(key_fn: Callable, dim: int, n_dev: int, has_params: bool = Fal
 
 @functools.lru_cache(maxsize=64)
 def make_resident_fn(key_fn: Callable, dim: int, out_sharding: Any, has_params: bool = False,
-                     partitioned: bool = False):
+                     partitioned: bool = False, preshifted: bool = False):
   """Compiles the fold of a tuple of batches that stay where they are.
 
   Arrays already on devices (one device, or a global ``jax.Array`` sharded over a mesh)
@@ -359,6 +359,8 @@ def make_resident_fn(key_fn: Callable, dim: int, out_sharding: Any, has_params: 
     out_sharding: sharding of the state the program returns (None: where XLA puts it).
     has_params: whether ``key_fn`` takes parameters.
     partitioned: the batches span several devices (Gram matrices by XLA's GEMM).
+    preshifted: the keys are already kᵢ − c for the state's shift c
+      (:func:`memedit.moments.fold_keys`).
 
   Returns:
     ``fold(state, params, batches) -> state`` for a tuple of batches.
@@ -374,7 +376,7 @@ def make_resident_fn(key_fn: Callable, dim: int, out_sharding: Any, has_params: 
   def fold(state, params, batches):
     for batch in batches:
       keys, w = _checked_keys(keys_of, params, batch, dim)
-      state = fold_keys(state, keys, w, partitioned=partitioned)
+      state = fold_keys(state, keys, w, partitioned=partitioned, preshifted=preshifted)
     return state
 
   if out_sharding is None:

@@ -534,3 +534,45 @@ def test_cache_key_specs_holding_a_memory_address_are_refused():
   import pathlib
   assert memedit.covariance_cache_key("h", {"p": pathlib.Path("/a")}) == \
       memedit.covariance_cache_key("h", {"p": "/a"})
+
+
+def test_single_blas_thread_sets_one_thread_and_restores_the_count_after_the_last_user():
+  import threading
+
+  fns = gram._blas_thread_functions()
+  if fns is None:  # numpy's BLAS is not an OpenBLAS: the block runs as it is
+    with gram.single_blas_thread():
+      pass
+    assert gram.auto_kernel(2, False, side_by_side=False) == "gemm"
+    return
+  set_fn, get_fn = fns
+  before = get_fn()
+  try:
+    set_fn(2)
+    with gram.single_blas_thread():
+      assert get_fn() == 1
+      with gram.single_blas_thread():
+        assert get_fn() == 1
+      assert get_fn() == 1
+    assert get_fn() == 2
+    # Overlapping users from two threads: the count comes back only after both.
+    inside, leave = threading.Barrier(2), threading.Event()
+    seen = []
+
+    def user():
+      with gram.single_blas_thread():
+        inside.wait()
+        leave.wait()
+
+    t = threading.Thread(target=user)
+    t.start()
+    with gram.single_blas_thread():
+      inside.wait()
+    seen.append(get_fn())
+    leave.set()
+    t.join()
+    seen.append(get_fn())
+    assert seen == [1, 2]
+  finally:
+    set_fn(before)
+  assert gram.auto_kernel(2, False, side_by_side=True) == "syrk"

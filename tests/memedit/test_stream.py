@@ -470,3 +470,91 @@ def test_cache_key_names_one_folder_inside_an_existing_cache_dir(tmp_path):
   st = memedit.stream_covariance(xs, progress=False, cache_dir=tmp_path / "c", cache_key="k")
   assert memedit.key_count(st) == 2
   assert memedit._io.load_tree(tmp_path / "c" / "k")[1]["complete"]
+
+
+def _fields_equal(a, b):
+  for field in memedit.CovarianceState._fields:
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
+def test_staged_host_keys_fold_bit_for_bit_as_batch_by_batch_updates(monkeypatch):
+  # On the CPU raw numpy keys are staged minus the shift into reused aligned buffers and
+  # folded pre-shifted: the state is the one covariance_update gives batch by batch, for
+  # any group, with or without prefetch, when the first batches hold no finite row, and
+  # across calls that reuse the kept buffers. Staging happens (counted) from the first
+  # group on when its first batch fixes the shift.
+  from memedit import stream as stream_module
+
+  staged = []
+  stage = stream_module._Staging.stage
+  monkeypatch.setattr(stream_module._Staging, "stage",
+                      lambda self, chunk, *a: staged.append(len(chunk)) or stage(self, chunk, *a))
+  rng = np.random.default_rng(21)
+  mean = (10 * rng.standard_normal(12)).astype(np.float32)
+  for case in ("finite", "first batch not finite", "first two batches not finite"):
+    batches = [rng.standard_normal((40, 12)).astype(np.float32) + mean for _ in range(9)]
+    if case != "finite":
+      batches[0][:] = np.nan
+      batches[2][5, 3] = np.inf
+    if case == "first two batches not finite":
+      batches[1][:] = -np.inf
+    ref = memedit.covariance_init(12)
+    for b in batches:
+      ref = memedit.covariance_update(ref, b)
+    for group in (1, 2, 4):
+      for prefetch in (True, False):
+        staged.clear()
+        st = memedit.stream_covariance(batches, group=group, prefetch=prefetch,
+                                       progress=False)
+        _fields_equal(st, ref)
+        if case == "finite":
+          assert sum(staged) == 9, (group, prefetch, staged)
+        else:
+          assert 0 < sum(staged) < 9
+    if case == "finite":
+      assert _rel(memedit.second_moment(ref), _c64(np.concatenate(batches))) <= 1e-6
+    else:
+      assert int(ref.nonfinite) == 40 * (1 + (case != "first batch not finite")) + 1
+
+
+def test_staged_folds_resume_a_cache_with_its_own_shift(tmp_path):
+  # A run killed after some groups resumes from the cache, whose state already has a
+  # shift: the staged keys are shifted by that shift, and the result is the
+  # uninterrupted run's, bit for bit.
+  rng = np.random.default_rng(22)
+  batches = [rng.standard_normal((32, 8)).astype(np.float32) + 5.0 for _ in range(8)]
+  whole = memedit.stream_covariance(batches, group=2, progress=False)
+
+  def killed():
+    for i, b in enumerate(batches):
+      if i == 5:
+        raise KeyboardInterrupt
+      yield b
+
+  with pytest.raises(KeyboardInterrupt):
+    memedit.stream_covariance(killed(), group=2, progress=False, cache_dir=tmp_path,
+                              cache_key="k")
+  resumed = memedit.stream_covariance(batches, group=2, progress=False, cache_dir=tmp_path,
+                                      cache_key="k")
+  _fields_equal(resumed, whole)
+
+
+def test_staging_buffers_are_kept_for_the_next_stream_up_to_a_size(monkeypatch):
+  from memedit import stream as stream_module
+
+  monkeypatch.setattr(stream_module, "_kept", [])
+  rng = np.random.default_rng(23)
+  a = [rng.standard_normal((50, 4)).astype(np.float32) for _ in range(6)]
+  b = [rng.standard_normal((50, 4)).astype(np.float32) + 1.0 for _ in range(6)]
+  memedit.stream_covariance(a, group=2, progress=False)
+  (kept,) = stream_module._kept
+  assert kept.nbytes() == 2 * 2 * 50 * 4 * 4 and kept.busy == [None, None]
+  ref = memedit.covariance_init(4)
+  for x in b:
+    ref = memedit.covariance_update(ref, x)
+  _fields_equal(memedit.stream_covariance(b, group=2, progress=False), ref)
+  assert stream_module._kept == [kept]  # the same buffers, taken and given back
+  monkeypatch.setattr(stream_module, "RETAIN_BYTES", 100)
+  stream_module._kept.clear()
+  memedit.stream_covariance(b, group=2, progress=False)
+  assert stream_module._kept == []
