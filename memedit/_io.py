@@ -208,16 +208,35 @@ def output_kind(path: str | os.PathLike) -> str | None:
   return "tree"
 
 
-def _check_parent(dst: str) -> None:
-  """Refuses an output whose nearest existing ancestor is a file, or a folder this process
-  may not write in (checked before any work, so that nothing is computed in vain)."""
+def parent_problem(dst: str) -> tuple[str, str | None]:
+  """The nearest existing ancestor of the absolute path ``dst`` and what keeps an output
+  from being written under it: ``"file"`` (it is not a folder), ``"read-only"`` (this
+  process may not write in it) or None.
+
+  Example:
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> parent_problem(os.path.join(d, "a", "b")) == (d, None)
+    True
+  """
   ancestor = os.path.dirname(dst)
   while not os.path.lexists(ancestor):
     ancestor = os.path.dirname(ancestor)
   if not os.path.isdir(ancestor):
+    return ancestor, "file"
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    return ancestor, "read-only"
+  return ancestor, None
+
+
+def _check_parent(dst: str) -> None:
+  """Refuses an output whose nearest existing ancestor is a file, or a folder this process
+  may not write in (checked before any work, so that nothing is computed in vain)."""
+  ancestor, problem = parent_problem(dst)
+  if problem == "file":
     raise ValueError(f"{dst}: expected an output path inside a folder, got one inside "
                      f"{ancestor!r}, which is a file")
-  if not os.access(ancestor, os.W_OK | os.X_OK):
+  if problem == "read-only":
     raise ValueError(f"{dst}: expected an output path in a folder this process may write "
                      f"in, got one in {ancestor!r}, which is read-only for it")
 

@@ -11,7 +11,7 @@ import os
 import secrets
 from typing import Callable, Iterable
 
-from memedit._io import _within
+from memedit._io import _within, parent_problem
 from memedit.specs import MAX_IMAGES
 
 __all__ = ["FORMATS", "MAX_BATCH", "MAX_COLUMNS", "MAX_EVALUATED", "MAX_PAIRS", "MAX_SAMPLES",
@@ -46,13 +46,11 @@ def check_output_location(path: str, flag: str, *, folder: bool) -> str:
   dst = os.path.abspath(path)
   if not folder and os.path.isdir(dst):
     raise ValueError(f"{flag}: expected a file to write, got the folder {path!r}")
-  parent = os.path.dirname(dst)
-  while not os.path.lexists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
+  parent, problem = parent_problem(dst)
+  if problem == "file":
     raise ValueError(f"{flag}: expected a path inside folders, got {path!r}, whose parent "
                      f"{parent!r} is a file")
-  if not os.access(parent, os.W_OK | os.X_OK):
+  if problem == "read-only":
     raise ValueError(f"{flag}: expected a place you may write to, got {path!r}: the folder "
                      f"{parent!r} is not writable")
   _probe(parent, path, flag)
