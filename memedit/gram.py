@@ -302,14 +302,30 @@ def _varying_axes(x) -> tuple:
   return tuple(sorted(axes or ()))
 
 
-@jax.custom_jvp
-def gram_blas(x: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _gram_blas(x: jax.Array, one_thread: bool) -> jax.Array:
+  x = jnp.asarray(x)
+  if x.dtype not in (jnp.float32, jnp.float64):
+    return gram_xla(x)
+  return _blas(x, one_thread=one_thread)
+
+
+@_gram_blas.defjvp
+def _gram_blas_jvp(one_thread, primals, tangents):
+  (x,), (t,) = primals, tangents
+  tx = jnp.einsum("...nd,...ne->...de", t, x, precision=HIGHEST)
+  return _gram_blas(x, one_thread), tx + jnp.swapaxes(tx, -1, -2)
+
+
+def gram_blas(x: jax.Array, *, one_thread: bool = False) -> jax.Array:
   """XᵀX by the host BLAS's ``?syrk`` (float32 or float64), called from the compiled
   program with the chunk read in place. CPU only; differentiable (the derivative
   tXᵀ... is computed by XLA).
 
   Args:
     x: (..., n, d) float32 or float64 array on a CPU device.
+    one_thread: run each call on one BLAS thread (:func:`single_blas_thread`), for
+      products that XLA runs side by side.
 
   Returns:
     (..., d, d) XᵀX.
@@ -320,33 +336,7 @@ def gram_blas(x: jax.Array) -> jax.Array:
     >>> gram_blas(x).tolist()
     [[20.0, 26.0], [26.0, 35.0]]
   """
-  x = jnp.asarray(x)
-  if x.dtype not in (jnp.float32, jnp.float64):
-    return gram_xla(x)
-  return _blas(x)
-
-
-@gram_blas.defjvp
-def _gram_blas_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  tx = jnp.einsum("...nd,...ne->...de", t, x, precision=HIGHEST)
-  return gram_blas(x), tx + jnp.swapaxes(tx, -1, -2)
-
-
-@jax.custom_jvp
-def _gram_blas_one_thread(x: jax.Array) -> jax.Array:
-  """:func:`gram_blas` with each call on one BLAS thread (:func:`single_blas_thread`)."""
-  x = jnp.asarray(x)
-  if x.dtype not in (jnp.float32, jnp.float64):
-    return gram_xla(x)
-  return _blas(x, one_thread=True)
-
-
-@_gram_blas_one_thread.defjvp
-def _gram_blas_one_thread_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  tx = jnp.einsum("...nd,...ne->...de", t, x, precision=HIGHEST)
-  return _gram_blas_one_thread(x), tx + jnp.swapaxes(tx, -1, -2)
+  return _gram_blas(x, bool(one_thread))
 
 
 def gram(x: jax.Array, *, partitioned: bool = False, side_by_side: bool = False) -> jax.Array:
@@ -380,7 +370,7 @@ def gram(x: jax.Array, *, partitioned: bool = False, side_by_side: bool = False)
   if partitioned:
     return gram_xla(x)
   if cpu_kernel(side_by_side) == "syrk":
-    cpu = _gram_blas_one_thread if side_by_side else gram_blas
+    cpu = functools.partial(gram_blas, one_thread=side_by_side)
   else:
     cpu = gram_xla
   return lax.platform_dependent(x, cpu=cpu, default=gram_xla)

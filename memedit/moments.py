@@ -240,22 +240,24 @@ def fold_keys(state: CovarianceState, keys: jax.Array, weights: jax.Array | None
   def sums(wf, xf):
     wsum = jnp.sum(wf)
     sw = jnp.sqrt(wf)
+    # Raw keys already shifted are used as they are (no copy for the Gram matrix).
+    plain = preshifted and weights is None
     if preshifted:
       shift = state.shift
-      xs = xf if weights is None else xf * sw[:, None]
-      s = jnp.sum(xs if weights is None else xs * sw[:, None], axis=0)
-      return wsum, shift, s, gram(xs, partitioned=partitioned, side_by_side=True)
-    # The first non-empty batch fixes the shift at its weighted mean.
-    take = jnp.logical_and(~state.has_shift, wsum > 0)
-    shift = lax.cond(
-        take, lambda: jnp.sum(wf[:, None] * xf, axis=0) / jnp.maximum(wsum, 1e-30),
-        lambda: state.shift)
-    # xs = √w ⊙ (x − c): one materialised operand, used on both sides of the Gram matrix
-    # (rows of weight 0 are exactly 0). The sums are a reduction rather than a GEMV, whose
-    # float32 error was 5× larger (relative 3.8e-6 against 7.5e-7, 15,625 keys on CPU).
-    xs = (xf - shift) * sw[:, None]
-    s = jnp.sum(xs * sw[:, None], axis=0)
-    return wsum, shift, s, gram(xs, partitioned=partitioned)
+      xs = xf if plain else xf * sw[:, None]
+    else:
+      # The first non-empty batch fixes the shift at its weighted mean.
+      take = jnp.logical_and(~state.has_shift, wsum > 0)
+      shift = lax.cond(
+          take, lambda: jnp.sum(wf[:, None] * xf, axis=0) / jnp.maximum(wsum, 1e-30),
+          lambda: state.shift)
+      # xs = √w ⊙ (x − c): one materialised operand, used on both sides of the Gram
+      # matrix (rows of weight 0 are exactly 0). The sums are a reduction rather than a
+      # GEMV, whose float32 error was 5× larger (relative 3.8e-6 against 7.5e-7, 15,625
+      # keys on CPU).
+      xs = (xf - shift) * sw[:, None]
+    s = jnp.sum(xs if plain else xs * sw[:, None], axis=0)
+    return wsum, shift, s, gram(xs, partitioned=partitioned, side_by_side=preshifted)
 
   def masked():
     # Rows are checked one by one only here: a row is refused (weight 0, counted) when an
