@@ -359,8 +359,9 @@ def make_resident_fn(key_fn: Callable, dim: int, out_sharding: Any, has_params: 
     out_sharding: sharding of the state the program returns (None: where XLA puts it).
     has_params: whether ``key_fn`` takes parameters.
     partitioned: the batches span several devices (Gram matrices by XLA's GEMM).
-    preshifted: the keys are already kᵢ − c for the state's shift c
-      (:func:`memedit.moments.fold_keys`).
+    preshifted: the batches are pairs (keys kᵢ − c for the state's shift c, their column
+      sums), staged that way on the host (:func:`memedit.moments.fold_keys`); ``key_fn``
+      is then the identity.
 
   Returns:
     ``fold(state, params, batches) -> state`` for a tuple of batches.
@@ -375,8 +376,12 @@ def make_resident_fn(key_fn: Callable, dim: int, out_sharding: Any, has_params: 
 
   def fold(state, params, batches):
     for batch in batches:
+      if preshifted:
+        keys, sums = batch
+        state = fold_keys(state, keys, None, preshifted=True, sums=sums)
+        continue
       keys, w = _checked_keys(keys_of, params, batch, dim)
-      state = fold_keys(state, keys, w, partitioned=partitioned, preshifted=preshifted)
+      state = fold_keys(state, keys, w, partitioned=partitioned)
     return state
 
   if out_sharding is None:

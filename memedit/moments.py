@@ -200,7 +200,8 @@ def _kahan_add(pair, x):
 
 
 def fold_keys(state: CovarianceState, keys: jax.Array, weights: jax.Array | None = None, *,
-              partitioned: bool = False, preshifted: bool = False) -> CovarianceState:
+              partitioned: bool = False, preshifted: bool = False,
+              sums: jax.Array | None = None) -> CovarianceState:
   """The traced fold behind :func:`covariance_update`, without its eager checks.
 
   Folds keys (…, d) with optional weights (aligned with the keys' leading axes) into
@@ -230,6 +231,10 @@ def fold_keys(state: CovarianceState, keys: jax.Array, weights: jax.Array | None
   """
   d = state.shift.shape[-1]
   dt = state.sum.dtype
+  if sums is not None and (not preshifted or weights is not None):
+    raise ValueError("sums: expected only with preshifted keys and no weights, got "
+                     f"preshifted={preshifted} and weights "
+                     f"{'None' if weights is None else 'given'}")
   x = jnp.reshape(keys, (-1, d)).astype(dt)
   if weights is None:
     w = jnp.ones((x.shape[0],), dt)
@@ -237,7 +242,7 @@ def fold_keys(state: CovarianceState, keys: jax.Array, weights: jax.Array | None
     w = jnp.reshape(expand_weights(jnp.asarray(weights).astype(dt), keys.shape[:-1]), (-1,))
   used = w != 0
 
-  def sums(wf, xf):
+  def fold_sums(wf, xf, known=None):
     wsum = jnp.sum(wf)
     sw = jnp.sqrt(wf)
     # Raw keys already shifted are used as they are (no copy for the Gram matrix).
@@ -256,7 +261,10 @@ def fold_keys(state: CovarianceState, keys: jax.Array, weights: jax.Array | None
       # GEMV, whose float32 error was 5× larger (relative 3.8e-6 against 7.5e-7, 15,625
       # keys on CPU).
       xs = (xf - shift) * sw[:, None]
-    s = jnp.sum(xs if plain else xs * sw[:, None], axis=0)
+    if known is not None:
+      s = jnp.reshape(known, (d,)).astype(dt)
+    else:
+      s = jnp.sum(xs if plain else xs * sw[:, None], axis=0)
     return wsum, shift, s, gram(xs, partitioned=partitioned, side_by_side=preshifted)
 
   def masked():
@@ -264,7 +272,7 @@ def fold_keys(state: CovarianceState, keys: jax.Array, weights: jax.Array | None
     # entry of its key is NaN or ±inf, or its weight is NaN, ±inf or negative. The test is
     # elementwise, so a finite row of large entries is kept (a row sum could overflow).
     ok = jnp.all(jnp.isfinite(x), axis=-1) & jnp.isfinite(w) & (w >= 0)
-    out = sums(jnp.where(ok, w, 0.0), jnp.where(ok[:, None], x, 0.0))
+    out = fold_sums(jnp.where(ok, w, 0.0), jnp.where(ok[:, None], x, 0.0))
     return out + (jnp.sum(ok & used, dtype=jnp.uint32),
                   jnp.sum(~ok & used, dtype=jnp.uint32))
 
@@ -273,7 +281,7 @@ def fold_keys(state: CovarianceState, keys: jax.Array, weights: jax.Array | None
   # folded again with those rows masked. (Finite keys whose squares overflow also take
   # that path, are kept, and leave non-finite sums that the result functions refuse.)
   n_used = jnp.sum(used, dtype=jnp.uint32)
-  plain = sums(w, x) + (n_used, jnp.zeros_like(n_used))
+  plain = fold_sums(w, x, sums) + (n_used, jnp.zeros_like(n_used))
   clean = jnp.isfinite(plain[0] + jnp.sum(plain[2]) + jnp.trace(plain[3]))
   wsum, shift, s, ss, n, nonfinite = lax.cond(clean, lambda: plain, masked)
   return CovarianceState(

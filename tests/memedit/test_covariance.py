@@ -576,3 +576,28 @@ def test_single_blas_thread_sets_one_thread_and_restores_the_count_after_the_las
   finally:
     set_fn(before)
   assert gram.auto_kernel(2, False, side_by_side=True) == "syrk"
+
+
+def test_fold_keys_adds_known_sums_of_preshifted_keys_and_refuses_them_otherwise():
+  # Pre-shifted keys with their column sums known (as staged on the host) fold like the
+  # same keys summed in the program; a non-finite row still shows through the Gram
+  # matrix and is left out, masked. Sums are refused where they cannot be used as they are.
+  from memedit.moments import fold_keys
+
+  rng = np.random.default_rng(31)
+  c = rng.standard_normal(5).astype(np.float32)
+  x = (rng.standard_normal((20, 5)) + 1.0).astype(np.float32)
+  st = memedit.covariance_init(5, shift=c)
+  fold = jax.jit(fold_keys, static_argnames=("preshifted",))
+  for keys in (x, np.where(np.arange(20)[:, None] == 3, np.nan, x).astype(np.float32)):
+    summed = fold(st, keys, preshifted=True)
+    known = fold(st, keys, preshifted=True,
+                 sums=np.sum(keys.astype(np.float64), axis=0).astype(np.float32))
+    for field in memedit.CovarianceState._fields:
+      np.testing.assert_allclose(getattr(known, field), getattr(summed, field), rtol=1e-6,
+                                 atol=1e-6, err_msg=field)
+  assert int(known.nonfinite) == 1 and int(known.count[0]) == 19
+  with pytest.raises(ValueError, match="sums: expected only with preshifted keys"):
+    fold_keys(st, x, sums=x.sum(axis=0))
+  with pytest.raises(ValueError, match="and no weights, got preshifted=True and weights given"):
+    fold_keys(st, x, np.ones(20, np.float32), preshifted=True, sums=x.sum(axis=0))
