@@ -15,6 +15,11 @@ same kind (or empty, or ``force`` is given), never when it holds the current dir
 a protected path (the source being converted); reading verifies the checksums.
 
 Files and directories are created with the process's umask (no forced private modes).
+
+Threads of one process may write and read the same path at once: writes of one path (and
+reads of it) take turns under a lock keyed by the resolved path, and every orbax save or
+restore in the process takes turns under one lock (orbax's synchronous checkpointer is not
+safe to run from several threads at once, even on different paths).
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ import json
 import os
 import secrets
 import shutil
+import threading
+import weakref
 from typing import Any, Iterable
 
 import numpy as np
 
 __all__ = ["MARKER_FILE", "OUTPUT_KINDS", "atomic_dir", "atomic_write_bytes", "check_output",
-           "load_tree", "output_kind", "read_json", "recover", "save_tree", "sha256_file",
-           "tree_hash", "verify"]
+           "load_tree", "output_kind", "path_lock", "read_json", "recover", "save_tree",
+           "sha256_file", "tree_hash", "verify"]
 
 _TREE_DIR = "arrays"
 _META_FILE = "meta.json"
@@ -41,6 +48,32 @@ MARKER_FILE = ".memedit-output.json"
 _MARKER_FORMAT = 1
 #: Kinds of output directory, recorded in each one's marker file.
 OUTPUT_KINDS = ("converted", "edited-model", "edit", "tree")
+
+
+#: One lock per resolved path being written or read, alive while some thread holds it.
+_PATH_LOCKS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+_PATH_LOCKS_GUARD = threading.Lock()
+#: Serialises orbax saves and restores within the process.
+_ORBAX_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def path_lock(path: str | os.PathLike):
+  """Holds this process's lock for ``path`` (resolved: links and ``..`` name one lock).
+
+  Reentrant: a thread holding it may take it again (a save inside a locked block).
+
+  Example:
+    >>> with path_lock("out/x"), path_lock("out/../out/x"):  # one lock, taken twice
+    ...   pass
+  """
+  key = os.path.realpath(os.path.abspath(os.fspath(path)))
+  with _PATH_LOCKS_GUARD:
+    lock = _PATH_LOCKS.get(key)
+    if lock is None:
+      lock = _PATH_LOCKS[key] = threading.RLock()
+  with lock:  # the local reference keeps the lock alive while held
+    yield
 
 
 def _fsync_dir(path: str) -> None:
@@ -297,19 +330,21 @@ def atomic_dir(path: str | os.PathLike):
   On an exception the temporary directory is removed and ``path`` is untouched; after a
   kill the temporary directory is left under a hidden ``.tmp-`` name and ``path`` is
   present, or restored by the next :func:`recover` (every read and write runs it).
+  Other threads of this process writing ``path`` wait until the block has exited.
   """
   dst = os.path.abspath(os.fspath(path))
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
-  recover(dst)
-  tmp = _make_dir(dst, "tmp")
-  try:
-    yield tmp
-    _fsync_tree(tmp)
-    _atomic_replace_dir(tmp, dst)
-  except BaseException:
-    _remove(tmp)
-    raise
+  with path_lock(dst):
+    recover(dst)
+    tmp = _make_dir(dst, "tmp")
+    try:
+      yield tmp
+      _fsync_tree(tmp)
+      _atomic_replace_dir(tmp, dst)
+    except BaseException:
+      _remove(tmp)
+      raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -425,6 +460,8 @@ def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, 
               protect: Iterable[str | os.PathLike] = (), flag: str = "force=True") -> str:
   """Saves an array tree and JSON metadata atomically as a directory.
 
+  Threads of this process saving or loading the same ``path`` take turns.
+
   Args:
     path: destination directory (created or replaced as a whole).
     tree: a pytree of arrays (nested dicts, lists, NamedTuples of jax or numpy arrays).
@@ -440,16 +477,17 @@ def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, 
   Raises:
     ValueError: ``path`` may not be replaced (see :func:`check_output`).
   """
-  dst = check_output(path, kind, force=force, protect=protect, flag=flag)
-  tree = _to_numpy(tree)
-  with atomic_dir(dst) as tmp:
-    with _checkpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, _TREE_DIR), tree)
-    with open(os.path.join(tmp, _META_FILE), "w") as f:
-      json.dump(metadata or {}, f, indent=2, sort_keys=True)
-    marker = {"format": _MARKER_FORMAT, "kind": kind, "sha256": _file_digests(tmp)}
-    with open(os.path.join(tmp, MARKER_FILE), "w") as f:
-      json.dump(marker, f, indent=2, sort_keys=True)
+  with path_lock(os.path.abspath(os.fspath(path))):
+    dst = check_output(path, kind, force=force, protect=protect, flag=flag)
+    tree = _to_numpy(tree)
+    with atomic_dir(dst) as tmp:
+      with _ORBAX_LOCK, _checkpointer() as ckptr:
+        ckptr.save(os.path.join(tmp, _TREE_DIR), tree)
+      with open(os.path.join(tmp, _META_FILE), "w") as f:
+        json.dump(metadata or {}, f, indent=2, sort_keys=True)
+      marker = {"format": _MARKER_FORMAT, "kind": kind, "sha256": _file_digests(tmp)}
+      with open(os.path.join(tmp, MARKER_FILE), "w") as f:
+        json.dump(marker, f, indent=2, sort_keys=True)
   return dst
 
 
@@ -466,23 +504,26 @@ def load_tree(path: str | os.PathLike) -> tuple[Any, dict]:
       restore. Trees saved before checksums were stored load unchecked.
   """
   src = os.path.abspath(os.fspath(path))
-  recover(src)
-  meta_file = os.path.join(src, _META_FILE)
-  tree_dir = os.path.join(src, _TREE_DIR)
-  if not (os.path.isfile(meta_file) and os.path.isdir(tree_dir)):
-    raise FileNotFoundError(
-        f"{src} is not a saved memedit tree: expected {_TREE_DIR}/ and {_META_FILE} inside it")
-  metadata = read_json(meta_file)
-  if not isinstance(metadata, dict):
-    raise ValueError(f"{meta_file}: expected a JSON object, got {type(metadata).__name__}")
-  verify(src)
-  try:
-    with _checkpointer() as ckptr:
-      tree = ckptr.restore(tree_dir)
-  except Exception as e:  # orbax / tensorstore errors on damaged or foreign files
-    raise ValueError(f"{tree_dir}: expected an orbax checkpoint of arrays, got one that does "
-                     f"not restore ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
-                     "the directory is damaged: regenerate it") from e
+  with path_lock(src):
+    recover(src)
+    meta_file = os.path.join(src, _META_FILE)
+    tree_dir = os.path.join(src, _TREE_DIR)
+    if not (os.path.isfile(meta_file) and os.path.isdir(tree_dir)):
+      raise FileNotFoundError(
+          f"{src} is not a saved memedit tree: expected {_TREE_DIR}/ and {_META_FILE} inside "
+          "it")
+    metadata = read_json(meta_file)
+    if not isinstance(metadata, dict):
+      raise ValueError(f"{meta_file}: expected a JSON object, got {type(metadata).__name__}")
+    verify(src)
+    try:
+      with _ORBAX_LOCK, _checkpointer() as ckptr:
+        tree = ckptr.restore(tree_dir)
+    except Exception as e:  # orbax / tensorstore errors on damaged or foreign files
+      raise ValueError(f"{tree_dir}: expected an orbax checkpoint of arrays, got one that "
+                       f"does not restore ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:300]}); the directory is damaged: "
+                       "regenerate it") from e
   return _to_numpy(tree), metadata
 
 

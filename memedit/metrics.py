@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from memedit.generators._checks import image_numbers
 from memedit.generators.forward import LayerRun, run_layer
 from memedit.generators.generator import Generator, layer_info
 from memedit.generators.query import match_scores, match_threshold
@@ -80,7 +81,7 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_params: Any,
     layer: the edited layer's name.
     D: (r, C_in) the edit's directions (its context subspace).
     edited_params: the edited generator's parameters (e.g. ``edited(gen, edit)[0].params``).
-    imgnums: held-out image numbers.
+    imgnums: held-out image numbers, each at most once.
     target_value: (C_out,) the pasted value v̄ for the efficacy numbers (None: skipped).
     quantile: match threshold quantile over the held-out pixels' scores.
     threshold: a fixed threshold instead of the quantile.
@@ -92,8 +93,9 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_params: Any,
     A JSON-serialisable dict (see the module docstring for the fields).
 
   Raises:
-    ValueError: a quantile outside (0, 1), or images with NaN or infinite values (a model
-      or an edit with non-finite weights).
+    ValueError: a quantile outside (0, 1), an image number given twice (the message names
+      the repeated numbers), or images with NaN or infinite values (a model or an edit
+      with non-finite weights).
 
   Example:
     >>> from flax import nnx
@@ -155,8 +157,15 @@ def _evaluate(gen, layer, D, edited_params, imgnums, quantiles, threshold, targe
   for q in quantiles:
     if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0 < q < 1:
       raise ValueError(f"quantile: expected a number in (0, 1), got {q!r}")
+  nums = image_numbers(imgnums)
+  values, counts = np.unique(nums, return_counts=True)
+  repeated = values[counts > 1].tolist()
+  if repeated:
+    more = f" and {len(repeated) - 8} more" if len(repeated) > 8 else ""
+    raise ValueError(f"imgnums: expected distinct image numbers (each latent measured once), "
+                     f"got repeated {repeated[:8]}{more} in {len(nums)} numbers")
   info = layer_info(gen, layer)
-  z = gen.latents(list(imgnums))
+  z = gen.latents(nums.tolist())
   if original is None:
     r0 = run_layer(gen, layer, z, batch_size=batch_size)
   else:

@@ -180,6 +180,10 @@ class StreamCache:
     """``(states, batches consumed per process, complete)``, or None when nothing is saved."""
     if self.path is None:
       return None
+    with _io.path_lock(self.path):  # another thread of this process may be saving it
+      return self._load()
+
+  def _load(self):
     # A save killed between its two renames left the last state moved aside: put it back.
     _io.recover(self.path)
     if os.path.lexists(self.path) and not os.path.isdir(self.path):

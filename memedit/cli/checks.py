@@ -6,6 +6,7 @@ range.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import secrets
@@ -194,7 +195,8 @@ def check_finite_images(images, where: str) -> None:
 
 def imgnums(text: str, limit: int, flag: str = "--images") -> list[int]:
   """'100-115' or '3,7,9' or '100-103,200' -> image numbers, each below
-  :data:`MAX_IMAGES` and at most ``limit`` of them (checked before any list is built)."""
+  :data:`MAX_IMAGES`, each once and at most ``limit`` of them (the count checked before
+  any list is built)."""
   ranges: list[tuple[int, int]] = []
   for part in str(text).split(","):
     part = part.strip()
@@ -215,4 +217,9 @@ def imgnums(text: str, limit: int, flag: str = "--images") -> list[int]:
     raise ValueError(f"{flag}: expected image numbers, got {text!r}")
   if count > limit:
     raise ValueError(f"{flag}: expected at most {limit} images, got {count} in {text!r}")
-  return [n for lo, hi in ranges for n in range(lo, hi + 1)]
+  nums = [n for lo, hi in ranges for n in range(lo, hi + 1)]
+  if len(set(nums)) != len(nums):
+    repeated = sorted(n for n, c in collections.Counter(nums).items() if c > 1)
+    raise ValueError(f"{flag}: expected distinct image numbers, got {repeated[:8]} more than "
+                     f"once in {text!r}")
+  return nums

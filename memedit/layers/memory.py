@@ -189,15 +189,39 @@ class MemoryView:
     if self.spec.keys is not None:
       return self.spec.keys(self.layer_module, x)
     n = len(self.key_axes)
+    if self._counted_from_start():
+      self._check_start_axes(x)
     axes = [a % x.ndim for a in self.key_axes]
     x = jnp.moveaxis(x, axes, list(range(x.ndim - n, x.ndim)))
     return x.reshape(x.shape[:x.ndim - n] + (-1,))
+
+  def _counted_from_start(self) -> bool:
+    """Whether the key axes count from the start of one call's input (a layer given
+    non-negative axes, viewed without example inputs, so that its input rank is unknown)."""
+    return self.input_ndim is None and all(a >= 0 for a in self.key_axes)
+
+  def _check_start_axes(self, x) -> None:
+    """Refuses an input whose key axes (counted from its start) do not hold the kernel's
+    input dims, e.g. several calls stacked in front of one call's input."""
+    in_dims = tuple(self.kernel_shape[self.stacked:self.stacked + self.in_ndim])
+    shape = tuple(np.shape(x))
+    got = tuple(shape[a] for a in self.key_axes if a < len(shape))
+    if got != in_dims:
+      raise ValueError(
+          f"x: expected one call's input of layer {self.address!r}, with the dims {in_dims} "
+          f"on its axes {self.key_axes} (the layer's axis, counted from the start), got "
+          f"shape {shape}; for inputs with leading axes (several calls stacked, a scan) "
+          "make the view with example inputs, memory_view(model, address, *inputs), which "
+          "counts the axes from the end")
 
   def native_keys(self, keys):
     """Inverse of :meth:`keys` for flat dense keys ``(n, key_dim)`` with trailing key axes.
 
     When the view knows the layer's input rank (made with example inputs), singleton
-    leading axes are added up to it.
+    leading axes are added up to it. A layer given non-negative axes and viewed without
+    example inputs gets inputs of the smallest rank those axes allow: the key dims on the
+    axes, the leading axes of ``keys`` on the first other axes (after the last key axis
+    where there are too few), singletons elsewhere.
     """
     if self.kind == "conv" or self.patch:
       raise ValueError("native_keys: only for dense views")
@@ -210,6 +234,8 @@ class MemoryView:
     if keys.shape[-1] != self.key_dim:
       raise ValueError(f"keys: expected last dimension {self.key_dim}, got {keys.shape[-1]}")
     x = keys.reshape(keys.shape[:-1] + in_dims)
+    if self._counted_from_start():
+      return _at_start_axes(x, len(keys.shape) - 1, self.key_axes)
     if self.input_ndim is not None and x.ndim < self.input_ndim:
       x = x.reshape((1,) * (self.input_ndim - x.ndim) + x.shape)
     axes = [a % x.ndim for a in self.key_axes]
@@ -358,3 +384,23 @@ def _unflatten_view(aux: Static, children) -> MemoryView:
 # A view is a pytree: the layer's variables are its children (their arrays its leaves);
 # everything else is static aux data. It passes through jax.jit as an argument.
 jax.tree_util.register_pytree_node(MemoryView, _flatten_view, _unflatten_view)
+
+
+def _at_start_axes(x, lead: int, axes) -> jax.Array:
+  """``x`` of shape ``(*lead dims, *key dims)`` as a layer input whose key dims lie on the
+  non-negative ``axes`` (sorted, counted from the start): the lead dims go to the first
+  free axes (axes past the last key axis are added where too few are free), singleton
+  dims fill the rest."""
+  axes = [int(a) for a in axes]
+  k = len(axes)
+  rank = max(max(axes) + 1, k + lead)
+  free = [p for p in range(rank) if p not in axes]
+  perm = [0] * rank
+  for i, p in enumerate(free[:lead]):
+    perm[p] = i
+  for j, p in enumerate(axes):
+    perm[p] = lead + j
+  for t, p in enumerate(free[lead:]):
+    perm[p] = lead + k + t
+  x = x.reshape(x.shape + (1,) * (rank - lead - k))
+  return jnp.transpose(x, perm)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,8 +55,9 @@ def parse_imgnums(value: Any, limit: int, where: str = "images") -> list[int]:
   """Image numbers from text like ``"200-231,5"`` or a JSON list of integers.
 
   Raises:
-    ValueError: malformed text, numbers outside [0, MAX_IMAGES), a descending range, or
-      more than ``limit`` images (counted before any list is built).
+    ValueError: malformed text, numbers outside [0, MAX_IMAGES), a descending range, a
+      number given twice, or more than ``limit`` images (counted before any list is
+      built).
 
   Example:
     >>> parse_imgnums("3-5,9", 10)
@@ -71,6 +72,10 @@ def parse_imgnums(value: Any, limit: int, where: str = "images") -> list[int]:
                          f"{n!r}")
     if not value:
       raise ValueError(f"{where}: expected image numbers, got an empty list")
+    repeated = sorted(n for n, c in Counter(value).items() if c > 1)
+    if repeated:
+      raise ValueError(f"{where}: expected distinct image numbers, got {repeated[:8]} more "
+                       f"than once")
     return [int(n) for n in value]
   if not isinstance(value, str) or len(value) > 2000:
     raise ValueError(f"{where}: expected numbers or ranges like '200-231,5', got "

@@ -25,6 +25,7 @@ from ports.gpt2.convert import (
     convert_gpt2,
     load_gpt2,
     load_safetensors,
+    locate_checkpoint,
     read_hf_config,
     read_state_dict,
     save_gpt2,
@@ -44,5 +45,5 @@ from ports.gpt2.model import (
 __all__ = [
     "MLP", "Attention", "Block", "GPT2Config", "GPT2LMHeadModel", "checkpoint_files",
     "convert_gpt2", "gelu_new", "layer_path", "lm_layout", "load_gpt2", "load_safetensors",
-    "read_hf_config", "read_state_dict", "save_gpt2", "state_dict_to_params",
+    "locate_checkpoint", "read_hf_config", "read_state_dict", "save_gpt2", "state_dict_to_params",
 ]

@@ -24,9 +24,9 @@ The result is one directory written atomically by :func:`memedit._io.save_tree`:
 variables plus a JSON config (the :class:`ports.gpt2.model.GPT2Config` fields,
 ``architecture: 'gpt2'`` and the source files' names and sha256).
 
-The file readers (:func:`checkpoint_files`, :func:`load_safetensors`,
-:func:`read_state_dict`, :func:`read_hf_config`) live in :mod:`ports.gpt2.hf_files` and are
-re-exported here.
+The file readers (:func:`checkpoint_files`, :func:`locate_checkpoint`,
+:func:`load_safetensors`, :func:`read_state_dict`, :func:`read_hf_config`) live in
+:mod:`ports.gpt2.hf_files` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ import numpy as np
 from memedit import _io
 from ports import check_finite, shown_keys, validate_state_dict
 from ports.gpt2.hf_files import (SAFETENSORS_DTYPES, checkpoint_files, load_safetensors,
-                                read_hf_config, read_state_dict)
+                                locate_checkpoint, read_hf_config, read_state_dict)
 from ports.gpt2.model import GPT2Config, GPT2LMHeadModel
 
 __all__ = ["ARCHITECTURE", "FORMAT_VERSION", "SAFETENSORS_DTYPES", "checkpoint_files",
-           "convert_gpt2", "load_gpt2", "load_safetensors", "read_hf_config", "read_state_dict",
-           "save_gpt2", "state_dict_to_params"]
+           "convert_gpt2", "load_gpt2", "load_safetensors", "locate_checkpoint",
+           "read_hf_config", "read_state_dict", "save_gpt2", "state_dict_to_params"]
 
 ARCHITECTURE = "gpt2"
 FORMAT_VERSION = 1
@@ -196,13 +196,13 @@ def convert_gpt2(src: str | os.PathLike, out_dir: str | os.PathLike, *,
       (:class:`ports.torchfile.UnsafeFileError`: a pickle naming anything but tensor
       constructors, refused before it runs) or damaged
       (:class:`ports.torchfile.CorruptFileError`, e.g. a safetensors header pointing past
-      the end of the file).
+      the end of the file, or shards that disagree with their index).
   """
   src = os.fspath(src)
   _io.check_output(out_dir, "converted", force=force, protect=(src,))
-  files, config_file = checkpoint_files(src)
+  files, config_file, index = locate_checkpoint(src)
   config = read_hf_config(config_file)
-  sd = read_state_dict(files)
+  sd = read_state_dict(files, index=index)
   dtypes = sorted({str(np.asarray(v).dtype) for v in sd.values()})
   variables = state_dict_to_params(sd, config)
   meta = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION,

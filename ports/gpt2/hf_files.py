@@ -4,7 +4,8 @@
 folder (``model.safetensors``, ``pytorch_model.bin`` or shards listed by their index);
 :func:`read_state_dict` reads and merges them (``.bin`` files through
 :func:`ports.torchfile.load_torch`, ``.safetensors`` files through
-:func:`load_safetensors`, which checks every header field before it reads a tensor byte);
+:func:`load_safetensors`, which checks every header field before it reads a tensor byte),
+and checks shards against their index (:func:`locate_checkpoint` finds it);
 :func:`read_hf_config` reads the config. :mod:`ports.gpt2.convert` maps the result onto
 the Flax model and re-exports these names.
 """
@@ -24,13 +25,24 @@ import numpy as np
 from ports.gpt2.model import GPT2Config
 from ports.torchfile import CorruptFileError, brief_repr
 
-__all__ = ["SAFETENSORS_DTYPES", "checkpoint_files", "load_safetensors", "read_hf_config",
-           "read_state_dict"]
+__all__ = ["SAFETENSORS_DTYPES", "checkpoint_files", "load_safetensors", "locate_checkpoint",
+           "read_hf_config", "read_state_dict"]
 
 
-# safetensors dtype names the reader understands, as little-endian numpy dtypes; BF16 is
-# read as raw 16-bit words and reinterpreted.
-SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+#: safetensors dtype names the reader understands, and the numpy dtype each tensor is read
+#: as (floats, integers of every width and booleans; bfloat16 and float8 from ml_dtypes).
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+# How the bytes of the dtypes numpy cannot read as stored are read first: raw unsigned words
+# of the same width (reinterpreted, or for BOOL checked to be 0 or 1).
+_RAW_DTYPES = {"BF16": np.dtype("<u2"), "F8_E4M3": np.dtype("u1"), "F8_E5M2": np.dtype("u1"),
+               "BOOL": np.dtype("u1")}
 _MAX_HEADER = 100 << 20  # bytes of JSON header (the safetensors library's own bound)
 _MAX_NDIM = 8
 _MAX_JSON = 16 << 20  # bytes of a config.json or an index file
@@ -90,16 +102,19 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   bytes, offsets counted from the end of the header. Every field is checked before any
   tensor byte is read: the header length fits the file and at most 100 MiB; the JSON is an
   object without repeated names; each entry has exactly those three fields; the dtype is
-  F32, F16 or BF16; the shape is a list of at most 8 non-negative integers; the offsets
-  are two integers ``0 <= begin <= end <=`` the data size; ``end - begin`` equals the
-  shape's element count times the dtype's size; no two tensors share a byte.
+  one of :data:`SAFETENSORS_DTYPES` (F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32,
+  I16, I8, U64, U32, U16, U8, BOOL); the shape is a list of at most 8 non-negative
+  integers; the offsets are two integers ``0 <= begin <= end <=`` the data size;
+  ``end - begin`` equals the shape's element count times the dtype's size; no two tensors
+  share a byte. BOOL bytes must be 0 or 1.
 
   Args:
     path: the file.
 
   Returns:
-    Name -> numpy array of the stored dtype (float32, float16 or ``ml_dtypes.bfloat16``)
-    and shape, in native byte order, each owning its memory.
+    Name -> numpy array of the stored dtype (as :data:`SAFETENSORS_DTYPES` maps it, e.g.
+    float64, int64, bool or ``ml_dtypes.bfloat16``; nothing is cast) and shape, in native
+    byte order, each owning its memory.
 
   Raises:
     ports.torchfile.CorruptFileError: (a ValueError) the file breaks any rule above, or is
@@ -142,17 +157,29 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     data_size = size - 8 - n
     entries = _check_header(source, header, data_size)
     out = {}
-    for name, (dtype, shape, begin, end) in entries.items():
+    for name, (dtype_name, shape, begin, end) in entries.items():
       f.seek(8 + n + begin)
       buf = f.read(end - begin)
       if len(buf) != end - begin:
         raise CorruptFileError(f"{source}: {name}: expected {end - begin} bytes of data, got "
                                f"{len(buf)} (the file changed while it was read)")
-      a = np.frombuffer(buf, dtype).astype(dtype.newbyteorder("="))
-      if dtype.kind == "u":  # BF16 words
-        a = a.view(ml_dtypes.bfloat16)
-      out[name] = a.reshape(shape)
+      out[name] = _decode(source, name, dtype_name, buf).reshape(shape)
   return out
+
+
+def _decode(source: str, name: str, dtype_name: str, buf: bytes) -> np.ndarray:
+  """A tensor's little-endian bytes as a native-order array of its dtype, owning its memory."""
+  want = SAFETENSORS_DTYPES[dtype_name]
+  raw = _RAW_DTYPES.get(dtype_name, want.newbyteorder("<"))
+  a = np.frombuffer(buf, raw).astype(raw.newbyteorder("="))
+  if dtype_name == "BOOL":
+    if a.size and a.max() > 1:
+      raise CorruptFileError(f"{source}: tensor {brief_repr(name)}: expected BOOL bytes 0 or "
+                             f"1, got {int(a.max())}")
+    return a.astype(np.bool_)
+  if dtype_name in _RAW_DTYPES:
+    return a.view(want)
+  return a
 
 
 def _check_header(source: str, header: dict, data_size: int) -> dict:
@@ -191,13 +218,12 @@ def _check_header(source: str, header: dict, data_size: int) -> dict:
       raise CorruptFileError(f"{where}: data_offsets: expected end <= {data_size} (the data "
                              f"after the header), got [{begin}, {end}] (past the end of the "
                              "file)")
-    dtype = SAFETENSORS_DTYPES[dtype_name]
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype_name].itemsize
     if end - begin != nbytes:
       raise CorruptFileError(f"{where}: expected {nbytes} bytes for shape {shape} of "
                              f"{dtype_name}, got data_offsets [{begin}, {end}] "
                              f"({end - begin} bytes)")
-    entries[name] = (dtype, tuple(shape), begin, end)
+    entries[name] = (dtype_name, tuple(shape), begin, end)
   spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
   for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
     if b1 < e0:
@@ -225,6 +251,20 @@ def checkpoint_files(src: str | os.PathLike) -> tuple[list[str], str]:
     ValueError: an index file is malformed or names a file outside its folder, or the
       preferred weights name in a folder is a directory (or another non-file).
   """
+  files, config_file, _ = locate_checkpoint(src)
+  return files, config_file
+
+
+def locate_checkpoint(src: str | os.PathLike) -> tuple[list[str], str, str | None]:
+  """:func:`checkpoint_files` and the index file the shards come from.
+
+  Returns:
+    ``(weight_files, config_file, index_file)``; ``index_file`` is None for one weights
+    file. Pass it to :func:`read_state_dict` so that the shards are checked against it.
+
+  Raises:
+    As :func:`checkpoint_files`.
+  """
   src = os.fspath(src)
   if os.path.isdir(src):
     folder = src
@@ -249,18 +289,24 @@ def checkpoint_files(src: str | os.PathLike) -> tuple[list[str], str]:
     raise FileNotFoundError(f"{config_file}: expected the checkpoint's config.json next to "
                             "its weights (Hugging Face's save_pretrained writes it)")
   if weights.endswith(".index.json"):
-    return _shards(weights), config_file
-  return [weights], config_file
+    return _shards(weights), config_file, weights
+  return [weights], config_file, None
 
 
-def _shards(index_file: str) -> list[str]:
-  """The shard files an index's ``weight_map`` names, each once, in order."""
+def _weight_map(index_file: str) -> dict[str, str]:
+  """An index file's ``weight_map`` (tensor name -> shard file name), checked."""
   index = _read_json_file(index_file, "a checkpoint index")
   weight_map = index.get("weight_map") if isinstance(index, dict) else None
   if not (isinstance(weight_map, dict) and weight_map
           and all(isinstance(v, str) for v in weight_map.values())):
     raise CorruptFileError(f"{index_file}: weight_map: expected an object of tensor names to "
                            f"shard file names, got {brief_repr(weight_map)}")
+  return weight_map
+
+
+def _shards(index_file: str) -> list[str]:
+  """The shard files an index's ``weight_map`` names, each once, in order."""
+  weight_map = _weight_map(index_file)
   folder = os.path.dirname(os.path.abspath(index_file))
   files = []
   for name in dict.fromkeys(weight_map.values()):
@@ -300,13 +346,23 @@ def _read_weights(path: str) -> dict[str, Any]:
   return dict(sd)
 
 
-def read_state_dict(files: list[str]) -> dict[str, Any]:
+def read_state_dict(files: list[str], *, index: str | os.PathLike | None = None
+                    ) -> dict[str, Any]:
   """The state dict held by one weights file or by the shards of an index, merged.
+
+  Args:
+    files: the weights file, or the shard files (see :func:`locate_checkpoint`).
+    index: the ``*.index.json`` the shards come from; each shard must then hold exactly
+      the tensors the index's ``weight_map`` assigns to it.
 
   Raises:
     ValueError: a file is unsafe (:class:`ports.torchfile.UnsafeFileError`) or damaged
-      (:class:`ports.torchfile.CorruptFileError`), or two shards hold the same name.
+      (:class:`ports.torchfile.CorruptFileError`), two shards hold the same name, or a
+      shard and the index disagree (a tensor the index assigns to a shard that does not
+      hold it, or a tensor in a shard that the index does not assign to it); the message
+      names the tensor and the shard.
   """
+  weight_map = None if index is None else _weight_map(os.fspath(index))
   sd: dict[str, Any] = {}
   for path in files:
     part = _read_weights(os.fspath(path))
@@ -314,5 +370,26 @@ def read_state_dict(files: list[str]) -> dict[str, Any]:
     if twice:
       raise CorruptFileError(f"{path}: expected each tensor in one shard, got "
                              f"{brief_repr(twice[0])} in two of them")
+    if weight_map is not None:
+      _check_shard(os.fspath(index), weight_map, os.fspath(path), part)
     sd.update(part)
   return sd
+
+
+def _check_shard(index: str, weight_map: dict[str, str], path: str, part: Mapping) -> None:
+  """Refuses a shard whose tensors differ from those the index assigns to it."""
+  shard = os.path.basename(path)
+  for name in part:
+    if name not in weight_map:
+      raise CorruptFileError(f"{index}: weight_map: tensor {brief_repr(name)}: expected only "
+                             f"the tensors the index lists, got one it does not list in "
+                             f"shard {shard!r}")
+    if weight_map[name] != shard:
+      raise CorruptFileError(f"{index}: weight_map: tensor {brief_repr(name)}: expected in "
+                             f"shard {weight_map[name]!r} (where the index puts it), got it "
+                             f"in shard {shard!r}")
+  for name, where in weight_map.items():
+    if where == shard and name not in part:
+      raise CorruptFileError(f"{index}: weight_map: tensor {brief_repr(name)}: expected in "
+                             f"shard {shard!r} (where the index puts it), got a shard without "
+                             f"it (it holds {len(part)} tensors)")

@@ -497,3 +497,17 @@ def test_demo_on_the_real_weights_small(tmp_path, capsys):
   # A held-out count that measures nothing is refused before any work.
   assert main(["demo", "--weights", str(weights), "--out", str(out), "--held-out", "0"]) == 1
   assert "expected a positive count" in capsys.readouterr().err
+
+
+def test_repeated_image_numbers_are_refused(tiny, tmp_path, capsys):
+  _, model, spec = tiny
+  edit = _nan_edit(model, tmp_path / "e.edit", nan=False)
+  for argv in (["evaluate", model, spec, "--edit", edit, "--images", "100-103,102,100"],
+               ["sample", model, "--edit", edit, "--images", "7,7", "--out",
+                str(tmp_path / "s.png")]):
+    assert main(argv) == 1, argv
+    err = _one_line_error(capsys, argv[0])
+    assert "--images: expected distinct image numbers, got [" in err, err
+    assert ("[100, 102] more than once in '100-103,102,100'" in err
+            or "[7] more than once in '7,7'" in err), err
+  assert sorted(os.listdir(tmp_path)) == ["e.edit"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 
 import numpy as np
 import pytest
@@ -289,6 +290,50 @@ def test_created_files_follow_the_umask(tmp_path):
   modes = {str(p): stat.S_IMODE(p.stat().st_mode) for p in paths}
   for p in paths:
     assert modes[str(p)] == (0o755 if p.is_dir() else 0o644), (p, oct(modes[str(p)]))
+
+
+def test_threads_saving_and_loading_at_once_take_turns(tmp_path):
+  # Four threads save (two of them the same path) and load at once: orbax alone
+  # deadlocks or trips over its own temporary folders.
+  errors, paths = [], [tmp_path / "a", tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+
+  def work(path):
+    try:
+      for j in range(10):
+        _io.save_tree(path, _tree(float(j)), {"j": j})
+        assert 0 <= _value(path) <= 9
+    except BaseException as e:  # reported below
+      errors.append(e)
+
+  threads = [threading.Thread(target=work, args=(p,), daemon=True) for p in paths]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(180)
+  assert not any(t.is_alive() for t in threads), "save_tree deadlocked across threads"
+  assert not errors, errors
+  for p in set(paths):
+    assert _value(p) == 9.0
+  assert _leftovers(tmp_path) == []
+
+
+def test_path_lock_is_one_lock_per_resolved_path(tmp_path):
+  (tmp_path / "d").mkdir()
+  os.symlink(tmp_path / "d", tmp_path / "link")
+  entered = threading.Event()
+
+  def other():
+    with _io.path_lock(tmp_path / "link"):
+      entered.set()
+
+  with _io.path_lock(tmp_path / "x" / ".." / "d"):
+    t = threading.Thread(target=other, daemon=True)
+    t.start()
+    assert not entered.wait(0.3)  # the same folder by another name waits
+    with _io.path_lock(tmp_path / "e"):  # another path does not
+      pass
+  t.join(10)
+  assert entered.is_set()
 
 
 # ------------------------------------------------------------------ stored data

@@ -11,6 +11,7 @@ import struct
 import subprocess
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -198,6 +199,32 @@ def test_half_precision_safetensors(tmp_path, dtype, name):
   assert _max_diff(ref, jax.jit(module.apply)(variables, ids)) <= TOL
 
 
+
+def test_float64_safetensors_with_integer_buffers_convert(tmp_path):
+  """An F64 checkpoint holding an I64 buffer beside the weights (as some real checkpoints
+  do) converts; the weights are cast to float32 and the buffer is left out."""
+  model = _hf_model(seed=2).double()
+  folder = str(tmp_path / "f64")
+  model.save_pretrained(folder)
+  path = os.path.join(folder, "model.safetensors")
+  tensors = gpt2.load_safetensors(path)
+  assert {str(a.dtype) for a in tensors.values()} == {"float64"}
+  header, data = {}, b""
+  tensors["h.0.attn.masked_bias"] = np.array([-10000], np.int64)
+  for name, a in tensors.items():
+    raw = np.ascontiguousarray(a).tobytes()
+    header[name] = {"dtype": "I64" if a.dtype == np.int64 else "F64",
+                    "shape": list(a.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+    data += raw
+  with open(path, "wb") as f:
+    f.write(_safetensors_bytes(header, data))
+  out = gpt2.convert_gpt2(folder, str(tmp_path / "flax"))
+  module, variables, config = gpt2.load_gpt2(out)
+  assert config["source"]["dtypes"] == ["float64", "int64"]
+  ids = _ids(8)
+  ref = _torch_logits(model.float(), ids)
+  assert _max_diff(ref, jax.jit(module.apply)(variables, ids)) <= TOL
+
 def test_mlp_c_proj_is_a_dense_memory(checkpoints):
   """memedit views block 1's mlp.c_proj as a linear memory; its captured keys and values
   are the input and output of Hugging Face's Conv1D there."""
@@ -297,7 +324,11 @@ MALFORMED = {
     "overlapping offsets": (_safetensors_bytes(_with("b", data_offsets=[8, 16]), _DATA),
                             "'a' \\[0, 16\\] and 'b' \\[8, 16\\].*overlapping"),
     "unknown dtype": (_safetensors_bytes(_with("b", dtype="Q7"), _DATA),
-                      "tensor 'b': dtype: expected one of \\['BF16', 'F16', 'F32'\\], got 'Q7'"),
+                      "tensor 'b': dtype: expected one of \\['BF16', 'BOOL', .*'U8'\\], "
+                      "got 'Q7'"),
+    "bool byte other than 0 or 1": (
+        _safetensors_bytes({"m": {"dtype": "BOOL", "shape": [3], "data_offsets": [0, 3]}},
+                           b"\x01\x00\x02"), "tensor 'm': expected BOOL bytes 0 or 1, got 2"),
     "shape and size disagree": (_safetensors_bytes(_with("a", shape=[3, 2]), _DATA),
                                 "tensor 'a': expected 24 bytes for shape \\[3, 2\\] of F32, "
                                 "got data_offsets \\[0, 16\\]"),
@@ -324,6 +355,47 @@ def test_good_safetensors_file_reads(tmp_path):
   got = gpt2.load_safetensors(path)
   np.testing.assert_array_equal(got["a"], np.arange(4, dtype=np.float32).reshape(2, 2))
   np.testing.assert_array_equal(got["b"], np.array([4, 5], np.float32))
+
+
+# Every dtype a checkpoint may hold beside F32: (safetensors name, array as stored).
+_WIDE_DTYPES = {
+    "F64": np.array([[1.5, -2.25], [1e300, -0.0]], "<f8"),
+    "F16": np.array([0.5, -65504.0], "<f2"),
+    "BF16": np.array([1.0, -3.5], ml_dtypes.bfloat16),
+    "F8_E4M3": np.array([0.5, -448.0], ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.array([0.25, -57344.0], ml_dtypes.float8_e5m2),
+    "I64": np.array([[-(2 ** 62), 3], [0, 2 ** 62 + 1]], "<i8"),
+    "I32": np.array([-7, 2 ** 31 - 1], "<i4"),
+    "I16": np.array([-3, 32767], "<i2"),
+    "I8": np.array([-128, 127], "i1"),
+    "U64": np.array([2 ** 64 - 1], "<u8"),
+    "U32": np.array([2 ** 32 - 1, 1], "<u4"),
+    "U16": np.array([65535, 2], "<u2"),
+    "U8": np.array([0, 255, 7], "u1"),
+    "BOOL": np.array([[True, False], [False, True]]),
+}
+
+
+def test_safetensors_of_every_dtype_read_exactly(tmp_path):
+  header, data = {}, b""
+  for dtype_name, a in _WIDE_DTYPES.items():
+    raw = a.tobytes()  # little-endian on every machine these tests run on
+    header[dtype_name.lower()] = {"dtype": dtype_name, "shape": list(a.shape),
+                                  "data_offsets": [len(data), len(data) + len(raw)]}
+    data += raw
+  path = tmp_path / "wide.safetensors"
+  path.write_bytes(_safetensors_bytes(header, data))
+  got = gpt2.load_safetensors(path)
+  assert sorted(got) == sorted(n.lower() for n in _WIDE_DTYPES)
+  for dtype_name, a in _WIDE_DTYPES.items():
+    t = got[dtype_name.lower()]
+    assert t.dtype == a.dtype == gpt2_files.SAFETENSORS_DTYPES[dtype_name], dtype_name
+    assert t.shape == a.shape and t.tobytes() == a.tobytes(), dtype_name
+    assert t.flags.writeable, dtype_name  # a copy, not a view of the read buffer
+  assert got["bf16"].tolist() == [1.0, -3.5]
+  assert got["bool"].tolist() == [[True, False], [False, True]]
+  assert got["f64"][1, 0] == 1e300  # beyond float32
+  assert got["i64"][1, 1] == 2 ** 62 + 1  # beyond float64's integers
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
@@ -475,3 +547,57 @@ def test_index_naming_a_missing_shard_is_refused_before_reading(tmp_path, monkey
                      r"beside it, missing \['model-2.safetensors'\] \(1 of 2\)"):
     gpt2.convert_gpt2(folder, str(tmp_path / "out"))
   assert read == []
+
+
+def _tensor_file(names) -> bytes:
+  """A safetensors file holding one F32 tensor of shape (2,) per name."""
+  header = {n: {"dtype": "F32", "shape": [2], "data_offsets": [8 * i, 8 * i + 8]}
+            for i, n in enumerate(names)}
+  return _safetensors_bytes(header, np.arange(2 * len(names), dtype="<f4").tobytes())
+
+
+SHARD_INDEX_MISMATCHES = {
+    # weight_map, then the message naming the tensor and the shard
+    "tensor in another shard than the index says": (
+        {"a": "model-2.safetensors", "b": "model-1.safetensors", "c": "model-1.safetensors"},
+        r"tensor 'c': expected in shard 'model-1.safetensors' \(where the index puts it\), "
+        r"got it in shard 'model-2.safetensors'"),
+    "tensor the index does not list": (
+        {"a": "model-1.safetensors", "c": "model-2.safetensors"},
+        r"tensor 'b': expected only the tensors the index lists, got one it does not list "
+        r"in shard 'model-1.safetensors'"),
+    "index names a tensor its shard lacks": (
+        {"a": "model-1.safetensors", "b": "model-1.safetensors", "c": "model-2.safetensors",
+         "d": "model-2.safetensors"},
+        r"tensor 'd': expected in shard 'model-2.safetensors' \(where the index puts it\), "
+        r"got a shard without it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARD_INDEX_MISMATCHES))
+def test_shards_that_disagree_with_their_index_are_refused(tmp_path, case):
+  weight_map, message = SHARD_INDEX_MISMATCHES[case]
+  index = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+  folder = _tiny_folder(tmp_path / "m", {"model-1.safetensors": _tensor_file(["a", "b"]),
+                                         "model-2.safetensors": _tensor_file(["c"]),
+                                         "model.safetensors.index.json": index})
+  with pytest.raises(CorruptFileError, match=r"model.safetensors.index.json: weight_map: "
+                     + message):
+    gpt2.convert_gpt2(folder, str(tmp_path / "out"))
+  files, _, index_file = gpt2.locate_checkpoint(folder)
+  with pytest.raises(CorruptFileError, match=message):
+    gpt2.read_state_dict(files, index=index_file)
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_shards_that_match_their_index_are_read(tmp_path):
+  index = json.dumps({"weight_map": {"c": "model-2.safetensors", "a": "model-1.safetensors",
+                                     "b": "model-1.safetensors"}}).encode()
+  folder = _tiny_folder(tmp_path / "m", {"model-1.safetensors": _tensor_file(["a", "b"]),
+                                         "model-2.safetensors": _tensor_file(["c"]),
+                                         "model.safetensors.index.json": index})
+  files, _, index_file = gpt2.locate_checkpoint(folder)
+  assert index_file == os.path.join(folder, "model.safetensors.index.json")
+  sd = gpt2.read_state_dict(files, index=index_file)
+  assert sorted(sd) == ["a", "b", "c"]
+  np.testing.assert_array_equal(sd["b"], np.array([2, 3], np.float32))

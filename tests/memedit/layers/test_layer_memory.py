@@ -343,3 +343,72 @@ def test_statistics_split_over_two_devices_match_one(tmp_path):
                        cwd=tmp_path, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert float(out.stdout.strip().splitlines()[-1]) <= 1e-6
+
+
+class _General(nnx.Module):
+  """One nnx.LinearGeneral on inputs ``x`` of shape ``(N, *rest)``, called once."""
+
+  def __init__(self, in_features, out_features, axis):
+    self.lg = nnx.LinearGeneral(in_features, out_features, axis=axis, rngs=nnx.Rngs(3))
+
+  def __call__(self, x):
+    return self.lg(x)
+
+
+# in_features, out_features, positive axis, its negative twin, input shape
+POSITIVE_AXES = [
+    (3, (2, 4), 2, -1, (5, 7, 3)),           # the last axis of a rank-3 input
+    ((2, 3), 4, (1, 2), (-2, -1), (6, 2, 3)),  # two trailing axes
+    (2, 3, 1, -2, (6, 2, 5)),                # an axis that is not the last
+]
+
+
+@pytest.mark.parametrize("in_f,out_f,axis,negative,shape", POSITIVE_AXES)
+def test_linear_general_with_positive_axis_needs_no_example_inputs(in_f, out_f, axis,
+                                                                   negative, shape):
+  model = _General(in_f, out_f, axis)
+  x = jax.random.normal(jax.random.key(1), shape)
+  view = memory_view(model, "lg")  # no example inputs: the input rank is unknown
+  twin = memory_view(_General(in_f, out_f, negative), "lg", x)
+  assert (view.key_dim, view.value_dim) == (twin.key_dim, twin.value_dim)
+  # One call's input gives the keys the layer contracts, as with a negative axis.
+  c = capture(model, "lg", x, single=True)
+  keys = view.keys(c.keys).reshape(-1, view.key_dim)
+  np.testing.assert_allclose(keys, twin.keys(x).reshape(-1, view.key_dim), rtol=1e-6)
+  # Flat keys back to inputs the layer runs on: its own output is W k + b.
+  k = jax.random.normal(jax.random.key(2), (4, view.key_dim))
+  native = view.native_keys(k)
+  out = model.lg(native).reshape(4, -1)
+  want = k @ view.math_weight().T + model.lg.bias[...].reshape(-1)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(view.keys(native).reshape(4, -1), k, rtol=1e-6)
+  # An exact insert through the view: the edited layer outputs the targets at the keys.
+  n = min(2, view.key_dim - 1)  # independent keys
+  C = jnp.eye(view.key_dim) + 0.1
+  targets = jax.random.normal(jax.random.key(4), (n, view.value_dim))
+  edit = insert_through_view(view, C, k[:n], targets)
+  state, _ = memedit.apply_edit(nnx.state(model), edit)
+  edited = nnx.merge(nnx.graphdef(model), state)
+  np.testing.assert_allclose(edited.lg(view.native_keys(k[:n])).reshape(n, -1), targets,
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(edited_forward(model, view, edit.lam, edit.D, x),
+                             edited(x), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_general_with_positive_axis_refuses_stacked_inputs_without_examples():
+  class Twice(nnx.Module):
+    def __init__(self):
+      self.lg = nnx.LinearGeneral(2, 3, axis=1, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.lg(x) + self.lg(jnp.tanh(x))
+
+  model, x = Twice(), jax.random.normal(jax.random.key(0), (5, 2, 4))
+  stacked = capture(model, "lg", x).keys  # (2 calls, 5, 2, 4)
+  with pytest.raises(ValueError, match=r"x: expected one call's input of layer \('lg',\), "
+                     r"with the dims \(2,\) on its axes \(1,\).*got shape \(2, 5, 2, 4\); "
+                     r".*make the view with example inputs"):
+    memory_view(model, "lg").keys(stacked)
+  keys = memory_view(model, "lg", x).keys(stacked)  # with examples: counted from the end
+  want = np.stack([np.moveaxis(np.asarray(x), 1, -1), np.moveaxis(np.tanh(x), 1, -1)])
+  np.testing.assert_allclose(keys, want, rtol=1e-6)

@@ -95,7 +95,9 @@ def test_image_numbers_and_limits():
   assert parse_imgnums([5, 1], 10) == [5, 1]
   for bad, msg in (("5-3", "low to high"), ("x", "numbers or ranges"), ("", "expected image"),
                    ([1.5], "image numbers in"), ([True], "image numbers in"),
-                   ("0-10", "at most 10"), ([], "empty list"), (7, "numbers or ranges")):
+                   ("0-10", "at most 10"), ([], "empty list"), (7, "numbers or ranges"),
+                   ("3-5,4", r"expected distinct image numbers, got \[4\] more than once"),
+                   ([5, 1, 5], r"expected distinct image numbers, got \[5\] more than once")):
     with pytest.raises(ValueError, match=msg):
       parse_imgnums(bad, 10)
   assert (grid_limit(64), grid_limit(256), grid_limit(1024)) == (256, 16, 16)
