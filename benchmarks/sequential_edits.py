@@ -46,8 +46,15 @@ spec's layer (``conv_3``, the up-sampling modulated convolution) with that spec'
 (zca, α = 0.5, own tap, Gauss–Newton, 20 steps, L2); results in
 sequential_edits_stylegan2_demo_spec.json.
 
+``--preserve MU`` adds the arm ``projected_preserve``: projected as above, and each Λ solve
+also keeps the earlier edits' paste crops at the outputs they have before the edit, each
+crop weighted MU times the edit's own (``memedit.generators.insert(..., preserve=...)``):
+through the layer's own f, so through StyleGAN2's demodulation, which the projection of D
+cannot reach. ``--only-preserve`` runs that arm alone (results in
+``…_preserveMU.json``).
+
 Usage: python benchmarks/sequential_edits.py [--quick] [--model DIR] [--stats DIR]
-       [--stylegan2 [--demo-settings]]
+       [--stylegan2 [--demo-settings]] [--preserve MU [--only-preserve]]
 """
 
 from __future__ import annotations
@@ -99,6 +106,8 @@ def demo_spec_settings() -> tuple[str, dict]:
                       "shrinkage": spec.shrinkage, "taps": spec.taps, **spec.solver}
 # mode -> (project, key_weight)
 MODES = {"projected": (True, 1.0), "projected_kw100": (True, 100.0), "plain": (False, None)}
+# --preserve MU adds: projected, each solve keeping the earlier edits' crops (weight MU).
+PRESERVED = "projected_preserve"
 
 
 def box(y0, y1, x0, x1):
@@ -145,13 +154,16 @@ def null_dim(log, C, path, before: int, key_weight: float) -> int:
 
 
 def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
-                 layer: str = LAYER, settings: dict = SETTINGS) -> dict:
-  """Applies the edits in order (projected or not); returns efficacies and diagnostics."""
+                 layer: str = LAYER, settings: dict = SETTINGS,
+                 preserve_weight: float | None = None) -> dict:
+  """Applies the edits in order (projected or not; with ``preserve_weight``, each solve
+  keeping the earlier edits' crops); returns efficacies and diagnostics."""
   info = gens.layer_info(gen, layer)
   m = info.margin
   base = gen.params
   log, cur = sq.log_init(), gen
   problems, kernels, rows, checks, times = [], [gens.layer_kernel(gen, layer)], [], [], []
+  made_targets = []
   for e, spec in enumerate(edits):
     t0 = time.perf_counter()
     keys, w = gens.context_keys(gen, layer, spec["context"])
@@ -168,10 +180,13 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
         continue
     copied = gens.copy_values(cur, layer, *spec["object"])
     target = gens.paste_target(cur, layer, copied, *spec["paste"])
+    keep = {} if preserve_weight is None else {"preserve": made_targets,
+                                               "preserve_weight": preserve_weight}
     res = gens.insert(cur, layer, D, target, optimizer=settings["optimizer"], steps=steps,
                       learning_rate=settings["learning_rate"], loss=settings["loss"],
                       taps=settings["taps"], method=f"insert/{'projected' if project else 'plain'}",
-                      settings={"region": spec["region"]})
+                      settings={"region": spec["region"]}, **keep)
+    made_targets = made_targets + [target]
     edit = res.edit
     crop_keys = target.keys[0, m:target.keys.shape[1] - m, m:target.keys.shape[2] - m]
     check = sq.check_edit(log, edit, params=base, warn=False)
@@ -213,7 +228,9 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
   grow = sq.growth(log, base)
   for i, r in enumerate(made):
     r.update(efficacy_after_edit=float(eff[i, i + 1]), efficacy_after_all=float(eff[i, n]),
-             relative_change=float((eff[i, n] - eff[i, i + 1]) / eff[i, i + 1]),
+             # None for an edit that changed nothing (e = 0 when made).
+             relative_change=(float((eff[i, n] - eff[i, i + 1]) / eff[i, i + 1])
+                              if eff[i, i + 1] != 0 else None),
              held=bool(abs(eff[i, n] - eff[i, i + 1]) <= 0.1 * abs(eff[i, i + 1])),
              max_interference_received=float(np.nanmax(final[i, i + 1:])) if i < n - 1 else None,
              norm_growth=grow[i]["norm_growth"], condition_growth=grow[i]["condition_growth"])
@@ -234,7 +251,14 @@ def main():
                        f"{SG2_LAYER}, Gauss-Newton {SG2_SETTINGS['steps']} steps")
   ap.add_argument("--demo-settings", action="store_true",
                   help="with --stylegan2: the StyleGAN2 demo spec's layer and settings")
+  ap.add_argument("--preserve", type=float, default=None, metavar="MU",
+                  help=f"add the arm {PRESERVED}: projected, each Λ solve keeping the "
+                       "earlier edits' crops with weight MU (generators.insert's preserve)")
+  ap.add_argument("--only-preserve", action="store_true",
+                  help="with --preserve: run that arm alone")
   args = ap.parse_args()
+  if args.only_preserve and args.preserve is None:
+    ap.error("--only-preserve: expected together with --preserve MU, got it alone")
   if args.demo_settings and not args.stylegan2:
     ap.error("--demo-settings: expected together with --stylegan2, got it alone")
   layer, settings, spec_file = LAYER, SETTINGS, "demo_spec.json"
@@ -256,10 +280,14 @@ def main():
                                   cache_dir=args.stats, progress=False)
   C = np.asarray(second_moment(state), np.float32)
   edits = plan(n_edits, gen.resolution, spec_file)
+  modes = {} if args.only_preserve else {m: (p, k, None) for m, (p, k) in MODES.items()}
+  if args.preserve is not None:
+    modes[PRESERVED] = (True, 1.0, args.preserve)
   out = {}
-  for mode, (project, key_weight) in MODES.items():
+  for mode, (project, key_weight, preserve_weight) in modes.items():
     out[mode] = run_sequence(gen, C, edits, project=project, key_weight=key_weight,
-                             steps=steps, layer=layer, settings=settings)
+                             steps=steps, layer=layer, settings=settings,
+                             preserve_weight=preserve_weight)
   load_end = os.getloadavg()
   logs = {}
   cache = ROOT / ".cache" / "sequential"
@@ -280,8 +308,11 @@ def main():
   made = {mode: [r for r in out[mode]["rows"] if "refused" not in r] for mode in out}
   summary = {mode: {"edits_held": int(sum(r["held"] for r in made[mode])),
                     "edits_refused": len(out[mode]["rows"]) - len(made[mode]),
-                    "worst_relative_change": float(max(abs(r["relative_change"])
-                                                       for r in made[mode][:-1])),
+                    "worst_relative_change": float(max(
+                        (abs(r["relative_change"]) for r in made[mode][:-1]
+                         if r["relative_change"] is not None), default=0.0)),
+                    "edits_without_effect": int(sum(r["efficacy_after_edit"] == 0
+                                                    for r in made[mode])),
                     "max_interference": float(np.nanmax([r["max_interference_received"] or 0
                                                          for r in made[mode]])),
                     "final_norm_growth": made[mode][-1]["norm_growth"],
@@ -289,16 +320,19 @@ def main():
                     "prediction_vs_measurement": agree[mode]}
              for mode in out}
   payload = {"settings": {**settings, "steps": steps, "edits": [describe(e) for e in edits],
-                          "modes": {m: {"project": p, "key_weight": k}
-                                    for m, (p, k) in MODES.items()}, "layer": layer,
+                          "modes": {m: {"project": p, "key_weight": k,
+                                        "preserve_weight": mu}
+                                    for m, (p, k, mu) in modes.items()}, "layer": layer,
                           "model": model_name},
              "summary": summary, "results": out, "logs": logs,
              "load_average": {"start": load_start, "end": load_end},
              "total_seconds": time.perf_counter() - t_all}
   path = write("sequential_edits" + ("_stylegan2" if args.stylegan2 else "")
                + ("_demo_spec" if args.demo_settings else "")
+               + (f"_preserve{args.preserve:g}" if args.only_preserve else "")
                + ("_quick" if args.quick else ""), payload)
-  short = {"projected": "P", "projected_kw100": "P100", "plain": "plain"}
+  short = {m: t for m, t in {"projected": "P", "projected_kw100": "P100", "plain": "plain",
+                             PRESERVED: "Pkeep"}.items() if m in out}
   rows = []
   for i, spec in enumerate(edits):
     row = {"#": i, "region": spec["region"]}

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from memedit.generators.context import (collect_statistics, context_keys, directions,
                                         top_units, unit_scores)
-from memedit.generators.crop import (LayerOnCrop, crop_problem, layer_on_crop, layer_params,
-                                     own_taps, tap_mask)
+from memedit.generators.crop import (Crops, LayerOnCrop, crop_problem, layer_on_crop,
+                                     layer_params, own_taps, tap_mask)
 from memedit.generators.edit import (EditResult, edited, insert, overfit, overfit_all,
                                      projected_insert, reverted, unit_zeroing_edit)
 from memedit.generators.from_spec import SpecEdit, edit_from_spec
@@ -54,7 +54,7 @@ __all__ = [
     # copy and paste
     "Copied", "Target", "bbox", "copy_values", "erase_target", "mask_at", "paste_target",
     # the layer on a crop
-    "LayerOnCrop", "crop_problem", "layer_on_crop", "layer_params", "own_taps", "tap_mask",
+    "Crops", "LayerOnCrop", "crop_problem", "layer_on_crop", "layer_params", "own_taps", "tap_mask",
     # edits
     "EditResult", "edited", "insert", "overfit", "overfit_all", "projected_insert",
     "reverted", "unit_zeroing_edit",

@@ -23,7 +23,7 @@ from memedit.generators.generator import Generator, layer_info, layer_view
 from memedit.layers.model import linen_layer_variables, merge
 from memedit.tree import replace_leaf
 
-__all__ = ["LayerOnCrop", "crop_problem", "layer_on_crop", "layer_params", "own_taps",
+__all__ = ["Crops", "LayerOnCrop", "crop_problem", "layer_on_crop", "layer_params", "own_taps",
            "tap_mask"]
 
 
@@ -68,6 +68,29 @@ class LayerOnCrop:
     h = out.shape[1] if self.height is None else self.height
     w = out.shape[2] if self.width is None else self.width
     return out[:, self.start:self.start + h, self.start:self.start + w]
+
+
+@dataclasses.dataclass(frozen=True)
+class Crops:
+  """``f(kernel, (keys₀, keys₁, …))``: several crop functions of one kernel, their outputs
+  flattened and concatenated (one solve over several crops, e.g. an edit's own crop and
+  the crops whose outputs it keeps).
+
+  Attributes:
+    fs: the crop functions (:class:`LayerOnCrop` or their projected forms), one per crop.
+
+  Example:
+    >>> import jax.numpy as jnp, flax.linen as nn
+    >>> f = LayerOnCrop("linen", nn.Conv(2, (1, 1), use_bias=False), "kernel")
+    >>> keys = (jnp.ones((1, 1, 1, 1)), {"params": {}}, ())
+    >>> Crops((f, f))(jnp.ones((1, 1, 1, 2)), (keys, keys)).tolist()
+    [1.0, 1.0, 1.0, 1.0]
+  """
+
+  fs: tuple
+
+  def __call__(self, kernel, keys):
+    return jnp.concatenate([jnp.reshape(f(kernel, k), (-1,)) for f, k in zip(self.fs, keys)])
 
 
 def layer_params(gen: Generator, layer: str, params: Any = None) -> Any:

@@ -32,7 +32,7 @@ from memedit._convs import patched
 from memedit.checks import check_positive_int
 from memedit.edits import Edit, EditHistory, apply_edit, edit_delta, make_edit, revert_edit
 from memedit.generators._checks import check_learning_rate, check_units
-from memedit.generators.crop import crop_problem, own_taps
+from memedit.generators.crop import Crops, crop_problem, own_taps
 from memedit.generators.finetune import overfit_all
 from memedit.generators.forward import cached_program
 from memedit.generators.generator import Generator, layer_info, layer_kernel
@@ -110,11 +110,34 @@ def _finite(lam, what: str) -> None:
                      "the model, C and the target are finite")
 
 
+def _check_preserve(preserve, key_dim: int) -> tuple:
+  if isinstance(preserve, Target) or not isinstance(preserve, Sequence):
+    raise TypeError(f"preserve: expected a sequence of Targets (crops whose outputs to "
+                    f"keep), got {type(preserve).__name__}")
+  for i, t in enumerate(preserve):
+    if not isinstance(t, Target):
+      raise TypeError(f"preserve[{i}]: expected a Target (from paste_target or "
+                      f"erase_target), got {type(t).__name__}")
+    shape = np.shape(t.keys)
+    if len(shape) != 4 or shape[-1] != key_dim:
+      raise ValueError(f"preserve[{i}]: expected keys of shape (1, h, w, {key_dim}) for this "
+                       f"layer, got {shape}")
+  return tuple(preserve)
+
+
+def _check_preserve_weight(w) -> float:
+  if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) \
+      or not np.isfinite(w) or w <= 0:
+    raise ValueError(f"preserve_weight: expected a finite number > 0, got {w!r}")
+  return float(w)
+
+
 def insert(gen: Generator, layer: str, D: Any, target: Target, *,
            optimizer: str = "adam", steps: int = 2001, learning_rate: float = 0.05,
            loss: str = "l1", taps: str = "all", method: str = "insert",
            settings: dict | None = None, progress: Callable[[int, float], Any] | None = None,
-           project_keys: bool = True) -> EditResult:
+           project_keys: bool = True, preserve: Sequence[Target] = (),
+           preserve_weight: float = 1.0) -> EditResult:
   """Insert: Λ = argmin loss(f(k*; W0 + ΔK(Λ, D)), v*) over the paste crop.
 
   f is the layer itself on the crop's keys (with a margin of context), so for a
@@ -123,6 +146,22 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   layer affine in its kernel the solve runs on the keys projected onto D
   (:func:`memedit.generators.subspace.subspace_problem`: the same loss of Λ, C_in / r
   times cheaper to differentiate).
+
+  ``preserve`` adds crops whose outputs the edit should keep: with f_j the layer on
+  crop j and W0 the kernel before the edit, Λ minimises
+
+    L(Λ) = [Σ_crop |f(W) − v*| + Σ_j μ (n / n_j) Σ_{crop j} |f_j(W) − f_j(W0)|] / Z
+
+  (squares for the L2 loss; n and n_j the crops' numbers of values, μ =
+  ``preserve_weight``, Z the sum of the weights), so each kept crop weighs μ times the
+  edit's own. This is what projecting D onto the null space of earlier keys does for a
+  linear memory (:func:`memedit.sequential.sequential_directions`), through the layer's
+  own f: for StyleGAN2's modulated convolution an edit along directions that no earlier
+  key sees still changes the demodulation, which divides every output channel by the norm
+  of its weights, and so every earlier crop's outputs. Under the L1 loss a kept crop,
+  whose residuals start at zero, is an exact penalty: the solve moves it only where that
+  gains more on the edit's crop than μ times what it costs there (a small edit may then
+  not move at all); under L2 small changes there cost little.
 
   Args:
     gen, layer: the generator and layer name.
@@ -137,13 +176,19 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
     progress: optional ``progress(step, loss)`` hook of :func:`memedit.solve_lambda`.
     project_keys: solve on the projected keys where that is exact (False: always on
       the layer's own C_in key channels).
+    preserve: Targets (e.g. those of earlier edits) whose crops keep the outputs they
+      have before this edit; only their keys and extra arguments are used.
+    preserve_weight: μ, the weight of each kept crop relative to the edit's own.
 
   Returns:
     :class:`EditResult`.
 
   Raises:
     ValueError: D of the wrong shape, an unknown ``taps``, a learning rate that is not
-      a finite positive number, or a solve ending with non-finite Λ.
+      a finite positive number, kept crops of another key dimension, a
+      ``preserve_weight`` that is not a finite positive number, or a solve ending with
+      non-finite Λ.
+    TypeError: ``preserve`` not a sequence of Targets.
 
   Example:
     >>> import numpy as np
@@ -165,19 +210,41 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   learning_rate = check_learning_rate(learning_rate)
   info = layer_info(gen, layer)
   D = _check_directions(D, info.key_dim)
+  preserve = _check_preserve(preserve, info.key_dim)
+  preserve_weight = _check_preserve_weight(preserve_weight)
   lam_mask = None if taps == "all" else _own_taps(gen, layer)[:, :, None, None]
   f, keys = crop_problem(gen, layer, target)
   kernel0 = jnp.asarray(layer_kernel(gen, layer))
-  sub = subspace_problem(f, kernel0, D, keys, kind=info.kind,
-                         in_ndim=info.in_ndim) if project_keys else None
-  problem = (f, kernel0, D, keys) if sub is None else (sub.f, sub.kernel0, sub.D, sub.keys)
-  res = solve_lambda(*problem, jnp.asarray(target.targets), kind=info.kind,
-                     in_ndim=info.in_ndim, loss=loss, optimizer=optimizer, steps=int(steps),
+  crops = [(f, keys)] + [crop_problem(gen, layer, t) for t in preserve]
+  # The kept crops' outputs before the edit, from the layer's own f.
+  kept = [jnp.reshape(fc(kernel0, kc), (-1,)) for fc, kc in crops[1:]]
+  subs = [subspace_problem(fc, kernel0, D, kc, kind=info.kind, in_ndim=info.in_ndim)
+          for fc, kc in crops] if project_keys else [None]
+  if all(sub is not None for sub in subs):
+    # Every crop's projected problem has the same reduced kernel and directions.
+    crops, problem_kernel, problem_D = ([(sub.f, sub.keys) for sub in subs], subs[0].kernel0,
+                                        subs[0].D)
+  else:
+    problem_kernel, problem_D = kernel0, D
+  targets, weights = jnp.asarray(target.targets), None
+  if preserve:
+    n = targets.size
+    weights = jnp.concatenate([jnp.ones((n,), jnp.float32)] + [
+        jnp.full((v.size,), preserve_weight * n / v.size, jnp.float32) for v in kept])
+    targets = jnp.concatenate([jnp.reshape(targets, (-1,))] + kept)
+    problem = (Crops(tuple(fc for fc, _ in crops)), problem_kernel, problem_D,
+               tuple(kc for _, kc in crops))
+  else:
+    problem = (crops[0][0], problem_kernel, problem_D, crops[0][1])
+  res = solve_lambda(*problem, targets, kind=info.kind, in_ndim=info.in_ndim,
+                     weights=weights, loss=loss, optimizer=optimizer, steps=int(steps),
                      learning_rate=float(learning_rate), lam_mask=lam_mask, progress=progress)
   _finite(res.lam, f"the {optimizer} solve (learning_rate {learning_rate}, {steps} steps)")
   st = dict(settings or {})
   st.update(layer=layer, optimizer=optimizer, steps=int(steps),
             learning_rate=float(learning_rate), loss=loss, rank=int(D.shape[0]), taps=taps)
+  if preserve:
+    st.update(preserved_crops=len(preserve), preserve_weight=preserve_weight)
   edit = make_edit(info.weight_path, res.lam, D, kind=info.kind, in_ndim=info.in_ndim,
                    method=method, settings=st)
   kernel1 = kernel0 + edit_delta(edit, kernel0.shape)

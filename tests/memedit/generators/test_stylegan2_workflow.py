@@ -126,3 +126,30 @@ def test_stylegan2_insert_lowers_the_loss_and_keeps_unrelated_keys(sg2):
   np.testing.assert_allclose(apply(ku, xs, s0), apply(k0, xs, s0), rtol=0, atol=1e-6)
   # ... while the original style (non-zero on u) is changed by the same edit.
   assert np.abs(apply(ku, run.keys, style) - apply(k0, run.keys, style)).max() > 1e-3
+
+
+def test_stylegan2_insert_keeps_a_crop_through_the_demodulation_with_preserve(sg2):
+  # Projecting D off a crop's keys leaves its convolution term alone, not its
+  # demodulation; keeping the crop in the solve (preserve) holds its outputs through
+  # the layer's own f. (With the L2 loss: under L1 a kept crop, whose residuals start at
+  # exactly zero, is an exact penalty that a small edit's gain rarely outweighs.)
+  gen, layer, C = sg2
+  keys, weights = gens.context_keys(gen, layer, [(3, _box(8, 16, 8, 24, 32)),
+                                               (4, _box(8, 16, 8, 24, 32))])
+  D = gens.directions(C, keys, weights, rank=1, method="zca")
+  target = gens.paste_target(gen, layer, gens.copy_values(gen, layer, 1, _box(8, 16, 8, 16, 32)),
+                             2, _box(12, 20, 4, 12, 32))
+  kept = gens.paste_target(gen, layer, gens.copy_values(gen, layer, 6, _box(16, 24, 16, 24, 32)),
+                           7, _box(16, 24, 16, 24, 32))
+  f1, k1 = gens.crop_problem(gen, layer, kept)
+  k0 = jnp.asarray(gens.layer_kernel(gen, layer))
+  kw = dict(optimizer="gauss_newton", steps=6, taps="own", loss="l2")
+  plain = gens.insert(gen, layer, D, target, **kw)
+  keep = gens.insert(gen, layer, D, target, preserve=[kept], preserve_weight=1.0, **kw)
+
+  def moved(edit):
+    out = f1(k0 + memedit.edit_delta(edit, k0.shape), k1)
+    return float(jnp.abs(out - f1(k0, k1)).mean())
+
+  assert moved(keep.edit) < 0.5 * moved(plain.edit)
+  assert keep.loss_after < keep.loss_before

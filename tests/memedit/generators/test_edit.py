@@ -1,0 +1,116 @@
+"""Inserts that keep other crops' outputs (``preserve``): the documented weighted objective
+against its float64 closed form on a layer affine in its kernel, and the checks of the
+arguments."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import memedit
+from memedit import generators as gens
+from memedit.layouts import lambda_shape
+
+from toy import box, toy_generator
+
+LAYER = "up2"
+
+
+@pytest.fixture(scope="module")
+def problem():
+  gen = toy_generator()
+  state = gens.collect_statistics(gen, LAYER, 32, batch_size=16, progress=False)
+  C = np.asarray(memedit.second_moment(state))
+  keys, weights = gens.context_keys(gen, LAYER, [(1, box(4, 10, 4, 12)),
+                                                 (2, box(6, 12, 2, 10))])
+  D = gens.directions(C, keys, weights, rank=2)
+  copied = gens.copy_values(gen, LAYER, 3, box(4, 10, 4, 12))
+  target = gens.paste_target(gen, LAYER, copied, 1, box(4, 10, 4, 12))
+  # Another image's crop, overlapping none of the edit's keys: only its outputs count.
+  kept = gens.paste_target(gen, LAYER, gens.copy_values(gen, LAYER, 5, box(8, 14, 6, 12)),
+                           4, box(8, 14, 6, 12))
+  return gen, D, target, kept
+
+
+def _stacked64(gen, D, crops, lam):
+  """The crops' outputs (flattened, concatenated) at K0 + ΔK(Λ, D), in float64."""
+  k0 = jnp.asarray(gens.layer_kernel(gen, LAYER), jnp.float64)
+  delta = memedit.kernel_delta(lam, jnp.asarray(D, jnp.float64), k0.shape, "conv")
+  return jnp.concatenate([jnp.reshape(f(k0 + delta, k), (-1,)) for f, k in crops])
+
+
+@pytest.mark.parametrize("project_keys", [True, False])
+def test_preserving_insert_solves_the_weighted_objective_in_closed_form(problem,
+                                                                        project_keys):
+  # up2 is affine in its kernel, so with the L2 loss Λ minimises a weighted least-squares
+  # problem: Σ_crop (f − v*)² + μ (n / n₁) Σ_kept (f₁ − f₁(W0))², over Λ on the own taps.
+  gen, D, target, kept = problem
+  mu = 3.0
+  res = gens.insert(gen, LAYER, D, target, optimizer="gauss_newton", loss="l2", steps=8,
+                    taps="own", preserve=[kept], preserve_weight=mu,
+                    project_keys=project_keys)
+  with jax.enable_x64(True):
+    crops = [gens.crop_problem(gen, LAYER, t) for t in (target, kept)]
+    k0 = gens.layer_kernel(gen, LAYER)
+    shape = lambda_shape(k0.shape, D.shape[0], "conv")
+    own = np.broadcast_to(gens.own_taps(gen, LAYER)[:, :, None, None], shape)
+    free = np.flatnonzero(own)
+
+    def g(x):
+      lam = jnp.zeros(shape, jnp.float64).reshape(-1).at[free].set(x).reshape(shape)
+      return _stacked64(gen, D, crops, lam)
+
+    x0 = jnp.zeros(free.size, jnp.float64)
+    g0 = np.asarray(g(x0))
+    J = np.asarray(jax.jacfwd(g)(x0))
+    n, n1 = target.targets.size, kept.targets.size
+    t = np.concatenate([np.asarray(target.targets, np.float64).reshape(-1), g0[n:]])
+    w = np.concatenate([np.ones(n), np.full(n1, mu * n / n1)])
+    x_star = np.linalg.solve(J.T @ (w[:, None] * J), J.T @ (w * (t - g0)))
+
+    def objective(x):
+      r = J @ x + g0 - t
+      return float(np.sum(w * r * r) / np.sum(w))
+
+    x_res = np.asarray(res.edit.lam, np.float64).reshape(-1)
+    assert np.abs(np.delete(x_res, free)).max() == 0  # zero off the own taps
+    x_res = x_res[free]
+    assert objective(x_res) <= objective(x_star) * (1 + 1e-4)
+    assert np.linalg.norm(x_res - x_star) <= 1e-2 * np.linalg.norm(x_star)
+  assert res.edit.settings["preserved_crops"] == 1
+  assert res.edit.settings["preserve_weight"] == mu
+
+
+def test_preserving_insert_moves_the_kept_crop_less_and_its_own_loss_is_reported(problem):
+  gen, D, target, kept = problem
+  f1, k1 = gens.crop_problem(gen, LAYER, kept)
+  k0 = jnp.asarray(gens.layer_kernel(gen, LAYER))
+  kw = dict(optimizer="gauss_newton", loss="l2", steps=8, taps="own")
+  plain = gens.insert(gen, LAYER, D, target, **kw)
+  keep = gens.insert(gen, LAYER, D, target, preserve=(kept,), preserve_weight=10.0, **kw)
+
+  def moved(edit):
+    out = f1(k0 + memedit.edit_delta(edit, k0.shape), k1)
+    return float(jnp.linalg.norm(out - f1(k0, k1)))
+
+  assert moved(keep.edit) < 0.5 * moved(plain.edit)
+  # loss_before / loss_after are the edit's own crop's L1, with or without kept crops.
+  assert keep.loss_before == plain.loss_before
+  assert plain.loss_after <= keep.loss_after < keep.loss_before
+  assert "preserved_crops" not in plain.edit.settings
+
+
+def test_preserve_arguments_are_checked(problem):
+  gen, D, target, kept = problem
+  call = lambda **kw: gens.insert(gen, LAYER, D, target, steps=1, **kw)
+  with pytest.raises(TypeError, match="preserve: expected a sequence of Targets"):
+    call(preserve=kept)
+  with pytest.raises(TypeError, match=r"preserve\[1\]: expected a Target .*got dict"):
+    call(preserve=[kept, {}])
+  with pytest.raises(ValueError, match=r"preserve\[0\]: expected keys of shape \(1, h, w, "):
+    call(preserve=[kept._replace(keys=np.zeros((1, 4, 4, 3), np.float32))])
+  for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1"):
+    with pytest.raises(ValueError, match="preserve_weight: expected a finite number > 0"):
+      call(preserve=[kept], preserve_weight=bad)
