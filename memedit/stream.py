@@ -204,6 +204,14 @@ def _shifted_copy(x: np.ndarray, out: np.ndarray, shift: np.ndarray) -> np.ndarr
         runs = part[:whole].reshape(-1, SUM_ROWS, d).sum(axis=1)
         total += runs.sum(axis=0, dtype=np.float64)
       total += part[whole:].sum(axis=0, dtype=np.float64)
+    if not np.isfinite(total).all():
+      # A finite key whose difference from the shift overflows is no NaN or inf key: the
+      # fold (which sees only x − c) would refuse it as one. Written as the dtype's
+      # largest value instead, its square still overflows, so the sums are not finite and
+      # the result functions refuse them, as for the same key through covariance_update.
+      over = np.isinf(out2) & np.isfinite(x2)
+      if over.any():
+        out2[over] = np.copysign(np.finfo(out2.dtype).max, out2[over])
   return total
 
 
@@ -244,8 +252,11 @@ class _Folder:
     self.dtype = jnp.float32
     self.staging = None
     self.host_shift = None
-    # While the shift is unknown: the state after each group's fold, by group number.
+    # While the shift is unknown: the state after each group's fold, by group number
+    # (written by run in the main thread while the reader thread prepares the next group:
+    # both take the lock).
     self.folded = {}
+    self.folded_lock = threading.Lock()
     self.n_prepared = self.n_run = 0
 
   def known_shift(self, state) -> None:
@@ -362,9 +373,10 @@ class _Folder:
     if self.host_shift is None and index >= 2:
       # The fold of the group two before (the one before may still be being dispatched
       # while this group is read: with or without prefetch the same groups are staged).
-      source = self.folded.pop(index - 2, None)
-      for old in [i for i in self.folded if i < index - 2]:
-        del self.folded[old]
+      with self.folded_lock:
+        source = self.folded.pop(index - 2, None)
+        for old in [i for i in self.folded if i < index - 2]:
+          del self.folded[old]
       if source is not None and bool(source.has_shift):  # waits for that fold
         self.host_shift = np.asarray(source.shift, self.dtype)
     elif self.host_shift is None and index == 0:
@@ -388,7 +400,8 @@ class _Folder:
     if prepared.slot is not None:
       self.staging.busy[prepared.slot] = state
     if self.host_shift is None and self.ident:
-      self.folded[self.n_run] = state
+      with self.folded_lock:
+        self.folded[self.n_run] = state
     self.n_run += 1
     return state
 

@@ -110,18 +110,28 @@ def _finite(lam, what: str) -> None:
                      "the model, C and the target are finite")
 
 
-def _check_preserve(preserve, key_dim: int) -> tuple:
+def _check_preserve(preserve, info) -> tuple:
   if isinstance(preserve, Target) or not isinstance(preserve, Sequence):
     raise TypeError(f"preserve: expected a sequence of Targets (crops whose outputs to "
                     f"keep), got {type(preserve).__name__}")
+  s, m = info.scale, info.margin
   for i, t in enumerate(preserve):
     if not isinstance(t, Target):
       raise TypeError(f"preserve[{i}]: expected a Target (from paste_target or "
                       f"erase_target), got {type(t).__name__}")
     shape = np.shape(t.keys)
-    if len(shape) != 4 or shape[-1] != key_dim:
-      raise ValueError(f"preserve[{i}]: expected keys of shape (1, h, w, {key_dim}) for this "
-                       f"layer, got {shape}")
+    if len(shape) != 4 or shape[-1] != info.key_dim:
+      raise ValueError(f"preserve[{i}]: expected keys of shape (1, h, w, {info.key_dim}) for "
+                       f"this layer, got {shape}")
+    # The crop's output is cut to the targets' size (crop_problem): keys and targets must
+    # describe one crop of this layer, as paste_target makes them.
+    h, w = shape[1] - 2 * m, shape[2] - 2 * m
+    want = (1, s * h, s * w, info.value_dim)
+    if shape[0] != 1 or h < 1 or w < 1 or tuple(np.shape(t.targets)) != want:
+      raise ValueError(
+          f"preserve[{i}]: expected a crop of layer {info.name!r}: keys (1, h + {2 * m}, "
+          f"w + {2 * m}, {info.key_dim}) with targets (1, {s}·h, {s}·w, {info.value_dim}), "
+          f"got keys {shape} and targets {tuple(np.shape(t.targets))}")
   return tuple(preserve)
 
 
@@ -185,9 +195,11 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
 
   Raises:
     ValueError: D of the wrong shape, an unknown ``taps``, a learning rate that is not
-      a finite positive number, kept crops of another key dimension, a
-      ``preserve_weight`` that is not a finite positive number, or a solve ending with
-      non-finite Λ.
+      a finite positive number, kept crops that are not crops of this layer (keys of
+      another dimension, or keys and targets of another crop geometry) or whose outputs
+      before the edit are not finite, a ``preserve_weight`` that is not a finite positive
+      number or whose weights (μ·n/n_j per kept value, and their total) float32 cannot
+      hold, or a solve ending with non-finite Λ.
     TypeError: ``preserve`` not a sequence of Targets.
 
   Example:
@@ -210,7 +222,7 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   learning_rate = check_learning_rate(learning_rate)
   info = layer_info(gen, layer)
   D = _check_directions(D, info.key_dim)
-  preserve = _check_preserve(preserve, info.key_dim)
+  preserve = _check_preserve(preserve, info)
   preserve_weight = _check_preserve_weight(preserve_weight)
   lam_mask = None if taps == "all" else _own_taps(gen, layer)[:, :, None, None]
   f, keys = crop_problem(gen, layer, target)
@@ -218,6 +230,10 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   crops = [(f, keys)] + [crop_problem(gen, layer, t) for t in preserve]
   # The kept crops' outputs before the edit, from the layer's own f.
   kept = [jnp.reshape(fc(kernel0, kc), (-1,)) for fc, kc in crops[1:]]
+  for i, v in enumerate(kept):
+    if not bool(jnp.all(jnp.isfinite(v))):
+      raise ValueError(f"preserve[{i}]: expected finite layer outputs on its crop before the "
+                       f"edit, got NaN or inf; check its keys and extra arguments")
   subs = [subspace_problem(fc, kernel0, D, kc, kind=info.kind, in_ndim=info.in_ndim)
           for fc, kc in crops] if project_keys else [None]
   if all(sub is not None for sub in subs):
@@ -229,8 +245,18 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   targets, weights = jnp.asarray(target.targets), None
   if preserve:
     n = targets.size
+    per_value = [preserve_weight * n / v.size for v in kept]
+    # Each value's weight and their total n (1 + μ J) (the loss's divisor) in float32.
+    total = n * (1.0 + preserve_weight * len(kept))
+    with np.errstate(over="ignore", under="ignore"):
+      held = np.float32([total] + per_value)
+    if not (np.isfinite(held).all() and (held > 0).all()):
+      raise ValueError(
+          f"preserve_weight: expected a μ whose weights float32 holds: μ·n/n_j for each kept "
+          f"crop and their total n·(1 + μ·{len(kept)}) (n = {n} values on the edit's crop, "
+          f"n_j = {sorted({v.size for v in kept})}), got μ = {preserve_weight!r}")
     weights = jnp.concatenate([jnp.ones((n,), jnp.float32)] + [
-        jnp.full((v.size,), preserve_weight * n / v.size, jnp.float32) for v in kept])
+        jnp.full((v.size,), w, jnp.float32) for v, w in zip(kept, per_value)])
     targets = jnp.concatenate([jnp.reshape(targets, (-1,))] + kept)
     problem = (Crops(tuple(fc for fc, _ in crops)), problem_kernel, problem_D,
                tuple(kc for _, kc in crops))

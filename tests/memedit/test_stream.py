@@ -605,3 +605,72 @@ def test_staging_buffers_are_kept_for_the_next_stream_up_to_a_size(monkeypatch):
   stream_module._kept.clear()
   memedit.stream_covariance(b, group=2, progress=False)
   assert stream_module._kept == []
+
+
+def test_staged_keys_that_overflow_their_shift_are_kept_like_covariance_update_keeps_them():
+  # A finite key whose difference from the stream's shift overflows float32 is no NaN or
+  # inf key: staged (x − c written on the host) it is counted and kept, and the sums
+  # overflow, as through covariance_update; a NaN row beside it is still refused.
+  big = 0.9 * np.finfo(np.float32).max
+  batches = [np.full((4, 3), big, np.float32), np.full((4, 3), -big, np.float32)]
+  batches[1][2, 0] = np.nan
+  ref = memedit.covariance_init(3)
+  for b in batches:
+    ref = memedit.covariance_update(ref, b)
+  for group in (1, 2):
+    st = memedit.stream_covariance(batches, group=group, progress=False)
+    assert memedit.key_count(st) == memedit.key_count(ref) == 7
+    assert int(st.nonfinite) == int(ref.nonfinite) == 1
+    assert not np.isfinite(np.asarray(st.sum_sq)).all()
+  # Without the NaN row the result functions name the overflow, not non-finite keys.
+  batches[1][2, 0] = -big
+  st = memedit.stream_covariance(batches, group=1, progress=False)
+  assert (memedit.key_count(st), int(st.nonfinite)) == (8, 0)
+  with pytest.raises(ValueError, match="expected finite accumulated sums"):
+    memedit.second_moment(st)
+
+
+def test_the_reader_thread_and_the_folds_take_turns_on_the_states_kept_for_the_shift(
+    monkeypatch):
+  # While no fold has fixed the shift (leading batches without a finite row), the reader
+  # thread looks up the state of the fold two groups before while the main thread adds
+  # the state of the fold it has just dispatched: unguarded, the reader's loop over
+  # those states sometimes raised "dictionary changed size during iteration" (1 run in
+  # 4 of 4,000 all-NaN batches). Here the reader's loop lasts 20 ms, and the main thread
+  # must not write while it runs.
+  import threading
+  import time
+
+  from memedit import stream as stream_module
+
+  clashes, iterating = [], threading.Event()
+
+  class Watched(dict):
+    def __iter__(self):
+      iterating.set()
+      try:
+        time.sleep(0.02)
+        yield from list(super().__iter__())
+      finally:
+        iterating.clear()
+
+    def __setitem__(self, key, value):
+      if iterating.is_set():
+        clashes.append(key)
+      super().__setitem__(key, value)
+
+  init = stream_module._Folder.__init__
+
+  def watched_init(self, *a, **k):
+    init(self, *a, **k)
+    self.folded = Watched()
+
+  monkeypatch.setattr(stream_module._Folder, "__init__", watched_init)
+  rng = np.random.default_rng(25)
+  batches = [np.full((8, 3), np.nan, np.float32) for _ in range(10)]
+  batches += [rng.standard_normal((8, 3)).astype(np.float32) for _ in range(4)]
+  st = memedit.stream_covariance(batches, group=1, progress=False)
+  assert clashes == []
+  assert (memedit.key_count(st), int(st.nonfinite)) == (32, 80)
+  finite = np.concatenate(batches[10:]).astype(np.float64)
+  assert _rel(_moments64(st)[1], finite.T @ finite / 32) <= 1e-6

@@ -114,3 +114,40 @@ def test_preserve_arguments_are_checked(problem):
   for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1"):
     with pytest.raises(ValueError, match="preserve_weight: expected a finite number > 0"):
       call(preserve=[kept], preserve_weight=bad)
+
+
+def test_kept_crops_are_crops_of_the_layer_with_finite_outputs_and_weights_float32_holds(
+    problem):
+  # Only a kept crop's keys and extra arguments are used, but its output is cut to its
+  # targets' size: keys and targets of another crop geometry (an edited Target, or keys
+  # of two images) were folded as a smaller crop without a word; NaN keys failed in the
+  # solve naming neither the crop nor the keys; and a finite μ whose weights (or their
+  # total, the loss's divisor) overflow float32 failed on "weights" the caller never
+  # passed, or (total only) left a zero loss and Λ = 0.
+  gen, D, target, kept = problem
+  call = lambda **kw: gens.insert(gen, LAYER, D, target, steps=1, **kw)
+  geometry = r"preserve\[1\]: expected a crop of layer 'up2': keys \(1, h \+ 6, w \+ 6, 32\)"
+  for bad in (kept._replace(targets=kept.targets[:, :4, :4]),
+              kept._replace(keys=kept.keys[:, :5, :5]),
+              kept._replace(keys=np.concatenate([kept.keys, kept.keys]))):
+    with pytest.raises(ValueError, match=geometry):
+      call(preserve=[kept, bad])
+  with pytest.raises(ValueError, match=r"preserve\[0\]: expected finite layer outputs"):
+    call(preserve=[kept._replace(keys=np.full_like(kept.keys, np.nan))])
+  n, n1 = target.targets.size, kept.targets.size
+  big = float(np.finfo(np.float32).max)
+  for mu in (1e37, 1.5 * big / n):  # the weights overflow; their total only
+    with pytest.raises(ValueError, match="preserve_weight: expected a μ whose weights "
+                                         "float32 holds"):
+      call(preserve=[kept], preserve_weight=mu)
+  # The largest μ whose total weight float32 holds still solves, and holds the crop.
+  mu = 0.25 * big / n
+  res = call(preserve=[kept], preserve_weight=mu, optimizer="gauss_newton", loss="l2",
+             taps="own")
+  assert np.isfinite(res.edit.lam).all() and np.isfinite(res.losses).all()
+  assert res.edit.settings["preserve_weight"] == mu
+  f1, k1 = gens.crop_problem(gen, LAYER, kept)
+  k0 = jnp.asarray(gens.layer_kernel(gen, LAYER))
+  out = f1(k0 + memedit.edit_delta(res.edit, k0.shape), k1)
+  assert float(jnp.abs(out - f1(k0, k1)).max()) <= 1e-4
+  assert res.loss_after <= res.loss_before * (1 + 1e-6)
