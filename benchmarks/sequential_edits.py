@@ -47,10 +47,11 @@ spec's layer (``conv_3``, the up-sampling modulated convolution) with that spec'
 sequential_edits_stylegan2_demo_spec.json.
 
 ``--preserve MU`` adds the arm ``projected_preserve``: projected as above, and each Λ solve
-also keeps the earlier edits' paste crops at the outputs they have before the edit, each
-crop weighted MU times the edit's own (``memedit.generators.insert(..., preserve=...)``):
-through the layer's own f, so through StyleGAN2's demodulation, which the projection of D
-cannot reach. ``--only-preserve`` runs that arm alone (results in
+also keeps the earlier edits' paste crops at the outputs they had right after each was
+made (``--anchor before``: at those they have before the new edit), each crop weighted MU
+times the edit's own (``memedit.generators.insert(..., preserve=...)``): through the
+layer's own f, so through StyleGAN2's demodulation, which the projection of D cannot
+reach. ``--only-preserve`` runs that arm alone (results in
 ``…_preserveMU.json``).
 
 Usage: python benchmarks/sequential_edits.py [--quick] [--model DIR] [--stats DIR]
@@ -155,9 +156,11 @@ def null_dim(log, C, path, before: int, key_weight: float) -> int:
 
 def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
                  layer: str = LAYER, settings: dict = SETTINGS,
-                 preserve_weight: float | None = None) -> dict:
+                 preserve_weight: float | None = None, anchor: str = "made") -> dict:
   """Applies the edits in order (projected or not; with ``preserve_weight``, each solve
-  keeping the earlier edits' crops); returns efficacies and diagnostics."""
+  keeping the earlier edits' crops at their outputs right after each was made, or with
+  ``anchor="before"`` at their outputs before this edit); returns efficacies and
+  diagnostics."""
   info = gens.layer_info(gen, layer)
   m = info.margin
   base = gen.params
@@ -186,7 +189,6 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
                       learning_rate=settings["learning_rate"], loss=settings["loss"],
                       taps=settings["taps"], method=f"insert/{'projected' if project else 'plain'}",
                       settings={"region": spec["region"]}, **keep)
-    made_targets = made_targets + [target]
     edit = res.edit
     crop_keys = target.keys[0, m:target.keys.shape[1] - m, m:target.keys.shape[2] - m]
     check = sq.check_edit(log, edit, params=base, warn=False)
@@ -196,6 +198,8 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
     kernels.append(gens.layer_kernel(cur, layer))
     f, fkeys = gens.crop_problem(gen, layer, target)
     problems.append((f, fkeys, target))
+    made_targets = made_targets + [target if anchor == "before" else
+                                   (target, np.asarray(f(kernels[-1], fkeys)))]
     times.append(time.perf_counter() - t0)
     rows.append({"region": spec["region"], "loss_before": res.loss_before,
                  "loss_after": res.loss_after,
@@ -256,6 +260,9 @@ def main():
                        "earlier edits' crops with weight MU (generators.insert's preserve)")
   ap.add_argument("--only-preserve", action="store_true",
                   help="with --preserve: run that arm alone")
+  ap.add_argument("--anchor", choices=("made", "before"), default="made",
+                  help="with --preserve: keep each earlier crop at its outputs right after "
+                       "its edit was made (default) or at those before the new edit")
   args = ap.parse_args()
   if args.only_preserve and args.preserve is None:
     ap.error("--only-preserve: expected together with --preserve MU, got it alone")
@@ -287,7 +294,7 @@ def main():
   for mode, (project, key_weight, preserve_weight) in modes.items():
     out[mode] = run_sequence(gen, C, edits, project=project, key_weight=key_weight,
                              steps=steps, layer=layer, settings=settings,
-                             preserve_weight=preserve_weight)
+                             preserve_weight=preserve_weight, anchor=args.anchor)
   load_end = os.getloadavg()
   logs = {}
   cache = ROOT / ".cache" / "sequential"
@@ -321,7 +328,8 @@ def main():
              for mode in out}
   payload = {"settings": {**settings, "steps": steps, "edits": [describe(e) for e in edits],
                           "modes": {m: {"project": p, "key_weight": k,
-                                        "preserve_weight": mu}
+                                        "preserve_weight": mu,
+                                        "anchor": args.anchor if mu is not None else None}
                                     for m, (p, k, mu) in modes.items()}, "layer": layer,
                           "model": model_name},
              "summary": summary, "results": out, "logs": logs,
@@ -330,6 +338,7 @@ def main():
   path = write("sequential_edits" + ("_stylegan2" if args.stylegan2 else "")
                + ("_demo_spec" if args.demo_settings else "")
                + (f"_preserve{args.preserve:g}" if args.only_preserve else "")
+               + ("_before" if args.only_preserve and args.anchor == "before" else "")
                + ("_quick" if args.quick else ""), payload)
   short = {m: t for m, t in {"projected": "P", "projected_kw100": "P100", "plain": "plain",
                              PRESERVED: "Pkeep"}.items() if m in out}

@@ -111,14 +111,20 @@ def _finite(lam, what: str) -> None:
 
 
 def _check_preserve(preserve, info) -> tuple:
+  """``preserve`` as ``((Target, values or None), ...)``, checked."""
   if isinstance(preserve, Target) or not isinstance(preserve, Sequence):
     raise TypeError(f"preserve: expected a sequence of Targets (crops whose outputs to "
                     f"keep), got {type(preserve).__name__}")
   s, m = info.scale, info.margin
-  for i, t in enumerate(preserve):
+  out = []
+  for i, item in enumerate(preserve):
+    t, values = item, None
+    if isinstance(item, tuple) and not isinstance(item, Target) and len(item) == 2:
+      t, values = item
     if not isinstance(t, Target):
       raise TypeError(f"preserve[{i}]: expected a Target (from paste_target or "
-                      f"erase_target), got {type(t).__name__}")
+                      f"erase_target) or a pair (Target, values), got "
+                      f"{type(item).__name__}")
     shape = np.shape(t.keys)
     if len(shape) != 4 or shape[-1] != info.key_dim:
       raise ValueError(f"preserve[{i}]: expected keys of shape (1, h, w, {info.key_dim}) for "
@@ -132,7 +138,13 @@ def _check_preserve(preserve, info) -> tuple:
           f"preserve[{i}]: expected a crop of layer {info.name!r}: keys (1, h + {2 * m}, "
           f"w + {2 * m}, {info.key_dim}) with targets (1, {s}·h, {s}·w, {info.value_dim}), "
           f"got keys {shape} and targets {tuple(np.shape(t.targets))}")
-  return tuple(preserve)
+    if values is not None:
+      values = np.asarray(values)
+      if values.shape != want or not np.issubdtype(values.dtype, np.floating):
+        raise ValueError(f"preserve[{i}]: expected values of shape {want} (float) to keep "
+                         f"on the crop, got {values.dtype} {values.shape}")
+    out.append((t, values))
+  return tuple(out)
 
 
 def _check_preserve_weight(w) -> float:
@@ -158,9 +170,10 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   times cheaper to differentiate).
 
   ``preserve`` adds crops whose outputs the edit should keep: with f_j the layer on
-  crop j and W0 the kernel before the edit, Λ minimises
+  crop j, u_j the values kept there (by default f_j(W0), its outputs with the kernel W0
+  before the edit), Λ minimises
 
-    L(Λ) = [Σ_crop |f(W) − v*| + Σ_j μ (n / n_j) Σ_{crop j} |f_j(W) − f_j(W0)|] / Z
+    L(Λ) = [Σ_crop |f(W) − v*| + Σ_j μ (n / n_j) Σ_{crop j} |f_j(W) − u_j|] / Z
 
   (squares for the L2 loss; n and n_j the crops' numbers of values, μ =
   ``preserve_weight``, Z the sum of the weights), so each kept crop weighs μ times the
@@ -187,7 +200,10 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
     project_keys: solve on the projected keys where that is exact (False: always on
       the layer's own C_in key channels).
     preserve: Targets (e.g. those of earlier edits) whose crops keep the outputs they
-      have before this edit; only their keys and extra arguments are used.
+      have before this edit (only their keys and extra arguments are used), or pairs
+      ``(Target, values)`` that keep the given values there (shaped like its
+      ``targets``; e.g. the outputs right after that earlier edit was made, which a
+      later edit then also keeps from drifting).
     preserve_weight: μ, the weight of each kept crop relative to the edit's own.
 
   Returns:
@@ -196,11 +212,12 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   Raises:
     ValueError: D of the wrong shape, an unknown ``taps``, a learning rate that is not
       a finite positive number, kept crops that are not crops of this layer (keys of
-      another dimension, or keys and targets of another crop geometry) or whose outputs
-      before the edit are not finite, a ``preserve_weight`` that is not a finite positive
+      another dimension, or keys and targets of another crop geometry) or whose kept
+      values (given, or the outputs before the edit) are not finite or not the crop's
+      shape, a ``preserve_weight`` that is not a finite positive
       number or whose weights (μ·n/n_j per kept value, and their total) float32 cannot
       hold, or a solve ending with non-finite Λ.
-    TypeError: ``preserve`` not a sequence of Targets.
+    TypeError: ``preserve`` not a sequence of Targets or (Target, values) pairs.
 
   Example:
     >>> import numpy as np
@@ -227,13 +244,17 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   lam_mask = None if taps == "all" else _own_taps(gen, layer)[:, :, None, None]
   f, keys = crop_problem(gen, layer, target)
   kernel0 = jnp.asarray(layer_kernel(gen, layer))
-  crops = [(f, keys)] + [crop_problem(gen, layer, t) for t in preserve]
-  # The kept crops' outputs before the edit, from the layer's own f.
-  kept = [jnp.reshape(fc(kernel0, kc), (-1,)) for fc, kc in crops[1:]]
+  crops = [(f, keys)] + [crop_problem(gen, layer, t) for t, _ in preserve]
+  # The values kept: given, or the crops' outputs before the edit from the layer's own f.
+  kept = [jnp.reshape(fc(kernel0, kc) if v is None else jnp.asarray(v, jnp.float32), (-1,))
+          for (fc, kc), (_, v) in zip(crops[1:], preserve)]
   for i, v in enumerate(kept):
     if not bool(jnp.all(jnp.isfinite(v))):
-      raise ValueError(f"preserve[{i}]: expected finite layer outputs on its crop before the "
-                       f"edit, got NaN or inf; check its keys and extra arguments")
+      given = preserve[i][1] is not None
+      raise ValueError(f"preserve[{i}]: expected finite "
+                       f"{'values' if given else 'layer outputs on its crop before the edit'}"
+                       f", got NaN or inf"
+                       f"{'' if given else '; check its keys and extra arguments'}")
   subs = [subspace_problem(fc, kernel0, D, kc, kind=info.kind, in_ndim=info.in_ndim)
           for fc, kc in crops] if project_keys else [None]
   if all(sub is not None for sub in subs):

@@ -4,6 +4,7 @@ arguments."""
 
 from __future__ import annotations
 
+import re
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,16 +42,22 @@ def _stacked64(gen, D, crops, lam):
   return jnp.concatenate([jnp.reshape(f(k0 + delta, k), (-1,)) for f, k in crops])
 
 
-@pytest.mark.parametrize("project_keys", [True, False])
+@pytest.mark.parametrize("project_keys,given", [(True, False), (False, False),
+                                                (True, True)])
 def test_preserving_insert_solves_the_weighted_objective_in_closed_form(problem,
-                                                                        project_keys):
+                                                                        project_keys, given):
   # up2 is affine in its kernel, so with the L2 loss Λ minimises a weighted least-squares
-  # problem: Σ_crop (f − v*)² + μ (n / n₁) Σ_kept (f₁ − f₁(W0))², over Λ on the own taps.
+  # problem: Σ_crop (f − v*)² + μ (n / n₁) Σ_kept (f₁ − u₁)², over Λ on the own taps,
+  # with u₁ = f₁(W0) or (given) values passed with the kept crop.
   gen, D, target, kept = problem
   mu = 3.0
+  f1, k1 = gens.crop_problem(gen, LAYER, kept)
+  u1 = np.asarray(f1(jnp.asarray(gens.layer_kernel(gen, LAYER)), k1))
+  if given:
+    u1 = u1 + 0.1 * np.random.default_rng(3).standard_normal(u1.shape).astype(np.float32)
   res = gens.insert(gen, LAYER, D, target, optimizer="gauss_newton", loss="l2", steps=8,
-                    taps="own", preserve=[kept], preserve_weight=mu,
-                    project_keys=project_keys)
+                    taps="own", preserve=[(kept, u1) if given else kept],
+                    preserve_weight=mu, project_keys=project_keys)
   with jax.enable_x64(True):
     crops = [gens.crop_problem(gen, LAYER, t) for t in (target, kept)]
     k0 = gens.layer_kernel(gen, LAYER)
@@ -66,7 +73,10 @@ def test_preserving_insert_solves_the_weighted_objective_in_closed_form(problem,
     g0 = np.asarray(g(x0))
     J = np.asarray(jax.jacfwd(g)(x0))
     n, n1 = target.targets.size, kept.targets.size
-    t = np.concatenate([np.asarray(target.targets, np.float64).reshape(-1), g0[n:]])
+    t = np.concatenate([np.asarray(target.targets, np.float64).reshape(-1),
+                        np.asarray(u1, np.float64).reshape(-1)])
+    if not given:
+      np.testing.assert_allclose(t[n:], g0[n:], atol=1e-5)
     w = np.concatenate([np.ones(n), np.full(n1, mu * n / n1)])
     x_star = np.linalg.solve(J.T @ (w[:, None] * J), J.T @ (w * (t - g0)))
 
@@ -134,6 +144,19 @@ def test_kept_crops_are_crops_of_the_layer_with_finite_outputs_and_weights_float
       call(preserve=[kept, bad])
   with pytest.raises(ValueError, match=r"preserve\[0\]: expected finite layer outputs"):
     call(preserve=[kept._replace(keys=np.full_like(kept.keys, np.nan))])
+  # Values given with a kept crop: its targets' shape, float, finite.
+  small = kept.targets[:, :2, :2]
+  with pytest.raises(ValueError, match=re.escape(
+      f"preserve[0]: expected values of shape {tuple(kept.targets.shape)} (float) to keep "
+      f"on the crop, got float32 {tuple(small.shape)}")):
+    call(preserve=[(kept, small)])
+  with pytest.raises(ValueError, match=r"preserve\[0\]: expected values of shape .* got int64"):
+    call(preserve=[(kept, np.zeros(kept.targets.shape, np.int64))])
+  with pytest.raises(ValueError, match=r"preserve\[0\]: expected finite values, got NaN"):
+    call(preserve=[(kept, np.full_like(kept.targets, np.nan))])
+  with pytest.raises(TypeError, match=r"preserve\[0\]: expected a Target .* or a pair "
+                                      r"\(Target, values\), got tuple"):
+    call(preserve=[(kept.targets, kept)])
   n, n1 = target.targets.size, kept.targets.size
   big = float(np.finfo(np.float32).max)
   for mu in (1e37, 1.5 * big / n):  # the weights overflow; their total only
