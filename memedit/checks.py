@@ -21,12 +21,67 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["TINY", "check_covariance", "check_finite", "check_positive_int", "check_scalar",
-           "compute_dtype", "expand_weights", "float_dtype", "is_traced", "weights_error",
-           "weights_fit"]
+__all__ = ["TINY", "as_array", "check_covariance", "check_finite", "check_positive_int",
+           "check_scalar", "compute_dtype", "expand_weights", "float_dtype", "is_traced",
+           "weights_error", "weights_fit"]
 
 #: The smallest positive value divisions and eigenvalue floors use (1e-30).
 TINY = 1e-30
+
+
+def as_array(x: Any, name: str) -> Any:
+  """User data ``x`` ready for ``jnp.asarray``: numbers in native byte order, else raises.
+
+  A numpy array of numbers (bool, int, uint, float including float16 and ml_dtypes'
+  bfloat16 or float8, complex) in non-native byte order (e.g. ``'>f4'``, as read from
+  FITS or other big-endian files) comes back as a copy in native order with the same
+  values and the same dtype otherwise; one of any other dtype (object, str, bytes,
+  structured, datetime or timedelta) is refused. A ``jax.Array`` or a traced value is
+  returned as it is (never copied or inspected), as is a valid array in native order.
+  Lists and scalars are inspected through ``np.asarray`` and returned unchanged when
+  they hold numbers (so ``jnp.asarray`` gives them the dtype it always has); lists that
+  hold JAX arrays are returned unchanged. The caller converts: ``jnp.asarray(as_array(x,
+  "x"))``, or keeps host data on the host.
+
+  Args:
+    x: an array, a list of numbers or a scalar, as passed by a user.
+    name: the argument's name in the error message.
+
+  Returns:
+    ``x`` itself, or a native-order numpy copy of it when its byte order is not native.
+
+  Raises:
+    ValueError: ``x`` holds something other than numbers.
+
+  Example:
+    >>> import numpy as np
+    >>> x = np.array([1.5, 2.0], ">f4")
+    >>> y = as_array(x, "keys")
+    >>> y.dtype.isnative, y.dtype == np.float32, y.tolist()
+    (True, True, [1.5, 2.0])
+    >>> as_array(np.array(["a", "b"]), "keys")
+    Traceback (most recent call last):
+    ...
+    ValueError: keys: expected an array of numbers (float, int or bool), got dtype <U1
+  """
+  if isinstance(x, (jax.Array, jax.core.Tracer)):
+    return x
+  if isinstance(x, (np.ndarray, np.generic)):
+    a = x
+  elif any(isinstance(leaf, (jax.Array, jax.core.Tracer))
+           for leaf in jax.tree_util.tree_leaves(x)):
+    return x  # a list of JAX arrays (perhaps traced): jnp.asarray stacks them
+  else:
+    a = np.asarray(x)
+  dt = a.dtype
+  # ml_dtypes' floats (bfloat16, float8…) have numpy kind 'V' and are numbers to JAX;
+  # timedelta64 counts as a number to issubdtype, and is refused by its kind.
+  if dt.kind in "mM" or not (jnp.issubdtype(dt, jnp.number) or jnp.issubdtype(dt, jnp.bool_)):
+    raise ValueError(f"{name}: expected an array of numbers (float, int or bool), got dtype "
+                     f"{dt}")
+  if not dt.isnative:
+    return a.astype(dt.newbyteorder("="))
+  return x
 
 
 def check_positive_int(value: Any, name: str) -> int:

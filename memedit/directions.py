@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import (TINY, check_covariance, check_finite, check_positive_int,
+from memedit.checks import (TINY, as_array, check_covariance, check_finite, check_positive_int,
                             check_scalar, compute_dtype, expand_weights, weights_error,
                             weights_fit)
 from memedit.linalg import floor_eigenvalues, spectrum_ok, symmetric_eigh
@@ -133,7 +133,8 @@ def context_directions(
   """
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-  keys = jnp.asarray(keys)
+  C = as_array(C, "C")
+  keys = jnp.asarray(as_array(keys, "keys"))
   d = np.shape(C)[0] if np.ndim(C) == 2 else None
   check_covariance(C, d)
   if keys.ndim < 1 or keys.shape[-1] != d:
@@ -151,11 +152,12 @@ def context_directions(
     raise ValueError(f"rank: method 'mean' gives rank 1, got rank={rank}")
   check_scalar(rcond, "rcond", hi=1.0)
   check_scalar(ridge, "ridge")
+  rcond, ridge = as_array(rcond, "rcond"), as_array(ridge, "ridge")
   dt = compute_dtype(C, keys)
   if weights is None:
     w = jnp.ones((n,), dt)
   else:
-    weights = jnp.asarray(weights)
+    weights = jnp.asarray(as_array(weights, "weights"))
     if not weights_fit(weights.shape, keys.shape[:-1]):
       raise weights_error("weights", weights.shape, keys.shape[:-1])
     w = expand_weights(weights.astype(dt), keys.shape[:-1]).reshape(-1)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memedit.checks import check_finite
+from memedit.checks import as_array, check_finite
 from memedit.edit_files import load_edit, save_edit
 from memedit.edit_value import NAN_FACTORS, Edit, edit_delta, make_edit
 from memedit.tree import get_leaf, replace_leaf
@@ -135,7 +135,7 @@ def _current_base(params, history, path):
   """The base of the edited leaf at ``path``, moved by any change made to the leaf since
   the history last wrote it (the entries whose bits differ from base + Σ ΔK)."""
   base = history.originals[path]
-  leaf = get_leaf(params, path)
+  leaf = as_array(get_leaf(params, path), f"params at {path!r}")
   if (tuple(np.shape(leaf)) != tuple(np.shape(base))
       or jnp.result_type(leaf) != jnp.result_type(base)):
     raise ValueError(
@@ -189,7 +189,8 @@ def apply_edit(params: Any, edit: Edit, history: EditHistory | None = None
   history = history or EditHistory()
   if edit.name in history.names:
     raise ValueError(f"edit: {edit.name!r} is already applied")
-  leaf = get_leaf(params, edit.path)
+  # A numpy leaf in non-native byte order is taken as a native copy (the base kept).
+  leaf = as_array(get_leaf(params, edit.path), f"params at {edit.path!r}")
   if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
     raise ValueError(f"params: expected a floating-point kernel at {edit.path!r}, got "
                      f"{jnp.result_type(leaf)} (an edit cannot be written into integers)")

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from memedit.checks import (check_positive_int, expand_weights, float_dtype, weights_error,
-                            weights_fit)
+from memedit.checks import (as_array, check_positive_int, expand_weights, float_dtype,
+                            weights_error, weights_fit)
 from memedit.gram import gram
 
 __all__ = ["CovarianceState", "add_pair", "as_dtype", "check_key_dtype", "check_state",
@@ -103,7 +103,7 @@ def covariance_init(dim: int, shift: Any = None, dtype: Any = jnp.float32) -> Co
     c = jnp.zeros((dim,), dt)
     has = jnp.asarray(False)
   else:
-    c = jnp.asarray(shift, dt)
+    c = jnp.asarray(as_array(shift, "shift"), dt)
     if c.shape != (dim,):
       raise ValueError(f"shift: expected shape ({dim},), got {c.shape}")
     if not isinstance(c, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(c))):
@@ -235,11 +235,12 @@ def fold_keys(state: CovarianceState, keys: jax.Array, weights: jax.Array | None
     raise ValueError("sums: expected only with preshifted keys and no weights, got "
                      f"preshifted={preshifted} and weights "
                      f"{'None' if weights is None else 'given'}")
-  x = jnp.reshape(keys, (-1, d)).astype(dt)
+  x = jnp.reshape(as_array(keys, "keys"), (-1, d)).astype(dt)
   if weights is None:
     w = jnp.ones((x.shape[0],), dt)
   else:
-    w = jnp.reshape(expand_weights(jnp.asarray(weights).astype(dt), keys.shape[:-1]), (-1,))
+    w = jnp.asarray(as_array(weights, "weights")).astype(dt)
+    w = jnp.reshape(expand_weights(w, keys.shape[:-1]), (-1,))
   used = w != 0
 
   def fold_sums(wf, xf, known=None):
@@ -337,8 +338,8 @@ def covariance_update(state: CovarianceState, keys: Any, weights: Any = None) ->
     True
   """
   check_state(state)
-  keys = jnp.asarray(keys)
-  weights = None if weights is None else jnp.asarray(weights)
+  keys = jnp.asarray(as_array(keys, "keys"))
+  weights = None if weights is None else jnp.asarray(as_array(weights, "weights"))
   _check_keys(state, keys, weights)
   if weights is not None and not isinstance(weights, jax.core.Tracer):
     if bool(jnp.any(weights < 0)):

@@ -49,7 +49,8 @@ def residual_loss(residual: jax.Array, loss: str) -> jax.Array:
 def adam_scan(loss_fn: Callable[[Any], jax.Array], x0: Any, steps: int,
               learning_rate: float | jax.Array, *, opt_state: Any = None,
               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-              callback: Callable[[jax.Array, jax.Array], Any] | None = None
+              callback: Callable[[jax.Array, jax.Array], Any] | None = None,
+              keep_best: bool = False
               ) -> tuple[Any, Any, jax.Array]:
   """``steps`` optax Adam steps on ``loss_fn`` from ``x0``, as one ``lax.scan``.
 
@@ -66,11 +67,17 @@ def adam_scan(loss_fn: Callable[[Any], jax.Array], x0: Any, steps: int,
     callback: optional ``callback(t, loss_t)``, called while tracing the loop's body with
       the traced step index t (int32) and loss before step t, e.g. to emit progress with
       ``jax.debug.callback``; its return value is ignored (None: the loop is unchanged).
+    keep_best: also carry the point of lowest loss among x_0 … x_{steps−1} through the
+      loop (Adam's iterates do not lower the loss monotonically; with a step size too
+      large for the problem its last point can be worse than its start), see Returns.
 
   Returns:
     (x, opt_state, losses): the point after the steps, Adam's state there (to continue a
     run, e.g. between projections), and the (steps,) losses, losses[t] = loss(x_t) before
-    step t.
+    step t. With ``keep_best``, (x, opt_state, losses, best, best_loss): the same, plus
+    the visited point of lowest loss (the first of equals; ties and NaN never replace
+    it) and its loss, +inf and x_0 when ``steps`` is 0 or every loss is NaN. x_steps is
+    not among them: its loss is not computed here.
 
   Example:
     >>> x, _, losses = adam_scan(lambda x: jnp.sum((x - 3.0) ** 2), jnp.zeros(2), 500, 0.1)
@@ -83,13 +90,23 @@ def adam_scan(loss_fn: Callable[[Any], jax.Array], x0: Any, steps: int,
   state = opt.init(x0) if opt_state is None else opt_state
 
   def step(carry, t):
-    x, st = carry
+    x, st = carry[:2]
     val, g = jax.value_and_grad(loss_fn)(x)
     if callback is not None:
       callback(t, val)
     upd, st = opt.update(g, st, x)
-    return (optax.apply_updates(x, upd), st), val
+    new = (optax.apply_updates(x, upd), st)
+    if keep_best:
+      best, best_val = carry[2:]
+      better = val < best_val
+      best = jax.tree.map(lambda a, b: jnp.where(better, a, b), x, best)
+      new += (best, jnp.where(better, val, best_val))
+    return new, val
 
   xs = None if callback is None else jnp.arange(steps, dtype=jnp.int32)
-  (x, state), losses = lax.scan(step, (x0, state), xs, length=steps)
-  return x, state, losses
+  carry = (x0, state)
+  if keep_best:
+    out = jax.eval_shape(loss_fn, x0)
+    carry += (x0, jnp.full(out.shape, jnp.inf, out.dtype))
+  carry, losses = lax.scan(step, carry, xs, length=steps)
+  return (*carry[:2], losses, *carry[2:])

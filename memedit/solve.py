@@ -22,7 +22,8 @@ from jax import lax
 
 from memedit._convs import patched
 from memedit._factored import factored_forward
-from memedit.checks import check_positive_int, expand_weights, is_traced, weights_fit
+from memedit.checks import (as_array, check_positive_int, expand_weights, is_traced,
+                            weights_fit)
 from memedit.layouts import kernel_delta, key_dim, lambda_shape
 from memedit.optim import LOSSES, OPTIMIZERS, adam_scan, check_choice, residual_loss
 
@@ -102,6 +103,7 @@ def solve_lambda(
     lam_mask: Any = None,
     progress: Callable[[int, float], Any] | None = None,
     progress_every: int | None = None,
+    keep_best: bool = True,
 ) -> SolveResult:
   """Finds Λ = argmin_Λ loss(f(K0 + ΔK(Λ, D), keys), targets) inside one jitted program.
 
@@ -110,7 +112,9 @@ def solve_lambda(
 
   - ``optimizer="adam"`` (Λ-space Adam with the reference's settings): optax Adam with
     ``learning_rate`` for ``steps`` steps inside ``lax.scan``, gradients by ``jax.grad``
-    (:func:`memedit.optim.adam_scan`).
+    (:func:`memedit.optim.adam_scan`). Adam does not lower the loss at every step; the
+    result is the point of lowest loss among Λ_0 … Λ_steps (``keep_best``, the default),
+    or, with ``keep_best=False``, the last point Λ_steps as in the reference.
   - ``optimizer="gauss_newton"``: Levenberg–Marquardt Gauss–Newton steps (``steps`` of
     them, typically 5–30) whose normal equations (JᵀΩJ + μI) δ = −JᵀΩr are solved
     matrix-free by ``cg_steps`` conjugate-gradient iterations with ``jax.linearize`` and
@@ -190,6 +194,9 @@ def solve_lambda(
     progress: optional hook ``progress(step: int, loss: float)`` (see Progress above).
     progress_every: steps between calls of the hook (default: every step up to 200
       steps, else about 200 calls in all).
+    keep_best: Adam only: return the visited Λ of lowest loss (the start, each step's
+      point and the last; the earliest of equal losses) instead of the last one. Gauss–
+      Newton keeps a step only when it lowers the loss, so its last point is its best.
 
   Returns:
     :class:`SolveResult`.
@@ -212,8 +219,8 @@ def solve_lambda(
   check_choice(loss, LOSSES, "loss")
   check_choice(optimizer, OPTIMIZERS, "optimizer")
   steps = check_positive_int(steps, "steps")
-  kernel0 = jnp.asarray(kernel0)
-  D = jnp.asarray(D)
+  kernel0 = jnp.asarray(as_array(kernel0, "kernel0"))
+  D = jnp.asarray(as_array(D, "D"))
   kshape = tuple(kernel0.shape)
   d = key_dim(kshape, kind, in_ndim)
   if D.ndim != 2 or D.shape[1] != d:
@@ -221,7 +228,7 @@ def solve_lambda(
                      f"got {tuple(D.shape)}")
   lshape = lambda_shape(kshape, D.shape[0], kind, in_ndim)
   out = jax.eval_shape(f, kernel0, keys)
-  targets = jnp.asarray(targets)
+  targets = jnp.asarray(as_array(targets, "targets"))
   # Λ and the solver's state follow the problem's dtype (float64 for a float64 problem
   # under jax_enable_x64), at least float32.
   dtype = jnp.promote_types(jnp.result_type(kernel0.dtype, out.dtype, targets.dtype),
@@ -229,14 +236,14 @@ def solve_lambda(
   if lam0 is None:
     lam0 = jnp.zeros(lshape, dtype)
   else:
-    lam0 = jnp.asarray(lam0, dtype)
+    lam0 = jnp.asarray(as_array(lam0, "lam0"), dtype)
     if lam0.shape != lshape:
       raise ValueError(f"lam0: expected shape {lshape}, got {tuple(lam0.shape)}")
   if tuple(out.shape) != tuple(targets.shape):
     raise ValueError(f"targets: expected shape {tuple(out.shape)} (the output of f), "
                      f"got {tuple(targets.shape)}")
   if weights is not None:
-    weights = jnp.asarray(weights, jnp.float32)
+    weights = jnp.asarray(as_array(weights, "weights"), jnp.float32)
     if not weights_fit(weights.shape, targets.shape):
       raise ValueError(f"weights: expected a shape broadcastable to a leading part of the "
                        f"targets' shape {tuple(targets.shape)} (aligned with its leading "
@@ -250,7 +257,7 @@ def solve_lambda(
                       (kernel0, D, keys, targets, weights, lam0, lam_mask))
   try:
     res = _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, bool(factored),
-                 bool(conv_as_matmul), kernel0, D, keys,
+                 bool(conv_as_matmul), bool(keep_best), kernel0, D, keys,
                  targets, weights, lam0, jnp.float32(learning_rate), jnp.float32(damping),
                  lam_mask, jnp.int32(hook))
     if hook:
@@ -332,7 +339,7 @@ def _non_finite(res, optimizer):
 def _check_lam_mask(lam_mask, lshape):
   if lam_mask is None:
     return None
-  m = jnp.asarray(lam_mask, jnp.float32)
+  m = jnp.asarray(as_array(lam_mask, "lam_mask"), jnp.float32)
   try:
     ok = tuple(np.broadcast_shapes(m.shape, lshape)) == tuple(lshape)
   except ValueError:
@@ -406,26 +413,38 @@ def _loss_fn(f, kernel0, D, keys, targets, kind, in_ndim, weights, loss, lam_mas
   return lambda lam: _weighted_loss(forward(lam), targets, weights, loss)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
 def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, factored, patch,
-           kernel0, D, keys, targets, weights, lam0, learning_rate, damping, lam_mask, hook):
+           keep_best, kernel0, D, keys, targets, weights, lam0, learning_rate, damping,
+           lam_mask, hook):
   emit = _emitter(every, steps, hook)
   forward = _forward(f, kernel0, D, keys, kind, in_ndim, lam_mask, factored, patch)
 
   def loss_fn(lam):
     return _weighted_loss(forward(lam), targets, weights, loss)
 
-  def result(lam, losses, final_loss):
+  def result(lam, losses, final_loss, finite=True):
     lam = _masked(lam, lam_mask)
-    finite = jnp.logical_and(jnp.isfinite(final_loss), jnp.all(jnp.isfinite(lam)))
+    finite = jnp.logical_and(finite, jnp.logical_and(jnp.isfinite(final_loss),
+                                                     jnp.all(jnp.isfinite(lam))))
     return SolveResult(jnp.where(finite, lam, jnp.nan), losses, final_loss, finite)
 
   if optimizer == "adam":
-    lam, _, losses = adam_scan(loss_fn, lam0, steps, learning_rate, callback=emit)
+    lam, _, losses, *best = adam_scan(loss_fn, lam0, steps, learning_rate, callback=emit,
+                                      keep_best=keep_best)
     final = loss_fn(lam)
+    finite = True
+    if keep_best:
+      # The best of Λ_0 … Λ_steps; a run that met a NaN or inf loss on the way still
+      # fails (Adam's iterates do not come back from NaN), as without keep_best.
+      best_lam, best_loss = best
+      last = jnp.logical_not(best_loss <= final)
+      lam = jnp.where(last, lam, best_lam)
+      final = jnp.where(last, final, best_loss).astype(final.dtype)
+      finite = jnp.all(jnp.isfinite(losses))
     if emit is not None:
       emit(jnp.int32(steps), final)
-    return result(lam, losses, final)
+    return result(lam, losses, final, finite)
 
   # Gauss–Newton / Levenberg–Marquardt with matrix-free CG, in Λ's dtype throughout.
   dt = lam0.dtype

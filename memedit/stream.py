@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit import fold_programs
-from memedit.checks import check_positive_int
+from memedit.checks import as_array, check_positive_int
 from memedit.fold_programs import (BatchTemplate, check_key_output, group_input_sharding,
                                    identity, is_resident, on_several_devices, pad_rows,
                                    padded_rows, replicated_sharding, split_keys, with_params)
@@ -213,6 +213,14 @@ def _shifted_copy(x: np.ndarray, out: np.ndarray, shift: np.ndarray) -> np.ndarr
       if over.any():
         out2[over] = np.copysign(np.finfo(out2.dtype).max, out2[over])
   return total
+
+
+def _host_ready(batches: list) -> list:
+  """The batches with every host leaf checked by :func:`memedit.checks.as_array`: numpy
+  leaves in non-native byte order (e.g. big-endian chunks read from a file) become
+  native-order copies, on the host; leaves that are not numbers raise. Device arrays and
+  valid native leaves are kept as they are (no copy)."""
+  return [jax.tree_util.tree_map(lambda x: as_array(x, "batches"), b) for b in batches]
 
 
 def _finite_mean(x: np.ndarray, dtype) -> np.ndarray | None:
@@ -528,6 +536,8 @@ def stream_covariance(
   cache = StreamCache(cache_dir, cache_key, n_run)
   if params is not None and key_fn is None:
     raise ValueError("params: expected a key_fn(params, batch) to pass them to, got none")
+  if params is not None:
+    params = jax.tree_util.tree_map(lambda x: as_array(x, "params"), params)
   folder = _Folder(key_fn, group, n_dev, params)
 
   saved = cache.load()
@@ -551,6 +561,7 @@ def stream_covariance(
             f"the same stream, or another cache_key")
       chunk = list(itertools.islice(it, group))
 
+  chunk = _host_ready(chunk)
   if chunk:
     d = folder.start(chunk[0], dim)
   else:
@@ -598,7 +609,7 @@ def stream_covariance(
 
   def read():
     """The next group, read from the stream and prepared (with ``prefetch``, placed)."""
-    batches = list(itertools.islice(it, group))
+    batches = _host_ready(list(itertools.islice(it, group)))
     return batches, (folder.prepare(batches, prefetch) if batches else None)
 
   # With prefetch, a reader thread reads and places group i+1 while group i folds (on a

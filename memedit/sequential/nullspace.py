@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import (check_covariance, check_finite, check_scalar, compute_dtype,
-                            is_traced)
+from memedit.checks import (as_array, check_covariance, check_finite, check_scalar,
+                            compute_dtype, is_traced)
 from memedit.closed_form import LinearSolution
 from memedit.linalg import symmetric_eigh
 
@@ -79,14 +79,14 @@ def _check_keys(keys, weights, d, name="keys"):
   """Keys (m, d) (m may be 0; None or shape (0, 0): no keys) and weights (m,)."""
   if keys is None or tuple(np.shape(keys)) == (0, 0):
     return None, None
-  keys = jnp.asarray(keys)
+  keys = jnp.asarray(as_array(keys, name))
   if keys.ndim != 2 or keys.shape[1] != d:
     raise ValueError(f"{name}: expected shape (m, {d}), got {tuple(keys.shape)}")
   check_finite(keys, name)
   if weights is None:
     weights = jnp.ones(keys.shape[:1], keys.dtype)
   else:
-    weights = jnp.asarray(weights)
+    weights = jnp.asarray(as_array(weights, "weights"))
     if tuple(weights.shape) != tuple(keys.shape[:1]):
       raise ValueError(f"weights: expected shape ({keys.shape[0]},) (one per key), got "
                        f"{tuple(weights.shape)}")
@@ -114,7 +114,7 @@ def key_moment(keys: Any, weights: Any = None, *, dtype: Any = None) -> jax.Arra
     Array([[2., 4.],
            [4., 8.]], dtype=float32)
   """
-  keys = jnp.asarray(keys)
+  keys = jnp.asarray(as_array(keys, "keys"))
   if keys.ndim != 2:
     raise ValueError(f"keys: expected shape (m, d), got {tuple(keys.shape)}")
   keys, weights = _check_keys(keys, weights, keys.shape[1])
@@ -159,9 +159,11 @@ def null_space(C: Any, keys: Any = None, weights: Any = None, *,
     >>> int(ns.dim), ns.P.round(6).tolist()
     (1, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
   """
+  C = as_array(C, "C")
   d = np.shape(C)[0] if np.ndim(C) == 2 else None
   check_covariance(C, d)
   check_scalar(threshold, "threshold")
+  threshold = as_array(threshold, "threshold")
   keys, weights = _check_keys(keys, weights, d)
   dt = compute_dtype(C) if keys is None else compute_dtype(C, keys)
   C = jnp.asarray(C).astype(dt)
@@ -208,8 +210,8 @@ def project_directions(D: Any, P: Any, *, orthonormalize: bool = True) -> jax.Ar
     >>> project_directions(jnp.array([[3.0, 4.0, 0.0]]), P).tolist() == [[0.0, 1.0, 0.0]]
     True
   """
-  D = jnp.asarray(D)
-  P = jnp.asarray(P)
+  D = jnp.asarray(as_array(D, "D"))
+  P = jnp.asarray(as_array(P, "P"))
   if D.ndim != 2:
     raise ValueError(f"D: expected shape (r, d), got {tuple(D.shape)}")
   d = D.shape[1]
@@ -248,9 +250,9 @@ def _project(D, P, orthonormalize):
 
 
 def _check_linear(W, keys, values):
-  W = jnp.asarray(W)
-  keys = jnp.asarray(keys)
-  values = jnp.asarray(values)
+  W = jnp.asarray(as_array(W, "W"))
+  keys = jnp.asarray(as_array(keys, "keys"))
+  values = jnp.asarray(as_array(values, "values"))
   if W.ndim != 2:
     raise ValueError(f"W: expected a matrix of shape (out, in), got {tuple(W.shape)}")
   out, d = W.shape
@@ -311,11 +313,12 @@ def insert_null_space(W: Any, keys: Any, values: Any, P: Any, preserved_keys: An
   """
   W, keys, values = _check_linear(W, keys, values)
   d = W.shape[1]
-  P = jnp.asarray(P)
+  P = jnp.asarray(as_array(P, "P"))
   if tuple(P.shape) != (d, d):
     raise ValueError(f"P: expected shape ({d}, {d}), got {tuple(P.shape)}")
   check_finite(P, "P")
   check_scalar(l2, "l2")
+  l2 = as_array(l2, "l2")
   if not isinstance(l2, jax.core.Tracer) and not float(np.asarray(l2)) > 0:
     raise ValueError(f"l2: expected a positive number, got {l2!r}")
   pk, pw = _check_keys(preserved_keys, preserved_weights, d, "preserved_keys")

@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 
 import memedit
 from memedit import solve as solve_mod
+from memedit.optim import adam_scan
 
 
 def rel(a, b):
@@ -657,3 +658,35 @@ def test_progress_hook_errors_and_bad_input(planted_conv):
   with pytest.raises(ValueError, match="progress: expected an eager call"):
     jax.jit(lambda t: memedit.solve_lambda(demod_conv, p["K0"], p["D"], p["keys"], t, **kw,
                                            progress=print).lam)(p["targets"])
+
+
+def test_adam_returns_its_best_point_unless_told_to_return_its_last():
+  # L1 with a step too large for the problem: Adam's iterates oscillate around the
+  # optimum (λ = 0.3) and its last point is worse than points it visited on the way.
+  dense = lambda Km, keys: keys @ Km
+  K0, D, keys = np.zeros((1, 1), np.float32), np.ones((1, 1), np.float32), np.ones((1, 1))
+  V = np.full((1, 1), 0.3, np.float32)
+  kw = dict(kind="dense", loss="l1", steps=30, learning_rate=0.4)
+  fn = memedit.lambda_loss_fn(dense, K0, D, keys, V, kind="dense", loss="l1")
+  best = memedit.solve_lambda(dense, K0, D, keys, V, **kw)
+  last = memedit.solve_lambda(dense, K0, D, keys, V, keep_best=False, **kw)
+  np.testing.assert_array_equal(np.asarray(best.losses), np.asarray(last.losses))
+  # The last point is Adam's own last iterate; the best is the lowest loss visited, here
+  # neither the start nor the end.
+  x, _, losses = adam_scan(fn, jnp.zeros((1, 1)), 30, 0.4)
+  np.testing.assert_array_equal(np.asarray(last.lam), np.asarray(x))
+  visited = np.append(np.asarray(best.losses), float(last.final_loss))
+  assert 0 < int(np.argmin(visited)) < 30
+  assert float(best.final_loss) == visited.min()
+  assert float(best.final_loss) < 0.1 * float(last.final_loss)
+  assert float(fn(best.lam)) == float(best.final_loss)
+  # The same under jit and vmap.
+  jitted = jax.jit(lambda v: memedit.solve_lambda(dense, K0, D, keys, v, **kw))(V)
+  np.testing.assert_array_equal(np.asarray(jitted.lam), np.asarray(best.lam))
+  batch = jax.vmap(lambda v: memedit.solve_lambda(dense, K0, D, keys, v, **kw))(
+      np.stack([V, V + 0.1]))
+  assert float(batch.final_loss[0]) == float(best.final_loss)
+  assert float(batch.final_loss[1]) == pytest.approx(np.asarray(batch.losses[1]).min())
+  # adam_scan's own record of the best point among x_0 … x_{steps−1} agrees.
+  _, _, _, bx, bl = adam_scan(fn, jnp.zeros((1, 1)), 30, 0.4, keep_best=True)
+  assert float(bl) == float(np.asarray(losses).min()) == float(fn(bx))
