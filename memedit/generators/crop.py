@@ -146,6 +146,24 @@ def layer_on_crop(gen: Generator, layer: str, start: int = 0, height: int | None
   return LayerOnCrop(view.framework, view.layer[0], view.spec.weight, start, height, width)
 
 
+def check_target_layer(target, layer: str, name: str = "target") -> None:
+  """Refuses a Target recorded at a layer other than ``layer`` (its ``layer`` field; a
+  Target without one, made by hand, is taken as it is).
+
+  Example:
+    >>> from types import SimpleNamespace
+    >>> check_target_layer(SimpleNamespace(layer="convt2"), "convt3")
+    Traceback (most recent call last):
+    ...
+    ValueError: target: expected a crop of layer 'convt3' (the layer edited), got a Target made at layer 'convt2'; make it at 'convt3' (paste_target(gen, 'convt3', ...))
+  """
+  made = getattr(target, "layer", None)
+  if made is not None and made != layer:
+    raise ValueError(f"{name}: expected a crop of layer {layer!r} (the layer edited), got a "
+                     f"Target made at layer {made!r}; make it at {layer!r} "
+                     f"(paste_target(gen, {layer!r}, ...))")
+
+
 def crop_problem(gen: Generator, layer: str, target) -> tuple[Callable, Any]:
   """``(f, keys)`` with ``f(kernel, keys)`` the layer's output on the target's crop.
 
@@ -175,6 +193,7 @@ def crop_problem(gen: Generator, layer: str, target) -> tuple[Callable, Any]:
     True
   """
   info = layer_info(gen, layer)
+  check_target_layer(target, layer)
   oh, ow = target.targets.shape[1:3]
   f = layer_on_crop(gen, layer, info.scale * info.margin, int(oh), int(ow))
   keys = (jnp.asarray(target.keys), layer_params(gen, layer),

@@ -32,7 +32,7 @@ from memedit._convs import patched
 from memedit.checks import check_positive_int
 from memedit.edits import Edit, EditHistory, apply_edit, edit_delta, make_edit, revert_edit
 from memedit.generators._checks import check_learning_rate, check_units
-from memedit.generators.crop import Crops, crop_problem, own_taps
+from memedit.generators.crop import Crops, check_target_layer, crop_problem, own_taps
 from memedit.generators.finetune import overfit_all
 from memedit.generators.forward import cached_program
 from memedit.generators.generator import Generator, layer_info, layer_kernel
@@ -125,6 +125,7 @@ def _check_preserve(preserve, info) -> tuple:
       raise TypeError(f"preserve[{i}]: expected a Target (from paste_target or "
                       f"erase_target) or a pair (Target, values), got "
                       f"{type(item).__name__}")
+    check_target_layer(t, info.name, f"preserve[{i}]")
     shape = np.shape(t.keys)
     if len(shape) != 4 or shape[-1] != info.key_dim:
       raise ValueError(f"preserve[{i}]: expected keys of shape (1, h, w, {info.key_dim}) for "

@@ -174,6 +174,8 @@ class Target(NamedTuple):
     key_box: (y0, y1, x0, x1) of the crop at key resolution.
     full_values: (1, H, H, C_out) B's target value map (pasted), for rendering.
     full_alpha: (1, H, H) the paste alpha over the whole value map.
+    layer: the name of the layer whose crop this is (None: not recorded, as in Targets
+      made by hand); the edits refuse a Target recorded at another layer.
   """
 
   imgnum: int
@@ -185,6 +187,7 @@ class Target(NamedTuple):
   key_box: tuple
   full_values: np.ndarray
   full_alpha: np.ndarray
+  layer: str | None = None
 
 
 def _key_box(box, scale, key_res):
@@ -201,7 +204,7 @@ def _target_from(info: LayerInfo, run: LayerRun, imgnum: int, full, alpha) -> Ta
   padded = np.pad(run.keys, ((0, 0), (m, m), (m, m), (0, 0)))
   keys = padded[:, y0:y1 + 2 * m, x0:x1 + 2 * m]
   return Target(imgnum, keys, tuple(run.extra), full[None, oy, ox], run.values[:, oy, ox],
-                alpha[None, oy, ox], kbox, full[None], alpha[None])
+                alpha[None, oy, ox], kbox, full[None], alpha[None], info.name)
 
 
 def paste_target(gen: Generator, layer: str, copied: Copied, imgnum: int, mask: Any

@@ -124,6 +124,19 @@ def test_preserve_arguments_are_checked(problem):
   for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1"):
     with pytest.raises(ValueError, match="preserve_weight: expected a finite number > 0"):
       call(preserve=[kept], preserve_weight=bad)
+  # A Target records its layer: one made at another layer is refused even when that layer
+  # has the same crop geometry, as the edit's own target and as a kept crop.
+  assert target.layer == kept.layer == LAYER
+  other = kept._replace(layer="up1")
+  with pytest.raises(ValueError, match=r"preserve\[1\]: expected a crop of layer 'up2' \(the "
+                                       r"layer edited\), got a Target made at layer 'up1'"):
+    call(preserve=[kept, other])
+  with pytest.raises(ValueError, match=r"^target: expected a crop of layer 'up2'"):
+    gens.insert(gen, LAYER, D, target._replace(layer="up1"), steps=1)
+  with pytest.raises(ValueError, match=r"^target: expected a crop of layer 'up2'"):
+    gens.overfit(gen, LAYER, target._replace(layer="up1"), steps=1)
+  # Targets made by hand, without a layer, are taken as they are.
+  assert np.isfinite(call(preserve=[kept._replace(layer=None)]).edit.lam).all()
 
 
 def test_kept_crops_are_crops_of_the_layer_with_finite_outputs_and_weights_float32_holds(
