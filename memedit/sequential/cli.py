@@ -125,9 +125,11 @@ def run_log(args: argparse.Namespace) -> int:
     import ports
 
     params = ports.load_converted(args.model)[1]
+  # The tables first: an error (a log of another model's kernels) prints nothing.
+  table = format_log(log, params=params, relative_to=args.relative_to,
+                     max_interference=args.threshold)
   print(f"edit log {args.log}: {len(log)} edits ({len(log.active)} active)")
-  print(format_log(log, params=params, relative_to=args.relative_to,
-                   max_interference=args.threshold))
+  print(table)
   if args.json is not None:
     from memedit import _io
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from memedit.checks import check_scalar
 from memedit.sequential.interference import (RELATIVE_TO, EditCheck, Interference,
                                              InterferenceWarning, check_edit, edit_matrix,
                                              growth, interference_matrix, key_change,
@@ -49,6 +50,10 @@ def format_check(check: EditCheck, *, max_interference: float = 0.1) -> str:
       norm       1.414 -> 2.449  (+73.2 % over unedited)
       condition  1 -> 2.618  (+161.8 % over unedited)
   """
+  if not isinstance(check, EditCheck):
+    raise ValueError(f"check: expected an EditCheck (from check_edit), got "
+                     f"{type(check).__name__}")
+  check_scalar(max_interference, "max_interference")
   lines = [f"edit {check.name!r}: change at earlier edits' keys (relative to "
            f"{check.relative_to})"]
   if not check.earlier:
@@ -90,6 +95,10 @@ def format_log(log: EditLog, *, params: Any = None, relative_to: str = "edit",
              0
       0  1.000
   """
+  check_scalar(max_interference, "max_interference")
+  if isinstance(max_columns, bool) or not isinstance(max_columns, (int, np.integer)) or (
+      max_columns < 0):
+    raise ValueError(f"max_columns: expected an int >= 0, got {max_columns!r}")
   inter = interference_matrix(log, params=params, relative_to=relative_to)
   col = {p: c for c, p in enumerate(inter.positions)}
   rows = [("#", "edit", "state", "leaf", "method", "rank", "keys", "|dK|_F",
@@ -100,7 +109,7 @@ def format_log(log: EditLog, *, params: Any = None, relative_to: str = "edit",
     if entry.active:
       c = col[i]
       tail = inter.matrix[c, c + 1:]
-      tail = tail[np.isfinite(tail)]
+      tail = tail[~np.isnan(tail)]  # NaN: another leaf; inf: edit i changed nothing
       if tail.size:
         later = f"{tail.max():.4f}" + ("  !" if tail.max() > max_interference else "")
     rows.append((str(i), e.name, "active" if entry.active else "reverted",
@@ -115,10 +124,10 @@ def format_log(log: EditLog, *, params: Any = None, relative_to: str = "edit",
   elif n <= max_columns:
     lines.append("     " + "".join(f"{p:>7}" for p in inter.positions))
     for r, p in enumerate(inter.positions):
-      cells = "".join("      -" if not np.isfinite(x) else f"{x:7.3f}" for x in inter.matrix[r])
+      cells = "".join("      -" if np.isnan(x) else f"{x:7.3f}" for x in inter.matrix[r])
       lines.append(f"  {p:>3}{cells}")
   else:
-    iu = [(r, c) for r in range(n) for c in range(r + 1, n) if np.isfinite(inter.matrix[r, c])]
+    iu = [(r, c) for r in range(n) for c in range(r + 1, n) if not np.isnan(inter.matrix[r, c])]
     iu.sort(key=lambda rc: -inter.matrix[rc])
     lines.append("  largest entries above the diagonal (i, j, I[i, j]):")
     for r, c in iu[:10]:

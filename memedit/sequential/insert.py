@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memedit.checks import check_scalar
+from memedit.checks import as_array, check_scalar, is_traced
 from memedit.closed_form import insert_ridge
 from memedit.edits import Edit, make_edit
 from memedit.layouts import check_layout
@@ -37,7 +37,7 @@ __all__ = ["sequential_directions", "sequential_insert"]
 
 def _linear_weight(kernel, kind, in_ndim):
   """W (out, d) of a matrix or dense kernel, and its key dimension."""
-  kernel = jnp.asarray(kernel)
+  kernel = jnp.asarray(as_array(kernel, "params"))
   check_layout(kind, kernel.shape, in_ndim)
   if kind == "conv":
     raise ValueError("kind: expected 'matrix' or 'dense' for a closed-form insert (a linear "
@@ -90,7 +90,8 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
     :func:`memedit.apply_edit` or :func:`memedit.sequential.log_apply`.
 
   Raises:
-    ValueError: a conv kernel, shapes that do not match, or the errors of the solves.
+    ValueError: a conv kernel, shapes that do not match, an ``index`` outside the stacked
+      leaf, or the errors of the solves.
 
   Example:
     >>> import jax.numpy as jnp
@@ -103,18 +104,24 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
     >>> round(float(W @ jnp.array([0.0, 10.0, 0.0])), 3), float(W[0])
     (1.0, 0.0)
   """
+  _check_log(log)
   path = check_path(path)
-  leaf = get_leaf(params, path)
-  kernel = leaf if index is None else jnp.asarray(leaf)[index]
+  kernel = as_array(_layer(get_leaf(params, path), path, index), "params")
+  if not jnp.issubdtype(jnp.result_type(kernel), jnp.inexact):
+    raise ValueError(f"params: expected a floating-point kernel at {path!r}, got "
+                     f"{jnp.result_type(kernel)} (an edit cannot be written into integers)")
   W = _linear_weight(kernel, kind, in_ndim)
+  _check_C(C, W.shape[1])
   settings = {"project": bool(project)}
   if project:
     pk, pw = _preserved(log, path, index, key_weight)
     ns = null_space(C, pk, pw, threshold=threshold)
     sol = insert_null_space(W, keys, values, ns.P, pk, pw, l2=l2)
     method = "alphaedit"
+    # Under jax.jit the null space's dimension is traced: the settings (static) omit it.
     settings.update(threshold=float(threshold), key_weight=float(key_weight), l2=float(l2),
-                    null_dim=int(ns.dim), preserved_keys=0 if pk is None else int(pk.shape[0]))
+                    null_dim=None if is_traced(ns.dim) else int(ns.dim),
+                    preserved_keys=0 if pk is None else int(pk.shape[0]))
   else:
     sol = insert_ridge(W, C, keys, values, penalty)
     method = "ridge"
@@ -125,6 +132,31 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
   if check:
     check_edit(log, edit, params=base_params)
   return log_append(log, edit, keys, values, weights=weights), edit
+
+
+def _check_log(log) -> None:
+  if not isinstance(log, EditLog):
+    raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
+
+
+def _layer(leaf, path, index):
+  """The kernel: the leaf, or its layer ``index`` (checked: JAX clamps indices)."""
+  if index is None:
+    return leaf
+  shape = tuple(np.shape(leaf))
+  if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not (
+      shape and 0 <= index < shape[0]):
+    raise ValueError(f"index: expected None or a layer 0 <= index < "
+                     f"{shape[0] if shape else 0} of the stacked leaf {shape} at {path!r}, "
+                     f"got {index!r}")
+  return jnp.asarray(as_array(leaf, "params"))[int(index)]
+
+
+def _check_C(C, d) -> None:
+  """C's shape against the layer's key dimension d (before the solves name P or keys)."""
+  if tuple(np.shape(C)) != (d, d):
+    raise ValueError(f"C: expected shape ({d}, {d}) (the layer's key dimension), got "
+                     f"{tuple(np.shape(C))}")
 
 
 def _preserved(log, path, index, key_weight):
@@ -187,10 +219,13 @@ def sequential_directions(log: EditLog, C: Any, D: Any, path: Any, *,
     >>> D.round(4).tolist() == [[0.0, 0.0, 1.0]]
     True
   """
+  _check_log(log)
   path = check_path(path)
-  D = jnp.asarray(D)
+  D = jnp.asarray(as_array(D, "D"))
   if not project:
     return D
+  if D.ndim == 2:
+    _check_C(C, D.shape[1])
   pk, pw = _preserved(log, path, index, key_weight)
   ns = null_space(C, pk, pw, threshold=threshold)
   return project_directions(D, ns.P, orthonormalize=orthonormalize)

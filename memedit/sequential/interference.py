@@ -22,6 +22,8 @@ including i). For j after i, I[i, j] is how far edit j moves the values edit i s
 relative to edit i's own change there ("edit"; 1 undoes it in size) or to the values
 stored there ("output"; the relative change of the stored values). Entries j < i are
 edits that were in place when edit i was solved; entries on different leaves are NaN.
+Where the denominator is 0 (edit i changed nothing at its keys, or they are all zero)
+I[i, j] is 0 when edit j changes nothing there either, else inf.
 
 :func:`check_edit` reports, before applying an edit, its row of changes at every earlier
 active edit's keys and the growth of the edited kernel's Frobenius norm and of the
@@ -38,8 +40,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from memedit.checks import check_scalar, is_traced
 from memedit.edits import Edit
-from memedit.layouts import check_layout
+from memedit.layouts import check_layout, key_dim, lambda_shape
 from memedit.sequential.log import EditLog
 from memedit.tree import get_leaf
 
@@ -130,8 +133,12 @@ def key_change(delta: np.ndarray, keys: Any, weights: Any = None) -> float:
     5.0
   """
   k = np.asarray(keys, np.float64)
+  delta = np.asarray(delta, np.float64)
+  if delta.ndim != 2 or k.ndim != 2 or k.shape[1] != delta.shape[1]:
+    raise ValueError(f"keys: expected shape (n, {delta.shape[-1] if delta.ndim else '?'}) to "
+                     f"match the change {delta.shape}, got {k.shape}")
   w = _weights(k, weights)
-  out = k @ np.asarray(delta, np.float64).T  # (n, v)
+  out = k @ delta.T  # (n, v)
   return float(np.sqrt(np.sum(w * np.sum(out * out, axis=1))))
 
 
@@ -166,8 +173,52 @@ def _leaf(edit: Edit) -> tuple:
 
 
 def _kernel(params, edit: Edit) -> np.ndarray:
+  """The kernel the edit changes, checked against its factors (a log of another model's
+  edits would otherwise broadcast into wrong numbers or fail inside numpy)."""
   leaf = np.asarray(get_leaf(params, edit.path), np.float64)
-  return leaf if edit.index is None else leaf[edit.index]
+  where = f"{edit.path!r}" if edit.index is None else f"{edit.path!r}[{edit.index}]"
+  if edit.index is not None:
+    if leaf.ndim == 0 or not 0 <= edit.index < leaf.shape[0]:
+      raise ValueError(f"params: expected a leaf stacked over at least {edit.index + 1} "
+                       f"layers at {edit.path!r} for edit {edit.name!r}, got shape {leaf.shape}")
+    leaf = leaf[edit.index]
+  try:
+    check_layout(edit.kind, leaf.shape, edit.in_ndim)
+    fits = (int(np.shape(edit.D)[1]) == key_dim(leaf.shape, edit.kind, edit.in_ndim)
+            and tuple(np.shape(edit.lam)) == lambda_shape(leaf.shape, edit.rank, edit.kind,
+                                                          edit.in_ndim))
+  except ValueError:
+    fits = False
+  if not fits:
+    raise ValueError(f"params: expected the kernel at {where} to fit edit {edit.name!r} "
+                     f"({edit.kind}, Λ {tuple(np.shape(edit.lam))}, D "
+                     f"{tuple(np.shape(edit.D))}), got a kernel of shape {leaf.shape}; is the "
+                     f"log of another model?")
+  return leaf
+
+
+def _check_log(log) -> None:
+  if not isinstance(log, EditLog):
+    raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
+
+
+def _check_dims(entries) -> None:
+  """The edits on one leaf must read keys of one dimension (their changes are compared)."""
+  dims = {}
+  for e in entries:
+    dims.setdefault(_leaf(e.edit), {})[e.name] = int(np.shape(e.edit.D)[1])
+  for (path, index), named in dims.items():
+    if len(set(named.values())) > 1:
+      where = f"{path!r}" if index is None else f"{path!r}[{index}]"
+      raise ValueError(f"log: expected the edits on {where} to share a key dimension, got "
+                       f"{named}")
+
+
+def _ratio(num: float, den: float) -> float:
+  """num / den, with 0 / 0 = 0 and x / 0 = inf (an edit that wrote nothing there)."""
+  if den > 0:
+    return num / den
+  return 0.0 if num == 0 else float("inf")
 
 
 def _check_relative(relative_to, params):
@@ -199,22 +250,29 @@ def interference_matrix(log: EditLog, *, params: Any = None,
     >>> interference_matrix(log, params={"k": jnp.ones((2, 2))}, relative_to="output").matrix
     array([[0.5]])
   """
+  _check_log(log)
   _check_relative(relative_to, params)
   pos = [i for i, e in enumerate(log.entries) if e.active]
   entries = [log.entries[i] for i in pos]
+  _check_dims(entries)
   deltas = [edit_matrix(e.edit) for e in entries]
   n = len(entries)
+  memories = {}  # the unedited memory matrix of each leaf, checked against every edit
+  if relative_to == "output":
+    for e in entries:
+      m = memory_matrix(_kernel(params, e.edit), e.edit.kind, e.edit.in_ndim)
+      memories.setdefault(_leaf(e.edit), m)
   mat = np.full((n, n), np.nan)
   for i, ei in enumerate(entries):
     same = [j for j in range(n) if _leaf(entries[j].edit) == _leaf(ei.edit)]
     if relative_to == "edit":
       denom = key_change(deltas[i], ei.keys, ei.weights)
     else:
-      m = memory_matrix(_kernel(params, ei.edit), ei.edit.kind, ei.edit.in_ndim)
+      m = memories[_leaf(ei.edit)]
       m = m + sum((deltas[j] for j in same if j <= i), np.zeros_like(m))
       denom = key_change(m, ei.keys, ei.weights)
     for j in same:
-      mat[i, j] = key_change(deltas[j], ei.keys, ei.weights) / max(denom, 1e-300)
+      mat[i, j] = _ratio(key_change(deltas[j], ei.keys, ei.weights), denom)
   return Interference(mat, tuple(e.name for e in entries), tuple(pos), relative_to)
 
 
@@ -243,14 +301,16 @@ def growth(log: EditLog, params: Any) -> list[dict]:
     >>> round(row["norm_growth"], 4), round(row["condition"], 4)
     (0.7321, 2.618)
   """
+  _check_log(log)
   rows, current, base = [], {}, {}
   for i, entry in enumerate(log.entries):
     if not entry.active:
       continue
     e = entry.edit
     leaf = _leaf(e)
+    kernel = _kernel(params, e)
     if leaf not in current:
-      m0 = memory_matrix(_kernel(params, e), e.kind, e.in_ndim)
+      m0 = memory_matrix(kernel, e.kind, e.in_ndim)
       base[leaf] = (np.linalg.norm(m0), _condition(m0))
       current[leaf] = m0
     current[leaf] = current[leaf] + edit_matrix(e)
@@ -319,6 +379,11 @@ def check_edit(log: EditLog, edit: Edit, *, params: Any = None, relative_to: str
   Returns:
     :class:`EditCheck`.
 
+  Raises:
+    ValueError: not an EditLog or an Edit, traced factors (under ``jax.jit``), a
+      threshold that is not a number ≥ 0, an edit whose key dimension differs from the
+      earlier edits' on its leaf, or ``params`` whose kernel does not fit the edits.
+
   Example:
     >>> import warnings, jax.numpy as jnp, memedit
     >>> from memedit.sequential import check_edit, log_append, log_init
@@ -331,22 +396,30 @@ def check_edit(log: EditLog, edit: Edit, *, params: Any = None, relative_to: str
     >>> c.interference.tolist(), caught[0].category.__name__
     ([1.0], 'InterferenceWarning')
   """
+  _check_log(log)
   if not isinstance(edit, Edit):
     raise ValueError(f"edit: expected an Edit, got {type(edit).__name__}")
+  if is_traced(edit.lam, edit.D):
+    raise ValueError("edit: expected concrete factors (the check runs on the host in "
+                     "float64), got traced ones; check outside jax.jit (sequential_insert: "
+                     "pass check=False under jax.jit)")
   _check_relative(relative_to, params)
   for name, v in (("max_interference", max_interference), ("max_norm_growth", max_norm_growth),
                   ("max_condition_growth", max_condition_growth)):
-    if not np.isfinite(v) or v < 0:
-      raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+    check_scalar(v, name)
   leaf = _leaf(edit)
   delta = edit_matrix(edit)
   earlier = [e for e in log.entries if e.active and _leaf(e.edit) == leaf]
+  for e in earlier:
+    if int(np.shape(e.edit.D)[1]) != delta.shape[1]:
+      raise ValueError(f"edit: expected factors of key dimension {int(np.shape(e.edit.D)[1])}"
+                       f" like the earlier edit {e.name!r} on {edit.path!r}, got D "
+                       f"{tuple(np.shape(edit.D))}")
   m0 = None
   if params is not None:
     m0 = memory_matrix(_kernel(params, edit), edit.kind, edit.in_ndim)
-    if m0.shape != delta.shape:
-      raise ValueError(f"edit: expected factors for the kernel at {edit.path!r} (memory "
-                       f"matrix {m0.shape}), got a change of shape {delta.shape}")
+    for e in earlier:
+      _kernel(params, e.edit)  # each earlier edit fits the kernel too
   inter, m_cur = [], m0
   deltas = [edit_matrix(e.edit) for e in earlier]
   for k, e in enumerate(earlier):
@@ -355,7 +428,7 @@ def check_edit(log: EditLog, edit: Edit, *, params: Any = None, relative_to: str
     else:
       m_i = m0 + sum(deltas[:k + 1], np.zeros_like(m0))
       denom = key_change(m_i, e.keys, e.weights)
-    inter.append(key_change(delta, e.keys, e.weights) / max(denom, 1e-300))
+    inter.append(_ratio(key_change(delta, e.keys, e.weights), denom))
   inter = np.asarray(inter, np.float64)
   nan2 = (float("nan"), float("nan"))
   norm, norm_g, cond, cond_g = nan2, nan2, nan2, nan2

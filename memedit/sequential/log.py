@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memedit.checks import as_array
 from memedit.edits import Edit, EditHistory, apply_edit
 from memedit.tree import check_path
 
@@ -145,7 +146,13 @@ def log_init() -> EditLog:
 
 
 def _float_array(x, name):
-  a = jnp.asarray(x)
+  try:  # as_array names the argument; numpy's own errors (ragged lists…) do not
+    a = jnp.asarray(as_array(x, name))
+  except (TypeError, ValueError) as e:
+    if str(e).startswith(f"{name}:"):
+      raise
+    raise ValueError(f"{name}: expected a numeric array, got {type(x).__name__} {x!r:.80}"
+                     ) from None
   if not jnp.issubdtype(a.dtype, jnp.floating) and not jnp.issubdtype(a.dtype, jnp.integer):
     raise ValueError(f"{name}: expected a numeric array, got dtype {a.dtype}")
   a = a.astype(jnp.float32)
@@ -179,8 +186,7 @@ def log_append(log: EditLog, edit: Edit, keys: Any, values: Any = None, *,
     >>> log_append(log_init(), e, jnp.eye(3), jnp.zeros((3, 2))).names
     ('a',)
   """
-  if not isinstance(log, EditLog):
-    raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
+  _check_log(log)
   if not isinstance(edit, Edit):
     raise ValueError(f"edit: expected an Edit, got {type(edit).__name__}")
   if edit.name in log.names:
@@ -206,7 +212,13 @@ def log_append(log: EditLog, edit: Edit, keys: Any, values: Any = None, *,
   return EditLog(log.entries + (LogEntry(edit, keys, values, weights, True),))
 
 
+def _check_log(log) -> None:
+  if not isinstance(log, EditLog):
+    raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
+
+
 def _position(log: EditLog, which) -> int:
+  _check_log(log)
   if isinstance(which, Edit):
     which = which.name
   if isinstance(which, str):
@@ -238,7 +250,8 @@ def log_entry(log: EditLog, which: int | str | Edit) -> LogEntry:
     >>> log_entry(log_append(log_init(), e, jnp.eye(3)), "a").keys.shape
     (3, 3)
   """
-  return log.entries[_position(log, which)]
+  i = _position(log, which)
+  return log.entries[i]
 
 
 def _set_active(log, which, active):
@@ -321,8 +334,7 @@ def log_history(params: Any, log: EditLog) -> tuple[Any, EditHistory]:
     >>> hist.names
     ('a',)
   """
-  if not isinstance(log, EditLog):
-    raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
+  _check_log(log)
   history = EditHistory()
   for entry in log.entries:
     if entry.active:
@@ -375,7 +387,11 @@ def log_keys(log: EditLog, path: Any, *, index: int | None = None, before: int |
     >>> k.shape, w.tolist()
     ((3, 3), [1.0, 1.0, 1.0])
   """
+  _check_log(log)
   path = check_path(path)
+  if before is not None and (isinstance(before, bool)
+                             or not isinstance(before, (int, np.integer))):
+    raise ValueError(f"before: expected None or an int (an entry number), got {before!r}")
   stop = len(log) if before is None else max(0, min(int(before), len(log)))
   keys, weights = [], []
   for entry in log.entries[:stop]:

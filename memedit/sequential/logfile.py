@@ -7,7 +7,8 @@ edit's name, label, content fingerprint, path, layout, method, settings, index, 
 flag, and whether values and weights are stored) and, per entry i, the arrays
 ``e{i}_lam``, ``e{i}_D``, ``e{i}_keys`` and, when present, ``e{i}_values`` and
 ``e{i}_weights``: the factors and keys, never the model's weights. Loading checks every
-entry's factors against its stored fingerprint.
+entry's record, its factors against its stored fingerprint, and its keys, values and
+weights as :func:`memedit.sequential.log_append` does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from memedit import _io
 from memedit.edits import Edit
-from memedit.sequential.log import EditLog, LogEntry
+from memedit.sequential.log import EditLog, LogEntry, log_append, log_revert
 
 __all__ = ["load_log", "save_log"]
 
@@ -64,8 +65,10 @@ def save_log(path: str | os.PathLike, log: EditLog, *, force: bool = False) -> s
     The absolute path written.
 
   Raises:
-    ValueError: ``path`` is a folder, or a file that is not a saved log (without
-      ``force``), or the log holds traced arrays.
+    ValueError: ``path`` is a folder (or ends with a separator), or a file that is not a
+      saved log (without ``force``), or the log holds traced arrays or factors that are
+      not float32 (which :func:`load_log` could not give back bit for bit); nothing is
+      written then.
 
   Example:
     >>> import os, tempfile, jax.numpy as jnp, memedit
@@ -78,9 +81,10 @@ def save_log(path: str | os.PathLike, log: EditLog, *, force: bool = False) -> s
   """
   if not isinstance(log, EditLog):
     raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
-  dst = os.path.abspath(os.fspath(path))
-  if os.path.isdir(dst):
-    raise ValueError(f"{dst}: expected a file to write the log to, got a folder")
+  given = os.fsdecode(path)
+  dst = os.path.abspath(given)
+  if os.path.isdir(dst) or given.endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+    raise ValueError(f"{given}: expected a file to write the log to, got a folder")
   if os.path.lexists(dst) and not force and not _is_log_file(dst):
     raise ValueError(f"{dst}: expected a saved edit log to replace, got another file; "
                      "pass force=True to replace it")
@@ -94,7 +98,14 @@ def save_log(path: str | os.PathLike, log: EditLog, *, force: bool = False) -> s
       if isinstance(a, jax.core.Tracer):
         raise ValueError(f"log: expected concrete arrays to save, got a traced {name} in "
                          f"entry {i}")
-      arrays[f"e{i}_{name}"] = np.asarray(a)
+      a = np.asarray(a)
+      if name in ("lam", "D") and (a.dtype.kind != "f"
+                                   or jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype):
+        # load_log could not give back these bits, so the fingerprint would not match
+        raise ValueError(f"log: expected float32 factors (as memedit.make_edit builds them) "
+                         f"to save, got {name} of dtype {a.dtype} in entry {i} "
+                         f"({entry.name!r})")
+      arrays[f"e{i}_{name}"] = a
   meta = {"format": _FORMAT, "version": _VERSION,
           "entries": [_entry_meta(e) for e in log.entries]}
   arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8)
@@ -117,7 +128,9 @@ def load_log(path: str | os.PathLike) -> EditLog:
   Raises:
     FileNotFoundError: no such file.
     ValueError: the file is not a saved memedit edit log (or of another version), or an
-      entry's content does not match its stored name (a damaged file).
+      entry is damaged: its record is malformed, its content does not match its stored
+      fingerprint, or it fails the checks of :func:`memedit.sequential.log_append` (keys
+      that do not fit its factors, non-finite arrays, negative weights, a repeated name).
 
   Example:
     >>> import os, tempfile, jax.numpy as jnp, memedit
@@ -148,10 +161,17 @@ def load_log(path: str | os.PathLike) -> EditLog:
     got = meta.get("format") if isinstance(meta, dict) else None
     raise ValueError(f"{src}: expected a saved memedit edit log (format {_FORMAT!r}), got "
                      f"format {got!r}")
-  if meta.get("version") != _VERSION:
-    raise ValueError(f"{src}: expected edit log version {_VERSION}, got {meta.get('version')!r}")
-  entries = []
+  version = meta.get("version")
+  if type(version) is not int or version != _VERSION:
+    raise ValueError(f"{src}: expected edit log version {_VERSION}, got {version!r}")
+  if not isinstance(meta.get("entries"), list):
+    raise ValueError(f"{src}: expected a list of entries in the log's record, got "
+                     f"{meta.get('entries')!r:.80}; the file is damaged")
+  log = EditLog()
   for i, m in enumerate(meta["entries"]):
+    bad = _bad_entry_meta(m)
+    if bad:
+      raise ValueError(f"{src}: entry {i}: expected {bad}; the file is damaged")
     try:
       lam, D, keys = (jnp.asarray(arrays[f"e{i}_{n}"]) for n in ("lam", "D", "keys"))
       values = jnp.asarray(arrays[f"e{i}_values"]) if m["values"] else None
@@ -161,10 +181,44 @@ def load_log(path: str | os.PathLike) -> EditLog:
                        "is damaged") from None
     edit = Edit(lam, D, tuple(m["path"]), m["kind"], m["in_ndim"], m["method"],
                 json.dumps(m["settings"], sort_keys=True), None, m.get("index"))
-    if edit.fingerprint != m["fingerprint"]:
+    try:
+      fingerprint = edit.fingerprint
+    except Exception as e:  # arrays numpy wrote with a dtype JAX cannot hold
+      fingerprint = f"none ({type(e).__name__})"
+    if fingerprint != m["fingerprint"]:
       raise ValueError(f"{src}: entry {i} ({m['name']!r}): expected factors with fingerprint "
-                       f"{m['fingerprint']}, got {edit.fingerprint}; the file is damaged")
+                       f"{m['fingerprint']}, got {fingerprint}; the file is damaged")
     if m["label"] is not None:
       edit = dataclasses.replace(edit, label=m["label"])
-    entries.append(LogEntry(edit, keys, values, weights, bool(m["active"])))
-  return EditLog(tuple(entries))
+    try:  # the checks of an appended entry: keys fit D, finite, weights >= 0, a new name
+      log = log_append(log, edit, keys, values, weights=weights)
+    except ValueError as e:
+      raise ValueError(f"{src}: entry {i} ({m['name']!r}): {e}; the file is damaged"
+                       ) from None
+    if not m["active"]:
+      log = log_revert(log, i)
+  return log
+
+
+#: The fields of an entry's record (besides ``index``) and the types they must have.
+_ENTRY_FIELDS = {"name": str, "label": (str, type(None)), "fingerprint": str, "path": list,
+                 "kind": str, "in_ndim": int, "method": str, "settings": dict,
+                 "active": bool, "values": bool, "weights": bool}
+
+
+def _bad_entry_meta(m) -> str | None:
+  """What is wrong with an entry's record ("expected …, got …"), or None."""
+  if not isinstance(m, dict):
+    return f"a JSON object as its record, got {m!r:.80}"
+  for key, types in _ENTRY_FIELDS.items():
+    if key not in m or not isinstance(m[key], types) or (
+        types is int and isinstance(m[key], bool)):
+      got = f"{m[key]!r:.80}" if key in m else "none"
+      return (f"a field {key!r} of type {getattr(types, '__name__', 'str or null')} in its "
+              f"record, got {got}")
+  index = m.get("index")
+  if index is not None and (type(index) is not int or index < 0):
+    return f"a field 'index' that is null or an int >= 0 in its record, got {index!r:.80}"
+  if not m["path"] or not all(type(p) in (str, int) for p in m["path"]):
+    return f"a field 'path' of str and int keys in its record, got {m['path']!r:.80}"
+  return None

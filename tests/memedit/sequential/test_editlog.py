@@ -261,3 +261,147 @@ def test_cli_json_never_replaces_inputs_or_other_files(tmp_path, capsys, monkeyp
   with pytest.raises(ValueError, match=r"--json: expected a place you may write to, got "
                      r"'.*r.json': cannot write there \(No such file or directory\)"):
     args.run(args)
+
+
+def _one_entry_log(label="a"):
+  e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.array([[1.0, 0.0, 0.0]]), label=label)
+  return sq.log_append(sq.log_init(), e, jnp.eye(3), jnp.ones((3, 2)))
+
+
+def test_log_functions_refuse_what_is_not_a_log():
+  log = _one_entry_log()
+  for call in (lambda: sq.log_revert([], 0), lambda: sq.log_replay((), 0),
+               lambda: sq.log_entry(None, 0), lambda: sq.log_keys([], ("k",))):
+    with pytest.raises(ValueError, match="log: expected an EditLog, got"):
+      call()
+  for before in ("1", 1.5, True):
+    with pytest.raises(ValueError, match="before: expected None or an int"):
+      sq.log_keys(log, ("k",), before=before)
+  assert sq.log_keys(log, ("k",), before=np.int64(1))[0].shape == (3, 3)
+
+
+def test_append_takes_big_endian_keys_and_names_bad_ones():
+  e = memedit.make_edit(("k",), jnp.ones((2, 1)), jnp.array([[1.0, 0.0, 0.0]]), label="a")
+  keys = np.arange(6, dtype=">f4").reshape(2, 3)  # as read from a big-endian file
+  entry = sq.log_append(sq.log_init(), e, keys, np.ones((2, 2), ">f8"),
+                        weights=np.ones(2, ">f4")).entries[0]
+  np.testing.assert_array_equal(entry.keys, np.arange(6, dtype=np.float32).reshape(2, 3))
+  assert entry.keys.dtype == jnp.float32 and entry.values.dtype == jnp.float32
+  for bad in (None, "abc", [[1.0, 2.0, 3.0], [1.0]]):
+    with pytest.raises(ValueError, match="keys: expected"):
+      sq.log_append(sq.log_init(), e, bad)
+
+
+def _rewrite(src, dst, change):
+  """The saved log at ``src`` with ``change(arrays, meta)`` applied, written to ``dst``."""
+  with np.load(src) as z:
+    arrays = {k: z[k] for k in z.files}
+  meta = json.loads(bytes(arrays["meta"]).decode("utf-8"))
+  change(arrays, meta)
+  arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
+  np.savez(dst, **arrays)
+  return dst
+
+
+def test_load_refuses_malformed_records_with_a_clear_error(tmp_path):
+  f = sq.save_log(tmp_path / "log.npz", _one_entry_log())
+  cases = {
+      "entries": (lambda a, m: m.pop("entries"), "expected a list of entries"),
+      "not_list": (lambda a, m: m.update(entries=5), "expected a list of entries"),
+      "no_kind": (lambda a, m: m["entries"][0].pop("kind"),
+                  "entry 0: expected a field 'kind' of type str in its record, got none"),
+      "active": (lambda a, m: m["entries"][0].update(active="false"),
+                 "expected a field 'active' of type bool in its record, got 'false'"),
+      "entry": (lambda a, m: m.update(entries=[7]), "expected a JSON object"),
+      "path": (lambda a, m: m["entries"][0].update(path=[]), "a field 'path'"),
+      "version": (lambda a, m: m.update(version=True), "expected edit log version 1, got True"),
+  }
+  for name, (change, match) in cases.items():
+    bad = _rewrite(f, tmp_path / f"{name}.npz", change)
+    with pytest.raises(ValueError, match=match):
+      sq.load_log(bad)
+
+
+def test_load_checks_entries_like_append(tmp_path):
+  f = sq.save_log(tmp_path / "log.npz", _one_entry_log())
+
+  def twice(a, m):
+    m["entries"].append(dict(m["entries"][0]))
+    a.update({k.replace("e0_", "e1_"): v for k, v in a.items() if k.startswith("e0_")})
+
+  cases = {
+      "nan_keys": (lambda a, m: a.update(e0_keys=np.full((3, 3), np.nan, np.float32)),
+                   "keys: expected finite values"),
+      "nan_values": (lambda a, m: a.update(e0_values=np.full((3, 2), np.inf, np.float32)),
+                     "values: expected finite values"),
+      "key_dim": (lambda a, m: a.update(e0_keys=np.ones((3, 5), np.float32)),
+                  r"keys: expected shape \(n, 3\)"),
+      "weights": (lambda a, m: (a.update(e0_weights=-np.ones(3, np.float32)),
+                                m["entries"][0].update(weights=True)), "non-negative"),
+      "twice": (twice, "expected a name new to the log"),
+  }
+  for name, (change, match) in cases.items():
+    bad = _rewrite(f, tmp_path / f"{name}.npz", change)
+    with pytest.raises(ValueError, match=f"entry [01] \\('a'\\): .*{match}.*damaged"):
+      sq.load_log(bad)
+  ints = _rewrite(f, tmp_path / "ints.npz", lambda a, m: a.update(e0_keys=np.eye(3, dtype=int)))
+  assert sq.load_log(ints).entries[0].keys.dtype == jnp.float32  # as documented
+
+
+def test_save_refuses_what_load_could_not_give_back(tmp_path):
+  f = sq.save_log(tmp_path / "log.npz", _one_entry_log())
+  before = open(f, "rb").read()
+  e = memedit.Edit(np.ones((2, 1)), np.array([[1.0, 0.0, 0.0]]), ("k",), label="f64")
+  log = sq.log_append(sq.log_init(), e, jnp.eye(3))
+  with pytest.raises(ValueError, match="expected float32 factors .* got lam of dtype float64"):
+    sq.save_log(f, log)
+  assert open(f, "rb").read() == before  # the old log is intact
+  folder = str(tmp_path / "logs") + os.sep
+  with pytest.raises(ValueError, match="expected a file to write the log to, got a folder"):
+    sq.save_log(folder, _one_entry_log())
+  assert sorted(os.listdir(tmp_path)) == ["log.npz"]
+
+
+def test_sequential_insert_checks_index_C_kernel_and_log():
+  C = jnp.diag(jnp.array([1.0, 1e-4, 1e-4]))
+  keys, values = jnp.array([[0.0, 5.0, 0.0]]), jnp.array([[1.0]])
+  stacked = {"k": jnp.zeros((2, 3, 1))}
+  for project in (True, False):
+    # JAX clamps leaf[5] to leaf[1]: the insert must not solve for another layer.
+    with pytest.raises(ValueError, match=r"index: expected .* 0 <= index < 2 .* got 5"):
+      sq.sequential_insert(stacked, sq.log_init(), C, keys, values, ("k",), index=5,
+                           project=project, l2=1e-3)
+    with pytest.raises(ValueError, match=r"C: expected shape \(3, 3\) .* got \(4, 4\)"):
+      sq.sequential_insert({"k": jnp.zeros((3, 1))}, sq.log_init(), jnp.eye(4), keys, values,
+                           ("k",), project=project, l2=1e-3)
+    with pytest.raises(ValueError, match="log: expected an EditLog, got list"):
+      sq.sequential_insert({"k": jnp.zeros((3, 1))}, [], C, keys, values, ("k",),
+                           project=project)
+    with pytest.raises(ValueError, match="params: expected a floating-point kernel"):
+      sq.sequential_insert({"k": jnp.zeros((3, 1), jnp.int32)}, sq.log_init(), C, keys,
+                           values, ("k",), project=project, l2=1e-3)
+  with pytest.raises(ValueError, match=r"C: expected shape \(3, 3\)"):
+    sq.sequential_directions(sq.log_init(), jnp.eye(4), jnp.ones((1, 3)), ("k",))
+  big = {"k": np.zeros((3, 1), ">f4")}
+  log, e = sq.sequential_insert(big, sq.log_init(), C, np.asarray(keys, ">f4"), values, ("k",),
+                                l2=1e-3)
+  _, want = sq.sequential_insert({"k": jnp.zeros((3, 1))}, sq.log_init(), C, keys, values,
+                                 ("k",), l2=1e-3)
+  np.testing.assert_array_equal(e.lam, want.lam)
+
+
+def test_projected_insert_runs_under_jit():
+  C = jnp.diag(jnp.array([1.0, 1e-4, 1e-4]))
+  params = {"k": jnp.zeros((3, 1))}
+  keys, values = jnp.array([[0.0, 5.0, 0.0]]), jnp.array([[1.0]])
+
+  def insert(p, k, v, check=False):
+    return sq.sequential_insert(p, sq.log_init(), C, k, v, ("k",), l2=1e-3, label="a",
+                                check=check)[1]
+
+  got = jax.jit(insert)(params, keys, values)
+  want = insert(params, keys, values)
+  np.testing.assert_allclose(got.lam @ got.D, want.lam @ want.D, rtol=1e-5, atol=1e-7)
+  assert got.settings["null_dim"] is None and want.settings["null_dim"] == 2
+  with pytest.raises(ValueError, match="check=False under jax.jit"):
+    jax.jit(lambda p, k, v: insert(p, k, v, check=True))(params, keys, values)

@@ -163,3 +163,92 @@ def test_sequential_insert_warns_before_unprojected_interference():
                                                  np.eye(d)[i % d][None], label=f"m{i}"),
                          np.eye(d)[(i + 1) % d][None])
   assert "largest entries above the diagonal" in sq.format_log(many)
+
+
+def _two_edits(first_lam=1.0):
+  a = memedit.make_edit(("k",), first_lam * np.ones((2, 1)), np.array([[1.0, 0.0]]), label="a")
+  b = memedit.make_edit(("k",), np.ones((2, 1)), np.array([[1.0, 1.0]]), label="b")
+  return sq.log_append(sq.log_append(sq.log_init(), a, np.eye(2)[:1]), b, np.eye(2)[1:] + 1)
+
+
+def test_an_edit_that_changed_nothing_gives_inf_not_a_huge_number():
+  log = _two_edits(first_lam=0.0)  # edit a writes nothing at its keys; b moves them
+  inter = sq.interference_matrix(log)
+  assert inter.matrix[0, 0] == 0.0 and inter.matrix[0, 1] == np.inf
+  text = sq.format_log(log)
+  assert "inf  !" in text and "    inf" in text and "e+" not in text
+  assert len(max(text.splitlines(), key=len)) < 120
+  c = sq.check_edit(sq.EditLog(log.entries[:1]), log.entries[1].edit, warn=False)
+  assert c.interference.tolist() == [np.inf] and "by inf" in c.warnings[0]
+
+
+def test_a_kernel_that_does_not_fit_the_log_is_refused():
+  log = _two_edits()  # dense edits of a (2, 2) kernel
+  # (2, 1): its memory matrix (1, 2) would broadcast against the edits' (2, 2) changes.
+  for kernel in (np.ones((2, 1)), np.ones((3, 2)), np.ones((2, 2, 2))):
+    params = {"k": kernel}
+    calls = (lambda: sq.growth(log, params),
+             lambda: sq.interference_matrix(log, params=params, relative_to="output"),
+             lambda: sq.format_log(log, params=params),
+             lambda: sq.check_edit(sq.EditLog(log.entries[:1]), log.entries[1].edit,
+                                   params=params, warn=False))
+    for call in calls:
+      with pytest.raises(ValueError, match=r"params: expected the kernel at \('k',\) to fit "
+                                           r"edit '[ab]'.*another model"):
+        call()
+  stacked = memedit.make_edit(("k",), np.ones((2, 1)), np.array([[1.0, 0.0]]), label="s",
+                              index=3)
+  slog = sq.log_append(sq.log_init(), stacked, np.eye(2))
+  with pytest.raises(ValueError, match="stacked over at least 4 layers"):
+    sq.growth(slog, {"k": np.ones((2, 2, 2))})
+  assert sq.growth(slog, {"k": np.ones((4, 2, 2))})[0]["index"] == 3
+
+
+def test_edits_of_one_leaf_with_other_key_dimensions_are_named():
+  a = memedit.make_edit(("k",), np.ones((2, 1)), np.ones((1, 3)), label="a3")
+  b = memedit.make_edit(("k",), np.ones((2, 1)), np.ones((1, 2)), label="b2")
+  log = sq.log_append(sq.log_init(), a, np.ones((1, 3)))
+  with pytest.raises(ValueError, match="key dimension 3 like the earlier edit 'a3'"):
+    sq.check_edit(log, b)
+  with pytest.raises(ValueError, match=r"share a key dimension, got \{'a3': 3, 'b2': 2\}"):
+    sq.interference_matrix(sq.log_append(log, b, np.ones((1, 2))))
+  with pytest.raises(ValueError, match=r"keys: expected shape \(n, 2\)"):
+    sq.key_change(np.eye(2), np.ones((1, 3)))
+
+
+def test_diagnostics_refuse_bad_arguments_by_name():
+  log = _two_edits()
+  edit = log.entries[1].edit
+  first = sq.EditLog(log.entries[:1])
+  for bad in ("0.1", None, np.array([0.1, 0.2]), -1.0, float("nan")):
+    with pytest.raises(ValueError, match="max_interference: expected a number"):
+      sq.check_edit(first, edit, max_interference=bad)
+    with pytest.raises(ValueError, match="max_interference: expected a number"):
+      sq.format_log(log, max_interference=bad)
+  with pytest.raises(ValueError, match="max_columns: expected an int >= 0, got -1"):
+    sq.format_log(log, max_columns=-1)
+  for call in (lambda: sq.check_edit([], edit), lambda: sq.interference_matrix([]),
+               lambda: sq.growth((), {"k": np.eye(2)}), lambda: sq.format_log(None)):
+    with pytest.raises(ValueError, match="log: expected an EditLog"):
+      call()
+  with pytest.raises(ValueError, match="check: expected an EditCheck"):
+    sq.format_check(None)
+
+
+def test_cli_on_a_log_of_another_model_prints_nothing(tmp_path, capsys, monkeypatch):
+  import argparse
+  import sys
+  import types
+
+  from memedit.sequential.cli import run_log
+
+  f = sq.save_log(tmp_path / "log.npz", _two_edits())
+  model = tmp_path / "model"
+  model.mkdir()
+  fake = types.SimpleNamespace(load_converted=lambda d: (None, {"k": np.ones((3, 2))}))
+  monkeypatch.setitem(sys.modules, "ports", fake)
+  args = argparse.Namespace(log=f, model=str(model), relative_to="edit", threshold=0.1,
+                            json=None)
+  with pytest.raises(ValueError, match="to fit edit 'a'"):
+    run_log(args)
+  assert capsys.readouterr().out == ""
