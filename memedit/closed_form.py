@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import (check_covariance, check_finite, check_scalar, compute_dtype,
-                            is_traced)
+from memedit.checks import (as_array, check_covariance, check_finite, check_scalar,
+                            compute_dtype, is_traced)
 from memedit.linalg import floor_eigenvalues, spectrum_ok, symmetric_eigh
 
 __all__ = ["LinearSolution", "insert_closed_form", "insert_ridge", "least_squares_lambda"]
@@ -51,9 +51,10 @@ class LinearSolution(NamedTuple):
 
 
 def _check_linear(W, C, keys, values):
-  W = jnp.asarray(W)
-  keys = jnp.asarray(keys)
-  values = jnp.asarray(values)
+  W = jnp.asarray(as_array(W, "W"))
+  C = as_array(C, "C")
+  keys = jnp.asarray(as_array(keys, "keys"))
+  values = jnp.asarray(as_array(values, "values"))
   if W.ndim != 2:
     raise ValueError(f"W: expected a matrix of shape (out, in), got {tuple(W.shape)}")
   out, din = W.shape
@@ -266,10 +267,10 @@ def least_squares_lambda(W: Any, D: Any, keys: Any, values: Any) -> jax.Array:
     >>> lam.round(3)
     Array([[2.]], dtype=float32)
   """
-  W = jnp.asarray(W, jnp.float32)
-  D = jnp.asarray(D, jnp.float32)
-  keys = jnp.asarray(keys, jnp.float32)
-  values = jnp.asarray(values, jnp.float32)
+  W = jnp.asarray(as_array(W, "W"), jnp.float32)
+  D = jnp.asarray(as_array(D, "D"), jnp.float32)
+  keys = jnp.asarray(as_array(keys, "keys"), jnp.float32)
+  values = jnp.asarray(as_array(values, "values"), jnp.float32)
   inputs = (("W", W), ("D", D), ("keys", keys), ("values", values))
   for name, x in inputs:
     check_finite(x, name)

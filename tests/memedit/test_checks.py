@@ -194,3 +194,31 @@ def test_entry_points_refuse_what_is_not_numbers(kind):
     memedit.context_directions(np.asarray(bad).repeat(3, axis=0), ok)
   with pytest.raises(ValueError, match="keys: " + MESSAGE):
     null_space(jnp.eye(3), keys=bad)
+
+
+def test_closed_form_inserts_and_edits_take_big_endian_arrays():
+  rng = np.random.default_rng(5)
+  W = rng.normal(size=(2, 3)).astype(np.float32)
+  k = rng.normal(size=(8, 3)).astype(np.float32)
+  C = (k.T @ k / 8 + 0.1 * np.eye(3)).astype(np.float32)
+  keys, values = k[:1], rng.normal(size=(1, 2)).astype(np.float32)
+  big = lambda a: a.astype(a.dtype.newbyteorder(">"))
+  for fn in (memedit.insert_closed_form, memedit.insert_ridge):
+    native = fn(W, C, keys, values)
+    swapped = fn(big(W), big(C), big(keys), big(values))
+    np.testing.assert_array_equal(np.asarray(swapped.lam), np.asarray(native.lam))
+    np.testing.assert_array_equal(np.asarray(swapped.D), np.asarray(native.D))
+  D = native.D
+  lam = memedit.least_squares_lambda(W, D, keys, values)
+  np.testing.assert_array_equal(
+      np.asarray(memedit.least_squares_lambda(big(W), big(np.asarray(D)), big(keys),
+                                              big(values))), np.asarray(lam))
+  e1 = memedit.make_edit(("k",), big(np.asarray(lam)), big(np.asarray(D)), kind="matrix")
+  e0 = memedit.make_edit(("k",), np.asarray(lam), np.asarray(D), kind="matrix")
+  assert e1.fingerprint == e0.fingerprint
+  for fn, args in ((memedit.insert_ridge, (W, C, keys.astype(object), values)),
+                   (memedit.least_squares_lambda, (W, D, keys, values.astype(str)))):
+    with pytest.raises(ValueError, match=r"^(keys|values): expected an array of numbers"):
+      fn(*args)
+  with pytest.raises(ValueError, match=r"^lam: expected an array of numbers"):
+    memedit.make_edit(("k",), np.asarray(lam).astype(object), np.asarray(D), kind="matrix")
