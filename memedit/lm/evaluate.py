@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.lm.hooks import run_lm, split_model
-from memedit.lm.prompts import Request, bucket, encode
+from memedit.lm.keys import check_token_ids
+from memedit.lm.prompts import Request, bucket, encode, fill
 from memedit.lm.world import World
 
 __all__ = ["EditCase", "evaluate_cases", "score_targets", "summarize", "top1_accuracy",
@@ -71,11 +72,25 @@ def score_targets(model, tokenize: Callable[[str], Sequence[int]],
 
   Returns:
     ``(logprob (N,) float64, top1 (N,) bool)``.
+
+  Raises:
+    ValueError: a pair that is not two texts, a prompt or target of no tokens, or token
+      ids outside the model's vocabulary
+      (:func:`memedit.lm.keys.check_token_ids`), before the model runs.
   """
   definition, params = split_model(model)
+  if isinstance(pairs, (str, bytes)):
+    raise ValueError(f"pairs: expected a sequence of (prompt, target) texts, got {pairs!r:.80}")
   if not pairs:
     return np.zeros((0,)), np.zeros((0,), bool)
-  batch = encode(tokenize, [("", "", p, t) for p, t in pairs], row_multiple=1)
+  for i, pair in enumerate(pairs):
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+        or not all(isinstance(x, str) for x in pair)):
+      raise ValueError(f"pairs[{i}]: expected a (prompt, target) pair of texts, got "
+                       f"{pair!r:.80}")
+  rows = [("", "", p, t) for p, t in pairs]
+  batch = encode(tokenize, rows, row_multiple=1)
+  check_token_ids(model, tokenize, rows, batch)
   n = len(pairs)
   size = bucket(n, chunk)
   lps, tops = [], []
@@ -105,6 +120,12 @@ def evaluate_cases(model, tokenize, cases: Sequence[EditCase]) -> dict[str, np.n
     ``neighbourhood`` and ``neighbourhood_prob`` (means over its neighbours of "its
     object is top-1" and of "P(its object) > P(the case's new object)"; NaN when it has
     none).
+
+  Raises:
+    ValueError: a case that is not an :class:`EditCase`, a request without
+      ``target_true``, a paraphrase that is not a template with one ``{}``, a neighbour
+      that is not a ``(prompt, object)`` pair of texts, or the errors of
+      :func:`score_targets`.
   """
   pairs, owner, kind = [], [], []
 
@@ -114,18 +135,29 @@ def evaluate_cases(model, tokenize, cases: Sequence[EditCase]) -> dict[str, np.n
     kind.append(k)
 
   for i, case in enumerate(cases):
+    if not isinstance(case, EditCase):
+      raise ValueError(f"cases[{i}]: expected an EditCase, got {type(case).__name__}")
     req = case.request
     if req.target_true is None:
       raise ValueError(f"cases[{i}]: expected a request with target_true, got {req!r}")
-    for k, prompt in [("edit", req.text)] + [("para", p.format(req.subject))
-                                             for p in case.paraphrases]:
+    if isinstance(case.paraphrases, str):
+      raise ValueError(f"cases[{i}].paraphrases: expected a sequence of templates, got the "
+                       f"string {case.paraphrases!r}")
+    for j, pair in enumerate(case.neighbours):
+      if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+          or not all(isinstance(x, str) for x in pair)):
+        raise ValueError(f"cases[{i}].neighbours[{j}]: expected a (prompt text, object) pair, "
+                         f"got {pair!r:.80}")
+    for k, prompt in [("edit", req.text)] + [
+        ("para", fill(p, req.subject, f"cases[{i}].paraphrases[{j}]"))
+        for j, p in enumerate(case.paraphrases)]:
       add(i, k + "_new", prompt, req.target_new)
       add(i, k + "_old", prompt, req.target_true)
     for prompt, obj in case.neighbours:
       add(i, "neigh", prompt, obj)
       add(i, "neigh_new", prompt, req.target_new)
   lp, top = score_targets(model, tokenize, pairs)
-  owner, kind = np.asarray(owner), np.asarray(kind)
+  owner, kind = np.asarray(owner, np.int64), np.asarray(kind, str)
   n = len(cases)
 
   def mean_of(values, k):

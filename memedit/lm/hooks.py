@@ -71,6 +71,11 @@ class LMLayout:
   embed: Any = None
 
   def __post_init__(self):
+    for name in ("memories", "blocks"):
+      value = getattr(self, name)
+      if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name}: expected a sequence of module addresses, one per block "
+                         f"(e.g. ['h_0.mlp.c_proj', 'h_1.mlp.c_proj']), got {value!r}")
     object.__setattr__(self, "memories", tuple(as_path(a) for a in self.memories))
     object.__setattr__(self, "blocks", tuple(as_path(a) for a in self.blocks))
     if self.embed is not None:

@@ -24,7 +24,8 @@ import numpy as np
 
 import memedit
 from memedit.lm.hooks import as_path, get_leaf, run_lm, split_model
-from memedit.lm.prompts import PromptBatch, Request, bucket, encode, prompt_rows, round_up
+from memedit.lm.prompts import (PromptBatch, Request, bucket, check_requests_list, encode,
+                                prompt_rows, round_up, token_ids)
 
 __all__ = ["check_memory", "check_token_ids", "layer_weights", "read_states",
            "sample_contexts", "subject_keys", "vocab_size"]
@@ -117,7 +118,7 @@ def check_token_ids(model, tokenize: Callable[[str], Sequence[int]],
   before, subject, after, target = rows[int(np.argmax(bad))]
   texts = [before + subject + after] + ([" " + target] if target is not None else [])
   for text in texts:
-    got = list(dict.fromkeys(int(i) for i in tokenize(text) if not 0 <= int(i) < size))
+    got = list(dict.fromkeys(i for i in token_ids(tokenize, text) if not 0 <= i < size))
     if got:
       shown = ", ".join(map(str, got[:6])) + (f", ... ({len(got)} distinct)" if len(got) > 6
                                                 else "")
@@ -167,6 +168,10 @@ def read_states(model, ids, positions, *, inputs_of: Sequence = (), outputs_of: 
   Returns:
     ``(inputs, outputs)``: lists of float32 arrays ``(N, dim)``, one per path.
 
+  Raises:
+    ValueError: ``ids`` without a row or a token axis, ``positions`` not ``(N,)``
+      integers in ``[0, T)``, or ``chunk`` not a positive integer.
+
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> net = nn.Sequential([nn.Dense(3), nn.Dense(2)])
@@ -180,8 +185,21 @@ def read_states(model, ids, positions, *, inputs_of: Sequence = (), outputs_of: 
   ins = tuple(as_path(p) for p in inputs_of)
   outs = tuple(as_path(p) for p in outputs_of)
   ids = np.asarray(ids)
-  positions = np.asarray(positions, np.int32)
-  n = ids.shape[0]
+  if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
+  if ids.ndim < 2 or ids.shape[0] == 0:
+    raise ValueError(f"ids: expected (N, T, ...) inputs with N >= 1 rows, got shape "
+                     f"{ids.shape}")
+  pos = np.asarray(positions)
+  n, t = ids.shape[:2]
+  if pos.shape != (n,) or not (np.issubdtype(pos.dtype, np.integer) or pos.size == 0):
+    raise ValueError(f"positions: expected ({n},) integer token positions, one per row of "
+                     f"ids, got shape {pos.shape} and dtype {pos.dtype}")
+  if ((pos < 0) | (pos >= t)).any():
+    bad = int(np.flatnonzero((pos < 0) | (pos >= t))[0])
+    raise ValueError(f"positions: expected token positions in [0, {t}) (the ids' length), "
+                     f"got {int(pos[bad])} in row {bad}")
+  positions = pos.astype(np.int32)
   size = bucket(n, chunk)
   got_in, got_out = [[] for _ in ins], [[] for _ in outs]
   for start in range(0, n, size):
@@ -217,8 +235,9 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
     ``(F, key_dim)`` float32 keys, one per request.
 
   Raises:
-    ValueError: no requests, or token ids outside the model's vocabulary
-      (:func:`check_token_ids`), before the model runs.
+    ValueError: no requests or no contexts, a subject of no tokens, or token ids outside
+      the model's vocabulary (:func:`check_token_ids`), before the model runs.
+    TypeError: ``requests`` is not a sequence of :class:`Request`.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -232,17 +251,17 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
     (1, 32)
   """
   path = as_path(address)
+  requests = check_requests_list(requests)
   rows, groups = [], []
   for f, req in enumerate(requests):
     rs = prompt_rows(req, contexts)
     rows.extend(rs)
     groups.extend([f] * len(rs))
-  if not rows:
-    raise ValueError("requests: expected at least one request, got none")
   batch = encode(tokenize, rows, groups)
   check_token_ids(model, tokenize, rows, batch)
-  (keys,), _ = read_states(model, batch.ids, batch.last, inputs_of=[path], chunk=chunk)
   n = len(rows)
+  (keys,), _ = read_states(model, batch.ids[:n], batch.last[:n], inputs_of=[path],
+                           chunk=chunk)
   sums = np.zeros((len(requests), keys.shape[-1]), np.float64)
   np.add.at(sums, np.asarray(groups), keys[:n].astype(np.float64))
   counts = np.bincount(groups, minlength=len(requests))[:, None]
@@ -283,13 +302,36 @@ def sample_contexts(model, tokenize: Callable[[str], Sequence[int]],
     joiner: text between a sample and the prompt (``". "`` for GPT-2 as in ROME).
 
   Returns:
-    ``("{}", sample_1 + joiner + "{}", ...)``: ``1 + len(lengths) * per_length`` templates.
+    ``("{}", sample_1 + joiner + "{}", ...)``: ``1 + len(lengths) * per_length`` templates
+    (``("{}",)`` alone when ``per_length`` is 0).
+
+  Raises:
+    ValueError: ``per_length`` or a length not a non-negative integer, ``top_k`` not in
+      ``[1, V]``, no ``starts`` (when samples are asked for) or a start of no tokens.
   """
+  for name, value in [("per_length", per_length)] + [("lengths", l) for l in lengths]:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f"{name}: expected non-negative integers, got {value!r}")
+  if not per_length:
+    return ("{}",)
+  if isinstance(starts, str) or not starts:
+    raise ValueError(f"starts: expected a non-empty sequence of texts, got {starts!r}")
+  size = vocab_size(model)
+  if (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+      or not 1 <= top_k <= (size or top_k)):
+    raise ValueError(f"top_k: expected a positive integer (at most the model's vocabulary "
+                     f"size, {size}), got {top_k!r}")
+  start_ids = []
+  for text in list(starts)[:per_length]:  # the starts the samples use
+    got = token_ids(tokenize, text)
+    if not got:
+      raise ValueError(f"starts: expected texts of at least one token, got {text!r}")
+    start_ids.append(got)
   definition, params = split_model(model)
   out = ["{}"]
   key = jax.random.key(seed)
   for length in lengths:
-    starts_ids = [list(tokenize(starts[i % len(starts)])) for i in range(per_length)]
+    starts_ids = [start_ids[i % len(start_ids)] for i in range(per_length)]
     n0 = max(len(s) for s in starts_ids)
     if any(len(s) != n0 for s in starts_ids):
       starts_ids = [[s[0]] for s in starts_ids]  # sample from the first token alone

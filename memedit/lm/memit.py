@@ -33,8 +33,8 @@ import numpy as np
 import memedit
 from memedit.lm.hooks import LMLayout, Static, split_model
 from memedit.lm.keys import check_memory, layer_weights, read_states, subject_keys
-from memedit.lm.prompts import Request, encode, prompt_rows
-from memedit.lm.values import ValueResult, optimize_values
+from memedit.lm.prompts import Request, check_requests_list, encode, prompt_rows
+from memedit.lm.values import ValueResult, _real, optimize_values
 
 __all__ = ["MemitResult", "check_requests", "compact_factors", "memit_edits", "memit_insert",
            "with_params"]
@@ -172,7 +172,8 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
     covariances: ``{layer: C}``, the second moment of each edited layer's keys.
     penalty: λ, the weight of the preserved keys' statistics (MEMIT's
       ``mom2_update_weight``).
-    contexts: context templates for the keys and the value search.
+    contexts: context templates for the keys and the value search; the first must be
+      ``"{}"`` (the plain prompt, where z0 is read and the hidden states are compared).
     value_options: keyword arguments of :func:`memedit.lm.values.optimize_values`
       (MEMIT's defaults: 25 steps, clamp 0.75; the reference is the last block).
     insert: None for MEMIT's ridge insert (:func:`memit_insert`); else a callable
@@ -181,20 +182,34 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
       ``(F, key_dim)``, residuals ``(F, d)``) and returns a dict merged into the edit's
       settings (e.g. AlphaEdit's null-space insert, :mod:`memedit.lm.sequential`).
     values: a :class:`memedit.lm.values.ValueResult` of an earlier call with the same
-      requests and the same last block (``MemitResult.values``): its targets z are reused
-      and the value search is skipped, e.g. to compare penalties or earlier blocks.
+      model, the same requests in the same order and the same last block
+      (``MemitResult.values``): its targets z are reused and the value search is skipped,
+      e.g. to compare penalties or earlier blocks. Its z0 must be the model's hidden
+      states after the last block (else refused).
 
   Returns:
     :class:`MemitResult`; ``result.edits[j]`` edits block ``layers[j]``, each made on the
     model with the earlier ones applied.
 
   Raises:
-    ValueError: bad layers or covariances, no requests, contradictory requests
-      (:func:`check_requests`) or token ids outside the model's vocabulary, before the
-      value search; requests the last block's value search cannot act on
-      (:func:`memedit.lm.values.check_reach`), once that search has left δ at exactly 0.
+    ValueError: bad layers (not increasing integer block indices of the layout), missing
+      covariances, a penalty that is not a positive number, no requests, contradictory
+      requests (:func:`check_requests`), token ids outside the model's vocabulary,
+      contexts that do not start with ``"{}"``, before the value search; ``values`` of other requests, another order or another last
+      block (its z0 are not the model's hidden states), before any edit; requests the last
+      block's value search cannot act on (:func:`memedit.lm.values.check_reach`), once
+      that search has left δ at exactly 0.
+    TypeError: ``requests`` is not a sequence of :class:`Request`, or ``values`` not a
+      ValueResult.
   """
   layout.require("blocks", "memit_edits")
+  if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+    raise ValueError(f"layers: expected a sequence of block indices such as [1, 2], got "
+                     f"{layers!r}")
+  layers = list(layers)
+  for l in layers:
+    if isinstance(l, (bool, np.bool_)) or not isinstance(l, (int, np.integer)):
+      raise ValueError(f"layers: expected integer block indices, got {l!r} in {layers}")
   layers = [int(l) for l in layers]
   if not layers or sorted(set(layers)) != layers or not all(
       0 <= l < layout.n_layers for l in layers):
@@ -204,9 +219,18 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
   if missing:
     raise ValueError(f"covariances: expected C for every edited layer {layers}, missing "
                      f"{missing}")
-  if not requests:
-    raise ValueError("requests: expected at least one request, got none")
+  lam = _real(penalty)
+  if lam is None or not np.isfinite(lam) or (insert is None and lam <= 0):
+    raise ValueError(f"penalty: expected a positive finite number (λ), got {penalty!r}")
+  requests = check_requests_list(requests)
   check_requests(requests)
+  if values is not None and not isinstance(values, ValueResult):
+    raise TypeError(f"values: expected the ValueResult of an earlier call "
+                    f"(MemitResult.values), got {type(values).__name__}")
+  if values is None and (isinstance(contexts, str) or not contexts or contexts[0] != "{}"):
+    raise ValueError(f"contexts: expected templates starting with '{{}}' (the plain prompt: "
+                     f"z0 is read there and the hidden states it is compared with), got "
+                     f"{contexts!r}")
   last = layers[-1]
   z_block = layout.blocks[last]
   if values is None:
@@ -228,8 +252,10 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
   for j, layer in enumerate(layers):
     view = check_memory(cur, layout.memories[layer], plain.ids[:1])
     keys = subject_keys(cur, layout.memories[layer], tokenize, requests, contexts)
-    _, (h,) = read_states(cur, plain.ids, plain.last, outputs_of=[z_block])
-    resid = (targets - h[:n]) / (len(layers) - j)
+    _, (h,) = read_states(cur, plain.ids[:n], plain.last[:n], outputs_of=[z_block])
+    if j == 0 and values is not None:
+      _check_reused(values, h)
+    resid = (targets - h) / (len(layers) - j)
     W, _ = layer_weights(view, cur)
     extra = {}
     if insert is None:
@@ -243,5 +269,21 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
     params, history = memedit.apply_edit(params, edit, history)
     cur = with_params(model, params)
     edits.append(edit)
-  _, (reached,) = read_states(cur, plain.ids, plain.last, outputs_of=[z_block])
-  return MemitResult(edits, targets.astype(np.float32), reached[:n].astype(np.float32), res)
+  _, (reached,) = read_states(cur, plain.ids[:n], plain.last[:n], outputs_of=[z_block])
+  return MemitResult(edits, targets.astype(np.float32), reached.astype(np.float32), res)
+
+
+def _check_reused(values: ValueResult, h: np.ndarray) -> None:
+  """Refuses a reused value search whose z0 are not ``h`` (the unedited model's hidden
+  states after the last block at the requests' subjects): its targets z = z0 + δ were
+  found for other requests, another order, another last block or another model."""
+  ref0 = np.asarray(values.ref0, np.float64)
+  h = np.asarray(h, np.float64)
+  scale = np.maximum(np.linalg.norm(h, axis=-1), 1e-30)
+  rel = np.linalg.norm(ref0 - h, axis=-1) / scale
+  if np.all(rel <= 1e-2):
+    return
+  i = int(np.argmax(rel > 1e-2))
+  raise ValueError(f"values: expected the value search of these requests, in this order, "
+                   f"at the last block and on this model (its z0 = the hidden states there), "
+                   f"got z0 that differ from them by {rel[i]:.3g} (relative) for request {i}")

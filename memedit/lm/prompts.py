@@ -22,8 +22,9 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["PromptBatch", "Request", "bucket", "encode", "prompt_rows", "read_facts",
-           "round_up"]
+__all__ = ["PromptBatch", "Request", "bucket", "check_requests_list", "encode", "fill",
+           "prompt_rows", "read_facts", "round_up", "split_template", "subject_span",
+           "token_ids"]
 
 #: Largest facts file :func:`read_facts` reads, in bytes.
 MAX_FACTS_BYTES = 16 * 2**20
@@ -32,12 +33,110 @@ _FACT_FIELDS = ("subject", "prompt", "target_new", "target_true")
 Tokenizer = Callable[[str], Sequence[int]]
 
 
+def split_template(template, name: str = "prompt") -> tuple[str, str]:
+  """``(before, after)``: the text of ``template`` around its one ``{}``.
+
+  The template is not a format string: other braces are text like any other (the same
+  split every editor tokenizes).
+
+  Raises:
+    ValueError: ``template`` is not a string with exactly one ``{}`` (``name`` is the
+      argument named in the message).
+
+  Example:
+    >>> split_template("{} lives in {x}")
+    ('', ' lives in {x}')
+  """
+  if not isinstance(template, str) or template.count("{}") != 1:
+    raise ValueError(f"{name}: expected a template with exactly one '{{}}' for the subject, "
+                     f"got {template!r}")
+  before, after = template.split("{}")
+  return before, after
+
+
+def fill(template, subject: str, name: str = "prompt") -> str:
+  """``template`` with its one ``{}`` replaced by ``subject`` (:func:`split_template`).
+
+  Example:
+    >>> fill("the home of {}", "Tavo Reskin")
+    'the home of Tavo Reskin'
+  """
+  before, after = split_template(template, name)
+  return before + subject + after
+
+
+def token_ids(tokenize: Tokenizer, text: str) -> list[int]:
+  """``tokenize(text)`` as a list of ints, refusing what is not a 1-D sequence of integer
+  token ids (floats would be truncated, a 2-D array or a dict read as ids).
+
+  Raises:
+    ValueError: the tokenizer's output is not 1-D integers, naming the text.
+
+  Example:
+    >>> token_ids(lambda s: [len(w) for w in s.split()], "Tavo Reskin")
+    [4, 6]
+    >>> token_ids(lambda s: [[1, 2]], "Tavo")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: tokenize: expected a 1-D sequence of integer token ids, got an array of shape (1, 2)...
+  """
+  out = tokenize(text)
+  plain = isinstance(out, (str, bytes, dict))
+  if not plain and not hasattr(out, "__len__") and hasattr(out, "__iter__"):
+    out = list(out)  # e.g. a generator
+  try:
+    arr = None if plain else np.asarray(out)
+  except (TypeError, ValueError):  # e.g. ragged lists
+    arr = None
+  if arr is not None and arr.ndim == 1 and arr.size == 0:
+    return []
+  if arr is None or arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+    got = (f"{type(out).__name__} {out!r:.60}" if arr is None or arr.dtype == object
+           else f"an array of shape {arr.shape} and dtype {arr.dtype}")
+    raise ValueError(f"tokenize: expected a 1-D sequence of integer token ids, got {got} "
+                     f"from tokenize({text!r})")
+  return [int(i) for i in arr]
+
+
+def subject_span(tokenize: Tokenizer, before: str, subject: str,
+                 where: str = "encode") -> tuple[int, int]:
+  """``(first, last)``: the positions of the subject's first and last tokens in
+  ``tokenize(before + subject)``.
+
+  The subject's tokens are those past the ones ``tokenize(before + subject)`` shares with
+  ``tokenize(before)``: a tokenizer that keeps a trailing space as a token of its own
+  (GPT-2's ``"of "`` -> ``of``, ``" "``) joins it to the subject's first token instead
+  (``" Tavo"``), so counting the tokens of ``before`` would be one too many.
+
+  Raises:
+    ValueError: the subject adds no token (its key would be read at another token);
+      ``where`` begins the message.
+
+  Example:
+    >>> tok = lambda s: [len(w) for w in s.split(" ")]   # "of " -> [2, 0]: a lone space
+    >>> subject_span(tok, "the home of ", "Tavo Reskin")
+    (3, 4)
+  """
+  upto = token_ids(tokenize, before + subject)
+  pre = token_ids(tokenize, before) if before else []
+  first = 0
+  while first < min(len(pre), len(upto)) and pre[first] == upto[first]:
+    first += 1
+  if len(upto) <= first:
+    raise ValueError(f"{where}: expected a subject of at least one token, got {subject!r}, "
+                     f"which adds none: tokenize({before + subject!r}) = {upto} after "
+                     f"tokenize({before!r}) = {pre}")
+  return first, len(upto) - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """One fact to write: ``prompt.format(subject)`` should be followed by ``target_new``.
+  """One fact to write: the prompt with the subject in its ``{}`` should be followed by
+  ``target_new``.
 
   Attributes:
-    prompt: template with one ``{}`` where the subject goes, e.g. ``"{} lives in"``.
+    prompt: template with one ``{}`` where the subject goes, e.g. ``"{} lives in"`` (not a
+      format string: other braces are kept as they are).
     subject: the subject's text.
     target_new: the new object's text.
     target_true: the old object's text (for P(new) > P(old) scores), or None.
@@ -53,16 +152,40 @@ class Request:
   target_true: str | None = None
 
   def __post_init__(self):
-    if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
-      raise ValueError(f"prompt: expected a template with exactly one '{{}}' for the "
-                       f"subject, got {self.prompt!r}")
+    split_template(self.prompt)
     for name in ("subject", "target_new"):
       if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
         raise ValueError(f"{name}: expected a non-empty string, got {getattr(self, name)!r}")
+    if self.target_true is not None and (not isinstance(self.target_true, str)
+                                         or not self.target_true.strip()):
+      raise ValueError(f"target_true: expected None or a non-empty string, got "
+                       f"{self.target_true!r}")
 
   @property
   def text(self) -> str:
-    return self.prompt.format(self.subject)
+    """The prompt with the subject in place of ``{}`` (the text the editors tokenize)."""
+    return fill(self.prompt, self.subject)
+
+
+def check_requests_list(requests, name: str = "requests") -> list[Request]:
+  """``requests`` as a list, refusing anything but a non-empty sequence of
+  :class:`Request` s (a single Request, a tuple of strings, ...).
+
+  Raises:
+    ValueError: no requests. TypeError: not a sequence of Requests (naming the first
+      element that is not one).
+  """
+  if isinstance(requests, (Request, str, bytes, dict)) or not hasattr(requests, "__iter__"):
+    raise TypeError(f"{name}: expected a sequence of Request, got "
+                    f"{type(requests).__name__}")
+  requests = list(requests)
+  if not requests:
+    raise ValueError(f"{name}: expected at least one request, got none")
+  for i, r in enumerate(requests):
+    if not isinstance(r, Request):
+      raise TypeError(f"{name}[{i}]: expected a Request(prompt, subject, target_new), got "
+                      f"{type(r).__name__} {r!r:.80}")
+  return requests
 
 
 def _fact(i: int, row, source: str) -> Request:
@@ -193,11 +316,18 @@ def bucket(n: int, cap: int, smallest: int = 8) -> int:
 def prompt_rows(request: Request, contexts: Sequence[str], target: str | None = None
                 ) -> list[tuple[str, str, str, str | None]]:
   """``(text before the subject, subject, text after, target)`` of the request's prompt
-  inside each context template (``"{}"`` where the prompt goes)."""
-  before, after = request.prompt.split("{}")
+  inside each context template (``"{}"`` where the prompt goes).
+
+  Raises:
+    ValueError: ``contexts`` is not a non-empty sequence of templates with one ``{}``.
+  """
+  before, after = split_template(request.prompt)
+  if isinstance(contexts, str) or not contexts:
+    raise ValueError(f"contexts: expected a non-empty sequence of templates with one "
+                     f"'{{}}' (e.g. (\"{{}}\",)), got {contexts!r}")
   out = []
   for c in contexts:
-    if c.count("{}") != 1:
+    if not isinstance(c, str) or c.count("{}") != 1:
       raise ValueError(f"contexts: expected templates with one '{{}}', got {c!r}")
     cb, ca = c.split("{}")
     out.append((cb + before, request.subject, after + ca, target))
@@ -210,7 +340,8 @@ def encode(tokenize: Tokenizer, rows: Sequence[tuple[str, str, str, str | None]]
   """Tokenizes ``(before, subject, after, target)`` rows into a :class:`PromptBatch`.
 
   The prompt is ``before + subject + after``; the subject's last token is the last
-  token of ``tokenize(before + subject)`` (as ROME finds it); the target is tokenized as
+  token of ``tokenize(before + subject)`` (as ROME finds it; the subject must add a token
+  to ``tokenize(before)``, :func:`subject_span`); the target is tokenized as
   ``tokenize(" " + target)`` and appended, all but its last token, to the prompt.
 
   Args:
@@ -224,6 +355,11 @@ def encode(tokenize: Tokenizer, rows: Sequence[tuple[str, str, str, str | None]]
   Returns:
     The :class:`PromptBatch` (padding rows have weight 0 and group 0).
 
+  Raises:
+    ValueError: a prompt or target of no tokens, a subject that adds no token to the text
+      before it (its key would be read at another token), a tokenizer output that is not
+      1-D integer ids (:func:`token_ids`), rows longer than ``length``.
+
   Example:
     >>> vocab = {w: i + 1 for i, w in enumerate("Tavo Reskin lives in paris".split())}
     >>> tok = lambda s: [vocab[w] for w in s.split()]
@@ -233,12 +369,12 @@ def encode(tokenize: Tokenizer, rows: Sequence[tuple[str, str, str, str | None]]
   """
   prompts, lasts, tgts = [], [], []
   for before, subject, after, target in rows:
-    ids = [int(i) for i in tokenize(before + subject + after)]
+    ids = token_ids(tokenize, before + subject + after)
     if not ids:
       raise ValueError(f"encode: expected a prompt of at least one token, got "
                        f"{before + subject + after!r}")
-    last = len(tokenize(before + subject)) - 1 if subject else -1
-    t = [int(i) for i in tokenize(" " + target)] if target is not None else []
+    last = subject_span(tokenize, before, subject)[1] if subject else -1
+    t = token_ids(tokenize, " " + target) if target is not None else []
     if target is not None and not t:
       raise ValueError(f"encode: expected a target of at least one token, got {target!r}")
     prompts.append(ids)

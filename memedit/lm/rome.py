@@ -24,7 +24,7 @@ import numpy as np
 import memedit
 from memedit.lm.hooks import as_path
 from memedit.lm.keys import check_memory, layer_weights, subject_keys
-from memedit.lm.prompts import Request, encode, prompt_rows
+from memedit.lm.prompts import Request, check_requests_list, encode, prompt_rows
 from memedit.lm.values import ValueResult, optimize_values
 
 __all__ = ["RomeResult", "rome_edits", "rome_insert"]
@@ -120,10 +120,10 @@ def rome_edits(model, address, tokenize: Callable[[str], Sequence[int]],
       prediction the memory cannot change, e.g. the last block's MLP with the subject
       before the prompt's end (:func:`memedit.lm.values.check_reach`, once the search has
       left δ at exactly 0). The others are raised before the value search.
+    TypeError: ``requests`` is not a sequence of :class:`Request`.
   """
   path = as_path(address)
-  if not requests:
-    raise ValueError("requests: expected at least one request, got none")
+  requests = check_requests_list(requests)
   if view is None:
     example = encode(tokenize, prompt_rows(requests[0], ("{}",))).ids
     view = check_memory(model, path, example)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.lm.hooks import LMLayout, run_lm, split_model
-from memedit.lm.prompts import round_up
+from memedit.lm.keys import check_token_ids
+from memedit.lm.prompts import encode, round_up, split_template, subject_span, token_ids
 
 __all__ = ["CATEGORIES", "TraceResult", "causal_trace", "trace_png", "trace_summary"]
 
@@ -117,28 +118,32 @@ def causal_trace(model, layout: LMLayout, tokenize: Callable[[str], Sequence[int
 
   Returns:
     :class:`TraceResult`.
+
+  Raises:
+    ValueError: a bad setting; a prompt that is not a template with one ``{}``; a subject
+      or target of no tokens; token ids outside the model's vocabulary
+      (:func:`memedit.lm.keys.check_token_ids`).
   """
   if kind not in ("hidden", "mlp"):
     raise ValueError(f"kind: expected 'hidden' or 'mlp', got {kind!r}")
   layout.require("embed", "causal_trace")
   if kind == "hidden":
     layout.require("blocks", "causal_trace")
-  if prompt.count("{}") != 1:
-    raise ValueError(f"prompt: expected a template with one '{{}}', got {prompt!r}")
+  before, after = split_template(prompt)
+  if not isinstance(subject, str) or not subject.strip():
+    raise ValueError(f"subject: expected a non-empty string, got {subject!r}")
   if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
     raise ValueError(f"samples: expected a positive integer, got {samples!r}")
   if noise is not None and not (np.isfinite(noise) and noise > 0):
     raise ValueError(f"noise: expected a finite positive standard deviation, got {noise!r}")
-  if target is not None and not target.strip():
+  if target is not None and (not isinstance(target, str) or not target.strip()):
     raise ValueError(f"target: expected an object with at least one token, got {target!r}")
   definition, params = split_model(model)
-  before = prompt.split("{}")[0]
-  text = prompt.format(subject)
-  ids = [int(i) for i in tokenize(text)]
-  first = len(tokenize(before)) if before.strip() else 0
-  last = len(tokenize(before + subject)) - 1
-  if last < first:
-    raise ValueError(f"subject: expected at least one token of {subject!r} in {text!r}")
+  text = before + subject + after
+  ids = token_ids(tokenize, text)
+  first, last = subject_span(tokenize, before, subject, "subject")
+  rows = [(before, subject, after, target)]
+  check_token_ids(model, tokenize, rows, encode(tokenize, rows))
   t = round_up(len(ids), 8)
   arr = np.zeros((1, t), np.int32)
   arr[0, :len(ids)] = ids
@@ -148,7 +153,7 @@ def causal_trace(model, layout: LMLayout, tokenize: Callable[[str], Sequence[int
     logits, _ = run_lm(definition, params, jnp.asarray(arr))
     tid = int(jnp.argmax(logits[0, end]))
   else:
-    tid = int(tokenize(" " + target)[0])
+    tid = token_ids(tokenize, " " + target)[0]
   if noise is None:
     _, rec = run_lm(definition, params, jnp.asarray(arr), record=[layout.embed])
     emb = np.asarray(rec[layout.embed][1][0, first:last + 1], np.float64)

@@ -24,6 +24,7 @@ requests in one compiled program.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -32,7 +33,8 @@ import numpy as np
 
 from memedit.lm.hooks import as_path, run_lm, split_model
 from memedit.lm.keys import check_token_ids
-from memedit.lm.prompts import Request, bucket, encode, prompt_rows
+from memedit.lm.prompts import (Request, bucket, check_requests_list, encode, prompt_rows,
+                                split_template)
 from memedit.optim import adam_scan
 
 __all__ = ["ValueResult", "add_at_tokens", "check_reach", "optimize_values", "value_rows"]
@@ -77,7 +79,7 @@ def value_rows(request: Request, contexts: Sequence[str], essence: str | None):
   then (when ``essence`` is given) the essence prompt without a target."""
   rows = prompt_rows(request, contexts, target=request.target_new)
   if essence is not None:
-    before, after = essence.split("{}")
+    before, after = split_template(essence, "essence")
     rows.append((before, request.subject, after, None))
   return rows
 
@@ -160,6 +162,23 @@ def check_reach(model, address, tokenize: Callable[[str], Sequence[int]],
           f"end (token {int(batch.end[i])}), where the target is predicted, as for the MLP "
           f"of a model's last block, with no attention after it; edit an earlier block, or "
           f"put the subject at the end of the prompt")
+
+
+def _real(value) -> float | None:
+  """``value`` as a float when it is a real number (a Python or numpy scalar, a 0-d
+  array), else None (bools, strings, arrays with more than one value)."""
+  if isinstance(value, (bool, np.bool_)):
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value)
+  try:
+    arr = np.asarray(value)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if arr.ndim or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype,
+                                                                             np.integer)):
+    return None
+  return float(arr)
 
 
 def _fact_loss(definition, params, path, delta, rows, hp, n_ctx):
@@ -265,8 +284,10 @@ def optimize_values(model, address, tokenize: Callable[[str], Sequence[int]],
     :class:`ValueResult`: ROME's v* is ``value0 + delta``, MEMIT's z is ``ref0 + delta``.
 
   Raises:
-    ValueError: a bad setting, no requests, token ids outside the model's vocabulary
-      (:func:`memedit.lm.keys.check_token_ids`), before the search runs; a request δ at
+    ValueError: a bad setting (a negative or non-finite weight, a learning rate or clamp
+      that is not positive, a NaN ``stop_loss``), no requests or no contexts, token ids
+      outside the model's vocabulary (:func:`memedit.lm.keys.check_token_ids`), before
+      the search runs; a request δ at
       ``address`` cannot act on (:func:`check_reach`: e.g. the last block's MLP with the
       subject before the prompt's end), once the search has left its δ at exactly 0.
 
@@ -288,10 +309,23 @@ def optimize_values(model, address, tokenize: Callable[[str], Sequence[int]],
                                                                           else 0):
       raise ValueError(f"{name}: expected a {'positive' if name == 'chunk' else 'non-negative'}"
                        f" int, got {value!r}")
-  if not requests:
-    raise ValueError("requests: expected at least one request, got none")
-  if essence is not None and essence.count("{}") != 1:
-    raise ValueError(f"essence: expected a template with one '{{}}', got {essence!r}")
+  given = {"learning_rate": learning_rate, "kl_factor": kl_factor,
+           "weight_decay": weight_decay, "clamp": clamp}
+  for name, value, positive in (("learning_rate", learning_rate, True),
+                                ("kl_factor", kl_factor, False),
+                                ("weight_decay", weight_decay, False), ("clamp", clamp, True)):
+    value = _real(value)
+    if (value is None or np.isnan(value) or (np.isinf(value) and name != "clamp")
+        or value < 0 or (positive and value == 0)):
+      kind = ("positive" if positive else "non-negative") + (
+          " number (inf: no clamp)" if name == "clamp" else " finite number")
+      raise ValueError(f"{name}: expected a {kind}, got {given[name]!r}")
+  if _real(stop_loss) is None or np.isnan(_real(stop_loss)):
+    raise ValueError(f"stop_loss: expected a number (-inf: never stop early), got "
+                     f"{stop_loss!r}")
+  requests = check_requests_list(requests)
+  if essence is not None:
+    split_template(essence, "essence")
   definition, params = split_model(model)
   path = as_path(address)
   ref_path = path if reference is None else as_path(reference)

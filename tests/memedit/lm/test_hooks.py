@@ -113,6 +113,18 @@ def test_addresses_and_models():
     LMLayout(memories=["a.b"], blocks=["a", "c"])
 
 
+def test_layout_refuses_one_address_for_the_sequence():
+  """One address as a string was iterated character by character: memories ('h',), ('_',),
+  (0,), () ..., found missing only when the model ran."""
+  with pytest.raises(ValueError, match=r"memories: expected a sequence of module addresses, "
+                                       r"one per block .*got 'h_0.mlp.c_proj'"):
+    LMLayout(memories="h_0.mlp.c_proj")
+  with pytest.raises(ValueError, match=r"blocks: expected a sequence of module addresses.*"
+                                       r"got 'h_0'"):
+    LMLayout(memories=["h_0.mlp.c_proj"], blocks="h_0")
+  assert LMLayout(memories=("h_0.mlp.c_proj",)).memories == (("h_0", "mlp", "c_proj"),)
+
+
 def test_rome_on_an_nnx_model(toy):
   """The workflow takes NNX (graphdef, state): C over a text stream, k*, v*, the rank-one
   Edit of the state; the edited layer maps k* to v*. (The first block: with the subject

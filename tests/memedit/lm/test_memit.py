@@ -3,6 +3,8 @@ and the multi-layer algorithm on a tiny model (targets reached, edits revert bit
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -10,8 +12,10 @@ from conftest import rel_err
 
 from memedit.lm.evaluate import world_cases
 from memedit.lm.experiment import apply_all, revert_all
+from memedit.lm.keys import read_states
 from memedit.lm.memit import check_requests, compact_factors, memit_edits, memit_insert
-from memedit.lm.prompts import Request
+from memedit.lm.prompts import Request, encode, prompt_rows
+from memedit.lm.values import ValueResult
 
 
 def _numpy_memit(C, K, R, lam):
@@ -124,3 +128,61 @@ def test_memit_refuses_token_ids_outside_the_vocabulary_and_an_unreachable_last_
   with pytest.raises(ValueError, match=r"address \('h_1', 'mlp', 'c_proj'\): expected a "
                                        r"memory whose output .* reaches the prediction"):
     memit_edits(tiny.model, tiny.layout, [0, 1], w.tokenize, [inside], {0: None, 1: None})
+
+
+def test_memit_refuses_non_integer_layers_and_bad_penalties_before_the_search(tiny):
+  """Block indices went through int(): 0.7 became block 0 and True block 1, silently; a
+  penalty λ <= 0 or NaN was refused only by the insert, after the whole value search."""
+  w = tiny.world
+  req = Request("we read that {}", w.subjects[0], w.relations[0].objects[1])
+  for layers, got in (([0.7, 1], "0.7"), ([True], "True"),
+                      (np.array([0.0, 1.0]), r"np.float64\(0.0\)")):
+    with pytest.raises(ValueError, match=rf"layers: expected integer block indices, got {got}"):
+      memit_edits(tiny.model, tiny.layout, layers, w.tokenize, [req], {0: None, 1: None})
+  with pytest.raises(ValueError, match=r"layers: expected a sequence of block indices such "
+                                       r"as \[1, 2\], got 1"):
+    memit_edits(tiny.model, tiny.layout, 1, w.tokenize, [req], {1: None})
+  # λ is checked before the value search, not once it is done.
+  for penalty in (0.0, -5.0, float("nan"), "1e3"):
+    with pytest.raises(ValueError, match=rf"penalty: expected a positive finite number "
+                                         rf"\(λ\), got {re.escape(repr(penalty))}"):
+      memit_edits(tiny.model, tiny.layout, [0, 1], w.tokenize, [req], {0: None, 1: None},
+                  penalty=penalty)
+
+
+def _plain_states(tiny, reqs, block):
+  batch = encode(tiny.world.tokenize, [prompt_rows(r, ("{}",))[0] for r in reqs])
+  _, (h,) = read_states(tiny.model, batch.ids[:len(reqs)], batch.last[:len(reqs)],
+                        outputs_of=[tiny.layout.blocks[block]])
+  return h
+
+
+def test_memit_refuses_a_reused_value_search_of_other_requests(tiny, tiny_covariances):
+  """``values=`` of the same number of requests in another order, or found at another
+  last block, gave other targets z, and edits towards them, silently. Their z0 are the
+  hidden states where they were searched: they must be this model's, here."""
+  w = tiny.world
+  reqs = [c.request for c in world_cases(w, 2, seed=4)]
+  h1 = _plain_states(tiny, reqs, 1)
+  n, d = h1.shape
+  delta = np.full((n, d), 0.1, np.float32)
+  zeros = np.zeros((n,), np.float32)
+
+  def search(ref0):
+    return ValueResult(delta, ref0, ref0, zeros, zeros, np.zeros((n,), np.int32))
+
+  res = memit_edits(tiny.model, tiny.layout, [1], w.tokenize, reqs, tiny_covariances,
+                    penalty=1e-4, values=search(h1))
+  np.testing.assert_allclose(res.targets, h1 + delta, rtol=1e-6)
+  for ref0 in (h1[::-1], _plain_states(tiny, reqs, 0)):  # another order, another block
+    with pytest.raises(ValueError, match=r"values: expected the value search of these "
+                                         r"requests, in this order, at the last block"):
+      memit_edits(tiny.model, tiny.layout, [1], w.tokenize, reqs, tiny_covariances,
+                  values=search(ref0))
+  with pytest.raises(TypeError, match="values: expected the ValueResult of an earlier call"):
+    memit_edits(tiny.model, tiny.layout, [1], w.tokenize, reqs, tiny_covariances,
+                values=tuple(search(h1))[:3])
+  # z0 is read at the first context: it must be the plain prompt the states are read at.
+  with pytest.raises(ValueError, match=r"contexts: expected templates starting with '\{\}'"):
+    memit_edits(tiny.model, tiny.layout, [1], w.tokenize, reqs, tiny_covariances,
+                contexts=("we read that {}", "{}"))

@@ -12,7 +12,9 @@ import pytest
 from conftest import rel_err
 
 import memedit
-from memedit.lm.keys import check_memory, layer_weights, read_states, subject_keys
+from memedit.lm.evaluate import EditCase, evaluate_cases, score_targets
+from memedit.lm.keys import (check_memory, layer_weights, read_states, sample_contexts,
+                             subject_keys)
 from memedit.lm.prompts import Request, encode, prompt_rows
 from memedit.lm.rome import rome_edits, rome_insert
 from memedit.lm.experiment import revert_all
@@ -169,3 +171,131 @@ def test_rome_refuses_the_last_block_when_the_subject_is_not_at_the_prompts_end(
   with pytest.raises(ValueError, match=want):
     rome_edits(tiny.model, tiny.layout.memories[1], w.tokenize, [req], C,
                value_options={"steps": 1})
+
+
+def _dropping(tiny):
+  """The world's tokenizer, dropping words outside its vocabulary (as byte-level
+  tokenizers never do, but normalising ones may)."""
+  index = {w: i for i, w in enumerate(tiny.world.vocab)}
+  return lambda s: [index[w] for w in s.split() if w in index]
+
+
+def test_a_subject_of_no_tokens_is_refused_not_read_at_another_token(tiny):
+  """A subject the tokenizer drops adds no token: its "last token" would be the one before
+  it (or, at the prompt's start, position -1 read as token 0), and the key, the value
+  search and the edit would silently be about another token."""
+  w = tiny.world
+  tok = _dropping(tiny)
+  obj = w.relations[0].objects[1]
+  addr = tiny.layout.memories[0]
+  C = np.eye(4 * tiny.config.n_embd, dtype=np.float32)  # never reached
+  for prompt in ("we read that {}", "{} the home of"):
+    req = Request(prompt, "Nobody Known", obj)
+    want = r"encode: expected a subject of at least one token, got 'Nobody Known'"
+    with pytest.raises(ValueError, match=want):
+      subject_keys(tiny.model, addr, tok, [req])
+    with pytest.raises(ValueError, match=want):
+      rome_edits(tiny.model, addr, tok, [req], C, value_options={"steps": 1})
+  # A subject of known words still reads its own last token.
+  req = Request("we read that {}", w.subjects[0], obj)
+  np.testing.assert_array_equal(subject_keys(tiny.model, addr, tok, [req]),
+                                subject_keys(tiny.model, addr, w.tokenize, [req]))
+
+
+def test_tokenizer_output_must_be_integer_ids(tiny):
+  """Float ids were truncated by int() (1.5 read as 1), a 2-D array or a string failed
+  deep inside; they are refused naming the text. Lists, tuples, numpy and JAX arrays of
+  any integer dtype, and generators, are token ids."""
+  w = tiny.world
+  req = Request("we read that {}", w.subjects[0], w.relations[0].objects[1])
+  addr = tiny.layout.memories[0]
+  text = re.escape(repr(req.text))
+  bad = [(lambda s: [i + 0.5 for i in w.tokenize(s)], "dtype float64"),
+         (lambda s: np.asarray([w.tokenize(s)]), r"shape \(1, 5\)"),
+         (lambda s: s, "str")]
+  for tok, got in bad:
+    with pytest.raises(ValueError, match=rf"tokenize: expected a 1-D sequence of integer "
+                                         rf"token ids, got .*{got}.* from tokenize\({text}\)"):
+      subject_keys(tiny.model, addr, tok, [req])
+  want = subject_keys(tiny.model, addr, w.tokenize, [req])
+  for tok in (lambda s: np.asarray(w.tokenize(s), np.int64), lambda s: tuple(w.tokenize(s)),
+              lambda s: jnp.asarray(w.tokenize(s), jnp.int32),
+              lambda s: (i for i in w.tokenize(s))):
+    np.testing.assert_array_equal(subject_keys(tiny.model, addr, tok, [req]), want)
+
+
+def test_requests_are_checked_and_their_text_is_what_is_tokenized(tiny):
+  """Request.text was str.format of the prompt while the editors tokenize the text around
+  its '{}': other braces made .text raise (KeyError) or differ from the edited text."""
+  r = Request("{} lives in {x} {{", "Ana", "oslo")
+  before, subject, after, _ = prompt_rows(r, ["{}"])[0]
+  assert r.text == before + subject + after == "Ana lives in {x} {{"
+  for bad in ("", "  ", 3):
+    with pytest.raises(ValueError, match=rf"target_true: expected None or a non-empty "
+                                         rf"string, got {re.escape(repr(bad))}"):
+      Request("{} lives in", "Ana", "oslo", bad)
+  w = tiny.world
+  addr = tiny.layout.memories[0]
+  with pytest.raises(TypeError, match=r"requests\[0\]: expected a Request\(prompt, subject, "
+                                      r"target_new\), got tuple"):
+    subject_keys(tiny.model, addr, w.tokenize, [("we read that {}", w.subjects[0], "x")])
+  with pytest.raises(TypeError, match="requests: expected a sequence of Request, got Request"):
+    rome_edits(tiny.model, addr, w.tokenize, Request("{} x", w.subjects[0], "x"), None)
+  with pytest.raises(ValueError, match=r"contexts: expected a non-empty sequence of "
+                                       r"templates with one '\{\}'"):
+    subject_keys(tiny.model, addr, w.tokenize, [Request("{} x", w.subjects[0], "x")], ())
+
+
+def test_read_states_refuses_positions_outside_the_rows(tiny):
+  """A position past the row's end was clamped by JAX's indexing: the last token's state
+  came back for it, silently."""
+  w = tiny.world
+  ids = np.asarray([w.tokenize("we read that " + w.subjects[0])])
+  addr = tiny.layout.memories[0]
+  (k,), _ = read_states(tiny.model, ids, [4], inputs_of=[addr])
+  assert k.shape == (1, 4 * tiny.config.n_embd)
+  for pos, msg in (([5], r"positions: expected token positions in \[0, 5\) \(the ids' "
+                         r"length\), got 5 in row 0"),
+                   ([-1], r"got -1 in row 0"),
+                   ([1, 2], r"positions: expected \(1,\) integer token positions, one per "
+                            r"row of ids, got shape \(2,\)")):
+    with pytest.raises(ValueError, match=msg):
+      read_states(tiny.model, ids, pos, inputs_of=[addr])
+
+
+def test_sample_contexts_settings(tiny):
+  """per_length=0 (the CLI's --contexts 0) crashed on max() of nothing; it is the plain
+  prompt alone. No starts, a start of no tokens and top_k=0 are refused by name."""
+  w = tiny.world
+  assert sample_contexts(tiny.model, w.tokenize, w.decode, ["we"], per_length=0) == ("{}",)
+  for kwargs, msg in (({"starts": []}, "starts: expected a non-empty sequence of texts"),
+                      ({"starts": [""]}, "starts: expected texts of at least one token, got ''"),
+                      ({"starts": ["we"], "top_k": 0}, "top_k: expected a positive integer"),
+                      ({"starts": ["we"], "per_length": -1},
+                       "per_length: expected non-negative integers, got -1")):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+      sample_contexts(tiny.model, w.tokenize, w.decode, **kwargs)
+
+
+def test_evaluation_refuses_malformed_cases_and_unknown_ids(tiny):
+  """A paraphrase without '{}' was scored without the subject (str.format leaves it as it
+  is), an object id past the vocabulary was scored against a clamped logit (NaN), an
+  empty list of cases raised numpy's casting error."""
+  w = tiny.world
+  s, obj, old = w.subjects[0], w.relations[0].objects[1], w.object_of(0, 0)
+  req = Request("we read that {}", s, obj, old)
+  with pytest.raises(ValueError, match=r"cases\[0\].paraphrases\[1\]: expected a template "
+                                       r"with exactly one '\{\}' for the subject, got 'the "
+                                       r"home of'"):
+    evaluate_cases(tiny.model, w.tokenize, [EditCase(req, ("the home of {}", "the home of"))])
+  with pytest.raises(ValueError, match=r"cases\[0\].neighbours\[0\]: expected a \(prompt "
+                                       r"text, object\) pair"):
+    evaluate_cases(tiny.model, w.tokenize, [EditCase(req, (), ("the home of x",))])
+  V = tiny.config.vocab_size
+  tok = lambda t: [V + 2 if x == obj else i for x, i in zip(t.split(), w.tokenize(t))]
+  with pytest.raises(ValueError, match=rf"token ids: expected integers 0 <= id < {V} .*got "
+                                       rf"{V + 2} from tokenize\(' {obj}'\)"):
+    score_targets(tiny.model, tok, [(req.text, obj)])
+  out = evaluate_cases(tiny.model, w.tokenize, [])
+  assert set(out) >= {"efficacy", "neighbourhood_prob"}
+  assert all(v.shape == (0,) for v in out.values())

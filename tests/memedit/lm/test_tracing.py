@@ -61,3 +61,54 @@ def test_trace_refuses_arguments_that_measure_nothing(tiny):
   for kwargs, message in cases:
     with pytest.raises(ValueError, match=re.escape(message)):
       causal_trace(tiny.model, tiny.layout, w.tokenize, prompt, subject, **kwargs)
+
+
+def _gpt2_like(tiny):
+  """The world's words, split as GPT-2's byte-level BPE splits text: a space joins the word
+  after it (" Tavo"), and trailing spaces are a token of their own."""
+  w = tiny.world
+  index = {x: i for i, x in enumerate(w.vocab)}
+  space = index["."]  # any id: the lone-space token
+  return lambda s: [index[p.strip()] if p.strip() else space
+                    for p in re.findall(r" ?[^\s]+|\s+(?!\S)|\s+", s)]
+
+
+def test_trace_finds_the_subject_with_a_tokenizer_that_keeps_trailing_spaces(tiny):
+  """With GPT-2's tokenizer "we read that " ends with a lone-space token that
+  "we read that Tavo" does not have: counting the tokens of the text before the subject
+  put the subject's first token one too far (a one-token subject was refused, the first
+  token of a longer one never corrupted)."""
+  w = tiny.world
+  tok = _gpt2_like(tiny)
+  subject = w.subjects[2]
+  assert len(tok("we read that ")) == 4 and len(tok("we read that " + subject)) == 5
+  res = causal_trace(tiny.model, tiny.layout, tok, "we read that {}", subject, samples=1,
+                     noise=1.0)
+  assert res.subject == (3, 4)
+  single = subject.split()[0]
+  res = causal_trace(tiny.model, tiny.layout, tok, "we read that {} the home of", single,
+                     samples=1, noise=1.0)
+  assert res.subject == (3, 3)
+
+
+def test_trace_refuses_ids_the_model_does_not_know_and_targets_of_no_tokens(tiny):
+  """A target id past the vocabulary was read from a clamped index (the probability of
+  another token), a prompt id past it gave NaN, a target of no tokens an IndexError."""
+  w = tiny.world
+  V = tiny.config.vocab_size
+  prompt, subject, obj = "we read that {}", w.subjects[2], w.relations[0].objects[1]
+  tok = lambda s: [V + 1 if x == obj else i for x, i in zip(s.split(), w.tokenize(s))]
+  with pytest.raises(ValueError, match=rf"token ids: expected integers 0 <= id < {V} .*got "
+                                       rf"{V + 1} from tokenize\(' {obj}'\)"):
+    causal_trace(tiny.model, tiny.layout, tok, prompt, subject, target=obj, samples=1)
+  word = subject.split()[0]
+  tok = lambda s: [-2 if x == word else i for x, i in zip(s.split(), w.tokenize(s))]
+  with pytest.raises(ValueError, match=r"token ids: expected integers .* got -2 from "
+                                       r"tokenize\('we read that "):
+    causal_trace(tiny.model, tiny.layout, tok, prompt, subject, samples=1)
+  index = {x: i for i, x in enumerate(w.vocab)}
+  dropping = lambda s: [index[x] for x in s.split() if x in index]
+  with pytest.raises(ValueError, match="expected a target of at least one token, got 'zzz'"):
+    causal_trace(tiny.model, tiny.layout, dropping, prompt, subject, target="zzz", samples=1)
+  with pytest.raises(ValueError, match=r"subject: expected a non-empty string, got None"):
+    causal_trace(tiny.model, tiny.layout, w.tokenize, prompt, None, samples=1)

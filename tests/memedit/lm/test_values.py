@@ -3,6 +3,8 @@ clamp, stops early, and its loss pieces match a float64 recomputation."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,32 @@ def test_value_search_refuses_target_ids_outside_the_vocabulary(tiny):
   with pytest.raises(ValueError, match=rf"token ids: expected integers 0 <= id < {V} .*got "
                                        rf"{V + 5} from tokenize\(' {req.target_new}'\)"):
     optimize_values(tiny.model, tiny.layout.memories[0], tok, [req], steps=1)
+
+
+def test_value_search_refuses_settings_that_give_nan_or_nothing(tiny):
+  """A NaN learning rate or an infinite weight decay made δ NaN, a negative clamp flipped
+  δ, no contexts averaged the NLL over no rows (NaN) and read z0 at the essence prompt:
+  all came back as results. They are refused by name before anything runs."""
+  w = tiny.world
+  req = _requests(tiny)[0]
+  addr = tiny.layout.memories[0]
+  cases = [({"learning_rate": float("nan")}, "learning_rate: expected a positive finite "
+                                              "number, got nan"),
+           ({"learning_rate": -0.5}, "learning_rate: expected a positive finite number"),
+           ({"weight_decay": float("inf")}, "weight_decay: expected a non-negative finite "
+                                            "number, got inf"),
+           ({"kl_factor": -1.0}, "kl_factor: expected a non-negative finite number, got -1.0"),
+           ({"clamp": -1.0}, "clamp: expected a positive number (inf: no clamp), got -1.0"),
+           ({"clamp": 0}, "clamp: expected a positive number (inf: no clamp), got 0"),
+           ({"stop_loss": float("nan")}, "stop_loss: expected a number"),
+           ({"learning_rate": "0.5"}, "learning_rate: expected a positive finite number, "
+                                      "got '0.5'"),
+           ({"essence": 3}, "essence: expected a template with exactly one '{}'"),
+           ({"contexts": ()}, "contexts: expected a non-empty sequence of templates")]
+  for kwargs, message in cases:
+    kwargs = {"contexts": CONTEXTS, **kwargs}
+    contexts = kwargs.pop("contexts")
+    with pytest.raises(ValueError, match=re.escape(message)):
+      optimize_values(tiny.model, addr, w.tokenize, [req], contexts, steps=1, **kwargs)
+  with pytest.raises(TypeError, match=r"requests\[0\]: expected a Request"):
+    optimize_values(tiny.model, addr, w.tokenize, [(req.prompt, req.subject, "x")], steps=1)
