@@ -45,7 +45,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 def _body() -> dict:
   if not request.is_json:
     raise ValueError("request: expected a JSON body (Content-Type: application/json)")
-  data = request.get_json(silent=True)
+  try:
+    data = request.get_json(silent=True)
+  except RecursionError:  # not a ValueError, so silent=True lets it through
+    raise ValueError("request: expected a JSON object body, got lists or objects nested "
+                     "deeper than the parser allows (about 1000 levels)") from None
   if not isinstance(data, dict):
     raise ValueError("request: expected a JSON object body, got malformed JSON or another "
                      "value")

@@ -284,7 +284,7 @@ class Session:
   # -- jobs --------------------------------------------------------------------------------
 
   def _record(self, job: Job, kind: str, layer: str, out: wf.Outcome, spec, D,
-              seconds: float, regions: dict | None = None) -> dict:
+              seconds: float, regions=None) -> dict:
     for a in jax.tree_util.tree_leaves(out.edit):  # Λ and D
       if not np.isfinite(np.asarray(a)).all():
         raise ValueError(f"{kind}: the solve gave non-finite values; no edit was made "
@@ -294,8 +294,8 @@ class Session:
                         out.loss_after, float(seconds))
 
     def commit(s):
-      if regions:
-        s = dataclasses.replace(s, **regions)
+      if regions:  # a dict, or a function of the state at commit time giving one
+        s = dataclasses.replace(s, **(regions(s) if callable(regions) else regions))
       return st.add_edit(s, rec)
 
     s = self._commit(commit)
@@ -312,8 +312,7 @@ class Session:
                expected=self.ws.solve_seconds.get(key))
     return time.perf_counter()
 
-  def _run_spec(self, job: Job, spec, regions: dict | None = None,
-                dkey: tuple | None = None) -> dict:
+  def _run_spec(self, job: Job, spec, regions=None, dkey: tuple | None = None) -> dict:
     """Solves ``spec`` with the solve's progress on ``job``; ``dkey``: the directions
     cache's key of the spec's context (its D is reused when cached, and kept)."""
     C = self._statistics_for(job, spec.layer)
@@ -357,15 +356,16 @@ class Session:
     spec = self._check_rank(specs.spec_from_json(data, layers=self.ws.layers,
                                                  canvas=self.ws.resolution))
 
-    def run(job):
-      s = self.snapshot()
+    def regions(s):  # numbered at commit time: context ids are never reused
       ctx, n = [], s.counter
       for i, m in spec.key:
         n += 1
         ctx.append((f"c{n}", st.Region(int(i), m)))
-      regions = {"layer": spec.layer, "context": tuple(ctx), "counter": n,
-                 "paste": st.Region(*spec.paste),
-                 "copy": st.Region(*spec.object) if spec.object is not None else s.copy}
+      return {"layer": spec.layer, "context": tuple(ctx), "counter": n,
+              "paste": st.Region(*spec.paste),
+              "copy": st.Region(*spec.object) if spec.object is not None else s.copy}
+
+    def run(job):
       self.ws.ensure_statistics(spec.layer)
       return self._run_spec(job, spec, regions)
 

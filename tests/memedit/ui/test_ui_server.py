@@ -335,6 +335,9 @@ def test_request_size_content_type_hosts_and_unknown_routes(client):
   assert r.status_code == 400 and "expected a JSON body" in r.get_json()["error"]
   r = http.post(f"/api/s/{client.sid}/copy", data="{", content_type="application/json")
   assert r.status_code == 400 and "malformed JSON" in r.get_json()["error"]
+  for deep in ('{"imgnum": ' + "[" * 100000 + "]" * 100000 + "}", "[" * 100000 + "]" * 100000):
+    r = http.post(f"/api/s/{client.sid}/copy", data=deep, content_type="application/json")
+    assert r.status_code == 400 and "nested deeper" in r.get_json()["error"], r.get_json()
   assert http.get("/api/s/nosuch/state").status_code == 404
   assert "reload the page" in http.get("/api/s/nosuch/state").get_json()["error"]
   assert http.get("/nowhere").status_code == 404
@@ -344,6 +347,26 @@ def test_request_size_content_type_hosts_and_unknown_routes(client):
   for asset in ("app.js", "style.css"):
     assert http.get(f"/static/{asset}").status_code == 200
   assert http.get("/static/../server.py").status_code == 404
+
+
+def test_replay_numbers_its_context_when_it_commits(client, monkeypatch):
+  # Context added while a replay solves must not share an id with the replay's context
+  # (the directions cache is keyed by ids; a reused id would give another mask's D).
+  from memedit.ui import session as ui_session
+
+  gate, solve = threading.Event(), ui_session.wf.run_spec
+  monkeypatch.setattr(ui_session.wf, "run_spec",
+                      lambda *a, **k: gate.wait(60) and solve(*a, **k))
+  m = url(box(24, 40, 16, 48))
+  spec = {"key": [[1, m]], "paste": [2, m], "object": [3, m], "layer": "convt2",
+          "solver": {"optimizer": "gauss_newton", "steps": 2}}
+  r = client.post("replay", {"spec": json.dumps(spec)})
+  assert r.status_code == 202, r.get_json()
+  assert client.post("context", {"imgnum": 7, "mask": url(box(8, 24, 8, 24))}).get_json()["id"] == "c1"
+  gate.set()
+  assert client.session.jobs.get(r.get_json()["id"]).wait(120)
+  s = client.session.state
+  assert s.edits and [c for c, _ in s.context] == ["c2"] and s.counter == 2
 
 
 def test_one_job_at_a_time():
