@@ -30,7 +30,9 @@ def memedit_generator(module: DCGANGenerator, variables: Any, config: dict):
     >>> import jax, jax.numpy as jnp
     >>> from ports.dcgan.model import DCGANGenerator
     >>> module = DCGANGenerator(z_dim=8, ngf=2)
-    >>> variables = module.init(jax.random.key(0), jnp.zeros((1, 8)))
+    >>> # Untrained variables: zeros of the shapes init gives (from a shape-only trace).
+    >>> shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 8)))
+    >>> variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     >>> gen = memedit_generator(module, variables, {"z_dim": 8, "resolution": 64,
     ...                                             "num_layers": 5})
     >>> sorted(gen.layers), gen.framework

@@ -65,7 +65,9 @@ def memedit_generator(module: StyleGAN2Generator, variables: Any, config: dict, 
     >>> import jax, jax.numpy as jnp
     >>> from ports.stylegan2.model import StyleGAN2Generator
     >>> module = StyleGAN2Generator(8, (16, 8), z_dim=8, w_dim=8, n_mlp=1)
-    >>> variables = module.init(jax.random.key(0), jnp.zeros((1, 8)))
+    >>> # Untrained variables: zeros of the shapes init gives (from a shape-only trace).
+    >>> shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 8)))
+    >>> variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     >>> config = {"resolution": 8, "z_dim": 8, "num_layers": 3}
     >>> gen = memedit_generator(module, variables, config, truncation=0.7)
     >>> sorted(gen.layers), gen.call_kwargs
