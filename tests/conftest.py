@@ -8,6 +8,14 @@ Nothing persists between runs. ``MEMEDIT_TEST_COMPILATION_CACHE=<folder>`` keeps
 cache in that folder instead (kept, e.g. between local runs); ``=off`` disables it.
 Tests that count compilations count cache reads too (``compilations.py``).
 
+Compilation speed. Most of a test run's time is XLA compiling small programs, and most of
+that is LLVM optimising the generated machine code. Unless ``XLA_FLAGS`` already sets
+``--xla_backend_optimization_level``, the run (and every worker and subprocess started
+from it) compiles at level 0: XLA's own graph passes (fusion, layout, algebraic
+simplification) run as always, only the backend's code optimisation is skipped, so the
+programs compute the same operations, compile faster and run somewhat slower.
+``MEMEDIT_TEST_XLA_OPT=default`` keeps XLA's default level.
+
 ``--no-torch`` runs the tests as in an environment without PyTorch: ``import torch`` fails
 (``sys.modules["torch"] = None``) for the whole session, and the tests marked ``parity``
 (they need torch, the network or peer wheels) are deselected. ``make test-core`` runs the
@@ -20,6 +28,14 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+#: Environment variable: "default" keeps XLA's backend optimisation level in test runs.
+OPT_ENV = "MEMEDIT_TEST_XLA_OPT"
+_flags = os.environ.get("XLA_FLAGS", "")
+if (os.environ.get(OPT_ENV) != "default"
+    and "--xla_backend_optimization_level" not in _flags):
+  # Before JAX creates its backend, which reads XLA_FLAGS once (see the docstring).
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_backend_optimization_level=0").strip()
 
 import jax
 

@@ -275,7 +275,8 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_over_four_host_devices_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ,
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", MEMEDIT_CPU_GRAM="syrk")
   proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env,
                         timeout=300)

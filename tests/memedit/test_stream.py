@@ -255,7 +255,8 @@ SHARDED = textwrap.dedent("""
 def test_global_sharded_arrays_fold_where_they_live(tmp_path):
   dump = tmp_path / "hlo"
   env = dict(os.environ, JAX_PLATFORMS="cpu", MEMEDIT_CPU_GRAM="syrk",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=4 --xla_dump_to={dump}")
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + f" --xla_force_host_platform_device_count=4 --xla_dump_to={dump}")
   proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
                         env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -326,7 +327,8 @@ def _run_pair(script, cache, kill_at, poison):
   """Runs the two workers; returns (exit code, stdout, stderr) of each. Their output goes
   to files, so neither can stall on a full pipe while the other is waited for."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", MEMEDIT_CPU_GRAM="syrk",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=2")
   port = str(_free_port())
   logs = [(open(f"{cache}.out{p}", "w+"), open(f"{cache}.err{p}", "w+")) for p in (0, 1)]
   procs = [subprocess.Popen([sys.executable, str(script), str(p), port, str(cache),

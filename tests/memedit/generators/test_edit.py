@@ -42,9 +42,30 @@ def _stacked64(gen, D, crops, lam):
   return jnp.concatenate([jnp.reshape(f(k0 + delta, k), (-1,)) for f, k in crops])
 
 
+@pytest.fixture(scope="module")
+def linearised(problem):
+  """The crops' stacked outputs g0 at Λ = 0 and their Jacobian J over Λ's own-tap entries,
+  in float64 (exact: up2 is affine in its kernel); computed once for the module, since the
+  float64 convolutions are the slowest part of these tests."""
+  gen, D, target, kept = problem
+  with jax.enable_x64(True):
+    crops = [gens.crop_problem(gen, LAYER, t) for t in (target, kept)]
+    k0 = gens.layer_kernel(gen, LAYER)
+    shape = lambda_shape(k0.shape, D.shape[0], "conv")
+    own = np.broadcast_to(gens.own_taps(gen, LAYER)[:, :, None, None], shape)
+    free = np.flatnonzero(own)
+
+    def g(x):
+      lam = jnp.zeros(shape, jnp.float64).reshape(-1).at[free].set(x).reshape(shape)
+      return _stacked64(gen, D, crops, lam)
+
+    x0 = jnp.zeros(free.size, jnp.float64)
+    return np.asarray(g(x0)), np.asarray(jax.jacfwd(g)(x0)), free
+
+
 @pytest.mark.parametrize("project_keys,given", [(True, False), (False, False),
                                                 (True, True)])
-def test_preserving_insert_solves_the_weighted_objective_in_closed_form(problem,
+def test_preserving_insert_solves_the_weighted_objective_in_closed_form(problem, linearised,
                                                                         project_keys, given):
   # up2 is affine in its kernel, so with the L2 loss Λ minimises a weighted least-squares
   # problem: Σ_crop (f − v*)² + μ (n / n₁) Σ_kept (f₁ − u₁)², over Λ on the own taps,
@@ -58,37 +79,24 @@ def test_preserving_insert_solves_the_weighted_objective_in_closed_form(problem,
   res = gens.insert(gen, LAYER, D, target, optimizer="gauss_newton", loss="l2", steps=8,
                     taps="own", preserve=[(kept, u1) if given else kept],
                     preserve_weight=mu, project_keys=project_keys)
-  with jax.enable_x64(True):
-    crops = [gens.crop_problem(gen, LAYER, t) for t in (target, kept)]
-    k0 = gens.layer_kernel(gen, LAYER)
-    shape = lambda_shape(k0.shape, D.shape[0], "conv")
-    own = np.broadcast_to(gens.own_taps(gen, LAYER)[:, :, None, None], shape)
-    free = np.flatnonzero(own)
+  g0, J, free = linearised
+  n, n1 = target.targets.size, kept.targets.size
+  t = np.concatenate([np.asarray(target.targets, np.float64).reshape(-1),
+                      np.asarray(u1, np.float64).reshape(-1)])
+  if not given:
+    np.testing.assert_allclose(t[n:], g0[n:], atol=1e-5)
+  w = np.concatenate([np.ones(n), np.full(n1, mu * n / n1)])
+  x_star = np.linalg.solve(J.T @ (w[:, None] * J), J.T @ (w * (t - g0)))
 
-    def g(x):
-      lam = jnp.zeros(shape, jnp.float64).reshape(-1).at[free].set(x).reshape(shape)
-      return _stacked64(gen, D, crops, lam)
+  def objective(x):
+    r = J @ x + g0 - t
+    return float(np.sum(w * r * r) / np.sum(w))
 
-    x0 = jnp.zeros(free.size, jnp.float64)
-    g0 = np.asarray(g(x0))
-    J = np.asarray(jax.jacfwd(g)(x0))
-    n, n1 = target.targets.size, kept.targets.size
-    t = np.concatenate([np.asarray(target.targets, np.float64).reshape(-1),
-                        np.asarray(u1, np.float64).reshape(-1)])
-    if not given:
-      np.testing.assert_allclose(t[n:], g0[n:], atol=1e-5)
-    w = np.concatenate([np.ones(n), np.full(n1, mu * n / n1)])
-    x_star = np.linalg.solve(J.T @ (w[:, None] * J), J.T @ (w * (t - g0)))
-
-    def objective(x):
-      r = J @ x + g0 - t
-      return float(np.sum(w * r * r) / np.sum(w))
-
-    x_res = np.asarray(res.edit.lam, np.float64).reshape(-1)
-    assert np.abs(np.delete(x_res, free)).max() == 0  # zero off the own taps
-    x_res = x_res[free]
-    assert objective(x_res) <= objective(x_star) * (1 + 1e-4)
-    assert np.linalg.norm(x_res - x_star) <= 1e-2 * np.linalg.norm(x_star)
+  x_res = np.asarray(res.edit.lam, np.float64).reshape(-1)
+  assert np.abs(np.delete(x_res, free)).max() == 0  # zero off the own taps
+  x_res = x_res[free]
+  assert objective(x_res) <= objective(x_star) * (1 + 1e-4)
+  assert np.linalg.norm(x_res - x_star) <= 1e-2 * np.linalg.norm(x_star)
   assert res.edit.settings["preserved_crops"] == 1
   assert res.edit.settings["preserve_weight"] == mu
 

@@ -337,7 +337,8 @@ def test_statistics_split_over_two_devices_match_one(tmp_path):
   """)
   here = os.path.dirname(os.path.abspath(__file__))
   root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ,
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
              PYTHONPATH=os.pathsep.join([root, here]))
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        cwd=tmp_path, timeout=300)
