@@ -24,7 +24,16 @@ def _box(y0, y1, x0, x1, canvas):
 
 
 # ----------------------------------------------------------------------------------------
-# StyleGAN2 (a randomly initialised rosinality checkpoint, 32 px).
+# StyleGAN2 (a randomly initialised rosinality checkpoint, 32 px, 64 channels).
+#
+# rosinality's Generator fixes 512 channels up to 32 px. Nothing checked here depends on
+# the width (the crop geometry, the solves through the layer's own demodulation and the
+# invariances do not), while every solve's cost grows with its square (the edit ΔK and
+# the demodulation it changes are 3×3×C×C): the checkpoint keeps the first WIDTH channels
+# of each layer, a rosinality state dict of a narrower generator of the same structure
+# (the converter reads the widths from the shapes), randomly initialised as rosinality's.
+
+WIDTH = 64
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +47,14 @@ def sg2(tmp_path_factory):
       if name.endswith("modulation.bias"):
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
     latent_avg = g.mean_latent(64)[0]
+  sd = {}
+  for name, v in g.state_dict().items():
+    for dim, n in enumerate(v.shape):
+      if n == 512:  # every channel axis (style_dim is 64, the RGB and kernel axes smaller)
+        v = v.narrow(dim, 0, WIDTH)
+    sd[name] = v.clone()
   path = os.path.join(tmp, "g.pt")
-  torch.save({"g_ema": g.state_dict(), "latent_avg": latent_avg}, path)
+  torch.save({"g_ema": sd, "latent_avg": latent_avg}, path)
   gen = gens.generator_from_converted(convert_rosinality(path, tmp / "converted"))
   layer = "conv_2"
   state = gens.collect_statistics(gen, layer, 16, batch_size=8, progress=False)
@@ -50,8 +65,8 @@ def test_stylegan2_geometry_and_exact_crop(sg2):
   gen, layer, C = sg2
   assert gen.resolution == 32 and sorted(gen.layers)[:3] == ["conv_0", "conv_1", "conv_2"]
   info = gens.layer_info(gen, layer)
-  assert (info.key_res, info.value_res, info.key_dim) == (8, 8, 512)
-  assert C.shape == (512, 512)
+  assert (info.key_res, info.value_res, info.key_dim) == (8, 8, WIDTH)
+  assert C.shape == (WIDTH, WIDTH)
   copied = gens.copy_values(gen, layer, 1, _box(8, 16, 8, 24, 32))
   target = gens.paste_target(gen, layer, copied, 2, _box(12, 20, 4, 20, 32))
   f, keys = gens.crop_problem(gen, layer, target)
@@ -71,7 +86,7 @@ def test_stylegan2_insert_lowers_the_loss_and_keeps_unrelated_keys(sg2):
   target = gens.paste_target(gen, layer, copied, 2, _box(12, 20, 4, 12, 32))
   # The 8×8 canvas box covers 2×2 cells at 8 px; the bilinear resize (the reference's)
   # reaches one cell further on each side.
-  assert target.targets.shape == (1, 4, 4, 512)
+  assert target.targets.shape == (1, 4, 4, WIDTH)
   res = gens.insert(gen, layer, D, target, optimizer="gauss_newton", steps=6)
   assert res.loss_after < 0.95 * res.loss_before
   assert np.all(np.diff(res.losses) <= 0)  # Gauss–Newton keeps only improving steps
@@ -80,7 +95,7 @@ def test_stylegan2_insert_lowers_the_loss_and_keeps_unrelated_keys(sg2):
   info = gens.layer_info(gen, layer)
   f, crop_keys = gens.crop_problem(gen, layer, target)
   k0 = jnp.asarray(gens.layer_kernel(gen, layer))
-  lam_star = 0.3 * jax.random.normal(jax.random.PRNGKey(0), (3, 3, 512, 1))
+  lam_star = 0.3 * jax.random.normal(jax.random.PRNGKey(0), (3, 3, WIDTH, 1))
   reachable = target._replace(targets=np.asarray(
       f(k0 + memedit.kernel_delta(lam_star, D, k0.shape, "conv"), crop_keys)))
   res2 = gens.insert(gen, layer, D, reachable, optimizer="gauss_newton", steps=6, loss="l2")
