@@ -28,7 +28,7 @@ from memedit.closed_form import insert_ridge
 from memedit.edits import Edit, make_edit
 from memedit.layouts import check_layout
 from memedit.sequential.diagnostics import check_edit
-from memedit.sequential.log import EditLog, log_append, log_keys
+from memedit.sequential.log import EditLog, check_log, log_append, log_keys
 from memedit.sequential.nullspace import insert_null_space, null_space, project_directions
 from memedit.tree import check_path, get_leaf
 
@@ -104,7 +104,7 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
     >>> round(float(W @ jnp.array([0.0, 10.0, 0.0])), 3), float(W[0])
     (1.0, 0.0)
   """
-  _check_log(log)
+  check_log(log)
   path = check_path(path)
   kernel = as_array(_layer(get_leaf(params, path), path, index), "params")
   if not jnp.issubdtype(jnp.result_type(kernel), jnp.inexact):
@@ -132,11 +132,6 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
   if check:
     check_edit(log, edit, params=base_params)
   return log_append(log, edit, keys, values, weights=weights), edit
-
-
-def _check_log(log) -> None:
-  if not isinstance(log, EditLog):
-    raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
 
 
 def _layer(leaf, path, index):
@@ -219,7 +214,7 @@ def sequential_directions(log: EditLog, C: Any, D: Any, path: Any, *,
     >>> D.round(4).tolist() == [[0.0, 0.0, 1.0]]
     True
   """
-  _check_log(log)
+  check_log(log)
   path = check_path(path)
   D = jnp.asarray(as_array(D, "D"))
   if not project:

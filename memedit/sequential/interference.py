@@ -43,7 +43,7 @@ import numpy as np
 from memedit.checks import check_scalar, is_traced
 from memedit.edits import Edit
 from memedit.layouts import check_layout, key_dim, lambda_shape
-from memedit.sequential.log import EditLog
+from memedit.sequential.log import EditLog, check_log
 from memedit.tree import get_leaf
 
 __all__ = ["EditCheck", "Interference", "InterferenceWarning", "RELATIVE_TO", "check_edit",
@@ -197,11 +197,6 @@ def _kernel(params, edit: Edit) -> np.ndarray:
   return leaf
 
 
-def _check_log(log) -> None:
-  if not isinstance(log, EditLog):
-    raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
-
-
 def _check_dims(entries) -> None:
   """The edits on one leaf must read keys of one dimension (their changes are compared)."""
   dims = {}
@@ -250,7 +245,7 @@ def interference_matrix(log: EditLog, *, params: Any = None,
     >>> interference_matrix(log, params={"k": jnp.ones((2, 2))}, relative_to="output").matrix
     array([[0.5]])
   """
-  _check_log(log)
+  check_log(log)
   _check_relative(relative_to, params)
   pos = [i for i, e in enumerate(log.entries) if e.active]
   entries = [log.entries[i] for i in pos]
@@ -301,7 +296,7 @@ def growth(log: EditLog, params: Any) -> list[dict]:
     >>> round(row["norm_growth"], 4), round(row["condition"], 4)
     (0.7321, 2.618)
   """
-  _check_log(log)
+  check_log(log)
   rows, current, base = [], {}, {}
   for i, entry in enumerate(log.entries):
     if not entry.active:
@@ -396,7 +391,7 @@ def check_edit(log: EditLog, edit: Edit, *, params: Any = None, relative_to: str
     >>> c.interference.tolist(), caught[0].category.__name__
     ([1.0], 'InterferenceWarning')
   """
-  _check_log(log)
+  check_log(log)
   if not isinstance(edit, Edit):
     raise ValueError(f"edit: expected an Edit, got {type(edit).__name__}")
   if is_traced(edit.lam, edit.D):

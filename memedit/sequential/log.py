@@ -186,7 +186,7 @@ def log_append(log: EditLog, edit: Edit, keys: Any, values: Any = None, *,
     >>> log_append(log_init(), e, jnp.eye(3), jnp.zeros((3, 2))).names
     ('a',)
   """
-  _check_log(log)
+  check_log(log)
   if not isinstance(edit, Edit):
     raise ValueError(f"edit: expected an Edit, got {type(edit).__name__}")
   if edit.name in log.names:
@@ -212,13 +212,14 @@ def log_append(log: EditLog, edit: Edit, keys: Any, values: Any = None, *,
   return EditLog(log.entries + (LogEntry(edit, keys, values, weights, True),))
 
 
-def _check_log(log) -> None:
+def check_log(log) -> None:
+  """Raises a ValueError unless ``log`` is an :class:`EditLog` (shared by the package)."""
   if not isinstance(log, EditLog):
     raise ValueError(f"log: expected an EditLog, got {type(log).__name__}")
 
 
 def _position(log: EditLog, which) -> int:
-  _check_log(log)
+  check_log(log)
   if isinstance(which, Edit):
     which = which.name
   if isinstance(which, str):
@@ -334,7 +335,7 @@ def log_history(params: Any, log: EditLog) -> tuple[Any, EditHistory]:
     >>> hist.names
     ('a',)
   """
-  _check_log(log)
+  check_log(log)
   history = EditHistory()
   for entry in log.entries:
     if entry.active:
@@ -387,7 +388,7 @@ def log_keys(log: EditLog, path: Any, *, index: int | None = None, before: int |
     >>> k.shape, w.tolist()
     ((3, 3), [1.0, 1.0, 1.0])
   """
-  _check_log(log)
+  check_log(log)
   path = check_path(path)
   if before is not None and (isinstance(before, bool)
                              or not isinstance(before, (int, np.integer))):
