@@ -198,10 +198,13 @@ def imgnums(text: str, limit: int, flag: str = "--images") -> list[int]:
   :data:`MAX_IMAGES`, each once and at most ``limit`` of them (the count checked before
   any list is built)."""
   ranges: list[tuple[int, int]] = []
+  if not str(text).strip():
+    raise ValueError(f"{flag}: expected image numbers, got {text!r}")
   for part in str(text).split(","):
     part = part.strip()
     if not part:
-      continue
+      raise ValueError(f"{flag}: expected numbers or ranges like '100-115,200' separated by "
+                       f"single commas, got an empty entry in {text!r}")
     try:
       a, b = part.split("-", 1) if "-" in part[1:] else (part, part)
       lo, hi = int(a), int(b)

@@ -35,8 +35,12 @@ def _positive(text: str) -> int:
 
 
 def _int_list(text: str) -> list[int]:
+  parts = [x.strip() for x in text.split(",")]
+  if "" in parts:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated integers, got an empty entry in {text!r}")
   try:
-    values = [int(x) for x in text.split(",") if x.strip()]
+    values = [int(x) for x in parts]
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
   if not values or any(v < 0 for v in values):

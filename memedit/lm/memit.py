@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import memedit
+from memedit.checks import check_covariance
 from memedit.lm.hooks import LMLayout, Static, split_model
 from memedit.lm.keys import check_memory, layer_weights, read_states, subject_keys
 from memedit.lm.prompts import Request, check_requests_list, encode, prompt_rows
@@ -193,9 +194,11 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
 
   Raises:
     ValueError: bad layers (not increasing integer block indices of the layout), missing
-      covariances, a penalty that is not a positive number, no requests, contradictory
-      requests (:func:`check_requests`), token ids outside the model's vocabulary,
-      contexts that do not start with ``"{}"``, before the value search; ``values`` of other requests, another order or another last
+      covariances or (with the default insert) one that is not a finite, symmetric,
+      positive semi-definite ``(key_dim, key_dim)`` matrix, a penalty that is not a
+      positive number, no requests, contradictory requests (:func:`check_requests`),
+      token ids outside the model's vocabulary, contexts that do not start with
+      ``"{}"``, before the value search; ``values`` of other requests, another order or another last
       block (its z0 are not the model's hidden states), before any edit; requests the last
       block's value search cannot act on (:func:`memedit.lm.values.check_reach`), once
       that search has left δ at exactly 0.
@@ -231,6 +234,11 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
     raise ValueError(f"contexts: expected templates starting with '{{}}' (the plain prompt: "
                      f"z0 is read there and the hidden states it is compared with), got "
                      f"{contexts!r}")
+  plain = encode(tokenize, [prompt_rows(r, ("{}",))[0] for r in requests])
+  if insert is None:  # C checked before the value search, which is the long part
+    for l in layers:
+      view = check_memory(model, layout.memories[l], plain.ids[:1])
+      check_covariance(covariances[l], view.key_dim, f"covariances[{l}]")
   last = layers[-1]
   z_block = layout.blocks[last]
   if values is None:
@@ -243,7 +251,6 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
   else:
     res = values
   targets = res.ref0 + res.delta
-  plain = encode(tokenize, [prompt_rows(r, ("{}",))[0] for r in requests])
   n = len(requests)
   definition, params = split_model(model)
   cur = model

@@ -10,14 +10,17 @@ stream's description, so a second call (or a resumed one) reads it back.
 
 from __future__ import annotations
 
+import collections.abc
 from typing import Any, Iterable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 import memedit
 import memedit.layers
 from memedit.lm.hooks import as_path
+from memedit.lm.keys import vocab_size
 
 __all__ = ["lm_covariance", "lm_second_moment", "token_batches"]
 
@@ -67,6 +70,14 @@ def lm_covariance(model, address, batches: Iterable[tuple[Any, Any]], *, spec: A
     >>> memedit.key_count(st), memedit.second_moment(st).shape
     (42, (32, 32))
   """
+  size = vocab_size(model)
+  if size is not None:
+    if isinstance(batches, collections.abc.Iterator):
+      batches = _checked(batches, size)  # each batch as the fold reads it
+    elif isinstance(batches, collections.abc.Iterable) and not isinstance(
+        batches, (str, bytes, np.ndarray, jax.Array)):
+      for i, b in enumerate(batches):
+        _check_ids(b, size, i)
   return memedit.layers.layer_covariance(model, as_path(address), batches, masked=True,
                                          spec=spec, cache_dir=cache_dir, group=group,
                                          progress=progress, dtype=jnp.float32)
@@ -76,3 +87,27 @@ def lm_second_moment(model, address, batches, **kwargs) -> np.ndarray:
   """C = E[k kᵀ] ``(key_dim, key_dim)`` float32 of :func:`lm_covariance`."""
   return np.asarray(memedit.second_moment(lm_covariance(model, address, batches, **kwargs)),
                     np.float32)
+
+
+def _check_ids(batch: Any, size: int, index: int) -> None:
+  """Refuses a batch whose token ids are not integers in [0, size): the embedding would
+  read NaN (or another row) for them, anywhere in the row (attention spreads it)."""
+  if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+    return  # layer_covariance names the malformed batch
+  ids = batch[0]
+  dtype = np.dtype(getattr(ids, "dtype", None) or np.asarray(ids).dtype)
+  if dtype.kind not in "iu":
+    raise ValueError(f"batches[{index}]: expected integer token ids, got dtype {dtype}")
+  if not np.size(ids):
+    return
+  xp = jnp if isinstance(ids, jax.Array) else np
+  lo, hi = int(xp.min(ids)), int(xp.max(ids))
+  if lo < 0 or hi >= size:
+    raise ValueError(f"batches[{index}]: expected token ids 0 <= id < {size} (the model's "
+                     f"vocabulary), got ids from {lo} to {hi}")
+
+
+def _checked(batches, size: int):
+  for i, b in enumerate(batches):
+    _check_ids(b, size, i)
+    yield b

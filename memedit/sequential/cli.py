@@ -33,7 +33,10 @@ above --threshold are marked with '!'.
 --json FILE is written atomically and checked before any work: an existing FILE is
 replaced only when it is an earlier `memedit log --json` report (a JSON object with
 the keys log, relative_to, names, positions and interference) or empty; any other file
-is refused, and so is LOG, --model or a path inside them.
+is refused, and so is LOG, --model or a path inside them. The report is standard JSON:
+an entry of I that does not apply (edits of different leaves) is null, an infinite one
+(an edit that wrote nothing at its own keys while another did) the string "inf"; the
+same for the growth table's numbers.
 
 example:
   memedit log edits.npz
@@ -75,6 +78,15 @@ def add_subcommand(subparsers) -> None:
                       "(atomically); an existing FILE is replaced only when it is an earlier "
                       "`memedit log --json` report (or empty), never LOG or --model")
   p.set_defaults(run=run_log)
+
+
+def _json_number(x: float):
+  """A float as standard JSON allows: finite as is, NaN as null, ±inf as "inf"/"-inf"."""
+  if math.isnan(x):
+    return None
+  if math.isinf(x):
+    return "inf" if x > 0 else "-inf"
+  return float(x)
 
 
 def run_log(args: argparse.Namespace) -> int:
@@ -136,13 +148,15 @@ def run_log(args: argparse.Namespace) -> int:
     inter = interference_matrix(log, params=params, relative_to=args.relative_to)
     report = {"log": os.path.abspath(args.log), "relative_to": args.relative_to,
               "names": list(inter.names), "positions": list(inter.positions),
-              "interference": [[None if not math.isfinite(x) else float(x) for x in row]
+              "interference": [[_json_number(x) for x in row]
                                for row in inter.matrix.tolist()],
-              "growth": ([{**g, "path": list(g["path"])} for g in growth(log, params)]
-                         if params is not None else None)}
+              "growth": ([{k: (list(v) if k == "path" else _json_number(v)
+                               if isinstance(v, float) else v) for k, v in g.items()}
+                          for g in growth(log, params)] if params is not None else None)}
     from memedit.cli.checks import writing
 
     with writing(args.json, "--json"):
-      _io.atomic_write_bytes(args.json, json.dumps(report, indent=2).encode())
+      _io.atomic_write_bytes(args.json,
+                            json.dumps(report, indent=2, allow_nan=False).encode())
     print(f"wrote {os.path.abspath(args.json)}")
   return 0

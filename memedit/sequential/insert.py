@@ -51,8 +51,9 @@ def _linear_weight(kernel, kind, in_ndim):
 
 def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any, path: Any,
                       *, kind: str = "dense", in_ndim: int = 1, index: int | None = None,
-                      project: bool = True, threshold: float = 1e-2, key_weight: float = 1.0,
-                      l2: float = 1.0, penalty: float = 1.0, weights: Any = None,
+                      project: bool = True, threshold: float | None = None,
+                      key_weight: float | None = None, l2: float | None = None,
+                      penalty: float | None = None, weights: Any = None,
                       label: str | None = None,
                       check: bool = True, base_params: Any = None) -> tuple[EditLog, Edit]:
   """Inserts (kᵢ → vᵢ) into the linear layer at ``path`` after the log's edits.
@@ -72,10 +73,13 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
     path: the kernel leaf. kind, in_ndim: its layout ("matrix" or "dense").
     index: the layer of a stacked leaf (``leaf[index]`` is the kernel).
     project: project onto the null space of C and the earlier edits' keys.
-    threshold: relative eigenvalue cutoff of :func:`memedit.sequential.null_space`.
+    threshold: relative eigenvalue cutoff of :func:`memedit.sequential.null_space`
+      (``project=True`` only; None: 1e-2).
     key_weight: ≥ 0, multiplies the earlier edits' key weights in the preserved set (see
-      :func:`sequential_directions`).
-    l2: AlphaEdit's weight of ‖ΔW‖². penalty: λ of the unprojected soft insert.
+      :func:`sequential_directions`; ``project=True`` only; None: 1).
+    l2: AlphaEdit's weight of ‖ΔW‖² (``project=True`` only; None: 1).
+    penalty: λ of the unprojected soft insert (``project=False`` only; None: 1).
+      A setting of the other mode is refused rather than ignored.
     weights: (n,) weights of the new keys, recorded in the log (for later projections
       and diagnostics; the solve itself weighs every key 1).
     label: the edit's name (None: its fingerprint).
@@ -91,7 +95,9 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
 
   Raises:
     ValueError: a conv kernel, shapes that do not match, an ``index`` outside the stacked
-      leaf, or the errors of the solves.
+      leaf, a setting the chosen mode does not use (``penalty`` with ``project=True``;
+      ``threshold``, ``key_weight`` or ``l2`` with ``project=False``), or the errors of
+      the solves.
 
   Example:
     >>> import jax.numpy as jnp
@@ -105,6 +111,16 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
     (1.0, 0.0)
   """
   check_log(log)
+  unused = ({"penalty": penalty} if project else
+            {"threshold": threshold, "key_weight": key_weight, "l2": l2})
+  for name, value in unused.items():
+    if value is not None:
+      raise ValueError(f"{name}: applies to project={not project} only, got {name}={value!r} "
+                       f"with project={bool(project)}")
+  threshold = 1e-2 if threshold is None else threshold
+  key_weight = 1.0 if key_weight is None else key_weight
+  l2 = 1.0 if l2 is None else l2
+  penalty = 1.0 if penalty is None else penalty
   path = check_path(path)
   kernel = as_array(_layer(get_leaf(params, path), path, index), "params")
   if not jnp.issubdtype(jnp.result_type(kernel), jnp.inexact):

@@ -234,10 +234,16 @@ class Session:
   def _check_rank(self, spec):
     """The spec, once its rank is known to fit its layer's keys (refused before a job
     starts rather than failing inside it)."""
-    key_dim = gens.layer_info(self.ws.gen, spec.layer).key_dim
-    if spec.rank > key_dim:
-      raise ValueError(f"rank: expected at most {key_dim} (the key dimension C_in of layer "
-                       f"{spec.layer!r}), got {spec.rank}")
+    info = gens.layer_info(self.ws.gen, spec.layer)
+    if spec.rank > info.key_dim:
+      raise ValueError(f"rank: expected at most {info.key_dim} (the key dimension C_in of "
+                       f"layer {spec.layer!r}), got {spec.rank}")
+    # The context keys with positive weight, from the masks alone (no forward pass).
+    covered = sum(int((gens.mask_at(m, info.key_res) > 0).sum())
+                  for _, m in spec.masks("key"))
+    if spec.rank > covered:
+      raise ValueError(f"rank: expected at most the number of context keys the tray's masks "
+                       f"cover at layer {spec.layer!r} ({covered}), got {spec.rank}")
     return spec
 
   @staticmethod

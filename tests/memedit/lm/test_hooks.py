@@ -149,3 +149,27 @@ def test_rome_on_an_nnx_model(toy):
   back, _ = memedit.revert_edit(new_state, res.edit, hist)
   for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_statistics_refuse_token_ids_outside_the_vocabulary(tiny, tmp_path):
+  """Out-of-range ids read NaN from the embedding (and spread through attention): refused
+  naming the batch and the vocabulary, before any fold for a list, as the fold reads it
+  for an iterator; no cache file is left."""
+  V = tiny.config.vocab_size
+  addr = tiny.layout.memories[0]
+  ids = np.arange(256).reshape(32, 8) % V
+  good = token_batches(ids, 4)
+  bad = token_batches(np.where(ids == 5, V + 2, ids), 4)
+  with pytest.raises(ValueError, match=rf"batches\[0\]: expected token ids 0 <= id < {V} "
+                                       rf"\(the model's vocabulary\), got ids from 0 to {V + 2}"):
+    lm_second_moment(tiny.model, addr, bad)
+  negative = good[:1] + [(good[1][0] - 100, good[1][1])]
+  with pytest.raises(ValueError, match=r"batches\[1\]: expected token ids .* got ids from -68 to -37"):
+    lm_second_moment(tiny.model, addr, iter(negative), spec={"text": "t"},
+                     cache_dir=tmp_path)
+  assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+  with pytest.raises(ValueError, match=r"batches\[0\]: expected integer token ids, got dtype "
+                                       r"float32"):
+    lm_second_moment(tiny.model, addr, [(ids.astype(np.float32), good[0][1])])
+  C = lm_second_moment(tiny.model, addr, iter(good), spec={"text": "ok"})
+  np.testing.assert_array_equal(C, lm_second_moment(tiny.model, addr, good))

@@ -146,3 +146,13 @@ def test_lm_edit_checks_its_outputs_before_any_work(tmp_path):
   add_subcommands(args.add_subparsers(dest="command", required=True))
   assert args.parse_args(["lm-edit", "--out", "x"]).force is False
   assert args.parse_args(["lm-edit", "--out", "x", "--force"]).force is True
+
+
+def test_integer_lists_refuse_empty_entries():
+  from memedit.lm.cli import _int_list
+
+  assert _int_list("0, 1,3") == [0, 1, 3]
+  for bad, msg in (("1,,2", "empty entry"), ("3,", "empty entry"), ("", "empty entry"),
+                   ("1,x", "comma-separated integers"), ("-1", "non-negative")):
+    with pytest.raises(argparse.ArgumentTypeError, match=msg):
+      _int_list(bad)

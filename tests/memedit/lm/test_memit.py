@@ -114,7 +114,8 @@ def test_memit_refuses_two_targets_for_one_prompt_and_subject(tiny):
   assert check_requests([a, other, a]) is None  # duplicates are consistent
 
 
-def test_memit_refuses_token_ids_outside_the_vocabulary_and_an_unreachable_last_block(tiny):
+def test_memit_refuses_token_ids_outside_the_vocabulary_and_an_unreachable_last_block(
+    tiny, tiny_covariances):
   w = tiny.world
   V = tiny.config.vocab_size
   req = Request("we read that {}", w.subjects[0], w.relations[0].objects[1])
@@ -122,12 +123,12 @@ def test_memit_refuses_token_ids_outside_the_vocabulary_and_an_unreachable_last_
   tok = lambda s: [-3 if x == word else i for x, i in zip(s.split(), w.tokenize(s))]
   with pytest.raises(ValueError, match=rf"token ids: expected integers 0 <= id < {V} .*got "
                                        r"-3 from tokenize"):
-    memit_edits(tiny.model, tiny.layout, [0, 1], tok, [req], {0: None, 1: None})
+    memit_edits(tiny.model, tiny.layout, [0, 1], tok, [req], tiny_covariances)
   # z is found at block 1, the last: a subject before the prompt's end cannot move it.
   inside = Request("{} is known that", w.subjects[0], w.relations[0].objects[1])
   with pytest.raises(ValueError, match=r"address \('h_1', 'mlp', 'c_proj'\): expected a "
                                        r"memory whose output .* reaches the prediction"):
-    memit_edits(tiny.model, tiny.layout, [0, 1], w.tokenize, [inside], {0: None, 1: None})
+    memit_edits(tiny.model, tiny.layout, [0, 1], w.tokenize, [inside], tiny_covariances)
 
 
 def test_memit_refuses_non_integer_layers_and_bad_penalties_before_the_search(tiny):
@@ -186,3 +187,25 @@ def test_memit_refuses_a_reused_value_search_of_other_requests(tiny, tiny_covari
   with pytest.raises(ValueError, match=r"contexts: expected templates starting with '\{\}'"):
     memit_edits(tiny.model, tiny.layout, [1], w.tokenize, reqs, tiny_covariances,
                 contexts=("we read that {}", "{}"))
+
+
+def test_memit_checks_every_covariance_before_the_value_search(tiny, tiny_covariances,
+                                                               monkeypatch):
+  import memedit.lm.memit as memit_module
+
+  def no_search(*a, **k):
+    raise AssertionError("the value search ran before C was checked")
+
+  monkeypatch.setattr(memit_module, "optimize_values", no_search)
+  reqs = [c.request for c in world_cases(tiny.world, 2, seed=4)]
+  C1 = np.asarray(tiny_covariances[1])
+  d = C1.shape[0]
+  nan = C1.copy()
+  nan[0, 0] = np.nan
+  for bad, msg in ((np.eye(d + 1), rf"covariances\[1\]: expected a square matrix of shape "
+                                   rf"\({d}, {d}\)"),
+                   (nan, r"covariances\[1\]: expected finite entries"),
+                   (-np.eye(d), r"covariances\[1\]: expected a positive semi-definite")):
+    with pytest.raises(ValueError, match=msg):
+      memit_edits(tiny.model, tiny.layout, [0, 1], tiny.world.tokenize, reqs,
+                  {0: tiny_covariances[0], 1: bad})

@@ -367,19 +367,20 @@ def test_sequential_insert_checks_index_C_kernel_and_log():
   keys, values = jnp.array([[0.0, 5.0, 0.0]]), jnp.array([[1.0]])
   stacked = {"k": jnp.zeros((2, 3, 1))}
   for project in (True, False):
+    opt = {"l2": 1e-3} if project else {"penalty": 1e-3}
     # JAX clamps leaf[5] to leaf[1]: the insert must not solve for another layer.
     with pytest.raises(ValueError, match=r"index: expected .* 0 <= index < 2 .* got 5"):
       sq.sequential_insert(stacked, sq.log_init(), C, keys, values, ("k",), index=5,
-                           project=project, l2=1e-3)
+                           project=project, **opt)
     with pytest.raises(ValueError, match=r"C: expected shape \(3, 3\) .* got \(4, 4\)"):
       sq.sequential_insert({"k": jnp.zeros((3, 1))}, sq.log_init(), jnp.eye(4), keys, values,
-                           ("k",), project=project, l2=1e-3)
+                           ("k",), project=project, **opt)
     with pytest.raises(ValueError, match="log: expected an EditLog, got list"):
       sq.sequential_insert({"k": jnp.zeros((3, 1))}, [], C, keys, values, ("k",),
                            project=project)
     with pytest.raises(ValueError, match="params: expected a floating-point kernel"):
       sq.sequential_insert({"k": jnp.zeros((3, 1), jnp.int32)}, sq.log_init(), C, keys,
-                           values, ("k",), project=project, l2=1e-3)
+                           values, ("k",), project=project, **opt)
   with pytest.raises(ValueError, match=r"C: expected shape \(3, 3\)"):
     sq.sequential_directions(sq.log_init(), jnp.eye(4), jnp.ones((1, 3)), ("k",))
   big = {"k": np.zeros((3, 1), ">f4")}
@@ -388,6 +389,30 @@ def test_sequential_insert_checks_index_C_kernel_and_log():
   _, want = sq.sequential_insert({"k": jnp.zeros((3, 1))}, sq.log_init(), C, keys, values,
                                  ("k",), l2=1e-3)
   np.testing.assert_array_equal(e.lam, want.lam)
+
+
+def test_sequential_insert_refuses_the_settings_of_the_other_mode():
+  """A setting the chosen mode does not use was silently ignored (penalty= with the
+  projected insert, l2= with the ridge one): refused by name."""
+  C = jnp.diag(jnp.array([1.0, 1e-4, 1e-4]))
+  keys, values = jnp.array([[0.0, 5.0, 0.0]]), jnp.array([[1.0]])
+  params = {"k": jnp.zeros((3, 1))}
+  for project, name in ((True, "penalty"), (False, "threshold"), (False, "key_weight"),
+                        (False, "l2")):
+    with pytest.raises(ValueError, match=rf"{name}: applies to project={not project} only, "
+                                         rf"got {name}=0.5 with project={project}"):
+      sq.sequential_insert(params, sq.log_init(), C, keys, values, ("k",), project=project,
+                           **{name: 0.5})
+  # The defaults of each mode are those documented.
+  _, a = sq.sequential_insert(params, sq.log_init(), C, keys, values, ("k",))
+  _, b = sq.sequential_insert(params, sq.log_init(), C, keys, values, ("k",), threshold=1e-2,
+                              key_weight=1.0, l2=1.0)
+  _, c = sq.sequential_insert(params, sq.log_init(), C, keys, values, ("k",), project=False)
+  _, d = sq.sequential_insert(params, sq.log_init(), C, keys, values, ("k",), project=False,
+                              penalty=1.0)
+  np.testing.assert_array_equal(a.lam, b.lam)
+  np.testing.assert_array_equal(c.lam, d.lam)
+  assert a.settings == b.settings and c.settings == d.settings
 
 
 def test_projected_insert_runs_under_jit():

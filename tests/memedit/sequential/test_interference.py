@@ -252,3 +252,28 @@ def test_cli_on_a_log_of_another_model_prints_nothing(tmp_path, capsys, monkeypa
   with pytest.raises(ValueError, match="to fit edit 'a'"):
     run_log(args)
   assert capsys.readouterr().out == ""
+
+
+def test_the_json_report_is_standard_json_with_inf_as_a_string(tmp_path):
+  import argparse
+  import json
+
+  from memedit.sequential.cli import run_log
+
+  log = _two_edits(first_lam=0.0)  # I[0, 1] = inf
+  other = memedit.make_edit(("j",), np.ones((2, 1)), np.array([[1.0, 0.0]]), label="c")
+  log = sq.log_append(log, other, np.eye(2)[:1])  # another leaf: I[0, 2] does not apply
+  f = sq.save_log(tmp_path / "log.npz", log)
+  out = tmp_path / "r.json"
+  args = argparse.Namespace(log=f, model=None, relative_to="edit", threshold=0.1,
+                            json=str(out))
+  assert run_log(args) == 0
+
+  def refuse(token):
+    raise AssertionError(f"non-standard JSON token {token}")
+
+  report = json.loads(out.read_text(), parse_constant=refuse)
+  want = sq.interference_matrix(log).matrix
+  assert report["interference"][0][:2] == [0.0, "inf"]
+  assert report["interference"][0][2] is None and report["interference"][2][0] is None
+  assert report["interference"][1][1] == want[1, 1]

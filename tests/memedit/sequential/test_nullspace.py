@@ -108,7 +108,8 @@ def test_sequential_projected_inserts_keep_earlier_values():
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", sq.InterferenceWarning)
         log, edit = sq.sequential_insert(p, log, C, keys, values, ("k",), project=project,
-                                         l2=1e-4, penalty=1e-4, label=f"b{b}")
+                                         **({"l2": 1e-4} if project else {"penalty": 1e-4}),
+                                         label=f"b{b}")
       p = sq.log_apply(params, log)
       after.append(np.asarray(keys @ p["k"]))   # outputs right after the edit
     final = np.asarray(p["k"])

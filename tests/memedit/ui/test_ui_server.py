@@ -292,6 +292,12 @@ BAD = [
                                      "object": [3, url(box(8, 16, 8, 16))],
                                      "layer": "convt2", "rank": 10 ** 9})}, 400,
      "rank: expected at most"),
+    ("replay", {"spec": json.dumps({"key": [[1, url(box(8, 16, 8, 16))]],
+                                     "paste": [2, url(box(8, 16, 8, 16))],
+                                     "object": [3, url(box(8, 16, 8, 16))],
+                                     "layer": "convt2", "rank": 12})}, 400,
+     "rank: expected at most the number of context keys the tray's masks cover at layer "
+     "'convt2' (9), got 12"),
     ("layer", {"layer": "convt9"}, 400, "layer: expected one of"),
     ("context/remove", {"id": "c99"}, 400, "expected one of the tray's entries"),
     ("edits/e9/active", {"active": True}, 400, "this session's edits"),

@@ -94,6 +94,7 @@ def test_image_numbers_and_limits():
   assert parse_imgnums("200-203, 7", 10) == [200, 201, 202, 203, 7]
   assert parse_imgnums([5, 1], 10) == [5, 1]
   for bad, msg in (("5-3", "low to high"), ("x", "numbers or ranges"), ("", "expected image"),
+                   ("1,,2", "empty entry"), ("3,", "empty entry"),
                    ([1.5], "image numbers in"), ([True], "image numbers in"),
                    ("0-10", "at most 10"), ([], "empty list"), (7, "numbers or ranges"),
                    ("3-5,4", r"expected distinct image numbers, got \[4\] more than once"),
