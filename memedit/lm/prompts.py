@@ -22,8 +22,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["PromptBatch", "Request", "bucket", "check_requests_list", "encode", "fill",
-           "prompt_rows", "read_facts", "round_up", "split_template", "subject_span",
+__all__ = ["PromptBatch", "Request", "bucket", "check_requests_list", "continuation_ids",
+           "encode", "fill", "prompt_rows", "read_facts", "round_up", "split_template", "subject_span",
            "token_ids"]
 
 #: Largest facts file :func:`read_facts` reads, in bytes.
@@ -98,6 +98,32 @@ def token_ids(tokenize: Tokenizer, text: str) -> list[int]:
   return [int(i) for i in arr]
 
 
+def continuation_ids(tokenize: Tokenizer, text: str) -> list[int]:
+  """The token ids of ``text`` as a continuation of a prompt: ``tokenize(text)`` less the
+  special tokens the tokenizer starts every text with (those of ``tokenize("")``, e.g. a
+  BOS token; none for GPT-2's tokenizer).
+
+  Raises:
+    ValueError: ``tokenize(text)`` does not start with the tokens of ``tokenize("")`` (a
+      tokenizer that adds tokens at the end of every text would put them between a
+      prompt and its target), or the tokenizer's output is not 1-D integer ids.
+
+  Example:
+    >>> vocab = {"<s>": 1, "paris": 2, "new": 3, "york": 4}
+    >>> tok = lambda s: [1] + [vocab[w] for w in s.split()]   # a BOS-adding tokenizer
+    >>> continuation_ids(tok, " new york")
+    [3, 4]
+  """
+  ids = token_ids(tokenize, text)
+  specials = token_ids(tokenize, "")
+  if ids[:len(specials)] != specials:
+    raise ValueError(f"tokenize: expected the special tokens it gives every text "
+                     f"(tokenize('') = {specials}) at the start of {text!r}, got "
+                     f"{ids}; tokenizers that add tokens at the end of a text are not "
+                     f"supported")
+  return ids[len(specials):]
+
+
 def subject_span(tokenize: Tokenizer, before: str, subject: str,
                  where: str = "encode") -> tuple[int, int]:
   """``(first, last)``: the positions of the subject's first and last tokens in
@@ -106,7 +132,8 @@ def subject_span(tokenize: Tokenizer, before: str, subject: str,
   The subject's tokens are those past the ones ``tokenize(before + subject)`` shares with
   ``tokenize(before)``: a tokenizer that keeps a trailing space as a token of its own
   (GPT-2's ``"of "`` -> ``of``, ``" "``) joins it to the subject's first token instead
-  (``" Tavo"``), so counting the tokens of ``before`` would be one too many.
+  (``" Tavo"``), so counting the tokens of ``before`` would be one too many. With no text
+  before the subject, ``tokenize("")`` is what is shared (a BOS token, or nothing).
 
   Raises:
     ValueError: the subject adds no token (its key would be read at another token);
@@ -118,7 +145,7 @@ def subject_span(tokenize: Tokenizer, before: str, subject: str,
     (3, 4)
   """
   upto = token_ids(tokenize, before + subject)
-  pre = token_ids(tokenize, before) if before else []
+  pre = token_ids(tokenize, before)
   first = 0
   while first < min(len(pre), len(upto)) and pre[first] == upto[first]:
     first += 1
@@ -342,7 +369,8 @@ def encode(tokenize: Tokenizer, rows: Sequence[tuple[str, str, str, str | None]]
   The prompt is ``before + subject + after``; the subject's last token is the last
   token of ``tokenize(before + subject)`` (as ROME finds it; the subject must add a token
   to ``tokenize(before)``, :func:`subject_span`); the target is tokenized as
-  ``tokenize(" " + target)`` and appended, all but its last token, to the prompt.
+  ``tokenize(" " + target)`` less the tokens a tokenizer starts every text with (a BOS,
+  :func:`continuation_ids`) and appended, all but its last token, to the prompt.
 
   Args:
     tokenize: text -> token ids.
@@ -374,7 +402,7 @@ def encode(tokenize: Tokenizer, rows: Sequence[tuple[str, str, str, str | None]]
       raise ValueError(f"encode: expected a prompt of at least one token, got "
                        f"{before + subject + after!r}")
     last = subject_span(tokenize, before, subject)[1] if subject else -1
-    t = token_ids(tokenize, " " + target) if target is not None else []
+    t = continuation_ids(tokenize, " " + target) if target is not None else []
     if target is not None and not t:
       raise ValueError(f"encode: expected a target of at least one token, got {target!r}")
     prompts.append(ids)

@@ -28,7 +28,8 @@ import numpy as np
 
 from memedit.lm.hooks import LMLayout, run_lm, split_model
 from memedit.lm.keys import check_token_ids
-from memedit.lm.prompts import encode, round_up, split_template, subject_span, token_ids
+from memedit.lm.prompts import (continuation_ids, encode, round_up, split_template, subject_span,
+                                token_ids)
 
 __all__ = ["CATEGORIES", "TraceResult", "causal_trace", "trace_png", "trace_summary"]
 
@@ -153,7 +154,10 @@ def causal_trace(model, layout: LMLayout, tokenize: Callable[[str], Sequence[int
     logits, _ = run_lm(definition, params, jnp.asarray(arr))
     tid = int(jnp.argmax(logits[0, end]))
   else:
-    tid = token_ids(tokenize, " " + target)[0]
+    t = continuation_ids(tokenize, " " + target)
+    if not t:
+      raise ValueError(f"target: expected text of at least one token, got {target!r}")
+    tid = t[0]
   if noise is None:
     _, rec = run_lm(definition, params, jnp.asarray(arr), record=[layout.embed])
     emb = np.asarray(rec[layout.embed][1][0, first:last + 1], np.float64)

@@ -8,7 +8,7 @@ import pytest
 
 from memedit.lm.evaluate import (EditCase, evaluate_cases, score_targets, summarize,
                                  world_cases, world_facts)
-from memedit.lm.prompts import Request, encode
+from memedit.lm.prompts import Request, continuation_ids, encode, subject_span
 from memedit.lm.world import load_world, make_world, text_batches, training_batches
 
 
@@ -73,6 +73,30 @@ def test_encode_finds_the_subject_and_targets():
   assert b.weight.tolist() == [1.0] + [0.0] * 7
   with pytest.raises(ValueError, match="exactly one"):
     Request("{} and {}", s, "x")
+
+
+def test_encode_with_a_tokenizer_that_adds_a_bos_token():
+  """A tokenizer that starts every text with BOS (as Llama's does) put BOS first among
+  the target's tokens (the model was trained to predict BOS there) and made it the
+  subject's first token when no text came before it."""
+  w = make_world(seed=2, n_subjects=10, n_relations=2, n_objects=3)
+  BOS = 1
+  bos = lambda text: [BOS] + list(w.tokenize(text))
+  s, obj = w.subjects[3], w.relations[0].objects[1]
+  plain = encode(w.tokenize, [("we read that the home of ", s, "", obj)])
+  b = encode(bos, [("we read that the home of ", s, "", obj)])
+  n = int(plain.end[0]) + 1
+  assert b.ids[0, :n + 1].tolist() == [BOS] + plain.ids[0, :n].tolist()
+  assert b.targets[0].tolist() == plain.targets[0].tolist() == list(w.tokenize(" " + obj))
+  assert int(b.target_pos[0, 0]) == int(b.end[0]) == n
+  assert int(b.last[0]) == int(plain.last[0]) + 1
+  assert subject_span(bos, "", s) == (1, len(s.split()))
+  assert subject_span(w.tokenize, "", s) == (0, len(s.split()) - 1)
+  assert continuation_ids(bos, " " + obj) == list(w.tokenize(" " + obj))
+  eos = lambda text: list(w.tokenize(text)) + [2]
+  with pytest.raises(ValueError, match=r"tokenize: expected the special tokens it gives every "
+                                       r"text \(tokenize\(''\) = \[2\]\) at the start"):
+    encode(eos, [("we read that the home of ", s, "", obj)])
 
 
 def test_scores_match_the_logits(tiny):
