@@ -170,7 +170,7 @@ def conv_patches(module, x):
 
   Args:
     module: the conv layer (NNX instance or Linen definition).
-    x: its input ``(..., *spatial, C_in)``.
+    x: its input ``(..., *spatial, C_in)`` (batched or not, as the layer takes it).
 
   Returns:
     Keys aligned with the layer's output pixels.
@@ -187,6 +187,8 @@ def conv_patches(module, x):
   transpose = is_transpose(module)
   k = kernel_size(module)
   n = len(k)
+  if jnp.ndim(x) == n + 1:  # an unbatched input (*spatial, C_in), which Flax also takes
+    return conv_patches(module, jnp.asarray(x)[None])[0]
   s = as_tuple(module.strides, n)
   d = as_tuple(getattr(module, "kernel_dilation", 1), n)
   lhs = as_tuple(getattr(module, "input_dilation", 1), n)

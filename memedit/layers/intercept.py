@@ -51,6 +51,7 @@ __all__ = [
     "linen_layer_definition",
     "nnx_input_ndim",
     "pick_layer",
+    "refuse_reparametrised",
     "run_hooked",
     "show_static",
     "sow_record",
@@ -163,6 +164,29 @@ class LayerTap(nnx.Module):
     return getattr(self.layer, name)
 
 
+# Flax wrappers that rewrite the wrapped layer's weights at every call (the layer then runs
+# with g(W), not with its stored kernel W, and g is not linear: W / sigma(W), g W / |W|).
+_REPARAMETRISING = (nnx.SpectralNorm, nnx.WeightNorm, nn.SpectralNorm, nn.WeightNorm)
+
+
+def _reparametrised_error(path, wrapper) -> ValueError:
+  return ValueError(
+      f"layer {tuple(path)!r}: expected a layer that runs with its stored kernel, got one "
+      f"wrapped by {'nnx' if isinstance(wrapper, nnx.Module) else 'linen'}."
+      f"{type(wrapper).__name__}, which "
+      "rewrites the kernel at every call (a normalised g(W), not linear in W), so the layer "
+      "is not the memory its kernel describes; edit a layer without the wrapper")
+
+
+def refuse_reparametrised(model, layer, path) -> None:
+  """Raises ``ValueError`` when an NNX ``layer`` of ``model`` is wrapped by a module that
+  rewrites its weights before calling it (``nnx.SpectralNorm``, ``nnx.WeightNorm``)."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, _REPARAMETRISING) and any(
+        child is layer for _, child in nnx.iter_children(node)):
+      raise _reparametrised_error(path, node)
+
+
 def tap_layer(model, path: tuple, hook: Hook):
   """Replaces every reference to the layer at ``path`` in ``model`` by a :class:`LayerTap`.
 
@@ -185,6 +209,7 @@ def tap_layer(model, path: tuple, hook: Hook):
     True
   """
   target = locate(model, path)
+  refuse_reparametrised(model, target, path)
   tap = LayerTap(target, hook)
   if target is model:
     return tap
@@ -224,10 +249,19 @@ def linen_interceptor(path: tuple, hook: Hook):
     True
   """
   path = tuple(path)
+  wrappers = []  # weight-rewriting wrappers whose __call__ is running (this run only)
 
   def interceptor(next_fun, args, kwargs, ctx):
+    if ctx.method_name == "__call__" and isinstance(ctx.module, _REPARAMETRISING):
+      wrappers.append(ctx.module)
+      try:
+        return next_fun(*args, **kwargs)
+      finally:
+        wrappers.pop()
     if ctx.method_name != "__call__" or tuple(ctx.module.path) != path:
       return next_fun(*args, **kwargs)
+    if wrappers:
+      raise _reparametrised_error(path, wrappers[-1])
     return hook(ctx.module, next_fun, tuple(args), dict(kwargs))
   return interceptor
 
@@ -271,7 +305,17 @@ def run_hooked(m: Model, path: tuple, hook: Hook, args, kwargs, method=None):
   if m.framework == "nnx":
     model = tap_layer(merge(m.definition, m.params), path, hook)
     call = lambda mm, *a, **k: call_method(mm, method)(*a, **k)
-    out, inter = nnx.capture(call, Capture)(model, *args, **kwargs)
+    try:
+      out, inter = nnx.capture(call, Capture)(model, *args, **kwargs)
+    except ValueError as e:
+      if SOW_NAME not in str(e) or "vmap" not in str(e):
+        raise
+      raise ValueError(
+          f"layer {tuple(path)!r}: expected its calls' records to leave the model, got a "
+          "layer called inside nnx.vmap with its module broadcast (in_axes=None), where "
+          "records sown per example cannot come out; give the module's axes as "
+          "nnx.StateAxes({nnx.Intermediate: 0, ...: None}). Flax said: "
+          f"{str(e).splitlines()[0]}") from None
     return out, _nnx_records(inter)
   with nn.intercept_methods(linen_interceptor(path, hook)):
     try:

@@ -34,7 +34,8 @@ from flax import nnx
 from flax.traverse_util import flatten_dict
 
 from memedit.layers.conv import as_tuple, conv_groups, conv_patch_check, conv_patches
-from memedit.layers.intercept import linen_layer_definition, nnx_input_ndim
+from memedit.layers.intercept import (linen_layer_definition, nnx_input_ndim,
+                                      refuse_reparametrised)
 from memedit.layers.kinds import general_key_axes, layer_kind
 from memedit.layers.memory import MemoryView
 from memedit.layers.model import as_model, merge, resolve_layer, slice_tree, stack_region
@@ -179,6 +180,7 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
   stack = lambda: stack_region(m, path)  # only asked for a stacked kernel
   if m.framework == "nnx":
     spec = layer_kind(mod)
+    refuse_reparametrised(obj, mod, path)
     if not hasattr(mod, spec.weight):
       raise ValueError(f"layer {path!r}: expected a kernel attribute {spec.weight!r} on "
                        f"{type(mod).__name__}")
