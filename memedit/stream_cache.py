@@ -140,6 +140,10 @@ def unstack_state(tree: dict, i: int) -> CovarianceState:
   return CovarianceState(**{k: jnp.asarray(np.asarray(v)[i]) for k, v in tree.items()})
 
 
+def _is_count(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class StreamCache:
   """Where a stream's state is saved and resumed: one directory written by process 0.
 
@@ -177,7 +181,13 @@ class StreamCache:
     self.path = os.path.join(root, key)
 
   def load(self):
-    """``(states, batches consumed per process, complete)``, or None when nothing is saved."""
+    """``(states, batches consumed per process, complete)``, or None when nothing is saved.
+
+    Raises:
+      ValueError: the cache holds another number of processes' states, or is not what
+        :meth:`save` writes (a field of meta.json, an array's name, shape or dtype; the
+        message names it).
+    """
     if self.path is None:
       return None
     with _io.path_lock(self.path):  # another thread of this process may be saving it
@@ -195,10 +205,13 @@ class StreamCache:
       return None  # an empty folder (e.g. made ahead of the run) holds nothing saved
     tree, meta = _io.load_tree(self.path)
     procs = meta.get("processes")
+    if procs is not None and not (_is_count(procs) and procs >= 1):
+      raise self._damaged("'processes' in meta.json: a positive integer", repr(procs)[:60])
     if (procs or 1) != self.n_proc:
       raise ValueError(
           f"statistics cache {self.path}: expected the state of {self.n_proc} process(es), "
           f"got one written by {procs or 1}")
+    self._check_saved(tree, meta, procs)
     if procs is None:
       states = [CovarianceState(**{k: jnp.asarray(v) for k, v in tree.items()})]
       consumed = [int(meta["batches"])]
@@ -206,6 +219,49 @@ class StreamCache:
       states = [unstack_state(tree, i) for i in range(procs)]
       consumed = [int(b) for b in meta["batches"]]
     return states, consumed, bool(meta.get("complete"))
+
+  def _damaged(self, want: str, got: str) -> ValueError:
+    return ValueError(f"statistics cache {self.path}: expected {want}, got {got}; the cache "
+                      "is damaged: remove it to collect the statistics again")
+
+  def _check_saved(self, tree, meta: dict, procs: int | None) -> None:
+    """Checks a loaded cache against what :meth:`save` writes: the batches consumed,
+    the completion flag and the state's fields, with shapes of one key dimension and
+    the state's dtypes (a cache of another program, or edited by hand, fails here)."""
+    batches = meta.get("batches")
+    if procs is None:
+      ok = _is_count(batches)
+      want = "'batches' in meta.json: a non-negative integer"
+    else:
+      ok = (isinstance(batches, list) and len(batches) == procs
+            and all(_is_count(b) for b in batches))
+      want = f"'batches' in meta.json: a list of {procs} non-negative integers"
+    if not ok:
+      raise self._damaged(want, repr(batches)[:60])
+    if not isinstance(meta.get("complete"), bool):
+      raise self._damaged("'complete' in meta.json: true or false",
+                          repr(meta.get("complete"))[:60])
+    fields = sorted(CovarianceState._fields)
+    if not (isinstance(tree, dict) and sorted(map(str, tree)) == fields):
+      got = sorted(map(str, tree)) if isinstance(tree, dict) else type(tree).__name__
+      raise self._damaged(f"the arrays {fields}", str(got)[:200])
+    lead = () if procs is None else (procs,)
+    d = meta.get("dim", np.shape(tree["shift"])[-1] if np.ndim(tree["shift"]) else -1)
+    if not (_is_count(d) and d >= 1):
+      raise self._damaged("'dim' in meta.json: a positive integer", repr(d)[:60])
+    floats = sorted({str(np.asarray(tree[k]).dtype) for k in ("weight", "shift", "sum",
+                                                              "sum_sq")})
+    if len(floats) != 1 or floats[0] not in ("float32", "float64"):
+      raise self._damaged("weight, shift, sum and sum_sq of one dtype, float32 or float64",
+                          f"the dtypes {floats}")
+    want = {"count": ((2,), "uint32"), "weight": ((2,), floats[0]),
+            "shift": ((d,), floats[0]), "has_shift": ((), "bool"), "sum": ((d,), floats[0]),
+            "sum_sq": ((d, d), floats[0]), "nonfinite": ((), "uint32")}
+    for k, (shape, dtype) in want.items():
+      a = np.asarray(tree[k])
+      if a.shape != lead + shape or str(a.dtype) != dtype:
+        raise self._damaged(f"{k} of shape {lead + shape} and dtype {dtype} (key dimension "
+                            f"{d})", f"shape {a.shape} and dtype {a.dtype}")
 
   def save(self, states, consumed, complete: bool):
     if jax.process_index() != 0:

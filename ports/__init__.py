@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["check_finite", "detect_format", "load_converted", "read_config", "shown_keys",
-           "validate_state_dict"]
+__all__ = ["check_finite", "check_variables", "detect_format", "load_converted", "read_config",
+           "shown_keys", "validate_state_dict"]
 
 # Config fields each architecture's loader needs, all positive integers ("channels" a
 # list of them).
@@ -100,6 +100,48 @@ def check_finite(name: str, value: Any, where: str) -> None:
     nan = int(np.isnan(a).sum())
     raise ValueError(f"{where}: {name}: expected finite weights, got {nan} NaN and "
                      f"{a.size - int(finite.sum()) - nan} infinite of {a.size} values")
+
+
+def check_variables(module: Any, variables: Any, inputs: tuple, where: str) -> None:
+  """Checks loaded variables against those ``module.init(key, *inputs)`` makes (found
+  by shape alone, nothing is computed): the same names, shapes and dtypes, so that a
+  checkpoint whose arrays do not fit its config fails here, by name, instead of inside
+  the model.
+
+  Args:
+    module: the Flax Linen module the config describes.
+    variables: the loaded variables (nested dicts of arrays).
+    inputs: example inputs of ``module.init`` (arrays or ``jax.ShapeDtypeStruct``).
+    where: the checkpoint, for error messages.
+
+  Raises:
+    ValueError: a variable is missing or unexpected, or has another shape or dtype; the
+      message names it.
+  """
+  import jax
+
+  def leaves(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+            for path, leaf in flat}
+
+  want = leaves(jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs))
+  got = leaves(variables)
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want))
+  if missing or extra:
+    problems = [f"{len(names)} {what} {names[:4]}"
+                for what, names in (("missing", missing), ("unexpected", extra)) if names]
+    raise ValueError(f"{where}: expected the variables its config describes, got "
+                     f"{' and '.join(problems)}; the checkpoint is damaged: convert it again")
+  for name, spec in want.items():
+    leaf = got[name]
+    shape = tuple(np.shape(leaf))
+    dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype)
+    if shape != tuple(spec.shape) or dtype != spec.dtype:
+      raise ValueError(f"{where}: {name}: expected shape {tuple(spec.shape)} and dtype "
+                       f"{spec.dtype} (from its config), got shape {shape} and dtype {dtype}; "
+                       "the checkpoint is damaged: convert it again")
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -240,7 +240,11 @@ def check_solver(given: Any) -> dict:
   _choice(solver["loss"], LOSSES, "solver.loss")
   solver["steps"] = _int_in(solver["steps"], "solver.steps", 1, MAX_STEPS)
   lr = solver["learning_rate"]
-  if not _is_number(lr) or not (math.isfinite(lr) and lr > 0):
+  try:
+    finite = _is_number(lr) and math.isfinite(lr)
+  except OverflowError:  # an integer beyond float's range
+    finite = False
+  if not finite or not lr > 0:
     raise ValueError(f"solver.learning_rate: expected a finite positive number, got "
                      f"{got(lr, (int, float, np.integer, np.floating))}")
   solver["learning_rate"] = float(lr)

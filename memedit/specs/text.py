@@ -123,6 +123,9 @@ def parse_spec_text(raw: bytes, source: str = "spec") -> Any:
     if bad is not None:
       raise not_utf8(None) from None
     raise ValueError(f"{source}: expected a JSON edit spec, got invalid JSON ({e})") from None
+  except ValueError as e:  # an integer literal longer than Python converts (4300 digits)
+    raise ValueError(f"{source}: expected a JSON edit spec, got a number too long to read "
+                     f"({str(e).split(';')[0]})") from None
   if bad is not None:
     raise not_utf8(_undecoded_field(data))
   return data

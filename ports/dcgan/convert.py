@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from memedit import _io
-from ports import check_finite, shown_keys, validate_state_dict
+from ports import check_finite, check_variables, shown_keys, validate_state_dict
 from ports.dcgan.model import (BN_EPSILON, KERNEL, NUM_LAYERS, RESOLUTION, DCGANGenerator,
                                layer_channels)
 
@@ -195,6 +195,10 @@ def load_dcgan(path: str | os.PathLike) -> tuple[DCGANGenerator, dict, dict]:
   Returns:
     ``(module, variables, config)``; ``module.apply(variables, z)`` maps ``(N, z_dim)``
     latents to ``(N, 64, 64, channels)`` images in [-1, 1].
+
+  Raises:
+    ValueError: the checkpoint is not a DCGAN conversion, or its arrays do not fit its
+      config (see :func:`ports.check_variables`).
   """
   import jax
   import jax.numpy as jnp
@@ -205,4 +209,6 @@ def load_dcgan(path: str | os.PathLike) -> tuple[DCGANGenerator, dict, dict]:
                      f"got {config.get('architecture')!r}")
   module = DCGANGenerator(z_dim=config["z_dim"], ngf=config["ngf"],
                           channels=config["image_channels"])
+  check_variables(module, tree, (jax.ShapeDtypeStruct((1, config["z_dim"]), jnp.float32),),
+                  os.fspath(path))
   return module, jax.tree_util.tree_map(jnp.asarray, tree), config

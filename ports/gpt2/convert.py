@@ -39,7 +39,7 @@ import ml_dtypes
 import numpy as np
 
 from memedit import _io
-from ports import check_finite, shown_keys, validate_state_dict
+from ports import check_finite, check_variables, shown_keys, validate_state_dict
 from ports.gpt2.hf_files import (SAFETENSORS_DTYPES, checkpoint_files, load_safetensors,
                                 locate_checkpoint, read_hf_config, read_state_dict)
 from ports.gpt2.model import GPT2Config, GPT2LMHeadModel
@@ -232,8 +232,8 @@ def save_gpt2(out_dir: str | os.PathLike, config: GPT2Config, variables: Mapping
     ``out_dir`` as an absolute path.
 
   Raises:
-    ValueError: the variables do not have the shapes ``config`` implies, or are not
-      finite.
+    ValueError: the variables do not have the shapes ``config`` implies, are not
+      floating-point numbers, or are not finite. Other float dtypes are stored as float32.
 
   Example:
     >>> import os, tempfile, jax, jax.numpy as jnp
@@ -256,12 +256,15 @@ def save_gpt2(out_dir: str | os.PathLike, config: GPT2Config, variables: Mapping
     raise ValueError(f"variables: expected the parameters of GPT-2 with {config}, got "
                      f"differences {diff[:4]}")
   for k, v in got.items():
+    if not (np.issubdtype(v.dtype, np.floating) or v.dtype == _BF16):
+      raise ValueError(f"variables: {k}: expected floating-point weights, got {v.dtype}")
     if not np.all(np.isfinite(v)):
       raise ValueError(f"variables: expected finite weights, got NaN or inf in {k}")
   meta = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION,
           **config.to_dict(), "inner_dim": config.inner_dim,
           "source": dict(source or {"format": "flax"})}
-  return _io.save_tree(out_dir, jax.tree_util.tree_map(np.asarray, dict(variables)), meta,
+  # Stored in float32, as load_gpt2 reads them (and as the converter widens half precision).
+  return _io.save_tree(out_dir, jax.tree_util.tree_map(_f32, dict(variables)), meta,
                        kind="converted", force=force)
 
 
@@ -275,7 +278,8 @@ def load_gpt2(path: str | os.PathLike) -> tuple[GPT2LMHeadModel, dict, dict]:
 
   Raises:
     FileNotFoundError: ``path`` is not a complete checkpoint.
-    ValueError: the checkpoint is not a GPT-2 conversion, or its config is damaged.
+    ValueError: the checkpoint is not a GPT-2 conversion, its config is damaged, or its
+      arrays do not fit its config (see :func:`ports.check_variables`).
   """
   import jax
   import jax.numpy as jnp
@@ -289,4 +293,6 @@ def load_gpt2(path: str | os.PathLike) -> tuple[GPT2LMHeadModel, dict, dict]:
   except ValueError as e:
     raise ValueError(f"{os.fspath(path)}: {e}; the checkpoint is damaged: convert it "
                      "again") from None
-  return GPT2LMHeadModel(config), jax.tree_util.tree_map(jnp.asarray, tree), meta
+  module = GPT2LMHeadModel(config)
+  check_variables(module, tree, (jax.ShapeDtypeStruct((1, 1), jnp.int32),), os.fspath(path))
+  return module, jax.tree_util.tree_map(jnp.asarray, tree), meta

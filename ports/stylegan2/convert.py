@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 
 from memedit import _io
+from ports import check_variables
 from ports.stylegan2 import model as model_lib
 from ports.stylegan2.nvidia import (convert_nvidia, infer_nvidia_config,
                                     state_dict_to_params_nvidia)
@@ -52,10 +53,17 @@ def load_stylegan2(path: str | os.PathLike):
 
   Raises:
     FileNotFoundError: ``path`` is not a complete checkpoint.
-    ValueError: the checkpoint is not a StyleGAN2 conversion.
+    ValueError: the checkpoint is not a StyleGAN2 conversion, or its arrays do not fit
+      its config (see :func:`ports.check_variables`).
   """
+  import jax
+
   variables, config = _io.load_tree(path)
   if config.get("architecture") != "stylegan2":
     raise ValueError(f"{os.fspath(path)}: expected architecture 'stylegan2', "
                      f"got {config.get('architecture')!r}")
-  return model_lib.generator_from_config(config), variables, config
+  module = model_lib.generator_from_config(config)
+  check_variables(module, variables,
+                  (jax.ShapeDtypeStruct((1, module.z_dim), jax.numpy.float32),),
+                  os.fspath(path))
+  return module, variables, config
