@@ -545,6 +545,10 @@ def stream_covariance(
   state = None
   if saved is not None:
     states, consumed, complete = saved
+    if dim is not None and states[0].dim != dim:  # a cache copied under another key
+      raise ValueError(f"statistics cache {cache.path}: expected the statistics of keys of "
+                       f"dimension {dim}, got those of dimension {states[0].dim}; pass "
+                       f"another cache_key, or remove the cache")
     if complete:
       return merge_all(states)
     state, done = states[me], consumed[me]

@@ -258,10 +258,33 @@ def _run_edit(args) -> int:
   return 0
 
 
+def _check_report_out(path: str, model: str | None, flag: str = "--out") -> None:
+  """Before any work: ``path`` may be written and is no file but an earlier report."""
+  from memedit.cli.checks import check_output_file, is_json_report
+
+  check_output_file(path, flag, protect=(model,), what="an earlier `memedit lm-eval` report",
+                    accept=lambda f: is_json_report(f, ("rows", "model", "settings")))
+
+
+def _check_trace_out(path: str, flag: str = "--out") -> None:
+  """Before any work: ``path`` is a folder, or nothing yet, that may be written."""
+  from memedit.cli.checks import check_output_location
+
+  check_output_location(path, flag, folder=True)
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise ValueError(f"{flag}: expected a folder for the heat maps, got {path!r}, which is "
+                     f"a file")
+
+
 def _run_eval(args) -> int:
   from memedit.lm.experiment import demo_contexts, evaluate_methods, format_table
   from ports.gpt2 import lm_layout
 
+  from memedit import _io
+  from memedit.cli.checks import writing
+
+  if args.out:
+    _check_report_out(args.out, args.model)
   module, variables, world, info = _open(args)
   model = (module, variables)
   layout = lm_layout(module.config.n_layer)
@@ -282,9 +305,9 @@ def _run_eval(args) -> int:
                         "load_average": [round(x, 2) for x in os.getloadavg()]}
   print(format_table(result["rows"]))
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+    with writing(args.out, "--out"):
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      _io.atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
     print(f"lm-eval: wrote {args.out}")
   return 0
 
@@ -295,6 +318,9 @@ def _run_trace(args) -> int:
   from memedit.lm.tracing import CATEGORIES, causal_trace, trace_png, trace_summary
   from ports.gpt2 import lm_layout
 
+  from memedit.cli.checks import writing
+
+  _check_trace_out(args.out)
   module, variables, world, _ = _open(args)
   model = (module, variables)
   layout = lm_layout(module.config.n_layer)
@@ -307,7 +333,8 @@ def _run_trace(args) -> int:
                                 world.relations[r].train_templates[0], world.subjects[s],
                                 target=world.object_of(s, r), decode=world.decode,
                                 kind=args.kind, samples=args.samples, seed=args.seed))
-  os.makedirs(args.out, exist_ok=True)
+  with writing(args.out, "--out"):
+    os.makedirs(args.out, exist_ok=True)
   first = results[0]
   one = trace_png(first.scores, first.tokens, os.path.join(args.out, f"trace_{args.kind}.png"),
                   title=f"P({first.target}) restoring one {args.kind} state; clean "
@@ -324,6 +351,8 @@ def _run_trace(args) -> int:
 
 
 def _run_demo(args) -> int:
+  _check_trace_out(args.out)
+  _check_report_out(os.path.join(args.out, "lm_eval.json"), args.model)
   for step in ("train", "trace", "eval"):
     ns = argparse.Namespace(**vars(args))
     if step == "train":

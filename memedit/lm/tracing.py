@@ -251,5 +251,11 @@ def trace_png(scores: np.ndarray, labels: Sequence[str], path, *, title: str = "
   x = lw + cols * cw + 8
   draw.text((x, top), f"{vmax:.2f}", fill="black")
   draw.text((x, top + rows * ch - 12), f"{vmin:.2f}", fill="black")
-  img.save(path, format="PNG")
+  import io
+
+  from memedit import _io
+
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  _io.atomic_write_bytes(path, buf.getvalue())  # an old image stays whole until replaced
   return str(path)

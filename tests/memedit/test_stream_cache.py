@@ -54,3 +54,19 @@ def test_threads_streaming_into_one_cache_all_finish_and_leave_it_readable(tmp_p
                                     cache_key="shared")
   assert memedit.key_count(again) == len(keys)
   assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_a_cache_of_keys_of_another_dimension_is_refused(tmp_path):
+  """A complete cache found under the key (copied or reused for another layer) was
+  returned as it was, C of another size; with the key dimension given it is refused."""
+  import pytest
+
+  rng = np.random.default_rng(0)
+  xs = [rng.standard_normal((16, 3)).astype(np.float32) for _ in range(2)]
+  memedit.stream_covariance(xs, 3, progress=False, cache_dir=tmp_path, cache_key="k")
+  ys = [np.concatenate([x, x[:, :1]], axis=1) for x in xs]
+  with pytest.raises(ValueError, match=r"statistics cache .*k: expected the statistics of keys "
+                                       r"of dimension 4, got those of dimension 3"):
+    memedit.stream_covariance(ys, 4, progress=False, cache_dir=tmp_path, cache_key="k")
+  again = memedit.stream_covariance(xs, 3, progress=False, cache_dir=tmp_path, cache_key="k")
+  assert again.dim == 3

@@ -156,3 +156,30 @@ def test_integer_lists_refuse_empty_entries():
                    ("1,x", "comma-separated integers"), ("-1", "non-negative")):
     with pytest.raises(argparse.ArgumentTypeError, match=msg):
       _int_list(bad)
+
+
+def test_lm_eval_trace_and_demo_check_their_outputs_before_any_work(tmp_path):
+  """lm-eval wrote --out with a plain open() after all its work (a file of the user's
+  replaced, or a half-written one left); lm-trace and lm-demo wrote their PNGs into
+  whatever --out was. Each is now checked before the model is opened (here it does not
+  exist), and an earlier report is replaced."""
+  absent = ["--cache-dir", tmp_path / "cache", "--model", tmp_path / "no-model"]
+  notes = tmp_path / "notes.json"
+  notes.write_text('{"mine": 1}')
+  with pytest.raises(ValueError, match=r"--out: expected a new file or an earlier `memedit lm-eval` report to replace"):
+    _run("lm-eval", *absent, "--out", notes)
+  assert notes.read_text() == '{"mine": 1}'
+  (tmp_path / "file").write_text("x")
+  for command in ("lm-trace", "lm-demo"):
+    with pytest.raises(ValueError, match=r"--out: expected a folder for the heat maps, got "):
+      _run(command, *absent, "--out", tmp_path / "file")
+  demo = tmp_path / "demo"
+  demo.mkdir()
+  (demo / "lm_eval.json").write_text("not a report")
+  with pytest.raises(ValueError, match=r"--out: expected a new file or an earlier `memedit lm-eval` report to replace"):
+    _run("lm-demo", *absent, "--out", demo)
+  # An earlier report passes the check (the run then fails on the absent model).
+  (demo / "lm_eval.json").write_text('{"rows": [], "model": {}, "settings": {}}')
+  with pytest.raises((ValueError, FileNotFoundError)) as err:
+    _run("lm-eval", *absent, "--out", demo / "lm_eval.json")
+  assert "report" not in str(err.value) and "no-model" in str(err.value)
