@@ -15,7 +15,7 @@ import numpy as np
 from memedit.checks import check_positive_int
 from memedit.generators._checks import check_learning_rate
 from memedit.generators.forward import cached_program, run_layer
-from memedit.generators.generator import Generator
+from memedit.generators.generator import Generator, layer_info
 from memedit.generators.paste import Target
 from memedit.layers.model import merge
 from memedit.optim import adam_scan
@@ -65,6 +65,7 @@ def overfit_all(gen: Generator, layer: str, target: Target, *, steps: int = 2000
   """
   steps = check_positive_int(steps, "steps")
   learning_rate = check_learning_rate(learning_rate)
+  layer_info(gen, layer)  # the model gives images (N, R, R, C); the layer fits the canvas
   z = gen.latents([target.imgnum])
   goal = run_layer(gen, layer, z, paste_values=target.full_values,
                    paste_alpha=target.full_alpha).images

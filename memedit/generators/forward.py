@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.generators._checks import check_batch_size
-from memedit.generators.generator import Generator, layer_view, structure_key
+from memedit.generators.generator import (Generator, check_model_output, layer_view,
+                                          structure_key)
 from memedit.layers import hooks as layer_hooks
 from memedit.layers.model import as_model, merge
 from memedit.layers.view import MemoryView
@@ -242,7 +243,8 @@ def generate_images(gen: Generator, z: Any, *, params: Any = None, batch_size: i
 
   Raises:
     ValueError: ``z`` not of shape ``(N, z_dim)``; ``batch_size`` not a positive int
-      (a bool, a float, zero or a negative number).
+      (a bool, a float, zero or a negative number); a model whose output is not an
+      image batch (N, R, R, C) (:func:`memedit.generators.generator.check_model_output`).
 
   Example:
     >>> from flax import nnx
@@ -257,8 +259,14 @@ def generate_images(gen: Generator, z: Any, *, params: Any = None, batch_size: i
   params = gen.params if params is None else params
   fn = _images_fn(gen)
   if not len(z):
-    return _no_rows(fn, params, _one_row(z))
-  outs = [np.asarray(fn(params, zb))[:n] for n, (zb,) in _batches(z, batch_size)]
+    out = _no_rows(fn, params, _one_row(z))
+    check_model_output(gen, out)
+    return out
+  outs = []
+  for n, (zb,) in _batches(z, batch_size):
+    out = fn(params, zb)
+    check_model_output(gen, out)
+    outs.append(np.asarray(out)[:n])
   return np.concatenate(outs)
 
 

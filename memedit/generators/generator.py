@@ -30,6 +30,7 @@ from flax import nnx
 
 from memedit.generators._checks import image_numbers
 from memedit.layers import hooks as layer_hooks
+from memedit.layers.conv import as_tuple
 from memedit.layers.model import as_model
 from memedit.layers.view import MemoryView, memory_view
 
@@ -255,7 +256,11 @@ class LayerInfo(NamedTuple):
     kernel_shape: the kernel's shape.
     key_res: h, the key map's size. value_res: s·h. scale: s.
     key_dim: C_in. value_dim: C_out.
-    margin: key pixels of context a crop needs for exact outputs (half the kernel + 1).
+    margin: key pixels of context a crop needs for exact outputs (half the dilated
+      kernel's extent (k − 1)·d + 1, plus 1).
+    key_padding: how a crop's keys are padded beyond the key map, as the layer pads its
+      input: ``np.pad``'s ``'constant'`` (zeros; 'SAME' and explicit padding), ``'wrap'``
+      ('CIRCULAR') or ``'reflect'`` ('REFLECT').
   """
 
   name: str
@@ -270,6 +275,24 @@ class LayerInfo(NamedTuple):
   key_dim: int
   value_dim: int
   margin: int
+  key_padding: str = "constant"
+
+
+_KEY_PADDING = {"CIRCULAR": "wrap", "REFLECT": "reflect"}
+
+
+def _crop_geometry(view: MemoryView) -> tuple[int, str]:
+  """(margin, key padding) of a layer's crops: a dilated kernel reaches (k − 1)·d + 1 key
+  pixels, and a layer padding its input circularly or by reflection sees those keys
+  beyond the map's edge, not zeros."""
+  if view.kind != "conv":
+    return 1, "constant"
+  mod = view.layer_module
+  taps = tuple(view.kernel_shape[view.stacked:-2])
+  dilation = as_tuple(getattr(mod, "kernel_dilation", 1), len(taps))
+  margin = max((t - 1) * int(d) + 1 for t, d in zip(taps, dilation)) // 2 + 1
+  padding = getattr(mod, "padding", None)
+  return margin, _KEY_PADDING.get(padding, "constant") if isinstance(padding, str) else "constant"
 
 
 def layer_kernel(gen: Generator, layer: str, params: Any = None) -> Any:
@@ -326,6 +349,42 @@ def structure_key(gen: Generator, layer: str) -> tuple | None:
 _INFO: dict = {}
 
 
+def check_model_output(gen: Generator, out: Any) -> None:
+  """Refuses a model output that is not one image batch (N, R, R, C) of floats.
+
+  Args:
+    gen: the generator (R = ``gen.resolution``).
+    out: what ``model(z, **call_kwargs)`` gave (arrays or their ``jax.ShapeDtypeStruct``).
+
+  Raises:
+    ValueError: a tuple, dict or other pytree, an array that is not 4-d, whose height
+      and width are not the generator's resolution, or that is not floating point.
+
+  Example:
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(4, 12, rngs=nnx.Rngs(0)),
+    ...                        lambda x: x.reshape(-1, 2, 2, 3))
+    >>> gen = Generator(model, z_dim=4, resolution=4, layers={"fc": ("layers", 0)})
+    >>> check_model_output(gen, jax.ShapeDtypeStruct((1, 2, 2, 3), jnp.float32))
+    Traceback (most recent call last):
+    ...
+    ValueError: model: expected model(z) to give images (N, 4, 4, C) (NHWC floats at the generator's resolution 4), got an array of shape (1, 2, 2, 3) (float32)
+  """
+  R = gen.resolution
+  if hasattr(out, "shape") and hasattr(out, "dtype"):
+    shape = tuple(int(d) for d in out.shape)
+    if (len(shape) == 4 and shape[1:3] == (R, R) and shape[3] >= 1
+        and jnp.issubdtype(out.dtype, jnp.floating)):
+      return
+    what = f"an array of shape {shape} ({np.dtype(out.dtype).name})"
+  else:
+    leaves = jax.tree_util.tree_leaves(out)
+    what = (f"a {type(out).__name__} holding arrays of shapes "
+            f"{[tuple(np.shape(a)) for a in leaves]}")
+  raise ValueError(f"model: expected model(z) to give images (N, {R}, {R}, C) (NHWC floats "
+                   f"at the generator's resolution {R}), got {what}")
+
+
 def layer_info(gen: Generator, layer: str) -> LayerInfo:
   """The geometry of layer ``layer`` (from a shape-only trace, no compute).
 
@@ -337,7 +396,10 @@ def layer_info(gen: Generator, layer: str) -> LayerInfo:
 
   Raises:
     ValueError: a layer whose keys and values are not square (N, h, h, ·) maps with an
-      output resolution that is a multiple of the input's.
+      output resolution that is a multiple of the input's, or whose key or value size
+      does not divide the canvas resolution R (masks map to its pixels by whole cells);
+      a model whose output is not an image batch (N, R, R, C)
+      (:func:`check_model_output`).
 
   Example:
     >>> from flax import nnx
@@ -352,21 +414,29 @@ def layer_info(gen: Generator, layer: str) -> LayerInfo:
   """
   key = structure_key(gen, layer)
   if key is not None and (key, layer) in _INFO:
-    return _INFO[key, layer]
-  view = layer_view(gen, layer)
-  z = jax.ShapeDtypeStruct((1, gen.z_dim), jnp.float32)
-  fn = layer_hooks.forward_with_layer(gen.model, view)
-  _, cap = jax.eval_shape(lambda p, z: fn(p, z, **dict(gen.call_kwargs)), gen.params, z)
-  kshape, vshape = tuple(cap.keys.shape), tuple(cap.values.shape)
-  if len(kshape) != 4 or len(vshape) != 4 or kshape[1] != kshape[2] or vshape[1] % kshape[1] \
-      or vshape[1] != vshape[2]:
-    raise ValueError(f"layer {layer!r}: expected one call with square key and value maps "
-                     f"(N, h, h, C) and an output resolution that is a multiple of the "
-                     f"input's, got keys {kshape} and values {vshape}")
-  taps = view.kernel_shape[:-2] if view.kind == "conv" else (1,)
-  info = LayerInfo(layer, view.module_path, view.weight_path, view.kind, view.in_ndim,
-                   tuple(view.kernel_shape), kshape[1], vshape[1], vshape[1] // kshape[1],
-                   view.key_dim, int(vshape[-1]), max(taps) // 2 + 1)
-  if key is not None:
-    _INFO[key, layer] = info
+    info, out = _INFO[key, layer]
+  else:
+    view = layer_view(gen, layer)
+    z = jax.ShapeDtypeStruct((1, gen.z_dim), jnp.float32)
+    fn = layer_hooks.forward_with_layer(gen.model, view)
+    out, cap = jax.eval_shape(lambda p, z: fn(p, z, **dict(gen.call_kwargs)), gen.params, z)
+    kshape, vshape = tuple(cap.keys.shape), tuple(cap.values.shape)
+    if len(kshape) != 4 or len(vshape) != 4 or kshape[1] != kshape[2] \
+        or vshape[1] % kshape[1] or vshape[1] != vshape[2]:
+      raise ValueError(f"layer {layer!r}: expected one call with square key and value maps "
+                       f"(N, h, h, C) and an output resolution that is a multiple of the "
+                       f"input's, got keys {kshape} and values {vshape}")
+    margin, key_padding = _crop_geometry(view)
+    info = LayerInfo(layer, view.module_path, view.weight_path, view.kind, view.in_ndim,
+                     tuple(view.kernel_shape), kshape[1], vshape[1], vshape[1] // kshape[1],
+                     view.key_dim, int(vshape[-1]), margin, key_padding)
+    if key is not None:
+      _INFO[key, layer] = info, out
+  # The canvas is the generator's, not the structure's: checked on every call.
+  check_model_output(gen, out)
+  R = gen.resolution
+  if R % info.key_res or R % info.value_res:
+    raise ValueError(f"layer {layer!r}: expected key and value maps whose sizes divide the "
+                     f"canvas resolution {R}, got keys {info.key_res}x{info.key_res} and "
+                     f"values {info.value_res}x{info.value_res}")
   return info

@@ -92,14 +92,15 @@ def save_png(path: str | os.PathLike, array: Any) -> None:
 
   Args:
     path: the file to write (replaced atomically).
-    array: uint8 (H, W, C) (C = 1, 3 or 4) or (H, W) pixels; an array of another type
+    array: uint8 (H, W, C) (C = 1, 2, 3 or 4) or (H, W) pixels; an array of another type
       must hold finite values in [0, 255].
 
   Returns:
     None.
 
   Raises:
-    ValueError: values that are not finite or outside [0, 255].
+    ValueError: values that are not finite or outside [0, 255]; a shape other than (H, W)
+      or (H, W, C) with C = 1, 2 (grey and alpha), 3 or 4.
 
   Example:
     >>> import os, tempfile
@@ -108,10 +109,18 @@ def save_png(path: str | os.PathLike, array: Any) -> None:
     >>> save_png(path, np.zeros((2, 3, 3), np.uint8))
     >>> Image.open(path).size
     (3, 2)
+    >>> save_png(path, np.zeros((2, 3, 1), np.uint8))  # a grey image
+    >>> Image.open(path).mode
+    'L'
   """
   from PIL import Image
 
   a = np.asarray(array)
+  if not (a.ndim == 2 or (a.ndim == 3 and 1 <= a.shape[-1] <= 4)):
+    raise ValueError(f"array: expected pixels of shape (H, W) or (H, W, C) with C = 1, 2, 3 "
+                     f"or 4, got shape {a.shape}")
+  if a.ndim == 3 and a.shape[-1] == 1:  # PIL takes a grey image as (H, W)
+    a = a[..., 0]
   if a.dtype != np.uint8 and not (np.isfinite(a).all() and (a >= 0).all() and (a <= 255).all()):
     raise ValueError(f"array: expected uint8 pixel values (or finite values in [0, 255]), got "
                      f"{a.dtype} values outside [0, 255] or not finite (NaN or infinite)")

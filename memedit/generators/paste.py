@@ -201,7 +201,7 @@ def _target_from(info: LayerInfo, run: LayerRun, imgnum: int, full, alpha) -> Ta
   kbox = _key_box(bbox(alpha), s, info.key_res)
   y0, y1, x0, x1 = kbox
   oy, ox = slice(s * y0, s * y1), slice(s * x0, s * x1)
-  padded = np.pad(run.keys, ((0, 0), (m, m), (m, m), (0, 0)))
+  padded = np.pad(run.keys, ((0, 0), (m, m), (m, m), (0, 0)), mode=info.key_padding)
   keys = padded[:, y0:y1 + 2 * m, x0:x1 + 2 * m]
   return Target(imgnum, keys, tuple(run.extra), full[None, oy, ox], run.values[:, oy, ox],
                 alpha[None, oy, ox], kbox, full[None], alpha[None], info.name)
