@@ -19,6 +19,7 @@ model (e.g. an edited copy) reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -226,8 +227,9 @@ def layer_view(gen: Generator, layer: str) -> MemoryView:
     The view (its ``layer`` holds this generator's copy of the layer).
 
   Raises:
-    ValueError: an unknown layer name, or a layer memedit cannot view (unregistered kind,
-      a whole scanned stack).
+    ValueError: an unknown layer name, a layer memedit cannot view (unregistered kind,
+      a whole scanned stack), or a model that cannot run on latents (1, z_dim) with the
+      generator's call keywords.
 
   Example:
     >>> from flax import nnx
@@ -241,10 +243,25 @@ def layer_view(gen: Generator, layer: str) -> MemoryView:
   if layer not in views:
     address = gen.layer_address(layer)
     z = jnp.zeros((1, gen.z_dim), jnp.float32)
-    view = memory_view(gen.model, address, z, **dict(gen.call_kwargs))
+    with _calling(gen):
+      view = memory_view(gen.model, address, z, **dict(gen.call_kwargs))
     view.require_unstacked()
     views[layer] = view
   return views[layer]
+
+
+@contextlib.contextmanager
+def _calling(gen: Generator):
+  """Names the call when the model cannot run on latents (N, z_dim) with the generator's
+  call keywords: a wrong ``z_dim`` or a misspelt keyword raise a TypeError inside it."""
+  try:
+    yield
+  except TypeError as e:
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise ValueError(
+        f"model: expected model(z, **call_kwargs) to run on latents z of shape "
+        f"(1, {gen.z_dim}) (z_dim={gen.z_dim}, call_kwargs {sorted(dict(gen.call_kwargs))}), "
+        f"got TypeError: {first}") from e
 
 
 class LayerInfo(NamedTuple):
@@ -419,7 +436,8 @@ def layer_info(gen: Generator, layer: str) -> LayerInfo:
     view = layer_view(gen, layer)
     z = jax.ShapeDtypeStruct((1, gen.z_dim), jnp.float32)
     fn = layer_hooks.forward_with_layer(gen.model, view)
-    out, cap = jax.eval_shape(lambda p, z: fn(p, z, **dict(gen.call_kwargs)), gen.params, z)
+    with _calling(gen):
+      out, cap = jax.eval_shape(lambda p, z: fn(p, z, **dict(gen.call_kwargs)), gen.params, z)
     kshape, vshape = tuple(cap.keys.shape), tuple(cap.values.shape)
     if len(kshape) != 4 or len(vshape) != 4 or kshape[1] != kshape[2] \
         or vshape[1] % kshape[1] or vshape[1] != vshape[2]:

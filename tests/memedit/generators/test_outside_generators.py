@@ -222,3 +222,21 @@ def test_a_grey_comparison_grid_is_saved_as_a_png(tmp_path):
       "array: expected pixels of shape (H, W) or (H, W, C) with C = 1, 2, 3 or 4, got shape "
       "(4, 4, 5)")):
     gens.save_png(tmp_path / "five.png", np.zeros((4, 4, 5), np.uint8))
+
+
+def test_a_z_dim_or_keyword_the_model_does_not_take_is_named():
+  """A wrong z_dim gave a raw TypeError from dot_general, a misspelt call keyword
+  Python's own TypeError; both now say what the model was called with."""
+  from flax import nnx
+
+  from memedit.generators import Generator, layer_info
+
+  model = nnx.Sequential(nnx.Linear(4, 12, rngs=nnx.Rngs(0)), lambda x: x.reshape(-1, 2, 2, 3))
+  with pytest.raises(ValueError, match=r"model: expected model\(z, \*\*call_kwargs\) to run on "
+                                       r"latents z of shape \(1, 5\) \(z_dim=5, call_kwargs "
+                                       r"\[\]\), got TypeError: "):
+    layer_info(Generator(model, z_dim=5, resolution=2, layers={"fc": ("layers", 0)}), "fc")
+  gen = Generator(model, z_dim=4, resolution=2, layers={"fc": ("layers", 0)},
+                  call_kwargs={"trian": False})
+  with pytest.raises(ValueError, match=r"call_kwargs \['trian'\]\), got TypeError: "):
+    layer_info(gen, "fc")
