@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.lm.hooks import run_lm, split_model
-from memedit.lm.keys import check_token_ids
+from memedit.lm.keys import check_finite, check_token_ids
 from memedit.lm.prompts import Request, bucket, encode, fill
 from memedit.lm.world import World
 
@@ -103,7 +103,11 @@ def score_targets(model, tokenize: Callable[[str], Sequence[int]],
     lp, top = _target_scores(definition, params, *(jnp.asarray(a) for a in arrays))
     lps.append(np.asarray(lp, np.float64)[:part.rows])
     tops.append(np.asarray(top)[:part.rows])
-  return np.concatenate(lps), np.concatenate(tops)
+  lp = np.concatenate(lps)
+  # -inf is a target the model rules out (a logit of -inf); NaN is a model that failed.
+  check_finite(np.where(np.isneginf(lp), 0.0, lp), [p + " -> " + t for p, t in pairs],
+               "score_targets")
+  return lp, np.concatenate(tops)
 
 
 def top1_accuracy(model, tokenize, facts: Sequence[tuple[str, str]]) -> float:

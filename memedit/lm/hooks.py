@@ -193,6 +193,27 @@ def _locate(model, path):
   return obj
 
 
+def _refuse_lifted(module: nn.Module, variables: Any, path: tuple) -> None:
+  """Refuses a Linen module that runs inside a lifted transform that slices its
+  parameters (``nn.scan``, ``nn.vmap``): it sees them with other shapes than the model
+  stores, and what it returns is the transform's tracer, which cannot be recorded."""
+  try:
+    stored = variables["params"]
+    for part in path:
+      stored = stored[part]
+  except (KeyError, TypeError, IndexError):
+    return
+  seen = module.variables.get("params", {})
+  shapes = lambda t: [tuple(getattr(a, "shape", ())) for a in jax.tree_util.tree_leaves(t)]
+  got, want = shapes(seen), shapes(stored)
+  if got != want and len(got) == len(want):
+    i = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+    raise ValueError(f"address {path!r}: expected a module called once per forward pass "
+                     f"with its parameters as stored ({want[i]}), got one that runs inside a "
+                     f"lifted transform (nn.scan, nn.vmap) seeing them as {got[i]}: "
+                     f"memedit.lm needs blocks called one by one, not a scanned stack")
+
+
 def run_lm(definition: Any, params: Any, ids: jax.Array, *,
            hooks: Mapping[tuple, Hook] | None = None,
            record: Sequence[tuple] = ()) -> tuple[jax.Array, dict]:
@@ -232,6 +253,10 @@ def run_lm(definition: Any, params: Any, ids: jax.Array, *,
 
   def apply(path, x, out):
     called.add(path)
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+      raise ValueError(f"address {path!r}: expected a module whose output is an array, got "
+                       f"{type(out).__name__} (e.g. a scanned stack of blocks, which "
+                       f"memedit.lm cannot read one block at a time)")
     if path in hooks:
       out = hooks[path](x, out)
     if path in record:
@@ -246,6 +271,7 @@ def run_lm(definition: Any, params: Any, ids: jax.Array, *,
       path = tuple(ctx.module.path)
       if path not in targets:
         return out
+      _refuse_lifted(ctx.module, params, path)
       return apply(path, args[0] if args else None, out)
 
     with nn.intercept_methods(interceptor):
@@ -271,5 +297,7 @@ def run_lm(definition: Any, params: Any, ids: jax.Array, *,
   missing = sorted((p for p in targets if p not in called), key=str)
   if missing:
     raise ValueError(f"hooks, record: expected modules the model calls, but {missing} "
-                     f"were not called (check the addresses)")
+                     f"were not called (check the addresses; a module inside a scanned "
+                     f"stack of blocks, nn.scan or nnx.scan, cannot be hooked: memedit.lm "
+                     f"needs blocks called one by one)")
   return logits, records

@@ -27,7 +27,7 @@ from memedit.lm.hooks import as_path, get_leaf, run_lm, split_model
 from memedit.lm.prompts import (PromptBatch, Request, bucket, check_requests_list, encode,
                                 prompt_rows, round_up, token_ids)
 
-__all__ = ["check_memory", "check_token_ids", "layer_weights", "read_states",
+__all__ = ["check_finite", "check_memory", "check_token_ids", "layer_weights", "read_states",
            "sample_contexts", "subject_keys", "vocab_size"]
 
 _VOCAB: dict = {}
@@ -41,6 +41,11 @@ def check_memory(model, address, example_ids) -> "memedit.MemoryView":
     ValueError: the layer is not such a dense memory.
   """
   view = memedit.memory_view(model, as_path(address), jnp.asarray(example_ids))
+  if view.stacked or view.index is not None:
+    shape = tuple(get_leaf(split_model(model)[1], view.weight_path).shape)
+    raise ValueError(f"address {as_path(address)!r}: expected the MLP projection of one "
+                     f"block (a kernel of one matrix), got a layer of a scanned stack of "
+                     f"blocks (kernel {shape}): memedit.lm needs blocks called one by one")
   if view.kind != "dense" or view.in_ndim != 1 or view.stacked or view.groups != 1:
     raise ValueError(f"address {as_path(address)!r}: expected a dense layer with one input "
                      f"axis (an MLP output projection), got kind {view.kind!r} with in_ndim "
@@ -127,6 +132,23 @@ def check_token_ids(model, tokenize: Callable[[str], Sequence[int]],
                        f"tokenize({text!r})")
   raise ValueError(f"token ids: expected integers 0 <= id < {size} (the model's vocabulary: "
                    f"its logits' last axis), got others for {' -> '.join(texts)!r}")
+
+
+def check_finite(values, texts: Sequence[str], what: str) -> None:
+  """Refuses non-finite model outputs (``values`` one row per text), naming the first
+  text that gave them: e.g. a prompt longer than a model's position table, which the
+  model reads as NaN rather than refusing.
+
+  Raises:
+    ValueError: a row holding NaN or inf.
+  """
+  flat = np.asarray(values, np.float64).reshape(len(texts), -1)
+  bad = ~np.isfinite(flat).all(1)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"{what}: expected finite values from the model, got NaN or inf for "
+                     f"{texts[i]!r} (e.g. a prompt longer than the model's context, or "
+                     f"non-finite parameters)")
 
 
 def layer_weights(view: "memedit.MemoryView", model) -> tuple[jax.Array, jax.Array]:
@@ -262,6 +284,7 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
   n = len(rows)
   (keys,), _ = read_states(model, batch.ids[:n], batch.last[:n], inputs_of=[path],
                            chunk=chunk)
+  check_finite(keys, [b + s + a for b, s, a, _ in rows], "subject_keys")
   sums = np.zeros((len(requests), keys.shape[-1]), np.float64)
   np.add.at(sums, np.asarray(groups), keys[:n].astype(np.float64))
   counts = np.bincount(groups, minlength=len(requests))[:, None]

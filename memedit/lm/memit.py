@@ -32,7 +32,7 @@ import numpy as np
 
 import memedit
 from memedit.checks import check_covariance
-from memedit.lm.hooks import LMLayout, Static, split_model
+from memedit.lm.hooks import LMLayout, Static, run_lm, split_model
 from memedit.lm.keys import check_memory, layer_weights, read_states, subject_keys
 from memedit.lm.prompts import Request, check_requests_list, encode, prompt_rows
 from memedit.lm.values import ValueResult, _real, optimize_values
@@ -197,7 +197,8 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
       covariances or (with the default insert) one that is not a finite, symmetric,
       positive semi-definite ``(key_dim, key_dim)`` matrix, a penalty that is not a
       positive number, no requests, contradictory requests (:func:`check_requests`),
-      token ids outside the model's vocabulary, contexts that do not start with
+      token ids outside the model's vocabulary, memories whose outputs are not as wide as
+      the hidden state the blocks output, contexts that do not start with
       ``"{}"``, before the value search; ``values`` of other requests, another order or another last
       block (its z0 are not the model's hidden states), before any edit; requests the last
       block's value search cannot act on (:func:`memedit.lm.values.check_reach`), once
@@ -235,12 +236,19 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
                      f"z0 is read there and the hidden states it is compared with), got "
                      f"{contexts!r}")
   plain = encode(tokenize, [prompt_rows(r, ("{}",))[0] for r in requests])
-  if insert is None:  # C checked before the value search, which is the long part
-    for l in layers:
-      view = check_memory(model, layout.memories[l], plain.ids[:1])
-      check_covariance(covariances[l], view.key_dim, f"covariances[{l}]")
   last = layers[-1]
   z_block = layout.blocks[last]
+  # Checked before the value search, which is the long part.
+  width = _state_width(model, z_block, plain.ids[:1])
+  for l in layers:
+    view = check_memory(model, layout.memories[l], plain.ids[:1])
+    if view.value_dim != width:
+      raise ValueError(f"layout: expected memories that write into the hidden state of "
+                       f"block {z_block!r} (width {width}), got {layout.memories[l]!r} with "
+                       f"outputs of width {view.value_dim} (an MLP's output projection is "
+                       f"the memory, e.g. down_proj / c_proj, not its input projections)")
+    if insert is None:
+      check_covariance(covariances[l], view.key_dim, f"covariances[{l}]")
   if values is None:
     opts = {"steps": 25, "clamp": 0.75, **(value_options or {})}
     res = optimize_values(model, layout.memories[last], tokenize, requests, contexts,
@@ -278,6 +286,25 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
     edits.append(edit)
   _, (reached,) = read_states(cur, plain.ids[:n], plain.last[:n], outputs_of=[z_block])
   return MemitResult(edits, targets.astype(np.float32), reached.astype(np.float32), res)
+
+
+def _state_width(model, block, ids) -> int:
+  """The width d of the hidden state ``block`` outputs ``(N, T, d)`` (a shape-only
+  trace: nothing runs).
+
+  Raises:
+    ValueError: the block's output is not an ``(N, T, d)`` array.
+  """
+  definition, params = split_model(model)
+  ids = jax.ShapeDtypeStruct(np.shape(ids), jnp.int32)
+  rec = jax.eval_shape(lambda p, i: run_lm(definition, p, i, record=[block])[1], params, ids)
+  out = rec[block][1]
+  shape = getattr(out, "shape", None)
+  if shape is None or len(shape) != 3 or tuple(shape[:2]) != tuple(ids.shape):
+    got = f"shape {tuple(shape)}" if shape is not None else type(out).__name__
+    raise ValueError(f"layout: expected blocks whose output is the hidden state "
+                     f"{tuple(ids.shape) + ('d',)}, got {got} from block {block!r}")
+  return int(shape[-1])
 
 
 def _check_reused(values: ValueResult, h: np.ndarray) -> None:

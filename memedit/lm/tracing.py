@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.lm.hooks import LMLayout, run_lm, split_model
-from memedit.lm.keys import check_token_ids
+from memedit.lm.keys import check_finite, check_token_ids
 from memedit.lm.prompts import (continuation_ids, encode, round_up, split_template, subject_span,
                                 token_ids)
 
@@ -65,8 +65,8 @@ def _trace(definition, params, ids, first, last, end, target, noise, key, *, emb
            samples):
   n_layers = len(sites)
   t = ids.shape[1]
-  _, rec = run_lm(definition, params, ids, record=sites)
-  clean_h = jnp.stack([rec[s][1][0] for s in sites])  # (L, T, d)
+  _, rec = run_lm(definition, params, ids, record=sites + (embed,))
+  clean_h = [rec[s][1][0] for s in sites]  # L x (T, d_l)
   logits, _ = run_lm(definition, params, ids)
   clean_p = jax.nn.softmax(logits[0, end].astype(jnp.float32))[target]
   # Rows: (layer, token) pairs (layer -1: nothing restored), each `samples` times.
@@ -75,7 +75,7 @@ def _trace(definition, params, ids, first, last, end, target, noise, key, *, emb
   row_l = jnp.repeat(pairs_l, samples)
   row_t = jnp.repeat(pairs_t, samples)
   rows = row_l.shape[0]
-  d = clean_h.shape[-1]
+  d = rec[embed][1].shape[-1]  # the embedding's width (that of the blocks may differ)
   eps = jax.random.normal(key, (samples, t, d)) * noise
   pos = jnp.arange(t)
   in_subject = ((pos >= first) & (pos <= last)).astype(jnp.float32)[None, :, None]
@@ -150,6 +150,7 @@ def causal_trace(model, layout: LMLayout, tokenize: Callable[[str], Sequence[int
   arr[0, :len(ids)] = ids
   end = len(ids) - 1
   sites = layout.blocks if kind == "hidden" else layout.memories
+  _check_states(definition, params, arr, sites, layout.embed, kind)
   if target is None:
     logits, _ = run_lm(definition, params, jnp.asarray(arr))
     tid = int(jnp.argmax(logits[0, end]))
@@ -165,10 +166,28 @@ def causal_trace(model, layout: LMLayout, tokenize: Callable[[str], Sequence[int
   clean, corrupted, scores = _trace(
       definition, params, jnp.asarray(arr), first, last, end, tid, jnp.float32(noise),
       jax.random.key(seed), embed=layout.embed, sites=tuple(sites), samples=int(samples))
+  check_finite(np.asarray([clean, corrupted]), [text], "causal_trace")
   label = decode or (lambda xs: " ".join(str(x) for x in xs))
   tokens = tuple(label([i]) for i in ids)
   return TraceResult(np.asarray(scores, np.float64)[:, :len(ids)].T.copy(), float(clean),
                      float(corrupted), tokens, (first, last), label([tid]), kind)
+
+
+def _check_states(definition, params, ids, sites, embed, kind) -> None:
+  """Refuses sites or an embedding whose outputs are not ``(1, T, width)`` arrays (a
+  shape-only trace: nothing runs)."""
+  spec = jax.ShapeDtypeStruct(ids.shape, jnp.int32)
+  rec = jax.eval_shape(lambda p, i: run_lm(definition, p, i, record=tuple(sites) + (embed,))[1],
+                       params, spec)
+  for name, paths in (("embed", [embed]), ("blocks" if kind == "hidden" else "memories", sites)):
+    for path in paths:
+      shape = getattr(rec[path][1], "shape", None)
+      if shape is None or len(shape) != 3 or tuple(shape[:2]) != ids.shape:
+        got = (f"shape {tuple(shape)}" if shape is not None
+               else type(rec[path][1]).__name__)
+        raise ValueError(f"layout.{name}: expected modules whose output is (N, T, width) "
+                         f"{ids.shape + ('width',)} for ids {ids.shape}, got {got} from "
+                         f"{path!r}")
 
 
 def trace_summary(results: Sequence[TraceResult]) -> np.ndarray:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.lm.hooks import as_path, run_lm, split_model
-from memedit.lm.keys import check_token_ids
+from memedit.lm.keys import check_finite, check_token_ids
 from memedit.lm.prompts import (Request, bucket, check_requests_list, encode, prompt_rows,
                                 split_template)
 from memedit.optim import adam_scan
@@ -355,6 +355,8 @@ def optimize_values(model, address, tokenize: Callable[[str], Sequence[int]],
     outs.append(_optimise_chunk(definition, params, *part, hp, path=path, ref_path=ref_path,
                                 steps=steps, n_ctx=n_ctx, has_kl=essence is not None))
   cat = [np.concatenate([np.asarray(o[i]) for o in outs])[:f] for i in range(6)]
+  check_finite(np.concatenate([cat[1], cat[2], cat[3][:, None]], 1),
+               [r.text + " -> " + r.target_new for r in requests], "optimize_values")
   # A request that took steps and kept δ = 0 exactly had a zero gradient throughout: δ
   # cannot reach its prediction from here. Only then is the (compiled) reach test run,
   # for its precise message; searches that moved pay nothing for it.
