@@ -334,11 +334,16 @@ def make_group_fn(key_fn: Callable, dim: int, n_dev: int, has_params: bool = Fal
     return merge_states(state._replace(has_shift=jnp.asarray(True)), total)
 
   in_sharding = group_input_sharding(n_dev)
+  replicated = jax.sharding.NamedSharding(mesh, P())
   jitted = jax.jit(sharded)
 
   def run(state, params, batches, valid):
     batches = jax.device_put(batches, in_sharding)
     valid = jax.device_put(valid, in_sharding)
+    # The state and parameters ((d, d) sums; a model) committed elsewhere (e.g. onto
+    # device 2, or the mesh of an earlier jax.Array batch) are replicated over the
+    # devices that fold, as uncommitted ones are by the program.
+    state, params = jax.device_put((state, params), replicated)
     return jitted(state, params, batches, valid)
 
   return run

@@ -63,7 +63,7 @@ class _Progress:
 
 class _Prepared(NamedTuple):
   """A group ready to fold: the program calls ``fn(state, *args)`` in order, the rows it
-  holds, and (over several devices, before the first fold) the batch that sets the
+  holds, and (over several devices, before the first fold) the batches that set the
   common shift."""
 
   calls: list
@@ -253,6 +253,7 @@ class _Folder:
     self.resident = False
     self.partitioned = False
     self.sharding = None
+    self.devices = None
     self.dim = None
     self.first_rows = None
     self.keys_per_row = 0
@@ -296,15 +297,26 @@ class _Folder:
     self.dtype = jnp.float64 if first_keys.dtype == jnp.float64 else jnp.float32
     return d
 
-  def _common_shift(self, state, first):
+  def _common_shift(self, state, batches):
     """Over several devices every device folds about one shift: unless the state has
-    one, the mean of the first batch's keys (one device sets it from its first batch)."""
-    self.shift_ready = True
+    one, the weighted mean of the finite keys of the group's first batch that has a key
+    of positive weight (an empty, all-NaN or zero-weight batch fixes none: a shift of 0
+    would cost the sums their accuracy for keys far from 0). When no batch of the group
+    has one, the state keeps none (see :meth:`run`)."""
     if bool(state.has_shift):
+      self.shift_ready = True
       return state
-    k0, w0 = split_keys(jax.jit(self.keys_of)(self.params, first))
-    st0 = jax.jit(fold_keys)(covariance_init(self.dim, dtype=self.dtype), k0, w0)
-    return state._replace(shift=st0.shift, has_shift=jnp.asarray(True))
+    fold = jax.jit(fold_keys)
+    for batch in batches:
+      k0, w0 = split_keys(jax.jit(self.keys_of)(self.params, batch))
+      st0 = fold(covariance_init(self.dim, dtype=self.dtype), k0, w0)
+      if bool(st0.has_shift):
+        self.shift_ready = True
+        # On the host: a batch or parameters committed to one device leave st0 there,
+        # and the program then runs on the data mesh.
+        return state._replace(shift=jnp.asarray(np.asarray(st0.shift)),
+                              has_shift=jnp.asarray(True))
+    return state
 
   def place(self, state):
     if self.resident and self.sharding is not None:
@@ -319,6 +331,8 @@ class _Folder:
     index, self.n_prepared = self.n_prepared, self.n_prepared + 1
     sizes = [self.template.rows(b) for b in chunk]
     resident = self.resident and all(is_resident(b) for b in chunk)
+    if resident:
+      self._check_devices(chunk)
     if resident and (self.sharding is not None or len(set(sizes)) == 1):
       fn = fold_programs.make_resident_fn(self.kfn, self.dim, self.sharding, self.has_params,
                                           self.partitioned)
@@ -367,7 +381,24 @@ class _Folder:
       stacked, valid = jax.device_put((stacked, valid), group_input_sharding(n_dev))
     fn = fold_programs.make_group_fn(self.kfn, self.dim, n_dev, self.has_params)
     return _Prepared([(fn, (self.params, stacked, valid))], sum(sizes),
-                     chunk[0] if n_dev > 1 else None)
+                     chunk if n_dev > 1 else None)
+
+  def _check_devices(self, chunk) -> None:
+    """Raises unless every committed ``jax.Array`` leaf of ``chunk`` lies on the devices
+    of the stream's first committed leaf: a fold runs where its batches are, and never
+    moves them (uncommitted arrays go where the fold runs)."""
+    for batch in chunk:
+      for x in jax.tree_util.tree_leaves(batch):
+        if not x.committed:
+          continue
+        ids = sorted(dev.id for dev in x.sharding.device_set)
+        if self.devices is None:
+          self.devices = ids
+        elif ids != self.devices:
+          raise ValueError(
+              f"batches: expected every jax.Array batch on the devices of the stream's "
+              f"first one (device ids {self.devices}), got one on device ids {ids}; "
+              f"device_put the batches onto one device or one mesh")
 
   def _shift_for(self, chunk, index: int) -> np.ndarray | None:
     """The stream's shift as a host array, when ``chunk`` (the group numbered ``index``)
@@ -405,6 +436,10 @@ class _Folder:
                              has_shift=jnp.asarray(True))
     for fn, args in prepared.calls:
       state = fn(state, *args)
+    if prepared.shift_from is not None and not self.shift_ready:
+      # No key of positive weight yet (the sums are still 0): the next group's first
+      # such key fixes the shift, not the 0 the sharded fold marked as fixed.
+      state = state._replace(has_shift=jnp.logical_and(state.has_shift, False))
     if prepared.slot is not None:
       self.staging.busy[prepared.slot] = state
     if self.host_shift is None and self.ident:
