@@ -257,8 +257,9 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
     ``(F, key_dim)`` float32 keys, one per request.
 
   Raises:
-    ValueError: no requests or no contexts, a subject of no tokens, or token ids outside
-      the model's vocabulary (:func:`check_token_ids`), before the model runs.
+    ValueError: no requests or no contexts, a subject of no tokens, token ids outside
+      the model's vocabulary (:func:`check_token_ids`), or an address that is not a dense
+      memory of one input axis (:func:`check_memory`), before the model runs.
     TypeError: ``requests`` is not a sequence of :class:`Request`.
 
   Example:
@@ -281,6 +282,7 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
     groups.extend([f] * len(rs))
   batch = encode(tokenize, rows, groups)
   check_token_ids(model, tokenize, rows, batch)
+  check_memory(model, path, batch.ids[:1])  # a block or norm has inputs too, not keys
   n = len(rows)
   (keys,), _ = read_states(model, batch.ids[:n], batch.last[:n], inputs_of=[path],
                            chunk=chunk)

@@ -205,10 +205,13 @@ class _Scanned(nn.Module):
 def test_scanned_blocks_are_refused():
   module = _Scanned()
   model = (module, module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  with pytest.raises(ValueError, match=r"address \('layers', 'down_proj'\): expected the MLP "
+                     r"projection of one block .*got a layer of a scanned stack of blocks"):
+    subject_keys(model, ("layers", "down_proj"), tokenize, [REQ])
   with pytest.raises(ValueError, match=r"address \('layers', 'down_proj'\): expected a module "
                      r"called once per forward pass with its parameters as stored "
                      r"\(\(2, 32, 16\)\), got one that runs inside a lifted transform"):
-    subject_keys(model, ("layers", "down_proj"), tokenize, [REQ])
+    optimize_values(model, ("layers", "down_proj"), tokenize, [REQ], ("{}",), steps=1)
   with pytest.raises(ValueError, match=r"address \('layers', 1, 'down_proj'\): expected the "
                      r"MLP projection of one block .*got a layer of a scanned stack of blocks "
                      r"\(kernel \(2, 32, 16\)\)"):
@@ -218,3 +221,15 @@ def test_scanned_blocks_are_refused():
   with pytest.raises(ValueError, match=r"address \('layers',\): expected a module called "
                      r"once per forward pass"):
     causal_trace(model, layout, tokenize, REQ.prompt, REQ.subject, samples=1)
+
+
+def test_subject_keys_refuse_an_address_that_is_not_a_memory(tiny):
+  """subject_keys at a whole block (or a norm) returned that module's input silently."""
+  from memedit.lm.keys import subject_keys
+  from memedit.lm.prompts import Request
+
+  w = tiny.world
+  req = Request("we read that {}", w.subjects[0], w.relations[0].objects[1])
+  with pytest.raises(ValueError, match=r"layer kind: ports.gpt2.model.Block is not a registered "
+                                       r"memory layer"):
+    subject_keys(tiny.model, tiny.layout.blocks[0], w.tokenize, [req])
