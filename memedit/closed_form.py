@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import (as_array, check_covariance, check_finite, check_scalar,
+from memedit.checks import (TINY, as_array, check_covariance, check_finite, check_scalar,
                             compute_dtype, is_traced)
 from memedit.linalg import floor_eigenvalues, spectrum_ok, symmetric_eigh
 
@@ -154,9 +154,15 @@ def insert_closed_form(W: Any, C: Any, keys: Any, values: Any, *,
   """
   W, C, keys, values = _check_linear(W, C, keys, values)
   _check_rcond(rcond, C)
-  if not isinstance(keys, jax.core.Tracer) and not isinstance(C, jax.core.Tracer):
-    k = np.asarray(keys, np.float64)
-    gram = k @ np.linalg.lstsq(np.asarray(C, np.float64), k.T, rcond=None)[0]
+  if not is_traced(keys, C, rcond):
+    # K C⁻¹ Kᵀ with the C⁻¹ the insert uses: C's eigenvalues floored as in the solve
+    # (an unfloored pseudo-inverse of a singular C inverts its rounding errors).
+    k, c = np.asarray(keys, np.float64), np.asarray(C, np.float64)
+    ev_c, U = np.linalg.eigh(0.5 * (c + c.T))
+    floor = max(float(np.asarray(rcond)), TINY) * np.abs(ev_c).max()
+    ev_c = np.maximum(ev_c, max(floor, float(np.finfo(C.dtype).tiny)))
+    kU = k @ U
+    gram = (kU / ev_c) @ kU.T
     ev = np.linalg.eigvalsh(0.5 * (gram + gram.T))
     if ev[0] <= _INDEPENDENT * max(ev[-1], 1e-30):
       raise ValueError(
@@ -253,12 +259,13 @@ def least_squares_lambda(W: Any, D: Any, keys: Any, values: Any) -> jax.Array:
     values: (n, out) targets.
 
   Returns:
-    Λ (out, r) = lstsq(K Dᵀ, V − K Wᵀ)ᵀ.
+    Λ (out, r) = lstsq(K Dᵀ, V − K Wᵀ)ᵀ: float64 when any input is float64 (with x64),
+    else float32.
 
   Raises:
-    ValueError: called eagerly, when an input holds NaN or inf or Λ is not finite. Under
-      ``jax.jit`` the same conditions are evaluated in the program and Λ is all NaN when
-      one fails.
+    ValueError: inputs of the wrong shape; called eagerly, when an input holds NaN or inf
+      or Λ is not finite. Under ``jax.jit`` the same conditions are evaluated in the
+      program and Λ is all NaN when one fails.
 
   Example:
     >>> import jax.numpy as jnp, memedit
@@ -267,10 +274,23 @@ def least_squares_lambda(W: Any, D: Any, keys: Any, values: Any) -> jax.Array:
     >>> lam.round(3)
     Array([[2.]], dtype=float32)
   """
-  W = jnp.asarray(as_array(W, "W"), jnp.float32)
-  D = jnp.asarray(as_array(D, "D"), jnp.float32)
-  keys = jnp.asarray(as_array(keys, "keys"), jnp.float32)
-  values = jnp.asarray(as_array(values, "values"), jnp.float32)
+  W, D, keys, values = (jnp.asarray(as_array(x, name)) for x, name in
+                        ((W, "W"), (D, "D"), (keys, "keys"), (values, "values")))
+  if W.ndim != 2:
+    raise ValueError(f"W: expected a matrix of shape (out, in), got {tuple(W.shape)}")
+  out, din = W.shape
+  if D.ndim != 2 or D.shape[1] != din:
+    raise ValueError(f"D: expected shape (r, {din}) to match W {tuple(W.shape)}, got "
+                     f"{tuple(D.shape)}")
+  if keys.ndim != 2 or keys.shape[1] != din:
+    raise ValueError(f"keys: expected shape (n, {din}) to match W {tuple(W.shape)}, got "
+                     f"{tuple(keys.shape)}")
+  if values.shape != (keys.shape[0], out):
+    raise ValueError(f"values: expected shape ({keys.shape[0]}, {out}) to match keys "
+                     f"{tuple(keys.shape)} and W {tuple(W.shape)}, got {tuple(values.shape)}")
+  # Float64 inputs (with jax_enable_x64) are solved in float64, all others in float32.
+  dt = compute_dtype(W, D, keys, values)
+  W, D, keys, values = (x.astype(dt) for x in (W, D, keys, values))
   inputs = (("W", W), ("D", D), ("keys", keys), ("values", values))
   for name, x in inputs:
     check_finite(x, name)

@@ -2,8 +2,9 @@
 
 :func:`context_directions` needs C^{-1/2} and uses the eigendecomposition
 C = U diag(λ) Uᵀ with the eigenvalue floor of :mod:`memedit.linalg` (eigenvalues of
-C + ridge·I raised to ``max(rcond · (λ_max + ridge), 1e-30)``); no solve forms an explicit
-inverse. The condition number of C itself is reported with the subspace.
+C + ridge·I raised to ``max(rcond, 1e-30) · (λ_max + ridge)``, relative to C's scale);
+no solve forms an explicit inverse. The condition number of C itself is reported with
+the subspace.
 
 Ridge. As everywhere in memedit, ``ridge`` is a multiple of the identity added to C
 (Tikhonov), in the units of C's eigenvalues.
@@ -123,7 +124,9 @@ def context_directions(
   Raises:
     ValueError: bad shapes, method or rank; C not finite, symmetric and PSD with a
       positive eigenvalue; keys or weights not finite; negative weights; fewer than r
-      keys of positive weight or fewer than r independent directions.
+      keys of positive weight or fewer than r independent directions; inputs that pass
+      these checks in their own dtype but fail them in the compute dtype (e.g. a float32
+      C whose entries underflow), which would give D all NaN.
 
   Example:
     >>> import jax.numpy as jnp, memedit
@@ -174,6 +177,11 @@ def context_directions(
   if not any(isinstance(x, jax.core.Tracer) for x in (res.D, sv, independent)):
     if not bool(independent):
       _raise_dependent(np.asarray(sv, np.float64), rank, method, _independence_tol(dt))
+    # The inputs passed the checks in their own dtype; the in-graph checks, in the
+    # compute dtype, may still fail (e.g. C's entries underflow in float32).
+    check_finite(res.D, "D", f" (the inputs passed the checks, but not in the compute dtype "
+                 f"{dt}: C or the keys under- or overflow there; rescale them, or use "
+                 f"float64 with jax_enable_x64)")
   return res
 
 

@@ -10,9 +10,10 @@
   pieces of the eigendecomposition route, shared with the solves that need C^{-1/2}
   (:func:`memedit.context_directions`) or C⁻¹Kᵀ (:func:`memedit.insert_closed_form`).
 
-The floor. Eigenvalues of C + ridge·I are raised to ``max(rcond · (λ_max + ridge), tiny)``
-(tiny = 1e-30), which bounds the condition number the solve uses at 1 / rcond; it changes
-nothing when C's condition number is at most 1 / rcond.
+The floor. Eigenvalues of C + ridge·I are raised to ``max(rcond, 1e-30) · (λ_max + ridge)``
+(and at least the dtype's smallest normal number), which bounds the condition number the
+solve uses at 1 / rcond; it is relative to λ_max, so it changes nothing when C's condition
+number is at most 1 / rcond (and at most 1e30), whatever the scale of C.
 
 Ridge. Everywhere in memedit ``ridge`` is a multiple of the identity added to C: the
 solves use C + ridge·I (Tikhonov). It is an absolute amount, in the units of C's
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import TINY, check_covariance, check_scalar, compute_dtype
+from memedit.checks import (TINY, check_covariance, check_finite, check_scalar, compute_dtype,
+                            is_traced)
 
 __all__ = ["floor_eigenvalues", "solve_psd", "spectrum_ok", "symmetric_eigh"]
 
@@ -61,10 +63,12 @@ def symmetric_eigh(C: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def floor_eigenvalues(lam: jax.Array, rcond: Any, ridge: Any) -> jax.Array:
-  """Eigenvalues of C + ridge·I floored at max(rcond · (λ_max + ridge), tiny).
+  """Eigenvalues of C + ridge·I floored at max(rcond, 1e-30) · (λ_max + ridge).
 
-  With λ the eigenvalues of C, returns max(λᵢ + ridge, rcond · (max |λ| + ridge), 1e-30),
-  so the floored matrix has condition number at most 1 / rcond.
+  With λ the eigenvalues of C, returns max(λᵢ + ridge, max(rcond, 1e-30) · (max |λ| +
+  ridge), tiny) (tiny the smallest normal number of λ's dtype), so the floored matrix has
+  condition number at most 1 / rcond. The floor is relative: scaling C scales the result
+  and nothing else.
 
   Args:
     lam: (d,) eigenvalues of C (from :func:`symmetric_eigh`).
@@ -81,7 +85,8 @@ def floor_eigenvalues(lam: jax.Array, rcond: Any, ridge: Any) -> jax.Array:
   """
   lmax = jnp.max(jnp.abs(lam))
   lam = lam + ridge
-  return jnp.maximum(lam, jnp.maximum(rcond * (lmax + ridge), TINY))
+  floor = jnp.maximum(rcond, TINY) * (lmax + ridge)
+  return jnp.maximum(lam, jnp.maximum(floor, jnp.finfo(lam.dtype).tiny))
 
 
 def spectrum_ok(lam: jax.Array) -> jax.Array:
@@ -128,7 +133,7 @@ def solve_psd(C: Any, b: Any, *, rcond: float = 1e-6, ridge: float = 0.0) -> jax
 
   Raises:
     ValueError: C or b of the wrong shape, C not finite, symmetric and PSD with a
-      positive eigenvalue, or rcond, ridge out of range (when concrete).
+      positive eigenvalue, b not finite, or rcond, ridge out of range (when concrete).
 
   Example:
     >>> import jax.numpy as jnp, memedit
@@ -143,7 +148,15 @@ def solve_psd(C: Any, b: Any, *, rcond: float = 1e-6, ridge: float = 0.0) -> jax
   b = jnp.asarray(b).astype(dt)
   if b.ndim not in (1, 2) or b.shape[0] != np.shape(C)[0]:
     raise ValueError(f"b: expected shape ({np.shape(C)[0]},) or ({np.shape(C)[0]}, n), got {b.shape}")
-  return _solve_psd(jnp.asarray(C).astype(dt), b, rcond, ridge)
+  check_finite(b, "b")
+  x = _solve_psd(jnp.asarray(C).astype(dt), b, rcond, ridge)
+  if not is_traced(x, rcond, ridge):
+    # The inputs passed the checks in their own dtype; the in-graph checks, in the
+    # compute dtype, may still fail (e.g. C's entries underflow in float32).
+    check_finite(x, "x", f" (C and b passed the checks, but not in the compute dtype {dt}: "
+                 f"C under- or overflows there; rescale it, or use float64 with "
+                 f"jax_enable_x64)")
+  return x
 
 
 def _cond_estimate(A, L):
@@ -156,7 +169,7 @@ def _cond_estimate(A, L):
   def power(apply):
     def body(_, v):
       u = apply(v)
-      return u / jnp.maximum(jnp.linalg.norm(u), TINY)
+      return u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(u.dtype).tiny)
     v = lax.fori_loop(0, _COND_ITERS, body, v0)
     return jnp.linalg.norm(apply(v))
 

@@ -365,7 +365,8 @@ def lambda_loss_fn(f, kernel0, D, keys, targets, *, kind="dense", in_ndim=1,
       :func:`solve_lambda` (factored: the Λ-independent part is computed here, once).
 
   Returns:
-    A pure function of Λ returning a () loss. Called on concrete values it raises a
+    A pure function of Λ (shape ``lambda_shape(kernel0.shape, r, kind, in_ndim)``, else
+    ValueError) returning a () loss. Called on concrete values it raises a
     ``ValueError`` when the loss is NaN or inf; under a transformation (``jax.jit``,
     ``jax.grad``, ``jax.vmap``) it returns the value unchecked, for the caller to test
     with ``jnp.isfinite``.
@@ -380,8 +381,13 @@ def lambda_loss_fn(f, kernel0, D, keys, targets, *, kind="dense", in_ndim=1,
   """
   fn = _loss_fn(f, kernel0, D, keys, targets, kind, in_ndim, weights, loss,
                 lam_mask, factored)
+  lshape = lambda_shape(tuple(np.shape(kernel0)), np.shape(D)[0], kind, in_ndim)
 
   def checked(lam):
+    if tuple(np.shape(lam)) != tuple(lshape):
+      raise ValueError(f"lam: expected shape {tuple(lshape)} (lambda_shape of the kernel "
+                       f"{tuple(np.shape(kernel0))} at rank {np.shape(D)[0]}), got "
+                       f"{tuple(np.shape(lam))}")
     val = fn(lam)
     if not isinstance(val, jax.core.Tracer) and not np.isfinite(np.asarray(val)):
       raise ValueError(f"loss: expected a finite loss, got {float(val)} at this Λ: f's "

@@ -1,0 +1,116 @@
+"""The update math checked from outside against float64 numpy: scale, rank deficiency,
+dtypes and argument errors of the closed forms, directions and PSD solves."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import enable_x64
+
+import memedit
+
+
+def random_C(rng, d, n=40):
+  x = rng.standard_normal((n, d)) * np.exp(rng.uniform(-1, 1, d))
+  return x.T @ x / n
+
+
+def f32(*xs):
+  return tuple(np.asarray(x, np.float32) for x in xs)
+
+
+def test_floor_is_relative_to_the_scale_of_c():
+  # Keys of scale 1e-16 give C of scale 1e-32 (normal in float32): the eigenvalue floor
+  # must scale with C, so directions, soft inserts and solves are those of the unscaled
+  # problem (an absolute 1e-30 floor made C⁻¹ ∝ I here).
+  rng = np.random.default_rng(0)
+  C = random_C(rng, 4)
+  K = rng.standard_normal((2, 4))
+  W = rng.standard_normal((3, 4))
+  V = rng.standard_normal((2, 3))
+  s = 1e-16
+  ref = np.linalg.solve(C, K[0])
+  ref /= np.linalg.norm(ref)
+  for method in ("zca", "svd", "mean"):
+    D = memedit.context_directions(*f32(C * s * s, K[:1] * s), method=method).D
+    np.testing.assert_allclose(np.asarray(D[0], np.float64), ref, atol=2e-5)
+  dw = np.asarray(memedit.insert_ridge(*f32(W, C, K, V), 0.5).lam
+                  @ memedit.insert_ridge(*f32(W, C, K, V), 0.5).D, np.float64)
+  sol = memedit.insert_ridge(*f32(W / s, C * s * s, K * s, V), 0.5)
+  np.testing.assert_allclose(np.asarray(sol.lam, np.float64) @ np.asarray(sol.D, np.float64)
+                             * s, dw, rtol=1e-4, atol=1e-5)
+  with enable_x64():
+    # Float64, scale 1e-20 (C ~ 1e-40): the direction is scale-invariant to rounding.
+    D = memedit.context_directions(C * 1e-40, K[:1] * 1e-20, rank=1).D
+    np.testing.assert_allclose(np.asarray(D[0]), ref, atol=1e-12)
+    lam = np.array([1e-40, 3e-45, 0.0])
+    np.testing.assert_allclose(np.asarray(memedit.linalg.floor_eigenvalues(
+        jnp.asarray(lam), 1e-3, 0.0)), [1e-40, 1e-43, 1e-43], rtol=1e-12)
+
+
+def test_exact_insert_accepts_a_singular_c_with_the_default_floor():
+  # C = U diag(3, 2, 1, −1e-5, −1e-5) Uᵀ passes the PSD check (λ_min ≥ −1e-5 λ_max); the
+  # insert floors its eigenvalues at 1e-6·λ_max. The eager independence check must use
+  # that floored C⁻¹, not a pseudo-inverse that inverts the −1e-5 (a negative Gram).
+  rng = np.random.default_rng(1)
+  U = np.linalg.qr(rng.standard_normal((5, 5)))[0]
+  ev = np.array([3.0, 2.0, 1.0, -1e-5, -1e-5])
+  C = (U * ev) @ U.T
+  C = 0.5 * (C + C.T)
+  k = rng.standard_normal((1, 5))
+  W = rng.standard_normal((2, 5))
+  v = rng.standard_normal((1, 2))
+  sol = memedit.insert_closed_form(*f32(W, C, k, v))
+  D = np.asarray(sol.D, np.float64)
+  W1 = W + np.asarray(sol.lam, np.float64) @ D
+  np.testing.assert_allclose(W1 @ k[0], v[0], atol=1e-4)
+  lf = np.maximum(ev, 1e-6 * 3.0)
+  ref = (U / lf) @ U.T @ k[0]
+  np.testing.assert_allclose(D[0] / np.linalg.norm(D[0]), ref / np.linalg.norm(ref),
+                             atol=1e-4)
+  # Dependent keys are still refused.
+  with pytest.raises(ValueError, match="keys: expected linearly independent keys"):
+    memedit.insert_closed_form(*f32(W, C, np.concatenate([k, 2 * k]), np.concatenate([v, v])))
+
+
+def test_least_squares_lambda_keeps_float64_and_checks_shapes():
+  rng = np.random.default_rng(2)
+  W = rng.standard_normal((3, 5))
+  D = rng.standard_normal((2, 5))
+  D[1] = D[0] + 1e-6 * rng.standard_normal(5)  # K Dᵀ with condition number ~1e6
+  K = rng.standard_normal((6, 5))
+  V = rng.standard_normal((6, 3))
+  ref = np.linalg.lstsq(K @ D.T, V - K @ W.T, rcond=None)[0].T
+  with enable_x64():
+    lam = memedit.least_squares_lambda(W, D, K, V)
+    assert lam.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(lam), ref, rtol=1e-8)
+  assert memedit.least_squares_lambda(*f32(W, D, K, V)).dtype == jnp.float32
+  for args, name in (((W, D[:, :4], K, V), "D"), ((W, D, K[:, :4], V), "keys"),
+                     ((W, D, K, V[:, :2]), "values"), ((W[0], D, K, V), "W")):
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+      memedit.least_squares_lambda(*f32(*args))
+
+
+def test_eager_calls_refuse_a_c_that_underflows_in_the_compute_dtype():
+  # A float64 numpy C of scale 1e-90 passes the checks but is 0 in float32 (no x64):
+  # eagerly that is a ValueError, not a silent NaN result.
+  rng = np.random.default_rng(3)
+  C = random_C(rng, 3) * 1e-90
+  k = rng.standard_normal((1, 3))
+  with pytest.raises(ValueError, match="^D: expected finite values.*compute dtype float32"):
+    memedit.context_directions(C, k)
+  with pytest.raises(ValueError, match="^x: expected finite values.*compute dtype float32"):
+    memedit.solve_psd(C, k[0])
+  with pytest.raises(ValueError, match="^b: expected finite values"):
+    memedit.solve_psd(random_C(rng, 3), np.array([1.0, np.nan, 0.0]))
+
+
+def test_lambda_loss_fn_refuses_a_lambda_of_the_wrong_shape():
+  fn = memedit.lambda_loss_fn(lambda K, k: k @ K, np.zeros((4, 3), np.float32),
+                              np.ones((1, 4), np.float32), np.ones((2, 4), np.float32),
+                              np.ones((2, 3), np.float32), loss="l2")
+  assert float(fn(jnp.zeros((3, 1)))) == 1.0
+  with pytest.raises(ValueError, match=r"^lam: expected shape \(3, 1\).*got \(1, 3\)"):
+    fn(jnp.zeros((1, 3)))
