@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -68,12 +69,30 @@ def table(rows: list[dict], columns: list[str]) -> str:
   return "\n".join(out)
 
 
+def standard_json(value):
+  """``value`` with the floats standard JSON cannot hold replaced: NaN by None (null),
+  ±inf by the strings "inf" / "-inf" (numpy scalars and arrays become lists of floats)."""
+  if isinstance(value, dict):
+    return {k: standard_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [standard_json(v) for v in value]
+  if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+    return standard_json(value.tolist())
+  if isinstance(value, float):
+    if math.isnan(value):
+      return None
+    if math.isinf(value):
+      return "inf" if value > 0 else "-inf"
+  return value
+
+
 def write(name: str, payload: dict, suffix: str = "") -> Path:
-  """Writes ``payload`` (plus the machine description) to benchmarks/results/NAME.json."""
+  """Writes ``payload`` (plus the machine description) to benchmarks/results/NAME.json,
+  as standard JSON (:func:`standard_json`)."""
   RESULTS.mkdir(parents=True, exist_ok=True)
-  payload = dict(payload, machine=machine())
+  payload = standard_json(dict(payload, machine=machine()))
   path = RESULTS / f"{name}{suffix}.json"
   tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(payload, indent=2, default=float))
+  tmp.write_text(json.dumps(payload, indent=2, default=float, allow_nan=False))
   os.replace(tmp, path)
   return path
