@@ -183,12 +183,12 @@ def check_covariance(C: Any, dim: int | None = None, name: str = "C") -> np.ndar
   c = np.asarray(C, np.float64)
   if not np.all(np.isfinite(c)):
     raise ValueError(f"{name}: expected finite entries, got NaN or inf")
-  scale = max(np.abs(c).max(), TINY)
+  scale = np.abs(c).max() or 1.0  # relative at any scale (a C of 1e-40 included)
   asym = np.abs(c - c.T).max() / scale
   if asym > 1e-4:
     raise ValueError(f"{name}: expected a symmetric matrix, got max |C - Cᵀ| / max |C| = {asym:.3g}")
   ev = np.linalg.eigvalsh(0.5 * (c + c.T))
-  if ev[0] < -1e-5 * max(ev[-1], TINY):
+  if ev[0] < -1e-5 * max(ev[-1], 0.0):
     raise ValueError(
         f"{name}: expected a positive semi-definite matrix, got smallest eigenvalue "
         f"{ev[0]:.3g} (largest {ev[-1]:.3g})")

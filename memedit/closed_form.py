@@ -164,7 +164,7 @@ def insert_closed_form(W: Any, C: Any, keys: Any, values: Any, *,
     kU = k @ U
     gram = (kU / ev_c) @ kU.T
     ev = np.linalg.eigvalsh(0.5 * (gram + gram.T))
-    if ev[0] <= _INDEPENDENT * max(ev[-1], 1e-30):
+    if ev[0] <= _INDEPENDENT * max(ev[-1], 0.0):
       raise ValueError(
           f"keys: expected linearly independent keys (K C⁻¹ Kᵀ positive definite), got a "
           f"Gram matrix with eigenvalues from {ev[0]:.3g} to {ev[-1]:.3g}; use insert_ridge "
@@ -185,7 +185,7 @@ def _gram_solve(W, C, keys, values, rcond, penalty):
   ev = jnp.linalg.eigvalsh(gram)
   ok = (spectrum_ok(lam_raw) & jnp.all(jnp.isfinite(W)) & jnp.all(jnp.isfinite(keys))
         & jnp.all(jnp.isfinite(values)) & jnp.isfinite(penalty) & (penalty >= 0)
-        & ((penalty > 0) | (ev[0] > _INDEPENDENT * jnp.maximum(ev[-1], 1e-30))))
+        & ((penalty > 0) | (ev[0] > _INDEPENDENT * jnp.maximum(ev[-1], 0.0))))
   gram = gram + penalty * jnp.eye(gram.shape[0], dtype=gram.dtype)
   resid = values - jnp.matmul(keys, W.T, precision=HIGHEST)  # (n, out)
   lam_t = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram, lower=True), resid)

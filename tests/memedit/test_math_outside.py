@@ -3,6 +3,7 @@ dtypes and argument errors of the closed forms, directions and PSD solves."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -114,3 +115,34 @@ def test_lambda_loss_fn_refuses_a_lambda_of_the_wrong_shape():
   assert float(fn(jnp.zeros((3, 1)))) == 1.0
   with pytest.raises(ValueError, match=r"^lam: expected shape \(3, 1\).*got \(1, 3\)"):
     fn(jnp.zeros((1, 3)))
+
+
+def test_covariance_checks_are_relative_at_any_scale():
+  """The symmetry and PSD tests divided by max(|C|, 1e-30) and max(λ_max, 1e-30): below
+  that scale an asymmetric or indefinite C passed."""
+  from memedit.checks import check_covariance
+
+  C = np.array([[1.0, 0.5], [0.0, 1.0]]) * 1e-40
+  with pytest.raises(ValueError, match="C: expected a symmetric matrix, got max"):
+    check_covariance(C)
+  with pytest.raises(ValueError, match="C: expected a positive semi-definite matrix"):
+    check_covariance(np.diag([1.0, -0.1]) * 1e-40)
+  np.testing.assert_array_equal(check_covariance(np.eye(2) * 1e-40), np.eye(2) * 1e-40)
+  with pytest.raises(ValueError, match="expected a matrix with a positive eigenvalue"):
+    check_covariance(np.zeros((2, 2)))
+
+
+def test_exact_insert_of_tiny_independent_keys():
+  """Keys of scale 1e-20 against C of scale 1 give K C⁻¹ Kᵀ of scale 1e-40: independent
+  keys were refused as dependent by an absolute 1e-30 floor (eagerly and in the graph)."""
+  rng = np.random.default_rng(0)
+  W = rng.standard_normal((2, 3))
+  keys = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.5]]) * 1e-20
+  values = keys @ W.T + np.array([[1.0, -1.0], [0.5, 2.0]]) * 1e-20
+  with enable_x64():
+    sol = memedit.insert_closed_form(W, np.eye(3), keys, values)
+    W1 = W + np.asarray(sol.lam) @ np.asarray(sol.D)
+    np.testing.assert_allclose(keys @ W1.T, values, rtol=1e-10, atol=0)
+    # The in-graph check agrees with the eager one.
+    jitted = jax.jit(memedit.insert_closed_form)(W, np.eye(3), keys, values)
+    np.testing.assert_allclose(np.asarray(jitted.lam), np.asarray(sol.lam), rtol=1e-12)
