@@ -77,8 +77,8 @@ def _check_saved(path, tree, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"{where}: path: expected a non-empty list of str/int keys, got {p!r}")
   if meta["kind"] not in LAYOUTS:
     raise ValueError(f"{where}: kind: expected one of {LAYOUTS}, got {meta['kind']!r}")
-  if not _is_int(meta["in_ndim"]):
-    raise ValueError(f"{where}: in_ndim: expected an int, got {meta['in_ndim']!r}")
+  if not _is_int(meta["in_ndim"]) or meta["in_ndim"] < 1:
+    raise ValueError(f"{where}: in_ndim: expected a positive int, got {meta['in_ndim']!r}")
   if not isinstance(meta["method"], str):
     raise ValueError(f"{where}: method: expected a str, got {meta['method']!r}")
   if not isinstance(meta["settings"], dict):

@@ -223,8 +223,9 @@ def make_edit(path: Path, lam: Any, D: Any, *, kind: str = "dense", in_ndim: int
                      f"leaf), got {index!r}")
   if label is not None and not isinstance(label, str):
     raise ValueError(f"label: expected None or a str, got {label!r}")
-  if isinstance(in_ndim, bool) or not isinstance(in_ndim, (int, np.integer)):
-    raise ValueError(f"in_ndim: expected an int, got {in_ndim!r}")
+  if isinstance(in_ndim, bool) or not isinstance(in_ndim, (int, np.integer)) or in_ndim < 1:
+    raise ValueError(f"in_ndim: expected a positive int (the leading input axes of a dense "
+                     f"kernel), got {in_ndim!r}")
   return Edit(lam, D, path, kind, int(in_ndim), str(method), settings_json, label, index)
 
 

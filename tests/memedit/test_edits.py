@@ -377,7 +377,8 @@ _DROP = object()
     ({"path": "k2"}, r"meta.json: path: expected a non-empty list of str/int keys, got 'k2'"),
     ({"kind": "weird"}, r"meta.json: kind: expected one of \('matrix', 'dense', 'conv'\), "
                         r"got 'weird'"),
-    ({"in_ndim": "x"}, r"meta.json: in_ndim: expected an int, got 'x'"),
+    ({"in_ndim": "x"}, r"meta.json: in_ndim: expected a positive int, got 'x'"),
+    ({"in_ndim": -1}, r"meta.json: in_ndim: expected a positive int, got -1"),
     ({"method": 5}, r"meta.json: method: expected a str, got 5"),
     ({"name": 5}, r"meta.json: name: expected a str, got 5"),
     ({"index": "x"}, r"meta.json: index: expected a non-negative int, got 'x'"),
@@ -390,3 +391,10 @@ def test_load_edit_checks_every_metadata_field(tmp_path, changes, message):
   _rewrite_meta(out, **changes)
   with pytest.raises(ValueError, match=message):
     memedit.load_edit(out)
+
+
+def test_make_edit_refuses_a_non_positive_in_ndim():
+  for n in (0, -1):
+    with pytest.raises(ValueError, match=rf"in_ndim: expected a positive int \(the leading "
+                                         rf"input axes of a dense kernel\), got {n}"):
+      memedit.make_edit(("k",), np.ones((2, 1)), np.ones((1, 3)), kind="conv", in_ndim=n)
