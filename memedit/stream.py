@@ -219,8 +219,28 @@ def _host_ready(batches: list) -> list:
   """The batches with every host leaf checked by :func:`memedit.checks.as_array`: numpy
   leaves in non-native byte order (e.g. big-endian chunks read from a file) become
   native-order copies, on the host; leaves that are not numbers raise. Device arrays and
-  valid native leaves are kept as they are (no copy)."""
-  return [jax.tree_util.tree_map(lambda x: as_array(x, "batches"), b) for b in batches]
+  valid native leaves are kept as they are (no copy), except that arrays sharded over a
+  mesh with explicit axes are viewed on the same mesh with automatic axes
+  (:func:`_auto_axes`)."""
+  return [jax.tree_util.tree_map(lambda x: _auto_axes(as_array(x, "batches")), b)
+          for b in batches]
+
+
+def _auto_axes(x):
+  """``x`` itself, or when it is sharded over a mesh with explicit axes (what
+  ``jax.make_mesh`` makes by default), the same shards on the same devices under a mesh
+  whose axes are automatic: the fold's contraction over the sharded batch axis leaves
+  the sharding of C to XLA (a replicated sum), which explicit axes refuse to guess."""
+  from jax.sharding import AxisType, Mesh, NamedSharding
+
+  s = getattr(x, "sharding", None)
+  if not (isinstance(x, jax.Array) and isinstance(s, NamedSharding)
+          and isinstance(s.mesh, Mesh)
+          and any(t == AxisType.Explicit for t in s.mesh.axis_types)):
+    return x
+  mesh = Mesh(s.mesh.devices, s.mesh.axis_names,
+              axis_types=(AxisType.Auto,) * len(s.mesh.axis_names))
+  return jax.device_put(x, NamedSharding(mesh, s.spec))
 
 
 def _finite_mean(x: np.ndarray, dtype) -> np.ndarray | None:

@@ -1,6 +1,7 @@
 """stream_covariance over four simulated devices, used the way a researcher with several
 devices would: streams that start with a batch holding no key, parameters and batches
-committed to other devices than device 0, and batches on different devices; every C
+committed to other devices than device 0, batches on a ``jax.make_mesh`` mesh (explicit
+axes), and batches on different devices; every C
 against a float64 numpy reference. One subprocess, with the device count in XLA_FLAGS."""
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ SCRIPT = textwrap.dedent("""
         [jax.device_put(host[0], NamedSharding(mesh23, P("x")))] + host[1:], devices=4,
         group=1, progress=False))
 
+    # Batches on a mesh from jax.make_mesh (explicit axes by default): the fold's
+    # contraction over the sharded batch axis was refused by JAX (ShardingTypeError).
+    explicit = jax.make_mesh((4,), ("data",))
+    padded = [np.concatenate([x, x[:8 - len(x)] if len(x) < 8 else x[:0]]) for x in host]
+    px64 = np.concatenate(padded).astype(np.float64)
+    record("make_mesh", memedit.stream_covariance(
+        [jax.device_put(x, NamedSharding(explicit, P("data"))) for x in padded],
+        progress=False), np.cov(px64.T, bias=True), px64.T @ px64 / len(px64))
+    out["make_mesh_n"] = len(px64)
+
     # Batches committed to different devices: refused, naming both.
     try:
       memedit.stream_covariance([jax.device_put(host[0], devs[1]),
@@ -85,6 +96,8 @@ def test_streams_over_four_devices_match_float64():
     # Before the fix: centered rel 0.25 and 0.23 (shift 0) for the first two; raw JAX
     # errors (incompatible devices) for the next three.
     assert r["cov"] <= 1e-5 and r["c"] <= 1e-6, (name, r)
+  r = out["make_mesh"]
+  assert r["n"] == out["make_mesh_n"] == 24 and r["cov"] <= 1e-5 and r["c"] <= 1e-6, r
   msg = out["two_devices"]
   assert msg.startswith("batches: expected every jax.Array batch on the devices"), msg
   assert "[1]" in msg and "[2]" in msg, msg
