@@ -384,8 +384,10 @@ def _edit_args(p) -> None:
   p.add_argument("--contexts", type=int, default=5, choices=range(0, 21), metavar="N",
                  help="sampled context prefixes per length (5 and 10 tokens; default 5)")
   p.add_argument("--value-steps", type=int, default=20, choices=range(1, 201), metavar="N",
-                 help="Adam steps of the value search (default 20)")
-  p.add_argument("--value-lr", type=float, default=0.5, help="its learning rate (0.5)")
+                 help="Adam steps of ROME's value search (default 20; MEMIT's search "
+                      "runs 25 steps with a norm clamp of 0.75, as MEMIT's defaults)")
+  p.add_argument("--value-lr", type=float, default=0.5,
+                 help="the learning rate of ROME's value search (0.5)")
 
 
 def add_subcommands(subparsers) -> None:
