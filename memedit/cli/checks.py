@@ -42,11 +42,15 @@ def image_limit(limit: int, resolution: int) -> int:
 
 def check_output_location(path: str, flag: str, *, folder: bool) -> str:
   """Checks, before any work, that ``path`` can be written: a file output is not an
-  existing folder, and the nearest existing folder above it is a folder one may write
-  in. Returns the absolute path."""
+  existing folder nor a path ending with a separator, and the nearest existing folder
+  above it is a folder one may write in. Returns the absolute path."""
   dst = os.path.abspath(path)
   if not folder and os.path.isdir(dst):
     raise ValueError(f"{flag}: expected a file to write, got the folder {path!r}")
+  if not folder and str(path).endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+    # abspath drops the separator: 'new/' would otherwise be written as the file 'new'.
+    raise ValueError(f"{flag}: expected a file to write, got {path!r}, a folder's path (it "
+                     "ends with a separator)")
   parent, problem = parent_problem(dst)
   if problem == "file":
     raise ValueError(f"{flag}: expected a path inside folders, got {path!r}, whose parent "

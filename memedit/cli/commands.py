@@ -118,6 +118,17 @@ def _add_stats_args(p) -> None:
 def _check_stats_args(args) -> None:
   in_range("--samples", args.samples, 1, MAX_SAMPLES)
   in_range("--batch-size", args.batch_size, 1, MAX_BATCH)
+  _check_cache_dir(args.cache_dir)
+
+
+def _check_cache_dir(path: str) -> None:
+  """Checks --cache-dir before any work: an existing folder (read, and written when it
+  lacks these statistics), or a path where one can be made."""
+  if os.path.isdir(path):
+    return
+  if os.path.lexists(path):
+    raise ValueError(f"--cache-dir: expected a folder, got {path!r}, which is a file")
+  check_output_location(path, "--cache-dir", folder=True)
 
 
 def _open(args):
@@ -130,8 +141,9 @@ def _open(args):
 
 def _statistics(gen, layer, args):
   from memedit.generators import collect_statistics
-  return collect_statistics(gen, layer, args.samples, batch_size=args.batch_size,
-                            cache_dir=args.cache_dir, progress=not args.no_progress)
+  with writing(args.cache_dir, "--cache-dir"):
+    return collect_statistics(gen, layer, args.samples, batch_size=args.batch_size,
+                              cache_dir=args.cache_dir, progress=not args.no_progress)
 
 
 _STATS_HELP = """\
@@ -305,7 +317,8 @@ def _add_sample(subparsers) -> None:
                  f"{MAX_PAIRS} (fewer above 256 px: {MAX_PAIRS}·(256/resolution)²) "
                  "(default: %(default)s)")
   p.add_argument("--columns", type=int, default=4,
-                 help=f"pairs per row, 1 to {MAX_COLUMNS} (default: %(default)s)")
+                 help=f"pairs per row, 1 to {MAX_COLUMNS}; fewer images fill one row "
+                 "(default: %(default)s)")
   p.add_argument("--out", required=True,
                  help="PNG file to write; an existing file is replaced only when it is a PNG")
   p.set_defaults(run=_run_sample)
@@ -329,7 +342,8 @@ def _run_sample(args) -> int:
   changed = generate_images(new, z)
   check_finite_images(changed, f"--edit {args.edit} (the edited model)")
   with writing(args.out, "--out"):
-    save_png(args.out, comparison_grid(original, changed, columns=args.columns))
+    save_png(args.out, comparison_grid(original, changed,
+                                       columns=min(args.columns, len(nums))))
   print(f"sample: {len(nums)} pairs written to {args.out}")
   return 0
 
