@@ -499,6 +499,7 @@ def _run_demo(args) -> int:
     check_input_file(args.stylegan2, "--stylegan2")
   check_output_location(args.out, "--out", folder=True)
   check_output_location(args.work, "--work", folder=True)
+  _check_demo_outputs(args)
   report = demo.run_demo(args.weights, out=args.out, work=args.work, spec_path=args.spec,
                          samples=args.samples, held_out=args.held_out,
                          held_out_start=args.held_out_start, pictured=args.pictured,
@@ -518,6 +519,26 @@ def _run_demo(args) -> int:
   print(f"wrote {os.path.join(args.out, 'demo-stylegan2.png')} and "
         f"{os.path.join(args.out, 'demo-stylegan2.json')}")
   return 0
+
+
+def _check_demo_outputs(args) -> None:
+  """Before any work: the demo's files in --out (demo.png, demo.json, demo.edit and the
+  StyleGAN2 ones) are new or earlier demo outputs, never a file of the user's."""
+  from memedit import _io
+
+  if os.path.lexists(args.out) and not os.path.isdir(args.out):
+    raise ValueError(f"--out: expected a folder for the demo's outputs, got {args.out!r}, "
+                     "which is a file")
+  inputs = tuple(x for x in (args.spec, args.stylegan2) if x)  # files (folders may hold --out)
+  for name in ("demo",) + (() if args.no_stylegan2 else ("demo-stylegan2",)):
+    base = os.path.join(args.out, name)
+    check_output_file(base + ".png", "--out", protect=inputs, what="a PNG image",
+                      accept=is_png)
+    check_output_file(base + ".json", "--out", protect=inputs,
+                      what="an earlier `memedit demo` JSON report",
+                      accept=lambda f: is_json_report(f, ("model", "spec", "paste_l1",
+                                                          "by_quantile")))
+    _io.check_output(base + ".edit", "edit", protect=inputs, flag="--force")
 
 
 SUBCOMMANDS = (_add_convert, _add_stats, _add_rewrite, _add_sample, _add_evaluate, _add_demo,

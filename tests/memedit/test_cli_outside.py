@@ -105,3 +105,33 @@ def test_sample_with_fewer_images_than_columns_is_one_row_of_the_api_images(mode
   got = np.asarray(Image.open(out))
   assert got.shape == want.shape  # one row of 2 pairs, not 64 pairs wide with 62 blank
   np.testing.assert_array_equal(got, want)
+
+
+def test_demo_refuses_files_of_the_users_in_its_output_folder_before_any_work(tmp_path,
+                                                                              capsys):
+  """The demo replaced demo.json / demo.png in --out whatever they held (and failed on a
+  demo.edit folder of the user's only after all its work); it now checks them first (the
+  weights here do not even exist), and an --out that is a file is refused."""
+  out = tmp_path / "out"
+  out.mkdir()
+  absent = ["demo", "--weights", str(tmp_path / "no-weights"), "--work", str(tmp_path / "w"),
+            "--no-progress", "--out", str(out)]
+  (out / "demo.json").write_text('{"mine": 1}')
+  assert main(absent) == 1
+  assert ("--out: expected a new file or an earlier `memedit demo` JSON report to replace"
+          in _error(capsys, "demo"))
+  assert (out / "demo.json").read_text() == '{"mine": 1}'
+  (out / "demo.json").unlink()
+  (out / "demo-stylegan2.png").write_text("not a png")
+  assert main(absent) == 1
+  assert "--out: expected a new file or a PNG image to replace" in _error(capsys, "demo")
+  (out / "demo-stylegan2.png").unlink()
+  (out / "demo.edit").mkdir()
+  (out / "demo.edit" / "notes.txt").write_text("mine")
+  assert main(absent) == 1
+  assert "demo.edit: expected a memedit 'edit' output folder to replace" in _error(capsys,
+                                                                                  "demo")
+  assert (out / "demo.edit" / "notes.txt").read_text() == "mine"
+  (tmp_path / "file").write_text("x")
+  assert main(absent[:-1] + [str(tmp_path / "file")]) == 1
+  assert "--out: expected a folder for the demo's outputs" in _error(capsys, "demo")
