@@ -142,8 +142,15 @@ def load_log(path: str | os.PathLike) -> EditLog:
   """
   src = os.fspath(path)
   if not os.path.isfile(src):
+    hint = ""
+    if os.path.isdir(src):
+      from memedit import _io
+
+      if _io.output_kind(src) == "edit":  # e.g. what `memedit rewrite --out` writes
+        hint = (" holding one saved edit (memedit.load_edit); a log is built from edits "
+                "with memedit.sequential.log_append and written with save_log")
     raise FileNotFoundError(f"{src}: expected a saved edit log file, got "
-                            f"{'a folder' if os.path.isdir(src) else 'nothing'}")
+                            f"{'a folder' + hint if os.path.isdir(src) else 'nothing'}")
   with open(src, "rb") as f:
     head = f.read(4)
   if head != b"PK\x03\x04":  # an .npz is a zip archive

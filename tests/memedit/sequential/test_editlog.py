@@ -430,3 +430,17 @@ def test_projected_insert_runs_under_jit():
   assert got.settings["null_dim"] is None and want.settings["null_dim"] == 2
   with pytest.raises(ValueError, match="check=False under jax.jit"):
     jax.jit(lambda p, k, v: insert(p, k, v, check=True))(params, keys, values)
+
+
+def test_loading_a_saved_edit_as_a_log_says_how_to_make_one(tmp_path):
+  """`memedit log` on a `rewrite` output said only "got a folder"."""
+  e = memedit.make_edit(("k",), np.ones((2, 1)), np.ones((1, 3)))
+  folder = memedit.save_edit(tmp_path / "edit1", e)
+  with pytest.raises(FileNotFoundError, match=r"expected a saved edit log file, got a folder "
+                                              r"holding one saved edit \(memedit.load_edit\); "
+                                              r"a log is built from edits with "
+                                              r"memedit.sequential.log_append"):
+    sq.load_log(folder)
+  (tmp_path / "other").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"expected a saved edit log file, got a folder$"):
+    sq.load_log(tmp_path / "other")
