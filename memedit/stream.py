@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding
 import numpy as np
 
 from memedit import fold_programs
@@ -231,8 +232,6 @@ def _auto_axes(x):
   ``jax.make_mesh`` makes by default), the same shards on the same devices under a mesh
   whose axes are automatic: the fold's contraction over the sharded batch axis leaves
   the sharding of C to XLA (a replicated sum), which explicit axes refuse to guess."""
-  from jax.sharding import AxisType, Mesh, NamedSharding
-
   s = getattr(x, "sharding", None)
   if not (isinstance(x, jax.Array) and isinstance(s, NamedSharding)
           and isinstance(s.mesh, Mesh)

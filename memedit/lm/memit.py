@@ -240,8 +240,9 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
   z_block = layout.blocks[last]
   # Checked before the value search, which is the long part.
   width = _state_width(model, z_block, plain.ids[:1])
+  views = {}  # each layer's view; an edit changes weights, not where the layer is
   for l in layers:
-    view = check_memory(model, layout.memories[l], plain.ids[:1])
+    view = views[l] = check_memory(model, layout.memories[l], plain.ids[:1])
     if view.value_dim != width:
       raise ValueError(f"layout: expected memories that write into the hidden state of "
                        f"block {z_block!r} (width {width}), got {layout.memories[l]!r} with "
@@ -265,7 +266,7 @@ def memit_edits(model, layout: LMLayout, layers: Sequence[int],
   history = None
   edits = []
   for j, layer in enumerate(layers):
-    view = check_memory(cur, layout.memories[layer], plain.ids[:1])
+    view = views[layer]
     keys = subject_keys(cur, layout.memories[layer], tokenize, requests, contexts)
     _, (h,) = read_states(cur, plain.ids[:n], plain.last[:n], outputs_of=[z_block])
     if j == 0 and values is not None:
