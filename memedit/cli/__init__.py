@@ -3,7 +3,8 @@
 Each subcommand is a pair of functions in :mod:`memedit.cli.commands`: one declares its
 arguments, the other carries it out; :func:`build_parser` registers them all. Errors in the user's input (a bad file, a wrong format, a number out
 of range, an output that cannot be written) print one line on stderr and give exit
-status 1 (2 for arguments the parser itself refuses); inputs and outputs are checked
+status 1 (2 for arguments the parser itself refuses); warnings print one line too
+(``memedit stats: warning: ...``, no source line); inputs and outputs are checked
 before any long work starts.
 
 Limits keep a mistyped number from running without bound; each option's help states
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from memedit.cli.checks import (FORMATS, MAX_BATCH, MAX_COLUMNS, MAX_EVALUATED, MAX_PAIRS,
                                 MAX_SAMPLES)
@@ -49,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the command line with ``argv`` (``sys.argv[1:]`` when None); returns the exit code."""
   parser = build_parser()
   args = parser.parse_args(argv)
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    print(f"memedit {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+
   try:
-    return args.run(args)
+    with warnings.catch_warnings():
+      warnings.showwarning = show
+      return args.run(args)
   except (ValueError, OSError) as e:
     print(f"memedit {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 1

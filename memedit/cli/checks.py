@@ -186,6 +186,34 @@ def check_finite_edit(edit, where: str) -> None:
                        f"infinite of the {a.size} values of {name}")
 
 
+def warn_other_call(edit, gen, where: str) -> None:
+  """Warns when the edit records a model other than ``gen``: another kernel at its layer
+  (it was made on another model, or on this one with other edits applied) or other call
+  keywords (e.g. a truncation). The edit is applied anyway, but its effect was measured
+  on the recorded model."""
+  import warnings
+
+  from memedit.generators import kernel_digest, recorded_call_kwargs
+
+  settings = edit.settings
+  base = settings.get("base_kernel")
+  try:
+    here = kernel_digest(gen.params, edit.path)
+  except ValueError:  # no such leaf: applying the edit names the mismatch
+    here = None
+  if isinstance(base, str) and here is not None and base != here:
+    warnings.warn(f"{where}: the edit was made on a model whose kernel at "
+                  f"{'/'.join(map(str, edit.path))} differs from this model's (digest "
+                  f"{base}, here {here}): another model, or this one with other edits "
+                  f"applied", UserWarning, stacklevel=2)
+  made = settings.get("call_kwargs")
+  now = recorded_call_kwargs(gen)
+  if isinstance(made, dict) and made != now:
+    flags = " ".join(f"--{k} {v}" for k, v in sorted(made.items()) if k == "truncation")
+    warnings.warn(f"{where}: the edit was made with {made} and is applied with {now}"
+                  + (f"; pass {flags} to match" if flags else ""), UserWarning, stacklevel=2)
+
+
 def check_finite_images(images, where: str) -> None:
   """Refuses images with NaN or infinite pixel values (they would draw as black)."""
   import numpy as np

@@ -13,7 +13,7 @@ from memedit.cli.checks import (FORMATS, MAX_BATCH, MAX_COLUMNS, MAX_EVALUATED, 
                                 MAX_SAMPLES, check_finite_edit, check_finite_images,
                                 check_input_file, check_output_file,
                                 check_output_location, image_limit, imgnums, in_range,
-                                is_json_report, is_png, writing)
+                                is_json_report, is_png, warn_other_call, writing)
 from memedit.demo import DEMO_REQUIREMENT
 from memedit.specs import MAX_IMAGES, MAX_STEPS
 from memedit.lm.cli import add_subcommands as _add_lm
@@ -335,6 +335,7 @@ def _run_sample(args) -> int:
   nums = imgnums(args.images, image_limit(MAX_PAIRS, gen.resolution))
   edit = memedit.load_edit(args.edit)
   check_finite_edit(edit, f"--edit {args.edit}")
+  warn_other_call(edit, gen, f"--edit {args.edit}")
   new, _ = edited(gen, edit)
   z = gen.latents(nums)
   original = generate_images(gen, z)
@@ -396,6 +397,7 @@ def _run_evaluate(args) -> int:
   spec = _load_spec(args.spec, gen)
   edit = memedit.load_edit(args.edit)
   check_finite_edit(edit, f"--edit {args.edit}")
+  warn_other_call(edit, gen, f"--edit {args.edit}")
   if tuple(edit.path) != gen.weight_path(spec.layer):
     raise ValueError(f"--edit: expected an edit of layer {spec.layer!r} "
                      f"{gen.weight_path(spec.layer)}, got one of {tuple(edit.path)}")

@@ -35,8 +35,8 @@ from memedit.generators.from_spec import SpecEdit, edit_from_spec
 from memedit.generators.forward import (LayerRun, cached_program, generate_images, keys_fn,
                                         pass_program, run_layer)
 from memedit.generators.generator import (Generator, LayerInfo, generator_from_converted,
-                                          layer_info, layer_kernel, layer_view,
-                                          reference_latents, structure_key)
+                                          kernel_digest, layer_info, layer_kernel, layer_view,
+                                          recorded_call_kwargs, reference_latents, structure_key)
 from memedit.generators.images import comparison_grid, save_png, to_uint8
 from memedit.generators.paste import (Copied, Target, bbox, copy_values, erase_target, mask_at,
                                       paste_target)
@@ -45,8 +45,8 @@ from memedit.generators.query import (heatmaps, layer_scores, match_scores, matc
 
 __all__ = [
     # generator
-    "Generator", "LayerInfo", "generator_from_converted", "layer_info", "layer_kernel",
-    "layer_view", "reference_latents", "structure_key",
+    "Generator", "LayerInfo", "generator_from_converted", "kernel_digest", "layer_info",
+    "layer_kernel", "layer_view", "recorded_call_kwargs", "reference_latents", "structure_key",
     # compiled forward passes
     "LayerRun", "cached_program", "generate_images", "keys_fn", "pass_program", "run_layer",
     # context

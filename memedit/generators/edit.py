@@ -559,7 +559,15 @@ def edited(gen: Generator, edit: Edit, history: EditHistory | None = None
     >>> bool((layer_kernel(back, "up") == layer_kernel(gen, "up")).all())
     True
   """
-  params, hist = apply_edit(gen.params, edit, history)
+  try:
+    params, hist = apply_edit(gen.params, edit, history)
+  except ValueError as e:
+    if not isinstance(edit, Edit):
+      raise
+    raise ValueError(f"edit {edit.name!r} of {'/'.join(map(str, edit.path))}: expected an edit "
+                     f"that fits this generator, got one that does not ({e}); an edit applies "
+                     f"to the model it was made on, or to one with the same layer shapes"
+                     ) from e
   return gen.with_params(params), hist
 
 

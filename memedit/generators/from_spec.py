@@ -9,7 +9,7 @@ import numpy as np
 from memedit.generators.context import context_keys, top_units
 from memedit.generators.context import directions as context_directions
 from memedit.generators.edit import EditResult, insert
-from memedit.generators.generator import Generator
+from memedit.generators.generator import Generator, kernel_digest, recorded_call_kwargs
 from memedit.generators.paste import Copied, copy_values, erase_target, paste_target
 
 __all__ = ["SpecEdit", "edit_from_spec"]
@@ -92,6 +92,10 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
   settings = {"spec_kind": spec.kind, "context_method": spec.method,
               "shrinkage": spec.shrinkage,
               "key_imgnums": [int(i) for i, _ in spec.key], "paste_imgnum": pnum}
+  made_with = recorded_call_kwargs(gen)
+  if made_with:
+    settings["call_kwargs"] = made_with
+  settings["base_kernel"] = kernel_digest(gen.params, gen.weight_path(spec.layer))
   copied, units = None, None
   if spec.kind == "insert":
     (onum, omask), = spec.masks("object")

@@ -35,8 +35,8 @@ from memedit.layers.conv import as_tuple
 from memedit.layers.model import as_model
 from memedit.layers.view import MemoryView, memory_view
 
-__all__ = ["Generator", "LayerInfo", "generator_from_converted", "layer_info", "layer_kernel",
-           "layer_view", "reference_latents", "structure_key"]
+__all__ = ["Generator", "LayerInfo", "generator_from_converted", "kernel_digest", "layer_info",
+           "layer_kernel", "layer_view", "recorded_call_kwargs", "reference_latents", "structure_key"]
 
 
 def reference_latents(imgnums: Sequence[int] | int, z_dim: int, seed: int = 1) -> np.ndarray:
@@ -163,6 +163,41 @@ class Generator:
   def with_params(self, params: Any) -> "Generator":
     """The same generator with other parameters (e.g. an edited copy)."""
     return dataclasses.replace(self, model=(self.definition, params))
+
+
+def kernel_digest(params: Any, path: Sequence) -> str:
+  """A short content hash (16 hex digits of sha256 over shape, dtype and bytes) of the
+  kernel leaf at ``path``: what an edit records of the model it was made on.
+
+  Example:
+    >>> import numpy as np
+    >>> kernel_digest({"k": np.zeros((2, 3), np.float32)}, ("k",))
+    '4aa8afb0381a2c0a'
+  """
+  from memedit import _io
+  from memedit.tree import get_leaf
+
+  return _io.tree_hash(get_leaf(params, tuple(path)))[:16]
+
+
+def recorded_call_kwargs(gen: Generator) -> dict:
+  """The generator's call keywords that an edit records in its settings: those whose
+  values are JSON scalars (numbers, strings, booleans, None), e.g. StyleGAN2's truncation.
+
+  Example:
+    >>> from flax import nnx
+    >>> gen = Generator(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), 2, 2, {"l": ()},
+    ...                 (("truncation", 0.7), ("table", [1, 2])))
+    >>> recorded_call_kwargs(gen)
+    {'truncation': 0.7}
+  """
+  out = {}
+  for name, value in gen.call_kwargs:
+    if isinstance(value, np.generic):
+      value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+      out[str(name)] = value
+  return out
 
 
 def generator_from_converted(path, *, truncation: float | None = None) -> Generator:

@@ -94,8 +94,18 @@ def test_end_to_end(tiny, capsys):
                                 np.asarray(get_leaf(want, edit.path)))
   assert main(["sample", model, "--edit", str(tmp / "e.edit"), "--images", "100-105",
                "--columns", "3", "--out", str(tmp / "s.png")]) == 0
+  assert capsys.readouterr().err == ""
   img = np.asarray(Image.open(tmp / "s.png"))
   assert img.ndim == 3 and img.shape[2] == 3 and img.shape[1] > img.shape[0]
+  # The edit records the kernel it was made on: applied to another (here the edited
+  # checkpoint) it still runs, with a one-line warning.
+  assert edit.settings["base_kernel"] == gens.kernel_digest(gen.params, edit.path)
+  assert main(["sample", str(tmp / "edited"), "--edit", str(tmp / "e.edit"), "--images", "100",
+               "--out", str(tmp / "s2.png")]) == 0
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      f"memedit sample: warning: --edit {tmp / 'e.edit'}: the edit was made on a model whose "
+      "kernel at params/convt2/kernel differs from this model's")
   assert main(["evaluate", model, spec, "--edit", str(tmp / "e.edit"), "--images", "100-115",
                "--out", str(tmp / "m.json")]) == 0
   m = json.load(open(tmp / "m.json"))

@@ -37,7 +37,8 @@ WIDTH = 64
 
 
 @pytest.fixture(scope="module")
-def sg2(tmp_path_factory):
+def sg2_folder(tmp_path_factory):
+  """The converted folder of the narrowed checkpoint."""
   tmp = tmp_path_factory.mktemp("sg2")
   model = peers.rosinality_model()
   torch.manual_seed(0)
@@ -55,7 +56,12 @@ def sg2(tmp_path_factory):
     sd[name] = v.clone()
   path = os.path.join(tmp, "g.pt")
   torch.save({"g_ema": sd, "latent_avg": latent_avg}, path)
-  gen = gens.generator_from_converted(convert_rosinality(path, tmp / "converted"))
+  return convert_rosinality(path, tmp / "converted")
+
+
+@pytest.fixture(scope="module")
+def sg2(sg2_folder):
+  gen = gens.generator_from_converted(sg2_folder)
   layer = "conv_2"
   state = gens.collect_statistics(gen, layer, 16, batch_size=8, progress=False)
   return gen, layer, np.asarray(memedit.second_moment(state))
@@ -168,3 +174,43 @@ def test_stylegan2_insert_keeps_a_crop_through_the_demodulation_with_preserve(sg
 
   assert moved(keep.edit) < 0.5 * moved(plain.edit)
   assert keep.loss_after < keep.loss_before
+
+
+def test_an_edit_records_the_truncation_it_was_made_at(sg2_folder, tmp_path, capsys):
+  from memedit import specs
+  from memedit.cli import main
+
+  box = (_box(8, 20, 8, 24, 32) * 255).astype(np.uint8)
+  spec = specs.save_spec(tmp_path / "spec.json", specs.make_spec(
+      key=[(1, box)], object=(2, box), paste=(3, box), layer="conv_2", canvas=32,
+      solver={"steps": 2}))
+  stats = ["--samples", "8", "--batch-size", "8", "--cache-dir", str(tmp_path / "stats"),
+           "--no-progress"]
+  edit = str(tmp_path / "e.edit")
+  assert main(["rewrite", str(sg2_folder), spec, "--truncation", "0.7", "--out", edit,
+               *stats]) == 0
+  assert memedit.load_edit(edit).settings["call_kwargs"] == {"truncation": 0.7}
+  capsys.readouterr()
+  png = str(tmp_path / "s.png")
+  assert main(["sample", str(sg2_folder), "--edit", edit, "--images", "100", "--out", png]) == 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"memedit sample: warning: --edit {edit}: the edit was made with "
+                 "{'truncation': 0.7} and is applied with {'truncation': 1.0}; pass "
+                 "--truncation 0.7 to match"]
+  assert main(["sample", str(sg2_folder), "--edit", edit, "--images", "100", "--out", png,
+               "--truncation", "0.7"]) == 0
+  assert capsys.readouterr().err == ""
+
+
+def test_an_edit_of_another_model_is_refused_by_name(sg2):
+  gen, layer, _ = sg2
+  path = gen.weight_path(layer)
+  kernel = np.asarray(gens.layer_kernel(gen, layer))
+  # Made for a layer of 16 input channels (3×3 taps): this one has 64.
+  kind = gens.layer_view(gen, layer).kind
+  other = memedit.make_edit(path, np.zeros(memedit.lambda_shape(kernel.shape, 1, kind),
+                                           np.float32),
+                            np.ones((1, 16), np.float32), kind=kind, label="elsewhere")
+  with pytest.raises(ValueError, match="edit 'elsewhere' of .*conv_2.*: expected an edit that "
+                     "fits this generator, got one that does not .*D: expected shape"):
+    gens.edited(gen, other)
