@@ -232,6 +232,11 @@ def imgnums(text: str, limit: int, flag: str = "--images") -> list[int]:
   ranges: list[tuple[int, int]] = []
   if not str(text).strip():
     raise ValueError(f"{flag}: expected image numbers, got {text!r}")
+  # int() would read other scripts' digits ('٣' is 3), '1_0' as 10 and '+3' as 3.
+  odd = sorted(set(str(text)) - set("0123456789,- \t"))
+  if odd:
+    raise ValueError(f"{flag}: expected numbers or ranges like '100-115,200' (ASCII digits, "
+                     f"'-' and ','), got {odd[:8]} in {str(text)[:40]!r}")
   for part in str(text).split(","):
     part = part.strip()
     if not part:

@@ -13,9 +13,11 @@ runs in its own thread (:mod:`memedit.ui.jobs`). It is an optional extra,
 The API is JSON over HTTP under ``/api``; a session is created by ``POST /api/sessions``
 and addressed as ``/api/s/<id>/...``. Errors are JSON ``{"error": message}`` with status
 400 (bad input; nothing changed), 404 (unknown session, job or route), 409 (a job is
-still running), 413 (request too large) or 500 (a bug; the server stays up). Only JSON
-bodies are read (``Content-Type: application/json``), so a page of another site cannot
-send requests a browser would not first ask about; on a loopback address only loopback
+still running), 413 (request too large, chunked bodies included) or 500 (a bug; the
+server stays up). Answers are standard JSON: a non-finite number (a diverged solve's
+loss) is sent as null. Only JSON object bodies are read (``Content-Type:
+application/json``, each field once), so a page of another site cannot send requests a
+browser would not first ask about; on a loopback address only loopback
 ``Host`` names are answered (no DNS rebinding). Files are written only under the
 session's work folder, under names the server makes.
 """
@@ -23,12 +25,15 @@ session's work folder, under names the server makes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from typing import Any
 
-from flask import Flask, Response, abort, jsonify, request, send_from_directory
-from werkzeug.exceptions import HTTPException
+from flask import (Flask, Response, abort, current_app, jsonify, request,
+                   send_from_directory)
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from memedit.ui.blas import limit_blas_threads
 from memedit.ui.jobs import Busy
@@ -42,17 +47,83 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+def _finite(value: Any) -> Any:
+  """``value`` with every non-finite float (a diverged solve's losses) as None."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: _finite(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite(v) for v in value]
+  return value
+
+
+class _StrictJSON(DefaultJSONProvider):
+  """Answers in standard JSON: NaN and ±inf, which Python writes as the bare words NaN
+  and Infinity that a browser's JSON parser refuses, are sent as null."""
+
+  def dumps(self, obj: Any, **kwargs: Any) -> str:
+    return super().dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+class _DuplicateField(Exception):
+  """A JSON object of a request naming a field twice."""
+
+
+def _unique_fields(pairs: list) -> dict:
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise _DuplicateField(key)
+    out[key] = value
+  return out
+
+
+def _kind(value: Any) -> str:
+  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+          type(None): "null"}.get(type(value), "a number")
+
+
+def _raw_body() -> bytes:
+  """The request's body; RequestEntityTooLarge when a body without a Content-Length
+  (chunked) goes past the limit (the limited stream would stop there silently)."""
+  try:
+    raw = request.get_data(cache=True)
+  except ClientDisconnected:
+    raise ValueError(f"request: expected a body of {request.content_length} bytes "
+                     "(Content-Length), got fewer before the connection closed") from None
+  limit = current_app.config["MAX_CONTENT_LENGTH"]
+  if request.content_length is None and limit is not None and len(raw) >= limit:
+    if request.environ["wsgi.input"].read(1):
+      raise RequestEntityTooLarge()
+  return raw
+
+
 def _body() -> dict:
   if not request.is_json:
-    raise ValueError("request: expected a JSON body (Content-Type: application/json)")
+    raise ValueError("request: expected a JSON body (Content-Type: application/json), got "
+                     f"Content-Type {(request.content_type or 'none')[:60]!r}")
+  raw = _raw_body()
   try:
-    data = request.get_json(silent=True)
-  except RecursionError:  # not a ValueError, so silent=True lets it through
+    data = json.loads(raw, object_pairs_hook=_unique_fields)
+  except _DuplicateField as e:
+    raise ValueError(f"request: expected each field of the JSON object once, got "
+                     f"{e.args[0]!r} more than once") from None
+  except RecursionError:
     raise ValueError("request: expected a JSON object body, got lists or objects nested "
                      "deeper than the parser allows (about 1000 levels)") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"request: expected a JSON object body in UTF-8, got malformed JSON: "
+                     f"the byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8") from None
+  except json.JSONDecodeError as e:
+    what = "an empty body" if not raw.strip() else f"{e.msg} at offset {e.pos}"
+    raise ValueError(f"request: expected a JSON object body, got malformed JSON ({what})"
+                     ) from None
+  except ValueError as e:  # an integer literal longer than Python converts (4300 digits)
+    raise ValueError(f"request: expected a JSON object body, got malformed JSON (a number "
+                     f"too long to read: {str(e).split(';')[0]})") from None
   if not isinstance(data, dict):
-    raise ValueError("request: expected a JSON object body, got malformed JSON or another "
-                     "value")
+    raise ValueError(f"request: expected a JSON object body, got {_kind(data)}")
   return data
 
 
@@ -84,6 +155,7 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
   if blas_threads is not None and "OPENBLAS_NUM_THREADS" not in os.environ:
     limit_blas_threads(blas_threads)
   app = Flask("memedit.ui", static_folder=STATIC, static_url_path="/static")
+  app.json = _StrictJSON(app)
   app.config["MAX_CONTENT_LENGTH"] = int(max_request_bytes)
   app.json.sort_keys = False
   if loopback_only:

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 import memedit
+from memedit import _io
 from memedit import generators as gens
 from memedit import specs
 from memedit.ui import state as st
@@ -483,14 +484,17 @@ class Session:
     safe = "".join(c for c in f"{rec.id}-{rec.edit.name}" if c.isalnum() or c in "-_")[:80]
     folder = os.path.join(self.folder, "edits", safe)  # a name made here, under the folder
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    memedit.save_edit(folder, rec.edit, force=True)
     buf = io.BytesIO()
     base = f"{rec.id}-{rec.kind}-{rec.layer}.edit"
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-      for root, _, files in os.walk(folder):
-        for f in sorted(files):
-          path = os.path.join(root, f)
-          zf.write(path, os.path.join(base, os.path.relpath(path, folder)))
+    # Held until the zip is read: a second download of the edit would otherwise replace
+    # the folder while this one is walking it.
+    with _io.path_lock(folder):
+      memedit.save_edit(folder, rec.edit, force=True)
+      with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for root, _, files in os.walk(folder):
+          for f in sorted(files):
+            path = os.path.join(root, f)
+            zf.write(path, os.path.join(base, os.path.relpath(path, folder)))
     return buf.getvalue(), base + ".zip"
 
 

@@ -135,3 +135,18 @@ def test_demo_refuses_files_of_the_users_in_its_output_folder_before_any_work(tm
   (tmp_path / "file").write_text("x")
   assert main(absent[:-1] + [str(tmp_path / "file")]) == 1
   assert "--out: expected a folder for the demo's outputs" in _error(capsys, "demo")
+
+
+@pytest.mark.parametrize("text,odd", [("\u0663", "'\u0663'"), ("1_0", "'_'"), ("+3", "'+'"),
+                                      ("1e3", "'e'")])
+def test_image_numbers_are_ascii_digits(text, odd):
+  """int() read '٣' (Arabic-Indic three) as 3, '1_0' as 10 and '+3' as 3."""
+  import re
+
+  from memedit.cli.checks import imgnums
+
+  with pytest.raises(ValueError, match=re.escape(
+      f"--images: expected numbers or ranges like '100-115,200' (ASCII digits, '-' and ','), "
+      f"got [{odd}]")):
+    imgnums(text, 10)
+  assert imgnums(" 3 - 5, 7", 10) == [3, 4, 5, 7]

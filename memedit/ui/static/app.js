@@ -17,7 +17,11 @@ async function api(path, body) {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
   const r = await fetch(path, opt);
   let data;
-  try { data = await r.json(); } catch (e) { data = {error: `HTTP ${r.status}`}; }
+  try {
+    data = await r.json();
+  } catch (e) {  // not JSON: an error, even with a 2xx status
+    throw new Error(`HTTP ${r.status}: expected a JSON answer, got one that does not parse`);
+  }
   if (!r.ok) throw new Error(data.error || `HTTP ${r.status}`);
   return data;
 }
