@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memedit.checks import as_array, check_scalar, is_traced
+from memedit.checks import as_array, check_real, check_scalar, is_traced
 from memedit.closed_form import insert_ridge
 from memedit.edits import Edit, make_edit
 from memedit.layouts import check_layout
@@ -123,6 +123,7 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
   penalty = 1.0 if penalty is None else penalty
   path = check_path(path)
   kernel = as_array(_layer(get_leaf(params, path), path, index), "params")
+  check_real(kernel, f"params at {path!r}")
   if not jnp.issubdtype(jnp.result_type(kernel), jnp.inexact):
     raise ValueError(f"params: expected a floating-point kernel at {path!r}, got "
                      f"{jnp.result_type(kernel)} (an edit cannot be written into integers)")

@@ -8,7 +8,8 @@ factors and keys, never the model's weights; it is saved as one small ``.npz`` f
 (:func:`memedit.sequential.save_log`).
 
 Applying. ``log_apply(params, log)`` applies the active entries to the unedited ``params``
-through :func:`memedit.apply_edit`, so every edited leaf is
+as :func:`memedit.apply_edit` of each in turn would (each leaf's sum computed once, so
+applying n entries takes time linear in n), so every edited leaf is
 
     K = K0 + Σ_{active j on the leaf} ΔK_j,
 
@@ -44,9 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memedit.checks import as_array
-from memedit.edits import Edit, EditHistory, apply_edit
-from memedit.tree import check_path
+from memedit.checks import as_array, check_finite
+from memedit.edit_value import NAN_FACTORS, edit_delta
+from memedit.edits import Edit, EditHistory, _fingerprint, _recompute
+from memedit.tree import check_path, get_leaf, replace_leaf
 
 __all__ = ["EditLog", "LogEntry", "log_append", "log_apply", "log_entry", "log_history",
            "log_init", "log_keys", "log_replay", "log_revert"]
@@ -221,7 +223,13 @@ def check_log(log) -> None:
 def _position(log: EditLog, which) -> int:
   check_log(log)
   if isinstance(which, Edit):
-    which = which.name
+    i = _position(log, which.name)
+    prints = (_fingerprint_or_none(log.entries[i].edit), _fingerprint_or_none(which))
+    if None not in prints and prints[0] != prints[1]:
+      raise ValueError(f"edit: expected the log's edit {which.name!r} (fingerprint "
+                       f"{prints[0]}), got another edit of that name (fingerprint "
+                       f"{prints[1]}); pass its name or position to address the log's entry")
+    return i
   if isinstance(which, str):
     if which not in log.names:
       raise ValueError(f"edit: expected one of the log's edits {list(log.names)}, got "
@@ -232,6 +240,13 @@ def _position(log: EditLog, which) -> int:
       raise ValueError(f"edit: expected an entry number in [0, {len(log)}), got {which}")
     return int(which) % len(log)
   raise ValueError(f"edit: expected an entry number, a name or an Edit, got {which!r}")
+
+
+def _fingerprint_or_none(edit: Edit) -> str | None:
+  try:
+    return edit.fingerprint
+  except ValueError:  # traced factors: compared by name alone
+    return None
 
 
 def log_entry(log: EditLog, which: int | str | Edit) -> LogEntry:
@@ -271,14 +286,16 @@ def log_revert(log: EditLog, which: int | str | Edit) -> EditLog:
 
   Args:
     log: the :class:`EditLog`.
-    which: an entry number, an edit name or an :class:`memedit.Edit`.
+    which: an entry number, an edit name or an :class:`memedit.Edit` (the log's own: an
+      edit of the same name with other content is refused).
 
   Returns:
     The new :class:`EditLog`; :func:`log_apply` leaves the edit out (see the module
     docstring for what that restores bit for bit).
 
   Raises:
-    ValueError: an unknown entry, or one already reverted.
+    ValueError: an unknown entry, an Edit whose content differs from the log's edit of
+      that name, or one already reverted.
 
   Example:
     >>> import jax.numpy as jnp, memedit
@@ -336,11 +353,33 @@ def log_history(params: Any, log: EditLog) -> tuple[Any, EditHistory]:
     ('a',)
   """
   check_log(log)
-  history = EditHistory()
-  for entry in log.entries:
-    if entry.active:
-      params, history = apply_edit(params, entry.edit, history)
-  return params, history
+  # What memedit.apply_edit of each active edit in turn would give (each edited leaf is
+  # K0 + Σ ΔK, summed in apply_edit's order and rounded once), computed once per leaf:
+  # applying the edits one by one would recompute a leaf's sum at every edit on it.
+  active = [(i, e.edit) for i, e in enumerate(log.entries) if e.active]
+  by_path = {}
+  for i, edit in active:
+    by_path.setdefault(edit.path, []).append((i, edit))
+  originals, prints = {}, {}
+  for path, items in by_path.items():
+    leaf = as_array(get_leaf(params, path), f"params at {path!r}")
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      raise ValueError(f"params: expected a floating-point kernel at {path!r}, got "
+                       f"{jnp.result_type(leaf)} (an edit cannot be written into integers)")
+    for i, edit in items:
+      check_finite(edit.lam, "lam", NAN_FACTORS)
+      check_finite(edit.D, "D", NAN_FACTORS)
+      try:
+        edit_delta(edit, np.shape(leaf))  # validates the shapes before anything changes
+      except ValueError as err:
+        raise ValueError(f"params: expected the leaf at {path!r} to fit entry {i} "
+                         f"({edit.name!r}) of the log, got shape {tuple(np.shape(leaf))}: "
+                         f"{err}; is the log of another model?") from None
+    new_leaf = _recompute(leaf, [edit for _, edit in items])
+    params = replace_leaf(params, path, new_leaf)
+    originals[path] = leaf
+    prints[path] = _fingerprint(new_leaf)
+  return params, EditHistory(originals, tuple(edit for _, edit in active), prints)
 
 
 def log_apply(params: Any, log: EditLog) -> Any:

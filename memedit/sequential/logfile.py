@@ -8,7 +8,8 @@ flag, and whether values and weights are stored) and, per entry i, the arrays
 ``e{i}_lam``, ``e{i}_D``, ``e{i}_keys`` and, when present, ``e{i}_values`` and
 ``e{i}_weights``: the factors and keys, never the model's weights. Loading checks every
 entry's record, its factors against its stored fingerprint, and its keys, values and
-weights as :func:`memedit.sequential.log_append` does.
+weights as :func:`memedit.sequential.log_append` does, and that the file holds no
+array its records do not name.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit import _io
+from memedit.checks import as_array
 from memedit.edits import Edit
 from memedit.sequential.log import EditLog, LogEntry, log_append, log_revert
 
@@ -128,9 +130,11 @@ def load_log(path: str | os.PathLike) -> EditLog:
   Raises:
     FileNotFoundError: no such file.
     ValueError: the file is not a saved memedit edit log (or of another version), or an
-      entry is damaged: its record is malformed, its content does not match its stored
-      fingerprint, or it fails the checks of :func:`memedit.sequential.log_append` (keys
-      that do not fit its factors, non-finite arrays, negative weights, a repeated name).
+      entry is damaged: its record is malformed or names another edit than its factors
+      give, an array is missing, not numbers, or named by no record, its content does
+      not match its stored fingerprint, or it fails the checks of
+      :func:`memedit.sequential.log_append` (keys that do not fit its factors,
+      non-finite arrays, negative weights, a repeated name).
 
   Example:
     >>> import os, tempfile, jax.numpy as jnp, memedit
@@ -174,18 +178,34 @@ def load_log(path: str | os.PathLike) -> EditLog:
   if not isinstance(meta.get("entries"), list):
     raise ValueError(f"{src}: expected a list of entries in the log's record, got "
                      f"{meta.get('entries')!r:.80}; the file is damaged")
-  log = EditLog()
   for i, m in enumerate(meta["entries"]):
     bad = _bad_entry_meta(m)
     if bad:
       raise ValueError(f"{src}: entry {i}: expected {bad}; the file is damaged")
-    try:
-      lam, D, keys = (jnp.asarray(arrays[f"e{i}_{n}"]) for n in ("lam", "D", "keys"))
-      values = jnp.asarray(arrays[f"e{i}_values"]) if m["values"] else None
-      weights = jnp.asarray(arrays[f"e{i}_weights"]) if m["weights"] else None
-    except KeyError as e:
-      raise ValueError(f"{src}: entry {i}: expected array {e.args[0]}, got none; the file "
-                       "is damaged") from None
+  # Exactly the arrays the records name: an array no record names (a record removed, or a
+  # stored values / weights flag turned off) would otherwise be dropped without a word.
+  stored = [("lam", "D", "keys") + tuple(n for n in ("values", "weights") if m[n])
+            for m in meta["entries"]]
+  want = {f"e{i}_{n}" for i, names in enumerate(stored) for n in names}
+  extra = sorted(set(arrays) - want)
+  if extra:
+    raise ValueError(f"{src}: expected only the arrays its {len(meta['entries'])} entries' "
+                     f"records name, got {len(extra)} more ({', '.join(extra[:5])}"
+                     f"{', …' if len(extra) > 5 else ''}); the file is damaged")
+  log = EditLog()
+  for i, m in enumerate(meta["entries"]):
+    missing = [f"e{i}_{n}" for n in stored[i] if f"e{i}_{n}" not in arrays]
+    if missing:
+      raise ValueError(f"{src}: entry {i}: expected array {missing[0]}, got none; the file "
+                       "is damaged")
+    try:  # as_array: native byte order, numbers only (a '>f4' or text array is named)
+      lam, D, keys = (jnp.asarray(as_array(arrays[f"e{i}_{n}"], f"e{i}_{n}"))
+                      for n in ("lam", "D", "keys"))
+      values, weights = (jnp.asarray(as_array(arrays[f"e{i}_{n}"], f"e{i}_{n}")) if m[n]
+                         else None for n in ("values", "weights"))
+    except ValueError as e:
+      raise ValueError(f"{src}: entry {i} ({m['name']!r}): {e}; the file is damaged"
+                       ) from None
     edit = Edit(lam, D, tuple(m["path"]), m["kind"], m["in_ndim"], m["method"],
                 json.dumps(m["settings"], sort_keys=True), None, m.get("index"))
     try:
@@ -197,6 +217,9 @@ def load_log(path: str | os.PathLike) -> EditLog:
                        f"{m['fingerprint']}, got {fingerprint}; the file is damaged")
     if m["label"] is not None:
       edit = dataclasses.replace(edit, label=m["label"])
+    if edit.name != m["name"]:
+      raise ValueError(f"{src}: entry {i}: expected the name {edit.name!r} its label and "
+                       f"factors give, got {m['name']!r} in its record; the file is damaged")
     try:  # the checks of an appended entry: keys fit D, finite, weights >= 0, a new name
       log = log_append(log, edit, keys, values, weights=weights)
     except ValueError as e:

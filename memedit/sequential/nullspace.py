@@ -23,7 +23,8 @@ their values.
   ΔK(Λ, D) then reads only the projected part of a key: ΔK(k) = Λ D P k.
 
 Dtypes: float64 inputs (with ``jax_enable_x64``) are computed in float64, all others in
-float32; matmuls use ``Precision.HIGHEST``.
+float32 (complex inputs are refused: they would lose their imaginary parts); matmuls use
+``Precision.HIGHEST``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import (as_array, check_covariance, check_finite, check_scalar,
-                            compute_dtype, is_traced)
+from memedit.checks import (as_array, check_covariance, check_finite, check_real,
+                            check_scalar, compute_dtype, is_traced)
 from memedit.closed_form import LinearSolution
 from memedit.linalg import symmetric_eigh
 
@@ -79,6 +80,7 @@ def _check_keys(keys, weights, d, name="keys"):
   """Keys (m, d) (m may be 0; None or shape (0, 0): no keys) and weights (m,)."""
   if keys is None or tuple(np.shape(keys)) == (0, 0):
     return None, None
+  check_real(as_array(keys, name), name)
   keys = jnp.asarray(as_array(keys, name))
   if keys.ndim != 2 or keys.shape[1] != d:
     raise ValueError(f"{name}: expected shape (m, {d}), got {tuple(keys.shape)}")
@@ -86,6 +88,7 @@ def _check_keys(keys, weights, d, name="keys"):
   if weights is None:
     weights = jnp.ones(keys.shape[:1], keys.dtype)
   else:
+    check_real(as_array(weights, "weights"), "weights")
     weights = jnp.asarray(as_array(weights, "weights"))
     if tuple(weights.shape) != tuple(keys.shape[:1]):
       raise ValueError(f"weights: expected shape ({keys.shape[0]},) (one per key), got "
@@ -114,6 +117,7 @@ def key_moment(keys: Any, weights: Any = None, *, dtype: Any = None) -> jax.Arra
     Array([[2., 4.],
            [4., 8.]], dtype=float32)
   """
+  check_real(as_array(keys, "keys"), "keys")
   keys = jnp.asarray(as_array(keys, "keys"))
   if keys.ndim != 2:
     raise ValueError(f"keys: expected shape (m, d), got {tuple(keys.shape)}")
@@ -160,6 +164,7 @@ def null_space(C: Any, keys: Any = None, weights: Any = None, *,
     (1, [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
   """
   C = as_array(C, "C")
+  check_real(C, "C")  # a complex C would lose its imaginary part in the checks and eigh
   d = np.shape(C)[0] if np.ndim(C) == 2 else None
   check_covariance(C, d)
   check_scalar(threshold, "threshold")
@@ -212,6 +217,8 @@ def project_directions(D: Any, P: Any, *, orthonormalize: bool = True) -> jax.Ar
   """
   D = jnp.asarray(as_array(D, "D"))
   P = jnp.asarray(as_array(P, "P"))
+  check_real(D, "D")
+  check_real(P, "P")
   if D.ndim != 2:
     raise ValueError(f"D: expected shape (r, d), got {tuple(D.shape)}")
   d = D.shape[1]
@@ -253,6 +260,8 @@ def _check_linear(W, keys, values):
   W = jnp.asarray(as_array(W, "W"))
   keys = jnp.asarray(as_array(keys, "keys"))
   values = jnp.asarray(as_array(values, "values"))
+  for name, x in (("W", W), ("keys", keys), ("values", values)):
+    check_real(x, name)
   if W.ndim != 2:
     raise ValueError(f"W: expected a matrix of shape (out, in), got {tuple(W.shape)}")
   out, d = W.shape
@@ -314,6 +323,7 @@ def insert_null_space(W: Any, keys: Any, values: Any, P: Any, preserved_keys: An
   W, keys, values = _check_linear(W, keys, values)
   d = W.shape[1]
   P = jnp.asarray(as_array(P, "P"))
+  check_real(P, "P")
   if tuple(P.shape) != (d, d):
     raise ValueError(f"P: expected shape ({d}, {d}), got {tuple(P.shape)}")
   check_finite(P, "P")

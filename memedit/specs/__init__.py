@@ -27,7 +27,9 @@ misspelt setting is not dropped without a word.
 
 Limits keep a mistaken or hostile spec from taking unbounded memory or time: masks of at
 most :data:`MAX_CANVAS` pixels a side (read from the PNG header before anything is
-decoded), at most :data:`MAX_IMAGES` images in the sample and :data:`MAX_STEPS` solver
+decoded), at most :data:`MAX_MASK_PIXELS` mask pixels in all (counted before any
+mask is decoded, so that a long list of small PNGs of a large canvas cannot take
+gigabytes), at most :data:`MAX_IMAGES` images in the sample and :data:`MAX_STEPS` solver
 steps; the learning rate must be a finite positive number.
 
 Masks are held as uint8 arrays (canvas, canvas) so that save → load gives identical
@@ -53,9 +55,9 @@ from memedit.specs.masks import (MAX_CANVAS, data_url_to_mask, got, mask_to_data
 from memedit.specs.text import parse_spec_text
 
 __all__ = ["DEFAULT_SOLVER", "EDIT_KINDS", "EditSpec", "FIELDS", "MAX_CANVAS", "MAX_IMAGES",
-           "MAX_STEPS", "METHODS", "TAPS", "check_shrinkage", "check_solver",
-           "data_url_to_mask", "load_spec", "make_spec", "mask_to_data_url", "parse_spec_text",
-           "save_spec", "spec_from_json", "spec_to_json"]
+           "MAX_MASK_PIXELS", "MAX_STEPS", "METHODS", "TAPS", "check_shrinkage",
+           "check_solver", "data_url_to_mask", "load_spec", "make_spec", "mask_to_data_url",
+           "parse_spec_text", "save_spec", "spec_from_json", "spec_to_json"]
 
 #: What an edit does: insert a copied object, or erase the most active context units.
 EDIT_KINDS = ("insert", "erase")
@@ -70,6 +72,9 @@ FIELDS = ("key", "object", "paste", "query", "model", "layer", "kind", "method",
           "shrinkage", "taps", "erase_units", "canvas", "num_images", "solver")
 MAX_IMAGES = 100_000
 MAX_STEPS = 100_000
+#: The most mask pixels a spec may hold in all (its masks are decoded to uint8 canvas ×
+#: canvas arrays: 256 MiB; 16 masks at the largest canvas, 65,536 at 64 × 64).
+MAX_MASK_PIXELS = 2**28
 
 
 def _is_int(value: Any) -> bool:
@@ -275,8 +280,9 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
 
   Raises:
     ValueError: a missing or unknown field, bad base64 or PNG, an empty mask, a mask
-      whose size is not the canvas, an image number out of range, an unknown layer, or
-      a bad setting; the message names the field.
+      whose size is not the canvas, more masks than :data:`MAX_MASK_PIXELS` allows, an
+      image number out of range, an unknown layer, or a bad setting; the message names
+      the field.
 
   Example:
     >>> m = np.zeros((8, 8)); m[2:4, 2:6] = 1
@@ -328,6 +334,12 @@ def spec_from_json(data: Any, *, layers: Sequence[str] | None = None,
   if not isinstance(keys, (list, tuple)) or not keys:
     raise ValueError(f"key: expected a non-empty list of [imgnum, mask] pairs, got "
                      f"{got(keys, (list, tuple))}")
+  others = sum(data.get(f) is not None for f in ("paste", "object", "query"))
+  if (len(keys) + others) * canvas * canvas > MAX_MASK_PIXELS:
+    most = max(MAX_MASK_PIXELS // (canvas * canvas) - others, 0)
+    raise ValueError(f"key: expected at most {most} [imgnum, mask] pairs at canvas {canvas} "
+                     f"(at most {MAX_MASK_PIXELS} mask pixels in a spec), got {len(keys)}; "
+                     f"no mask was decoded")
   key = tuple(_pair(k, f"key[{i}]", canvas, n_img) for i, k in enumerate(keys))
   paste = _pair(data["paste"], "paste", canvas, n_img)
   obj = _pair(data["object"], "object", canvas, n_img) if data.get("object") is not None else None

@@ -113,10 +113,12 @@ def mask_uint8(m: np.ndarray, where: str) -> np.ndarray:
     m: the mask. where: what it is, for error messages.
 
   Returns:
-    round(255 · m) clipped to [0, 255], uint8.
+    round(255 · m) as uint8.
 
   Raises:
-    ValueError: a non-numeric mask or one with NaN or infinite values.
+    ValueError: a non-numeric mask, or one with NaN, infinite or out-of-range values
+      (e.g. a 0..255 mask that is not uint8: clipping would make every marked pixel
+      full, losing a soft mask's levels).
 
   Example:
     >>> mask_uint8(np.array([0.0, 0.5, 1.0]), "mask").tolist()
@@ -128,6 +130,9 @@ def mask_uint8(m: np.ndarray, where: str) -> np.ndarray:
   if not np.isfinite(m).all():
     raise ValueError(f"{where}: expected numbers in [0, 1], got "
                      f"{int((~np.isfinite(m)).sum())} NaN or infinite values")
+  if m.size and (m.min() < 0 or m.max() > 1):
+    raise ValueError(f"{where}: expected numbers in [0, 1] (or a uint8 mask of 0..255), got "
+                     f"values in [{m.min() + 0.0:g}, {m.max() + 0.0:g}]")
   return np.clip(np.round(m * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -181,7 +186,8 @@ def data_url_to_mask(url: Any, where: str = "mask", size: int | None = None) -> 
   """Decodes a PNG data URL to a uint8 (H, W) mask.
 
   A pixel's mask value is the smaller of its red and alpha channels, or its red channel
-  (the grey level of a grey image) when the image has no alpha: the reference reads the
+  (the grey level of a grey image, scaled to 0..255 for a 16-bit one) when the image has
+  no alpha: the reference reads the
   red channel, and masks with the region in alpha over white (as memedit wrote them
   before) or in every channel (as it writes them now) decode to the same array.
 
@@ -232,6 +238,13 @@ def data_url_to_mask(url: Any, where: str = "mask", size: int | None = None) -> 
   try:
     img = Image.open(io.BytesIO(raw))
     img.load()
+    if img.mode.startswith("I"):  # a 16-bit grey PNG: scale 0..65535 to 0..255
+      # (PIL's conversion to 8 bits clips instead, so that 128 of 65535 would read 128)
+      level = np.asarray(img).astype(np.int64)
+      grey = np.clip(np.round(level / 257.0), 0, 255).astype(np.uint8)
+      clear = img.info.get("transparency")
+      return np.where(level == clear, 0, grey).astype(np.uint8) if isinstance(
+          clear, int) else grey
     if img.mode == "P" or "transparency" in img.info:
       img = img.convert("RGBA")
     if "A" in img.getbands():
