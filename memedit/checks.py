@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["TINY", "as_array", "check_covariance", "check_finite", "check_positive_int",
-           "check_scalar", "compute_dtype", "expand_weights", "float_dtype", "is_traced",
-           "weights_error", "weights_fit"]
+           "check_real", "check_scalar", "compute_dtype", "expand_weights", "float_dtype",
+           "is_traced", "weights_error", "weights_fit"]
 
 #: The smallest positive value divisions and eigenvalue floors use (1e-30).
 TINY = 1e-30
@@ -109,6 +109,10 @@ def check_positive_int(value: Any, name: str) -> int:
     ...
     ValueError: steps: expected a positive int, got 0
   """
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name}: expected a positive int, got a traced value {value!r}: it is "
+                     f"a static setting (under jax.jit, pass it by static_argnames or close "
+                     f"over it)")
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name}: expected a positive int, got {value!r}")
   return int(value)
@@ -226,6 +230,30 @@ def check_finite(x: Any, name: str, hint: str = "") -> None:
   """
   if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
     raise ValueError(f"{name}: expected finite values, got NaN or inf{hint}")
+
+
+def check_real(x: Any, name: str) -> None:
+  """Raises when ``x`` (an array, traced or not, a list or a number) holds complex numbers.
+
+  memedit computes in real floating point (see :func:`compute_dtype`): a complex input
+  would lose its imaginary part there, so it is refused instead. Only the dtype is read,
+  so traced values are checked too.
+
+  Example:
+    >>> import numpy as np
+    >>> check_real(np.ones(2, np.float32), "keys")
+    >>> check_real(np.ones(2, np.complex64), "keys")
+    Traceback (most recent call last):
+    ...
+    ValueError: keys: expected real numbers (float, int or bool), got dtype complex64
+  """
+  if hasattr(x, "dtype"):
+    dt = x.dtype
+  else:  # a number, or a list of numbers or of (perhaps traced) JAX arrays
+    leaves = jax.tree_util.tree_leaves(x)
+    dt = jnp.result_type(*leaves) if leaves else np.asarray(x).dtype
+  if jnp.issubdtype(dt, jnp.complexfloating):
+    raise ValueError(f"{name}: expected real numbers (float, int or bool), got dtype {dt}")
 
 
 def float_dtype(dtype: Any) -> np.dtype:

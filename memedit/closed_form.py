@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import (TINY, as_array, check_covariance, check_finite, check_scalar,
-                            compute_dtype, is_traced)
+from memedit.checks import (TINY, as_array, check_covariance, check_finite, check_real,
+                            check_scalar, compute_dtype, is_traced)
 from memedit.linalg import floor_eigenvalues, spectrum_ok, symmetric_eigh
 
 __all__ = ["LinearSolution", "insert_closed_form", "insert_ridge", "least_squares_lambda"]
@@ -53,8 +53,12 @@ class LinearSolution(NamedTuple):
 def _check_linear(W, C, keys, values):
   W = jnp.asarray(as_array(W, "W"))
   C = as_array(C, "C")
+  if is_traced(C):  # a list holding traced values: a traced matrix
+    C = jnp.asarray(C)
   keys = jnp.asarray(as_array(keys, "keys"))
   values = jnp.asarray(as_array(values, "values"))
+  for name, x in (("W", W), ("C", C), ("keys", keys), ("values", values)):
+    check_real(x, name)
   if W.ndim != 2:
     raise ValueError(f"W: expected a matrix of shape (out, in), got {tuple(W.shape)}")
   out, din = W.shape
@@ -88,6 +92,7 @@ def _check_rcond(rcond, C) -> None:
   """rcond a number in [0, 1) (or traced); with rcond = 0, C (concrete) must be positive
   definite (its computed eigenvalues all positive), since it is inverted as it is."""
   if is_traced(rcond):
+    check_scalar(rcond, "rcond")  # the shape of a traced rcond; its range in the program
     return
   try:
     check_scalar(rcond, "rcond")
@@ -276,6 +281,8 @@ def least_squares_lambda(W: Any, D: Any, keys: Any, values: Any) -> jax.Array:
   """
   W, D, keys, values = (jnp.asarray(as_array(x, name)) for x, name in
                         ((W, "W"), (D, "D"), (keys, "keys"), (values, "values")))
+  for name, x in (("W", W), ("D", D), ("keys", keys), ("values", values)):
+    check_real(x, name)
   if W.ndim != 2:
     raise ValueError(f"W: expected a matrix of shape (out, in), got {tuple(W.shape)}")
   out, din = W.shape

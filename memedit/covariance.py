@@ -75,12 +75,21 @@ def key_count(state: CovarianceState) -> int:
   Returns:
     A Python int (exact past 2³² keys: the count is kept as two uint32 words).
 
+  Raises:
+    ValueError: ``state`` is traced (a Python int cannot be returned under ``jax.jit``
+      or ``jax.vmap``), or is a batch of states.
+
   Example:
     >>> import numpy as np, memedit
     >>> memedit.key_count(memedit.covariance_update(memedit.covariance_init(2), np.ones((5, 2))))
     5
   """
   check_state(state)
+  if is_traced(state.count):
+    raise ValueError(
+        "key_count: expected a concrete state (it returns a Python int), got a traced one "
+        "(under jax.jit, jax.vmap or another transformation); call it outside, or read the "
+        "count inside as state.count, two uint32 words [low, high]")
   c = np.asarray(state.count, np.uint64)
   return int(c[0]) + (int(c[1]) << 32)
 

@@ -28,8 +28,8 @@ import numpy as np
 from jax import lax
 
 from memedit.checks import (TINY, as_array, check_covariance, check_finite, check_positive_int,
-                            check_scalar, compute_dtype, expand_weights, weights_error,
-                            weights_fit)
+                            check_real, check_scalar, compute_dtype, expand_weights,
+                            is_traced, weights_error, weights_fit)
 from memedit.linalg import floor_eigenvalues, spectrum_ok, symmetric_eigh
 
 __all__ = ["METHODS", "Subspace", "context_directions"]
@@ -137,7 +137,11 @@ def context_directions(
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
   C = as_array(C, "C")
+  if is_traced(C):  # a list holding traced values: a traced matrix
+    C = jnp.asarray(C)
   keys = jnp.asarray(as_array(keys, "keys"))
+  check_real(C, "C")
+  check_real(keys, "keys")
   d = np.shape(C)[0] if np.ndim(C) == 2 else None
   check_covariance(C, d)
   if keys.ndim < 1 or keys.shape[-1] != d:
@@ -161,6 +165,7 @@ def context_directions(
     w = jnp.ones((n,), dt)
   else:
     weights = jnp.asarray(as_array(weights, "weights"))
+    check_real(weights, "weights")
     if not weights_fit(weights.shape, keys.shape[:-1]):
       raise weights_error("weights", weights.shape, keys.shape[:-1])
     w = expand_weights(weights.astype(dt), keys.shape[:-1]).reshape(-1)

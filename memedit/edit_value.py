@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memedit.checks import as_array, check_finite
+from memedit.checks import as_array, check_finite, check_real
 from memedit.layouts import LAYOUTS, kernel_delta
 from memedit.tree import Path, check_path
 
@@ -204,8 +204,11 @@ def make_edit(path: Path, lam: Any, D: Any, *, kind: str = "dense", in_ndim: int
   path = check_path(path)
   if kind not in LAYOUTS:
     raise ValueError(f"kind: expected one of {LAYOUTS}, got {kind!r}")
-  lam = jnp.asarray(as_array(lam, "lam"), jnp.float32)
-  D = jnp.asarray(as_array(D, "D"), jnp.float32)
+  lam = jnp.asarray(as_array(lam, "lam"))
+  D = jnp.asarray(as_array(D, "D"))
+  check_real(lam, "lam")
+  check_real(D, "D")
+  lam, D = lam.astype(jnp.float32), D.astype(jnp.float32)
   if D.ndim != 2:
     raise ValueError(f"D: expected shape (r, d), got {tuple(D.shape)}")
   if lam.ndim < 2 or lam.shape[-1] != D.shape[0]:

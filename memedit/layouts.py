@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import check_positive_int
+from memedit.checks import as_array, check_positive_int
 
 __all__ = ["LAYOUTS", "check_layout", "grouped_factors", "kernel_delta", "key_dim",
            "lambda_shape"]
@@ -33,6 +33,20 @@ __all__ = ["LAYOUTS", "check_layout", "grouped_factors", "kernel_delta", "key_di
 HIGHEST = lax.Precision.HIGHEST
 #: Kernel layouts (the ``kind`` of an edit), see the module docstring.
 LAYOUTS = ("matrix", "dense", "conv")
+
+
+def _shape(kernel_shape) -> tuple[int, ...]:
+  """``kernel_shape`` as a tuple of Python ints, else ValueError (a shape is static: a
+  tuple of non-negative ints, never a traced value)."""
+  try:
+    dims = tuple(kernel_shape)
+  except TypeError:
+    dims = None
+  if dims is None or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                             and s >= 0 for s in dims):
+    raise ValueError(f"kernel_shape: expected a tuple of non-negative ints (the kernel's "
+                     f"static shape, e.g. kernel.shape), got {kernel_shape!r}")
+  return tuple(int(s) for s in dims)
 
 
 def check_layout(kind: str, kernel_shape: tuple[int, ...], in_ndim: int = 1) -> None:
@@ -44,7 +58,9 @@ def check_layout(kind: str, kernel_shape: tuple[int, ...], in_ndim: int = 1) -> 
     in_ndim: leading input axes of a dense kernel.
 
   Raises:
-    ValueError: an unknown layout, or a kernel shape the layout cannot describe.
+    ValueError: an unknown layout, a kernel shape that is not a tuple of non-negative ints
+      or that the layout cannot describe, or an ``in_ndim`` that is not an int (bad static
+      settings are refused here, also when called under ``jax.jit``).
 
   Example:
     >>> check_layout("conv", (3, 3, 16, 32))
@@ -53,8 +69,12 @@ def check_layout(kind: str, kernel_shape: tuple[int, ...], in_ndim: int = 1) -> 
     ...
     ValueError: kernel: expected shape (out, in) for kind 'matrix', got (3, 3, 16, 32)
   """
-  if kind not in LAYOUTS:
+  if not isinstance(kind, str) or kind not in LAYOUTS:
     raise ValueError(f"kind: expected one of {LAYOUTS}, got {kind!r}")
+  kernel_shape = _shape(kernel_shape)
+  if isinstance(in_ndim, bool) or not isinstance(in_ndim, (int, np.integer)):
+    raise ValueError(f"in_ndim: expected an int (the leading input axes of a dense kernel; "
+                     f"a static setting, not a traced value), got {in_ndim!r}")
   nd = len(kernel_shape)
   if kind == "matrix" and nd != 2:
     raise ValueError(f"kernel: expected shape (out, in) for kind 'matrix', got {tuple(kernel_shape)}")
@@ -84,6 +104,7 @@ def key_dim(kernel_shape, kind: str = "dense", in_ndim: int = 1) -> int:
     (16, 32)
   """
   check_layout(kind, kernel_shape, in_ndim)
+  kernel_shape = _shape(kernel_shape)
   if kind == "matrix":
     return int(kernel_shape[1])
   if kind == "conv":
@@ -109,6 +130,11 @@ def lambda_shape(kernel_shape, rank: int, kind: str = "dense", in_ndim: int = 1)
     (3, 3, 32, 2)
   """
   check_layout(kind, kernel_shape, in_ndim)
+  kernel_shape = _shape(kernel_shape)
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+    raise ValueError(f"rank: expected a non-negative int (the number of rows of D; a static "
+                     f"setting, not a traced value), got {rank!r}")
+  rank = int(rank)
   if kind == "matrix":
     return (int(kernel_shape[0]), rank)
   if kind == "conv":
@@ -137,9 +163,9 @@ def kernel_delta(lam: Any, D: Any, kernel_shape, kind: str = "dense",
     >>> memedit.kernel_delta(jnp.ones((2, 1)), jnp.array([[1.0, 0.0, 0.0]]), (3, 2)).shape
     (3, 2)
   """
-  kernel_shape = tuple(int(s) for s in kernel_shape)
-  lam = jnp.asarray(lam)
-  D = jnp.asarray(D)
+  kernel_shape = _shape(kernel_shape)
+  lam = jnp.asarray(as_array(lam, "lam"))
+  D = jnp.asarray(as_array(D, "D"))
   d = key_dim(kernel_shape, kind, in_ndim)
   if D.ndim != 2 or D.shape[1] != d:
     raise ValueError(f"D: expected shape (r, {d}) for a kernel of shape {kernel_shape}, "

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from memedit.checks import (TINY, check_covariance, check_finite, check_scalar, compute_dtype,
-                            is_traced)
+from memedit.checks import (TINY, as_array, check_covariance, check_finite, check_real,
+                            check_scalar, compute_dtype, is_traced)
 
 __all__ = ["floor_eigenvalues", "solve_psd", "spectrum_ok", "symmetric_eigh"]
 
@@ -132,20 +132,27 @@ def solve_psd(C: Any, b: Any, *, rcond: float = 1e-6, ridge: float = 0.0) -> jax
     x with the shape of b: float64 when C or b is float64 (with x64), else float32.
 
   Raises:
-    ValueError: C or b of the wrong shape, C not finite, symmetric and PSD with a
-      positive eigenvalue, b not finite, or rcond, ridge out of range (when concrete).
+    ValueError: C or b of the wrong shape or complex, C not finite, symmetric and PSD
+      with a positive eigenvalue, b not finite, or rcond, ridge out of range (when
+      concrete).
 
   Example:
     >>> import jax.numpy as jnp, memedit
     >>> memedit.solve_psd(jnp.diag(jnp.array([2.0, 4.0])), jnp.array([2.0, 2.0]))
     Array([1. , 0.5], dtype=float32)
   """
+  C = as_array(C, "C")
+  if is_traced(C):  # a list holding traced values: a traced matrix
+    C = jnp.asarray(C)
+  b = jnp.asarray(as_array(b, "b"))
+  check_real(C, "C")
+  check_real(b, "b")
   d = np.shape(C)[0] if np.ndim(C) == 2 else None
   check_covariance(C, d)
   check_scalar(rcond, "rcond", hi=1.0)
   check_scalar(ridge, "ridge")
   dt = compute_dtype(C, b)
-  b = jnp.asarray(b).astype(dt)
+  b = b.astype(dt)
   if b.ndim not in (1, 2) or b.shape[0] != np.shape(C)[0]:
     raise ValueError(f"b: expected shape ({np.shape(C)[0]},) or ({np.shape(C)[0]}, n), got {b.shape}")
   check_finite(b, "b")

@@ -18,10 +18,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from memedit.checks import (as_array, check_positive_int, expand_weights, float_dtype,
-                            weights_error, weights_fit)
+from memedit.checks import (as_array, check_positive_int, check_real, expand_weights,
+                            float_dtype, weights_error, weights_fit)
 from memedit.gram import gram
 
 __all__ = ["CovarianceState", "add_pair", "as_dtype", "check_key_dtype", "check_state",
@@ -103,7 +104,9 @@ def covariance_init(dim: int, shift: Any = None, dtype: Any = jnp.float32) -> Co
     c = jnp.zeros((dim,), dt)
     has = jnp.asarray(False)
   else:
-    c = jnp.asarray(as_array(shift, "shift"), dt)
+    shift = jnp.asarray(as_array(shift, "shift"))
+    check_real(shift, "shift")
+    c = shift.astype(dt)
     if c.shape != (dim,):
       raise ValueError(f"shift: expected shape ({dim},), got {c.shape}")
     if not isinstance(c, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(c))):
@@ -135,7 +138,9 @@ def check_key_dtype(dtype) -> None:
 
 
 def check_state(state: Any, name: str = "state") -> None:
-  """Raises a ``TypeError`` unless ``state`` is a :class:`CovarianceState`.
+  """Raises a ``TypeError`` unless ``state`` is a :class:`CovarianceState`, and a
+  ``ValueError`` unless its fields have the shapes of one state of some dimension d (a
+  batch of states stacked by ``jax.vmap``, read outside it, is named as such).
 
   Example:
     >>> import numpy as np
@@ -147,6 +152,25 @@ def check_state(state: Any, name: str = "state") -> None:
   if not isinstance(state, CovarianceState):
     raise TypeError(f"{name}: expected a CovarianceState (from covariance_init or "
                     f"stream_covariance), got {type(state).__name__}")
+  shapes = {f: tuple(np.shape(getattr(state, f))) for f in state._fields}
+
+  def want(d, lead=()):
+    return {"count": lead + (2,), "weight": lead + (2,), "shift": lead + (d,),
+            "has_shift": lead, "sum": lead + (d,), "sum_sq": lead + (d, d), "nonfinite": lead}
+
+  d = shapes["shift"][-1] if shapes["shift"] else 0
+  if d > 0 and shapes == want(d):
+    return
+  lead = shapes["has_shift"]
+  if lead and d > 0 and shapes == want(d, lead):
+    raise ValueError(
+        f"{name}: expected a single state, got a batch of states stacked over leading axes "
+        f"{lead} (e.g. made by jax.vmap); map over them with jax.vmap (as they were made) "
+        f"or take one, e.g. jax.tree.map(lambda x: x[i], state)")
+  raise ValueError(
+      f"{name}: expected a state's fields with shapes count (2,), weight (2,), shift (d,), "
+      f"has_shift (), sum (d,), sum_sq (d, d), nonfinite () for one d ≥ 1, got "
+      + ", ".join(f"{f} {shapes[f]}" for f in state._fields))
 
 
 def _check_keys(state: CovarianceState, keys, weights):

@@ -22,8 +22,8 @@ from jax import lax
 
 from memedit._convs import patched
 from memedit._factored import factored_forward
-from memedit.checks import (as_array, check_positive_int, expand_weights, is_traced,
-                            weights_fit)
+from memedit.checks import (as_array, check_positive_int, check_real, check_scalar,
+                            expand_weights, is_traced, weights_fit)
 from memedit.layouts import kernel_delta, key_dim, lambda_shape
 from memedit.optim import LOSSES, OPTIMIZERS, adam_scan, check_choice, residual_loss
 
@@ -166,16 +166,17 @@ def solve_lambda(
     loss: "l1" or "l2".
     optimizer: "adam" or "gauss_newton".
     steps: optimiser steps.
-    learning_rate: Adam's learning rate.
+    learning_rate: Adam's learning rate, a positive number (or a traced scalar).
     lam0: initial Λ (zeros by default).
     cg_steps: CG iterations per Gauss–Newton step.
-    damping: initial Levenberg–Marquardt μ, relative to the curvature along the gradient.
-      μ then follows Nielsen's rule (shrunk by the gain ratio of actual to predicted loss
-      reduction, doubled geometrically while steps are refused). Small values (1e-3) take
-      the fastest first steps on mild problems; the default 0.1 makes a saturating f
-      (e.g. tanh) less likely to jump into a plateau it cannot leave, but does not rule
-      it out: on 16 random tanh(k K) problems with reachable targets (64→32, two keys,
-      rank 2, L2, 30 steps) it ended on such a plateau in 2, where Adam did not.
+    damping: initial Levenberg–Marquardt μ ≥ 0, relative to the curvature along the
+      gradient. μ then follows Nielsen's rule (shrunk by the gain ratio of actual to
+      predicted loss reduction, doubled geometrically while steps are refused). Small
+      values (1e-3) take the fastest first steps on mild problems; the default 0.1 makes
+      a saturating f (e.g. tanh) less likely to jump into a plateau it cannot leave, but
+      does not rule it out: on 16 random tanh(k K) problems with reachable targets
+      (64→32, two keys, rank 2, L2, 30 steps) it ended on such a plateau in 2, where
+      Adam did not.
     conv_as_matmul: compute f's convolutions as patches × kernel (same values). XLA:CPU
       runs kernel-gradient convolutions inside compiled loops 20–35× slower than outside
       them; this form avoids that. Default: on when the backend is the CPU.
@@ -219,8 +220,18 @@ def solve_lambda(
   check_choice(loss, LOSSES, "loss")
   check_choice(optimizer, OPTIMIZERS, "optimizer")
   steps = check_positive_int(steps, "steps")
+  try:
+    check_scalar(learning_rate, "learning_rate")
+    positive = is_traced(learning_rate) or float(np.asarray(learning_rate)) > 0
+  except ValueError:
+    positive = False
+  if not positive:
+    raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
+  check_scalar(damping, "damping")
   kernel0 = jnp.asarray(as_array(kernel0, "kernel0"))
   D = jnp.asarray(as_array(D, "D"))
+  check_real(kernel0, "kernel0")
+  check_real(D, "D")
   kshape = tuple(kernel0.shape)
   d = key_dim(kshape, kind, in_ndim)
   if D.ndim != 2 or D.shape[1] != d:
@@ -229,6 +240,7 @@ def solve_lambda(
   lshape = lambda_shape(kshape, D.shape[0], kind, in_ndim)
   out = jax.eval_shape(f, kernel0, keys)
   targets = jnp.asarray(as_array(targets, "targets"))
+  check_real(targets, "targets")
   # Λ and the solver's state follow the problem's dtype (float64 for a float64 problem
   # under jax_enable_x64), at least float32.
   dtype = jnp.promote_types(jnp.result_type(kernel0.dtype, out.dtype, targets.dtype),
@@ -236,14 +248,18 @@ def solve_lambda(
   if lam0 is None:
     lam0 = jnp.zeros(lshape, dtype)
   else:
-    lam0 = jnp.asarray(as_array(lam0, "lam0"), dtype)
+    lam0 = jnp.asarray(as_array(lam0, "lam0"))
+    check_real(lam0, "lam0")
+    lam0 = lam0.astype(dtype)
     if lam0.shape != lshape:
       raise ValueError(f"lam0: expected shape {lshape}, got {tuple(lam0.shape)}")
   if tuple(out.shape) != tuple(targets.shape):
     raise ValueError(f"targets: expected shape {tuple(out.shape)} (the output of f), "
                      f"got {tuple(targets.shape)}")
   if weights is not None:
-    weights = jnp.asarray(as_array(weights, "weights"), jnp.float32)
+    weights = jnp.asarray(as_array(weights, "weights"))
+    check_real(weights, "weights")
+    weights = weights.astype(jnp.float32)
     if not weights_fit(weights.shape, targets.shape):
       raise ValueError(f"weights: expected a shape broadcastable to a leading part of the "
                        f"targets' shape {tuple(targets.shape)} (aligned with its leading "
@@ -339,7 +355,9 @@ def _non_finite(res, optimizer):
 def _check_lam_mask(lam_mask, lshape):
   if lam_mask is None:
     return None
-  m = jnp.asarray(as_array(lam_mask, "lam_mask"), jnp.float32)
+  m = jnp.asarray(as_array(lam_mask, "lam_mask"))
+  check_real(m, "lam_mask")
+  m = m.astype(jnp.float32)
   try:
     ok = tuple(np.broadcast_shapes(m.shape, lshape)) == tuple(lshape)
   except ValueError:
@@ -536,7 +554,10 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, factored, 
     rho = (cur - new) / jnp.maximum(predicted, 1e-30)
     rho = jnp.where(jnp.maximum(predicted, jnp.abs(cur - new)) <= noise, 1.0, rho)
     shrink = jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * jnp.clip(rho, 0.0, 1.0) - 1.0) ** 3)
-    mu = jnp.where(ok, jnp.maximum(mu * shrink, 1e-9), jnp.minimum(mu * nu, mu_max))
+    # μ stays at least 1e-9 either way: grown from an initial damping of 0 (or below
+    # 1e-9), a refused step would otherwise leave μ = 0 and refuse every later step.
+    mu = jnp.where(ok, jnp.maximum(mu * shrink, 1e-9),
+                   jnp.minimum(jnp.maximum(mu * nu, 1e-9), mu_max))
     nu = jnp.where(ok, 2.0, jnp.minimum(nu * 2.0, 2.0 ** 20))
     carry = (lam, jnp.where(ok, new, cur), jnp.where(ok, gsq_new, gsq), mu, nu)
     return carry, cur
