@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 __all__ = ["check_finite", "check_variables", "detect_format", "load_converted", "read_config",
-           "shown_keys", "validate_state_dict"]
+           "shown_keys", "strip_module_prefix", "to_numpy", "validate_state_dict"]
 
 # Config fields each architecture's loader needs, all positive integers ("channels" a
 # list of them).
@@ -32,6 +32,48 @@ def shown_keys(mapping: Mapping, n: int = 8) -> str:
 
   keys = sorted((brief_repr(k, 0) for k in mapping), key=str)
   return "[" + ", ".join(keys[:n]) + (f", ... {len(keys)} in all]" if len(keys) > n else "]")
+
+
+def to_numpy(value: Any) -> Any:
+  """A torch tensor handed in by a caller as a numpy array (on the CPU, detached); dtypes
+  numpy lacks (bfloat16, float8) are widened to float32, which holds them exactly.
+  Anything else is returned as it is."""
+  if not hasattr(value, "detach"):
+    return value
+  t = value.detach().cpu()
+  try:
+    return t.numpy()
+  except TypeError:  # "Got unsupported ScalarType BFloat16" and the like
+    if not t.is_floating_point():
+      raise
+    return t.float().numpy()
+
+
+#: Name prefixes that wrappers put before every name of a model's state dict:
+#: ``torch.nn.DataParallel`` / ``DistributedDataParallel`` and ``torch.compile``.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_module_prefix(sd: Any) -> Any:
+  """A state dict without the prefixes wrappers put before every name: ``module.``
+  (``DataParallel``, ``DistributedDataParallel``) and ``_orig_mod.`` (``torch.compile``),
+  in any nesting (``module._orig_mod.conv1.weight`` -> ``conv1.weight``). A prefix is
+  removed only when every name carries it; anything else (or not a mapping) is returned
+  as it is.
+
+  Example:
+    >>> strip_module_prefix({"module.a.weight": 1, "module._orig_mod.b": 2})
+    {'a.weight': 1, '_orig_mod.b': 2}
+    >>> strip_module_prefix({"_orig_mod.module.a": 1})
+    {'a': 1}
+  """
+  while isinstance(sd, Mapping) and sd:
+    prefix = next((p for p in _WRAPPER_PREFIXES
+                   if all(isinstance(k, str) and k.startswith(p) for k in sd)), None)
+    if prefix is None:
+      break
+    sd = {k[len(prefix):]: v for k, v in sd.items()}
+  return sd
 
 
 def _numeric(dtype: np.dtype) -> bool:
@@ -91,8 +133,7 @@ def check_finite(name: str, value: Any, where: str) -> None:
   Raises:
     ValueError: naming the parameter and how many values are NaN or infinite.
   """
-  if hasattr(value, "detach"):
-    value = value.detach().cpu().numpy()
+  value = to_numpy(value)
   with np.errstate(over="ignore", invalid="ignore"):
     a = np.asarray(value, np.float32)
   finite = np.isfinite(a)
@@ -210,10 +251,12 @@ def detect_format(path: str | os.PathLike) -> str:
   A plain pickle (neither a torch zip archive nor the legacy torch format) holding
   network objects is an NVIDIA snapshot; a ``torch.save`` dict with ``g_ema`` is a
   rosinality StyleGAN2 checkpoint; one with ``netG_state_dict`` or ``main.0.weight`` is
-  a DCGAN generator. The file is read with :mod:`ports.torchfile` (no code runs).
+  a DCGAN generator (names may carry the ``module.`` / ``_orig_mod.`` prefixes of
+  wrappers). The file is read with :mod:`ports.torchfile` (no code runs).
 
   Raises:
-    ValueError: the content matches none of these.
+    ValueError: the content matches none of these (GPT-2 weights are named as such:
+      :func:`ports.gpt2.convert_gpt2` converts their folder).
   """
   from ports import torchfile
 
@@ -225,11 +268,15 @@ def detect_format(path: str | os.PathLike) -> str:
     return "nvidia"
   if "g_ema" in obj:
     return "rosinality"
-  inner = obj.get("netG_state_dict", obj.get("state_dict", obj))
-  if isinstance(inner, dict) and any(
-      k in inner for k in ("main.0.weight", "module.main.0.weight")):
+  inner = strip_module_prefix(obj.get("netG_state_dict", obj.get("state_dict", obj)))
+  if isinstance(inner, Mapping) and "main.0.weight" in inner:
     return "dcgan"
   keys = sorted(map(str, obj))[:8]
+  if isinstance(inner, Mapping) and any(k in inner for k in ("wte.weight",
+                                                             "transformer.wte.weight")):
+    raise ValueError(f"{source}: expected a generator checkpoint (NVIDIA, rosinality or "
+                     f"DCGAN), got GPT-2 weights (found keys {keys}); convert the Hugging "
+                     "Face folder holding them with ports.gpt2.convert_gpt2(folder, out)")
   raise ValueError(f"{source}: cannot tell the checkpoint format: expected NVIDIA network "
                    f"objects, a 'g_ema' entry or DCGAN 'main.N' weights, found keys {keys}; "
                    "pass --format")

@@ -15,7 +15,8 @@ Three containers are understood:
 Every pickle is read by a restricted unpickler: a global is resolved only when it is on a
 short allowlist of value constructors (tensor rebuilds, storage types, dtypes,
 ``collections.OrderedDict``, numpy scalars/arrays of numeric dtype, NVIDIA's persistent
-object hook), and each allowed name maps to a function written here, never to the torch
+object hook; ``argparse.Namespace``, as saved by training scripts, comes back as a dict of
+its attributes), and each allowed name maps to a function written here, never to the torch
 or NVIDIA original. Anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``,
 any class) raises :class:`UnsafeFileError` when the pickle names it, before it could be
 called. NVIDIA network objects carry their class's source code; it is never executed:
@@ -395,12 +396,18 @@ class _ArrayHolder:
     if not isinstance(shape, tuple) or len(shape) > 64:
       raise CorruptFileError(f"{self.source}: numpy array shape must be a tuple of at most 64 "
                              f"ints, got {brief_repr(shape)}")
-    shape = tuple(int(s) for s in shape)
-    if math.prod(shape) * dtype.itemsize != len(raw) or min(shape, default=0) < 0:
-      raise CorruptFileError(f"{self.source}: numpy array of shape {shape} and dtype {dtype} "
-                             f"needs {math.prod(shape) * dtype.itemsize} bytes, got {len(raw)}")
-    arr = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-    self.array = np.array(arr.astype(dtype.newbyteorder("=")), copy=True)
+    self.array = _numpy_array(self.source, shape, dtype, bool(fortran), raw)
+
+
+def _numpy_array(source: str, shape: tuple, dtype: np.dtype, fortran: bool,
+                 raw: bytes | bytearray) -> np.ndarray:
+  """A native-order copy of the array of ``shape`` and ``dtype`` whose bytes are ``raw``."""
+  shape = tuple(int(s) for s in shape)
+  if math.prod(shape) * dtype.itemsize != len(raw) or min(shape, default=0) < 0:
+    raise CorruptFileError(f"{source}: numpy array of shape {shape} and dtype {dtype} "
+                           f"needs {math.prod(shape) * dtype.itemsize} bytes, got {len(raw)}")
+  arr = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+  return np.array(arr.astype(dtype.newbyteorder("=")), copy=True)
 
 
 class _FrozenClass(type):
@@ -427,6 +434,28 @@ class _EasyDict(dict, metaclass=_FrozenClass):
   def __setstate__(self, state):
     if state:
       raise CorruptFileError("unexpected attribute state on an EasyDict")
+
+
+class _Namespace(dict, metaclass=_FrozenClass):
+  """``argparse.Namespace`` (the ``args`` that training scripts such as rosinality's save
+  beside the weights) rebuilt as a dict of its attributes.
+
+  Pickles create it empty (``NEWOBJ``) and give its attributes with ``BUILD`` (a dict
+  whose keys the opcode scan checks); building it from arguments is refused, and so is
+  any state but a dict of str names.
+  """
+
+  def __init__(self, *args, **kwargs):
+    if args or kwargs:
+      raise UnsafeFileError("refused a Namespace built from arguments (expected NEWOBJ "
+                            "followed by BUILD)")
+    super().__init__()
+
+  def __setstate__(self, state):
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+      raise CorruptFileError(f"expected the attributes of an argparse.Namespace as a dict "
+                             f"of str names, got {type(state).__name__} {brief_repr(state)}")
+    self.update(state)
 
 
 class _TensorType(_Sealed):
@@ -663,6 +692,8 @@ class _Unpickler(pickle.Unpickler):
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
       allowed[(mod, "scalar")] = self._np_scalar
       allowed[(mod, "_reconstruct")] = self._np_reconstruct
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):  # pickle protocol 5 arrays
+      allowed[(mod, "_frombuffer")] = self._np_frombuffer
     self._allowed = allowed
 
   def load(self):
@@ -721,6 +752,12 @@ class _Unpickler(pickle.Unpickler):
         return _TorchDtype(f"torch.{name}", _TORCH_DTYPES[name])
       if name in _MEMORY_FORMATS:
         return f"torch.{name}"
+    if module == "dnnlib.tflib" or module.startswith("dnnlib.tflib."):
+      raise UnsafeFileError(
+          f"{self.source}: expected a PyTorch checkpoint, got a TensorFlow StyleGAN network "
+          f"pickle (global '{module}.{name}'), which this reader does not load; convert it "
+          "to PyTorch first (e.g. rosinality's convert_weight.py, or legacy.py of NVIDIA's "
+          "stylegan2-ada-pytorch), then convert that file")
     raise UnsafeFileError(
         f"{self.source}: refused to load global '{module}.{name}': it is not on the allowlist "
         "of tensor, storage, dtype and container constructors, and loading it could run code")
@@ -800,6 +837,26 @@ class _Unpickler(pickle.Unpickler):
       raise CorruptFileError(f"{self.source}: numpy scalar of dtype {dtype} with bad data")
     return np.frombuffer(data, dtype=dtype)[0].astype(dtype.newbyteorder("="))
 
+  def _np_frombuffer(self, buf, dtype, shape, order):
+    """numpy's protocol-5 array constructor: the array of ``shape`` and ``dtype`` whose
+    bytes are ``buf`` (in-band), in C or Fortran ``order``."""
+    dtype = dtype.dtype if isinstance(dtype, _DtypeHolder) else dtype
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc":
+      raise UnsafeFileError(f"{self.source}: refused numpy array of dtype {brief_repr(dtype)}")
+    if not isinstance(buf, (bytes, bytearray)):
+      raise UnsafeFileError(f"{self.source}: refused numpy array whose data is not in-band "
+                            f"bytes, got {type(buf).__name__}")
+    if (not isinstance(shape, tuple) or len(shape) > 64
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
+      raise CorruptFileError(f"{self.source}: numpy array shape must be a tuple of at most 64 "
+                             f"ints, got {brief_repr(shape)}")
+    if order not in ("C", "F"):
+      raise CorruptFileError(f"{self.source}: numpy array order: expected 'C' or 'F', got "
+                             f"{brief_repr(order)}")
+    holder = _ArrayHolder(self.source)
+    holder.array = _numpy_array(self.source, shape, dtype, order == "F", buf)
+    return holder
+
   def _np_reconstruct(self, cls, shape=(0,), code=b"b"):
     del shape, code
     if not isinstance(cls, _NdarrayType):
@@ -812,6 +869,7 @@ _ALLOWED_CLASSES: dict[tuple[str, str], type] = {
     ("__builtin__", "complex"): complex,  # protocol 2 pickles (torch.save) name it so
     ("dnnlib.util", "EasyDict"): _EasyDict,
     ("dnnlib", "EasyDict"): _EasyDict,
+    ("argparse", "Namespace"): _Namespace,
 }
 
 

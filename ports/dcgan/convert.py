@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from memedit import _io
-from ports import check_finite, check_variables, shown_keys, validate_state_dict
+from ports import (check_finite, check_variables, shown_keys, strip_module_prefix, to_numpy,
+                   validate_state_dict)
 from ports.dcgan.model import (BN_EPSILON, KERNEL, NUM_LAYERS, RESOLUTION, DCGANGenerator,
                                layer_channels)
 
@@ -38,7 +39,7 @@ def find_state_dict(obj: Any) -> dict[str, np.ndarray]:
 
   Accepts ``{'netG_state_dict': sd, ...}`` (the format of the tutorial's training
   script), ``{'state_dict': sd}``, or ``sd`` itself; ``module.`` prefixes left by
-  ``DataParallel`` are removed.
+  ``DataParallel`` and ``_orig_mod.`` prefixes left by ``torch.compile`` are removed.
 
   Raises:
     ValueError: ``obj`` is not a dict.
@@ -49,9 +50,7 @@ def find_state_dict(obj: Any) -> dict[str, np.ndarray]:
     if key in obj and isinstance(obj[key], dict):
       obj = obj[key]
       break
-  if obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
-    obj = {k[len("module."):]: v for k, v in obj.items()}
-  return obj
+  return strip_module_prefix(obj)
 
 
 def expected_shapes(z_dim: int, ngf: int, channels: int) -> dict[str, tuple]:
@@ -66,19 +65,34 @@ def expected_shapes(z_dim: int, ngf: int, channels: int) -> dict[str, tuple]:
   return shapes
 
 
+def _as_arrays(sd: Any) -> Any:
+  """A state dict's torch tensors (handed in by a caller) as numpy arrays."""
+  if isinstance(sd, dict) and any(hasattr(v, "detach") for v in sd.values()):
+    return {k: to_numpy(v) for k, v in sd.items()}
+  return sd
+
+
 def check_state_dict(sd: dict[str, Any]) -> tuple[int, int, int]:
-  """Validates a torch DCGAN state dict and returns ``(z_dim, ngf, channels)``.
+  """Validates a torch DCGAN state dict (numpy arrays or torch tensors) and returns
+  ``(z_dim, ngf, channels)``.
 
   Raises:
     ValueError: keys are missing, unexpected or not strings, values are not numeric
       tensors, shapes do not fit the architecture, a weight holds NaN or infinite
       values, or a batch norm's running variance is negative (the message names it).
   """
+  sd = _as_arrays(sd)
+  if not isinstance(sd, dict):
+    validate_state_dict(sd, "DCGAN checkpoint")  # raises: names what was received
   first, last = sd.get("main.0.weight"), sd.get("main.12.weight")
   if not (isinstance(first, np.ndarray) and first.ndim == 4 and isinstance(last, np.ndarray)
           and last.ndim == 4):
+    got = ", ".join(
+        f"{k} " + ("missing" if v is None else f"of shape {tuple(np.shape(v))}"
+                   if isinstance(v, np.ndarray) else f"a {type(v).__name__}")
+        for k, v in (("main.0.weight", first), ("main.12.weight", last)))
     raise ValueError("DCGAN checkpoint: expected 4-d tensors 'main.0.weight' and "
-                     f"'main.12.weight', found keys {shown_keys(sd)}")
+                     f"'main.12.weight', found keys {shown_keys(sd)} ({got})")
   validate_state_dict(sd, "DCGAN checkpoint")
   z_dim, ngf8 = first.shape[:2]
   if min(first.shape) < 1 or min(last.shape) < 1:
@@ -123,7 +137,8 @@ def flax_kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
 
 
 def variables_from_state_dict(sd: dict[str, np.ndarray]) -> tuple[dict, dict]:
-  """Torch DCGAN state dict -> ``(variables, config)`` for :class:`DCGANGenerator`.
+  """Torch DCGAN state dict (numpy arrays or torch tensors) -> ``(variables, config)`` for
+  :class:`DCGANGenerator`.
 
   Returns:
     variables: ``{'params': {'convt0': {'kernel'}, ..., 'bn0': {'scale', 'bias'}, ...},
@@ -131,6 +146,7 @@ def variables_from_state_dict(sd: dict[str, np.ndarray]) -> tuple[dict, dict]:
     config: ``architecture``, ``resolution``, ``z_dim``, ``ngf``, ``image_channels``,
       ``channels`` (sizes along the network), ``bn_epsilon``.
   """
+  sd = _as_arrays(sd)
   z_dim, ngf, channels = check_state_dict(sd)
   f32 = lambda a: np.asarray(a, dtype=np.float32)
   params, stats = {}, {}

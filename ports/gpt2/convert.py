@@ -39,7 +39,8 @@ import ml_dtypes
 import numpy as np
 
 from memedit import _io
-from ports import check_finite, check_variables, shown_keys, validate_state_dict
+from ports import (check_finite, check_variables, shown_keys, strip_module_prefix, to_numpy,
+                   validate_state_dict)
 from ports.gpt2.hf_files import (SAFETENSORS_DTYPES, checkpoint_files, load_safetensors,
                                 locate_checkpoint, read_hf_config, read_state_dict)
 from ports.gpt2.model import GPT2Config, GPT2LMHeadModel
@@ -77,9 +78,7 @@ def _expected(config: GPT2Config) -> dict[str, tuple[int, ...]]:
 
 
 def _f32(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor handed in by a caller
-    value = value.detach().cpu().float().numpy()
-  return np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+  return np.ascontiguousarray(np.asarray(to_numpy(value), dtype=np.float32))
 
 
 def state_dict_to_params(sd: Mapping[str, Any], config: GPT2Config) -> dict:
@@ -88,7 +87,8 @@ def state_dict_to_params(sd: Mapping[str, Any], config: GPT2Config) -> dict:
 
   Args:
     sd: name -> array (numpy, or torch tensors), with or without the ``transformer.``
-      prefix; ``Conv1D`` weights ``(in, out)``.
+      prefix (and the ``module.`` / ``_orig_mod.`` prefixes of ``DataParallel`` and
+      ``torch.compile`` before it); ``Conv1D`` weights ``(in, out)``.
     config: the architecture the weights must match.
 
   Returns:
@@ -110,6 +110,7 @@ def state_dict_to_params(sd: Mapping[str, Any], config: GPT2Config) -> dict:
     ((16, 4), (4,))
   """
   where = "GPT-2 state dict"
+  sd = strip_module_prefix(sd)  # saved from a DataParallel or torch.compile wrapper
   if isinstance(sd, Mapping):  # bfloat16 (a numpy 'V' kind) is widened before the checks
     sd = {k: v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == _BF16 else v
           for k, v in sd.items()}

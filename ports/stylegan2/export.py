@@ -22,7 +22,12 @@ file ``torch.load`` reads (``weights_only=True`` too) and memedit converts back 
 same parameters.
 
 rosinality's generator takes one latent size (z_dim = w_dim = style_dim), the [1,3,3,1]
-filter, noise inputs and no output clamp; other generators raise ValueError. Its
+filter, noise inputs and no output clamp; other generators raise ValueError. A checkpoint
+does not record the mapping's learning-rate multiplier, which scales the mapping weights
+at run time (rosinality's ``Generator`` and the converter take ``lr_mlp`` 0.01): a
+generator with another ``lr_mlp`` (e.g. converted from an NVIDIA pickle with
+``lr_multiplier`` 0.1) has its mapping kernels and biases written times
+``lr_mlp / 0.01``, the same layers at ``lr_mlp`` 0.01. rosinality's
 ``Generator`` builds its widths from a fixed table (512 at 4–32 px, then
 256·channel_multiplier, ...): a checkpoint of other widths (the small trained
 generators) carries rosinality's names and layouts, loads into that class once its
@@ -44,6 +49,7 @@ from ports.stylegan2 import model as model_lib
 __all__ = ["rosinality_channel_table", "save_rosinality", "state_dict_rosinality"]
 
 _BLUR = (1.0, 3.0, 3.0, 1.0)
+_LR_MLP = 0.01  # the mapping learning-rate multiplier rosinality's Generator builds
 
 
 def _blur_kernel_2d() -> np.ndarray:
@@ -117,10 +123,18 @@ def state_dict_rosinality(module: model_lib.StyleGAN2Generator, variables: Mappi
     sd[name] = value
 
   w_dim = module.w_dim
+  # The mapping computes x (A lr / √in) + b lr: stored for rosinality's lr 0.01.
+  rescale = float(module.lr_mlp) / _LR_MLP
   for l in range(module.n_mlp):
     fc = ("params", "mapping", f"fc_{l}")
-    put(f"style.{l + 1}.weight", _get(variables, fc + ("kernel",)).T, (w_dim, w_dim))
-    put(f"style.{l + 1}.bias", _get(variables, fc + ("bias",)), (w_dim,))
+    kernel, bias = _get(variables, fc + ("kernel",)), _get(variables, fc + ("bias",))
+    if rescale != 1.0:
+      kernel = (kernel.astype(np.float64) * rescale).astype(np.float32)
+      bias = (bias.astype(np.float64) * rescale).astype(np.float32)
+      check_finite(f"params/mapping/fc_{l} (times lr_mlp / {_LR_MLP})",
+                   np.concatenate([kernel.ravel(), bias.ravel()]), "StyleGAN2 variables")
+    put(f"style.{l + 1}.weight", kernel.T, (w_dim, w_dim))
+    put(f"style.{l + 1}.bias", bias, (w_dim,))
   put("input.input", _get(variables, ("params", "synthesis", "const")).transpose(2, 0, 1)[None],
       (1, channels[0], 4, 4))
 

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from memedit import _io
-from ports import _numeric, check_finite, shown_keys, validate_state_dict
+from ports import (_numeric, check_finite, shown_keys, strip_module_prefix,
+                   validate_state_dict)
 from ports.stylegan2 import model as model_lib
 from ports.stylegan2.state_dict import (BLUR, FORMAT_VERSION, check_filters,
                                         check_finite_tensors, check_keys, conv_kernel,
@@ -33,7 +34,7 @@ def infer_rosinality_config(sd: Mapping[str, Any]) -> dict:
   Raises:
     ValueError: the state dict is not a rosinality StyleGAN2 generator this port covers.
   """
-  validate_state_dict(sd, "rosinality StyleGAN2 state dict")
+  sd = validate_state_dict(strip_module_prefix(sd), "rosinality StyleGAN2 state dict")
   if "style.1.weight" not in sd or "input.input" not in sd or "conv1.conv.weight" not in sd:
     raise ValueError("rosinality StyleGAN2 state dict: expected keys 'style.1.weight', "
                      f"'input.input', 'conv1.conv.weight', got {shown_keys(sd)}")
@@ -123,7 +124,8 @@ def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
   """Maps a rosinality ``g_ema`` state dict onto Flax variables.
 
   Args:
-    sd: state dict name → array (numpy or torch tensors).
+    sd: state dict name → array (numpy or torch tensors); names may carry the
+      ``module.`` / ``_orig_mod.`` prefixes of ``DataParallel`` and ``torch.compile``.
     latent_avg: (style_dim,) (any shape of that size) truncation centre, or None to use
       zeros (:func:`convert_rosinality` estimates it instead).
     config: from :func:`infer_rosinality_config` (inferred when None).
@@ -135,8 +137,8 @@ def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
     ValueError: keys or shapes differ from the architecture the config describes, or the
       blur filters are not [1,3,3,1].
   """
+  sd = validate_state_dict(strip_module_prefix(sd), "rosinality StyleGAN2 state dict")
   config = config or infer_rosinality_config(sd)
-  validate_state_dict(sd, "rosinality StyleGAN2 state dict")
   with_noise = any(k.startswith("noises.") for k in sd)
   exp = _rosinality_expected(config, with_noise)
   check_keys("rosinality", sd, exp)

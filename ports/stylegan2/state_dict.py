@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from memedit import _io
-from ports import check_finite, shown_keys
+from ports import check_finite, shown_keys, to_numpy
 
 __all__ = ["BLUR", "FORMAT_VERSION", "check_filters", "check_finite_tensors", "check_keys",
            "conv_kernel", "count_indices", "dense_kernel", "source_info", "tensor_shape",
@@ -29,10 +29,8 @@ BLUR = (1.0, 3.0, 3.0, 1.0)
 
 
 def to_float32(value: Any) -> np.ndarray:
-  """A float32 numpy copy of an array-like (numpy or anything with ``.detach()``)."""
-  if hasattr(value, "detach"):  # a torch tensor handed in by a caller
-    value = value.detach().cpu().numpy()
-  return np.array(value, dtype=np.float32)
+  """A float32 numpy copy of an array-like (numpy, or a torch tensor of any float dtype)."""
+  return np.array(to_numpy(value), dtype=np.float32)
 
 
 def _blur_2d(gain: float) -> np.ndarray:
