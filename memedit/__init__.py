@@ -25,8 +25,8 @@ from memedit.covariance import (CovarianceState, centered_covariance, covariance
                                 covariance_init, covariance_merge, covariance_update, key_count,
                                 key_mean, second_moment, stream_covariance, total_weight)
 from memedit.directions import Subspace, context_directions
-from memedit.edits import (Edit, EditHistory, apply_edit, edit_delta, load_edit, make_edit,
-                           revert_edit, save_edit)
+from memedit.edits import (Edit, EditHistory, apply_edit, apply_edits, edit_delta, load_edit,
+                           make_edit, revert_edit, save_edit)
 from memedit.layers import (Captured, LayerKind, MemoryView, capture, edited_forward,
                             edited_kernel, forward_to_layer, insert_through_view,
                             layer_cache_key, layer_covariance, layer_forward, layer_key_fn,
@@ -47,8 +47,8 @@ __all__ = [
     "SolveResult", "lambda_loss_fn", "solve_lambda",
     "grouped_factors", "kernel_delta", "key_dim", "lambda_shape",
     # edits
-    "Edit", "EditHistory", "apply_edit", "edit_delta", "load_edit", "make_edit",
-    "revert_edit", "save_edit",
+    "Edit", "EditHistory", "apply_edit", "apply_edits", "edit_delta", "load_edit",
+    "make_edit", "revert_edit", "save_edit",
     # layers
     "Captured", "LayerKind", "MemoryView", "capture", "edited_forward", "edited_kernel",
     "forward_to_layer", "insert_through_view", "layer_cache_key", "layer_covariance",

@@ -40,9 +40,10 @@ class Edit:
   index, and Λ and D's shapes and bytes), computed when asked, so it always describes the
   current content. ``name`` is the ``label`` given to :func:`make_edit`, or else the
   fingerprint; an :class:`EditHistory` tells edits apart by name. Under ``jax.jit`` Λ and
-  D are traced and cannot be hashed: an edit that entered the program as an argument
-  keeps the fingerprint of the values it was called with (carried as static metadata,
-  so a call with other values compiles anew).
+  D are traced and cannot be hashed: an unlabelled edit that entered the program as an
+  argument keeps the fingerprint of the values it was called with (carried as static
+  metadata, so a call with other values compiles anew); a labelled one is named by its
+  label alone, so a program taking it compiles once for all values of its shapes.
 
   Equality and hashing are by identity (``eq=False``): comparing array fields with ``==``
   would be elementwise and have no truth value. Two edits with the same content are
@@ -152,10 +153,15 @@ def _content_hash(edit: Edit) -> str:
 
 
 def _edit_flatten_with_keys(edit: Edit):
-  try:
-    fp = edit.fingerprint
-  except ValueError:
-    fp = None
+  # A labelled edit is named by its label: it carries no fingerprint through a trace, so
+  # a compiled program taking it is reused for new Λ and D (and flattening does not copy
+  # them to the host to hash them).
+  fp = None
+  if edit.label is None:
+    try:
+      fp = edit.fingerprint
+    except ValueError:
+      pass
   aux = tuple(getattr(edit, f) for f in _STATIC) + (fp,)
   keys = (jax.tree_util.GetAttrKey("lam"), jax.tree_util.GetAttrKey("D"))
   return tuple(zip(keys, (edit.lam, edit.D))), aux

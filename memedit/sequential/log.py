@@ -8,8 +8,9 @@ factors and keys, never the model's weights; it is saved as one small ``.npz`` f
 (:func:`memedit.sequential.save_log`).
 
 Applying. ``log_apply(params, log)`` applies the active entries to the unedited ``params``
-as :func:`memedit.apply_edit` of each in turn would (each leaf's sum computed once, so
-applying n entries takes time linear in n), so every edited leaf is
+through :func:`memedit.apply_edits` (the bits of :func:`memedit.apply_edit` of each in
+turn, each leaf's sum computed once: time linear in the log's length), so every edited
+leaf is
 
     K = K0 + Σ_{active j on the leaf} ΔK_j,
 
@@ -45,10 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memedit.checks import as_array, check_finite
-from memedit.edit_value import NAN_FACTORS, edit_delta
-from memedit.edits import Edit, EditHistory, _fingerprint, _recompute
-from memedit.tree import check_path, get_leaf, replace_leaf
+from memedit.checks import as_array
+from memedit.edits import Edit, EditHistory, apply_edits
+from memedit.tree import check_path
 
 __all__ = ["EditLog", "LogEntry", "log_append", "log_apply", "log_entry", "log_history",
            "log_init", "log_keys", "log_replay", "log_revert"]
@@ -353,33 +353,11 @@ def log_history(params: Any, log: EditLog) -> tuple[Any, EditHistory]:
     ('a',)
   """
   check_log(log)
-  # What memedit.apply_edit of each active edit in turn would give (each edited leaf is
-  # K0 + Σ ΔK, summed in apply_edit's order and rounded once), computed once per leaf:
-  # applying the edits one by one would recompute a leaf's sum at every edit on it.
-  active = [(i, e.edit) for i, e in enumerate(log.entries) if e.active]
-  by_path = {}
-  for i, edit in active:
-    by_path.setdefault(edit.path, []).append((i, edit))
-  originals, prints = {}, {}
-  for path, items in by_path.items():
-    leaf = as_array(get_leaf(params, path), f"params at {path!r}")
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      raise ValueError(f"params: expected a floating-point kernel at {path!r}, got "
-                       f"{jnp.result_type(leaf)} (an edit cannot be written into integers)")
-    for i, edit in items:
-      check_finite(edit.lam, "lam", NAN_FACTORS)
-      check_finite(edit.D, "D", NAN_FACTORS)
-      try:
-        edit_delta(edit, np.shape(leaf))  # validates the shapes before anything changes
-      except ValueError as err:
-        raise ValueError(f"params: expected the leaf at {path!r} to fit entry {i} "
-                         f"({edit.name!r}) of the log, got shape {tuple(np.shape(leaf))}: "
-                         f"{err}; is the log of another model?") from None
-    new_leaf = _recompute(leaf, [edit for _, edit in items])
-    params = replace_leaf(params, path, new_leaf)
-    originals[path] = leaf
-    prints[path] = _fingerprint(new_leaf)
-  return params, EditHistory(originals, tuple(edit for _, edit in active), prints)
+  try:  # each leaf's sum computed once: time linear in the log's length
+    return apply_edits(params, [e.edit for e in log.entries if e.active])
+  except ValueError as e:
+    raise ValueError(f"params: expected parameters the log's edits fit, got {e}; is the "
+                     f"log of another model?") from None
 
 
 def log_apply(params: Any, log: EditLog) -> Any:

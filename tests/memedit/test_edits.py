@@ -398,3 +398,43 @@ def test_make_edit_refuses_a_non_positive_in_ndim():
     with pytest.raises(ValueError, match=rf"in_ndim: expected a positive int \(the leading "
                                          rf"input axes of a dense kernel\), got {n}"):
       memedit.make_edit(("k",), np.ones((2, 1)), np.ones((1, 3)), kind="conv", in_ndim=n)
+
+
+def test_apply_edits_gives_the_bits_of_apply_edit_in_turn():
+  """apply_edits computes each leaf once; it must equal apply_edit of each edit in turn,
+  also from a history whose leaf was changed since (the base moves), and name a bad edit."""
+  rs = np.random.RandomState(3)
+  params = {"a": jnp.asarray(rs.randn(5, 4), jnp.float32),
+            "b": jnp.asarray(rs.randn(3, 3, 2, 4), jnp.float32)}
+  first = memedit.make_edit(("a",), rs.randn(4, 1), rs.randn(1, 5), label="first")
+  params, hist = memedit.apply_edit(params, first)
+  params = {**params, "a": params["a"] + 0.25}  # changed between edits (e.g. fine-tuned)
+  edits = [memedit.make_edit(("a",), rs.randn(4, 2), rs.randn(2, 5), label=f"a{i}")
+           for i in range(3)]
+  edits += [memedit.make_edit(("b",), rs.randn(3, 3, 4, 1), rs.randn(1, 2), kind="conv",
+                              label=f"b{i}") for i in range(2)]
+  edits = [edits[0], edits[3], edits[1], edits[4], edits[2]]
+  want_p, want_h = params, hist
+  for e in edits:
+    want_p, want_h = memedit.apply_edit(want_p, e, want_h)
+  for fn in (memedit.apply_edits, jax.jit(memedit.apply_edits)):
+    got_p, got_h = fn(params, edits, hist)
+    for k in ("a", "b"):
+      np.testing.assert_array_equal(np.asarray(got_p[k]), np.asarray(want_p[k]))
+      np.testing.assert_array_equal(np.asarray(got_h.fingerprints[(k,)]),
+                                    np.asarray(want_h.fingerprints[(k,)]))
+    assert got_h.names == want_h.names
+    for k in want_h.originals:
+      np.testing.assert_array_equal(np.asarray(got_h.originals[k]),
+                                    np.asarray(want_h.originals[k]))
+  # Reverting continues from the returned history as from apply_edit's.
+  back, _ = memedit.revert_edit(got_p, "a1", got_h)
+  ref, _ = memedit.revert_edit(want_p, "a1", want_h)
+  np.testing.assert_array_equal(np.asarray(back["a"]), np.asarray(ref["a"]))
+  bad = memedit.make_edit(("a",), rs.randn(4, 1), rs.randn(1, 7), label="wide")
+  with pytest.raises(ValueError, match=r"edits\[1\] \('wide', at \('a',\)\): D: expected shape "
+                     r"\(r, 5\)"):
+    memedit.apply_edits(params, [edits[0], bad], hist)
+  with pytest.raises(ValueError, match=r"edits\[1\] \('a0', at \('a',\)\): edit: 'a0' is "
+                     "already applied"):
+    memedit.apply_edits(params, [edits[0], edits[0]], hist)

@@ -181,3 +181,28 @@ def test_gauss_newton_from_zero_damping_recovers_from_a_refused_first_step():
   K = K0.astype(np.float64) + (np.asarray(res.lam, np.float64) @ D.astype(np.float64)).T
   resid = np.tanh(keys.astype(np.float64) @ K) - targets
   assert np.mean(resid ** 2) <= 1e-8
+
+
+def test_a_labelled_edit_enters_a_compiled_program_once_for_all_its_values():
+  """An Edit carried its content's fingerprint as static metadata, so a program taking
+  it compiled anew for every new Λ; a labelled edit is named by its label and does not."""
+  from compilations import Compilations
+
+  params = {"k": jnp.zeros((3, 2))}
+  apply = jax.jit(memedit.apply_edit)
+  edits = [memedit.make_edit(("k",), jnp.full((2, 1), float(i)), jnp.ones((1, 3)),
+                             label="rule") for i in range(3)]
+  apply(params, edits[0])
+  with Compilations() as c:
+    outs = [apply(params, e) for e in edits[1:]]
+  assert c.count == 0
+  for i, (new, hist) in enumerate(outs, start=1):
+    np.testing.assert_array_equal(np.asarray(new["k"]), np.full((3, 2), float(i)))
+    assert hist.names == ("rule",)
+  # Unlabelled edits are named by their content, which a program must see: each new one
+  # is a new program (documented).
+  plain = [memedit.make_edit(("k",), jnp.full((2, 1), float(i)), jnp.ones((1, 3)))
+           for i in range(2)]
+  with Compilations() as c:
+    names = [apply(params, e)[1].names for e in plain]
+  assert c.count >= 2 and names == [(plain[0].fingerprint,), (plain[1].fingerprint,)]

@@ -97,9 +97,10 @@ def test_a_log_applied_to_a_model_of_other_shapes_names_the_entry():
   params, log = long_log(3)
   other = jax.tree_util.tree_map(lambda x: x, params)
   other["enc"]["conv"]["kernel"] = jnp.zeros((3, 3, 5, 2), jnp.float32)
-  with pytest.raises(ValueError, match=r"params: expected the leaf at \('enc', 'conv', "
-                     r"'kernel'\) to fit entry 1 \('e01'\) of the log, got shape "
-                     r"\(3, 3, 5, 2\): .*is the log of another model\?"):
+  with pytest.raises(ValueError, match=r"params: expected parameters the log's edits fit, "
+                     r"got edits\[1\] \('e01', at \('enc', 'conv', 'kernel'\)\): D: "
+                     r"expected shape .* for a kernel of shape \(3, 3, 5, 2\).*is the log "
+                     r"of another model\?"):
     sq.log_apply(other, log)
   # A model of the same shapes takes the log (the log holds factors, not weights).
   same = jax.tree_util.tree_map(lambda x: x + 1, params)
