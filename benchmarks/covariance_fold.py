@@ -17,7 +17,8 @@ and the median of the per-round ratios are reported with the load average:
 With ``OPENBLAS_NUM_THREADS`` set, the results go to ``covariance_fold_blasN.json``.
 The accuracy of memedit's C against a float64 reference is checked too.
 
-Usage: python benchmarks/covariance_fold.py [--quick] [--keys N] [--dim D] [--rounds R]
+Usage: python benchmarks/covariance_fold.py [--quick] [--keys N] [--dim D] [--chunk N]
+       [--group G] [--rounds R]
 """
 
 from __future__ import annotations

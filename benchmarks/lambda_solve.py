@@ -10,7 +10,8 @@
 - memedit ``solve_lambda(optimizer="gauss_newton")``: as few steps as reach the loss the
   2001 Adam steps end at (found from a longer run's loss trace, then timed alone).
 
-Usage: python benchmarks/lambda_solve.py [--quick] [--channels C] [--size S]
+Usage: python benchmarks/lambda_solve.py [--quick] [--channels C] [--size S] [--rank R]
+       [--steps N] [--repeats N]
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ Writes benchmarks/results/lm_sequential.json and docs/lm_sequential.png (the thr
 against the number of edits, every arm), and prints the table. ``--quick``: 200 facts in
 batches of 50 (a smoke run; the results go to ``*_quick`` files).
 
-Usage: python benchmarks/lm_sequential.py [--quick] [--model DIR] [--threshold T] [--l2 X]
+Usage: python benchmarks/lm_sequential.py [--quick] [--model DIR] [--cache-dir DIR]
+  [--edits N] [--batch B] [--threshold T] [--l2 X]
   [--key-weight W] [--edit-keys solve|null_space|none] [--penalty L] [--penalty2 L]
   [--tag SUFFIX]
 (A penalty of 0 leaves that plain arm out.)

@@ -56,6 +56,7 @@ reach. ``--only-preserve`` runs that arm alone (results in
 
 Usage: python benchmarks/sequential_edits.py [--quick] [--model DIR] [--stats DIR]
        [--stylegan2 [--demo-settings]] [--preserve MU [--only-preserve]]
+       [--anchor made|before]
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ resident memory of that process (``ru_maxrss`` of a waited child, measured by a 
 process per run so that runs do not share one maximum), with its wall time.
 
 Usage: python benchmarks/stats_memory.py [--model DIR] [--layer L] [--samples 1000 10000]
+       [--batch-size B]
 """
 
 from __future__ import annotations
