@@ -276,7 +276,8 @@ def detect_format(path: str | os.PathLike) -> str:
                                                              "transformer.wte.weight")):
     raise ValueError(f"{source}: expected a generator checkpoint (NVIDIA, rosinality or "
                      f"DCGAN), got GPT-2 weights (found keys {keys}); convert the Hugging "
-                     "Face folder holding them with ports.gpt2.convert_gpt2(folder, out)")
+                     "Face folder holding them (`memedit convert FOLDER OUT`, or "
+                     "ports.gpt2.convert_gpt2(folder, out))")
   raise ValueError(f"{source}: cannot tell the checkpoint format: expected NVIDIA network "
                    f"objects, a 'g_ema' entry or DCGAN 'main.N' weights, found keys {keys}; "
                    "pass --format")

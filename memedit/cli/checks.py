@@ -20,7 +20,7 @@ __all__ = ["FORMATS", "MAX_BATCH", "MAX_COLUMNS", "MAX_EVALUATED", "MAX_PAIRS", 
            "check_output_file", "check_output_location", "image_limit", "imgnums",
            "in_range", "is_json_report", "is_png", "writing"]
 
-FORMATS = ("auto", "rosinality", "nvidia", "dcgan")
+FORMATS = ("auto", "rosinality", "nvidia", "dcgan", "gpt2")
 MAX_SAMPLES = 100_000
 MAX_BATCH = 4096
 MAX_PAIRS = 64

@@ -24,7 +24,7 @@ __all__ = ["SUBCOMMANDS"]
 
 
 _CONVERT_HELP = """\
-Convert a PyTorch generator checkpoint into a Flax checkpoint directory (an orbax
+Convert a PyTorch generator (or GPT-2) checkpoint into a Flax checkpoint directory (an orbax
 checkpoint plus a JSON config with the architecture and the source file's sha256).
 
 The source is read without importing torch and without running any code stored in
@@ -36,7 +36,9 @@ formats:
   nvidia      stylegan2-ada / stylegan3 network pickle (.pkl) holding 'G_ema'
   dcgan       PyTorch-tutorial DCGAN generator: {'netG_state_dict': ...} or the
               state dict itself (main.0.weight ... main.12.weight)
-  auto        decide from the file's content (default)
+  gpt2        a Hugging Face GPT-2 save_pretrained folder (config.json with
+              model.safetensors, pytorch_model.bin or shards): SRC is the folder
+  auto        decide from the content: a folder is GPT-2, a file is read (default)
 
 The write is atomic: an interrupted conversion leaves OUT as it was. An existing OUT
 is replaced only when it is an earlier conversion (or empty); --force replaces any
@@ -50,9 +52,10 @@ example:
 
 def _add_convert(subparsers) -> None:
   p = subparsers.add_parser(
-      "convert", help="convert a PyTorch generator checkpoint to a Flax checkpoint",
+      "convert", help="convert a PyTorch generator or GPT-2 checkpoint to a Flax checkpoint",
       description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("src", metavar="SRC", help="PyTorch checkpoint file (.pt, .pth, .tar, .pkl)")
+  p.add_argument("src", metavar="SRC", help="PyTorch checkpoint file (.pt, .pth, .tar, .pkl), "
+                 "or a Hugging Face GPT-2 folder")
   p.add_argument("out", metavar="OUT", help="output directory (created or replaced atomically)")
   p.add_argument("--format", choices=FORMATS, default="auto",
                  help="source checkpoint format (default: %(default)s, detected from content)")
@@ -65,17 +68,29 @@ def _run_convert(args: argparse.Namespace) -> int:
   import ports
   from memedit import _io
 
-  check_input_file(args.src, "SRC")
+  fmt = args.format
+  if fmt == "gpt2" or (fmt == "auto" and os.path.isdir(args.src)):
+    if not os.path.isdir(args.src):
+      check_input_file(args.src, "SRC")  # a weights file beside its config.json
+    elif not os.path.isfile(os.path.join(args.src, "config.json")):
+      raise ValueError(f"SRC: expected a checkpoint file, or a Hugging Face GPT-2 folder "
+                       f"(config.json and its weights), got the folder {args.src!r}, which "
+                       f"holds no config.json")
+    fmt = "gpt2"
+  else:
+    check_input_file(args.src, "SRC")
   check_output_location(args.out, "OUT", folder=True)
   _io.check_output(args.out, "converted", force=args.force, protect=(args.src,),
                    flag="--force")
-  fmt = args.format
   if fmt == "auto":
     fmt = ports.detect_format(args.src)
-  if fmt not in ("dcgan", "rosinality", "nvidia"):
+  if fmt not in ("dcgan", "rosinality", "nvidia", "gpt2"):
     raise ValueError(f"--format: expected one of {FORMATS}, got {fmt!r}")
   with writing(args.out, "OUT"):
-    if fmt == "dcgan":
+    if fmt == "gpt2":
+      from ports.gpt2 import convert_gpt2
+      out = convert_gpt2(args.src, args.out, force=args.force)
+    elif fmt == "dcgan":
       from ports.dcgan import convert_dcgan
       out = convert_dcgan(args.src, args.out, force=args.force)
     elif fmt == "rosinality":
@@ -85,8 +100,10 @@ def _run_convert(args: argparse.Namespace) -> int:
       from ports.stylegan2 import convert_nvidia
       out = convert_nvidia(args.src, args.out, force=args.force)
   config = ports.read_config(out)
+  shape = (f"{config.get('n_layer')} blocks of width {config.get('n_embd')}" if fmt == "gpt2"
+           else f"resolution {config.get('resolution')}")
   print(f"converted {args.src} ({fmt}) -> {out}: architecture {config.get('architecture')}, "
-        f"resolution {config.get('resolution')}")
+        f"{shape}")
   return 0
 
 

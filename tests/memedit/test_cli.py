@@ -23,7 +23,7 @@ from ports.dcgan import variables_from_state_dict
 from ports.dcgan.convert import expected_shapes
 
 SUBCOMMANDS = {
-    "convert": "Convert a PyTorch generator checkpoint",
+    "convert": "Convert a PyTorch generator (or GPT-2) checkpoint",
     "stats": "resumes where it stopped",
     "rewrite": "Apply an edit spec",
     "sample": "original and the edited model",
@@ -149,7 +149,9 @@ def test_outputs_and_inputs_are_checked_before_any_work(tiny, tmp_path, capsys, 
        f"'{a_file / 'out'}', whose parent '{a_file}' is a file"),
       (["convert", str(tmp_path / "missing.pt"), str(tmp_path / "o")],
        "SRC: expected a file, got"),
-      (["convert", str(folder), str(tmp_path / "o")], "SRC: expected a file, got the folder"),
+      (["convert", str(folder), str(tmp_path / "o")], "SRC: expected a checkpoint file, or a "
+       f"Hugging Face GPT-2 folder (config.json and its weights), got the folder '{folder}', "
+       "which holds no config.json"),
       (["rewrite", model, spec, "--out", str(a_file / "e"), *stats],
        "--out: expected a path inside folders"),
       (["rewrite", model, spec, "--out", str(tmp_path / "e"), "--save-model",

@@ -150,6 +150,26 @@ def test_converted_weights_match_torch_layout(checkpoints):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_memedit_convert_takes_a_gpt2_folder(checkpoints, tmp_path, capsys):
+  """`memedit convert FOLDER OUT` (auto: a folder is GPT-2) gives the Python converter's
+  checkpoint; a GPT-2 weights file given alone is named as such."""
+  from memedit.cli import main
+
+  out = str(tmp_path / "flax")
+  assert main(["convert", checkpoints["st_dir"], out]) == 0
+  assert "(gpt2)" in capsys.readouterr().out
+  _, got, config = gpt2.load_gpt2(out)
+  _, want, _ = gpt2.load_gpt2(checkpoints["st_out"])
+  assert config["n_layer"] == N_LAYER
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert main(["convert", "--format", "gpt2", checkpoints["bin_dir"], out]) == 0
+  weights = os.path.join(checkpoints["bin_dir"], "pytorch_model.bin")
+  assert main(["convert", weights, str(tmp_path / "other")]) == 1
+  err = capsys.readouterr().err
+  assert "got GPT-2 weights" in err and "memedit convert FOLDER OUT" in err
+
+
 def test_legacy_openai_layout(checkpoints, tmp_path):
   """OpenAI's original uploads: legacy torch.save format, no 'transformer.' prefix, and
   the causal-mask buffers attn.bias / attn.masked_bias."""
