@@ -7,7 +7,7 @@ import re
 import sys
 from typing import Any
 
-__all__ = ["parse_spec_text"]
+__all__ = ["DuplicateField", "parse_spec_text", "unique_fields"]
 
 _UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
 
@@ -57,16 +57,16 @@ def _deep_field(text: str, depth_limit: int) -> str | None:
   return None
 
 
-class _DuplicateField(Exception):
+class DuplicateField(Exception):
   """A JSON object naming a field twice (raised inside the parser, reported by the caller)."""
 
 
-def _unique_fields(pairs: list) -> dict:
+def unique_fields(pairs: list) -> dict:
   """``json.loads``' object hook: the object's fields, each named once."""
   out = {}
   for key, value in pairs:
     if key in out:
-      raise _DuplicateField(key)
+      raise DuplicateField(key)
     out[key] = value
   return out
 
@@ -109,8 +109,8 @@ def parse_spec_text(raw: bytes, source: str = "spec") -> Any:
                       f"offset {bad}{where}, which is not UTF-8")
 
   try:
-    data = json.loads(text, object_pairs_hook=_unique_fields)
-  except _DuplicateField as e:
+    data = json.loads(text, object_pairs_hook=unique_fields)
+  except DuplicateField as e:
     raise ValueError(f"{source}: expected each field of an object once, got {e.args[0]!r} "
                      f"more than once (JSON would keep only the last)") from None
   except RecursionError:

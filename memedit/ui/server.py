@@ -35,6 +35,7 @@ from flask import (Flask, Response, abort, current_app, jsonify, request,
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
+from memedit.specs.text import DuplicateField, unique_fields
 from memedit.ui.blas import limit_blas_threads
 from memedit.ui.jobs import Busy
 from memedit.ui.session import Session, SessionStore
@@ -66,19 +67,6 @@ class _StrictJSON(DefaultJSONProvider):
     return super().dumps(_finite(obj), allow_nan=False, **kwargs)
 
 
-class _DuplicateField(Exception):
-  """A JSON object of a request naming a field twice."""
-
-
-def _unique_fields(pairs: list) -> dict:
-  out = {}
-  for key, value in pairs:
-    if key in out:
-      raise _DuplicateField(key)
-    out[key] = value
-  return out
-
-
 def _kind(value: Any) -> str:
   return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
           type(None): "null"}.get(type(value), "a number")
@@ -105,8 +93,8 @@ def _body() -> dict:
                      f"Content-Type {(request.content_type or 'none')[:60]!r}")
   raw = _raw_body()
   try:
-    data = json.loads(raw, object_pairs_hook=_unique_fields)
-  except _DuplicateField as e:
+    data = json.loads(raw, object_pairs_hook=unique_fields)
+  except DuplicateField as e:
     raise ValueError(f"request: expected each field of the JSON object once, got "
                      f"{e.args[0]!r} more than once") from None
   except RecursionError:
