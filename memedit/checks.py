@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["TINY", "as_array", "check_covariance", "check_finite", "check_positive_int",
-           "check_real", "check_scalar", "compute_dtype", "expand_weights", "float_dtype",
-           "is_traced", "weights_error", "weights_fit"]
+           "check_real", "check_scalar", "compute_dtype", "covariance_arg", "expand_weights",
+           "float_dtype", "is_traced", "weights_error", "weights_fit"]
 
 #: The smallest positive value divisions and eigenvalue floors use (1e-30).
 TINY = 1e-30
@@ -230,6 +230,23 @@ def check_finite(x: Any, name: str, hint: str = "") -> None:
   """
   if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
     raise ValueError(f"{name}: expected finite values, got NaN or inf{hint}")
+
+
+def covariance_arg(C: Any, name: str = "C") -> tuple[Any, int | None]:
+  """``(C, d)``: a second-moment argument as an array (a list holding traced numbers
+  becomes a traced array), checked to be real (:func:`check_real`), and its side d, or
+  None when it is not a matrix (:func:`check_covariance` then names the shape).
+
+  Example:
+    >>> import numpy as np
+    >>> covariance_arg([[2.0, 0.0], [0.0, 1.0]])[1]
+    2
+  """
+  C = as_array(C, name)
+  if is_traced(C):
+    C = jnp.asarray(C)
+  check_real(C, name)
+  return C, (np.shape(C)[0] if np.ndim(C) == 2 else None)
 
 
 def check_real(x: Any, name: str) -> None:

@@ -28,8 +28,8 @@ import numpy as np
 from jax import lax
 
 from memedit.checks import (TINY, as_array, check_covariance, check_finite, check_positive_int,
-                            check_real, check_scalar, compute_dtype, expand_weights,
-                            is_traced, weights_error, weights_fit)
+                            check_real, check_scalar, compute_dtype, covariance_arg,
+                            expand_weights, weights_error, weights_fit)
 from memedit.linalg import floor_eigenvalues, spectrum_ok, symmetric_eigh
 
 __all__ = ["METHODS", "Subspace", "context_directions"]
@@ -136,13 +136,9 @@ def context_directions(
   """
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-  C = as_array(C, "C")
-  if is_traced(C):  # a list holding traced values: a traced matrix
-    C = jnp.asarray(C)
+  C, d = covariance_arg(C)
   keys = jnp.asarray(as_array(keys, "keys"))
-  check_real(C, "C")
   check_real(keys, "keys")
-  d = np.shape(C)[0] if np.ndim(C) == 2 else None
   check_covariance(C, d)
   if keys.ndim < 1 or keys.shape[-1] != d:
     raise ValueError(f"keys: expected shape (..., {d}) to match C of shape {np.shape(C)}, "

@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from memedit.checks import (TINY, as_array, check_covariance, check_finite, check_real,
-                            check_scalar, compute_dtype, is_traced)
+                            check_scalar, compute_dtype, covariance_arg, is_traced)
 
 __all__ = ["floor_eigenvalues", "solve_psd", "spectrum_ok", "symmetric_eigh"]
 
@@ -141,13 +141,9 @@ def solve_psd(C: Any, b: Any, *, rcond: float = 1e-6, ridge: float = 0.0) -> jax
     >>> memedit.solve_psd(jnp.diag(jnp.array([2.0, 4.0])), jnp.array([2.0, 2.0]))
     Array([1. , 0.5], dtype=float32)
   """
-  C = as_array(C, "C")
-  if is_traced(C):  # a list holding traced values: a traced matrix
-    C = jnp.asarray(C)
+  C, d = covariance_arg(C)
   b = jnp.asarray(as_array(b, "b"))
-  check_real(C, "C")
   check_real(b, "b")
-  d = np.shape(C)[0] if np.ndim(C) == 2 else None
   check_covariance(C, d)
   check_scalar(rcond, "rcond", hi=1.0)
   check_scalar(ridge, "ridge")
