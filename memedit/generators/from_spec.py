@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -103,6 +104,10 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
     target = paste_target(gen, spec.layer, copied, pnum, pmask)
     settings["object_imgnum"] = onum
   else:
+    if spec.erase_units >= C.shape[0]:
+      warnings.warn(f"erase_units: {spec.erase_units} is at least the {C.shape[0]} units of "
+                    f"layer {spec.layer!r}: every unit is erased at the context",
+                    UserWarning, stacklevel=2)
     units = top_units(C, keys, weights, min(spec.erase_units, C.shape[0]))
     target = erase_target(gen, spec.layer, pnum, pmask, units)
     settings["erased_units"] = [int(u) for u in units]

@@ -136,3 +136,19 @@ def test_learning_rates_must_be_finite_positive_numbers(gen, lr):
                lambda: gens.overfit_all(gen, "up2", None, steps=3, learning_rate=lr)):
     with pytest.raises(ValueError, match=want):
       call()
+
+
+def test_an_erase_of_more_units_than_the_layer_has_warns_that_all_are_erased(gen):
+  """erase_units past the layer's units silently erased every unit."""
+  import memedit
+  from memedit import specs
+
+  state = gens.collect_statistics(gen, "up2", 4, batch_size=4, progress=False)
+  C = np.asarray(memedit.second_moment(state))
+  m = box(4, 12, 4, 12)
+  spec = specs.make_spec(key=[(1, m)], paste=(2, m), layer="up2", kind="erase",
+                         erase_units=10**6, canvas=R, solver={"steps": 1})
+  with pytest.warns(UserWarning, match=f"erase_units: 1000000 is at least the {C.shape[0]} "
+                    "units of layer 'up2': every unit is erased"):
+    out = gens.edit_from_spec(gen, spec, C)
+  assert sorted(out.units) == list(range(C.shape[0]))
