@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memedit.generators._checks import check_batch_size
-from memedit.generators.forward import keys_fn
+from memedit.generators.forward import _batches, keys_fn
 from memedit.generators.generator import Generator, layer_view
 from memedit.layers.conv import upsample_nearest
 
@@ -99,8 +99,8 @@ def layer_scores(gen: Generator, layer: str, D: Any, imgnums: Sequence[int] | in
   if not len(z):  # the keys' shape from a shape-only trace of one latent
     keys = jax.eval_shape(fn, params, jnp.zeros((1, gen.z_dim), jnp.float32))
     return np.zeros((0,) + tuple(keys.shape[1:-1]), np.float32)
-  out = [match_scores(np.asarray(fn(params, jnp.asarray(z[i:i + batch_size]))), D)
-         for i in range(0, len(z), batch_size)]
+  # Batches padded to powers of two: a few program shapes serve every number of images.
+  out = [match_scores(np.asarray(fn(params, zb))[:n], D) for n, (zb,) in _batches(z, batch_size)]
   return np.concatenate(out)
 
 

@@ -70,3 +70,18 @@ def test_match_scores_refuses_keys_and_directions_of_other_widths():
                                        r"shapes \(3, 5\) and \(1, 4\)"):
     gens.match_scores(np.ones((3, 5)), np.ones((1, 4)))
   assert gens.match_scores(np.ones((3, 4)), np.eye(4)[:1]).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_layer_scores_pad_batches_so_that_few_shapes_compile(gen):
+  """Each new number of images compiled the model anew; batches are padded to powers of
+  two as the other passes do, and the scores are those of unpadded runs."""
+  from compilations import Compilations
+
+  layer = sorted(gen.layers)[-1]
+  d = gens.layer_info(gen, layer).key_dim
+  D = np.eye(d)[:1]
+  want = gens.layer_scores(gen, layer, D, list(range(4)))
+  with Compilations() as c:
+    got = gens.layer_scores(gen, layer, D, [0, 1, 2])
+  assert c.count == 0
+  np.testing.assert_array_equal(got, want[:3])
