@@ -11,6 +11,7 @@ progress bar.
 
 from __future__ import annotations
 
+import collections.abc
 import itertools
 import os
 import sys
@@ -216,6 +217,33 @@ def _shifted_copy(x: np.ndarray, out: np.ndarray, shift: np.ndarray) -> np.ndarr
   return total
 
 
+def _eager_only(driver: str) -> str:
+  return (f"{driver} is an eager driver that reads the stream and runs its own compiled "
+          f"programs, so it cannot be called inside jax.jit, jax.vmap, jax.grad or another "
+          f"transformation; call it outside the transformation (inside one, fold keys with "
+          f"memedit.covariance_update)")
+
+
+def refuse_under_jit(driver: str) -> None:
+  """Raises when the caller is being traced by ``jax.jit``: there every operation gives a
+  tracer, also of constants, so the folds' states would be traced even when the batches
+  are not. (A ``device_put`` of a constant tells, and eagerly compiles nothing.)"""
+  if isinstance(jax.device_put(np.int32(0)), jax.core.Tracer):
+    raise ValueError(f"{driver}: expected an eager call, got one traced by jax.jit: "
+                     + _eager_only(driver))
+
+
+def refuse_traced(tree: Any, name: str, driver: str = "stream_covariance") -> None:
+  """Raises when ``tree`` holds a traced value: ``driver`` is an eager driver (it reads
+  the stream, compiles and runs its own programs and may save a cache), which cannot run
+  inside ``jax.jit``, ``jax.vmap``, ``jax.grad`` or another transformation."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  traced = next((x for x in leaves if isinstance(x, jax.core.Tracer)), None)
+  if traced is not None:
+    raise ValueError(f"{name}: expected concrete arrays, got a traced value of shape "
+                     f"{tuple(traced.shape)}: " + _eager_only(driver))
+
+
 def _host_ready(batches: list) -> list:
   """The batches with every host leaf checked by :func:`memedit.checks.as_array`: numpy
   leaves in non-native byte order (e.g. big-endian chunks read from a file) become
@@ -223,6 +251,7 @@ def _host_ready(batches: list) -> list:
   valid native leaves are kept as they are (no copy), except that arrays sharded over a
   mesh with explicit axes are viewed on the same mesh with automatic axes
   (:func:`_auto_axes`)."""
+  refuse_traced(batches, "batches")
   return [jax.tree_util.tree_map(lambda x: _auto_axes(as_array(x, "batches")), b)
           for b in batches]
 
@@ -561,6 +590,11 @@ def stream_covariance(
   """
   group = check_positive_int(group, "group")
   save_every = check_positive_int(save_every, "save_every")
+  if total is not None and (isinstance(total, bool) or not isinstance(total, (int, np.integer))
+                            or total < 0):
+    # Checked now: the progress bar reads it only after the first group has folded.
+    raise ValueError(f"total: expected None or a non-negative int (the number of batches, "
+                     f"for the progress bar), got {total!r}")
   if total is None and hasattr(batches, "__len__"):
     total = len(batches)
   if key_fn is not None and not callable(key_fn):
@@ -574,8 +608,22 @@ def stream_covariance(
   if not 1 <= n_dev <= n_avail:
     raise ValueError(f"devices: expected 1..{n_avail}, got {devices}")
 
+  if dim is not None:
+    dim = check_positive_int(dim, "dim")
+  refuse_traced(params, "params")
+  if (isinstance(batches, (collections.abc.Mapping, str, bytes))
+      or (isinstance(batches, (np.ndarray, jax.Array))
+          and np.ndim(batches) < (3 if key_fn is None else 2))):
+    # Iterating a dict gives its keys, a (B, d) array of keys its rows: never batches.
+    what = (f"an array of shape {tuple(np.shape(batches))}"
+            if isinstance(batches, (np.ndarray, jax.Array)) else type(batches).__name__)
+    raise ValueError(f"batches: expected an iterable of batches (a list or iterator of "
+                     f"arrays (B, ..., d) or of pytrees for key_fn, or one array of stacked "
+                     f"batches (n, B, ..., d)), got a single batch: {what}; pass [batch]")
   it = iter(batches)
   chunk = list(itertools.islice(it, group))
+  refuse_traced(chunk, "batches")
+  refuse_under_jit("stream_covariance")
   global_arrays = bool(chunk) and any(
       isinstance(x, jax.Array) and not x.is_fully_addressable
       for x in jax.tree_util.tree_leaves(chunk[0]))
@@ -599,10 +647,17 @@ def stream_covariance(
   state = None
   if saved is not None:
     states, consumed, complete = saved
-    if dim is not None and states[0].dim != dim:  # a cache copied under another key
+    want, source = dim, ""
+    if want is None and chunk:
+      # The stream's own key dimension (from its first batch's shapes; nothing is folded):
+      # a finished cache is returned without reading the stream further, and must not be
+      # the statistics of other keys saved under the same key.
+      chunk = _host_ready(chunk)
+      want, source = folder.start(chunk[0], None), " (the stream's first batch)"
+    if want is not None and states[0].dim != want:  # a cache written by another stream
       raise ValueError(f"statistics cache {cache.path}: expected the statistics of keys of "
-                       f"dimension {dim}, got those of dimension {states[0].dim}; pass "
-                       f"another cache_key, or remove the cache")
+                       f"dimension {want}{source}, got those of dimension {states[0].dim}; "
+                       f"pass another cache_key, or remove the cache")
     if complete:
       return merge_all(states)
     state, done = states[me], consumed[me]

@@ -203,6 +203,14 @@ class StreamCache:
       return None
     if not os.listdir(self.path):
       return None  # an empty folder (e.g. made ahead of the run) holds nothing saved
+    if not (os.path.isfile(os.path.join(self.path, "meta.json"))
+            and os.path.isdir(os.path.join(self.path, "arrays"))):
+      # Another folder under this name (it is never replaced: save refuses it too).
+      names = sorted(os.listdir(self.path))
+      shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+      raise ValueError(f"statistics cache {self.path}: expected a folder saved by "
+                       f"stream_covariance (arrays/ and meta.json), got a folder holding "
+                       f"{shown}; pass another cache_key or cache_dir, or remove it")
     tree, meta = _io.load_tree(self.path)
     procs = meta.get("processes")
     if procs is not None and not (_is_count(procs) and procs >= 1):

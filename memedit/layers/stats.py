@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
+import re
+import types
 from typing import Any, Iterable
 
 import jax
@@ -20,6 +23,7 @@ from memedit.layers.hooks import forward_to_layer
 from memedit.layers.kinds import token_id_limit
 from memedit.layers.model import Model, as_model
 from memedit.layers.view import MemoryView, as_view
+from memedit.stream import refuse_traced, refuse_under_jit
 
 __all__ = ["layer_covariance", "layer_cache_key", "layer_key_fn"]
 
@@ -60,11 +64,26 @@ def layer_key_fn(model, view: MemoryView, *, masked: bool = False,
     >>> memedit.second_moment(st).tolist()
     [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
   """
+  dtype = _key_dtype(dtype)
   m = as_model(model)
   keys_of = _LayerKeys(m, view, masked=masked, method=method, dtype=dtype,
                        call_kwargs=call_kwargs)
   params = m.params
   return lambda batch: keys_of(params, batch)
+
+
+def _key_dtype(dtype) -> Any:
+  """``dtype`` itself when it names a floating dtype (the layer's keys are cast to it: an
+  integer or bool dtype would truncate them), else raises."""
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    got = repr(dtype) if dt is None else str(dt)
+    raise ValueError(f"dtype: expected a floating dtype for the keys (e.g. float32, "
+                     f"bfloat16), got {got}")
+  return dtype
 
 
 def _abstract(tree):
@@ -153,11 +172,83 @@ def _key_data(tree):
   return jax.tree_util.tree_map(conv, tree)
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _structure_text(obj: Any, depth: int = 0) -> str:
+  """A text of a model's definition (NNX graph definition or Linen module) that is the
+  same in every run: classes, configuration and the functions it calls by their qualified
+  names (a ``repr`` names functions such as activations by their memory address, which
+  changes every run, or not at all). Arrays are described by shape and dtype."""
+  if depth > 64:
+    return "..."
+  def rec(x):
+    return _structure_text(x, depth + 1)
+  if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+    return repr(obj)
+  if isinstance(obj, type):
+    return f"{obj.__module__}.{obj.__qualname__}"
+  if isinstance(obj, (np.dtype, np.generic)):
+    return f"{type(obj).__name__}({obj})"
+  if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+    return f"array({tuple(np.shape(obj))}, {obj.dtype})"
+  if isinstance(obj, functools.partial):
+    return (f"partial({rec(obj.func)}, {[rec(a) for a in obj.args]}, "
+            f"{rec(dict(obj.keywords))})")
+  if isinstance(obj, dict):
+    items = sorted((rec(k), rec(v)) for k, v in obj.items())
+    return f"{type(obj).__name__}{{{', '.join(f'{k}: {v}' for k, v in items)}}}"
+  if isinstance(obj, (list, tuple)):
+    return f"{type(obj).__name__}[{', '.join(rec(x) for x in obj)}]"
+  if isinstance(obj, (set, frozenset)):  # sorted: a set's order varies with the hash seed
+    return f"{type(obj).__name__}{{{', '.join(sorted(rec(x) for x in obj))}}}"
+  if dataclasses.is_dataclass(obj):
+    fields = [f"{f.name}={rec(getattr(obj, f.name, None))}"
+              for f in dataclasses.fields(obj) if f.name != "parent"]
+    return f"{rec(type(obj))}({', '.join(fields)})"
+  fun = getattr(obj, "fun", None)  # jax.custom_jvp / custom_vjp (e.g. nnx.relu)
+  if fun is not None and callable(obj) and callable(fun):
+    return f"{type(obj).__name__}({rec(fun)})"
+  wrapped = getattr(obj, "__wrapped__", None)  # jitted or decorated functions
+  if callable(obj) and wrapped is not None and wrapped is not obj:
+    return f"{type(obj).__name__}({rec(wrapped)})"
+  name = getattr(obj, "__qualname__", None)
+  if callable(obj) and isinstance(name, str):
+    text = f"{getattr(obj, '__module__', None)}.{name}"
+    code = getattr(obj, "__code__", None)
+    if isinstance(code, types.CodeType):
+      # Its code and the values it closes over: two lambdas of one module differ there.
+      cells = [rec(c.cell_contents) if _cell_full(c) else "<empty>"
+               for c in (getattr(obj, "__closure__", None) or ())]
+      text += f"[{_code_text(code)}; {', '.join(cells)}]"
+    return text
+  try:
+    return _ADDRESS.sub("", repr(obj))
+  except Exception:  # an object whose repr fails: named by its class
+    return rec(type(obj))
+
+
+def _cell_full(cell) -> bool:
+  try:
+    cell.cell_contents
+  except ValueError:
+    return False
+  return True
+
+
+def _code_text(code: types.CodeType) -> str:
+  """A function's bytecode, names and constants (nested code objects too), as text."""
+  consts = [_code_text(c) if isinstance(c, types.CodeType) else _ADDRESS.sub("", repr(c))
+            for c in code.co_consts]
+  return f"{code.co_code.hex()} {code.co_names} {consts}"
+
+
 def layer_cache_key(model, view: MemoryView, spec: Any, dtype=jnp.float32,
                     method: str | None = None) -> str:
-  """Cache key of a layer's statistics: the model's parameters (content hash), the layer
-  address and view (with the layer of a scanned stack it picks), the input stream's spec
-  and the key dtype.
+  """Cache key of a layer's statistics: the model's parameters (content hash) and
+  structure (its classes, configuration and the functions it calls, such as activations,
+  by name), the layer address and view (with the layer of a scanned stack it picks), the
+  input stream's spec and the key dtype.
 
   Args:
     model: the model. view: the layer's view. spec: JSON-serialisable stream description.
@@ -178,6 +269,9 @@ def layer_cache_key(model, view: MemoryView, spec: Any, dtype=jnp.float32,
   h = hashlib.sha256(_io.tree_hash(_key_data(m.params)).encode())
   h.update(json.dumps([m.framework, [str(a) for a in view.weight_path], view.patch,
                        method] + ([] if view.index is None else [view.index])).encode())
+  # The model's structure too: two models with the same parameters (e.g. another
+  # activation between the same layers) give the layer other keys.
+  h.update(hashlib.sha256(_structure_text(m.definition).encode()).digest())
   return covariance_cache_key(h.hexdigest(), spec, dtype)
 
 
@@ -232,6 +326,7 @@ each process passes its own part of the data and every process ends with the sam
     ValueError: an embedding layer read token ids outside ``[0, num_embeddings)`` (their
       keys are never folded into C), or other invalid inputs (named in the message).
   """
+  dtype = _key_dtype(dtype)
   m = as_model(model)
   if isinstance(inputs, collections.abc.Iterator):
     first = next(inputs, None)
@@ -242,10 +337,17 @@ each process passes its own part of the data and every process ends with the sam
     if isinstance(inputs, (jax.Array, np.ndarray)):
       raise ValueError("inputs: expected an iterable of batches (e.g. a list of arrays), got "
                        "a single array")
+    if isinstance(inputs, (collections.abc.Mapping, str, bytes)):
+      # Iterating a dict gives its keys, a str its characters: never batches.
+      raise ValueError(f"inputs: expected an iterable of batches (e.g. a list of dicts of "
+                       f"arrays), got a single {type(inputs).__name__}; pass [batch]")
     stream = inputs
     first = next(iter(inputs), None)
     if first is None:
       raise ValueError("inputs: expected at least one batch, got an empty stream")
+  refuse_traced(m.params, "model", "layer_covariance")
+  refuse_traced(first, "inputs", "layer_covariance")
+  refuse_under_jit("layer_covariance")
   if masked and not (isinstance(first, (tuple, list)) and len(first) == 2):
     raise ValueError(f"inputs: expected (inputs, mask) pairs with masked=True, got a first "
                      f"batch of type {type(first).__name__}"
