@@ -124,17 +124,20 @@ def covariance_init(dim: int, shift: Any = None, dtype: Any = jnp.float32) -> Co
 
 
 def check_key_dtype(dtype) -> None:
-  """Raises unless keys of ``dtype`` can be folded: a real floating or integer dtype.
+  """Raises unless keys of ``dtype`` can be folded: a real floating, integer or boolean
+  dtype (booleans fold as 0 and 1).
 
   Example:
     >>> import numpy as np
     >>> check_key_dtype(np.complex64)
     Traceback (most recent call last):
     ...
-    ValueError: keys: expected a real dtype, got complex64
+    ValueError: keys: expected a real dtype (floating, integer or boolean), got complex64
   """
-  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-    raise ValueError(f"keys: expected a real dtype, got {jnp.dtype(dtype)}")
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+          or jnp.issubdtype(dtype, jnp.bool_)):
+    raise ValueError(f"keys: expected a real dtype (floating, integer or boolean), got "
+                     f"{jnp.dtype(dtype)}")
 
 
 def check_state(state: Any, name: str = "state") -> None:

@@ -602,3 +602,13 @@ def test_fold_keys_adds_known_sums_of_preshifted_keys_and_refuses_them_otherwise
     fold_keys(st, x, sums=x.sum(axis=0))
   with pytest.raises(ValueError, match="and no weights, got preshifted=True and weights given"):
     fold_keys(st, x, np.ones(20, np.float32), preshifted=True, sums=x.sum(axis=0))
+
+
+def test_boolean_keys_fold_as_zeros_and_ones():
+  """Indicator keys (bool) were refused as 'not a real dtype'."""
+  k = np.random.RandomState(0).rand(50, 4) > 0.5
+  ref = k.astype(np.float64).T @ k.astype(np.float64) / 50
+  for state in (memedit.covariance_update(memedit.covariance_init(4), k),
+                memedit.stream_covariance([k[:20], k[20:]], progress=False)):
+    np.testing.assert_allclose(np.asarray(memedit.second_moment(state)), ref, atol=3e-7)
+    assert memedit.key_count(state) == 50
