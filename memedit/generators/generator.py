@@ -169,6 +169,12 @@ def kernel_digest(params: Any, path: Sequence) -> str:
   """A short content hash (16 hex digits of sha256 over shape, dtype and bytes) of the
   kernel leaf at ``path``: what an edit records of the model it was made on.
 
+  Args:
+    params: the parameter pytree. path: the kernel leaf's path (e.g. ``edit.path``).
+
+  Returns:
+    16 hex digits.
+
   Example:
     >>> import numpy as np
     >>> kernel_digest({"k": np.zeros((2, 3), np.float32)}, ("k",))
@@ -183,6 +189,12 @@ def kernel_digest(params: Any, path: Sequence) -> str:
 def recorded_call_kwargs(gen: Generator) -> dict:
   """The generator's call keywords that an edit records in its settings: those whose
   values are JSON scalars (numbers, strings, booleans, None), e.g. StyleGAN2's truncation.
+
+  Args:
+    gen: the generator.
+
+  Returns:
+    A dict name -> value (empty when the model takes no such keywords).
 
   Example:
     >>> from flax import nnx
