@@ -19,10 +19,12 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memedit.layers.intercept import (Static, calls_error, flag_error, hide_static,
-                                      pick_layer, run_hooked, show_static, sow_record,
-                                      stack_calls, tap_layer)
+                                      layer_axis_error, linen_scope_path, pick_layer,
+                                      run_hooked, show_static, sow_record, stack_calls,
+                                      tap_layer)
 from memedit.layers.model import Model, as_model, call_method, merge, resolve_layer
 from memedit.layers.view import MemoryView, memory_view
 
@@ -169,6 +171,7 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
   """
   m = as_model(model)
   path, index, size = _resolve_path(m, address, args, kwargs, method)
+  _check_layer_axis(m, path, index, size, m.params, args, kwargs, method)
   program = CaptureProgram(m.framework, m.definition, m.form, tuple(path), index, size, method)
   inputs = hide_static((tuple(args), dict(kwargs)))
   if not jit:
@@ -196,7 +199,8 @@ def capture(model, address, *args, single: bool = False, jit: bool = True,
       records = tuple(pick_layer(r, index, size, path) for r in records)
   n = len(records)
   if n == 0 or (single and n != 1):
-    raise calls_error(path, n, traced, m.framework, single)
+    scope = linen_scope_path(m, path, args, kwargs, method) if n == 0 and traced else None
+    raise calls_error(path, n, traced, m.framework, single, scope)
   keys = stack_calls([r[0] for r in records])
   values = stack_calls([r[1] for r in records])
   extra_args, extra_kwargs = _stack_extras([r[2] for r in records])
@@ -270,7 +274,8 @@ def forward_to_layer(model, view: MemoryView, *, method: str | None = None,
   m = as_model(model)
   path = view.module_path
 
-  def fn(params, *args, **kwargs):
+  def keys_of(params, args, kwargs):
+    """``(keys with every call's stacking axes first, one call's key shape)``."""
     seen = {"traced": 0}
 
     def hook(module, call, a, k):
@@ -294,16 +299,86 @@ def forward_to_layer(model, view: MemoryView, *, method: str | None = None,
           "keys cannot leave a compiled program; use capture() (which streams such calls "
           "to the host) and memedit.covariance_update on its keys") from None
     if not records:
-      raise calls_error(path, 0, seen["traced"], m.framework, False)
+      raise calls_error(path, 0, seen["traced"], m.framework, False,
+                        linen_scope_path(mm, path, args, kwargs, method))
     if view.index is not None:
       records = [pick_layer(r, view.index, view.stack_size, path) for r in records]
-    keys = stack_calls([r[0] for r in records])
-    if batch_first:
-      ns = keys.ndim - len(seen["call_shape"])
-      if ns:
-        keys = jnp.moveaxis(keys, list(range(ns)), list(range(1, ns + 1)))
+    return stack_calls([r[0] for r in records]), seen["call_shape"]
+
+  def fn(params, *args, **kwargs):
+    _check_layer_axis(m, path, view.index, view.stack_size, params, args, kwargs, method)
+    keys, call_shape = keys_of(params, args, kwargs)
+    ns = keys.ndim - len(call_shape)
+    if batch_first and ns:
+      rows = _rows(args)
+      if tuple(call_shape[:1]) == (rows,) and rows not in keys.shape[:ns]:
+        axis = ns  # one call sees the batch first, and no stacking axis may be it
+      else:
+        axis = _batch_axis(keys_of, params, args, kwargs, keys.shape)
+      keys = jnp.moveaxis(keys, ns if axis is None else axis, 0)
     return keys
   return fn
+
+
+def _rows(args) -> int | None:
+  """The batch's leading size: that of the first array among ``args``."""
+  leaves = [x for x in jax.tree_util.tree_leaves(args) if np.ndim(x) >= 1]
+  return int(np.shape(leaves[0])[0]) if leaves else None
+
+
+def _grown_inputs(args, kwargs, rows):
+  """``hide_static((args, kwargs))`` as shapes, every array of ``args`` with ``rows``
+  leading rows given one row more."""
+  def grow(x):
+    if isinstance(x, Static) or np.ndim(x) < 1 or np.shape(x)[0] != rows:
+      return x
+    return jax.ShapeDtypeStruct((rows + 1,) + tuple(np.shape(x)[1:]), x.dtype)
+  return jax.tree_util.tree_map(grow, hide_static((tuple(args), dict(kwargs))),
+                                is_leaf=lambda x: isinstance(x, Static))
+
+
+def _check_layer_axis(m: Model, path, index, size, params, args, kwargs, method) -> None:
+  """Raises ``ValueError`` when axis 0 of the layer's records, where the layer axis of
+  its stack must be, follows the batch instead (a Linen ``nn.vmap`` / ``nn.scan`` that
+  maps 'intermediates' on another axis than its parameters), for a batch of as many rows
+  as the stack has layers, where the shapes cannot tell the two apart."""
+  if index is None or _rows(args) != size:
+    return
+  program = CaptureProgram(m.framework, m.definition, m.form, tuple(path), None, None,
+                           method)
+  try:
+    records, _ = jax.eval_shape(functools.partial(_capture_records, program), params,
+                                _grown_inputs(args, kwargs, size))
+  except Exception:  # pylint: disable=broad-except  # a model fixed to its batch size
+    return
+  if any(np.shape(r[0])[:1] == (size + 1,) for r in records):
+    raise layer_axis_error(path, size)
+
+
+def _batch_axis(keys_of, params, args, kwargs, shape) -> int | None:
+  """The axis of keys ``shape`` that follows the inputs' batch axis: the one whose size
+  changes, and only it, when the batch has one row more (a shape-only trace). It is one
+  call's first axis for a layer that sees the batch (a scan over layers stacks its calls
+  in front of it), but a stacking axis itself for a layer mapped over the examples
+  (``nnx.vmap`` / ``nn.vmap`` over the batch, where one call sees a single example).
+  ``None`` when no single axis follows the batch."""
+  rows = _rows(args)
+  if rows is None:
+    return None
+  grown_args, statics = _grown_inputs(args, kwargs, rows)
+
+  def keys_shape(p, a):
+    return keys_of(p, tuple(show_static(a)), show_static(statics))[0]
+  try:
+    grown = jax.eval_shape(keys_shape, params, grown_args).shape
+  except Exception:  # pylint: disable=broad-except  # a model fixed to its batch size
+    return None
+  if len(grown) != len(shape):
+    return None
+  moved = [i for i, (a, b) in enumerate(zip(shape, grown)) if a != b]
+  if len(moved) != 1 or (shape[moved[0]], grown[moved[0]]) != (rows, rows + 1):
+    return None
+  return moved[0]
 
 
 def forward_with_layer(model, view: MemoryView, *, method=None,
@@ -341,6 +416,7 @@ def forward_with_layer(model, view: MemoryView, *, method=None,
   path = view.module_path
 
   def fn(params, *args, **kwargs):
+    _check_layer_axis(m, path, view.index, view.stack_size, params, args, kwargs, method)
     traced = [0]
 
     def hook(module, call, a, k):
@@ -355,7 +431,8 @@ def forward_with_layer(model, view: MemoryView, *, method=None,
     except jax.errors.ConcretizationTypeError as e:
       raise flag_error(e, f"layer {path!r}") from None
     if not records:
-      raise calls_error(path, 0, traced[0], m.framework, False)
+      raise calls_error(path, 0, traced[0], m.framework, False,
+                        linen_scope_path(mm, path, args, kwargs, method))
     if view.index is not None:
       records = tuple(pick_layer(r, view.index, view.stack_size, path) for r in records)
     extra_args, extra_kwargs = _stack_extras([r[2] for r in records])

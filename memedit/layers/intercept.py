@@ -17,7 +17,9 @@ Linen: :func:`linen_interceptor` builds an ``nn.intercept_methods`` interceptor 
 keeps interceptors on a thread-local stack) that runs the hook for ``__call__`` of the
 module at the layer's path. Records go to the ``'intermediates'`` collection; under
 ``nn.scan`` it must be scanned (``variable_axes={..., 'intermediates': 0}``), otherwise
-they are dropped and :func:`calls_error` says so.
+they are dropped and :func:`calls_error` says so. A layer run inside ``nn.map_variables``
+with other parameters than the stored ones (a user's reparametrisation) is refused: its
+memory is not its stored kernel.
 
 Python values among inputs and records (flags such as ``train=False``) travel as
 :class:`Static` pytree nodes: part of the tree structure, never traced.
@@ -47,8 +49,10 @@ __all__ = [
     "calls_error",
     "flag_error",
     "hide_static",
+    "layer_axis_error",
     "linen_interceptor",
     "linen_layer_definition",
+    "linen_scope_path",
     "nnx_input_ndim",
     "pick_layer",
     "refuse_reparametrised",
@@ -213,25 +217,82 @@ def tap_layer(model, path: tuple, hook: Hook):
   tap = LayerTap(target, hook)
   if target is model:
     return tap
-  parents = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)]
+  # Modules and the plain lists and dicts a module holds as data (``nnx.data([...])``);
+  # a tuple holding the layer is rebuilt around the tap in its own parent.
+  graph = list(nnx.iter_graph(model))
+  parents = [node for _, node in graph if isinstance(node, (nnx.Module, list, dict))]
   for parent in parents:
     for key, node in list(nnx.iter_children(parent)):
-      if node is not target:
-        continue
-      if isinstance(parent, (nnx.List, nnx.Dict)) or isinstance(key, int):
-        parent[key] = tap
-      else:
-        setattr(parent, key, tap)
+      if node is target:
+        _set_child(parent, key, tap)
+  for p, node in graph:
+    if p and type(node) is tuple:  # pylint: disable=unidiomatic-typecheck
+      parent = locate(model, p[:-1])
+      new = _swap_in(node, target, tap)
+      if new is not node and type(parent) is not tuple:  # pylint: disable=unidiomatic-typecheck
+        _set_child(parent, p[-1], new)
   return model
 
 
-def linen_interceptor(path: tuple, hook: Hook):
+def _set_child(parent, key, node) -> None:
+  if isinstance(parent, (nnx.List, nnx.Dict, list, dict)) or isinstance(key, int):
+    parent[key] = node
+  else:
+    setattr(parent, key, node)
+
+
+def _swap_in(node, target, tap):
+  """``node`` with ``target`` replaced by ``tap``: ``tap`` for the target itself, a new
+  tuple for a (nested) tuple holding it, ``node`` itself otherwise."""
+  if node is target:
+    return tap
+  if type(node) is tuple:  # pylint: disable=unidiomatic-typecheck
+    items = tuple(_swap_in(x, target, tap) for x in node)
+    if any(a is not b for a, b in zip(items, node)):
+      return items
+  return node
+
+
+def _mapped_error(path, where) -> ValueError:
+  return ValueError(
+      f"layer {tuple(path)!r}: expected a layer that runs with its stored parameters, got "
+      f"one run inside linen.map_variables ({where!r}), which hands it its variables "
+      "through trans_in_fn: it runs with g(W), not with the stored kernel W that memedit "
+      "reads, collects statistics for and edits, so an edit would miss its targets (or "
+      "memedit cannot check that g leaves the parameters as they are, under a further "
+      "lifted transform or with init=True); edit a layer outside linen.map_variables, or "
+      "store the mapped parameters and run the model without the mapping")
+
+
+def _runs_mapped(module, variables, path):
+  """The ``map_variables(...)`` part of a bound Linen layer's scope path when the layer
+  runs inside ``nn.map_variables`` with parameters that are not the stored ones
+  (``None`` otherwise). A mapping that leaves the parameters alone (another collection,
+  an identity) hands the layer the very arrays it was given."""
+  debug = tuple(getattr(getattr(module, "scope", None), "debug_path", ()) or ())
+  mapped = [p for p in debug if "map_variables(" in str(p)]  # also 'scan(map_variables(b))'
+  if not mapped or variables is None:
+    return None
+  try:
+    seen = flatten_dict(flax.core.unfreeze(module.variables.get("params", {})))
+  except Exception:  # pylint: disable=broad-except  # no readable parameters at all
+    seen = {}
+  stored = flatten_dict(flax.core.unfreeze(
+      linen_layer_variables(variables, path).get("params", {})))
+  if set(seen) == set(stored) and all(seen[k] is stored[k] for k in seen):
+    return None
+  return "/".join(str(p) for p in debug)
+
+
+def linen_interceptor(path: tuple, hook: Hook, variables=None):
   """An ``nn.intercept_methods`` interceptor running ``hook`` for the layer at ``path``.
 
   Args:
     path: the Linen module path of the layer (``module.path``).
     hook: ``hook(module, call, args, kwargs) -> output`` for the layer's ``__call__``;
       ``module`` is the bound layer (``module.clone(parent=None)`` is its definition).
+    variables: the model's variables; given, a layer run inside ``nn.map_variables``
+      with other parameters than these (a user's reparametrisation) is refused.
 
   Returns:
     ``interceptor(next_fun, args, kwargs, context)``.
@@ -262,6 +323,9 @@ def linen_interceptor(path: tuple, hook: Hook):
       return next_fun(*args, **kwargs)
     if wrappers:
       raise _reparametrised_error(path, wrappers[-1])
+    where = _runs_mapped(ctx.module, variables, path)
+    if where is not None:
+      raise _mapped_error(path, where)
     return hook(ctx.module, next_fun, tuple(args), dict(kwargs))
   return interceptor
 
@@ -317,7 +381,7 @@ def run_hooked(m: Model, path: tuple, hook: Hook, args, kwargs, method=None):
           "nnx.StateAxes({nnx.Intermediate: 0, ...: None}). Flax said: "
           f"{str(e).splitlines()[0]}") from None
     return out, _nnx_records(inter)
-  with nn.intercept_methods(linen_interceptor(path, hook)):
+  with nn.intercept_methods(linen_interceptor(path, hook, m.params)):
     try:
       out, state = m.definition.apply(m.params, *args, mutable=["intermediates"],
                                       method=method, **kwargs)
@@ -327,6 +391,15 @@ def run_hooked(m: Model, path: tuple, hook: Hook, args, kwargs, method=None):
       # and drop the changes (the caller's variables stay untouched).
       out, state = m.definition.apply(m.params, *args, mutable=DenyList("params"),
                                       method=method, **kwargs)
+    except flax.errors.ScopeCollectionNotFound as e:
+      if "map_variables(" not in str(e):
+        raise
+      raise ValueError(
+          f"layer {tuple(path)!r}: expected a model that runs with a mutable collection "
+          "('intermediates', where memedit records the layer's calls), got one whose "
+          "linen.map_variables(..., init=True) then finds its mapped variables empty (a "
+          "Flax limitation); build the mapping with init=self.is_initializing(). Flax "
+          f"said: {str(e).splitlines()[0]}") from None
   return out, _linen_records(state)
 
 
@@ -337,17 +410,55 @@ def pick_layer(record, index: int, size: int, path):
   if shape[:1] != (size,):
     raise ValueError(
         f"layer {path!r}: expected its calls stacked over the {size} layers of its scan on "
-        f"axis 0, got keys of shape {shape} (is the stack run by a scan over its layers?)")
+        f"axis 0, got keys of shape {shape} (is the stack run by a scan over its layers? "
+        "A Linen nn.scan / nn.vmap must map 'intermediates' on the axis of its "
+        "parameters: variable_axes={'params': 0, 'intermediates': 0})")
   return jax.tree_util.tree_map(lambda x: x[index], record)
 
 
-def calls_error(path, n: int, traced: int, framework: str, single: bool) -> ValueError:
-  """The error for a layer called ``n`` times (``traced``: hook runs while tracing)."""
+def layer_axis_error(path, size: int) -> ValueError:
+  """The error for records of a stacked layer whose axis 0 follows the batch."""
+  return ValueError(
+      f"layer {tuple(path)!r}: expected its calls stacked over the {size} layers of its "
+      f"stack on axis 0, got records whose axis 0 follows the batch ({size} rows, as many "
+      "as layers); a Linen nn.vmap / nn.scan must map 'intermediates' on the axis of its "
+      "parameters: variable_axes={'params': 0, 'intermediates': 0}")
+
+
+# Linen lifted transforms whose variable_axes can carry records out of them.
+_MAPPING_LIFTS = ("scan", "vmap")
+
+
+def _lifts(scope_path) -> list[str]:
+  """Names of the Linen lifted transforms in a scope's debug path, outermost first:
+  ``('while_loop(scan(blk))', 'fc')`` gives ``['while_loop', 'scan']``."""
+  names = []
+  for part in scope_path or ():
+    part = str(part)
+    while "(" in part and part.endswith(")"):
+      name, part = part.split("(", 1)
+      names.append(name)
+      part = part[:-1]
+  return names
+
+
+def calls_error(path, n: int, traced: int, framework: str, single: bool,
+                scope_path=None) -> ValueError:
+  """The error for a layer called ``n`` times (``traced``: hook runs while tracing;
+  ``scope_path``: a Linen layer's scope debug path, naming the lifts it ran in)."""
   if n == 0 and traced:
     hint = ("the layer ran inside a Linen lifted transform (nn.scan, nn.vmap, ...) whose "
             "variable_axes do not include 'intermediates'; add 'intermediates': 0 to "
             "capture it"
             if framework == "linen" else "its captures were dropped by a transform")
+    others = [t for t in _lifts(scope_path) if t not in _MAPPING_LIFTS + (
+        "remat", "checkpoint", "jit", "cond", "switch", "map_variables")]
+    if framework == "linen" and others:
+      hint = (f"the layer ran inside Linen's {others[0]} (at "
+              f"{'/'.join(map(str, scope_path))!r}), which gives back none of the records "
+              "made inside it; memedit cannot read the layer's keys there: call the layer "
+              "outside it, or run the loop as nn.scan with 'intermediates': 0 in its "
+              "variable_axes")
     return ValueError(f"layer {path!r}: called during tracing but no capture came back: "
                       + hint)
   if n == 0:
@@ -391,6 +502,7 @@ def _first_call(m: Model, path, args, kwargs, method, concrete=False) -> dict:
     if "input_ndim" not in seen:
       seen["input_ndim"] = jnp.ndim(a[0])
       if m.framework == "linen":
+        seen["scope_path"] = tuple(getattr(module.scope, "debug_path", ()) or ())
         seen["definition"] = module.clone(parent=None)
         weight = layer_kind(module).weight
         seen["call_kernel_shape"] = tuple(module.variables["params"][weight].shape)
@@ -417,7 +529,7 @@ def linen_layer_definition(m: Model, path, args, kwargs, method):
   a Linen layer, from a shape-only run of the model on example inputs."""
   seen = _first_call(m, path, args, kwargs, method)
   if "definition" not in seen:
-    raise calls_error(path, 0, seen["traced"], "linen", False)
+    raise calls_error(path, 0, seen["traced"], "linen", False, seen.get("scope_path"))
   if _has_tracer(seen["definition"]):
     # An attribute computed by the parent while it runs (e.g. an array split from an RNG
     # key and passed to the layer): the shape-only trace left a tracer in the definition,
@@ -430,3 +542,15 @@ def linen_layer_definition(m: Model, path, args, kwargs, method):
 def nnx_input_ndim(m: Model, path, args, kwargs, method) -> int | None:
   """ndim of one call's first argument of an NNX layer (shape-only run)."""
   return _first_call(m, path, args, kwargs, method).get("input_ndim")
+
+
+def linen_scope_path(m: Model, path, args, kwargs, method) -> tuple | None:
+  """The scope debug path of a Linen layer's first call (names the lifted transforms it
+  runs in, e.g. ``('while_loop(fc)',)``), from a shape-only run; ``None`` for NNX models
+  or a layer that is not called."""
+  if m.framework != "linen":
+    return None
+  try:
+    return _first_call(m, path, args, kwargs, method).get("scope_path")
+  except Exception:  # pylint: disable=broad-except  # only used to word an error
+    return None

@@ -328,9 +328,15 @@ class MemoryView:
       y0 = f(jnp.zeros(shape, dtype))
       y1 = np.asarray(out1, np.float64) - y0
       y2, y12 = f(w2) - y0, f(w1 + 2 * w2) - y0
+      if not all(np.isfinite(y).all() for y in (y0, y1, y2, y12)):
+        raise ValueError(
+            f"layer {self.address!r} ({self.layer_type.__name__}): expected finite outputs "
+            f"of a memory of kind {self.spec.kind!r} for a zero and random kernels, got "
+            "non-finite ones (e.g. a layer that divides its kernel by its norm), so it is "
+            "not affine in its kernel; such a layer needs solve_lambda")
       scale = max(float(np.abs(y1).max()), float(np.abs(y2).max()), 1e-30)
       err = float(np.abs(y12 - y1 - 2 * y2).max()) / scale
-      if err > rtol:
+      if not err <= rtol:
         raise ValueError(
             f"layer {self.address!r} ({self.layer_type.__name__}): expected its output to be "
             f"linear in its kernel (a memory of kind {self.spec.kind!r}), but "
@@ -346,7 +352,7 @@ class MemoryView:
         pred = pred * np.asarray(g, np.float64)
       y1 = y1.reshape(pred.shape)
       err = float(np.abs(pred - y1).max()) / scale
-      if err > rtol:
+      if not err <= rtol:
         ratio = float(np.sum(y1 * pred) / max(np.sum(pred * pred), 1e-30))
         raise ValueError(
             f"layer {self.address!r} ({self.layer_type.__name__}): expected f(W, x) - f(0, x) "

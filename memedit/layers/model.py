@@ -187,9 +187,15 @@ def _nnx_module_paths(model) -> list[tuple[tuple, Any]]:
 
 
 def child(obj, part):
-  """``obj.part`` (attributes) or ``obj[part]`` (nnx.List / nnx.Dict items)."""
+  """``obj.part`` (attributes) or ``obj[part]`` (nnx.List / nnx.Dict items; an index
+  also names a dict entry whose key is its digits, as ``nnx.Dict({'0': ...})``)."""
   if isinstance(part, int):
-    return obj[part]
+    try:
+      return obj[part]
+    except (KeyError, TypeError, AttributeError):
+      if isinstance(obj, (nnx.List, list, tuple)):
+        raise
+      return obj[str(part)]
   try:
     return getattr(obj, part)
   except AttributeError:
@@ -318,9 +324,12 @@ def _slice_index(m: Model, address: tuple, pos: int, rest: tuple, path: tuple,
     want = path[:at] + (i,) + path[at:]
     where = (f"right after the scanned module's name {path[at - 1]!r}" if at else
              "first (the model's root module is the scanned one)")
+    unless = ("" if at else
+              f"; or, if the model is not scanned (every parameter of it merely has "
+              f"{size} rows), layer {path!r} is not stacked and takes no index")
     raise ValueError(
         f"address: the index of one layer of a scanned stack goes {where}: expected "
-        f"{want!r} ({path_str(want)!r}), got {address!r}")
+        f"{want!r} ({path_str(want)!r}), got {address!r}{unless}")
   if not -size <= i < size:
     raise ValueError(
         f"address: index {i} in {address!r} is out of range: {_stack_name(path[:at])} has "
@@ -357,9 +366,33 @@ def resolve_layer(m: Model, address, obj=None):
         path, mod = resolve(rest)
       except ValueError:
         continue
+      if isinstance(mod, (nnx.List, nnx.Dict)):  # the index names an entry, not a layer
+        raise error
+      kernel = _nnx_unstacked_kernel(mod)
+      if kernel is not None:
+        raise ValueError(
+            f"address: {cand!r} reads {cand[pos]} as the index of one layer of a scanned "
+            f"stack, but layer {path!r} is not stacked (its kernel {kernel} carries no "
+            "layer axis)")
       index, size, at = _slice_index(m, cand, pos, rest, path, error)
       return path, mod, index, size, at
   raise error
+
+
+def _nnx_unstacked_kernel(mod) -> tuple | None:
+  """The kernel shape of an NNX layer whose kernel is one call's (no layer axis);
+  ``None`` for a stacked layer, a Linen layer (``mod`` is ``None``) or a module that is
+  not a memory layer."""
+  from memedit.layers.kinds import layer_kind  # pylint: disable=import-outside-toplevel
+  from memedit.layers.view import _nnx_call_kernel_ndim  # pylint: disable=import-outside-toplevel
+  if not isinstance(mod, nnx.Module):
+    return None
+  try:
+    leaf = getattr(mod, layer_kind(mod).weight)[...]
+    ndim = _nnx_call_kernel_ndim(mod, leaf)
+  except Exception:  # pylint: disable=broad-except  # not a memory layer: decided later
+    return None
+  return tuple(np.shape(leaf)) if np.ndim(leaf) <= ndim else None
 
 
 def slice_tree(tree, index: int, size: int):
