@@ -90,6 +90,16 @@ def _gain(m: dict) -> str:
   return "n/a" if eff is None else f"{eff['cosine_gain']:.3f}"
 
 
+def _at_least(ratio, bound) -> bool:
+  """``ratio >= bound``; False for an undefined ratio (None: nothing matched, or nothing
+  changed outside the matched regions)."""
+  return ratio is not None and ratio >= bound
+
+
+def _ratio(ratio) -> str:
+  return "undefined" if ratio is None else f"{ratio:.1f}"
+
+
 def demo_goals(m: dict, o: dict) -> dict:
   """The demo's goals at one threshold: memedit's specificity ratio ≥ 5, and its efficacy
   above the overfit baseline's at no more change outside the matched regions.
@@ -110,8 +120,9 @@ def demo_goals(m: dict, o: dict) -> dict:
   """
   eff, over_eff = m.get("efficacy"), o.get("efficacy")
   return {
-      "specificity_ratio_at_least_5": m["specificity"]["ratio"] >= 5,
-      "footprint_specificity_ratio_at_least_5": m["specificity_footprint"]["ratio"] >= 5,
+      "specificity_ratio_at_least_5": _at_least(m["specificity"]["ratio"], 5),
+      "footprint_specificity_ratio_at_least_5": _at_least(m["specificity_footprint"]["ratio"],
+                                                          5),
       "efficacy_beats_overfit": (eff is not None and over_eff is not None
                                  and eff["cosine_gain"] > over_eff["cosine_gain"]),
       "outside_change_not_above_overfit": (m["specificity"]["outside_mean_abs_change"]
@@ -241,7 +252,7 @@ def _write_outputs(out, name: str, picture, edit, report: dict) -> None:
   save_png(os.path.join(out, f"{name}.png"), picture)
   save_edit(os.path.join(out, f"{name}.edit"), edit)
   _io.atomic_write_bytes(os.path.join(out, f"{name}.json"),
-                         json.dumps(report, indent=2).encode())
+                         json.dumps(report, indent=2, allow_nan=False).encode())
 
 
 def run_demo(weights: str | os.PathLike, *, out: str | os.PathLike = "out",
@@ -423,11 +434,11 @@ def demo_summary(report: dict) -> str:
     m, o = at["memedit"], at["overfit"]
     sp = m["specificity"]
     summary.append(
-        f"quantile {q}: specificity ratio {sp['ratio']:.1f} (inside "
+        f"quantile {q}: specificity ratio {_ratio(sp['ratio'])} (inside "
         f"{sp['inside_mean_abs_change']:.3f}, outside {sp['outside_mean_abs_change']:.3f}), "
         f"efficacy (cosine gain) {_gain(m)} vs overfit {_gain(o)} at outside change "
         f"{o['specificity']['outside_mean_abs_change']:.3f}"
-        + (f" (taps {taps['taps']}: ratio {at[other]['specificity']['ratio']:.1f}, "
+        + (f" (taps {taps['taps']}: ratio {_ratio(at[other]['specificity']['ratio'])}, "
            f"gain {_gain(at[other])})" if other is not None else ""))
   before, after = report["paste_l1"]["memedit"]
   return (f"demo: layer {report['spec']['layer']}; paste L1 {before:.3f} -> {after:.3f}; "

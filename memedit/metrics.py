@@ -16,6 +16,13 @@ For N latents the original and the edited generator are run with the layer obser
   pixel on every side (a key's value spreads into its neighbours' cells through the
   layer's kernel and the layers after it).
 
+Undefined cases get documented values, never NaN: a region with no pixels (nothing or
+everything matched) has mean change 0.0 (``inside_share_of_pixels`` tells which); the
+ratio is None (JSON null) when no pixel is inside or nothing changed outside (0/0 or x/0);
+``unmatched_mean_abs_change`` is None when every latent matches; ``efficacy`` is left out
+when no key matches (or no ``target_value`` is given), and its ``moved`` is None when the
+values already were v̄; a zero value vector counts as cosine 0.
+
 :func:`evaluate_edit` measures at one quantile (or a fixed threshold);
 :func:`evaluate_at_quantiles` at several from one run of each generator. The 0.999 quantile
 the reference uses for its heat maps rests on N·h·w/1000 keys: use a few thousand latents.
@@ -25,12 +32,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from memedit.generators._checks import image_numbers
 from memedit.generators.forward import LayerRun, run_layer
 from memedit.generators.generator import Generator, layer_info
-from memedit.generators.query import match_scores, match_threshold
+from memedit.generators.query import _check_directions, match_scores, match_threshold
 from memedit.layers.conv import upsample_nearest
 
 __all__ = ["evaluate_at_quantiles", "evaluate_edit"]
@@ -57,13 +65,32 @@ def _specificity(dimg, inside_mask, any_match):
   return {
       "inside_mean_abs_change": inside,
       "outside_mean_abs_change": outside,
-      "ratio": inside / max(outside, 1e-12),
+      "ratio": inside / outside if inside_mask.any() and outside > 0 else None,
       "inside_share_of_pixels": float(inside_mask.mean()),
       "unmatched_latents": int((~any_match).sum()),
       "unmatched_mean_abs_change": (float(dimg[~any_match].mean())
                                     if (~any_match).any() else None),
       "all_mean_abs_change": float(dimg.mean()),
   }
+
+
+def _check_target(target_value: Any, value_dim: int, layer: str) -> np.ndarray:
+  """The pasted value v̄ as float64 (C_out,) after checking it: finite and non-zero (the
+  normalised distance divides by ‖v̄‖ and the cosine is undefined for v̄ = 0)."""
+  arr = np.asarray(target_value)
+  if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+    raise ValueError(f"target_value: expected a numeric array, got dtype {arr.dtype}")
+  if arr.shape != (value_dim,):
+    raise ValueError(f"target_value: expected the pasted value of shape ({value_dim},) (the "
+                     f"value dimension C_out of layer {layer!r}), got shape {arr.shape}")
+  arr = arr.astype(np.float64)
+  if not np.isfinite(arr).all():
+    raise ValueError(f"target_value: expected finite values, got "
+                     f"{int((~np.isfinite(arr)).sum())} NaN or infinite of {arr.size}")
+  if not np.linalg.norm(arr) > 0:
+    raise ValueError("target_value: expected a non-zero pasted value (distances are "
+                     "relative to its norm), got all zeros")
+  return arr
 
 
 def _cos(v, t):
@@ -93,9 +120,12 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_params: Any,
     A JSON-serialisable dict (see the module docstring for the fields).
 
   Raises:
-    ValueError: a quantile outside (0, 1), an image number given twice (the message names
-      the repeated numbers), or images with NaN or infinite values (a model or an edit
-      with non-finite weights).
+    ValueError: a quantile outside (0, 1), a threshold that is not a finite number, no
+      image numbers, an image number given twice (the message names the repeated
+      numbers), D not a finite numeric (r, C_in) array, a ``target_value`` not a finite
+      non-zero (C_out,) vector (the arguments are checked before the models run); images,
+      or the layer's keys or values, with NaN or infinite values (a model or an edit with
+      non-finite or overflowing weights).
 
   Example:
     >>> from flax import nnx
@@ -164,7 +194,18 @@ def _evaluate(gen, layer, D, edited_params, imgnums, quantiles, threshold, targe
     more = f" and {len(repeated) - 8} more" if len(repeated) > 8 else ""
     raise ValueError(f"imgnums: expected distinct image numbers (each latent measured once), "
                      f"got repeated {repeated[:8]}{more} in {len(nums)} numbers")
+  if not nums.size:
+    raise ValueError("imgnums: expected at least one held-out image number, got none")
   info = layer_info(gen, layer)
+  D = _check_directions(D, info.key_dim, layer)
+  if threshold is not None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer,
+                                                                 np.floating)) \
+        or not np.isfinite(threshold):
+      raise ValueError(f"threshold: expected a finite number (or None for the quantile), got "
+                       f"{threshold!r}")
+  if target_value is not None:
+    target_value = _check_target(target_value, info.value_dim, layer)
   z = gen.latents(nums.tolist())
   if original is None:
     r0 = run_layer(gen, layer, z, batch_size=batch_size)
@@ -179,6 +220,12 @@ def _evaluate(gen, layer, D, edited_params, imgnums, quantiles, threshold, targe
     if bad:
       raise ValueError(f"images: expected finite images from the {which} generator, got {bad} "
                        f"NaN or infinite of {run.images.size} pixel values")
+    for name in ("keys", "values"):  # a saturating output (tanh) can hide them
+      arr = np.asarray(getattr(run, name))
+      bad = arr.size - int(np.isfinite(arr).sum())
+      if bad:
+        raise ValueError(f"{name}: expected finite {name} at layer {layer!r} from the {which} "
+                         f"generator, got {bad} NaN or infinite of {arr.size}")
   scores = match_scores(r0.keys, D)
   dimg = np.abs(r1.images.astype(np.float64) - r0.images).mean(-1)
   results = []
@@ -204,17 +251,17 @@ def _measure(info, resolution, r0, r1, scores, dimg, thr, quantile, target_value
       "specificity_footprint": _specificity(dimg, footprint_c, any_match),
   }
   if target_value is not None and matched_v.any():
-    t = np.asarray(target_value, np.float64)
+    t = target_value  # checked: finite, (C_out,), non-zero
     v0 = r0.values[matched_v].astype(np.float64)
     v1 = r1.values[matched_v].astype(np.float64)
-    d0 = np.linalg.norm(v0 - t, axis=-1) / max(np.linalg.norm(t), 1e-12)
-    d1 = np.linalg.norm(v1 - t, axis=-1) / max(np.linalg.norm(t), 1e-12)
+    d0 = np.linalg.norm(v0 - t, axis=-1) / np.linalg.norm(t)
+    d1 = np.linalg.norm(v1 - t, axis=-1) / np.linalg.norm(t)
     out["efficacy"] = {
         "cosine_before": float(_cos(v0, t).mean()),
         "cosine_after": float(_cos(v1, t).mean()),
         "distance_before": float(d0.mean()),
         "distance_after": float(d1.mean()),
         "cosine_gain": float(_cos(v1, t).mean() - _cos(v0, t).mean()),
-        "moved": float(1.0 - d1.mean() / max(d0.mean(), 1e-12)),
+        "moved": float(1.0 - d1.mean() / d0.mean()) if d0.mean() > 0 else None,
     }
   return out

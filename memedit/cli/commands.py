@@ -429,7 +429,7 @@ def _run_evaluate(args) -> int:
   new, _ = edited(gen, edit)
   result = metrics.evaluate_edit(gen, spec.layer, edit.D, new.params, nums,
                                  target_value=target_value, quantile=args.quantile)
-  text = json.dumps(result, indent=2)
+  text = json.dumps(result, indent=2, allow_nan=False)
   if args.out:
     with writing(args.out, "--out"):
       _io.atomic_write_bytes(args.out, text.encode())

@@ -32,7 +32,8 @@ def match_scores(keys: Any, D: Any) -> np.ndarray:
     (...) float32 scores; keys orthogonal to span(D) score 0.
 
   Raises:
-    ValueError: D not two-dimensional, or keys whose last axis is not D's C_in.
+    ValueError: D not two-dimensional with at least one row, or not finite; keys whose
+      last axis is not D's C_in.
 
   Example:
     >>> match_scores(np.array([[3.0, 4.0], [0.0, 2.0]]), np.array([[1.0, 0.0]])).tolist()
@@ -43,6 +44,11 @@ def match_scores(keys: Any, D: Any) -> np.ndarray:
   if D.ndim != 2 or keys.ndim < 1 or keys.shape[-1] != D.shape[1]:
     raise ValueError(f"keys, D: expected keys (..., C_in) and directions D (r, C_in) with "
                      f"the same C_in, got shapes {keys.shape} and {D.shape}")
+  if D.shape[0] < 1:
+    raise ValueError(f"D: expected at least one direction (r >= 1), got shape {D.shape}")
+  if not np.isfinite(D).all():
+    raise ValueError(f"D: expected finite values, got {int((~np.isfinite(D)).sum())} NaN "
+                     f"or infinite of {D.size}")
   proj = keys @ D.T
   return np.sqrt((proj ** 2).sum(-1))
 
@@ -111,7 +117,10 @@ def match_threshold(scores: Any, quantile: float = 0.999) -> float:
     scores: match scores of any shape. quantile: in (0, 1).
 
   Returns:
-    The threshold.
+    The threshold (linear interpolation between the sorted scores).
+
+  Raises:
+    ValueError: a quantile outside (0, 1); no scores, or NaN or infinite ones.
 
   Example:
     >>> match_threshold(np.arange(101.0), 0.9)
@@ -120,7 +129,23 @@ def match_threshold(scores: Any, quantile: float = 0.999) -> float:
   if isinstance(quantile, bool) or not isinstance(quantile, (int, float, np.floating)) or (
       not 0 < quantile < 1):
     raise ValueError(f"quantile: expected a number in (0, 1), got {quantile!r}")
-  return float(np.quantile(np.asarray(scores).reshape(-1), quantile))
+  s = _finite_scores(scores).reshape(-1)
+  if not s.size:
+    raise ValueError(f"scores: expected at least one match score, got shape "
+                     f"{np.shape(scores)}")
+  return float(np.quantile(s, quantile))
+
+
+def _finite_scores(scores: Any) -> np.ndarray:
+  """Scores as a numeric array, refused when any is NaN or infinite."""
+  s = np.asarray(scores)
+  if not (jnp.issubdtype(s.dtype, jnp.floating) or jnp.issubdtype(s.dtype, jnp.integer)):
+    raise ValueError(f"scores: expected numeric match scores, got dtype {s.dtype}")
+  bad = s.size - int(np.isfinite(s).sum())
+  if bad:
+    raise ValueError(f"scores: expected finite match scores, got {bad} NaN or infinite of "
+                     f"{s.size}")
+  return s
 
 
 def heatmaps(scores: Any, threshold: float, resolution: int) -> np.ndarray:
@@ -132,17 +157,31 @@ def heatmaps(scores: Any, threshold: float, resolution: int) -> np.ndarray:
     resolution: the canvas resolution R (a multiple of h).
 
   Returns:
-    (N, R, R) float heat maps in [0, 1].
+    (N, R, R) float heat maps in [0, 1] (a threshold of 0: 1 wherever the score is
+    positive).
+
+  Raises:
+    ValueError: scores that are not maps (N, h, h) (or one map (h, h)), or NaN or
+      infinite ones; a threshold that is not a finite number >= 0; a resolution that is
+      not a positive int multiple of the scores' last axis.
 
   Example:
     >>> heatmaps(np.array([[[0.5, 2.0]]]), 1.0, 4).shape
     (1, 2, 4)
   """
-  s = np.clip(np.asarray(scores) / max(threshold, 1e-12), 0.0, 1.0)
-  if resolution % s.shape[-1]:
-    raise ValueError(f"resolution: expected a multiple of the scores' size {s.shape[-1]}, "
-                     f"got {resolution}")
-  return upsample_nearest(s, resolution // s.shape[-1])
+  scores = _finite_scores(scores)
+  if scores.ndim < 2 or not scores.shape[-1]:
+    raise ValueError(f"scores: expected match score maps (N, h, h), got shape {scores.shape}")
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer,
+                                                               np.floating)) \
+      or not np.isfinite(threshold) or threshold < 0:
+    raise ValueError(f"threshold: expected a finite number >= 0, got {threshold!r}")
+  if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) \
+      or resolution < 1 or resolution % scores.shape[-1]:
+    raise ValueError(f"resolution: expected a positive int multiple of the scores' size "
+                     f"{scores.shape[-1]}, got {resolution!r}")
+  s = np.clip(scores / max(float(threshold), 1e-12), 0.0, 1.0)
+  return upsample_nearest(s, int(resolution) // s.shape[-1])
 
 
 def rank_by_match(scores: Any, imgnums: Sequence[int]) -> list[tuple[int, float]]:
@@ -154,10 +193,21 @@ def rank_by_match(scores: Any, imgnums: Sequence[int]) -> list[tuple[int, float]
   Returns:
     [(imgnum, best score)], the best first (ties in the given order).
 
+  Raises:
+    ValueError: scores whose first axis is not the number of image numbers, images
+      without scores, or NaN or infinite scores.
+
   Example:
     >>> rank_by_match(np.array([[0.1, 0.2], [0.9, 0.0]]), [7, 8])
     [(8, 0.9), (7, 0.2)]
   """
-  best = np.asarray(scores).reshape(len(imgnums), -1).max(-1)
+  scores = _finite_scores(scores)
+  if scores.ndim < 1 or scores.shape[0] != len(imgnums) or (
+      len(imgnums) and scores.size == 0):
+    raise ValueError(f"scores, imgnums: expected scores (N, ...) of the N = {len(imgnums)} "
+                     f"image numbers, got scores of shape {scores.shape}")
+  if not len(imgnums):
+    return []
+  best = scores.reshape(len(imgnums), -1).max(-1)
   order = np.argsort(-best, kind="stable")
   return [(int(imgnums[i]), float(best[i])) for i in order]

@@ -499,7 +499,8 @@ async function evaluate(id) {
       ["pixels matched", m.context_match.pixels.toFixed(4)],
       ["change inside", sp.inside_mean_abs_change.toFixed(4)],
       ["change outside", sp.outside_mean_abs_change.toFixed(4)],
-      ["specificity ratio", sp.ratio.toFixed(2)],
+      ["specificity ratio", sp.ratio === null
+        ? "undefined (nothing matched, or nothing changed outside)" : sp.ratio.toFixed(2)],
     ];
     if (ef) rows.push(["efficacy (cosine gain)", ef.cosine_gain.toFixed(4)]);
     const div = $("#evaluation");
