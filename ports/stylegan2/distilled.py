@@ -14,14 +14,31 @@ import jax
 import numpy as np
 
 from ports.stylegan2 import model as model_lib
+from ports.stylegan2 import runs
 from ports.stylegan2.fastconv import fast_convolutions
 from ports.stylegan2.runs import to_host
 from ports.stylegan2.teacher import Teacher, teacher_images
 from ports.stylegan2.train import (TrainConfig, check_pair, init_state, paired_latents,
                                    restore, student_module)
 
-__all__ = ["ema_variables", "evaluate", "export", "generator", "preview", "sample_pairs"]
+__all__ = ["check_out_path", "ema_variables", "evaluate", "export", "generator", "preview",
+           "sample_pairs"]
 
+
+
+def check_out_path(run_dir: str | os.PathLike, out_path: str | os.PathLike) -> None:
+  """Raises a ValueError if ``out_path`` cannot take an output file of the run: an
+  existing directory, or one of the run's own files (``run.json``, ``log.jsonl``, the
+  checkpoints, the converted teacher) or a path inside them, which the output would
+  destroy."""
+  out = os.path.realpath(os.path.abspath(os.fspath(out_path)))
+  if os.path.isdir(out):
+    raise ValueError(f"out: expected a file path, got the directory {out}")
+  for owned in runs.run_files(run_dir):
+    owned = os.path.realpath(owned)
+    if out == owned or out.startswith(owned + os.sep):
+      raise ValueError(f"out: expected a path outside the run's own files, got {out}, "
+                       f"which is (inside) the run's {os.path.basename(owned)}")
 
 
 def ema_variables(state: dict) -> dict:
@@ -46,10 +63,15 @@ def export(run_dir: str | os.PathLike, out_path: str | os.PathLike,
 
   Returns:
     ``{"path", "bytes", "sha256", "step", "parameters"}``.
+
+  Raises:
+    ValueError: ``out_path`` is a directory or one of the run's own files
+      (:func:`check_out_path`).
   """
   from memedit import _io
   from ports.stylegan2.export import save_rosinality
 
+  check_out_path(run_dir, out_path)
   module, variables, _, done = generator(run_dir, step)
   path = save_rosinality(out_path, module, variables)
   return {"path": path, "bytes": os.path.getsize(path), "sha256": _io.sha256_file(path),
@@ -138,6 +160,7 @@ def preview(run_dir: str | os.PathLike, teacher: Teacher, out_path: str | os.Pat
 
   if n < 1 or columns < 1:
     raise ValueError(f"n, columns: expected positive integers, got {n}, {columns}")
+  check_out_path(run_dir, out_path)
   module, variables, cfg, _ = generator(run_dir, step)
   check_pair(cfg, teacher)
   student, target = sample_pairs(module, variables, teacher, n, seed, cfg.resolution,

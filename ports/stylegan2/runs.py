@@ -12,8 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["CHECKPOINTS", "LOG_FILE", "RUN_FILE", "RUN_FORMAT", "check_resume", "log_row",
-           "manager", "read_run", "run_record", "save", "sigterm_as_interrupt", "to_host"]
+__all__ = ["CHECKPOINTS", "LOG_FILE", "RUN_FILE", "RUN_FORMAT", "check_fresh", "check_resume",
+           "log_row", "manager", "read_run", "run_record", "run_files", "save",
+           "sigterm_as_interrupt", "to_host"]
 
 RUN_FORMAT = 1
 RUN_FILE = "run.json"
@@ -47,9 +48,13 @@ def read_run(run_dir: str) -> dict:
   from memedit import _io
 
   record = _io.read_json(os.path.join(run_dir, RUN_FILE))
-  if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+  if (not isinstance(record, dict) or record.get("format") != RUN_FORMAT
+      or not isinstance(record.get("config"), dict)
+      or not isinstance(record.get("teacher"), dict)
+      or not {"digest", "z_dim", "resolution"} <= set(record["teacher"])):
     raise ValueError(f"{os.path.join(run_dir, RUN_FILE)}: expected a training run record "
-                     f"of format {RUN_FORMAT}, got {str(record)[:80]}")
+                     f"of format {RUN_FORMAT} (a 'config' object and a 'teacher' object with "
+                     f"digest, z_dim and resolution), got {str(record)[:80]}")
   return record
 
 
@@ -68,6 +73,33 @@ def check_resume(run_dir: str, record: dict) -> None:
                      + "; ".join(problems))
 
 
+def check_fresh(run_dir: str) -> None:
+  """Raises a ValueError if a new run cannot start in ``run_dir`` without touching what is
+  there: a directory without ``run.json`` may hold anything of the user's except the
+  run's own ``log.jsonl`` and a non-empty ``checkpoints/`` (orbax would read the entries
+  there as checkpoints, and delete them as old ones)."""
+  if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+    raise ValueError(f"{run_dir}: expected a run directory (new or existing), got a file")
+  found = []
+  if os.path.lexists(os.path.join(run_dir, LOG_FILE)):
+    found.append(LOG_FILE)
+  ckpt = os.path.join(run_dir, CHECKPOINTS)
+  if os.path.lexists(ckpt) and (not os.path.isdir(ckpt) or os.listdir(ckpt)):
+    found.append(CHECKPOINTS + ("/" + ", ".join(sorted(os.listdir(ckpt))[:5])
+                                if os.path.isdir(ckpt) else " (not a directory)"))
+  if found:
+    raise ValueError(f"{run_dir}: expected a training run (with {RUN_FILE}) or a directory "
+                     f"free of a run's files, got no {RUN_FILE} but {'; '.join(found)} "
+                     f"(choose another run directory)")
+
+
+def run_files(run_dir: str) -> list[str]:
+  """The absolute paths a run owns: its record, its log, its checkpoints and the teacher
+  converted into it (an output written over one of them would destroy the run)."""
+  run_dir = os.path.abspath(os.fspath(run_dir))
+  return [os.path.join(run_dir, name) for name in (RUN_FILE, LOG_FILE, CHECKPOINTS, "teacher")]
+
+
 def log_row(run_dir: str, row: dict) -> None:
   """Appends one JSON row to the run's loss log."""
   with open(os.path.join(run_dir, LOG_FILE), "a") as f:
@@ -80,13 +112,26 @@ def to_host(tree):
 
 
 def save(manager, state: dict) -> None:
-  """Saves ``state`` at its step (nothing if that step is already saved)."""
+  """Saves ``state`` at its step (nothing if that step is already saved).
+
+  Raises:
+    ValueError: the state holds NaN or infinite values (a diverged run): nothing is
+      saved, so the finite checkpoints are kept rather than rotated out.
+  """
   import orbax.checkpoint as ocp
 
   step = int(state["step"])
   if manager.latest_step() == step:
     return
-  manager.save(step, args=ocp.args.StandardSave(to_host(state)), force=True)
+  host = to_host(state)
+  bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(host)
+         if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x))]
+  if bad:
+    raise ValueError(f"training state at step {step}: expected finite values, got NaN or "
+                     f"infinite ones in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}"
+                     f" (the run diverged: not saved; the last checkpoint is step "
+                     f"{manager.latest_step()}; lower the learning rate in a new run)")
+  manager.save(step, args=ocp.args.StandardSave(host), force=True)
   manager.wait_until_finished()
 
 

@@ -69,7 +69,12 @@ an orbax checkpoint every ``checkpoint_every`` steps, at the end, and when the r
 interrupted (Ctrl-C, SIGTERM). Each step's randomness is a function of (seed, step) only,
 so a run resumed from any checkpoint continues bit-identically. The run directory holds
 ``run.json`` (the configuration and the teacher's content hash, checked on resume),
-``log.jsonl`` (losses per logging interval) and ``checkpoints/``.
+``log.jsonl`` (losses per logging interval) and ``checkpoints/``. A new run may start in
+a folder of the user's own, whose other files it leaves alone, but not in one holding a
+``log.jsonl`` or a non-empty ``checkpoints/`` without ``run.json`` (a ValueError: orbax
+would take those entries for checkpoints). A damaged checkpoint is a ValueError naming
+the run's other steps. A run whose loss or state turns NaN or infinite (it diverged)
+stops with a ValueError and saves nothing non-finite, so its finite checkpoints stay.
 
 The run's configuration, :class:`TrainConfig`, and the student it builds
 (:func:`student_module`) live in :mod:`ports.stylegan2.train_config` and are re-exported
@@ -93,6 +98,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import os
 import sys
 import time
@@ -300,6 +306,7 @@ def restore(run_dir: str | os.PathLike, step: int | None = None) -> tuple[TrainC
 
   Raises:
     FileNotFoundError: no run or no checkpoint there.
+    ValueError: the checkpoint is damaged (the message names the run's other steps).
   """
   import orbax.checkpoint as ocp
 
@@ -315,8 +322,27 @@ def restore(run_dir: str | os.PathLike, step: int | None = None) -> tuple[TrainC
                               f"{'(latest)' if step is None else step}, found steps "
                               f"{list(manager.all_steps())}")
     target = state_shapes(cfg)
-    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # orbax and tensorstore raise many kinds on a damaged checkpoint
+      others = [s for s in manager.all_steps() if s != step]
+      where = os.path.join(run_dir, runs.CHECKPOINTS, str(step))
+      raise ValueError(
+          f"{where}: expected a complete checkpoint of this run's configuration, got one "
+          f"that does not restore ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+          f"the run's other checkpoints: steps {others} (pass one as the step, or move "
+          f"the damaged one out of {runs.CHECKPOINTS}/ to resume from the latest other)"
+          ) from e
   return cfg, jax.tree_util.tree_map(jnp.asarray, state)
+
+
+def _check_loss(metrics: dict, first: int, last: int, manager) -> None:
+  """Raises a ValueError if a logged loss is NaN or infinite (the run diverged)."""
+  if not all(np.isfinite(v) for v in metrics.values()):
+    raise ValueError(f"loss of steps {first}–{last}: expected finite values, got "
+                     f"{metrics} (the run diverged; its last "
+                     f"checkpoint, step {manager.latest_step()}, is kept; lower the "
+                     f"learning rate in a new run)")
 
 
 def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
@@ -340,19 +366,29 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
     The state after the last step run.
 
   Raises:
-    ValueError: the run directory holds a run of another configuration or teacher.
+    ValueError: the run directory holds a run of another configuration or teacher, or
+      files of a run without its ``run.json`` (a new run never writes over them); the
+      loss became NaN or infinite (the run diverged: the last finite checkpoint is kept);
+      a checkpoint is damaged.
   """
   from memedit import _io
 
   check_pair(cfg, teacher)
-  if checkpoint_every < 1 or log_every < 1 or keep_checkpoints < 1:
-    raise ValueError(f"checkpoint_every, log_every, keep_checkpoints: expected positive "
-                     f"integers, got {checkpoint_every}, {log_every}, {keep_checkpoints}")
+  counts = {"checkpoint_every": checkpoint_every, "log_every": log_every,
+            "keep_checkpoints": keep_checkpoints}
+  for name, value in counts.items():
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+  if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(
+      stop_after, numbers.Integral) or stop_after < 0):
+    raise ValueError(f"stop_after: expected None or a non-negative integer, got "
+                     f"{stop_after!r}")
   run_dir = os.path.abspath(os.fspath(run_dir))
   record = runs.run_record(cfg, teacher)
   if os.path.isfile(os.path.join(run_dir, runs.RUN_FILE)):
     runs.check_resume(run_dir, record)
   else:
+    runs.check_fresh(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     _io.atomic_write_bytes(os.path.join(run_dir, runs.RUN_FILE),
                            json.dumps(record, indent=2, sort_keys=True).encode())
@@ -374,6 +410,7 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
           state, metrics = train_step(cfg, teacher, state)
           if step == start:  # the first step compiles: time it apart from the others
             m = {k: float(v) for k, v in metrics.items()}
+            _check_loss(m, step + 1, step + 1, manager)
             seconds = time.perf_counter() - t_log
             runs.log_row(run_dir, {"step": step + 1, **m, "compile_and_step_seconds": seconds})
             say(f"step {step + 1}/{cfg.steps}  loss {m['loss']:.4f}  l1 {m['l1']:.4f}  "
@@ -385,6 +422,7 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
             on_step(step + 1, state)
           if pending and ((step + 1) % log_every == 0 or step + 1 == end):
             means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+            _check_loss(means, step + 2 - len(pending), step + 1, manager)
             now = time.perf_counter()
             row = {"step": step + 1, **means, "seconds_per_step": (now - t_log) / len(pending),
                    "images_per_second": len(pending) * cfg.batch_size / (now - t_log)}

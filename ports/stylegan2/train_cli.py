@@ -5,17 +5,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import jax
 import jax.numpy as jnp
 
-from ports.stylegan2.distilled import evaluate, export, preview
+from ports.stylegan2 import runs
+from ports.stylegan2.distilled import check_out_path, evaluate, export, preview
 from ports.stylegan2.teacher import load_teacher
 from ports.stylegan2.train import TrainConfig, student_module, train
 
 __all__ = ["main"]
 
+
+
+def _channels(text: str) -> tuple[int, ...]:
+  """``--channels``: comma-separated integers (a ValueError naming the option)."""
+  try:
+    return tuple(int(c) for c in text.split(","))
+  except ValueError:
+    raise ValueError(f"--channels: expected comma-separated integers (widths at 4, 8, ... "
+                     f"px), got {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,11 +79,19 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == "train":
-      cfg = TrainConfig(resolution=args.resolution,
-                        channels=tuple(int(c) for c in args.channels.split(",")),
+      cfg = TrainConfig(resolution=args.resolution, channels=_channels(args.channels),
                         style_dim=args.style_dim, n_mlp=args.n_mlp,
                         batch_size=args.batch_size, steps=args.steps,
                         learning_rate=args.lr, seed=args.seed)
+      # Refused before the teacher is converted into the run directory.
+      if args.stop_after is not None and args.stop_after < 0:
+        raise ValueError(f"--stop-after: expected a non-negative integer, got "
+                         f"{args.stop_after}")
+      if min(args.checkpoint_every, args.log_every) < 1:
+        raise ValueError(f"--checkpoint-every, --log-every: expected positive integers, "
+                         f"got {args.checkpoint_every}, {args.log_every}")
+      if not os.path.isfile(os.path.join(args.run_dir, runs.RUN_FILE)):
+        runs.check_fresh(os.path.abspath(args.run_dir))
       teacher = load_teacher(args.teacher, args.run_dir)
       module = student_module(cfg)
       n_params = sum(x.size for x in jax.tree_util.tree_leaves(jax.eval_shape(
@@ -88,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "export":
       print(json.dumps(export(args.run_dir, args.out, args.step), indent=2))
     elif args.command == "evaluate":
+      if args.out:
+        check_out_path(args.run_dir, args.out)
       result = evaluate(args.run_dir, load_teacher(args.teacher, args.run_dir), args.images,
                         step=args.step)
       text = json.dumps(result, indent=2)

@@ -9,11 +9,18 @@ generator it describes. Both are re-exported by :mod:`ports.stylegan2.train`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping
 
 from ports.stylegan2 import model as model_lib
 
-__all__ = ["TrainConfig", "student_module"]
+__all__ = ["MAX_SEED", "MAX_STEPS", "TrainConfig", "student_module"]
+
+#: Largest ``steps``: the step counter is an int32 (and so is the schedule's step count).
+MAX_STEPS = 2 ** 31 - 1
+#: Largest ``seed``: the initialisation draws from ``numpy.random.RandomState(seed)``.
+MAX_SEED = 2 ** 32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +39,8 @@ class TrainConfig:
       undoes lr_mlp = 0.01 in training (the mapping's effective weights move as fast as
       the synthesis's) while the checkpoint keeps rosinality's parametrisation.
     batch_size: images per step.
-    steps: total steps of the run (the learning-rate schedule spans them).
+    steps: total steps of the run (the learning-rate schedule spans them; at most
+      :data:`MAX_STEPS`).
     learning_rate: peak Adam learning rate.
     beta1, beta2, eps: Adam settings.
     warmup_fraction: share of the steps with a linear warm-up.
@@ -44,7 +52,11 @@ class TrainConfig:
     ema_half_life_images: g_ema half-life in images.
     ema_rampup: half-life at most this fraction of the images seen (None: no ramp-up).
     noise_mode: the student's noise inputs in training ('random', 'const' or 'none').
-    seed: seed of the initialisation and of every step's latents and noise.
+    seed: seed of the initialisation and of every step's latents and noise (in [0,
+      :data:`MAX_SEED`]).
+
+  Integer fields must be integers (not bool, not float), the others finite numbers; a
+  ValueError names the first field that is not.
   """
   resolution: int = 64
   channels: tuple[int, ...] = (256, 192, 128, 64, 32)
@@ -69,7 +81,7 @@ class TrainConfig:
   seed: int = 0
 
   def __post_init__(self):
-    object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+    _check_types(self)
     log2 = model_lib.log2_resolution(self.resolution)
     checks = [
         (len(self.channels) == log2 - 1, "channels",
@@ -77,8 +89,12 @@ class TrainConfig:
         (all(c > 0 for c in self.channels), "channels", "positive widths", self.channels),
         (self.style_dim > 0 and self.n_mlp > 0, "style_dim, n_mlp", "positive integers",
          (self.style_dim, self.n_mlp)),
-        (self.batch_size > 0 and self.steps > 0, "batch_size, steps", "positive integers",
+        (self.batch_size > 0 and 0 < self.steps <= MAX_STEPS, "batch_size, steps",
+         f"positive integers, steps at most {MAX_STEPS} (the int32 step counter)",
          (self.batch_size, self.steps)),
+        (0 <= self.seed <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]", self.seed),
+        (self.lr_mlp > 0, "lr_mlp", "a positive number", self.lr_mlp),
+        (self.eps > 0, "eps", "a positive number", self.eps),
         (self.learning_rate > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
          "learning_rate, beta1, beta2", "lr > 0 and betas in [0, 1)",
          (self.learning_rate, self.beta1, self.beta2)),
@@ -123,6 +139,51 @@ class TrainConfig:
       raise ValueError(f"TrainConfig: expected fields among {sorted(names)}, got unknown "
                        f"{unknown}")
     return cls(**{k: tuple(v) if k == "channels" else v for k, v in d.items()})
+
+
+_INT_FIELDS = ("resolution", "style_dim", "n_mlp", "batch_size", "steps", "seed")
+_FLOAT_FIELDS = ("lr_mlp", "mapping_lr_scale", "learning_rate", "beta1", "beta2", "eps",
+                 "warmup_fraction", "final_lr_fraction", "l1_weight", "pyramid_weight",
+                 "ema_half_life_images")
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+  """Integers where the run needs whole numbers, finite reals where it needs numbers (a
+  ValueError naming the field, before any other check)."""
+  def fail(name, want, got):
+    raise ValueError(f"TrainConfig.{name}: expected {want}, got {got!r}")
+
+  for name in _INT_FIELDS:
+    if not _is_int(getattr(cfg, name)):
+      fail(name, "an integer", getattr(cfg, name))
+    object.__setattr__(cfg, name, int(getattr(cfg, name)))  # numpy integers → int (JSON)
+  channels = _iterable(cfg.channels)
+  if isinstance(cfg.channels, (str, bytes)) or not all(_is_int(c) for c in channels):
+    fail("channels", "a sequence of integers", cfg.channels)
+  object.__setattr__(cfg, "channels", tuple(int(c) for c in channels))
+  if cfg.pyramid_levels is not None:
+    if not _is_int(cfg.pyramid_levels):
+      fail("pyramid_levels", "None or an integer", cfg.pyramid_levels)
+    object.__setattr__(cfg, "pyramid_levels", int(cfg.pyramid_levels))
+  for name in _FLOAT_FIELDS + ("ema_rampup",):
+    x = getattr(cfg, name)
+    if name == "ema_rampup" and x is None:
+      continue
+    if (isinstance(x, bool) or not isinstance(x, numbers.Real)
+        or not math.isfinite(float(x))):
+      fail(name, "a finite number" + (" or None" if name == "ema_rampup" else ""), x)
+    object.__setattr__(cfg, name, float(x))
+
+
+def _iterable(x: Any) -> tuple:
+  try:
+    return tuple(x)
+  except TypeError:
+    return (None,)
 
 
 def student_module(cfg: TrainConfig) -> model_lib.StyleGAN2Generator:

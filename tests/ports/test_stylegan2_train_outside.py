@@ -1,0 +1,283 @@
+"""ports.stylegan2.train used as an outsider would: hostile settings and command-line
+values, a run directory that is the user's own folder, damaged checkpoints, a diverging
+run, outputs aimed at the run's own files, Ctrl-C in the middle of a save. A tiny student
+and a tiny random DCGAN teacher written as a torch checkpoint without torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from ports.dcgan.convert import expected_shapes
+from ports.stylegan2 import convert, distilled, runs, train_cli
+from ports.stylegan2 import train as tr
+from ports.stylegan2.teacher import load_teacher
+from ports.torchwrite import save_torch
+
+CFG = tr.TrainConfig(resolution=16, channels=(16, 12, 8), style_dim=10, n_mlp=2,
+                     batch_size=8, steps=8, learning_rate=1e-2)
+CLI_ARGS = ["--resolution", "16", "--channels", "16,12,8", "--style-dim", "10", "--n-mlp",
+            "2", "--batch-size", "8", "--steps", "8", "--lr", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+  """A random DCGAN generator (z_dim 8, ngf 2) saved as {'netG_state_dict': ...}."""
+  rs = np.random.RandomState(1)
+  sd = {}
+  for name, shape in expected_shapes(8, 2, 3).items():
+    if name.endswith("running_var"):
+      sd[name] = (1.0 + rs.uniform(size=shape)).astype(np.float32)
+    elif name.endswith(("running_mean", ".bias")):
+      sd[name] = (0.1 * rs.standard_normal(shape)).astype(np.float32)
+    elif len(shape) == 1:
+      sd[name] = (1.0 + 0.1 * rs.standard_normal(shape)).astype(np.float32)
+    else:
+      sd[name] = (0.4 * rs.standard_normal(shape)).astype(np.float32)
+  return save_torch(tmp_path_factory.mktemp("teacher") / "weights.tar", {"netG_state_dict": sd})
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_file, tmp_path_factory):
+  return load_teacher(teacher_file, tmp_path_factory.mktemp("work"))
+
+
+@pytest.fixture(scope="module")
+def straight(teacher, tmp_path_factory):
+  """The uninterrupted run of CFG (8 steps)."""
+  return tr.train(CFG, teacher, tmp_path_factory.mktemp("straight") / "run", log=None)
+
+
+def _assert_same(a, b):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _tree_files(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, _, files in os.walk(root) for f in files)
+
+
+@pytest.mark.parametrize("field, value, want", [
+    ("steps", 2 ** 31, r"steps at most 2147483647"),
+    ("steps", 8.5, r"TrainConfig.steps: expected an integer, got 8.5"),
+    ("steps", True, r"TrainConfig.steps: expected an integer, got True"),
+    ("batch_size", 2.5, r"TrainConfig.batch_size: expected an integer"),
+    ("style_dim", "10", r"TrainConfig.style_dim: expected an integer, got '10'"),
+    ("channels", (16, 12.7, 8), r"TrainConfig.channels: expected a sequence of integers"),
+    ("pyramid_levels", 1.5, r"TrainConfig.pyramid_levels: expected None or an integer"),
+    ("seed", -1, r"TrainConfig.seed: expected an integer in \[0, 4294967295\], got -1"),
+    ("seed", 2 ** 40, r"TrainConfig.seed: expected an integer in \[0, 4294967295\]"),
+    ("learning_rate", float("inf"), r"TrainConfig.learning_rate: expected a finite number"),
+    ("mapping_lr_scale", float("inf"), r"TrainConfig.mapping_lr_scale: expected a finite"),
+    ("l1_weight", float("inf"), r"TrainConfig.l1_weight: expected a finite number"),
+    ("ema_half_life_images", float("inf"), r"TrainConfig.ema_half_life_images: expected a"),
+    ("eps", 0.0, r"TrainConfig.eps: expected a positive number, got 0.0"),
+    ("eps", float("nan"), r"TrainConfig.eps: expected a finite number, got nan"),
+    ("lr_mlp", 0.0, r"TrainConfig.lr_mlp: expected a positive number, got 0.0"),
+    ("lr_mlp", float("nan"), r"TrainConfig.lr_mlp: expected a finite number, got nan"),
+])
+def test_config_refuses_what_cannot_train(field, value, want):
+  with pytest.raises(ValueError, match=want):
+    dataclasses.replace(CFG, **{field: value})
+
+
+def test_config_takes_numpy_scalars_as_json_numbers():
+  cfg = dataclasses.replace(CFG, steps=np.int64(8), seed=np.uint32(3),
+                            learning_rate=np.float32(0.5), channels=np.array([16, 12, 8]))
+  d = json.loads(json.dumps(cfg.to_json()))
+  assert (d["steps"], d["seed"], d["learning_rate"], d["channels"]) == (8, 3, 0.5, [16, 12, 8])
+  assert tr.TrainConfig.from_json(d) == cfg
+
+
+@pytest.mark.parametrize("extra, want", [
+    (["--channels", "16,x,8"], r"--channels: expected comma-separated integers.*'16,x,8'"),
+    (["--stop-after", "-3"], r"--stop-after: expected a non-negative integer, got -3"),
+    (["--steps", str(10 ** 12)], r"steps at most 2147483647"),
+    (["--seed", "-1"], r"TrainConfig.seed: expected an integer in"),
+    (["--lr", "inf"], r"TrainConfig.learning_rate: expected a finite number, got inf"),
+    (["--checkpoint-every", "0"], r"--checkpoint-every, --log-every: expected positive"),
+])
+def test_command_line_refuses_bad_values_before_writing(teacher_file, tmp_path, capsys,
+                                                        extra, want):
+  run = tmp_path / "run"
+  assert train_cli.main(["train", "--teacher", teacher_file, "--run-dir", str(run),
+                         *CLI_ARGS, *extra]) == 1
+  assert re.search(want, capsys.readouterr().err)
+  assert not run.exists()
+
+
+def test_train_refuses_negative_stop_after(teacher, tmp_path):
+  with pytest.raises(ValueError, match=r"stop_after: expected None or a non-negative "
+                                       r"integer, got -1"):
+    tr.train(CFG, teacher, tmp_path / "run", stop_after=-1, log=None)
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_users_folder(teacher, teacher_file, tmp_path, capsys):
+  """A folder of the user's own: other files stay as they are; the run's own names
+  (a non-empty checkpoints/, log.jsonl) without a run.json are refused untouched."""
+  mine = tmp_path / "mine"
+  (mine / "checkpoints" / "7").mkdir(parents=True)
+  (mine / "notes.txt").write_text("precious")
+  (mine / "checkpoints" / "7" / "x.txt").write_text("also precious")
+  before = _tree_files(mine)
+  with pytest.raises(ValueError, match=r"expected a training run \(with run.json\) or a "
+                                       r"directory free of a run's files, got no run.json "
+                                       r"but checkpoints/7"):
+    tr.train(CFG, teacher, mine, stop_after=0, log=None)
+  assert _tree_files(mine) == before
+  assert train_cli.main(["train", "--teacher", teacher_file, "--run-dir", str(mine),
+                         *CLI_ARGS]) == 1
+  assert "no run.json but checkpoints/7" in capsys.readouterr().err
+  assert _tree_files(mine) == before  # not even the teacher converted into it
+
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / runs.LOG_FILE).write_text("my own log\n")
+  with pytest.raises(ValueError, match=r"no run.json but log.jsonl"):
+    tr.train(CFG, teacher, other, stop_after=0, log=None)
+  assert (other / runs.LOG_FILE).read_text() == "my own log\n"
+
+  # Files of other names are left alone by a run started there (0 steps: no compilation).
+  shutil.rmtree(mine / "checkpoints")
+  state = tr.train(CFG, teacher, mine, stop_after=0, log=None)
+  assert int(state["step"]) == 0 and (mine / "notes.txt").read_text() == "precious"
+  assert tr.restore(mine)[1]["step"] == 0
+
+
+def test_damaged_checkpoint_is_named_and_the_run_recovers(teacher, straight, tmp_path,
+                                                           capsys):
+  run = tmp_path / "run"
+  tr.train(CFG, teacher, run, stop_after=3, checkpoint_every=2, log=None)
+  assert sorted(int(s) for s in os.listdir(run / runs.CHECKPOINTS)) == [2, 3]
+  for root, _, files in os.walk(run / runs.CHECKPOINTS / "3"):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  damaged = r"checkpoints/3: expected a complete checkpoint .* other checkpoints: steps \[2\]"
+  with pytest.raises(ValueError, match=damaged):
+    tr.restore(run)
+  with pytest.raises(ValueError, match=damaged):
+    tr.train(CFG, teacher, run, log=None)
+  assert train_cli.main(["export", "--run-dir", str(run), "--out", str(tmp_path / "a.pt")]) == 1
+  assert "checkpoints/3: expected a complete checkpoint" in capsys.readouterr().err
+  assert tr.restore(run, 2)[1]["step"] == 2
+  # Moved aside, the run resumes from step 2 and ends where the uninterrupted one did.
+  os.rename(run / runs.CHECKPOINTS / "3", tmp_path / "damaged-3")
+  _assert_same(straight, tr.train(CFG, teacher, run, log=None))
+
+
+def test_a_diverging_run_keeps_its_finite_checkpoints(teacher, tmp_path, monkeypatch):
+  """NaN parameters (a learning rate too large for the model) stop the run: nothing
+  non-finite is saved, and the finite checkpoints are not rotated out."""
+  step_fn = tr.train_step
+
+  def diverging(cfg, teacher, state):
+    state, metrics = step_fn(cfg, teacher, state)
+    if int(state["step"]) >= 3:
+      state = dict(state, params=jax.tree_util.tree_map(lambda x: x * np.nan,
+                                                        state["params"]))
+    return state, metrics
+
+  monkeypatch.setattr(tr, "train_step", diverging)
+  run = tmp_path / "run"
+  with pytest.raises(ValueError, match=r"training state at step 3: expected finite values, "
+                                       r"got NaN or infinite ones in \['params'\].*the last "
+                                       r"checkpoint is step 2"):
+    tr.train(CFG, teacher, run, checkpoint_every=1, log_every=100, log=None)
+  assert sorted(int(s) for s in os.listdir(run / runs.CHECKPOINTS)) == [1, 2]
+  assert all(np.all(np.isfinite(np.asarray(x)))
+             for x in jax.tree_util.tree_leaves(tr.restore(run)[1]))
+  # Caught at the log line too, before any further save.
+  def poisoned(cfg, teacher, state):
+    if int(state["step"]) == 3:
+      state = dict(state, params=jax.tree_util.tree_map(lambda x: x * np.nan,
+                                                        state["params"]))
+    return step_fn(cfg, teacher, state)
+
+  monkeypatch.setattr(tr, "train_step", poisoned)
+  with pytest.raises(ValueError, match=r"loss of steps 4–4: expected finite values.*its "
+                                       r"last checkpoint, step 0, is kept"):
+    tr.train(CFG, teacher, tmp_path / "run2", checkpoint_every=100, log_every=1, log=None)
+  assert os.listdir(tmp_path / "run2" / runs.CHECKPOINTS) == ["0"]
+
+
+def test_outputs_never_overwrite_the_run(teacher, teacher_file, tmp_path, capsys):
+  run = tmp_path / "run"
+  tr.train(CFG, teacher, run, stop_after=0, log=None)
+  record = (run / runs.RUN_FILE).read_bytes()
+  for target in (run / runs.RUN_FILE, run / runs.LOG_FILE, run / runs.CHECKPOINTS / "0" / "x",
+                 run / runs.CHECKPOINTS):
+    with pytest.raises(ValueError, match=r"out: expected a .*, got"):
+      distilled.export(run, target)
+  assert train_cli.main(["export", "--run-dir", str(run), "--out",
+                         str(run / runs.RUN_FILE)]) == 1
+  assert "expected a path outside the run's own files" in capsys.readouterr().err
+  assert train_cli.main(["evaluate", "--teacher", teacher_file, "--run-dir", str(run),
+                         "--images", "2", "--out", str(run / runs.RUN_FILE)]) == 1
+  capsys.readouterr()
+  with pytest.raises(ValueError, match=r"out: expected a file path, got the directory"):
+    distilled.export(run, tmp_path)
+  assert (run / runs.RUN_FILE).read_bytes() == record
+  tr.restore(run)
+
+  # A path of its own: the rosinality file converts back to the run's g_ema exactly.
+  info = distilled.export(run, tmp_path / "g.pt")
+  _, variables, _, _ = distilled.generator(run)
+  _, converted, _ = convert.load_stylegan2(convert.convert_rosinality(info["path"],
+                                                                     tmp_path / "c"))
+  _assert_same(converted, variables)
+
+
+def test_ctrl_c_in_the_middle_of_a_save(teacher, straight, tmp_path, monkeypatch):
+  """A KeyboardInterrupt while orbax finalises the periodic checkpoint: the step reached
+  is saved by the interrupt handler, the earlier ones stay, and the resumed run is the
+  uninterrupted one bit for bit."""
+  from orbax.checkpoint._src.path import atomicity
+
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  calls = []
+
+  async def interrupted(self):
+    calls.append(self)
+    if len(calls) == 4:  # the step-2 checkpoint's final rename (step 0 made calls 1, 2)
+      raise KeyboardInterrupt
+    return await finalize(self)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", interrupted)
+  run = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    tr.train(CFG, teacher, run, checkpoint_every=2, log=None)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  assert sorted(os.listdir(run / runs.CHECKPOINTS)) == ["0", "2"]
+  assert tr.restore(run)[1]["step"] == 2
+  _assert_same(straight, tr.train(CFG, teacher, run, log=None))
+
+
+def test_run_dir_that_is_a_file_or_holds_a_damaged_record(teacher, tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("mine")
+  with pytest.raises(ValueError, match=r"afile: expected a run directory \(new or "
+                                       r"existing\), got a file"):
+    tr.train(CFG, teacher, afile, stop_after=0, log=None)
+  assert afile.read_text() == "mine"
+  run = tmp_path / "run"
+  run.mkdir()
+  for record in ({"format": 1, "config": {"steps": 3}},
+                 {"format": 1, "config": [1, 2], "teacher": 3}):
+    (run / runs.RUN_FILE).write_text(json.dumps(record))
+    for call in (lambda: tr.train(CFG, teacher, run, stop_after=0, log=None),
+                 lambda: tr.restore(run)):
+      with pytest.raises(ValueError, match=r"run.json: expected a training run record of "
+                                           r"format 1 \(a 'config' object and a 'teacher'"):
+        call()
