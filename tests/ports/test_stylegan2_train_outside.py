@@ -15,11 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from ports.dcgan.convert import expected_shapes
 from ports.stylegan2 import convert, distilled, runs, train_cli
 from ports.stylegan2 import train as tr
 from ports.stylegan2.teacher import load_teacher
-from ports.torchwrite import save_torch
+
+from tiny_teacher import write_teacher
 
 CFG = tr.TrainConfig(resolution=16, channels=(16, 12, 8), style_dim=10, n_mlp=2,
                      batch_size=8, steps=8, learning_rate=1e-2)
@@ -29,19 +29,7 @@ CLI_ARGS = ["--resolution", "16", "--channels", "16,12,8", "--style-dim", "10", 
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-  """A random DCGAN generator (z_dim 8, ngf 2) saved as {'netG_state_dict': ...}."""
-  rs = np.random.RandomState(1)
-  sd = {}
-  for name, shape in expected_shapes(8, 2, 3).items():
-    if name.endswith("running_var"):
-      sd[name] = (1.0 + rs.uniform(size=shape)).astype(np.float32)
-    elif name.endswith(("running_mean", ".bias")):
-      sd[name] = (0.1 * rs.standard_normal(shape)).astype(np.float32)
-    elif len(shape) == 1:
-      sd[name] = (1.0 + 0.1 * rs.standard_normal(shape)).astype(np.float32)
-    else:
-      sd[name] = (0.4 * rs.standard_normal(shape)).astype(np.float32)
-  return save_torch(tmp_path_factory.mktemp("teacher") / "weights.tar", {"netG_state_dict": sd})
+  return write_teacher(tmp_path_factory.mktemp("teacher"), seed=1)
 
 
 @pytest.fixture(scope="module")

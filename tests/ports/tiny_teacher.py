@@ -1,0 +1,26 @@
+"""A tiny random DCGAN teacher for the StyleGAN2 training tests, written as the torch
+checkpoint the trainer reads (without torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ports.dcgan.convert import expected_shapes
+from ports.torchwrite import save_torch
+
+
+def write_teacher(folder, seed: int) -> str:
+  """A random DCGAN generator (z_dim 8, ngf 2) saved as ``{'netG_state_dict': ...}`` in
+  ``folder/weights.tar``; returns the file's path."""
+  rs = np.random.RandomState(seed)
+  sd = {}
+  for name, shape in expected_shapes(8, 2, 3).items():
+    if name.endswith("running_var"):
+      sd[name] = (1.0 + rs.uniform(size=shape)).astype(np.float32)
+    elif name.endswith(("running_mean", ".bias")):
+      sd[name] = (0.1 * rs.standard_normal(shape)).astype(np.float32)
+    elif len(shape) == 1:  # BN scale
+      sd[name] = (1.0 + 0.1 * rs.standard_normal(shape)).astype(np.float32)
+    else:
+      sd[name] = (0.4 * rs.standard_normal(shape)).astype(np.float32)
+  return save_torch(folder / "weights.tar", {"netG_state_dict": sd})
