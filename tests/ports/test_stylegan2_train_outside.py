@@ -19,12 +19,7 @@ from ports.stylegan2 import convert, distilled, runs, train_cli
 from ports.stylegan2 import train as tr
 from ports.stylegan2.teacher import load_teacher
 
-from tiny_teacher import write_teacher
-
-CFG = tr.TrainConfig(resolution=16, channels=(16, 12, 8), style_dim=10, n_mlp=2,
-                     batch_size=8, steps=8, learning_rate=1e-2)
-CLI_ARGS = ["--resolution", "16", "--channels", "16,12,8", "--style-dim", "10", "--n-mlp",
-            "2", "--batch-size", "8", "--steps", "8", "--lr", "0.01"]
+from tiny_training import CFG, CLI_ARGS, write_teacher
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,19 @@
-"""A tiny random DCGAN teacher for the StyleGAN2 training tests, written as the torch
-checkpoint the trainer reads (without torch)."""
+"""What the StyleGAN2 training tests share: a tiny student's settings (the command line
+builds the same, so that every test shares one compiled step) and a tiny random DCGAN
+teacher, written as the torch checkpoint the trainer reads (without torch)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ports.dcgan.convert import expected_shapes
+from ports.stylegan2 import train as tr
 from ports.torchwrite import save_torch
+
+CFG = tr.TrainConfig(resolution=16, channels=(16, 12, 8), style_dim=10, n_mlp=2,
+                     batch_size=8, steps=8, learning_rate=1e-2)
+CLI_ARGS = ["--resolution", "16", "--channels", "16,12,8", "--style-dim", "10", "--n-mlp",
+            "2", "--batch-size", "8", "--steps", "8", "--lr", "0.01"]
 
 
 def write_teacher(folder, seed: int) -> str:
