@@ -251,7 +251,6 @@ def _host_ready(batches: list) -> list:
   valid native leaves are kept as they are (no copy), except that arrays sharded over a
   mesh with explicit axes are viewed on the same mesh with automatic axes
   (:func:`_auto_axes`)."""
-  refuse_traced(batches, "batches")
   return [jax.tree_util.tree_map(lambda x: _auto_axes(as_array(x, "batches")), b)
           for b in batches]
 
@@ -645,6 +644,7 @@ def stream_covariance(
   saved = cache.load()
   done = 0
   state = None
+  prepared = None  # the first group when it was read (and the folder started) below
   if saved is not None:
     states, consumed, complete = saved
     want, source = dim, ""
@@ -652,7 +652,7 @@ def stream_covariance(
       # The stream's own key dimension (from its first batch's shapes; nothing is folded):
       # a finished cache is returned without reading the stream further, and must not be
       # the statistics of other keys saved under the same key.
-      chunk = _host_ready(chunk)
+      chunk = prepared = _host_ready(chunk)
       want, source = folder.start(chunk[0], None), " (the stream's first batch)"
     if want is not None and states[0].dim != want:  # a cache written by another stream
       raise ValueError(f"statistics cache {cache.path}: expected the statistics of keys of "
@@ -674,11 +674,14 @@ def stream_covariance(
             f"the same stream, or another cache_key")
       chunk = list(itertools.islice(it, group))
 
-  chunk = _host_ready(chunk)
-  if chunk:
-    d = folder.start(chunk[0], dim)
+  if chunk is prepared:  # read and started above, from this same first group (dim None)
+    d = folder.dim
   else:
-    d = dim if dim is not None else (state.dim if state is not None else -1)
+    chunk = _host_ready(chunk)
+    if chunk:
+      d = folder.start(chunk[0], dim)
+    else:
+      d = dim if dim is not None else (state.dim if state is not None else -1)
   if across_processes:
     # Every process learns the key dimension (a process may have no batches at all) and
     # the total for the progress bar.
