@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = ["CHECKPOINTS", "LOG_FILE", "RUN_FILE", "RUN_FORMAT", "check_fresh", "check_resume",
            "log_row", "manager", "read_run", "run_record", "run_files", "save",
-           "sigterm_as_interrupt", "to_host"]
+           "sigterm_as_interrupt", "to_host", "truncate_log"]
 
 RUN_FORMAT = 1
 RUN_FILE = "run.json"
@@ -104,6 +104,38 @@ def log_row(run_dir: str, row: dict) -> None:
   """Appends one JSON row to the run's loss log."""
   with open(os.path.join(run_dir, LOG_FILE), "a") as f:
     f.write(json.dumps(row) + "\n")
+
+
+def truncate_log(run_dir: str, step: int) -> None:
+  """Drops the loss log's rows of steps after ``step`` (the checkpoint a run resumes
+  from, whose later steps it runs and logs again) and a torn last line (a crash in the
+  middle of a write). The kept rows are written to a temporary file that replaces the
+  log, so a crash meanwhile leaves the old log whole; other lines are kept as they are."""
+  from memedit import _io
+
+  path = os.path.join(run_dir, LOG_FILE)
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    return
+  lines = data.split(b"\n")
+  last = lines.pop()  # b"" after a final newline, else a line the crash cut short
+  kept = []
+  for i, line in enumerate(lines + [last] if last else lines):
+    try:
+      row = json.loads(line)
+    except ValueError:
+      if i == len(lines):  # the torn last line
+        continue
+      kept.append(line)
+      continue
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+      continue
+    kept.append(line)
+  new = b"".join(line + b"\n" for line in kept)
+  if new != data:
+    _io.atomic_write_bytes(path, new)
 
 
 def to_host(tree):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+import tempfile
+from typing import Any, Callable
 
 import jax
 
@@ -32,8 +33,8 @@ class Teacher:
   digest: str
 
 
-def load_teacher(path: str | os.PathLike, work_dir: str | os.PathLike | None = None
-                 ) -> Teacher:
+def load_teacher(path: str | os.PathLike, work_dir: str | os.PathLike | None = None, *,
+                 check: Callable[[Teacher], None] | None = None) -> Teacher:
   """The DCGAN teacher from a converted directory or from its torch checkpoint.
 
   Args:
@@ -41,19 +42,37 @@ def load_teacher(path: str | os.PathLike, work_dir: str | os.PathLike | None = N
       or the torch file (e.g. gan-face-generate's ``weights.tar``), then converted into
       ``work_dir/teacher``.
     work_dir: where a torch file is converted (required for one).
+    check: called with the loaded teacher before anything is written into ``work_dir``;
+      an exception it raises refuses the teacher, and ``work_dir`` stays as it was (a
+      torch file is first converted into a temporary directory, and into
+      ``work_dir/teacher`` only once ``check`` has passed).
 
   Raises:
     ValueError: a torch file without ``work_dir``, or not a DCGAN checkpoint.
   """
-  from memedit import _io
-  from ports.dcgan import convert_dcgan, load_dcgan
+  from ports.dcgan import convert_dcgan
 
   path = os.fspath(path)
-  if os.path.isfile(path):
-    if work_dir is None:
-      raise ValueError(f"teacher: expected a converted DCGAN directory, or a work "
-                       f"directory to convert the file {path!r} into, got neither")
-    path = convert_dcgan(path, os.path.join(os.fspath(work_dir), "teacher"))
+  if not os.path.isfile(path):
+    teacher = _load(path)
+    if check is not None:
+      check(teacher)
+    return teacher
+  if work_dir is None:
+    raise ValueError(f"teacher: expected a converted DCGAN directory, or a work "
+                     f"directory to convert the file {path!r} into, got neither")
+  with tempfile.TemporaryDirectory(prefix="teacher-") as tmp:
+    teacher = _load(convert_dcgan(path, os.path.join(tmp, "teacher")))
+  if check is not None:
+    check(teacher)
+  convert_dcgan(path, os.path.join(os.fspath(work_dir), "teacher"))
+  return teacher
+
+
+def _load(path: str) -> Teacher:
+  from memedit import _io
+  from ports.dcgan import load_dcgan
+
   module, variables, config = load_dcgan(path)
   return Teacher(module, variables, int(config["z_dim"]), int(config["resolution"]),
                  _io.tree_hash(variables))

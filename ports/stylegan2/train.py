@@ -69,7 +69,9 @@ an orbax checkpoint every ``checkpoint_every`` steps, at the end, and when the r
 interrupted (Ctrl-C, SIGTERM). Each step's randomness is a function of (seed, step) only,
 so a run resumed from any checkpoint continues bit-identically. The run directory holds
 ``run.json`` (the configuration and the teacher's content hash, checked on resume),
-``log.jsonl`` (losses per logging interval) and ``checkpoints/``. A new run may start in
+``log.jsonl`` (losses per logging interval; a resumed run first drops the rows of steps
+after its checkpoint, which it runs again, and an interrupted one logs the steps its
+checkpoint holds) and ``checkpoints/``. A new run may start in
 a folder of the user's own, whose other files it leaves alone, but not in one holding a
 ``log.jsonl`` or a non-empty ``checkpoints/`` without ``run.json`` (a ValueError: orbax
 would take those entries for checkpoints). A damaged checkpoint is a ValueError naming
@@ -314,7 +316,10 @@ def restore(run_dir: str | os.PathLike, step: int | None = None) -> tuple[TrainC
   if not os.path.isfile(os.path.join(run_dir, runs.RUN_FILE)):
     raise FileNotFoundError(f"{run_dir}: not a training run (expected {runs.RUN_FILE} "
                             f"inside it)")
-  cfg = TrainConfig.from_json(runs.read_run(run_dir)["config"])
+  try:
+    cfg = TrainConfig.from_json(runs.read_run(run_dir)["config"])
+  except ValueError as e:
+    raise ValueError(f"{os.path.join(run_dir, runs.RUN_FILE)}: {e}") from None
   with runs.manager(run_dir, None) as manager:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
@@ -401,9 +406,24 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
       state = init_state(cfg)
       runs.save(manager, state)
     start = int(state["step"])
+    runs.truncate_log(run_dir, start)  # the steps after it run (and are logged) again
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    pending: list[dict] = []
+    pending: list[tuple[int, dict]] = []  # (step, metrics) of the steps since the last row
     t_log = time.perf_counter()
+
+    def log_pending():
+      nonlocal pending, t_log
+      first, last = pending[0][0], pending[-1][0]
+      means = {k: float(np.mean([float(m[k]) for _, m in pending])) for k in pending[0][1]}
+      _check_loss(means, first, last, manager)
+      now = time.perf_counter()
+      row = {"step": last, **means, "seconds_per_step": (now - t_log) / len(pending),
+             "images_per_second": len(pending) * cfg.batch_size / (now - t_log)}
+      runs.log_row(run_dir, row)
+      say(f"step {last}/{cfg.steps}  loss {means['loss']:.4f}  l1 {means['l1']:.4f}"
+          f"  pyramid {means['pyramid']:.4f}  {row['seconds_per_step']:.2f} s/step")
+      pending, t_log = [], time.perf_counter()
+
     try:
       with runs.sigterm_as_interrupt():
         for step in range(start, end):
@@ -417,22 +437,16 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
                 f"pyramid {m['pyramid']:.4f}  (compiled and ran in {seconds:.1f} s)")
             t_log = time.perf_counter()
           else:
-            pending.append(metrics)
+            pending.append((step + 1, metrics))
           if on_step is not None:
             on_step(step + 1, state)
           if pending and ((step + 1) % log_every == 0 or step + 1 == end):
-            means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
-            _check_loss(means, step + 2 - len(pending), step + 1, manager)
-            now = time.perf_counter()
-            row = {"step": step + 1, **means, "seconds_per_step": (now - t_log) / len(pending),
-                   "images_per_second": len(pending) * cfg.batch_size / (now - t_log)}
-            runs.log_row(run_dir, row)
-            say(f"step {step + 1}/{cfg.steps}  loss {means['loss']:.4f}  l1 {means['l1']:.4f}"
-                f"  pyramid {means['pyramid']:.4f}  {row['seconds_per_step']:.2f} s/step")
-            pending, t_log = [], time.perf_counter()
+            log_pending()
           if (step + 1) % checkpoint_every == 0:
             runs.save(manager, state)
     except KeyboardInterrupt:
+      if pending:  # the steps the interrupt's checkpoint holds get their row
+        log_pending()
       runs.save(manager, state)
       say(f"interrupted: saved step {int(state['step'])} in {run_dir}")
       raise

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from ports.stylegan2 import runs
 from ports.stylegan2.distilled import check_out_path, evaluate, export, preview
-from ports.stylegan2.teacher import load_teacher
-from ports.stylegan2.train import TrainConfig, student_module, train
+from ports.stylegan2.teacher import Teacher, load_teacher
+from ports.stylegan2.train import TrainConfig, check_pair, student_module, train
 
 __all__ = ["main"]
 
@@ -74,6 +74,25 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _run_teacher(args: argparse.Namespace) -> Teacher:
+  """The teacher of an existing run (``--teacher`` converted into it only if it is the
+  teacher the run was trained with: nothing is written for a missing run or another
+  teacher)."""
+  run_dir = os.path.abspath(args.run_dir)
+
+  def accept(teacher):
+    if not os.path.isfile(os.path.join(run_dir, runs.RUN_FILE)):
+      raise FileNotFoundError(f"{run_dir}: not a training run (expected {runs.RUN_FILE} "
+                              f"inside it)")
+    record = runs.read_run(run_dir)
+    if record["teacher"]["digest"] != teacher.digest:
+      raise ValueError(f"--teacher: expected the teacher the run was trained with "
+                       f"(digest {record['teacher']['digest'][:16]}...), got "
+                       f"{args.teacher} (digest {teacher.digest[:16]}...)")
+
+  return load_teacher(args.teacher, args.run_dir, check=accept)
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the command line; returns the exit status (1 on a ValueError / OSError)."""
   args = _parser().parse_args(argv)
@@ -90,9 +109,16 @@ def main(argv: list[str] | None = None) -> int:
       if min(args.checkpoint_every, args.log_every) < 1:
         raise ValueError(f"--checkpoint-every, --log-every: expected positive integers, "
                          f"got {args.checkpoint_every}, {args.log_every}")
-      if not os.path.isfile(os.path.join(args.run_dir, runs.RUN_FILE)):
-        runs.check_fresh(os.path.abspath(args.run_dir))
-      teacher = load_teacher(args.teacher, args.run_dir)
+      run_dir = os.path.abspath(args.run_dir)
+      if not os.path.isfile(os.path.join(run_dir, runs.RUN_FILE)):
+        runs.check_fresh(run_dir)
+
+      def accept(teacher):  # train's own refusals, before the teacher is written
+        check_pair(cfg, teacher)
+        if os.path.isfile(os.path.join(run_dir, runs.RUN_FILE)):
+          runs.check_resume(run_dir, runs.run_record(cfg, teacher))
+
+      teacher = load_teacher(args.teacher, args.run_dir, check=accept)
       module = student_module(cfg)
       n_params = sum(x.size for x in jax.tree_util.tree_leaves(jax.eval_shape(
           module.init, jax.random.PRNGKey(0), jnp.zeros((1, cfg.style_dim)))["params"]))
@@ -109,15 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
       if args.out:
         check_out_path(args.run_dir, args.out)
-      result = evaluate(args.run_dir, load_teacher(args.teacher, args.run_dir), args.images,
-                        step=args.step)
+      result = evaluate(args.run_dir, _run_teacher(args), args.images, step=args.step)
       text = json.dumps(result, indent=2)
       print(text)
       if args.out:
         from memedit import _io
         _io.atomic_write_bytes(args.out, text.encode())
     else:
-      print(preview(args.run_dir, load_teacher(args.teacher, args.run_dir), args.out,
+      print(preview(args.run_dir, _run_teacher(args), args.out,
                     n=args.images, step=args.step, columns=args.columns))
   except (ValueError, OSError) as e:
     print(f"{_parser().prog} {args.command}: error: {' '.join(str(e).split())}",

@@ -138,7 +138,8 @@ class TrainConfig:
     if unknown:
       raise ValueError(f"TrainConfig: expected fields among {sorted(names)}, got unknown "
                        f"{unknown}")
-    return cls(**{k: tuple(v) if k == "channels" else v for k, v in d.items()})
+    return cls(**{k: tuple(v) if k == "channels" and isinstance(v, list) else v
+                  for k, v in d.items()})
 
 
 _INT_FIELDS = ("resolution", "style_dim", "n_mlp", "batch_size", "steps", "seed")

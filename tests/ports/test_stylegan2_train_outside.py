@@ -264,3 +264,163 @@ def test_run_dir_that_is_a_file_or_holds_a_damaged_record(teacher, tmp_path):
       with pytest.raises(ValueError, match=r"run.json: expected a training run record of "
                                            r"format 1 \(a 'config' object and a 'teacher'"):
         call()
+
+
+def _snapshot(root):
+  """Every path under ``root`` with its bytes (None for directories)."""
+  out = {}
+  for d, dirs, files in os.walk(root):
+    for name in dirs:
+      out[os.path.relpath(os.path.join(d, name), root)] = None
+    for name in files:
+      with open(os.path.join(d, name), "rb") as f:
+        out[os.path.relpath(os.path.join(d, name), root)] = f.read()
+  return out
+
+
+def test_a_refused_command_leaves_the_folder_as_it_found_it(teacher_file, tmp_path, capsys):
+  """A run refused after the teacher is read (a pair that does not fit, settings or a
+  teacher other than the run's) writes nothing: no run directory, no teacher/ in the
+  user's folder, the run's own converted teacher not replaced."""
+  def cli(*extra, run):
+    return train_cli.main(["train", "--teacher", str(extra[0]), "--run-dir", str(run),
+                           *CLI_ARGS, *extra[1:]])
+
+  new = tmp_path / "new"
+  assert cli(teacher_file, "--style-dim", "6", run=new) == 1
+  assert "style_dim: expected at least the teacher's z size 8, got 6" in capsys.readouterr().err
+  assert not new.exists()
+
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("precious")
+  assert cli(teacher_file, "--resolution", "128", "--channels", "8,8,8,8,8,8", run=mine) == 1
+  assert "resolution: expected a divisor of the teacher's resolution 64, got 128" in (
+      capsys.readouterr().err)
+  assert _snapshot(mine) == {"notes.txt": b"precious"}
+
+  run = tmp_path / "run"
+  assert cli(teacher_file, "--stop-after", "0", run=run) == 0
+  capsys.readouterr()
+  before = _snapshot(run)
+  assert "teacher" in before
+  other_file = write_teacher(tmp_path, seed=2)
+  for args in ([teacher_file, "--seed", "5"], [other_file]):
+    assert cli(*args, run=run) == 1
+    assert "expected the configuration and teacher the run was started with" in (
+        capsys.readouterr().err)
+    assert _snapshot(run) == before
+  for command in (["evaluate", "--images", "2"], ["preview", "--out", str(tmp_path / "p.png")]):
+    assert train_cli.main([command[0], "--teacher", other_file, "--run-dir", str(run),
+                           *command[1:]]) == 1
+    assert "--teacher: expected the teacher the run was trained with" in (
+        capsys.readouterr().err)
+    assert _snapshot(run) == before
+    assert train_cli.main([command[0], "--teacher", teacher_file, "--run-dir",
+                           str(tmp_path / "none"), *command[1:]]) == 1
+    assert "none: not a training run (expected run.json inside it)" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "none").exists()
+
+
+def _log(run):
+  with open(run / runs.LOG_FILE) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_a_resumed_run_logs_each_step_once(teacher, straight, tmp_path):
+  """A crash after steps logged past the last checkpoint (and in the middle of writing a
+  row): the resumed run drops those rows and the torn line, and logs each step once,
+  with the losses the crashed run had logged for them."""
+  class Crash(Exception):
+    pass
+
+  def crash_at_6(step, state):
+    if step == 6:
+      raise Crash
+
+  run = tmp_path / "run"
+  with pytest.raises(Crash):
+    tr.train(CFG, teacher, run, checkpoint_every=4, log_every=1, log=None,
+             on_step=crash_at_6)
+  crashed = _log(run)
+  assert [r["step"] for r in crashed] == [1, 2, 3, 4, 5]  # step 6 crashed before its row
+  with open(run / runs.LOG_FILE, "a") as f:
+    f.write('{"step": 6, "loss": 0.')  # torn by the crash
+  assert tr.restore(run)[1]["step"] == 4
+  _assert_same(straight, tr.train(CFG, teacher, run, checkpoint_every=4, log_every=1,
+                                  log=None))
+  rows = _log(run)
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert rows[:4] == crashed[:4]
+  for key in ("loss", "l1", "pyramid", "grad_norm"):
+    np.testing.assert_allclose(rows[4][key], crashed[4][key], rtol=1e-6)
+
+
+def test_resume_from_an_older_checkpoint_drops_the_later_rows(teacher, tmp_path,
+                                                              monkeypatch):
+  """The newest checkpoint moved away: rows after the older one go; the log is replaced
+  through a temporary file, so a crash while it is written keeps the old log whole."""
+  from memedit import _io
+
+  run = tmp_path / "run"
+  tr.train(CFG, teacher, run, stop_after=0, log=None)
+  (run / runs.LOG_FILE).write_text("".join(
+      json.dumps({"step": s, "loss": 0.1 * s}) + "\n" for s in (1, 3, 5, 8)))
+  original = (run / runs.LOG_FILE).read_bytes()
+
+  def crash(path, data):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(_io, "atomic_write_bytes", crash)
+  with pytest.raises(OSError, match="disk full"):
+    runs.truncate_log(str(run), 3)
+  assert (run / runs.LOG_FILE).read_bytes() == original
+  monkeypatch.undo()
+  runs.truncate_log(str(run), 3)
+  assert [r["step"] for r in _log(run)] == [1, 3]
+  runs.truncate_log(str(run), 0)
+  assert (run / runs.LOG_FILE).read_text() == ""
+
+
+def test_ctrl_c_logs_the_steps_its_checkpoint_holds(teacher, straight, tmp_path):
+  """Ctrl-C between two log rows: the interrupt's checkpoint holds steps that no row
+  covered yet; they get their row (the mean of their losses), so the resumed log has
+  every step, none twice."""
+  def interrupt_at_3(step, state):
+    if step == 3:
+      raise KeyboardInterrupt
+
+  run = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    tr.train(CFG, teacher, run, checkpoint_every=1, log_every=4, keep_checkpoints=4,
+             log=None, on_step=interrupt_at_3)
+  rows = _log(run)
+  assert [r["step"] for r in rows] == [1, 3]  # step 1 alone (it compiles), then 2–3
+  assert tr.restore(run)[1]["step"] == 3
+  # The row's losses: the float64 means of steps 2 and 3, rerun from their checkpoints.
+  reruns = [tr.train_step(CFG, teacher, tr.restore(run, s)[1])[1] for s in (1, 2)]
+  for key in ("loss", "l1", "pyramid", "grad_norm"):
+    want = np.mean([np.float64(m[key]) for m in reruns])
+    np.testing.assert_allclose(rows[1][key], want, rtol=1e-6)
+  _assert_same(straight, tr.train(CFG, teacher, run, log_every=4, log=None))
+  assert [r["step"] for r in _log(run)] == [1, 3, 4, 8]
+
+
+@pytest.mark.parametrize("bad, want", [
+    ({"channels": 5}, r"TrainConfig.channels: expected a sequence of integers, got 5"),
+    ({"channels": None}, r"TrainConfig.channels: expected a sequence of integers, got None"),
+    ({"steps": "8"}, r"TrainConfig.steps: expected an integer, got '8'"),
+])
+def test_an_edited_run_record_is_named(teacher, tmp_path, bad, want):
+  """A run.json whose configuration was edited by hand: a ValueError naming the file
+  and the field (a non-list channels was a bare TypeError of tuple())."""
+  with pytest.raises(ValueError, match=want):
+    tr.TrainConfig.from_json({**CFG.to_json(), **bad})
+  run = tmp_path / "run"
+  run.mkdir()
+  record = runs.run_record(CFG, teacher)
+  record["config"].update(bad)
+  (run / runs.RUN_FILE).write_text(json.dumps(record))
+  with pytest.raises(ValueError, match=r"run.json: " + want):
+    tr.restore(run)
