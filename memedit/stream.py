@@ -31,8 +31,8 @@ from memedit.fold_programs import (BatchTemplate, check_key_output, group_input_
                                    identity, is_resident, on_several_devices, pad_rows,
                                    padded_rows, replicated_sharding, split_keys, with_params)
 from memedit.moments import CovarianceState, check_key_dtype, covariance_init, fold_keys
-from memedit.stream_cache import (StreamCache, allgather, host_state, merge_all, place_state,
-                                  unstack_state)
+from memedit.stream_cache import (StreamCache, allgather, batch_digest, host_state, merge_all,
+                                  place_state, unstack_state)
 
 __all__ = ["stream_covariance"]
 
@@ -558,6 +558,14 @@ def stream_covariance(
       ``cache_dir/cache_key`` every ``save_every`` groups with the number of batches
       consumed, and a later call with the same key resumes from it, skipping those
       batches without computing their keys. A finished run is returned from the cache.
+      The cache records the dtype of its statistics and (one process) a digest of the
+      stream's first batch: a call whose keys have another dtype (e.g. float64 under
+      jax_enable_x64 for a float32 cache, or the converse), or whose first batch differs
+      (another stream under the same key), is refused with a ValueError naming the cache
+      instead of resuming or returning it (a cache saved without the digest resumes any
+      stream; a stream of no batches reads any finished cache). A folder this process
+      may not write in is refused before anything is folded; a save that fails (e.g. a
+      full disk) raises an OSError naming the cache, which keeps the state saved before.
       With several processes, process 0 writes one cache holding every process's state
       (the directory name hashes all processes' keys) and every process resumes from it;
       ``cache_dir`` must then be a folder that all processes can read.
@@ -645,19 +653,31 @@ def stream_covariance(
   done = 0
   state = None
   prepared = None  # the first group when it was read (and the folder started) below
+  if cache.path is not None and chunk and n_run == 1:
+    # The first batch names the stream in the cache: another stream under the same key
+    # is refused instead of resuming (and mixing into) this one's statistics.
+    chunk = _host_ready(chunk)
+    cache.first_batch = batch_digest(chunk[0])
   if saved is not None:
     states, consumed, complete = saved
     want, source = dim, ""
-    if want is None and chunk:
-      # The stream's own key dimension (from its first batch's shapes; nothing is folded):
-      # a finished cache is returned without reading the stream further, and must not be
-      # the statistics of other keys saved under the same key.
+    keys_dim = None
+    if chunk:
+      # The stream's own key dimension and dtype (from its first batch's shapes; nothing
+      # is folded): a finished cache is returned without reading the stream further, and
+      # must not be the statistics of other keys saved under the same key.
       chunk = prepared = _host_ready(chunk)
-      want, source = folder.start(chunk[0], None), " (the stream's first batch)"
+      keys_dim = folder.start(chunk[0], None)
+      if want is None:
+        want, source = keys_dim, " (the stream's first batch)"
     if want is not None and states[0].dim != want:  # a cache written by another stream
       raise ValueError(f"statistics cache {cache.path}: expected the statistics of keys of "
                        f"dimension {want}{source}, got those of dimension {states[0].dim}; "
                        f"pass another cache_key, or remove the cache")
+    if keys_dim is not None:
+      if keys_dim != want:
+        raise ValueError(f"keys: expected last dimension {want}, got {keys_dim}")
+      cache.check_stream(folder.dtype, cache.first_batch)
     if complete:
       return merge_all(states)
     state, done = states[me], consumed[me]
@@ -673,8 +693,9 @@ def stream_covariance(
             f"(it holds {done} batches folded), got a stream of {skipped} batch(es); pass "
             f"the same stream, or another cache_key")
       chunk = list(itertools.islice(it, group))
+  cache.check_writable()  # before anything is folded: a save would fail after it
 
-  if chunk is prepared:  # read and started above, from this same first group (dim None)
+  if chunk is prepared:  # read and started above (a cache was found), from this same group
     d = folder.dim
   else:
     chunk = _host_ready(chunk)
