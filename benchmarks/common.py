@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -86,13 +88,89 @@ def standard_json(value):
   return value
 
 
+def write_json(path, payload) -> Path:
+  """Writes ``payload`` to ``path`` as standard JSON (:func:`standard_json`), atomically:
+  the text goes to a new temporary file beside ``path`` (a name of its own, so runs at
+  the same time do not share it), synced and then moved into place, so an interrupted
+  or failing write leaves the previous file whole and no temporary file behind."""
+  from memedit import _io
+
+  text = json.dumps(standard_json(payload), indent=2, default=float, allow_nan=False)
+  path = Path(path)
+  _io.atomic_write_bytes(path, (text + "\n").encode())
+  return path
+
+
 def write(name: str, payload: dict, suffix: str = "") -> Path:
   """Writes ``payload`` (plus the machine description) to benchmarks/results/NAME.json,
-  as standard JSON (:func:`standard_json`)."""
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  payload = standard_json(dict(payload, machine=machine()))
-  path = RESULTS / f"{name}{suffix}.json"
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(payload, indent=2, default=float, allow_nan=False))
-  os.replace(tmp, path)
-  return path
+  as standard JSON (:func:`standard_json`), atomically (:func:`write_json`)."""
+  check_suffix(name, "name")
+  check_suffix(suffix, "suffix")
+  return write_json(RESULTS / f"{name}{suffix}.json", dict(payload, machine=machine()))
+
+
+# Types for argparse options: a bad value is refused before any work, with a message
+# naming the option (argparse adds "argument --OPTION:").
+
+
+def _number(text: str, kind, what: str, ok) -> int | float:
+  try:
+    value = kind(text)
+  except (TypeError, ValueError):
+    value = None
+  if value is None or not math.isfinite(value) or not ok(value):
+    raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+  return value
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer ≥ 1."""
+  return _number(text, int, "a positive integer", lambda v: v >= 1)
+
+
+def nonnegative_int(text: str) -> int:
+  """argparse type: an integer ≥ 0."""
+  return _number(text, int, "a non-negative integer", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+  """argparse type: a finite number > 0."""
+  return _number(text, float, "a finite positive number", lambda v: v > 0)
+
+
+def nonnegative_float(text: str) -> float:
+  """argparse type: a finite number ≥ 0."""
+  return _number(text, float, "a finite non-negative number", lambda v: v >= 0)
+
+
+def number_list(kind=nonnegative_int):
+  """argparse type: a comma-separated, non-empty list of values of the type ``kind``."""
+
+  def parse(text: str) -> list:
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+      raise argparse.ArgumentTypeError(
+          f"expected a comma-separated list such as 2,3, got {text!r}")
+    return [kind(p) for p in parts]
+
+  return parse
+
+
+_SUFFIX = re.compile(r"[A-Za-z0-9_.\-]*")
+
+
+def check_suffix(text: str, name: str = "tag") -> str:
+  """``text`` if it can be part of a results file's name (letters, digits, ``_ . -``,
+  no path separators); else ValueError."""
+  if not isinstance(text, str) or not _SUFFIX.fullmatch(text) or ".." in text:
+    raise ValueError(f"{name}: expected letters, digits, '_', '.' or '-' (a part of a file "
+                     f"name, without '..'), got {text!r}")
+  return text
+
+
+def suffix_tag(text: str) -> str:
+  """argparse type: a suffix of a results file's name (see :func:`check_suffix`)."""
+  try:
+    return check_suffix(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 import memedit
-from benchmarks.common import table, write
+from benchmarks.common import positive_int, table, write
 from memedit import gram
 from memedit.moments import fold_keys
 
@@ -57,14 +57,18 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="small smoke run")
-  ap.add_argument("--keys", type=int, default=1_000_000)
-  ap.add_argument("--dim", type=int, default=512)
-  ap.add_argument("--chunk", type=int, default=15_625)
-  ap.add_argument("--group", type=int, default=16)
-  ap.add_argument("--rounds", type=int, default=5)
+  ap.add_argument("--keys", type=positive_int, default=1_000_000,
+                  help="keys folded (whole chunks of them)")
+  ap.add_argument("--dim", type=positive_int, default=512)
+  ap.add_argument("--chunk", type=positive_int, default=15_625, help="keys per chunk")
+  ap.add_argument("--group", type=positive_int, default=16, help="chunks per program")
+  ap.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds")
   args = ap.parse_args(argv)
   if args.quick:
     args.keys, args.group, args.rounds = 62_500, 4, 2
+  if args.keys < args.chunk:
+    ap.error(f"--keys: expected at least one chunk of --chunk {args.chunk} keys, "
+             f"got {args.keys}")
   d, chunk = args.dim, args.chunk
   n_chunks = args.keys // chunk
   n = n_chunks * chunk

@@ -56,12 +56,12 @@ import numpy as np
 import optax
 
 import memedit
+from benchmarks import common
 from benchmarks.common import best_of, machine, table, write
 from memedit import generators as gens
 
 GN_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 ROWS = ("dcgan", "stylegan2-random", "stylegan2-trained")
-RESULT = ROOT / "benchmarks" / "results" / "full_edit.json"
 
 
 def _box(y0, y1, x0, x1, canvas):
@@ -228,7 +228,7 @@ def bench(name, gen, layer, n_stats, steps, repeats):
   return row
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="short smoke run")
@@ -236,13 +236,23 @@ def main():
                   help="comma-separated rows to run (default: all of " + ", ".join(ROWS)
                   + "); a subset replaces those rows in the existing results, each rerun "
                   "row keeping its own date and machine")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   chosen = [r for r in args.rows.split(",") if r]
   unknown = [r for r in chosen if r not in ROWS]
   if unknown or not chosen:
     ap.error(f"--rows: expected names among {', '.join(ROWS)}, got {args.rows!r}")
   steps = 201 if args.quick else 2001
   repeats = 1 if args.quick else 3
+  previous = None  # read before the run: a damaged file is named now, not after hours
+  result = common.RESULTS / "full_edit.json"
+  if len(chosen) < len(ROWS) and not args.quick and result.exists():
+    try:
+      previous = json.loads(result.read_text())
+      if not isinstance(previous.get("rows"), list):
+        raise ValueError("no list of rows")
+    except (ValueError, AttributeError) as e:
+      ap.error(f"--rows: expected readable results to merge the rerun rows into, "
+               f"got {result.name} unreadable ({e}); move it aside or run every row")
   rows = []
   if "dcgan" in chosen:
     gen, layer = dcgan_generator()
@@ -261,7 +271,6 @@ def main():
   if len(chosen) < len(ROWS):
     rerun = {row["model"]: {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                             "load_average": list(os.getloadavg())} for row in rows}
-    previous = json.loads(RESULT.read_text()) if RESULT.exists() and not args.quick else None
     if previous is not None:
       fresh = {row["model"]: row for row in rows}
       rows = [fresh.pop(row["model"], row) for row in previous["rows"]] + list(fresh.values())
@@ -274,7 +283,7 @@ def main():
   print(table(rows, cols))
   note = ("ref_default = reference default: whole-weight Adam projected onto span(D) every "
           "10 steps (memedit.generators.projected_insert, one jitted program); lam_scan = "
-          "Λ-space Adam (2001 steps, one scan; solve_lambda adam, factored contractions); "
+          f"Λ-space Adam ({steps} steps, one scan; solve_lambda adam, factored contractions); "
           "lam_scan_unfactored = the same scan with factored=False (f on the full kernel "
           "every step); lam_loop = Λ-space Adam, Python loop of jitted steps on the full "
           "kernel; gn = Gauss–Newton (solve_lambda gauss_newton) with the fewest "

@@ -29,7 +29,7 @@ import optax
 from jax import lax
 
 import memedit
-from benchmarks.common import best_of, table, write
+from benchmarks.common import best_of, positive_int, table, write
 
 
 def demod_conv(kernel, keys):
@@ -155,14 +155,22 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="small smoke run")
-  ap.add_argument("--channels", type=int, default=256)
-  ap.add_argument("--size", type=int, default=8)
-  ap.add_argument("--rank", type=int, default=1)
-  ap.add_argument("--steps", type=int, default=2001)
-  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--channels", type=positive_int, default=256,
+                  help="input and output channels")
+  ap.add_argument("--size", type=positive_int, default=8,
+                  help="side of the conv's keys (at least 2)")
+  ap.add_argument("--rank", type=positive_int, default=1, help="rank of the edit")
+  ap.add_argument("--steps", type=positive_int, default=2001, help="Adam steps")
+  ap.add_argument("--repeats", type=positive_int, default=2, help="timed repeats (best of)")
   args = ap.parse_args(argv)
   if args.quick:
     args.channels, args.steps, args.repeats = 32, 201, 1
+  if args.size < 2:
+    ap.error(f"--size: expected at least 2 (the context is the centre half), got {args.size}")
+  context = (args.size // 2) ** 2
+  if args.rank > min(args.channels, context):
+    ap.error(f"--rank: expected at most {min(args.channels, context)} (the channels and the "
+             f"{context} context keys of --size {args.size}), got {args.rank}")
   results = {}
   rows = []
   problems = [("conv", demod_conv, make_problem(args.channels, args.size, args.rank), "conv",

@@ -52,7 +52,7 @@ import jax
 import numpy as np
 
 import memedit
-from benchmarks.common import table, write
+from benchmarks.common import positive_int, table, write
 from memedit import generators as gens
 
 
@@ -234,15 +234,19 @@ def main(argv=None):
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true",
                   help="smoke run: DCGAN N=100 B=50, StyleGAN2 64 px N=16 B=8")
-  ap.add_argument("--dcgan-n", type=int, default=2000)
-  ap.add_argument("--dcgan-batch", type=int, default=100)
-  ap.add_argument("--sg2-n", type=int, default=200)
-  ap.add_argument("--sg2-batch", type=int, default=8)
-  ap.add_argument("--sg2-resolution", type=int, default=256)
+  ap.add_argument("--dcgan-n", type=positive_int, default=2000, help="DCGAN latents")
+  ap.add_argument("--dcgan-batch", type=positive_int, default=100)
+  ap.add_argument("--sg2-n", type=positive_int, default=200, help="StyleGAN2 latents")
+  ap.add_argument("--sg2-batch", type=positive_int, default=8)
+  ap.add_argument("--sg2-resolution", type=positive_int, default=256,
+                  help="a power of two from 32 (the layer conv_6 is at 32 px)")
   args = ap.parse_args(argv)
   if args.quick:
     args.dcgan_n, args.dcgan_batch = 100, 50
     args.sg2_n, args.sg2_batch, args.sg2_resolution = 16, 8, 64
+  r = args.sg2_resolution
+  if r < 32 or r & (r - 1):
+    ap.error(f"--sg2-resolution: expected a power of two from 32, got {r}")
 
   import torch
 

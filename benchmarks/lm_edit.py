@@ -13,7 +13,7 @@ key statistics C over 10⁶ tokens next to the bare forward + fold.
   keys per second; both timed after a warm-up compile.
 
 Usage: python benchmarks/lm_edit.py [--model DIR] [--memit N] [--tokens N] [--quick]
-Writes benchmarks/results/lm_edit.json.
+Writes benchmarks/results/lm_edit.json (``--quick``: lm_edit_quick.json).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks.common import table, write
+from benchmarks.common import positive_int, table, write
 from memedit.lm.evaluate import world_cases
 from memedit.lm.experiment import demo_contexts, world_covariance
 from memedit.lm.memit import memit_edits
@@ -92,17 +92,26 @@ def _timed(fn):
   return out, time.perf_counter() - t0
 
 
-def main() -> int:
+BARE_BATCH, BARE_LENGTH, BARE_GROUP = 64, 32, 8
+
+
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default=None, help="demo folder (default: the default demo, "
                   "trained into --cache-dir when missing)")
   ap.add_argument("--cache-dir", default=".cache")
-  ap.add_argument("--memit", type=int, default=1000)
-  ap.add_argument("--tokens", type=int, default=1_000_000)
-  ap.add_argument("--quick", action="store_true", help="100 MEMIT facts, 10⁵ tokens")
-  args = ap.parse_args()
+  ap.add_argument("--memit", type=positive_int, default=1000, help="facts in one MEMIT batch")
+  ap.add_argument("--tokens", type=positive_int, default=1_000_000,
+                  help=f"tokens for C (at least {BARE_BATCH * BARE_LENGTH * BARE_GROUP:,})")
+  ap.add_argument("--quick", action="store_true",
+                  help="100 MEMIT facts, 10⁵ tokens (results in lm_edit_quick.json)")
+  args = ap.parse_args(argv)
   if args.quick:
     args.memit, args.tokens = min(args.memit, 100), min(args.tokens, 100_000)
+  least = BARE_BATCH * BARE_LENGTH * BARE_GROUP
+  if args.tokens < least:
+    ap.error(f"--tokens: expected at least {least} (one group of {BARE_GROUP} batches of "
+             f"{BARE_BATCH} × {BARE_LENGTH} for the bare fold), got {args.tokens}")
   load0 = os.getloadavg()
   module, variables, world, info = (load_demo(args.model) if args.model else
                                     train_demo(DemoConfig(), args.cache_dir))
@@ -138,13 +147,13 @@ def main() -> int:
                "warm_s": round(warm, 2)})
   print(table(rows, ["what", "cold_s", "warm_s"]), flush=True)
 
-  batch, length = 64, 32
+  batch, length = BARE_BATCH, BARE_LENGTH
   text = text_batches(world, args.tokens, batch, length, seed=123)
   n_keys = int(sum(m.sum() for _, m in text))
   addr = layout.memories[ROME_LAYER]
   lm_covariance(model, addr, text[:8])  # compile
   _, mem_s = _timed(lambda: lm_covariance(model, addr, text).sum_sq)
-  group = 8
+  group = BARE_GROUP
   fold = _bare_fold(module, ROME_LAYER, group)
   ids = np.stack([b[0] for b in text])
   masks = np.stack([b[1] for b in text])
@@ -168,7 +177,8 @@ def main() -> int:
   load1 = os.getloadavg()
   path = write("lm_edit", {"edits": rows, "statistics": stats, "tokens": args.tokens,
                            "memit_facts": args.memit, "model": info,
-                           "load_average_before": load0, "load_average_after": load1})
+                           "load_average_before": load0, "load_average_after": load1},
+               suffix="_quick" if args.quick else "")
   print(f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; wrote {path}")
   return 0
 

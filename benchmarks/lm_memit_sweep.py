@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import table, write
+from benchmarks.common import (nonnegative_int, number_list, positive_float, positive_int,
+                               table, write)
 from memedit.lm.evaluate import evaluate_cases, summarize, top1_accuracy, world_cases, world_facts
 from memedit.lm.experiment import apply_all, demo_contexts, world_covariance
 from memedit.lm.memit import memit_edits
@@ -35,31 +36,28 @@ from memedit.lm.train import DemoConfig, train_demo
 from ports.gpt2 import lm_layout
 
 
-def _ints(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x]
-
-
-def _floats(text: str) -> list[float]:
-  return [float(x) for x in text.split(",") if x]
-
-
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--facts", type=int, default=1000, help="facts in the batch (1000)")
-  ap.add_argument("--last", type=_ints, default=[2, 3], help="last blocks, e.g. 2,3")
-  ap.add_argument("--first", type=_ints, default=None,
+  ap.add_argument("--facts", type=positive_int, default=1000, help="facts in the batch (1000)")
+  ap.add_argument("--last", type=number_list(nonnegative_int), default=[2, 3],
+                  help="last blocks, e.g. 2,3")
+  ap.add_argument("--first", type=number_list(nonnegative_int), default=None,
                   help="first blocks, e.g. 0 (default: every block up to the last)")
-  ap.add_argument("--penalties", type=_floats, default=[100, 300, 1000, 3000, 10000])
-  ap.add_argument("--inner", type=int, default=None,
+  ap.add_argument("--penalties", type=number_list(positive_float),
+                  default=[100, 300, 1000, 3000, 10000], help="λ values, e.g. 100,1000")
+  ap.add_argument("--inner", type=nonnegative_int, default=None,
                   help="MLP width (default: the demo's; 0: 4 n_embd)")
   ap.add_argument("--names", default="surname", choices=("surname", "single", "pair"))
-  ap.add_argument("--embd", type=int, default=0, help="residual width (0: the demo's)")
-  ap.add_argument("--blocks", type=int, default=0, help="blocks (0: the demo's)")
-  ap.add_argument("--subjects", type=int, default=0, help="subjects (0: the demo's)")
-  ap.add_argument("--steps", type=int, default=0, help="training steps (0: the demo's)")
-  ap.add_argument("--unedited", type=int, default=2000, help="unedited facts scored")
-  ap.add_argument("--seed", type=int, default=0,
+  ap.add_argument("--embd", type=nonnegative_int, default=0,
+                  help="residual width (0: the demo's)")
+  ap.add_argument("--blocks", type=nonnegative_int, default=0, help="blocks (0: the demo's)")
+  ap.add_argument("--subjects", type=nonnegative_int, default=0,
+                  help="subjects (0: the demo's)")
+  ap.add_argument("--steps", type=nonnegative_int, default=0,
+                  help="training steps (0: the demo's)")
+  ap.add_argument("--unedited", type=positive_int, default=2000, help="unedited facts scored")
+  ap.add_argument("--seed", type=nonnegative_int, default=0,
                   help="seed of the edited cases (0: the cases lm-eval scores)")
   ap.add_argument("--cache-dir", default=".cache")
   ap.add_argument("--quick", action="store_true", help="10 facts, block 1, two penalties")
@@ -73,6 +71,11 @@ def main(argv=None) -> None:
       n_embd=args.embd or base_config.n_embd, n_layer=args.blocks or base_config.n_layer,
       n_subjects=args.subjects or base_config.n_subjects,
       steps=args.steps or base_config.steps)
+  if max(args.last) >= config.n_layer:
+    ap.error(f"--last: expected blocks below the model's {config.n_layer}, got {args.last}")
+  if args.first is not None and not [f for f in args.first if f <= max(args.last)]:
+    ap.error(f"--first: expected a block at most the last ({max(args.last)}), "
+             f"got {args.first}")
   module, variables, world, info = train_demo(config, args.cache_dir, progress=True)
   model = (module, variables)
   layout = lm_layout(module.config.n_layer)
@@ -113,7 +116,8 @@ def main(argv=None) -> None:
                                       and s["neighbourhood_prob"] >= 90)}
         print(row, flush=True)
         rows.append(row)
-    print(f"value search for blocks ..{last}: {search_s:.1f} s", flush=True)
+    if search_s is not None:  # no first block of --first at most this last one: no run
+      print(f"value search for blocks ..{last}: {search_s:.1f} s", flush=True)
   cols = ["blocks", "penalty", "efficacy", "efficacy_prob", "paraphrase", "neighbourhood",
           "neighbourhood_prob", "unedited", "unedited_drop", "goals_met", "goals_met_prob"]
   print(table(rows, cols))

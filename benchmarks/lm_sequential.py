@@ -53,7 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
-from benchmarks.common import table, write
+from benchmarks.common import (nonnegative_float, positive_float, positive_int, suffix_tag,
+                               table, write)
 from memedit.lm.experiment import demo_contexts, world_covariance
 from memedit.lm.sequential import EDIT_KEYS, run_sequential
 from memedit.lm.train import (DEMO_MEMIT_LAYERS as LAYERS, DEMO_PENALTY, DemoConfig, load_demo,
@@ -131,29 +132,37 @@ def line_png(rows: list[dict], path, *, title: str = "", base: dict | None = Non
     for xs in range(left + 300, left + 324, 8):
       draw.line([xs, top + ph + 52, xs + 4, top + ph + 52], fill=(120, 120, 120))
     text((left + 330, top + ph + 45), "unedited model")
-  img.save(path, format="PNG")
+  import io
+
+  from memedit import _io
+
+  buf = io.BytesIO()  # written whole or not at all (no truncated image on an interruption)
+  img.save(buf, format="PNG")
+  _io.atomic_write_bytes(path, buf.getvalue())
   return str(path)
 
 
-def main() -> int:
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default=None, help="demo folder (default: the default demo, "
                   "trained into --cache-dir when missing)")
   ap.add_argument("--cache-dir", default=".cache")
-  ap.add_argument("--edits", type=int, default=2000)
-  ap.add_argument("--batch", type=int, default=100)
-  ap.add_argument("--threshold", type=float, default=1e-4,
+  ap.add_argument("--edits", type=positive_int, default=2000)
+  ap.add_argument("--batch", type=positive_int, default=100)
+  ap.add_argument("--threshold", type=positive_float, default=1e-4,
                   help="relative null-space threshold of the projected arm (1e-4)")
-  ap.add_argument("--l2", type=float, default=1.0, help="AlphaEdit's l2 (1)")
-  ap.add_argument("--key-weight", type=float, default=1.0)
+  ap.add_argument("--l2", type=nonnegative_float, default=1.0, help="AlphaEdit's l2 (1)")
+  ap.add_argument("--key-weight", type=positive_float, default=1.0)
   ap.add_argument("--edit-keys", choices=EDIT_KEYS, default="solve")
-  ap.add_argument("--penalty", type=float, default=15000.0, help="plain MEMIT's λ (15000)")
-  ap.add_argument("--penalty2", type=float, default=DEMO_PENALTY,
+  ap.add_argument("--penalty", type=nonnegative_float, default=15000.0,
+                  help="plain MEMIT's λ (15000; 0: no plain arm)")
+  ap.add_argument("--penalty2", type=nonnegative_float, default=DEMO_PENALTY,
                   help=f"λ of a second plain arm ({DEMO_PENALTY:g}, the demo's: at 15000 one "
                        "batch of 100 is not written on the demo; 0: no second arm)")
   ap.add_argument("--quick", action="store_true", help="200 facts in batches of 50")
-  ap.add_argument("--tag", default="", help="suffix of the output files (e.g. _inner4096)")
-  args = ap.parse_args()
+  ap.add_argument("--tag", type=suffix_tag, default="",
+                  help="suffix of the output files (e.g. _inner4096; letters, digits, _ . -)")
+  args = ap.parse_args(argv)
   if args.quick:
     args.edits, args.batch = min(args.edits, 200), min(args.batch, 50)
   load0 = os.getloadavg()

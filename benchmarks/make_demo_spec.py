@@ -27,11 +27,12 @@ These numbers were measured with the masks area-averaged to the layer's resoluti
 now resizes them bilinearly, as the reference does, so the masks reach one cell further
 and the paste's L1 at its (larger) crop reads 0.254 → 0.239 with the own taps.
 
-Run once: python benchmarks/make_demo_spec.py
+Run once: python benchmarks/make_demo_spec.py [--out FILE]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -64,9 +65,13 @@ def demo_spec() -> specs.EditSpec:
       solver={"optimizer": "adam", "steps": 2001, "learning_rate": 0.05, "loss": "l1"})
 
 
-def main() -> None:
+def main(argv=None) -> None:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = specs.save_spec(os.path.join(root, "memedit", "data", "demo_spec.json"), demo_spec())
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default=os.path.join(root, "memedit", "data", "demo_spec.json"),
+                  help="spec file to write (default: the bundled memedit/data/demo_spec.json)")
+  args = ap.parse_args(argv)
+  path = specs.save_spec(args.out, demo_spec())
   print(f"wrote {path}")
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import positive_int  # noqa: E402
+
 
 def shard(p: int, n_keys: int, dim: int, batch: int):
   """Process p's half of the stream: batches of ``batch`` keys and a ragged last one."""
@@ -69,13 +71,16 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="small smoke run")
-  ap.add_argument("--keys", type=int, default=1_000_000)
-  ap.add_argument("--dim", type=int, default=256)
-  ap.add_argument("--batch", type=int, default=8192)
+  ap.add_argument("--keys", type=positive_int, default=1_000_000,
+                  help="keys of the whole stream (at least 76)")
+  ap.add_argument("--dim", type=positive_int, default=256)
+  ap.add_argument("--batch", type=positive_int, default=8192, help="keys per batch")
   ap.add_argument("--worker", nargs=2, metavar=("PID", "PORT"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.quick:
     args.keys, args.dim = 40_000, 32
+  if args.keys < 76:  # the halves differ by 74 keys and both hold some
+    ap.error(f"--keys: expected at least 76, got {args.keys}")
   if args.worker:
     return worker(int(args.worker[0]), args.worker[1], args.keys, args.dim, args.batch)
 

@@ -12,7 +12,6 @@ between the two is reported too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,15 +24,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from benchmarks.common import median_of  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import median_of, positive_int, write_json  # noqa: E402
+
+
+def default_out(quick: bool):
+  """The results file when ``--out`` is not given: a smoke run (``--quick``) writes a file
+  of its own, never over the full run's."""
+  return common.RESULTS / ("ports_dcgan_quick.json" if quick else "ports_dcgan.json")
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
-  parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
-  parser.add_argument("--out", default=os.path.join(HERE, "results", "ports_dcgan.json"))
+  parser.add_argument("--batches", type=positive_int, nargs="+", default=[4, 16])
+  parser.add_argument("--out", default=None,
+                      help="results file (default: benchmarks/results/ports_dcgan.json, "
+                           "ports_dcgan_quick.json with --quick)")
   args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = str(default_out(args.quick))
+  elif os.path.isdir(args.out) or not args.out.endswith(".json"):
+    parser.error(f"--out: expected the path of a .json file, got {args.out!r}")
   repeats = 3 if args.quick else 20
   warmup = 3 if args.quick else 10
 
@@ -98,9 +110,7 @@ def main(argv=None) -> dict:
       "cpu_count": os.cpu_count(),
       "rows": rows,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(args.out, result)
   print(f"wrote {args.out}")
   return result
 

@@ -13,7 +13,6 @@ between the two is reported too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,19 +24,36 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from benchmarks.common import median_of  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import median_of, positive_int, write_json  # noqa: E402
+
+
+def default_out(quick: bool):
+  """The results file when ``--out`` is not given: a smoke run (``--quick``) writes a file
+  of its own, never over the full run's."""
+  return common.RESULTS / ("ports_stylegan2_quick.json" if quick else "ports_stylegan2.json")
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="64 px, batch 4, one repeat")
-  parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
-  parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out", default=os.path.join(HERE, "results", "ports_stylegan2.json"))
+  parser.add_argument("--sizes", type=positive_int, nargs="+", default=[64, 256],
+                      help="resolutions, powers of two from 8 (default: 64 256)")
+  parser.add_argument("--batches", type=positive_int, nargs="+", default=[4, 16])
+  parser.add_argument("--repeats", type=positive_int, default=3)
+  parser.add_argument("--out", default=None,
+                      help="results file (default: benchmarks/results/ports_stylegan2.json, "
+                           "ports_stylegan2_quick.json with --quick)")
   args = parser.parse_args(argv)
   if args.quick:
     args.sizes, args.batches, args.repeats = [64], [4], 1
+  bad = [s for s in args.sizes if s < 8 or s & (s - 1)]
+  if bad:
+    parser.error(f"--sizes: expected powers of two from 8, got {bad}")
+  if args.out is None:
+    args.out = str(default_out(args.quick))
+  elif os.path.isdir(args.out) or not args.out.endswith(".json"):
+    parser.error(f"--out: expected the path of a .json file, got {args.out!r}")
 
   import jax
   import torch
@@ -107,9 +123,7 @@ def main(argv=None) -> dict:
                   "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
       "rows": rows,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  from memedit import _io
-  _io.atomic_write_bytes(args.out, json.dumps(result, indent=2).encode())
+  write_json(args.out, result)
   print(f"wrote {os.path.relpath(args.out)}")
   return result
 

@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import table, write
+from benchmarks.common import positive_float, table, write
 from memedit import generators as gens
 from memedit import second_moment
 from memedit import sequential as sq
@@ -245,7 +245,7 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
           "interference_final": final.tolist(), "log": log}
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="3 edits of 201 steps")
@@ -256,7 +256,7 @@ def main():
                        f"{SG2_LAYER}, Gauss-Newton {SG2_SETTINGS['steps']} steps")
   ap.add_argument("--demo-settings", action="store_true",
                   help="with --stylegan2: the StyleGAN2 demo spec's layer and settings")
-  ap.add_argument("--preserve", type=float, default=None, metavar="MU",
+  ap.add_argument("--preserve", type=positive_float, default=None, metavar="MU",
                   help=f"add the arm {PRESERVED}: projected, each Λ solve keeping the "
                        "earlier edits' crops with weight MU (generators.insert's preserve)")
   ap.add_argument("--only-preserve", action="store_true",
@@ -264,7 +264,7 @@ def main():
   ap.add_argument("--anchor", choices=("made", "before"), default="made",
                   help="with --preserve: keep each earlier crop at its outputs right after "
                        "its edit was made (default) or at those before the new edit")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   if args.only_preserve and args.preserve is None:
     ap.error("--only-preserve: expected together with --preserve MU, got it alone")
   if args.demo_settings and not args.stylegan2:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import table, write
+from benchmarks.common import positive_int, table, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,14 +37,26 @@ print(json.dumps(dict(rc=proc.returncode, peak=peak, wall=wall, out=proc.stdout[
 """
 
 
+def _without_paths(text: str, model: str) -> str:
+  """``text`` with the model folder named by its name and the repository's path left out
+  (no machine paths in the results)."""
+  text = text.replace(str(ROOT) + os.sep, "")
+  for form in {os.path.abspath(model), os.path.realpath(model)}:
+    text = text.replace(form, Path(model).name)
+  return text
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default=str(ROOT / ".cache" / "demo" / "faces-dcgan"))
   ap.add_argument("--layer", default="convt2")
-  ap.add_argument("--samples", type=int, nargs="+", default=[1000, 10000])
-  ap.add_argument("--batch-size", type=int, default=50)
+  ap.add_argument("--samples", type=positive_int, nargs="+", default=[1000, 10000])
+  ap.add_argument("--batch-size", type=positive_int, default=50)
   args = ap.parse_args(argv)
+  if not os.path.isdir(args.model):
+    ap.error(f"--model: expected a converted model folder, got {args.model!r} (missing; "
+             "`make demo` converts the default)")
   load_before = os.getloadavg()
   runs = {}
   for n in args.samples:
@@ -60,7 +72,7 @@ def main(argv=None):
       if r["rc"] != 0:
         raise SystemExit(f"memedit stats --samples {n} failed:\n{r['err']}")
       runs[n] = {"peak_rss_bytes": r["peak"], "wall_seconds": r["wall"],
-                 "output": r["out"].strip().replace(str(ROOT) + os.sep, "")}
+                 "output": _without_paths(r["out"].strip(), args.model)}
   load_after = os.getloadavg()
   rows = [{"samples": n, "peak RSS (MiB)": f"{r['peak_rss_bytes'] / 2**20:.0f}",
            "wall s": f"{r['wall_seconds']:.1f}"} for n, r in runs.items()]

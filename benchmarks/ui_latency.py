@@ -100,13 +100,14 @@ def _loadavg() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
 
-def main() -> None:
+def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", default=str(ROOT / ".cache/demo/faces-dcgan"))
   ap.add_argument("--stats", default=str(ROOT / ".cache/demo/stats"))
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   if not os.path.isdir(args.model):
-    sys.exit(f"ui_latency: {args.model} is missing; run `make demo` first")
+    ap.error(f"--model: expected a converted model folder, got {args.model!r} (missing; "
+             "`make demo` converts the default)")
   load_before = _loadavg()
 
   from memedit.ui.server import create_app, start_server
