@@ -20,6 +20,14 @@ through an :class:`EditHistory`, which remembers the base value of every leaf it
   base is the original leaf and its bits come back exactly. A change of the leaf's shape
   or dtype is refused with an error naming the leaf.
 
+The base is the original leaf itself, not a copy, when it is a ``jax.Array`` (immutable;
+a numpy leaf, which the caller may write into later, is copied): an :class:`EditHistory`
+refers to the params :func:`apply_edit` was given. Donating them
+(``jax.jit(..., donate_argnums=...)`` on the original params, or on the history) deletes
+the base, and reverting or editing that leaf again is refused with an error that says so;
+keep a copy of the original params (``jax.tree.map(jnp.copy, params)``) or do not donate
+them while a history refers to them.
+
 Paths address leaves of a parameter pytree (a Linen variables dict, an ``nnx.State``, any
 nested dicts/lists) by their keys, e.g. ``('params', 'Dense_0', 'kernel')`` or
 ``('blocks', 1, 'fc1', 'kernel')``; NNX's trailing ``.value`` is implied (see
@@ -56,8 +64,9 @@ class EditHistory:
   """The base leaves touched by edits and the edits currently applied.
 
   Attributes:
-    originals: dict path → base leaf: the leaf before its first active edit, moved by
-      any change made to the leaf between edits (see the module docstring).
+    originals: dict path → base leaf: the leaf before its first active edit (the caller's
+      jax.Array itself, not a copy: do not donate it, see the module docstring; a copy of
+      a numpy leaf), moved by any change made to the leaf between edits.
     edits: tuple of applied :class:`Edit`, in application order.
     fingerprints: dict path → (2,) uint32 fingerprint of the leaf as the history last
       wrote it; a path without one (a history built by hand) is taken as unchanged.
@@ -131,9 +140,51 @@ def _fingerprint(x) -> jax.Array:
   return jnp.stack([jnp.sum(h, dtype=jnp.uint32), jnp.sum(g, dtype=jnp.uint32)])
 
 
+_DONATED = ("deleted or donated (a jax.Array passed to a function jitted with "
+            "donate_argnums, or .delete())")
+
+
+def _is_deleted(x) -> bool:
+  """Whether ``x`` is a concrete jax.Array whose buffer was deleted or donated."""
+  return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+          and x.is_deleted())
+
+
+def _check_leaf_alive(params, path):
+  """Refuses a params leaf at ``path`` whose buffer was deleted or donated."""
+  if _is_deleted(get_leaf(params, path)):
+    raise ValueError(f"params: the leaf at {path!r} has been {_DONATED}; pass the params the "
+                     f"donating function returned, or a copy kept before donating")
+
+
+def _check_edit_alive(edit):
+  """Refuses an edit whose factors Λ or D were deleted or donated."""
+  if any(_is_deleted(x) for x in (edit.lam, edit.D)):
+    raise ValueError(f"edit: the factors (lam, D) of the edit at {edit.path!r} were "
+                     f"{_DONATED}; keep a copy of the edit (e.g. jax.tree.map(jnp.copy, "
+                     f"edit)) or do not donate it")
+
+
+def _check_history_alive(params, history, path):
+  """Refuses a history (or params, or an edit on ``path``) whose buffers were deleted or
+  donated, before anything is recomputed from them."""
+  if _is_deleted(history.originals[path]) or _is_deleted(history.fingerprints.get(path)):
+    raise ValueError(
+        f"history: the base leaf kept for {path!r} (the leaf before its first edit, from "
+        f"which reverts and later edits recompute it) has been {_DONATED}. An EditHistory "
+        f"refers to the params apply_edit was given, without copying them: keep a copy of "
+        f"those params (e.g. jax.tree.map(jnp.copy, params) before apply_edit) or do not "
+        f"donate them, nor the history itself")
+  _check_leaf_alive(params, path)
+  for e in history.edits:
+    if e.path == path:
+      _check_edit_alive(e)
+
+
 def _current_base(params, history, path):
   """The base of the edited leaf at ``path``, moved by any change made to the leaf since
   the history last wrote it (the entries whose bits differ from base + Σ ΔK)."""
+  _check_history_alive(params, history, path)
   base = history.originals[path]
   leaf = as_array(get_leaf(params, path), f"params at {path!r}")
   if (tuple(np.shape(leaf)) != tuple(np.shape(base))
@@ -173,7 +224,14 @@ def apply_edit(params: Any, edit: Edit, history: EditHistory | None = None
       fresh params).
 
   Returns:
-    ``(new_params, new_history)``.
+    ``(new_params, new_history)``. The history keeps the leaf of ``params`` at
+    ``edit.path`` as its base: a ``jax.Array`` itself (do not donate ``params`` while the
+    history is in use), a numpy array as a copy.
+
+  Raises:
+    ValueError: an edit already applied; a leaf that is not floating-point or whose
+      shape does not fit the edit; non-finite factors; a params leaf, a base leaf of the
+      history or an edit's factors that were deleted or donated.
 
   Example:
     >>> import jax.numpy as jnp, memedit
@@ -233,15 +291,20 @@ def _apply(params, edits: tuple, history, *, named: bool):
       if edit.name in names:
         raise ValueError(f"edit: {edit.name!r} is already applied")
       names.add(edit.name)
+      _check_edit_alive(edit)
       if edit.path not in based:
+        _check_leaf_alive(params, edit.path)
         # A numpy leaf in non-native byte order is taken as a native copy (the base kept).
         leaf = as_array(get_leaf(params, edit.path), f"params at {edit.path!r}")
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
           raise ValueError(f"params: expected a floating-point kernel at {edit.path!r}, got "
                            f"{jnp.result_type(leaf)} (an edit cannot be written into "
                            f"integers)")
+        # A numpy leaf is kept as a copy: the caller may write into their array later,
+        # and reverts must restore it as it was.
         originals[edit.path] = (_current_base(params, history, edit.path)
-                                if edit.path in history.originals else leaf)
+                                if edit.path in history.originals
+                                else np.array(leaf) if isinstance(leaf, np.ndarray) else leaf)
         based.add(edit.path)
       check_finite(edit.lam, "lam", NAN_FACTORS)
       check_finite(edit.D, "D", NAN_FACTORS)
@@ -278,6 +341,12 @@ def revert_edit(params: Any, edit: Edit | str, history: EditHistory
 
   Returns:
     ``(new_params, new_history)``.
+
+  Raises:
+    ValueError: an edit that is not applied; the edited leaf's shape or dtype changed;
+      the history's base leaf (the original params' leaf, when those were donated to a
+      jitted function), the current leaf or an edit's factors deleted or donated: keep a
+      copy of the params the history refers to, or do not donate them.
 
   Example:
     >>> import jax.numpy as jnp, memedit

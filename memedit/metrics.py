@@ -2,7 +2,8 @@
 
 For N latents the original and the edited generator are run with the layer observed:
 
-- **Context match.** A key matches the context when its match score ‖D k‖ exceeds a
+- **Context match.** A key matches the context when its match score ‖D k‖ (D's rows
+  orthonormal; a D with other independent rows is orthonormalised first) exceeds a
   threshold, the ``quantile`` of scores over the same latents' pixels. Reported: the
   share of latents with at least one matching key and the share of matching keys.
 - **Efficacy.** In matched positions (key positions mapped to the layer's output), how
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -93,6 +95,25 @@ def _check_target(target_value: Any, value_dim: int, layer: str) -> np.ndarray:
   return arr
 
 
+def _check_params(edited_params: Any, gen: Generator) -> None:
+  """Refuses edited parameters that cannot be the generator's (checked before the models
+  run, whose own errors name neither argument nor fix)."""
+  if edited_params is None or isinstance(edited_params, Generator):
+    raise ValueError(f"edited_params: expected the edited generator's parameters (e.g. "
+                     f"edited(gen, edit)[0].params), got "
+                     f"{'None' if edited_params is None else 'a Generator'}")
+  want = jax.tree_util.tree_leaves(gen.params)
+  got = jax.tree_util.tree_leaves(edited_params)
+  if len(got) != len(want):
+    raise ValueError(f"edited_params: expected a parameter tree like gen.params with "
+                     f"{len(want)} leaves (e.g. edited(gen, edit)[0].params), got "
+                     f"{len(got)} leaves")
+  for i, (a, b) in enumerate(zip(want, got)):
+    if np.shape(a) != np.shape(b):
+      raise ValueError(f"edited_params: expected leaf {i} of shape {np.shape(a)}, as in "
+                       f"gen.params, got shape {np.shape(b)}")
+
+
 def _cos(v, t):
   return (v @ t) / np.maximum(np.linalg.norm(v, axis=-1) * np.linalg.norm(t), 1e-12)
 
@@ -106,7 +127,9 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_params: Any,
   Args:
     gen: the original generator.
     layer: the edited layer's name.
-    D: (r, C_in) the edit's directions (its context subspace).
+    D: (r, C_in) the edit's directions (its context subspace): orthonormal rows, or
+      independent rows, which are orthonormalised first (the scores are then the lengths
+      of the keys' projections onto span(D); see :mod:`memedit.generators.query`).
     edited_params: the edited generator's parameters (e.g. ``edited(gen, edit)[0].params``).
     imgnums: held-out image numbers, each at most once.
     target_value: (C_out,) the pasted value v̄ for the efficacy numbers (None: skipped).
@@ -122,10 +145,12 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_params: Any,
   Raises:
     ValueError: a quantile outside (0, 1), a threshold that is not a finite number, no
       image numbers, an image number given twice (the message names the repeated
-      numbers), D not a finite numeric (r, C_in) array, a ``target_value`` not a finite
-      non-zero (C_out,) vector (the arguments are checked before the models run); images,
-      or the layer's keys or values, with NaN or infinite values (a model or an edit with
-      non-finite or overflowing weights).
+      numbers), ``edited_params`` None, a Generator or a tree with other leaves than
+      ``gen.params`` (their number or shapes), D not a finite numeric (r, C_in) array, or
+      with rows neither orthonormal nor independent (more than C_in rows, or dependent
+      ones), a ``target_value`` not a finite non-zero (C_out,) vector (the arguments are
+      checked before the models run); images, or the layer's keys or values, with NaN or
+      infinite values (a model or an edit with non-finite or overflowing weights).
 
   Example:
     >>> from flax import nnx
@@ -206,6 +231,7 @@ def _evaluate(gen, layer, D, edited_params, imgnums, quantiles, threshold, targe
                        f"{threshold!r}")
   if target_value is not None:
     target_value = _check_target(target_value, info.value_dim, layer)
+  _check_params(edited_params, gen)
   z = gen.latents(nums.tolist())
   if original is None:
     r0 = run_layer(gen, layer, z, batch_size=batch_size)

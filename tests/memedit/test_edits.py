@@ -438,3 +438,72 @@ def test_apply_edits_gives_the_bits_of_apply_edit_in_turn():
   with pytest.raises(ValueError, match=r"edits\[1\] \('a0', at \('a',\)\): edit: 'a0' is "
                      "already applied"):
     memedit.apply_edits(params, [edits[0], edits[0]], hist)
+
+
+def test_a_donated_base_or_leaf_is_refused_by_name_and_a_kept_copy_reverts_exactly():
+  """The history keeps the original leaf itself; donating it made revert_edit (and a
+  later edit of the leaf) fail with XLA's raw 'buffer has been deleted or donated'."""
+  rng = np.random.default_rng(7)
+  shape = (5, 3)
+  kernel = rng.standard_normal(shape).astype(np.float32)
+  e1 = random_edit(rng, ("k",), shape, "dense", rank=1, label="e1")
+  e2 = random_edit(rng, ("k",), shape, "dense", rank=1, label="e2")
+  double = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: 2 * x, p), donate_argnums=0)
+
+  params = {"k": jnp.asarray(kernel)}
+  new, hist = memedit.apply_edit(params, e1)
+  double(params)  # a training step that donates the original params
+  assert hist.originals[("k",)].is_deleted()
+  base = r"history: the base leaf kept for \('k',\) .* has been deleted or donated"
+  with pytest.raises(ValueError, match=base + r".*keep a copy of those params"):
+    memedit.revert_edit(new, e1, hist)
+  with pytest.raises(ValueError, match=base):
+    memedit.apply_edit(new, e2, hist)
+  with pytest.raises(ValueError, match=r"edits\[0\] \('e2', at \('k',\)\): " + base):
+    memedit.apply_edits(new, [e2], hist)
+
+  # The current params donated instead: the message names the params leaf.
+  new, hist = memedit.apply_edit({"k": jnp.asarray(kernel)}, e1)
+  double(new)
+  with pytest.raises(ValueError, match=r"params: the leaf at \('k',\) has been deleted or "
+                     r"donated .*pass the params the donating function returned"):
+    memedit.revert_edit(new, e1, hist)
+  with pytest.raises(ValueError, match=r"params: the leaf at \('k',\) has been deleted"):
+    memedit.apply_edit(new, e2)
+
+  # An edit whose factors were donated.
+  gone = jax.tree_util.tree_map(jnp.copy, e2)
+  gone.lam.delete()
+  with pytest.raises(ValueError, match=r"edit: the factors \(lam, D\) of the edit at "
+                     r"\('k',\) were deleted or donated"):
+    memedit.apply_edit({"k": jnp.asarray(kernel)}, gone)
+
+  # Keeping a copy of the params the history refers to: revert is bit-exact afterwards.
+  params = {"k": jnp.asarray(kernel)}
+  new, hist = memedit.apply_edit(jax.tree_util.tree_map(jnp.copy, params), e1)
+  new, hist = memedit.apply_edit(new, e2, hist)
+  trained = double(params)
+  assert params["k"].is_deleted()
+  back, hist = memedit.revert_edit(new, e2, hist)
+  back, hist = memedit.revert_edit(back, e1, hist)
+  assert np.array_equal(np.asarray(back["k"]), kernel) and hist.originals == {}
+  np.testing.assert_array_equal(np.asarray(trained["k"]), 2 * kernel)
+
+
+def test_a_numpy_leaf_written_into_after_apply_still_reverts_to_the_original():
+  """The history kept the caller's numpy array itself: writing into it later (in-place
+  updates, loading other weights into the same buffer) changed what revert restored."""
+  rng = np.random.default_rng(8)
+  kernel = rng.standard_normal((4, 3)).astype(np.float32)
+  params = {"k": kernel.copy()}
+  e1 = random_edit(rng, ("k",), kernel.shape, "dense", rank=1, label="e1")
+  e2 = random_edit(rng, ("k",), kernel.shape, "dense", rank=1, label="e2")
+  new, hist = memedit.apply_edit(params, e1)
+  params["k"][...] = 5.0
+  params["k"] += 1.0
+  partly, hist2 = memedit.apply_edit(new, e2, hist)
+  back, _ = memedit.revert_edit(new, e1, hist)
+  assert np.array_equal(np.asarray(back["k"]), kernel)
+  back, hist2 = memedit.revert_edit(partly, "e2", hist2)
+  back, _ = memedit.revert_edit(back, "e1", hist2)
+  assert np.array_equal(np.asarray(back["k"]), kernel)

@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -241,3 +242,174 @@ def test_an_undefined_ratio_meets_no_goal_and_prints_as_undefined():
   assert not goals["specificity_ratio_at_least_5"]
   assert not goals["footprint_specificity_ratio_at_least_5"]
   assert _ratio(None) == "undefined" and _ratio(8.94) == "8.9"
+
+
+def test_directions_that_are_not_orthonormal_are_measured_by_their_span(setup):
+  """A D with correlated rows of other lengths (the same span as the fixture's orthonormal
+  D) was used as ‖D k‖ as given: other thresholds and other matched keys."""
+  gen, D, params, before, after, target = setup
+  raw = np.array([[1.0, 0.2], [0.9, 3.0]]) @ D  # max |D Dᵀ − I| about 9
+  ms = metrics.evaluate_at_quantiles(gen, "up2", raw, params, NUMS, [0.5, 0.95],
+                                     target_value=target)
+  for q, m in zip((0.5, 0.95), ms):
+    want = _reference(D, before, after, target, q, gen.resolution)
+    np.testing.assert_allclose(m["threshold"], want["threshold"], rtol=2e-5)
+    assert m["context_match"]["pixels"] == want["pixels"]
+    np.testing.assert_allclose(m["specificity"]["ratio"], want["ratio"], rtol=2e-5)
+    np.testing.assert_allclose(m["efficacy"]["cosine_after"], want["cosine_after"],
+                               rtol=2e-5)
+  s = np.sqrt(((before[0] @ D.T) ** 2).sum(-1))  # the keys' projections onto span(D)
+  for Dx in (raw, raw.astype(np.float16), 7.0 * D[:1]):
+    span = D if len(Dx) == 2 else D[:1]
+    want = np.sqrt(((before[0] @ span.T) ** 2).sum(-1))
+    np.testing.assert_allclose(gens.match_scores(before[0], Dx), want, rtol=2e-3 if
+                               Dx.dtype == np.float16 else 1e-5, atol=1e-6)
+  np.testing.assert_allclose(gens.layer_scores(gen, "up2", raw, NUMS), s, rtol=1e-5,
+                             atol=1e-6)
+  # An orthonormal D is used as given: the same bits as before.
+  assert np.array_equal(gens.match_scores(before[0], D),
+                        np.sqrt(((before[0].astype(np.float32) @ D.astype(np.float32).T)
+                                 ** 2).sum(-1)))
+
+
+def test_dependent_or_too_many_directions_are_refused_naming_the_deviation(setup):
+  gen, D, params, before, *_ = setup
+  dependent = np.vstack([D, 2.0 * D[:1] - D[1:]])  # 3 rows spanning 2 dimensions
+  msg = (r"D: expected 3 independent directions \(rows orthonormal, max \|D Dᵀ − I\| <= "
+         r"0\.0001, or independent rows, which are orthonormalised\), got rows with max "
+         r"\|D Dᵀ − I\| = [\d.]+ .*linearly dependent.*memedit\.context_directions")
+  with pytest.raises(ValueError, match=msg):
+    metrics.evaluate_edit(gen, "up2", dependent, params, NUMS, quantile=0.9)
+  with pytest.raises(ValueError, match=msg):
+    gens.match_scores(before[0], dependent)
+  five = np.vstack([np.eye(WIDTH), np.ones((1, WIDTH))])
+  with pytest.raises(ValueError, match=r"D: expected orthonormal rows \(max \|D Dᵀ − I\| <= "
+                     r"0\.0001\) or at most C_in = 4 independent ones, got 5 rows \(shape "
+                     r"\(5, 4\)\) with max \|D Dᵀ − I\| = 3;"):
+    gens.layer_scores(gen, "up2", five, NUMS)
+  with pytest.raises(ValueError, match=r"D: expected a numeric array of directions, got "
+                     r"dtype complex128"):
+    gens.match_scores(before[0], D * 1j)
+  with pytest.raises(ValueError, match=r"D: expected a numeric array of directions, got "
+                     r"dtype bool"):
+    metrics.evaluate_edit(gen, "up2", np.eye(WIDTH, dtype=bool)[:1], params, NUMS)
+  with pytest.raises(ValueError, match=r"keys: expected a numeric array of keys, got dtype "
+                     r"<U1"):
+    gens.match_scores(np.array([["a"] * WIDTH]), D)
+  nan = before[0][:1].copy()
+  nan[0, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match="keys: expected finite keys, got 1 NaN or infinite "
+                     "of 256"):
+    gens.match_scores(nan, D)
+
+
+def test_to_uint8_takes_the_generator_range_and_matches_a_float64_reference():
+  rs = np.random.RandomState(4)
+  x = rs.uniform(-1.3, 1.3, (3, 5, 7, 3))  # an odd, non-square size
+  ref = lambda a, lo, hi: np.round((np.clip(np.asarray(a, np.float64), lo, hi) - lo)
+                                   * 255.0 / (hi - lo))
+  np.testing.assert_array_equal(gens.to_uint8(x), ref(x, -1, 1))
+  # A [0, 1] generator: the default range gave 128 for black and 255 from 0.5 up.
+  y = rs.uniform(-0.1, 1.1, (2, 3, 3, 3))
+  np.testing.assert_array_equal(gens.to_uint8(y, value_range=(0.0, 1.0)), ref(y, 0, 1))
+  np.testing.assert_array_equal(gens.to_uint8(y, (0, 1)), ref(y, 0, 1))
+  # float16 and bfloat16 images were converted in their own precision (off by one).
+  for dt in (np.float16, jnp.bfloat16):
+    z = np.asarray(jnp.asarray(rs.uniform(-1, 1, 4000), dt))
+    np.testing.assert_array_equal(gens.to_uint8(z), ref(z, -1, 1))
+  # Far outside the range: clipped, without overflowing (float32 max · 127.5 was inf).
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    big = np.array([3e38, -3e38, 1.5, -7.0], np.float32)
+    assert gens.to_uint8(big).tolist() == [255, 0, 255, 0]
+    assert gens.to_uint8(big, value_range=(0, 1)).tolist() == [255, 0, 255, 0]
+
+
+def test_to_uint8_refuses_pixels_nan_and_bad_ranges_by_name():
+  with pytest.raises(ValueError, match=r"images: expected floating-point images with values in "
+                     r"about \[-1, 1\], got dtype uint8 \(uint8 images are already pixels\)"):
+    gens.to_uint8(np.array([0, 128, 255], np.uint8))
+  with pytest.raises(ValueError, match=r"in about \[0, 1\], got dtype int64"):
+    gens.to_uint8(np.array([0, 1], np.int64), value_range=(0, 1))
+  with pytest.raises(ValueError, match=r"got dtype bool"):
+    gens.to_uint8(np.array([True]))
+  with pytest.raises(ValueError, match=r"images: expected finite values, got 3 NaN or infinite "
+                     r"of 4 \(2 NaN, 1 infinite;"):
+    gens.to_uint8(np.array([np.nan, np.inf, 0.0, np.nan]))
+  for vr in ((1.0, 0.0), (0.0, 0.0), (0.0, float("inf")), (True, 2.0), ("0", "1")):
+    with pytest.raises(ValueError, match=r"value_range: expected two finite numbers lo < hi "
+                       rf"\(the generator's output range, .*got {re.escape(repr(vr))}"):
+      gens.to_uint8(np.zeros(2), value_range=vr)
+  for vr in (None, (0.0,), 1.0):
+    with pytest.raises(ValueError, match=rf"value_range: expected \(lo, hi\).*got "
+                       rf"{re.escape(repr(vr))}"):
+      gens.to_uint8(np.zeros(2), value_range=vr)
+
+
+def test_comparison_grid_of_non_square_images_and_bad_layouts():
+  rs = np.random.RandomState(5)
+  a = rs.uniform(0, 1, (3, 3, 5, 1))
+  b = rs.uniform(0, 1, (3, 3, 5, 1))
+  grid = gens.comparison_grid(a, b, columns=2, pad=1, scale=2, value_range=(0, 1))
+  H, W, pad = 6, 10, 1
+  assert grid.shape == (2 * (H + pad) + pad, 2 * (2 * W + 3 * pad) + pad, 1)
+  ua, ub = gens.to_uint8(a, (0, 1)), gens.to_uint8(b, (0, 1))
+  for i in range(3):
+    r, c = divmod(i, 2)
+    y, x = pad + r * (H + pad), pad + c * (2 * W + 3 * pad)
+    np.testing.assert_array_equal(grid[y:y + H:2, x:x + W:2], ua[i])
+    np.testing.assert_array_equal(grid[y:y + H:2, x + W + pad:x + 2 * W + pad:2], ub[i])
+  np.testing.assert_array_equal(grid[-pad:], 255)
+  np.testing.assert_array_equal(grid[pad + H + pad:, pad + 2 * W + 3 * pad:], 255)  # no pair 3
+  ok = np.zeros((2, 3, 3, 3))
+  for kw, msg in ((dict(columns=0), r"columns: expected an int >= 1, got 0"),
+                  (dict(columns=1.5), r"columns: expected an int >= 1, got 1\.5"),
+                  (dict(scale=0), r"scale: expected an int >= 1, got 0"),
+                  (dict(pad=-1), r"pad: expected an int >= 0, got -1")):
+    with pytest.raises(ValueError, match=msg):
+      gens.comparison_grid(ok, ok, **kw)
+  for bad in (np.zeros((3, 3, 3)), np.zeros((0, 3, 3, 3))):
+    with pytest.raises(ValueError, match=r"original: expected images \(N, H, W, C\) with "
+                       rf"N >= 1, got shape {re.escape(str(bad.shape))}"):
+      gens.comparison_grid(bad, bad)
+
+
+def test_half_precision_scores_give_float64_reference_thresholds_and_heat_maps():
+  """bfloat16 scores were interpolated and divided in bfloat16 (errors of about 2e-3)."""
+  s = np.asarray(jnp.asarray(np.abs(np.random.RandomState(6).standard_normal((2, 4, 4))),
+                             jnp.bfloat16))
+  s64 = s.astype(np.float64)
+  for q in (0.37, 0.9):
+    np.testing.assert_allclose(gens.match_threshold(s, q), np.quantile(s64, q), rtol=1e-6)
+  heat = gens.heatmaps(s, 0.7, 8)
+  np.testing.assert_allclose(heat, np.clip(s64 / 0.7, 0, 1).repeat(2, 1).repeat(2, 2),
+                             rtol=1e-6, atol=1e-7)
+  ranked = gens.rank_by_match(np.asarray(jnp.asarray(s, jnp.float16)), [4, 5])
+  best = s64.reshape(2, -1).max(-1)
+  assert [n for n, _ in ranked] == [[4, 5][i] for i in np.argsort(-best, kind="stable")]
+
+
+def test_edited_params_that_cannot_be_the_generators_are_refused_before_running(setup):
+  """A Generator gave JAX's 'Error interpreting argument ... as an abstract array', a
+  sub-tree 'Incorrect number of leaves', and None measured the original against itself."""
+  gen, D, params, *_ = setup
+  n = len(jax.tree_util.tree_leaves(gen.params))
+  for bad, got in ((gen, "a Generator"), (None, "None")):
+    with pytest.raises(ValueError, match=r"edited_params: expected the edited generator's "
+                       rf"parameters \(e\.g\. edited\(gen, edit\)\[0\]\.params\), got {got}"):
+      metrics.evaluate_edit(gen, "up2", D, bad, NUMS, quantile=0.9)
+  with pytest.raises(ValueError, match=rf"edited_params: expected a parameter tree like "
+                     rf"gen.params with {n} leaves .*got 1 leaves"):
+    metrics.evaluate_at_quantiles(gen, "up2", D, {"kernel": np.zeros(3)}, NUMS, [0.9])
+  path = gen.weight_path("up2")
+  kernel = np.asarray(get_leaf(params, path))
+  wrong = replace_leaf(params, path, jnp.asarray(kernel[..., :-1]))
+  with pytest.raises(ValueError, match=rf"edited_params: expected leaf \d+ of shape "
+                     rf"{re.escape(str(kernel.shape))}, as in gen.params, got shape "
+                     rf"{re.escape(str(kernel[..., :-1].shape))}"):
+    metrics.evaluate_edit(gen, "up2", D, wrong, NUMS, quantile=0.9)
+  # A bfloat16 copy of the edited kernel has the same shapes and is measured.
+  half = replace_leaf(params, path, jnp.asarray(kernel, jnp.bfloat16))
+  m = metrics.evaluate_edit(gen, "up2", D, half, NUMS, quantile=0.9)
+  assert m["specificity"]["all_mean_abs_change"] > 0
