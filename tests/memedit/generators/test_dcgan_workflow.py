@@ -84,7 +84,7 @@ def test_dcgan_spec_edit_apply_revert_query_and_metrics(dcgan):
   assert 0 < m["context_match"]["pixels"] <= 0.06
   sp = m["specificity"]
   assert sp["inside_mean_abs_change"] > sp["outside_mean_abs_change"] > 0
-  ovf = gens.overfit(gen, "convt2", res.target, steps=200)
+  ovf = gens.overfit(gen, "convt2", res.target, steps=50)  # as low after 50 steps as 200
   assert ovf.loss_after < ovf.loss_before
   over, _ = gens.edited(gen, ovf.edit)
   m_o = metrics.evaluate_edit(gen, "convt2", res.D, over.params, nums,

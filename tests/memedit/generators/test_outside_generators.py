@@ -79,7 +79,10 @@ def test_a_one_by_one_grey_layer_of_an_upsampling_groupnorm_generator_is_edited_
   assert (info.key_res, info.value_res, info.key_dim, info.value_dim, info.margin) == (
       16, 16, 6, 1, 1)
   assert gens.layer_info(gen, "res").weight_path == ("blocks", "res", "conv_a", "kernel")
-  feats = lambda nums: [_f64(a) for a in model.features(jnp.asarray(gen.latents(nums)), 0.7)]
+  # One compiled program per batch size (op by op, each of the model's operations would
+  # be compiled on its own, for each batch size).
+  features = nnx.jit(lambda m, z: m.features(z, 0.7))
+  feats = lambda nums: [_f64(a) for a in features(model, jnp.asarray(gen.latents(nums)))]
   # Statistics: Σ k kᵀ / n of the keys computed here.
   k, _, images = feats(range(12))
   np.testing.assert_allclose(gens.generate_images(gen, gen.latents(12)), images, atol=1e-6)
