@@ -113,45 +113,60 @@ def total_weight(state: CovarianceState) -> jax.Array:
   return state.weight[0] - state.weight[1]
 
 
-def _check_result_state(state: CovarianceState, what: str):
-  """Eager checks of a state before a result is read from it (none under jit)."""
-  check_state(state, what)
+def _values(state: CovarianceState, kind: str):
+  """A result read from ``state`` and what its checks need, in one traceable function:
+  (value, total weight, sums finite, value finite)."""
+  w = state.weight[0] - state.weight[1]
+  m = state.sum / w
+  if kind == "key_mean":
+    value = state.shift + m
+  elif kind == "centered_covariance":
+    cov = state.sum_sq / w - jnp.outer(m, m)
+    value = 0.5 * (cov + cov.T)
+  else:
+    mu = state.shift + m
+    c = state.sum_sq / w - jnp.outer(m, m) + jnp.outer(mu, mu)
+    value = 0.5 * (c + c.T)
+  sums_finite = (jnp.all(jnp.isfinite(state.weight)) & jnp.all(jnp.isfinite(state.shift))
+                 & jnp.all(jnp.isfinite(state.sum)) & jnp.all(jnp.isfinite(state.sum_sq)))
+  return value, w, sums_finite, jnp.all(jnp.isfinite(value))
+
+
+# Eagerly a result is read by one compiled program per dimension and dtype (op by op,
+# the reads and their checks would be a dozen small programs, each compiled and
+# dispatched on its own).
+_read_values = jax.jit(_values, static_argnums=1)
+
+
+def _result(state: CovarianceState, kind: str, on_checked=None) -> jax.Array:
+  """The result ``kind`` read from ``state``. Eagerly the state and the result are
+  checked (ValueError naming what failed; ``on_checked`` runs after the state's checks,
+  before the result's); under jit the result is all NaN where a check fails."""
+  check_state(state, kind)
   if is_traced(state):
-    return
+    value, w, sums_finite, value_finite = _values(state, kind)
+    ok = (state.nonfinite == 0) & (w > 0) & sums_finite & value_finite
+    return jnp.where(ok, value, jnp.nan)
+  value, w, sums_finite, value_finite = _read_values(state, kind)
   bad = int(np.asarray(state.nonfinite))
   if bad:
     raise ValueError(
-        f"{what}: expected finite keys, got {bad} key(s) holding NaN or inf, or with a NaN, "
+        f"{kind}: expected finite keys, got {bad} key(s) holding NaN or inf, or with a NaN, "
         f"inf or negative weight, among {key_count(state) + bad}")
-  w = float(np.asarray(total_weight(state)))
+  w = float(np.asarray(w))
   if np.isfinite(w) and w <= 0:
-    raise ValueError(f"{what}: expected at least one key with positive weight, got none")
-  sums = (state.weight, state.shift, state.sum, state.sum_sq)
-  if not all(bool(jnp.all(jnp.isfinite(x))) for x in sums):
+    raise ValueError(f"{kind}: expected at least one key with positive weight, got none")
+  if not bool(sums_finite):
     raise ValueError(
-        f"{what}: expected finite accumulated sums, got NaN or inf (the keys' weighted "
+        f"{kind}: expected finite accumulated sums, got NaN or inf (the keys' weighted "
         f"squares or the total weight overflow {state.sum.dtype}); rescale the keys or "
         f"weights, or fold them in float64")
-
-
-def _state_ok(state: CovarianceState) -> jax.Array:
-  """In-graph form of :func:`_check_result_state`: () bool."""
-  w = total_weight(state)
-  finite = (jnp.all(jnp.isfinite(state.weight)) & jnp.all(jnp.isfinite(state.shift))
-            & jnp.all(jnp.isfinite(state.sum)) & jnp.all(jnp.isfinite(state.sum_sq)))
-  return (state.nonfinite == 0) & (w > 0) & finite
-
-
-def _checked(value: jax.Array, state: CovarianceState, what: str) -> jax.Array:
-  """A result read from a checked state: eagerly it must be finite (else ValueError);
-  under jit it is replaced by NaN when the state or the result fails the checks."""
-  if is_traced(state, value):
-    ok = _state_ok(state) & jnp.all(jnp.isfinite(value))
-    return jnp.where(ok, value, jnp.nan)
-  if not bool(jnp.all(jnp.isfinite(value))):
-    mu = np.asarray(state.shift + state.sum / total_weight(state))
+  if on_checked is not None:
+    on_checked()
+  if not bool(value_finite):
+    mu = np.asarray(state.shift) + np.asarray(state.sum) / w
     raise ValueError(
-        f"{what}: expected a finite result, got NaN or inf: it overflows {value.dtype} "
+        f"{kind}: expected a finite result, got NaN or inf: it overflows {value.dtype} "
         f"(the keys' mean reaches {np.abs(mu).max():.3g}); rescale the keys, use "
         f"centered_covariance, or fold them in float64")
   return value
@@ -177,8 +192,7 @@ def key_mean(state: CovarianceState) -> jax.Array:
     >>> np.asarray(memedit.key_mean(s))
     array([2., 3.], dtype=float32)
   """
-  _check_result_state(state, "key_mean")
-  return _checked(state.shift + state.sum / total_weight(state), state, "key_mean")
+  return _result(state, "key_mean")
 
 
 def centered_covariance(state: CovarianceState) -> jax.Array:
@@ -201,11 +215,7 @@ def centered_covariance(state: CovarianceState) -> jax.Array:
     >>> np.asarray(memedit.centered_covariance(s))
     array([[1.]], dtype=float32)
   """
-  _check_result_state(state, "centered_covariance")
-  w = total_weight(state)
-  m = state.sum / w
-  cov = state.sum_sq / w - jnp.outer(m, m)
-  return _checked(0.5 * (cov + cov.T), state, "centered_covariance")
+  return _result(state, "centered_covariance")
 
 
 def second_moment(state: CovarianceState) -> jax.Array:
@@ -232,20 +242,16 @@ def second_moment(state: CovarianceState) -> jax.Array:
     array([[1., 1.],
            [1., 1.]], dtype=float32)
   """
-  _check_result_state(state, "second_moment")
-  if not is_traced(state.count):
+  def warn_rank():
     n, d = key_count(state), int(state.sum.shape[-1])
     if 0 < n < d:
       warnings.warn(
           f"second_moment: C from {n} keys of dimension {d} has rank at most {n}: solves "
           f"floor its zero eigenvalues (rcond), and keys C⁻¹-orthogonal to an edit keep "
           f"their outputs only to about cond(C)·ε; collect at least {d} keys",
-          UserWarning, stacklevel=2)
-  w = total_weight(state)
-  m = state.sum / w
-  mu = state.shift + m
-  c = state.sum_sq / w - jnp.outer(m, m) + jnp.outer(mu, mu)
-  return _checked(0.5 * (c + c.T), state, "second_moment")
+          UserWarning, stacklevel=4)
+
+  return _result(state, "second_moment", warn_rank)
 
 
 # ----------------------------------------------------------------------------------------

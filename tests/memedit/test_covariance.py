@@ -612,3 +612,26 @@ def test_boolean_keys_fold_as_zeros_and_ones():
                 memedit.stream_covariance([k[:20], k[20:]], progress=False)):
     np.testing.assert_allclose(np.asarray(memedit.second_moment(state)), ref, atol=3e-7)
     assert memedit.key_count(state) == 50
+
+
+def test_results_are_read_by_one_program_with_the_bits_of_the_jitted_read():
+  # Eagerly each result is one compiled program per dimension (not a dozen op-by-op
+  # ones), computing what the same function computes under the user's jax.jit.
+  rng = np.random.default_rng(7)
+  x = (rng.standard_normal((300, 13)) * 3 + 40).astype(np.float32)
+  st = memedit.covariance_update(memedit.covariance_init(13), x, rng.uniform(0, 2, 300))
+  ref = np.asarray(x, np.float64)
+  for name in ("second_moment", "centered_covariance", "key_mean"):
+    fn = getattr(memedit, name)
+    with Compilations() as comp:
+      eager = np.asarray(fn(st))
+      again = np.asarray(fn(st))
+    assert comp.count == 1, (name, comp.events)
+    np.testing.assert_array_equal(eager, again)
+    np.testing.assert_array_equal(eager, np.asarray(jax.jit(fn)(st)))
+  unweighted = memedit.covariance_update(memedit.covariance_init(13), x)
+  np.testing.assert_allclose(memedit.second_moment(unweighted), ref.T @ ref / len(ref),
+                             rtol=2e-6)
+  mu = ref.mean(0)
+  np.testing.assert_allclose(memedit.centered_covariance(unweighted),
+                             (ref - mu).T @ (ref - mu) / len(ref), atol=2e-5)
