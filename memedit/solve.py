@@ -104,6 +104,7 @@ def solve_lambda(
     progress: Callable[[int, float], Any] | None = None,
     progress_every: int | None = None,
     keep_best: bool = True,
+    chunk_steps: int | None = None,
 ) -> SolveResult:
   """Finds Λ = argmin_Λ loss(f(K0 + ΔK(Λ, D), keys), targets) inside one jitted program.
 
@@ -146,12 +147,16 @@ def solve_lambda(
   Progress: ``progress(step, loss)`` is called while the compiled solve runs, from the
   runtime's callback thread (``jax.debug.callback`` inside the loop), with the loss
   before step ``step`` (= ``losses[step]``) every ``progress_every`` steps, and once at
-  the end with ``(steps, final_loss)``. The hook only observes: the solve is the same
-  program with a host call added, and gives the same Λ and losses bit for bit; one
-  program serves every hook (hooks are looked up by a number passed as an argument), so
-  a new hook does not recompile. An exception the hook raises is raised by
-  ``solve_lambda`` once the solve has ended (the hook is not called again). A hook needs
-  an eager call (not under ``jax.jit`` or ``jax.vmap``).
+  the end with ``(steps, final_loss)``. With a hook the solve runs in chunks of
+  ``chunk_steps`` steps, each a call of one compiled scan with the solver's state carried
+  from the last (a first part of up to ``chunk_steps`` steps and the end are two more
+  programs). The hook only observes: the chunks are the same steps with a host call added,
+  and give the same Λ and losses bit for bit; the programs serve every hook (hooks are
+  looked up by a number passed as an argument), and the chunk and end programs every
+  number of steps, so a new hook does not recompile. An exception the hook raises stops
+  the solve at the end of the chunk it was raised in, and ``solve_lambda`` raises it (the
+  hook is not called again): a hook that raises when asked to is how a running solve is
+  cancelled. A hook needs an eager call (not under ``jax.jit`` or ``jax.vmap``).
 
   Args:
     f: pure function (kernel, keys) → values; kernel in its own layout, keys any pytree.
@@ -198,6 +203,8 @@ def solve_lambda(
     keep_best: Adam only: return the visited Λ of lowest loss (the start, each step's
       point and the last; the earliest of equal losses) instead of the last one. Gauss–
       Newton keeps a step only when it lowers the loss, so its last point is its best.
+    chunk_steps: steps per compiled chunk of a solve with a progress hook (default:
+      ``CHUNK_STEPS[optimizer]``, 100 Adam or 5 Gauss–Newton steps); only with ``progress``.
 
   Returns:
     :class:`SolveResult`.
@@ -269,16 +276,24 @@ def solve_lambda(
   if conv_as_matmul is None:
     conv_as_matmul = jax.default_backend() == "cpu"
   cg_steps = check_positive_int(cg_steps, "cg_steps")
+  chunk = _check_chunk(chunk_steps, progress, optimizer)
   every, hook = _hook(progress, progress_every, steps,
                       (kernel0, D, keys, targets, weights, lam0, lam_mask))
   try:
-    res = _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, bool(factored),
-                 bool(conv_as_matmul), bool(keep_best), kernel0, D, keys,
-                 targets, weights, lam0, jnp.float32(learning_rate), jnp.float32(damping),
-                 lam_mask, jnp.int32(hook))
     if hook:
-      jax.block_until_ready(res)
-      jax.effects_barrier()
+      res = _solve_in_chunks(
+          chunk, hook, (f, kind, in_ndim, loss, optimizer, cg_steps, every, bool(factored),
+                        bool(conv_as_matmul), bool(keep_best)),
+          (kernel0, D, keys, targets, weights, lam_mask), lam0, jnp.float32(learning_rate),
+          jnp.float32(damping), steps)
+      if res is not None:
+        jax.block_until_ready(res)
+        jax.effects_barrier()
+    else:
+      res = _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, bool(factored),
+                   bool(conv_as_matmul), bool(keep_best), kernel0, D, keys,
+                   targets, weights, lam0, jnp.float32(learning_rate), jnp.float32(damping),
+                   lam_mask, jnp.int32(hook))
   finally:
     entry = _HOOKS.pop(hook, None)
   if entry is not None and entry[1] is not None:
@@ -310,6 +325,17 @@ def _hook(progress, progress_every, steps, args) -> tuple[int, int]:
     hook = (next(_HOOK_IDS) - 1) % (2 ** 31 - 2) + 1  # an int32 > 0; 0 is no hook
     _HOOKS[hook] = [progress, None]
   return every, hook
+
+
+def _check_chunk(chunk_steps, progress, optimizer) -> int:
+  """Steps per compiled chunk of a solve with a progress hook."""
+  if chunk_steps is None:
+    return CHUNK_STEPS[optimizer]
+  chunk_steps = check_positive_int(chunk_steps, "chunk_steps")
+  if progress is None:
+    raise ValueError(f"chunk_steps: expected only with a progress hook (chunks let the hook "
+                     f"stop the solve), got chunk_steps={chunk_steps} without progress")
+  return chunk_steps
 
 
 def _dispatch(hook, step, loss):
@@ -437,41 +463,37 @@ def _loss_fn(f, kernel0, D, keys, targets, kind, in_ndim, weights, loss, lam_mas
   return lambda lam: _weighted_loss(forward(lam), targets, weights, loss)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
-def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, factored, patch,
-           keep_best, kernel0, D, keys, targets, weights, lam0, learning_rate, damping,
-           lam_mask, hook):
-  emit = _emitter(every, steps, hook)
-  forward = _forward(f, kernel0, D, keys, kind, in_ndim, lam_mask, factored, patch)
+def _result(lam, losses, final_loss, lam_mask, finite=True):
+  lam = _masked(lam, lam_mask)
+  finite = jnp.logical_and(finite, jnp.logical_and(jnp.isfinite(final_loss),
+                                                   jnp.all(jnp.isfinite(lam))))
+  return SolveResult(jnp.where(finite, lam, jnp.nan), losses, final_loss, finite)
 
-  def loss_fn(lam):
-    return _weighted_loss(forward(lam), targets, weights, loss)
 
-  def result(lam, losses, final_loss, finite=True):
-    lam = _masked(lam, lam_mask)
-    finite = jnp.logical_and(finite, jnp.logical_and(jnp.isfinite(final_loss),
-                                                     jnp.all(jnp.isfinite(lam))))
-    return SolveResult(jnp.where(finite, lam, jnp.nan), losses, final_loss, finite)
+def _adam_result(loss_fn, lam, losses, best, keep_best, emit, steps, lam_mask,
+                 losses_finite=None):
+  """The result of an Adam run that ended at ``lam`` with ``best`` = (Λ, loss) the best
+  visited point (keep_best); ``losses_finite``: whether every loss is finite (None: from
+  ``losses``)."""
+  final = loss_fn(lam)
+  finite = True
+  if keep_best:
+    # The best of Λ_0 … Λ_steps; a run that met a NaN or inf loss on the way still
+    # fails (Adam's iterates do not come back from NaN), as without keep_best.
+    best_lam, best_loss = best
+    last = jnp.logical_not(best_loss <= final)
+    lam = jnp.where(last, lam, best_lam)
+    final = jnp.where(last, final, best_loss).astype(final.dtype)
+    finite = jnp.all(jnp.isfinite(losses)) if losses_finite is None else losses_finite
+  if emit is not None:
+    emit(steps, final)
+  return _result(lam, losses, final, lam_mask, finite)
 
-  if optimizer == "adam":
-    lam, _, losses, *best = adam_scan(loss_fn, lam0, steps, learning_rate, callback=emit,
-                                      keep_best=keep_best)
-    final = loss_fn(lam)
-    finite = True
-    if keep_best:
-      # The best of Λ_0 … Λ_steps; a run that met a NaN or inf loss on the way still
-      # fails (Adam's iterates do not come back from NaN), as without keep_best.
-      best_lam, best_loss = best
-      last = jnp.logical_not(best_loss <= final)
-      lam = jnp.where(last, lam, best_lam)
-      final = jnp.where(last, final, best_loss).astype(final.dtype)
-      finite = jnp.all(jnp.isfinite(losses))
-    if emit is not None:
-      emit(jnp.int32(steps), final)
-    return result(lam, losses, final, finite)
 
-  # Gauss–Newton / Levenberg–Marquardt with matrix-free CG, in Λ's dtype throughout.
-  dt = lam0.dtype
+def _gauss_newton(f, forward, loss_fn, loss, cg_steps, kernel0, keys, targets, weights,
+                  dt, emit):
+  """(init(lam0, damping) → carry, step(carry, t) → (carry, loss before step t)) of the
+  Levenberg–Marquardt Gauss–Newton solve, in Λ's dtype ``dt`` throughout."""
   if weights is None:
     wfull = jnp.ones(targets.shape, dt)
   else:
@@ -562,10 +584,112 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, factored, 
     carry = (lam, jnp.where(ok, new, cur), jnp.where(ok, gsq_new, gsq), mu, nu)
     return carry, cur
 
-  cur0, g0 = value_and_grad(lam0)
-  init = (lam0, cur0, jnp.sum(g0 * g0), damping.astype(dt), jnp.asarray(2.0, dt))
+  def init(lam0, damping):
+    cur0, g0 = value_and_grad(lam0)
+    return (lam0, cur0, jnp.sum(g0 * g0), damping.astype(dt), jnp.asarray(2.0, dt))
+
+  return init, gn_step
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
+def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, factored, patch,
+           keep_best, kernel0, D, keys, targets, weights, lam0, learning_rate, damping,
+           lam_mask, hook):
+  emit = _emitter(every, steps, hook)
+  forward = _forward(f, kernel0, D, keys, kind, in_ndim, lam_mask, factored, patch)
+
+  def loss_fn(lam):
+    return _weighted_loss(forward(lam), targets, weights, loss)
+
+  if optimizer == "adam":
+    lam, _, losses, *best = adam_scan(loss_fn, lam0, steps, learning_rate, callback=emit,
+                                      keep_best=keep_best)
+    return _adam_result(loss_fn, lam, losses, best, keep_best, emit, jnp.int32(steps),
+                        lam_mask)
+
+  init, gn_step = _gauss_newton(f, forward, loss_fn, loss, cg_steps, kernel0, keys, targets,
+                                weights, lam0.dtype, emit)
   xs = None if emit is None else jnp.arange(steps, dtype=jnp.int32)
-  (lam, cur, _, _, _), losses = lax.scan(gn_step, init, xs, length=steps)
+  (lam, cur, _, _, _), losses = lax.scan(gn_step, init(lam0, damping), xs, length=steps)
   if emit is not None:
     emit(jnp.int32(steps), cur)
-  return result(lam, losses, cur)
+  return _result(lam, losses, cur, lam_mask)
+
+
+#: Steps per compiled chunk of a solve with a progress hook, by optimizer (a Gauss–Newton
+#: step costs about cg_steps + 4 passes through f, an Adam step about 2).
+CHUNK_STEPS = {"adam": 100, "gauss_newton": 5}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11))
+def _solve_part(part, f, kind, in_ndim, loss, optimizer, n, cg_steps, every, factored, patch,
+                keep_best, kernel0, D, keys, targets, weights, lam_mask, learning_rate, hook,
+                steps, t0, state):
+  """One part of a solve run in chunks: ``part`` "start" (``state`` = (Λ0, damping)),
+  "chunk" (``state`` = the solver's carry) each running ``n`` steps from step ``t0`` and
+  returning (carry, their losses), or "finish" (``state`` = (carry, whether every loss is
+  finite), ``n`` unused) returning the :class:`SolveResult` without its losses (None).
+  ``steps`` (the total) is traced, so the chunk and finish programs serve every total;
+  the steps are :func:`_solve`'s, op for op."""
+  emit = _emitter(every, steps, hook)
+  forward = _forward(f, kernel0, D, keys, kind, in_ndim, lam_mask, factored, patch)
+
+  def loss_fn(lam):
+    return _weighted_loss(forward(lam), targets, weights, loss)
+
+  shifted = lambda t, value: emit(t + t0, value)
+  if optimizer == "adam":
+    if part == "finish":
+      (lam, _, *best), finite = state
+      return _adam_result(loss_fn, lam, None, best, keep_best, emit, steps, lam_mask, finite)
+    if part == "start":
+      lam, opt_state, losses, *best = adam_scan(loss_fn, state[0], n, learning_rate,
+                                                callback=shifted, keep_best=keep_best)
+      return (lam, opt_state, *best), losses
+    lam, opt_state, *best = state
+    lam, opt_state, losses, *found = adam_scan(loss_fn, lam, n, learning_rate,
+                                               opt_state=opt_state, callback=shifted,
+                                               keep_best=keep_best)
+    if keep_best:  # the earliest point of lowest loss over the chunks, as in one scan
+      better = found[1] < best[1]
+      best = [jnp.where(better, found[0], best[0]), jnp.where(better, found[1], best[1])]
+    return (lam, opt_state, *best), losses
+
+  dt = (state[0][0] if part == "finish" else state[0]).dtype  # Λ's
+  init, gn_step = _gauss_newton(f, forward, loss_fn, loss, cg_steps, kernel0, keys, targets,
+                                weights, dt, emit)
+  if part == "finish":
+    (lam, cur, _, _, _), _ = state
+    emit(steps, cur)
+    return _result(lam, None, cur, lam_mask)
+  carry = init(*state) if part == "start" else state
+  xs = t0 + jnp.arange(n, dtype=jnp.int32)
+  return lax.scan(gn_step, carry, xs, length=n)
+
+
+def _solve_in_chunks(chunk, hook, statics, arrays, lam0, learning_rate, damping, steps):
+  """:func:`_solve` with a progress hook as a first part and chunks of ``chunk`` steps
+  (three programs; only the first part's depends on the total), the solver's state
+  carried between them; stops after the part in which the hook raised (None then)."""
+  total = np.int32(steps)
+  first = steps - chunk * ((steps - 1) // chunk)  # in [1, chunk]; the rest are chunks
+  run = lambda part, n, t0, state: _solve_part(part, *statics[:5], n, *statics[5:], *arrays,
+                                               learning_rate, np.int32(hook), total,
+                                               np.int32(t0), state)
+
+  def stopped(losses):
+    parts.append(np.asarray(losses))  # waits for the part
+    jax.effects_barrier()  # and for its calls of the hook
+    return _HOOKS[hook][1] is not None
+
+  parts: list = []
+  carry, losses = run("start", first, 0, (lam0, damping))
+  if stopped(losses):
+    return None
+  for t0 in range(first, steps, chunk):
+    carry, losses = run("chunk", chunk, t0, carry)
+    if stopped(losses):
+      return None
+  losses = np.concatenate(parts)
+  res = run("finish", 0, steps, (carry, np.isfinite(losses).all()))
+  return res._replace(losses=jax.device_put(losses))

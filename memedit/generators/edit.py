@@ -39,7 +39,7 @@ from memedit.generators.generator import Generator, layer_info, layer_kernel
 from memedit.generators.paste import Target
 from memedit.generators.subspace import subspace_problem
 from memedit.optim import LOSSES, adam_scan, check_choice, residual_loss
-from memedit.solve import solve_lambda
+from memedit.solve import CHUNK_STEPS, solve_lambda
 from memedit.specs import TAPS
 
 __all__ = ["EditResult", "edited", "insert", "overfit", "overfit_all", "projected_insert",
@@ -485,8 +485,40 @@ def _overfit_program(f, steps: int):
   return cached_program(("overfit", f, steps), build)
 
 
+def _overfit_part_program(f, n: int, first: bool):
+  """``n`` of the overfit's Adam steps from the start (``first``) or from a carried
+  (delta, Adam state): the steps of :func:`_overfit_program`, op for op."""
+  def build():
+    def run(kernel0, keys, targets, lr, delta, opt_state):
+      loss_fn = lambda delta: residual_loss(f(kernel0 + delta, keys) - targets, "l1")
+      if first:
+        return adam_scan(loss_fn, jnp.zeros_like(kernel0), n, lr)
+      return adam_scan(loss_fn, delta, n, lr, opt_state=opt_state)
+    return jax.jit(run)
+  return cached_program(("overfit-part", f, n, first), build)
+
+
+def _overfit_in_chunks(f, steps, progress, kernel0, keys, targets, lr):
+  """The overfit run as a first part and chunks of ``CHUNK_STEPS["adam"]`` steps (two
+  programs, the chunk's shared by every total), calling ``progress(step, loss)`` on the
+  host after each; an exception it raises stops the run there."""
+  chunk = CHUNK_STEPS["adam"]
+  first = steps - chunk * ((steps - 1) // chunk)  # in [1, chunk]
+  delta, state, losses = _overfit_part_program(f, first, True)(kernel0, keys, targets, lr,
+                                                               None, None)
+  parts = [np.asarray(losses)]
+  progress(first - 1, float(parts[-1][-1]))
+  for t in range(first, steps, chunk):
+    delta, state, losses = _overfit_part_program(f, chunk, False)(kernel0, keys, targets, lr,
+                                                                  delta, state)
+    parts.append(np.asarray(losses))
+    progress(t + chunk - 1, float(parts[-1][-1]))
+  return delta, np.concatenate(parts)
+
+
 def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
-            learning_rate: float = 0.01) -> EditResult:
+            learning_rate: float = 0.01,
+            progress: Callable[[int, float], Any] | None = None) -> EditResult:
   """The paper's "overfit" baseline on the layer: every weight of the layer's kernel is
   fine-tuned with Adam on the same L1 loss at the paste crop (no subspace constraint).
 
@@ -497,6 +529,10 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
   Args:
     gen, layer: the generator and layer name. target: the paste.
     steps: Adam steps (the paper's 20001). learning_rate: Adam's (the paper's 0.01).
+    progress: optional ``progress(step, loss)``: the steps then run in chunks of
+      ``memedit.solve.CHUNK_STEPS["adam"]`` (the same steps, the same bits), and after each
+      it is called on the host with the chunk's last step t and losses[t] (the loss before
+      step t); an exception it raises stops the run (e.g. to cancel it) and is raised.
 
   Returns:
     :class:`EditResult`.
@@ -519,11 +555,17 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
   """
   steps = check_positive_int(steps, "steps")
   learning_rate = check_learning_rate(learning_rate)
+  if progress is not None and not callable(progress):
+    raise ValueError(f"progress: expected a callable progress(step, loss), got "
+                     f"{type(progress).__name__}")
   info = layer_info(gen, layer)
   f, keys = crop_problem(gen, layer, target)
   kernel0 = jnp.asarray(layer_kernel(gen, layer))
-  delta, losses = _overfit_program(_loop_form(f), steps)(
-      kernel0, keys, jnp.asarray(target.targets), jnp.float32(learning_rate))
+  args = (kernel0, keys, jnp.asarray(target.targets), jnp.float32(learning_rate))
+  if progress is None:
+    delta, losses = _overfit_program(_loop_form(f), steps)(*args)
+  else:
+    delta, losses = _overfit_in_chunks(_loop_form(f), steps, progress, *args)
   eye = np.eye(info.key_dim, dtype=np.float32)
   lam = _coefficients(delta, jnp.asarray(eye), info.kind, info.key_dim)
   edit = make_edit(info.weight_path, lam, eye, kind=info.kind, in_ndim=info.in_ndim,

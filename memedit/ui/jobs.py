@@ -2,7 +2,11 @@
 
 A :class:`Job` runs one function in a daemon thread; the function reports its phase, a
 fraction done and any numbers (e.g. the solver's losses) through :meth:`Job.report`, and
-the page polls :meth:`Job.snapshot`. A :class:`JobSlot` lets one job run at a time per
+the page polls :meth:`Job.snapshot`. :meth:`Job.cancel` asks a running job to stop: the
+function sees the request at its next :meth:`Job.check` (between batches, or when a
+chunk of solver steps ends, :func:`solve_progress`) and the job ends "cancelled"; once it
+has started publishing its result (:meth:`Job.seal`) it can no longer be cancelled, so a
+cancelled job has changed nothing. A :class:`JobSlot` lets one job run at a time per
 session and keeps the last few finished ones. Requests that only read (the grid, a job's
 progress) are served while a job runs, so the page keeps showing progress.
 
@@ -24,7 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Busy", "Job", "JobSlot", "solve_progress", "stderr_progress", "thin_losses"]
+__all__ = ["Busy", "Cancelled", "Finished", "Job", "JobSlot", "solve_progress",
+           "stderr_progress", "thin_losses"]
 
 _KEEP = 16
 
@@ -33,13 +38,21 @@ class Busy(RuntimeError):
   """Another job of the same session is still running."""
 
 
+class Cancelled(Exception):
+  """Raised inside a job's function when the job was asked to stop (:meth:`Job.check`)."""
+
+
+class Finished(RuntimeError):
+  """A job cannot be cancelled: it has ended, or is publishing its result."""
+
+
 class Job:
   """One background computation.
 
   Attributes:
     id: random hex identifier.
     kind: what it computes ("execute", "search", ...).
-    status: "running", "done" or "error".
+    status: "running", "done", "error" or "cancelled".
   """
 
   def __init__(self, kind: str):
@@ -52,19 +65,50 @@ class Job:
     self.error: str | None = None
     self.started = time.time()
     self.finished: float | None = None
+    self._cancel = False
+    self._sealed = False
 
   def report(self, **fields) -> None:
     """Updates the progress fields (phase, fraction in [0, 1] or None, message, ...)."""
     with self._lock:
       self._fields.update(fields)
 
+  def cancel(self) -> None:
+    """Asks the job to stop at its next :meth:`check` (asking again changes nothing).
+
+    Raises:
+      Finished: the job has ended, or is publishing its result (:meth:`seal`).
+    """
+    with self._lock:
+      if self.status != "running":
+        raise Finished(f"job: {self.kind} job {self.id} has already ended ({self.status}); "
+                       "there is nothing to cancel")
+      if self._sealed:
+        raise Finished(f"job: {self.kind} job {self.id} has finished its work and is saving "
+                       "its result; too late to cancel")
+      self._cancel = True
+
+  def check(self) -> None:
+    """Raises :class:`Cancelled` if the job was asked to stop."""
+    if self._cancel:
+      raise Cancelled(f"{self.kind} cancelled")
+
+  def seal(self) -> None:
+    """Marks the point of no return before the job publishes its result: raises
+    :class:`Cancelled` if it was asked to stop, else refuses later requests."""
+    with self._lock:
+      if self._cancel:
+        raise Cancelled(f"{self.kind} cancelled")
+      self._sealed = True
+
   def snapshot(self) -> dict:
-    """A JSON-able view: id, kind, status, elapsed seconds, the progress fields, and the
-    result (when done) or the error message (when failed)."""
+    """A JSON-able view: id, kind, status, elapsed seconds, whether it was asked to
+    stop (``cancelling``), the progress fields, and the result (when done) or the error
+    message (when failed)."""
     with self._lock:
       out = {"id": self.id, "kind": self.kind, "status": self.status,
              "elapsed": round((self.finished or time.time()) - self.started, 3),
-             **self._fields}
+             "cancelling": self._cancel and self.status == "running", **self._fields}
       if self.status == "done":
         out["result"] = self.result
       if self.status == "error":
@@ -73,11 +117,18 @@ class Job:
 
   def run(self, fn: Callable[["Job"], Any]) -> None:
     """Runs ``fn(self)``; its return value becomes the result, a ValueError's message
-    (or any other exception's type and message) the error."""
+    (or any other exception's type and message) the error; :class:`Cancelled` (from
+    :meth:`check` or :meth:`seal`) ends it "cancelled"."""
     try:
       result = fn(self)
       with self._lock:
+        if self._cancel and not self._sealed:  # asked to stop after its last check
+          raise Cancelled(f"{self.kind} cancelled")
         self.result, self.status = result, "done"
+    except Cancelled:
+      with self._lock:
+        self._fields.update(phase="cancelled", message="")
+        self.status = "cancelled"
     except ValueError as e:
       with self._lock:
         self.error, self.status = " ".join(str(e).split()), "error"
@@ -121,6 +172,9 @@ class JobSlot:
     with self._lock:
       cur = self.current
       if cur is not None and cur.status == "running":
+        if cur._cancel:
+          raise Busy(f"busy: {cur.kind} is being cancelled; it stops at the end of its "
+                     "current chunk of work, try again then")
         raise Busy(f"busy: {cur.kind} is still running; wait for it to finish")
       job = Job(kind)
       self._jobs[job.id] = job
@@ -154,6 +208,8 @@ def solve_progress(job: Job, steps: int) -> Callable[[int, float], None]:
   """The progress hook of a Λ solve of ``steps`` steps (:func:`memedit.solve_lambda`'s
   ``progress``): reports the fraction done, ``step``, ``steps``, ``loss`` and ``losses``
   (those seen so far, thinned) on ``job``; called from the runtime's callback thread.
+  Once the job is asked to stop it raises :class:`Cancelled`, which stops the solve at
+  the end of its current chunk of steps.
 
   Example:
     >>> job = Job("execute")
@@ -171,6 +227,7 @@ def solve_progress(job: Job, steps: int) -> Callable[[int, float], None]:
       seen.append(float(loss))
     job.report(fraction=min(step, steps) / steps, step=int(step), steps=steps,
                loss=float(loss), losses=thin_losses(seen))
+    job.check()
 
   return hook
 

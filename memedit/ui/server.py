@@ -11,10 +11,13 @@ runs in its own thread (:mod:`memedit.ui.jobs`). It is an optional extra,
 ``memedit[ui]``; the library itself keeps its six dependencies.
 
 The API is JSON over HTTP under ``/api``; a session is created by ``POST /api/sessions``
-and addressed as ``/api/s/<id>/...``. Errors are JSON ``{"error": message}`` with status
-400 (bad input; nothing changed), 404 (unknown session, job or route), 409 (a job is
-still running), 413 (request too large, chunked bodies included) or 500 (a bug; the
-server stays up). Answers are standard JSON: a non-finite number (a diverged solve's
+and addressed as ``/api/s/<id>/...``. Long operations answer 202 with a job, polled by
+``GET .../job?id=<job>`` and cancelled by ``POST .../job/cancel`` with ``{"id": <job>}``
+(202: it stops at the end of its current chunk of work and ends "cancelled", having
+changed nothing). Errors are JSON ``{"error": message}`` with status 400 (bad input;
+nothing changed), 404 (unknown session, job or route), 409 (a job is still running, or
+a job to cancel has ended), 413 (request too large, chunked bodies included) or 500 (a
+bug; the server stays up). Answers are standard JSON: a non-finite number (a diverged solve's
 loss) is sent as null. Only JSON object bodies are read (``Content-Type:
 application/json``, each field once), so a page of another site cannot send requests a
 browser would not first ask about; on a loopback address only loopback
@@ -37,7 +40,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 
 from memedit.specs.text import DuplicateField, unique_fields
 from memedit.ui.blas import limit_blas_threads
-from memedit.ui.jobs import Busy
+from memedit.ui.jobs import Busy, Finished
 from memedit.ui.session import Session, SessionStore
 from memedit.ui.workspace import Workspace, grid_limit, parse_imgnums
 
@@ -166,6 +169,10 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
   def busy(e):
     return jsonify(error=str(e)), 409
 
+  @app.errorhandler(Finished)
+  def finished(e):
+    return jsonify(error=str(e)), 409
+
   @app.errorhandler(HTTPException)
   def http_error(e):
     if e.code == 413:
@@ -275,6 +282,19 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
     if j is None:
       abort(404, description="job: no such job in this session")
     return jsonify(j.snapshot())
+
+  @app.post("/api/s/<sid>/job/cancel")
+  def cancel_job(sid):
+    s = session(sid)
+    jid, = _need(_body(), "id")
+    if not isinstance(jid, str):
+      raise ValueError(f"id: expected a job id (a string, as the job's answers give it), got "
+                       f"{_kind(jid)}")
+    j = s.jobs.get(jid)
+    if j is None:
+      abort(404, description=f"job: no such job in this session: {jid[:40]!r}")
+    j.cancel()
+    return jsonify(j.snapshot()), 202
 
   @app.post("/api/s/<sid>/edits/<eid>/active")
   def set_active(sid, eid):

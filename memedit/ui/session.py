@@ -5,7 +5,9 @@ checks its input before it changes anything (a bad request leaves the session as
 was), computes outside the lock, and publishes the new state in one assignment. The
 long operations (Execute, Erase, the overfit baseline, Search, replaying a spec,
 evaluating an edit) run as background jobs (:mod:`memedit.ui.jobs`) whose progress the
-page polls, while other requests are served.
+page polls, while other requests are served. A job asked to stop does so at its next
+check (between chunks of solver steps, batches of images, or phases), before it
+publishes anything, so a cancelled job leaves the session as it was.
 
 Every edit is solved on the *original* generator, exactly as ``memedit rewrite`` solves
 the spec the page saves: a saved spec replays to the identical edit. Edits are combined
@@ -292,6 +294,7 @@ class Session:
 
   def _record(self, job: Job, kind: str, layer: str, out: wf.Outcome, spec, D,
               seconds: float, regions=None) -> dict:
+    job.check()
     for a in jax.tree_util.tree_leaves(out.edit):  # Λ and D
       if not np.isfinite(np.asarray(a)).all():
         raise ValueError(f"{kind}: the solve gave non-finite values; no edit was made "
@@ -305,16 +308,30 @@ class Session:
         s = dataclasses.replace(s, **(regions(s) if callable(regions) else regions))
       return st.add_edit(s, rec)
 
+    job.seal()  # from here on the job cannot be cancelled: it publishes its edit
     s = self._commit(commit)
     view = self._edit_view(s.edits[-1])
     job.report(phase="done", fraction=1.0, losses=view["losses"])
     return {"edit": view}
 
   def _statistics_for(self, job: Job, layer: str) -> np.ndarray:
+    """C of ``layer``, waiting for the workspace's collection (started if needed) while
+    the job may be cancelled; the collection goes on for the next job when it is."""
     job.report(phase="statistics", fraction=0.0, message=f"statistics of {layer}")
-    return self.ws.statistics(layer, report=lambda f: job.report(fraction=f))
+    status = self.ws.ensure_statistics(layer)
+    while status["state"] == "running":
+      job.check()
+      job.report(fraction=status["fraction"])
+      time.sleep(0.05)
+      status = self.ws.stats_status(layer)
+    job.check()
+    if status["state"] == "error":
+      raise ValueError(f"statistics: collecting the statistics of layer {layer!r} failed: "
+                       f"{status['message']}")
+    return self.ws.ready_statistics(layer)
 
   def _solve_phase(self, job: Job, key: tuple, message: str) -> float:
+    job.check()
     job.report(phase="solving", fraction=None, message=message,
                expected=self.ws.solve_seconds.get(key))
     return time.perf_counter()
@@ -397,7 +414,8 @@ class Session:
       t0 = self._solve_phase(job, (layer, "overfit", steps), f"overfit: adam, {steps} steps")
       out = wf.run_overfit(self.ws.gen, layer, (s.copy.imgnum, s.copy.mask),
                            (s.paste.imgnum, s.paste.mask), steps=steps,
-                           learning_rate=float(learning_rate))
+                           learning_rate=float(learning_rate),
+                           progress=solve_progress(job, steps))
       seconds = time.perf_counter() - t0
       self.ws.solve_seconds[(layer, "overfit", steps)] = seconds
       return self._record(job, "overfit", layer, out, None, D, seconds)
@@ -423,6 +441,7 @@ class Session:
       parts = []
       job.report(phase="ranking", fraction=0.0, message=f"{count} images")
       for i in range(0, count, 128):
+        job.check()
         parts.append(self.ws.scores(s.layer, D, nums[i:i + 128]))
         job.report(fraction=min(i + 128, count) / count)
       ranking = wf.rank_by_match(np.concatenate(parts), nums)[:top]
@@ -445,6 +464,7 @@ class Session:
                        f"got {used[:8]}")
 
     def run(job):
+      job.check()
       job.report(phase="measuring", fraction=None, message=f"{len(nums)} images")
       m, strip = wf.evaluate(self.ws.gen, rec.layer, rec.directions, rec.edit, nums,
                              target_value=rec.target_value, quantile=q, pictured=PICTURED)

@@ -143,10 +143,14 @@ def run_spec(gen, spec, C, *, directions=None, progress=None) -> Outcome:
                  np.asarray(res.losses), float(res.loss_before), float(res.loss_after))
 
 
-def run_overfit(gen, layer: str, copy, paste, *, steps: int, learning_rate: float) -> Outcome:
-  """The paper's overfit baseline (every weight of the layer) on a copy and paste."""
+def run_overfit(gen, layer: str, copy, paste, *, steps: int, learning_rate: float,
+                progress=None) -> Outcome:
+  """The paper's overfit baseline (every weight of the layer) on a copy and paste;
+  ``progress(step, loss)``: called between chunks of its steps (an exception it raises
+  stops the run)."""
   copied, target = _target(gen, layer, copy, paste)
-  res = gens.overfit(gen, layer, target, steps=steps, learning_rate=learning_rate)
+  res = gens.overfit(gen, layer, target, steps=steps, learning_rate=learning_rate,
+                     progress=progress)
   return Outcome(res.edit, None, np.asarray(copied.mean_value), np.asarray(res.losses),
                  float(res.loss_before), float(res.loss_after))
 

@@ -64,10 +64,12 @@ function showJob(j) {
   if (j.loss !== undefined) text += ` · step ${j.step}/${j.steps}, loss ${j.loss.toPrecision(4)}`;
   text += ` ${j.elapsed.toFixed(1)} s`;
   if (j.expected) text += ` / ~${j.expected.toFixed(1)} s`;
+  if (j.cancelling) text = `${j.kind}: cancelling…`;
   if (j.status === "error") text = `${j.kind}: failed`;
   if (j.status === "done") text = `${j.kind}: done in ${j.elapsed.toFixed(1)} s`;
+  if (j.status === "cancelled") text = `${j.kind}: cancelled after ${j.elapsed.toFixed(1)} s`;
   $("#job-status").textContent = text;
-  const frac = j.status === "running" ? j.fraction : 1;
+  const frac = j.status === "running" ? j.fraction : j.status === "cancelled" ? 0 : 1;
   if (frac === null || frac === undefined) {
     const guess = j.expected ? Math.min(0.95, j.elapsed / j.expected) : null;
     bar.classList.toggle("busy", guess === null);
@@ -81,6 +83,20 @@ function showJob(j) {
 
 function setBusy(busy) {
   for (const id of ["#execute", "#erase", "#overfit", "#search"]) $(id).disabled = busy;
+  const cancel = $("#cancel-job");
+  cancel.hidden = !busy;
+  cancel.disabled = false;
+}
+
+async function cancelJob() {
+  if (!S.job) return;
+  $("#cancel-job").disabled = true;
+  try {
+    showJob(await sapi("job/cancel", {id: S.job}));
+  } catch (e) {  // it ended meanwhile: the poll shows how
+    $("#cancel-job").disabled = false;
+    throw e;
+  }
 }
 
 async function runJob(path, body, onDone) {
@@ -98,6 +114,10 @@ async function runJob(path, body, onDone) {
     setBusy(false);
   }
   if (j.status === "error") throw new Error(j.error);
+  if (j.status === "cancelled") {
+    say(`${j.kind}: cancelled; nothing was changed`, "ok");
+    return;
+  }
   await onDone(j.result);
 }
 
@@ -609,6 +629,7 @@ function bind() {
   $("#execute").addEventListener("click", act(execute));
   $("#erase").addEventListener("click", act(erase));
   $("#overfit").addEventListener("click", act(overfit));
+  $("#cancel-job").addEventListener("click", act(cancelJob));
   $("#spec-file").addEventListener("change", act(replay));
   $("#optimizer").addEventListener("change", () => {
     // Gauss–Newton needs far fewer steps than Adam: 20 come close to the loss of the

@@ -1,6 +1,7 @@
 """The rewriting UI end to end in headless Chromium (selenium) on the DCGAN face weights:
 paint with mouse drags, copy, paste, add context, execute, check where the images changed,
-toggle, revert to the original bits, and replay the saved spec through `memedit rewrite`."""
+toggle, revert to the original bits, replay the saved spec through `memedit rewrite`, and
+cancel a running solve."""
 
 from __future__ import annotations
 
@@ -187,6 +188,24 @@ def test_browser_rewrite_session(tmp_path):
     driver.find_element(By.CSS_SELECTOR, "#edits li .edit-revert").click()
     _wait(driver, lambda d: not d.find_elements(By.CSS_SELECTOR, "#edits li"))
     assert not driver.find_element(By.ID, "message").get_attribute("class") == "error"
+
+    # Cancel: a long Adam solve stops when the Cancel button (shown while a job runs) is
+    # pressed, and changes nothing.
+    cancel = driver.find_element(By.ID, "cancel-job")
+    assert not cancel.is_displayed()
+    Select(driver.find_element(By.ID, "optimizer")).select_by_value("adam")
+    steps = driver.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("50000")
+    driver.find_element(By.ID, "execute").click()
+    _wait(driver, lambda d: cancel.is_displayed()
+          and "step " in d.find_element(By.ID, "job-status").text)
+    cancel.click()
+    _message(driver, "execute: cancelled; nothing was changed")
+    assert not cancel.is_displayed()
+    assert "cancelled" in driver.find_element(By.ID, "job-status").text
+    assert not driver.find_elements(By.CSS_SELECTOR, "#edits li")
+    assert not app.config["MEMEDIT_STORE"].get(driver.execute_script("return S.sid")).state.edits
   finally:
     driver.quit()
     server.shutdown()

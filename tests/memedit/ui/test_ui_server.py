@@ -405,3 +405,192 @@ def test_subcommand_registration_and_arguments(tmp_path, capsys):
   args = parser.parse_args(["ui", str(tmp_path / "missing"), "--layer", "convt2"])
   with pytest.raises((ValueError, OSError)):
     args.run(args)
+
+
+def _gated_progress(monkeypatch):
+  """Replaces the session's solve hook by one that, at its first call, signals `started`
+  and waits for `go`; the steps it sees are listed in `seen`."""
+  from memedit.ui import session as session_mod
+  started, go, seen = threading.Event(), threading.Event(), []
+  real = session_mod.solve_progress
+
+  def gated(job, steps):
+    hook = real(job, steps)
+
+    def wrapped(step, loss):
+      seen.append(step)
+      if not started.is_set():
+        started.set()
+        go.wait(60)
+      hook(step, loss)
+
+    return wrapped
+
+  monkeypatch.setattr(session_mod, "solve_progress", gated)
+  return started, go, seen
+
+
+def test_cancel_stops_a_solve_within_a_chunk_and_changes_nothing(client, monkeypatch):
+  from memedit import solve as solve_mod
+  _mark(client)
+  before, solved = client.session.state, dict(client.session.ws.solve_seconds)
+  started, go, seen = _gated_progress(monkeypatch)
+  parts, run_part = [], solve_mod._solve_part
+  monkeypatch.setattr(solve_mod, "_solve_part",
+                      lambda part, *a: parts.append((part, a[5])) or run_part(part, *a))
+  chunk = solve_mod.CHUNK_STEPS["gauss_newton"]
+  settings = {"solver": {"optimizer": "gauss_newton", "steps": 3 * chunk}}
+  r = client.post("execute", {"settings": settings})
+  assert r.status_code == 202, r.get_json()
+  jid = r.get_json()["id"]
+  assert started.wait(120)
+  r = client.post("job/cancel", {"id": jid})
+  assert r.status_code == 202, r.get_json()
+  assert r.get_json()["status"] == "running" and r.get_json()["cancelling"]
+  # While it stops, another job is refused with a message saying so.
+  busy = client.post("execute", {"settings": settings})
+  assert busy.status_code == 409 and "being cancelled" in busy.get_json()["error"]
+  go.set()
+  assert client.session.jobs.get(jid).wait(120)
+  snap = client.get(f"job?id={jid}").get_json()
+  assert snap["status"] == "cancelled" and not snap["cancelling"], snap
+  assert "result" not in snap and "error" not in snap
+  # It stopped at the end of the first chunk (the hook was not called again), and the
+  # session is exactly as it was: the same state (no edit, the same parameters).
+  assert parts == [("start", chunk)] and seen == [0]
+  assert client.session.state is before and not before.edits
+  assert client.session.ws.solve_seconds == solved
+  # A cancelled or finished job cannot be cancelled; unknown ids and bad bodies get
+  # clear answers.
+  r = client.post("job/cancel", {"id": jid})
+  assert r.status_code == 409 and "already ended (cancelled)" in r.get_json()["error"]
+  r = client.post("job/cancel", {"id": "0123456789ab"})
+  assert r.status_code == 404 and "no such job" in r.get_json()["error"]
+  for body, message in (({}, "missing ['id']"), ({"id": 7}, "got a number"),
+                        ({"id": None}, "got null"), ({"id": ["x"]}, "got a list")):
+    r = client.post("job/cancel", body)
+    assert r.status_code == 400 and message in r.get_json()["error"], (body, r.get_json())
+  r = client.http.post("/api/s/nosuchsession/job/cancel", json={"id": jid})
+  assert r.status_code == 404 and "unknown or expired session" in r.get_json()["error"]
+  r = client.http.post(f"/api/s/{client.sid}/job/cancel", data="id=" + jid)
+  assert r.status_code == 400 and "expected a JSON body" in r.get_json()["error"]
+  # The next job works, and a finished job cannot be cancelled.
+  monkeypatch.undo()
+  settings["solver"]["steps"] = 2 * chunk  # its first part is the one compiled above
+  j = client.job("execute", {"settings": settings})
+  assert j["status"] == "done" and j["step"] == 2 * chunk, j
+  assert [e.id for e in client.session.state.edits] == ["e1"]
+  r = client.post("job/cancel", {"id": j["id"]})
+  assert r.status_code == 409 and "already ended (done)" in r.get_json()["error"]
+  # The overfit baseline (every weight of the layer) stops after its first chunk too.
+  before = client.session.state
+  started, go, seen = _gated_progress(monkeypatch)
+  steps = 3 * solve_mod.CHUNK_STEPS["adam"]
+  r = client.post("overfit", {"steps": steps, "learning_rate": 0.01})
+  assert r.status_code == 202, r.get_json()
+  assert started.wait(120)
+  assert client.post("job/cancel", {"id": r.get_json()["id"]}).status_code == 202
+  go.set()
+  job = client.session.jobs.get(r.get_json()["id"])
+  assert job.wait(120) and job.status == "cancelled", job.snapshot()
+  assert seen == [solve_mod.CHUNK_STEPS["adam"] - 1] and client.session.state is before
+
+
+def test_cancel_while_waiting_for_statistics(client, monkeypatch):
+  ws = client.session.ws
+  gate = threading.Event()
+
+  def blocked(*args, **kwargs):
+    gate.wait(60)
+    raise ValueError("collection stopped")
+
+  from memedit.ui import workspace as workspace_mod
+  monkeypatch.setattr(workspace_mod.wf, "collect_statistics", blocked)  # it hangs
+  m = url(box(24, 40, 16, 48))
+  spec = json.dumps({"key": [[1, m]], "paste": [2, m], "object": [3, m], "layer": "convt3",
+                     "solver": {"optimizer": "gauss_newton", "steps": 2}})
+  before = client.session.state
+  r = client.post("replay", {"spec": spec})
+  assert r.status_code == 202, r.get_json()
+  jid = r.get_json()["id"]
+  assert client.post("job/cancel", {"id": jid}).status_code == 202
+  job = client.session.jobs.get(jid)
+  assert job.wait(5) and job.status == "cancelled"
+  assert client.session.state is before
+  # The collection goes on meanwhile; when it fails, the next job says why.
+  assert ws.stats_status("convt3")["state"] == "running"
+  gate.set()
+  j = client.job("replay", {"spec": spec})
+  assert j["status"] == "error" and "collection stopped" in j["error"], j
+  assert "statistics of layer 'convt3' failed" in j["error"]
+  assert client.session.state is before
+
+
+def test_cancel_races_with_the_end_of_a_job():
+  slot = jobs.JobSlot()
+  # Asked to stop after its last check: its result is dropped, it ends cancelled.
+  gate = threading.Event()
+  job = slot.start("quiet", lambda j: gate.wait(10) and "made")
+  job.cancel()
+  gate.set()
+  assert job.wait(10) and job.snapshot()["status"] == "cancelled" and job.result is None
+  # Once it publishes its result it cannot be cancelled: the request is refused.
+  gate, sealed = threading.Event(), threading.Event()
+
+  def publish(j):
+    j.seal()
+    sealed.set()
+    gate.wait(10)
+    return "published"
+
+  job = slot.start("publish", publish)
+  assert sealed.wait(10)
+  with pytest.raises(jobs.Finished, match="too late to cancel"):
+    job.cancel()
+  gate.set()
+  assert job.wait(10) and job.snapshot()["result"] == "published"
+  with pytest.raises(jobs.Finished, match="already ended"):
+    job.cancel()
+
+
+def test_chunked_solve_is_the_single_scan_bit_for_bit_and_compiles_once():
+  import jax.numpy as jnp
+  from compilations import Compilations
+
+  from memedit import solve as solve_mod
+  rs = np.random.RandomState(3)
+  f = lambda K, k: jnp.tanh(k @ K)
+  K0, D = rs.randn(5, 3).astype(np.float32), rs.randn(2, 5).astype(np.float32)
+  keys, v = rs.randn(7, 5).astype(np.float32), (0.3 * rs.randn(7, 3)).astype(np.float32)
+  for kw, chunk in ((dict(optimizer="adam", steps=23), 5),
+                    (dict(optimizer="gauss_newton", steps=5, cg_steps=3), 2)):
+    plain = memedit.solve_lambda(f, K0, D, keys, v, **kw)
+    seen = []
+    with Compilations() as c:
+      chunked = memedit.solve_lambda(f, K0, D, keys, v, **kw, chunk_steps=chunk,
+                                     progress=lambda t, l: seen.append(t))
+    for a, b in zip(plain, chunked):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert seen == list(range(kw["steps"] + 1))
+    assert c.count <= 3, c.events  # a first part, the chunk and the end: not one a chunk
+    # Another total with the same first part: no program at all.
+    with Compilations() as c:
+      memedit.solve_lambda(f, K0, D, keys, v, **{**kw, "steps": kw["steps"] + 2 * chunk},
+                           chunk_steps=chunk, progress=lambda t, l: None)
+    assert c.count == 0, c.events
+  # A hook that raises stops the solve at the end of its chunk.
+  seen = []
+
+  def stop(t, loss):
+    seen.append(t)
+    if t == 5:
+      raise KeyboardInterrupt("stop")
+
+  with pytest.raises(KeyboardInterrupt, match="stop"):
+    memedit.solve_lambda(f, K0, D, keys, v, steps=23, chunk_steps=5, progress=stop)
+  # The first part has 23 - 4·5 = 3 steps; step 5 is in the first chunk (3..7).
+  assert seen == list(range(6)) and not solve_mod._HOOKS
+  with pytest.raises(ValueError, match="chunk_steps: expected a positive int"):
+    memedit.solve_lambda(f, K0, D, keys, v, steps=5, chunk_steps=0, progress=print)
+  with pytest.raises(ValueError, match="chunk_steps: expected only with a progress hook"):
+    memedit.solve_lambda(f, K0, D, keys, v, steps=5, chunk_steps=2)
