@@ -21,6 +21,7 @@ from flax import nnx
 
 import memedit
 from compilations import Compilations
+from interrupted import interrupt_stream
 from memedit import fold_programs, gram
 
 
@@ -433,22 +434,9 @@ def test_devices_must_be_an_int():
       memedit.stream_covariance([np.ones((2, 3), np.float32)], devices=bad, progress=False)
 
 
-def _interrupted(batches, at: int, cache_dir, group: int) -> None:
-  """Streams ``batches`` into a cache and stops (KeyboardInterrupt) at batch ``at``."""
-  def stream():
-    for i, x in enumerate(batches):
-      if i == at:
-        raise KeyboardInterrupt
-      yield x
-
-  with pytest.raises(KeyboardInterrupt):
-    memedit.stream_covariance(stream(), group=group, progress=False, cache_dir=cache_dir,
-                              cache_key="k")
-
-
 def test_resuming_a_cache_with_a_shorter_stream_is_refused(tmp_path):
   xs = [np.full((2, 3), i, np.float32) for i in range(6)]
-  _interrupted(xs, 4, tmp_path, group=1)
+  interrupt_stream(xs, 4, group=1, cache_dir=tmp_path, cache_key="k")
   # 4 batches were folded and saved; a stream of 2 is not the one that wrote the cache
   # (its partial state was returned, and saved as complete).
   with pytest.raises(ValueError, match=r"expected the stream that wrote the statistics cache "
@@ -582,7 +570,7 @@ def test_staged_folds_resume_a_cache_with_its_own_shift(tmp_path):
   rng = np.random.default_rng(22)
   batches = [rng.standard_normal((32, 8)).astype(np.float32) + 5.0 for _ in range(8)]
   whole = memedit.stream_covariance(batches, group=2, progress=False)
-  _interrupted(batches, 5, tmp_path, group=2)
+  interrupt_stream(batches, 5, group=2, cache_dir=tmp_path, cache_key="k")
   resumed = memedit.stream_covariance(batches, group=2, progress=False, cache_dir=tmp_path,
                                       cache_key="k")
   _fields_equal(resumed, whole)

@@ -14,6 +14,7 @@ import pytest
 
 import memedit
 from memedit import _io
+from interrupted import interrupt_stream
 from memedit.moments import covariance_update
 
 
@@ -84,18 +85,6 @@ def _cov64(batches) -> np.ndarray:
   return np.cov(keys.T, bias=True)
 
 
-def _interrupt(batches, at: int, **kw) -> None:
-  """Streams ``batches`` into a cache (one batch a group) and stops at batch ``at``."""
-  def stream():
-    for i, x in enumerate(batches):
-      if i == at:
-        raise KeyboardInterrupt
-      yield x
-
-  with pytest.raises(KeyboardInterrupt):
-    memedit.stream_covariance(stream(), group=1, progress=False, **kw)
-
-
 def test_a_partial_cache_resumed_with_keys_of_another_dtype_is_refused(tmp_path):
   """A float32 partial cache resumed with float64 keys (x64 on) went on in float32, and a
   float64 one resumed with float32 keys gave float32 statistics: both are refused, naming
@@ -104,9 +93,9 @@ def test_a_partial_cache_resumed_with_keys_of_another_dtype_is_refused(tmp_path)
   xs = [rng.standard_normal((6, 3)) * 2 + 5 for _ in range(3)]
   f32 = [x.astype(np.float32) for x in xs]
   kw = dict(cache_dir=tmp_path, progress=False, group=1)
-  _interrupt(f32, 2, cache_key="a", cache_dir=tmp_path)
+  interrupt_stream(f32, 2, cache_key="a", cache_dir=tmp_path)
   with jax.enable_x64():
-    _interrupt(xs, 2, cache_key="b", cache_dir=tmp_path)
+    interrupt_stream(xs, 2, cache_key="b", cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"statistics cache .*a: expected statistics in the "
                        r"keys' dtype float64, got statistics in float32 .*pass another "
                        r"cache_key or cache_dir"):
@@ -132,7 +121,7 @@ def test_another_stream_under_the_same_cache_key_is_refused(tmp_path):
   xs = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(4)]
   ys = [x + 1 for x in xs]
   kw = dict(cache_dir=tmp_path, cache_key="k", progress=False, group=1)
-  _interrupt(xs, 2, cache_dir=tmp_path, cache_key="k")
+  interrupt_stream(xs, 2, cache_dir=tmp_path, cache_key="k")
   for stream in (ys, iter(ys)):
     with pytest.raises(ValueError, match=r"statistics cache .*k: expected the stream that "
                        r"started it .*got a stream whose first batch differs .*pass that "
@@ -262,7 +251,7 @@ def test_a_cache_folder_reached_through_a_link_resumes_and_keeps_the_link(tmp_pa
   rng = np.random.default_rng(6)
   xs = [rng.standard_normal((4, 3)).astype(np.float32) for _ in range(3)]
   (tmp_path / "disk").mkdir()
-  _interrupt(xs, 2, cache_dir=tmp_path / "disk", cache_key="k")
+  interrupt_stream(xs, 2, cache_dir=tmp_path / "disk", cache_key="k")
   (tmp_path / "cache").mkdir()
   os.symlink(tmp_path / "disk" / "k", tmp_path / "cache" / "k")
   st = memedit.stream_covariance(xs, group=1, progress=False, cache_dir=tmp_path / "cache",
@@ -285,7 +274,7 @@ def test_a_partial_save_never_replaces_statistics_another_writer_finished(tmp_pa
   done = memedit.stream_covariance(xs, group=1, progress=False, **kw)
   # The second run started before the first finished: it found nothing to resume.
   monkeypatch.setattr(memedit.stream_cache.StreamCache, "load", lambda self: None)
-  _interrupt(xs, 2, **kw)
+  interrupt_stream(xs, 2, **kw)
   tree, meta = _io.load_tree(tmp_path / "k")
   assert meta["complete"] and meta["batches"] == 4
   np.testing.assert_array_equal(tree["sum_sq"], np.asarray(done.sum_sq))
