@@ -255,6 +255,10 @@ def _host_ready(batches: list) -> list:
           for b in batches]
 
 
+def _is_prng_key(x) -> bool:
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def _auto_axes(x):
   """``x`` itself, or when it is sharded over a mesh with explicit axes (what
   ``jax.make_mesh`` makes by default), the same shards on the same devices under a mesh
@@ -413,14 +417,16 @@ class _Folder:
     # rows, so a ragged stream compiles one program per power of two at most.
     rows = self.first_rows if uniform else padded_rows(max(sizes), n_dev)
     rows = -(-rows // n_dev) * n_dev
-    xp = jnp if resident else np
-    padded = [jax.tree_util.tree_map(lambda x: pad_rows(x if resident else np.asarray(x), rows),
-                                     b) for b in chunk]
+    def on_host(x):  # typed PRNG keys have no numpy form: they stay jax.Arrays
+      return x if resident or _is_prng_key(x) else np.asarray(x)
+
+    padded = [jax.tree_util.tree_map(lambda x: pad_rows(on_host(x), rows), b) for b in chunk]
     # A short group is padded with zero-weight batches to a power of two (at most
     # log2(group) + 1 group lengths, and under twice the work of its own batches).
     n_batches = min(self.group, padded_rows(len(chunk), 1))
     padded += [padded[-1]] * (n_batches - len(chunk))
-    stacked = jax.tree_util.tree_map(lambda *xs: xp.stack(xs), *padded)
+    stacked = jax.tree_util.tree_map(
+        lambda *xs: (jnp if isinstance(xs[0], jax.Array) else np).stack(xs), *padded)
     valid = np.zeros((n_batches, rows), bool)
     for i, s in enumerate(sizes):
       valid[i, :s] = True

@@ -664,3 +664,20 @@ def test_the_reader_thread_and_the_folds_take_turns_on_the_states_kept_for_the_s
   assert (memedit.key_count(st), int(st.nonfinite)) == (32, 80)
   finite = np.concatenate(batches[10:]).astype(np.float64)
   assert _rel(_moments64(st)[1], finite.T @ finite / 32) <= 1e-6
+
+
+def test_typed_prng_keys_ride_along_with_host_batches():
+  # A batch of host latents with a typed PRNG key per example (e.g. a generator's noise):
+  # the keys cannot become numpy arrays, and are padded and stacked as jax.Arrays.
+  def key_fn(b):
+    return b["x"] + jax.vmap(lambda k: jax.random.normal(k, (5,)))(b["k"])
+
+  rng = np.random.default_rng(3)
+  batches = [{"k": jax.random.split(jax.random.key(i), n),
+              "x": rng.standard_normal((n, 5)).astype(np.float32)}
+             for i, n in enumerate((4, 4, 4, 3))]  # a ragged last batch
+  keys = np.concatenate([np.asarray(key_fn(b), np.float64) for b in batches])
+  st = memedit.stream_covariance(batches, key_fn=key_fn, group=2, progress=False)
+  assert memedit.key_count(st) == len(keys)
+  np.testing.assert_allclose(memedit.second_moment(st), keys.T @ keys / len(keys),
+                             rtol=0, atol=2e-6)
