@@ -14,6 +14,8 @@ XLA's GEMM elsewhere.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, NamedTuple
 
 import jax
@@ -100,9 +102,10 @@ def covariance_init(dim: int, shift: Any = None, dtype: Any = jnp.float32) -> Co
   """
   dim = check_positive_int(dim, "dim")
   dt = float_dtype(dtype)
+  count, weight, zero_shift, zero_sum, sum_sq, nonfinite = _empty(dim, jnp.dtype(dt))
   if shift is None:
-    c = jnp.zeros((dim,), dt)
-    has = jnp.asarray(False)
+    c = zero_shift
+    has = jax.device_put(np.bool_(False))  # a transfer (jnp.asarray compiles a program)
   else:
     shift = jnp.asarray(as_array(shift, "shift"))
     check_real(shift, "shift")
@@ -111,16 +114,18 @@ def covariance_init(dim: int, shift: Any = None, dtype: Any = jnp.float32) -> Co
       raise ValueError(f"shift: expected shape ({dim},), got {c.shape}")
     if not isinstance(c, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(c))):
       raise ValueError(f"shift: expected finite values, got NaN or inf in {shift!r}")
-    has = jnp.asarray(True)
-  return CovarianceState(
-      count=jnp.zeros((2,), jnp.uint32),
-      weight=jnp.zeros((2,), dt),
-      shift=c,
-      has_shift=has,
-      sum=jnp.zeros((dim,), dt),
-      sum_sq=jnp.zeros((dim, dim), dt),
-      nonfinite=jnp.zeros((), jnp.uint32),
-  )
+    has = jax.device_put(np.bool_(True))
+  return CovarianceState(count=count, weight=weight, shift=c, has_shift=has, sum=zero_sum,
+                         sum_sq=sum_sq, nonfinite=nonfinite)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _empty(dim: int, dt) -> tuple:
+  """The zero fields of an empty state (count, weight, shift, sum, sum_sq, nonfinite),
+  made by one compiled program per dimension and dtype (op by op, each would be a program
+  of its own, compiled on a first call); distinct buffers, so a state can be donated."""
+  return (jnp.zeros((2,), jnp.uint32), jnp.zeros((2,), dt), jnp.zeros((dim,), dt),
+          jnp.zeros((dim,), dt), jnp.zeros((dim, dim), dt), jnp.zeros((), jnp.uint32))
 
 
 def check_key_dtype(dtype) -> None:

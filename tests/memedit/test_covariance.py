@@ -635,3 +635,15 @@ def test_results_are_read_by_one_program_with_the_bits_of_the_jitted_read():
   mu = ref.mean(0)
   np.testing.assert_allclose(memedit.centered_covariance(unweighted),
                              (ref - mu).T @ (ref - mu) / len(ref), atol=2e-5)
+
+
+def test_an_empty_state_is_one_program_and_can_be_donated():
+  with Compilations() as comp:
+    st = memedit.covariance_init(11)
+  assert comp.count == 1, comp.events  # one program for the zeros, not one per field
+  x = np.random.default_rng(2).standard_normal((20, 11)).astype(np.float32)
+  want = np.asarray(memedit.second_moment(memedit.covariance_update(st, x)))
+  # Distinct buffers: the whole state can be donated to the user's jitted update.
+  update = jax.jit(memedit.covariance_update, donate_argnums=0)
+  got = np.asarray(memedit.second_moment(update(memedit.covariance_init(11), x)))
+  np.testing.assert_array_equal(got, want)
