@@ -199,7 +199,8 @@ def solve_lambda(
       :func:`memedit.generators.own_taps`).
     progress: optional hook ``progress(step: int, loss: float)`` (see Progress above).
     progress_every: steps between calls of the hook (default: every step up to 200
-      steps, else about 200 calls in all).
+      steps, else about 200 calls in all, and at least one call per chunk of
+      ``chunk_steps``, so that a hook that raises stops the solve within a chunk).
     keep_best: Adam only: return the visited Λ of lowest loss (the start, each step's
       point and the last; the earliest of equal losses) instead of the last one. Gauss–
       Newton keeps a step only when it lowers the loss, so its last point is its best.
@@ -279,6 +280,9 @@ def solve_lambda(
   chunk = _check_chunk(chunk_steps, progress, optimizer)
   every, hook = _hook(progress, progress_every, steps,
                       (kernel0, D, keys, targets, weights, lam0, lam_mask))
+  if progress_every is None:
+    # The hook is called in every chunk, so one that raises stops the solve within one.
+    every = min(every, chunk)
   try:
     if hook:
       res = _solve_in_chunks(

@@ -690,3 +690,23 @@ def test_adam_returns_its_best_point_unless_told_to_return_its_last():
   # adam_scan's own record of the best point among x_0 … x_{steps−1} agrees.
   _, _, _, bx, bl = adam_scan(fn, jnp.zeros((1, 1)), 30, 0.4, keep_best=True)
   assert float(bl) == float(np.asarray(losses).min()) == float(fn(bx))
+
+
+def test_a_hook_that_raises_stops_a_long_solve_within_a_chunk():
+  # By default the hook is called at least once a chunk, however long the solve: one that
+  # raises (how the UI cancels) stops it at the end of that chunk, not hundreds of steps on.
+  K0 = jnp.zeros((3, 2))
+  D = jnp.array([[1.0, 0.0, 0.0]])
+  keys = jnp.array([[1.0, 0.0, 0.0]])
+  seen = []
+
+  def stop(t, loss):
+    seen.append(t)
+    if t >= 150:
+      raise KeyboardInterrupt
+
+  chunk = solve_mod.CHUNK_STEPS["adam"]
+  with pytest.raises(KeyboardInterrupt):
+    memedit.solve_lambda(lambda K, k: k @ K, K0, D, keys, jnp.ones((1, 2)), optimizer="adam",
+                         steps=100_000, progress=stop)
+  assert seen == [0, chunk, 2 * chunk]
