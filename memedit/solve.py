@@ -286,8 +286,8 @@ def solve_lambda(
   try:
     if hook:
       res = _solve_in_chunks(
-          chunk, hook, (f, kind, in_ndim, loss, optimizer, cg_steps, every, bool(factored),
-                        bool(conv_as_matmul), bool(keep_best)),
+          chunk, hook, every, (f, kind, in_ndim, loss, optimizer, cg_steps, bool(factored),
+                               bool(conv_as_matmul), bool(keep_best)),
           (kernel0, D, keys, targets, weights, lam_mask), lam0, jnp.float32(learning_rate),
           jnp.float32(damping), steps)
       if res is not None:
@@ -356,7 +356,7 @@ def _dispatch(hook, step, loss):
 def _emitter(every: int, steps: int, hook):
   """``emit(t, loss)`` calling the host hook on every ``every``-th step and at t = steps
   (inside the traced solve); None without a hook."""
-  if not every:
+  if isinstance(every, int) and not every:
     return None
 
   def emit(t, loss):
@@ -625,16 +625,16 @@ def _solve(f, kind, in_ndim, loss, optimizer, steps, cg_steps, every, factored, 
 CHUNK_STEPS = {"adam": 100, "gauss_newton": 5}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11))
-def _solve_part(part, f, kind, in_ndim, loss, optimizer, n, cg_steps, every, factored, patch,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
+def _solve_part(part, f, kind, in_ndim, loss, optimizer, n, cg_steps, factored, patch,
                 keep_best, kernel0, D, keys, targets, weights, lam_mask, learning_rate, hook,
-                steps, t0, state):
+                every, steps, t0, state):
   """One part of a solve run in chunks: ``part`` "start" (``state`` = (Λ0, damping)),
   "chunk" (``state`` = the solver's carry) each running ``n`` steps from step ``t0`` and
   returning (carry, their losses), or "finish" (``state`` = (carry, whether every loss is
   finite), ``n`` unused) returning the :class:`SolveResult` without its losses (None).
-  ``steps`` (the total) is traced, so the chunk and finish programs serve every total;
-  the steps are :func:`_solve`'s, op for op."""
+  ``steps`` (the total) and ``every`` (the hook's interval) are traced, so the chunk and
+  finish programs serve every total; the steps are :func:`_solve`'s, op for op."""
   emit = _emitter(every, steps, hook)
   forward = _forward(f, kernel0, D, keys, kind, in_ndim, lam_mask, factored, patch)
 
@@ -671,15 +671,17 @@ def _solve_part(part, f, kind, in_ndim, loss, optimizer, n, cg_steps, every, fac
   return lax.scan(gn_step, carry, xs, length=n)
 
 
-def _solve_in_chunks(chunk, hook, statics, arrays, lam0, learning_rate, damping, steps):
+def _solve_in_chunks(chunk, hook, every, statics, arrays, lam0, learning_rate, damping,
+                     steps):
   """:func:`_solve` with a progress hook as a first part and chunks of ``chunk`` steps
   (three programs; only the first part's depends on the total), the solver's state
-  carried between them; stops after the part in which the hook raised (None then)."""
+  carried between them; stops after the part in which the hook raised (None then). The
+  hook's interval ``every`` and the total are program arguments, not compiled in."""
   total = np.int32(steps)
   first = steps - chunk * ((steps - 1) // chunk)  # in [1, chunk]; the rest are chunks
   run = lambda part, n, t0, state: _solve_part(part, *statics[:5], n, *statics[5:], *arrays,
-                                               learning_rate, np.int32(hook), total,
-                                               np.int32(t0), state)
+                                               learning_rate, np.int32(hook), np.int32(every),
+                                               total, np.int32(t0), state)
 
   def stopped(losses):
     parts.append(np.asarray(losses))  # waits for the part

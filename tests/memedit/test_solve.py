@@ -13,6 +13,7 @@ from jax import enable_x64
 from jax.test_util import check_grads
 
 import memedit
+from compilations import Compilations
 from memedit import solve as solve_mod
 from memedit.optim import adam_scan
 
@@ -710,3 +711,27 @@ def test_a_hook_that_raises_stops_a_long_solve_within_a_chunk():
     memedit.solve_lambda(lambda K, k: k @ K, K0, D, keys, jnp.ones((1, 2)), optimizer="adam",
                          steps=100_000, progress=stop)
   assert seen == [0, chunk, 2 * chunk]
+
+
+def test_chunked_solves_of_other_lengths_reuse_their_programs():
+  # The hook's interval follows the number of steps (about 200 calls), but it is an
+  # argument of the chunk programs: a solve of another length with the same first part
+  # compiles nothing, and each gives the single scan's bits.
+  K0 = jnp.zeros((3, 2))
+  D = jnp.array([[1.0, 0.0, 0.0]])
+  keys = jnp.array([[1.0, 0.0, 0.0]])
+  args = (lambda K, k: jnp.tanh(k @ K), K0, D, keys, jnp.full((1, 2), 0.5))
+  kw = dict(optimizer="adam", loss="l2")
+  seen = {}
+  for steps in (1001, 2001):  # hook every 6 and 11 steps; first parts of 1 step
+    seen[steps] = []
+    with Compilations() as comp:
+      hooked = memedit.solve_lambda(*args, **kw, steps=steps,
+                                    progress=lambda t, l, s=seen[steps]: s.append(t))
+    if steps == 2001:
+      assert comp.count == 0, comp.events
+    plain = memedit.solve_lambda(*args, **kw, steps=steps)
+    for a, b in zip(plain, hooked):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert seen[1001] == list(range(0, 1001, 6)) + [1001]
+  assert seen[2001] == list(range(0, 2001, 11)) + [2001]
