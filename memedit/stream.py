@@ -659,10 +659,11 @@ def stream_covariance(
   done = 0
   state = None
   prepared = None  # the first group when it was read (and the folder started) below
+  ready = None  # the first group once checked by _host_ready (done once)
   if cache.path is not None and chunk and n_run == 1:
     # The first batch names the stream in the cache: another stream under the same key
     # is refused instead of resuming (and mixing into) this one's statistics.
-    chunk = _host_ready(chunk)
+    chunk = ready = _host_ready(chunk)
     cache.first_batch = batch_digest(chunk[0])
   if saved is not None:
     states, consumed, complete = saved
@@ -672,7 +673,7 @@ def stream_covariance(
       # The stream's own key dimension and dtype (from its first batch's shapes; nothing
       # is folded): a finished cache is returned without reading the stream further, and
       # must not be the statistics of other keys saved under the same key.
-      chunk = prepared = _host_ready(chunk)
+      chunk = prepared = chunk if chunk is ready else _host_ready(chunk)
       keys_dim = folder.start(chunk[0], None)
       if want is None:
         want, source = keys_dim, " (the stream's first batch)"
@@ -704,7 +705,7 @@ def stream_covariance(
   if chunk is prepared:  # read and started above (a cache was found), from this same group
     d = folder.dim
   else:
-    chunk = _host_ready(chunk)
+    chunk = chunk if chunk is ready else _host_ready(chunk)
     if chunk:
       d = folder.start(chunk[0], dim)
     else:
