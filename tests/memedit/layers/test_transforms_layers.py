@@ -316,20 +316,26 @@ class _NnxStyles(nnx.Module):
     return self.head(h)
 
 
-@pytest.mark.parametrize("address", ["lst/1", "dct/a", "custom", "lora", "head"])
-def test_nnx_layers_in_containers_remat_param_subclasses_lora_and_after_batchnorm(address):
-  batches = [jax.random.normal(jax.random.key(i), (6, D)) for i in range(2)]
-  x = batches[0]
-  model = _NnxStyles(rngs=nnx.Rngs(0))
-  model.bn.mean[...] = jnp.full((D,), 0.1)  # running statistics away from their init
-  model.eval()
-  before = nnx.state(model, nnx.BatchStat)
+def _statistics_and_insert_are_exact(model, address, batches):
+  """C of the NNX layer at ``address`` equals its captured keys' (float64), and an insert
+  through its view is exact, specific and reverts (on the first batch)."""
   gd, params = nnx.split(model)
   view = memory_view(model, address)
   C = memedit.second_moment(layer_covariance(model, view, batches, progress=False))
   keys = np.concatenate([capture(model, address, b, single=True).keys for b in batches])
   np.testing.assert_allclose(C, _c64(keys), rtol=0, atol=1e-6)
-  _insert_and_check(model, view, C, keys[:2], lambda p: nnx.merge(gd, p), params, x, address)
+  _insert_and_check(model, view, C, keys[:2], lambda p: nnx.merge(gd, p), params,
+                    batches[0], address)
+
+
+@pytest.mark.parametrize("address", ["lst/1", "dct/a", "custom", "lora", "head"])
+def test_nnx_layers_in_containers_remat_param_subclasses_lora_and_after_batchnorm(address):
+  batches = [jax.random.normal(jax.random.key(i), (6, D)) for i in range(2)]
+  model = _NnxStyles(rngs=nnx.Rngs(0))
+  model.bn.mean[...] = jnp.full((D,), 0.1)  # running statistics away from their init
+  model.eval()
+  before = nnx.state(model, nnx.BatchStat)
+  _statistics_and_insert_are_exact(model, address, batches)
   after = nnx.state(model, nnx.BatchStat)
   jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
@@ -377,14 +383,8 @@ class _NnxData(nnx.Module):
 @pytest.mark.parametrize("address", ["pl/1", "pd/a", "tup/0", "digits/0"])
 def test_nnx_layers_in_plain_lists_dicts_and_tuples_are_captured_and_edited(address):
   batches = [jax.random.normal(jax.random.key(i), (6, D)) for i in range(2)]
-  x = batches[0]
   model = _NnxData(rngs=nnx.Rngs(0))
-  gd, params = nnx.split(model)
-  view = memory_view(model, address)
-  C = memedit.second_moment(layer_covariance(model, view, batches, progress=False))
-  keys = np.concatenate([capture(model, address, b, single=True).keys for b in batches])
-  np.testing.assert_allclose(C, _c64(keys), rtol=0, atol=1e-6)
-  _insert_and_check(model, view, C, keys[:2], lambda p: nnx.merge(gd, p), params, x, address)
+  _statistics_and_insert_are_exact(model, address, batches)
   assert isinstance(model.tup[0], nnx.Linear)  # the caller's model keeps its layers
 
 
