@@ -6,7 +6,10 @@ checkpoint where a reader would find it. An existing destination is swapped out 
 atomic exchange where the system offers it (Linux ``renameat2``); elsewhere it is moved
 aside and moved back when the second rename fails, and a later read or write restores it
 if the process died in between. The destination is present at every instant or
-recoverable.
+recoverable. A writer holds an exclusive ``flock`` on its temporary (and on a destination
+it moves aside) until it is done, so that a later read or write removes what a killed
+writer left and never what a live one (in this process or another) is writing; where
+``fcntl`` is missing (Windows), temporaries of killed writers are left.
 
 Every directory written here carries a marker file, ``.memedit-output.json``, naming the
 kind of output (``"converted"``, ``"edited-model"``, ``"edit"``, ``"tree"``) and the sha256
@@ -38,6 +41,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
+try:
+  import fcntl
+except ImportError:  # Windows: temporaries of killed writers are left in place
+  fcntl = None
+
 __all__ = ["MARKER_FILE", "OUTPUT_KINDS", "atomic_dir", "atomic_write_bytes", "check_output",
            "load_tree", "output_kind", "path_lock", "read_json", "recover", "save_tree",
            "sha256_file", "tree_hash", "verify"]
@@ -55,6 +63,11 @@ _PATH_LOCKS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictiona
 _PATH_LOCKS_GUARD = threading.Lock()
 #: Serialises orbax saves and restores within the process.
 _ORBAX_LOCK = threading.RLock()
+#: Temporaries this process is writing now: recover() never removes them, even on file
+#: systems whose locks do not tell two opens in one process apart (NFS emulates flock
+#: with per-process POSIX locks).
+_LIVE_TEMPS: set[str] = set()
+_LIVE_TEMPS_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -108,16 +121,110 @@ def _sibling(dst: str, tag: str) -> str:
                       f".{tag}-{os.path.basename(dst)}-{secrets.token_hex(4)}")
 
 
-def _make_dir(dst: str, tag: str) -> str:
-  """Creates a new hidden directory beside ``dst``, with the mode the umask gives."""
-  while True:
-    path = _sibling(dst, tag)
-    try:
-      os.mkdir(path, 0o777)
-      return path
-    except FileExistsError:
-      continue
+def _is_sibling(dst: str, tag: str, name: str) -> bool:
+  """Whether ``name`` is one of the names :func:`_sibling` gives ``dst`` for ``tag``."""
+  prefix = f".{tag}-{os.path.basename(dst)}-"
+  rest = name[len(prefix):]
+  return (name.startswith(prefix) and len(rest) == 8
+          and all(c in "0123456789abcdef" for c in rest))
 
+
+def _flock(fd: int, blocking: bool) -> bool | None:
+  """Takes an exclusive ``flock`` on ``fd``: True when taken, False when another open
+  file holds it (and ``blocking`` is False), None where locks are not available."""
+  if fcntl is None:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    return True
+  except BlockingIOError:
+    return False
+  except OSError as e:
+    if e.errno in (errno.EAGAIN, errno.EACCES):
+      return False
+    return None  # a file system without flock (ENOLCK, EOPNOTSUPP, ...)
+
+
+def _names(path: str, fd: int) -> bool:
+  """Whether ``path`` (a link not followed) is still the file or folder open as ``fd``."""
+  try:
+    st = os.stat(path, follow_symlinks=False)
+  except OSError:
+    return False
+  fst = os.fstat(fd)
+  return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _forget(path: str) -> None:
+  with _LIVE_TEMPS_GUARD:
+    _LIVE_TEMPS.discard(path)
+
+
+@contextlib.contextmanager
+def _temporary(dst: str, directory: bool):
+  """Creates a new hidden ``.tmp-<name>-<8 hex>`` folder (or file) beside ``dst``, with
+  the mode the umask gives, and yields ``(path, fd)``: ``fd`` is open on it (the file is
+  open for writing) and holds an exclusive ``flock`` until the block exits, which the
+  caller leaves only after renaming or removing ``path``.
+
+  The lock tells a live writer's temporary from a killed one's, whose lock the kernel
+  released: :func:`recover` removes a temporary only after taking its lock (without
+  waiting). Creating and locking are two steps, so a concurrent :func:`recover` (in
+  another process) may lock and remove a temporary in the instant between them; the
+  writer therefore waits for the lock, then checks that the name still refers to what it
+  created, and starts over under a new name when not. Threads of this process also know
+  the temporary from ``_LIVE_TEMPS``, registered before it is created.
+  """
+  while True:
+    path = _sibling(dst, "tmp")
+    with _LIVE_TEMPS_GUARD:
+      _LIVE_TEMPS.add(path)
+    try:
+      if directory:
+        os.mkdir(path, 0o777)
+        fd = None
+        if fcntl is not None:  # (Windows cannot open folders; nothing to lock there)
+          try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+          except FileNotFoundError:  # removed by a recover() before it was opened
+            _forget(path)
+            continue
+          except BaseException:
+            with contextlib.suppress(OSError):
+              os.rmdir(path)
+            raise
+      else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     0o666)
+    except FileExistsError:
+      _forget(path)
+      continue
+    except BaseException:
+      _forget(path)
+      raise
+    if fd is None:
+      break
+    try:
+      if _flock(fd, blocking=True) is False or not _names(path, fd):
+        os.close(fd)  # removed by a recover() before it was locked: another name
+        _forget(path)
+        continue
+    except BaseException:
+      os.close(fd)
+      _forget(path)
+      raise
+    break
+  try:
+    yield path, fd
+  finally:
+    if fd is not None:
+      os.close(fd)  # releases the lock, after the caller renamed or removed the temporary
+    _forget(path)
+
+
+#: How recover() and a writer open a path to lock it: never through a link, and without
+#: waiting on a pipe that happens to bear such a name.
+_LOCK_OPEN = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -151,57 +258,196 @@ def _remove(path: str) -> None:
       os.remove(path)
 
 
+def _held_by_a_writer(path: str) -> bool:
+  """Whether a live writer (in this process or another) holds ``path``'s ``flock``."""
+  if fcntl is None:
+    return False
+  try:
+    fd = os.open(path, _LOCK_OPEN)
+  except OSError:  # gone, a link, or not readable: no writer locked it
+    return False
+  try:
+    return _flock(fd, blocking=False) is False
+  finally:
+    os.close(fd)
+
+
 def _moved_aside(dst: str) -> list[str]:
-  """Earlier versions of ``dst`` moved aside by a replacement, newest first."""
+  """Earlier versions of ``dst`` moved aside by a replacement that died, newest first.
+
+  Those a live writer is replacing (it holds their lock until it has moved its new
+  version in and removed them) are left out.
+  """
   parent, prefix = os.path.dirname(dst), f".old-{os.path.basename(dst)}-"
   try:
     names = os.listdir(parent)
   except FileNotFoundError:
     return []
-  found = [os.path.join(parent, n) for n in names
-           if n.startswith(prefix) and len(n) == len(prefix) + 8]
-  return sorted(found, key=lambda p: os.lstat(p).st_mtime_ns, reverse=True)
+  found = []
+  for n in names:
+    if n.startswith(prefix) and len(n) == len(prefix) + 8:
+      path = os.path.join(parent, n)
+      try:
+        mtime = os.lstat(path).st_mtime_ns
+      except FileNotFoundError:  # removed meanwhile by another reader or writer
+        continue
+      if not _held_by_a_writer(path):
+        found.append((mtime, path))
+  return [path for _, path in sorted(found, reverse=True)]
+
+
+def _remove_dead_temporaries(dst: str) -> None:
+  """Removes the ``.tmp-`` siblings of ``dst`` whose writer died (killed mid-write).
+
+  A live writer holds an exclusive ``flock`` on its temporary (see :func:`_temporary`)
+  until it has renamed or removed it; the kernel releases the lock of a killed one. A
+  temporary is removed only while this function holds its lock (taken without waiting),
+  so never under a live writer, in this process or another. Where locks are not
+  available, nothing is removed.
+  """
+  if fcntl is None:
+    return
+  parent = os.path.dirname(dst)
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return
+  for name in names:
+    if not _is_sibling(dst, "tmp", name):
+      continue
+    path = os.path.join(parent, name)
+    with _LIVE_TEMPS_GUARD:
+      if path in _LIVE_TEMPS:
+        continue
+    try:
+      fd = os.open(path, _LOCK_OPEN)
+    except OSError:  # gone meanwhile, a link, or not readable: left alone
+      continue
+    try:
+      if _flock(fd, blocking=False) and _names(path, fd):
+        _remove(path)
+    finally:
+      os.close(fd)
 
 
 def recover(path: str | os.PathLike) -> None:
-  """Finishes a replacement of ``path`` that a killed process left half done.
+  """Finishes, or cleans up after, a write of ``path`` that a killed process left half done.
 
   Where ``path`` is missing and an earlier version was moved aside (``.old-<name>-*``),
   that version is moved back; where ``path`` exists, such moved-aside versions are stale
-  and removed.
+  and removed. Temporaries (``.tmp-<name>-*``) of writers that died are removed; those of
+  live writers (their lock is held) are left.
   """
   dst = os.path.abspath(os.fspath(path))
+  _remove_dead_temporaries(dst)
   old = _moved_aside(dst)
   if not old:
     return
   if not os.path.lexists(dst):
-    os.rename(old.pop(0), dst)
-    _fsync_dir(os.path.dirname(dst))
+    try:
+      os.rename(old.pop(0), dst)
+      _fsync_dir(os.path.dirname(dst))
+    except OSError as e:  # another process moved it back, or wrote dst, meanwhile
+      if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+        raise
   for stale in old:
     _remove(stale)
 
 
-def _atomic_replace_dir(tmp: str, dst: str) -> None:
-  """Moves the finished directory ``tmp`` to ``dst``, replacing any earlier ``dst``."""
-  parent = os.path.dirname(dst)
-  if not os.path.lexists(dst):
-    os.rename(tmp, dst)
-    _fsync_dir(parent)
-    return
-  if _exchange(tmp, dst):  # dst now holds the new tree, tmp the old one
-    _fsync_dir(parent)
-    _remove(tmp)
-    return
-  # Two renames: between them dst is missing, and recover() moves the old one back.
-  old = _sibling(dst, "old")
-  os.rename(dst, old)
+#: What :func:`_lock_existing` returns for a destination replaced while it waited.
+_REPLACED = object()
+
+
+def _lock_existing(dst: str) -> Any:
+  """Locks the existing ``dst`` before a writer moves it aside.
+
+  Returns:
+    The open fd that holds the lock; ``_REPLACED`` when ``dst`` was replaced or removed
+    while waiting for the lock (a concurrent writer held it); None where it cannot be locked
+    (no ``flock``, a link, a file this process may not read): moved aside unlocked.
+  """
+  if fcntl is None:
+    return None
   try:
-    os.rename(tmp, dst)
+    fd = os.open(dst, _LOCK_OPEN)
+  except FileNotFoundError:
+    return _REPLACED
+  except OSError:
+    return None
+  try:
+    taken = _flock(fd, blocking=True)
+    if taken is None:
+      os.close(fd)
+      return None
+    if not _names(dst, fd):
+      os.close(fd)
+      return _REPLACED
   except BaseException:
-    os.rename(old, dst)
+    os.close(fd)
     raise
-  _fsync_dir(parent)
-  _remove(old)
+  return fd
+
+
+def _atomic_replace_dir(tmp: str, dst: str) -> None:
+  """Moves the finished directory ``tmp`` to ``dst``, replacing any earlier ``dst``.
+
+  Another process may create or remove ``dst`` meanwhile (two runs writing one cache):
+  a ``dst`` that appeared since it was found missing is replaced, and one that vanished
+  since it was found is created, rather than failing with "Directory not empty".
+  """
+  parent = os.path.dirname(dst)
+  for attempt in range(8):
+    last = attempt == 7
+    if not os.path.lexists(dst):
+      try:
+        os.rename(tmp, dst)
+      except OSError as e:
+        if last or e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+          raise
+        continue  # another writer's dst appeared meanwhile: replace it
+      _fsync_dir(parent)
+      return
+    try:
+      exchanged = _exchange(tmp, dst)
+    except FileNotFoundError:
+      if last:
+        raise
+      continue  # dst removed meanwhile
+    if exchanged:  # dst now holds the new tree, tmp the old one
+      _fsync_dir(parent)
+      _remove(tmp)
+      return
+    # Two renames: between them dst is missing, and recover() moves the old one back
+    # should this process die. The old one stays locked until it is removed, so that no
+    # recover() (in another process) moves it back under a live writer.
+    held = _lock_existing(dst)
+    try:
+      if held is _REPLACED:
+        continue  # another writer replaced dst while this one waited for its lock
+      old = _sibling(dst, "old")
+      try:
+        os.rename(dst, old)
+      except FileNotFoundError:
+        if last:
+          raise
+        continue  # dst removed meanwhile
+      try:
+        os.rename(tmp, dst)
+      except OSError as e:
+        if not last and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+          _remove(old)  # another writer's dst appeared meanwhile: replace that one
+          continue
+        os.rename(old, dst)
+        raise
+      except BaseException:
+        os.rename(old, dst)
+        raise
+      _fsync_dir(parent)
+      _remove(old)
+      return
+    finally:
+      if isinstance(held, int):
+        os.close(held)
 
 
 def _within(inner: str, outer: str) -> bool:
@@ -329,48 +575,47 @@ def atomic_dir(path: str | os.PathLike):
 
   On an exception the temporary directory is removed and ``path`` is untouched; after a
   kill the temporary directory is left under a hidden ``.tmp-`` name and ``path`` is
-  present, or restored by the next :func:`recover` (every read and write runs it).
-  Other threads of this process writing ``path`` wait until the block has exited.
+  present, or restored by the next :func:`recover` (every read and write runs it), which
+  also removes the killed writer's temporary directory. Other threads of this process
+  writing ``path`` wait until the block has exited.
   """
   dst = os.path.abspath(os.fspath(path))
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   with path_lock(dst):
     recover(dst)
-    tmp = _make_dir(dst, "tmp")
-    try:
-      yield tmp
-      _fsync_tree(tmp)
-      _atomic_replace_dir(tmp, dst)
-    except BaseException:
-      _remove(tmp)
-      raise
+    with _temporary(dst, directory=True) as (tmp, _):
+      try:
+        yield tmp
+        _fsync_tree(tmp)
+        _atomic_replace_dir(tmp, dst)
+      except BaseException:
+        _remove(tmp)
+        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes ``data`` to ``path`` through a temporary file and ``os.replace``."""
+  """Writes ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+  A killed write leaves ``path`` as it was and a hidden ``.tmp-`` file beside it, which
+  the next write of ``path`` (or :func:`recover`) removes.
+  """
   dst = os.path.abspath(os.fspath(path))
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
-  while True:  # a new file with the mode the umask gives (mkstemp would force 0600)
-    tmp = _sibling(dst, "tmp")
+  recover(dst)
+  with _temporary(dst, directory=False) as (tmp, fd):
     try:
-      fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                   0o666)
-      break
-    except FileExistsError:
-      continue
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    _fsync_dir(parent)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
+      with os.fdopen(fd, "wb", closefd=False) as f:  # the lock's fd stays open
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, dst)
+      _fsync_dir(parent)
+    except BaseException:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+      raise
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -427,3 +427,249 @@ def test_arrays_that_do_not_restore_are_refused_naming_the_folder(tmp_path):
   with pytest.raises(ValueError, match=r"arrays: expected an orbax checkpoint of arrays, got "
                      r"one that does not restore \(.*\); the directory is damaged"):
     _io.load_tree(out)
+
+
+# ------------------------------------------------------------------ killed and live writers
+
+# A writer in another process, which loads memedit/_io.py alone (no jax: it starts in a
+# fraction of a second), stops inside its write and prints "ready"; it finishes the write
+# when a line comes on stdin, or is killed.
+_WRITER = """
+import importlib.util, os, sys, time
+spec = importlib.util.spec_from_file_location("memedit_io", sys.argv[1])
+io = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(io)
+dst, how = sys.argv[2], sys.argv[3]
+stops = []
+def stop():
+  if not stops:  # once: the writer's file, not its folder
+    stops.append(1)
+    print("ready", flush=True)
+    sys.stdin.readline()
+if how == "dir":
+  with io.atomic_dir(dst) as tmp:
+    with open(os.path.join(tmp, "data"), "wb") as f:
+      f.write(b"x" * 4096)
+    stop()
+else:
+  real = os.fsync
+  os.fsync = lambda fd: (stop(), real(fd))
+  io.atomic_write_bytes(dst, b"from the writer")
+"""
+
+
+def _start_writer(dst, how):
+  import subprocess
+  import sys
+
+  proc = subprocess.Popen([sys.executable, "-c", _WRITER, _io.__file__, str(dst), how],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "ready"
+  return proc
+
+
+def _temporaries(parent):
+  return [n for n in _leftovers(parent) if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("how", ["dir", "bytes"])
+def test_killed_writers_temporary_is_removed_by_the_next_write(tmp_path, how):
+  import signal
+
+  out = tmp_path / "out"
+  if how == "dir":
+    _io.save_tree(out, _tree(1.0), {})
+  else:
+    out.write_bytes(b"before")
+  # Names that only look like temporaries of "out" are left alone.
+  others = [".tmp-out-1234567", ".tmp-out-ABCDEF12", ".tmp-outer-12345678", ".tmp-ou-12345678"]
+  for name in others:
+    (tmp_path / name).mkdir()
+  proc = _start_writer(out, how)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(10)
+  proc.stdout.close()
+  proc.stdin.close()
+  dead = sorted(set(_temporaries(tmp_path)) - set(others))
+  assert len(dead) == 1  # what a kill leaves
+  if how == "dir":
+    assert _value(out) == 1.0  # the destination is untouched, and a read cleans up
+    assert sorted(_temporaries(tmp_path)) == sorted(others)
+    (tmp_path / dead[0]).mkdir()  # as if killed again: the next save cleans up too
+    _io.save_tree(out, _tree(2.0), {})
+    assert _value(out) == 2.0
+  else:
+    assert out.read_bytes() == b"before"
+    _io.atomic_write_bytes(out, b"after")
+    assert out.read_bytes() == b"after"
+  assert sorted(_temporaries(tmp_path)) == sorted(others)
+
+
+@pytest.mark.parametrize("how", ["dir", "bytes"])
+def test_live_writers_temporary_in_another_process_is_left_alone(tmp_path, how):
+  out = tmp_path / "out"
+  proc = _start_writer(out, how)
+  try:
+    live = _temporaries(tmp_path)
+    assert len(live) == 1
+    _io.recover(out)
+    if how == "dir":
+      with pytest.raises(FileNotFoundError):
+        _io.load_tree(out)  # nothing saved yet; the read runs recover() too
+    else:
+      _io.atomic_write_bytes(tmp_path / "out", b"meanwhile")
+    assert live[0] in _temporaries(tmp_path)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.wait(10) == 0
+  finally:
+    proc.kill()
+    proc.stdout.close()
+    proc.stdin.close()
+  assert _temporaries(tmp_path) == []
+  if how == "dir":
+    assert (out / "data").read_bytes() == b"x" * 4096
+  else:
+    assert out.read_bytes() == b"from the writer"
+
+
+@pytest.mark.parametrize("registry", ["kept", "bypassed"])
+def test_live_writers_temporary_in_another_thread_is_left_alone(tmp_path, monkeypatch,
+                                                                registry):
+  # "bypassed": file systems whose locks do not tell two opens in one process apart get
+  # the registry; the flock alone (per open file) must also keep the temporary.
+  if registry == "bypassed":
+    monkeypatch.setattr(_io, "_LIVE_TEMPS", type("Forgetful", (set,), {
+        "add": lambda self, x: None})())
+  out = tmp_path / "out"
+  inside, release, errors = threading.Event(), threading.Event(), []
+
+  def writer():
+    try:
+      with _io.atomic_dir(out) as tmp:
+        (tmp_path / "seen").write_text(os.path.basename(tmp))
+        inside.set()
+        release.wait(10)
+        with open(os.path.join(tmp, "data"), "w") as f:
+          f.write("written after the recover")
+    except BaseException as e:  # reported below
+      errors.append(e)
+
+  t = threading.Thread(target=writer, daemon=True)
+  t.start()
+  assert inside.wait(10)
+  live = (tmp_path / "seen").read_text()
+  _io.recover(out)
+  _io.recover(tmp_path / "out" / ".." / "out")
+  assert _temporaries(tmp_path) == [live]
+  release.set()
+  t.join(10)
+  assert not errors, errors
+  assert (out / "data").read_text() == "written after the recover"
+  assert _temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("when", ["before-open", "before-lock", "file-before-lock"])
+def test_temporary_removed_before_it_was_locked_is_made_again(tmp_path, monkeypatch, when):
+  # Another process's recover() may lock and remove a temporary in the instant between
+  # its creation and its locking: the writer notices and starts over under a new name.
+  monkeypatch.setattr(_io, "_LIVE_TEMPS", type("Forgetful", (set,), {
+      "add": lambda self, x: None})())  # as if that recover() ran in another process
+  out = tmp_path / "out"
+  real_mkdir, real_flock, removed = os.mkdir, _io._flock, []
+
+  def intrude():
+    if not removed:
+      removed.append(_temporaries(tmp_path))
+      _io.recover(out)  # finds it unlocked: removes it
+
+  def mkdir(path, *args, **kwargs):
+    real_mkdir(path, *args, **kwargs)
+    if os.path.basename(path).startswith(".tmp-out-"):
+      intrude()
+
+  def flock(fd, blocking):
+    if blocking:
+      intrude()
+    return real_flock(fd, blocking)
+
+  if when == "before-open":
+    monkeypatch.setattr(_io.os, "mkdir", mkdir)
+  else:
+    monkeypatch.setattr(_io, "_flock", flock)
+  if when == "file-before-lock":
+    _io.atomic_write_bytes(out, b"x")
+    assert out.read_bytes() == b"x"
+  else:
+    with _io.atomic_dir(out) as tmp:
+      with open(os.path.join(tmp, "data"), "w") as f:
+        f.write("x")
+      assert os.path.basename(tmp) not in removed[0]
+    assert (out / "data").read_text() == "x"
+  assert len(removed) == 1 and len(removed[0]) == 1  # one temporary was removed
+  assert _temporaries(tmp_path) == []
+
+
+def test_without_locks_temporaries_are_left(tmp_path, monkeypatch):
+  # Where flock is not available (Windows), a temporary is never known to be dead.
+  monkeypatch.setattr(_io, "fcntl", None)
+  (tmp_path / ".tmp-out-0123abcd").mkdir()
+  _io.save_tree(tmp_path / "out", _tree(2.0), {})
+  _io.atomic_write_bytes(tmp_path / "f", b"1")
+  assert _value(tmp_path / "out") == 2.0 and (tmp_path / "f").read_bytes() == b"1"
+  assert _temporaries(tmp_path) == [".tmp-out-0123abcd"]
+  monkeypatch.undo()
+  _io.recover(tmp_path / "out")
+  assert _temporaries(tmp_path) == []
+
+
+# ------------------------------------------------------------------ writers in other processes
+
+@pytest.mark.parametrize("exchange", ["supported", "unsupported"])
+def test_destination_made_by_another_writer_meanwhile_is_replaced(tmp_path, monkeypatch,
+                                                                  exchange):
+  # Two runs writing one path: the other one's tree appears just before this one moves
+  # its own in (the path was missing when checked, or was just moved aside). The save
+  # replaces it instead of failing with "Directory not empty".
+  import shutil
+
+  theirs = _io.save_tree(tmp_path / "theirs", _tree(5.0), {})
+  out = tmp_path / "out"
+  if exchange == "unsupported":
+    _io.save_tree(out, _tree(1.0), {})
+    monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+  real_rename, appeared = os.rename, []
+
+  def rename(a, b):
+    if os.fspath(b) == str(out) and os.path.basename(a).startswith(".tmp-out-") \
+        and not appeared:
+      appeared.append(shutil.copytree(theirs, out))
+    return real_rename(a, b)
+
+  monkeypatch.setattr(os, "rename", rename)
+  _io.save_tree(out, _tree(2.0), {})
+  monkeypatch.undo()
+  assert appeared and _value(out) == 2.0
+  assert _leftovers(tmp_path) == []
+
+
+def test_recover_leaves_a_destination_a_live_writer_moved_aside(tmp_path, monkeypatch):
+  # Without an atomic exchange the destination is missing between two renames; a reader
+  # (in another process: the lock is taken through another open file) must not move the
+  # old version back under the writer, which then fails to move its own in.
+  out = _io.save_tree(tmp_path / "out", _tree(1.0), {})
+  monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
+  real_rename, seen = os.rename, []
+
+  def rename(a, b):
+    real_rename(a, b)
+    if os.fspath(a) == out:  # moved aside: a reader comes by
+      seen.append(_leftovers(tmp_path))
+      _io.recover(out)
+      seen.append(os.path.exists(out))
+
+  monkeypatch.setattr(os, "rename", rename)
+  _io.save_tree(out, _tree(2.0), {})
+  monkeypatch.undo()
+  assert [n.split("-")[0] for n in seen[0]] == [".old", ".tmp"] and seen[1] is False
+  assert _value(out) == 2.0 and _leftovers(tmp_path) == []

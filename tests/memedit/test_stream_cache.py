@@ -278,3 +278,32 @@ def test_a_partial_save_never_replaces_statistics_another_writer_finished(tmp_pa
   tree, meta = _io.load_tree(tmp_path / "k")
   assert meta["complete"] and meta["batches"] == 4
   np.testing.assert_array_equal(tree["sum_sq"], np.asarray(done.sum_sq))
+
+
+def test_a_killed_saves_temporary_folder_is_removed_and_a_live_ones_kept(tmp_path):
+  # A run killed while saving leaves its temporary folder beside the cache (the kernel
+  # released the writer's lock): the next run removes it. A live writer's (its lock is
+  # held, here through an open file of this test) is kept.
+  import fcntl
+
+  rng = np.random.default_rng(1)
+  batches = [rng.standard_normal((8, 3)).astype(np.float32) for _ in range(3)]
+  dead, live = tmp_path / ".tmp-stats-0badc0de", tmp_path / ".tmp-stats-1badc0de"
+  for d in (dead, live):
+    d.mkdir()
+    (d / "meta.json").write_text('{"complete": fa')  # cut short by the kill
+  fd = os.open(live, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    st = memedit.stream_covariance(list(batches), group=1, progress=False,
+                                   cache_dir=tmp_path, cache_key="stats")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "stats"]
+  finally:
+    os.close(fd)
+  keys = np.concatenate(batches).astype(np.float64)
+  np.testing.assert_allclose(np.asarray(memedit.centered_covariance(st), np.float64),
+                             np.cov(keys.T, bias=True), rtol=1e-5, atol=1e-6)
+  again = memedit.stream_covariance([], group=1, progress=False, cache_dir=tmp_path,
+                                    cache_key="stats")  # resumed: complete, nothing to read
+  assert memedit.key_count(again) == len(keys)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["stats"]
