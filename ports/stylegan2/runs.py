@@ -12,9 +12,10 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["CHECKPOINTS", "LOG_FILE", "RUN_FILE", "RUN_FORMAT", "check_fresh", "check_resume",
-           "log_row", "manager", "read_run", "run_record", "run_files", "save",
-           "sigterm_as_interrupt", "to_host", "truncate_log"]
+__all__ = ["CHECKPOINTS", "LOG_FILE", "RUN_FILE", "RUN_FORMAT", "UNSAFE_PATH_CHARACTERS",
+           "check_fresh", "check_path", "check_resume", "log_row", "manager", "read_run",
+           "resumable", "run_record", "run_files", "save", "sigterm_as_interrupt", "to_host",
+           "truncate_log"]
 
 RUN_FORMAT = 1
 RUN_FILE = "run.json"
@@ -34,6 +35,24 @@ def manager(run_dir: str, keep: int | None = 2):
       multiprocessing_options=ocp.options.MultiprocessingOptions(
           primary_host=me, active_processes={me}))
   return ocp.CheckpointManager(os.path.join(run_dir, CHECKPOINTS), options=options)
+
+
+#: Characters the checkpoint store (tensorstore, under orbax) does not take literally in
+#: a local path: a backslash is read as a separator (the arrays of a checkpoint land in
+#: another directory, outside the run), brackets as a glob pattern (the checkpoint is
+#: written but does not restore).
+UNSAFE_PATH_CHARACTERS = "\\[]"
+
+
+def check_path(run_dir: str) -> None:
+  """Raises a ValueError if the run directory's absolute path holds a character of
+  :data:`UNSAFE_PATH_CHARACTERS` (before anything is written there)."""
+  path = os.path.abspath(os.fspath(run_dir))
+  bad = [c for c in UNSAFE_PATH_CHARACTERS if c in path]
+  if bad:
+    raise ValueError(f"{path}: expected a run directory path without {' '.join(bad)} (the "
+                     f"checkpoint store reads a backslash as a separator and brackets as a "
+                     f"pattern), got one with them; choose another path")
 
 
 def run_record(cfg: Any, teacher: Any) -> dict:
@@ -73,19 +92,75 @@ def check_resume(run_dir: str, record: dict) -> None:
                      + "; ".join(problems))
 
 
+def _orbax_temporary(name: str) -> bool:
+  """Whether a ``checkpoints/`` entry is orbax's unfinished save (``0.orbax-checkpoint-tmp``,
+  removed by orbax when that step is saved again)."""
+  return ".orbax-checkpoint-tmp" in name
+
+
+def _setup_interrupted(run_dir: str) -> bool:
+  """Whether ``run_dir`` holds a new run's set-up that stopped before checkpoint 0: a
+  valid ``run.json``, no ``log.jsonl`` and no ``checkpoints/`` entry but orbax's unfinished
+  save of step 0."""
+  if not os.path.isfile(os.path.join(run_dir, RUN_FILE)):
+    return False
+  if os.path.lexists(os.path.join(run_dir, LOG_FILE)):
+    return False
+  ckpt = os.path.join(run_dir, CHECKPOINTS)
+  if os.path.lexists(ckpt) and (not os.path.isdir(ckpt) or not all(
+      _orbax_temporary(name) for name in os.listdir(ckpt))):
+    return False
+  try:
+    read_run(run_dir)  # a run.json of the user's own is never taken for the run's
+  except (ValueError, OSError):
+    return False
+  return True
+
+
+def resumable(run_dir: str) -> bool:
+  """Whether a start in ``run_dir`` resumes the run there (checked by :func:`check_resume`)
+  rather than beginning a new one (checked by :func:`check_fresh`).
+
+  A new run's set-up writes ``run.json``, then checkpoint 0 (its first log row comes
+  after step 1). A Ctrl-C or kill in between (while the initial state is drawn or saved)
+  leaves a ``run.json`` with no checkpoint and no log: no run to resume, whose settings a
+  new start would have to repeat, but a set-up that never finished. A start there begins
+  a new run with its own settings and replaces that ``run.json`` (and orbax's unfinished
+  save of step 0, which orbax removes); nothing else is touched, and a ``run.json`` that
+  is not a run record is never replaced. Making the set-up itself atomic would not do:
+  a new run may start in a user's existing folder (no directory rename), and a
+  checkpoint written before ``run.json`` would look like another run's files.
+  """
+  return (os.path.isfile(os.path.join(run_dir, RUN_FILE))
+          and not _setup_interrupted(run_dir))
+
+
 def check_fresh(run_dir: str) -> None:
   """Raises a ValueError if a new run cannot start in ``run_dir`` without touching what is
   there: a directory without ``run.json`` may hold anything of the user's except the
   run's own ``log.jsonl`` and a non-empty ``checkpoints/`` (orbax would read the entries
-  there as checkpoints, and delete them as old ones)."""
+  there as checkpoints, and delete them as old ones); one whose set-up stopped before
+  checkpoint 0 (see :func:`resumable`) may also hold its ``run.json`` and orbax's
+  unfinished save of step 0."""
   if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
-    raise ValueError(f"{run_dir}: expected a run directory (new or existing), got a file")
+    what = ("a symbolic link to nothing" if os.path.islink(run_dir) and not
+            os.path.exists(run_dir) else "a file")
+    raise ValueError(f"{run_dir}: expected a run directory (new or existing), got {what}")
+  record = os.path.join(run_dir, RUN_FILE)
+  if os.path.lexists(record) and not os.path.isfile(record):
+    what = ("a directory" if os.path.isdir(record) else "a symbolic link to nothing"
+            if not os.path.exists(record) else "something other than a file")
+    raise ValueError(f"{record}: expected the run's record (a file) or nothing, got {what}")
+  interrupted = _setup_interrupted(run_dir)
   found = []
   if os.path.lexists(os.path.join(run_dir, LOG_FILE)):
     found.append(LOG_FILE)
   ckpt = os.path.join(run_dir, CHECKPOINTS)
-  if os.path.lexists(ckpt) and (not os.path.isdir(ckpt) or os.listdir(ckpt)):
-    found.append(CHECKPOINTS + ("/" + ", ".join(sorted(os.listdir(ckpt))[:5])
+  entries = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []
+  if interrupted:
+    entries = [name for name in entries if not _orbax_temporary(name)]
+  if os.path.lexists(ckpt) and (not os.path.isdir(ckpt) or entries):
+    found.append(CHECKPOINTS + ("/" + ", ".join(entries[:5])
                                 if os.path.isdir(ckpt) else " (not a directory)"))
   if found:
     raise ValueError(f"{run_dir}: expected a training run (with {RUN_FILE}) or a directory "

@@ -74,7 +74,11 @@ after its checkpoint, which it runs again, and an interrupted one logs the steps
 checkpoint holds) and ``checkpoints/``. A new run may start in
 a folder of the user's own, whose other files it leaves alone, but not in one holding a
 ``log.jsonl`` or a non-empty ``checkpoints/`` without ``run.json`` (a ValueError: orbax
-would take those entries for checkpoints). A damaged checkpoint is a ValueError naming
+would take those entries for checkpoints). A ``run.json`` with neither a checkpoint nor a
+log is a set-up stopped (Ctrl-C, kill) before checkpoint 0: no run to resume, so a start
+there begins a new run, whatever its settings (:func:`ports.stylegan2.runs.resumable`).
+A run directory whose path holds a backslash or brackets is refused (the checkpoint
+store misreads them). A damaged checkpoint is a ValueError naming
 the run's other steps. A run whose loss or state turns NaN or infinite (it diverged)
 stops with a ValueError and saves nothing non-finite, so its finite checkpoints stay.
 
@@ -313,6 +317,7 @@ def restore(run_dir: str | os.PathLike, step: int | None = None) -> tuple[TrainC
   import orbax.checkpoint as ocp
 
   run_dir = os.path.abspath(os.fspath(run_dir))
+  runs.check_path(run_dir)
   if not os.path.isfile(os.path.join(run_dir, runs.RUN_FILE)):
     raise FileNotFoundError(f"{run_dir}: not a training run (expected {runs.RUN_FILE} "
                             f"inside it)")
@@ -388,11 +393,14 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
       stop_after, numbers.Integral) or stop_after < 0):
     raise ValueError(f"stop_after: expected None or a non-negative integer, got "
                      f"{stop_after!r}")
+  if not os.fspath(run_dir):  # abspath would make it the working directory
+    raise ValueError("run_dir: expected a directory path, got ''")
   run_dir = os.path.abspath(os.fspath(run_dir))
+  runs.check_path(run_dir)
   record = runs.run_record(cfg, teacher)
-  if os.path.isfile(os.path.join(run_dir, runs.RUN_FILE)):
+  if runs.resumable(run_dir):
     runs.check_resume(run_dir, record)
-  else:
+  else:  # a new run, or one whose set-up stopped before checkpoint 0 (its run.json replaced)
     runs.check_fresh(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     _io.atomic_write_bytes(os.path.join(run_dir, runs.RUN_FILE),
@@ -420,9 +428,11 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
       row = {"step": last, **means, "seconds_per_step": (now - t_log) / len(pending),
              "images_per_second": len(pending) * cfg.batch_size / (now - t_log)}
       runs.log_row(run_dir, row)
+      # Emptied before the line is shown: a Ctrl-C while it is must not make the
+      # interrupt handler log these steps a second time.
+      pending, t_log = [], time.perf_counter()
       say(f"step {last}/{cfg.steps}  loss {means['loss']:.4f}  l1 {means['l1']:.4f}"
           f"  pyramid {means['pyramid']:.4f}  {row['seconds_per_step']:.2f} s/step")
-      pending, t_log = [], time.perf_counter()
 
     try:
       with runs.sigterm_as_interrupt():

@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the command line; returns the exit status (1 on a ValueError / OSError)."""
   args = _parser().parse_args(argv)
   try:
+    if not args.run_dir:  # an unset shell variable: not the working directory
+      raise ValueError("--run-dir: expected a directory path, got ''")
     if args.command == "train":
       cfg = TrainConfig(resolution=args.resolution, channels=_channels(args.channels),
                         style_dim=args.style_dim, n_mlp=args.n_mlp,
@@ -110,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--checkpoint-every, --log-every: expected positive integers, "
                          f"got {args.checkpoint_every}, {args.log_every}")
       run_dir = os.path.abspath(args.run_dir)
-      if not os.path.isfile(os.path.join(run_dir, runs.RUN_FILE)):
+      runs.check_path(run_dir)
+      if not runs.resumable(run_dir):
         runs.check_fresh(run_dir)
 
       def accept(teacher):  # train's own refusals, before the teacher is written
         check_pair(cfg, teacher)
-        if os.path.isfile(os.path.join(run_dir, runs.RUN_FILE)):
+        if runs.resumable(run_dir):
           runs.check_resume(run_dir, runs.run_record(cfg, teacher))
 
       teacher = load_teacher(args.teacher, args.run_dir, check=accept)

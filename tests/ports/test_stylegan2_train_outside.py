@@ -424,3 +424,126 @@ def test_an_edited_run_record_is_named(teacher, tmp_path, bad, want):
   (run / runs.RUN_FILE).write_text(json.dumps(record))
   with pytest.raises(ValueError, match=r"run.json: " + want):
     tr.restore(run)
+
+
+def test_ctrl_c_before_checkpoint_0_leaves_no_run_to_resume(teacher, teacher_file, tmp_path,
+                                                            monkeypatch, capsys):
+  """Ctrl-C (or a kill) after run.json is written but before checkpoint 0 exists: no
+  run to resume, so a start with other settings begins a new run there (it was refused
+  as a mismatched resume), as does one with the same settings; orbax's unfinished save
+  of step 0 goes, the user's other files stay, and a run.json that is not a run record
+  is still refused untouched."""
+  def interrupted(cfg):
+    raise KeyboardInterrupt
+
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "notes.txt").write_text("precious")
+  other = dataclasses.replace(CFG, learning_rate=1e-3)
+  monkeypatch.setattr(tr, "init_state", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    tr.train(other, teacher, run, stop_after=0, log=None)
+  monkeypatch.undo()
+  assert (run / runs.RUN_FILE).is_file() and os.listdir(run / runs.CHECKPOINTS) == []
+  assert runs.read_run(run)["config"]["learning_rate"] == 1e-3
+
+  assert int(tr.train(CFG, teacher, run, stop_after=0, log=None)["step"]) == 0
+  assert tr.restore(run)[0] == CFG and (run / "notes.txt").read_text() == "precious"
+
+  # Interrupted in the middle of saving checkpoint 0: a start with the same settings.
+  from orbax.checkpoint._src.path import atomicity
+
+  async def interrupted_save(self):
+    raise KeyboardInterrupt
+
+  run2 = tmp_path / "run2"
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", interrupted_save)
+  with pytest.raises(KeyboardInterrupt):
+    tr.train(CFG, teacher, run2, stop_after=0, log=None)
+  monkeypatch.undo()
+  assert [name.startswith("0.") for name in os.listdir(run2 / runs.CHECKPOINTS)] == [True]
+  assert int(tr.train(CFG, teacher, run2, stop_after=0, log=None)["step"]) == 0
+  assert os.listdir(run2 / runs.CHECKPOINTS) == ["0"] and tr.restore(run2)[0] == CFG
+
+  # The command line takes the same folder as a new run (other settings, other teacher).
+  run3 = tmp_path / "run3"
+  monkeypatch.setattr(tr, "init_state", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    tr.train(other, teacher, run3, stop_after=0, log=None)
+  monkeypatch.undo()
+  other_file = write_teacher(tmp_path, seed=2)
+  assert train_cli.main(["train", "--teacher", other_file, "--run-dir", str(run3),
+                         *CLI_ARGS, "--stop-after", "0"]) == 0
+  capsys.readouterr()
+  assert tr.restore(run3)[0] == CFG
+  assert runs.read_run(run3)["teacher"]["digest"] != teacher.digest
+
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / runs.RUN_FILE).write_text('{"my": "settings"}')
+  with pytest.raises(ValueError, match=r"run.json: expected a training run record"):
+    tr.train(CFG, teacher, mine, stop_after=0, log=None)
+  assert _snapshot(mine) == {runs.RUN_FILE: b'{"my": "settings"}'}
+
+
+def test_ctrl_c_while_a_log_line_is_shown(teacher, straight, tmp_path):
+  """A Ctrl-C while a progress line is printed, after its row was written: the
+  interrupt's checkpoint is saved and the steps are not logged a second time."""
+  def log(line):
+    if line.startswith("step 4/"):
+      raise KeyboardInterrupt
+
+  run = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    tr.train(CFG, teacher, run, log_every=2, log=log)
+  assert [r["step"] for r in _log(run)] == [1, 2, 4]
+  assert tr.restore(run)[1]["step"] == 4
+  _assert_same(straight, tr.train(CFG, teacher, run, log_every=2, log=None))
+  assert [r["step"] for r in _log(run)] == [1, 2, 4, 5, 6, 8]  # 5: the resumed first step
+
+
+@pytest.mark.parametrize("kind, want", [
+    ("dangling", r"dangling: expected a run directory \(new or existing\), got a symbolic "
+                 r"link to nothing"),
+    ("record_dir", r"run.json: expected the run's record \(a file\) or nothing, got a "
+                   r"directory"),
+])
+def test_run_dir_that_is_a_dangling_link_or_whose_record_is_a_directory(
+    teacher, tmp_path, kind, want):
+  if kind == "dangling":
+    run = tmp_path / "dangling"
+    os.symlink(tmp_path / "nowhere", run)
+  else:
+    run = tmp_path / "run"
+    (run / runs.RUN_FILE).mkdir(parents=True)
+  before = sorted(os.listdir(tmp_path)), os.path.isdir(run) and _snapshot(run)
+  with pytest.raises(ValueError, match=want):
+    tr.train(CFG, teacher, run, stop_after=0, log=None)
+  assert (sorted(os.listdir(tmp_path)), os.path.isdir(run) and _snapshot(run)) == before
+
+
+def test_an_empty_run_dir_is_refused(teacher, teacher_file, tmp_path, monkeypatch, capsys):
+  """An empty run directory (an unset shell variable) is not the working directory: it
+  was taken for it, and the run's files written there."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r"run_dir: expected a directory path, got ''"):
+    tr.train(CFG, teacher, "", stop_after=0, log=None)
+  for command in (["train", "--teacher", teacher_file, *CLI_ARGS, "--stop-after", "0"],
+                  ["export", "--out", str(tmp_path / "g.pt")]):
+    assert train_cli.main([*command, "--run-dir", ""]) == 1
+    assert "--run-dir: expected a directory path, got ''" in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, chars", [("x\\y", "\\"), ("r[0]", "[ ]")])
+def test_a_run_dir_the_checkpoint_store_misreads_is_refused(teacher, teacher_file, tmp_path,
+                                                            capsys, name, chars):
+  """A backslash in the path made the checkpoint's arrays land in another directory
+  (x/y/... beside the run) and brackets made it unrestorable; both were accepted."""
+  want = f"expected a run directory path without {chars} "
+  with pytest.raises(ValueError, match=re.escape(want)):
+    tr.train(CFG, teacher, tmp_path / name, stop_after=0, log=None)
+  assert train_cli.main(["train", "--teacher", teacher_file, "--run-dir",
+                         str(tmp_path / name), *CLI_ARGS, "--stop-after", "0"]) == 1
+  assert want in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
