@@ -174,3 +174,126 @@ def suffix_tag(text: str) -> str:
     return check_suffix(text)
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
+# Where a run's results go. benchmarks/results holds the committed runs at each script's
+# default settings (the README's tables quote them): a run at other settings gets a name
+# of its own there, so it never replaces them.
+
+
+def out_dir(text: str) -> Path:
+  """argparse type: a folder for results files: an existing folder this process may
+  write into, or a new one whose nearest existing parent is such a folder."""
+  if not isinstance(text, str) or not text.strip():
+    raise argparse.ArgumentTypeError(f"expected a folder, got {text!r}")
+  path = Path(text).expanduser()
+  probe = path
+  while not os.path.lexists(probe) and probe.parent != probe:
+    probe = probe.parent
+  if not probe.is_dir():
+    what = "is not a folder" if probe == path else f"lies under {str(probe)!r}, not a folder"
+    raise argparse.ArgumentTypeError(f"expected a folder, got {text!r}, which {what}")
+  if not _can_create_in(probe):
+    raise argparse.ArgumentTypeError(
+        f"expected a folder this process can write into, got {text!r}"
+        + ("" if probe == path else f" (its parent {str(probe)!r} is not writable)"))
+  return path
+
+
+def _can_create_in(folder: Path) -> bool:
+  """Whether a file can be created in ``folder`` (tried: permissions alone do not tell a
+  read-only file system, or a folder such as /proc, from a writable one)."""
+  if not os.access(folder, os.W_OK | os.X_OK):
+    return False
+  import tempfile
+
+  try:
+    fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+  except OSError:
+    return False
+  os.close(fd)
+  os.remove(name)
+  return True
+
+
+def add_out_dir(ap: argparse.ArgumentParser) -> None:
+  """Adds ``--out-dir DIR`` (see :func:`results_path`) to a benchmark's parser."""
+  ap.add_argument("--out-dir", type=out_dir, default=None, metavar="DIR",
+                  help="folder of the results file (default: benchmarks/results, which "
+                       "holds the committed runs at the default settings; a run at other "
+                       "settings is named after the options it changed, e.g. "
+                       "NAME_OPTION5.json, and one on another model needs --out-dir)")
+
+
+def _value_text(value) -> str:
+  if isinstance(value, (list, tuple)):
+    return "-".join(_value_text(v) for v in value)
+  if isinstance(value, float):
+    return f"{value:g}".replace("+", "")
+  return str(value)
+
+
+def changed_options(ap: argparse.ArgumentParser, args, options) -> list[tuple[str, object]]:
+  """(option, value) of each of ``options`` (such as ``"--keys"``) whose value in
+  ``args`` differs from the parser's default."""
+  out = []
+  for option in options:
+    dest = option.lstrip("-").replace("-", "_")
+    value = getattr(args, dest)
+    if value != ap.get_default(dest):
+      out.append((option, value))
+  return out
+
+
+def results_path(ap: argparse.ArgumentParser, args, name: str, *, variants=(), inputs=(),
+                 suffix: str = "", tag: str = "") -> Path:
+  """The results file of a run, decided (and checked) before any work: in ``--out-dir``
+  (default benchmarks/results), named
+
+  - ``NAME_quick{suffix}.json`` with ``--quick`` (a smoke run);
+  - ``NAME{tag}{suffix}.json`` when the script's ``--tag`` is given;
+  - else ``NAME{changes}{suffix}.json``, where ``changes`` names each option of
+    ``variants`` (sizes, repeats, …) given a value other than its default, e.g.
+    ``_keys1000_dim64`` (none at the default settings: the committed file's name).
+
+  The options of ``inputs`` (a model folder, …) cannot be part of a name: one of them
+  changed without ``--quick``, ``--tag`` or an ``--out-dir`` other than benchmarks/results
+  is refused (argparse error naming it), as it would replace the committed default run
+  with another model's.
+  Call it before ``--quick`` replaces the sizes in ``args``."""
+  folder = getattr(args, "out_dir", None)
+  quick = getattr(args, "quick", False)
+  if quick:
+    stem = f"{name}_quick"
+  elif tag:
+    stem = f"{name}{tag}"
+  else:
+    moved = changed_options(ap, args, inputs)
+    if moved and (folder is None or Path(folder).resolve() == Path(RESULTS).resolve()):
+      given = ", ".join(f"{o} {v}" for o, v in moved)
+      ap.error(f"--out-dir: expected a folder of your own for a run with {given} (not "
+               f"the default), got {'none' if folder is None else repr(str(folder))}: "
+               f"benchmarks/results/{name}{suffix}.json holds the committed run")
+    stem = name + "".join(f"_{o.lstrip('-')}{_value_text(v)}"
+                          for o, v in changed_options(ap, args, variants))
+  try:
+    check_suffix(stem, "name")
+    check_suffix(suffix, "suffix")
+  except ValueError as e:
+    ap.error(f"expected options that can name a results file, got {e}")
+  return Path(RESULTS if folder is None else folder) / f"{stem}{suffix}.json"
+
+
+def write_to(path, payload: dict) -> Path:
+  """Writes ``payload`` (plus the machine description) to ``path`` (from
+  :func:`results_path`), as standard JSON, atomically (:func:`write_json`)."""
+  return write_json(path, dict(payload, machine=machine()))
+
+
+def shown(path) -> str:
+  """``path`` relative to the working folder where it lies under it, else as it is."""
+  path = Path(path)
+  try:
+    return str(path.resolve().relative_to(Path.cwd().resolve()))
+  except ValueError:
+    return str(path)

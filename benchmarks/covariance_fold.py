@@ -18,7 +18,7 @@ With ``OPENBLAS_NUM_THREADS`` set, the results go to ``covariance_fold_blasN.jso
 The accuracy of memedit's C against a float64 reference is checked too.
 
 Usage: python benchmarks/covariance_fold.py [--quick] [--keys N] [--dim D] [--chunk N]
-       [--group G] [--rounds R]
+       [--group G] [--rounds R] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 import memedit
-from benchmarks.common import positive_int, table, write
+from benchmarks.common import add_out_dir, positive_int, results_path, table, write_to
 from memedit import gram
 from memedit.moments import fold_keys
 
@@ -63,7 +63,12 @@ def main(argv=None):
   ap.add_argument("--chunk", type=positive_int, default=15_625, help="keys per chunk")
   ap.add_argument("--group", type=positive_int, default=16, help="chunks per program")
   ap.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  out = results_path(ap, args, "covariance_fold",
+                     variants=("--keys", "--dim", "--chunk", "--group", "--rounds"),
+                     suffix=_blas_suffix() + ("" if jax.default_backend() == "cpu"
+                                              else f"_{jax.default_backend()}"))
   if args.quick:
     args.keys, args.group, args.rounds = 62_500, 4, 2
   if args.keys < args.chunk:
@@ -159,7 +164,7 @@ def main(argv=None):
     print(f"{k}: {v:.3f}")
   print(f"accuracy vs float64 (relative Frobenius): {accuracy}")
   print(f"first call of stream_covariance (with compilation): {first_s:.2f} s")
-  path = write("covariance_fold", {
+  path = write_to(out, {
       "keys": n, "dim": d, "chunk": chunk, "group": args.group, "rounds": args.rounds,
       "seconds": times, "summary": summary, "accuracy": accuracy,
       "first_call_seconds": first_s, "load_average_before": load_before,
@@ -167,8 +172,7 @@ def main(argv=None):
       "cpu_gram": gram.CPU_GRAM, "cpu_kernel": gram.cpu_kernel(),
       "cpu_kernel_side_by_side": gram.cpu_kernel(side_by_side=True),
       "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-  }, suffix=("_quick" if args.quick else "") + _blas_suffix() + (
-      "" if jax.default_backend() == "cpu" else f"_{jax.default_backend()}"))
+  })
   print(f"wrote {path}")
 
 

@@ -35,6 +35,7 @@ modulated convolution from 8×8 keys of 192 channels to 16×16). ``--quick`` run
 smoke version (201 Adam steps, StyleGAN2 at 64 px); ``--rows`` reruns some of the rows.
 
 Usage: python benchmarks/full_edit.py [--quick] [--rows dcgan,stylegan2-random,stylegan2-trained]
+       [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -56,8 +57,7 @@ import numpy as np
 import optax
 
 import memedit
-from benchmarks import common
-from benchmarks.common import best_of, machine, table, write
+from benchmarks.common import add_out_dir, best_of, machine, results_path, table, write_to
 from memedit import generators as gens
 
 GN_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -236,7 +236,9 @@ def main(argv=None):
                   help="comma-separated rows to run (default: all of " + ", ".join(ROWS)
                   + "); a subset replaces those rows in the existing results, each rerun "
                   "row keeping its own date and machine")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  result = results_path(ap, args, "full_edit")
   chosen = [r for r in args.rows.split(",") if r]
   unknown = [r for r in chosen if r not in ROWS]
   if unknown or not chosen:
@@ -244,7 +246,6 @@ def main(argv=None):
   steps = 201 if args.quick else 2001
   repeats = 1 if args.quick else 3
   previous = None  # read before the run: a damaged file is named now, not after hours
-  result = common.RESULTS / "full_edit.json"
   if len(chosen) < len(ROWS) and not args.quick and result.exists():
     try:
       previous = json.loads(result.read_text())
@@ -296,7 +297,7 @@ def main(argv=None):
   payload = {"rows": rows, "quick": args.quick, "note": note}
   if rerun:
     payload["rows_rerun"] = rerun
-  path = write("full_edit", payload, "_quick" if args.quick else "")
+  path = write_to(result, payload)
   print(f"wrote {path}")
 
 

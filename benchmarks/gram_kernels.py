@@ -14,6 +14,7 @@ finiteness check, exact counts) with a different kernel for the Gram matrix Xᵀ
 - and numpy's bare ``X.T @ X`` per chunk (no shift, no checks) as the reference.
 
 Usage: python benchmarks/gram_kernels.py [--quick] [--chunks N] [--dim D] [--rounds R]
+       [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax
 import numpy as np
 
 import memedit
-from benchmarks.common import positive_int, table, write
+from benchmarks.common import add_out_dir, positive_int, results_path, table, write_to
 from memedit import gram, moments
 
 
@@ -48,7 +49,11 @@ def main(argv=None):
   ap.add_argument("--chunk", type=positive_int, default=15_625, help="keys per chunk")
   ap.add_argument("--dim", type=positive_int, default=512)
   ap.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  out = results_path(ap, args, "gram_kernels",
+                     variants=("--chunks", "--chunk", "--dim", "--rounds"),
+                     suffix=_blas_suffix())
   if args.quick:
     args.chunks, args.chunk, args.rounds = 4, 4096, 2
   d, n_chunks = args.dim, args.chunks
@@ -117,12 +122,12 @@ def main(argv=None):
         f"interleaved rounds, load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
   print(table(rows, ["kernel", "ms/chunk (median)", "ms/chunk (min)", "speed vs gemm"]))
   print("largest difference to the gemm fold, relative to max |S|:", agreement)
-  path = write("gram_kernels", {
+  path = write_to(out, {
       "chunks": n_chunks, "chunk": args.chunk, "dim": d, "rounds": args.rounds,
       "seconds": times, "agreement": agreement, "load_average_before": load_before,
       "load_average_after": load_after,
       "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-  }, suffix=("_quick" if args.quick else "") + _blas_suffix())
+  })
   print(f"wrote {path}")
 
 

@@ -11,7 +11,7 @@
   2001 Adam steps end at (found from a longer run's loss trace, then timed alone).
 
 Usage: python benchmarks/lambda_solve.py [--quick] [--channels C] [--size S] [--rank R]
-       [--steps N] [--repeats N]
+       [--steps N] [--repeats N] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import optax
 from jax import lax
 
 import memedit
-from benchmarks.common import best_of, positive_int, table, write
+from benchmarks.common import (add_out_dir, best_of, positive_int, results_path, table,
+                               write_to)
 
 
 def demod_conv(kernel, keys):
@@ -162,7 +163,11 @@ def main(argv=None):
   ap.add_argument("--rank", type=positive_int, default=1, help="rank of the edit")
   ap.add_argument("--steps", type=positive_int, default=2001, help="Adam steps")
   ap.add_argument("--repeats", type=positive_int, default=2, help="timed repeats (best of)")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  out = results_path(ap, args, "lambda_solve",
+                     variants=("--channels", "--size", "--rank", "--steps", "--repeats"),
+                     suffix="" if jax.default_backend() == "cpu" else f"_{jax.default_backend()}")
   if args.quick:
     args.channels, args.steps, args.repeats = 32, 201, 1
   if args.size < 2:
@@ -186,8 +191,7 @@ def main(argv=None):
   print(table(rows, ["layer", "method", "seconds", "final L1 loss", "speed-up"]))
   for v in results.values():
     v.pop("rows")
-  path = write("lambda_solve", {"steps": args.steps, "rank": args.rank, "problems": results},
-               suffix=("_quick" if args.quick else "") + ("" if jax.default_backend() == "cpu" else f"_{jax.default_backend()}"))
+  path = write_to(out, {"steps": args.steps, "rank": args.rank, "problems": results})
   print(f"wrote {path}")
 
 

@@ -19,6 +19,7 @@ stream_covariance runs, built with its internal group-fold constructor): the cos
 work itself.
 
 Usage: python benchmarks/layer_stats.py [--quick] [--batches N] [--batch B]
+       [--group G] [--eager-batches N] [--repeats N] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from jax import lax
 
 import memedit
 from memedit.layers import capture, layer_covariance
-from benchmarks.common import positive_int, table, write
+from benchmarks.common import add_out_dir, positive_int, results_path, table, write_to
 
 
 class Generator(nnx.Module):
@@ -88,7 +89,10 @@ def main(argv=None):
   ap.add_argument("--eager-batches", type=positive_int, default=8,
                   help="batches the eager capture runs (at most --batches)")
   ap.add_argument("--repeats", type=positive_int, default=2, help="timed repeats (best of)")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  out = results_path(ap, args, "layer_stats", variants=(
+      "--batches", "--batch", "--group", "--eager-batches", "--repeats"))
   if args.quick:
     args.batches, args.batch, args.eager_batches = 16, 32, 4
   for option in ("group", "eager_batches"):
@@ -221,8 +225,8 @@ def main(argv=None):
   print(table(rows, columns))
   for k, v in summary.items():
     print(f"{k}: {v:.3f}")
-  path = write("layer_stats", {"args": vars(args), "results": results, "summary": summary},
-               suffix="_quick" if args.quick else "")
+  path = write_to(out, {"args": {k: v for k, v in vars(args).items() if k != "out_dir"},
+                        "results": results, "summary": summary})
   print(f"wrote {path}")
 
 

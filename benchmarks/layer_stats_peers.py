@@ -33,7 +33,7 @@ Models and layers:
   convolution): keys x·s, 32×32, 512 channels (x the layer input, s = modulation(w)).
 
 Usage: python benchmarks/layer_stats_peers.py [--quick] [--dcgan-n N] [--dcgan-batch B]
-       [--sg2-n N] [--sg2-batch B] [--sg2-resolution R]
+       [--sg2-n N] [--sg2-batch B] [--sg2-resolution R] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import jax
 import numpy as np
 
 import memedit
-from benchmarks.common import positive_int, table, write
+from benchmarks.common import add_out_dir, positive_int, results_path, table, write_to
 from memedit import generators as gens
 
 
@@ -240,7 +240,10 @@ def main(argv=None):
   ap.add_argument("--sg2-batch", type=positive_int, default=8)
   ap.add_argument("--sg2-resolution", type=positive_int, default=256,
                   help="a power of two from 32 (the layer conv_6 is at 32 px)")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  out = results_path(ap, args, "layer_stats_peers", variants=(
+      "--dcgan-n", "--dcgan-batch", "--sg2-n", "--sg2-batch", "--sg2-resolution"))
   if args.quick:
     args.dcgan_n, args.dcgan_batch = 100, 50
     args.sg2_n, args.sg2_batch, args.sg2_resolution = 16, 8, 64
@@ -270,10 +273,9 @@ def main(argv=None):
           "the layer alone (warm, called batch by batch, summed); rel_diff = max|C_memedit - C_torch| / max|C_torch|; *_vs_f64 = the same "
           "against a float64 fold of the torch keys; load = os.getloadavg() before/after "
           "each model")
-  path = write("layer_stats_peers", {"rows": rows, "quick": args.quick,
-                                     "torch_threads": torch.get_num_threads(),
-                                     "torch": torch.__version__, "note": note},
-               "_quick" if args.quick else "")
+  path = write_to(out, {"rows": rows, "quick": args.quick,
+                        "torch_threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "note": note})
   print(f"wrote {path}")
 
 

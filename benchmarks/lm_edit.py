@@ -13,7 +13,9 @@ key statistics C over 10⁶ tokens next to the bare forward + fold.
   keys per second; both timed after a warm-up compile.
 
 Usage: python benchmarks/lm_edit.py [--model DIR] [--memit N] [--tokens N] [--quick]
-Writes benchmarks/results/lm_edit.json (``--quick``: lm_edit_quick.json).
+       [--out-dir DIR]
+Writes benchmarks/results/lm_edit.json (``--quick``: lm_edit_quick.json; other --memit or
+--tokens: named after them, e.g. lm_edit_memit100.json; another --model needs --out-dir).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks.common import positive_int, table, write
+from benchmarks.common import add_out_dir, positive_int, results_path, table, write_to
 from memedit.lm.evaluate import world_cases
 from memedit.lm.experiment import demo_contexts, world_covariance
 from memedit.lm.memit import memit_edits
@@ -105,7 +107,9 @@ def main(argv=None) -> int:
                   help=f"tokens for C (at least {BARE_BATCH * BARE_LENGTH * BARE_GROUP:,})")
   ap.add_argument("--quick", action="store_true",
                   help="100 MEMIT facts, 10⁵ tokens (results in lm_edit_quick.json)")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  out = results_path(ap, args, "lm_edit", variants=("--memit", "--tokens"), inputs=("--model",))
   if args.quick:
     args.memit, args.tokens = min(args.memit, 100), min(args.tokens, 100_000)
   least = BARE_BATCH * BARE_LENGTH * BARE_GROUP
@@ -175,10 +179,9 @@ def main(argv=None) -> int:
             "seconds": round(bare_s, 2), "keys_per_s": round(bare_keys / bare_s)}]
   print(table(stats, ["what", "keys", "seconds", "keys_per_s"]))
   load1 = os.getloadavg()
-  path = write("lm_edit", {"edits": rows, "statistics": stats, "tokens": args.tokens,
-                           "memit_facts": args.memit, "model": info,
-                           "load_average_before": load0, "load_average_after": load1},
-               suffix="_quick" if args.quick else "")
+  path = write_to(out, {"edits": rows, "statistics": stats, "tokens": args.tokens,
+                        "memit_facts": args.memit, "model": info,
+                        "load_average_before": load0, "load_average_after": load1})
   print(f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; wrote {path}")
   return 0
 

@@ -11,9 +11,11 @@ P(old) > P(new) (``efficacy_prob``, ``neighbourhood_prob``).
 
 Usage: python benchmarks/lm_memit_sweep.py [--facts N] [--last 2,3] [--first 0] [--penalties ...]
        [--inner N] [--names surname|single|pair] [--embd N] [--blocks N] [--subjects N]
-       [--steps N] [--seed N] [--quick]
+       [--steps N] [--seed N] [--quick] [--out-dir DIR]
 Writes benchmarks/results/lm_memit_sweep[_innerN][_names][_embdN][_blocksN][_subjectsN]
-[_stepsN][_seedN].json (the model: the demo's settings with those changed).
+[_stepsN][_seedN].json (the model: the demo's settings with those changed), with the
+sweep's own options given other values than their defaults named before those (e.g.
+lm_memit_sweep_facts100_inner512.json); ``--out-dir DIR``: in DIR.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (nonnegative_int, number_list, positive_float, positive_int,
-                               table, write)
+from benchmarks.common import (add_out_dir, nonnegative_int, number_list, positive_float,
+                               positive_int, results_path, shown, table, write_to)
 from memedit.lm.evaluate import evaluate_cases, summarize, top1_accuracy, world_cases, world_facts
 from memedit.lm.experiment import apply_all, demo_contexts, world_covariance
 from memedit.lm.memit import memit_edits
@@ -61,12 +63,21 @@ def main(argv=None) -> None:
                   help="seed of the edited cases (0: the cases lm-eval scores)")
   ap.add_argument("--cache-dir", default=".cache")
   ap.add_argument("--quick", action="store_true", help="10 facts, block 1, two penalties")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  base_config = DemoConfig()
+  inner = base_config.n_inner if args.inner is None else args.inner
+  model_suffix = (f"_inner{inner}" if inner != base_config.n_inner else "") \
+      + (f"_{args.names}" if args.names != "surname" else "") \
+      + "".join(f"_{k}{v}" for k, v in (("embd", args.embd), ("blocks", args.blocks),
+                                         ("subjects", args.subjects), ("steps", args.steps))
+                if v) + (f"_seed{args.seed}" if args.seed else "")
+  out = results_path(ap, args, "lm_memit_sweep", suffix=model_suffix, variants=(
+      "--facts", "--last", "--first", "--penalties", "--unedited"))
   if args.quick:
     args.facts, args.last, args.penalties, args.unedited = 10, [1], [100, 1000], 200
-  base_config = DemoConfig()
   config = dataclasses.replace(
-      base_config, n_inner=base_config.n_inner if args.inner is None else args.inner,
+      base_config, n_inner=inner,
       names=args.names,
       n_embd=args.embd or base_config.n_embd, n_layer=args.blocks or base_config.n_layer,
       n_subjects=args.subjects or base_config.n_subjects,
@@ -121,19 +132,13 @@ def main(argv=None) -> None:
   cols = ["blocks", "penalty", "efficacy", "efficacy_prob", "paraphrase", "neighbourhood",
           "neighbourhood_prob", "unedited", "unedited_drop", "goals_met", "goals_met_prob"]
   print(table(rows, cols))
-  suffix = ("_quick" if args.quick else "") \
-      + (f"_inner{config.n_inner}" if config.n_inner != base_config.n_inner else "") \
-      + (f"_{args.names}" if args.names != "surname" else "") \
-      + "".join(f"_{k}{v}" for k, v in (("embd", args.embd), ("blocks", args.blocks),
-                                         ("subjects", args.subjects), ("steps", args.steps))
-                if v) + (f"_seed{args.seed}" if args.seed else "")
-  path = write("lm_memit_sweep", {
+  path = write_to(out, {
       "facts": args.facts, "model": {"config": info["config"],
                                      "accuracy_train_templates":
                                          info["accuracy_train_templates"]},
       "unedited_base": base, "rows": rows, "load_average_before": load0,
-      "load_average_after": [round(x, 2) for x in os.getloadavg()]}, suffix)
-  print(f"wrote {path.relative_to(Path(__file__).resolve().parents[1])}")
+      "load_average_after": [round(x, 2) for x in os.getloadavg()]})
+  print(f"wrote {shown(path)}")
 
 
 if __name__ == "__main__":

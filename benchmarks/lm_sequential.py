@@ -31,12 +31,14 @@ all edits so far, neighbourhood specificity, top-1 accuracy on 2,000 unedited fa
 
 Writes benchmarks/results/lm_sequential.json and docs/lm_sequential.png (the three scores
 against the number of edits, every arm), and prints the table. ``--quick``: 200 facts in
-batches of 50 (a smoke run; the results go to ``*_quick`` files).
+batches of 50 (a smoke run; the results go to ``*_quick`` files). At other settings
+without ``--tag``, both files are named after the options changed (e.g.
+``lm_sequential_edits500.json``); with ``--out-dir DIR`` both go to DIR.
 
 Usage: python benchmarks/lm_sequential.py [--quick] [--model DIR] [--cache-dir DIR]
   [--edits N] [--batch B] [--threshold T] [--l2 X]
   [--key-weight W] [--edit-keys solve|null_space|none] [--penalty L] [--penalty2 L]
-  [--tag SUFFIX]
+  [--tag SUFFIX] [--out-dir DIR]
 (A penalty of 0 leaves that plain arm out.)
 """
 
@@ -53,8 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 
-from benchmarks.common import (nonnegative_float, positive_float, positive_int, suffix_tag,
-                               table, write)
+from benchmarks.common import (add_out_dir, nonnegative_float, positive_float, positive_int,
+                               results_path, shown, suffix_tag, table, write_to)
 from memedit.lm.experiment import demo_contexts, world_covariance
 from memedit.lm.sequential import EDIT_KEYS, run_sequential
 from memedit.lm.train import (DEMO_MEMIT_LAYERS as LAYERS, DEMO_PENALTY, DemoConfig, load_demo,
@@ -162,7 +164,12 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true", help="200 facts in batches of 50")
   ap.add_argument("--tag", type=suffix_tag, default="",
                   help="suffix of the output files (e.g. _inner4096; letters, digits, _ . -)")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  out = results_path(ap, args, "lm_sequential", tag=args.tag, inputs=("--model",), variants=(
+      "--edits", "--batch", "--threshold", "--l2", "--key-weight", "--edit-keys", "--penalty",
+      "--penalty2"))
+  png = (ROOT / "docs" if args.out_dir is None else args.out_dir) / f"{out.stem}.png"
   if args.quick:
     args.edits, args.batch = min(args.edits, 200), min(args.batch, 50)
   load0 = os.getloadavg()
@@ -200,8 +207,6 @@ def main(argv=None) -> int:
         f"{base['neighbourhood']:.1f}, unedited accuracy {base['unedited']:.1f}; "
         f"null-space dimensions {null_dims}")
   print(table(shown, columns))
-  suffix = ("_quick" if args.quick else "") + args.tag
-  png = ROOT / "docs" / f"lm_sequential{suffix}.png"
   png.parent.mkdir(parents=True, exist_ok=True)
   line_png(rows, png, base=base,
            title=f"{args.edits} facts in batches of {args.batch}, MEMIT blocks "
@@ -214,13 +219,12 @@ def main(argv=None) -> int:
               "edit_keys": args.edit_keys, "penalties": penalties, "reserve": 500,
               "unedited_facts": 2000, "contexts": len(contexts), "tokens_for_C": 200_000,
               "value_search": {"steps": 25, "clamp": 0.75}}
-  path = write("lm_sequential", {"settings": settings, "base": base, "null_dims": null_dims,
-                                 "rows": rows, "model": info,
-                                 "seconds": round(time.perf_counter() - t_all, 1),
-                                 "load_average_before": load0, "load_average_after": load1},
-               suffix=suffix)
+  path = write_to(out, {"settings": settings, "base": base, "null_dims": null_dims,
+                        "rows": rows, "model": info,
+                        "seconds": round(time.perf_counter() - t_all, 1),
+                        "load_average_before": load0, "load_average_after": load1})
   print(f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; wrote "
-        f"{path.relative_to(ROOT)} and {png.relative_to(ROOT)}")
+        f"{shown(path)} and {shown(png)}")
   return 0
 
 

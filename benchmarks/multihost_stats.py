@@ -11,6 +11,7 @@ multi-process path (lockstep steps, the final exact merge), not a speed-up; on s
 hosts each process brings its own devices.
 
 Usage: python benchmarks/multihost_stats.py [--quick] [--keys N] [--dim D]
+       [--batch B] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import positive_int  # noqa: E402
+from benchmarks.common import add_out_dir, positive_int, results_path  # noqa: E402
 
 
 def shard(p: int, n_keys: int, dim: int, batch: int):
@@ -76,7 +77,9 @@ def main(argv=None):
   ap.add_argument("--dim", type=positive_int, default=256)
   ap.add_argument("--batch", type=positive_int, default=8192, help="keys per batch")
   ap.add_argument("--worker", nargs=2, metavar=("PID", "PORT"), help=argparse.SUPPRESS)
+  add_out_dir(ap)
   args = ap.parse_args(argv)
+  out = results_path(ap, args, "multihost_stats", variants=("--keys", "--dim", "--batch"))
   if args.quick:
     args.keys, args.dim = 40_000, 32
   if args.keys < 76:  # the halves differ by 74 keys and both hold some
@@ -86,7 +89,7 @@ def main(argv=None):
 
   import numpy as np
 
-  from benchmarks.common import table, write
+  from benchmarks.common import table, write_to
 
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -137,10 +140,11 @@ def main(argv=None):
   print(f"C identical on both processes: {same}; counts {outs[0]['keys']} / {outs[1]['keys']} "
         f"(expected {n}); 2-process speed vs 1 process: {ratio:.2f}x")
   if not args.quick:
-    write("multihost_stats", dict(
-        args=vars(args), rows=rows, identical_on_processes=same,
-        counts=[o["keys"] for o in outs], local_keys=[o["local_keys"] for o in outs],
-        ratio_two_processes_vs_one=ratio))
+    path = write_to(out, dict(
+        args={k: v for k, v in vars(args).items() if k != "out_dir"}, rows=rows,
+        identical_on_processes=same, counts=[o["keys"] for o in outs],
+        local_keys=[o["local_keys"] for o in outs], ratio_two_processes_vs_one=ratio))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

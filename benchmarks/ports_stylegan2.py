@@ -25,7 +25,27 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import median_of, positive_int, write_json  # noqa: E402
+from benchmarks.common import (add_out_dir, median_of, out_dir, positive_int,  # noqa: E402
+                               results_path, shown, write_json)
+
+
+def output(parser, args, variants) -> str:
+  """The results file: ``--out``, else :func:`benchmarks.common.results_path` (in
+  ``--out-dir``, named after the options of ``variants`` given other values than their
+  defaults); checked before any work."""
+  if args.out is None:
+    return str(results_path(parser, args, "ports_stylegan2", variants=variants))
+  if args.out_dir is not None:
+    parser.error(f"--out-dir: expected either --out FILE or --out-dir DIR, got both "
+                 f"({args.out!r}, {str(args.out_dir)!r})")
+  if os.path.isdir(args.out) or not args.out.endswith(".json"):
+    parser.error(f"--out: expected the path of a .json file, got {args.out!r}")
+  try:
+    out_dir(os.path.dirname(os.path.abspath(args.out)))
+  except argparse.ArgumentTypeError as e:
+    parser.error(f"--out: expected a file in a folder this process can write into, got "
+                 f"{args.out!r} ({e})")
+  return args.out
 
 
 def default_out(quick: bool):
@@ -44,16 +64,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default=None,
                       help="results file (default: benchmarks/results/ports_stylegan2.json, "
                            "ports_stylegan2_quick.json with --quick)")
+  add_out_dir(parser)
   args = parser.parse_args(argv)
+  args.out = output(parser, args, ("--sizes", "--batches", "--repeats"))
   if args.quick:
     args.sizes, args.batches, args.repeats = [64], [4], 1
   bad = [s for s in args.sizes if s < 8 or s & (s - 1)]
   if bad:
     parser.error(f"--sizes: expected powers of two from 8, got {bad}")
-  if args.out is None:
-    args.out = str(default_out(args.quick))
-  elif os.path.isdir(args.out) or not args.out.endswith(".json"):
-    parser.error(f"--out: expected the path of a .json file, got {args.out!r}")
 
   import jax
   import torch
@@ -124,7 +142,7 @@ def main(argv=None) -> dict:
       "rows": rows,
   }
   write_json(args.out, result)
-  print(f"wrote {os.path.relpath(args.out)}")
+  print(f"wrote {shown(args.out)}")
   return result
 
 

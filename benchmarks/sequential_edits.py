@@ -56,7 +56,13 @@ reach. ``--only-preserve`` runs that arm alone (results in
 
 Usage: python benchmarks/sequential_edits.py [--quick] [--model DIR] [--stats DIR]
        [--stylegan2 [--demo-settings]] [--preserve MU [--only-preserve]]
-       [--anchor made|before]
+       [--anchor made|before] [--out-dir DIR]
+
+The edit logs of every arm are saved beside, in .cache/sequential (``--out-dir DIR``:
+DIR/sequential_logs), named after the results file: ``projected.npz`` for
+sequential_edits.json, ``stylegan2_quick_projected.npz`` for
+sequential_edits_stylegan2_quick.json, and so on; a smoke run or another variant never
+writes over the logs of the full run.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ sys.path.insert(0, str(ROOT))
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import positive_float, table, write
+from benchmarks.common import add_out_dir, positive_float, results_path, table, write_to
 from memedit import generators as gens
 from memedit import second_moment
 from memedit import sequential as sq
@@ -245,6 +251,29 @@ def run_sequence(gen, C, edits, *, project: bool, key_weight, steps: int,
           "interference_final": final.tolist(), "log": log}
 
 
+def results_name(args) -> str:
+  """The name of the results file of a run (without ``_quick``), from its options."""
+  return ("sequential_edits" + ("_stylegan2" if args.stylegan2 else "")
+          + ("_demo_spec" if args.demo_settings else "")
+          + (f"_preserve{args.preserve:g}".replace("+", "") if args.preserve is not None
+             and args.only_preserve else "")
+          + (f"_with_preserve{args.preserve:g}".replace("+", "") if args.preserve is not None
+             and not args.only_preserve else "")
+          + ("_before" if args.preserve is not None and args.anchor == "before" else ""))
+
+
+def log_folder(out_dir) -> Path:
+  """Where the edit logs go: .cache/sequential, or a folder of ``--out-dir``."""
+  return ROOT / ".cache" / "sequential" if out_dir is None else out_dir / "sequential_logs"
+
+
+def log_name(results, mode: str) -> str:
+  """The file of arm ``mode``'s edit log, named after the ``results`` file: each run's
+  logs (a smoke run's, each variant's) are files of their own."""
+  tag = Path(results).stem.removeprefix("sequential_edits").lstrip("_")
+  return f"{tag}_{mode}.npz" if tag else f"{mode}.npz"
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,11 +293,19 @@ def main(argv=None):
   ap.add_argument("--anchor", choices=("made", "before"), default="made",
                   help="with --preserve: keep each earlier crop at its outputs right after "
                        "its edit was made (default) or at those before the new edit")
+  add_out_dir(ap)
   args = ap.parse_args(argv)
   if args.only_preserve and args.preserve is None:
     ap.error("--only-preserve: expected together with --preserve MU, got it alone")
+  if args.anchor != ap.get_default("anchor") and args.preserve is None:
+    ap.error(f"--anchor: expected together with --preserve MU, got --anchor {args.anchor} "
+             "alone")
   if args.demo_settings and not args.stylegan2:
     ap.error("--demo-settings: expected together with --stylegan2, got it alone")
+  if args.stylegan2 and args.model != ap.get_default("model"):
+    ap.error(f"--model: expected none with --stylegan2 (it edits the shipped StyleGAN2), "
+             f"got {args.model!r}")
+  result_file = results_path(ap, args, results_name(args), inputs=("--model", "--stats"))
   layer, settings, spec_file = LAYER, SETTINGS, "demo_spec.json"
   model_name = "gan-face-generate==1.1.1 (DCGAN faces, MIT)"
   if args.stylegan2:
@@ -298,12 +335,12 @@ def main(argv=None):
                              preserve_weight=preserve_weight, anchor=args.anchor)
   load_end = os.getloadavg()
   logs = {}
-  cache = ROOT / ".cache" / "sequential"
-  tag = "stylegan2_" if args.stylegan2 else ""
+  cache = log_folder(args.out_dir)
   for mode in out:
     log = out[mode].pop("log")
-    f = sq.save_log(cache / f"{tag}{mode}.npz", log)
-    logs[mode] = {"file_bytes": os.path.getsize(f), "entries": len(log)}
+    f = sq.save_log(cache / log_name(result_file, mode), log)
+    logs[mode] = {"file": os.path.basename(f), "file_bytes": os.path.getsize(f),
+                  "entries": len(log)}
   agree = {}
   for mode in out:
     p = np.asarray(out[mode]["interference_predicted_before_applying"])
@@ -336,11 +373,7 @@ def main(argv=None):
              "summary": summary, "results": out, "logs": logs,
              "load_average": {"start": load_start, "end": load_end},
              "total_seconds": time.perf_counter() - t_all}
-  path = write("sequential_edits" + ("_stylegan2" if args.stylegan2 else "")
-               + ("_demo_spec" if args.demo_settings else "")
-               + (f"_preserve{args.preserve:g}" if args.only_preserve else "")
-               + ("_before" if args.only_preserve and args.anchor == "before" else "")
-               + ("_quick" if args.quick else ""), payload)
+  path = write_to(result_file, payload)
   short = {m: t for m, t in {"projected": "P", "projected_kw100": "P100", "plain": "plain",
                              PRESERVED: "Pkeep"}.items() if m in out}
   rows = []

@@ -6,7 +6,7 @@ resident memory of that process (``ru_maxrss`` of a waited child, measured by a 
 process per run so that runs do not share one maximum), with its wall time.
 
 Usage: python benchmarks/stats_memory.py [--model DIR] [--layer L] [--samples 1000 10000]
-       [--batch-size B]
+       [--batch-size B] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import positive_int, table, write
+from benchmarks.common import add_out_dir, positive_int, results_path, table, write_to
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,10 +53,13 @@ def main(argv=None):
   ap.add_argument("--layer", default="convt2")
   ap.add_argument("--samples", type=positive_int, nargs="+", default=[1000, 10000])
   ap.add_argument("--batch-size", type=positive_int, default=50)
+  add_out_dir(ap)
   args = ap.parse_args(argv)
   if not os.path.isdir(args.model):
     ap.error(f"--model: expected a converted model folder, got {args.model!r} (missing; "
              "`make demo` converts the default)")
+  out = results_path(ap, args, "stats_memory", inputs=("--model",),
+                     variants=("--layer", "--samples", "--batch-size"))
   load_before = os.getloadavg()
   runs = {}
   for n in args.samples:
@@ -83,7 +86,7 @@ def main(argv=None):
   print(table(rows, ["samples", "peak RSS (MiB)", "wall s"]))
   print(f"peak RSS growth from {args.samples[0]} to {args.samples[-1]} samples: "
         f"{100 * growth:+.1f} %")
-  path = write("stats_memory", {
+  path = write_to(out, {
       "model": Path(args.model).name, "layer": args.layer, "batch_size": args.batch_size,
       "runs": {str(n): r for n, r in runs.items()}, "peak_growth": growth,
       "load_average_before": load_before, "load_average_after": load_after})

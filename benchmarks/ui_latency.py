@@ -24,7 +24,7 @@ eyes, context = the eyes of six faces, taps own, shrinkage 0.2).
 Targets: Execute (Gauss–Newton) ≤ 3 s, grid ≤ 1 s, heat maps ≤ 2 s, first load ≤ 30 s.
 Writes benchmarks/results/ui_latency.json with the load average before and after.
 
-Usage: python benchmarks/ui_latency.py [--model DIR] [--stats DIR]
+Usage: python benchmarks/ui_latency.py [--model DIR] [--stats DIR] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import table, write  # noqa: E402
+from benchmarks.common import add_out_dir, results_path, table, write_to  # noqa: E402
 
 TARGETS = {"first_page_load_s": 30.0, "grid_32_s": 1.0, "heatmaps_32_s": 2.0,
            "execute_gauss_newton_to_grid_s": 3.0}
@@ -104,10 +104,12 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", default=str(ROOT / ".cache/demo/faces-dcgan"))
   ap.add_argument("--stats", default=str(ROOT / ".cache/demo/stats"))
+  add_out_dir(ap)
   args = ap.parse_args(argv)
   if not os.path.isdir(args.model):
     ap.error(f"--model: expected a converted model folder, got {args.model!r} (missing; "
              "`make demo` converts the default)")
+  out = results_path(ap, args, "ui_latency", inputs=("--model", "--stats"))
   load_before = _loadavg()
 
   from memedit.ui.server import create_app, start_server
@@ -212,7 +214,7 @@ def main(argv=None) -> None:
   load_after = _loadavg()
   print(table(rows, ["measure", "seconds", "target", "met"]))
   print(f"load average before {load_before}, after {load_after}")
-  path = write("ui_latency", {"seconds": res, "targets_s": TARGETS, "notes": notes,
+  path = write_to(out, {"seconds": res, "targets_s": TARGETS, "notes": notes,
                               "loadavg_before": load_before, "loadavg_after": load_after,
                               "model": os.path.basename(os.path.normpath(args.model))})
   print(f"wrote {path}")

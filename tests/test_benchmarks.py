@@ -149,7 +149,16 @@ REFUSED = [
     ("sequential_edits", ["--preserve", "-1"], "--preserve"),
     ("sequential_edits", ["--preserve", "nan", "--only-preserve"], "--preserve"),
     ("full_edit", ["--rows", "dcgan,nope"], "--rows"),
-    ("ui_latency", ["--model", "/nonexistent/model"], "--model"),
+    ("ui_latency", ["--model", "/nonexistent/model", "--out-dir", "."], "--model"),
+    ("ui_latency", ["--model", os.sep], "--out-dir"),
+    ("ui_latency", ["--stats", "/some/stats"], "--out-dir"),
+    ("stats_memory", ["--model", os.sep], "--out-dir"),
+    ("lm_edit", ["--model", "/nonexistent/model"], "--out-dir"),
+    ("lm_sequential", ["--model", "/nonexistent/model"], "--out-dir"),
+    ("sequential_edits", ["--stats", "/nonexistent/stats"], "--out-dir"),
+    ("sequential_edits", ["--stylegan2", "--model", "/some/dcgan"], "--model"),
+    ("sequential_edits", ["--anchor", "before"], "--anchor"),
+    ("ports_dcgan", ["--out", "x.json", "--out-dir", "."], "--out-dir"),
     ("make_demo_spec", ["--bogus"], "--bogus"),
 ]
 
@@ -238,7 +247,9 @@ def test_covariance_fold_tiny_run_table_agrees_with_json(results, capsys):
 
   covariance_fold.main(TINY_COV + ["--rounds", "2"])
   printed = capsys.readouterr().out
-  path = results / "covariance_fold.json"
+  # Not the committed default run's file: named after the options changed.
+  path = results / "covariance_fold_keys128_dim4_chunk64_group1_rounds2.json"
+  assert sorted(p.name for p in results.iterdir()) == [path.name]
   data = _strict_load(path.read_text())
   assert str(ROOT) not in path.read_text()
   assert data["keys"] == 128 and data["dim"] == 4 and data["rounds"] == 2
@@ -260,9 +271,175 @@ def test_gram_kernels_tiny_run_every_kernel_agrees(results, capsys):
 
   gram_kernels.main(["--chunks", "2", "--chunk", "16", "--dim", "8", "--rounds", "1"])
   printed = capsys.readouterr().out
-  data = _strict_load((results / "gram_kernels.json").read_text())
+  data = _strict_load((results / "gram_kernels_chunks2_chunk16_dim8_rounds1.json").read_text())
   assert len(data["agreement"]) == 8 and "syrk, 2 chunks per program" in data["agreement"]
   assert max(data["agreement"].values()) < 1e-5
   base = np.median(data["seconds"]["gemm (XLA full GEMM)"])
   for name, ts in data["seconds"].items():
     assert f"| {name}" in printed and f"{base / np.median(ts):.2f}x" in printed
+
+
+# --- where results go ---------------------------------------------------------------------
+
+SCRIPTS = ["covariance_fold", "full_edit", "gram_kernels", "lambda_solve", "layer_stats",
+           "layer_stats_peers", "lm_edit", "lm_memit_sweep", "lm_sequential",
+           "multihost_stats", "ports_dcgan", "ports_stylegan2", "sequential_edits",
+           "stats_memory", "ui_latency"]
+
+
+def _unwritable_folder(tmp_path) -> Path:
+  if Path("/proc/self").is_dir():  # refuses new files whoever runs the tests
+    return Path("/proc/self")
+  folder = tmp_path / "locked"
+  folder.mkdir()
+  folder.chmod(0o500)
+  return folder
+
+
+def test_out_dir_type_names_what_is_wrong(tmp_path):
+  import argparse
+
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  new = tmp_path / "new" / "deeper"
+  assert common.out_dir(str(new)) == new and not new.exists()  # made when written
+  assert common.out_dir(str(tmp_path)) == tmp_path
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # the probe is gone
+  locked = _unwritable_folder(tmp_path)
+  for text, why in ((str(a_file), "which is not a folder"),
+                    (str(a_file / "sub"), "lies under"), ("", "expected a folder, got ''"),
+                    (str(locked / "sub"), "can write into"), (str(locked), "can write into")):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected a folder") as exc:
+      common.out_dir(text)
+    assert why in str(exc.value) and repr(text) in str(exc.value), exc.value
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_checks_out_dir_before_any_work(script, tmp_path, results, capsys):
+  module = importlib.import_module(f"benchmarks.{script}")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  with pytest.raises(SystemExit) as exc:
+    module.main(["--out-dir", str(a_file / "results")])
+  assert exc.value.code == 2
+  err = capsys.readouterr().err
+  assert "--out-dir" in err and "expected a folder" in err and str(a_file) in err, err
+  assert not results.exists()
+
+
+class _Decided(Exception):
+  pass
+
+
+PATHS = [
+    ("covariance_fold", [], "covariance_fold.json"),
+    ("covariance_fold", ["--keys", "1000", "--dim", "512"], "covariance_fold_keys1000.json"),
+    ("covariance_fold", ["--quick", "--keys", "1000"], "covariance_fold_quick.json"),
+    ("gram_kernels", ["--dim", "8"], "gram_kernels_dim8.json"),
+    ("lambda_solve", ["--steps", "11", "--rank", "2"], "lambda_solve_rank2_steps11.json"),
+    ("layer_stats", ["--eager-batches", "4"], "layer_stats_eager-batches4.json"),
+    ("layer_stats_peers", ["--sg2-resolution", "64"], "layer_stats_peers_sg2-resolution64.json"),
+    ("lm_edit", ["--tokens", "200000"], "lm_edit_tokens200000.json"),
+    ("lm_edit", ["--cache-dir", "elsewhere"], "lm_edit.json"),
+    ("lm_memit_sweep", ["--facts", "100", "--inner", "512"],
+     "lm_memit_sweep_facts100_inner512.json"),
+    ("lm_memit_sweep", ["--penalties", "100,1e4"], "lm_memit_sweep_penalties100-10000.json"),
+    ("lm_memit_sweep", ["--quick", "--seed", "1"], "lm_memit_sweep_quick_seed1.json"),
+    ("lm_sequential", ["--threshold", "1e-5"], "lm_sequential_threshold1e-05.json"),
+    ("lm_sequential", ["--edits", "500", "--tag", "_mine"], "lm_sequential_mine.json"),
+    ("lm_sequential", ["--model", "/some/demo", "--tag", "_inner512"],
+     "lm_sequential_inner512.json"),
+    ("multihost_stats", ["--dim", "64"], "multihost_stats_dim64.json"),
+    ("ports_dcgan", ["--batches", "8"], "ports_dcgan_batches8.json"),
+    ("ports_stylegan2", ["--sizes", "64", "--batches", "4", "16"],
+     "ports_stylegan2_sizes64.json"),
+    ("sequential_edits", ["--quick"], "sequential_edits_quick.json"),
+    # An extra arm is another experiment: not over the committed three-arm run.
+    ("sequential_edits", ["--preserve", "10"], "sequential_edits_with_preserve10.json"),
+    ("sequential_edits", ["--stylegan2", "--preserve", "10", "--only-preserve", "--anchor",
+                          "before"], "sequential_edits_stylegan2_preserve10_before.json"),
+    ("full_edit", ["--quick"], "full_edit_quick.json"),
+    ("full_edit", [], "full_edit.json"),
+]
+
+
+@pytest.mark.parametrize("script,argv,name", PATHS,
+                         ids=[f"{s}:{' '.join(a)}" for s, a, _ in PATHS])
+def test_runs_at_other_settings_get_a_results_file_of_their_own(script, argv, name, results,
+                                                                monkeypatch):
+  monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+  module = importlib.import_module(f"benchmarks.{script}")
+  decided = []
+
+  def deciding(*args, **kwargs):
+    decided.append(common.results_path(*args, **kwargs))
+    raise _Decided  # stop before any work
+
+  monkeypatch.setattr(module, "results_path", deciding)
+  with pytest.raises(_Decided):
+    module.main(argv)
+  assert decided == [results / name]
+
+
+def test_out_dir_takes_the_results_and_the_model_it_allows(tmp_path, results, monkeypatch):
+  from benchmarks import stats_memory
+
+  mine = tmp_path / "mine"
+  decided = []
+
+  def deciding(*args, **kwargs):
+    decided.append(common.results_path(*args, **kwargs))
+    raise _Decided
+
+  monkeypatch.setattr(stats_memory, "results_path", deciding)
+  for argv in (["--model", str(tmp_path)], ["--model", str(tmp_path), "--samples", "10"]):
+    with pytest.raises(_Decided):
+      stats_memory.main(argv + ["--out-dir", str(mine)])
+  # Another model is allowed in a folder of one's own; sizes still name the file, and the
+  # values of a list option are joined by "-".
+  assert decided == [mine / "stats_memory.json", mine / "stats_memory_samples10.json"]
+  decided.clear()
+  with pytest.raises(_Decided):
+    stats_memory.main(["--model", str(tmp_path), "--samples", "100", "1000", "--out-dir",
+                       str(mine), "--layer", "convt3"])
+  assert decided == [mine / "stats_memory_layerconvt3_samples100-1000.json"]
+  assert not results.exists() and not mine.exists()  # nothing made before the run
+  # Naming the default folder does not make it one's own.
+  decided.clear()
+  with pytest.raises(SystemExit) as exc:
+    stats_memory.main(["--model", str(tmp_path), "--out-dir", str(results)])
+  assert exc.value.code == 2 and decided == []
+
+
+def test_sequential_quick_and_variant_runs_keep_their_own_edit_logs(tmp_path, monkeypatch):
+  from benchmarks import sequential_edits as se
+
+  decided = []
+
+  def deciding(*args, **kwargs):
+    decided.append(common.results_path(*args, **kwargs))
+    raise _Decided
+
+  monkeypatch.setattr(se, "results_path", deciding)
+
+  def log(*argv):
+    with pytest.raises(_Decided):
+      se.main(list(argv))
+    return se.log_name(decided[-1], "projected")
+
+  names = [log(), log("--quick"), log("--stylegan2"), log("--stylegan2", "--quick"),
+           log("--stylegan2", "--demo-settings"),
+           log("--stylegan2", "--preserve", "3", "--only-preserve"),
+           log("--stylegan2", "--preserve", "10", "--only-preserve")]
+  assert len(set(names)) == len(names), names
+  # The full runs' logs keep their names; a smoke run's are files of their own.
+  assert names[:3] == ["projected.npz", "quick_projected.npz", "stylegan2_projected.npz"]
+  assert se.log_folder(None) == ROOT / ".cache" / "sequential"
+  assert se.log_folder(tmp_path) == tmp_path / "sequential_logs"
+
+
+def test_paths_outside_the_working_folder_are_shown_whole(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert common.shown(tmp_path / "a" / "b.json") == os.path.join("a", "b.json")
+  elsewhere = Path(os.path.abspath(os.sep)) / "elsewhere" / "b.json"
+  assert common.shown(elsewhere) == str(elsewhere)
