@@ -35,6 +35,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 import threading
 import weakref
 from typing import Any, Iterable
@@ -700,6 +701,40 @@ def _checkpointer():
   return ocp.StandardCheckpointer(multiprocessing_options=opts)
 
 
+#: Characters the checkpoint store (tensorstore, under orbax) does not take literally in a
+#: local path: it reads a backslash as a separator and brackets as a pattern, so the arrays
+#: of a checkpoint under such a path land elsewhere or do not restore.
+_STORE_UNSAFE = "\\[]"
+
+
+@contextlib.contextmanager
+def _store_path(path: str):
+  """Yields a path by which orbax reaches ``path`` (a file or folder in an existing folder).
+
+  ``path`` itself when the checkpoint store takes it literally; otherwise a link, in a new
+  folder under the system's temporary folder, to ``path``'s folder (removed afterwards),
+  so that outputs whose path holds ``[``, ``]`` or ``\\`` are written and read back whole.
+  """
+  if not any(c in path for c in _STORE_UNSAFE):
+    yield path
+    return
+  parent, name = os.path.split(path)
+  alias_dir = tempfile.mkdtemp(prefix="memedit-store-")
+  try:
+    link = os.path.join(alias_dir, "d")
+    try:
+      if any(c in link for c in _STORE_UNSAFE):
+        raise OSError("the temporary folder's own path holds such a character")
+      os.symlink(parent, link, target_is_directory=True)
+    except OSError as e:
+      raise ValueError(f"{path}: expected a path without {' or '.join(_STORE_UNSAFE)} (the "
+                       f"checkpoint store misreads them) or a system where a link to it "
+                       f"can be made, got neither ({e}); choose another path") from None
+    yield os.path.join(link, name)
+  finally:
+    shutil.rmtree(alias_dir, ignore_errors=True)
+
+
 def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, *,
               kind: str = "tree", force: bool = False,
               protect: Iterable[str | os.PathLike] = (), flag: str = "force=True") -> str:
@@ -726,8 +761,9 @@ def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, 
     dst = check_output(path, kind, force=force, protect=protect, flag=flag)
     tree = _to_numpy(tree)
     with atomic_dir(dst) as tmp:
-      with _ORBAX_LOCK, _checkpointer() as ckptr:
-        ckptr.save(os.path.join(tmp, _TREE_DIR), tree)
+      with _ORBAX_LOCK, _store_path(os.path.join(tmp, _TREE_DIR)) as where, \
+          _checkpointer() as ckptr:
+        ckptr.save(where, tree)
       with open(os.path.join(tmp, _META_FILE), "w") as f:
         json.dump(metadata or {}, f, indent=2, sort_keys=True)
       marker = {"format": _MARKER_FORMAT, "kind": kind, "sha256": _file_digests(tmp)}
@@ -761,14 +797,15 @@ def load_tree(path: str | os.PathLike) -> tuple[Any, dict]:
     if not isinstance(metadata, dict):
       raise ValueError(f"{meta_file}: expected a JSON object, got {type(metadata).__name__}")
     verify(src)
-    try:
-      with _ORBAX_LOCK, _checkpointer() as ckptr:
-        tree = ckptr.restore(tree_dir)
-    except Exception as e:  # orbax / tensorstore errors on damaged or foreign files
-      raise ValueError(f"{tree_dir}: expected an orbax checkpoint of arrays, got one that "
-                       f"does not restore ({type(e).__name__}: "
-                       f"{' '.join(str(e).split())[:300]}); the directory is damaged: "
-                       "regenerate it") from e
+    with _ORBAX_LOCK, _store_path(tree_dir) as where:
+      try:
+        with _checkpointer() as ckptr:
+          tree = ckptr.restore(where)
+      except Exception as e:  # orbax / tensorstore errors on damaged or foreign files
+        raise ValueError(f"{tree_dir}: expected an orbax checkpoint of arrays, got one that "
+                         f"does not restore ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}); the directory is damaged: "
+                         "regenerate it") from e
   return _to_numpy(tree), metadata
 
 
