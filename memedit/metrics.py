@@ -121,7 +121,8 @@ def _cos(v, t):
 def evaluate_edit(gen: Generator, layer: str, D: Any, edited_params: Any,
                   imgnums: Sequence[int], *, target_value: Any = None,
                   quantile: float = 0.99, threshold: float | None = None,
-                  batch_size: int = 64, original: LayerRun | None = None) -> dict:
+                  batch_size: int = 64, original: LayerRun | None = None,
+                  edited: LayerRun | None = None) -> dict:
   """Context match, efficacy and specificity of an edit on held-out latents.
 
   Args:
@@ -138,6 +139,9 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_params: Any,
     batch_size: latents per compiled call.
     original: the unedited generator's :class:`memedit.generators.LayerRun` on
       ``gen.latents(imgnums)``, to reuse across calls (None: run here).
+    edited: the edited generator's (``edited_params``) :class:`LayerRun` on
+      ``gen.latents(imgnums)``, e.g. run batch by batch by a caller that may stop between
+      batches (None: run here).
 
   Returns:
     A JSON-serialisable dict (see the module docstring for the fields).
@@ -167,18 +171,19 @@ def evaluate_edit(gen: Generator, layer: str, D: Any, edited_params: Any,
     (4, 0.109375, True)
   """
   return _evaluate(gen, layer, D, edited_params, imgnums, [quantile], threshold,
-                   target_value, batch_size, original)[0]
+                   target_value, batch_size, original, edited)[0]
 
 
 def evaluate_at_quantiles(gen: Generator, layer: str, D: Any, edited_params: Any,
                           imgnums: Sequence[int], quantiles: Sequence[float], *,
                           target_value: Any = None, batch_size: int = 64,
-                          original: LayerRun | None = None) -> list[dict]:
+                          original: LayerRun | None = None,
+                          edited: LayerRun | None = None) -> list[dict]:
   """:func:`evaluate_edit` at several match quantiles from one run of each generator.
 
   Args:
-    gen, layer, D, edited_params, imgnums, target_value, batch_size, original: as for
-      :func:`evaluate_edit`.
+    gen, layer, D, edited_params, imgnums, target_value, batch_size, original, edited: as
+      for :func:`evaluate_edit`.
     quantiles: match threshold quantiles, each in (0, 1).
 
   Returns:
@@ -204,11 +209,11 @@ def evaluate_at_quantiles(gen: Generator, layer: str, D: Any, edited_params: Any
   if not quantiles:
     raise ValueError("quantiles: expected at least one quantile, got none")
   return _evaluate(gen, layer, D, edited_params, imgnums, list(quantiles), None,
-                   target_value, batch_size, original)
+                   target_value, batch_size, original, edited)
 
 
 def _evaluate(gen, layer, D, edited_params, imgnums, quantiles, threshold, target_value,
-              batch_size, original) -> list[dict]:
+              batch_size, original, edited=None) -> list[dict]:
   for q in quantiles:
     if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0 < q < 1:
       raise ValueError(f"quantile: expected a number in (0, 1), got {q!r}")
@@ -233,14 +238,16 @@ def _evaluate(gen, layer, D, edited_params, imgnums, quantiles, threshold, targe
     target_value = _check_target(target_value, info.value_dim, layer)
   _check_params(edited_params, gen)
   z = gen.latents(nums.tolist())
-  if original is None:
-    r0 = run_layer(gen, layer, z, batch_size=batch_size)
-  else:
-    r0 = original
-    if np.shape(r0.keys)[0] != len(z) or np.shape(r0.keys)[-1] != info.key_dim:
-      raise ValueError(f"original: expected the layer run of {len(z)} latents with keys of "
-                       f"dimension {info.key_dim}, got keys of shape {np.shape(r0.keys)}")
-  r1 = run_layer(gen, layer, z, params=edited_params, batch_size=batch_size)
+  runs = []
+  for given, name, params in ((original, "original", None), (edited, "edited", edited_params)):
+    if given is None:
+      runs.append(run_layer(gen, layer, z, params=params, batch_size=batch_size))
+      continue
+    if np.shape(given.keys)[0] != len(z) or np.shape(given.keys)[-1] != info.key_dim:
+      raise ValueError(f"{name}: expected the layer run of {len(z)} latents with keys of "
+                       f"dimension {info.key_dim}, got keys of shape {np.shape(given.keys)}")
+    runs.append(given)
+  r0, r1 = runs
   for run, which in ((r0, "original"), (r1, "edited")):
     bad = run.images.size - int(np.isfinite(run.images).sum())
     if bad:

@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 from memedit._convs import patched
@@ -149,8 +150,10 @@ def solve_lambda(
   before step ``step`` (= ``losses[step]``) every ``progress_every`` steps, and once at
   the end with ``(steps, final_loss)``. With a hook the solve runs in chunks of
   ``chunk_steps`` steps, each a call of one compiled scan with the solver's state carried
-  from the last (a first part of up to ``chunk_steps`` steps and the end are two more
-  programs). The hook only observes: the chunks are the same steps with a host call added,
+  from the last (the start, which makes the solver's state, and the end are two more
+  programs, without the step; when ``steps`` is not a multiple of ``chunk_steps`` the
+  start also runs the first ``steps mod chunk_steps`` steps, a second program of the
+  step). The hook only observes: the chunks are the same steps with a host call added,
   and give the same Λ and losses bit for bit; the programs serve every hook (hooks are
   looked up by a number passed as an argument), and the chunk and end programs every
   number of steps, so a new hook does not recompile. An exception the hook raises stops
@@ -631,10 +634,11 @@ def _solve_part(part, f, kind, in_ndim, loss, optimizer, n, cg_steps, factored, 
                 every, steps, t0, state):
   """One part of a solve run in chunks: ``part`` "start" (``state`` = (Λ0, damping)),
   "chunk" (``state`` = the solver's carry) each running ``n`` steps from step ``t0`` and
-  returning (carry, their losses), or "finish" (``state`` = (carry, whether every loss is
-  finite), ``n`` unused) returning the :class:`SolveResult` without its losses (None).
-  ``steps`` (the total) and ``every`` (the hook's interval) are traced, so the chunk and
-  finish programs serve every total; the steps are :func:`_solve`'s, op for op."""
+  returning (carry, their losses) (a "start" of 0 steps returns the carry alone), or
+  "finish" (``state`` = (carry, whether every loss is finite), ``n`` unused) returning
+  the :class:`SolveResult` without its losses (None). ``steps`` (the total) and
+  ``every`` (the hook's interval) are traced, so the chunk and finish programs serve
+  every total; the steps are :func:`_solve`'s, op for op."""
   emit = _emitter(every, steps, hook)
   forward = _forward(f, kernel0, D, keys, kind, in_ndim, lam_mask, factored, patch)
 
@@ -646,6 +650,10 @@ def _solve_part(part, f, kind, in_ndim, loss, optimizer, n, cg_steps, factored, 
     if part == "finish":
       (lam, _, *best), finite = state
       return _adam_result(loss_fn, lam, None, best, keep_best, emit, steps, lam_mask, finite)
+    if part == "start" and not n:  # the solver's state at Λ0, as adam_scan starts
+      lam, out = state[0], jax.eval_shape(loss_fn, state[0])
+      best = (lam, jnp.full(out.shape, jnp.inf, out.dtype)) if keep_best else ()
+      return (lam, optax.adam(learning_rate).init(lam), *best)
     if part == "start":
       lam, opt_state, losses, *best = adam_scan(loss_fn, state[0], n, learning_rate,
                                                 callback=shifted, keep_best=keep_best)
@@ -667,14 +675,17 @@ def _solve_part(part, f, kind, in_ndim, loss, optimizer, n, cg_steps, factored, 
     emit(steps, cur)
     return _result(lam, None, cur, lam_mask)
   carry = init(*state) if part == "start" else state
+  if not n:
+    return carry
   xs = t0 + jnp.arange(n, dtype=jnp.int32)
   return lax.scan(gn_step, carry, xs, length=n)
 
 
 def _solve_in_chunks(chunk, hook, every, statics, arrays, lam0, learning_rate, damping,
                      steps):
-  """:func:`_solve` with a progress hook as a first part and chunks of ``chunk`` steps
-  (three programs; only the first part's depends on the total), the solver's state
+  """:func:`_solve` with a progress hook as a start and chunks of ``chunk`` steps (three
+  programs, one of them with the step when ``chunk`` divides the total; else the start
+  runs the first steps, and its program depends on the total), the solver's state
   carried between them; stops after the part in which the hook raised (None then). The
   hook's interval ``every`` and the total are program arguments, not compiled in."""
   total = np.int32(steps)
@@ -689,9 +700,12 @@ def _solve_in_chunks(chunk, hook, every, statics, arrays, lam0, learning_rate, d
     return _HOOKS[hook][1] is not None
 
   parts: list = []
-  carry, losses = run("start", first, 0, (lam0, damping))
-  if stopped(losses):
-    return None
+  if first == chunk:  # every step in a chunk: the start only makes the solver's state
+    carry, first = run("start", 0, 0, (lam0, damping)), 0
+  else:
+    carry, losses = run("start", first, 0, (lam0, damping))
+    if stopped(losses):
+      return None
   for t0 in range(first, steps, chunk):
     carry, losses = run("chunk", chunk, t0, carry)
     if stopped(losses):

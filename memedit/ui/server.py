@@ -11,18 +11,20 @@ runs in its own thread (:mod:`memedit.ui.jobs`). It is an optional extra,
 ``memedit[ui]``; the library itself keeps its six dependencies.
 
 The API is JSON over HTTP under ``/api``; a session is created by ``POST /api/sessions``
-and addressed as ``/api/s/<id>/...``. Long operations answer 202 with a job, polled by
-``GET .../job?id=<job>`` and cancelled by ``POST .../job/cancel`` with ``{"id": <job>}``
-(202: it stops at the end of its current chunk of work and ends "cancelled", having
-changed nothing). Errors are JSON ``{"error": message}`` with status 400 (bad input;
-nothing changed), 404 (unknown session, job or route), 409 (a job is still running, or
-a job to cancel has ended), 413 (request too large, chunked bodies included) or 500 (a
-bug; the server stays up). Answers are standard JSON: a non-finite number (a diverged solve's
+and addressed as ``/api/s/<id>/...`` (the page keeps its id across reloads). Long
+operations answer 202 with a job, polled by ``GET .../job?id=<job>`` (without ``id``:
+the session's latest job, which a reloaded page shows again, with its Cancel button
+while it runs) and cancelled by ``POST .../job/cancel`` with ``{"id": <job>}`` (202: it
+stops at the end of its current chunk of work and ends "cancelled", having changed
+nothing). Errors are JSON ``{"error": message}`` with status 400 (bad input; nothing
+changed), 404 (unknown session, job or route), 409 (a job is still running, or a job to
+cancel has ended), 413 (request too large, chunked bodies included) or 500 (a bug; the
+server stays up). Answers are standard JSON: a non-finite number (a diverged solve's
 loss) is sent as null. Only JSON object bodies are read (``Content-Type:
-application/json``, each field once), so a page of another site cannot send requests a
-browser would not first ask about; on a loopback address only loopback
-``Host`` names are answered (no DNS rebinding). Files are written only under the
-session's work folder, under names the server makes.
+application/json``, each field once, none the route does not read), so a page of another
+site cannot send requests a browser would not first ask about; on a loopback address
+only loopback ``Host`` names are answered (no DNS rebinding). Files are written only
+under the session's work folder, under names the server makes.
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def _raw_body() -> bytes:
   return raw
 
 
-def _body() -> dict:
+def _body(*fields: str) -> dict:
+  """The request's JSON object, whose fields must be among ``fields`` (a misspelt
+  optional field would otherwise be ignored, its default used without a word)."""
   if not request.is_json:
     raise ValueError("request: expected a JSON body (Content-Type: application/json), got "
                      f"Content-Type {(request.content_type or 'none')[:60]!r}")
@@ -115,6 +119,10 @@ def _body() -> dict:
                      f"too long to read: {str(e).split(';')[0]})") from None
   if not isinstance(data, dict):
     raise ValueError(f"request: expected a JSON object body, got {_kind(data)}")
+  unknown = [k for k in data if k not in fields]
+  if unknown:
+    raise ValueError(f"request: expected fields among {list(fields)}, got unknown "
+                     f"{[k[:40] for k in unknown[:8]]}")
   return data
 
 
@@ -204,38 +212,38 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
 
   @app.post("/api/s/<sid>/grid")
   def grid(sid):
-    data = _body()
+    data = _body("images", "which")
     nums = parse_imgnums(_need(data, "images")[0], grid_limit(R))
     images = session(sid).grid(nums, data.get("which", "current"))
     return jsonify(images=nums, urls=images)
 
   @app.post("/api/s/<sid>/layer")
   def layer_(sid):
-    return jsonify(session(sid).set_layer(*_need(_body(), "layer")))
+    return jsonify(session(sid).set_layer(*_need(_body("layer"), "layer")))
 
   @app.post("/api/s/<sid>/copy")
   def copy(sid):
-    return jsonify(session(sid).copy(*_need(_body(), "imgnum", "mask")))
+    return jsonify(session(sid).copy(*_need(_body("imgnum", "mask"), "imgnum", "mask")))
 
   @app.post("/api/s/<sid>/paste")
   def paste(sid):
-    return jsonify(session(sid).paste(*_need(_body(), "imgnum", "mask")))
+    return jsonify(session(sid).paste(*_need(_body("imgnum", "mask"), "imgnum", "mask")))
 
   @app.post("/api/s/<sid>/context")
   def add_context(sid):
     s = session(sid)
-    cid = s.add_context(*_need(_body(), "imgnum", "mask"))
+    cid = s.add_context(*_need(_body("imgnum", "mask"), "imgnum", "mask"))
     return jsonify(id=cid, context=s.info()["context"])
 
   @app.post("/api/s/<sid>/context/remove")
   def remove_context(sid):
     s = session(sid)
-    s.remove_context(*_need(_body(), "id"))
+    s.remove_context(*_need(_body("id"), "id"))
     return jsonify(context=s.info()["context"])
 
   @app.post("/api/s/<sid>/matches")
   def matches(sid):
-    data = _body()
+    data = _body("images", "quantile", "settings")
     nums = parse_imgnums(_need(data, "images")[0], grid_limit(R))
     out = session(sid).matches(nums, data.get("quantile", 0.999), data.get("settings"))
     return jsonify(images=nums, **out)
@@ -245,48 +253,50 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
 
   @app.post("/api/s/<sid>/execute")
   def execute(sid):
-    return job_response(session(sid).execute(_body().get("settings")))
+    return job_response(session(sid).execute(_body("settings").get("settings")))
 
   @app.post("/api/s/<sid>/erase")
   def erase(sid):
-    data = _body()
+    data = _body("imgnum", "mask", "settings")
     imgnum, mask = _need(data, "imgnum", "mask")
     return job_response(session(sid).erase(imgnum, mask, data.get("settings")))
 
   @app.post("/api/s/<sid>/overfit")
   def overfit(sid):
-    data = _body()
+    data = _body("steps", "learning_rate", "settings")
     return job_response(session(sid).overfit(data.get("steps", 2000),
                                              data.get("learning_rate", 0.01),
                                              data.get("settings")))
 
   @app.post("/api/s/<sid>/search")
   def search(sid):
-    data = _body()
+    data = _body("count", "top", "settings", "start")
     return job_response(session(sid).search(data.get("count", 1000), data.get("top", 32),
                                             data.get("settings"), data.get("start", 0)))
 
   @app.post("/api/s/<sid>/replay")
   def replay(sid):
-    return job_response(session(sid).replay(*_need(_body(), "spec")))
+    return job_response(session(sid).replay(*_need(_body("spec"), "spec")))
 
   @app.post("/api/s/<sid>/evaluate")
   def evaluate(sid):
-    data = _body()
+    data = _body("edit", "images", "quantile")
     eid, images = _need(data, "edit", "images")
     return job_response(session(sid).evaluate(eid, images, data.get("quantile", 0.99)))
 
   @app.get("/api/s/<sid>/job")
   def job(sid):
-    j = session(sid).jobs.get(request.args.get("id"))
+    jid = request.args.get("id")
+    j = session(sid).jobs.get(jid)
     if j is None:
-      abort(404, description="job: no such job in this session")
+      abort(404, description="job: no such job in this session" if jid is not None else
+            "job: this session has not started a job")
     return jsonify(j.snapshot())
 
   @app.post("/api/s/<sid>/job/cancel")
   def cancel_job(sid):
     s = session(sid)
-    jid, = _need(_body(), "id")
+    jid, = _need(_body("id"), "id")
     if not isinstance(jid, str):
       raise ValueError(f"id: expected a job id (a string, as the job's answers give it), got "
                        f"{_kind(jid)}")
@@ -299,7 +309,7 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
   @app.post("/api/s/<sid>/edits/<eid>/active")
   def set_active(sid, eid):
     s = session(sid)
-    s.set_active(eid, *_need(_body(), "active"))
+    s.set_active(eid, *_need(_body("active"), "active"))
     return jsonify(edits=s.info()["edits"])
 
   @app.post("/api/s/<sid>/edits/<eid>/revert")

@@ -465,9 +465,15 @@ class Session:
 
     def run(job):
       job.check()
-      job.report(phase="measuring", fraction=None, message=f"{len(nums)} images")
+      job.report(phase="measuring", fraction=0.0, message=f"{len(nums)} images")
+
+      def progress(done, total):  # between batches: the job may stop there
+        job.report(fraction=done / total)
+        job.check()
+
       m, strip = wf.evaluate(self.ws.gen, rec.layer, rec.directions, rec.edit, nums,
-                             target_value=rec.target_value, quantile=q, pictured=PICTURED)
+                             target_value=rec.target_value, quantile=q, pictured=PICTURED,
+                             progress=progress)
       return {"edit": rec.id, "metrics": m, "strip": png_data_url(strip),
               "pictured": nums[:PICTURED]}
 

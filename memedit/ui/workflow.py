@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
+import jax
 import numpy as np
 
 import memedit
@@ -156,13 +157,31 @@ def run_overfit(gen, layer: str, copy, paste, *, steps: int, learning_rate: floa
 
 
 def evaluate(gen, layer: str, D, edit, imgnums: Sequence[int], *, target_value,
-             quantile: float, pictured: int) -> tuple[dict, np.ndarray]:
+             quantile: float, pictured: int, progress=None,
+             batch_size: int = 64) -> tuple[dict, np.ndarray]:
   """(metrics of ``memedit evaluate`` for ``edit`` alone on ``imgnums``, uint8 strip of
-  original | edited pairs for the first ``pictured`` of them)."""
+  original | edited pairs for the first ``pictured`` of them). The original and the
+  edited generator run ``batch_size`` latents at a time; ``progress(done, total)`` is
+  called before each batch and at the end (``total``: twice the number of latents; an
+  exception it raises stops the evaluation there)."""
   params, _ = memedit.apply_edit(gen.params, edit)
-  m = metrics.evaluate_edit(gen, layer, D, params, list(imgnums),
-                            target_value=target_value, quantile=quantile)
-  z = gen.latents(list(imgnums)[:pictured])
+  nums = list(imgnums)
+  z = gen.latents(nums)
+  total, runs = 2 * len(nums), []
+  for which in (None, params):
+    parts = []
+    for i in range(0, len(nums), batch_size):
+      if progress is not None:
+        progress(len(runs) * len(nums) + i, total)
+      parts.append(gens.run_layer(gen, layer, z[i:i + batch_size], params=which,
+                                  batch_size=batch_size))
+    runs.append(jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts))
+  if progress is not None:
+    progress(total, total)
+  m = metrics.evaluate_edit(gen, layer, D, params, nums, target_value=target_value,
+                            quantile=quantile, batch_size=batch_size, original=runs[0],
+                            edited=runs[1])
+  z = z[:pictured]
   strip = gens.comparison_grid(gens.generate_images(gen, z),
                                gens.generate_images(gen, z, params=params),
                                columns=4, scale=2)

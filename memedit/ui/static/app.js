@@ -22,7 +22,9 @@ async function api(path, body) {
   } catch (e) {  // not JSON: an error, even with a 2xx status
     throw new Error(`HTTP ${r.status}: expected a JSON answer, got one that does not parse`);
   }
-  if (!r.ok) throw new Error(data.error || `HTTP ${r.status}`);
+  if (!r.ok) {
+    throw Object.assign(new Error(data.error || `HTTP ${r.status}`), {status: r.status});
+  }
   return data;
 }
 const sapi = (path, body) => api(`/api/s/${S.sid}/${path}`, body);
@@ -100,7 +102,10 @@ async function cancelJob() {
 }
 
 async function runJob(path, body, onDone) {
-  let j = await sapi(path, body);
+  await followJob(await sapi(path, body), onDone);
+}
+
+async function followJob(j, onDone) {  // polls job j until it ends; onDone(result) if done
   S.job = j.id;
   setBusy(true);
   try {
@@ -510,32 +515,34 @@ async function overfit() {
 
 async function evaluate(id) {
   await runJob("evaluate", {edit: id, images: $("#eval-images").value,
-                            quantile: num($("#eval-quantile").value)}, async (res) => {
-    const m = res.metrics, sp = m.specificity, ef = m.efficacy;
-    const rows = [
-      ["edit", res.edit], ["held-out latents", m.num_latents],
-      ["threshold (quantile)", `${m.threshold.toFixed(3)} (${m.quantile})`],
-      ["latents matched", m.context_match.latents.toFixed(3)],
-      ["pixels matched", m.context_match.pixels.toFixed(4)],
-      ["change inside", sp.inside_mean_abs_change.toFixed(4)],
-      ["change outside", sp.outside_mean_abs_change.toFixed(4)],
-      ["specificity ratio", sp.ratio === null
-        ? "undefined (nothing matched, or nothing changed outside)" : sp.ratio.toFixed(2)],
-    ];
-    if (ef) rows.push(["efficacy (cosine gain)", ef.cosine_gain.toFixed(4)]);
-    const div = $("#evaluation");
-    div.replaceChildren();
-    const img = document.createElement("img");
-    img.src = res.strip; img.title = `original | edited: images ${res.pictured.join(", ")}`;
-    const table = document.createElement("table");
-    for (const [k, v] of rows) {
-      const tr = table.insertRow();
-      tr.insertCell().textContent = k;
-      tr.insertCell().textContent = v;
-    }
-    div.append(img, table);
-    say(`Evaluated ${res.edit} on ${m.num_latents} held-out latents.`, "ok");
-  });
+                            quantile: num($("#eval-quantile").value)}, showEvaluation);
+}
+
+function showEvaluation(res) {
+  const m = res.metrics, sp = m.specificity, ef = m.efficacy;
+  const rows = [
+    ["edit", res.edit], ["held-out latents", m.num_latents],
+    ["threshold (quantile)", `${m.threshold.toFixed(3)} (${m.quantile})`],
+    ["latents matched", m.context_match.latents.toFixed(3)],
+    ["pixels matched", m.context_match.pixels.toFixed(4)],
+    ["change inside", sp.inside_mean_abs_change.toFixed(4)],
+    ["change outside", sp.outside_mean_abs_change.toFixed(4)],
+    ["specificity ratio", sp.ratio === null
+      ? "undefined (nothing matched, or nothing changed outside)" : sp.ratio.toFixed(2)],
+  ];
+  if (ef) rows.push(["efficacy (cosine gain)", ef.cosine_gain.toFixed(4)]);
+  const div = $("#evaluation");
+  div.replaceChildren();
+  const img = document.createElement("img");
+  img.src = res.strip; img.title = `original | edited: images ${res.pictured.join(", ")}`;
+  const table = document.createElement("table");
+  for (const [k, v] of rows) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = k;
+    tr.insertCell().textContent = v;
+  }
+  div.append(img, table);
+  say(`Evaluated ${res.edit} on ${m.num_latents} held-out latents.`, "ok");
 }
 
 function fillSettings(st) {  // the form shows the settings of a replayed spec
@@ -587,8 +594,42 @@ async function pollStats() {
   }
 }
 
-async function start() {
+async function openSession() {  // this tab's session (kept across reloads), else a new one
+  const sid = sessionStorage.getItem("memedit-session");
+  if (sid) {
+    try {
+      return await api(`/api/s/${sid}/state`);
+    } catch (e) {
+      if (e.status !== 404) throw e;  // 404: expired, or the server restarted
+    }
+  }
   const info = await api("/api/sessions", {});
+  sessionStorage.setItem("memedit-session", info.session);
+  return info;
+}
+
+async function resumeJob(j) {  // a job the page started before it was reloaded
+  say(`${j.kind} is still running (started before the page was reloaded).`);
+  await followJob(j, async (res) => {
+    if (res.edit) {
+      const info = await refreshInfo();
+      renderTray(info.context);
+      renderClipboard(info.copy);
+      S.copy = info.copy && {imgnum: info.copy.imgnum, box: null};
+      S.paste = info.paste && {imgnum: info.paste.imgnum, box: null, live: false};
+      await afterEdit(res);
+    } else if (j.kind === "search") {
+      $("#images").value = res.images.join(",");
+      await loadGrid();
+      say(`Search: the ${res.images.length} best matches, best first.`, "ok");
+    } else if (j.kind === "evaluate") {
+      showEvaluation(res);
+    }
+  });
+}
+
+async function start() {
+  const info = await openSession();
   S.sid = info.session; S.info = info; S.R = info.resolution;
   S.disp = S.R <= 256 ? S.R * Math.max(1, Math.round(160 / S.R)) : 256;
   $("#model").textContent = `${info.model} (${info.architecture}, ${S.R} px)`;
@@ -597,9 +638,13 @@ async function start() {
   $("#brush-size").max = 32;
   renderEdits(info.edits);
   renderTray(info.context);
+  renderClipboard(info.copy);
+  S.copy = info.copy && {imgnum: info.copy.imgnum, box: null};
+  S.paste = info.paste && {imgnum: info.paste.imgnum, box: null, live: false};
   pollStats().catch((e) => say(e.message, "error"));
   await loadGrid();
   say("Paint on an image, then Copy; paint on another, then Paste; add context; Execute.");
+  if (info.job && info.job.status === "running") await resumeJob(info.job);
 }
 
 function bind() {

@@ -125,6 +125,18 @@ def test_request_bodies_get_messages_naming_what_was_received(server):
     assert status == 400 and message in out["error"], (raw[:40], out)
   status, out = _json(server, "POST", grid, raw=b'{"images": "0"}', ctype="text/plain")
   assert status == 400 and "got Content-Type 'text/plain'" in out["error"], out
+  # A misspelt optional field was ignored and its default used: Execute ran with the
+  # default settings, Matches at the default quantile.
+  for path, body, message in (
+      ("execute", {"setting": {"rank": 2}}, "expected fields among ['settings'], got unknown "
+       "['setting']"),
+      ("matches", {"images": "0-3", "quantle": 0.5}, "expected fields among ['images', "
+       "'quantile', 'settings'], got unknown ['quantle']"),
+      ("grid", {"images": "0-1", "which": "original", "whcih": 1}, "got unknown ['whcih']"),
+      ("revert_all", {"all": True}, "expected fields among [], got unknown ['all']")):
+    status, out = _json(server, "POST", f"{S}/{path}", body)
+    assert status == 400 and message in out["error"], (path, out)
+  assert sess.jobs.get() is None
 
   # A body shorter than its Content-Length: the connection closes before the rest.
   head = (f"POST {grid} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"

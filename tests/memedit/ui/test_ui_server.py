@@ -457,7 +457,7 @@ def test_cancel_stops_a_solve_within_a_chunk_and_changes_nothing(client, monkeyp
   assert "result" not in snap and "error" not in snap
   # It stopped at the end of the first chunk (the hook was not called again), and the
   # session is exactly as it was: the same state (no edit, the same parameters).
-  assert parts == [("start", chunk)] and seen == [0]
+  assert parts == [("start", 0), ("chunk", chunk)] and seen == [0]
   assert client.session.state is before and not before.edits
   assert client.session.ws.solve_seconds == solved
   # A cancelled or finished job cannot be cancelled; unknown ids and bad bodies get
@@ -562,7 +562,9 @@ def test_chunked_solve_is_the_single_scan_bit_for_bit_and_compiles_once():
   f = lambda K, k: jnp.tanh(k @ K)
   K0, D = rs.randn(5, 3).astype(np.float32), rs.randn(2, 5).astype(np.float32)
   keys, v = rs.randn(7, 5).astype(np.float32), (0.3 * rs.randn(7, 3)).astype(np.float32)
-  for kw, chunk in ((dict(optimizer="adam", steps=23), 5),
+  # Adam's total a multiple of the chunk (a start without steps), Gauss-Newton's not (a
+  # start running the first step).
+  for kw, chunk in ((dict(optimizer="adam", steps=25), 5),
                     (dict(optimizer="gauss_newton", steps=5, cg_steps=3), 2)):
     plain = memedit.solve_lambda(f, K0, D, keys, v, **kw)
     seen = []
@@ -573,7 +575,8 @@ def test_chunked_solve_is_the_single_scan_bit_for_bit_and_compiles_once():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert seen == list(range(kw["steps"] + 1))
     assert c.count <= 3, c.events  # a first part, the chunk and the end: not one a chunk
-    # Another total with the same first part: no program at all.
+    # Another total with the same first part: no program at all. A multiple of the chunk
+    # runs every step in the chunk program, which serves every multiple.
     with Compilations() as c:
       memedit.solve_lambda(f, K0, D, keys, v, **{**kw, "steps": kw["steps"] + 2 * chunk},
                            chunk_steps=chunk, progress=lambda t, l: None)
@@ -587,10 +590,112 @@ def test_chunked_solve_is_the_single_scan_bit_for_bit_and_compiles_once():
       raise KeyboardInterrupt("stop")
 
   with pytest.raises(KeyboardInterrupt, match="stop"):
-    memedit.solve_lambda(f, K0, D, keys, v, steps=23, chunk_steps=5, progress=stop)
-  # The first part has 23 - 4·5 = 3 steps; step 5 is in the first chunk (3..7).
+    memedit.solve_lambda(f, K0, D, keys, v, steps=25, chunk_steps=5, progress=stop)
+  # Five chunks of 5 steps; step 5 is in the second (5..9).
   assert seen == list(range(6)) and not solve_mod._HOOKS
   with pytest.raises(ValueError, match="chunk_steps: expected a positive int"):
     memedit.solve_lambda(f, K0, D, keys, v, steps=5, chunk_steps=0, progress=print)
   with pytest.raises(ValueError, match="chunk_steps: expected only with a progress hook"):
     memedit.solve_lambda(f, K0, D, keys, v, steps=5, chunk_steps=2)
+
+
+def test_a_reloaded_page_finds_the_running_job_and_can_cancel_it(client, monkeypatch):
+  # The page keeps its session id across reloads and asks for the session's job: the
+  # running one comes back with its id, status and progress, and its id cancels it.
+  assert client.get("job").status_code == 404
+  assert "has not started a job" in client.get("job").get_json()["error"]
+  _mark(client)
+  ws = client.session.ws
+  started, gate, calls, real = threading.Event(), threading.Event(), [], ws.scores
+
+  def scores(*args):
+    calls.append(1)
+    if len(calls) == 2:  # the second of two chunks of 128 images waits
+      started.set()
+      gate.wait(60)
+    return real(*args)
+
+  monkeypatch.setattr(ws, "scores", scores)
+  before = client.session.state
+  r = client.post("search", {"count": 256, "top": 4})
+  assert r.status_code == 202, r.get_json()
+  jid = r.get_json()["id"]
+  assert started.wait(60)
+  page = client.app.test_client()  # the reloaded page: a new client, the same session
+  info = page.get(f"/api/s/{client.sid}/state").get_json()
+  j = page.get(f"/api/s/{client.sid}/job").get_json()
+  for snap in (info["job"], j):
+    assert (snap["id"], snap["kind"], snap["status"]) == (jid, "search", "running"), snap
+    assert snap["fraction"] == 0.5 and snap["phase"] == "ranking" and not snap["cancelling"]
+  r = page.post(f"/api/s/{client.sid}/job/cancel", json={"id": j["id"]})
+  assert r.status_code == 202 and r.get_json()["cancelling"], r.get_json()
+  gate.set()
+  assert client.session.jobs.get(jid).wait(30)
+  j = page.get(f"/api/s/{client.sid}/job").get_json()
+  assert j["id"] == jid and j["status"] == "cancelled" and "result" not in j, j
+  assert len(calls) == 2 and client.session.state is before
+  # The page asks for its stored session first and makes a new one only when it is gone.
+  script = client.http.get("/static/app.js").get_data(as_text=True)
+  assert "sessionStorage" in script and "resumeJob(info.job)" in script
+
+
+def test_evaluate_stops_between_batches_when_cancelled(client, monkeypatch):
+  from memedit.ui import workflow as wf_mod
+  gen = client.session.ws.gen
+  _mark(client)
+  j = client.job("execute", {"settings": {"solver": {"optimizer": "gauss_newton", "steps": 5},
+                                          "taps": "own"}})
+  assert j["status"] == "done", j
+  rec = client.session.state.edits[-1]
+  started, gate, calls, real = threading.Event(), threading.Event(), [], wf_mod.gens.run_layer
+
+  def run_layer(*args, **kwargs):
+    calls.append(len(args[2]))
+    if len(calls) == 2:  # the original generator's second batch of 64 latents waits
+      started.set()
+      gate.wait(60)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(wf_mod.gens, "run_layer", run_layer)
+  before = client.session.state
+  body = {"edit": rec.id, "images": "100-227", "quantile": 0.9}
+  r = client.post("evaluate", body)
+  assert r.status_code == 202, r.get_json()
+  jid = r.get_json()["id"]
+  assert started.wait(60)
+  snap = client.get(f"job?id={jid}").get_json()
+  assert snap["status"] == "running" and snap["fraction"] == 64 / 256, snap
+  assert client.post("job/cancel", {"id": jid}).status_code == 202
+  gate.set()
+  job = client.session.jobs.get(jid)
+  assert job.wait(30) and job.status == "cancelled", job.snapshot()
+  # It stopped at the next batch: the edited generator never ran.
+  assert calls == [64, 64] and client.session.state is before
+  # Uncancelled, the batches give the metrics of one evaluate_edit call.
+  j = client.job("evaluate", body)
+  assert j["status"] == "done" and calls[2:] == [64] * 4, j
+  edited, _ = memedit.apply_edit(gen.params, rec.edit)
+  want = metrics.evaluate_edit(gen, "convt2", rec.directions, edited, list(range(100, 228)),
+                               target_value=rec.target_value, quantile=0.9)
+  assert j["result"]["metrics"] == json.loads(json.dumps(want))
+
+
+def test_the_first_execute_compiles_the_step_once_for_every_multiple_of_a_chunk(client):
+  # The start only makes the solver's state: with steps a multiple of the chunk every step
+  # runs in the chunk program, so an Execute with another such number compiles nothing
+  # (the step was compiled twice, as the start's and the chunk's, and a first Execute of
+  # one chunk's steps left the chunk's program to the next).
+  from compilations import Compilations
+
+  from memedit import solve as solve_mod
+  _mark(client)
+  chunk = solve_mod.CHUNK_STEPS["gauss_newton"]
+  results = []
+  for n in (1, 3):
+    client.post("revert_all")  # only the solve's programs are counted, not the history's
+    with Compilations() as c:
+      j = client.job("execute", {"settings": {"solver": {"optimizer": "gauss_newton",
+                                                         "steps": n * chunk}, "taps": "own"}})
+    assert j["status"] == "done" and j["step"] == n * chunk, j
+    results.append(c)
+  assert results[1].count == 0, results[1].events
