@@ -284,6 +284,25 @@ def results_path(ap: argparse.ArgumentParser, args, name: str, *, variants=(), i
   return Path(RESULTS if folder is None else folder) / f"{stem}{suffix}.json"
 
 
+def output_file(ap: argparse.ArgumentParser, args, name: str, variants=()) -> str:
+  """The results file of a script that also takes ``--out FILE``: that file (its folder
+  checked as :func:`out_dir` does; not together with ``--out-dir``), else
+  :func:`results_path`'s; decided before any work."""
+  if args.out is None:
+    return str(results_path(ap, args, name, variants=variants))
+  if args.out_dir is not None:
+    ap.error(f"--out-dir: expected either --out FILE or --out-dir DIR, got both "
+             f"({args.out!r}, {str(args.out_dir)!r})")
+  if os.path.isdir(args.out) or not args.out.endswith(".json"):
+    ap.error(f"--out: expected the path of a .json file, got {args.out!r}")
+  try:
+    out_dir(os.path.dirname(os.path.abspath(args.out)))
+  except argparse.ArgumentTypeError as e:
+    ap.error(f"--out: expected a file in a folder this process can write into, got "
+             f"{args.out!r} ({e})")
+  return args.out
+
+
 def write_to(path, payload: dict) -> Path:
   """Writes ``payload`` (plus the machine description) to ``path`` (from
   :func:`results_path`), as standard JSON, atomically (:func:`write_json`)."""

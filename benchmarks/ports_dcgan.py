@@ -24,34 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import (add_out_dir, median_of, out_dir, positive_int,  # noqa: E402
-                               results_path, write_json)
-
-
-def output(parser, args, variants) -> str:
-  """The results file: ``--out``, else :func:`benchmarks.common.results_path` (in
-  ``--out-dir``, named after the options of ``variants`` given other values than their
-  defaults); checked before any work."""
-  if args.out is None:
-    return str(results_path(parser, args, "ports_dcgan", variants=variants))
-  if args.out_dir is not None:
-    parser.error(f"--out-dir: expected either --out FILE or --out-dir DIR, got both "
-                 f"({args.out!r}, {str(args.out_dir)!r})")
-  if os.path.isdir(args.out) or not args.out.endswith(".json"):
-    parser.error(f"--out: expected the path of a .json file, got {args.out!r}")
-  try:
-    out_dir(os.path.dirname(os.path.abspath(args.out)))
-  except argparse.ArgumentTypeError as e:
-    parser.error(f"--out: expected a file in a folder this process can write into, got "
-                 f"{args.out!r} ({e})")
-  return args.out
-
-
-def default_out(quick: bool):
-  """The results file when ``--out`` is not given: a smoke run (``--quick``) writes a file
-  of its own, never over the full run's."""
-  return common.RESULTS / ("ports_dcgan_quick.json" if quick else "ports_dcgan.json")
+from benchmarks.common import (add_out_dir, median_of, positive_int,  # noqa: E402
+                               output_file, write_json)
 
 
 def main(argv=None) -> dict:
@@ -63,7 +37,7 @@ def main(argv=None) -> dict:
                            "ports_dcgan_quick.json with --quick)")
   add_out_dir(parser)
   args = parser.parse_args(argv)
-  args.out = output(parser, args, ("--batches",))
+  args.out = output_file(parser, args, "ports_dcgan", ("--batches",))
   repeats = 3 if args.quick else 20
   warmup = 3 if args.quick else 10
 

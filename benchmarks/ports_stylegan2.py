@@ -24,34 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import (add_out_dir, median_of, out_dir, positive_int,  # noqa: E402
-                               results_path, shown, write_json)
-
-
-def output(parser, args, variants) -> str:
-  """The results file: ``--out``, else :func:`benchmarks.common.results_path` (in
-  ``--out-dir``, named after the options of ``variants`` given other values than their
-  defaults); checked before any work."""
-  if args.out is None:
-    return str(results_path(parser, args, "ports_stylegan2", variants=variants))
-  if args.out_dir is not None:
-    parser.error(f"--out-dir: expected either --out FILE or --out-dir DIR, got both "
-                 f"({args.out!r}, {str(args.out_dir)!r})")
-  if os.path.isdir(args.out) or not args.out.endswith(".json"):
-    parser.error(f"--out: expected the path of a .json file, got {args.out!r}")
-  try:
-    out_dir(os.path.dirname(os.path.abspath(args.out)))
-  except argparse.ArgumentTypeError as e:
-    parser.error(f"--out: expected a file in a folder this process can write into, got "
-                 f"{args.out!r} ({e})")
-  return args.out
-
-
-def default_out(quick: bool):
-  """The results file when ``--out`` is not given: a smoke run (``--quick``) writes a file
-  of its own, never over the full run's."""
-  return common.RESULTS / ("ports_stylegan2_quick.json" if quick else "ports_stylegan2.json")
+from benchmarks.common import (add_out_dir, median_of, positive_int,  # noqa: E402
+                               output_file, shown, write_json)
 
 
 def main(argv=None) -> dict:
@@ -66,7 +40,8 @@ def main(argv=None) -> dict:
                            "ports_stylegan2_quick.json with --quick)")
   add_out_dir(parser)
   args = parser.parse_args(argv)
-  args.out = output(parser, args, ("--sizes", "--batches", "--repeats"))
+  args.out = output_file(parser, args, "ports_stylegan2",
+                         ("--sizes", "--batches", "--repeats"))
   if args.quick:
     args.sizes, args.batches, args.repeats = [64], [4], 1
   bad = [s for s in args.sizes if s < 8 or s & (s - 1)]
