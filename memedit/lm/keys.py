@@ -293,8 +293,11 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
   return (sums / counts).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("definition", "steps", "top_k"))
+@functools.partial(jax.jit, static_argnames=("definition", "top_k"))
 def _sample(definition, params, ids, start_len, key, steps, top_k):
+  """``steps`` tokens sampled after the first ``start_len`` of each row of ``ids``; the
+  counts are traced, so the lengths of one call of :func:`sample_contexts` share one
+  program (the model is causal: the columns after a position never change its logits)."""
   def body(t, carry):
     ids, key = carry
     logits, _ = run_lm(definition, params, ids)
@@ -355,19 +358,20 @@ def sample_contexts(model, tokenize: Callable[[str], Sequence[int]],
   definition, params = split_model(model)
   out = ["{}"]
   key = jax.random.key(seed)
+  starts_ids = [start_ids[i % len(start_ids)] for i in range(per_length)]
+  n0 = max(len(s) for s in starts_ids)
+  if any(len(s) != n0 for s in starts_ids):
+    starts_ids = [[s[0]] for s in starts_ids]  # sample from the first token alone
+    n0 = 1
+  # One width for every length: one compiled program.
+  total = round_up(n0 + max(lengths, default=0), 8)
   for length in lengths:
-    starts_ids = [start_ids[i % len(start_ids)] for i in range(per_length)]
-    n0 = max(len(s) for s in starts_ids)
-    if any(len(s) != n0 for s in starts_ids):
-      starts_ids = [[s[0]] for s in starts_ids]  # sample from the first token alone
-      n0 = 1
-    total = round_up(n0 + length, 8)
     ids = np.zeros((round_up(per_length, 8), total), np.int32)
     for i, s in enumerate(starts_ids):
       ids[i, :n0] = s
     key, sub = jax.random.split(key)
-    got = np.asarray(_sample(definition, params, jnp.asarray(ids), n0, sub, int(length),
-                             int(top_k)))
+    got = np.asarray(_sample(definition, params, jnp.asarray(ids), n0, sub,
+                             jnp.int32(length), int(top_k)))
     for i in range(per_length):
       text = decode(got[i, :n0 + length].tolist()).replace("{", " ").replace("}", " ")
       out.append(text + joiner + "{}")

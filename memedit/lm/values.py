@@ -181,6 +181,10 @@ def _real(value) -> float | None:
   return float(arr)
 
 
+#: The most Adam steps of one search (its step counter is an int32 of the program).
+_MAX_STEPS = 2 ** 31 - 1
+
+
 def _fact_loss(definition, params, path, delta, rows, hp, n_ctx):
   """Loss pieces of one request (rows (R, T) ...); delta (d,)."""
   ids, last, end, tgt, tpos, tmask, logp0, ref_norm = rows
@@ -203,10 +207,12 @@ def _fact_loss(definition, params, path, delta, rows, hp, n_ctx):
   return nll, hp["kl_factor"] * kl + hp["weight_decay"] * wd
 
 
-@functools.partial(jax.jit, static_argnames=("definition", "path", "ref_path", "steps",
-                                             "n_ctx", "has_kl"))
-def _optimise_chunk(definition, params, ids, last, end, tgt, tpos, tmask, hp, *, path,
-                    ref_path, steps, n_ctx, has_kl):
+@functools.partial(jax.jit, static_argnames=("definition", "path", "ref_path", "n_ctx",
+                                             "has_kl"))
+def _optimise_chunk(definition, params, ids, last, end, tgt, tpos, tmask, hp, steps, *, path,
+                    ref_path, n_ctx, has_kl):
+  """The value search of a chunk of requests; ``steps`` (the most Adam steps) is traced,
+  so searches of any length share one program."""
   c, r, t = ids.shape
   flat = ids.reshape(c * r, t)
   logits, rec = run_lm(definition, params, flat, record=tuple(dict.fromkeys((path, ref_path))))
@@ -309,6 +315,8 @@ def optimize_values(model, address, tokenize: Callable[[str], Sequence[int]],
                                                                           else 0):
       raise ValueError(f"{name}: expected a {'positive' if name == 'chunk' else 'non-negative'}"
                        f" int, got {value!r}")
+  if steps > _MAX_STEPS:
+    raise ValueError(f"steps: expected at most {_MAX_STEPS} (an int32 counter), got {steps}")
   given = {"learning_rate": learning_rate, "kl_factor": kl_factor,
            "weight_decay": weight_decay, "clamp": clamp}
   for name, value, positive in (("learning_rate", learning_rate, True),
@@ -352,8 +360,8 @@ def optimize_values(model, address, tokenize: Callable[[str], Sequence[int]],
   outs = []
   for start in range(0, fp, size):
     part = [jnp.asarray(a[start:start + size]) for a in fields]
-    outs.append(_optimise_chunk(definition, params, *part, hp, path=path, ref_path=ref_path,
-                                steps=steps, n_ctx=n_ctx, has_kl=essence is not None))
+    outs.append(_optimise_chunk(definition, params, *part, hp, jnp.int32(steps), path=path,
+                                ref_path=ref_path, n_ctx=n_ctx, has_kl=essence is not None))
   cat = [np.concatenate([np.asarray(o[i]) for o in outs])[:f] for i in range(6)]
   check_finite(np.concatenate([cat[1], cat[2], cat[3][:, None]], 1),
                [r.text + " -> " + r.target_new for r in requests], "optimize_values")

@@ -61,7 +61,8 @@ def test_memit_reaches_its_targets_and_reverts(tiny, tiny_covariances):
   cases = world_cases(tiny.world, 3, seed=4)
   reqs = [c.request for c in cases]
   res = memit_edits(tiny.model, tiny.layout, [0, 1], tiny.world.tokenize, reqs,
-                    tiny_covariances, penalty=1e-4, value_options={"steps": 10})
+                    tiny_covariances, penalty=1e-4,
+                    value_options={"steps": 10, "chunk": 2})  # test_lm_sequential's program
   assert len(res.edits) == 2 and res.targets.shape == (3, tiny.config.n_embd)
   assert [e.path[1] for e in res.edits] == ["h_0", "h_1"]
   assert rel_err(res.reached, res.targets) < 1e-3
@@ -125,10 +126,12 @@ def test_memit_refuses_token_ids_outside_the_vocabulary_and_an_unreachable_last_
                                        r"-3 from tokenize"):
     memit_edits(tiny.model, tiny.layout, [0, 1], tok, [req], tiny_covariances)
   # z is found at block 1, the last: a subject before the prompt's end cannot move it.
+  # (Two requests, the second refused: test_lm_sequential's compiled search.)
   inside = Request("{} is known that", w.subjects[0], w.relations[0].objects[1])
   with pytest.raises(ValueError, match=r"address \('h_1', 'mlp', 'c_proj'\): expected a "
-                                       r"memory whose output .* reaches the prediction"):
-    memit_edits(tiny.model, tiny.layout, [0, 1], w.tokenize, [inside], tiny_covariances)
+                                       r"memory whose output .* reaches the prediction, got "
+                                       r"one that cannot change it for request 1 "):
+    memit_edits(tiny.model, tiny.layout, [0, 1], w.tokenize, [req, inside], tiny_covariances)
 
 
 def test_memit_refuses_non_integer_layers_and_bad_penalties_before_the_search(tiny):

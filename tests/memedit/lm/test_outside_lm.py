@@ -99,7 +99,7 @@ def llama():
   model = Llama(nnx.Rngs(0), bias=True)
   graphdef, state = nnx.split(model)
   bias = state["layers"][0]["down_proj"]["bias"]
-  bias[...] = jax.random.normal(jax.random.key(1), bias.shape)
+  bias[...] = jnp.asarray(np.random.default_rng(1).normal(size=bias.shape), jnp.float32)
   return model, graphdef, state
 
 
@@ -112,23 +112,28 @@ def test_llama_covariance_rome_memit_match_numpy(llama):
   mask[1, 9:] = 0
   ids = np.where(mask > 0, ids, 0).astype(np.int32)
   C = lm_second_moment((graphdef, state), LAYOUT.memories[0], [(ids, mask)])
-  _, rec = run_lm(graphdef, state, jnp.asarray(ids), record=[("layers", 0, "gate_proj"),
-                                                           ("layers", 0, "up_proj")])
+  # The references run the model in one compiled program each (eagerly, every operation of
+  # a new shape would compile its own).
+  recorded = jax.jit(lambda s, i, record: run_lm(graphdef, s, i, record=record)[1],
+                     static_argnames="record")
+  rec = recorded(state, jnp.asarray(ids), record=(("layers", 0, "gate_proj"),
+                                                  ("layers", 0, "up_proj")))
   g, u = (np.asarray(rec[("layers", 0, p)][1], np.float64) for p in ("gate_proj", "up_proj"))
   keys = (g / (1 + np.exp(-g)) * u)[mask > 0]  # silu(gate(x)) * up(x)
   np.testing.assert_allclose(C, keys.T @ keys / len(keys), rtol=2e-5, atol=1e-6)
   # k* after the BOS: the subject's last token is position 5.
   k = subject_keys((graphdef, state), LAYOUT.memories[0], tokenize, [REQ])
-  _, rec = run_lm(graphdef, state, jnp.asarray([tokenize(REQ.text)]),
-                  record=[LAYOUT.memories[0]])
+  rec = recorded(state, jnp.asarray([tokenize(REQ.text)]), record=(LAYOUT.memories[0],))
   np.testing.assert_allclose(k[0], np.asarray(rec[LAYOUT.memories[0]][0][0, 5]),
                              rtol=1e-5, atol=1e-5)
   C = C + 0.1 * np.eye(INNER, dtype=np.float32)
   res = rome_edits((graphdef, state), LAYOUT.memories[0], tokenize, [REQ], C,
                    value_options={"steps": 3})[0]
   edited, hist = memedit.apply_edit(state, res.edit)
-  out = nnx.merge(graphdef, edited).layers[0].down_proj(jnp.asarray(res.key))  # bias too
-  np.testing.assert_allclose(np.asarray(out), res.value, rtol=1e-5, atol=1e-5)
+  layer = edited["layers"][0]["down_proj"]
+  out = (np.asarray(res.key, np.float64) @ np.asarray(layer["kernel"][...], np.float64)
+         + np.asarray(layer["bias"][...], np.float64))  # bias too
+  np.testing.assert_allclose(out, res.value, rtol=1e-5, atol=1e-5)
   back, _ = memedit.revert_edit(edited, res.edit, hist)
   for a, b in zip(jax.tree_util.tree_leaves(back), before):
     np.testing.assert_array_equal(np.asarray(a), b)
@@ -168,7 +173,9 @@ def test_causal_trace_with_embeddings_narrower_than_the_blocks():
   model = Factored(nnx.Rngs(2))
   res = causal_trace(nnx.split(model), LAYOUT, tokenize, REQ.prompt, REQ.subject,
                      target="oslo", samples=2)
-  p = jax.nn.softmax(model(jnp.asarray([tokenize(REQ.text)]))[0, -1])[WORDS.index("oslo") + 1]
+  logits = nnx.jit(lambda m, ids: m(ids))(model, jnp.asarray([tokenize(REQ.text)]))
+  last = np.asarray(logits[0, -1], np.float64)
+  p = np.exp(last - last.max())[WORDS.index("oslo") + 1] / np.exp(last - last.max()).sum()
   np.testing.assert_allclose(res.clean, float(p), rtol=1e-5)
   np.testing.assert_allclose(res.scores[-1, -1], res.clean, rtol=1e-5)
   np.testing.assert_allclose(res.scores[:3], res.corrupted, rtol=1e-5)  # BOS, the, home

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compilations import Compilations
 from conftest import rel_err
 
 import memedit
@@ -41,13 +42,19 @@ def test_subject_key_is_the_mean_over_contexts(tiny):
   addr = tiny.layout.memories[LAYER]
   got = subject_keys(tiny.model, addr, tiny.world.tokenize, [req], CONTEXTS)
   rows = prompt_rows(req, CONTEXTS)
-  ref = []
+  texts, lasts = [], []
   for before, subj, after, _ in rows:
     ids = tiny.world.tokenize(before + subj + after)
     last = len(tiny.world.tokenize(before + subj)) - 1
     assert tiny.world.decode([ids[last]]) == req.subject.split()[-1]
-    (keys,), _ = read_states(tiny.model, np.array([ids]), np.array([last]), inputs_of=[addr])
-    ref.append(keys[0])
+    texts.append(ids)
+    lasts.append(last)
+  # One batch, zero-padded on the right (the model is causal: the key at `last` is that
+  # of the row alone).
+  batch = np.zeros((len(texts), max(map(len, texts))), np.int32)
+  for i, ids in enumerate(texts):
+    batch[i, :len(ids)] = ids
+  (ref,), _ = read_states(tiny.model, batch, np.array(lasts), inputs_of=[addr])
   assert got.shape == (1, 4 * tiny.config.n_embd)
   assert rel_err(got[0], np.mean(np.asarray(ref, np.float64), 0)) < 1e-6
 
@@ -99,8 +106,10 @@ def test_rome_edit_end_to_end_revert_and_save(tiny, tiny_covariances, tmp_path):
   w = tiny.world
   reqs = [Request("we read that {}", w.subjects[s], w.relations[r].objects[new])
           for s, r, new in ((0, 0, 1), (5, 1, 2))]
+  # The contexts and chunk of test_values' searches: their compiled program.
   res = rome_edits(tiny.model, tiny.layout.memories[0], w.tokenize, reqs,
-                   tiny_covariances[0], value_options={"steps": 60, "clamp": 100.0})
+                   tiny_covariances[0], contexts=("{}", "people say that {}"),
+                   value_options={"steps": 60, "clamp": 100.0, "chunk": 2})
   assert len(res) == 2
   for req, r in zip(reqs, res):
     params, hist = memedit.apply_edit(tiny.variables, r.edit)
@@ -275,6 +284,21 @@ def test_sample_contexts_settings(tiny):
                        "per_length: expected non-negative integers, got -1")):
     with pytest.raises(ValueError, match=re.escape(msg)):
       sample_contexts(tiny.model, w.tokenize, w.decode, **kwargs)
+
+
+def test_sampled_contexts_of_every_length_share_one_program(tiny):
+  """The sample lengths are arguments of one compiled sampler (of the demo's shapes), not
+  a program each: other lengths up to the longest compile nothing more."""
+  w = tiny.world
+  first = sample_contexts(tiny.model, w.tokenize, w.decode, ["it"], lengths=(5, 10),
+                          per_length=1)
+  with Compilations() as c:
+    again = sample_contexts(tiny.model, w.tokenize, w.decode, ["it"], lengths=(3, 7, 10),
+                            per_length=1)
+  assert c.count == 0, c.events
+  assert len(first) == 3 and len(again) == 4 and first[0] == again[0] == "{}"
+  for text, length in zip(again[1:], (3, 7, 10)):
+    assert text.endswith(" . {}") and len(text[:-len(" . {}")].split()) == 1 + length, text
 
 
 def test_evaluation_refuses_malformed_cases_and_unknown_ids(tiny):

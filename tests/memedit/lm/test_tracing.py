@@ -14,12 +14,15 @@ from memedit.lm.tracing import CATEGORIES, causal_trace, trace_png, trace_summar
 
 def test_trace_exact_cells_and_png(tiny, tmp_path):
   w = tiny.world
-  prompt = w.relations[0].template(1, 0)  # "it is known that the home of {}"
+  prompt = w.relations[0].template(0, 0)  # "the home of {}"
   subject = w.subjects[2]
   first = len(prompt.split("{}")[0].split())  # tokens before the subject
   last = first + len(subject.split()) - 1
+  # Two noise samples (more than one, so that the mean over samples is checked too) on a
+  # prompt of at most 8 tokens: the trace program of test_lm_cli's `lm-trace --samples 2`
+  # (a model of the same shapes).
   res = causal_trace(tiny.model, tiny.layout, w.tokenize, prompt, subject,
-                     target=w.object_of(2, 0), decode=w.decode, samples=4)
+                     target=w.object_of(2, 0), decode=w.decode, samples=2)
   n_tok = len(w.tokenize(prompt.format(subject)))
   assert res.scores.shape == (n_tok, 2)
   assert res.subject == (first, last) and res.tokens[first:last + 1] == tuple(subject.split())
@@ -31,7 +34,7 @@ def test_trace_exact_cells_and_png(tiny, tmp_path):
   np.testing.assert_allclose(res.scores[:first], res.corrupted, rtol=1e-5)
   assert abs(res.clean - res.corrupted) > 1e-4  # the noise does matter here
   mlp = causal_trace(tiny.model, tiny.layout, w.tokenize, prompt, subject, decode=w.decode,
-                     samples=4, kind="mlp")
+                     samples=2, kind="mlp")
   assert mlp.scores.shape == (n_tok, 2) and mlp.kind == "mlp"
   path = trace_png(res.scores, res.tokens, tmp_path / "t.png", title="trace",
                    marked=range(first, last + 1))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compilations import Compilations
 from memedit.lm.evaluate import score_targets
 from memedit.lm.hooks import run_lm
 from memedit.lm.prompts import Request
@@ -72,8 +73,12 @@ def test_value_search_clamp_and_early_stop(tiny):
   assert np.all(norms <= 0.05 * np.linalg.norm(res.ref0, axis=-1) * (1 + 1e-5))
   assert np.all(norms > 0)
   # A loss threshold above the starting loss stops every request before its first step.
-  res = optimize_values(tiny.model, tiny.layout.memories[0], tiny.world.tokenize, reqs,
-                        CONTEXTS, steps=60, clamp=100.0, chunk=2, stop_loss=1e9)
+  # The step count is an argument of the compiled search, not part of it: searches of
+  # other lengths reuse the program of the one above.
+  with Compilations() as c:
+    res = optimize_values(tiny.model, tiny.layout.memories[0], tiny.world.tokenize, reqs,
+                          CONTEXTS, steps=7, clamp=100.0, chunk=2, stop_loss=1e9)
+  assert c.count == 0, c.events
   np.testing.assert_array_equal(res.steps, 0)
   np.testing.assert_array_equal(res.delta, 0.0)
   # MEMIT's variant reads z0 at the block output (the residual stream), not the MLP's.
@@ -102,8 +107,9 @@ def test_the_last_blocks_mlp_cannot_reach_a_prediction_before_the_subjects_end(t
   assert moved[1] < 1e-6 and moved[0] > 1e-2
   with pytest.raises(ValueError, match=r"cannot change it for request 1 .*edit an earlier "
                                        r"block, or put the subject at the end of the prompt"):
+    # (One request per call: the program test_rome's refusal compiles.)
     optimize_values(tiny.model, tiny.layout.memories[1], w.tokenize,
-                    [_requests(tiny)[0], inside], steps=1)
+                    [_requests(tiny)[0], inside], steps=1, chunk=1)
   assert check_reach(tiny.model, tiny.layout.memories[0], w.tokenize, [inside]) is None
   assert check_reach(tiny.model, tiny.layout.memories[1], w.tokenize, _requests(tiny)) is None
 
@@ -145,3 +151,7 @@ def test_value_search_refuses_settings_that_give_nan_or_nothing(tiny):
       optimize_values(tiny.model, addr, w.tokenize, [req], contexts, steps=1, **kwargs)
   with pytest.raises(TypeError, match=r"requests\[0\]: expected a Request"):
     optimize_values(tiny.model, addr, w.tokenize, [(req.prompt, req.subject, "x")], steps=1)
+  # The step count is an int32 of the compiled search.
+  with pytest.raises(ValueError, match=re.escape("steps: expected at most 2147483647 (an "
+                                                 "int32 counter), got 2147483648")):
+    optimize_values(tiny.model, addr, w.tokenize, [req], steps=2 ** 31)
