@@ -24,7 +24,7 @@ from jax import lax
 
 from memedit.checks import (TINY, as_array, check_covariance, check_finite, check_real,
                             check_scalar, compute_dtype, is_traced)
-from memedit.linalg import floor_eigenvalues, spectrum_ok, symmetric_eigh
+from memedit.linalg import _psd_solve, symmetric_eigh
 
 __all__ = ["LinearSolution", "insert_closed_form", "insert_ridge", "least_squares_lambda"]
 
@@ -178,22 +178,44 @@ def insert_closed_form(W: Any, C: Any, keys: Any, values: Any, *,
 
 
 def _gram_solve(W, C, keys, values, rcond, penalty):
-  """Λ = Rᵀ (penalty·I + K C⁻¹ Kᵀ)⁻¹ and D = (C⁻¹ Kᵀ)ᵀ (Cholesky on the n × n Gram), with
-  the in-graph checks: NaN factors when an input fails them (penalty 0: the exact
-  insert, which also needs independent keys)."""
-  lam_raw, U = symmetric_eigh(C)
-  lam_c = floor_eigenvalues(lam_raw, rcond, 0.0)
-  cinv_kt = jnp.matmul(U, jnp.matmul(U.T, keys.T, precision=HIGHEST) / lam_c[:, None],
-                       precision=HIGHEST)  # (in, n)
-  gram = jnp.matmul(keys, cinv_kt, precision=HIGHEST)  # (n, n)
-  gram = 0.5 * (gram + gram.T)
-  ev = jnp.linalg.eigvalsh(gram)
-  ok = (spectrum_ok(lam_raw) & jnp.all(jnp.isfinite(W)) & jnp.all(jnp.isfinite(keys))
+  """Λ = Rᵀ (penalty·I + K C⁻¹ Kᵀ)⁻¹ and D = (C⁻¹ Kᵀ)ᵀ, with the in-graph checks: NaN
+  factors when an input fails them (penalty 0: the exact insert, which also needs
+  independent keys).
+
+  The Gram matrix G = K C⁻¹ Kᵀ is never formed: forming it squares the condition number
+  of the keys in the C⁻¹ metric, and ΔW = Λ D lost accuracy accordingly. With Kᵀ = Q_k R_k
+  (QR), Y = C⁻¹ Q_k (orthonormal right-hand sides: no cancellation between nearly
+  dependent keys) and Q_kᵀ Y = L_m L_mᵀ (Cholesky, condition number at most C's),
+  G = Fᵀ F with F = L_mᵀ R_k upper triangular, so Λᵀ = F⁻¹ F⁻ᵀ R by two triangular solves
+  (with a penalty, F is the R factor of [F; √penalty·I]) and D = (Y R_k)ᵀ. C⁻¹ is applied
+  by Cholesky when C is well conditioned (the floor then changes nothing), else by the
+  eigendecomposition with floored eigenvalues."""
+  n, din = keys.shape
+  qk, rk = jnp.linalg.qr(keys.T)  # (in, m), (m, n), m = min(in, n)
+  # The floor only acts when κ(C) > 1 / rcond; κ is estimated from below, so the
+  # Cholesky route is kept to κ ≤ 0.1 / rcond.
+  y, c_ok = _psd_solve(C, qk, rcond, jnp.zeros((), C.dtype), refine=False, margin=0.1)
+  m = jnp.matmul(qk.T, y, precision=HIGHEST)
+  lm = jnp.linalg.cholesky(0.5 * (m + m.T))
+  f = jnp.matmul(lm.T, rk, precision=HIGHEST)  # (m, n), G = fᵀ f
+  sv = jnp.linalg.svd(f, compute_uv=False)  # singular values² = G's eigenvalues
+  if n > din:
+    independent = jnp.zeros((), bool)  # more keys than dimensions
+  else:
+    # G's eigenvalue ratio above _INDEPENDENT, without squaring (no under/overflow).
+    independent = sv[-1] > np.sqrt(_INDEPENDENT) * sv[0]
+  ok = (c_ok & jnp.all(jnp.isfinite(W)) & jnp.all(jnp.isfinite(keys))
         & jnp.all(jnp.isfinite(values)) & jnp.isfinite(penalty) & (penalty >= 0)
-        & ((penalty > 0) | (ev[0] > _INDEPENDENT * jnp.maximum(ev[-1], 0.0))))
-  gram = gram + penalty * jnp.eye(gram.shape[0], dtype=gram.dtype)
+        & ((penalty > 0) | independent))
+  # G + penalty·I = f'ᵀ f' (QR of [f; √penalty·I]; for penalty 0, f' = f).
+  root = jnp.sqrt(jnp.maximum(penalty, 0.0))
+  stacked = jnp.concatenate([f, root * jnp.eye(n, dtype=f.dtype)])
+  fp = jnp.linalg.qr(stacked, mode="r")
   resid = values - jnp.matmul(keys, W.T, precision=HIGHEST)  # (n, out)
-  lam_t = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram, lower=True), resid)
+  t = jax.scipy.linalg.solve_triangular(fp, resid, trans=1, lower=False)
+  lam_t = jax.scipy.linalg.solve_triangular(fp, t, lower=False)
+  cinv_kt = jnp.matmul(y, rk, precision=HIGHEST)  # (in, n)
+  cinv_kt = jnp.where(cinv_kt == 0, 0.0, cinv_kt)  # no −0.0 from the QR's signs
   return LinearSolution(jnp.where(ok, lam_t.T, jnp.nan), jnp.where(ok, cinv_kt.T, jnp.nan))
 
 

@@ -1,10 +1,12 @@
 """Context directions: the edit subspace D spanned by C⁻¹k* for a few context keys.
 
-:func:`context_directions` needs C^{-1/2} and uses the eigendecomposition
-C = U diag(λ) Uᵀ with the eigenvalue floor of :mod:`memedit.linalg` (eigenvalues of
-C + ridge·I raised to ``max(rcond, 1e-30) · (λ_max + ridge)``, relative to C's scale);
-no solve forms an explicit inverse. The condition number of C itself is reported with
-the subspace.
+:func:`context_directions` computes the eigenvalues of C (its condition number is
+reported with the subspace) and applies the eigenvalue floor of :mod:`memedit.linalg`
+(eigenvalues of C + ridge·I raised to ``max(rcond, 1e-30) · (λ_max + ridge)``, relative to
+C's scale). Where the floor changes nothing, the solves and the whitening use the
+Cholesky factor L of C + ridge·I (L⁻¹ in place of C^{-1/2}: the same singular values and
+subspace, accurate to about κ·ε); otherwise the floored eigendecomposition
+C = U diag(λ) Uᵀ. No solve forms an explicit inverse.
 
 Ridge. As everywhere in memedit, ``ridge`` is a multiple of the identity added to C
 (Tikhonov), in the units of C's eigenvalues.
@@ -215,28 +217,50 @@ def _directions(C, k, w, rank, method, rcond, ridge):
   tol = _independence_tol(dt)
   mean_key = jnp.einsum("n,nd->d", w, k, precision=HIGHEST) / jnp.maximum(jnp.sum(w), TINY)
 
-  def cinv(x):
-    return jnp.einsum("di,ni->nd", U, jnp.einsum("di,nd->ni", U, x, precision=HIGHEST) / lam,
-                      precision=HIGHEST)
+  # When the floor changes nothing (λ_min + ridge at or above it), C + ridge·I is solved
+  # and whitened by its Cholesky factor L, which is more accurate than the eigenvectors
+  # (about κ·ε against several times that); otherwise by the floored eigendecomposition.
+  A = C + ridge * jnp.eye(C.shape[0], dtype=dt)
+  L = jnp.linalg.cholesky(0.5 * (A + A.T))
+  use_chol = ((lam[0] == lam_c[0] + ridge) & jnp.all(jnp.isfinite(L))
+              & (jnp.min(jnp.diagonal(L)) > 0))
 
-  if method == "zca":
-    # Rows wᵢ kᵢ C^{-1/2}: whitened keys, weighted.
-    whiten = jnp.matmul(U * lam ** -0.5, U.T, precision=HIGHEST)
-    kw = w[:, None] * jnp.matmul(k, whiten, precision=HIGHEST)
-    _, sv, vt = jnp.linalg.svd(kw, full_matrices=False)
-    raw = jnp.matmul(vt[:rank], whiten, precision=HIGHEST)
-    independent = sv[rank - 1] > tol * sv[0]
-  elif method == "svd":
-    _, sv, vt = jnp.linalg.svd(w[:, None] * cinv(k), full_matrices=False)
-    raw = vt[:rank]
-    independent = sv[rank - 1] > tol * sv[0]
-  else:
-    ck = cinv(k)
+  def via_cholesky():
+    solve = functools.partial(jax.scipy.linalg.solve_triangular, L, lower=True)
+    if method == "zca":
+      # Z = diag(w) K L⁻ᵀ has Z Zᵀ = diag(w) K C⁻¹ Kᵀ diag(w) as with C^{-1/2}: the same
+      # singular values, and right singular vectors V' with D = V'ᵀ L⁻¹.
+      _, sv, vt = jnp.linalg.svd(solve(k.T * w).T, full_matrices=False)
+      return solve(vt[:rank].T, trans=1).T, sv
+    ck = jax.scipy.linalg.cho_solve((L, True), k.T).T
+    return directions_of(ck)
+
+  def via_eigh():
+    def cinv(x):
+      return jnp.einsum("di,ni->nd", U, jnp.einsum("di,nd->ni", U, x, precision=HIGHEST)
+                        / lam, precision=HIGHEST)
+
+    if method == "zca":
+      # Rows wᵢ kᵢ C^{-1/2}: whitened keys, weighted.
+      whiten = jnp.matmul(U * lam ** -0.5, U.T, precision=HIGHEST)
+      kw = w[:, None] * jnp.matmul(k, whiten, precision=HIGHEST)
+      _, sv, vt = jnp.linalg.svd(kw, full_matrices=False)
+      return jnp.matmul(vt[:rank], whiten, precision=HIGHEST), sv
+    return directions_of(cinv(k))
+
+  def directions_of(ck):
+    if method == "svd":
+      _, sv, vt = jnp.linalg.svd(w[:, None] * ck, full_matrices=False)
+      return vt[:rank], sv
     m = jnp.einsum("n,nd->d", w, ck, precision=HIGHEST)
     total = jnp.sum(jnp.abs(w) * jnp.linalg.norm(ck, axis=-1))
-    sv = jnp.stack([jnp.linalg.norm(m), total])
-    raw = m[None]
+    return m[None], jnp.stack([jnp.linalg.norm(m), total])
+
+  raw, sv = lax.cond(use_chol, via_cholesky, via_eigh)
+  if method == "mean":
     independent = sv[0] > tol * sv[1]
+  else:
+    independent = sv[rank - 1] > tol * sv[0]
   q, r = jnp.linalg.qr(raw.T)
   q = q * jnp.where(jnp.diag(r) < 0, -1.0, 1.0)
   dirs = q.T

@@ -7,8 +7,10 @@
   or its condition number, estimated from below by power and inverse iteration, exceeds
   1 / rcond.
 - :func:`symmetric_eigh`, :func:`floor_eigenvalues` and :func:`spectrum_ok` are the
-  pieces of the eigendecomposition route, shared with the solves that need C^{-1/2}
-  (:func:`memedit.context_directions`) or C⁻¹Kᵀ (:func:`memedit.insert_closed_form`).
+  pieces of the eigendecomposition route, shared with :func:`memedit.context_directions`
+  (which uses C's Cholesky factor instead where the floor changes nothing). The inserts
+  (:func:`memedit.insert_closed_form`) apply C⁻¹ by the same two routes as
+  :func:`solve_psd`.
 
 The floor. Eigenvalues of C + ridge·I are raised to ``max(rcond, 1e-30) · (λ_max + ridge)``
 (and at least the dtype's smallest normal number), which bounds the condition number the
@@ -183,6 +185,20 @@ def _cond_estimate(A, L):
 
 @jax.jit
 def _solve_psd(C, b, rcond, ridge):
+  x, ok = _psd_solve(C, b, rcond, ridge)
+  return jnp.where(ok, x, jnp.nan)
+
+
+def _psd_solve(C, b, rcond, ridge, *, refine: bool = True, margin: float = 1.0):
+  """(x, ok): the solve of :func:`solve_psd` (traceable, no NaN masking) and its in-graph
+  checks.
+
+  The Cholesky route is taken when the factorisation succeeds and the condition number
+  estimate κ satisfies κ·rcond ≤ ``margin``; ``margin`` < 1 keeps the eigenvalue floor's
+  result exactly where it could be active (κ is estimated from below). Without
+  ``refine`` the columns of x all come from the same factor (x = L⁻ᵀ L⁻¹ b), so linear
+  combinations of b's columns are solved as accurately as the columns themselves.
+  """
   dt = C.dtype
   rcond = jnp.asarray(rcond, dt)
   ridge = jnp.asarray(ridge, dt)
@@ -192,14 +208,15 @@ def _solve_psd(C, b, rcond, ridge):
   diag = jnp.diagonal(L)
   factored = jnp.all(jnp.isfinite(L)) & (jnp.min(diag) > 0)
   kappa = _cond_estimate(A, jnp.where(factored, L, jnp.eye(C.shape[0], dtype=dt)))
-  chol = factored & jnp.isfinite(kappa) & (kappa * rcond <= 1)
+  chol = factored & jnp.isfinite(kappa) & (kappa * rcond <= margin)
 
   def by_cholesky():
     x = jax.scipy.linalg.cho_solve((L, True), b)
-    # One step of iterative refinement with the same factor: it leaves the norm-wise error
-    # at about κ·ε but removes the last-bit errors of well-conditioned components.
-    r = b - jnp.matmul(A, x, precision=HIGHEST)
-    x = x + jax.scipy.linalg.cho_solve((L, True), r)
+    if refine:
+      # One step of iterative refinement with the same factor: it leaves the norm-wise
+      # error at about κ·ε but removes the last-bit errors of well-conditioned components.
+      r = b - jnp.matmul(A, x, precision=HIGHEST)
+      x = x + jax.scipy.linalg.cho_solve((L, True), r)
     # A PSD C with a zero diagonal is zero: no positive eigenvalue.
     return x, jnp.all(jnp.isfinite(C)) & (jnp.max(jnp.diagonal(C)) > 0)
 
@@ -211,5 +228,4 @@ def _solve_psd(C, b, rcond, ridge):
     return jnp.einsum("di,i...->d...", U, ub, precision=HIGHEST), spectrum_ok(lam)
 
   x, ok = lax.cond(chol, by_cholesky, by_eigh)
-  ok = ok & (ridge >= 0) & (rcond >= 0) & (rcond < 1)
-  return jnp.where(ok, x, jnp.nan)
+  return x, ok & (ridge >= 0) & (rcond >= 0) & (rcond < 1)

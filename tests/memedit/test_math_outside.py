@@ -146,3 +146,112 @@ def test_exact_insert_of_tiny_independent_keys():
     # The in-graph check agrees with the eager one.
     jitted = jax.jit(memedit.insert_closed_form)(W, np.eye(3), keys, values)
     np.testing.assert_allclose(np.asarray(jitted.lam), np.asarray(sol.lam), rtol=1e-12)
+
+
+def ill_conditioned_C(rng, d, cond):
+  U = np.linalg.qr(rng.standard_normal((d, d)))[0]
+  C = (U * np.logspace(0, -np.log10(cond), d)) @ U.T
+  return np.asarray(0.5 * (C + C.T), np.float32).astype(np.float64)
+
+
+def exact_insert_ref(W, C, K, V, penalty=0.0):
+  """ΔW = Rᵀ (penalty·I + K C⁻¹ Kᵀ)⁻¹ K C⁻¹ and D = (C⁻¹ Kᵀ)ᵀ in float64."""
+  X = np.linalg.solve(C, K.T)
+  lam = np.linalg.solve(K @ X + penalty * np.eye(len(K)), V - K @ W.T).T
+  return lam @ X.T, X.T
+
+
+def test_exact_insert_does_not_square_the_keys_conditioning():
+  """Nearly dependent keys (accepted: K C⁻¹ Kᵀ's eigenvalue ratio above 1e-6) made the
+  float32 ΔW lose cond(K C⁻¹ Kᵀ)·ε ≈ 1e-2 relative: the Gram matrix was formed. Now ΔW is
+  within a small multiple of (cond(K C^{-1/2}) + cond(C))·ε of float64."""
+  rng = np.random.default_rng(5)
+  d, n = 16, 8
+  C = ill_conditioned_C(rng, d, 1e2)
+  K = rng.standard_normal((n, d))
+  K[1:] = K[0] + 2e-2 * K[1:]
+  W, K, V = f32(rng.standard_normal((4, d)), K, rng.standard_normal((n, 4)))
+  W, K, V = (x.astype(np.float64) for x in (W, K, V))
+  L = np.linalg.cholesky(C)
+  cond_z = np.linalg.cond(np.linalg.solve(L, K.T))
+  assert 300 < cond_z < 1e3  # independent enough to be accepted, ill-conditioned
+  bound = np.finfo(np.float32).eps * (cond_z + 1e2)
+  for penalty in (None, 1e-6):
+    ref, D_ref = exact_insert_ref(W, C, K, V, penalty or 0.0)
+    sol = (memedit.insert_closed_form(*f32(W, C, K, V)) if penalty is None
+           else memedit.insert_ridge(*f32(W, C, K, V), penalty))
+    dW = np.asarray(sol.lam, np.float64) @ np.asarray(sol.D, np.float64)
+    err = np.linalg.norm(dW - ref) / np.linalg.norm(ref)
+    assert err < 10 * bound, (penalty, err, bound)
+    np.testing.assert_allclose(np.asarray(sol.D, np.float64), D_ref, rtol=0,
+                               atol=10 * bound * np.abs(D_ref).max())
+
+
+def test_inserts_and_directions_are_accurate_to_cond_eps_at_cond_1e4():
+  """C with condition number 1e4, d = 256 in float32: the eigenvector route lost several
+  times κ·ε ≈ 6e-4 (2e-3 for ΔW and D); the Cholesky route stays well below it."""
+  rng = np.random.default_rng(6)
+  d = 256
+  C = ill_conditioned_C(rng, d, 1e4)
+  bound = 1e4 * np.finfo(np.float32).eps
+  for n in (2,):
+    W, K, V = (np.asarray(x, np.float32).astype(np.float64) for x in
+               (rng.standard_normal((4, d)) / 16, rng.standard_normal((n, d)),
+                rng.standard_normal((n, 4))))
+    ref, D_ref = exact_insert_ref(W, C, K, V)
+    sol = memedit.insert_closed_form(*f32(W, C, K, V))
+    dW = np.asarray(sol.lam, np.float64) @ np.asarray(sol.D, np.float64)
+    assert np.linalg.norm(dW - ref) / np.linalg.norm(ref) < bound / 2
+    np.testing.assert_allclose(K @ (W + dW).T, V, atol=1e-4)
+    Q = np.linalg.qr(D_ref.T)[0]
+    for method in ("zca", "svd"):
+      D = np.asarray(memedit.context_directions(*f32(C, K), rank=n, method=method).D,
+                     np.float64)
+      # Distance of D's rows from the span of C⁻¹K*ᵀ, and the sign convention.
+      assert np.linalg.norm(D.T - Q @ (Q.T @ D.T), 2) < bound / 2, method
+      assert (D @ K.mean(0) >= 0).all()
+
+
+def test_float64_inserts_and_directions_match_numpy_on_both_routes():
+  """Float64 results are the closed forms to rounding, with C well conditioned (Cholesky
+  route) and singular (eigenvalues floored at rcond·λ_max)."""
+  rng = np.random.default_rng(7)
+  d, n = 12, 3
+  U = np.linalg.qr(rng.standard_normal((d, d)))[0]
+  W, K, V = rng.standard_normal((5, d)), rng.standard_normal((n, d)), rng.standard_normal((n, 5))
+  for ev, rcond in ((np.logspace(0, -3, d), 1e-6), (np.r_[np.ones(d - 4), np.zeros(4)], 1e-3)):
+    C = (U * ev) @ U.T
+    C = 0.5 * (C + C.T)
+    Cf = (U * np.maximum(ev, rcond * ev.max())) @ U.T
+    for penalty in (0.0, 0.3):
+      ref, D_ref = exact_insert_ref(W, Cf, K, V, penalty)
+      with enable_x64():
+        s = (memedit.insert_ridge(W, C, K, V, penalty, rcond=rcond) if penalty
+             else memedit.insert_closed_form(W, C, K, V, rcond=rcond))
+      assert s.lam.dtype == jnp.float64
+      np.testing.assert_allclose(np.asarray(s.D), D_ref, rtol=1e-9, atol=1e-9 * abs(D_ref).max())
+      np.testing.assert_allclose(np.asarray(s.lam) @ np.asarray(s.D), ref, rtol=1e-9,
+                                 atol=1e-9 * abs(ref).max())
+    Q = np.linalg.qr(D_ref.T)[0]
+    with enable_x64():
+      D = np.asarray(memedit.context_directions(C, K, rank=n, rcond=rcond).D)
+    np.testing.assert_allclose(D @ D.T, np.eye(n), atol=1e-12)
+    assert np.linalg.norm(D.T - Q @ (Q.T @ D.T)) < 1e-9
+
+
+def test_soft_insert_with_more_keys_than_dimensions_and_duplicates():
+  """insert_ridge accepts dependent keys (duplicates, n > d): its ΔW matches float64."""
+  rng = np.random.default_rng(8)
+  d, n = 5, 8
+  C = random_C(rng, d)
+  K = rng.standard_normal((n, d))
+  K[1] = K[0]
+  W, V = rng.standard_normal((3, d)), rng.standard_normal((n, 3))
+  W, C, K, V = (np.asarray(x, np.float32).astype(np.float64) for x in (W, C, K, V))
+  ref, _ = exact_insert_ref(W, C, K, V, 0.1)
+  sol = memedit.insert_ridge(*f32(W, C, K, V), 0.1)
+  dW = np.asarray(sol.lam, np.float64) @ np.asarray(sol.D, np.float64)
+  # κ(K C⁻¹ Kᵀ + 0.1·I) ≈ 900: a soft insert with residuals is sensitive to κ·ε ≈ 5e-5.
+  assert np.linalg.norm(dW - ref) / np.linalg.norm(ref) < 5e-5
+  with pytest.raises(ValueError, match="keys: expected linearly independent keys"):
+    memedit.insert_closed_form(*f32(W, C, K, V))
