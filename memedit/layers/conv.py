@@ -8,6 +8,7 @@ that ``patches @ kernel.reshape(T*C_in, C_out)`` is the layer's linear part.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -149,13 +150,24 @@ def extract_patches(x, window, *, strides=None, padding="VALID", lhs_dilation=No
     raise ValueError(f"window: expected 1 to 3 spatial axes, got {window}")
   if x.ndim < n + 2:
     raise ValueError(f"x: expected (N, *{n} spatial axes, C), got shape {x.shape}")
+  if not isinstance(padding, str):  # explicit pairs, hashable for the compiled program
+    padding = tuple(tuple(int(v) for v in pair) for pair in padding)
+  # One compiled program per input shape and geometry (eagerly the body's few ops would
+  # each compile their own); inlined into an enclosing jit as before.
+  return _patches(x, window, tuple(int(v) for v in as_tuple(strides, n)), padding,
+                  tuple(int(v) for v in as_tuple(lhs_dilation, n)),
+                  tuple(int(v) for v in as_tuple(rhs_dilation, n)))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _patches(x, window, strides, padding, lhs_dilation, rhs_dilation):
+  n = len(window)
   batch_shape = x.shape[:-(n + 1)]
   xb = x.reshape((-1,) + x.shape[-(n + 1):])
   c = x.shape[-1]
   spec = "N" + _SPATIAL[n] + "C"
   p = jax.lax.conv_general_dilated_patches(
-      xb, window, as_tuple(strides, n), padding, lhs_dilation=as_tuple(lhs_dilation, n),
-      rhs_dilation=as_tuple(rhs_dilation, n),
+      xb, window, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=(spec, _SPATIAL[n] + "IO", spec), precision=jax.lax.Precision.HIGHEST)
   # conv_general_dilated_patches orders features as (C_in, *taps); reorder to (*taps, C_in).
   taps = int(np.prod(window))
@@ -218,6 +230,11 @@ def block_diagonal(kernel, groups: int):
   """
   if groups == 1:
     return kernel
+  return _block_diagonal(kernel, int(groups))
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one program, not one per op, eagerly
+def _block_diagonal(kernel, groups):
   cig, cout = kernel.shape[-2:]
   k = kernel.reshape(kernel.shape[:-1] + (groups, cout // groups))  # (..., i, g, o)
   eye = jnp.eye(groups, dtype=kernel.dtype)
@@ -236,6 +253,11 @@ def diagonal_blocks(full, groups: int):
   """
   if groups == 1:
     return full
+  return _diagonal_blocks(full, int(groups))
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one program, not one per op, eagerly
+def _diagonal_blocks(full, groups):
   cin, cout = full.shape[-2:]
   f = full.reshape(full.shape[:-2] + (groups, cin // groups, groups, cout // groups))
   blocks = jnp.diagonal(f, axis1=-4, axis2=-2)  # (..., i, o, g)

@@ -29,6 +29,7 @@ float32 (complex inputs are refused: they would lose their imaginary parts); mat
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -238,13 +239,9 @@ def project_directions(D: Any, P: Any, *, orthonormalize: bool = True) -> jax.Ar
   return out
 
 
-@jax.jit
-def _project_core(D, P):
-  return jnp.matmul(D, P, precision=HIGHEST)
-
-
+@functools.partial(jax.jit, static_argnums=2)  # one program (eagerly: not one per op)
 def _project(D, P, orthonormalize):
-  X = _project_core(D, P)
+  X = jnp.matmul(D, P, precision=HIGHEST)
   tol = float(np.sqrt(np.finfo(D.dtype).eps))
   kept = jnp.linalg.norm(X, axis=1) / jnp.maximum(jnp.linalg.norm(D, axis=1), 1e-30)
   ok = jnp.all(kept > tol)

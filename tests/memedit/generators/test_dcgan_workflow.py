@@ -36,7 +36,7 @@ def _spec(layer="convt2", **kw):
   eyes = _box(24, 36, 8, 56, 64)
   return specs.make_spec(key=[(n, eyes) for n in (9, 13, 15)], object=(29, _box(20, 40, 8, 56, 64)),
                          paste=(9, _box(22, 42, 8, 56, 64)), layer=layer, canvas=64,
-                         solver={"steps": 300}, **kw)
+                         solver={"steps": 60}, **kw)  # 0.756 of the loss; 0.755 at 300
 
 
 def test_dcgan_latents_are_the_reference_sample(dcgan):
@@ -165,7 +165,7 @@ def test_dcgan_erase_unit_zeroing_and_methods(dcgan):
   # Erase: the target inside the mask is the output with the units zeroed.
   spec = specs.make_spec(key=[(9, _box(24, 36, 8, 56, 64))], paste=(7, _box(24, 36, 8, 56, 64)),
                          layer="convt2", kind="erase", erase_units=30, canvas=64,
-                         solver={"steps": 100})
+                         solver={"steps": 30})
   out = gens.edit_from_spec(gen, spec, C)
   assert out.copied is None and sorted(out.units) == sorted(units)
   assert out.result.loss_after < out.result.loss_before

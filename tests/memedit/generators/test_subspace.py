@@ -85,10 +85,10 @@ def test_a_layer_not_affine_in_its_kernel_or_fixed_to_c_in_keeps_the_full_proble
   assert subspace_problem(f, K0, _orthonormal(rs, 1, 8), keys) is None
 
 
-@pytest.mark.parametrize("optimizer,loss,steps", [("gauss_newton", "l2", 8),
-                                                  ("gauss_newton", "l1", 10),
-                                                  ("adam", "l1", 200)])
-def test_insert_on_projected_keys_agrees_with_the_full_solve(optimizer, loss, steps):
+@pytest.fixture(scope="module")
+def toy_problem():
+  """One generator, its statistics, directions and paste target for every solver (the
+  compiled programs of one generator are shared by the cases)."""
   gen = toy_generator()
   state = gens.collect_statistics(gen, "up2", 32, batch_size=16, progress=False)
   C = np.asarray(memedit.second_moment(state))
@@ -97,6 +97,15 @@ def test_insert_on_projected_keys_agrees_with_the_full_solve(optimizer, loss, st
   D = gens.directions(C, keys, weights, rank=2)
   target = gens.paste_target(gen, "up2", gens.copy_values(gen, "up2", 3, box(4, 10, 4, 12)),
                              1, box(4, 10, 4, 12))
+  return gen, D, target
+
+
+@pytest.mark.parametrize("optimizer,loss,steps", [("gauss_newton", "l2", 8),
+                                                  ("gauss_newton", "l1", 10),
+                                                  ("adam", "l1", 200)])
+def test_insert_on_projected_keys_agrees_with_the_full_solve(toy_problem, optimizer, loss,
+                                                             steps):
+  gen, D, target = toy_problem
   kw = dict(optimizer=optimizer, loss=loss, steps=steps, taps="own", learning_rate=0.05)
   fast = gens.insert(gen, "up2", D, target, **kw)
   full = gens.insert(gen, "up2", D, target, project_keys=False, **kw)

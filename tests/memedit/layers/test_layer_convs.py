@@ -141,10 +141,11 @@ def test_conv_patch_insert_is_exact_specific_and_reverts(name):
   assert _rel(out, v_star) <= 1e-5
   # The edited layer run on a native input whose patch is k*: the same target.
   y0, y1 = f(params, x_keep), f(new_params, x_keep)
-  yj0, yj1 = jax.jit(f)(params, x_keep), jax.jit(f)(new_params, x_keep)
+  jf = jax.jit(f)
+  yj0, yj1 = jf(params, x_keep), jf(new_params, x_keep)
   assert _rel(y1, y0) <= 1e-5 and _rel(yj1, yj0) <= 1e-5
   np.testing.assert_allclose(yj1, y1, rtol=1e-5, atol=1e-5)
-  assert _rel(f(new_params, x_stats), f(params, x_stats)) > 1e-4  # not vacuous
+  assert _rel(jf(new_params, x_stats), jf(params, x_stats)) > 1e-4  # not vacuous
   back, _ = memedit.revert_edit(new_params, edit, hist)
   np.testing.assert_array_equal(get_leaf(back, view.weight_path), view.kernel())
 
@@ -203,8 +204,9 @@ def test_strided_one_by_one_conv_keys_line_up_and_padding_modes_are_checked_at_v
   c = capture(conv, (), x, single=True)
   keys = view.keys(c.keys)
   assert keys.shape == (2, 4, 4, 3) and c.values.shape == (2, 4, 4, 5)
-  np.testing.assert_allclose(keys @ conv.kernel[0, 0] + conv.bias[...], c.values, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(keys, np.float64) @ np.asarray(conv.kernel[0, 0], np.float64)
+      + np.asarray(conv.bias[...], np.float64), c.values, rtol=1e-5, atol=1e-5)
   assert memedit.key_count(layer_covariance(conv, (), [x])) == 2 * 16
   k = np.asarray(keys, np.float64).reshape(-1, 3)
   C = jnp.asarray(k.T @ k / len(k), jnp.float32)
@@ -223,3 +225,28 @@ def test_strided_one_by_one_conv_keys_line_up_and_padding_modes_are_checked_at_v
   for patch in (False, True):
     with pytest.raises(ValueError, match=r"transpose_kernel=True\), whose kernel is"):
       memory_view(swapped, (), patch=patch)
+
+
+def test_patches_and_group_blocks_are_one_program_each_eagerly():
+  from compilations import Compilations
+  from memedit.layers.conv import block_diagonal, diagonal_blocks, extract_patches
+
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((2, 9, 5, 3)).astype(np.float32)  # shapes no other test uses
+  kernel = rng.standard_normal((3, 3, 1, 6)).astype(np.float32)
+  with Compilations() as c:
+    p = np.asarray(extract_patches(x, (3, 3), strides=(2, 1), padding=((1, 1), (0, 2))))
+  assert c.count <= 1, c.count  # 12 when its ops ran (and compiled) one by one
+  # Against numpy: out[n, i, j, (a*3 + b)*3 + ch] = x_padded[n, 2i + a, j + b, ch].
+  xp = np.pad(x, ((0, 0), (1, 1), (0, 2), (0, 0)))
+  want = np.stack([xp[:, a:a + 9:2, b:b + 5] for a in range(3) for b in range(3)], axis=3)
+  np.testing.assert_array_equal(p, want.reshape(2, 5, 5, 27))
+  with Compilations() as c:
+    full = np.asarray(block_diagonal(kernel, 3))
+    back = np.asarray(diagonal_blocks(full, 3))
+  assert c.count <= 2, c.count  # 13 op by op
+  want = np.zeros((3, 3, 3, 6), np.float32)
+  for g in range(3):
+    want[:, :, g, 2 * g:2 * g + 2] = kernel[:, :, 0, 2 * g:2 * g + 2]
+  np.testing.assert_array_equal(full, want)
+  np.testing.assert_array_equal(back, kernel)

@@ -146,8 +146,9 @@ def test_patch_view_matches_the_layer_and_per_pixel_kxk_insert_is_refused():
   for name in ("up1", "mid", "up2"):
     view = memory_view(g, (name,), patch=True)
     c = capture(g, (name,), z, single=True)
-    k = view.kernel()
-    y = view.keys(c.keys) @ k.reshape(-1, k.shape[-1]) + getattr(g, name).bias[...]
+    k = np.asarray(view.kernel(), np.float64)  # float64 numpy reference: no eager ops
+    y = (np.asarray(view.keys(c.keys), np.float64) @ k.reshape(-1, k.shape[-1])
+         + np.asarray(getattr(g, name).bias[...], np.float64))
     np.testing.assert_allclose(y, c.values, rtol=1e-5, atol=1e-5)
   # Strides, explicit and VALID padding, dilation: patches @ kernel reproduce the layer.
   import flax.linen as nn
@@ -162,9 +163,9 @@ def test_patch_view_matches_the_layer_and_per_pixel_kxk_insert_is_refused():
   for model, _ in models_:
     view = memory_view(model, (), x, patch=True)
     c = capture(model, (), x, single=True, jit=False)
-    k = view.kernel()
-    bias = memedit.layers.edit.layer_bias(view)
-    y = view.keys(c.keys) @ k.reshape(-1, k.shape[-1]) + bias
+    k = np.asarray(view.kernel(), np.float64)
+    bias = np.asarray(memedit.layers.edit.layer_bias(view), np.float64)
+    y = np.asarray(view.keys(c.keys), np.float64) @ k.reshape(-1, k.shape[-1]) + bias
     np.testing.assert_allclose(y, c.values, rtol=1e-5, atol=1e-5)
   view = memory_view(g, ("mid",))
   assert (view.kind, view.key_dim) == ("conv", 8)
@@ -380,7 +381,8 @@ def test_linear_general_with_positive_axis_needs_no_example_inputs(in_f, out_f, 
   k = jax.random.normal(jax.random.key(2), (4, view.key_dim))
   native = view.native_keys(k)
   out = model.lg(native).reshape(4, -1)
-  want = k @ view.math_weight().T + model.lg.bias[...].reshape(-1)
+  want = (np.asarray(k, np.float64) @ np.asarray(view.math_weight(), np.float64).T
+          + np.asarray(model.lg.bias[...], np.float64).reshape(-1))
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(view.keys(native).reshape(4, -1), k, rtol=1e-6)
   # An exact insert through the view: the edited layer outputs the targets at the keys.

@@ -126,7 +126,8 @@ def test_middle_layer_of_a_scanned_stack_is_an_editable_memory(framework):
     np.testing.assert_array_equal(c.keys, whole.keys[1])
     np.testing.assert_array_equal(c.values, whole.values[1])
   bias = get_leaf(params, prefix + ("stack", "fc2", "bias"))[1]
-  np.testing.assert_allclose(c.values, c.keys @ leaf[1] + bias, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(c.values, np.asarray(c.keys, np.float64) @ np.asarray(
+      leaf[1], np.float64) + np.asarray(bias, np.float64), rtol=1e-5, atol=1e-5)
 
   # Its own C: keys of layer 1 only (float64 numpy on that layer's captured keys).
   st = layer_covariance(model, ("stack", 1, "fc2"), BATCHES)

@@ -189,6 +189,26 @@ def test_project_directions_refuses_directions_in_the_preserved_span():
   np.testing.assert_allclose(kept, [[0.0, 0.0, 4.0]])
 
 
+def test_projecting_directions_eagerly_is_one_program_not_one_per_op():
+  from compilations import Compilations
+
+  rng = np.random.default_rng(6)
+  d = 13  # a shape no other test uses: nothing is compiled already
+  U = np.linalg.qr(rng.standard_normal((d, d)))[0]
+  P = (U[:, 4:] @ U[:, 4:].T).astype(np.float32)  # a projector of rank 9
+  D = rng.standard_normal((2, d)).astype(np.float32)
+  with Compilations() as c:
+    out = np.asarray(sq.project_directions(D, P), np.float64)
+  assert c.count <= 4, c.count  # 22 when the projection's ops ran (and compiled) one by one
+  # Against float64 numpy: an orthonormal basis of span(D P), rows signed as D P's.
+  X = D.astype(np.float64) @ P.astype(np.float64)
+  np.testing.assert_allclose(out @ out.T, np.eye(2), atol=1e-5)
+  np.testing.assert_allclose(out @ P, out, atol=1e-5)  # in range(P)
+  q = np.linalg.qr(X.T)[0]
+  np.testing.assert_allclose(out.T - q @ (q.T @ out.T), 0, atol=1e-5)  # in span(D P)
+  assert np.all(np.sum(out * X, axis=1) > 0)
+
+
 def test_projected_inserts_refuse_keys_without_a_part_in_the_null_space():
   # Nothing below the threshold (P = 0): the insert would write nothing, so it is refused
   # rather than logged as an edit that leaves the residual as it was.
