@@ -124,6 +124,7 @@ def _bits(x):
   return x
 
 
+@jax.jit
 def _fingerprint(x) -> jax.Array:
   """Two 32-bit hashes of ``x``'s bits and positions (exact integer arithmetic, so the
   same eagerly and under jit)."""

@@ -507,3 +507,18 @@ def test_a_numpy_leaf_written_into_after_apply_still_reverts_to_the_original():
   back, hist2 = memedit.revert_edit(partly, "e2", hist2)
   back, _ = memedit.revert_edit(back, "e1", hist2)
   assert np.array_equal(np.asarray(back["k"]), kernel)
+
+
+def test_a_leafs_fingerprint_is_one_program_and_the_same_op_by_op():
+  from compilations import Compilations
+  from memedit import edits
+
+  for x in (np.random.default_rng(3).normal(size=(13, 3)).astype(np.float32),
+            np.arange(10, dtype=np.int32).reshape(2, 5),
+            np.random.default_rng(4).normal(size=(3, 2, 3))):
+    x = jnp.asarray(x)
+    with Compilations() as c:
+      fp = edits._fingerprint(x)
+    assert c.count <= 1, c.events  # was one program per operation
+    with jax.disable_jit():
+      np.testing.assert_array_equal(np.asarray(fp), np.asarray(edits._fingerprint(x)))
