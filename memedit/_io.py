@@ -200,6 +200,11 @@ def _temporary(dst: str, directory: bool):
     except FileExistsError:
       _forget(path)
       continue
+    except PermissionError as e:  # named by the destination, not the hidden temporary
+      _forget(path)
+      raise PermissionError(e.errno, f"{e.strerror}: cannot write {dst} (its folder "
+                            f"{os.path.dirname(dst)} does not let this process create "
+                            "files)", dst) from e
     except BaseException:
       _forget(path)
       raise

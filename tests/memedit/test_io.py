@@ -693,3 +693,31 @@ def test_paths_the_checkpoint_store_misreads_are_saved_and_read_back_whole(tmp_p
               and os.path.islink(os.path.join(tempfile.gettempdir(), n, "d"))
               and os.readlink(os.path.join(tempfile.gettempdir(), n, "d")).startswith(
                   str(tmp_path))]
+
+
+
+@pytest.mark.parametrize("how", ["dir", "bytes"])
+def test_a_folder_that_refuses_new_files_is_named_by_the_destination(tmp_path, monkeypatch,
+                                                                      how):
+  # As a user without write permission would see it (the tests may run as root, whom
+  # permissions do not stop): creating the hidden temporary is refused.
+  real_open, real_mkdir = os.open, os.mkdir
+
+  def refuse(real):
+    def call(path, *args, **kwargs):
+      if os.path.basename(os.fspath(path)).startswith(".tmp-"):
+        raise PermissionError(13, "Permission denied", os.fspath(path))
+      return real(path, *args, **kwargs)
+    return call
+
+  monkeypatch.setattr(os, "open", refuse(real_open))
+  monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
+  out = tmp_path / "out"
+  with pytest.raises(PermissionError, match=r"cannot write .*out \(its folder .* does not "
+                                            r"let this process create files\)") as info:
+    if how == "dir":
+      _io.save_tree(out, _tree(1.0), {})
+    else:
+      _io.atomic_write_bytes(out, b"x")
+  assert info.value.filename == str(out)
+  assert sorted(os.listdir(tmp_path)) == []
