@@ -709,7 +709,7 @@ def _checkpointer():
 #: Characters the checkpoint store (tensorstore, under orbax) does not take literally in a
 #: local path: it reads a backslash as a separator and brackets as a pattern, so the arrays
 #: of a checkpoint under such a path land elsewhere or do not restore.
-_STORE_UNSAFE = "\\[]"
+STORE_UNSAFE_CHARACTERS = "\\[]"
 
 
 @contextlib.contextmanager
@@ -720,7 +720,7 @@ def _store_path(path: str):
   folder under the system's temporary folder, to ``path``'s folder (removed afterwards),
   so that outputs whose path holds ``[``, ``]`` or ``\\`` are written and read back whole.
   """
-  if not any(c in path for c in _STORE_UNSAFE):
+  if not any(c in path for c in STORE_UNSAFE_CHARACTERS):
     yield path
     return
   parent, name = os.path.split(path)
@@ -728,11 +728,12 @@ def _store_path(path: str):
   try:
     link = os.path.join(alias_dir, "d")
     try:
-      if any(c in link for c in _STORE_UNSAFE):
+      if any(c in link for c in STORE_UNSAFE_CHARACTERS):
         raise OSError("the temporary folder's own path holds such a character")
       os.symlink(parent, link, target_is_directory=True)
     except OSError as e:
-      raise ValueError(f"{path}: expected a path without {' or '.join(_STORE_UNSAFE)} (the "
+      bad = " or ".join(STORE_UNSAFE_CHARACTERS)
+      raise ValueError(f"{path}: expected a path without {bad} (the "
                        f"checkpoint store misreads them) or a system where a link to it "
                        f"can be made, got neither ({e}); choose another path") from None
     yield os.path.join(link, name)

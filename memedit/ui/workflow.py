@@ -181,8 +181,7 @@ def evaluate(gen, layer: str, D, edit, imgnums: Sequence[int], *, target_value,
   m = metrics.evaluate_edit(gen, layer, D, params, nums, target_value=target_value,
                             quantile=quantile, batch_size=batch_size, original=runs[0],
                             edited=runs[1])
-  z = z[:pictured]
-  strip = gens.comparison_grid(gens.generate_images(gen, z),
-                               gens.generate_images(gen, z, params=params),
+  # The strip shows images the runs above already made (not the generators run again).
+  strip = gens.comparison_grid(runs[0].images[:pictured], runs[1].images[:pictured],
                                columns=4, scale=2)
   return m, strip

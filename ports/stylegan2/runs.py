@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from memedit._io import STORE_UNSAFE_CHARACTERS
+
 __all__ = ["CHECKPOINTS", "LOG_FILE", "RUN_FILE", "RUN_FORMAT", "UNSAFE_PATH_CHARACTERS",
            "check_fresh", "check_path", "check_resume", "log_row", "manager", "read_run",
            "resumable", "run_record", "run_files", "save", "sigterm_as_interrupt", "to_host",
@@ -37,11 +39,10 @@ def manager(run_dir: str, keep: int | None = 2):
   return ocp.CheckpointManager(os.path.join(run_dir, CHECKPOINTS), options=options)
 
 
-#: Characters the checkpoint store (tensorstore, under orbax) does not take literally in
-#: a local path: a backslash is read as a separator (the arrays of a checkpoint land in
-#: another directory, outside the run), brackets as a glob pattern (the checkpoint is
-#: written but does not restore).
-UNSAFE_PATH_CHARACTERS = "\\[]"
+#: Characters the checkpoint store does not take literally in a local path (memedit's own
+#: saves reach such paths through a link; a run's checkpoint manager, which lives as long
+#: as the run, refuses them).
+UNSAFE_PATH_CHARACTERS = STORE_UNSAFE_CHARACTERS
 
 
 def check_path(run_dir: str) -> None:
