@@ -105,8 +105,10 @@ def adam_scan(loss_fn: Callable[[Any], jax.Array], x0: Any, steps: int,
 
   xs = None if callback is None else jnp.arange(steps, dtype=jnp.int32)
   carry = (x0, state)
+  out = jax.eval_shape(loss_fn, x0)
   if keep_best:
-    out = jax.eval_shape(loss_fn, x0)
     carry += (x0, jnp.full(out.shape, jnp.inf, out.dtype))
+  if not steps:  # the initial state alone: no step is traced or compiled
+    return (*carry[:2], jnp.zeros((0, *out.shape), out.dtype), *carry[2:])
   carry, losses = lax.scan(step, carry, xs, length=steps)
   return (*carry[:2], losses, *carry[2:])

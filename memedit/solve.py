@@ -18,7 +18,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 
 from memedit._convs import patched
@@ -650,14 +649,10 @@ def _solve_part(part, f, kind, in_ndim, loss, optimizer, n, cg_steps, factored, 
     if part == "finish":
       (lam, _, *best), finite = state
       return _adam_result(loss_fn, lam, None, best, keep_best, emit, steps, lam_mask, finite)
-    if part == "start" and not n:  # the solver's state at Λ0, as adam_scan starts
-      lam, out = state[0], jax.eval_shape(loss_fn, state[0])
-      best = (lam, jnp.full(out.shape, jnp.inf, out.dtype)) if keep_best else ()
-      return (lam, optax.adam(learning_rate).init(lam), *best)
-    if part == "start":
+    if part == "start":  # with n = 0, the solver's state at Λ0 alone
       lam, opt_state, losses, *best = adam_scan(loss_fn, state[0], n, learning_rate,
                                                 callback=shifted, keep_best=keep_best)
-      return (lam, opt_state, *best), losses
+      return ((lam, opt_state, *best), losses) if n else (lam, opt_state, *best)
     lam, opt_state, *best = state
     lam, opt_state, losses, *found = adam_scan(loss_fn, lam, n, learning_rate,
                                                opt_state=opt_state, callback=shifted,
