@@ -1,5 +1,6 @@
-"""Run directories of :mod:`ports.stylegan2.train`: the run record, the loss log and
-orbax checkpoints (process-local, synchronous)."""
+"""Run directories of :mod:`ports.stylegan2.train`: the run record, the loss log,
+orbax checkpoints (process-local, synchronous) and the lock of the process training
+there."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 from typing import Any
 
 import jax
@@ -14,8 +16,9 @@ import numpy as np
 
 from memedit._io import STORE_UNSAFE_CHARACTERS
 
-__all__ = ["CHECKPOINTS", "LOG_FILE", "RUN_FILE", "RUN_FORMAT", "UNSAFE_PATH_CHARACTERS",
-           "check_fresh", "check_path", "check_resume", "log_row", "manager", "read_run",
+__all__ = ["CHECKPOINTS", "LOCK_FILE", "LOG_FILE", "RUN_FILE", "RUN_FORMAT",
+           "RunInUseError", "UNSAFE_PATH_CHARACTERS", "check_fresh", "check_path",
+           "check_resume", "last_logged_step", "lock", "log_row", "manager", "read_run",
            "resumable", "run_record", "run_files", "save", "sigterm_as_interrupt", "to_host",
            "truncate_log"]
 
@@ -23,7 +26,8 @@ RUN_FORMAT = 1
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
-
+#: The file a training process holds an exclusive ``flock`` on (see :func:`lock`).
+LOCK_FILE = ".training.lock"
 
 
 def manager(run_dir: str, keep: int | None = 2):
@@ -54,6 +58,124 @@ def check_path(run_dir: str) -> None:
     raise ValueError(f"{path}: expected a run directory path without {' '.join(bad)} (the "
                      f"checkpoint store reads a backslash as a separator and brackets as a "
                      f"pattern), got one with them; choose another path")
+
+
+class RunInUseError(ValueError):
+  """A run directory another process (or this one) is training in."""
+
+
+#: Run directories whose lock this process holds (their real paths).
+_HELD: set[str] = set()
+_HELD_GUARD = threading.Lock()
+
+
+def _holder(path: str) -> str:
+  """Who holds the lock file ``path``, as its holder wrote it (informational)."""
+  try:
+    with open(path, "rb") as f:
+      pid = f.read(32).strip()
+  except OSError:
+    pid = b""
+  return f"another process (pid {pid.decode()})" if pid.isdigit() else "another process"
+
+
+def _in_use(run_dir: str, who: str) -> RunInUseError:
+  return RunInUseError(
+      f"{run_dir}: expected a run directory no other process is training in, got one "
+      f"in which {who} is training (it holds the run's lock, {LOCK_FILE}); wait for it "
+      f"to end or stop it (restore, evaluate, preview and export of the run work "
+      f"meanwhile)")
+
+
+def _remove_created(created: list[str]) -> None:
+  """Removes the folders :func:`lock` created (deepest first) while they are empty."""
+  for folder in created:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      return
+
+
+@contextlib.contextmanager
+def lock(run_dir: str | os.PathLike):
+  """Holds the run directory's training lock: an exclusive ``flock`` on its
+  :data:`LOCK_FILE` (which records this process's id), taken without waiting.
+
+  A training process holds it from its set-up to its end, so that two processes never
+  write one run's checkpoints, log and record at once; reading a run takes no lock. The
+  kernel releases the lock of a process that dies (a kill, a crash), so a later start
+  proceeds; the file it leaves is not a file of the run (:func:`check_fresh` ignores it)
+  and is removed by the next holder as it lets go. The directory (and missing parents) is
+  created to hold the lock and removed again if it is still empty when the lock is let
+  go (a refused start leaves nothing). It is not reentrant: a holder taking it again
+  (a second ``train`` of the run from a callback of the first) is refused too. Where the
+  file system has no ``flock``, only this process's own holders are told apart.
+
+  Raises:
+    RunInUseError: another process, or this one, holds the lock.
+    ValueError: ``run_dir`` is a file or a dangling link.
+    OSError: the directory or its lock file cannot be created (read-only media).
+  """
+  from memedit import _io
+
+  run_dir = os.path.abspath(os.fspath(run_dir))
+  if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+    check_fresh(run_dir)  # names what is there instead
+  created, folder = [], run_dir
+  while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+    created.append(folder)
+    folder = os.path.dirname(folder)
+  try:
+    os.makedirs(run_dir, exist_ok=True)
+  except OSError as e:
+    _remove_created(created)
+    raise OSError(e.errno, f"{e.strerror}: cannot create the run directory {run_dir}",
+                  run_dir) from e
+  key = os.path.realpath(run_dir)
+  with _HELD_GUARD:  # (file systems emulating flock per process would let it through)
+    if key in _HELD:
+      _remove_created(created)
+      raise _in_use(run_dir, f"this process (pid {os.getpid()})")
+    _HELD.add(key)
+  path = os.path.join(run_dir, LOCK_FILE)
+  fd = None
+  try:
+    while True:
+      try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+      except OSError as e:
+        raise OSError(e.errno, f"{e.strerror}: cannot create {path}, the lock of a run "
+                      f"being trained (a run trains in a folder it may write)", path) from e
+      taken = _io._flock(fd, blocking=False)
+      if taken is False:
+        os.close(fd)
+        fd = None
+        raise _in_use(run_dir, _holder(path))
+      if taken is None or _io._names(path, fd):
+        break
+      # Its previous holder removed the file as it let go: lock the one there now.
+      os.close(fd)
+      fd = None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+  except BaseException:
+    if fd is not None:
+      os.close(fd)
+    with _HELD_GUARD:
+      _HELD.discard(key)
+    _remove_created(created)
+    raise
+  try:
+    yield
+  finally:
+    with _HELD_GUARD:
+      _HELD.discard(key)
+    # Removed while still locked: a process that opened it meanwhile finds, once it has
+    # the lock, that the name no longer refers to its file, and opens the new one.
+    with contextlib.suppress(OSError):
+      os.unlink(path)
+    os.close(fd)
+    _remove_created(created)
 
 
 def run_record(cfg: Any, teacher: Any) -> dict:
@@ -142,7 +264,8 @@ def check_fresh(run_dir: str) -> None:
   run's own ``log.jsonl`` and a non-empty ``checkpoints/`` (orbax would read the entries
   there as checkpoints, and delete them as old ones); one whose set-up stopped before
   checkpoint 0 (see :func:`resumable`) may also hold its ``run.json`` and orbax's
-  unfinished save of step 0."""
+  unfinished save of step 0. A :data:`LOCK_FILE` (a killed trainer's) is not a file of a
+  run."""
   if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
     what = ("a symbolic link to nothing" if os.path.islink(run_dir) and not
             os.path.exists(run_dir) else "a file")
@@ -170,16 +293,36 @@ def check_fresh(run_dir: str) -> None:
 
 
 def run_files(run_dir: str) -> list[str]:
-  """The absolute paths a run owns: its record, its log, its checkpoints and the teacher
-  converted into it (an output written over one of them would destroy the run)."""
+  """The absolute paths a run owns: its record, its log, its checkpoints, the teacher
+  converted into it and its lock file (an output written over one of them would destroy
+  the run, or let a second process train in it)."""
   run_dir = os.path.abspath(os.fspath(run_dir))
-  return [os.path.join(run_dir, name) for name in (RUN_FILE, LOG_FILE, CHECKPOINTS, "teacher")]
+  return [os.path.join(run_dir, name)
+          for name in (RUN_FILE, LOG_FILE, CHECKPOINTS, "teacher", LOCK_FILE)]
 
 
 def log_row(run_dir: str, row: dict) -> None:
   """Appends one JSON row to the run's loss log."""
   with open(os.path.join(run_dir, LOG_FILE), "a") as f:
     f.write(json.dumps(row) + "\n")
+
+
+def last_logged_step(run_dir: str) -> int | None:
+  """The step of the loss log's last row (None: no log, or no row in it); lines that are
+  not rows (a torn last line, the user's own) are passed over."""
+  try:
+    with open(os.path.join(run_dir, LOG_FILE), "rb") as f:
+      lines = f.read().split(b"\n")
+  except FileNotFoundError:
+    return None
+  for line in reversed(lines):
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and type(row.get("step")) is int:
+      return row["step"]
+  return None
 
 
 def truncate_log(run_dir: str, step: int) -> None:

@@ -78,9 +78,15 @@ would take those entries for checkpoints). A ``run.json`` with neither a checkpo
 log is a set-up stopped (Ctrl-C, kill) before checkpoint 0: no run to resume, so a start
 there begins a new run, whatever its settings (:func:`ports.stylegan2.runs.resumable`).
 A run directory whose path holds a backslash or brackets is refused (the checkpoint
-store misreads them). A damaged checkpoint is a ValueError naming
-the run's other steps. A run whose loss or state turns NaN or infinite (it diverged)
-stops with a ValueError and saves nothing non-finite, so its finite checkpoints stay.
+store misreads them). A training process holds an exclusive lock (``flock``) on the run
+directory's ``.training.lock`` from its set-up to its end: a second start in the same
+directory (another terminal, or ``train`` run twice) is refused at once with a
+:class:`ports.stylegan2.runs.RunInUseError` naming the holder's process id; the kernel
+releases a killed process's lock, so the next start proceeds. Restoring, evaluating,
+previewing and exporting a run take no lock and work while it trains. A damaged
+checkpoint is a ValueError naming the run's other steps. A run whose loss or state turns
+NaN or infinite (it diverged) stops with a ValueError and saves nothing non-finite, so
+its finite checkpoints stay.
 
 The run's configuration, :class:`TrainConfig`, and the student it builds
 (:func:`student_module`) live in :mod:`ports.stylegan2.train_config` and are re-exported
@@ -380,9 +386,10 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
       files of a run without its ``run.json`` (a new run never writes over them); the
       loss became NaN or infinite (the run diverged: the last finite checkpoint is kept);
       a checkpoint is damaged.
+    ports.stylegan2.runs.RunInUseError: (a ValueError) another process, or this one, is
+      training in the run directory (:func:`ports.stylegan2.runs.lock`).
+    OSError: the run directory cannot be written (read-only media).
   """
-  from memedit import _io
-
   check_pair(cfg, teacher)
   counts = {"checkpoint_every": checkpoint_every, "log_every": log_every,
             "keep_checkpoints": keep_checkpoints}
@@ -397,6 +404,18 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
     raise ValueError("run_dir: expected a directory path, got ''")
   run_dir = os.path.abspath(os.fspath(run_dir))
   runs.check_path(run_dir)
+  with runs.lock(run_dir):  # from the set-up to the last save: one trainer per run
+    return _train_locked(cfg, teacher, run_dir, stop_after, checkpoint_every, log_every,
+                         keep_checkpoints, log, on_step)
+
+
+def _train_locked(cfg: TrainConfig, teacher: Teacher, run_dir: str, stop_after: int | None,
+                  checkpoint_every: int, log_every: int, keep_checkpoints: int,
+                  log: Callable[[str], None] | None,
+                  on_step: Callable[[int, dict], None] | None) -> dict:
+  """:func:`train` in a checked run directory whose lock this thread holds."""
+  from memedit import _io
+
   record = runs.run_record(cfg, teacher)
   if runs.resumable(run_dir):
     runs.check_resume(run_dir, record)
@@ -434,10 +453,11 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
       say(f"step {last}/{cfg.steps}  loss {means['loss']:.4f}  l1 {means['l1']:.4f}"
           f"  pyramid {means['pyramid']:.4f}  {row['seconds_per_step']:.2f} s/step")
 
+    new_state = state  # the latest step's state, before `state` takes it
     try:
       with runs.sigterm_as_interrupt():
         for step in range(start, end):
-          state, metrics = train_step(cfg, teacher, state)
+          new_state, metrics = train_step(cfg, teacher, state)
           if step == start:  # the first step compiles: time it apart from the others
             m = {k: float(v) for k, v in metrics.items()}
             _check_loss(m, step + 1, step + 1, manager)
@@ -448,6 +468,8 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
             t_log = time.perf_counter()
           else:
             pending.append((step + 1, metrics))
+          # Taken only once the step has its row or pending entry (see the handler).
+          state = new_state
           if on_step is not None:
             on_step(step + 1, state)
           if pending and ((step + 1) % log_every == 0 or step + 1 == end):
@@ -455,8 +477,19 @@ def train(cfg: TrainConfig, teacher: Teacher, run_dir: str | os.PathLike, *,
           if (step + 1) % checkpoint_every == 0:
             runs.save(manager, state)
     except KeyboardInterrupt:
-      if pending:  # the steps the interrupt's checkpoint holds get their row
+      # The checkpoint saved holds exactly the steps the log covers. The interrupt may
+      # come at any point of a step: while it runs or its first loss is read (no row, and
+      # `state` not yet advanced: the step is dropped), after its row or pending entry
+      # was written but before `state` took it (it is saved), or while a row is written
+      # (the log file says whether it was). Pending steps get their row.
+      logged = runs.last_logged_step(run_dir)
+      covered = start if logged is None else max(start, logged)
+      pending = [(s, m) for s, m in pending if s > covered]
+      if pending:
+        covered = pending[-1][0]
         log_pending()
+      if int(new_state["step"]) == covered:
+        state = new_state
       runs.save(manager, state)
       say(f"interrupted: saved step {int(state['step'])} in {run_dir}")
       raise

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run_teacher(args: argparse.Namespace) -> Teacher:
   """The teacher of an existing run (``--teacher`` converted into it only if it is the
   teacher the run was trained with: nothing is written for a missing run or another
-  teacher)."""
+  teacher; a torch file is converted into a temporary folder for a run this process may
+  not write, such as one on read-only media)."""
   run_dir = os.path.abspath(args.run_dir)
 
   def accept(teacher):
@@ -90,6 +92,10 @@ def _run_teacher(args: argparse.Namespace) -> Teacher:
                        f"(digest {record['teacher']['digest'][:16]}...), got "
                        f"{args.teacher} (digest {teacher.digest[:16]}...)")
 
+  if os.path.isfile(args.teacher) and not os.access(run_dir, os.W_OK):
+    # A run on read-only media (or a missing one): converted for this command only.
+    with tempfile.TemporaryDirectory(prefix="teacher-") as work:
+      return load_teacher(args.teacher, work, check=accept)
   return load_teacher(args.teacher, args.run_dir, check=accept)
 
 
@@ -113,15 +119,18 @@ def main(argv: list[str] | None = None) -> int:
                          f"got {args.checkpoint_every}, {args.log_every}")
       run_dir = os.path.abspath(args.run_dir)
       runs.check_path(run_dir)
-      if not runs.resumable(run_dir):
-        runs.check_fresh(run_dir)
+      # Held while the run is checked and its teacher converted into it (train takes it
+      # again): a run another process trains is refused before anything is written.
+      with runs.lock(run_dir):
+        if not runs.resumable(run_dir):
+          runs.check_fresh(run_dir)
 
-      def accept(teacher):  # train's own refusals, before the teacher is written
-        check_pair(cfg, teacher)
-        if runs.resumable(run_dir):
-          runs.check_resume(run_dir, runs.run_record(cfg, teacher))
+        def accept(teacher):  # train's own refusals, before the teacher is written
+          check_pair(cfg, teacher)
+          if runs.resumable(run_dir):
+            runs.check_resume(run_dir, runs.run_record(cfg, teacher))
 
-      teacher = load_teacher(args.teacher, args.run_dir, check=accept)
+        teacher = load_teacher(args.teacher, args.run_dir, check=accept)
       module = student_module(cfg)
       n_params = sum(x.size for x in jax.tree_util.tree_leaves(jax.eval_shape(
           module.init, jax.random.PRNGKey(0), jnp.zeros((1, cfg.style_dim)))["params"]))

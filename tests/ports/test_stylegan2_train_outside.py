@@ -10,6 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -547,3 +551,170 @@ def test_a_run_dir_the_checkpoint_store_misreads_is_refused(teacher, teacher_fil
                          str(tmp_path / name), *CLI_ARGS, "--stop-after", "0"]) == 1
   assert want in capsys.readouterr().err
   assert os.listdir(tmp_path) == []
+
+
+_HOLD_THE_LOCK = """
+import sys, time
+from ports.stylegan2 import runs
+with runs.lock(sys.argv[1]):
+  print("locked", flush=True)
+  time.sleep(300)
+"""
+
+
+def test_one_trainer_per_run_and_a_killed_ones_lock_goes(teacher, teacher_file, tmp_path,
+                                                         capsys):
+  """A second start in a run another process trains (a second terminal) is refused at
+  once, by the API and the command line, writing nothing; the run can still be read.
+  Killed (SIGKILL, no clean-up), the trainer's lock goes with it and the run resumes."""
+  run = tmp_path / "run"
+  tr.train(CFG, teacher, run, stop_after=0, log=None)
+  before = _snapshot(run)
+  assert runs.LOCK_FILE not in before  # let go at the end of the run
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, str(run)], cwd=root,
+                          stdout=subprocess.PIPE)
+  try:
+    assert proc.stdout.readline() == b"locked\n"
+    want = (re.escape(str(run)) + r": expected a run directory no other process is "
+            r"training in, got one in which another process \(pid " + str(proc.pid) +
+            r"\) is training")
+    with pytest.raises(runs.RunInUseError, match=want):
+      tr.train(CFG, teacher, run, log=None)
+    assert train_cli.main(["train", "--teacher", teacher_file, "--run-dir", str(run),
+                           *CLI_ARGS]) == 1
+    assert re.search(want, capsys.readouterr().err)
+    after = _snapshot(run)
+    assert after.pop(runs.LOCK_FILE) == f"{proc.pid}\n".encode()
+    assert after == before
+    assert int(tr.restore(run)[1]["step"]) == 0  # reading the run takes no lock
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert (run / runs.LOCK_FILE).exists()  # left by the killed process, its lock released
+  assert int(tr.train(CFG, teacher, run, stop_after=1, log=None)["step"]) == 1
+  assert not (run / runs.LOCK_FILE).exists()
+
+
+def test_the_lock_in_one_process(teacher, tmp_path):
+  """A second train of the same run from this process (a callback of the first, another
+  thread) is refused; a folder holding only a stale lock file is a fresh run folder, and
+  an output aimed at the lock file is refused."""
+  run = tmp_path / "run"
+  refused = []
+
+  def nested(step, state):
+    for path in (run, tmp_path / "." / "run"):
+      with pytest.raises(runs.RunInUseError, match=r"got one in which this process \(pid "
+                                                   + str(os.getpid()) + r"\) is training"):
+        tr.train(CFG, teacher, path, log=None)
+    worker = threading.Thread(target=lambda: refused.append(_refusal(run)))
+    worker.start()
+    worker.join()
+
+  def _refusal(path):
+    try:
+      with runs.lock(path):
+        return None
+    except runs.RunInUseError as e:
+      return str(e)
+
+  tr.train(CFG, teacher, run, stop_after=1, log=None, on_step=nested)
+  assert len(refused) == 1 and "another process" not in refused[0]
+  assert "this process" in refused[0]
+  assert runs.last_logged_step(run) == 1 and tr.restore(run)[1]["step"] == 1
+  assert runs.LOCK_FILE not in os.listdir(run)
+
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / runs.LOCK_FILE).write_text("4194305\n")  # a crashed trainer's, no one holds it
+  (mine / ".lock").write_text("another tool's")
+  runs.check_fresh(str(mine))
+  assert not runs.resumable(str(mine))
+  assert int(tr.train(CFG, teacher, mine, stop_after=0, log=None)["step"]) == 0
+  assert sorted(os.listdir(mine)) == [".lock", runs.CHECKPOINTS, runs.RUN_FILE]
+  assert (mine / ".lock").read_text() == "another tool's"
+  with pytest.raises(ValueError, match=r"expected a path outside the run's own files"):
+    distilled.export(mine, mine / runs.LOCK_FILE)
+
+
+class _InterruptedLoss:
+  """A loss whose reading is interrupted: a Ctrl-C while the step it waits for runs."""
+
+  def __float__(self):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_around_a_calls_first_step_keeps_log_and_checkpoint_together(
+    teacher, straight, tmp_path, monkeypatch):
+  """The first step of a call reads its loss at once (waiting for the step): a Ctrl-C
+  meanwhile saved that step with no row for it, and the resumed log never had one. Now
+  the interrupted step is dropped (rerun on resume); one that comes after its row was
+  written keeps the step. Either way the log's rows end at the checkpoint's step, each
+  step logged once."""
+  step_fn = tr.train_step
+  run = tmp_path / "run"
+  tr.train(CFG, teacher, run, stop_after=2, log=None)
+
+  def interrupted_reading(cfg, teacher, state):
+    state, metrics = step_fn(cfg, teacher, state)
+    return state, dict(metrics, loss=_InterruptedLoss())
+
+  monkeypatch.setattr(tr, "train_step", interrupted_reading)
+  with pytest.raises(KeyboardInterrupt):
+    tr.train(CFG, teacher, run, log=None)
+  monkeypatch.undo()
+  assert [r["step"] for r in _log(run)] == [1, 2]
+  assert tr.restore(run)[1]["step"] == 2
+
+  log_row = runs.log_row
+
+  def interrupted_after_the_row(run_dir, row):
+    log_row(run_dir, row)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(runs, "log_row", interrupted_after_the_row)
+  with pytest.raises(KeyboardInterrupt):
+    tr.train(CFG, teacher, run, log=None)
+  monkeypatch.undo()
+  assert [r["step"] for r in _log(run)] == [1, 2, 3]
+  assert tr.restore(run)[1]["step"] == 3
+
+  # Interrupted once the row of steps 5–6 is written, before they leave the pending
+  # list: the handler logged them a second time.
+  def interrupted_after_row_6(run_dir, row):
+    log_row(run_dir, row)
+    if row["step"] == 6:
+      monkeypatch.undo()
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(runs, "log_row", interrupted_after_row_6)
+  with pytest.raises(KeyboardInterrupt):
+    tr.train(CFG, teacher, run, log_every=2, log=None)
+  monkeypatch.undo()
+  assert [r["step"] for r in _log(run)] == [1, 2, 3, 4, 6]
+  assert tr.restore(run)[1]["step"] == 6
+  _assert_same(straight, tr.train(CFG, teacher, run, log=None))
+  assert [r["step"] for r in _log(run)] == [1, 2, 3, 4, 6, 7, 8]
+
+
+def test_reading_a_run_this_process_may_not_write(teacher, teacher_file, tmp_path,
+                                                  monkeypatch):
+  """A run on read-only media (an archive, a shared mount): preview with the torch
+  teacher converted it into the run folder, and failed there; it is converted aside."""
+  run = tmp_path / "run"
+  tr.train(CFG, teacher, run, stop_after=0, log=None)
+  before = _snapshot(run)
+  access = os.access
+
+  def read_only(path, mode, *args, **kwargs):
+    if mode & os.W_OK and os.path.abspath(path) == str(run):
+      return False
+    return access(path, mode, *args, **kwargs)
+
+  monkeypatch.setattr(os, "access", read_only)
+  args = train_cli._parser().parse_args(["preview", "--teacher", teacher_file, "--run-dir",
+                                         str(run), "--out", str(tmp_path / "p.png")])
+  assert train_cli._run_teacher(args).digest == teacher.digest
+  assert _snapshot(run) == before
