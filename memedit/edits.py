@@ -131,8 +131,20 @@ def _fingerprint(x) -> jax.Array:
   b = _bits(x)
   if b.dtype.itemsize == 8:
     b = b ^ (b >> 32)
-  b = b.astype(jnp.uint32).ravel()
-  i = jnp.arange(b.size, dtype=jnp.uint32)
+  b = b.astype(jnp.uint32)
+  # Row-major positions (mod 2^32) built per axis rather than by flattening: a leaf sharded
+  # over a mesh with explicit axes cannot be flattened without gathering it.
+  sharding = getattr(jax.typeof(b), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    sharding = None
+  i = jnp.zeros((), jnp.uint32)
+  stride = 1
+  for axis in reversed(range(b.ndim)):
+    i = i + jax.lax.broadcasted_iota(jnp.uint32, b.shape, axis, out_sharding=sharding
+                                     ) * jnp.uint32(stride % 2**32)
+    stride *= b.shape[axis]
+  i = jnp.broadcast_to(i, b.shape)
   h = (b + i * jnp.uint32(0x9E3779B9)) * jnp.uint32(0x85EBCA6B)
   h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
   h = h ^ (h >> 16)

@@ -9,6 +9,7 @@ import numpy as np
 
 from memedit.closed_form import insert_closed_form, insert_ridge
 from memedit.edits import make_edit
+from memedit.layers.hooks import replicated_type
 from memedit.layers.kinds import NativeKeyError
 from memedit.layers.model import as_model, call_method, merge, rewrap
 from memedit.layers.view import MemoryView, as_view
@@ -213,13 +214,16 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
         "patch=True) or solve_lambda(kind='conv').")
   if isinstance(floor, bool) or not np.isscalar(floor) or not 0 <= floor < 1:
     raise ValueError(f"floor: expected a number in [0, 1), got {floor!r}")
-  keys = jnp.asarray(keys)
-  values = jnp.asarray(values)
+  # Arrays sharded over a mesh with explicit axes are solved replicated (one layer's
+  # (key_dim, key_dim) problem): the QR and solves refuse keys sharded along their dims.
+  kernel0 = replicated_type(kernel0)
+  keys = replicated_type(jnp.asarray(keys))
+  values = replicated_type(jnp.asarray(values))
   if keys.ndim == 0 or values.ndim == 0 or values.shape[0] != keys.shape[0]:
     raise ValueError(f"values: expected one row per key, got keys of shape "
                      f"{tuple(keys.shape)} and values of shape {tuple(values.shape)}")
   n = keys.shape[0]
-  C = jnp.asarray(C)
+  C = replicated_type(jnp.asarray(C))
   if C.shape != (view.key_dim, view.key_dim):
     raise ValueError(f"C: expected shape {(view.key_dim, view.key_dim)}, got {C.shape}")
   bias = layer_bias(view)
@@ -263,6 +267,14 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
   if values.shape[-1] != view.value_dim:
     raise ValueError(f"values: expected {view.value_dim} per key, got {values.shape[-1]}")
   flat = flat.astype(jnp.float32)
+  if (native is not None and jnp.issubdtype(out0.dtype, jnp.floating)
+      and jnp.finfo(out0.dtype).bits < 32):
+    # A layer computing in bfloat16 / float16 rounds its output: the residual would carry
+    # that rounding into the edit. Its output is f(0, k) + gain * W k (the contract
+    # check_contract tests), so take the offset from the layer and W k in float32.
+    lin = jnp.matmul(flat, w.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+    off = view.apply(jnp.zeros_like(kernel0), native).reshape(n, -1).astype(jnp.float32)
+    out0 = off + (lin if gain is None else lin * gain)
   resid = values - out0
 
   def solve(w, C, k, r):

@@ -280,7 +280,7 @@ def forward_to_layer(model, view: MemoryView, *, method: str | None = None,
 
     def hook(module, call, a, k):
       out = call(*a, **k)
-      keys = view.keys(a[0]).astype(dtype)
+      keys = replicated_type(view.keys(a[0]).astype(dtype))
       seen["traced"] += 1
       seen["call_shape"] = keys.shape  # one call's key shape (inside any scan)
       sow_record(module, (keys,))
@@ -318,6 +318,27 @@ def forward_to_layer(model, view: MemoryView, *, method: str | None = None,
       keys = jnp.moveaxis(keys, ns if axis is None else axis, 0)
     return keys
   return fn
+
+
+def replicated_type(x):
+  """``x`` replicated when its type carries a sharding over a mesh with explicit axes
+  (parameters put on a ``jax.make_mesh`` mesh give a layer's inputs such types), eagerly
+  or traced; ``x`` itself otherwise.
+
+  The fold's sums over keys so typed, or an insert's QR of them, would leave the
+  sharding of their result to be guessed, which explicit axes refuse. Under automatic
+  axes (and on one device) nothing changes and XLA partitions the work; the keys of one
+  batch are what is replicated, never C's stream.
+  """
+  if not isinstance(x, jax.Array):
+    return x
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if (mesh is None or not any(p is not None for p in getattr(sharding, "spec", ()))
+      or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)):
+    return x
+  return jax.sharding.reshard(
+      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def _rows(args) -> int | None:

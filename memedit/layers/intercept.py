@@ -505,7 +505,9 @@ def _first_call(m: Model, path, args, kwargs, method, concrete=False) -> dict:
         seen["scope_path"] = tuple(getattr(module.scope, "debug_path", ()) or ())
         seen["definition"] = module.clone(parent=None)
         weight = layer_kind(module).weight
-        seen["call_kernel_shape"] = tuple(module.variables["params"][weight].shape)
+        # A parameter boxed with its metadata (nn.with_partitioning, ...) is read unboxed.
+        seen["call_kernel_shape"] = tuple(
+            nn.meta.unbox(module.variables["params"][weight]).shape)
     return call(*a, **k)
 
   def fwd(params, inputs):

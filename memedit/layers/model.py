@@ -249,7 +249,7 @@ def _param_shapes(m: Model) -> list[tuple[tuple, tuple]]:
         v = v.get_value()
       out.append((tuple(k), tuple(np.shape(v))))
     return out
-  return [(tuple(k), tuple(np.shape(v)))
+  return [(tuple(k), tuple(np.shape(nn.meta.unbox(v))))
           for k, v in flatten_dict(m.params.get("params", {})).items()]
 
 

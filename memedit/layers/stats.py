@@ -23,7 +23,7 @@ from memedit.layers.hooks import forward_to_layer
 from memedit.layers.kinds import token_id_limit
 from memedit.layers.model import Model, as_model
 from memedit.layers.view import MemoryView, as_view
-from memedit.stream import refuse_traced, refuse_under_jit
+from memedit.stream import _auto_axes, refuse_traced, refuse_under_jit
 
 __all__ = ["layer_covariance", "layer_cache_key", "layer_key_fn"]
 
@@ -370,7 +370,13 @@ each process passes its own part of the data and every process ends with the sam
         {"call_kwargs": repr(sorted(call_kwargs.items()))} if call_kwargs else {})}, dtype,
                                 method)
   total = len(stream) if hasattr(stream, "__len__") else None
-  state = stream_covariance(stream, view.key_dim, key_fn=keys_of, params=m.params,
+  params = m.params
+  if any(_auto_axes(x) is not x for x in jax.tree_util.tree_leaves(first)):
+    # The stream views batches on a mesh with explicit axes on the same mesh with
+    # automatic axes (the fold's sums over a sharded batch axis leave C's sharding to
+    # XLA); parameters on such a mesh are viewed alike, for one program over both.
+    params = jax.tree_util.tree_map(_auto_axes, params)
+  state = stream_covariance(stream, view.key_dim, key_fn=keys_of, params=params,
                             group=group, total=total, progress=progress, cache_dir=cache_dir,
                             cache_key=cache_key, devices=devices)
   _check_token_ids(state, view, masked)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 from flax import nnx
+import flax.linen as nn
 from flax.traverse_util import flatten_dict
 
 from memedit.layers.conv import as_tuple, conv_groups, conv_patch_check, conv_patches
@@ -199,6 +200,10 @@ def memory_view(model, address, *args, patch: bool = False, method: str | None =
                      f"definition of layer {path!r}")
   mod_def, layer_vars, call_shape, input_ndim = linen_layer_definition(
       m, path, args, kwargs, method)
+  # The layer alone runs on plain arrays: parameters boxed with their metadata
+  # (nn.with_partitioning, nn.with_logical_partitioning) are unboxed in the view's copy;
+  # edits still address the boxed leaf of the model, whose box they keep.
+  layer_vars = nn.meta.unbox(layer_vars)
   spec = layer_kind(mod_def)
   weight_path = ("params",) + path + (spec.weight,)
   if tuple(weight_path[1:]) not in flatten_dict(m.params["params"]):
