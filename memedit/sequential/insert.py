@@ -94,10 +94,10 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
     :func:`memedit.apply_edit` or :func:`memedit.sequential.log_apply`.
 
   Raises:
-    ValueError: a conv kernel, shapes that do not match, an ``index`` outside the stacked
-      leaf, a setting the chosen mode does not use (``penalty`` with ``project=True``;
-      ``threshold``, ``key_weight`` or ``l2`` with ``project=False``), or the errors of
-      the solves.
+    ValueError: ``project`` not a bool, a conv kernel, shapes that do not match, an
+      ``index`` outside the stacked leaf, a setting the chosen mode does not use
+      (``penalty`` with ``project=True``; ``threshold``, ``key_weight`` or ``l2`` with
+      ``project=False``), or the errors of the solves.
 
   Example:
     >>> import jax.numpy as jnp
@@ -111,6 +111,7 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
     (1.0, 0.0)
   """
   check_log(log)
+  project = _flag(project, "project")
   unused = ({"penalty": penalty} if project else
             {"threshold": threshold, "key_weight": key_weight, "l2": l2})
   for name, value in unused.items():
@@ -131,7 +132,7 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
   _check_C(C, W.shape[1])
   settings = {"project": bool(project)}
   if project:
-    pk, pw = _preserved(log, path, index, key_weight)
+    pk, pw = _preserved(log, path, index, key_weight, W.shape[1])
     ns = null_space(C, pk, pw, threshold=threshold)
     sol = insert_null_space(W, keys, values, ns.P, pk, pw, l2=l2)
     method = "alphaedit"
@@ -149,6 +150,14 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
   if check:
     check_edit(log, edit, params=base_params)
   return log_append(log, edit, keys, values, weights=weights), edit
+
+
+def _flag(value, name) -> bool:
+  """A bool setting: a string such as "no" or None would otherwise pick a mode by its
+  truth value."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name}: expected True or False, got {value!r}")
+  return bool(value)
 
 
 def _layer(leaf, path, index):
@@ -171,18 +180,27 @@ def _check_C(C, d) -> None:
                      f"{tuple(np.shape(C))}")
 
 
-def _preserved(log, path, index, key_weight):
-  """The log's keys on the leaf and their weights times ``key_weight`` (None: none)."""
+def _preserved(log, path, index, key_weight, d):
+  """The log's keys on the leaf and their weights times ``key_weight`` (None: none),
+  checked against the layer's key dimension ``d``."""
   check_scalar(key_weight, "key_weight")
   pk, pw = log_keys(log, path, index=index)
   if pk.shape[0] == 0:
     return None, None
-  return pk, pw * jnp.float32(key_weight)
+  if pk.shape[1] != d:
+    where = f"{path!r}" if index is None else f"{path!r}[{index}]"
+    raise ValueError(f"log: expected the earlier edits on {where} to have keys of the "
+                     f"layer's dimension {d}, got keys of dimension {pk.shape[1]}; is the "
+                     f"log of another model?")
+  if is_traced(pw, key_weight):
+    return pk, pw * jnp.float32(key_weight)
+  # on the host: no program per number of preserved keys
+  return pk, jax.device_put(np.asarray(pw) * np.float32(np.asarray(key_weight)))
 
 
 def _finite(sol) -> None:
   for name, a in (("lam", sol.lam), ("D", sol.D)):
-    if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
+    if not isinstance(a, jax.core.Tracer) and not np.isfinite(np.asarray(a)).all():
       raise ValueError(f"{name}: expected finite factors from the insert, got NaN or inf "
                        "(check that C, the keys and the values are finite)")
 
@@ -232,12 +250,14 @@ def sequential_directions(log: EditLog, C: Any, D: Any, path: Any, *,
     True
   """
   check_log(log)
+  project = _flag(project, "project")
   path = check_path(path)
   D = jnp.asarray(as_array(D, "D"))
   if not project:
     return D
-  if D.ndim == 2:
-    _check_C(C, D.shape[1])
-  pk, pw = _preserved(log, path, index, key_weight)
+  if D.ndim != 2:
+    raise ValueError(f"D: expected shape (r, d), got {tuple(D.shape)}")
+  _check_C(C, D.shape[1])
+  pk, pw = _preserved(log, path, index, key_weight, D.shape[1])
   ns = null_space(C, pk, pw, threshold=threshold)
   return project_directions(D, ns.P, orthonormalize=orthonormalize)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memedit.checks import as_array
+from memedit.checks import as_array, is_traced
 from memedit.edits import Edit, EditHistory, apply_edits
 from memedit.tree import check_path
 
@@ -148,8 +148,12 @@ def log_init() -> EditLog:
 
 
 def _float_array(x, name):
+  """``x`` as float32, checked: a traced value as a jnp array, any other on the host (a
+  numpy array), so that checking the arrays of an edit with a new number of keys
+  compiles no program."""
   try:  # as_array names the argument; numpy's own errors (ragged lists…) do not
-    a = jnp.asarray(as_array(x, name))
+    a = as_array(x, name)
+    a = jnp.asarray(a) if is_traced(a) else np.asarray(a)
   except (TypeError, ValueError) as e:
     if str(e).startswith(f"{name}:"):
       raise
@@ -157,10 +161,16 @@ def _float_array(x, name):
                      ) from None
   if not jnp.issubdtype(a.dtype, jnp.floating) and not jnp.issubdtype(a.dtype, jnp.integer):
     raise ValueError(f"{name}: expected a numeric array, got dtype {a.dtype}")
-  a = a.astype(jnp.float32)
-  if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
+  if isinstance(a, jax.core.Tracer):
+    return a.astype(jnp.float32)
+  a = a.astype(np.float32)
+  if not np.all(np.isfinite(a)):
     raise ValueError(f"{name}: expected finite values, got NaN or inf")
   return a
+
+
+def _to_device(a):
+  return a if a is None or isinstance(a, jax.core.Tracer) else jax.device_put(a)
 
 
 def log_append(log: EditLog, edit: Edit, keys: Any, values: Any = None, *,
@@ -207,10 +217,11 @@ def log_append(log: EditLog, edit: Edit, keys: Any, values: Any = None, *,
       raise ValueError(f"weights: expected shape {lead} (one per key), got "
                        f"{tuple(weights.shape)}")
     weights = weights.reshape(-1)
-    if not isinstance(weights, jax.core.Tracer) and bool(jnp.any(weights < 0)):
+    if not isinstance(weights, jax.core.Tracer) and bool(np.any(weights < 0)):
       raise ValueError("weights: expected non-negative weights, got a negative one")
   if values is not None:
     values = _float_array(values, "values")
+  keys, values, weights = (_to_device(a) for a in (keys, values, weights))
   return EditLog(log.entries + (LogEntry(edit, keys, values, weights, True),))
 
 
@@ -417,7 +428,7 @@ def log_keys(log: EditLog, path: Any, *, index: int | None = None, before: int |
     if e.path != path or e.index != index or (active_only and not entry.active):
       continue
     keys.append(entry.keys)
-    weights.append(jnp.ones(entry.keys.shape[:1], jnp.float32) if entry.weights is None
+    weights.append(np.ones(entry.keys.shape[:1], np.float32) if entry.weights is None
                    else entry.weights)
   if not keys:
     return jnp.zeros((0, 0), jnp.float32), jnp.zeros((0,), jnp.float32)
@@ -425,4 +436,9 @@ def log_keys(log: EditLog, path: Any, *, index: int | None = None, before: int |
   if len(dims) > 1:
     raise ValueError(f"log: expected the entries on {path!r} to share a key dimension, got "
                      f"{sorted(dims)}")
-  return jnp.concatenate(keys), jnp.concatenate(weights)
+  if any(isinstance(x, jax.core.Tracer) for x in keys + weights):
+    return jnp.concatenate(keys), jnp.concatenate(weights)
+  # Stacked on the host: a log that grows by an edit at a time would otherwise compile a
+  # concatenation for every new number of entries.
+  return (jax.device_put(np.concatenate([np.asarray(k) for k in keys])),
+          jax.device_put(np.concatenate([np.asarray(w) for w in weights])))

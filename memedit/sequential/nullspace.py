@@ -55,7 +55,7 @@ class NullSpace(NamedTuple):
     eigenvalues: (d,) eigenvalues of M = C + Σ wᵢ kᵢ kᵢᵀ, ascending.
     basis: (d, d) the eigenvectors of M (columns, in the order of ``eigenvalues``).
     kept: (d,) bool, the eigenvectors in Û (eigenvalue below ``cutoff``).
-    cutoff: () the absolute eigenvalue threshold, ``threshold · λ_max(C)``.
+    cutoff: () the absolute eigenvalue threshold, ``max(threshold, 4·ε) · λ_max(C)``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -77,25 +77,35 @@ class NullSpace(NamedTuple):
     return jnp.sum(self.kept.astype(jnp.int32))
 
 
+def _device_array(x, name):
+  """``jnp.asarray(as_array(x, name))``, with host data put on the device as it is:
+  ``jnp.asarray`` of a numpy array compiles a staging program for every new shape."""
+  a = as_array(x, name)
+  if isinstance(a, (jax.Array, jax.core.Tracer)) or is_traced(a):
+    return jnp.asarray(a)
+  return jax.device_put(np.asarray(a))
+
+
 def _check_keys(keys, weights, d, name="keys"):
   """Keys (m, d) (m may be 0; None or shape (0, 0): no keys) and weights (m,)."""
   if keys is None or tuple(np.shape(keys)) == (0, 0):
     return None, None
   check_real(as_array(keys, name), name)
-  keys = jnp.asarray(as_array(keys, name))
+  keys = _device_array(keys, name)
   if keys.ndim != 2 or keys.shape[1] != d:
     raise ValueError(f"{name}: expected shape (m, {d}), got {tuple(keys.shape)}")
   check_finite(keys, name)
-  if weights is None:
-    weights = jnp.ones(keys.shape[:1], keys.dtype)
+  if weights is None:  # built on the host: no program per number of keys
+    weights = (jnp.ones(keys.shape[:1], keys.dtype) if is_traced(keys)
+               else jax.device_put(np.ones(keys.shape[:1], keys.dtype)))
   else:
     check_real(as_array(weights, "weights"), "weights")
-    weights = jnp.asarray(as_array(weights, "weights"))
+    weights = _device_array(weights, "weights")
     if tuple(weights.shape) != tuple(keys.shape[:1]):
       raise ValueError(f"weights: expected shape ({keys.shape[0]},) (one per key), got "
                        f"{tuple(weights.shape)}")
     check_finite(weights, "weights")
-    if not isinstance(weights, jax.core.Tracer) and bool(jnp.any(weights < 0)):
+    if not isinstance(weights, jax.core.Tracer) and bool(np.any(np.asarray(weights) < 0)):
       raise ValueError("weights: expected non-negative weights, got a negative one")
   return keys, weights
 
@@ -119,12 +129,32 @@ def key_moment(keys: Any, weights: Any = None, *, dtype: Any = None) -> jax.Arra
            [4., 8.]], dtype=float32)
   """
   check_real(as_array(keys, "keys"), "keys")
-  keys = jnp.asarray(as_array(keys, "keys"))
+  keys = _device_array(keys, "keys")
   if keys.ndim != 2:
     raise ValueError(f"keys: expected shape (m, d), got {tuple(keys.shape)}")
+  if keys.shape == (0, 0):  # no keys of no dimension (_check_keys reads it as "none")
+    if weights is not None and tuple(np.shape(weights)) != (0,):
+      raise ValueError(f"weights: expected shape (0,) (one per key), got "
+                       f"{tuple(np.shape(weights))}")
+    return jnp.zeros((0, 0), compute_dtype(keys) if dtype is None else dtype)
   keys, weights = _check_keys(keys, weights, keys.shape[1])
   dt = compute_dtype(keys) if dtype is None else dtype
-  return _moment(keys.astype(dt), weights.astype(dt))
+  return _moment_of(keys, weights, dt)
+
+
+def _moment_of(keys, weights, dt):
+  """Σ wᵢ kᵢ kᵢᵀ in ``dt``. Concrete keys are padded on the host with zero-weight rows to
+  a power of two, so a log that grows by an edit at a time compiles one program per
+  doubling of its keys, not one per edit."""
+  if is_traced(keys, weights):
+    return _moment(keys.astype(dt), weights.astype(dt))
+  k, w = np.asarray(keys, dt), np.asarray(weights, dt)
+  m = k.shape[0]
+  rows = 1 << max(0, m - 1).bit_length()
+  kp = np.zeros((rows, k.shape[1]), dt)
+  wp = np.zeros((rows,), dt)
+  kp[:m], wp[:m] = k, w
+  return _moment(jax.device_put(kp), jax.device_put(wp))
 
 
 @jax.jit
@@ -138,10 +168,14 @@ def null_space(C: Any, keys: Any = None, weights: Any = None, *,
 
   Û are the eigenvectors of M whose eigenvalues are below ``threshold · λ_max(C)``
   (relative to C's largest eigenvalue, so adding keys of large norm does not move the
-  cutoff). With no keys this is AlphaEdit's P of the preserved statistics alone; the keys
-  of earlier edits (:func:`memedit.sequential.log_keys`) add their directions to the
-  preserved set. C is a mean (E[k kᵀ]) and the keys enter as a sum, so one key k counts
-  as much as a direction of C with eigenvalue ‖k‖².
+  cutoff). A threshold below 4·ε (ε the dtype's machine epsilon) counts as 4·ε:
+  eigenvalues that small are zero to rounding (the float32 eigenvalues of an exactly
+  rank-deficient C come out within about ε·λ_max of zero, of either sign, at any d from 6
+  to 2,048), and their computed signs would otherwise decide the null space
+  (``threshold=0`` gives the null space of M up to rounding). With no keys this is AlphaEdit's P of the preserved
+  statistics alone; the keys of earlier edits (:func:`memedit.sequential.log_keys`) add
+  their directions to the preserved set. C is a mean (E[k kᵀ]) and the keys enter as a
+  sum, so one key k counts as much as a direction of C with eigenvalue ‖k‖².
 
   Args:
     C: (d, d) second moment of the layer's keys (PSD, with a positive eigenvalue).
@@ -173,14 +207,15 @@ def null_space(C: Any, keys: Any = None, weights: Any = None, *,
   keys, weights = _check_keys(keys, weights, d)
   dt = compute_dtype(C) if keys is None else compute_dtype(C, keys)
   C = jnp.asarray(C).astype(dt)
-  S = jnp.zeros_like(C) if keys is None else _moment(keys.astype(dt), weights.astype(dt))
+  S = jnp.zeros_like(C) if keys is None else _moment_of(keys, weights, dt)
   return _null_space(C, S, jnp.asarray(threshold, dt))
 
 
 @jax.jit
 def _null_space(C, S, threshold):
   lam_c, _ = symmetric_eigh(C)
-  cutoff = threshold * jnp.max(jnp.abs(lam_c))
+  floor = 4 * float(np.finfo(C.dtype).eps)  # zero to rounding (see null_space)
+  cutoff = jnp.maximum(threshold, floor) * jnp.max(jnp.abs(lam_c))
   ev, U = symmetric_eigh(C + S)
   kept = ev < cutoff
   P = jnp.matmul(U * kept.astype(U.dtype), U.T, precision=HIGHEST)
@@ -216,8 +251,8 @@ def project_directions(D: Any, P: Any, *, orthonormalize: bool = True) -> jax.Ar
     >>> project_directions(jnp.array([[3.0, 4.0, 0.0]]), P).tolist() == [[0.0, 1.0, 0.0]]
     True
   """
-  D = jnp.asarray(as_array(D, "D"))
-  P = jnp.asarray(as_array(P, "P"))
+  D = _device_array(D, "D")
+  P = _device_array(P, "P")
   check_real(D, "D")
   check_real(P, "P")
   if D.ndim != 2:
@@ -254,9 +289,9 @@ def _project(D, P, orthonormalize):
 
 
 def _check_linear(W, keys, values):
-  W = jnp.asarray(as_array(W, "W"))
-  keys = jnp.asarray(as_array(keys, "keys"))
-  values = jnp.asarray(as_array(values, "values"))
+  W = _device_array(W, "W")
+  keys = _device_array(keys, "keys")
+  values = _device_array(values, "values")
   for name, x in (("W", W), ("keys", keys), ("values", values)):
     check_real(x, name)
   if W.ndim != 2:
@@ -299,13 +334,14 @@ def insert_null_space(W: Any, keys: Any, values: Any, P: Any, preserved_keys: An
 
   Returns:
     :class:`memedit.LinearSolution` (lam (out, n), D (n, d)), float64 when any input is
-    float64 (with x64), else float32.
+    float64 (with x64), else float32; under ``jax.jit`` all NaN where the solve fails.
 
   Raises:
     ValueError: shapes that do not match, non-finite inputs, negative weights, l2
-      not a positive number, or (eagerly) a key that keeps less than √ε of its norm
+      not a positive number, (eagerly) a key that keeps less than √ε of its norm
       after the projection (ε the dtype's machine epsilon: nothing would be written
-      there).
+      there), or (eagerly) an l2 too small next to ‖A‖ for the solve in the dtype
+      (P A P + l2·I not positive definite to rounding).
 
   Example:
     >>> import jax.numpy as jnp
@@ -319,7 +355,7 @@ def insert_null_space(W: Any, keys: Any, values: Any, P: Any, preserved_keys: An
   """
   W, keys, values = _check_linear(W, keys, values)
   d = W.shape[1]
-  P = jnp.asarray(as_array(P, "P"))
+  P = _device_array(P, "P")
   check_real(P, "P")
   if tuple(P.shape) != (d, d):
     raise ValueError(f"P: expected shape ({d}, {d}), got {tuple(P.shape)}")
@@ -332,9 +368,18 @@ def insert_null_space(W: Any, keys: Any, values: Any, P: Any, preserved_keys: An
   dt = compute_dtype(W, keys, values, P) if pk is None else compute_dtype(W, keys, values,
                                                                           P, pk)
   _check_writable(keys, P, dt)
-  S = (jnp.zeros((d, d), dt) if pk is None else _moment(pk.astype(dt), pw.astype(dt)))
-  return _alphaedit(W.astype(dt), keys.astype(dt), values.astype(dt), P.astype(dt), S,
-                    jnp.asarray(l2, dt))
+  S = jnp.zeros((d, d), dt) if pk is None else _moment_of(pk, pw, dt)
+  sol = _alphaedit(W.astype(dt), keys.astype(dt), values.astype(dt), P.astype(dt), S,
+                   jnp.asarray(l2, dt))
+  if not is_traced(sol) and not bool(np.isfinite(np.asarray(sol.D)).all()):
+    # The inputs are finite (checked above): the Cholesky factorisation failed.
+    scale = float(np.linalg.norm(np.asarray(keys, np.float64), 2) ** 2
+                  + np.linalg.norm(np.asarray(S, np.float64), 2))
+    raise ValueError(f"l2: expected a weight large enough for the {np.dtype(dt).name} "
+                     f"solve next to ‖A‖ ≈ {scale:.3g} (A = KᵀK + K_pᵀ diag(w) K_p), got "
+                     f"l2={float(np.asarray(l2)):.3g}, with which P A P + l2·I is not "
+                     f"positive definite to rounding; raise l2 (or solve in float64)")
+  return sol
 
 
 def _check_writable(keys, P, dt) -> None:
