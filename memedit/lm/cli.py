@@ -155,12 +155,26 @@ def _rome_options(args) -> dict:
 def _edit_requests(args, world):
   """The cases to edit: the facts file's, else ``--cases`` random world facts."""
   from memedit.lm.evaluate import EditCase, world_cases
-  from memedit.lm.prompts import read_facts
+  from memedit.lm.prompts import _read_facts
 
   if args.facts:
-    return [EditCase(r) for r in read_facts(args.facts)]
+    return [EditCase(r) for _, r in _read_facts(args.facts)]
   cases = world_cases(world, args.cases, seed=args.seed)
   return cases[:1] if args.method == "rome" else cases
+
+
+def _check_facts_fit(args, tokenize, contexts, max_length: int) -> None:
+  """Before any edit: every fact of --facts tokenizes inside every context and fits the
+  model, else a ValueError naming the file and the fact's line."""
+  from memedit.lm.prompts import _read_facts, check_fact_tokens
+
+  if not args.facts:
+    return
+  for where, r in _read_facts(args.facts):
+    try:
+      check_fact_tokens(tokenize, r, contexts, max_length)
+    except ValueError as e:
+      raise ValueError(f"--facts: {where}: {e}") from None
 
 
 def _scores(model, tokenize, cases) -> str:
@@ -202,11 +216,35 @@ def _edit_outputs(args) -> list[str]:
   else:
     count = 1
   protect = [p for p in (args.model, args.facts, args.cache_dir) if p]
-  return [_io.check_output(os.path.join(args.out, f"edit-{i}"), "edit", force=args.force,
-                           protect=protect, flag="--force") for i in range(count)]
+  outputs = [_io.check_output(os.path.join(args.out, f"edit-{i}"), "edit", force=args.force,
+                              protect=protect, flag="--force") for i in range(count)]
+  stale = _stale_edits(args.out, count)
+  if stale and not args.force:
+    raise ValueError(f"--out: expected a folder this run's {count} edit(s) (edit-0 .. "
+                     f"edit-{count - 1}) fill, got {args.out!r}, which also holds "
+                     f"{', '.join(stale)} from an earlier run: they would be left beside "
+                     "the new edits as if made with them; remove them, choose another "
+                     "folder, or pass --force to remove them")
+  for name in stale:  # --force: removed once the new edits are saved; never an input
+    _io.check_output(os.path.join(args.out, name), "edit", force=True, protect=protect,
+                     flag="--force")
+  return outputs
+
+
+def _stale_edits(out: str, count: int) -> list[str]:
+  """The ``edit-N`` entries of the folder ``out`` with N >= ``count``, by N."""
+  import re
+
+  if not os.path.isdir(out):
+    return []
+  found = [(int(m.group(1)), name) for name in os.listdir(out)
+           if (m := re.fullmatch(r"edit-(\d+)", name)) and int(m.group(1)) >= count]
+  return [name for _, name in sorted(found)]
 
 
 def _run_edit(args) -> int:
+  import shutil
+
   import memedit
   from memedit.cli.checks import check_input_file, writing
   from memedit.lm.experiment import apply_all, demo_contexts
@@ -224,6 +262,7 @@ def _run_edit(args) -> int:
   cases = _edit_requests(args, world)
   reqs = [c.request for c in cases]
   contexts = demo_contexts(model, world, per_length=args.contexts)
+  _check_facts_fit(args, world.tokenize, contexts, module.config.n_positions)
   params = variables
   if args.method == "rome":
     # One rank-one edit per fact, each made on the model with the earlier ones applied.
@@ -251,6 +290,12 @@ def _run_edit(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     for dst, e in zip(outputs, edits, strict=True):
       memedit.save_edit(dst, e, force=args.force)
+    for name in _stale_edits(args.out, len(outputs)):  # only with --force (checked above)
+      path = os.path.join(args.out, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
   req = reqs[0]
   old = f"{req.target_true} -> " if req.target_true else "-> "
   print(f"lm-edit {args.method}: {len(reqs)} fact(s), e.g. '{req.text}' {old}"
@@ -266,14 +311,24 @@ def _check_report_out(path: str, model: str | None, flag: str = "--out") -> None
                     accept=lambda f: is_json_report(f, ("rows", "model", "settings")))
 
 
-def _check_trace_out(path: str, flag: str = "--out") -> None:
-  """Before any work: ``path`` is a folder, or nothing yet, that may be written."""
-  from memedit.cli.checks import check_output_location
+def _trace_pngs(out: str, kind: str) -> tuple[str, str]:
+  """The heat maps lm-trace writes in ``out``: one fact's, and the average's."""
+  return (os.path.join(out, f"trace_{kind}.png"),
+          os.path.join(out, f"trace_{kind}_average.png"))
+
+
+def _check_trace_out(path: str, kind: str, model: str | None = None,
+                     flag: str = "--out") -> None:
+  """Before any work: ``path`` is a folder, or nothing yet, that may be written, and the
+  heat maps it will hold are new or earlier PNG images (never another file)."""
+  from memedit.cli.checks import check_output_file, check_output_location, is_png
 
   check_output_location(path, flag, folder=True)
   if os.path.lexists(path) and not os.path.isdir(path):
     raise ValueError(f"{flag}: expected a folder for the heat maps, got {path!r}, which is "
                      f"a file")
+  for png in _trace_pngs(path, kind):
+    check_output_file(png, flag, protect=(model,), what="a PNG image", accept=is_png)
 
 
 def _run_eval(args) -> int:
@@ -320,7 +375,7 @@ def _run_trace(args) -> int:
 
   from memedit.cli.checks import writing
 
-  _check_trace_out(args.out)
+  _check_trace_out(args.out, args.kind, args.model)
   module, variables, world, _ = _open(args)
   model = (module, variables)
   layout = lm_layout(module.config.n_layer)
@@ -333,17 +388,17 @@ def _run_trace(args) -> int:
                                 world.relations[r].train_templates[0], world.subjects[s],
                                 target=world.object_of(s, r), decode=world.decode,
                                 kind=args.kind, samples=args.samples, seed=args.seed))
+  first = results[0]
+  one_png, avg_png = _trace_pngs(args.out, args.kind)
   with writing(args.out, "--out"):
     os.makedirs(args.out, exist_ok=True)
-  first = results[0]
-  one = trace_png(first.scores, first.tokens, os.path.join(args.out, f"trace_{args.kind}.png"),
-                  title=f"P({first.target}) restoring one {args.kind} state; clean "
-                        f"{first.clean:.2f}, corrupted {first.corrupted:.2f}",
-                  kind=args.kind, marked=range(first.subject[0], first.subject[1] + 1))
-  avg = trace_png(trace_summary(results), CATEGORIES,
-                  os.path.join(args.out, f"trace_{args.kind}_average.png"),
-                  title=f"mean P(object) over {len(results)} facts, one {args.kind} state "
-                        f"restored", kind=args.kind)
+    one = trace_png(first.scores, first.tokens, one_png,
+                    title=f"P({first.target}) restoring one {args.kind} state; clean "
+                          f"{first.clean:.2f}, corrupted {first.corrupted:.2f}",
+                    kind=args.kind, marked=range(first.subject[0], first.subject[1] + 1))
+    avg = trace_png(trace_summary(results), CATEGORIES, avg_png,
+                    title=f"mean P(object) over {len(results)} facts, one {args.kind} state "
+                          f"restored", kind=args.kind)
   print(f"lm-trace: wrote {one} and {avg}; mean clean "
         f"{np.mean([r.clean for r in results]):.3f}, corrupted "
         f"{np.mean([r.corrupted for r in results]):.3f}")
@@ -351,7 +406,7 @@ def _run_trace(args) -> int:
 
 
 def _run_demo(args) -> int:
-  _check_trace_out(args.out)
+  _check_trace_out(args.out, args.kind, args.model)
   _check_report_out(os.path.join(args.out, "lm_eval.json"), args.model)
   for step in ("train", "trace", "eval"):
     ns = argparse.Namespace(**vars(args))
@@ -418,10 +473,11 @@ def add_subcommands(subparsers) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", required=True, help="folder for the saved edits (edit-0, "
                  "edit-1, ...); an existing edit-N is replaced only when it is a saved edit "
-                 "(or empty)")
+                 "(or empty), and one beyond this run's edits is refused")
   p.add_argument("--force", action="store_true",
-                 help="replace an edit-N in --out even when it holds something else (never "
-                 "the model, --facts or --cache-dir)")
+                 help="replace an edit-N in --out even when it holds something else, and "
+                 "remove those beyond this run's edits (never the model, --facts or "
+                 "--cache-dir)")
   _edit_args(p)
   p.set_defaults(run=_run_edit)
 

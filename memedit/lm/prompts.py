@@ -22,9 +22,9 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["PromptBatch", "Request", "bucket", "check_requests_list", "continuation_ids",
-           "encode", "fill", "prompt_rows", "read_facts", "round_up", "split_template", "subject_span",
-           "token_ids"]
+__all__ = ["PromptBatch", "Request", "bucket", "check_fact_tokens", "check_requests_list",
+           "continuation_ids", "encode", "fill", "prompt_rows", "read_facts", "round_up",
+           "split_template", "subject_span", "token_ids"]
 
 #: Largest facts file :func:`read_facts` reads, in bytes.
 MAX_FACTS_BYTES = 16 * 2**20
@@ -215,30 +215,142 @@ def check_requests_list(requests, name: str = "requests") -> list[Request]:
   return requests
 
 
-def _fact(i: int, row, source: str) -> Request:
+def _fact(where: str, row) -> Request:
+  """The Request of one fact (a JSON object or a CSV row as a dict); ``where`` (the file
+  and the line or fact number) begins every message."""
   if not isinstance(row, dict):
-    raise ValueError(f"{source}: fact {i}: expected an object with subject, prompt, "
-                     f"target_new (and optionally target_true), got {type(row).__name__}")
-  unknown = sorted(set(row) - set(_FACT_FIELDS))
-  missing = [k for k in _FACT_FIELDS[:3] if not row.get(k)]
+    raise ValueError(f"{where}: expected an object with subject, prompt, target_new (and "
+                     f"optionally target_true), got {type(row).__name__}")
+  unknown = sorted(set(row) - set(_FACT_FIELDS), key=str)
+  missing = [k for k in _FACT_FIELDS[:3] if row.get(k) in (None, "")]
   if unknown or missing:
-    raise ValueError(f"{source}: fact {i}: expected the fields subject, prompt, target_new "
-                     f"(and optionally target_true), got missing {missing}, unknown {unknown}")
+    raise ValueError(f"{where}: expected the fields subject, prompt, target_new (and "
+                     f"optionally target_true), got missing {missing}, unknown {unknown}")
+  # The editors put one space between the prompt and a target themselves: spaces around
+  # a name (a CSV written with ", ") would become tokens of their own for tokenizers
+  # that keep spaces (GPT-2's).
+  strip = lambda v: v.strip() if isinstance(v, str) and v.strip() else v
+  true = strip(row.get("target_true"))
   try:
-    return Request(row["prompt"], row["subject"], row["target_new"],
-                   row.get("target_true") or None)
+    req = Request(row["prompt"], strip(row["subject"]), strip(row["target_new"]),
+                  None if true is None or (isinstance(true, str) and not true.strip())
+                  else true)
   except ValueError as e:
-    raise ValueError(f"{source}: fact {i}: {e}") from None
+    hint = ""
+    if (isinstance(row["prompt"], str) and "{}" not in row["prompt"]
+        and isinstance(row["subject"], str) and row["subject"].strip()
+        and row["subject"].strip() in row["prompt"]):
+      hint = " (write {} where the subject goes instead of the subject itself)"
+    raise ValueError(f"{where}: {e}{hint}") from None
+  if req.target_true is not None and req.target_true == req.target_new:
+    raise ValueError(f"{where}: expected a target_new other than target_true, got "
+                     f"{req.target_new!r} for both (the edit would change nothing)")
+  return req
+
+
+def _csv_rows(text: str, source: str) -> list[tuple[str, dict]]:
+  """``(where, row)`` of each data line of CSV ``text`` (the first line is the header)."""
+  reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+  expected = ("expected a header line naming the columns subject, prompt, target_new (and "
+              "optionally target_true), e.g. 'subject,prompt,target_new,target_true'")
+  out, header = [], None
+  try:
+    while True:
+      first = reader.line_num + 1
+      try:
+        row = next(reader)
+      except StopIteration:
+        break
+      if not any(f.strip() for f in row):  # a blank line (or only commas)
+        continue
+      where = (f"{source}: line {first}" if reader.line_num == first
+               else f"{source}: lines {first}-{reader.line_num}")
+      if header is None:
+        header = [f.strip().lower() for f in row]
+        if not {"subject", "prompt", "target_new"} <= set(header):
+          raise ValueError(f"{where}: {expected}, got {row}")
+        unknown = [f for f in header if f not in _FACT_FIELDS]
+        twice = sorted({f for f in header if header.count(f) > 1})
+        if unknown or twice:
+          raise ValueError(f"{where}: {expected}, each once, got {row} (unknown "
+                           f"{unknown}, repeated {twice})")
+        continue
+      if len(row) > len(header) and any(f.strip() for f in row[len(header):]):
+        raise ValueError(f"{where}: expected at most {len(header)} fields (the header's "
+                         f"{header}), got {len(row)}: {row}")
+      out.append((where, {k: v for k, v in zip(header, row) if v != ""}))
+  except csv.Error as e:
+    raise ValueError(f"{source}: line {reader.line_num}: expected CSV (quotes around a "
+                     f"field with commas or line breaks, a quote inside one doubled), got "
+                     f"a parse error: {e}") from None
+  if header is None:
+    raise ValueError(f"{source}: {expected}, got "
+                     f"{'an empty file' if not text else 'blank lines only'}")
+  return out
+
+
+def _read_facts(path) -> list[tuple[str, Request]]:
+  """``(where, request)`` of each fact of the facts file ``path`` (:func:`read_facts`);
+  ``where`` is ``'<path>: line N'`` (CSV) or ``'<path>: fact i'`` (JSON)."""
+  source = os.fspath(path)
+  if os.path.isdir(source):
+    raise ValueError(f"{source}: expected a facts file, got a folder")
+  size = os.path.getsize(source)
+  if size > MAX_FACTS_BYTES:
+    raise ValueError(f"{source}: expected a facts file of at most {MAX_FACTS_BYTES} bytes, "
+                     f"got {size}")
+  with open(source, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8-sig")  # a byte-order mark (spreadsheets write one) is dropped
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise ValueError(f"{source}: line {line}: expected UTF-8 text, got the byte "
+                     f"{data[e.start:e.start + 1]!r} (save the file as UTF-8)") from None
+  body = text.lstrip()
+  if body[:1] in ("[", "{"):
+    try:
+      value = json.loads(body)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{source}: expected JSON facts, got a parse error: {e}") from None
+    if isinstance(value, dict) and set(value) == {"facts"}:
+      value = value["facts"]
+    if not isinstance(value, list):
+      raise ValueError(f"{source}: expected a JSON list of facts (or {{\"facts\": [...]}}), "
+                       f"got {type(value).__name__}")
+    rows = [(f"{source}: fact {i}", row) for i, row in enumerate(value)]
+  else:
+    rows = _csv_rows(text, source)
+  if not rows:
+    raise ValueError(f"{source}: expected at least one fact, got none")
+  facts = [(where, _fact(where, row)) for where, row in rows]
+  seen = {}
+  for where, r in facts:
+    key = (r.prompt, r.subject)
+    if key in seen:
+      before, other = seen[key]
+      same = other.target_new == r.target_new
+      raise ValueError(
+          f"{where}: expected each (subject, prompt) once, got {r.text!r} again (first at "
+          f"{before.removeprefix(source + ': ')}) " +
+          ("with the same target_new: remove the repeat" if same else
+           f"with another target_new: {other.target_new!r} there, {r.target_new!r} here; "
+           "one prompt cannot be followed by both"))
+    seen[key] = (where, r)
+  return facts
 
 
 def read_facts(path: str | os.PathLike) -> list[Request]:
   """Reads facts to write from a JSON or CSV file.
 
-  JSON: a list of objects (or ``{"facts": [...]}``); CSV: a header row. Each fact has
-  ``subject``, ``prompt`` (a template with one ``{}`` where the subject goes),
-  ``target_new`` and optionally ``target_true`` (the object it replaces, for the
-  P(new) > P(old) scores). The format is chosen by the file's first character (``[`` or
-  ``{``: JSON).
+  JSON: a list of objects (or ``{"facts": [...]}``); CSV: a header line naming the
+  columns (any order), then one fact a line (blank lines are skipped; a field with
+  commas or line breaks in double quotes). Each fact has ``subject``, ``prompt`` (a
+  template with one ``{}`` where the subject goes), ``target_new`` and optionally
+  ``target_true`` (the object it replaces, for the P(new) > P(old) scores). Spaces around
+  the subject and the targets are dropped (the editors put one space before a target).
+  The file is UTF-8 (a byte-order mark is skipped); the format is chosen by its first
+  character (``[`` or ``{``: JSON).
 
   Args:
     path: the file (at most 16 MiB).
@@ -247,7 +359,10 @@ def read_facts(path: str | os.PathLike) -> list[Request]:
     One :class:`Request` per fact, in the file's order.
 
   Raises:
-    ValueError: the file is not such a list (the message names the fact and field).
+    ValueError: the file is not such a list, is not UTF-8, or has a fact twice (the same
+      subject and prompt, with the same or another target_new) or one whose targets are
+      equal; the message names the file, the line (CSV) or fact number (JSON, from 0),
+      and the field.
 
   Example:
     >>> import json, tempfile
@@ -257,36 +372,31 @@ def read_facts(path: str | os.PathLike) -> list[Request]:
     >>> read_facts(f.name)[0].text
     'Tavo Reskin lives in'
   """
-  source = os.fspath(path)
-  size = os.path.getsize(source)
-  if size > MAX_FACTS_BYTES:
-    raise ValueError(f"{source}: expected a facts file of at most {MAX_FACTS_BYTES} bytes, "
-                     f"got {size}")
-  with open(source, encoding="utf-8") as f:
-    text = f.read()
-  body = text.lstrip()
-  if body[:1] in ("[", "{"):
+  return [r for _, r in _read_facts(path)]
+
+
+def check_fact_tokens(tokenize: Tokenizer, request: Request, contexts: Sequence[str] = ("{}",),
+                      max_length: int | None = None) -> None:
+  """Checks, before any work, that the editors can tokenize ``request`` inside each of
+  ``contexts`` with each of its targets: the prompt and the targets tokenize to at least
+  one token, the subject adds one (:func:`encode`), and the rows fit ``max_length``
+  tokens (a model's positions).
+
+  Raises:
+    ValueError: naming the field (or the tokenizer's own message).
+  """
+  for field in ("target_new", "target_true"):
+    target = getattr(request, field)
+    if target is None:
+      continue
     try:
-      data = json.loads(body)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{source}: expected JSON facts, got a parse error: {e}") from None
-    if isinstance(data, dict) and set(data) == {"facts"}:
-      data = data["facts"]
-    if not isinstance(data, list):
-      raise ValueError(f"{source}: expected a JSON list of facts (or {{\"facts\": [...]}}), "
-                       f"got {type(data).__name__}")
-    rows = data
-  else:
-    reader = csv.DictReader(io.StringIO(text))
-    header = reader.fieldnames or []
-    if not {"subject", "prompt", "target_new"} <= set(header):
-      raise ValueError(f"{source}: expected a CSV header with subject, prompt, target_new "
-                       f"(and optionally target_true), got {header}")
-    rows = [{k: v for k, v in r.items() if k is not None and v not in (None, "")}
-            for r in reader]
-  if not rows:
-    raise ValueError(f"{source}: expected at least one fact, got none")
-  return [_fact(i, row, source) for i, row in enumerate(rows)]
+      batch = encode(tokenize, prompt_rows(request, contexts, target), length_multiple=1)
+    except ValueError as e:
+      raise ValueError(f"{field} {target!r} after {request.text!r}: {e}") from None
+    if max_length is not None and batch.ids.shape[1] > max_length:
+      raise ValueError(f"expected the prompt in its longest context followed by {field} to "
+                       f"fit the model's {max_length} positions, got "
+                       f"{batch.ids.shape[1]} tokens for {request.text!r} then {target!r}")
 
 
 class PromptBatch(NamedTuple):
