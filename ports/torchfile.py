@@ -758,9 +758,15 @@ class _Unpickler(pickle.Unpickler):
           f"pickle (global '{module}.{name}'), which this reader does not load; convert it "
           "to PyTorch first (e.g. rosinality's convert_weight.py, or legacy.py of NVIDIA's "
           "stylegan2-ada-pytorch), then convert that file")
+    hint = ""
+    if module == "__main__" or module.startswith(("torch.nn.", "transformers.")):
+      hint = ("; it looks like a whole model saved with torch.save(model): save its weights "
+              "with torch.save(model.state_dict(), path) (or save_pretrained) and convert "
+              "that file")
     raise UnsafeFileError(
         f"{self.source}: refused to load global '{module}.{name}': it is not on the allowlist "
-        "of tensor, storage, dtype and container constructors, and loading it could run code")
+        "of tensor, storage, dtype and container constructors, and loading it could run code"
+        + hint)
 
   def persistent_load(self, pid):
     if self._persistent is None:

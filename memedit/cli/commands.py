@@ -38,7 +38,8 @@ formats:
               state dict itself (main.0.weight ... main.12.weight)
   gpt2        a Hugging Face GPT-2 save_pretrained folder (config.json with
               model.safetensors, pytorch_model.bin or shards): SRC is the folder
-  auto        decide from the content: a folder is GPT-2, a file is read (default)
+  auto        decide from the content: a folder, a .safetensors file or a shard
+              index (*.index.json) is GPT-2, another file is read (default)
 
 The write is atomic: an interrupted conversion leaves OUT as it was. An existing OUT
 is replaced only when it is an earlier conversion (or empty); --force replaces any
@@ -64,11 +65,21 @@ def _add_convert(subparsers) -> None:
   p.set_defaults(run=_run_convert)
 
 
+def _hf_weights_file(path: str) -> bool:
+  """Whether a file is Hugging Face weights that no torch reader takes: a safetensors file
+  or a shard index (``*.index.json``)."""
+  from ports.gpt2.hf_files import _looks_like_safetensors
+
+  return path.endswith((".safetensors", ".index.json")) or _looks_like_safetensors(path)
+
+
 def _run_convert(args: argparse.Namespace) -> int:
   import ports
   from memedit import _io
 
   fmt = args.format
+  if fmt == "auto" and os.path.isfile(args.src) and _hf_weights_file(args.src):
+    fmt = "gpt2"  # one Hugging Face weights file (or shard index) beside its config.json
   if fmt == "gpt2" or (fmt == "auto" and os.path.isdir(args.src)):
     if not os.path.isdir(args.src):
       check_input_file(args.src, "SRC")  # a weights file beside its config.json

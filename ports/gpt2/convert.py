@@ -81,7 +81,8 @@ def _f32(value: Any) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(to_numpy(value), dtype=np.float32))
 
 
-def state_dict_to_params(sd: Mapping[str, Any], config: GPT2Config) -> dict:
+def state_dict_to_params(sd: Mapping[str, Any], config: GPT2Config, *,
+                         where: str = "GPT-2 state dict") -> dict:
   """Maps a Hugging Face GPT-2 state dict onto the variables of
   :class:`ports.gpt2.model.GPT2LMHeadModel`.
 
@@ -90,6 +91,7 @@ def state_dict_to_params(sd: Mapping[str, Any], config: GPT2Config) -> dict:
       prefix (and the ``module.`` / ``_orig_mod.`` prefixes of ``DataParallel`` and
       ``torch.compile`` before it); ``Conv1D`` weights ``(in, out)``.
     config: the architecture the weights must match.
+    where: what ``sd`` is, for error messages (e.g. the file it was read from).
 
   Returns:
     ``{'params': ...}`` of float32 numpy arrays; a ``Conv1D`` weight ``W (in, out)``
@@ -98,8 +100,9 @@ def state_dict_to_params(sd: Mapping[str, Any], config: GPT2Config) -> dict:
 
   Raises:
     ValueError: names missing or unexpected, shapes that differ from ``config`` (the
-      message lists them), non-finite weights, or an ``lm_head.weight`` that differs from
-      ``wte.weight`` (an untied head).
+      message lists them), weights that are not floating-point (e.g. the int8 of a
+      quantised checkpoint), non-finite weights, or an ``lm_head.weight`` that differs
+      from ``wte.weight`` (an untied head).
 
   Example:
     >>> import numpy as np
@@ -109,7 +112,6 @@ def state_dict_to_params(sd: Mapping[str, Any], config: GPT2Config) -> dict:
     >>> p["h_0"]["mlp"]["c_proj"]["kernel"].shape, p["ln_f"]["scale"].shape
     ((16, 4), (4,))
   """
-  where = "GPT-2 state dict"
   sd = strip_module_prefix(sd)  # saved from a DataParallel or torch.compile wrapper
   if isinstance(sd, Mapping):  # bfloat16 (a numpy 'V' kind) is widened before the checks
     sd = {k: v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == _BF16 else v
@@ -137,6 +139,16 @@ def state_dict_to_params(sd: Mapping[str, Any], config: GPT2Config) -> dict:
   if problems:
     raise ValueError(f"{where}: expected the GPT-2 of {config} (names and shapes), got "
                      + "; ".join(problems) + f"; names found: {shown_keys(flat)}")
+  for k in [*exp, "lm_head.weight"] if head is not None else exp:
+    value = head if k == "lm_head.weight" else flat[k]
+    if hasattr(value, "detach"):  # a torch tensor handed in by a caller
+      floating, dtype = value.is_floating_point(), value.dtype
+    else:  # numpy; kind 'V' is one of the ml_dtypes floats validate_state_dict admits
+      dtype = np.asarray(value).dtype
+      floating = np.issubdtype(dtype, np.floating) or dtype.kind == "V"
+    if not floating:
+      raise ValueError(f"{where}: {k}: expected floating-point weights, got {dtype} "
+                       "(quantised or damaged checkpoints are not supported)")
   for k in exp:
     check_finite(k, flat[k], where)
   wte = _f32(flat["wte.weight"])
@@ -205,7 +217,7 @@ def convert_gpt2(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   config = read_hf_config(config_file)
   sd = read_state_dict(files, index=index)
   dtypes = sorted({str(np.asarray(v).dtype) for v in sd.values()})
-  variables = state_dict_to_params(sd, config)
+  variables = state_dict_to_params(sd, config, where=f"{src}: GPT-2 weights")
   meta = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION,
           **config.to_dict(), "inner_dim": config.inner_dim,
           "source": {"config": _source_info(config_file),

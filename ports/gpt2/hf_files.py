@@ -66,6 +66,36 @@ def _open_regular(path: str, what: str):
   return os.fdopen(fd, "rb"), st.st_size
 
 
+def _torch_kind(head: bytes) -> str:
+  """What a file whose first bytes are ``head`` is, when it is a torch file ('' if not)."""
+  if head.startswith(b"PK\x03\x04"):
+    return "a torch.save zip archive"
+  if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    return "a pickle (torch.save's legacy format)"
+  return ""
+
+
+def _not_safetensors(head: bytes) -> str:
+  """A hint for a file read as safetensors that fails its first checks, when its content
+  is a torch file under a safetensors name."""
+  kind = _torch_kind(head)
+  return (f"; the content is {kind}, not safetensors: name it pytorch_model.bin (or *.bin)"
+          if kind else "")
+
+
+def _looks_like_safetensors(path: str) -> bool:
+  """Whether a file starts like a safetensors file: a header length that fits the file,
+  then a JSON object."""
+  try:
+    f, size = _open_regular(path, "a weights file")
+  except (OSError, ValueError):
+    return False
+  with f:
+    head = f.read(9)
+  return (len(head) == 9 and head[8:9] == b"{"
+          and struct.unpack("<Q", head[:8])[0] <= size - 8)
+
+
 def _read_json_file(path: str, what: str) -> Any:
   """The value of a small JSON file (at most ``_MAX_JSON`` bytes)."""
   f, size = _open_regular(path, what)
@@ -137,20 +167,23 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if size < 8:
       raise CorruptFileError(f"{source}: expected a safetensors file (an 8-byte header "
                              f"length first), got {size} bytes")
-    (n,) = struct.unpack("<Q", f.read(8))
+    head = f.read(8)
+    (n,) = struct.unpack("<Q", head)
     if n > _MAX_HEADER:
       raise CorruptFileError(f"{source}: header length: expected at most {_MAX_HEADER} "
-                             f"bytes, got {n}")
+                             f"bytes, got {n}" + _not_safetensors(head))
     if n > size - 8:
       raise CorruptFileError(f"{source}: header length: expected at most the {size - 8} "
                              f"bytes after the length field, got {n} (past the end of the "
-                             "file: truncated or not a safetensors file)")
+                             "file: truncated or not a safetensors file)"
+                             + _not_safetensors(head))
     raw = f.read(n)
     try:
       header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object)
     except (ValueError, RecursionError) as e:
       raise CorruptFileError(f"{source}: header: expected a UTF-8 JSON object, got "
-                             f"{n} bytes that do not parse ({str(e)[:200]})") from None
+                             f"{n} bytes that do not parse ({str(e)[:200]})"
+                             + _not_safetensors(head)) from None
     if not isinstance(header, dict):
       raise CorruptFileError(f"{source}: header: expected a JSON object, got "
                              f"{type(header).__name__}")
@@ -339,7 +372,13 @@ def _read_weights(path: str) -> dict[str, Any]:
     return load_safetensors(path)
   from ports.torchfile import load_torch
 
-  sd = load_torch(path)
+  try:
+    sd = load_torch(path)
+  except CorruptFileError as e:
+    if not _looks_like_safetensors(path):
+      raise
+    raise CorruptFileError(f"{e}; the content is a safetensors file: name it "
+                           "model.safetensors (or *.safetensors)") from None
   if not isinstance(sd, Mapping):
     raise ValueError(f"{path}: expected a GPT-2 state dict (names to tensors), got "
                      f"{type(sd).__name__} {brief_repr(sd)}")

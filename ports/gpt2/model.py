@@ -44,12 +44,18 @@ __all__ = ["Attention", "Block", "GPT2Config", "GPT2LMHeadModel", "MLP", "gelu_n
 # Hugging Face config.json fields the port reads, with the values the port supports for
 # fields that change the computation but have no counterpart here.
 _HF_FIXED = {
-    "activation_function": ("gelu_new",),
+    # 'gelu_pytorch_tanh' is torch's tanh-approximate GELU: the same function as 'gelu_new'.
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
     "scale_attn_weights": (True,),
     "scale_attn_by_inverse_layer_idx": (False,),
     "add_cross_attention": (False,),
     "tie_word_embeddings": (True,),
 }
+
+
+# Other names Hugging Face's GPT2Config accepts for fields (its ``attribute_map``).
+_HF_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+               "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 
 
 def _positive_int(value: Any) -> bool:
@@ -135,9 +141,12 @@ class GPT2Config:
     """The config of a Hugging Face GPT-2 ``config.json`` (its parsed dict).
 
     Fields the port does not model must keep the values it computes with:
-    ``activation_function`` 'gelu_new', ``scale_attn_weights`` true,
-    ``scale_attn_by_inverse_layer_idx`` false, no cross-attention, tied embeddings.
-    Missing fields take Hugging Face's defaults.
+    ``activation_function`` 'gelu_new' (or 'gelu_pytorch_tanh', the same function),
+    ``scale_attn_weights`` true, ``scale_attn_by_inverse_layer_idx`` false, no
+    cross-attention, tied embeddings.
+    Missing fields take Hugging Face's defaults; the aliases Hugging Face accepts
+    (``hidden_size``, ``num_attention_heads``, ``num_hidden_layers``,
+    ``max_position_embeddings``) stand for their fields.
 
     Args:
       hf: the parsed ``config.json``.
@@ -159,6 +168,13 @@ class GPT2Config:
       if name in hf and hf[name] not in allowed:
         raise ValueError(f"{where}: {name}: expected {' or '.join(map(repr, allowed))} (the "
                          f"only setting the GPT-2 port computes), got {hf[name]!r}")
+    hf = dict(hf)
+    for alias, name in _HF_ALIASES.items():  # e.g. a hand-written "num_attention_heads"
+      if alias in hf:
+        if name in hf and hf[name] != hf[alias]:
+          raise ValueError(f"{where}: expected {name} and its alias {alias} to agree, got "
+                           f"{name} {hf[name]!r} and {alias} {hf[alias]!r}")
+        hf[name] = hf[alias]
     defaults = cls()
     fields = {f.name: hf.get(f.name, getattr(defaults, f.name))
               for f in dataclasses.fields(cls)}
