@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Busy", "Cancelled", "Finished", "Job", "JobSlot", "solve_progress",
+__all__ = ["Busy", "Cancelled", "Finished", "Job", "JobSlot", "error_text", "solve_progress",
            "stderr_progress", "thin_losses"]
 
 _KEEP = 16
@@ -44,6 +44,22 @@ class Cancelled(Exception):
 
 class Finished(RuntimeError):
   """A job cannot be cancelled: it has ended, or is publishing its result."""
+
+
+def error_text(e: BaseException) -> str:
+  """An unexpected exception as the page is told it: its type and message, one line;
+  an OSError without the file names it carries (this machine's paths are not sent to
+  the page; the server's log has them).
+
+  Example:
+    >>> error_text(PermissionError(13, "Permission denied", "/home/me/.cache/ui/x"))
+    'PermissionError: [Errno 13] Permission denied'
+  """
+  if isinstance(e, OSError) and e.strerror:
+    text = e.strerror if e.errno is None else f"[Errno {e.errno}] {e.strerror}"
+  else:
+    text = str(e)
+  return f"{type(e).__name__}: {' '.join(text.split())}"
 
 
 class Job:
@@ -135,7 +151,7 @@ class Job:
     except Exception as e:  # noqa: BLE001 - reported on the page; the server stays up
       traceback.print_exc()
       with self._lock:
-        self.error, self.status = f"{type(e).__name__}: {e}", "error"
+        self.error, self.status = error_text(e), "error"
     finally:
       self.finished = time.time()
 

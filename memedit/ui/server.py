@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import re
 import threading
 from typing import Any
 
@@ -40,9 +42,10 @@ from flask import (Flask, Response, abort, current_app, jsonify, request,
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
+from memedit.specs import got, shown
 from memedit.specs.text import DuplicateField, unique_fields
 from memedit.ui.blas import limit_blas_threads
-from memedit.ui.jobs import Busy, Finished
+from memedit.ui.jobs import Busy, Finished, error_text
 from memedit.ui.session import Session, SessionStore
 from memedit.ui.workspace import Workspace, grid_limit, parse_imgnums
 
@@ -51,6 +54,11 @@ __all__ = ["MAX_REQUEST_BYTES", "create_app", "serve", "start_server"]
 MAX_REQUEST_BYTES = 16 << 20
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+# A loopback Host header: a loopback name, with a port or without (an IPv6 address in
+# brackets, as browsers send it). Werkzeug's TRUSTED_HOSTS cuts each trusted name at its
+# first colon, so that it could never match "[::1]" and refused every request to ::1.
+_LOOPBACK_HOST = re.compile(r"(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?",
+                            re.IGNORECASE)
 
 
 def _finite(value: Any) -> Any:
@@ -103,7 +111,7 @@ def _body(*fields: str) -> dict:
     data = json.loads(raw, object_pairs_hook=unique_fields)
   except DuplicateField as e:
     raise ValueError(f"request: expected each field of the JSON object once, got "
-                     f"{e.args[0]!r} more than once") from None
+                     f"{shown(e.args[0])} more than once") from None
   except RecursionError:
     raise ValueError("request: expected a JSON object body, got lists or objects nested "
                      "deeper than the parser allows (about 1000 levels)") from None
@@ -150,16 +158,35 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
 
   Returns:
     The app; ``app.config["MEMEDIT_STORE"]`` is its :class:`SessionStore`.
+
+  Raises:
+    ValueError: ``sessions`` or ``max_request_bytes`` is not a positive integer (0
+      sessions would let go of each session as it is made; a limit of 0 bytes would
+      refuse every request).
   """
+  for name, value in (("sessions", sessions), ("max_request_bytes", max_request_bytes)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f"{name}: expected a positive integer, got "
+                       f"{got(value, numbers.Integral)}")
   if blas_threads is not None and "OPENBLAS_NUM_THREADS" not in os.environ:
     limit_blas_threads(blas_threads)
   app = Flask("memedit.ui", static_folder=STATIC, static_url_path="/static")
   app.json = _StrictJSON(app)
-  app.config["MAX_CONTENT_LENGTH"] = int(max_request_bytes)
+  max_request_bytes = int(max_request_bytes)
+  app.config["MAX_CONTENT_LENGTH"] = max_request_bytes
   app.json.sort_keys = False
   if loopback_only:
-    app.config["TRUSTED_HOSTS"] = list(LOOPBACK)
-  store = SessionStore(workspace, layer, limit=sessions)
+    @app.before_request
+    def loopback_host():  # before routing's answers too (404, 405, redirects)
+      host = request.headers.get("Host")
+      if host is None:  # HTTP/1.0 without one: the address the server listens on
+        host = request.host
+      if not _LOOPBACK_HOST.fullmatch(host):
+        abort(400, description=f"Host {shown(host)} is not trusted: this server answers "
+              "only loopback names (127.0.0.1, localhost, [::1]); start it with --host to "
+              "serve others")
+
+  store = SessionStore(workspace, layer, limit=int(sessions))
   app.config["MEMEDIT_STORE"] = store
   R = workspace.resolution
 
@@ -191,7 +218,7 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
   @app.errorhandler(Exception)
   def internal(e):
     app.logger.exception("request failed")
-    return jsonify(error=f"internal error: {type(e).__name__}: {e}"), 500
+    return jsonify(error=f"internal error: {error_text(e)}"), 500
 
   @app.get("/")
   def index():
@@ -376,7 +403,8 @@ def start_server(app: Flask, host: str = "127.0.0.1", port: int = 0):
 
 
 def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000, announce=None) -> None:
-  """Serves ``app`` on a threaded Werkzeug server until interrupted (Ctrl-C);
+  """Serves ``app`` on a threaded Werkzeug server until interrupted (Ctrl-C), then
+  cancels its sessions' running jobs and waits for them (:meth:`SessionStore.close`);
   ``announce(url)`` is called once the port is bound."""
   server = _make_server(app, host, port)
   if announce is not None:
@@ -387,3 +415,6 @@ def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000, announce=None) 
     pass
   finally:
     server.server_close()
+    store = app.config.get("MEMEDIT_STORE")
+    if store is not None:  # running jobs stop at the end of their chunk of work
+      store.close()

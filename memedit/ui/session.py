@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import numbers
 import os
 import secrets
 import threading
@@ -40,9 +41,9 @@ from memedit import specs
 from memedit.ui import state as st
 from memedit.ui import workflow as wf
 from memedit.ui.images import heat_overlay, png_data_url
-from memedit.ui.jobs import Job, JobSlot, solve_progress, thin_losses
+from memedit.ui.jobs import Finished, Job, JobSlot, solve_progress, thin_losses
 from memedit.ui.workspace import (Workspace, grid_limit, parse_imgnums, scaled_limit,
-                                  search_limit)
+                                  search_limit, tray_limit)
 
 __all__ = ["PICTURED", "SETTINGS", "Session", "SessionStore"]
 
@@ -53,7 +54,7 @@ PICTURED = 8  # before/after pairs drawn for an evaluation
 
 def _check_quantile(q: Any) -> float:
   if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 1:
-    raise ValueError(f"quantile: expected a number in (0, 1), got {q!r}")
+    raise ValueError(f"quantile: expected a number in (0, 1), got {specs.shown(q)}")
   return float(q)
 
 
@@ -64,7 +65,8 @@ def _check_settings(settings: Any) -> dict:
     raise ValueError(f"settings: expected an object, got {type(settings).__name__}")
   unknown = sorted(k for k in settings if k not in SETTINGS)
   if unknown:
-    raise ValueError(f"settings: expected fields among {list(SETTINGS)}, got {unknown}")
+    raise ValueError(f"settings: expected fields among {list(SETTINGS)}, got "
+                     f"{specs.shown(unknown)}")
   return dict(settings)
 
 
@@ -87,6 +89,16 @@ class Session:
     self.last_used = time.time()
     self._directions: OrderedDict = OrderedDict()
     workspace.ensure_statistics(layer)
+
+  def close(self) -> None:
+    """Asks the session's running job, if any, to stop (:meth:`memedit.ui.jobs.Job.cancel`;
+    a job already publishing its result ends as it would)."""
+    job = self.jobs.get()
+    if job is not None:
+      try:
+        job.cancel()
+      except Finished:
+        pass
 
   @property
   def folder(self) -> str:
@@ -139,6 +151,7 @@ class Session:
         "edits": [self._edit_view(r) for r in s.edits],
         "job": None if job is None else job.snapshot(),
         "limits": {"grid": grid_limit(R), "search": search_limit(R),
+                   "context": tray_limit(R),
                    "steps": specs.MAX_STEPS, "images": specs.MAX_IMAGES},
         "defaults": {"method": "zca", "rank": 1, "shrinkage": 0.0, "taps": "all",
                      "erase_units": 30, "solver": dict(specs.DEFAULT_SOLVER),
@@ -163,7 +176,7 @@ class Session:
     """PNG data URLs of ``imgnums`` with the session's parameters ("current") or the
     original ones ("original")."""
     if which not in ("current", "original"):
-      raise ValueError(f"which: expected 'current' or 'original', got {which!r}")
+      raise ValueError(f"which: expected 'current' or 'original', got {specs.shown(which)}")
     s = self.snapshot()
     if which == "original":
       key, params = (), s.original
@@ -196,9 +209,12 @@ class Session:
   def add_context(self, imgnum: Any, mask: Any) -> str:
     """Adds a context example to the tray; returns its id."""
     region = self.region(imgnum, mask)
-    out = {}
+    most, out = tray_limit(self.ws.resolution), {}
 
-    def add(s):
+    def add(s):  # checked under the lock: requests at once cannot pass the limit together
+      if len(s.context) >= most:
+        raise ValueError(f"context: expected at most {most} examples in the tray, got one "
+                         "more; remove some (click an example) first")
       s, out["id"] = st.add_context(s, region)
       return s
 
@@ -379,6 +395,10 @@ class Session:
     data = specs.parse_spec_text(text.encode("utf-8", "surrogatepass"), "spec")
     spec = self._check_rank(specs.spec_from_json(data, layers=self.ws.layers,
                                                  canvas=self.ws.resolution))
+    most = tray_limit(self.ws.resolution)
+    if len(spec.key) > most:  # its context becomes the tray
+      raise ValueError(f"spec: expected at most {most} context regions ('key'), as the tray "
+                       f"holds, got {len(spec.key)}")
 
     def regions(s):  # numbered at commit time: context ids are never reused
       ctx, n = [], s.counter
@@ -398,11 +418,12 @@ class Session:
   def overfit(self, steps: Any, learning_rate: Any, settings: Any = None) -> Job:
     """The paper's overfit baseline on the copy and paste (a background job)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= specs.MAX_STEPS:
-      raise ValueError(f"steps: expected an integer in [1, {specs.MAX_STEPS}], got {steps!r}")
+      raise ValueError(f"steps: expected an integer in [1, {specs.MAX_STEPS}], got "
+                       f"{specs.shown(steps)}")
     if (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
         or not 0 < learning_rate < float("inf")):
       raise ValueError(f"learning_rate: expected a finite positive number, got "
-                       f"{learning_rate!r}")
+                       f"{specs.shown(learning_rate)}")
     s = self.snapshot()
     if s.copy is None or s.paste is None:
       raise ValueError("overfit: copy an object and paste it first (Copy, then Paste)")
@@ -429,7 +450,7 @@ class Session:
     for name, v, lo, hi in (("count", count, 1, search_limit(R)), ("top", top, 1, grid_limit(R)),
                             ("start", start, 0, specs.MAX_IMAGES - 1)):
       if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {specs.shown(v)}")
     if start + count > specs.MAX_IMAGES:
       raise ValueError(f"count: expected images below {specs.MAX_IMAGES}, got "
                        f"{start}..{start + count - 1}")
@@ -484,7 +505,7 @@ class Session:
   def set_active(self, eid: Any, active: Any) -> None:
     """Applies (``active``) or reverts edit ``eid``, exactly, in any order."""
     if not isinstance(active, bool):
-      raise ValueError(f"active: expected true or false, got {active!r}")
+      raise ValueError(f"active: expected true or false, got {specs.shown(active)}")
     self._commit(lambda s: st.set_active(s, eid, active))
 
   def drop(self, eid: Any) -> None:
@@ -528,20 +549,47 @@ class SessionStore:
   """The sessions of one server by id; the least recently used beyond ``limit`` go."""
 
   def __init__(self, workspace: Workspace, layer: str, limit: int = 8):
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+      raise ValueError(f"limit: expected a positive number of sessions, got "
+                       f"{specs.got(limit, numbers.Integral)}")
     self.ws = workspace
     self.layer = workspace.check_layer(layer)
     self.limit = int(limit)
     self._lock = threading.Lock()
     self._sessions: OrderedDict[str, Session] = OrderedDict()
+    self._stopping: list[Job] = []  # jobs of sessions that went, cancelled, not yet ended
 
   def create(self) -> Session:
-    """A new session on the store's starting layer."""
+    """A new session on the store's starting layer; the least recently used sessions
+    beyond the limit go, and a job one of them is running is cancelled (nothing could
+    read its result, and each would otherwise hold a thread and its memory to the end)."""
     s = Session(self.ws, secrets.token_hex(8), self.layer)
     with self._lock:
       self._sessions[s.id] = s
+      gone = []
       while len(self._sessions) > self.limit:
-        self._sessions.popitem(last=False)
+        gone.append(self._sessions.popitem(last=False)[1])
+    for old in gone:
+      old.close()
+    with self._lock:
+      self._stopping = [j for j in self._stopping + [old.jobs.get() for old in gone]
+                        if j is not None and j.status == "running"]
     return s
+
+  def close(self, timeout: float = 30.0) -> bool:
+    """Cancels every running job (of the sessions kept and of those that went) and waits
+    up to ``timeout`` seconds in all for them to end; True when they all have. A server
+    stopping calls it: the process exiting while a job's thread is inside a compiled
+    computation would abort it (SIGABRT) instead of ending it.
+    """
+    with self._lock:
+      sessions = list(self._sessions.values())
+      jobs = list(self._stopping)
+    for s in sessions:
+      s.close()
+      jobs.append(s.jobs.get())
+    t_end = time.time() + timeout
+    return all(j.wait(max(0.0, t_end - time.time())) for j in jobs if j is not None)
 
   def get(self, sid: str) -> Session:
     """Session ``sid``; KeyError when unknown (expired or never made)."""

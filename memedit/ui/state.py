@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from memedit.edits import Edit, EditHistory, apply_edit, revert_edit
-from memedit.specs import MAX_IMAGES
+from memedit.specs import MAX_IMAGES, shown
 
 __all__ = ["EditRecord", "Region", "State", "active_key", "add_context", "add_edit",
            "drop_edit", "find_edit", "make_region", "new_state", "remove_context",
@@ -130,7 +130,7 @@ def make_region(imgnum: Any, mask: Any, resolution: int) -> Region:
     3
   """
   if isinstance(imgnum, bool) or not isinstance(imgnum, (int, np.integer)):
-    raise ValueError(f"imgnum: expected an integer image number, got {imgnum!r}")
+    raise ValueError(f"imgnum: expected an integer image number, got {shown(imgnum)}")
   if not 0 <= int(imgnum) < MAX_IMAGES:
     raise ValueError(f"imgnum: expected an image number in [0, {MAX_IMAGES}), got {imgnum}")
   m = np.asarray(mask)
@@ -169,7 +169,7 @@ def remove_context(state: State, cid: str) -> State:
   """The state without context entry ``cid``; ValueError naming the entries if absent."""
   ids = [c for c, _ in state.context]
   if cid not in ids:
-    raise ValueError(f"context: expected one of the tray's entries {ids}, got {cid!r}")
+    raise ValueError(f"context: expected one of the tray's entries {ids}, got {shown(cid)}")
   return dataclasses.replace(state, context=tuple(e for e in state.context if e[0] != cid))
 
 
@@ -179,7 +179,7 @@ def find_edit(state: State, eid: str) -> EditRecord:
     if rec.id == eid:
       return rec
   raise ValueError(f"edit: expected one of this session's edits "
-                   f"{[r.id for r in state.edits]}, got {eid!r}")
+                   f"{[r.id for r in state.edits]}, got {shown(eid)}")
 
 
 def add_edit(state: State, record: EditRecord) -> State:

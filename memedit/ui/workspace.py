@@ -7,7 +7,8 @@ rendered images keyed by the set of active edits, and the match scores of a fixe
 sample that set heat-map thresholds.
 
 Limits keep one request from asking for unbounded work: :func:`grid_limit` images per
-grid and :func:`search_limit` per Search, shrinking with the square of the resolution.
+grid, :func:`search_limit` per Search and :func:`tray_limit` context examples per
+session, shrinking with the square of the resolution.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import numpy as np
 
 from memedit import specs
 from memedit.ui import workflow as wf
-from memedit.ui.jobs import stderr_progress
+from memedit.ui.jobs import error_text, stderr_progress
 
 __all__ = ["THRESHOLD_IMAGES", "Workspace", "grid_limit", "parse_imgnums", "scaled_limit",
-           "search_limit"]
+           "search_limit", "tray_limit"]
 
 THRESHOLD_IMAGES = 256  # images whose match scores set the heat-map threshold quantile
 _CACHE_BYTES = 256 << 20
@@ -51,6 +52,13 @@ def search_limit(resolution: int) -> int:
   return scaled_limit(10000, resolution, 256)
 
 
+def tray_limit(resolution: int) -> int:
+  """Most context examples one session's tray holds (256 at 64 px, 32 at 181 px and
+  above): each is a canvas-sized mask kept in memory and a thumbnail in every answer
+  that shows the tray, so that adding one costs as much as the tray holds."""
+  return min(256, scaled_limit(256, resolution, 32))
+
+
 def parse_imgnums(value: Any, limit: int, where: str = "images") -> list[int]:
   """Image numbers from text like ``"200-231,5"`` or a JSON list of integers.
 
@@ -69,7 +77,7 @@ def parse_imgnums(value: Any, limit: int, where: str = "images") -> list[int]:
     for n in value:
       if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < specs.MAX_IMAGES:
         raise ValueError(f"{where}: expected image numbers in [0, {specs.MAX_IMAGES}), got "
-                         f"{n!r}")
+                         f"{specs.shown(n)}")
     if not value:
       raise ValueError(f"{where}: expected image numbers, got an empty list")
     repeated = sorted(n for n, c in Counter(value).items() if c > 1)
@@ -79,7 +87,7 @@ def parse_imgnums(value: Any, limit: int, where: str = "images") -> list[int]:
     return [int(n) for n in value]
   if not isinstance(value, str) or len(value) > 2000:
     raise ValueError(f"{where}: expected numbers or ranges like '200-231,5', got "
-                     f"{str(value)[:40]!r}")
+                     f"{specs.shown(value)}")
   # Imported here: memedit.cli's package imports the ui's subcommand.
   from memedit.cli.checks import imgnums
 
@@ -133,7 +141,7 @@ class Workspace:
   def check_layer(self, layer: Any) -> str:
     """``layer`` if it is one of the generator's layers, else ValueError naming them."""
     if not isinstance(layer, str) or layer not in self.layers:
-      raise ValueError(f"layer: expected one of {self.layers}, got {layer!r}")
+      raise ValueError(f"layer: expected one of {self.layers}, got {specs.shown(layer)}")
     return layer
 
   # -- statistics --------------------------------------------------------------------------
@@ -184,9 +192,9 @@ class Workspace:
           C = wf.collect_statistics(self.gen, layer, self.samples, self.batch_size,
                                     self.stats_dir)
       except Exception as e:
+        message = error_text(e) if isinstance(e, OSError) else " ".join(str(e).split())
         with self._lock:
-          self._status[layer] = {"state": "error", "fraction": 0.0,
-                                 "message": " ".join(str(e).split())}
+          self._status[layer] = {"state": "error", "fraction": 0.0, "message": message}
         raise
       with self._lock:
         self._C[layer] = C
