@@ -98,7 +98,8 @@ def context_keys(gen: Generator, layer: str, examples: Sequence[tuple[int, Any]]
     key resolution (:func:`memedit.generators.mask_at`).
 
   Raises:
-    ValueError: no examples; an image number that is not an integer in range; a mask
+    ValueError: no examples, or an example that is not an (imgnum, mask) pair; an image
+      number that is not an integer in range; a mask
       that is not (R, R) or holds a value outside [0, 1] (or NaN).
 
   Example:
@@ -115,6 +116,15 @@ def context_keys(gen: Generator, layer: str, examples: Sequence[tuple[int, Any]]
   """
   if not examples:
     raise ValueError("key: expected at least one context example, got none")
+  if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
+    raise ValueError(f"examples: expected a list of (imgnum, mask) pairs, got "
+                     f"{type(examples).__name__}")
+  for j, item in enumerate(examples):
+    if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+      what = (f"a {type(item).__name__} of length {len(item)}"
+              if isinstance(item, Sequence) else f"a value of type {type(item).__name__}")
+      raise ValueError(f"examples[{j}]: expected an (imgnum, mask) pair, got {what} (a "
+                       f"single example goes in a list: [(imgnum, mask)])")
   info = layer_info(gen, layer)
   nums = [check_imgnum(i, f"examples[{j}] imgnum") for j, (i, _) in enumerate(examples)]
   masks = [check_mask(m, gen.resolution, f"examples[{j}] mask")

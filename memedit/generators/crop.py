@@ -202,7 +202,7 @@ def crop_problem(gen: Generator, layer: str, target) -> tuple[Callable, Any]:
 
 
 def tap_mask(apply: Callable, kernel_shape: Sequence[int], scale: int, args: tuple = (),
-             name: str = "layer") -> np.ndarray:
+             name: str = "layer", key_dim: int | None = None) -> np.ndarray:
   """The kernel taps through which a key writes most of its output into its own cell.
 
   With scale s the key at (i, j) owns the s×s output cell [s·i, s·i + s) × [s·j, s·j + s).
@@ -222,6 +222,8 @@ def tap_mask(apply: Callable, kernel_shape: Sequence[int], scale: int, args: tup
     args: further arguments of ``apply`` (arrays: the layer's parameters, its extra call
       arguments for one image), passed to the compiled probe as arguments.
     name: the layer's name for error messages.
+    key_dim: the channels of the layer's input (default: the kernel's C_in; a grouped
+      convolution's input has G times as many).
 
   Returns:
     (kh, kw) bool mask over the kernel's taps.
@@ -244,7 +246,7 @@ def tap_mask(apply: Callable, kernel_shape: Sequence[int], scale: int, args: tup
   kh, kw, c_in, c_out = (int(k) for k in kernel_shape)
   n = 2 * max(kh, kw) + 1
   c, s = n // 2, int(scale)
-  x = np.zeros((1, n, n, c_in), np.float32)
+  x = np.zeros((1, n, n, c_in if key_dim is None else int(key_dim)), np.float32)
   x[0, c, c] = 1.0
   inside = np.zeros((n * s, n * s), bool)
   inside[c * s:(c + 1) * s, c * s:(c + 1) * s] = True
@@ -314,4 +316,4 @@ def own_taps(gen: Generator, layer: str) -> np.ndarray:
   f = layer_on_crop(gen, layer)
   probe = cached_program(("taps", f), lambda: jax.jit(lambda k, x, p, *e: f(k, (x, p, e))))
   return tap_mask(probe, info.kernel_shape, info.scale, (layer_params(gen, layer),) + extra,
-                  layer)
+                  layer, info.key_dim)

@@ -35,7 +35,7 @@ from memedit.generators._checks import check_learning_rate, check_units
 from memedit.generators.crop import Crops, check_target_layer, crop_problem, own_taps
 from memedit.generators.finetune import overfit_all
 from memedit.generators.forward import cached_program
-from memedit.generators.generator import Generator, layer_info, layer_kernel
+from memedit.generators.generator import Generator, layer_info, layer_kernel, layer_view
 from memedit.generators.paste import Target
 from memedit.generators.subspace import subspace_problem
 from memedit.optim import LOSSES, adam_scan, check_choice, residual_loss
@@ -91,7 +91,40 @@ def _check_directions(D, key_dim: int) -> jax.Array:
   D = jnp.asarray(D, jnp.float32)
   if D.ndim != 2 or D.shape[1] != key_dim:
     raise ValueError(f"directions: expected shape (r, {key_dim}), got {tuple(D.shape)}")
+  _finite_directions(D)
   return D
+
+
+def _finite_directions(D) -> None:
+  bad = int(np.size(D) - np.isfinite(np.asarray(D)).sum())
+  if bad:
+    raise ValueError(f"directions: expected finite values, got {bad} NaN or infinite of "
+                     f"{np.size(D)}")
+
+
+def _check_target(target, name: str = "target") -> None:
+  """Refuses what is not a :class:`Target` (from paste_target or erase_target) before any
+  work: its keys, targets and crop are what every solve reads."""
+  if not isinstance(target, Target):
+    raise TypeError(f"{name}: expected a Target (from paste_target or erase_target), got "
+                    f"{type(target).__name__}")
+
+
+def _check_ungrouped(gen: Generator, layer: str, what: str) -> None:
+  """Refuses a grouped convolution (``feature_group_count`` G > 1) for solves over
+  directions on its keys: its keys carry all C_in channels, while its kernel's input axis
+  holds the C_in / G channels of one group, so a ΔK(Λ, D) with D over the keys has no
+  place in that kernel."""
+  view = layer_view(gen, layer)
+  groups = int(getattr(view, "groups", 1) or 1)
+  if groups > 1:
+    raise ValueError(
+        f"layer {layer!r}: expected a convolution with feature_group_count 1 for {what} "
+        f"(directions over its {view.key_dim} key channels), got feature_group_count "
+        f"{groups} (kernel {tuple(view.kernel_shape)}, {view.key_dim // groups} input "
+        f"channels per group); memedit.insert_through_view solves such a kernel group by "
+        f"group (on memedit.memory_view(..., patch=True) for kernels above 1x1), and "
+        f"overfit(...) fits it whole")
 
 
 def _coefficients(delta, X, kind: str, key_dim: int):
@@ -211,14 +244,17 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
     :class:`EditResult`.
 
   Raises:
-    ValueError: D of the wrong shape, an unknown ``taps``, a learning rate that is not
-      a finite positive number, kept crops that are not crops of this layer (keys of
+    ValueError: D of the wrong shape or not finite, an unknown ``taps``, ``steps`` not a
+      positive int, a learning rate that is not a finite positive number, a grouped
+      convolution (``feature_group_count`` > 1: D over its C_in keys has no place in its
+      kernel of C_in / G input channels), kept crops that are not crops of this layer (keys of
       another dimension, or keys and targets of another crop geometry) or whose kept
       values (given, or the outputs before the edit) are not finite or not the crop's
       shape, a ``preserve_weight`` that is not a finite positive
       number or whose weights (μ·n/n_j per kept value, and their total) float32 cannot
       hold, or a solve ending with non-finite Λ.
-    TypeError: ``preserve`` not a sequence of Targets or (Target, values) pairs.
+    TypeError: ``target`` not a :class:`Target`; ``preserve`` not a sequence of Targets or
+      (Target, values) pairs.
 
   Example:
     >>> import numpy as np
@@ -238,7 +274,10 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   """
   check_choice(taps, TAPS, "taps")
   learning_rate = check_learning_rate(learning_rate)
+  steps = check_positive_int(steps, "steps")
+  _check_target(target)
   info = layer_info(gen, layer)
+  _check_ungrouped(gen, layer, "insert")
   D = _check_directions(D, info.key_dim)
   preserve = _check_preserve(preserve, info)
   preserve_weight = _check_preserve_weight(preserve_weight)
@@ -315,7 +354,9 @@ def _projected_program(f, kind: str, key_dim: int, steps: int, project_every: in
         lam = _coefficients(delta, X, kind, key_dim)
         return _delta(lam, D, kernel0.shape, kind, key_dim), opt_state, losses, lam
 
-      delta, st, losses, lam = block(jnp.zeros_like(kernel0), None, 1)
+      # ΔK in float32 whatever the kernel's dtype: each projection gives it in float32
+      # (Λ D), so Adam's moments must be float32 from the first step (a bfloat16 kernel).
+      delta, st, losses, lam = block(jnp.zeros(kernel0.shape, jnp.float32), None, 1)
       parts = [losses]
       if n_blocks:
         def body(carry, _):
@@ -378,8 +419,10 @@ def projected_insert(gen: Generator, layer: str, D: Any, target: Target, *,
     ``loss_after`` the L1 loss of the edit.
 
   Raises:
-    ValueError: D of the wrong shape or with dependent rows; steps, project_every,
-      learning_rate (a finite positive number) or loss out of range; a run that ends with non-finite Λ.
+    ValueError: D of the wrong shape, not finite or with dependent rows; steps,
+      project_every, learning_rate (a finite positive number) or loss out of range; a
+      grouped convolution (as :func:`insert`); a run that ends with non-finite Λ.
+    TypeError: ``target`` not a :class:`Target`.
 
   Example:
     >>> import numpy as np
@@ -401,10 +444,13 @@ def projected_insert(gen: Generator, layer: str, D: Any, target: Target, *,
   steps = check_positive_int(steps, "steps")
   learning_rate = check_learning_rate(learning_rate)
   project_every = check_positive_int(project_every, "project_every")
+  _check_target(target)
   info = layer_info(gen, layer)
+  _check_ungrouped(gen, layer, "projected_insert")
   D64 = np.asarray(D, np.float64)
   if D64.ndim != 2 or D64.shape[1] != info.key_dim:
     raise ValueError(f"directions: expected shape (r, {info.key_dim}), got {D64.shape}")
+  _finite_directions(D64)
   r = D64.shape[0]
   if np.linalg.matrix_rank(D64) < r:
     raise ValueError(f"directions: expected {r} linearly independent rows, got rank "
@@ -441,7 +487,8 @@ def unit_zeroing_edit(gen: Generator, layer: str, units: Sequence[int]) -> Edit:
     The :class:`memedit.Edit`.
 
   Raises:
-    ValueError: no units, or a unit that is not an integer 0 <= u < C_in or is repeated.
+    ValueError: no units, or a unit that is not an integer 0 <= u < C_in or is repeated;
+      a grouped convolution (as :func:`insert`).
 
   Example:
     >>> import memedit
@@ -459,6 +506,7 @@ def unit_zeroing_edit(gen: Generator, layer: str, units: Sequence[int]) -> Edit:
     (0.0, True)
   """
   info = layer_info(gen, layer)
+  _check_ungrouped(gen, layer, "unit_zeroing_edit")
   units = check_units(units, info.key_dim)
   K = jnp.asarray(layer_kernel(gen, layer), jnp.float32)
   E = np.zeros((len(units), info.key_dim), np.float32)
@@ -522,9 +570,10 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
   """The paper's "overfit" baseline on the layer: every weight of the layer's kernel is
   fine-tuned with Adam on the same L1 loss at the paste crop (no subspace constraint).
 
-  The result is returned as an exact :class:`memedit.Edit` with D = I (rank C_in) and
-  Λ = the change in the math layout (Λ[y, x, o, i] = ΔK[y, x, i, o]), so it applies and
-  reverts like any edit.
+  The result is returned as an exact :class:`memedit.Edit` with D = I (rank C_in; for a
+  grouped convolution, I over its kernel's C_in / G input channels) and Λ = the change in
+  the math layout (Λ[y, x, o, i] = ΔK[y, x, i, o]), so it applies and reverts like any
+  edit.
 
   Args:
     gen, layer: the generator and layer name. target: the paste.
@@ -558,6 +607,7 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
   if progress is not None and not callable(progress):
     raise ValueError(f"progress: expected a callable progress(step, loss), got "
                      f"{type(progress).__name__}")
+  _check_target(target)
   info = layer_info(gen, layer)
   f, keys = crop_problem(gen, layer, target)
   kernel0 = jnp.asarray(layer_kernel(gen, layer))
@@ -566,8 +616,10 @@ def overfit(gen: Generator, layer: str, target: Target, *, steps: int = 20001,
     delta, losses = _overfit_program(_loop_form(f), steps)(*args)
   else:
     delta, losses = _overfit_in_chunks(_loop_form(f), steps, progress, *args)
-  eye = np.eye(info.key_dim, dtype=np.float32)
-  lam = _coefficients(delta, jnp.asarray(eye), info.kind, info.key_dim)
+  # D = I over the kernel's input axis: C_in, or a grouped convolution's C_in / G.
+  rows = info.kernel_shape[-2] if info.kind == "conv" else info.key_dim
+  eye = np.eye(rows, dtype=np.float32)
+  lam = _coefficients(delta, jnp.asarray(eye), info.kind, rows)
   edit = make_edit(info.weight_path, lam, eye, kind=info.kind, in_ndim=info.in_ndim,
                    method="overfit/layer",
                    settings={"layer": layer, "steps": steps,

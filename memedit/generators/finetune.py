@@ -14,6 +14,7 @@ import numpy as np
 
 from memedit.checks import check_positive_int
 from memedit.generators._checks import check_learning_rate
+from memedit.generators.crop import check_target_layer
 from memedit.generators.forward import cached_program, run_layer
 from memedit.generators.generator import Generator, layer_info
 from memedit.generators.paste import Target
@@ -47,6 +48,11 @@ def overfit_all(gen: Generator, layer: str, target: Target, *, steps: int = 2000
     (params, losses): the fine-tuned parameters (non-trainable state, e.g. BatchNorm
     statistics, unchanged) and the (steps,) pixel L1 loss before each step.
 
+  Raises:
+    TypeError: ``target`` not a :class:`Target`.
+    ValueError: a Target made at another layer, or whose full value map is not this
+      layer's; steps or learning_rate out of range.
+
   Example:
     >>> import numpy as np
     >>> from flax import nnx
@@ -65,7 +71,19 @@ def overfit_all(gen: Generator, layer: str, target: Target, *, steps: int = 2000
   """
   steps = check_positive_int(steps, "steps")
   learning_rate = check_learning_rate(learning_rate)
-  layer_info(gen, layer)  # the model gives images (N, R, R, C); the layer fits the canvas
+  if not isinstance(target, Target):
+    raise TypeError(f"target: expected a Target (from paste_target or erase_target), got "
+                    f"{type(target).__name__}")
+  # The model gives images (N, R, R, C); the layer fits the canvas.
+  info = layer_info(gen, layer)
+  # The paste goes into this layer's output: a Target of another layer is refused, even
+  # one whose value map has the same shape.
+  check_target_layer(target, layer)
+  want = (1, info.value_res, info.value_res, info.value_dim)
+  if np.shape(target.full_values) != want or np.shape(target.full_alpha) != want[:3]:
+    raise ValueError(f"target: expected full_values {want} and full_alpha {want[:3]} (the "
+                     f"value map of layer {layer!r}), got {np.shape(target.full_values)} and "
+                     f"{np.shape(target.full_alpha)}")
   z = gen.latents([target.imgnum])
   goal = run_layer(gen, layer, z, paste_values=target.full_values,
                    paste_alpha=target.full_alpha).images

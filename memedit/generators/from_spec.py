@@ -10,7 +10,9 @@ import numpy as np
 from memedit.generators.context import context_keys, top_units
 from memedit.generators.context import directions as context_directions
 from memedit.generators.edit import EditResult, insert
-from memedit.generators.generator import Generator, kernel_digest, recorded_call_kwargs
+from memedit.checks import check_positive_int
+from memedit.generators.generator import (Generator, kernel_digest, layer_info,
+                                          recorded_call_kwargs)
 from memedit.generators.paste import Copied, copy_values, erase_target, paste_target
 
 __all__ = ["SpecEdit", "edit_from_spec"]
@@ -53,6 +55,13 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
   Returns:
     :class:`SpecEdit`.
 
+  Raises:
+    TypeError: ``spec`` not an :class:`memedit.specs.EditSpec` (e.g. its JSON dict: validate
+      it with :func:`memedit.specs.spec_from_json` first).
+    ValueError: a layer or canvas that is not the model's, a C that is not (C_in, C_in)
+      of the spec's layer, ``steps`` not a positive int, ``directions`` of another shape,
+      and what the workflow's steps refuse.
+
   Example:
     >>> from flax import nnx
     >>> from memedit import specs
@@ -69,11 +78,22 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
     >>> out.result.loss_after < out.result.loss_before, out.result.edit.rank
     (True, 1)
   """
+  from memedit.specs import EditSpec
+
+  if not isinstance(spec, EditSpec):
+    raise TypeError(f"spec: expected an EditSpec (from memedit.specs.spec_from_json, "
+                    f"load_spec or make_spec), got {type(spec).__name__}")
   gen.layer_address(spec.layer)
   if spec.canvas != gen.resolution:
     raise ValueError(f"canvas: expected {gen.resolution} (the model's resolution), got "
                      f"{spec.canvas}")
   C = np.asarray(C, np.float32)
+  key_dim = layer_info(gen, spec.layer).key_dim
+  if C.shape != (key_dim, key_dim):
+    raise ValueError(f"C: expected the second moment of the keys of layer {spec.layer!r}, of shape "
+                     f"({key_dim}, {key_dim}) (C_in = {key_dim}), got {C.shape}")
+  if steps is not None:
+    steps = check_positive_int(steps, "steps")
   if directions is None or spec.kind != "insert":
     keys, weights = context_keys(gen, spec.layer, spec.masks("key"))
   if directions is None:
@@ -86,7 +106,7 @@ def edit_from_spec(gen: Generator, spec, C: Any, *, steps: int | None = None,
                        f"spec's rank, C_in), got {D.shape}")
   solver = dict(spec.solver)
   if steps is not None:
-    solver["steps"] = int(steps)
+    solver["steps"] = steps
   if optimizer is not None:
     solver["optimizer"] = optimizer
   (pnum, pmask), = spec.masks("paste")

@@ -78,13 +78,15 @@ class Generator:
       images (N, R, R, C) in about [-1, 1].
     z_dim: latent size.
     resolution: canvas resolution R.
-    layers: name → address of each editable layer (e.g. ``{'convt2': ('convt2',)}``), an
-      address as :func:`memedit.layers.memory_view` takes it.
+    layers: a mapping name → address of each editable layer (e.g. ``{'convt2':
+      ('convt2',)}``), an address as :func:`memedit.layers.memory_view` takes it; anything
+      else (e.g. a list of names) is refused.
     call_kwargs: keyword arguments of every model call (e.g. a truncation), as sorted
-      (name, value) pairs (a dict is accepted); Python values stay static.
+      (name, value) pairs (a dict or a sequence of pairs is accepted); Python values stay
+      static.
     seed: seed of the reference latent sample.
     sampler: optional ``imgnums (n,) int64 -> z (n, z_dim)`` replacing the reference
-      sample.
+      sample (its latents must be finite once in float32).
     architecture: free-text name of the architecture.
 
   Example:
@@ -109,9 +111,19 @@ class Generator:
     m = as_model(self.model)
     object.__setattr__(self, "model", (m.definition, m.params))
     kw = self.call_kwargs
+    if not isinstance(kw, Mapping):
+      if isinstance(kw, (str, bytes)) or not isinstance(kw, Sequence) or any(
+          isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2
+          for p in kw):
+        raise ValueError(f"call_kwargs: expected a dict name -> value or (name, value) pairs, "
+                         f"got {_short(kw)}")
     kw = tuple(sorted(dict(kw).items())) if isinstance(kw, Mapping) else tuple(
         (str(k), v) for k, v in kw)
     object.__setattr__(self, "call_kwargs", kw)
+    if not isinstance(self.layers, Mapping):
+      # dict(["up"]) would give {"u": "p"}: a list of names is not a mapping.
+      raise ValueError(f"layers: expected a mapping name -> address of each editable layer "
+                       f"(e.g. {{'up': ('up',)}}), got {_short(self.layers)}")
     if not self.layers:
       raise ValueError("layers: expected at least one editable layer (name -> address), "
                        "got none")
@@ -148,6 +160,10 @@ class Generator:
     if z.shape != (len(nums), self.z_dim):
       raise ValueError(f"sampler: expected latents of shape {(len(nums), self.z_dim)}, got "
                        f"{z.shape}")
+    bad = int(z.size - np.isfinite(z).sum())
+    if bad:
+      raise ValueError(f"sampler: expected finite latents, got {bad} NaN or infinite of "
+                       f"{z.size} (in float32)")
     return z
 
   def layer_address(self, name: str) -> Any:
@@ -163,6 +179,12 @@ class Generator:
   def with_params(self, params: Any) -> "Generator":
     """The same generator with other parameters (e.g. an edited copy)."""
     return dataclasses.replace(self, model=(self.definition, params))
+
+
+def _short(value: Any) -> str:
+  """A short description of a received value for error messages."""
+  text = repr(value)
+  return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def kernel_digest(params: Any, path: Sequence) -> str:
@@ -291,10 +313,44 @@ def layer_view(gen: Generator, layer: str) -> MemoryView:
     address = gen.layer_address(layer)
     z = jnp.zeros((1, gen.z_dim), jnp.float32)
     with _calling(gen):
-      view = memory_view(gen.model, address, z, **dict(gen.call_kwargs))
+      try:
+        view = memory_view(gen.model, address, z, **dict(gen.call_kwargs))
+      except Exception as e:
+        _check_model_runs(gen, e)
+        raise
     view.require_unstacked()
     views[layer] = view
   return views[layer]
+
+
+def _model_call_error(gen: Generator, kind: str, message: str) -> ValueError:
+  first = message.splitlines()[0] if message else ""
+  return ValueError(
+      f"model: expected model(z, **call_kwargs) to run on latents z of shape "
+      f"(1, {gen.z_dim}) (z_dim={gen.z_dim}, call_kwargs {sorted(dict(gen.call_kwargs))}), "
+      f"got {kind}: {first or '(no message)'}; the workflow calls the model on latents "
+      f"(N, z_dim): wrap a model taking latents of another shape (e.g. (N, 4, 4, C)) in one "
+      f"that reshapes them")
+
+
+def _check_model_runs(gen: Generator, error: BaseException) -> None:
+  """After ``error`` while viewing a layer: when the model itself (no hooks, a shape-only
+  trace) cannot run on latents (1, z_dim) with the generator's call keywords, raises the
+  ValueError that says so (e.g. a model taking latents (N, 4, 4, C), whose own error is an
+  AssertionError or a shape error deep inside JAX); otherwise returns, and ``error`` (one
+  of memedit's own about the layer) stands."""
+  from memedit.layers.model import merge
+
+  definition, params = gen.model
+  kwargs = dict(gen.call_kwargs)
+  if gen.framework == "nnx":
+    call = lambda p, z: merge(definition, p)(z, **kwargs)
+  else:
+    call = lambda p, z: definition.apply(p, z, **kwargs)
+  try:
+    jax.eval_shape(call, params, jax.ShapeDtypeStruct((1, gen.z_dim), jnp.float32))
+  except Exception as e:  # the model's own failure, whatever its type
+    raise _model_call_error(gen, type(e).__name__, str(e)) from error
 
 
 @contextlib.contextmanager
@@ -304,11 +360,7 @@ def _calling(gen: Generator):
   try:
     yield
   except TypeError as e:
-    first = str(e).splitlines()[0] if str(e) else ""
-    raise ValueError(
-        f"model: expected model(z, **call_kwargs) to run on latents z of shape "
-        f"(1, {gen.z_dim}) (z_dim={gen.z_dim}, call_kwargs {sorted(dict(gen.call_kwargs))}), "
-        f"got TypeError: {first}") from e
+    raise _model_call_error(gen, "TypeError", str(e)) from e
 
 
 class LayerInfo(NamedTuple):
