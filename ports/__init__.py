@@ -13,8 +13,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["check_finite", "check_variables", "detect_format", "load_converted", "read_config",
-           "shown_keys", "strip_module_prefix", "to_numpy", "validate_state_dict"]
+__all__ = ["check_finite", "check_variables", "detect_format", "find_generator_entry",
+           "load_converted", "read_config", "shown_keys", "strip_module_prefix", "to_numpy",
+           "validate_state_dict"]
 
 # Config fields each architecture's loader needs, all positive integers ("channels" a
 # list of them).
@@ -252,10 +253,13 @@ def detect_format(path: str | os.PathLike) -> str:
   network objects is an NVIDIA snapshot; a ``torch.save`` dict with ``g_ema`` is a
   rosinality StyleGAN2 checkpoint; one with ``netG_state_dict`` or ``main.0.weight`` is
   a DCGAN generator (names may carry the ``module.`` / ``_orig_mod.`` prefixes of
-  wrappers). The file is read with :mod:`ports.torchfile` (no code runs).
+  wrappers); so is a training checkpoint with one entry holding a complete DCGAN or
+  rosinality generator state dict (:func:`find_generator_entry`). The file is read with
+  :mod:`ports.torchfile` (no code runs).
 
   Raises:
-    ValueError: the content matches none of these (GPT-2 weights are named as such:
+    ValueError: the content matches none of these, or two entries hold generators (the
+      message names them; GPT-2 weights are named as such:
       :func:`ports.gpt2.convert_gpt2` converts their folder).
   """
   from ports import torchfile
@@ -271,6 +275,18 @@ def detect_format(path: str | os.PathLike) -> str:
   inner = strip_module_prefix(obj.get("netG_state_dict", obj.get("state_dict", obj)))
   if isinstance(inner, Mapping) and "main.0.weight" in inner:
     return "dcgan"
+  from ports.dcgan.convert import check_state_dict, find_state_dict_entry
+  from ports.stylegan2.rosinality import _is_generator_quiet, find_rosinality_entry
+
+  dcgan_sd, _ = find_state_dict_entry(obj, f"{source}: DCGAN checkpoint")
+  try:  # one entry holds a complete DCGAN generator (training checkpoints)
+    check_state_dict(dcgan_sd)
+    return "dcgan"
+  except ValueError:
+    pass
+  ros_sd, _ = find_rosinality_entry(obj, f"{source}: rosinality checkpoint")
+  if _is_generator_quiet(ros_sd):
+    return "rosinality"
   keys = sorted(map(str, obj))[:8]
   if isinstance(inner, Mapping) and any(k in inner for k in ("wte.weight",
                                                              "transformer.wte.weight")):
@@ -281,3 +297,77 @@ def detect_format(path: str | os.PathLike) -> str:
   raise ValueError(f"{source}: cannot tell the checkpoint format: expected NVIDIA network "
                    f"objects, a 'g_ema' entry or DCGAN 'main.N' weights, found keys {keys}; "
                    "pass --format")
+
+
+def find_generator_entry(obj: Any, accepts, *, preferred: tuple[str, ...] = (),
+                         what: str = "generator", where: str = "checkpoint"
+                         ) -> tuple[Any, str | None]:
+  """The generator's state dict inside a checkpoint saved the ways users save them.
+
+  Looked for, in this order: ``obj`` itself; the first of the ``preferred`` entries
+  (e.g. ``'g_ema'``) that ``accepts`` takes; else every nested dict (two levels deep)
+  and every group of names sharing a first component (a Lightning module's
+  ``{'state_dict': {'generator.main.0.weight': ...}}``) that ``accepts`` takes.
+  ``module.`` / ``_orig_mod.`` wrapper prefixes are removed first.
+
+  Args:
+    obj: the loaded checkpoint.
+    accepts: ``accepts(sd) -> bool``, whether a mapping (prefixes removed) is a complete
+      state dict of the generator.
+    preferred: entry names that hold the generator by convention.
+    what: the generator, for error messages (e.g. ``'DCGAN generator'``).
+    where: the checkpoint, for error messages (e.g. its file name).
+
+  Returns:
+    ``(state dict, entry)``: ``entry`` describes where it was found (``None`` for ``obj``
+    itself). When nothing is found, the first ``preferred`` entry present (else ``obj``)
+    is returned as it is, prefixes removed, for the caller's checks to describe.
+
+  Raises:
+    ValueError: two or more entries are generator state dicts (the message names them).
+  """
+  def ok(sd):
+    try:
+      return isinstance(sd, Mapping) and bool(sd) and bool(accepts(sd))
+    except (ValueError, TypeError):
+      return False
+
+  top = strip_module_prefix(obj)
+  if ok(top):
+    return top, None
+  present = [k for k in preferred if isinstance(obj, Mapping) and k in obj]
+  for key in present:
+    if ok(strip_module_prefix(obj[key])):
+      return strip_module_prefix(obj[key]), repr(key)
+  found: list[tuple[str, Any]] = []
+
+  def visit(node, path, depth):
+    if not isinstance(node, Mapping) or depth > 2:
+      return
+    if path and ok(strip_module_prefix(node)):
+      found.append((path, strip_module_prefix(node)))
+      return
+    groups: dict[str, dict] = {}
+    for k, v in node.items():
+      if isinstance(v, Mapping):
+        visit(v, f"{path}[{k!r}]" if path else repr(k), depth + 1)
+      elif isinstance(k, str) and "." in k:
+        head, _, rest = k.partition(".")
+        groups.setdefault(head, {})[rest] = v
+    if groups:
+      for head, sd in groups.items():
+        if ok(strip_module_prefix(sd)):
+          name = f"names under {head + '.'!r}"
+          name = f"{path} ({name})" if path else name
+          found.append((name, strip_module_prefix(sd)))
+
+  visit(obj, "", 0)
+  if len(found) > 1:
+    raise ValueError(f"{where}: expected one {what}, got {len(found)}: "
+                     f"{', '.join(name for name, _ in found[:6])}; save the one to convert "
+                     "alone (torch.save(that_state_dict, path)) and convert that file")
+  if found:
+    return found[0][1], found[0][0]
+  if present and isinstance(obj[present[0]], Mapping):  # for the caller to describe
+    return strip_module_prefix(obj[present[0]]), repr(present[0])
+  return top, None

@@ -113,8 +113,11 @@ def _run_convert(args: argparse.Namespace) -> int:
   config = ports.read_config(out)
   shape = (f"{config.get('n_layer')} blocks of width {config.get('n_embd')}" if fmt == "gpt2"
            else f"resolution {config.get('resolution')}")
+  source = config.get("source")
+  entry = config.get("source_entry") or (source.get("entry") if isinstance(source, dict)
+                                         else None)
   print(f"converted {args.src} ({fmt}) -> {out}: architecture {config.get('architecture')}, "
-        f"{shape}")
+        f"{shape}" + (f"; generator weights from {entry}" if entry else ""))
   return 0
 
 

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 
 from memedit import _io
-from ports import (check_finite, check_variables, shown_keys, strip_module_prefix, to_numpy,
+from ports import (check_finite, check_variables, find_generator_entry, shown_keys, to_numpy,
                    validate_state_dict)
 from ports.dcgan.model import (BN_EPSILON, KERNEL, NUM_LAYERS, RESOLUTION, DCGANGenerator,
                                layer_channels)
 
 __all__ = ["ARCHITECTURE", "BN_FIELDS", "BN_INDICES", "CONV_INDICES", "check_state_dict",
-           "convert_dcgan", "expected_shapes", "find_state_dict", "flax_kernel_to_torch",
+           "convert_dcgan", "expected_shapes", "find_state_dict", "find_state_dict_entry",
+           "flax_kernel_to_torch",
            "load_dcgan", "torch_convt_to_flax", "variables_from_state_dict"]
 
 ARCHITECTURE = "dcgan"
@@ -34,23 +35,41 @@ BN_INDICES = (1, 4, 7, 10)
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
 
-def find_state_dict(obj: Any) -> dict[str, np.ndarray]:
-  """The generator state dict inside a loaded checkpoint.
+def _is_generator(sd: Any) -> bool:
+  check_state_dict(sd)
+  return True
+
+
+def find_state_dict_entry(obj: Any, where: str = "DCGAN checkpoint"
+                          ) -> tuple[dict[str, np.ndarray], str | None]:
+  """The generator state dict inside a loaded checkpoint, and the entry that held it.
 
   Accepts ``{'netG_state_dict': sd, ...}`` (the format of the tutorial's training
-  script), ``{'state_dict': sd}``, or ``sd`` itself; ``module.`` prefixes left by
-  ``DataParallel`` and ``_orig_mod.`` prefixes left by ``torch.compile`` are removed.
+  script), ``sd`` itself, or a training checkpoint with exactly one complete DCGAN
+  generator state dict among its entries (``{'state_dict': sd}``, ``{'model': sd,
+  'optimizer': ..., 'epoch': 3}``, ``{'generator': sd}``, a Lightning
+  ``{'state_dict': {'generator.main.0.weight': ...}}``; see
+  :func:`ports.find_generator_entry`). ``module.`` prefixes left by ``DataParallel`` and
+  ``_orig_mod.`` prefixes left by ``torch.compile`` are removed.
+
+  Returns:
+    ``(sd, entry)``: ``entry`` names where ``sd`` was found (None: ``obj`` itself, or
+    nothing found, in which case ``obj`` is returned for :func:`check_state_dict` to
+    describe).
 
   Raises:
-    ValueError: ``obj`` is not a dict.
+    ValueError: ``obj`` is not a dict, or two entries hold DCGAN generators.
   """
   if not isinstance(obj, dict):
-    raise ValueError(f"DCGAN checkpoint: expected a dict, got {type(obj).__name__}")
-  for key in ("netG_state_dict", "state_dict"):
-    if key in obj and isinstance(obj[key], dict):
-      obj = obj[key]
-      break
-  return strip_module_prefix(obj)
+    raise ValueError(f"{where}: expected a dict, got {type(obj).__name__}")
+  return find_generator_entry(obj, _is_generator, preferred=("netG_state_dict", "state_dict"),
+                              what="DCGAN generator state dict", where=where)
+
+
+def find_state_dict(obj: Any, where: str = "DCGAN checkpoint") -> dict[str, np.ndarray]:
+  """The generator state dict inside a loaded checkpoint (:func:`find_state_dict_entry`
+  without the entry)."""
+  return find_state_dict_entry(obj, where)[0]
 
 
 def expected_shapes(z_dim: int, ngf: int, channels: int) -> dict[str, tuple]:
@@ -72,18 +91,20 @@ def _as_arrays(sd: Any) -> Any:
   return sd
 
 
-def check_state_dict(sd: dict[str, Any]) -> tuple[int, int, int]:
+def check_state_dict(sd: dict[str, Any], where: str = "DCGAN checkpoint"
+                     ) -> tuple[int, int, int]:
   """Validates a torch DCGAN state dict (numpy arrays or torch tensors) and returns
   ``(z_dim, ngf, channels)``.
 
   Raises:
     ValueError: keys are missing, unexpected or not strings, values are not numeric
-      tensors, shapes do not fit the architecture, a weight holds NaN or infinite
-      values, or a batch norm's running variance is negative (the message names it).
+      tensors, shapes do not fit the architecture, a weight is not floating-point (e.g.
+      the int8 of a quantised checkpoint), holds NaN or infinite values, or a batch
+      norm's running variance is negative (the message names it and ``where``).
   """
   sd = _as_arrays(sd)
   if not isinstance(sd, dict):
-    validate_state_dict(sd, "DCGAN checkpoint")  # raises: names what was received
+    validate_state_dict(sd, where)  # raises: names what was received
   first, last = sd.get("main.0.weight"), sd.get("main.12.weight")
   if not (isinstance(first, np.ndarray) and first.ndim == 4 and isinstance(last, np.ndarray)
           and last.ndim == 4):
@@ -91,15 +112,15 @@ def check_state_dict(sd: dict[str, Any]) -> tuple[int, int, int]:
         f"{k} " + ("missing" if v is None else f"of shape {tuple(np.shape(v))}"
                    if isinstance(v, np.ndarray) else f"a {type(v).__name__}")
         for k, v in (("main.0.weight", first), ("main.12.weight", last)))
-    raise ValueError("DCGAN checkpoint: expected 4-d tensors 'main.0.weight' and "
+    raise ValueError(f"{where}: expected 4-d tensors 'main.0.weight' and "
                      f"'main.12.weight', found keys {shown_keys(sd)} ({got})")
-  validate_state_dict(sd, "DCGAN checkpoint")
+  validate_state_dict(sd, where)
   z_dim, ngf8 = first.shape[:2]
   if min(first.shape) < 1 or min(last.shape) < 1:
-    raise ValueError(f"DCGAN checkpoint: expected non-empty tensors, got main.0.weight of "
+    raise ValueError(f"{where}: expected non-empty tensors, got main.0.weight of "
                      f"shape {first.shape} and main.12.weight of shape {last.shape}")
   if ngf8 % 8:
-    raise ValueError(f"DCGAN checkpoint: main.0.weight: expected output channels divisible by 8 "
+    raise ValueError(f"{where}: main.0.weight: expected output channels divisible by 8 "
                      f"(8 ngf), got {ngf8}")
   ngf, channels = ngf8 // 8, last.shape[1]
   shapes = expected_shapes(z_dim, ngf, channels)
@@ -107,17 +128,21 @@ def check_state_dict(sd: dict[str, Any]) -> tuple[int, int, int]:
   missing = sorted(set(shapes) - set(sd), key=str)
   extra = sorted(set(sd) - set(shapes) - counters, key=str)
   if missing or extra:
-    raise ValueError(f"DCGAN checkpoint: missing keys {missing}, unexpected keys {extra}")
+    raise ValueError(f"{where}: missing keys {missing}, unexpected keys {extra}")
   for name, shape in shapes.items():
     got = tuple(np.shape(sd[name]))
     if got != shape:
-      raise ValueError(f"DCGAN checkpoint: {name}: expected shape {shape} "
+      raise ValueError(f"{where}: {name}: expected shape {shape} "
                        f"(z_dim {z_dim}, ngf {ngf}, channels {channels}), got {got}")
-    check_finite(name, sd[name], "DCGAN checkpoint")
+    dtype = np.asarray(sd[name]).dtype
+    if not (dtype.kind == "f" or dtype.kind == "V"):  # 'V': bfloat16 and float8
+      raise ValueError(f"{where}: {name}: expected floating-point weights, got {dtype} "
+                       "(quantised or damaged checkpoints are not supported)")
+    check_finite(name, sd[name], where)
     if name.endswith(".running_var"):
       negative = int((np.asarray(sd[name], np.float32) < 0).sum())
       if negative:
-        raise ValueError(f"DCGAN checkpoint: {name}: expected non-negative variances, got "
+        raise ValueError(f"{where}: {name}: expected non-negative variances, got "
                          f"{negative} negative of {np.size(sd[name])} values (batch norm "
                          "would give NaN)")
   return int(z_dim), int(ngf), int(channels)
@@ -136,7 +161,8 @@ def flax_kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(kernel, (2, 3, 0, 1))[:, :, ::-1, ::-1])
 
 
-def variables_from_state_dict(sd: dict[str, np.ndarray]) -> tuple[dict, dict]:
+def variables_from_state_dict(sd: dict[str, np.ndarray], where: str = "DCGAN checkpoint"
+                              ) -> tuple[dict, dict]:
   """Torch DCGAN state dict (numpy arrays or torch tensors) -> ``(variables, config)`` for
   :class:`DCGANGenerator`.
 
@@ -147,7 +173,7 @@ def variables_from_state_dict(sd: dict[str, np.ndarray]) -> tuple[dict, dict]:
       ``channels`` (sizes along the network), ``bn_epsilon``.
   """
   sd = _as_arrays(sd)
-  z_dim, ngf, channels = check_state_dict(sd)
+  z_dim, ngf, channels = check_state_dict(sd, where)
   f32 = lambda a: np.asarray(a, dtype=np.float32)
   params, stats = {}, {}
   for layer, idx in enumerate(CONV_INDICES):
@@ -190,17 +216,21 @@ def convert_dcgan(src_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``out_dir`` as an absolute path.
 
   Raises:
-    ValueError: the checkpoint is not a DCGAN generator (message lists what was found),
-      or the file is unsafe / corrupt (``ports.torchfile`` errors).
+    ValueError: the checkpoint is not a DCGAN generator, or holds two (the message names
+      the file and lists what was found), or the file is unsafe / corrupt
+      (``ports.torchfile`` errors).
   """
   from ports.torchfile import load_torch
 
   src = os.fspath(src_path)
   _io.check_output(out_dir, "converted", force=force, protect=(src,))
-  sd = find_state_dict(load_torch(src))
-  variables, config = variables_from_state_dict(sd)
+  where = f"{src}: DCGAN checkpoint"
+  sd, entry = find_state_dict_entry(load_torch(src), where)
+  variables, config = variables_from_state_dict(sd, where)
   config.update(source_file=os.path.basename(src), source_sha256=_io.sha256_file(src),
                 source_format="torch")
+  if entry is not None:
+    config["source_entry"] = entry
   return _io.save_tree(out_dir, variables, config, kind="converted", force=force,
                        protect=(src,))
 

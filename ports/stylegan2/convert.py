@@ -35,11 +35,13 @@ from ports import check_variables
 from ports.stylegan2 import model as model_lib
 from ports.stylegan2.nvidia import (convert_nvidia, infer_nvidia_config,
                                     state_dict_to_params_nvidia)
-from ports.stylegan2.rosinality import (convert_rosinality, infer_rosinality_config,
+from ports.stylegan2.rosinality import (convert_rosinality, find_rosinality_entry,
+                                        infer_rosinality_config,
                                         state_dict_to_params_rosinality)
 from ports.stylegan2.state_dict import FORMAT_VERSION
 
-__all__ = ["FORMAT_VERSION", "convert_nvidia", "convert_rosinality", "infer_nvidia_config",
+__all__ = ["FORMAT_VERSION", "convert_nvidia", "convert_rosinality", "find_rosinality_entry",
+           "infer_nvidia_config",
            "infer_rosinality_config", "load_stylegan2", "state_dict_to_params_nvidia",
            "state_dict_to_params_rosinality"]
 

@@ -12,20 +12,28 @@ from typing import Any, Mapping
 import numpy as np
 
 from memedit import _io
-from ports import (_numeric, check_finite, shown_keys, strip_module_prefix,
+from ports import (check_finite, find_generator_entry, shown_keys, strip_module_prefix,
                    validate_state_dict)
 from ports.stylegan2 import model as model_lib
 from ports.stylegan2.state_dict import (BLUR, FORMAT_VERSION, check_filters,
-                                        check_finite_tensors, check_keys, conv_kernel,
+                                        check_finite_tensors, check_float_tensors, check_keys,
+                                        conv_kernel,
                                         count_indices, dense_kernel, source_info, tensor_shape,
                                         to_float32)
 from ports.torchfile import brief_repr
 
-__all__ = ["convert_rosinality", "infer_rosinality_config", "state_dict_to_params_rosinality"]
+__all__ = ["convert_rosinality", "find_rosinality_entry", "infer_rosinality_config",
+           "state_dict_to_params_rosinality"]
 
 
-def infer_rosinality_config(sd: Mapping[str, Any]) -> dict:
+def _flavour(where: str | None) -> str:
+  return f"{where}: rosinality" if where else "rosinality"
+
+
+def infer_rosinality_config(sd: Mapping[str, Any], *, where: str | None = None) -> dict:
   """Architecture of a rosinality ``g_ema`` state dict, from its keys and shapes.
+
+  ``where`` (e.g. the file it was read from) begins every error message.
 
   Returns:
     Config dict (resolution, z_dim = w_dim = style_dim, n_mlp, channels,
@@ -34,24 +42,25 @@ def infer_rosinality_config(sd: Mapping[str, Any]) -> dict:
   Raises:
     ValueError: the state dict is not a rosinality StyleGAN2 generator this port covers.
   """
-  sd = validate_state_dict(strip_module_prefix(sd), "rosinality StyleGAN2 state dict")
+  fl = _flavour(where)
+  sd = validate_state_dict(strip_module_prefix(sd), f"{fl} StyleGAN2 state dict")
   if "style.1.weight" not in sd or "input.input" not in sd or "conv1.conv.weight" not in sd:
-    raise ValueError("rosinality StyleGAN2 state dict: expected keys 'style.1.weight', "
+    raise ValueError(f"{fl} StyleGAN2 state dict: expected keys 'style.1.weight', "
                      f"'input.input', 'conv1.conv.weight', got {shown_keys(sd)}")
   n_mlp = count_indices(sd, r"style\.(\d+)\.weight")
-  style_dim = tensor_shape("rosinality", sd, "style.1.weight", 2, "(style_dim, style_dim)")[1]
-  input_shape = tensor_shape("rosinality", sd, "input.input", 4, "(1, C, 4, 4)")
+  style_dim = tensor_shape(fl, sd, "style.1.weight", 2, "(style_dim, style_dim)")[1]
+  input_shape = tensor_shape(fl, sd, "input.input", 4, "(1, C, 4, 4)")
   n_convs = count_indices(sd, r"convs\.(\d+)\.conv\.weight")
   if n_convs % 2:
-    raise ValueError(f"rosinality StyleGAN2 state dict: expected an even number of "
+    raise ValueError(f"{fl} StyleGAN2 state dict: expected an even number of "
                      f"'convs.N' layers, got {n_convs}")
   log2 = 2 + n_convs // 2
   resolution = 2 ** log2
   channels = [input_shape[1]]
   for j in range(0, n_convs, 2):
     key = f"convs.{j}.conv.weight"
-    channels.append(tensor_shape("rosinality", sd, key, 5, "(1, C_out, C_in, 3, 3)")[1])
-  img_channels = (tensor_shape("rosinality", sd, "to_rgb1.conv.weight", 5,
+    channels.append(tensor_shape(fl, sd, key, 5, "(1, C_out, C_in, 3, 3)")[1])
+  img_channels = (tensor_shape(fl, sd, "to_rgb1.conv.weight", 5,
                                "(1, 3, C_in, 1, 1)")[1]
                   if "to_rgb1.conv.weight" in sd else 3)
   multiplier = None
@@ -119,8 +128,40 @@ def _generated_noise(num_layers: int) -> dict[str, np.ndarray]:
   return out
 
 
+def _is_generator(sd: Mapping[str, Any]) -> bool:
+  """Whether ``sd`` is a complete rosinality generator state dict (names and shapes)."""
+  config = infer_rosinality_config(sd)
+  sd = strip_module_prefix(sd)
+  check_keys("rosinality", sd, _rosinality_expected(
+      config, any(k.startswith("noises.") for k in sd)))
+  return True
+
+
+def _is_generator_quiet(sd: Any) -> bool:
+  try:
+    return _is_generator(sd)
+  except (ValueError, TypeError):
+    return False
+
+
+def find_rosinality_entry(obj: Any, where: str = "rosinality checkpoint"
+                          ) -> tuple[Any, str | None]:
+  """The rosinality generator state dict inside a loaded checkpoint, and the entry that
+  held it: ``'g_ema'`` when it is one, else ``obj`` itself or the one entry holding a
+  complete generator state dict (``{'state_dict': sd}``, ``{'generator': sd}``, ``{'g':
+  sd, 'd': ...}``, a Lightning ``{'state_dict': {'generator.style.1.weight': ...}}``;
+  see :func:`ports.find_generator_entry`).
+
+  Raises:
+    ValueError: two entries hold rosinality generators (the message names them).
+  """
+  return find_generator_entry(obj, _is_generator, preferred=("g_ema",),
+                              what="rosinality generator state dict", where=where)
+
+
 def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
-                                    config: dict | None = None) -> dict:
+                                    config: dict | None = None, *,
+                                    where: str | None = None) -> dict:
   """Maps a rosinality ``g_ema`` state dict onto Flax variables.
 
   Args:
@@ -129,21 +170,25 @@ def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
     latent_avg: (style_dim,) (any shape of that size) truncation centre, or None to use
       zeros (:func:`convert_rosinality` estimates it instead).
     config: from :func:`infer_rosinality_config` (inferred when None).
+    where: what ``sd`` is (e.g. the file it was read from), to begin error messages.
 
   Returns:
     ``{'params': ..., 'buffers': ...}`` for :class:`ports.stylegan2.model.StyleGAN2Generator`.
 
   Raises:
-    ValueError: keys or shapes differ from the architecture the config describes, or the
-      blur filters are not [1,3,3,1].
+    ValueError: keys or shapes differ from the architecture the config describes, weights
+      are not floating-point (e.g. int8) or not finite, or the blur filters are not
+      [1,3,3,1].
   """
-  sd = validate_state_dict(strip_module_prefix(sd), "rosinality StyleGAN2 state dict")
-  config = config or infer_rosinality_config(sd)
+  fl = _flavour(where)
+  sd = validate_state_dict(strip_module_prefix(sd), f"{fl} StyleGAN2 state dict")
+  config = config or infer_rosinality_config(sd, where=where)
   with_noise = any(k.startswith("noises.") for k in sd)
   exp = _rosinality_expected(config, with_noise)
-  check_keys("rosinality", sd, exp)
-  check_finite_tensors("rosinality", sd, exp)
-  check_filters("rosinality", sd, [k for k in exp if k.endswith((".blur.kernel",
+  check_keys(fl, sd, exp)
+  check_float_tensors(fl, sd, exp)
+  check_finite_tensors(fl, sd, exp)
+  check_filters(fl, sd, [k for k in exp if k.endswith((".blur.kernel",
                                                                   ".upsample.kernel"))], 4.0)
   mapping = {f"fc_{l - 1}": {"kernel": dense_kernel(sd[f"style.{l}.weight"]),
                              "bias": to_float32(sd[f"style.{l}.bias"])}
@@ -177,17 +222,22 @@ def state_dict_to_params_rosinality(sd: Mapping[str, Any], latent_avg: Any,
   if latent_avg is None:
     avg = np.zeros((config["w_dim"],), np.float32)
   else:
-    if not (hasattr(latent_avg, "detach") or (isinstance(latent_avg, (np.ndarray, np.generic))
-                                              and latent_avg.dtype.kind != "b"
-                                              and _numeric(latent_avg.dtype))):
-      got = (f"an array of {latent_avg.dtype}" if isinstance(latent_avg, (np.ndarray, np.generic))
-             else f"{type(latent_avg).__name__} {brief_repr(latent_avg)}")
-      raise ValueError(f"latent_avg: expected a tensor of {config['w_dim']} values, got {got}")
+    lbl = f"{where}: latent_avg" if where else "latent_avg"
+    if hasattr(latent_avg, "detach"):
+      floating, got = latent_avg.is_floating_point(), f"a tensor of {latent_avg.dtype}"
+    elif isinstance(latent_avg, (np.ndarray, np.generic)):
+      floating, got = latent_avg.dtype.kind in "fV", f"an array of {latent_avg.dtype}"
+    else:
+      floating, got = False, f"{type(latent_avg).__name__} {brief_repr(latent_avg)}"
+    if not floating:
+      raise ValueError(f"{lbl}: expected a tensor of {config['w_dim']} values, got {got} "
+                       "(floating-point values are required)")
     avg = to_float32(latent_avg).reshape(-1)
     if avg.shape != (config["w_dim"],):
-      raise ValueError(f"latent_avg: expected {config['w_dim']} values, got shape "
+      raise ValueError(f"{lbl}: expected {config['w_dim']} values, got shape "
                        f"{np.shape(latent_avg)}")
-    check_finite("latent_avg", avg, "rosinality checkpoint")
+    check_finite("latent_avg", avg, f"{where}: rosinality checkpoint" if where
+                 else "rosinality checkpoint")
   return {"params": {"mapping": mapping, "synthesis": synth},
           "buffers": {"latent_avg": avg, "synthesis": noise}}
 
@@ -206,19 +256,28 @@ def convert_rosinality(src_path: str | os.PathLike, out_dir: str | os.PathLike, 
     The absolute path of the written checkpoint directory.
 
   Raises:
-    ValueError: the file holds no 'g_ema' generator or one of another architecture.
+    ValueError: the file holds no generator ('g_ema', or the one entry holding a rosinality
+      generator state dict, e.g. ``{'state_dict': sd}``), two such entries, or one of
+      another architecture; messages begin with the file's name.
   """
   from ports import torchfile
 
   _io.check_output(out_dir, "converted", force=force, protect=(src_path,))
+  where = f"{os.fspath(src_path)}: rosinality checkpoint"
   ckpt = torchfile.load_torch(src_path)
-  if not isinstance(ckpt, Mapping) or "g_ema" not in ckpt:
-    keys = shown_keys(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
-    raise ValueError(f"rosinality checkpoint: expected a dict with 'g_ema', got {keys}")
-  sd = validate_state_dict(ckpt["g_ema"], "rosinality checkpoint: 'g_ema'")
-  config = infer_rosinality_config(sd)
+  if not isinstance(ckpt, Mapping):
+    raise ValueError(f"{where}: expected a dict with 'g_ema', got {type(ckpt).__name__}")
+  if "g_ema" in ckpt:
+    sd, entry = validate_state_dict(ckpt["g_ema"], f"{where}: 'g_ema'"), "'g_ema'"
+  else:
+    sd, entry = find_rosinality_entry(ckpt, where)
+    if not (_is_generator_quiet(sd) or (isinstance(sd, Mapping) and "style.1.weight" in sd)):
+      raise ValueError(f"{where}: expected a dict with 'g_ema', got {shown_keys(ckpt)} (and "
+                       "no entry holding a rosinality generator state dict)")
+  config = infer_rosinality_config(sd, where=os.fspath(src_path))
   latent_avg = ckpt.get("latent_avg")
-  variables = state_dict_to_params_rosinality(sd, latent_avg, config)
+  variables = state_dict_to_params_rosinality(sd, latent_avg, config,
+                                              where=os.fspath(src_path))
   if latent_avg is None:
     module = model_lib.generator_from_config(config)
     variables["buffers"]["latent_avg"] = model_lib.mean_latent(module, variables, 4096, 0)
@@ -226,5 +285,7 @@ def convert_rosinality(src_path: str | os.PathLike, out_dir: str | os.PathLike, 
   else:
     config["latent_avg_source"] = "checkpoint"
   config["source"] = source_info(src_path)
+  if entry is not None:
+    config["source"]["entry"] = entry
   return _io.save_tree(out_dir, variables, config, kind="converted", force=force,
                        protect=(src_path,))

@@ -18,7 +18,8 @@ import numpy as np
 from memedit import _io
 from ports import check_finite, shown_keys, to_numpy
 
-__all__ = ["BLUR", "FORMAT_VERSION", "check_filters", "check_finite_tensors", "check_keys",
+__all__ = ["BLUR", "FORMAT_VERSION", "check_filters", "check_finite_tensors",
+           "check_float_tensors", "check_keys",
            "conv_kernel", "count_indices", "dense_kernel", "source_info", "tensor_shape",
            "to_float32"]
 
@@ -57,6 +58,22 @@ def check_finite_tensors(flavour: str, sd: Mapping[str, Any], keys) -> None:
   (:func:`ports.check_finite`, naming the flavour's state dict)."""
   for k in keys:
     check_finite(k, sd[k], f"{flavour} StyleGAN2 state dict")
+
+
+def check_float_tensors(flavour: str, sd: Mapping[str, Any], keys) -> None:
+  """Refuses weights ``sd[k]`` that are not floating-point (e.g. the int8 of a quantised or
+  damaged checkpoint), which a float32 cast would silently turn into other weights."""
+  for k in keys:
+    value = sd[k]
+    if hasattr(value, "detach"):  # a torch tensor handed in by a caller
+      floating, dtype = value.is_floating_point(), value.dtype
+    else:  # numpy; kind 'V' is one of the ml_dtypes floats (bfloat16, float8)
+      dtype = np.asarray(value).dtype
+      floating = dtype.kind in "fV"
+    if not floating:
+      raise ValueError(f"{flavour} StyleGAN2 state dict: {k}: expected floating-point "
+                       f"weights, got {dtype} (quantised or damaged checkpoints are not "
+                       "supported)")
 
 
 def check_keys(flavour: str, sd: Mapping[str, Any], expected: dict[str, tuple[int, ...]],
