@@ -181,11 +181,29 @@ def _check_preserve(preserve, info) -> tuple:
   return tuple(out)
 
 
+def _same_crop(a: Target, b: Target) -> bool:
+  """Whether two Targets are the same crop of the same image: equal keys and extra
+  arguments, so the layer computes the same outputs on both."""
+  if np.shape(a.keys) != np.shape(b.keys) or not np.array_equal(np.asarray(a.keys),
+                                                                 np.asarray(b.keys)):
+    return False
+  ea, eb = jax.tree.leaves(tuple(a.extra)), jax.tree.leaves(tuple(b.extra))
+  return len(ea) == len(eb) and all(
+      np.shape(x) == np.shape(y) and np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(ea, eb))
+
+
 def _check_preserve_weight(w) -> float:
-  if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) \
-      or not np.isfinite(w) or w <= 0:
+  """μ: a finite real number > 0 (a Python or numpy number, or a 0-d array)."""
+  a = None
+  if not isinstance(w, (bool, np.bool_, str, bytes)):
+    try:
+      a = np.asarray(w)
+    except Exception:  # noqa: BLE001 - a traced value or an object numpy cannot read
+      a = None
+  if a is None or a.ndim != 0 or a.dtype.kind not in "iuf" or not np.isfinite(a) or a <= 0:
     raise ValueError(f"preserve_weight: expected a finite number > 0, got {w!r}")
-  return float(w)
+  return float(a)
 
 
 def insert(gen: Generator, layer: str, D: Any, target: Target, *,
@@ -238,7 +256,8 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
       ``(Target, values)`` that keep the given values there (shaped like its
       ``targets``; e.g. the outputs right after that earlier edit was made, which a
       later edit then also keeps from drifting).
-    preserve_weight: μ, the weight of each kept crop relative to the edit's own.
+    preserve_weight: μ, the weight of each kept crop relative to the edit's own: a finite
+      number > 0 (a Python or numpy number, or a 0-d array).
 
   Returns:
     :class:`EditResult`.
@@ -248,7 +267,8 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
       positive int, a learning rate that is not a finite positive number, a grouped
       convolution (``feature_group_count`` > 1: D over its C_in keys has no place in its
       kernel of C_in / G input channels), kept crops that are not crops of this layer (keys of
-      another dimension, or keys and targets of another crop geometry) or whose kept
+      another dimension, or keys and targets of another crop geometry) or are the edit's
+      own crop (the same keys and extra arguments as ``target``), or whose kept
       values (given, or the outputs before the edit) are not finite or not the crop's
       shape, a ``preserve_weight`` that is not a finite positive
       number or whose weights (μ·n/n_j per kept value, and their total) float32 cannot
@@ -280,6 +300,12 @@ def insert(gen: Generator, layer: str, D: Any, target: Target, *,
   _check_ungrouped(gen, layer, "insert")
   D = _check_directions(D, info.key_dim)
   preserve = _check_preserve(preserve, info)
+  for i, (t, _) in enumerate(preserve):
+    if _same_crop(t, target):
+      raise ValueError(
+          f"preserve[{i}]: expected a crop other than the edit's own, got the crop of "
+          f"target (the same keys and extra arguments): keeping its outputs there works "
+          f"against the edit's own targets on the same values")
   preserve_weight = _check_preserve_weight(preserve_weight)
   lam_mask = None if taps == "all" else _own_taps(gen, layer)[:, :, None, None]
   f, keys = crop_problem(gen, layer, target)

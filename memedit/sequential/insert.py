@@ -255,8 +255,9 @@ def sequential_directions(log: EditLog, C: Any, D: Any, path: Any, *,
   D = jnp.asarray(as_array(D, "D"))
   if not project:
     return D
-  if D.ndim != 2:
-    raise ValueError(f"D: expected shape (r, d), got {tuple(D.shape)}")
+  if D.ndim != 2 or D.shape[0] < 1 or D.shape[1] < 1:
+    raise ValueError(f"D: expected shape (r, d) with r ≥ 1 directions of dimension d ≥ 1, "
+                     f"got {tuple(D.shape)}")
   _check_C(C, D.shape[1])
   pk, pw = _preserved(log, path, index, key_weight, D.shape[1])
   ns = null_space(C, pk, pw, threshold=threshold)

@@ -375,7 +375,8 @@ def check_edit(log: EditLog, edit: Edit, *, params: Any = None, relative_to: str
     :class:`EditCheck`.
 
   Raises:
-    ValueError: not an EditLog or an Edit, traced factors (under ``jax.jit``), a
+    ValueError: not an EditLog or an Edit, an edit already active in the log (its name
+      is an active entry's), traced factors (under ``jax.jit``), a
       threshold that is not a number ≥ 0, an edit whose key dimension differs from the
       earlier edits' on its leaf, or ``params`` whose kernel does not fit the edits.
 
@@ -398,6 +399,14 @@ def check_edit(log: EditLog, edit: Edit, *, params: Any = None, relative_to: str
     raise ValueError("edit: expected concrete factors (the check runs on the host in "
                      "float64), got traced ones; check outside jax.jit (sequential_insert: "
                      "pass check=False under jax.jit)")
+  for i, e in enumerate(log.entries):
+    if e.active and e.edit.name == edit.name:
+      # Checked again after log_append, the edit would count twice: its change at its
+      # own keys and the norms as if applied a second time.
+      raise ValueError(f"edit: expected an edit not yet active in the log (check_edit "
+                       f"predicts an edit before it is appended), got {edit.name!r}, active "
+                       f"entry {i}; check it against the log without it, e.g. "
+                       f"log_revert(log, {i})")
   _check_relative(relative_to, params)
   for name, v in (("max_interference", max_interference), ("max_norm_growth", max_norm_growth),
                   ("max_condition_growth", max_condition_growth)):

@@ -255,8 +255,9 @@ def project_directions(D: Any, P: Any, *, orthonormalize: bool = True) -> jax.Ar
   P = _device_array(P, "P")
   check_real(D, "D")
   check_real(P, "P")
-  if D.ndim != 2:
-    raise ValueError(f"D: expected shape (r, d), got {tuple(D.shape)}")
+  if D.ndim != 2 or D.shape[0] < 1 or D.shape[1] < 1:
+    raise ValueError(f"D: expected shape (r, d) with r ≥ 1 directions of dimension d ≥ 1, "
+                     f"got {tuple(D.shape)}")
   d = D.shape[1]
   if tuple(P.shape) != (d, d):
     raise ValueError(f"P: expected shape ({d}, {d}) to match D {tuple(D.shape)}, got "
