@@ -116,3 +116,15 @@ def randomize_rosinality(g) -> None:
         p.copy_(0.2 / 0.01 * torch.randn_like(p))  # applied times lr_mul 0.01
       elif name.endswith("bias"):
         p.copy_(0.2 * torch.randn_like(p))
+
+
+def torch_one_thread():
+  """A module fixture's body (``pytest.fixture(scope="module", autouse=True)(...)``): the
+  torch peers run on one thread, their forward passes being small enough that a second
+  thread (sharing the cores with XLA's) costs more CPU time than it saves."""
+  import torch
+
+  n = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(n)

@@ -31,12 +31,7 @@ pytestmark = pytest.mark.parity
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_one_thread():
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
+_torch_one_thread = pytest.fixture(scope="module", autouse=True)(peers.torch_one_thread)
 
 
 # ----------------------------------------------------------------------------------------

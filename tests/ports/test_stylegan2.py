@@ -20,14 +20,7 @@ from ports.stylegan2 import model as sg2_model
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_one_thread():
-  """The torch peers run on one thread here: their forward passes are small enough that a
-  second thread (sharing the cores with XLA's) costs more CPU time than it saves."""
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
+_torch_one_thread = pytest.fixture(scope="module", autouse=True)(peers.torch_one_thread)
 
 
 def _rosinality_checkpoint(directory, size, style_dim, n_mlp, seed=0):
