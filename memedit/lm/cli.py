@@ -8,7 +8,7 @@
 - ``lm-edit``: ROME, MEMIT or fine-tuning edits of world facts, saved as memedit edits;
 - ``lm-eval``: the evaluation table (single ROME, MEMIT batches, fine-tuning);
 - ``lm-trace``: causal tracing heat maps (PNG);
-- ``lm-demo``: all of the above in one run.
+- ``lm-demo``: train, trace and evaluate in one run (with ``--model``: no training).
 """
 
 from __future__ import annotations
@@ -34,6 +34,34 @@ def _positive(text: str) -> int:
   return value
 
 
+def _nonnegative(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+  if not 0 <= value <= 10_000_000:
+    raise argparse.ArgumentTypeError(f"expected an integer in [0, 10000000], got {value}")
+  return value
+
+
+_NOT_A_FILE = "not a file: lm-edit's --facts is a facts file"
+
+
+def _fact_count(text: str) -> int:
+  """A number of world facts (the --facts of lm-eval and lm-trace, which share the name of
+  lm-edit's facts file)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected a count of world facts (a positive integer), got {text!r}: this --facts "
+        f"is a number, {_NOT_A_FILE} (`memedit lm-edit --facts FILE`)") from None
+  if not 1 <= value <= 10_000_000:
+    raise argparse.ArgumentTypeError(
+        f"expected a count of world facts in [1, 10000000], got {value}")
+  return value
+
+
 def _int_list(text: str) -> list[int]:
   parts = [x.strip() for x in text.split(",")]
   if "" in parts:
@@ -48,35 +76,80 @@ def _int_list(text: str) -> list[int]:
   return values
 
 
-def _common(p, model: bool = True) -> None:
-  p.add_argument("--cache-dir", default=".cache", help="cache folder (default .cache)")
+def _common(p, model: bool = True, model_help: str = _MODEL_HELP) -> None:
+  p.add_argument("--cache-dir", default=".cache", metavar="FOLDER",
+                 help="cache folder of the demo models (lm-demo-<hash>) and of C (lm-stats) "
+                 "(default %(default)s)")
   if model:
-    p.add_argument("--model", default=None, help=_MODEL_HELP)
+    p.add_argument("--model", default=None, metavar="FOLDER", help=model_help)
 
 
 def _train_args(p) -> None:
+  from memedit.lm.world import NAME_STYLES, RELATION_KINDS
+
   g = p.add_argument_group("demo settings (the cache key)")
   base = _defaults()
-  g.add_argument("--seed", type=int, default=base.seed)
-  g.add_argument("--subjects", type=_positive, default=base.n_subjects)
-  g.add_argument("--relations", type=_positive, default=base.n_relations)
-  g.add_argument("--objects", type=_positive, default=base.n_objects)
-  g.add_argument("--names", choices=("surname", "single", "pair"), default=base.names,
-                 help=f"subject names (default {base.names})")
-  g.add_argument("--embd", type=_positive, default=base.n_embd)
+  g.add_argument("--seed", type=int, default=base.seed,
+                 help="seed of the world, the initialisation and the data order (default "
+                 "%(default)s)")
+  g.add_argument("--subjects", type=_positive, default=base.n_subjects,
+                 help="subjects of the world (default %(default)s)")
+  g.add_argument("--relations", type=_positive, default=base.n_relations,
+                 help=f"relations per subject, 1 to {len(RELATION_KINDS)} (home, job, "
+                 "language, ...; default %(default)s)")
+  g.add_argument("--objects", type=_positive, default=base.n_objects,
+                 help="objects per relation, at least 2 (default %(default)s)")
+  g.add_argument("--names", choices=NAME_STYLES, default=base.names,
+                 help="subject names: surname (a unique given name and one of 40 shared "
+                 "surnames), single (one unique word) or pair (given and family names from "
+                 "shared pools, only the pair unique) (default %(default)s)")
+  g.add_argument("--embd", type=_positive, default=base.n_embd,
+                 help="width of the residual stream, n_embd (default %(default)s)")
   g.add_argument("--blocks", type=_positive, default=base.n_layer,
-                 help=f"transformer blocks (default {base.n_layer})")
-  g.add_argument("--heads", type=_positive, default=base.n_head)
-  g.add_argument("--inner", type=int, default=base.n_inner,
-                 help=f"MLP width, the memories' key dimension (default {base.n_inner}; "
+                 help="transformer blocks (default %(default)s)")
+  g.add_argument("--heads", type=_positive, default=base.n_head,
+                 help="attention heads per block, dividing --embd (default %(default)s)")
+  g.add_argument("--inner", type=_nonnegative, default=base.n_inner,
+                 help="MLP width, the memories' key dimension (default %(default)s; "
                  "0: 4 × --embd)")
-  g.add_argument("--steps", type=_positive, default=base.steps)
-  g.add_argument("--batch", type=_positive, default=base.batch)
-  g.add_argument("--warmup", type=int, default=base.warmup, help="learning-rate warm-up "
-                 f"steps (default {base.warmup})")
-  g.add_argument("--warm-subjects", type=int, default=base.warm_subjects)
-  g.add_argument("--warm-steps", type=int, default=base.warm_steps)
-  g.add_argument("--eval-facts", type=_positive, default=base.eval_facts)
+  g.add_argument("--steps", type=_positive, default=base.steps,
+                 help="optimiser steps (default %(default)s)")
+  g.add_argument("--batch", type=_positive, default=base.batch,
+                 help=f"training rows of {base.length} tokens per step (default %(default)s)")
+  g.add_argument("--warmup", type=_nonnegative, default=base.warmup,
+                 help="learning-rate warm-up steps, fewer than --steps (default %(default)s)")
+  g.add_argument("--warm-subjects", type=_nonnegative, default=base.warm_subjects,
+                 help="the first --warm-steps steps train on this many first subjects only "
+                 "(default %(default)s; 0: no such phase)")
+  g.add_argument("--warm-steps", type=_nonnegative, default=base.warm_steps,
+                 help="steps of that first phase, at most --steps (default %(default)s)")
+  g.add_argument("--eval-facts", type=_positive, default=base.eval_facts,
+                 help="facts whose top-1 accuracy is measured after training, on training "
+                 "and on held-out templates (default %(default)s)")
+
+
+_TOKENS_HELP = ("tokens of the world's text that C = E[k kᵀ] is collected over (part of its "
+                "cache key; default %(default)s)")
+
+
+def _kind_arg(p) -> None:
+  p.add_argument("--kind", choices=("hidden", "mlp"), default="hidden",
+                 help="the state restored in the traces: hidden, a block's output (the "
+                 "residual stream); mlp, a block's MLP output (default %(default)s)")
+
+
+def _eval_args(p) -> None:
+  p.add_argument("--single", type=_nonnegative, default=20,
+                 help="number of single ROME (and fine-tuning) edits, each applied alone, "
+                 "scored and reverted (default %(default)s; 0: none)")
+  p.add_argument("--batches", type=_int_list, default=[1, 10, 100, 1000],
+                 help="MEMIT (and fine-tuning) batch sizes, facts per batch, comma-separated "
+                 "(default 1,10,100,1000)")
+  p.add_argument("--facts", type=_fact_count, default=2000, metavar="N",
+                 help="number of world facts about unedited subjects whose top-1 accuracy "
+                 "is scored before and after each edit (default %(default)s; "
+                 + _NOT_A_FILE + ")")
+  p.add_argument("--no-ft", action="store_true", help="skip the fine-tuning baseline rows")
 
 
 def _defaults():
@@ -408,7 +481,7 @@ def _run_trace(args) -> int:
 def _run_demo(args) -> int:
   _check_trace_out(args.out, args.kind, args.model)
   _check_report_out(os.path.join(args.out, "lm_eval.json"), args.model)
-  for step in ("train", "trace", "eval"):
+  for step in ("trace", "eval") if args.model else ("train", "trace", "eval"):
     ns = argparse.Namespace(**vars(args))
     if step == "train":
       code = _run_train(ns)
@@ -426,51 +499,163 @@ def _run_demo(args) -> int:
 def _edit_args(p) -> None:
   from memedit.lm.train import DEMO_MEMIT_LAYERS, DEMO_PENALTY, DEMO_ROME_LAYER
 
-  p.add_argument("--layer", type=int, default=DEMO_ROME_LAYER, help=f"ROME / fine-tuning block "
-                 f"(default {DEMO_ROME_LAYER})")
+  p.add_argument("--layer", type=int, default=DEMO_ROME_LAYER, metavar="BLOCK",
+                 help="the block (0 .. blocks-1) whose MLP ROME and fine-tuning edit "
+                 "(default %(default)s)")
   p.add_argument("--layers", type=_int_list, default=list(DEMO_MEMIT_LAYERS),
-                 help=f"MEMIT blocks, e.g. 0,1,2 (default "
-                 f"{','.join(map(str, DEMO_MEMIT_LAYERS))})")
+                 metavar="BLOCKS", help=f"the blocks MEMIT spreads its edits over, "
+                 f"comma-separated, e.g. 0,1,2 (default {','.join(map(str, DEMO_MEMIT_LAYERS))})")
   p.add_argument("--penalty", type=float, default=DEMO_PENALTY,
-                 help=f"MEMIT's λ (default {DEMO_PENALTY:g} for the demo model, whose keys "
-                 "are small: MEMIT's 15000 for GPT-J writes few of the facts)")
-  p.add_argument("--tokens", type=_positive, default=200_000,
-                 help="text tokens for C (default 200000)")
+                 help="MEMIT's λ, the weight of C against the new facts' keys (default "
+                 "%(default)g for the demo model, whose keys are small: MEMIT's 15000 for "
+                 "GPT-J writes few of the facts)")
+  p.add_argument("--tokens", type=_positive, default=200_000, help=_TOKENS_HELP)
   p.add_argument("--contexts", type=int, default=5, choices=range(0, 21), metavar="N",
-                 help="sampled context prefixes per length (5 and 10 tokens; default 5)")
+                 help="context prefixes sampled from the model per length (5 and 10 tokens), "
+                 "0 to 20, besides the bare prompt; keys, values and fine-tuning average "
+                 "over them (default %(default)s)")
   p.add_argument("--value-steps", type=int, default=20, choices=range(1, 201), metavar="N",
-                 help="Adam steps of ROME's value search (default 20; MEMIT's search "
-                      "runs 25 steps with a norm clamp of 0.75, as MEMIT's defaults)")
+                 help="Adam steps of ROME's value search, 1 to 200 (default %(default)s; "
+                      "MEMIT's search runs 25 steps with a norm clamp of 0.75, as MEMIT's "
+                      "defaults)")
   p.add_argument("--value-lr", type=float, default=0.5,
-                 help="the learning rate of ROME's value search (0.5)")
+                 help="the learning rate of ROME's value search (default %(default)s)")
+
+
+_TRAIN_HELP = """\
+Train the demo GPT-2 (a small ports.gpt2 model) on a world of made-up facts generated
+from --seed: --subjects subjects, --relations relations (home, job, ...), --objects
+objects per relation; AdamW with warm-up then cosine decay. Nothing is downloaded.
+
+Writes the model folder --cache-dir/lm-demo-<hash of the settings below> (the
+checkpoint, world.json, and train.json with the settings, the time and the top-1
+accuracies), and prints its top-1 accuracy on training and held-out templates. A
+second run with the same settings reads the folder back at once. lm-stats, lm-edit,
+lm-eval and lm-trace use it through --model (without --model: the default settings'
+model in --cache-dir, trained when missing).
+
+example:
+  memedit lm-train --verbose
+"""
+
+_STATS_HELP = """\
+Collect C = E[k kᵀ] of one block's MLP keys (the inputs of h_<block>.mlp.c_proj, the
+memory ROME and MEMIT write) over about --tokens tokens of the world's text, and print
+its shape and eigenvalue range.
+
+Reads --model (default: the default demo model in --cache-dir, trained when missing).
+Writes only the cache: C is saved under --cache-dir/lm-stats by a key of the model's
+weights, the block and the text settings; lm-edit, lm-eval and lm-demo read the same
+cache, and a second run reads it back at once.
+
+example:
+  memedit lm-stats --layer 1
+"""
+
+_EDIT_HELP = """\
+Edit facts in the demo model and save the edits with memedit.save_edit: ROME (one
+rank-one edit per fact, each made on the model with the earlier ones applied), MEMIT
+(all facts at once, spread over --layers) or fine-tuning of one block's MLP (ft).
+Prints the edited model's efficacy (and paraphrase / neighbourhood scores for world
+facts).
+
+The facts are those of the --facts file (JSON or CSV: subject, prompt with {} for the
+subject, target_new, optional target_true), else --cases random facts of the world
+(ROME: the first only). Writes --out/edit-0, edit-1, ... (ROME: one per fact; MEMIT:
+one per block of --layers; ft: one). Reads --model (default: the default demo model in
+--cache-dir, trained when missing) and C from --cache-dir/lm-stats (computed when
+missing).
+
+example:
+  memedit lm-edit --method memit --facts facts.csv --out edits
+"""
+
+_EVAL_HELP = """\
+The evaluation table of the demo model: --single independent ROME (and fine-tuning)
+edits, each applied alone, scored and reverted; MEMIT (and fine-tuning) batches of
+each size of --batches; each row's efficacy, paraphrase and neighbourhood scores, and
+the top-1 accuracy on --facts facts about subjects never edited (and its drop). Every
+edit is reverted and the model checked to come back bit for bit.
+
+Prints the table as Markdown; with --out also writes it as JSON (rows, model, settings;
+atomically). Reads --model (default: the default demo model in --cache-dir, trained
+when missing) and C from --cache-dir/lm-stats (computed when missing).
+
+example:
+  memedit lm-eval --single 5 --batches 1,10 --facts 500 --out eval.json
+"""
+
+_TRACE_HELP = """\
+Causal tracing (ROME) of --facts random world facts: the subject's token embeddings
+are corrupted with Gaussian noise (--samples draws), then one state (a block's output
+with --kind hidden, an MLP's output with --kind mlp) at one token and block is
+restored to its clean value; the probability of the true object, for every (token,
+block), shows where the fact is recalled.
+
+Writes two PNG heat maps in the folder --out: trace_<kind>.png (the first fact) and
+trace_<kind>_average.png (the mean over the facts by ROME's token categories), and
+prints the mean clean and corrupted probabilities. Reads --model (default: the default
+demo model in --cache-dir, trained when missing).
+
+example:
+  memedit lm-trace --kind mlp --facts 20 --out maps
+"""
+
+_DEMO_HELP = """\
+Run lm-train, lm-trace and lm-eval in one go on the demo world of the settings below
+(or on --model, which skips the training).
+
+Writes in the folder --out: trace_<kind>.png, trace_<kind>_average.png (10 noise
+samples per state) and lm_eval.json; the model is cached in --cache-dir/lm-demo-<hash>
+and C in --cache-dir/lm-stats (both read back on a second run). --seed is the world's
+and the training's seed and also draws the traced facts.
+
+example:
+  memedit lm-demo --out out/lm
+"""
+
+
+def _formatted(**kwargs) -> dict:
+  return {"formatter_class": argparse.RawDescriptionHelpFormatter, **kwargs}
 
 
 def add_subcommands(subparsers) -> None:
   """Registers ``lm-train``, ``lm-stats``, ``lm-edit``, ``lm-eval``, ``lm-trace`` and
   ``lm-demo`` on an argparse ``subparsers`` object."""
   p = subparsers.add_parser("lm-train", help="train the demo GPT-2 on a generated world "
-                            "(cached)")
+                            "(cached)", **_formatted(description=_TRAIN_HELP))
   _common(p, model=False)
   _train_args(p)
-  p.add_argument("--verbose", action="store_true", help="print the loss every 100 steps")
+  p.add_argument("--verbose", action="store_true",
+                 help="print the loss every 100 steps (to stderr)")
   p.set_defaults(run=_run_train)
 
   p = subparsers.add_parser("lm-stats", help="C of one block's MLP keys over the world's "
-                            "text (cached)")
+                            "text (cached)", **_formatted(description=_STATS_HELP))
   _common(p)
-  p.add_argument("--layer", type=int, default=1)
-  p.add_argument("--tokens", type=_positive, default=200_000)
+  p.add_argument("--layer", type=int, default=1, metavar="BLOCK",
+                 help="the block (0 .. blocks-1) whose MLP keys are collected (default "
+                 "%(default)s)")
+  p.add_argument("--tokens", type=_positive, default=200_000, help=_TOKENS_HELP)
   p.set_defaults(run=_run_stats)
 
-  p = subparsers.add_parser("lm-edit", help="ROME / MEMIT / fine-tuning edits of world facts")
+  p = subparsers.add_parser("lm-edit", help="ROME / MEMIT / fine-tuning edits of facts, saved "
+                            "as edits", **_formatted(description=_EDIT_HELP))
   _common(p)
-  p.add_argument("--method", choices=("rome", "memit", "ft"), default="rome")
-  p.add_argument("--facts", default=None, help="JSON or CSV file of facts to write (subject, "
-                 "prompt with {} for the subject, target_new, optional target_true); "
-                 "default: --cases random facts of the demo world")
+  p.add_argument("--method", choices=("rome", "memit", "ft"), default="rome",
+                 help="rome: one rank-one edit per fact at --layer; memit: all facts at "
+                 "once over --layers; ft: fine-tuning of --layer's MLP (default "
+                 "%(default)s)")
+  p.add_argument("--facts", default=None, metavar="FILE",
+                 help="facts FILE to write, JSON or CSV (subject, prompt with {} for the "
+                 "subject, target_new, optional target_true); default: --cases random facts "
+                 "of the demo world. (lm-eval's and lm-trace's --facts are counts, not files.)")
   p.add_argument("--cases", type=_positive, default=1,
-                 help="random world facts to edit without --facts (ROME: 1)")
-  p.add_argument("--seed", type=int, default=0)
+                 help="number of random world facts to edit without --facts (ROME edits "
+                 "the first only; default %(default)s)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed that draws the random world facts without --facts (default "
+                 "%(default)s)")
   p.add_argument("--out", required=True, help="folder for the saved edits (edit-0, "
                  "edit-1, ...); an existing edit-N is replaced only when it is a saved edit "
                  "(or empty), and one beyond this run's edits is refused")
@@ -481,37 +666,51 @@ def add_subcommands(subparsers) -> None:
   _edit_args(p)
   p.set_defaults(run=_run_edit)
 
-  p = subparsers.add_parser("lm-eval", help="efficacy / paraphrase / neighbourhood table")
+  p = subparsers.add_parser("lm-eval", help="efficacy / paraphrase / neighbourhood table "
+                            "(ROME, MEMIT, FT)", **_formatted(description=_EVAL_HELP))
   _common(p)
   _edit_args(p)
-  p.add_argument("--single", type=int, default=20, help="single ROME / FT edits (20)")
-  p.add_argument("--batches", type=_int_list, default=[1, 10, 100, 1000],
-                 help="MEMIT batch sizes (default 1,10,100,1000)")
-  p.add_argument("--facts", type=_positive, default=2000, help="unedited facts scored")
-  p.add_argument("--no-ft", action="store_true", help="skip the fine-tuning baseline")
-  p.add_argument("--out", default=None, help="JSON file of the results")
-  p.add_argument("--verbose", action="store_true")
+  _eval_args(p)
+  p.add_argument("--out", default=None, metavar="FILE",
+                 help="JSON file for the table, the model's info and the settings (default: "
+                 "print the table only); replaces only an earlier lm-eval report")
+  p.add_argument("--verbose", action="store_true",
+                 help="print each row as it is measured (to stderr)")
   p.set_defaults(run=_run_eval)
 
-  p = subparsers.add_parser("lm-trace", help="causal tracing heat maps (PNG)")
+  p = subparsers.add_parser("lm-trace", help="causal tracing heat maps (PNG)",
+                            **_formatted(description=_TRACE_HELP))
   _common(p)
-  p.add_argument("--facts", type=_positive, default=50)
-  p.add_argument("--kind", choices=("hidden", "mlp"), default="hidden")
-  p.add_argument("--samples", type=_positive, default=10)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="out/lm")
+  p.add_argument("--facts", type=_fact_count, default=50, metavar="N",
+                 help="number of world facts traced, random (subject, relation) pairs drawn "
+                 "by --seed (default %(default)s; " + _NOT_A_FILE + ")")
+  _kind_arg(p)
+  p.add_argument("--samples", type=_positive, default=10,
+                 help="corrupted runs per fact (noise draws) that each (token, "
+                 "block) score averages over (default %(default)s)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed that draws the facts and the embedding noise (default "
+                 "%(default)s)")
+  p.add_argument("--out", default="out/lm", metavar="FOLDER",
+                 help="folder for trace_<kind>.png and trace_<kind>_average.png (default "
+                 "%(default)s); existing files there are replaced only when they are PNG "
+                 "images")
   p.set_defaults(run=_run_trace)
 
-  p = subparsers.add_parser("lm-demo", help="train, trace and evaluate on the demo world")
-  _common(p)
+  p = subparsers.add_parser("lm-demo", help="train, trace and evaluate on the demo world",
+                            **_formatted(description=_DEMO_HELP))
+  _common(p, model_help="demo model folder written by `memedit lm-train` to trace and "
+          "evaluate instead of training one (default: the model of the settings below in "
+          "--cache-dir, trained when missing)")
   _train_args(p)
   _edit_args(p)
-  p.add_argument("--kind", choices=("hidden", "mlp"), default="hidden")
-  p.add_argument("--trace-facts", type=_positive, default=50)
-  p.add_argument("--single", type=int, default=20)
-  p.add_argument("--batches", type=_int_list, default=[1, 10, 100, 1000])
-  p.add_argument("--facts", type=_positive, default=2000)
-  p.add_argument("--no-ft", action="store_true")
-  p.add_argument("--verbose", action="store_true")
-  p.add_argument("--out", default="out/lm")
+  _kind_arg(p)
+  p.add_argument("--trace-facts", type=_fact_count, default=50, metavar="N",
+                 help="number of world facts traced (lm-trace's --facts; default "
+                 "%(default)s)")
+  _eval_args(p)
+  p.add_argument("--verbose", action="store_true",
+                 help="print the training loss and each evaluation row (to stderr)")
+  p.add_argument("--out", default="out/lm", metavar="FOLDER",
+                 help="folder for the heat maps and lm_eval.json (default %(default)s)")
   p.set_defaults(run=_run_demo)

@@ -193,3 +193,64 @@ def test_lm_trace_refuses_to_replace_a_non_png_before_any_work(tmp_path, monkeyp
   with pytest.raises(ValueError, match=f"--out: {match}"):
     _run("lm-trace", "--kind", "mlp", "--out", out)
   assert sorted(os.listdir(out)) == ["trace_mlp_average.png"]
+
+
+def test_lm_help_describes_every_command_and_option_and_facts_counts_refuse_a_file(capsys):
+  """Every lm-* subcommand has a description and every option a help text; the --facts
+  counts of lm-trace / lm-eval / lm-demo say they are no file, and a file name given
+  there is refused by argparse naming the count it expects."""
+  parser = argparse.ArgumentParser(prog="memedit")
+  sub = parser.add_subparsers(dest="command", required=True)
+  add_subcommands(sub)
+  names = ("lm-train", "lm-stats", "lm-edit", "lm-eval", "lm-trace", "lm-demo")
+  assert sorted(sub.choices) == sorted(names)
+  shown = {a.dest: a.help for a in sub._choices_actions}
+  for name in names:
+    p = sub.choices[name]
+    assert shown.get(name), f"{name}: no one-line help in `memedit --help`"
+    assert p.description and len(p.description.strip()) > 80, f"{name}: no description"
+    for action in p._actions:
+      if isinstance(action, argparse._HelpAction):
+        continue
+      assert action.help and action.help.strip(), f"{name} {action.option_strings}: no help"
+    p.format_help()  # every %(default)s expands
+    if name in ("lm-eval", "lm-trace", "lm-demo"):
+      (facts,) = [a for a in p._actions if "--facts" in a.option_strings]
+      assert "number of world facts" in facts.help and "not a file" in facts.help
+  for name in ("lm-trace", "lm-eval"):
+    with pytest.raises(SystemExit) as info:
+      _run(name, "--facts", "facts.csv")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --facts: expected a count of world facts (a positive integer), got " \
+           "'facts.csv'" in err and "lm-edit's --facts is a facts file" in err
+  with pytest.raises(SystemExit):
+    _run("lm-eval", "--single", "-1")
+  assert "argument --single: expected an integer in [0, 10000000], got -1" in \
+      capsys.readouterr().err
+  with pytest.raises(SystemExit):  # a negative count trained on all but the last subjects
+    _run("lm-train", "--warm-subjects", "-5")
+  assert "argument --warm-subjects: expected an integer in [0, 10000000], got -5" in \
+      capsys.readouterr().err
+
+
+def test_lm_demo_with_a_model_does_not_train_another(tmp_path, monkeypatch):
+  """`lm-demo --model M` traces and evaluates M; it trained the default-settings model
+  first (minutes of work for a model it then did not use)."""
+  import memedit.lm.cli as cli
+
+  calls = []
+
+  def step(name):
+    def run(args):
+      calls.append((name, args.model))
+      return 0
+    return run
+
+  for name in ("train", "trace", "eval"):
+    monkeypatch.setattr(cli, f"_run_{name}", step(name))
+  assert _run("lm-demo", "--model", tmp_path / "m", "--out", tmp_path / "out") == 0
+  assert calls == [("trace", str(tmp_path / "m")), ("eval", str(tmp_path / "m"))]
+  calls.clear()
+  assert _run("lm-demo", "--out", tmp_path / "out") == 0
+  assert [c[0] for c in calls] == ["train", "trace", "eval"]
