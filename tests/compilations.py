@@ -8,6 +8,8 @@ a program that was requested again.
 
 from __future__ import annotations
 
+import threading
+
 import jax
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -17,27 +19,41 @@ CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 class Compilations:
   """Counts programs compiled or read from the persistent cache while active.
 
+  Compilation events are process-wide: a program compiled meanwhile by another thread
+  (a job an earlier test left finishing) counts too, unless ``this_thread=True``, which
+  counts only the programs the entering thread obtains (what eager calls on it compile).
+  Each event is recorded with the name of the thread it came from.
+
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, numpy as np
+    >>> x = jax.device_put(np.ones(5, np.float32))
     >>> with Compilations() as c:
-    ...   _ = jax.jit(lambda x: x * 3.0)(jnp.ones(5))
+    ...   _ = jax.jit(lambda x: x * 3.0)(x)
     >>> c.count
     1
   """
 
+  def __init__(self, this_thread: bool = False):
+    self.this_thread = this_thread
+
   def __enter__(self) -> "Compilations":
     self.count = 0
     self.events: list[str] = []
+    entered = threading.get_ident()
+
+    def record(event):
+      if self.this_thread and threading.get_ident() != entered:
+        return
+      self.count += 1
+      self.events.append(f"{event} [{threading.current_thread().name}]")
 
     def on_duration(event, duration, **kwargs):
       if event == COMPILE_EVENT:
-        self.count += 1
-        self.events.append(event)
+        record(event)
 
     def on_event(event, **kwargs):
       if event == CACHE_HIT_EVENT:
-        self.count += 1
-        self.events.append(event)
+        record(event)
 
     self._listeners = (on_duration, on_event)
     jax.monitoring.register_event_duration_secs_listener(on_duration)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import urllib.request
 
 import numpy as np
@@ -209,3 +210,9 @@ def test_browser_rewrite_session(tmp_path):
   finally:
     driver.quit()
     server.shutdown()
+    # Nothing of this test goes on in the background: the tests after it in this process
+    # count the programs they compile, and compilation events are process-wide.
+    assert app.config["MEMEDIT_STORE"].close(timeout=120)
+    for t in threading.enumerate():
+      if t.name.startswith("memedit-ui-"):
+        t.join(timeout=120)
