@@ -24,24 +24,22 @@ _MODEL_HELP = ("demo model folder written by `memedit lm-train` (default: the mo
                "the default settings in --cache-dir, trained when missing)")
 
 
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if not 1 <= value <= 10_000_000:
-    raise argparse.ArgumentTypeError(f"expected an integer in [1, 10000000], got {value}")
-  return value
+def _integer_from(low: int, what: str):
+  """An argparse type: an integer in [low, 10,000,000], refused naming ``what``."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not low <= value <= 10_000_000:
+      raise argparse.ArgumentTypeError(f"expected an integer in [{low}, 10000000], got "
+                                       f"{value}")
+    return value
+  return parse
 
 
-def _nonnegative(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-  if not 0 <= value <= 10_000_000:
-    raise argparse.ArgumentTypeError(f"expected an integer in [0, 10000000], got {value}")
-  return value
+_positive = _integer_from(1, "a positive integer")
+_nonnegative = _integer_from(0, "a non-negative integer")
 
 
 _NOT_A_FILE = "not a file: lm-edit's --facts is a facts file"
