@@ -8,8 +8,8 @@ the seconds recorded here (a file not recorded counts as :data:`UNKNOWN` seconds
 
 Refresh after files were added or changed much::
 
-    .venv/bin/python -m pytest -q -n 2 --dist loadfile tests --junitxml=/tmp/run.xml
-    .venv/bin/python tests/file_seconds.py /tmp/run.xml
+    .venv/bin/python -m pytest -q -n 2 --dist loadfile tests --junitxml=report.xml
+    .venv/bin/python tests/file_seconds.py report.xml
 """
 
 import json
