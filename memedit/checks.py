@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["TINY", "as_array", "check_covariance", "check_finite", "check_positive_int",
+__all__ = ["TINY", "as_array", "explicit_sharding", "check_covariance", "check_finite", "check_positive_int",
            "check_real", "check_scalar", "compute_dtype", "covariance_arg", "expand_weights",
            "float_dtype", "is_traced", "weights_error", "weights_fit"]
 
@@ -344,3 +344,22 @@ def expand_weights(weights: Any, lead: tuple[int, ...]) -> jax.Array:
   w = jnp.asarray(weights)
   w = jnp.reshape(w, tuple(w.shape) + (1,) * (len(lead) - w.ndim))
   return jnp.broadcast_to(w, tuple(lead))
+
+
+def explicit_sharding(x: Any):
+  """The sharding in ``x``'s type when it is over a mesh with an explicit axis (what
+  ``jax.make_mesh`` makes by default), else None; for arrays and tracers alike.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> explicit_sharding(jnp.ones(3)) is None   # one device: no mesh axes
+    True
+  """
+  if not isinstance(x, (jax.Array, jax.core.Tracer)):
+    return None
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not any(t == jax.sharding.AxisType.Explicit
+                             for t in getattr(mesh, "axis_types", ())):
+    return None
+  return sharding

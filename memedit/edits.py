@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memedit.checks import as_array, check_finite
+from memedit.checks import as_array, check_finite, explicit_sharding
 from memedit.edit_files import load_edit, save_edit
 from memedit.edit_value import NAN_FACTORS, Edit, edit_delta, make_edit
 from memedit.tree import get_leaf, replace_leaf
@@ -134,10 +134,7 @@ def _fingerprint(x) -> jax.Array:
   b = b.astype(jnp.uint32)
   # Row-major positions (mod 2^32) built per axis rather than by flattening: a leaf sharded
   # over a mesh with explicit axes cannot be flattened without gathering it.
-  sharding = getattr(jax.typeof(b), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    sharding = None
+  sharding = explicit_sharding(b)
   i = jnp.zeros((), jnp.uint32)
   stride = 1
   for axis in reversed(range(b.ndim)):

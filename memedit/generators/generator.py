@@ -34,6 +34,7 @@ from memedit.layers import hooks as layer_hooks
 from memedit.layers.conv import as_tuple
 from memedit.layers.model import as_model
 from memedit.layers.view import MemoryView, memory_view
+from memedit.specs import got
 
 __all__ = ["Generator", "LayerInfo", "generator_from_converted", "kernel_digest", "layer_info",
            "layer_kernel", "layer_view", "recorded_call_kwargs", "reference_latents", "structure_key"]
@@ -116,14 +117,14 @@ class Generator:
           isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2
           for p in kw):
         raise ValueError(f"call_kwargs: expected a dict name -> value or (name, value) pairs, "
-                         f"got {_short(kw)}")
+                         f"got {got(kw)}")
     kw = tuple(sorted(dict(kw).items())) if isinstance(kw, Mapping) else tuple(
         (str(k), v) for k, v in kw)
     object.__setattr__(self, "call_kwargs", kw)
     if not isinstance(self.layers, Mapping):
       # dict(["up"]) would give {"u": "p"}: a list of names is not a mapping.
       raise ValueError(f"layers: expected a mapping name -> address of each editable layer "
-                       f"(e.g. {{'up': ('up',)}}), got {_short(self.layers)}")
+                       f"(e.g. {{'up': ('up',)}}), got {got(self.layers)}")
     if not self.layers:
       raise ValueError("layers: expected at least one editable layer (name -> address), "
                        "got none")
@@ -179,12 +180,6 @@ class Generator:
   def with_params(self, params: Any) -> "Generator":
     """The same generator with other parameters (e.g. an edited copy)."""
     return dataclasses.replace(self, model=(self.definition, params))
-
-
-def _short(value: Any) -> str:
-  """A short description of a received value for error messages."""
-  text = repr(value)
-  return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def kernel_digest(params: Any, path: Sequence) -> str:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memedit.checks import explicit_sharding
 from memedit.layers.intercept import (Static, calls_error, flag_error, hide_static,
                                       layer_axis_error, linen_scope_path, pick_layer,
                                       run_hooked, show_static, sow_record, stack_calls,
@@ -330,15 +331,11 @@ def replicated_type(x):
   axes (and on one device) nothing changes and XLA partitions the work; the keys of one
   batch are what is replicated, never C's stream.
   """
-  if not isinstance(x, jax.Array):
-    return x
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if (mesh is None or not any(p is not None for p in getattr(sharding, "spec", ()))
-      or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)):
+  sharding = explicit_sharding(x)
+  if sharding is None or not any(p is not None for p in getattr(sharding, "spec", ())):
     return x
   return jax.sharding.reshard(
-      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+      x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
 
 def _rows(args) -> int | None:

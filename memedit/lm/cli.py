@@ -223,25 +223,24 @@ def _rome_options(args) -> dict:
   return {"steps": args.value_steps, "learning_rate": args.value_lr}
 
 
-def _edit_requests(args, world):
-  """The cases to edit: the facts file's, else ``--cases`` random world facts."""
+def _edit_requests(args, world, facts):
+  """The cases to edit: the facts file's (``facts``, its ``(where, request)`` pairs), else
+  ``--cases`` random world facts."""
   from memedit.lm.evaluate import EditCase, world_cases
-  from memedit.lm.prompts import _read_facts
 
-  if args.facts:
-    return [EditCase(r) for _, r in _read_facts(args.facts)]
+  if facts is not None:
+    return [EditCase(r) for _, r in facts]
   cases = world_cases(world, args.cases, seed=args.seed)
   return cases[:1] if args.method == "rome" else cases
 
 
-def _check_facts_fit(args, tokenize, contexts, max_length: int) -> None:
-  """Before any edit: every fact of --facts tokenizes inside every context and fits the
-  model, else a ValueError naming the file and the fact's line."""
-  from memedit.lm.prompts import _read_facts, check_fact_tokens
+def _check_facts_fit(facts, tokenize, contexts, max_length: int) -> None:
+  """Before any edit: every fact of --facts (its ``(where, request)`` pairs; None: no
+  file) tokenizes inside every context and fits the model, else a ValueError naming the
+  file and the fact's line."""
+  from memedit.lm.prompts import check_fact_tokens
 
-  if not args.facts:
-    return
-  for where, r in _read_facts(args.facts):
+  for where, r in facts or ():
     try:
       check_fact_tokens(tokenize, r, contexts, max_length)
     except ValueError as e:
@@ -321,6 +320,7 @@ def _run_edit(args) -> int:
   from memedit.lm.experiment import apply_all, demo_contexts
   from memedit.lm.finetune import finetune_edit
   from memedit.lm.memit import memit_edits
+  from memedit.lm.prompts import _read_facts
   from memedit.lm.rome import rome_edits
   from ports.gpt2 import lm_layout
 
@@ -330,10 +330,11 @@ def _run_edit(args) -> int:
   module, variables, world, _ = _open(args)
   model = (module, variables)
   layout = lm_layout(module.config.n_layer)
-  cases = _edit_requests(args, world)
+  facts = _read_facts(args.facts) if args.facts else None  # read and checked once
+  cases = _edit_requests(args, world, facts)
   reqs = [c.request for c in cases]
   contexts = demo_contexts(model, world, per_length=args.contexts)
-  _check_facts_fit(args, world.tokenize, contexts, module.config.n_positions)
+  _check_facts_fit(facts, world.tokenize, contexts, module.config.n_positions)
   params = variables
   if args.method == "rome":
     # One rank-one edit per fact, each made on the model with the earlier ones applied.

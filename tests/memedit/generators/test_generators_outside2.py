@@ -242,10 +242,10 @@ def test_generator_settings_given_in_the_wrong_form_are_named():
   model = _PerPixel()
   with pytest.raises(ValueError, match=re.escape(
       "layers: expected a mapping name -> address of each editable layer (e.g. "
-      "{'up': ('up',)}), got list ['lin']")):
+      "{'up': ('up',)}), got the list ['lin']")):
     gens.Generator(model, Z, 15, ["lin"])
   with pytest.raises(ValueError, match=re.escape(
-      "call_kwargs: expected a dict name -> value or (name, value) pairs, got list "
+      "call_kwargs: expected a dict name -> value or (name, value) pairs, got the list "
       "['train']")):
     gens.Generator(model, Z, 15, {"lin": ("lin",)}, call_kwargs=["train"])
   gen = gens.Generator(model, Z, 15, {"lin": ("lin",)}, call_kwargs=[("train", False)])
