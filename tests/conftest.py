@@ -16,9 +16,6 @@ simplification) run as always, only the backend's code optimisation is skipped, 
 programs compute the same operations, compile faster and run somewhat slower.
 ``MEMEDIT_TEST_XLA_OPT=default`` keeps XLA's default level.
 
-Scheduling. The test processes take whole files (``--dist loadfile``), longest first
-by the seconds a measured run recorded (``file_seconds.py``), so that they end together.
-
 ``--no-torch`` runs the tests as in an environment without PyTorch: ``import torch`` fails
 (``sys.modules["torch"] = None``) for the whole session, and the tests marked ``parity``
 (they need torch, the network or peer wheels) are deselected. ``make test-core`` runs the
@@ -83,10 +80,6 @@ def pytest_unconfigure(config):
 
 def pytest_configure(config):
   _compilation_cache(config)
-  if hasattr(config.option, "loadscopereorder"):
-    # pytest-xdist would hand out the files with the most tests first; they are handed out
-    # in the order pytest_collection_modifyitems gives them (longest first).
-    config.option.loadscopereorder = False
   if config.getoption("--no-torch"):
     for name in BLOCKED:
       if name in sys.modules and sys.modules[name] is not None:
@@ -94,23 +87,7 @@ def pytest_configure(config):
       sys.modules[name] = None  # `import torch` now raises ImportError
 
 
-def _longest_files_first(config, items):
-  """Orders ``items`` file by file, the files by their recorded seconds (longest first),
-  keeping the order within a file."""
-  import file_seconds
-
-  seconds = file_seconds.load()
-  root = str(config.rootpath)
-
-  def cost(item):
-    rel = os.path.relpath(str(item.path), root).replace(os.sep, "/")
-    return -seconds.get(rel, file_seconds.UNKNOWN)
-
-  items[:] = sorted(items, key=cost)  # stable: a file's tests stay in their order
-
-
 def pytest_collection_modifyitems(config, items):
-  _longest_files_first(config, items)
   if not config.getoption("--no-torch"):
     return
   keep, drop = [], []
