@@ -174,8 +174,11 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
     C: ``(key_dim, key_dim)`` second moment of the layer's keys.
     keys: ``(n, key_dim)`` flat keys (dense with trailing key axes, patch views, 1x1
       conv, one-hot rows of an embedding) or native layer inputs ``(n, *in_dims)`` (dense;
-      token ids ``(n,)`` of an embedding).
-    values: ``(n, value_dim)`` or ``(n, *out_dims)`` target layer outputs.
+      token ids ``(n,)`` of an embedding). Keys with positions, ``(B, L, *in_dims)`` of a
+      sequence as :func:`capture` gives them or a conv view's ``(N, H, W, key_dim)``, are
+      ``B·L`` (``N·H·W``) keys, one per position.
+    values: ``(n, value_dim)`` or ``(n, *out_dims)`` target layer outputs; for keys with
+      positions, one per position (``(B, L, *out_dims)``).
     ridge: use the soft insert ``insert_ridge`` with this ridge instead of the exact one.
     floor: relative eigenvalue floor of ``C``: eigenvalues below ``floor * max`` are raised
       to it before inverting (``0``: invert ``C`` as it is; keys ``C``-orthogonal to the
@@ -232,8 +235,16 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
   native = None
   if view.kind == "conv" or view.patch:  # 1x1 per-pixel or patch keys: W k + b per pixel
     if keys.shape[-1] != view.key_dim:
-      raise ValueError(f"keys: expected last dimension {view.key_dim}, got {keys.shape[-1]}")
-    flat = keys.reshape(n, view.key_dim)
+      what = "patch keys" if view.patch else "per-pixel keys"
+      raise ValueError(f"keys: expected {what} with last dimension {view.key_dim} "
+                       f"(view.keys(x) turns the layer's inputs x, as capture gives them, "
+                       f"into its keys), got shape {tuple(keys.shape)}")
+    flat = keys.reshape(-1, view.key_dim)
+    if flat.shape[0] != n:  # keys (N, H, W, key_dim): every pixel's key, with its value
+      if tuple(values.shape[:keys.ndim - 1]) != tuple(keys.shape[:-1]):
+        raise ValueError(f"values: expected one value per key, leading shape "
+                         f"{tuple(keys.shape[:-1])}, got shape {tuple(values.shape)}")
+      n = flat.shape[0]
     out0 = jnp.matmul(flat, w.T, precision=jax.lax.Precision.HIGHEST)
     out0 = (out0 if gain is None else out0 * gain) + (0.0 if bias is None else bias)
   else:
@@ -243,12 +254,25 @@ def insert_through_view(view: MemoryView, C, keys, values, *, ridge: float | Non
     else:
       native = keys
       try:
-        flat = view.keys(keys).reshape(n, view.key_dim)
+        flat = view.keys(keys)
       except NativeKeyError:  # e.g. token ids out of an embedding's range: said as is
         raise
       except (TypeError, ValueError):
+        flat = None
+      if flat is None or flat.shape[-1] != view.key_dim:
         raise ValueError(f"keys: expected flat keys ({n}, {view.key_dim}) or the layer's "
                          f"native inputs, got shape {tuple(keys.shape)}") from None
+      # Native inputs with positions (a sequence's (B, L, d), as `capture` gives them):
+      # each position is a key of its own, with the value at that position.
+      positions = tuple(flat.shape[:-1])
+      flat = flat.reshape(-1, view.key_dim)
+      if flat.shape[0] != n:
+        if tuple(values.shape[:len(positions)]) != positions:
+          raise ValueError(
+              f"values: expected one value per key position, leading shape {positions} "
+              f"(the keys' {tuple(keys.shape)} read as {flat.shape[0]} keys), got shape "
+              f"{tuple(values.shape)}")
+        n = flat.shape[0]
     out0 = view.apply(kernel0, native).reshape(n, -1)
   if check:
     concrete = native is not None and not isinstance(native, jax.core.Tracer)
