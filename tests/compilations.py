@@ -3,7 +3,11 @@
 A program counts when the in-memory caches of ``jax.jit`` do not hold it: XLA compiles
 it, or it is read from the test run's persistent compilation cache (``conftest.py``).
 Tests of "compiled once" and "no retracing" count both, so the shared cache never hides
-a program that was requested again.
+a program that was requested again. Each program counts once: JAX times the cache lookup
+and the compile together as one ``backend_compile_duration`` event, so a program read
+from the cache gives that event and a ``cache_hits`` event before it (counting both would
+count it twice whenever another test, or the other test process, had already put it in
+the shared cache).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ class Compilations:
   Compilation events are process-wide: a program compiled meanwhile by another thread
   (a job an earlier test left finishing) counts too, unless ``this_thread=True``, which
   counts only the programs the entering thread obtains (what eager calls on it compile).
-  Each event is recorded with the name of the thread it came from.
+  Each program is recorded in ``events`` with the name of the thread it came from, and
+  marked as read from the persistent cache when it was.
 
   Example:
     >>> import jax, numpy as np
@@ -40,20 +45,25 @@ class Compilations:
     self.count = 0
     self.events: list[str] = []
     entered = threading.get_ident()
-
-    def record(event):
-      if self.this_thread and threading.get_ident() != entered:
-        return
-      self.count += 1
-      self.events.append(f"{event} [{threading.current_thread().name}]")
+    hits: set[int] = set()  # threads whose program being obtained was a cache read
 
     def on_duration(event, duration, **kwargs):
-      if event == COMPILE_EVENT:
-        record(event)
+      # Recorded once per program, after the cache lookup and any compile (a cache read
+      # comes first as its own event, from the same thread).
+      if event != COMPILE_EVENT:
+        return
+      thread = threading.get_ident()
+      read = thread in hits
+      hits.discard(thread)
+      if self.this_thread and thread != entered:
+        return
+      self.count += 1
+      source = " (read from the persistent cache)" if read else ""
+      self.events.append(f"{event}{source} [{threading.current_thread().name}]")
 
     def on_event(event, **kwargs):
       if event == CACHE_HIT_EVENT:
-        record(event)
+        hits.add(threading.get_ident())
 
     self._listeners = (on_duration, on_event)
     jax.monitoring.register_event_duration_secs_listener(on_duration)

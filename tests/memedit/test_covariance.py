@@ -638,14 +638,17 @@ def test_results_are_read_by_one_program_with_the_bits_of_the_jitted_read():
 
 
 def test_an_empty_state_is_one_program_and_can_be_donated():
-  # This thread's programs only: a full run once counted a second program here, compiled
-  # meanwhile by another thread of the process.
+  # A key dimension no other test uses: an earlier empty state of the same dimension in
+  # this process (e.g. a layer's statistics) would leave its program in memory, and none
+  # would be counted. This thread's programs only: a full run once counted a second
+  # program here, compiled meanwhile by another thread of the process.
+  dim = 41
   with Compilations(this_thread=True) as comp:
-    st = memedit.covariance_init(11)
+    st = memedit.covariance_init(dim)
   assert comp.count == 1, comp.events  # one program for the zeros, not one per field
-  x = np.random.default_rng(2).standard_normal((20, 11)).astype(np.float32)
+  x = np.random.default_rng(2).standard_normal((64, dim)).astype(np.float32)
   want = np.asarray(memedit.second_moment(memedit.covariance_update(st, x)))
   # Distinct buffers: the whole state can be donated to the user's jitted update.
   update = jax.jit(memedit.covariance_update, donate_argnums=0)
-  got = np.asarray(memedit.second_moment(update(memedit.covariance_init(11), x)))
+  got = np.asarray(memedit.second_moment(update(memedit.covariance_init(dim), x)))
   np.testing.assert_array_equal(got, want)
