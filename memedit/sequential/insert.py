@@ -95,7 +95,8 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
 
   Raises:
     ValueError: ``project`` not a bool, a conv kernel, shapes that do not match, an
-      ``index`` outside the stacked leaf, a setting the chosen mode does not use
+      ``index`` outside the stacked leaf or that disagrees with the log's edits of the
+      leaf (see :func:`sequential_directions`), a setting the chosen mode does not use
       (``penalty`` with ``project=True``; ``threshold``, ``key_weight`` or ``l2`` with
       ``project=False``), or the errors of the solves.
 
@@ -123,6 +124,7 @@ def sequential_insert(params: Any, log: EditLog, C: Any, keys: Any, values: Any,
   l2 = 1.0 if l2 is None else l2
   penalty = 1.0 if penalty is None else penalty
   path = check_path(path)
+  _check_stacking(log, path, index)
   kernel = as_array(_layer(get_leaf(params, path), path, index), "params")
   check_real(kernel, f"params at {path!r}")
   if not jnp.issubdtype(jnp.result_type(kernel), jnp.inexact):
@@ -198,6 +200,27 @@ def _preserved(log, path, index, key_weight, d):
   return pk, jax.device_put(np.asarray(pw) * np.float32(np.asarray(key_weight)))
 
 
+def _check_stacking(log, path, index) -> None:
+  """Refuses an ``index`` that disagrees with the log's edits of the leaf at ``path``: a
+  layer of a leaf they edit unstacked (index None), or no layer of one they edit stacked;
+  the log's keys on the leaf would otherwise be left out of the preserved set."""
+  if index is not None and (isinstance(index, bool)
+                            or not isinstance(index, (int, np.integer)) or index < 0):
+    raise ValueError(f"index: expected None or a layer >= 0 of the stacked leaf at "
+                     f"{path!r}, got {index!r}")
+  for i, entry in enumerate(log.entries):
+    e = entry.edit
+    if e.path != path or (e.index is None) == (index is None):
+      continue
+    if index is not None:
+      raise ValueError(f"index: expected None for the leaf at {path!r}, which the log's "
+                       f"edits hold unstacked (entry {i}, {e.name!r}, has no index), got "
+                       f"{index!r}")
+    raise ValueError(f"index: expected the layer of the stacked leaf at {path!r}, which the "
+                     f"log's edits hold stacked (entry {i}, {e.name!r}, has index {e.index}), "
+                     f"got None")
+
+
 def _finite(sol) -> None:
   for name, a in (("lam", sol.lam), ("D", sol.D)):
     if not isinstance(a, jax.core.Tracer) and not np.isfinite(np.asarray(a)).all():
@@ -237,7 +260,9 @@ def sequential_directions(log: EditLog, C: Any, D: Any, path: Any, *,
 
   Raises:
     ValueError: the errors of :func:`memedit.sequential.project_directions` (directions
-      inside the preserved span), or shapes that do not match.
+      inside the preserved span), shapes that do not match, or an ``index`` that
+      disagrees with the log's edits of the leaf (a layer of a leaf they edit unstacked,
+      or None for one they edit stacked).
 
   Example:
     >>> import jax.numpy as jnp, memedit
@@ -252,6 +277,7 @@ def sequential_directions(log: EditLog, C: Any, D: Any, path: Any, *,
   check_log(log)
   project = _flag(project, "project")
   path = check_path(path)
+  _check_stacking(log, path, index)
   D = jnp.asarray(as_array(D, "D"))
   if not project:
     return D

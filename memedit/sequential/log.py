@@ -188,8 +188,10 @@ def log_append(log: EditLog, edit: Edit, keys: Any, values: Any = None, *,
     The new :class:`EditLog`.
 
   Raises:
-    ValueError: not an Edit, a name already in the log, keys of the wrong key dimension,
-      weights of the wrong shape or negative, non-finite keys, values or weights.
+    ValueError: not an Edit, a name already in the log, an edit whose key dimension
+      differs from that of the log's entries on the same leaf (and layer), keys of the
+      wrong key dimension, weights of the wrong shape or negative, non-finite keys,
+      values or weights.
 
   Example:
     >>> import jax.numpy as jnp, memedit
@@ -209,6 +211,7 @@ def log_append(log: EditLog, edit: Edit, keys: Any, values: Any = None, *,
   if keys.ndim < 1 or keys.shape[-1] != d:
     raise ValueError(f"keys: expected shape (n, {d}) (the edit's key dimension), got "
                      f"{tuple(keys.shape)}")
+  _check_leaf_dim(log, edit, d)
   lead = tuple(keys.shape[:-1])
   keys = keys.reshape(-1, d)
   if weights is not None:
@@ -223,6 +226,22 @@ def log_append(log: EditLog, edit: Edit, keys: Any, values: Any = None, *,
     values = _float_array(values, "values")
   keys, values, weights = (_to_device(a) for a in (keys, values, weights))
   return EditLog(log.entries + (LogEntry(edit, keys, values, weights, True),))
+
+
+def _check_leaf_dim(log: EditLog, edit: Edit, d: int) -> None:
+  """Refuses an edit whose key dimension ``d`` differs from that of the log's entries
+  (active or reverted) on the same leaf and layer: their keys could not be preserved
+  together, nor their changes compared."""
+  for i, entry in enumerate(log.entries):
+    e = entry.edit
+    if e.path != edit.path or e.index != edit.index:
+      continue
+    have = int(np.shape(entry.keys)[-1])
+    if have != d:
+      where = f"{edit.path!r}" if edit.index is None else f"{edit.path!r}[{edit.index}]"
+      raise ValueError(f"edit: expected key dimension {have} on the leaf {where} (that of "
+                       f"the log's entry {i}, {e.name!r}), got {edit.name!r} with key "
+                       f"dimension {d}; is the edit of another model or layer?")
 
 
 def check_log(log) -> None:
@@ -248,7 +267,11 @@ def _position(log: EditLog, which) -> int:
     return log.names.index(which)
   if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
     if not -len(log) <= which < len(log):
-      raise ValueError(f"edit: expected an entry number in [0, {len(log)}), got {which}")
+      if not log.entries:
+        raise ValueError(f"edit: expected an entry of the log, got entry number {which} of "
+                         f"an empty log")
+      raise ValueError(f"edit: expected an entry number in [{-len(log)}, {len(log)}) "
+                       f"(negative numbers count from the end), got {which}")
     return int(which) % len(log)
   raise ValueError(f"edit: expected an entry number, a name or an Edit, got {which!r}")
 
@@ -265,7 +288,8 @@ def log_entry(log: EditLog, which: int | str | Edit) -> LogEntry:
 
   Args:
     log: the :class:`EditLog`.
-    which: an entry number, an edit name or an :class:`memedit.Edit`.
+    which: an entry number (negative counts from the end), an edit name or an
+      :class:`memedit.Edit`.
 
   Returns:
     The :class:`LogEntry`.
@@ -297,16 +321,18 @@ def log_revert(log: EditLog, which: int | str | Edit) -> EditLog:
 
   Args:
     log: the :class:`EditLog`.
-    which: an entry number, an edit name or an :class:`memedit.Edit` (the log's own: an
-      edit of the same name with other content is refused).
+    which: an entry number (negative numbers count from the end, as Python's indices
+      do: -1 is the last entry), an edit name or an :class:`memedit.Edit` (the log's
+      own: an edit of the same name with other content is refused).
 
   Returns:
     The new :class:`EditLog`; :func:`log_apply` leaves the edit out (see the module
     docstring for what that restores bit for bit).
 
   Raises:
-    ValueError: an unknown entry, an Edit whose content differs from the log's edit of
-      that name, or one already reverted.
+    ValueError: an unknown entry (a name not in the log, a number outside [-n, n) for n
+      entries), an Edit whose content differs from the log's edit of that name, or one
+      already reverted.
 
   Example:
     >>> import jax.numpy as jnp, memedit
@@ -325,13 +351,15 @@ def log_replay(log: EditLog, which: int | str | Edit) -> EditLog:
 
   Args:
     log: the :class:`EditLog`.
-    which: an entry number, an edit name or an :class:`memedit.Edit`.
+    which: an entry number (negative counts from the end), an edit name or an
+      :class:`memedit.Edit`.
 
   Returns:
     The new :class:`EditLog`; it applies to the same bits as before the revert.
 
   Raises:
-    ValueError: an unknown entry, or one that is active.
+    ValueError: an unknown entry (a name not in the log, a number outside [-n, n) for n
+      entries), or one that is active.
 
   Example:
     >>> import jax.numpy as jnp, memedit

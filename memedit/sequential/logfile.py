@@ -4,12 +4,15 @@ The file is a numpy ``.npz`` (read without pickles) written atomically (to a tem
 sibling file, synced to disk, then renamed into place). It
 holds a JSON record ``meta`` (format ``"memedit-edit-log"``, version 1: per entry the
 edit's name, label, content fingerprint, path, layout, method, settings, index, active
-flag, and whether values and weights are stored) and, per entry i, the arrays
-``e{i}_lam``, ``e{i}_D``, ``e{i}_keys`` and, when present, ``e{i}_values`` and
-``e{i}_weights``: the factors and keys, never the model's weights. Loading checks every
-entry's record, its factors against its stored fingerprint, and its keys, values and
-weights as :func:`memedit.sequential.log_append` does, and that the file holds no
-array its records do not name.
+flag, whether values and weights are stored, and the sha256 of its stored keys, values
+and weights) and, per entry i, the arrays ``e{i}_lam``, ``e{i}_D``, ``e{i}_keys`` and,
+when present, ``e{i}_values`` and ``e{i}_weights``: the factors and keys, never the
+model's weights. Loading checks every entry's record, its factors against its stored
+fingerprint, its keys, values and weights against their stored sha256 (dtype, shape and
+bytes: an altered or truncated array is refused) and as
+:func:`memedit.sequential.log_append` does, and that the file holds no array its records
+do not name. A file written before the sha256 were recorded (its records have no
+``sha256`` field) still loads, with the other checks.
 """
 
 from __future__ import annotations
@@ -32,15 +35,19 @@ __all__ = ["load_log", "save_log"]
 
 _FORMAT = "memedit-edit-log"
 _VERSION = 1
+#: The arrays of an entry whose sha256 its record holds (Λ and D: its fingerprint).
+_HASHED = ("keys", "values", "weights")
 
 
-def _entry_meta(entry: LogEntry) -> dict:
+def _entry_meta(entry: LogEntry, arrays: dict) -> dict:
   e = entry.edit
   return {"name": e.name, "label": e.label, "fingerprint": e.fingerprint,
           "path": list(e.path), "kind": e.kind, "in_ndim": e.in_ndim,
           "method": e.method, "settings": e.settings, "index": e.index,
           "active": bool(entry.active), "values": entry.values is not None,
-          "weights": entry.weights is not None}
+          "weights": entry.weights is not None,
+          "sha256": {n: _io.tree_hash(np.asarray(a, np.float32)) for n, a in arrays.items()
+                     if n in _HASHED}}
 
 
 def _is_log_file(path: str) -> bool:
@@ -90,10 +97,11 @@ def save_log(path: str | os.PathLike, log: EditLog, *, force: bool = False) -> s
   if os.path.lexists(dst) and not force and not _is_log_file(dst):
     raise ValueError(f"{dst}: expected a saved edit log to replace, got another file; "
                      "pass force=True to replace it")
-  arrays = {}
+  arrays, records = {}, []
   for i, entry in enumerate(log.entries):
     parts = {"lam": entry.edit.lam, "D": entry.edit.D, "keys": entry.keys,
              "values": entry.values, "weights": entry.weights}
+    stored = {}
     for name, a in parts.items():
       if a is None:
         continue
@@ -107,9 +115,9 @@ def save_log(path: str | os.PathLike, log: EditLog, *, force: bool = False) -> s
         raise ValueError(f"log: expected float32 factors (as memedit.make_edit builds them) "
                          f"to save, got {name} of dtype {a.dtype} in entry {i} "
                          f"({entry.name!r})")
-      arrays[f"e{i}_{name}"] = a
-  meta = {"format": _FORMAT, "version": _VERSION,
-          "entries": [_entry_meta(e) for e in log.entries]}
+      arrays[f"e{i}_{name}"] = stored[name] = a
+    records.append(_entry_meta(entry, stored))
+  meta = {"format": _FORMAT, "version": _VERSION, "entries": records}
   arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8)
   buf = io.BytesIO()
   np.savez(buf, **arrays)
@@ -131,8 +139,9 @@ def load_log(path: str | os.PathLike) -> EditLog:
     FileNotFoundError: no such file.
     ValueError: the file is not a saved memedit edit log (or of another version), or an
       entry is damaged: its record is malformed or names another edit than its factors
-      give, an array is missing, not numbers, or named by no record, its content does
-      not match its stored fingerprint, or it fails the checks of
+      give, an array is missing, not numbers, or named by no record, Λ and D do not
+      match the stored fingerprint or the keys, values or weights their stored sha256
+      (an array altered or truncated), or the entry fails the checks of
       :func:`memedit.sequential.log_append` (keys that do not fit its factors,
       non-finite arrays, negative weights, a repeated name).
 
@@ -148,8 +157,6 @@ def load_log(path: str | os.PathLike) -> EditLog:
   if not os.path.isfile(src):
     hint = ""
     if os.path.isdir(src):
-      from memedit import _io
-
       if _io.output_kind(src) == "edit":  # e.g. what `memedit rewrite --out` writes
         hint = (" holding one saved edit (memedit.load_edit); a log is built from edits "
                 "with memedit.sequential.log_append and written with save_log")
@@ -225,6 +232,11 @@ def load_log(path: str | os.PathLike) -> EditLog:
     except ValueError as e:
       raise ValueError(f"{src}: entry {i} ({m['name']!r}): {e}; the file is damaged"
                        ) from None
+    if "sha256" in m:  # absent in files saved before the arrays' sha256 were recorded
+      bad = _bad_arrays(log.entries[-1], m["sha256"], i)
+      if bad:
+        raise ValueError(f"{src}: entry {i} ({m['name']!r}): expected {bad}; the file is "
+                         "damaged")
     if not m["active"]:
       log = log_revert(log, i)
   return log
@@ -251,4 +263,27 @@ def _bad_entry_meta(m) -> str | None:
     return f"a field 'index' that is null or an int >= 0 in its record, got {index!r:.80}"
   if not m["path"] or not all(type(p) in (str, int) for p in m["path"]):
     return f"a field 'path' of str and int keys in its record, got {m['path']!r:.80}"
+  digests = m.get("sha256", {})  # absent in files saved before it was recorded
+  if not isinstance(digests, dict) or not set(digests) <= set(_HASHED) or not all(
+      isinstance(v, str) and len(v) == 64 and set(v) <= set("0123456789abcdef")
+      for v in digests.values()):
+    return (f"a field 'sha256' mapping some of {list(_HASHED)} to 64 hex digits in its "
+            f"record, got {digests!r:.120}")
+  return None
+
+
+def _bad_arrays(entry: LogEntry, digests: dict, i: int) -> str | None:
+  """What differs between an entry's loaded keys, values and weights and the sha256
+  its record holds of them ("… , got …"), or None."""
+  arrays = {n: np.asarray(a) for n, a in
+            (("keys", entry.keys), ("values", entry.values), ("weights", entry.weights))
+            if a is not None}
+  if set(digests) != set(arrays):
+    return (f"the sha256 of each of its stored arrays {sorted(arrays)} in its record, got "
+            f"those of {sorted(digests)}")
+  for n, a in arrays.items():
+    digest = _io.tree_hash(a)
+    if digest != digests[n]:
+      return (f"array e{i}_{n} with the sha256 {digests[n]} recorded when it was saved, got "
+              f"sha256 {digest} (shape {a.shape}): altered or truncated")
   return None

@@ -370,8 +370,8 @@ def insert_null_space(W: Any, keys: Any, values: Any, P: Any, preserved_keys: An
                                                                           P, pk)
   _check_writable(keys, P, dt)
   S = jnp.zeros((d, d), dt) if pk is None else _moment_of(pk, pw, dt)
-  sol = _alphaedit(W.astype(dt), keys.astype(dt), values.astype(dt), P.astype(dt), S,
-                   jnp.asarray(l2, dt))
+  sol = _alphaedit_padded(W.astype(dt), keys, values, P.astype(dt), S, jnp.asarray(l2, dt),
+                          dt)
   if not is_traced(sol) and not bool(np.isfinite(np.asarray(sol.D)).all()):
     # The inputs are finite (checked above): the Cholesky factorisation failed.
     scale = float(np.linalg.norm(np.asarray(keys, np.float64), 2) ** 2
@@ -400,6 +400,27 @@ def _check_writable(keys, P, dt) -> None:
                      f"{len(k)} without ({shown}{', …' if bad.size > 5 else ''}): the insert "
                      f"would leave their values unchanged; raise the threshold, preserve "
                      f"fewer keys, or insert without projecting")
+
+
+def _alphaedit_padded(W, keys, values, P, S, l2, dt):
+  """:func:`_alphaedit` of the new keys in ``dt``. Concrete keys and values are padded on
+  the host with zero rows (keys of weight zero: they add nothing to KᵀK, and their
+  residuals and directions are zero) to a power of two, and the padding is cut off the
+  result on the host, so that inserts of a new number of keys compile one program per
+  doubling, not one per number."""
+  if is_traced(keys, values):
+    return _alphaedit(W, keys.astype(dt), values.astype(dt), P, S, l2)
+  k, v = np.asarray(keys, dt), np.asarray(values, dt)
+  n = k.shape[0]
+  rows = 1 << max(0, n - 1).bit_length()
+  kp = np.zeros((rows, k.shape[1]), dt)
+  vp = np.zeros((rows, v.shape[1]), dt)
+  kp[:n], vp[:n] = k, v
+  sol = _alphaedit(W, jax.device_put(kp), jax.device_put(vp), P, S, l2)
+  if is_traced(sol):  # W, P, S or l2 traced: cut inside the trace (static n)
+    return LinearSolution(sol.lam[:, :n], sol.D[:n])
+  return LinearSolution(jax.device_put(np.asarray(sol.lam)[:, :n]),
+                        jax.device_put(np.asarray(sol.D)[:n]))
 
 
 @jax.jit

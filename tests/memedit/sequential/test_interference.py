@@ -210,8 +210,12 @@ def test_edits_of_one_leaf_with_other_key_dimensions_are_named():
   log = sq.log_append(sq.log_init(), a, np.ones((1, 3)))
   with pytest.raises(ValueError, match="key dimension 3 like the earlier edit 'a3'"):
     sq.check_edit(log, b)
+  with pytest.raises(ValueError, match=r"expected key dimension 3 on the leaf \('k',\)"):
+    sq.log_append(log, b, np.ones((1, 2)))
+  # A log put together by hand (not through log_append) is still named by the diagnostics.
+  mixed = sq.EditLog(log.entries + (sq.LogEntry(b, np.ones((1, 2), np.float32)),))
   with pytest.raises(ValueError, match=r"share a key dimension, got \{'a3': 3, 'b2': 2\}"):
-    sq.interference_matrix(sq.log_append(log, b, np.ones((1, 2))))
+    sq.interference_matrix(mixed)
   with pytest.raises(ValueError, match=r"keys: expected shape \(n, 2\)"):
     sq.key_change(np.eye(2), np.ones((1, 3)))
 
