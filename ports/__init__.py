@@ -323,8 +323,12 @@ def find_generator_entry(obj: Any, accepts, *, preferred: tuple[str, ...] = (),
     itself). When nothing is found, the first ``preferred`` entry present (else ``obj``)
     is returned as it is, prefixes removed, for the caller's checks to describe.
 
+  One state dict saved under several entries (``torch.save({'g': sd, 'g_ema': sd})``,
+  or two dicts of the same tensor objects) is one generator, found at its first entry.
+
   Raises:
-    ValueError: two or more entries are generator state dicts (the message names them).
+    ValueError: two or more entries are different generator state dicts (the message
+      names them).
   """
   def ok(sd):
     try:
@@ -362,6 +366,8 @@ def find_generator_entry(obj: Any, accepts, *, preferred: tuple[str, ...] = (),
           found.append((name, strip_module_prefix(sd)))
 
   visit(obj, "", 0)
+  found = [(name, sd) for i, (name, sd) in enumerate(found)
+           if not any(_same_state_dict(sd, earlier) for _, earlier in found[:i])]
   if len(found) > 1:
     raise ValueError(f"{where}: expected one {what}, got {len(found)}: "
                      f"{', '.join(name for name, _ in found[:6])}; save the one to convert "
@@ -371,3 +377,9 @@ def find_generator_entry(obj: Any, accepts, *, preferred: tuple[str, ...] = (),
   if present and isinstance(obj[present[0]], Mapping):  # for the caller to describe
     return strip_module_prefix(obj[present[0]]), repr(present[0])
   return top, None
+
+
+def _same_state_dict(a: Mapping, b: Mapping) -> bool:
+  """Whether two state dicts are one saved twice: the same object, or the same names
+  bound to the same tensor objects (a copy of the dict, or one with wrapper prefixes)."""
+  return a is b or (a.keys() == b.keys() and all(a[k] is b[k] for k in a))

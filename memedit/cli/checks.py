@@ -142,8 +142,8 @@ def check_output_file(path: str, flag: str, *, protect: Iterable[str | None] = (
 @contextlib.contextmanager
 def writing(path: str, flag: str):
   """Reports an OS error about output ``path`` (or the temporary sibling an atomic write
-  puts beside it, a name the user never gave) under the user's name for it; other errors
-  (reading an input) pass unchanged."""
+  puts beside it, or a file inside that one: names the user never gave) under the user's
+  name for it; other errors (reading an input) pass unchanged."""
   dst = os.path.abspath(path)
   parent, base = os.path.dirname(dst), os.path.basename(dst)
 
@@ -151,9 +151,13 @@ def writing(path: str, flag: str):
     if name is None:
       return False
     name = os.path.abspath(os.fsdecode(name))
-    return (_within(name, dst) or (os.path.dirname(name) == parent
-                                   and os.path.basename(name).startswith(".")
-                                   and base in os.path.basename(name)))
+    if _within(name, dst):
+      return True
+    try:
+      first = os.path.relpath(name, parent).split(os.sep)[0]  # the entry of parent it is in
+    except ValueError:  # another drive
+      return False
+    return first not in (os.curdir, os.pardir) and first.startswith(".") and base in first
 
   try:
     yield

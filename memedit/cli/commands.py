@@ -68,9 +68,9 @@ def _add_convert(subparsers) -> None:
 def _hf_weights_file(path: str) -> bool:
   """Whether a file is Hugging Face weights that no torch reader takes: a safetensors file
   or a shard index (``*.index.json``)."""
-  from ports.gpt2.hf_files import _looks_like_safetensors
+  from ports.gpt2.hf_files import looks_like_safetensors
 
-  return path.endswith((".safetensors", ".index.json")) or _looks_like_safetensors(path)
+  return path.endswith((".safetensors", ".index.json")) or looks_like_safetensors(path)
 
 
 def _run_convert(args: argparse.Namespace) -> int:

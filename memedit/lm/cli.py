@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -40,6 +41,17 @@ def _integer_from(low: int, what: str):
 
 _positive = _integer_from(1, "a positive integer")
 _nonnegative = _integer_from(0, "a non-negative integer")
+
+
+def _positive_number(text: str) -> float:
+  """An argparse type: a positive finite number (a learning rate, MEMIT's λ)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+  return value
 
 
 _NOT_A_FILE = "not a file: lm-edit's --facts is a facts file"
@@ -72,6 +84,15 @@ def _int_list(text: str) -> list[int]:
   if not values or any(v < 0 for v in values):
     raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
   return values
+
+
+def _block_list(text: str) -> list[int]:
+  """An argparse type: block numbers in increasing order, each once (MEMIT's --layers)."""
+  blocks = _int_list(text)
+  if any(b <= a for a, b in zip(blocks, blocks[1:])):
+    raise argparse.ArgumentTypeError(
+        f"expected block numbers in increasing order, each once (e.g. 0,1,2), got {text!r}")
+  return blocks
 
 
 def _common(p, model: bool = True, model_help: str = _MODEL_HELP) -> None:
@@ -266,14 +287,23 @@ def _scores(model, tokenize, cases) -> str:
   return f"efficacy {100 * float(np.mean(top)):.1f}%"
 
 
-def _edit_outputs(args) -> list[str]:
+def _facts_file(path: str) -> list:
+  """``(where, request)`` of each fact of the facts file ``path`` (``where``: the file and
+  the line, or the fact's number in a JSON list), read and checked once, before any
+  work."""
+  from memedit.lm.prompts import _read_facts
+
+  return _read_facts(path)
+
+
+def _edit_outputs(args, facts) -> list[str]:
   """Checks, before any work, the folders lm-edit writes: ``--out/edit-0``, ... (one per
-  edit: ROME one per fact, MEMIT one per block, fine-tuning one). Each may replace only
-  an earlier saved edit (or an empty folder) unless --force is given, and never the
-  model, the facts file or the cache. Returns them (absolute)."""
+  edit: ROME one per fact of ``facts``, the facts file's, else one; MEMIT one per block;
+  fine-tuning one). Each may replace only an earlier saved edit (or an empty folder)
+  unless --force is given, and never the model, the facts file or the cache. Returns
+  them (absolute)."""
   from memedit import _io
   from memedit.cli.checks import check_output_location
-  from memedit.lm.prompts import read_facts
 
   check_output_location(args.out, "--out", folder=True)
   if os.path.lexists(args.out) and not os.path.isdir(args.out):
@@ -281,8 +311,8 @@ def _edit_outputs(args) -> list[str]:
                      f"is not a folder")
   if args.method == "memit":
     count = len(args.layers)
-  elif args.method == "rome" and args.facts:
-    count = len(read_facts(args.facts))
+  elif args.method == "rome" and facts:
+    count = len(facts)
   else:
     count = 1
   protect = [p for p in (args.model, args.facts, args.cache_dir) if p]
@@ -312,25 +342,70 @@ def _stale_edits(out: str, count: int) -> list[str]:
   return [name for _, name in sorted(found)]
 
 
-def _run_edit(args) -> int:
-  import shutil
+def _save_edits(out: str, edits) -> None:
+  """Saves ``edits`` as ``out/edit-0``, ``edit-1``, ... (:func:`memedit.save_edit`) and
+  removes the ``edit-N`` beyond them (there only with --force, checked before any work),
+  all or nothing.
 
+  A new ``out`` is written as a temporary sibling folder renamed into place once every
+  edit is in it. In an existing ``out``, the edits are first saved in a hidden temporary
+  folder inside it; only then are the edit-N entries renamed into place (the replaced
+  and removed ones moved into that folder, which is removed last). Should a save or a
+  rename fail, the renames made are undone: ``out`` is left as it was.
+  """
   import memedit
+  from memedit import _io
+
+  stale = _stale_edits(out, len(edits))
+  if not os.path.lexists(out):
+    with _io.atomic_dir(out) as tmp:
+      for i, e in enumerate(edits):
+        memedit.save_edit(os.path.join(tmp, f"edit-{i}"), e)
+    return
+  # Named as a temporary of edit-0, which a later write of edit-0 removes should this
+  # process be killed before it does.
+  with _io._temporary(os.path.join(out, "edit-0"), directory=True) as (stage, _):
+    try:
+      for i, e in enumerate(edits):
+        memedit.save_edit(os.path.join(stage, f"edit-{i}"), e)
+      moves = []  # (from, to) renames made, undone in reverse order on a failure
+      try:
+        for i in range(len(edits)):
+          dst = os.path.join(out, f"edit-{i}")
+          if os.path.lexists(dst):
+            moves.append((dst, os.path.join(stage, f"replaced-{i}")))
+            os.rename(*moves[-1])
+          moves.append((os.path.join(stage, f"edit-{i}"), dst))
+          os.rename(*moves[-1])
+        for name in stale:
+          moves.append((os.path.join(out, name), os.path.join(stage, f"removed-{name}")))
+          os.rename(*moves[-1])
+      except BaseException:
+        for src, dst in reversed(moves):
+          if os.path.lexists(dst) and not os.path.lexists(src):
+            os.rename(dst, src)
+        raise
+      _io._fsync_dir(out)
+    finally:
+      _io._remove(stage)
+
+
+def _run_edit(args) -> int:
   from memedit.cli.checks import check_input_file, writing
   from memedit.lm.experiment import apply_all, demo_contexts
   from memedit.lm.finetune import finetune_edit
   from memedit.lm.memit import memit_edits
-  from memedit.lm.prompts import _read_facts
   from memedit.lm.rome import rome_edits
   from ports.gpt2 import lm_layout
 
+  facts = None
   if args.facts:
     check_input_file(args.facts, "--facts")
-  outputs = _edit_outputs(args)
+    facts = _facts_file(args.facts)  # read and checked once, before any work
+  outputs = _edit_outputs(args, facts)
   module, variables, world, _ = _open(args)
   model = (module, variables)
   layout = lm_layout(module.config.n_layer)
-  facts = _read_facts(args.facts) if args.facts else None  # read and checked once
   cases = _edit_requests(args, world, facts)
   reqs = [c.request for c in cases]
   contexts = demo_contexts(model, world, per_length=args.contexts)
@@ -358,16 +433,10 @@ def _run_edit(args) -> int:
                            contexts=contexts).edit]
     params, _ = apply_all(variables, edits)
   scores = _scores((module, params), world.tokenize, cases)
+  if len(edits) != len(outputs):  # the folders checked before any work are those written
+    raise AssertionError(f"lm-edit: {len(edits)} edit(s) made for {len(outputs)} folders")
   with writing(args.out, "--out"):
-    os.makedirs(args.out, exist_ok=True)
-    for dst, e in zip(outputs, edits, strict=True):
-      memedit.save_edit(dst, e, force=args.force)
-    for name in _stale_edits(args.out, len(outputs)):  # only with --force (checked above)
-      path = os.path.join(args.out, name)
-      if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-      else:
-        os.remove(path)
+    _save_edits(os.path.abspath(args.out), edits)
   req = reqs[0]
   old = f"{req.target_true} -> " if req.target_true else "-> "
   print(f"lm-edit {args.method}: {len(reqs)} fact(s), e.g. '{req.text}' {old}"
@@ -498,13 +567,14 @@ def _run_demo(args) -> int:
 def _edit_args(p) -> None:
   from memedit.lm.train import DEMO_MEMIT_LAYERS, DEMO_PENALTY, DEMO_ROME_LAYER
 
-  p.add_argument("--layer", type=int, default=DEMO_ROME_LAYER, metavar="BLOCK",
+  p.add_argument("--layer", type=_nonnegative, default=DEMO_ROME_LAYER, metavar="BLOCK",
                  help="the block (0 .. blocks-1) whose MLP ROME and fine-tuning edit "
                  "(default %(default)s)")
-  p.add_argument("--layers", type=_int_list, default=list(DEMO_MEMIT_LAYERS),
+  p.add_argument("--layers", type=_block_list, default=list(DEMO_MEMIT_LAYERS),
                  metavar="BLOCKS", help=f"the blocks MEMIT spreads its edits over, "
-                 f"comma-separated, e.g. 0,1,2 (default {','.join(map(str, DEMO_MEMIT_LAYERS))})")
-  p.add_argument("--penalty", type=float, default=DEMO_PENALTY,
+                 f"comma-separated in increasing order, e.g. 0,1,2 (default "
+                 f"{','.join(map(str, DEMO_MEMIT_LAYERS))})")
+  p.add_argument("--penalty", type=_positive_number, default=DEMO_PENALTY,
                  help="MEMIT's λ, the weight of C against the new facts' keys (default "
                  "%(default)g for the demo model, whose keys are small: MEMIT's 15000 for "
                  "GPT-J writes few of the facts)")
@@ -517,7 +587,7 @@ def _edit_args(p) -> None:
                  help="Adam steps of ROME's value search, 1 to 200 (default %(default)s; "
                       "MEMIT's search runs 25 steps with a norm clamp of 0.75, as MEMIT's "
                       "defaults)")
-  p.add_argument("--value-lr", type=float, default=0.5,
+  p.add_argument("--value-lr", type=_positive_number, default=0.5,
                  help="the learning rate of ROME's value search (default %(default)s)")
 
 
@@ -632,7 +702,7 @@ def add_subcommands(subparsers) -> None:
   p = subparsers.add_parser("lm-stats", help="C of one block's MLP keys over the world's "
                             "text (cached)", **_formatted(description=_STATS_HELP))
   _common(p)
-  p.add_argument("--layer", type=int, default=1, metavar="BLOCK",
+  p.add_argument("--layer", type=_nonnegative, default=1, metavar="BLOCK",
                  help="the block (0 .. blocks-1) whose MLP keys are collected (default "
                  "%(default)s)")
   p.add_argument("--tokens", type=_positive, default=200_000, help=_TOKENS_HELP)

@@ -242,6 +242,11 @@ def _fact(where: str, row) -> Request:
         and row["subject"].strip() in row["prompt"]):
       hint = " (write {} where the subject goes instead of the subject itself)"
     raise ValueError(f"{where}: {e}{hint}") from None
+  for name in _FACT_FIELDS:  # a binary or UTF-16 file, a damaged export
+    value = getattr(req, name)
+    if isinstance(value, str) and "\x00" in value:
+      raise ValueError(f"{where}: {name}: expected text without NUL characters, got "
+                       f"{value!r}")
   if req.target_true is not None and req.target_true == req.target_new:
     raise ValueError(f"{where}: expected a target_new other than target_true, got "
                      f"{req.target_new!r} for both (the edit would change nothing)")

@@ -6,8 +6,9 @@ folder (``model.safetensors``, ``pytorch_model.bin`` or shards listed by their i
 :func:`ports.torchfile.load_torch`, ``.safetensors`` files through
 :func:`load_safetensors`, which checks every header field before it reads a tensor byte),
 and checks shards against their index (:func:`locate_checkpoint` finds it);
-:func:`read_hf_config` reads the config. :mod:`ports.gpt2.convert` maps the result onto
-the Flax model and re-exports these names.
+:func:`read_hf_config` reads the config; :func:`looks_like_safetensors` tells a
+safetensors file by its first bytes, whatever its name. :mod:`ports.gpt2.convert` maps the
+result onto the Flax model and re-exports the readers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ports.gpt2.model import GPT2Config
 from ports.torchfile import CorruptFileError, brief_repr
 
 __all__ = ["SAFETENSORS_DTYPES", "checkpoint_files", "load_safetensors", "locate_checkpoint",
-           "read_hf_config", "read_state_dict"]
+           "looks_like_safetensors", "read_hf_config", "read_state_dict"]
 
 
 #: safetensors dtype names the reader understands, and the numpy dtype each tensor is read
@@ -83,9 +84,25 @@ def _not_safetensors(head: bytes) -> str:
           if kind else "")
 
 
-def _looks_like_safetensors(path: str) -> bool:
+def looks_like_safetensors(path: str | os.PathLike) -> bool:
   """Whether a file starts like a safetensors file: a header length that fits the file,
-  then a JSON object."""
+  then a JSON object (whatever its name; nothing past the first 9 bytes is read).
+
+  Args:
+    path: the file.
+
+  Returns:
+    False as well for a folder, a device or pipe, or a file that cannot be opened.
+
+  Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "weights.bin")
+    >>> with open(path, "wb") as f:
+    ...   _ = f.write(len(b"{}").to_bytes(8, "little") + b"{}")
+    >>> looks_like_safetensors(path), looks_like_safetensors(os.path.dirname(path))
+    (True, False)
+  """
+  path = os.fspath(path)
   try:
     f, size = _open_regular(path, "a weights file")
   except (OSError, ValueError):
@@ -375,7 +392,7 @@ def _read_weights(path: str) -> dict[str, Any]:
   try:
     sd = load_torch(path)
   except CorruptFileError as e:
-    if not _looks_like_safetensors(path):
+    if not looks_like_safetensors(path):
       raise
     raise CorruptFileError(f"{e}; the content is a safetensors file: name it "
                            "model.safetensors (or *.safetensors)") from None
