@@ -26,6 +26,11 @@ of its trace, so on 512-dimensional keys 1e-2 kept 487–493 dimensions, while 1
 175–214 (AlphaEdit's absolute 2e-2 kept 212–302); with l2 = 10 the first batch reached
 9 % efficacy, with l2 = 1, 98 %.
 
+``--preserve-facts W`` adds to the projected arm's solve the key of every fact of the
+world that the batch does not edit, with weight W (:func:`memedit.lm.sequential.fact_keys`
+of the unedited model at the edit template; the unedited facts are scored in all the
+relation's templates): the facts a user wants kept preserved beside the earlier edits.
+
 After every batch: efficacy (top-1 new object, and P(new) > P(old)) and paraphrase on
 all edits so far, neighbourhood specificity, top-1 accuracy on 2,000 unedited facts.
 
@@ -38,6 +43,7 @@ without ``--tag``, both files are named after the options changed (e.g.
 Usage: python benchmarks/lm_sequential.py [--quick] [--model DIR] [--cache-dir DIR]
   [--edits N] [--batch B] [--threshold T] [--l2 X]
   [--key-weight W] [--edit-keys solve|null_space|none] [--penalty L] [--penalty2 L]
+  [--preserve-facts W] [--blocks 0,1,2]
   [--tag SUFFIX] [--out-dir DIR]
 (A penalty of 0 leaves that plain arm out.)
 """
@@ -64,6 +70,17 @@ from memedit.lm.train import (DEMO_MEMIT_LAYERS as LAYERS, DEMO_PENALTY, DemoCon
 from ports.gpt2 import lm_layout
 
 SHOWN = (100, 500, 1000, 1500, 2000)
+
+
+def block_list(text: str) -> list[int]:
+  """An argparse type: block numbers, comma-separated, increasing."""
+  try:
+    blocks = [int(t) for t in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected block numbers like 0,1,2, got {text!r}") from None
+  if not blocks or min(blocks) < 0 or any(b <= a for a, b in zip(blocks, blocks[1:])):
+    raise argparse.ArgumentTypeError(f"expected increasing block numbers >= 0, got {text!r}")
+  return blocks
 PANELS = (("efficacy", "efficacy (top-1, all edits so far)"),
           ("neighbourhood", "neighbourhood specificity"),
           ("unedited", "unedited-fact accuracy"))
@@ -161,6 +178,12 @@ def main(argv=None) -> int:
   ap.add_argument("--penalty2", type=nonnegative_float, default=DEMO_PENALTY,
                   help=f"λ of a second plain arm ({DEMO_PENALTY:g}, the demo's: at 15000 one "
                        "batch of 100 is not written on the demo; 0: no second arm)")
+  ap.add_argument("--preserve-facts", type=nonnegative_float, default=0.0,
+                  help="weight of the key of every world fact not in the batch in the "
+                       "projected arm's solve (0: none; run_sequential's preserve_facts)")
+  ap.add_argument("--blocks", type=block_list, default=list(LAYERS),
+                  help=f"MEMIT blocks, comma-separated (default "
+                       f"{','.join(map(str, LAYERS))})")
   ap.add_argument("--quick", action="store_true", help="200 facts in batches of 50")
   ap.add_argument("--tag", type=suffix_tag, default="",
                   help="suffix of the output files (e.g. _inner4096; letters, digits, _ . -)")
@@ -168,7 +191,7 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   out = results_path(ap, args, "lm_sequential", tag=args.tag, inputs=("--model",), variants=(
       "--edits", "--batch", "--threshold", "--l2", "--key-weight", "--edit-keys", "--penalty",
-      "--penalty2"))
+      "--penalty2", "--preserve-facts", "--blocks"))
   png = (ROOT / "docs" if args.out_dir is None else args.out_dir) / f"{out.stem}.png"
   if args.quick:
     args.edits, args.batch = min(args.edits, 200), min(args.batch, 50)
@@ -180,7 +203,7 @@ def main(argv=None) -> int:
   layout = lm_layout(module.config.n_layer)
   stats_dir = os.path.join(args.cache_dir, "lm-stats")
   covs = {l: world_covariance(model, world, layout.memories[l], tokens=200_000,
-                              cache_dir=stats_dir) for l in LAYERS}
+                              cache_dir=stats_dir) for l in args.blocks}
   contexts = demo_contexts(model, world)
   say = lambda s: print(f"lm_sequential: {s}", file=sys.stderr, flush=True)
   arms = [("projected", {"arms": ("projected",)})]
@@ -189,10 +212,10 @@ def main(argv=None) -> int:
   rows, base, null_dims = [], None, None
   for label, kw in arms:
     say(f"arm {label}")
-    out = run_sequential(model, world, layout, LAYERS, covs, contexts, edits=args.edits,
-                         batch=args.batch, threshold=args.threshold, l2=args.l2,
-                         key_weight=args.key_weight, edit_keys=args.edit_keys, log=say,
-                         **kw)
+    out = run_sequential(model, world, layout, args.blocks, covs, contexts,
+                         edits=args.edits, batch=args.batch, threshold=args.threshold,
+                         l2=args.l2, key_weight=args.key_weight, edit_keys=args.edit_keys,
+                         preserve_facts=args.preserve_facts, log=say, **kw)
     base, null_dims = out["base"], out["null_dims"]
     rows += [dict(r, arm=label) for r in out["rows"]]
   shown = [{"arm": r["arm"], "edits": r["edits"],
@@ -210,11 +233,12 @@ def main(argv=None) -> int:
   png.parent.mkdir(parents=True, exist_ok=True)
   line_png(rows, png, base=base,
            title=f"{args.edits} facts in batches of {args.batch}, MEMIT blocks "
-                 f"{','.join(map(str, LAYERS))} (MLP width {module.config.inner_dim}): AlphaEdit "
+                 f"{','.join(map(str, args.blocks))} (MLP width {module.config.inner_dim}): AlphaEdit "
                  f"projection (threshold {args.threshold:g}, l2 {args.l2:g})"
                  + (" vs plain sequential MEMIT" if penalties else ""))
   load1 = os.getloadavg()
-  settings = {"edits": args.edits, "batch": args.batch, "layers": list(LAYERS),
+  settings = {"edits": args.edits, "batch": args.batch, "layers": list(args.blocks),
+              "preserve_facts": args.preserve_facts,
               "threshold": args.threshold, "l2": args.l2, "key_weight": args.key_weight,
               "edit_keys": args.edit_keys, "penalties": penalties, "reserve": 500,
               "unedited_facts": 2000, "contexts": len(contexts), "tokens_for_C": 200_000,

@@ -28,7 +28,7 @@ from memedit.lm.prompts import (PromptBatch, Request, bucket, check_requests_lis
                                 prompt_rows, round_up, token_ids)
 
 __all__ = ["check_finite", "check_memory", "check_token_ids", "layer_weights", "read_states",
-           "sample_contexts", "subject_keys", "vocab_size"]
+           "sample_contexts", "subject_keys", "subject_keys_at", "vocab_size"]
 
 _VOCAB: dict = {}
 
@@ -273,7 +273,30 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
     ...              ["{}", "a b . {}"]).shape
     (1, 32)
   """
-  path = as_path(address)
+  return subject_keys_at(model, [address], tokenize, requests, contexts, chunk=chunk)[0]
+
+
+def subject_keys_at(model, addresses: Sequence, tokenize: Callable[[str], Sequence[int]],
+                    requests: Sequence[Request], contexts: Sequence[str] = ("{}",), *,
+                    chunk: int = 256) -> list[np.ndarray]:
+  """:func:`subject_keys` at several memories from one forward pass: a list of
+  ``(F, key_dim)`` float32 keys, one per address, in order.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from ports.gpt2 import GPT2Config, GPT2LMHeadModel
+    >>> net = GPT2LMHeadModel(GPT2Config(vocab_size=9, n_positions=16, n_embd=8, n_layer=2,
+    ...                                   n_head=2))
+    >>> v = net.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    >>> tok = lambda s: [len(w) % 9 for w in s.split()]
+    >>> ks = subject_keys_at((net, v), ["h_0.mlp.c_proj", "h_1.mlp.c_proj"], tok,
+    ...                      [Request("{} lives in", "Ana", "x")])
+    >>> [k.shape for k in ks]
+    [(1, 32), (1, 32)]
+  """
+  paths = [as_path(a) for a in addresses]
+  if not paths:
+    raise ValueError("addresses: expected at least one memory, got none")
   requests = check_requests_list(requests)
   rows, groups = [], []
   for f, req in enumerate(requests):
@@ -282,15 +305,18 @@ def subject_keys(model, address, tokenize: Callable[[str], Sequence[int]],
     groups.extend([f] * len(rs))
   batch = encode(tokenize, rows, groups)
   check_token_ids(model, tokenize, rows, batch)
-  check_memory(model, path, batch.ids[:1])  # a block or norm has inputs too, not keys
+  for path in paths:
+    check_memory(model, path, batch.ids[:1])  # a block or norm has inputs too, not keys
   n = len(rows)
-  (keys,), _ = read_states(model, batch.ids[:n], batch.last[:n], inputs_of=[path],
-                           chunk=chunk)
-  check_finite(keys, [b + s + a for b, s, a, _ in rows], "subject_keys")
-  sums = np.zeros((len(requests), keys.shape[-1]), np.float64)
-  np.add.at(sums, np.asarray(groups), keys[:n].astype(np.float64))
+  states, _ = read_states(model, batch.ids[:n], batch.last[:n], inputs_of=paths, chunk=chunk)
   counts = np.bincount(groups, minlength=len(requests))[:, None]
-  return (sums / counts).astype(np.float32)
+  out = []
+  for keys in states:
+    check_finite(keys, [b + s + a for b, s, a, _ in rows], "subject_keys")
+    sums = np.zeros((len(requests), keys.shape[-1]), np.float64)
+    np.add.at(sums, np.asarray(groups), keys[:n].astype(np.float64))
+    out.append((sums / counts).astype(np.float32))
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("definition", "top_k"))

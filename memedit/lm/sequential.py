@@ -59,7 +59,8 @@ from memedit.optim import check_choice
 from memedit.sequential import (EditLog, insert_null_space, log_append, log_apply, log_init,
                                 log_keys, log_replay, log_revert, null_space)
 
-__all__ = ["ARMS", "EDIT_KEYS", "SCORES", "BatchResult", "alphaedit_insert", "layer_projectors",
+__all__ = ["ARMS", "EDIT_KEYS", "SCORES", "BatchResult", "alphaedit_insert", "fact_keys",
+           "layer_projectors",
            "memit_batch", "replay_batch", "revert_batch", "run_sequential", "sequential_cases",
            "sequential_scores"]
 
@@ -162,8 +163,8 @@ def memit_batch(model, layout: LMLayout, layers: Sequence[int],
                 covariances: dict, log: EditLog, *, project: bool = True,
                 projectors: dict | None = None, threshold: float = 1e-2, l2: float = 10.0,
                 key_weight: float = 1.0, edit_keys: str = "solve", penalty: float = 15000.0,
-                contexts: Sequence[str] = ("{}",), value_options: dict | None = None
-                ) -> BatchResult:
+                contexts: Sequence[str] = ("{}",), value_options: dict | None = None,
+                preserved: dict | None = None) -> BatchResult:
   """One batch of MEMIT written into ``model`` (the log's edits already applied to it),
   recorded in ``log``.
 
@@ -183,6 +184,10 @@ def memit_batch(model, layout: LMLayout, layers: Sequence[int],
     key_weight: ≥ 0, the weight of each earlier edit's key (times its log weight).
     edit_keys: ``"solve"`` (AlphaEdit: K_p in the solve), ``"null_space"`` (also out of
       P) or ``"none"``.
+    preserved: ``{layer: (keys (m, key_dim), weights (m,))}``, further keys whose outputs
+      the projected insert keeps, beside the earlier edits' (e.g. the keys of facts to
+      keep, :func:`fact_keys`; the batch's own facts left out by the caller): in the solve
+      with their weights, and out of P too with ``edit_keys="null_space"``.
 
   Returns:
     :class:`BatchResult`; apply the new log to the unedited parameters for the next model.
@@ -211,6 +216,8 @@ def memit_batch(model, layout: LMLayout, layers: Sequence[int],
       pk = pw = None
     else:
       pw = pw * jnp.float32(key_weight)
+    if preserved and layer in preserved:
+      pk, pw = _with_preserved(pk, pw, *preserved[layer], W.shape[1])
     if edit_keys == "null_space":
       ns = null_space(np.asarray(covariances[layer], np.float32), pk, pw,
                       threshold=threshold)
@@ -228,6 +235,60 @@ def memit_batch(model, layout: LMLayout, layers: Sequence[int],
     keys, values = written[layer]
     log = log_append(log, edit, keys, values)
   return BatchResult(log, list(res.edits), tuple(e.name for e in res.edits))
+
+
+def _with_preserved(pk, pw, keys, weights, key_dim):
+  """The earlier edits' keys and weights (or None) with ``keys``/``weights`` appended."""
+  keys = np.asarray(keys, np.float32)
+  weights = np.asarray(weights, np.float32)
+  if keys.ndim != 2 or keys.shape[1] != key_dim or weights.shape != keys.shape[:1]:
+    raise ValueError(f"preserved: expected keys (m, {key_dim}) and weights (m,), got "
+                     f"{keys.shape} and {weights.shape}")
+  if pk is not None:
+    keys = np.concatenate([np.asarray(pk, np.float32), keys])
+    weights = np.concatenate([np.asarray(pw, np.float32), weights])
+  return jnp.asarray(keys), jnp.asarray(weights)
+
+
+def fact_keys(model, world: World, layout: LMLayout, layers: Sequence[int],
+              contexts: Sequence[str] = ("{}",)) -> tuple[list[tuple[int, int]], dict]:
+  """The key of every fact (subject s, relation r) of the demo world at each block: at the
+  subject's last token of the relation's first training template (the prompt an edit of
+  the fact is written with), averaged over ``contexts``
+  (:func:`memedit.lm.keys.subject_keys`).
+
+  Args:
+    model: the LM, Linen ``(module, variables)`` (its keys before any edit).
+    world: its :class:`memedit.lm.world.World`.
+    layout: its :class:`LMLayout`.
+    layers: the blocks.
+    contexts: context templates.
+
+  Returns:
+    ``(facts, {layer: (len(facts), key_dim) float32 keys})``, ``facts`` the ``(s, r)``
+    pairs in order (subjects outer).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from memedit.lm.world import make_world
+    >>> from ports.gpt2 import GPT2Config, GPT2LMHeadModel, lm_layout
+    >>> w = make_world(seed=0, n_subjects=4, n_relations=2, n_objects=3)
+    >>> net = GPT2LMHeadModel(GPT2Config(vocab_size=w.vocab_size, n_positions=16, n_embd=8,
+    ...                                   n_layer=2, n_head=2))
+    >>> v = net.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    >>> facts, keys = fact_keys((net, v), w, lm_layout(2), [0, 1])
+    >>> len(facts), keys[1].shape
+    (8, (8, 32))
+  """
+  from memedit.lm.keys import subject_keys_at
+
+  facts = [(s, r) for s in range(len(world.subjects)) for r in range(len(world.relations))]
+  requests = [Request(world.relations[r].train_templates[0], world.subjects[s],
+                      world.object_of(s, r)) for s, r in facts]
+  layers = [int(l) for l in layers]
+  keys = subject_keys_at(model, [layout.memories[l] for l in layers], world.tokenize,
+                         requests, contexts)
+  return facts, dict(zip(layers, keys))
 
 
 def revert_batch(log: EditLog, names: Sequence[str]) -> EditLog:
@@ -344,6 +405,7 @@ def run_sequential(model, world: World, layout: LMLayout, layers: Sequence[int],
                    l2: float = 10.0, key_weight: float = 1.0, edit_keys: str = "solve",
                    penalty: float = 15000.0, value_options: dict | None = None,
                    reserve: int = 500, unedited_facts: int = 2000,
+                   preserve_facts: float = 0.0,
                    eval_at: Sequence[int] | None = None, seed: int = 0,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Sequential MEMIT on the demo world, with and without AlphaEdit's projection.
@@ -369,6 +431,10 @@ def run_sequential(model, world: World, layout: LMLayout, layers: Sequence[int],
     value_options: the value search's options (MEMIT's defaults).
     reserve: subjects kept unedited (neighbours and unedited facts).
     unedited_facts: facts of the reserved subjects scored for the unedited accuracy.
+    preserve_facts: ≥ 0, the weight in the projected arm's solve of the key of every fact
+      of the world that the batch does not edit (:func:`fact_keys` of the unedited model,
+      at the edit template; 0: none), beside the earlier edits' keys: the facts a user
+      wants kept, as AlphaEdit keeps the keys of its preserved text.
     eval_at: edit counts after which to score (None: every batch).
     seed: seed of the cases and facts.
     log: callable(str) for progress lines.
@@ -386,6 +452,9 @@ def run_sequential(model, world: World, layout: LMLayout, layers: Sequence[int],
     check_choice(arm, ARMS, "arms")
   if batch < 1 or edits < 1:
     raise ValueError(f"edits, batch: expected positive integers, got {edits} and {batch}")
+  if (isinstance(preserve_facts, bool) or not np.isscalar(preserve_facts)
+      or not np.isfinite(preserve_facts) or preserve_facts < 0):
+    raise ValueError(f"preserve_facts: expected a finite weight >= 0, got {preserve_facts!r}")
   _, params0 = split_model(model)
   cases, kept = sequential_cases(world, edits, reserve=reserve, seed=seed)
   kept_set = set(kept)
@@ -395,6 +464,22 @@ def run_sequential(model, world: World, layout: LMLayout, layers: Sequence[int],
   base = sequential_scores(model, world.tokenize, cases, facts)
   base["unedited_drop"] = 0.0
   say(f"unedited model: {_fmt(base)} ({time.perf_counter() - t0:.1f} s)")
+  kept_facts = None
+  if preserve_facts and "projected" in arms:
+    t0 = time.perf_counter()
+    all_facts, fkeys = fact_keys(model, world, layout, layers, contexts)
+    where = {(world.subjects[s], world.relations[r].train_templates[0]): i
+             for i, (s, r) in enumerate(all_facts)}
+    case_fact = np.asarray([where[(c.request.subject, c.request.prompt)] for c in cases])
+
+    def kept_facts(start, stop):  # every fact's key but the batch's own
+      keep = np.ones(len(all_facts), bool)
+      keep[case_fact[start:stop]] = False
+      w = np.full(int(keep.sum()), preserve_facts, np.float32)
+      return {l: (k[keep], w) for l, k in fkeys.items()}
+
+    say(f"keys of the world's {len(all_facts)} facts at blocks {list(fkeys)} "
+        f"({time.perf_counter() - t0:.1f} s)")
   projectors = layer_projectors(covariances, layers, threshold=threshold)
   null_dims = {int(l): int(ns.dim) for l, ns in projectors.items()}
   say(f"null-space dimensions at threshold {threshold:g}: {null_dims}")
@@ -411,7 +496,9 @@ def run_sequential(model, world: World, layout: LMLayout, layers: Sequence[int],
                         project=arm == "projected", projectors=projectors,
                         threshold=threshold, l2=l2, key_weight=key_weight,
                         edit_keys=edit_keys, penalty=penalty, contexts=contexts,
-                        value_options=value_options)
+                        value_options=value_options,
+                        preserved=(kept_facts(start, stop) if kept_facts is not None
+                                   and arm == "projected" else None))
       elog = res.log
       batches.append(res.names)
       params = log_apply(params0, elog)

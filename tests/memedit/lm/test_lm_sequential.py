@@ -14,8 +14,8 @@ from conftest import rel_err
 from memedit.lm.evaluate import world_cases
 from memedit.lm.experiment import apply_all
 from memedit.lm.memit import memit_edits, with_params
-from memedit.lm.sequential import (SCORES, alphaedit_insert, layer_projectors, memit_batch,
-                                   replay_batch, revert_batch, run_sequential,
+from memedit.lm.sequential import (SCORES, alphaedit_insert, fact_keys, layer_projectors,
+                                   memit_batch, replay_batch, revert_batch, run_sequential,
                                    sequential_cases)
 from memedit.sequential import EditLog, log_apply, log_init, log_keys, null_space
 
@@ -206,3 +206,49 @@ def test_run_sequential_rows(tiny, tiny_covariances):
   entries = out["logs"]["projected"].entries
   assert len(entries) == 4 and all(e.keys.shape == (2, 4 * tiny.config.n_embd)
                                    for e in entries)
+
+
+def test_preserved_keys_enter_the_solve_with_their_weights(tiny, tiny_covariances,
+                                                           three_batches):
+  """memit_batch(preserved=...): further keys beside the earlier edits', weighted:
+  AlphaEdit's formula with K_p = [earlier keys; √w · preserved keys] (float64 numpy)."""
+  log, _, projectors, reqs = three_batches
+  prefix = EditLog(log.entries[:2])  # one batch before
+  params = log_apply(tiny.variables, prefix)
+  facts, fkeys = fact_keys(tiny.model, tiny.world, tiny.layout, LAYERS)
+  assert len(facts) == len(tiny.world.subjects) * len(tiny.world.relations)
+  assert all(k.shape == (len(facts), 4 * tiny.config.n_embd) for k in fkeys.values())
+  w = 3.0
+  preserved = {l: (k[:5], np.full(5, w, np.float32)) for l, k in fkeys.items()}
+  res = memit_batch(with_params(tiny.model, params), tiny.layout, LAYERS, tiny.world.tokenize,
+                    reqs[2:4], tiny_covariances, prefix, projectors=projectors, l2=1.0,
+                    value_options=VALUE, preserved=preserved)
+  for j, layer in enumerate(LAYERS):
+    entry = res.log.entries[2 + j]
+    assert entry.edit.settings["preserved_keys"] == 2 + 5  # the earlier batch's 2 keys, 5 more
+    W = np.asarray(params["params"][f"h_{layer}"]["mlp"]["c_proj"]["kernel"]).T
+    K1 = np.asarray(entry.keys)
+    R = np.asarray(entry.values) - K1 @ W.T
+    Kp, _ = log_keys(prefix, entry.edit.path)
+    Kp = np.concatenate([np.asarray(Kp), np.sqrt(w) * fkeys[layer][:5]])
+    want = _numpy_alphaedit(W, K1, R, np.asarray(projectors[layer].P), Kp, l2=1.0)
+    got = np.asarray(entry.edit.lam, np.float64) @ np.asarray(entry.edit.D, np.float64)
+    assert rel_err(got, want) < 1e-3, layer
+  with pytest.raises(ValueError, match=r"preserved: expected keys \(m, 128\) and weights"):
+    memit_batch(with_params(tiny.model, params), tiny.layout, LAYERS, tiny.world.tokenize,
+                reqs[2:4], tiny_covariances, prefix, projectors=projectors, l2=1.0,
+                value_options=VALUE, preserved={0: (np.ones((2, 3)), np.ones(2))})
+
+
+def test_run_sequential_preserves_the_world_facts_but_the_batch(tiny, tiny_covariances):
+  out = run_sequential(tiny.model, tiny.world, tiny.layout, LAYERS, tiny_covariances, ("{}",),
+                       edits=4, batch=2, arms=("projected",), reserve=8, unedited_facts=16,
+                       l2=1.0, value_options=VALUE, eval_at=[4], preserve_facts=2.0)
+  n_facts = len(tiny.world.subjects) * len(tiny.world.relations)
+  entries = out["logs"]["projected"].entries
+  # Each batch: every fact of the world but its own 2, plus the earlier batches' keys.
+  assert [e.edit.settings["preserved_keys"] for e in entries] == [
+      n_facts - 2, n_facts - 2, n_facts - 2 + 2, n_facts - 2 + 2]
+  with pytest.raises(ValueError, match="preserve_facts: expected a finite weight >= 0"):
+    run_sequential(tiny.model, tiny.world, tiny.layout, LAYERS, tiny_covariances, ("{}",),
+                   edits=2, batch=2, arms=("projected",), preserve_facts=-1.0)
