@@ -6,12 +6,13 @@ several local devices when there are several; device-resident and global arrays 
 they live; several processes (``jax.distributed``) each folding their part and merging
 exactly. It overlaps the host's work (reading and transferring group i+1) with the fold
 of group i, saves and resumes through a cache (:mod:`memedit.stream_cache`) and shows a
-progress bar.
+progress bar. A thread may ask its runs to stop between groups (:func:`stop_when`).
 """
 
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import itertools
 import os
 import sys
@@ -34,7 +35,52 @@ from memedit.moments import CovarianceState, check_key_dtype, covariance_init, f
 from memedit.stream_cache import (StreamCache, allgather, batch_digest, host_state, merge_all,
                                   place_state, unstack_state)
 
-__all__ = ["stream_covariance"]
+__all__ = ["Stopped", "stop_when", "stream_covariance"]
+
+
+class Stopped(Exception):
+  """A :func:`stream_covariance` run stopped between groups because :func:`stop_when`'s
+  ``should_stop`` said so; a cache keeps what was saved before (not marked complete)."""
+
+
+_STOP = threading.local()
+
+
+@contextlib.contextmanager
+def stop_when(should_stop: Callable[[], bool]):
+  """Within the block, :func:`stream_covariance` runs of this thread call
+  ``should_stop()`` before each group of batches is folded and raise :class:`Stopped`
+  when it is true, once the fold in flight has ended (nothing computes after the raise).
+  A run with a cache has saved what it folded up to its last save, marked incomplete: a
+  later run resumes from there. Other threads' runs are not affected; blocks nest (the
+  innermost applies). Several processes (``jax.distributed``) must stop at the same
+  group: the others would wait for the one that stopped.
+
+  Example:
+    >>> import threading, numpy as np
+    >>> stop = threading.Event()
+    >>> stop.set()
+    >>> with stop_when(stop.is_set):
+    ...   try:
+    ...     stream_covariance([np.ones((4, 3), np.float32)], progress=False)
+    ...   except Stopped as e:
+    ...     print(e)
+    stream_covariance: stopped before group 1 (0 batches folded), as asked
+  """
+  if not callable(should_stop):
+    raise TypeError(f"should_stop: expected a function of no arguments returning a bool, "
+                    f"got {type(should_stop).__name__}")
+  outer = getattr(_STOP, "check", None)
+  _STOP.check = should_stop
+  try:
+    yield
+  finally:
+    _STOP.check = outer
+
+
+def _stop_asked() -> bool:
+  check = getattr(_STOP, "check", None)
+  return check is not None and bool(check())
 
 
 class _Progress:
@@ -770,6 +816,10 @@ def stream_covariance(
   pending = None
   try:
     while True:
+      if chunk and _stop_asked():
+        jax.block_until_ready(state)  # the fold in flight ends before the run does
+        raise Stopped(f"stream_covariance: stopped before group {groups + 1} "
+                      f"({consumed_all} batches folded), as asked")
       n = len(chunk)
       rows = 0
       before = state

@@ -16,7 +16,8 @@ that match it best, Execute (the edit is solved as `memedit rewrite` solves the 
 page saves), toggle original/edited, revert, erase, compare with the overfit baseline,
 and save each edit as a spec JSON or an edit file.
 
-The server listens on 127.0.0.1 (this machine only) unless --host says otherwise; it
+The server listens on 127.0.0.1 (this machine only) unless --host says otherwise (on a
+loopback address it answers only loopback Host names, against DNS rebinding); it
 reads and writes files only in the statistics cache (--stats) and its work folder
 (--work). Statistics are those of `memedit stats` with the same --samples and
 --batch-size (read from the cache when there); other layers' statistics are collected
@@ -73,13 +74,13 @@ def run(args: argparse.Namespace) -> int:
   except ImportError:
     raise ValueError("memedit ui: expected Flask, which is not installed; install the "
                      "optional extra: pip install 'memedit[ui]'") from None
-  from memedit.ui.server import LOOPBACK, create_app, serve
+  from memedit.ui.server import create_app, is_loopback, serve
   from memedit.ui.workspace import Workspace
 
   ws = Workspace.open(args.model, truncation=args.truncation, stats_dir=args.stats,
                       samples=args.samples, batch_size=args.batch_size, work_dir=args.work)
   layer = ws.check_layer(args.layer)
-  loopback = args.host in LOOPBACK
+  loopback = is_loopback(args.host)
   app = create_app(ws, layer=layer, loopback_only=loopback,
                    max_request_bytes=args.max_request_mb << 20)
   if not loopback:

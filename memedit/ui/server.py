@@ -24,11 +24,13 @@ loss) is sent as null. Only JSON object bodies are read (``Content-Type:
 application/json``, each field once, none the route does not read), so a page of another
 site cannot send requests a browser would not first ask about; on a loopback address
 only loopback ``Host`` names are answered (no DNS rebinding). Files are written only
-under the session's work folder, under names the server makes.
+under the session's work folder, under names the server makes, and removed with it when
+the session goes or the server stops.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import numbers
@@ -49,16 +51,55 @@ from memedit.ui.jobs import Busy, Finished, error_text
 from memedit.ui.session import Session, SessionStore
 from memedit.ui.workspace import Workspace, grid_limit, parse_imgnums
 
-__all__ = ["MAX_REQUEST_BYTES", "create_app", "serve", "start_server"]
+__all__ = ["MAX_REQUEST_BYTES", "create_app", "is_loopback", "serve", "start_server"]
 
 MAX_REQUEST_BYTES = 16 << 20
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-# A loopback Host header: a loopback name, with a port or without (an IPv6 address in
-# brackets, as browsers send it). Werkzeug's TRUSTED_HOSTS cuts each trusted name at its
-# first colon, so that it could never match "[::1]" and refused every request to ::1.
-_LOOPBACK_HOST = re.compile(r"(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?",
-                            re.IGNORECASE)
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")  # the usual ones; see is_loopback
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def is_loopback(host: str) -> bool:
+  """Whether ``host`` (an address to listen on, as ``--host`` gives it) names this machine
+  only: ``localhost``, or a loopback address written out: any of 127.0.0.0/8, or ``::1``
+  or an IPv4-mapped ``::ffff:127.x.y.z`` (an IPv6 address in brackets or not). Other
+  names are not looked up: they count as not loopback.
+
+  Example:
+    >>> [is_loopback(h) for h in ("127.0.0.2", "[::1]", "localhost", "0.0.0.0", "10.1.2.3")]
+    [True, True, True, False, False]
+  """
+  if not isinstance(host, str):
+    return False
+  bracketed = host.startswith("[") and host.endswith("]")
+  name = host[1:-1] if bracketed else host
+  if name.lower() == "localhost" and not bracketed:
+    return True
+  try:
+    address = ipaddress.ip_address(name)
+  except ValueError:
+    return False
+  if bracketed and address.version != 6:
+    return False
+  mapped = getattr(address, "ipv4_mapped", None)
+  return (mapped or address).is_loopback
+
+
+def _loopback_host(host: str) -> bool:
+  """Whether a request's ``Host`` header names this machine by a loopback name: one that
+  :func:`is_loopback` accepts (an IPv6 address in brackets, as browsers send it), with a
+  port or without. A DNS-rebinding page's Host is its own name, never one of these.
+  (Werkzeug's TRUSTED_HOSTS cuts each trusted name at its first colon, so that it could
+  never match "[::1]" and refused every request to ::1.)"""
+  if host.startswith("["):
+    end = host.find("]") + 1
+    name, rest = (host[:end], host[end:]) if end else (host, "")
+  else:
+    name, colon, port = host.partition(":")
+    rest = colon + port
+  if rest and not (rest[0] == ":" and _PORT.fullmatch(rest[1:])):
+    return False
+  return is_loopback(name)
 
 
 def _finite(value: Any) -> Any:
@@ -149,7 +190,10 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
   Args:
     workspace: the shared :class:`memedit.ui.workspace.Workspace`.
     layer: the layer new sessions start on.
-    loopback_only: answer only requests whose Host is a loopback name.
+    loopback_only: answer only requests whose Host is a loopback name (``localhost``, an
+      address of 127.0.0.0/8 or ``[::1]``, with a port or without): a server listening
+      on a loopback address (:func:`is_loopback`) is then not reachable by DNS
+      rebinding.
     max_request_bytes: the largest request body accepted (413 above).
     sessions: sessions kept at once (the least recently used beyond go).
     blas_threads: OpenBLAS threads of this process (:func:`memedit.ui.blas.
@@ -181,9 +225,9 @@ def create_app(workspace: Workspace, *, layer: str, loopback_only: bool = True,
       host = request.headers.get("Host")
       if host is None:  # HTTP/1.0 without one: the address the server listens on
         host = request.host
-      if not _LOOPBACK_HOST.fullmatch(host):
+      if not _loopback_host(host):
         abort(400, description=f"Host {shown(host)} is not trusted: this server answers "
-              "only loopback names (127.0.0.1, localhost, [::1]); start it with --host to "
+              "only loopback names (localhost, 127.x.y.z, [::1]); start it with --host to "
               "serve others")
 
   store = SessionStore(workspace, layer, limit=int(sessions))

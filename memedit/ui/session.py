@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import numbers
 import os
 import secrets
+import shutil
 import threading
 import time
 import zipfile
@@ -88,17 +90,35 @@ class Session:
     self.jobs = JobSlot()
     self.last_used = time.time()
     self._directions: OrderedDict = OrderedDict()
+    self._files = threading.Lock()  # the work folder: written by downloads, removed by close
+    self._closed = False
     workspace.ensure_statistics(layer)
 
   def close(self) -> None:
     """Asks the session's running job, if any, to stop (:meth:`memedit.ui.jobs.Job.cancel`;
-    a job already publishing its result ends as it would)."""
+    a job already publishing its result ends as it would) and removes the session's work
+    folder. The folder holds only the edits written for a download (the page got them as
+    zip files), so nothing a person kept is lost; a download still being written removes
+    its files when it ends."""
     job = self.jobs.get()
     if job is not None:
       try:
         job.cancel()
       except Finished:
         pass
+    with self._files:
+      self._closed = True
+      self._remove_folder()
+
+  def _remove_folder(self) -> None:
+    """Removes the work folder (held under ``_files``); a failure is logged, not raised:
+    the session goes either way."""
+    try:
+      shutil.rmtree(self.folder)
+    except FileNotFoundError:  # never written (no download), or removed already
+      pass
+    except OSError as e:
+      logging.getLogger(__name__).warning("could not remove a session's work folder: %s", e)
 
   @property
   def folder(self) -> str:
@@ -530,18 +550,22 @@ class Session:
     rec = st.find_edit(self.snapshot(), eid)
     safe = "".join(c for c in f"{rec.id}-{rec.edit.name}" if c.isalnum() or c in "-_")[:80]
     folder = os.path.join(self.folder, "edits", safe)  # a name made here, under the folder
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
     buf = io.BytesIO()
     base = f"{rec.id}-{rec.kind}-{rec.layer}.edit"
     # Held until the zip is read: a second download of the edit would otherwise replace
-    # the folder while this one is walking it.
-    with _io.path_lock(folder):
-      memedit.save_edit(folder, rec.edit, force=True)
-      with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for root, _, files in os.walk(folder):
-          for f in sorted(files):
-            path = os.path.join(root, f)
-            zf.write(path, os.path.join(base, os.path.relpath(path, folder)))
+    # the folder while this one is walking it, and closing the session remove it.
+    with self._files, _io.path_lock(folder):
+      try:
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        memedit.save_edit(folder, rec.edit, force=True)
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+          for root, _, files in os.walk(folder):
+            for f in sorted(files):
+              path = os.path.join(root, f)
+              zf.write(path, os.path.join(base, os.path.relpath(path, folder)))
+      finally:
+        if self._closed:  # the session went while this download was asked for
+          self._remove_folder()
     return buf.getvalue(), base + ".zip"
 
 
@@ -561,8 +585,9 @@ class SessionStore:
 
   def create(self) -> Session:
     """A new session on the store's starting layer; the least recently used sessions
-    beyond the limit go, and a job one of them is running is cancelled (nothing could
-    read its result, and each would otherwise hold a thread and its memory to the end)."""
+    beyond the limit go (:meth:`Session.close`): a job one of them is running is
+    cancelled (nothing could read its result, and each would otherwise hold a thread and
+    its memory to the end) and its work folder removed."""
     s = Session(self.ws, secrets.token_hex(8), self.layer)
     with self._lock:
       self._sessions[s.id] = s
@@ -577,10 +602,12 @@ class SessionStore:
     return s
 
   def close(self, timeout: float = 30.0) -> bool:
-    """Cancels every running job (of the sessions kept and of those that went) and waits
-    up to ``timeout`` seconds in all for them to end; True when they all have. A server
-    stopping calls it: the process exiting while a job's thread is inside a compiled
-    computation would abort it (SIGABRT) instead of ending it.
+    """Cancels every running job (of the sessions kept and of those that went), removes
+    the sessions' work folders, stops the workspace's statistics collections
+    (:meth:`Workspace.close`) and waits up to ``timeout`` seconds in all for them to end;
+    True when they all have. A server stopping calls it: the process exiting while a
+    job's or a collection's thread is inside a compiled computation would abort it
+    (SIGABRT) instead of ending it.
     """
     with self._lock:
       sessions = list(self._sessions.values())
@@ -589,7 +616,8 @@ class SessionStore:
       s.close()
       jobs.append(s.jobs.get())
     t_end = time.time() + timeout
-    return all(j.wait(max(0.0, t_end - time.time())) for j in jobs if j is not None)
+    ended = all(j.wait(max(0.0, t_end - time.time())) for j in jobs if j is not None)
+    return self.ws.close(max(0.0, t_end - time.time())) and ended
 
   def get(self, sid: str) -> Session:
     """Session ``sid``; KeyError when unknown (expired or never made)."""

@@ -16,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections import Counter, OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
 
 from memedit import specs
+from memedit.stream import Stopped, stop_when
 from memedit.ui import workflow as wf
 from memedit.ui.jobs import error_text, stderr_progress
 
@@ -131,6 +133,8 @@ class Workspace:
     self._images: OrderedDict = OrderedDict()
     self._image_bytes = 0
     self._scores: OrderedDict = OrderedDict()
+    self._closing = threading.Event()
+    self._collectors: set[threading.Thread] = set()
 
   @classmethod
   def open(cls, model: str, *, truncation: float | None = None, **kwargs) -> "Workspace":
@@ -156,9 +160,11 @@ class Workspace:
 
   def ensure_statistics(self, layer: str) -> dict:
     """Starts reading or collecting the layer's statistics in a background thread unless
-    they are ready or on their way; returns :meth:`stats_status`."""
+    they are ready or on their way (or the workspace is closed); returns
+    :meth:`stats_status`."""
     with self._lock:
-      start = layer not in self._C and self._status.get(layer, {}).get("state") != "running"
+      start = (layer not in self._C and self._status.get(layer, {}).get("state") != "running"
+               and not self._closing.is_set())
       if start:
         self._status[layer] = {"state": "running", "fraction": 0.0, "message": ""}
     if start:
@@ -167,13 +173,40 @@ class Workspace:
           self.statistics(layer)
         except Exception:  # noqa: BLE001 - statistics() records it in the status
           pass
+        finally:
+          with self._lock:
+            self._collectors.discard(thread)
 
-      threading.Thread(target=run, name=f"memedit-ui-stats-{layer}", daemon=True).start()
+      thread = threading.Thread(target=run, name=f"memedit-ui-stats-{layer}", daemon=True)
+      with self._lock:
+        self._collectors.add(thread)
+      thread.start()
     return self.stats_status(layer)
+
+  def close(self, timeout: float = 30.0) -> bool:
+    """Stops the statistics being collected (at the end of their current group of
+    batches; the cache keeps what was saved, marked incomplete, and a later run resumes
+    from it) and waits up to ``timeout`` seconds for their threads; True when they have
+    all ended. Statistics asked for afterwards stop at once (:class:`memedit.stream.
+    Stopped`). A server stopping calls it: the process exiting while a collection is
+    inside a compiled computation would abort it (SIGABRT).
+    """
+    self._closing.set()
+    t_end = time.time() + timeout
+    with self._lock:
+      threads = list(self._collectors)
+    for t in threads:
+      t.join(max(0.0, t_end - time.time()))
+    return not any(t.is_alive() for t in threads)
 
   def statistics(self, layer: str, report=None) -> np.ndarray:
     """C (C_in, C_in) float32 of ``layer``: from memory, the cache, or collected now;
-    ``report(fraction)`` is called as batches are folded."""
+    ``report(fraction)`` is called as batches are folded.
+
+    Raises:
+      memedit.stream.Stopped: the workspace was closed (:meth:`close`) before the
+        collection ended; the layer's status is "missing" again.
+    """
     self.check_layer(layer)
     with self._layer_locks[layer]:
       with self._lock:
@@ -188,9 +221,15 @@ class Workspace:
           report(done / max(total, 1))
 
       try:
-        with stderr_progress(progress):
+        if self._closing.is_set():
+          raise Stopped(f"statistics of {layer}: not collected, the workspace is closed")
+        with stderr_progress(progress), stop_when(self._closing.is_set):
           C = wf.collect_statistics(self.gen, layer, self.samples, self.batch_size,
                                     self.stats_dir)
+      except Stopped:
+        with self._lock:
+          self._status[layer] = {"state": "missing", "fraction": 0.0, "message": "stopped"}
+        raise
       except Exception as e:
         message = error_text(e) if isinstance(e, OSError) else " ".join(str(e).split())
         with self._lock:
