@@ -212,12 +212,12 @@ def main(argv=None) -> int:
   rows, base, null_dims = [], None, None
   for label, kw in arms:
     say(f"arm {label}")
-    out = run_sequential(model, world, layout, args.blocks, covs, contexts,
+    run = run_sequential(model, world, layout, args.blocks, covs, contexts,
                          edits=args.edits, batch=args.batch, threshold=args.threshold,
                          l2=args.l2, key_weight=args.key_weight, edit_keys=args.edit_keys,
                          preserve_facts=args.preserve_facts, log=say, **kw)
-    base, null_dims = out["base"], out["null_dims"]
-    rows += [dict(r, arm=label) for r in out["rows"]]
+    base, null_dims = run["base"], run["null_dims"]
+    rows += [dict(r, arm=label) for r in run["rows"]]
   shown = [{"arm": r["arm"], "edits": r["edits"],
             **{k: round(r[k], 1) for k in ("efficacy", "efficacy_prob", "paraphrase",
                                            "neighbourhood", "neighbourhood_prob",
