@@ -234,7 +234,9 @@ def main(argv=None) -> int:
   line_png(rows, png, base=base,
            title=f"{args.edits} facts in batches of {args.batch}, MEMIT blocks "
                  f"{','.join(map(str, args.blocks))} (MLP width {module.config.inner_dim}): AlphaEdit "
-                 f"projection (threshold {args.threshold:g}, l2 {args.l2:g})"
+                 f"projection (threshold {args.threshold:g}, l2 {args.l2:g}"
+                 + (f", the world's facts preserved at weight {args.preserve_facts:g})"
+                    if args.preserve_facts else ")")
                  + (" vs plain sequential MEMIT" if penalties else ""))
   load1 = os.getloadavg()
   settings = {"edits": args.edits, "batch": args.batch, "layers": list(args.blocks),
