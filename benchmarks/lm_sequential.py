@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                          preserve_facts=args.preserve_facts, log=say, **kw)
     base, null_dims = run["base"], run["null_dims"]
     rows += [dict(r, arm=label) for r in run["rows"]]
-  shown = [{"arm": r["arm"], "edits": r["edits"],
+  printed = [{"arm": r["arm"], "edits": r["edits"],
             **{k: round(r[k], 1) for k in ("efficacy", "efficacy_prob", "paraphrase",
                                            "neighbourhood", "neighbourhood_prob",
                                            "unedited")},
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
   print(f"unedited model: efficacy {base['efficacy']:.1f}, neighbourhood "
         f"{base['neighbourhood']:.1f}, unedited accuracy {base['unedited']:.1f}; "
         f"null-space dimensions {null_dims}")
-  print(table(shown, columns))
+  print(table(printed, columns))
   png.parent.mkdir(parents=True, exist_ok=True)
   line_png(rows, png, base=base,
            title=f"{args.edits} facts in batches of {args.batch}, MEMIT blocks "
