@@ -354,6 +354,16 @@ def _linen_records(state) -> tuple:
   return tuple(records)
 
 
+def _own_copies(inputs):
+  """``inputs`` with each NNX object among them (an ``nnx.Rngs`` given for dropout, a
+  module) replaced by a copy made here: the model may update it as it runs (an RNG
+  stream's count), which Flax refuses for an object made outside the current trace (a
+  call keyword closed over by a compiled fold), and the caller's object stays as it was."""
+  is_obj = lambda x: isinstance(x, nnx.Pytree)
+  return jax.tree_util.tree_map(lambda x: nnx.clone(x) if is_obj(x) else x, inputs,
+                                is_leaf=is_obj)
+
+
 def run_hooked(m: Model, path: tuple, hook: Hook, args, kwargs, method=None):
   """Runs the model once with the layer at ``path`` hooked.
 
@@ -368,6 +378,7 @@ def run_hooked(m: Model, path: tuple, hook: Hook, args, kwargs, method=None):
   """
   if m.framework == "nnx":
     model = tap_layer(merge(m.definition, m.params), path, hook)
+    args, kwargs = _own_copies((tuple(args), dict(kwargs)))
     call = lambda mm, *a, **k: call_method(mm, method)(*a, **k)
     try:
       out, inter = nnx.capture(call, Capture)(model, *args, **kwargs)
@@ -463,7 +474,11 @@ def calls_error(path, n: int, traced: int, framework: str, single: bool,
                       + hint)
   if n == 0:
     return ValueError(f"layer {path!r}: expected it to be called once by the model, but it "
-                      "was called 0 times (is it used on this code path / method?)")
+                      "was called 0 times (is it used on this code path / method? Its keys "
+                      "are read where the model calls the layer itself, its __call__: a "
+                      "model that uses it only through another of its methods, such as "
+                      "Embed.attend for a tied output layer, or reads its kernel directly, "
+                      "gives none)")
   return ValueError(f"layer {path!r}: expected exactly one call, but the model calls it "
                     f"{n} times (a shared module?); use capture(..., single=False) to get "
                     "all calls stacked")
