@@ -33,6 +33,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -287,7 +288,7 @@ def _moved_aside(dst: str) -> list[str]:
   parent, prefix = os.path.dirname(dst), f".old-{os.path.basename(dst)}-"
   try:
     names = os.listdir(parent)
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):  # nothing was ever written there
     return []
   found = []
   for n in names:
@@ -575,6 +576,28 @@ def check_output(path: str | os.PathLike, kind: str, *, force: bool = False,
   return dst
 
 
+def _write_failure(dst: str, error: BaseException, existed: bool) -> BaseException:
+  """The error to raise for a write of ``dst`` that failed with ``error``.
+
+  A failure of the file system (an ``OSError``, or an error of the checkpoint store that
+  carries an OS error code: a full disk, a file size limit) is reported as an
+  ``OSError`` with that code, named by ``dst`` and saying that an earlier ``dst`` is kept;
+  ``error`` itself otherwise (or when it already names ``dst``).
+  """
+  code = error.errno if isinstance(error, OSError) else None
+  if code is None and isinstance(error, Exception):
+    found = re.search(r"os_error_code='?([0-9]+)", str(error))
+    code = int(found.group(1)) if found else None
+  if code is None or (isinstance(error, OSError) and error.filename == dst):
+    return error
+  what = " ".join(str(error).split())
+  if len(what) > 400:  # the cause is often at the end
+    what = what[:200] + " ... " + what[-200:]
+  kept = "the earlier one is kept as it was" if existed else "nothing was written"
+  return OSError(code, f"{os.strerror(code)}: cannot write {dst} ({type(error).__name__}: "
+                 f"{what}); {kept}", dst)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
   """Yields a temporary directory that becomes ``path`` when the block exits cleanly.
@@ -605,11 +628,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
   A killed write leaves ``path`` as it was and a hidden ``.tmp-`` file beside it, which
   the next write of ``path`` (or :func:`recover`) removes.
+
+  Raises:
+    ValueError: ``path`` is a folder, or lies inside a file.
+    OSError: the write failed (a full disk, a file size limit); the message names
+      ``path``, which is left as it was.
   """
   dst = os.path.abspath(os.fspath(path))
   parent = os.path.dirname(dst)
+  ancestor, problem = parent_problem(dst)
+  if problem == "file":
+    raise ValueError(f"{dst}: expected a file path inside a folder, got one inside "
+                     f"{ancestor!r}, which is a file")
+  if os.path.isdir(dst) and not os.path.islink(dst):
+    raise ValueError(f"{dst}: expected a file to write (or a new name), got a folder")
   os.makedirs(parent, exist_ok=True)
   recover(dst)
+  existed = os.path.lexists(dst)
   with _temporary(dst, directory=False) as (tmp, fd):
     try:
       with os.fdopen(fd, "wb", closefd=False) as f:  # the lock's fd stays open
@@ -618,10 +653,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(f.fileno())
       os.replace(tmp, dst)
       _fsync_dir(parent)
-    except BaseException:
+    except BaseException as e:
       with contextlib.suppress(FileNotFoundError):
         os.remove(tmp)
-      raise
+      failure = _write_failure(dst, e, existed)
+      if failure is e:
+        raise
+      raise failure from e
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -636,6 +674,10 @@ def read_json(path: str | os.PathLike) -> Any:
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
+  except RecursionError:  # arrays or objects nested deeper than Python's stack
+    raise ValueError(f"{path}: expected JSON metadata, got {os.path.getsize(path)} bytes "
+                     "nested too deeply to parse; the directory is damaged: regenerate it"
+                     ) from None
   except ValueError as e:  # UnicodeDecodeError, json.JSONDecodeError
     raise ValueError(f"{path}: expected JSON metadata, got {os.path.getsize(path)} bytes "
                      f"that do not parse ({e}); the directory is damaged: regenerate it"
@@ -762,19 +804,28 @@ def save_tree(path: str | os.PathLike, tree: Any, metadata: dict | None = None, 
 
   Raises:
     ValueError: ``path`` may not be replaced (see :func:`check_output`).
+    OSError: the write failed (a full disk, a file size limit); the message names
+      ``path``, whose earlier content is kept.
   """
   with path_lock(os.path.abspath(os.fspath(path))):
     dst = check_output(path, kind, force=force, protect=protect, flag=flag)
     tree = _to_numpy(tree)
-    with atomic_dir(dst) as tmp:
-      with _ORBAX_LOCK, _store_path(os.path.join(tmp, _TREE_DIR)) as where, \
-          _checkpointer() as ckptr:
-        ckptr.save(where, tree)
-      with open(os.path.join(tmp, _META_FILE), "w") as f:
-        json.dump(metadata or {}, f, indent=2, sort_keys=True)
-      marker = {"format": _MARKER_FORMAT, "kind": kind, "sha256": _file_digests(tmp)}
-      with open(os.path.join(tmp, MARKER_FILE), "w") as f:
-        json.dump(marker, f, indent=2, sort_keys=True)
+    existed = os.path.lexists(dst)
+    try:
+      with atomic_dir(dst) as tmp:
+        with _ORBAX_LOCK, _store_path(os.path.join(tmp, _TREE_DIR)) as where, \
+            _checkpointer() as ckptr:
+          ckptr.save(where, tree)
+        with open(os.path.join(tmp, _META_FILE), "w") as f:
+          json.dump(metadata or {}, f, indent=2, sort_keys=True)
+        marker = {"format": _MARKER_FORMAT, "kind": kind, "sha256": _file_digests(tmp)}
+        with open(os.path.join(tmp, MARKER_FILE), "w") as f:
+          json.dump(marker, f, indent=2, sort_keys=True)
+    except Exception as e:  # a full disk, a file size limit: named by dst
+      failure = _write_failure(dst, e, existed)
+      if failure is e:
+        raise
+      raise failure from e
   return dst
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import io
 import json
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +138,8 @@ def load_log(path: str | os.PathLike) -> EditLog:
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: the file is not a saved memedit edit log (or of another version), or an
+    ValueError: the file is not a saved memedit edit log (or of another version, or holds
+      compressed arrays, which save_log never writes and which are not inflated), or an
       entry is damaged: its record is malformed or names another edit than its factors
       give, an array is missing, not numbers, or named by no record, Λ and D do not
       match the stored fingerprint or the keys, values or weights their stored sha256
@@ -167,6 +169,13 @@ def load_log(path: str | os.PathLike) -> EditLog:
   if head != b"PK\x03\x04":  # an .npz is a zip archive
     raise ValueError(f"{src}: expected a saved memedit edit log (.npz, a zip archive), got a "
                      f"file that starts with {head!r}")
+  packed = _compressed_members(src)
+  if packed:  # a few kilobytes may inflate to gigabytes: refused before anything inflates
+    m = packed[0]
+    raise ValueError(f"{src}: expected the uncompressed arrays save_log writes, got "
+                     f"{len(packed)} compressed array(s) ({m.filename}: {m.compress_size} "
+                     f"bytes that would inflate to {m.file_size}); it was not read: write it "
+                     "with save_log (or numpy.savez, not savez_compressed)")
   try:
     z = np.load(src, allow_pickle=False)
     arrays = {k: z[k] for k in z.files}
@@ -240,6 +249,17 @@ def load_log(path: str | os.PathLike) -> EditLog:
     if not m["active"]:
       log = log_revert(log, i)
   return log
+
+
+def _compressed_members(path: str) -> list:
+  """The members of the zip archive ``path`` stored compressed (``zipfile.ZipInfo``s, the
+  largest first); empty when it is not a zip archive (numpy's loader then reports it)."""
+  try:
+    with zipfile.ZipFile(path) as z:
+      packed = [m for m in z.infolist() if m.compress_type != zipfile.ZIP_STORED]
+    return sorted(packed, key=lambda m: -m.file_size)  # the largest first
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+    return []
 
 
 #: The fields of an entry's record (besides ``index``) and the types they must have.
