@@ -29,7 +29,7 @@ from memedit.gram import gram
 
 __all__ = ["CovarianceState", "add_pair", "as_dtype", "check_key_dtype", "check_state",
            "covariance_init", "covariance_merge", "covariance_update", "fold_keys",
-           "merge_states"]
+           "host_keys", "merge_states"]
 
 
 class CovarianceState(NamedTuple):
@@ -143,6 +143,32 @@ def check_key_dtype(dtype) -> None:
           or jnp.issubdtype(dtype, jnp.bool_)):
     raise ValueError(f"keys: expected a real dtype (floating, integer or boolean), got "
                      f"{jnp.dtype(dtype)}")
+
+
+def host_keys(x: Any) -> Any:
+  """Host integer keys that JAX would narrow, as float32 on the host; anything else as is.
+
+  Without ``jax_enable_x64`` JAX holds an int64 or uint64 numpy array as int32 or uint32,
+  which wraps values of 2³¹ and beyond (2³² for uint64) silently; the fold would then sum
+  the wrapped numbers. Such keys are converted to float32 here instead, on the host (each
+  value rounded once, to float32's 24 bits, as float64 keys are without x64). Keys JAX
+  holds as they are (other dtypes, int64 under x64, device arrays) are returned unchanged.
+
+  Args:
+    x: keys (…, d) as passed by a user: a numpy array, a ``jax.Array``, a list…
+
+  Returns:
+    ``x``, or a float32 numpy copy of it when it is a numpy integer array JAX would narrow.
+
+  Example:
+    >>> import numpy as np
+    >>> float(host_keys(np.array([[2**31 + 2**8]], np.int64))[0, 0])
+    2147483904.0
+  """
+  if (isinstance(x, (np.ndarray, np.generic)) and x.dtype.kind in "iu"
+      and jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype):
+    return np.asarray(x).astype(np.float32)
+  return x
 
 
 def check_state(state: Any, name: str = "state") -> None:
@@ -370,8 +396,8 @@ def covariance_update(state: CovarianceState, keys: Any, weights: Any = None) ->
     True
   """
   check_state(state)
-  keys = jnp.asarray(as_array(keys, "keys"))
-  weights = None if weights is None else jnp.asarray(as_array(weights, "weights"))
+  keys = jnp.asarray(host_keys(as_array(keys, "keys")))
+  weights = None if weights is None else jnp.asarray(host_keys(as_array(weights, "weights")))
   _check_keys(state, keys, weights)
   if weights is not None and not isinstance(weights, jax.core.Tracer):
     if bool(jnp.any(weights < 0)):

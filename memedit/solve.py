@@ -248,7 +248,12 @@ def solve_lambda(
     raise ValueError(f"D: expected shape (r, {d}) for a kernel of shape {kshape}, "
                      f"got {tuple(D.shape)}")
   lshape = lambda_shape(kshape, D.shape[0], kind, in_ndim)
+  for leaf in jax.tree_util.tree_leaves(keys):  # keys: any pytree f accepts
+    check_real(leaf, "keys")
   out = jax.eval_shape(f, kernel0, keys)
+  if jnp.issubdtype(out.dtype, jnp.complexfloating):
+    raise ValueError(f"f: expected real outputs (the loss is taken of real residuals), got "
+                     f"dtype {out.dtype}")
   targets = jnp.asarray(as_array(targets, "targets"))
   check_real(targets, "targets")
   # Λ and the solver's state follow the problem's dtype (float64 for a float64 problem

@@ -31,7 +31,8 @@ from memedit.checks import as_array, check_positive_int
 from memedit.fold_programs import (BatchTemplate, check_key_output, group_input_sharding,
                                    identity, is_resident, on_several_devices, pad_rows,
                                    padded_rows, replicated_sharding, split_keys, with_params)
-from memedit.moments import CovarianceState, check_key_dtype, covariance_init, fold_keys
+from memedit.moments import (CovarianceState, check_key_dtype, covariance_init, fold_keys,
+                             host_keys)
 from memedit.stream_cache import (StreamCache, allgather, batch_digest, host_state, merge_all,
                                   place_state, unstack_state)
 
@@ -290,14 +291,17 @@ def refuse_traced(tree: Any, name: str, driver: str = "stream_covariance") -> No
                      f"{tuple(traced.shape)}: " + _eager_only(driver))
 
 
-def _host_ready(batches: list) -> list:
+def _host_ready(batches: list, raw_keys: bool = False) -> list:
   """The batches with every host leaf checked by :func:`memedit.checks.as_array`: numpy
   leaves in non-native byte order (e.g. big-endian chunks read from a file) become
   native-order copies, on the host; leaves that are not numbers raise. Device arrays and
   valid native leaves are kept as they are (no copy), except that arrays sharded over a
   mesh with explicit axes are viewed on the same mesh with automatic axes
-  (:func:`_auto_axes`)."""
-  return [jax.tree_util.tree_map(lambda x: _auto_axes(as_array(x, "batches")), b)
+  (:func:`_auto_axes`). With ``raw_keys`` (no key_fn: the leaves are keys and weights),
+  integer leaves JAX would narrow are made float32 on the host
+  (:func:`memedit.moments.host_keys`)."""
+  fix = host_keys if raw_keys else (lambda x: x)
+  return [jax.tree_util.tree_map(lambda x: _auto_axes(fix(as_array(x, "batches"))), b)
           for b in batches]
 
 
@@ -709,7 +713,7 @@ def stream_covariance(
   if cache.path is not None and chunk and n_run == 1:
     # The first batch names the stream in the cache: another stream under the same key
     # is refused instead of resuming (and mixing into) this one's statistics.
-    chunk = ready = _host_ready(chunk)
+    chunk = ready = _host_ready(chunk, key_fn is None)
     cache.first_batch = batch_digest(chunk[0])
   if saved is not None:
     states, consumed, complete = saved
@@ -719,7 +723,7 @@ def stream_covariance(
       # The stream's own key dimension and dtype (from its first batch's shapes; nothing
       # is folded): a finished cache is returned without reading the stream further, and
       # must not be the statistics of other keys saved under the same key.
-      chunk = prepared = chunk if chunk is ready else _host_ready(chunk)
+      chunk = prepared = chunk if chunk is ready else _host_ready(chunk, key_fn is None)
       keys_dim = folder.start(chunk[0], None)
       if want is None:
         want, source = keys_dim, " (the stream's first batch)"
@@ -751,7 +755,7 @@ def stream_covariance(
   if chunk is prepared:  # read and started above (a cache was found), from this same group
     d = folder.dim
   else:
-    chunk = chunk if chunk is ready else _host_ready(chunk)
+    chunk = chunk if chunk is ready else _host_ready(chunk, key_fn is None)
     if chunk:
       d = folder.start(chunk[0], dim)
     else:
@@ -799,7 +803,7 @@ def stream_covariance(
 
   def read():
     """The next group, read from the stream and prepared (with ``prefetch``, placed)."""
-    batches = _host_ready(list(itertools.islice(it, group)))
+    batches = _host_ready(list(itertools.islice(it, group)), key_fn is None)
     return batches, (folder.prepare(batches, prefetch) if batches else None)
 
   # With prefetch, a reader thread reads and places group i+1 while group i folds (on a
