@@ -108,7 +108,8 @@ def _check_rcond(rcond, C) -> None:
     raise ValueError(
         f"C: expected a positive definite second moment with rcond=0 (floor=0: C inverted "
         f"as it is), got eigenvalues from {ev[0]:.3g} to {ev[-1]:.3g} (C from fewer keys "
-        f"than its dimension?); pass rcond > 0 (e.g. 1e-6) to floor its eigenvalues")
+        f"than its dimension?); pass rcond > 0 (floor > 0 through a layer view; e.g. 1e-6) to "
+        f"floor its eigenvalues")
 
 
 def _refuse_nonfinite(sol: LinearSolution) -> LinearSolution:
